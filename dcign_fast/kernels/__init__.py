@@ -1,0 +1,1 @@
+"""Compiled and JIT kernels behind the ops' "triton" and "cuda" backends."""

@@ -1,0 +1,201 @@
+"""The DC-IGN network: conv + max-pool encoder, Gaussian latent "graphics code", unpool-conv decoder."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcign_fast.nn import UnpoolConv2d
+from dcign_fast.ops.backends import check_backend_name
+
+
+def paper_latent_groups(latent_dim: int) -> dict[str, tuple[int, int]]:
+    """The paper's graphics code: z[0] azimuth, z[1] elevation, z[2] light, z[3:] intrinsic."""
+    return {"azimuth": (0, 1), "elevation": (1, 2), "light": (2, 3), "intrinsic": (3, latent_dim)}
+
+
+@dataclass
+class DCIGNConfig:
+    """Architecture of a DC-IGN.
+
+    Encoder: for each of ``encoder_channels``: conv (``encoder_kernel``, ``encoder_padding``) ->
+    max-pool 2 -> ReLU. Two linear heads give mu and logvar of ``latent_dim`` latents.
+    Decoder: Linear -> ReLU -> [C0, S0, S0] (the encoder's final shape), then for each of
+    ``decoder_channels`` and finally ``in_channels``: nearest unpool x2 -> conv (``decoder_kernel``,
+    ``decoder_padding``), ReLU between blocks, sigmoid at the end. The decoder must end at ``image_size``.
+    """
+
+    image_size: int = 150
+    in_channels: int = 1
+    encoder_channels: tuple[int, ...] = (96, 48, 24)
+    encoder_kernel: int = 5
+    encoder_padding: int = 0
+    latent_dim: int = 200
+    decoder_channels: tuple[int, ...] = (48, 96, 96)
+    decoder_kernel: int = 7
+    decoder_padding: int = 0
+    latent_groups: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.encoder_channels = tuple(self.encoder_channels)
+        self.decoder_channels = tuple(self.decoder_channels)
+        if not self.latent_groups:
+            self.latent_groups = paper_latent_groups(self.latent_dim)
+        self.latent_groups = {k: (int(v[0]), int(v[1])) for k, v in self.latent_groups.items()}
+        for name, (start, stop) in self.latent_groups.items():
+            if not 0 <= start < stop <= self.latent_dim:
+                raise ValueError(
+                    f"latent_groups[{name!r}] = ({start}, {stop}) must satisfy 0 <= start < stop <= "
+                    f"latent_dim ({self.latent_dim})"
+                )
+        decoded = self.decoder_sizes()[-1]
+        if decoded != self.image_size:
+            raise ValueError(
+                f"the decoder produces {decoded}x{decoded} images but image_size is {self.image_size}; "
+                "adjust decoder_kernel, decoder_padding or the number of decoder_channels"
+            )
+
+    def encoder_sizes(self) -> list[int]:
+        """Spatial size after each encoder block, starting with the input."""
+        sizes = [self.image_size]
+        for _ in self.encoder_channels:
+            conv = sizes[-1] + 2 * self.encoder_padding - self.encoder_kernel + 1
+            if conv < 2:
+                raise ValueError(f"image_size {self.image_size} is too small for the encoder")
+            sizes.append(conv // 2)
+        return sizes
+
+    def decoder_sizes(self) -> list[int]:
+        """Spatial size before the first decoder block and after each one."""
+        sizes = [self.encoder_sizes()[-1]]
+        for _ in range(len(self.decoder_channels) + 1):
+            sizes.append(2 * sizes[-1] + 2 * self.decoder_padding - self.decoder_kernel + 1)
+        return sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, DCIGNConfig] = {
+    # The original network (Kulkarni et al. 2015; willwhitney/dc-ign config.lua).
+    "paper150": DCIGNConfig(),
+    # Trains on a 2-core CPU in minutes: same-padded 5x5 convolutions, 64 -> 8 -> 64.
+    "demo64": DCIGNConfig(
+        image_size=64,
+        encoder_channels=(16, 32, 32),
+        encoder_padding=2,
+        latent_dim=32,
+        decoder_channels=(32, 16),
+        decoder_kernel=5,
+        decoder_padding=2,
+    ),
+    "face128": DCIGNConfig(
+        image_size=128,
+        encoder_channels=(32, 64, 64),
+        encoder_padding=2,
+        latent_dim=200,
+        decoder_channels=(64, 32),
+        decoder_kernel=5,
+        decoder_padding=2,
+    ),
+}
+
+
+def preset(name: str) -> DCIGNConfig:
+    """A fresh copy of a preset config."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    config = PRESETS[name]
+    return replace(config, latent_groups=dict(config.latent_groups))
+
+
+class DCIGN(nn.Module):
+    """Deep Convolutional Inverse Graphics Network.
+
+    ``backend`` routes every fused op (unpool-conv, latent sampler); it is not part of the
+    state_dict, so a model saved with one backend loads and runs with any other.
+    """
+
+    def __init__(self, config: DCIGNConfig, backend: str = "auto") -> None:
+        super().__init__()
+        check_backend_name(backend)
+        self.config = config
+        c = config
+        layers: list[nn.Module] = []
+        channels = c.in_channels
+        for out in c.encoder_channels:
+            layers += [nn.Conv2d(channels, out, c.encoder_kernel, padding=c.encoder_padding), nn.MaxPool2d(2), nn.ReLU()]
+            channels = out
+        self.encoder = nn.Sequential(*layers, nn.Flatten())
+        start = c.decoder_sizes()[0]
+        flat = channels * start * start
+        self.to_mu = nn.Linear(flat, c.latent_dim)
+        self.to_logvar = nn.Linear(flat, c.latent_dim)
+        for head in (self.to_mu, self.to_logvar):  # the original's N(0, 0.01) head initialisation
+            nn.init.normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
+        self.from_latent = nn.Sequential(nn.Linear(c.latent_dim, flat), nn.ReLU(), nn.Unflatten(1, (channels, start, start)))
+        blocks: list[nn.Module] = []
+        outs = (*c.decoder_channels, c.in_channels)
+        for i, out in enumerate(outs):
+            blocks.append(UnpoolConv2d(channels, out, c.decoder_kernel, padding=c.decoder_padding, backend=backend))
+            if i < len(outs) - 1:
+                blocks.append(nn.ReLU())
+            channels = out
+        self.decoder = nn.Sequential(*blocks)
+        self._backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    def set_backend(self, backend: str) -> DCIGN:
+        """Routes every fused op through ``backend``; returns self."""
+        check_backend_name(backend)
+        self._backend = backend
+        for module in self.modules():
+            if isinstance(module, UnpoolConv2d):
+                module.backend = backend
+        return self
+
+    @classmethod
+    def from_preset(cls, name: str, backend: str = "auto") -> DCIGN:
+        """``"paper150"``, ``"demo64"`` or ``"face128"``."""
+        return cls(preset(name), backend=backend)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, C, S, S] in [0, 1] -> (mu, logvar), each [B, latent_dim]."""
+        h = self.encoder(x)
+        return self.to_mu(h), self.to_logvar(h)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, latent_dim] -> [B, C, S, S] logits (before the sigmoid)."""
+        return self.decoder(self.from_latent(z))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, latent_dim] -> [B, C, S, S] images in [0, 1]."""
+        return torch.sigmoid(self.decode_logits(z))
+
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """z = mu + exp(logvar / 2) * eps, eps ~ N(0, 1); [B, D] -> [B, D]."""
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, C, S, S] -> (recon [B, C, S, S], mu [B, D], logvar [B, D], z [B, D])."""
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar)
+        return self.decode(z), mu, logvar, z
+
+    @staticmethod
+    def loss(
+        x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """BCE summed per image + analytic KL to N(0, I), each averaged over the batch."""
+        batch = x.shape[0]
+        recon_loss = F.binary_cross_entropy(recon.float(), x.float(), reduction="sum") / batch
+        kl = -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()) / batch
+        return {"total": recon_loss + kl, "recon": recon_loss, "kl": kl}

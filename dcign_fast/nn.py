@@ -1,0 +1,128 @@
+"""Drop-in modules built on the fused ops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dcign_fast.ops._checks import check_pair
+from dcign_fast.ops.backends import check_backend_name
+from dcign_fast.ops.unpool_conv import unpool_conv2d
+
+
+class UnpoolConv2d(nn.Module):
+    """``nn.Sequential(nn.Upsample(scale_factor=s, mode="nearest"), nn.Conv2d(...))`` as one fused op.
+
+    Parameters are named and shaped like ``nn.Conv2d``'s (``weight`` [O, C, KH, KW], ``bias`` [O]),
+    so a Conv2d state_dict loads into it. The backend is not part of the state.
+
+    Shapes: [N, C, H, W] -> [N, O, s*H + 2*ph - KH + 1, s*W + 2*pw - KW + 1].
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        padding: int | tuple[int, int] = 0,
+        bias: bool = True,
+        scale_factor: int = 2,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_backend_name(backend)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = check_pair("kernel_size", kernel_size, 1)
+        self.padding = check_pair("padding", padding, 0)
+        self.scale_factor = scale_factor
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Conv2d's initialisation, so a converted model starts where the original would.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return unpool_conv2d(
+            x, self.weight, self.bias, padding=self.padding, scale_factor=self.scale_factor, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, padding={self.padding}, "
+            f"scale_factor={self.scale_factor}, bias={self.bias is not None}, backend={self.backend!r}"
+        )
+
+    @classmethod
+    def from_modules(cls, upsample: nn.Upsample, conv: nn.Conv2d, backend: str = "auto") -> UnpoolConv2d:
+        """An UnpoolConv2d that shares ``conv``'s parameters (no copy).
+
+        Raises ValueError when the pair is not nearest upsampling by an integer followed by a
+        stride-1, dilation-1, groups-1, zero-padded Conv2d.
+        """
+        reason = _unsupported_reason(upsample, conv)
+        if reason:
+            raise ValueError(f"cannot fuse {upsample} + {conv}: {reason}")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_channels, fused.out_channels = conv.in_channels, conv.out_channels
+        fused.kernel_size = tuple(conv.kernel_size)
+        fused.padding = tuple(conv.padding)
+        fused.scale_factor = int(upsample.scale_factor)
+        check_backend_name(backend)
+        fused.backend = backend
+        fused.weight = conv.weight
+        fused.bias = conv.bias
+        return fused
+
+
+def _unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
+    """Why (upsample, conv) cannot become an UnpoolConv2d, or "" if it can."""
+    if not isinstance(upsample, nn.Upsample) or upsample.mode != "nearest":
+        return "the first module is not nn.Upsample(mode='nearest')"
+    scale = upsample.scale_factor
+    if upsample.size is not None or scale is None:
+        return "upsampling must be given by scale_factor, not size"
+    scale = scale if isinstance(scale, tuple) else (scale, scale)
+    if len(set(scale)) != 1 or float(scale[0]) != int(scale[0]) or int(scale[0]) < 1:
+        return f"scale_factor must be one positive integer, got {upsample.scale_factor}"
+    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
+        return "the second module is not a plain nn.Conv2d"
+    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1:
+        return "the convolution must have stride 1, dilation 1 and groups 1"
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        return "the convolution's padding must be explicit zero padding"
+    return ""
+
+
+def convert_upsample_conv(module: nn.Module, backend: str = "auto") -> int:
+    """Fuses every (nn.Upsample(nearest), nn.Conv2d) pair inside nn.Sequential containers, in place.
+
+    The Conv2d's slot gets an UnpoolConv2d sharing its parameters and the Upsample's slot an
+    nn.Identity, so state_dict keys are unchanged. Pairs that cannot be fused are left as they are.
+    Returns the number of pairs fused.
+    """
+    fused = 0
+    for child in module.children():
+        fused += convert_upsample_conv(child, backend)
+    if isinstance(module, nn.Sequential):
+        keys = list(module._modules)
+        for first, second in zip(keys, keys[1:]):
+            up, conv = module._modules[first], module._modules[second]
+            if not _unsupported_reason(up, conv):
+                module._modules[second] = UnpoolConv2d.from_modules(up, conv, backend)
+                module._modules[first] = nn.Identity()
+                fused += 1
+    return fused

@@ -1,0 +1,38 @@
+"""Argument checks shared by the ops: each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t: object, ndim: int, shape_doc: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {shape_doc}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    return t
+
+
+def check_like(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    """``t`` must share ``like``'s dtype and device."""
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
+
+
+def check_pair(name: str, value: object, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a pair."""
+    pair = (value, value) if isinstance(value, int) else value
+    ok = (
+        isinstance(pair, (tuple, list))
+        and len(pair) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)
+    )
+    if not ok:
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])

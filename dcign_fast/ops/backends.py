@@ -1,0 +1,52 @@
+"""Which backends exist on this machine, and how ``backend="auto"`` chooses.
+
+Every op accepts ``backend=`` one of :data:`BACKENDS`. A backend that cannot run the given tensors is
+an error, never a silent switch: only ``"auto"`` chooses, and it chooses among backends that can.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def check_backend_name(backend: str) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_backend_runs_on(backend: str, device: torch.device, supported: tuple[str, ...]) -> None:
+    """Raises a ValueError naming the backend when it cannot run an op on tensors on ``device``.
+
+    ``supported`` lists the explicit backends the op implements.
+    """
+    check_backend_name(backend)
+    if backend == "auto":
+        return
+    if backend not in supported:
+        raise ValueError(f"backend={backend!r} is not implemented for this op; use one of {supported}")
+    if backend == "triton":
+        if not triton_installed():
+            raise ValueError("backend='triton' needs the 'triton' package (pip install triton)")
+        if device.type != "cuda" and not triton_interpreting():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got device {device}); "
+                "set TRITON_INTERPRET=1 to run Triton kernels on the CPU for testing"
+            )
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")

@@ -1,0 +1,145 @@
+"""``unpool_conv2d``: nearest-neighbour upsampling followed by a convolution, without the upsampling.
+
+Backends:
+  reference  ``F.conv2d(F.interpolate(x, scale_factor=s, mode="nearest"), ...)``, the oracle.
+  torch      the phase decomposition (:mod:`dcign_fast.ops.phases`) through ``F.conv2d``: phases that
+             read the same low-resolution window share one convolution with their collapsed kernels
+             stacked along the output channels; the results are written interleaved into the output.
+             The upsampled tensor is never allocated, forward or backward. Any integer scale factor.
+  auto       the fastest correct backend for the tensors' device (CPU: torch).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dcign_fast.ops._checks import check_like, check_pair, check_tensor
+from dcign_fast.ops.backends import check_backend_runs_on
+from dcign_fast.ops.phases import AxisPhase, axis_phases, output_size
+from dcign_fast.ops.reference import unpool_conv2d_reference
+
+Padding = tuple[int, int]
+
+
+def _output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _collapse(weight: torch.Tensor, row: AxisPhase, col: AxisPhase) -> torch.Tensor:
+    """[O, C, KH, KW] -> [O, C, row.taps, col.taps]; summed in at least float32."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    r = row.collapse_matrix(acc, weight.device)
+    c = col.collapse_matrix(acc, weight.device)
+    return torch.einsum("mu,ocuv,nv->ocmn", r, weight.to(acc), c).to(weight.dtype)
+
+
+def unpool_conv2d_torch(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: Padding, scale_factor: int
+) -> torch.Tensor:
+    n, _, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    rows = axis_phases(h, kh, padding[0], scale_factor)
+    cols = axis_phases(w, kw, padding[1], scale_factor)
+    out = torch.empty(
+        (n, o, output_size(h, kh, padding[0], scale_factor), output_size(w, kw, padding[1], scale_factor)),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=_output_memory_format(x),
+    )
+    windows: dict[tuple[int, int, int, int], list[tuple[AxisPhase, AxisPhase]]] = defaultdict(list)
+    for r in rows:
+        for c in cols:
+            windows[(r.first_offset, r.taps, c.first_offset, c.taps)].append((r, c))
+    for group in windows.values():
+        pad_r = max(r.conv_padding(h) for r, _ in group)
+        pad_c = max(c.conv_padding(w) for _, c in group)
+        stacked = torch.cat([_collapse(weight, r, c) for r, c in group])
+        group_bias = None if bias is None else bias.repeat(len(group))
+        y = F.conv2d(x, stacked, group_bias, padding=(pad_r, pad_c))
+        for k, (r, c) in enumerate(group):
+            r0, c0 = r.first_offset + pad_r, c.first_offset + pad_c
+            out[:, :, r.phase :: scale_factor, c.phase :: scale_factor] = y[
+                :, k * o : (k + 1) * o, r0 : r0 + r.count, c0 : c0 + c.count
+            ]
+    return out
+
+
+def _reference(x, weight, bias, padding, scale_factor):
+    return unpool_conv2d_reference(x, weight, bias, padding, scale_factor)
+
+
+# Backend name -> implementation(x, weight, bias, padding, scale_factor). Kernel backends register here.
+IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "reference": _reference,
+    "torch": unpool_conv2d_torch,
+}
+
+
+def choose_backend(x: torch.Tensor) -> str:
+    """The backend ``"auto"`` picks for these tensors."""
+    return "torch"
+
+
+def check_unpool_conv_args(
+    x: object, weight: object, bias: object, padding: object, scale_factor: object
+) -> Padding:
+    """Validates every argument; returns padding as (rows, cols)."""
+    x = check_tensor("x", x, 4, "[N, C, H, W]")
+    weight = check_tensor("weight", weight, 4, "[out_channels, in_channels, KH, KW]")
+    check_like("weight", weight, "x", x)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight.shape[1] (in_channels) must equal x.shape[1] = {x.shape[1]}, got weight shape "
+            f"{tuple(weight.shape)}"
+        )
+    if bias is not None:
+        bias = check_tensor("bias", bias, 1, "[out_channels]")
+        check_like("bias", bias, "x", x)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [{weight.shape[0]}] (out_channels), got {tuple(bias.shape)}")
+    pad = check_pair("padding", padding, 0)
+    if not isinstance(scale_factor, int) or isinstance(scale_factor, bool) or scale_factor < 1:
+        raise ValueError(f"scale_factor must be an int >= 1, got {scale_factor!r}")
+    for axis, size, k, p in (("height", x.shape[2], weight.shape[2], pad[0]), ("width", x.shape[3], weight.shape[3], pad[1])):
+        if output_size(size, k, p, scale_factor) < 1:
+            raise ValueError(
+                f"output {axis} would be {output_size(size, k, p, scale_factor)}: input {axis} {size} x "
+                f"scale_factor {scale_factor} + 2 x padding {p} is smaller than the kernel ({k})"
+            )
+    return pad
+
+
+def unpool_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    padding: int | tuple[int, int] = 0,
+    scale_factor: int = 2,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Nearest-neighbour upsampling by ``scale_factor``, then a stride-1 convolution.
+
+    Equal to ``F.conv2d(F.interpolate(x, scale_factor=s, mode="nearest"), weight, bias, padding=padding)``.
+
+    Args:
+        x: [N, C, H, W], NCHW or channels_last, float16/bfloat16/float32/float64.
+        weight: [O, C, KH, KW], same dtype and device as x.
+        bias: [O] or None.
+        padding: zero padding of the upsampled image, an int or (rows, cols).
+        scale_factor: integer upsampling factor.
+        backend: "auto", "reference", "torch", "triton" or "cuda" (see :mod:`dcign_fast.ops.backends`).
+
+    Returns:
+        [N, O, s*H + 2*ph - KH + 1, s*W + 2*pw - KW + 1], in x's memory format.
+    """
+    pad = check_unpool_conv_args(x, weight, bias, padding, scale_factor)
+    check_backend_runs_on(backend, x.device, tuple(IMPLEMENTATIONS))
+    name = choose_backend(x) if backend == "auto" else backend
+    return IMPLEMENTATIONS[name](x, weight, bias, pad, scale_factor)

@@ -1,0 +1,75 @@
+"""Builds the optional CUDA extension ``dcign_fast._C`` with CMake + ninja.
+
+``DCIGN_FAST_CUDA`` selects what happens:
+  auto (default)  build when a CUDA compiler is found, otherwise skip it with one line;
+  1               build, and fail the install if that is impossible;
+  0               never build (pure-Python install: reference, torch and Triton backends).
+``DCIGN_FAST_CUDA_ARCHS`` overrides the CUDA architectures (CMake syntax, default "80;90a").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def find_nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        mode = os.environ.get("DCIGN_FAST_CUDA", "auto").lower()
+        if mode not in ("0", "1", "auto"):
+            raise RuntimeError(f"DCIGN_FAST_CUDA must be 0, 1 or auto, got {mode!r}")
+        nvcc = find_nvcc()
+        if mode == "0" or (mode == "auto" and nvcc is None):
+            why = "DCIGN_FAST_CUDA=0" if mode == "0" else "no CUDA compiler (nvcc) found"
+            print(f"dcign-fast: skipping the CUDA extension ({why}); backend='cuda' will be unavailable")
+            return
+        if nvcc is None:
+            raise RuntimeError("DCIGN_FAST_CUDA=1 but no CUDA compiler (nvcc) was found; set CUDA_HOME")
+        try:
+            self._cmake_build(ext, nvcc)
+        except (OSError, subprocess.CalledProcessError) as err:
+            if mode == "1":
+                raise
+            print(f"dcign-fast: skipping the CUDA extension (build failed: {err})")
+
+    def _cmake_build(self, ext: Extension, nvcc: str) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        archs = os.environ.get("DCIGN_FAST_CUDA_ARCHS", "80;90a")
+        configure = [
+            "cmake", str(ROOT), "-G", "Ninja",
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        subprocess.run(configure, cwd=build_dir, check=True)
+        subprocess.run(["cmake", "--build", ".", "--parallel"], cwd=build_dir, check=True)
+
+
+setup(ext_modules=[CMakeExtension("dcign_fast._C")], cmdclass={"build_ext": CMakeBuild})
