@@ -60,7 +60,10 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         archs = os.environ.get("DCIGN_FAST_CUDA_ARCHS", "80;90a")
         configure = [
-            "cmake", str(ROOT), "-G", "Ninja",
+            "cmake",
+            str(ROOT),
+            "-G",
+            "Ninja",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",

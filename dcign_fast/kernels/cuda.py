@@ -16,7 +16,7 @@ BUILD_HINT = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import() -> ModuleType | ImportError:
     try:
         return importlib.import_module("dcign_fast._C")

@@ -128,7 +128,11 @@ class DCIGN(nn.Module):
         layers: list[nn.Module] = []
         channels = c.in_channels
         for out in c.encoder_channels:
-            layers += [nn.Conv2d(channels, out, c.encoder_kernel, padding=c.encoder_padding), nn.MaxPool2d(2), nn.ReLU()]
+            layers += [
+                nn.Conv2d(channels, out, c.encoder_kernel, padding=c.encoder_padding),
+                nn.MaxPool2d(2),
+                nn.ReLU(),
+            ]
             channels = out
         self.encoder = nn.Sequential(*layers, nn.Flatten())
         start = c.decoder_sizes()[0]
@@ -138,7 +142,9 @@ class DCIGN(nn.Module):
         for head in (self.to_mu, self.to_logvar):  # the original's N(0, 0.01) head initialisation
             nn.init.normal_(head.weight, std=0.01)
             nn.init.zeros_(head.bias)
-        self.from_latent = nn.Sequential(nn.Linear(c.latent_dim, flat), nn.ReLU(), nn.Unflatten(1, (channels, start, start)))
+        self.from_latent = nn.Sequential(
+            nn.Linear(c.latent_dim, flat), nn.ReLU(), nn.Unflatten(1, (channels, start, start))
+        )
         blocks: list[nn.Module] = []
         outs = (*c.decoder_channels, c.in_channels)
         for i, out in enumerate(outs):
@@ -191,9 +197,7 @@ class DCIGN(nn.Module):
         return self.decode(z), mu, logvar, z
 
     @staticmethod
-    def loss(
-        x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def loss(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, torch.Tensor]:
         """BCE summed per image + analytic KL to N(0, I), each averaged over the batch."""
         batch = x.shape[0]
         recon_loss = F.binary_cross_entropy(recon.float(), x.float(), reduction="sum") / batch

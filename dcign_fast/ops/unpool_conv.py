@@ -86,9 +86,7 @@ def choose_backend(x: torch.Tensor) -> str:
     return "torch"
 
 
-def check_unpool_conv_args(
-    x: object, weight: object, bias: object, padding: object, scale_factor: object
-) -> Padding:
+def check_unpool_conv_args(x: object, weight: object, bias: object, padding: object, scale_factor: object) -> Padding:
     """Validates every argument; returns padding as (rows, cols)."""
     x = check_tensor("x", x, 4, "[N, C, H, W]")
     weight = check_tensor("weight", weight, 4, "[out_channels, in_channels, KH, KW]")
@@ -106,7 +104,10 @@ def check_unpool_conv_args(
     pad = check_pair("padding", padding, 0)
     if not isinstance(scale_factor, int) or isinstance(scale_factor, bool) or scale_factor < 1:
         raise ValueError(f"scale_factor must be an int >= 1, got {scale_factor!r}")
-    for axis, size, k, p in (("height", x.shape[2], weight.shape[2], pad[0]), ("width", x.shape[3], weight.shape[3], pad[1])):
+    for axis, size, k, p in (
+        ("height", x.shape[2], weight.shape[2], pad[0]),
+        ("width", x.shape[3], weight.shape[3], pad[1]),
+    ):
         if output_size(size, k, p, scale_factor) < 1:
             raise ValueError(
                 f"output {axis} would be {output_size(size, k, p, scale_factor)}: input {axis} {size} x "
