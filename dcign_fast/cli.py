@@ -1,34 +1,29 @@
-"""The ``dcign-fast`` command line."""
+"""The ``dcign-fast`` command line.
+
+Each subcommand lives beside what it drives, in a module with ``add_arguments(parser)`` and
+``run(args) -> int``; this file only lists them, so ``--help`` stays fast (modules load on use).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import importlib
 import sys
 
-import torch
-
-
-def _info(_: argparse.Namespace) -> int:
-    from dcign_fast.kernels import cuda
-    from dcign_fast.ops.backends import triton_installed
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "triton_installed": triton_installed(),
-        "cuda_extension_built": cuda.available(),
-    }
-    print(json.dumps(info, indent=2))
-    return 0
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("dcign_fast.info", "what this installation can run (backends, extension, devices)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcign-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dcign-fast", description="Fast DC-IGN: train, render, evaluate.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="what this installation can run").set_defaults(run=_info)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
     return parser
 
 

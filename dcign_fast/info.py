@@ -1,0 +1,32 @@
+"""``dcign-fast info``: what this installation can run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+
+
+def environment() -> dict[str, object]:
+    from dcign_fast.kernels import cuda
+    from dcign_fast.ops.backends import triton_installed
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "triton_installed": triton_installed(),
+        "cuda_extension_built": cuda.available(),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def run(args: argparse.Namespace) -> int:
+    print(json.dumps(environment(), indent=2))
+    return 0
