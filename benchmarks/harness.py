@@ -1,0 +1,117 @@
+"""Timing, machine description and result files shared by every benchmark suite.
+
+Times are medians of repeats after warm-up. Competing variants of one case are timed side by side,
+interleaved repeat by repeat, so drift of the machine (clocks, other load) hits them all alike.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_side_by_side(
+    variants: dict[str, Callable[[], object]], device: str, warmup: int = 2, repeats: int = 7
+) -> dict[str, float]:
+    """Median wall time in milliseconds of each variant; variants alternate within every repeat."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak CUDA memory allocated while running ``fn`` once, above what was allocated before (None on CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str) -> dict[str, object]:
+    """What the numbers were measured on."""
+    info: dict[str, object] = {
+        "device": device,
+        "cpu": cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.startswith("cuda"):
+        info["card"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def machine_label(info: dict[str, object]) -> str:
+    return str(info.get("card") or info["cpu"])
+
+
+def write_results(suite: str, info: dict[str, object], rows: list[dict], out_dir: Path) -> Path:
+    """One JSON file per run: ``<suite>-<device>-<date>.json`` holding the machine and every row."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = str(info["date"]).replace(":", "").replace("-", "")
+    path = out_dir / f"{suite}-{info['device']}-{stamp}.json"
+    path.write_text(json.dumps({"suite": suite, "machine": info, "rows": rows}, indent=2) + "\n")
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain-text table of ``columns`` (missing values shown as '-')."""
+
+    def cell(value: object) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value)
+
+    table = [columns] + [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""Runs benchmark suites and writes their results.
+
+    python -m benchmarks.run --suite ops --device cpu [--quick] [--out benchmarks/results]
+
+Each suite (benchmarks/suites/<name>.py) returns rows; this prints them as a table and writes one
+JSON file per suite naming the machine, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import format_table, machine, machine_label, write_results
+
+SUITES = {
+    "ops": "benchmarks.suites.ops",
+}
+COLUMNS = ["case", "pass", "dtype", "backend", "median_ms", "speedup", "peak_mb", "note"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=[*SUITES, "all"], default="ops")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (CI smoke run)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON files")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU; none is available")
+    names = list(SUITES) if args.suite == "all" else [args.suite]
+    info = machine(args.device)
+    for name in names:
+        rows = importlib.import_module(SUITES[name]).run(args.device, args.quick)
+        path = write_results(name, info, rows, args.out)
+        columns = [c for c in COLUMNS if any(c in row for row in rows)]
+        print(f"\n## suite {name} on {machine_label(info)} (torch {info['torch']}, {info['cpu_threads']} threads)")
+        print(format_table(rows, columns))
+        print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmark suites: each module exposes ``run(device: str, quick: bool) -> list[dict]``."""
