@@ -38,8 +38,6 @@ def check_backend_runs_on(backend: str, device: torch.device, supported: tuple[s
     check_backend_name(backend)
     if backend == "auto":
         return
-    if backend not in supported:
-        raise ValueError(f"backend={backend!r} is not implemented for this op; use one of {supported}")
     if backend == "triton":
         if not triton_installed():
             raise ValueError("backend='triton' needs the 'triton' package (pip install triton)")
@@ -50,3 +48,5 @@ def check_backend_runs_on(backend: str, device: torch.device, supported: tuple[s
             )
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+    if backend not in supported:
+        raise ValueError(f"backend={backend!r} is not implemented for this op; use one of {supported}")

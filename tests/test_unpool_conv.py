@@ -1,0 +1,195 @@
+"""unpool_conv2d: every backend against the float64 reference, gradients, memory and errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dcign_fast as dc
+from dcign_fast.ops.reference import unpool_conv2d_reference
+from tests.helpers import REL_TOL, poisoned_allocations, rel_error
+
+CPU_BACKENDS = ["reference", "torch"]
+
+
+def random_case(rng: random.Random, kernel: int | None = None) -> dict:
+    """A fresh random problem: rectangular image, any kernel size and padding that give a non-empty output."""
+    k = kernel or rng.randint(1, 9)
+    kw = rng.choice([k, rng.randint(1, 9)])
+    p = (rng.randint(0, k - 1), rng.randint(0, kw - 1))
+    h, w = rng.randint(max(1, (k + 1) // 2), 9), rng.randint(max(1, (kw + 1) // 2), 9)
+    return {"n": rng.randint(1, 3), "c": rng.randint(1, 5), "o": rng.randint(1, 6), "k": (k, kw), "p": p, "hw": (h, w)}
+
+
+def make_tensors(case: dict, dtype: torch.dtype, channels_last: bool, bias: bool = True):
+    x = torch.randn(case["n"], case["c"], *case["hw"], dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(case["o"], case["c"], *case["k"], dtype=dtype)
+    b = torch.randn(case["o"], dtype=dtype) if bias else None
+    return x, w, b
+
+
+def oracle(x, w, b, padding, scale=2):
+    return unpool_conv2d_reference(x.double(), w.double(), None if b is None else b.double(), padding, scale)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_reference_on_random_shapes(backend, dtype, channels_last):
+    rng = random.Random(f"{backend}{dtype}{channels_last}")
+    for kernel in range(1, 10):
+        case = random_case(rng, kernel)
+        x, w, b = make_tensors(case, dtype, channels_last, bias=rng.random() < 0.7)
+        with poisoned_allocations():
+            y = dc.unpool_conv2d(x, w, b, padding=case["p"], backend=backend)
+        expected = oracle(x, w, b, case["p"])
+        assert y.shape == expected.shape and y.dtype == dtype
+        assert rel_error(y, expected) < REL_TOL[dtype], case
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_backend_keeps_memory_format(channels_last):
+    x, w, b = make_tensors({"n": 2, "c": 3, "o": 4, "k": (3, 3), "p": (1, 1), "hw": (5, 6)}, torch.float32, channels_last)
+    y = dc.unpool_conv2d(x, w, b, padding=1, backend="torch")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("scale", [1, 3, 4])
+def test_other_integer_scale_factors(scale):
+    x, w, b = make_tensors({"n": 2, "c": 3, "o": 2, "k": (5, 4), "p": (2, 1), "hw": (4, 5)}, torch.float64, False)
+    y = dc.unpool_conv2d(x, w, b, padding=(2, 1), scale_factor=scale, backend="torch")
+    assert rel_error(y, oracle(x, w, b, (2, 1), scale)) < 1e-12
+
+
+def test_non_contiguous_input():
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)[:, ::2].transpose(2, 3)
+    w, b = torch.randn(3, 3, 7, 7, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    assert not x.is_contiguous()
+    assert rel_error(dc.unpool_conv2d(x, w, b, backend="torch"), oracle(x, w, b, (0, 0))) < 1e-12
+
+
+@pytest.mark.parametrize("k,p", [(7, 0), (3, 1), (5, 2), (4, 1), (2, 0), (1, 0), (6, 5)])
+def test_torch_backend_gradcheck(k, p):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, k, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: dc.unpool_conv2d(*t, padding=p, backend="torch"), (x, w, b))
+
+
+def test_gradients_match_reference_float32():
+    x, w, b = make_tensors({"n": 3, "c": 8, "o": 6, "k": (7, 7), "p": (0, 0), "hw": (9, 11)}, torch.float32, False)
+    grads = {}
+    for backend in CPU_BACKENDS:
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = dc.unpool_conv2d(*leaves, backend=backend)
+        y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
+        grads[backend] = [t.grad for t in leaves]
+    for got, want in zip(grads["torch"], grads["reference"]):
+        assert rel_error(got, want) < 1e-5
+
+
+def test_torch_backend_never_saves_the_upsampled_tensor():
+    """Autograd keeps only low-resolution tensors: nothing saved is as large as the upsampled input."""
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    w = torch.randn(4, 16, 7, 7, requires_grad=True)
+    upsampled_numel = 2 * 16 * 24 * 24
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = dc.unpool_conv2d(x, w, backend="torch")
+    y.sum().backward()
+    assert saved and max(saved) < upsampled_numel
+    # The reference does save it: the check above can fail.
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        dc.unpool_conv2d(x, w, backend="reference")
+    assert max(saved) >= upsampled_numel
+
+
+def test_torch_backend_never_allocates_the_upsampled_tensor():
+    """The profiler's memory events, forward and backward: no allocation reaches the upsampled size."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(4, 32, 16, 16, requires_grad=True)
+    w = torch.randn(1, 32, 3, 3, requires_grad=True)
+    upsampled_bytes = 4 * 32 * 32 * 32 * 4
+
+    def largest_allocation(backend: str) -> int:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            dc.unpool_conv2d(x, w, padding=1, backend=backend).sum().backward()
+        return max(e.cpu_memory_usage for e in prof.events())
+
+    assert largest_allocation("torch") < upsampled_bytes
+    assert largest_allocation("reference") >= upsampled_bytes
+
+
+def test_auto_uses_torch_on_cpu():
+    from dcign_fast.ops.unpool_conv import choose_backend
+
+    assert choose_backend(torch.randn(1, 1, 2, 2)) == "torch"
+
+
+def _valid():
+    return torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(4)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (lambda a: {**a, "backend": "fast"}, ValueError, "backend must be one of"),
+        (lambda a: {**a, "x": a["x"][0]}, ValueError, "x must be 4-D"),
+        (lambda a: {**a, "x": [1.0]}, TypeError, "x must be a torch.Tensor"),
+        (lambda a: {**a, "x": a["x"].long()}, TypeError, "x must be float16"),
+        (lambda a: {**a, "weight": torch.randn(4, 2, 3, 3)}, ValueError, "weight.shape[1] (in_channels)"),
+        (lambda a: {**a, "weight": torch.randn(4, 3, 3)}, ValueError, "weight must be 4-D"),
+        (lambda a: {**a, "weight": a["weight"].double()}, TypeError, "weight must have the dtype of x"),
+        (lambda a: {**a, "bias": torch.randn(5)}, ValueError, "bias must have shape [4]"),
+        (lambda a: {**a, "bias": a["bias"].half()}, TypeError, "bias must have the dtype of x"),
+        (lambda a: {**a, "bias": torch.randn(4, 1)}, ValueError, "bias must be 1-D"),
+        (lambda a: {**a, "padding": -1}, ValueError, "padding must be an int >= 0"),
+        (lambda a: {**a, "padding": (1, 2, 3)}, ValueError, "padding must be an int >= 0"),
+        (lambda a: {**a, "scale_factor": 1.5}, ValueError, "scale_factor must be an int >= 1"),
+        (lambda a: {**a, "weight": torch.randn(4, 3, 12, 3)}, ValueError, "output height would be"),
+        (lambda a: {**a, "backend": "cuda"}, ValueError, "backend='cuda' needs CUDA tensors"),
+    ],
+)
+def test_bad_input_names_the_argument(change, error, words):
+    x, w, b = _valid()
+    args = change({"x": x, "weight": w, "bias": b, "padding": 0, "scale_factor": 2, "backend": "auto"})
+    with pytest.raises(error) as info:
+        dc.unpool_conv2d(args.pop("x"), args.pop("weight"), args.pop("bias"), **args)
+    assert words in str(info.value)
+
+
+def test_device_mismatch_is_an_error():
+    x, w, b = _valid()
+    with pytest.raises(ValueError, match="weight must be on the device of x"):
+        dc.unpool_conv2d(x, w.to("meta"), b)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w, b = _valid()
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        dc.unpool_conv2d(x, w, b, backend="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_cuda_matches_reference(backend):
+    x = torch.randn(4, 24, 15, 15, device="cuda")
+    w, b = torch.randn(48, 24, 7, 7, device="cuda"), torch.randn(48, device="cuda")
+    torch.backends.cudnn.allow_tf32 = False
+    y = dc.unpool_conv2d(x, w, b, backend=backend)
+    assert rel_error(y, oracle(x, w, b, (0, 0))) < 1e-4
+    assert F.relu(y).shape == (4, 48, 24, 24)
