@@ -54,7 +54,9 @@ def test_matches_reference_on_random_shapes(backend, dtype, channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_torch_backend_keeps_memory_format(channels_last):
-    x, w, b = make_tensors({"n": 2, "c": 3, "o": 4, "k": (3, 3), "p": (1, 1), "hw": (5, 6)}, torch.float32, channels_last)
+    x, w, b = make_tensors(
+        {"n": 2, "c": 3, "o": 4, "k": (3, 3), "p": (1, 1), "hw": (5, 6)}, torch.float32, channels_last
+    )
     y = dc.unpool_conv2d(x, w, b, padding=1, backend="torch")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)

@@ -1,0 +1,72 @@
+"""DCIGN: presets, shapes, loss and backend independence of the state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dcign_fast.models import DCIGN, PRESETS, DCIGNConfig, preset
+from tests.helpers import rel_error
+
+PAPER_DECODER_SIZES = [15, 24, 42, 78, 150]  # from the original's config.lua
+
+
+def test_paper150_is_the_original_network():
+    config = preset("paper150")
+    assert config.encoder_sizes() == [150, 73, 34, 15]
+    assert config.decoder_sizes() == PAPER_DECODER_SIZES
+    model = DCIGN(config)
+    assert model.to_mu.in_features == 5400 and model.to_mu.out_features == 200
+    convs = [m for m in model.decoder if hasattr(m, "kernel_size")]
+    assert [(m.in_channels, m.out_channels, m.kernel_size) for m in convs] == [
+        (24, 48, (7, 7)),
+        (48, 96, (7, 7)),
+        (96, 96, (7, 7)),
+        (96, 1, (7, 7)),
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_shapes_and_groups(name):
+    model = DCIGN.from_preset(name)
+    c = model.config
+    assert c.latent_groups["azimuth"] == (0, 1)
+    assert c.latent_groups["elevation"] == (1, 2)
+    assert c.latent_groups["light"] == (2, 3)
+    assert c.latent_groups["intrinsic"] == (3, c.latent_dim)
+    x = torch.rand(2, c.in_channels, c.image_size, c.image_size)
+    recon, mu, logvar, z = model(x)
+    assert recon.shape == x.shape and recon.min() >= 0 and recon.max() <= 1
+    assert mu.shape == logvar.shape == z.shape == (2, c.latent_dim)
+    losses = model.loss(x, recon, mu, logvar)
+    assert set(losses) >= {"total", "recon", "kl"} and torch.isfinite(losses["total"])
+
+
+def test_loss_is_bce_sum_per_image_plus_kl():
+    x, recon = torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4).clamp(0.01, 0.99)
+    mu, logvar = torch.randn(3, 5), torch.randn(3, 5)
+    losses = DCIGN.loss(x, recon, mu, logvar)
+    bce = -(x * recon.log() + (1 - x) * (1 - recon).log()).sum() / 3
+    kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum() / 3
+    assert torch.allclose(losses["recon"], bce, rtol=1e-5) and torch.allclose(losses["kl"], kl, rtol=1e-5)
+    assert torch.allclose(losses["total"], bce + kl, rtol=1e-5)
+
+
+def test_state_dict_round_trip_across_backends():
+    saved = DCIGN.from_preset("demo64", backend="reference").double().state_dict()
+    loaded = DCIGN.from_preset("demo64", backend="torch").double()
+    loaded.load_state_dict(saved)
+    original = DCIGN.from_preset("demo64", backend="reference").double()
+    original.load_state_dict(saved)
+    z = torch.randn(3, original.config.latent_dim, dtype=torch.float64)
+    assert rel_error(loaded.decode(z), original.decode(z)) < 1e-12
+    assert loaded.set_backend("reference").backend == "reference"
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="the decoder produces"):
+        DCIGNConfig(image_size=64)
+    with pytest.raises(ValueError, match=r"latent_groups\['light'\]"):
+        DCIGNConfig(latent_groups={"light": (2, 300)})
+    with pytest.raises(ValueError, match="preset must be one of"):
+        DCIGN.from_preset("paper")

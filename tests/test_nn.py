@@ -1,0 +1,57 @@
+"""UnpoolConv2d as a drop-in for nn.Sequential(nn.Upsample, nn.Conv2d)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dcign_fast.nn import UnpoolConv2d, convert_upsample_conv
+from tests.helpers import rel_error
+
+
+def upsample_conv(c: int, o: int, k: int, p: int) -> nn.Sequential:
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, o, k, padding=p))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "auto"])
+def test_loads_a_conv2d_state_dict_and_matches(backend):
+    seq = upsample_conv(3, 5, 5, 2).double()
+    fused = UnpoolConv2d(3, 5, 5, padding=2, backend=backend).double()
+    fused.load_state_dict(seq[1].state_dict())
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    assert rel_error(fused(x), seq(x)) < 1e-12
+
+
+def test_parameters_are_shaped_like_conv2d():
+    fused, conv = UnpoolConv2d(4, 6, (3, 5), bias=False), nn.Conv2d(4, 6, (3, 5), bias=False)
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in conv.state_dict().items()}
+
+
+def test_convert_in_place_shares_parameters_and_keeps_keys():
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.Sequential(upsample_conv(3, 4, 3, 1), nn.ReLU(), upsample_conv(4, 2, 7, 0))
+    )
+    keys = list(model.state_dict())
+    conv_weight = model[1][0][1].weight
+    x = torch.randn(2, 3, 9, 9)
+    before = model[1](x)
+    assert convert_upsample_conv(model) == 2
+    assert list(model.state_dict()) == keys
+    fused = model[1][0][1]
+    assert isinstance(fused, UnpoolConv2d) and fused.weight is conv_weight
+    assert isinstance(model[1][0][0], nn.Identity)
+    assert rel_error(model[1](x), before) < 1e-5
+
+
+def test_convert_leaves_unsupported_pairs_alone():
+    bilinear = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(3, 3, 3))
+    strided = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(3, 3, 3, stride=2))
+    assert convert_upsample_conv(bilinear) == 0 and convert_upsample_conv(strided) == 0
+    with pytest.raises(ValueError, match="stride 1"):
+        UnpoolConv2d.from_modules(strided[0], strided[1])
+
+
+def test_bad_backend_name_at_construction():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        UnpoolConv2d(1, 1, 3, backend="fastest")
