@@ -1,0 +1,92 @@
+"""Meshes ready to render: the packaged face scans (assets/*.npz) and users' own mesh files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dcign_fast.data.mesh_io import read_mesh
+from dcign_fast.data.render import vertex_faces
+
+ASSETS_DIR = Path(__file__).parent / "assets"
+FACE_ASSETS = ("meshmonk", "menpo3d", "james")
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """A triangle mesh in the canonical frame (y up, facing +z, inside the unit sphere).
+
+    vertices: [V, 3] float32; faces: [F, 3] int64 (counter-clockwise seen from outside);
+    albedo: [V] float32 or None (then 1); texture: [H, W] float32 in [0, 1] with uv: [T, 2] and
+    face_uv: [F, 3], or all None. incident: [V, D] vertex -> face table (derived).
+    """
+
+    name: str
+    vertices: Tensor
+    faces: Tensor
+    albedo: Tensor | None = None
+    texture: Tensor | None = None
+    uv: Tensor | None = None
+    face_uv: Tensor | None = None
+    incident: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "incident", vertex_faces(self.faces, self.vertices.shape[0]))
+
+    @property
+    def num_faces(self) -> int:
+        return self.faces.shape[0]
+
+    def to(self, device: torch.device | str) -> Mesh:
+        """A copy with every tensor on ``device``."""
+        moved = {
+            k: getattr(self, k).to(device) if getattr(self, k) is not None else None
+            for k in ("vertices", "faces", "albedo", "texture", "uv", "face_uv")
+        }
+        return replace(self, **moved)
+
+
+def list_assets() -> list[str]:
+    """Names of the packaged meshes."""
+    return sorted(p.stem for p in ASSETS_DIR.glob("*.npz"))
+
+
+def load_asset(name: str) -> Mesh:
+    """Load a packaged mesh by name (see :func:`list_assets`)."""
+    path = ASSETS_DIR / f"{name}.npz"
+    if not path.is_file():
+        raise ValueError(f"no packaged mesh named {name!r}; available: {', '.join(list_assets())}")
+    with np.load(path) as data:
+        texture = data.get("texture", None)
+        return Mesh(
+            name=name,
+            vertices=torch.from_numpy(data["vertices"]),
+            faces=torch.from_numpy(data["faces"].astype(np.int64)),
+            texture=torch.from_numpy(texture.astype(np.float32) / 255.0) if texture is not None else None,
+            uv=torch.from_numpy(data["uv"]) if texture is not None else None,
+            face_uv=torch.from_numpy(data["face_uv"].astype(np.int64)) if texture is not None else None,
+        )
+
+
+def load_mesh(path: str | Path, radius: float = 0.9) -> Mesh:
+    """Load a user's mesh (.ply, .obj, .off; other formats through trimesh).
+
+    The mesh is assumed to be y-up and facing +z already; it is centred on its bounding box and scaled
+    to fit a sphere of ``radius``. Vertex colours become grey albedo.
+    """
+    raw = read_mesh(path)
+    vertices = raw.vertices - (raw.vertices.max(0) + raw.vertices.min(0)) / 2
+    vertices *= radius / np.linalg.norm(vertices, axis=1).max()
+    albedo = None
+    if raw.colors is not None:
+        albedo = torch.from_numpy((raw.colors @ np.array([0.21, 0.72, 0.07])).astype(np.float32))
+    return Mesh(
+        name=Path(path).stem,
+        vertices=torch.from_numpy(vertices.astype(np.float32)),
+        faces=torch.from_numpy(raw.faces),
+        albedo=albedo,
+    )

@@ -1,0 +1,219 @@
+"""A batched z-buffer rasteriser in pure PyTorch: same code on CPU and CUDA, deterministic.
+
+Conventions (camera frame, orthographic, looking down -z):
+- x to image right, y to image top, +z toward the camera. Meshes face +z at azimuth 0.
+- ``azimuth`` (radians) turns the object about the vertical axis; positive turns the face toward
+  image right (the subject's left side comes into view less, the nose points right).
+- ``elevation`` (radians) tilts it about the image's horizontal axis, applied after azimuth so that
+  positive elevation always moves the nose up in the image (face tilted up, seen a little from below),
+  whatever the azimuth.
+- ``light_azimuth`` / ``light_elevation`` (radians) give a directional light fixed in the camera frame:
+  direction (sin az * cos el, sin el, cos az * cos el). Positive light azimuth lights the image-right
+  side; positive light elevation lights from above.
+- Scene units: the visible region is [-1/zoom, 1/zoom] in x and y; depth must lie in [-1, 1].
+
+How: each front-facing triangle tests the pixel centres inside its bounding box (boxes grouped by size
+so each group is one dense tensor op); a pixel keeps the nearest triangle through a scatter-min over
+int64 keys that pack (quantised depth, face index). Barycentrics of the winning triangle then
+interpolate vertex normals and albedo for Lambertian + ambient shading.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_DEPTH_LEVELS = 1 << 30  # depth quantisation steps over [-1, 1]; the face index takes the low 32 bits
+_EMPTY = torch.iinfo(torch.int64).max
+
+
+def rotation(azimuth: Tensor, elevation: Tensor) -> Tensor:
+    """Object-to-camera rotations R = R_elevation @ R_azimuth.
+
+    azimuth, elevation: [B] radians -> [B, 3, 3].
+    """
+    ca, sa, ce, se = azimuth.cos(), azimuth.sin(), elevation.cos(), elevation.sin()
+    zero, one = torch.zeros_like(ca), torch.ones_like(ca)
+    r_az = torch.stack([ca, zero, sa, zero, one, zero, -sa, zero, ca], -1).view(-1, 3, 3)
+    r_el = torch.stack([one, zero, zero, zero, ce, se, zero, -se, ce], -1).view(-1, 3, 3)
+    return r_el @ r_az
+
+
+def light_direction(light_azimuth: Tensor, light_elevation: Tensor) -> Tensor:
+    """Unit vectors toward the light in the camera frame: [B], [B] -> [B, 3]."""
+    ce = light_elevation.cos()
+    return torch.stack([light_azimuth.sin() * ce, light_elevation.sin(), light_azimuth.cos() * ce], -1)
+
+
+def vertex_faces(faces: Tensor, num_vertices: int) -> Tensor:
+    """Padded vertex -> incident faces table, for deterministic normal sums (no atomics on CUDA).
+
+    faces: [F, 3] int64 -> [V, D] int64, padded with F (an index one past the last face).
+    """
+    num_faces = faces.shape[0]
+    vertex = faces.reshape(-1)
+    face = torch.arange(num_faces, device=faces.device).repeat_interleave(3)
+    order = torch.argsort(vertex, stable=True)
+    vertex, face = vertex[order], face[order]
+    counts = torch.bincount(vertex, minlength=num_vertices)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(vertex.numel(), device=faces.device) - starts[vertex]
+    table = torch.full((num_vertices, int(counts.max())), num_faces, dtype=torch.int64, device=faces.device)
+    table[vertex, slot] = face
+    return table
+
+
+def vertex_normals(vertices: Tensor, faces: Tensor, incident: Tensor) -> Tensor:
+    """Area-weighted unit vertex normals.
+
+    vertices: [B, V, 3]; faces: [F, 3]; incident: [V, D] from :func:`vertex_faces` -> [B, V, 3].
+    """
+    batch, num_faces = vertices.shape[0], faces.shape[0]
+    corners = vertices.index_select(1, faces.reshape(-1)).view(batch, num_faces, 3, 3)
+    face_n = torch.linalg.cross(corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0])
+    face_n = F.pad(face_n, (0, 0, 0, 1))  # the padding row that ``incident`` points to
+    summed = face_n.index_select(1, incident.reshape(-1)).view(batch, *incident.shape, 3).sum(2)
+    return F.normalize(summed, dim=-1, eps=1e-12)
+
+
+def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest front-facing triangle per pixel.
+
+    screen: [B, V, 2] pixel coordinates (x right, y down); depth: [B, V] (larger = nearer, in [-1, 1]);
+    faces: [F, 3] -> (hit [B, S, S] int64: index into the candidate list, -1 for background;
+    candidates [N] int64: flat b * F + f of the faces that may cover a pixel;
+    planes [N, 3, 3]: barycentric weight i at pixel centre (cx, cy) is planes[n, i] @ (cx, cy, 1)).
+    """
+    batch, num_faces = screen.shape[0], faces.shape[0]
+    points = torch.cat([screen, depth[..., None]], -1)  # [B, V, 3]
+    # index_select is much faster than advanced indexing on CPU.
+    tri = points.index_select(1, faces.reshape(-1)).view(batch * num_faces, 3, 3)
+    x, y = tri[..., 0], tri[..., 1]  # [BF, 3]
+    x0, x1, x2 = x.unbind(-1)
+    y0, y1, y2 = y.unbind(-1)
+    # Twice the signed area; front faces (counter-clockwise seen from +z) are clockwise once y points down.
+    area = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
+    # Pixel-centre bounding boxes (pixel p has its centre at p + 0.5).
+    left = torch.ceil(x.amin(-1) - 0.5).clamp(min=0)
+    right = torch.floor(x.amax(-1) - 0.5).clamp(max=size - 1)
+    top = torch.ceil(y.amin(-1) - 0.5).clamp(min=0)
+    bottom = torch.floor(y.amax(-1) - 0.5).clamp(max=size - 1)
+    live = (area < -1e-12) & (right >= left) & (bottom >= top)
+    candidates = live.nonzero().squeeze(1)
+    tri, inv = tri[candidates], -1.0 / area[candidates]
+    left, right, top, bottom = (t[candidates].long() for t in (left, right, top, bottom))
+    # Barycentric weight of corner i is the area of (pixel, corner j, corner k), j and k the next two.
+    x, y, z = tri.unbind(-1)
+    xj, yj, xk, yk = x.roll(-1, 1), y.roll(-1, 1), x.roll(-2, 1), y.roll(-2, 1)
+    planes = torch.stack([yk - yj, xj - xk, xk * yj - xj * yk], -1) * inv[:, None, None]  # [N, 3, 3]
+    z_plane = (planes * z[..., None]).sum(1)  # [N, 3]: depth as a plane in (cx, cy, 1)
+
+    # Group boxes by power-of-two width and height so each group is one dense [n, w * h] test.
+    group = _next_pow2(right - left + 1) * (1 << 20) + _next_pow2(bottom - top + 1)
+    keys = torch.full((batch * size * size,), _EMPTY, dtype=torch.int64, device=screen.device)
+    order = torch.argsort(group)
+    bounds = torch.unique_consecutive(group[order], return_counts=True)
+    start = 0
+    for g, count in zip(bounds[0].tolist(), bounds[1].tolist()):
+        sel = order[start : start + count]
+        start += count
+        gw, gh = g >> 20, g & ((1 << 20) - 1)
+        px = left[sel, None] + torch.arange(gw, device=screen.device).repeat(gh)  # [n, gw * gh]
+        py = top[sel, None] + torch.arange(gh, device=screen.device).repeat_interleave(gw)
+        cx, cy = px + 0.5, py + 0.5
+        p, zp = planes[sel], z_plane[sel]
+        inside = (px <= right[sel, None]) & (py <= bottom[sel, None])
+        for i in range(3):
+            inside &= p[:, i, 0, None] * cx + p[:, i, 1, None] * cy + p[:, i, 2, None] >= 0
+        z = zp[:, 0, None] * cx + zp[:, 1, None] * cy + zp[:, 2, None]
+        depth_q = ((1.0 - z.clamp(-1.0, 1.0)) * (_DEPTH_LEVELS / 2 - 1)).long()
+        key = (depth_q << 32) | sel[:, None]
+        pixel = ((candidates[sel] // num_faces)[:, None] * size + py) * size + px
+        keys.scatter_reduce_(0, pixel[inside], key[inside], reduce="amin")
+    hit = torch.where(keys == _EMPTY, -1, keys & 0xFFFFFFFF)
+    return hit.view(batch, size, size), candidates, planes
+
+
+def _next_pow2(n: Tensor) -> Tensor:
+    return torch.where(n <= 1, torch.ones_like(n), 1 << torch.ceil(torch.log2(n.double())).long())
+
+
+def render(
+    vertices: Tensor,
+    faces: Tensor,
+    *,
+    azimuth: Tensor,
+    elevation: Tensor,
+    light_azimuth: Tensor,
+    light_elevation: Tensor,
+    size: int = 64,
+    albedo: Tensor | None = None,
+    gain: Tensor | None = None,
+    texture: Tensor | None = None,
+    uv: Tensor | None = None,
+    face_uv: Tensor | None = None,
+    incident: Tensor | None = None,
+    ambient: float = 0.15,
+    zoom: float = 1.0,
+    antialias: int = 1,
+) -> Tensor:
+    """Render grey images of a triangle mesh.
+
+    vertices: [V, 3] or [B, V, 3] (per-image shapes); faces: [F, 3] int64 with counter-clockwise
+    (outward) winding; azimuth, elevation, light_azimuth, light_elevation: [B] radians.
+    albedo: [V] or [B, V] vertex albedo (default 1; ignored with a texture); gain: [B] albedo multiplier.
+    texture: [H, W] grey texture with uv: [T, 2] in [0, 1] (v up) and face_uv: [F, 3] (all or none).
+    incident: [V, D] from :func:`vertex_faces` (computed when None; pass it to save time).
+    antialias: supersampling factor (renders at size * antialias and averages).
+    Returns [B, 1, size, size] in [0, 1], background 0.
+    """
+    batch = azimuth.shape[0]
+    shared = vertices.dim() == 2
+    if shared:
+        vertices = vertices.expand(batch, -1, -1)
+    if incident is None:
+        incident = vertex_faces(faces, vertices.shape[1])
+    if (texture is None) != (uv is None) or (uv is None) != (face_uv is None):
+        raise ValueError("texture, uv and face_uv go together")
+    rot = rotation(azimuth, elevation).to(vertices.dtype)
+    cam = vertices @ rot.transpose(1, 2)  # [B, V, 3]
+    full = size * antialias
+    screen = torch.stack([cam[..., 0] * zoom + 1.0, 1.0 - cam[..., 1] * zoom], -1) * (full / 2)
+    hit, candidates, planes = rasterize(screen, cam[..., 2], faces, full)
+
+    b, py, px = (hit >= 0).nonzero(as_tuple=True)
+    n_idx = hit[b, py, px]
+    f = candidates[n_idx] % faces.shape[0]
+    p = planes[n_idx]  # [N, 3, 3]
+    bary = p[..., 0] * (px + 0.5)[:, None] + p[..., 1] * (py + 0.5)[:, None] + p[..., 2]  # [N, 3]
+    corner = faces[f]  # [N, 3]
+    if shared:  # one shape for the batch: normals once, then rotated
+        normals = vertex_normals(vertices[:1], faces, incident)[0]  # [V, 3]
+        n = (normals[corner] * bary[..., None]).sum(1)[:, None] @ rot[b].transpose(1, 2)
+    else:
+        normals = vertex_normals(cam, faces, incident)  # [B, V, 3]
+        n = (normals[b[:, None], corner] * bary[..., None]).sum(1)
+    n = F.normalize(n.view(-1, 3), dim=-1, eps=1e-12)
+    light = light_direction(light_azimuth, light_elevation).to(n.dtype)[b]
+    shade = ambient + (1.0 - ambient) * (n * light).sum(-1).clamp(min=0)
+
+    if texture is not None:
+        tex_uv = (uv[face_uv[f]] * bary[..., None]).sum(1)  # [N, 2]
+        grid = torch.stack([tex_uv[:, 0] * 2 - 1, 1 - tex_uv[:, 1] * 2], -1).view(1, 1, -1, 2)
+        rho = F.grid_sample(texture[None, None].to(grid.dtype), grid, align_corners=False).view(-1)
+    elif albedo is None:
+        rho = torch.ones_like(shade)
+    elif albedo.dim() == 1:
+        rho = (albedo[corner] * bary).sum(1)
+    else:
+        rho = (albedo[b[:, None], corner] * bary).sum(1)
+    if gain is not None:
+        rho = rho * gain.to(rho.dtype)[b]
+
+    image = torch.zeros(batch, full, full, dtype=shade.dtype, device=shade.device)
+    image[b, py, px] = (rho * shade).clamp(0.0, 1.0)
+    image = image[:, None]
+    if antialias > 1:
+        image = F.avg_pool2d(image, antialias)
+    return image
