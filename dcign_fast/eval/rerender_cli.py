@@ -1,0 +1,24 @@
+"""``dcign-fast rerender --checkpoint C --image face.png --out sweeps.png``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder or its model.safetensors")
+    parser.add_argument("--image", required=True, type=Path, help="a face photo or render (any size, RGB or grey)")
+    parser.add_argument("--out", type=Path, default=Path("sweeps.png"))
+    parser.add_argument("--steps", type=int, default=9, help="images per sweep")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dcign_fast.data.folders import load_grey_image
+    from dcign_fast.eval.rerender import sweep_grid
+    from dcign_fast.models import DCIGN
+
+    model = DCIGN.from_checkpoint(args.checkpoint)
+    image = load_grey_image(args.image, model.config.image_size)
+    print(f"wrote {sweep_grid(model, image, args.out, count=args.steps)}")
+    return 0

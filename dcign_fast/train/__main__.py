@@ -1,0 +1,5 @@
+import sys
+
+from dcign_fast.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,111 @@
+"""Checkpoints that never lose work.
+
+A checkpoint is a folder ``<out>/checkpoints/step-<N>/`` with
+  model.safetensors  the weights, with the model config as JSON in the metadata (self-contained);
+  trainer.pt         optimizer state, step, RNG states and the training config, loaded weights_only.
+It is written to a temporary folder, flushed, and renamed into place, so a crash or a kill leaves
+either the whole new checkpoint or none of it; the previous ones are untouched. Only after the rename
+are checkpoints beyond the newest ``keep`` deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+STATE = "trainer.pt"
+PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt or truncated."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, str(path), metadata={"dcign_config": json.dumps(model_config)})
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, model config) from a checkpoint folder or its weights file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"no weights file at {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+        config = json.loads(metadata["dcign_config"])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint weights {path} are corrupt or truncated ({err})") from err
+    return tensors, config
+
+
+def save_checkpoint(
+    checkpoints_dir: str | Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    model_config: dict[str, Any],
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Writes ``step-<step>`` atomically and prunes older checkpoints beyond ``keep``; returns its path."""
+    root = Path(checkpoints_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(tmp / WEIGHTS, weights, model_config)
+    torch.save(state, tmp / STATE)
+    for name in (WEIGHTS, STATE):
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():  # the same step written again (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders are never listed)."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(weights, model config, trainer state) of one checkpoint folder; CheckpointError if damaged."""
+    path = Path(path)
+    weights, model_config = load_weights(path)
+    try:
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint {path} has no {STATE}") from err
+    except Exception as err:  # torch raises several types for damaged pickles/zips
+        raise CheckpointError(f"checkpoint state {path / STATE} is corrupt or truncated ({err})") from err
+    return weights, model_config, state

@@ -1,0 +1,49 @@
+"""``dcign-fast train`` and ``python -m dcign_fast.train`` (also under torchrun for many GPUs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dcign_fast.train.config import TrainConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="demo64, face128 or paper150 (default demo64)")
+    parser.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, images/")
+    parser.add_argument("--steps", type=int, help="total optimizer steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--config", type=Path, help="a YAML file of training options")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any option (repeatable)"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    flags = [f"{key}={getattr(args, key)}" for key in ("preset", "out", "steps") if getattr(args, key) is not None]
+    return config.override(flags + list(args.set))
+
+
+def run(args: argparse.Namespace) -> int:
+    from dcign_fast.train.trainer import NonFiniteLossError, Trainer
+
+    config = config_from_args(args)
+    trainer = Trainer(config, resume=args.resume)
+    try:
+        result = trainer.train()
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.close()
+    if trainer.world.is_main:
+        print(f"step {result.step}; last checkpoint: {result.checkpoint}")
+    return 130 if result.interrupted else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcign_fast.train", description="Train a DC-IGN.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,67 @@
+"""The trainer's batches: a pure function of (seed, step, shard), so a resumed or distributed run sees
+exactly the batches an uninterrupted single run would.
+
+A shard is one sweep batch of a step: ``shard = rank * accumulation + micro_batch``. One process that
+accumulates two sweeps therefore sees the same sweeps as two ranks with one each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from dcign_fast.train.config import TrainConfig
+from dcign_fast.train.procedure import KINDS, kind_odds
+
+Batch = tuple[torch.Tensor, dict[str, torch.Tensor], str]
+
+
+def shard_generator(seed: int, step: int, shard: int) -> torch.Generator:
+    """A CPU generator unique to (seed, step, shard)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + shard)
+
+
+def latent_seed(seed: int, step: int, shard: int) -> int:
+    """The latent sampler's Philox seed for one shard (independent of the data draw)."""
+    return int(torch.randint(0, 2**62, (1,), generator=shard_generator(seed + 7_919, step, shard)).item())
+
+
+class BatchStream:
+    """Draws the kind of each batch with the procedure's odds and renders (or picks) a sweep of it.
+
+    ``render(kind, generator)`` returns (images [B, 1, S, S], factors dict of [B] tensors). With
+    ``pool > 0``, ``pool`` sweeps per kind are rendered once up front (deterministically from the seed
+    and rank) and batches are drawn from them: rendering then costs nothing per step.
+    """
+
+    def __init__(
+        self,
+        render: Callable[[str, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        config: TrainConfig,
+        rank: int = 0,
+        show_progress: bool = True,
+    ) -> None:
+        self.render = render
+        self.seed = config.seed
+        odds = kind_odds(config)
+        self.kinds = [k for k in KINDS if odds[k] > 0]
+        self.probabilities = torch.tensor([odds[k] for k in self.kinds], dtype=torch.float64)
+        self.pool: dict[str, list[tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
+        if config.data_pool > 0:
+            work = [(k, i) for k in self.kinds for i in range(config.data_pool)]
+            self.pool = {k: [] for k in self.kinds}
+            for kind, i in tqdm(work, desc="rendering the training pool", disable=not show_progress, leave=False):
+                generator = shard_generator(self.seed + 104_729 * (1 + self.kinds.index(kind)), i, rank)
+                self.pool[kind].append(render(kind, generator))
+
+    def batch(self, step: int, shard: int) -> Batch:
+        generator = shard_generator(self.seed, step, shard)
+        kind = self.kinds[int(torch.multinomial(self.probabilities, 1, generator=generator).item())]
+        if self.pool:
+            index = int(torch.randint(0, len(self.pool[kind]), (1,), generator=generator).item())
+            images, factors = self.pool[kind][index]
+        else:
+            images, factors = self.render(kind, generator)
+        return images, factors, kind

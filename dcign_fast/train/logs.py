@@ -1,0 +1,79 @@
+"""What a run leaves to look at: metrics as JSONL (+ TensorBoard when installed) and PNGs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dcign_fast.eval.grid import save_grid
+from dcign_fast.eval.rerender import sweep_grid
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``<out>/metrics.jsonl``; on resume drops lines past the
+    checkpoint's step (they belong to the lost part of the run)."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int = 0) -> None:
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tensorboard = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
+        except ImportError:  # tensorboard is optional
+            self.tensorboard = None
+        self.file = self.path.open("a")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+
+def _step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # an unreadable line is dropped
+
+
+@torch.no_grad()
+def save_progress_images(model, stream, folder: Path, step: int, device: torch.device) -> None:
+    """Reconstructions of one fixed batch per kind, and the sweeps of one fixed image."""
+    was_training = model.training
+    model.eval()
+    rows, labels = [], []
+    for kind in stream.kinds:
+        images = _fixed_batch(stream, kind).to(device)[:8]
+        mu, _ = model.encode(images)
+        rows += [images.cpu(), model.decode(mu).cpu()]
+        labels += [f"{kind}", "recon"]
+    save_grid(folder / f"recon-{step:08d}.png", rows, labels, scale=2)
+    images = _fixed_batch(stream, "azimuth").to(device)
+    sweep_grid(model, images[len(images) // 2], folder / f"sweeps-{step:08d}.png", reference=images)
+    model.train(was_training)
+
+
+def _fixed_batch(stream, kind: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(12345)
+    return stream.render(kind, generator)[0]

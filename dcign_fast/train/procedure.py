@@ -1,0 +1,40 @@
+"""DC-IGN's disentangling procedure: which latents a one-factor batch leaves free, and its loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dcign_fast.train.config import TrainConfig
+
+KINDS = ("azimuth", "elevation", "light", "intrinsic")
+
+
+def kind_odds(config: TrainConfig) -> dict[str, float]:
+    """Probability of each batch kind: 1:1:1:shape_bias unless ``kind_weights`` overrides."""
+    weights = {"azimuth": 1.0, "elevation": 1.0, "light": 1.0, "intrinsic": float(config.shape_bias)}
+    weights.update(config.kind_weights)
+    total = sum(weights[k] for k in KINDS)
+    return {k: weights[k] / total for k in KINDS}
+
+
+def active_mask(latent_groups: dict[str, tuple[int, int]], kind: str, latent_dim: int) -> torch.Tensor:
+    """bool [latent_dim]: True for the latents of the group that varies in a ``kind`` batch."""
+    if kind not in latent_groups:
+        raise ValueError(f"batch kind {kind!r} names no latent group; groups are {sorted(latent_groups)}")
+    mask = torch.zeros(latent_dim, dtype=torch.bool)
+    start, stop = latent_groups[kind]
+    mask[start:stop] = True
+    return mask
+
+
+def batch_loss(
+    model: nn.Module, images: torch.Tensor, kind: str, config: TrainConfig, seed: int, plain: bool
+) -> dict[str, torch.Tensor]:
+    """The loss of one batch: clamped + invariance for a one-factor batch, a plain VAE when ``plain``."""
+    core = model.module if hasattr(model, "module") else model  # DDP wraps the model
+    active = None
+    if not plain:
+        active = active_mask(core.config.latent_groups, kind, core.config.latent_dim).to(images.device)
+    recon, mu, logvar, z, kl = model(images, active=active, clamp=config.clamp, invariance=config.invariance, seed=seed)
+    return core.loss(images, recon, mu, logvar, kl=kl)

@@ -1,0 +1,209 @@
+"""The trainer: DC-IGN's procedure on one GPU, many GPUs (torchrun + DDP) or the CPU.
+
+Never loses work: checkpoints are atomic (see checkpoint.py); a NaN/inf loss stops the run before
+anything is written (or skips the step, if configured); Ctrl-C or SIGTERM finishes the current step,
+saves a checkpoint and returns. A resumed run continues exactly: batches and latent noise are pure
+functions of (seed, step, shard), and the optimizer state is restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from dcign_fast.models import DCIGN
+from dcign_fast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dcign_fast.train.config import TrainConfig
+from dcign_fast.train.data import BatchStream, latent_seed
+from dcign_fast.train.distributed import World, all_agree, close_world, init_world
+from dcign_fast.train.logs import MetricsLog, save_progress_images
+from dcign_fast.train.procedure import batch_loss
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    interrupted: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available")
+    return device
+
+
+def default_renderer(config: TrainConfig, image_size: int, device: torch.device) -> Callable:
+    from dcign_fast.data import SweepSampler
+
+    sampler = SweepSampler(size=image_size, batch_size=config.batch_size, seed=config.seed, device=device)
+    return sampler.batch
+
+
+class Trainer:
+    """Trains a DC-IGN as ``config`` says. ``render(kind, generator)`` replaces the built-in renderer."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, render: Callable | None = None) -> None:
+        self.config = config
+        device = resolve_device(config.device)
+        self.world: World = init_world(device.type)
+        self.device = torch.device("cuda", self.world.local_rank) if device.type == "cuda" else device
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        on_gpu = self.device.type == "cuda"
+        self.bf16 = on_gpu if config.bf16 is None else config.bf16
+        self.memory_format = (
+            torch.channels_last if (on_gpu if config.channels_last is None else config.channels_last) else None
+        )
+        self.out = Path(config.out)
+        self.checkpoints = self.out / "checkpoints"
+
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.model = DCIGN.from_preset(config.preset, backend=config.backend).to(self.device)
+        if self.memory_format is not None:
+            self.model = self.model.to(memory_format=self.memory_format)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, betas=config.betas, eps=config.adam_eps
+        )
+        self.step = 0
+        existing = list_checkpoints(self.checkpoints)
+        if resume and existing:
+            self._restore(existing[-1])
+        elif existing and not resume:
+            raise FileExistsError(
+                f"{self.checkpoints} already holds checkpoints; pass --resume to continue or choose another --out"
+            )
+
+        self.net: torch.nn.Module = self.model
+        if self.world.distributed:
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if on_gpu else None)
+        if config.compile:
+            self.net = torch.compile(self.net)
+        render = render or default_renderer(config, self.model.config.image_size, self.device)
+        self.stream = BatchStream(render, config, rank=self.world.rank, show_progress=self.world.is_main)
+        self.log = MetricsLog(self.out, enabled=self.world.is_main, resume_step=self.step)
+        self._stop_requested = False
+
+    def _restore(self, path: Path) -> None:
+        weights, _, state = load_checkpoint(path)
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def save(self) -> Path | None:
+        """Writes a checkpoint of the current step (rank 0 only); returns its path."""
+        if not self.world.is_main:
+            return None
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "config": self.config.to_dict(),
+        }
+        return save_checkpoint(
+            self.checkpoints,
+            self.step,
+            self.model.state_dict(),
+            self.model.config.to_dict(),
+            state,
+            keep=self.config.keep_checkpoints,
+        )
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        self._stop_requested = True
+
+    def _forward_backward(self, step: int) -> dict[str, float] | None:
+        """Gradients of one optimizer step; None if the loss was not finite on some rank."""
+        c = self.config
+        plain = not c.disentangle or step < c.pretrain_steps
+        sums: dict[str, float] = {}
+        kinds = []
+        for micro in range(c.accumulation):
+            shard = self.world.rank * c.accumulation + micro
+            images, _, kind = self.stream.batch(step, shard)
+            images = images.to(self.device, non_blocking=True)
+            if self.memory_format is not None:
+                images = images.contiguous(memory_format=self.memory_format)
+            sync = micro == c.accumulation - 1 or not isinstance(self.net, DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.net.no_sync():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    losses = batch_loss(self.net, images, kind, c, latent_seed(c.seed, step, shard), plain)
+                if all_agree(not torch.isfinite(losses["total"]).item(), self.world, self.device):
+                    return None
+                (losses["total"] / c.accumulation).backward()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.item() / c.accumulation
+            kinds.append(kind)
+        sums["kind"] = "+".join(kinds)
+        return sums
+
+    def train(self) -> TrainResult:
+        """Runs until ``config.steps``; returns where it stopped and the last checkpoint."""
+        c = self.config
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        checkpoint = None
+        images_per_step = c.batch_size * c.accumulation * self.world.size
+        bar = tqdm(total=c.steps, initial=self.step, disable=not self.world.is_main, desc="train", unit="step")
+        try:
+            self.model.train()
+            while self.step < c.steps:
+                if all_agree(self._stop_requested, self.world, self.device):
+                    checkpoint = self.save()
+                    bar.write(f"interrupted at step {self.step}; checkpoint: {checkpoint}; continue with --resume")
+                    return TrainResult(self.step, checkpoint, interrupted=True)
+                start = time.perf_counter()
+                self.optimizer.zero_grad(set_to_none=True)
+                metrics = self._forward_backward(self.step)
+                if metrics is None:
+                    if c.on_nonfinite == "stop":
+                        raise NonFiniteLossError(
+                            f"the loss became NaN or infinite at step {self.step}; stopping without writing a "
+                            f"checkpoint (the last good one is in {self.checkpoints}); set on_nonfinite=skip to "
+                            "skip such steps instead"
+                        )
+                    self.optimizer.zero_grad(set_to_none=True)
+                    bar.write(f"skipped step {self.step}: non-finite loss")
+                else:
+                    if c.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+                    self.optimizer.step()
+                self.step += 1
+                bar.update(1)
+                if metrics is not None:
+                    rate = images_per_step / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{metrics['total']:.1f}", img_s=f"{rate:.0f}")
+                    if self.step % c.log_every == 0 or self.step == c.steps:
+                        self.log.write({"step": self.step, **metrics, "images_per_s": rate})
+                if self.step % c.image_every == 0 and self.world.is_main:
+                    save_progress_images(self.model, self.stream, self.out / "images", self.step, self.device)
+                if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                    checkpoint = self.save()
+            return TrainResult(self.step, checkpoint or self._latest(), interrupted=False)
+        finally:
+            bar.close()
+            self.log.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _latest(self) -> Path | None:
+        existing = list_checkpoints(self.checkpoints)
+        return existing[-1] if existing else None
+
+    def close(self) -> None:
+        close_world(self.world)
