@@ -1,0 +1,224 @@
+"""Triton kernels of ``sample_latents``: one forward, one backward.
+
+Each program owns BLOCK_D columns and a range of rows, which it walks BLOCK_B rows at a time. When a
+column statistic over the whole batch is needed (the batch mean of clamped columns in the forward,
+of pulled columns in the backward), a program owns all rows of its columns and first sums them
+(pass 1) before writing outputs (pass 2); otherwise rows are split among programs as well. The
+forward writes each column block's partial KL sums to a [column blocks, B] float32 buffer that the
+launcher sums, so the result does not depend on scheduling. eps is ``tl.randn(seed, offset + b*D + j)``,
+the mapping defined in :mod:`dcign_fast.ops.philox`. Math is float32 whatever the storage dtype
+(loads are cast right away: the interpreter computes bf16 wrongly).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TILE = 2048  # elements per BLOCK_B x BLOCK_D tile
+MAX_BLOCK_D = 64
+MIN_BLOCK_D = 8  # 8 float32 = one 32-byte memory sector per row
+
+
+@triton.jit
+def _column_means(ptr, stride_b, stride_d, cols, col_ok, B, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Float32 means over all B rows of the given columns: [BLOCK_D]."""
+    total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, B, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        mask = (rows < B)[:, None] & col_ok[None, :]
+        tile = tl.load(ptr + rows.to(tl.int64)[:, None] * stride_b + cols[None, :] * stride_d, mask=mask, other=0.0)
+        total += tl.sum(tile.to(tl.float32), axis=0)
+    return total / B
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _forward_kernel(
+    mu_ptr,
+    logvar_ptr,
+    active_ptr,  # uint8 [D]
+    z_ptr,  # [B, D] contiguous
+    kl_partial_ptr,  # float32 [column blocks, B]
+    B,
+    D,
+    rows_per_program,
+    stride_mu_b,
+    stride_mu_d,
+    stride_lv_b,
+    stride_lv_d,
+    seed,
+    offset,
+    HAS_MASK: tl.constexpr,
+    CLAMP_FIRST: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if HAS_MASK:
+        inactive = tl.load(active_ptr + cols, mask=col_ok, other=1) == 0
+        if CLAMP_FIRST:
+            stat_mu = tl.load(mu_ptr + cols * stride_mu_d, mask=col_ok, other=0.0).to(tl.float32)
+            stat_lv = tl.load(logvar_ptr + cols * stride_lv_d, mask=col_ok, other=0.0).to(tl.float32)
+        else:
+            stat_mu = tl.zeros([BLOCK_D], dtype=tl.float32)
+            stat_lv = tl.zeros([BLOCK_D], dtype=tl.float32)
+            if tl.sum(inactive.to(tl.int32)) > 0:  # pass 1, only for blocks with clamped columns
+                stat_mu = _column_means(mu_ptr, stride_mu_b, stride_mu_d, cols, col_ok, B, BLOCK_B, BLOCK_D)
+                stat_lv = _column_means(logvar_ptr, stride_lv_b, stride_lv_d, cols, col_ok, B, BLOCK_B, BLOCK_D)
+    row_begin = tl.program_id(1) * rows_per_program
+    row_end = tl.minimum(row_begin + rows_per_program, B)
+    for start in range(row_begin, row_end, BLOCK_B):
+        rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        mu = tl.load(mu_ptr + rows[:, None] * stride_mu_b + cols[None, :] * stride_mu_d, mask=mask, other=0.0)
+        lv = tl.load(logvar_ptr + rows[:, None] * stride_lv_b + cols[None, :] * stride_lv_d, mask=mask, other=0.0)
+        mu = mu.to(tl.float32)
+        lv = lv.to(tl.float32)
+        if HAS_MASK:
+            mu = tl.where(inactive[None, :], stat_mu[None, :], mu)
+            lv = tl.where(inactive[None, :], stat_lv[None, :], lv)
+        index = rows[:, None] * D + cols[None, :]
+        eps = tl.randn(seed, offset + index)
+        std = tl.exp(0.5 * lv)
+        z = mu + std * eps
+        tl.store(z_ptr + index, z.to(z_ptr.dtype.element_ty), mask=mask)
+        terms = tl.where(mask, 1.0 + lv - mu * mu - std * std, 0.0)
+        tl.store(kl_partial_ptr + pid_d * B + rows, -0.5 * tl.sum(terms, axis=1), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _backward_kernel(
+    mu_ptr,
+    logvar_ptr,
+    active_ptr,  # uint8 [D]
+    grad_z_ptr,
+    grad_kl_ptr,
+    grad_mu_ptr,  # [B, D] contiguous
+    grad_lv_ptr,  # [B, D] contiguous
+    B,
+    D,
+    rows_per_program,
+    stride_mu_b,
+    stride_mu_d,
+    stride_lv_b,
+    stride_lv_d,
+    stride_gz_b,
+    stride_gz_d,
+    stride_gkl,
+    invariance,
+    seed,
+    offset,
+    HAS_MASK: tl.constexpr,
+    HAS_PULL: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if HAS_MASK:
+        inactive = tl.load(active_ptr + cols, mask=col_ok, other=1) == 0
+        if HAS_PULL:
+            mean_mu = tl.zeros([BLOCK_D], dtype=tl.float32)
+            mean_lv = tl.zeros([BLOCK_D], dtype=tl.float32)
+            if tl.sum(inactive.to(tl.int32)) > 0:  # pass 1, only for blocks with pulled columns
+                mean_mu = _column_means(mu_ptr, stride_mu_b, stride_mu_d, cols, col_ok, B, BLOCK_B, BLOCK_D)
+                mean_lv = _column_means(logvar_ptr, stride_lv_b, stride_lv_d, cols, col_ok, B, BLOCK_B, BLOCK_D)
+    row_begin = tl.program_id(1) * rows_per_program
+    row_end = tl.minimum(row_begin + rows_per_program, B)
+    for start in range(row_begin, row_end, BLOCK_B):
+        rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        mu = tl.load(mu_ptr + rows[:, None] * stride_mu_b + cols[None, :] * stride_mu_d, mask=mask, other=0.0)
+        lv = tl.load(logvar_ptr + rows[:, None] * stride_lv_b + cols[None, :] * stride_lv_d, mask=mask, other=0.0)
+        gz = tl.load(grad_z_ptr + rows[:, None] * stride_gz_b + cols[None, :] * stride_gz_d, mask=mask, other=0.0)
+        gkl = tl.load(grad_kl_ptr + rows * stride_gkl, mask=row_ok, other=0.0)
+        mu = mu.to(tl.float32)
+        lv = lv.to(tl.float32)
+        gz = gz.to(tl.float32)
+        gkl = gkl.to(tl.float32)[:, None]
+        index = rows[:, None] * D + cols[None, :]
+        eps = tl.randn(seed, offset + index)
+        std = tl.exp(0.5 * lv)
+        # d z / d mu = 1, d kl / d mu = mu; d z / d logvar = std * eps / 2, d kl / d logvar = (exp(logvar) - 1) / 2.
+        grad_mu = gz + gkl * mu
+        grad_lv = 0.5 * (gz * std * eps + gkl * (std * std - 1.0))
+        if HAS_MASK:
+            if HAS_PULL:
+                grad_mu = tl.where(inactive[None, :], invariance * (mu - mean_mu[None, :]), grad_mu)
+                grad_lv = tl.where(inactive[None, :], invariance * (lv - mean_lv[None, :]), grad_lv)
+            else:
+                grad_mu = tl.where(inactive[None, :], 0.0, grad_mu)
+                grad_lv = tl.where(inactive[None, :], 0.0, grad_lv)
+        tl.store(grad_mu_ptr + index, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_lv_ptr + index, grad_lv.to(grad_lv_ptr.dtype.element_ty), mask=mask)
+
+
+def block_sizes(D: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_D): enough column blocks to spread a large D over the GPU, tiles of TILE elements."""
+    block_d = min(MAX_BLOCK_D, max(MIN_BLOCK_D, triton.next_power_of_2(triton.cdiv(D, 128))))
+    return TILE // block_d, block_d
+
+
+def _grid(B: int, D: int, whole_columns: bool, device: torch.device) -> tuple[tuple[int, int], int, int, int]:
+    """(grid, rows_per_program, BLOCK_B, BLOCK_D); programs own whole columns when a batch statistic is needed."""
+    block_b, block_d = block_sizes(D)
+    column_blocks = triton.cdiv(D, block_d)
+    if whole_columns:
+        row_blocks = 1
+    else:
+        # Enough programs to fill the GPU a few times over; the interpreter prefers few.
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        row_blocks = max(1, min(triton.cdiv(B, block_b), triton.cdiv(target, column_blocks)))
+    rows_per_program = block_b * triton.cdiv(triton.cdiv(B, row_blocks), block_b)
+    return (column_blocks, triton.cdiv(B, rows_per_program)), rows_per_program, block_b, block_d
+
+
+def _mask_arg(active: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    # Bool and uint8 share a layout; a pointer to mu stands in when there is no mask (never read).
+    return like if active is None else active.contiguous().view(torch.uint8)
+
+
+def forward(
+    mu: torch.Tensor, logvar: torch.Tensor, active: torch.Tensor | None, clamp_first: bool, seed: int, offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z [B, D], kl [B]) in mu's dtype."""
+    B, D = mu.shape
+    grid, rows_per_program, block_b, block_d = _grid(B, D, active is not None and not clamp_first, mu.device)
+    z = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
+    kl_partial = torch.empty((grid[0], B), dtype=torch.float32, device=mu.device)
+    _forward_kernel[grid](
+        mu, logvar, _mask_arg(active, mu), z, kl_partial, B, D, rows_per_program,
+        *mu.stride(), *logvar.stride(), seed, offset,
+        HAS_MASK=active is not None, CLAMP_FIRST=clamp_first, BLOCK_B=block_b, BLOCK_D=block_d,
+    )  # fmt: skip
+    return z, kl_partial.sum(0).to(mu.dtype)
+
+
+def backward(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    active: torch.Tensor | None,
+    invariance: float,
+    seed: int,
+    offset: int,
+    grad_z: torch.Tensor,
+    grad_kl: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_mu, grad_logvar), each [B, D] in mu's dtype."""
+    B, D = mu.shape
+    has_pull = active is not None and invariance > 0
+    grid, rows_per_program, block_b, block_d = _grid(B, D, has_pull, mu.device)
+    grad_mu = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
+    grad_logvar = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
+    _backward_kernel[grid](
+        mu, logvar, _mask_arg(active, mu), grad_z, grad_kl, grad_mu, grad_logvar, B, D, rows_per_program,
+        *mu.stride(), *logvar.stride(), *grad_z.stride(), grad_kl.stride(0), invariance, seed, offset,
+        HAS_MASK=active is not None, HAS_PULL=has_pull, BLOCK_B=block_b, BLOCK_D=block_d,
+    )  # fmt: skip
+    return grad_mu, grad_logvar

@@ -1,0 +1,268 @@
+"""``sample_latents``: DC-IGN's reparameterised sampling with clamping, KL and the invariance pull, fused.
+
+Semantics (``dcign_fast.ops.reference.sample_latents_reference`` is the oracle):
+
+Forward. Inactive columns j (``active[j]`` False: latents of factors that do not vary in this batch)
+have mu and logvar replaced by their batch mean (``clamp="mean"``, the paper) or by row 0
+(``clamp="first"``, the original Lua code). With the clamped ``mu_c, logvar_c``::
+
+    z[b, j] = mu_c[b, j] + exp(0.5 * logvar_c[b, j]) * eps[b, j]
+    kl[b]   = -0.5 * sum_j (1 + logvar_c[b, j] - mu_c[b, j]**2 - exp(logvar_c[b, j]))
+
+eps is element ``b * D + j`` of the Philox stream ``(seed, offset)`` (:mod:`dcign_fast.ops.philox`).
+
+Backward. Active columns get the true gradients of z and kl. Inactive columns get no gradient from
+z or kl; instead ``grad_mu[b, j] = invariance * (mu[b, j] - mean_b mu[:, j])`` and the same for
+logvar, whatever the output gradients are, so gradient descent pulls them toward the batch mean.
+This is deliberately NOT the gradient of the forward: it is DC-IGN's training signal (the original
+code zeroes the reconstruction gradient of clamped units and inserts this invariance term).
+
+NaN and inf propagate as in the reference's torch expression: a non-finite entry of an active column
+reaches its own z entry and its row's kl; one in an inactive column under ``clamp="mean"`` reaches
+the whole column (the mean is non-finite) and hence every row's kl.
+
+Backends:
+  reference  the oracle: plain torch with autograd.
+  torch      vectorised torch forward and backward behind one autograd.Function; runs anywhere.
+  triton     one forward and one backward kernel (:mod:`dcign_fast.kernels.triton.latent_sampler`);
+             float16/bfloat16/float32 on CUDA (or under TRITON_INTERPRET=1).
+  auto       triton for CUDA tensors when Triton is installed and the dtype is not float64, else torch.
+The torch and triton backends save only mu, logvar and active; eps is regenerated in the backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from dcign_fast.ops import philox
+from dcign_fast.ops._checks import check_like, check_tensor
+from dcign_fast.ops.backends import check_backend_runs_on, triton_installed
+from dcign_fast.ops.reference import sample_latents_reference
+
+CLAMPS = ("mean", "first")
+SEED_RANGE = (-(2**63), 2**64)  # torch.manual_seed's; negative seeds wrap to uint64
+Outputs = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One backend's halves of the op.
+
+    forward(mu, logvar, active, clamp_first, seed, offset) -> (z [B, D], kl [B]) in mu's dtype.
+    backward(mu, logvar, active, invariance, seed, offset, grad_z, grad_kl) -> (grad_mu, grad_logvar).
+    """
+
+    forward: Callable[..., Outputs]
+    backward: Callable[..., Outputs]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _clamped(
+    mu: torch.Tensor, logvar: torch.Tensor, active: torch.Tensor | None, clamp_first: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mu and logvar in the compute dtype, inactive columns replaced by the batch statistic."""
+    m, lv = mu.to(_compute_dtype(mu)), logvar.to(_compute_dtype(mu))
+    if active is None:
+        return m, lv
+    if clamp_first:
+        return torch.where(active, m, m[:1]), torch.where(active, lv, lv[:1])
+    return torch.where(active, m, m.mean(0, keepdim=True)), torch.where(active, lv, lv.mean(0, keepdim=True))
+
+
+def _eps(mu: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    return philox.normal(seed, offset, tuple(mu.shape), mu.device).to(_compute_dtype(mu))
+
+
+def sample_latents_torch_forward(
+    mu: torch.Tensor, logvar: torch.Tensor, active: torch.Tensor | None, clamp_first: bool, seed: int, offset: int
+) -> Outputs:
+    m, lv = _clamped(mu, logvar, active, clamp_first)
+    std = torch.exp(0.5 * lv)
+    z = torch.addcmul(m, std, _eps(mu, seed, offset))
+    kl = -0.5 * torch.sum(1 + lv - m * m - std * std, dim=1)
+    return z.to(mu.dtype), kl.to(mu.dtype)
+
+
+def sample_latents_torch_backward(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    active: torch.Tensor | None,
+    invariance: float,
+    seed: int,
+    offset: int,
+    grad_z: torch.Tensor,
+    grad_kl: torch.Tensor,
+) -> Outputs:
+    compute = _compute_dtype(mu)
+    m, lv = mu.to(compute), logvar.to(compute)
+    gz, gkl = grad_z.to(compute), grad_kl.to(compute)[:, None]
+    std = torch.exp(0.5 * lv)
+    # d z / d mu = 1, d kl / d mu = mu; d z / d logvar = std * eps / 2, d kl / d logvar = (exp(logvar) - 1) / 2.
+    grad_mu = torch.addcmul(gz, gkl, m)
+    grad_logvar = 0.5 * (gz * std * _eps(mu, seed, offset) + gkl * (std * std - 1))
+    if active is not None:
+        grad_mu = torch.where(active, grad_mu, invariance * (m - m.mean(0, keepdim=True)))
+        grad_logvar = torch.where(active, grad_logvar, invariance * (lv - lv.mean(0, keepdim=True)))
+    return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
+
+
+TORCH_KERNELS = Kernels(sample_latents_torch_forward, sample_latents_torch_backward)
+
+
+def _triton_kernels() -> Kernels:
+    # Imported on first use: the kernels module needs the triton package.
+    from dcign_fast.kernels.triton import latent_sampler
+
+    return Kernels(latent_sampler.forward, latent_sampler.backward)
+
+
+class _SampleLatents(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar, active, clamp_first, invariance, seed, offset, kernels):
+        ctx.save_for_backward(mu, logvar, active)
+        ctx.invariance, ctx.seed, ctx.offset, ctx.kernels = invariance, seed, offset, kernels
+        return kernels.forward(mu, logvar, active, clamp_first, seed, offset)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z, grad_kl):
+        mu, logvar, active = ctx.saved_tensors
+        grad_mu, grad_logvar = ctx.kernels.backward(
+            mu, logvar, active, ctx.invariance, ctx.seed, ctx.offset, grad_z, grad_kl
+        )
+        return grad_mu, grad_logvar, None, None, None, None, None, None
+
+
+def _reference(mu, logvar, active, clamp, invariance, seed, offset) -> Outputs:
+    return sample_latents_reference(mu, logvar, active, clamp, invariance, seed, offset)
+
+
+def _fused(kernels: Callable[[], Kernels]) -> Callable[..., Outputs]:
+    def run(mu, logvar, active, clamp, invariance, seed, offset) -> Outputs:
+        return _SampleLatents.apply(mu, logvar, active, clamp == "first", invariance, seed, offset, kernels())
+
+    return run
+
+
+# Backend name -> implementation(mu, logvar, active, clamp, invariance, seed, offset) -> (z, kl).
+IMPLEMENTATIONS: dict[str, Callable[..., Outputs]] = {
+    "reference": _reference,
+    "torch": _fused(lambda: TORCH_KERNELS),
+    "triton": _fused(_triton_kernels),
+}
+
+
+def choose_backend(mu: torch.Tensor) -> str:
+    """The backend ``"auto"`` picks for these tensors."""
+    if mu.device.type == "cuda" and triton_installed() and mu.dtype != torch.float64:
+        return "triton"
+    return "torch"
+
+
+def draw_seed_offset(device: torch.device, count: int) -> tuple[int, int]:
+    """A fresh (seed, offset) from torch's generator for ``device``, advanced past ``count`` draws.
+
+    CUDA: the device's default Philox generator, i.e. its seed and current offset; the offset then
+    advances by ``count`` rounded up to a multiple of 4 (torch's rule). Other devices: a uint63 seed
+    drawn from the CPU default generator, offset 0. Either way ``torch.manual_seed`` governs the
+    result and successive calls differ.
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        generator = torch.cuda.default_generators[index]
+        seed, offset = generator.initial_seed(), generator.get_offset()
+        generator.set_offset(offset + 4 * math.ceil(count / 4))
+        return seed, offset
+    return int(torch.empty((), dtype=torch.int64).random_().item()), 0
+
+
+def check_sample_latents_args(
+    mu: object, logvar: object, active: object, clamp: object, invariance: object, seed: object
+) -> None:
+    """Validates every argument; each error names the argument and what was expected."""
+    mu = check_tensor("mu", mu, 2, "[batch, latents]")
+    logvar = check_tensor("logvar", logvar, 2, "[batch, latents]")
+    check_like("logvar", logvar, "mu", mu)
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    if mu.numel() == 0:
+        raise ValueError(f"mu must have at least one row and one column, got shape {tuple(mu.shape)}")
+    if active is not None:
+        if not isinstance(active, torch.Tensor):
+            raise TypeError(f"active must be a bool tensor or None, got {type(active).__name__}")
+        if active.dtype != torch.bool:
+            raise TypeError(f"active must be a bool tensor, got dtype {active.dtype}")
+        if active.shape != mu.shape[1:]:
+            raise ValueError(f"active must have shape [{mu.shape[1]}] (one flag per latent), got {tuple(active.shape)}")
+        if active.device != mu.device:
+            raise ValueError(f"active must be on mu's device ({mu.device}), got {active.device}")
+    if clamp not in CLAMPS:
+        raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
+    if isinstance(invariance, bool) or not isinstance(invariance, (int, float)):
+        raise TypeError(f"invariance must be a float, got {type(invariance).__name__}")
+    if not (math.isfinite(invariance) and invariance >= 0):
+        raise ValueError(f"invariance must be a finite float >= 0, got {invariance!r}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+            raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
+
+
+def sample_latents(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    active: torch.Tensor | None = None,
+    *,
+    clamp: str = "mean",
+    invariance: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples DC-IGN latents with clamping of inactive latents, their KL and the invariance pull.
+
+    See the module docstring for the exact forward and (deliberately non-standard) backward.
+
+    Args:
+        mu: [B, D] means, float16/bfloat16/float32/float64.
+        logvar: [B, D] log-variances, same dtype and device as mu.
+        active: bool [D], True for latents of the factor that varies in this batch; None: all active
+            (a plain VAE).
+        clamp: "mean" (inactive latents take their batch mean, the paper) or "first" (row 0, the
+            original code).
+        invariance: strength >= 0 of the pull of inactive latents toward their batch mean.
+        seed: None draws (seed, offset) from torch's generator for mu's device and advances it; an
+            int in [-2**63, 2**64) is used as given (negative values wrap to uint64) with offset 0.
+        backend: "auto", "reference", "torch" or "triton".
+
+    Returns:
+        z [B, D] and kl [B] (KL of each row's clamped posterior to N(0, I)), in mu's dtype.
+    """
+    check_sample_latents_args(mu, logvar, active, clamp, invariance, seed)
+    check_backend_runs_on(backend, mu.device, tuple(IMPLEMENTATIONS))
+    name = choose_backend(mu) if backend == "auto" else backend
+    if name == "triton" and mu.dtype == torch.float64:
+        raise TypeError("backend='triton' takes float16, bfloat16 or float32 mu and logvar, got float64")
+    if seed is None:
+        seed, offset = draw_seed_offset(mu.device, mu.numel())
+    else:
+        seed, offset = seed % 2**64, 0
+    return IMPLEMENTATIONS[name](mu, logvar, active, clamp, float(invariance), seed, offset)
+
+
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, seed: int | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """z = mu + exp(logvar / 2) * eps with the sampler's noise: ``sample_latents(mu, logvar)[0]``.
+
+    Shapes: mu, logvar [B, D] -> z [B, D].
+    """
+    return sample_latents(mu, logvar, seed=seed, backend=backend)[0]

@@ -1,0 +1,308 @@
+"""sample_latents: every backend against the reference, values and both gradients; noise; errors."""
+
+import pytest
+import torch
+
+import dcign_fast
+from dcign_fast.ops.latent_sampler import sample_latents
+from dcign_fast.ops.reference import sample_latents_reference
+from tests.aot import compile_in_subprocess, compile_kernel
+from tests.helpers import poisoned_allocations
+
+FUSED = ["torch", "triton"]
+TOLERANCE = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 1e-2, "atol": 1e-2},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 2e-2},
+}
+
+
+def random_inputs(batch, dim, dtype=torch.float32):
+    mu = torch.randn(batch, dim) * 1.5
+    logvar = torch.randn(batch, dim) * 0.7 - 0.5
+    return mu.to(dtype), logvar.to(dtype)
+
+
+def run_with_grads(backend, mu, logvar, active, grad_z, grad_kl, **kwargs):
+    """(z, kl, grad_mu, grad_logvar); None output gradients leave that output out of the loss."""
+    mu, logvar = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+    z, kl = sample_latents(mu, logvar, active, backend=backend, **kwargs)
+    loss = sum((out.float() * g.float()).sum() for out, g in ((z, grad_z), (kl, grad_kl)) if g is not None)
+    loss.backward()
+    return z, kl, mu.grad, logvar.grad
+
+
+def assert_matches_reference(backend, mu, logvar, active, grad_z, grad_kl, tolerance, **kwargs):
+    # The reference computes from the same stored values, in float32 at least.
+    ours = run_with_grads(backend, mu, logvar, active, grad_z, grad_kl, **kwargs)
+    ref = run_with_grads("reference", mu, logvar, active, grad_z, grad_kl, **kwargs)
+    for name, a, b in zip(("z", "kl", "grad_mu", "grad_logvar"), ours, ref):
+        assert a.dtype == mu.dtype, name
+        # kl sums D terms: allow for the summation order.
+        scale = mu.shape[1] ** 0.5 if name == "kl" else 1
+        torch.testing.assert_close(
+            a.float(),
+            b.float(),
+            rtol=tolerance["rtol"],
+            atol=tolerance["atol"] * scale,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("clamp", ["mean", "first"])
+@pytest.mark.parametrize("invariance", [0.0, 0.37])
+@pytest.mark.parametrize("mask", ["random", "none", "all-inactive"])
+def test_matches_reference(backend, clamp, invariance, mask):
+    batch, dim = 21, 45  # dim is not a multiple of any block size
+    mu, logvar = random_inputs(batch, dim)
+    active = {"random": torch.rand(dim) < 0.5, "none": None, "all-inactive": torch.zeros(dim, dtype=torch.bool)}[mask]
+    grad_z, grad_kl = torch.randn(batch, dim), torch.randn(batch)
+    seed = int(torch.randint(0, 2**62, ())) * 3  # up to 2**64
+    assert_matches_reference(
+        backend,
+        mu,
+        logvar,
+        active,
+        grad_z,
+        grad_kl,
+        TOLERANCE[torch.float32],
+        clamp=clamp,
+        invariance=invariance,
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("used", ["z", "kl"])
+def test_one_output_used_still_pulls(backend, used):
+    batch, dim = 9, 13
+    mu, logvar = random_inputs(batch, dim)
+    active = torch.rand(dim) < 0.5
+    grad_z = torch.randn(batch, dim) if used == "z" else None
+    grad_kl = torch.randn(batch) if used == "kl" else None
+    assert_matches_reference(
+        backend, mu, logvar, active, grad_z, grad_kl, TOLERANCE[torch.float32], invariance=0.5, seed=11
+    )
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(backend, dtype):
+    batch, dim = 17, 40
+    mu, logvar = random_inputs(batch, dim, dtype)
+    assert_matches_reference(
+        backend, mu, logvar, torch.rand(dim) < 0.5, torch.randn(batch, dim), torch.randn(batch), TOLERANCE[dtype],
+        invariance=0.2, seed=3,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+@pytest.mark.parametrize("clamp", ["mean", "first"])
+def test_batch_of_one_clamp_is_identity(backend, clamp):
+    mu, logvar = random_inputs(1, 30)
+    active = torch.rand(30) < 0.5
+    z, kl, grad_mu, grad_logvar = run_with_grads(
+        backend, mu, logvar, active, torch.randn(1, 30), torch.randn(1), clamp=clamp, invariance=0.9, seed=4
+    )
+    z_plain, kl_plain = sample_latents(mu, logvar, seed=4, backend=backend)
+    torch.testing.assert_close(z, z_plain)
+    torch.testing.assert_close(kl, kl_plain)
+    # Inactive latents: no reconstruction or KL gradient, and the pull toward a mean of one is zero.
+    assert torch.equal(grad_mu[:, ~active], torch.zeros_like(grad_mu[:, ~active]))
+    assert torch.equal(grad_logvar[:, ~active], torch.zeros_like(grad_logvar[:, ~active]))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_strided_inputs_and_expanded_gradients(backend):
+    # Transposed views and the stride-0 gradient kl.sum() produces.
+    mu_t, logvar_t = random_inputs(19, 12)
+    mu, logvar = mu_t.T, logvar_t.T
+    active = torch.rand(19) < 0.5
+    results = []
+    for name in ("reference", backend):
+        m, lv = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        z, kl = sample_latents(m, lv, active, backend=name, invariance=0.3, seed=8)
+        (z.sum() + kl.sum()).backward()
+        results.append((z, kl, m.grad, lv.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("clamp", ["mean", "first"])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_triton_many_rows(clamp, with_mask):
+    # More rows than one tile: rows are split among programs unless a batch mean is needed.
+    from dcign_fast.kernels.triton.latent_sampler import block_sizes
+
+    dim = 10
+    batch = 2 * block_sizes(dim)[0] + 37
+    mu, logvar = random_inputs(batch, dim)
+    active = (torch.rand(dim) < 0.5) if with_mask else None
+    grad_z, grad_kl = torch.randn(batch, dim), torch.randn(batch)
+    assert_matches_reference(
+        "triton", mu, logvar, active, grad_z, grad_kl, TOLERANCE[torch.float32], clamp=clamp, invariance=0.4, seed=21
+    )
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("invariance", [0.0, 0.6])
+def test_every_output_element_is_written(backend, invariance):
+    """Allocations pre-filled with NaN: any element a backend forgets to write would show."""
+    batch, dim = 23, 70
+    mu, logvar = random_inputs(batch, dim)
+    active = torch.rand(dim) < 0.5
+    grad_z, grad_kl = torch.randn(batch, dim), torch.randn(batch)
+    with poisoned_allocations():
+        ours = run_with_grads(backend, mu, logvar, active, grad_z, grad_kl, invariance=invariance, seed=5)
+    ref = run_with_grads("reference", mu, logvar, active, grad_z, grad_kl, invariance=invariance, seed=5)
+    for got, want in zip(ours, ref):
+        assert bool(torch.isfinite(got).all())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_gradcheck_float64_all_active():
+    mu, logvar = (t.double().requires_grad_() for t in random_inputs(4, 3))
+    for backend in ("reference", "torch"):
+        assert torch.autograd.gradcheck(
+            lambda m, lv, b=backend: sample_latents(m, lv, seed=13, backend=b), (mu, logvar), eps=1e-6, atol=1e-5
+        )
+
+
+def test_statistics_of_noise_torch():
+    batch, dim = 5000, 200  # 10**6 draws
+    mu, logvar = random_inputs(batch, dim)
+    z, _ = sample_latents(mu, logvar, backend="torch")
+    eps = ((z - mu) / torch.exp(0.5 * logvar)).double()
+    n = eps.numel()
+    flat = eps.flatten()
+    assert abs(flat.mean().item()) < 5 / n**0.5
+    assert abs(flat.var().item() - 1) < 5 * (2 / n) ** 0.5
+    for lag in (1, dim):  # neighbours within a row and within a column
+        corr = torch.corrcoef(torch.stack([flat[:-lag], flat[lag:]]))[0, 1].item()
+        assert abs(corr) < 5 / n**0.5, lag
+
+
+def test_statistics_of_noise_triton():
+    batch, dim = 256, 128
+    mu, logvar = random_inputs(batch, dim)
+    z, _ = sample_latents(mu, logvar, backend="triton")
+    flat = ((z - mu) / torch.exp(0.5 * logvar)).double().flatten()
+    n = flat.numel()
+    assert abs(flat.mean().item()) < 5 / n**0.5
+    assert abs(flat.var().item() - 1) < 5 * (2 / n) ** 0.5
+    corr = torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()
+    assert abs(corr) < 5 / n**0.5
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_seeds(backend):
+    mu, logvar = random_inputs(6, 20)
+    same = [sample_latents(mu, logvar, seed=99, backend=backend)[0] for _ in range(2)]
+    assert torch.equal(same[0], same[1])
+    assert not torch.equal(same[0], sample_latents(mu, logvar, seed=100, backend=backend)[0])
+    successive = [sample_latents(mu, logvar, backend=backend)[0] for _ in range(2)]
+    assert not torch.equal(successive[0], successive[1])
+    torch.manual_seed(1234)
+    first = [sample_latents(mu, logvar, backend=backend)[0] for _ in range(2)]
+    torch.manual_seed(1234)
+    again = [sample_latents(mu, logvar, backend=backend)[0] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_all_backends_draw_the_same_noise():
+    mu, logvar = random_inputs(7, 33)
+    zs = [sample_latents(mu, logvar, seed=2**64 - 5, backend=b)[0] for b in ("reference", *FUSED)]
+    for z in zs[1:]:
+        torch.testing.assert_close(z, zs[0], rtol=1e-6, atol=1e-5)
+    # Negative seeds wrap to uint64 like torch.manual_seed's.
+    torch.testing.assert_close(sample_latents(mu, logvar, seed=-5, backend="torch")[0], zs[1])
+
+
+def test_reparameterize_is_the_sampler_without_clamping():
+    mu, logvar = random_inputs(5, 8)
+    z = dcign_fast.reparameterize(mu, logvar, seed=17)
+    torch.testing.assert_close(z, sample_latents_reference(mu, logvar, seed=17)[0])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, in the interpreter
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_non_finite_inputs_propagate_like_torch(backend):
+    batch, dim = 8, 16
+    mu, logvar = random_inputs(batch, dim)
+    active = torch.ones(dim, dtype=torch.bool)
+    active[[3, 9]] = False
+    mu[2, 5] = float("nan")  # active column
+    logvar[4, 9] = float("inf")  # inactive column: its mean is inf
+    z, kl = sample_latents(mu, logvar, active, seed=1, backend=backend)
+    bad_z = ~torch.isfinite(z)
+    expected = torch.zeros_like(bad_z)
+    expected[2, 5] = True
+    expected[:, 9] = True
+    assert torch.equal(bad_z, expected)
+    assert not bool(torch.isfinite(kl).any())
+    ref_z, ref_kl = sample_latents_reference(mu, logvar, active, seed=1)
+    torch.testing.assert_close(z, ref_z, equal_nan=True)
+    torch.testing.assert_close(kl, ref_kl, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (lambda a: {**a, "mu": a["mu"][0]}, ValueError, "mu must be 2-D"),
+        (lambda a: {**a, "mu": a["mu"].int()}, TypeError, "mu must be float"),
+        (lambda a: {**a, "mu": a["mu"].tolist()}, TypeError, "mu must be a torch.Tensor"),
+        (lambda a: {**a, "logvar": a["logvar"][:, :-1]}, ValueError, "logvar must have mu's shape"),
+        (lambda a: {**a, "logvar": a["logvar"].double()}, TypeError, "logvar must have the dtype of mu"),
+        (lambda a: {**a, "logvar": a["logvar"].to("meta")}, ValueError, "logvar must be on the device of mu"),
+        (lambda a: {**a, "mu": a["mu"][:0], "logvar": a["logvar"][:0]}, ValueError, "mu must have at least one row"),
+        (lambda a: {**a, "active": a["active"][:-1]}, ValueError, "active must have shape"),
+        (lambda a: {**a, "active": a["active"].float()}, TypeError, "active must be a bool tensor"),
+        (lambda a: {**a, "active": a["active"].to("meta")}, ValueError, "active must be on mu's device"),
+        (lambda a: {**a, "clamp": "median"}, ValueError, "clamp must be one of"),
+        (lambda a: {**a, "invariance": -0.1}, ValueError, "invariance must be a finite float >= 0"),
+        (lambda a: {**a, "invariance": float("nan")}, ValueError, "invariance must be a finite float >= 0"),
+        (lambda a: {**a, "invariance": True}, TypeError, "invariance must be a float"),
+        (lambda a: {**a, "seed": 1.5}, TypeError, "seed must be an int or None"),
+        (lambda a: {**a, "seed": 2**64}, ValueError, "seed must lie in"),
+        (lambda a: {**a, "backend": "fast"}, ValueError, "backend must be one of"),
+        (lambda a: {**a, "backend": "cuda"}, ValueError, "backend='cuda'"),
+        (
+            lambda a: {**a, "mu": a["mu"].double(), "logvar": a["logvar"].double(), "backend": "triton"},
+            TypeError,
+            "backend='triton' takes float16",
+        ),
+    ],
+)
+def test_bad_arguments(change, error, words):
+    mu, logvar = random_inputs(4, 6)
+    args = {"mu": mu, "logvar": logvar, "active": torch.rand(6) < 0.5, "clamp": "mean", "invariance": 0.1, "seed": 3}
+    args["backend"] = "torch"
+    args = change(args)
+    with pytest.raises(error, match=words):
+        sample_latents(args.pop("mu"), args.pop("logvar"), args.pop("active"), **args)
+
+
+def compile_kernels_for_sm90() -> list[dict[str, object]]:
+    """Both kernels, in their variants with the most code (the forward's batch-mean pass, the backward's pull)."""
+    from dcign_fast.kernels.triton import latent_sampler as kernels
+
+    block_b, block_d = kernels.block_sizes(200)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        # The mask is uint8 at run time; tests.aot types pointers from a table without uint8.
+        common = {"mu_ptr": dtype, "logvar_ptr": dtype, "active_ptr": torch.int32, "B": 20, "D": 200}
+        common.update(rows_per_program=20, stride_mu_b=200, stride_mu_d=1, stride_lv_b=200, stride_lv_d=1)
+        common.update(seed=7, offset=0, HAS_MASK=True, BLOCK_B=block_b, BLOCK_D=block_d)
+        forward = {**common, "z_ptr": dtype, "kl_partial_ptr": torch.float32, "CLAMP_FIRST": False}
+        backward = {**common, "grad_z_ptr": dtype, "grad_kl_ptr": dtype, "grad_mu_ptr": dtype, "grad_lv_ptr": dtype}
+        backward.update(stride_gz_b=200, stride_gz_d=1, stride_gkl=1, invariance=0.01, HAS_PULL=True)
+        results.append(compile_kernel(kernels._forward_kernel, forward))
+        results.append(compile_kernel(kernels._backward_kernel, backward))
+    return results
+
+
+def test_triton_kernels_compile_for_sm90():
+    """Ahead-of-time compilation for an H100/H200, without a GPU and outside the interpreter."""
+    results = compile_in_subprocess("tests.test_latent_sampler", "compile_kernels_for_sm90")
+    assert len(results) == 4 and all(r["ptx_chars"] > 0 for r in results)
