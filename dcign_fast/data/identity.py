@@ -1,0 +1,117 @@
+"""Identity variation: which scan, a smooth left-right symmetric shape deformation, an albedo gain.
+
+An integer identity fixes everything about a face, independent of any sampler seed:
+- mesh = meshes[identity % len(meshes)];
+- identities below len(meshes) are the undeformed scans; others draw shape coefficients c in
+  [-1, 1]^K and an albedo gain from a generator seeded with the identity.
+
+Shape modes are smooth vector fields over the canonical frame (x across, y up; the same frame for every
+mesh), mirror-symmetric about x = 0: x-displacements are odd in x (sin), y and z-displacements even
+(cos), each times 1, cos or sin of y. Each mode's amplitude is scaled so its largest slope equals
+``slope``; a sum of such fields can still fold a triangle over, so :meth:`IdentitySpace.vertices` halves
+an image's coefficients until no triangle turns by more than 60 degrees (no flips, by construction).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dcign_fast.data.meshes import Mesh
+
+_PERIOD = 1.2  # canonical units: cos(pi * x / 1.2) stays positive across the face (|x| < 0.6)
+_MAX_TURN_COS = 0.5  # a triangle's normal may turn by at most 60 degrees
+_MAX_HALVINGS = 8
+
+
+def _modes() -> list[tuple[int, int, int, int]]:
+    """(axis, x frequency, y frequency, y parity: 0 = cos, 1 = sin); translations left out."""
+    modes = []
+    for axis in range(3):
+        x_freqs = (1, 2) if axis == 0 else (0, 1, 2)
+        for fx in x_freqs:
+            for fy, parity in ((0, 0), (1, 0), (1, 1)):
+                if axis != 0 and fx == 0 and fy == 0:
+                    continue  # a rigid shift along y or z
+                modes.append((axis, fx, fy, parity))
+    return modes
+
+
+MODES = _modes()
+
+
+def mode_fields(points: Tensor, slope: float) -> Tensor:
+    """Displacement fields of all modes at ``points``.
+
+    points: [V, 3] canonical coordinates -> [K, V, 3], each mode's largest slope equal to ``slope``.
+    """
+    x, y = points[:, 0] * (math.pi / _PERIOD), points[:, 1] * (math.pi / _PERIOD)
+    fields = torch.zeros(len(MODES), *points.shape, dtype=points.dtype, device=points.device)
+    for k, (axis, fx, fy, parity) in enumerate(MODES):
+        across = torch.sin(fx * x) if axis == 0 else torch.cos(fx * x)
+        along = torch.sin(fy * y) if parity else torch.cos(fy * y)
+        gradient = math.pi / _PERIOD * math.hypot(fx, fy)
+        fields[k, :, axis] = across * along * (slope / gradient)
+    return fields
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What an identity fixes: mesh_index [B] int64, coefficients [B, K], gain [B]."""
+
+    mesh_index: Tensor
+    coefficients: Tensor
+    gain: Tensor
+
+
+class IdentitySpace:
+    """Faces from a few scans times a K-dimensional symmetric shape space (K = len(MODES))."""
+
+    def __init__(self, meshes: list[Mesh], slope: float = 0.12, gain_range: tuple[float, float] = (0.6, 0.95)):
+        self.meshes = meshes
+        self.slope = slope
+        self.gain_range = gain_range
+        self._fields = [mode_fields(m.vertices, slope) for m in meshes]
+
+    def to(self, device: torch.device | str) -> IdentitySpace:
+        """The same space with meshes on ``device``."""
+        return IdentitySpace([m.to(device) for m in self.meshes], self.slope, self.gain_range)
+
+    def describe(self, identity: Tensor) -> Identity:
+        """identity: [B] int64 (CPU) -> its mesh, coefficients and gain (CPU tensors)."""
+        coefficients = torch.zeros(len(identity), len(MODES))
+        low, high = self.gain_range
+        gain = torch.full((len(identity),), (low + high) / 2)
+        for i, ident in enumerate(identity.tolist()):
+            if ident >= len(self.meshes):
+                g = torch.Generator().manual_seed(ident)
+                coefficients[i] = torch.rand(len(MODES), generator=g) * 2 - 1
+                gain[i] = low + (high - low) * torch.rand((), generator=g)
+        return Identity(identity % len(self.meshes), coefficients, gain)
+
+    def vertices(self, mesh_index: int, coefficients: Tensor) -> Tensor:
+        """Deformed vertices of one mesh, shrinking coefficients that would fold a triangle.
+
+        coefficients: [B, K] -> [B, V, 3] on the mesh's device.
+        """
+        mesh, fields = self.meshes[mesh_index], self._fields[mesh_index]
+        coefficients = coefficients.to(fields.device, fields.dtype)
+        rest = _face_normals(mesh.vertices[None], mesh.faces)
+        proper = rest.norm(dim=-1) > 0.5  # degenerate (zero-area) scan triangles have no direction to keep
+        for _ in range(_MAX_HALVINGS):
+            deformed = mesh.vertices + torch.einsum("bk,kvc->bvc", coefficients, fields)
+            turn = (_face_normals(deformed, mesh.faces) * rest).sum(-1).where(proper, 1.0).amin(1)  # [B]
+            folded = turn < _MAX_TURN_COS
+            if not folded.any():
+                return deformed
+            coefficients = torch.where(folded[:, None], coefficients / 2, coefficients)
+        return torch.where(folded[:, None, None], mesh.vertices, deformed)
+
+
+def _face_normals(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Unit face normals: vertices [B, V, 3], faces [F, 3] -> [B, F, 3]."""
+    a, b, c = (vertices[:, faces[:, i]] for i in range(3))
+    return torch.nn.functional.normalize(torch.linalg.cross(b - a, c - a), dim=-1, eps=1e-12)

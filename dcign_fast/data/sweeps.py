@@ -1,0 +1,183 @@
+"""One-factor sweeps: DC-IGN training batches in which exactly one factor of variation changes.
+
+Each batch is ``(images [B, 1, S, S] float in [0, 1], factors, kind)``. ``kind`` is one of KINDS:
+
+- ``"azimuth"``: the head turns, everything else fixed;
+- ``"elevation"``: the head tilts up/down;
+- ``"light"``: the light's azimuth moves;
+- ``"intrinsic"``: B different identities under one pose and light.
+
+``factors`` maps stable keys to [B] tensors on the sampler's device:
+``"azimuth"``, ``"elevation"``, ``"light"`` (light azimuth), ``"light_elevation"`` (all radians,
+float32) and ``"identity"`` (int64; see :mod:`dcign_fast.data.identity`). Angle conventions are those
+of :mod:`dcign_fast.data.render`: positive azimuth turns the nose toward image right, positive
+elevation tilts the face up (nose up), positive light azimuth lights the image-right side.
+
+Kinds are drawn with odds 1:1:1:shape_bias. Batch number i is fully determined by (seed, i): it draws
+from its own generator, so a stream can be split across distributed ranks (rank r takes batches
+r, r + world_size, ...) and any batch can be reproduced alone. Random numbers come from CPU generators
+and rendering is deterministic, so ``device="cuda"`` gives the same batches as the CPU up to float
+rounding.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dcign_fast.data.identity import IdentitySpace
+from dcign_fast.data.meshes import FACE_ASSETS, Mesh, load_asset
+from dcign_fast.data.render import render
+
+KINDS = ("azimuth", "elevation", "light", "intrinsic")
+FACTOR_KEYS = ("azimuth", "elevation", "light", "light_elevation", "identity")
+Batch = tuple[Tensor, dict[str, Tensor], str]
+
+
+@dataclass(frozen=True)
+class SweepRanges:
+    """Half-widths (radians) of the uniform factor ranges, and the light elevation interval.
+
+    Azimuth stays within +-1.5 rad (86 degrees, the paper's range): the face scans are open masks whose
+    hollow back would show past 90 degrees. Elevation +-0.4 rad and light +-80 degrees follow the paper.
+    """
+
+    azimuth: float = 1.5
+    elevation: float = 0.4
+    light: float = 1.3963  # 80 degrees
+    light_elevation: tuple[float, float] = (0.0, 0.4)
+
+
+class SweepSampler:
+    """Iterable of one-factor batches rendered on the fly (see the module docstring).
+
+    size: image side (64, 128, 150, ...); batch_size: images per batch; shape_bias: odds k of the
+    intrinsic kind against 1 for each of the others; seed: fixes the whole stream; device: where to
+    render; num_batches: batches per iteration for this rank (None: endless); rank / world_size: this
+    process's share of the stream; meshes: the scans (default: the packaged faces); num_identities:
+    identities are drawn from range(num_identities); zoom: the visible half-width is 1 / zoom
+    (canonical face: nose tip to chin 0.5); antialias: supersampling factor.
+    """
+
+    def __init__(
+        self,
+        size: int = 64,
+        batch_size: int = 20,
+        shape_bias: float = 10,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        *,
+        num_batches: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        meshes: list[Mesh] | None = None,
+        num_identities: int = 10_000,
+        ranges: SweepRanges = SweepRanges(),  # noqa: B008 (frozen, so sharing the default is safe)
+        zoom: float = 1.4,
+        antialias: int = 1,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.device = torch.device(device)
+        self.num_batches, self.rank, self.world_size = num_batches, rank, world_size
+        self.identities = IdentitySpace(meshes or [load_asset(n) for n in FACE_ASSETS]).to(self.device)
+        self.num_identities = max(num_identities, batch_size)
+        self.ranges, self.zoom, self.antialias = ranges, zoom, antialias
+        self.kind_odds = torch.tensor([1.0, 1.0, 1.0, float(shape_bias)])
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("an endless SweepSampler has no length; pass num_batches")
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        steps = itertools.count() if self.num_batches is None else range(self.num_batches)
+        for step in steps:
+            yield self.batch_at(step * self.world_size + self.rank)
+
+    def generator(self, index: int) -> torch.Generator:
+        """The CPU generator of global batch ``index`` (a well-mixed function of seed and index)."""
+        state = np.random.SeedSequence([self.seed, index]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator().manual_seed(int(state) >> 1)
+
+    def kind_at(self, index: int) -> tuple[str, torch.Generator]:
+        """Kind of global batch ``index`` (1:1:1:k odds) and its generator, ready for :meth:`batch`."""
+        g = self.generator(index)
+        return KINDS[int(torch.multinomial(self.kind_odds, 1, generator=g))], g
+
+    def batch_at(self, index: int) -> Batch:
+        """Global batch ``index`` of this seed's stream."""
+        return self.batch(*self.kind_at(index))
+
+    def batch(self, kind: str, generator: torch.Generator) -> Batch:
+        """A batch of the given kind drawn from ``generator`` (a CPU torch.Generator)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown sweep kind {kind!r}; expected one of {KINDS}")
+        factors = self.factors(kind, generator)
+        images = self.render(factors)
+        return images, {k: v.to(self.device) for k, v in factors.items()}, kind
+
+    def factors(self, kind: str, generator: torch.Generator) -> dict[str, Tensor]:
+        """The factor values of one batch: kind's factor swept, the others fixed (CPU [B] tensors)."""
+        n, r, g = self.batch_size, self.ranges, generator
+
+        def fixed(half_width: float) -> Tensor:
+            return ((torch.rand((), generator=g) * 2 - 1) * half_width).expand(n).clone()
+
+        def swept(half_width: float) -> Tensor:
+            # Stratified: one value per 1/n of the range, sorted, so every sweep spans the range.
+            return ((torch.arange(n) + torch.rand(n, generator=g)) / n * 2 - 1) * half_width
+
+        low, high = r.light_elevation
+        factors = {
+            "azimuth": swept(r.azimuth) if kind == "azimuth" else fixed(r.azimuth),
+            "elevation": swept(r.elevation) if kind == "elevation" else fixed(r.elevation),
+            "light": swept(r.light) if kind == "light" else fixed(r.light),
+            "light_elevation": (low + (high - low) * torch.rand((), generator=g)).expand(n).clone(),
+        }
+        if kind == "intrinsic":
+            factors["identity"] = torch.randperm(self.num_identities, generator=g)[:n]
+        else:
+            factors["identity"] = torch.randint(self.num_identities, (), generator=g).expand(n).clone()
+        return factors
+
+    def render(self, factors: dict[str, Tensor]) -> Tensor:
+        """Render the faces given by ``factors`` (as from :meth:`factors`) -> [B, 1, S, S] on the device."""
+        ident = self.identities.describe(factors["identity"].cpu())
+        images = torch.empty(len(ident.gain), 1, self.size, self.size, device=self.device)
+        for mesh_index in ident.mesh_index.unique().tolist():
+            rows = (ident.mesh_index == mesh_index).nonzero().squeeze(1)
+            coefficients = ident.coefficients[rows]
+            # One shared shape when the identity is fixed: normals are then computed once.
+            shared = bool((coefficients == coefficients[:1]).all())
+            vertices = self.identities.vertices(mesh_index, coefficients[:1] if shared else coefficients)
+            mesh = self.identities.meshes[mesh_index]
+            images[rows.to(self.device)] = render(
+                vertices[0] if shared else vertices,
+                mesh.faces,
+                **{k: factors[key][rows].to(self.device) for k, key in _RENDER_ARGS.items()},
+                size=self.size,
+                albedo=mesh.albedo,
+                gain=ident.gain[rows].to(self.device),
+                texture=mesh.texture,
+                uv=mesh.uv,
+                face_uv=mesh.face_uv,
+                incident=mesh.incident,
+                zoom=self.zoom,
+                antialias=self.antialias,
+            )
+        return images
+
+
+_RENDER_ARGS = {
+    "azimuth": "azimuth",
+    "elevation": "elevation",
+    "light_azimuth": "light",
+    "light_elevation": "light_elevation",
+}

@@ -1,0 +1,99 @@
+"""One-factor sweeps: what varies, reproducibility, rank streams, identity deformations."""
+
+import pytest
+import torch
+
+from dcign_fast.data import FACTOR_KEYS, KINDS, IdentitySpace, SweepSampler, load_asset
+from dcign_fast.data.identity import MODES
+
+SWEPT = {"azimuth": "azimuth", "elevation": "elevation", "light": "light", "intrinsic": "identity"}
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return SweepSampler(size=24, batch_size=6, seed=int(torch.randint(1000, ())))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exactly_one_factor_varies(sampler, kind):
+    images, factors, got = sampler.batch(kind, torch.Generator().manual_seed(int(torch.randint(10**6, ()))))
+    assert got == kind
+    assert images.shape == (6, 1, 24, 24) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1 and images.max() > 0.2
+    assert set(factors) == set(FACTOR_KEYS)
+    for key, values in factors.items():
+        assert values.shape == (6,)
+        distinct = len(values.unique())
+        assert distinct == (6 if key == SWEPT[kind] else 1), key
+    assert factors["identity"].dtype == torch.int64
+    assert (images[1:] != images[:1]).flatten(1).any(1).all()  # every image differs from the first
+
+
+def test_ranges(sampler):
+    r = sampler.ranges
+    for index in range(8):
+        _, g = sampler.kind_at(index)
+        factors = sampler.factors("azimuth", g)
+        assert factors["azimuth"].abs().max() <= r.azimuth
+        assert factors["azimuth"].max() - factors["azimuth"].min() > r.azimuth  # a sweep spans the range
+        assert factors["elevation"].abs().max() <= r.elevation and factors["light"].abs().max() <= r.light
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    seed = int(torch.randint(1000, ()))
+    a = list(SweepSampler(size=16, batch_size=4, seed=seed, num_batches=3))
+    b = list(SweepSampler(size=16, batch_size=4, seed=seed, num_batches=3))
+    c = list(SweepSampler(size=16, batch_size=4, seed=seed + 1, num_batches=3))
+    for (ia, fa, ka), (ib, fb, kb) in zip(a, b):
+        assert ka == kb and torch.equal(ia, ib)
+        assert all(torch.equal(fa[k], fb[k]) for k in FACTOR_KEYS)
+    assert not all(torch.equal(fa["azimuth"], fc["azimuth"]) for (_, fa, _), (_, fc, _) in zip(a, c))
+
+
+def test_ranks_split_one_stream_disjointly():
+    seed = int(torch.randint(1000, ()))
+    whole = SweepSampler(size=8, batch_size=3, seed=seed, num_batches=6)
+    ranks = [SweepSampler(size=8, batch_size=3, seed=seed, num_batches=3, rank=r, world_size=2) for r in (0, 1)]
+    expected = [f["azimuth"] for _, f, _ in whole]
+    got = [f["azimuth"] for r in ranks for _, f, _ in r]
+    assert all(torch.equal(x, y) for x, y in zip(got[:3], expected[0::2]))
+    assert all(torch.equal(x, y) for x, y in zip(got[3:], expected[1::2]))
+    with pytest.raises(ValueError, match="rank"):
+        SweepSampler(rank=2, world_size=2)
+
+
+def test_kind_odds_follow_shape_bias():
+    sampler = SweepSampler(shape_bias=10, seed=int(torch.randint(1000, ())))
+    kinds = [sampler.kind_at(i)[0] for i in range(1300)]
+    share = kinds.count("intrinsic") / len(kinds)
+    assert 0.70 < share < 0.84  # 10 / 13 = 0.77
+    assert all(kinds.count(k) > 50 for k in KINDS)
+
+
+def test_identity_changes_the_face_with_pose_fixed():
+    sampler = SweepSampler(size=32, batch_size=2, seed=0, num_identities=10**6)
+    factors = sampler.factors("intrinsic", torch.Generator().manual_seed(int(torch.randint(10**6, ()))))
+    for start in range(3):  # same scan, different shape coefficients: identities differ by a multiple of 3
+        factors["identity"] = torch.tensor([3 + start, 3 + start + 3 * int(torch.randint(1, 1000, ()))])
+        images = sampler.render(factors)
+        assert (images[0] - images[1]).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["meshmonk", "menpo3d", "james"])
+def test_identity_deformation_never_flips_a_triangle(name):
+    mesh = load_asset(name)
+    space = IdentitySpace([mesh], slope=0.12)
+    # Random corners of the coefficient box are the hardest cases.
+    coefficients = torch.randint(0, 2, (12, len(MODES))).float() * 2 - 1
+    deformed = space.vertices(0, coefficients)
+
+    def normals(v):
+        a, b, c = (v[:, mesh.faces[:, i]] for i in range(3))
+        return torch.linalg.cross(b - a, c - a)
+
+    rest = normals(mesh.vertices[None])
+    proper = rest.norm(dim=-1) > 1e-12
+    cos = torch.nn.functional.cosine_similarity(normals(deformed), rest, dim=-1)
+    assert (cos[proper.expand_as(cos)] > 0).all()
+    # And the shapes really change (the guard does not just undo the deformation).
+    assert ((deformed - mesh.vertices).norm(dim=-1).amax(1) > 0.02).float().mean() > 0.5
