@@ -9,7 +9,7 @@ from torch import nn
 
 from dcign_fast.ops._checks import check_pair
 from dcign_fast.ops.backends import check_backend_name
-from dcign_fast.ops.unpool_conv import unpool_conv2d
+from dcign_fast.ops.unpool_conv import ACTIVATIONS, unpool_conv2d
 
 
 class UnpoolConv2d(nn.Module):
@@ -17,6 +17,9 @@ class UnpoolConv2d(nn.Module):
 
     Parameters are named and shaped like ``nn.Conv2d``'s (``weight`` [O, C, KH, KW], ``bias`` [O]),
     so a Conv2d state_dict loads into it. The backend is not part of the state.
+
+    ``activation="relu"`` appends a ReLU (fused into the triton backend's kernels): the decoder's
+    ``UnpoolConv2d, nn.ReLU`` pairs become one module.
 
     Shapes: [N, C, H, W] -> [N, O, s*H + 2*ph - KH + 1, s*W + 2*pw - KW + 1].
     """
@@ -32,9 +35,13 @@ class UnpoolConv2d(nn.Module):
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        activation: str | None = None,
     ) -> None:
         super().__init__()
         check_backend_name(backend)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = check_pair("kernel_size", kernel_size, 1)
@@ -56,13 +63,20 @@ class UnpoolConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return unpool_conv2d(
-            x, self.weight, self.bias, padding=self.padding, scale_factor=self.scale_factor, backend=self.backend
+            x,
+            self.weight,
+            self.bias,
+            padding=self.padding,
+            scale_factor=self.scale_factor,
+            backend=self.backend,
+            activation=self.activation,
         )
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, padding={self.padding}, "
             f"scale_factor={self.scale_factor}, bias={self.bias is not None}, backend={self.backend!r}"
+            + (f", activation={self.activation!r}" if self.activation else "")
         )
 
     @classmethod
@@ -83,6 +97,7 @@ class UnpoolConv2d(nn.Module):
         fused.scale_factor = int(upsample.scale_factor)
         check_backend_name(backend)
         fused.backend = backend
+        fused.activation = None
         fused.weight = conv.weight
         fused.bias = conv.bias
         return fused

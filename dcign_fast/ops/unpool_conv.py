@@ -6,7 +6,12 @@ Backends:
              read the same low-resolution window share one convolution with their collapsed kernels
              stacked along the output channels; the results are written interleaved into the output.
              The upsampled tensor is never allocated, forward or backward. Any integer scale factor.
-  auto       the fastest correct backend for the tensors' device (CPU: torch).
+  triton     fused Triton kernels, forward and backward (:mod:`dcign_fast.kernels.triton.unpool_conv`):
+             scale_factor 2, float32 (TF32 when cudnn.allow_tf32) / bfloat16 / float16, kernels up to 9.
+  auto       the fastest correct backend for the tensors' device (CUDA: triton where it runs; CPU: torch).
+
+``activation="relu"`` applies a ReLU to the result: fused into the triton kernels' epilogue (and their
+backward), a separate in-place op for the other backends.
 """
 
 from __future__ import annotations
@@ -18,11 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from dcign_fast.ops._checks import check_like, check_pair, check_tensor
-from dcign_fast.ops.backends import check_backend_runs_on
+from dcign_fast.ops.backends import check_backend_runs_on, triton_installed
 from dcign_fast.ops.phases import AxisPhase, axis_phases, output_size
 from dcign_fast.ops.reference import unpool_conv2d_reference
 
 Padding = tuple[int, int]
+ACTIVATIONS = (None, "relu")
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    return y if activation is None else F.relu(y)
 
 
 def _output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -40,7 +50,12 @@ def _collapse(weight: torch.Tensor, row: AxisPhase, col: AxisPhase) -> torch.Ten
 
 
 def unpool_conv2d_torch(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: Padding, scale_factor: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: Padding,
+    scale_factor: int,
+    activation: str | None = None,
 ) -> torch.Tensor:
     n, _, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -67,22 +82,35 @@ def unpool_conv2d_torch(
             out[:, :, r.phase :: scale_factor, c.phase :: scale_factor] = y[
                 :, k * o : (k + 1) * o, r0 : r0 + r.count, c0 : c0 + c.count
             ]
-    return out
+    return _activate(out, activation)
 
 
-def _reference(x, weight, bias, padding, scale_factor):
-    return unpool_conv2d_reference(x, weight, bias, padding, scale_factor)
+def _reference(x, weight, bias, padding, scale_factor, activation=None):
+    return _activate(unpool_conv2d_reference(x, weight, bias, padding, scale_factor), activation)
 
 
-# Backend name -> implementation(x, weight, bias, padding, scale_factor). Kernel backends register here.
+def _triton(x, weight, bias, padding, scale_factor, activation=None):
+    from dcign_fast.kernels.triton.unpool_conv import unpool_conv2d_triton  # imports triton: only when used
+
+    return unpool_conv2d_triton(x, weight, bias, padding, scale_factor, activation)
+
+
+# Backend name -> implementation(x, weight, bias, padding, scale_factor, activation). Kernel backends register here.
 IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": _reference,
     "torch": unpool_conv2d_torch,
+    "triton": _triton,
 }
 
 
-def choose_backend(x: torch.Tensor) -> str:
-    """The backend ``"auto"`` picks for these tensors."""
+def choose_backend(x: torch.Tensor, weight: torch.Tensor | None = None, scale_factor: int = 2) -> str:
+    """The backend ``"auto"`` picks for these tensors: triton on CUDA when it is installed and supports
+    the case (``weight`` None: judged on x and scale_factor alone), else torch."""
+    if x.device.type == "cuda" and triton_installed():
+        from dcign_fast.kernels.triton.unpool_conv import triton_unsupported_reason
+
+        if not triton_unsupported_reason(x, weight if weight is not None else x.new_empty(1, 1, 1, 1), scale_factor):
+            return "triton"
     return "torch"
 
 
@@ -124,8 +152,9 @@ def unpool_conv2d(
     padding: int | tuple[int, int] = 0,
     scale_factor: int = 2,
     backend: str = "auto",
+    activation: str | None = None,
 ) -> torch.Tensor:
-    """Nearest-neighbour upsampling by ``scale_factor``, then a stride-1 convolution.
+    """Nearest-neighbour upsampling by ``scale_factor``, then a stride-1 convolution (then ``activation``).
 
     Equal to ``F.conv2d(F.interpolate(x, scale_factor=s, mode="nearest"), weight, bias, padding=padding)``.
 
@@ -136,11 +165,14 @@ def unpool_conv2d(
         padding: zero padding of the upsampled image, an int or (rows, cols).
         scale_factor: integer upsampling factor.
         backend: "auto", "reference", "torch", "triton" or "cuda" (see :mod:`dcign_fast.ops.backends`).
+        activation: None or "relu", applied to the result (fused by the triton backend).
 
     Returns:
         [N, O, s*H + 2*ph - KH + 1, s*W + 2*pw - KW + 1], in x's memory format.
     """
     pad = check_unpool_conv_args(x, weight, bias, padding, scale_factor)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     check_backend_runs_on(backend, x.device, tuple(IMPLEMENTATIONS))
-    name = choose_backend(x) if backend == "auto" else backend
-    return IMPLEMENTATIONS[name](x, weight, bias, pad, scale_factor)
+    name = choose_backend(x, weight, scale_factor) if backend == "auto" else backend
+    return IMPLEMENTATIONS[name](x, weight, bias, pad, scale_factor, activation)

@@ -1,0 +1,730 @@
+"""Fused nearest-upsample-by-2 + convolution as Triton implicit GEMMs, forward and backward.
+
+The math is the phase decomposition (dcign_fast/ops/phases.py): output pixel (2i + a, 2j + b) is a small
+convolution of the LOW-resolution input with the phase's collapsed kernel. Per axis the two phases read
+windows of low-resolution offsets that overlap; their union ("union taps", ``TR`` rows x ``TC`` cols)
+starts at ``ROW0``/``COL0`` and phase a occupies union taps [RS_a, RS_a + RT_a). All four phase kernels are
+packed into one tensor in union coordinates, ``wp[a, b, ty, tx, c_in, c_out]`` (zero outside a phase's
+window, never read there).
+
+Layouts: tensors are read and written through their strides; the launchers hand the kernels
+channels_last (NHWC) tensors so that the GEMM reduction over channels reads contiguous memory.
+
+Kernels (each an implicit GEMM, fp32 accumulation; fp32 operands use TF32 when
+``torch.backends.cudnn.allow_tf32`` is set, as cuDNN does for the reference convolution):
+  _forward_kernel   M = N x phase-0 rows x phase-0 cols, N = C_out, K = (union taps, C_in). One program
+                    loads each input tile once per union tap and feeds the dots of every phase whose
+                    window holds that tap (static: ``tl.static_range`` + constexpr checks), then writes
+                    the four phases interleaved into the output, with bias and ReLU in the epilogue.
+  _grad_input_kernel M = N x H x W, N = C_in, K = (phases, phase taps, C_out): the transposed phase
+                    convolutions summed; the ReLU mask is applied to grad_out tiles as they are loaded.
+  _grad_weight_kernel one program per (phase tap, C_in tile, C_out tile, split of batch x pixels); split
+                    partial sums go to a workspace that torch reduces in a fixed order, so grad weight and
+                    grad bias are deterministic (no atomics). Grad bias rides along in the programs of
+                    each phase's first tap.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from dcign_fast.ops.backends import triton_interpreting
+from dcign_fast.ops.phases import axis_phases, output_size
+from dcign_fast.ops.unpool_conv import _output_memory_format
+
+ACTIVATIONS = {None: 0, "relu": 1}
+_SCALE = 2
+# Sizes the grad-weight split aims for: enough programs to fill a GPU (132 SMs on H100) a few times over.
+_TARGET_PROGRAMS = 1024
+
+
+def _configs(
+    names: tuple[str, ...], options: list[tuple[int, ...]], interpreted: tuple[int, ...]
+) -> list[triton.Config]:
+    """Autotune configs from tuples (*block sizes named by ``names``, num_warps, num_stages).
+
+    The interpreter cannot time configs and runs one Python step per program: it gets the single
+    config ``interpreted`` (block sizes only), a big tile.
+    """
+    if triton_interpreting():
+        options = [(*interpreted, 4, 1)]
+    return [
+        triton.Config(dict(zip(names, option[:-2])), num_warps=option[-2], num_stages=option[-1]) for option in options
+    ]
+
+
+def _fit_channels(dim: str):
+    """Early config pruning: drop configs whose BLOCK_N is wider than the GEMM's N (the ``dim`` argument) needs."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        width = max(16, triton.next_power_of_2(named_args[dim]))
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= width] or configs[:1]
+
+    return {"early_config_prune": prune}
+
+
+# Four fp32 accumulators (one per phase) of BLOCK_M x BLOCK_N: at most 64 registers a thread for them, so
+# nothing spills. Channel counts of 16-128 take one to four 32-channel reduction steps.
+_GEMM_CONFIGS = _configs(
+    ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    [(64, 64, 32, 8, 2), (128, 32, 32, 8, 2), (64, 32, 32, 4, 2), (128, 16, 32, 4, 2), (64, 16, 64, 4, 2)],
+    (64, 32, 32),
+)
+# Grad weight: channel tiles are chosen by the launcher; the reduction runs over pixels, BLOCK_P at a time.
+_GRAD_WEIGHT_CONFIGS = _configs(("BLOCK_P",), [(64, 4, 3), (128, 8, 3), (32, 4, 4)], (64,))
+
+
+@triton.jit
+def _phase_dot(
+    acc,
+    a,
+    w_ptr,
+    offs_k,
+    offs_n,
+    k_mask,
+    n_mask,
+    C_IN,
+    C_OUT,
+    PHASE: tl.constexpr,
+    TY: tl.constexpr,
+    TX: tl.constexpr,
+    TR: tl.constexpr,
+    TC: tl.constexpr,
+    RS: tl.constexpr,
+    RT: tl.constexpr,
+    CS: tl.constexpr,
+    CT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """acc += a @ wp[PHASE, TY, TX][k, n] if union tap (TY, TX) is in the phase's window (a compile-time test)."""
+    if (TY >= RS) & (TY < RS + RT) & (TX >= CS) & (TX < CS + CT):
+        base = ((PHASE * TR + TY) * TC + TX) * C_IN * C_OUT
+        w = tl.load(w_ptr + base + offs_k[:, None] * C_OUT + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :])
+        if UPCAST:
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _store_phase(
+    acc,
+    y_ptr,
+    bias,
+    n,
+    i,
+    j,
+    m_mask,
+    offs_n,
+    n_mask,
+    HO,
+    WO,
+    syn,
+    syc,
+    syh,
+    syw,
+    A: tl.constexpr,
+    B: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+):
+    """Epilogue of one phase: bias, activation, cast, store at output pixel (2i + A, 2j + B)."""
+    acc = acc + bias[None, :]
+    if ACTIVATION == 1:
+        acc = tl.maximum(acc, 0.0)
+    row = 2 * i + A
+    col = 2 * j + B
+    ok = m_mask & (row < HO) & (col < WO)
+    offs = n.to(tl.int64) * syn + row * syh + col * syw
+    tl.store(
+        y_ptr + offs[:, None] + offs_n[None, :] * syc,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=ok[:, None] & n_mask[None, :],
+    )
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "H", "W", "C_IN", "C_OUT"], prune_configs_by=_fit_channels("C_OUT"))
+@triton.jit
+def _forward_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    H,
+    W,
+    C_IN,
+    C_OUT,
+    HO,
+    WO,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    syn,
+    syc,
+    syh,
+    syw,
+    ROW0: tl.constexpr,
+    COL0: tl.constexpr,
+    TR: tl.constexpr,
+    TC: tl.constexpr,
+    RS0: tl.constexpr,
+    RT0: tl.constexpr,
+    RS1: tl.constexpr,
+    RT1: tl.constexpr,
+    CS0: tl.constexpr,
+    CT0: tl.constexpr,
+    CS1: tl.constexpr,
+    CT1: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Rows of the GEMM: low-resolution positions (n, i, j) of phase (0, 0), which has the most rows/cols.
+    rows0 = (HO + 1) // 2
+    cols0 = (WO + 1) // 2
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < N * rows0 * cols0
+    j = offs_m % cols0
+    i = (offs_m // cols0) % rows0
+    n = offs_m // (cols0 * rows0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < C_OUT
+    x_base = x_ptr + n.to(tl.int64) * sxn
+
+    acc00 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc01 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc10 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc11 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ty in tl.static_range(TR):
+        row = i + (ROW0 + ty)
+        row_ok = m_mask & (row >= 0) & (row < H)
+        for tx in tl.static_range(TC):
+            col = j + (COL0 + tx)
+            ok = row_ok & (col >= 0) & (col < W)
+            pix = x_base + row * sxh + col * sxw
+            for k0 in range(0, C_IN, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < C_IN
+                a = tl.load(pix[:, None] + offs_k[None, :] * sxc, mask=ok[:, None] & k_mask[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                acc00 = _phase_dot(
+                    acc00, a, w_ptr, offs_k, offs_n, k_mask, n_mask, C_IN, C_OUT,
+                    0, ty, tx, TR, TC, RS0, RT0, CS0, CT0, UPCAST, PRECISION,
+                )  # fmt: skip
+                acc01 = _phase_dot(
+                    acc01, a, w_ptr, offs_k, offs_n, k_mask, n_mask, C_IN, C_OUT,
+                    1, ty, tx, TR, TC, RS0, RT0, CS1, CT1, UPCAST, PRECISION,
+                )  # fmt: skip
+                acc10 = _phase_dot(
+                    acc10, a, w_ptr, offs_k, offs_n, k_mask, n_mask, C_IN, C_OUT,
+                    2, ty, tx, TR, TC, RS1, RT1, CS0, CT0, UPCAST, PRECISION,
+                )  # fmt: skip
+                acc11 = _phase_dot(
+                    acc11, a, w_ptr, offs_k, offs_n, k_mask, n_mask, C_IN, C_OUT,
+                    3, ty, tx, TR, TC, RS1, RT1, CS1, CT1, UPCAST, PRECISION,
+                )  # fmt: skip
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    _store_phase(acc00, y_ptr, bias, n, i, j, m_mask, offs_n, n_mask, HO, WO, syn, syc, syh, syw, 0, 0, ACTIVATION)
+    _store_phase(acc01, y_ptr, bias, n, i, j, m_mask, offs_n, n_mask, HO, WO, syn, syc, syh, syw, 0, 1, ACTIVATION)
+    _store_phase(acc10, y_ptr, bias, n, i, j, m_mask, offs_n, n_mask, HO, WO, syn, syc, syh, syw, 1, 0, ACTIVATION)
+    _store_phase(acc11, y_ptr, bias, n, i, j, m_mask, offs_n, n_mask, HO, WO, syn, syc, syh, syw, 1, 1, ACTIVATION)
+
+
+@triton.jit
+def _load_grad(g_ptr, y_ptr, offs, mask, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile of grad_out with the activation's derivative applied (ReLU: where the saved output > 0)."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    if UPCAST:
+        g = g.to(tl.float32)
+    if ACTIVATION == 1:
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+        if UPCAST:
+            y = y.to(tl.float32)
+        g = tl.where(y > 0, g, 0.0)
+    return g
+
+
+@triton.jit
+def _grad_input_phase(
+    acc,
+    g_ptr,
+    y_ptr,
+    w_ptr,
+    n,
+    i,
+    j,
+    m_mask,
+    offs_c,
+    c_mask,
+    C_IN,
+    C_OUT,
+    HO,
+    WO,
+    sgn,
+    sgc,
+    sgh,
+    sgw,
+    A: tl.constexpr,
+    B: tl.constexpr,
+    ROW0: tl.constexpr,
+    COL0: tl.constexpr,
+    TR: tl.constexpr,
+    TC: tl.constexpr,
+    RS: tl.constexpr,
+    RT: tl.constexpr,
+    CS: tl.constexpr,
+    CT: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc[(n, i, j), c] += sum over (A, B)'s taps t and C_out of grad_out[n, 2io+A, 2jo+B, o] * wp[A, B, t, c, o].
+
+    Input row i is read by output row io = i - ROW0 - ty through union tap ty (likewise for columns).
+    """
+    rows = (HO - A + 1) // 2
+    cols = (WO - B + 1) // 2
+    g_base = n.to(tl.int64) * sgn
+    for ty in tl.static_range(RS, RS + RT):
+        io = i - (ROW0 + ty)
+        row_ok = m_mask & (io >= 0) & (io < rows)
+        for tx in tl.static_range(CS, CS + CT):
+            jo = j - (COL0 + tx)
+            ok = row_ok & (jo >= 0) & (jo < cols)
+            pix = g_base + (2 * io + A) * sgh + (2 * jo + B) * sgw
+            w_tap = w_ptr + (((A * 2 + B) * TR + ty) * TC + tx) * C_IN * C_OUT
+            for o0 in range(0, C_OUT, BLOCK_K):
+                offs_o = o0 + tl.arange(0, BLOCK_K)
+                o_mask = offs_o < C_OUT
+                g = _load_grad(
+                    g_ptr,
+                    y_ptr,
+                    pix[:, None] + offs_o[None, :] * sgc,
+                    ok[:, None] & o_mask[None, :],
+                    ACTIVATION,
+                    UPCAST,
+                )
+                w = tl.load(
+                    w_tap + offs_o[:, None] + offs_c[None, :] * C_OUT, mask=o_mask[:, None] & c_mask[None, :], other=0.0
+                )
+                if UPCAST:
+                    w = w.to(tl.float32)
+                acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "H", "W", "C_IN", "C_OUT"], prune_configs_by=_fit_channels("C_IN"))
+@triton.jit
+def _grad_input_kernel(
+    g_ptr,
+    y_ptr,
+    w_ptr,
+    dx_ptr,
+    N,
+    H,
+    W,
+    C_IN,
+    C_OUT,
+    HO,
+    WO,
+    sgn,
+    sgc,
+    sgh,
+    sgw,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    ROW0: tl.constexpr,
+    COL0: tl.constexpr,
+    TR: tl.constexpr,
+    TC: tl.constexpr,
+    RS0: tl.constexpr,
+    RT0: tl.constexpr,
+    RS1: tl.constexpr,
+    RT1: tl.constexpr,
+    CS0: tl.constexpr,
+    CT0: tl.constexpr,
+    CS1: tl.constexpr,
+    CT1: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Rows of the GEMM: input positions (n, i, j); columns: input channels; reduction: phases, taps, C_out.
+    pid_c = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < N * H * W
+    j = offs_m % W
+    i = (offs_m // W) % H
+    n = offs_m // (W * H)
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_mask = offs_c < C_IN
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _grad_input_phase(
+        acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, HO, WO, sgn, sgc, sgh, sgw,
+        0, 0, ROW0, COL0, TR, TC, RS0, RT0, CS0, CT0, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
+    )  # fmt: skip
+    acc = _grad_input_phase(
+        acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, HO, WO, sgn, sgc, sgh, sgw,
+        0, 1, ROW0, COL0, TR, TC, RS0, RT0, CS1, CT1, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
+    )  # fmt: skip
+    acc = _grad_input_phase(
+        acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, HO, WO, sgn, sgc, sgh, sgw,
+        1, 0, ROW0, COL0, TR, TC, RS1, RT1, CS0, CT0, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
+    )  # fmt: skip
+    acc = _grad_input_phase(
+        acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, HO, WO, sgn, sgc, sgh, sgw,
+        1, 1, ROW0, COL0, TR, TC, RS1, RT1, CS1, CT1, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
+    )  # fmt: skip
+    offs = n.to(tl.int64) * sxn + i * sxh + j * sxw
+    tl.store(
+        dx_ptr + offs[:, None] + offs_c[None, :] * sxc,
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & c_mask[None, :],
+    )
+
+
+@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=["N", "H", "W", "C_IN", "C_OUT", "CHUNK"])
+@triton.jit
+def _grad_weight_kernel(
+    x_ptr,
+    g_ptr,
+    y_ptr,
+    taps_ptr,
+    dw_ptr,
+    db_ptr,
+    N,
+    H,
+    W,
+    C_IN,
+    C_OUT,
+    HO,
+    WO,
+    CHUNK,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    sgn,
+    sgc,
+    sgh,
+    sgw,
+    ROW0: tl.constexpr,
+    COL0: tl.constexpr,
+    TR: tl.constexpr,
+    TC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    # One (phase, union tap) from the table taps_ptr[k] = (a, b, ty, tx, first tap of its phase?),
+    # one (C_in, C_out) tile, one split of the phase's pixels [split * CHUNK, (split + 1) * CHUNK).
+    pid_co = tl.program_id(0)
+    k = tl.program_id(1)
+    split = tl.program_id(2)
+    pid_c = pid_co // tl.cdiv(C_OUT, BLOCK_O)
+    pid_o = pid_co % tl.cdiv(C_OUT, BLOCK_O)
+    a = tl.load(taps_ptr + 5 * k)
+    b = tl.load(taps_ptr + 5 * k + 1)
+    ty = tl.load(taps_ptr + 5 * k + 2)
+    tx = tl.load(taps_ptr + 5 * k + 3)
+    first = tl.load(taps_ptr + 5 * k + 4)
+    rows = (HO - a + 1) // 2
+    cols = (WO - b + 1) // 2
+    total = N * rows * cols
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, total)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C_IN
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_mask = offs_o < C_OUT
+    acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
+    gsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < end
+        jo = offs_p % cols
+        io = (offs_p // cols) % rows
+        n = (offs_p // (cols * rows)).to(tl.int64)
+        r = io + ROW0 + ty
+        c = jo + COL0 + tx
+        x_ok = p_mask & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+        x_offs = n * sxn + r * sxh + c * sxw
+        xt = tl.load(x_ptr + x_offs[None, :] + offs_c[:, None] * sxc, mask=c_mask[:, None] & x_ok[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+        g_offs = n * sgn + (2 * io + a) * sgh + (2 * jo + b) * sgw
+        g = _load_grad(
+            g_ptr, y_ptr, g_offs[:, None] + offs_o[None, :] * sgc, p_mask[:, None] & o_mask[None, :], ACTIVATION, UPCAST
+        )
+        acc = tl.dot(xt, g.to(xt.dtype), acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            gsum += tl.sum(g.to(tl.float32), axis=0)
+    phase = a * 2 + b
+    dw = dw_ptr + ((((split * 4 + phase) * TR + ty) * TC + tx) * C_IN).to(tl.int64) * C_OUT
+    tl.store(dw + offs_c[:, None] * C_OUT + offs_o[None, :], acc, mask=c_mask[:, None] & o_mask[None, :])
+    # Each phase's grad bias once: from its first tap's programs of the first C_in tile.
+    if HAS_BIAS and (first != 0) and (pid_c == 0):
+        tl.store(db_ptr + (split * 4 + phase) * C_OUT + offs_o, gsum, mask=o_mask)
+
+
+class _AxisUnion:
+    """Both phases of one axis in union-tap coordinates (scale 2, kernel ``k``, padding ``p``)."""
+
+    def __init__(self, k: int, p: int) -> None:
+        # With in_size = k both phases are non-empty; first_offset and tap_offsets do not depend on it.
+        phases = axis_phases(k, k, p, _SCALE)
+        self.start = min(ph.first_offset for ph in phases)  # low-res offset of union tap 0
+        self.taps = max(ph.first_offset + ph.taps for ph in phases) - self.start
+        self.windows = [(ph.first_offset - self.start, ph.taps) for ph in phases]  # (first union tap, taps)
+        self._tap_of = [[ph.first_offset - self.start + t for t in ph.tap_offsets] for ph in phases]
+
+    def collapse(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[2, taps, k] 0/1: phase a's union tap t sums the original taps u with R[a, t, u] = 1."""
+        index = torch.tensor(self._tap_of, device=device)
+        return torch.nn.functional.one_hot(index, self.taps).transpose(1, 2).to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _unions(kh: int, kw: int, ph: int, pw: int) -> tuple[_AxisUnion, _AxisUnion]:
+    return _AxisUnion(kh, ph), _AxisUnion(kw, pw)
+
+
+def _constexprs(rows: _AxisUnion, cols: _AxisUnion, activation: str | None, dtype: torch.dtype) -> dict[str, object]:
+    (rs0, rt0), (rs1, rt1) = rows.windows
+    (cs0, ct0), (cs1, ct1) = cols.windows
+    return {
+        "ROW0": rows.start,
+        "COL0": cols.start,
+        "TR": rows.taps,
+        "TC": cols.taps,
+        "RS0": rs0,
+        "RT0": rt0,
+        "RS1": rs1,
+        "RT1": rt1,
+        "CS0": cs0,
+        "CT0": ct0,
+        "CS1": cs1,
+        "CT1": ct1,
+        "ACTIVATION": ACTIVATIONS[activation],
+        # The interpreter computes bf16/fp16 wrongly; it gets fp32 tiles (the GPU keeps 16-bit tensor-core dots).
+        "UPCAST": triton_interpreting(),
+        "PRECISION": "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee",
+    }
+
+
+def _pack_weight(weight: torch.Tensor, rows: _AxisUnion, cols: _AxisUnion) -> torch.Tensor:
+    """[O, C, KH, KW] -> wp [2, 2, TR, TC, C, O]: every phase's collapsed kernel, summed in float32."""
+    r = rows.collapse(torch.float32, weight.device)
+    c = cols.collapse(torch.float32, weight.device)
+    return torch.einsum("atu,ocuv,bsv->abtsco", r, weight.float(), c).to(weight.dtype).contiguous()
+
+
+def _unpack_grad(grad_wp: torch.Tensor, rows: _AxisUnion, cols: _AxisUnion) -> torch.Tensor:
+    """The transpose of :func:`_pack_weight`: [2, 2, TR, TC, C, O] -> [O, C, KH, KW]."""
+    r = rows.collapse(torch.float32, grad_wp.device)
+    c = cols.collapse(torch.float32, grad_wp.device)
+    return torch.einsum("atu,abtsco,bsv->ocuv", r, grad_wp, c)
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its channels are contiguous in memory, else a channels_last copy."""
+    return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
+
+
+def _nchw_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _channel_tile(channels: int) -> int:
+    """Channel tile of the grad-weight GEMM: at least tl.dot's 16, at most 64."""
+    return max(16, min(64, triton.next_power_of_2(channels)))
+
+
+def _forward(
+    x: torch.Tensor,
+    wp: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    rows: _AxisUnion,
+    cols: _AxisUnion,
+    activation: str | None,
+) -> None:
+    n, c_in, h, w = x.shape
+    c_out, ho, wo = out.shape[1:]
+    positions = n * ((ho + 1) // 2) * ((wo + 1) // 2)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(c_out, meta["BLOCK_N"]), triton.cdiv(positions, meta["BLOCK_M"])
+
+    _forward_kernel[grid](
+        x, wp, wp if bias is None else bias, out, n, h, w, c_in, c_out, ho, wo,
+        *_nchw_strides(x), *_nchw_strides(out),
+        HAS_BIAS=bias is not None, **_constexprs(rows, cols, activation, x.dtype),
+    )  # fmt: skip
+
+
+def _grad_input(
+    g: torch.Tensor,
+    y: torch.Tensor,
+    wp: torch.Tensor,
+    dx: torch.Tensor,
+    rows: _AxisUnion,
+    cols: _AxisUnion,
+    activation: str | None,
+) -> None:
+    n, c_in, h, w = dx.shape
+    c_out, ho, wo = g.shape[1:]
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(c_in, meta["BLOCK_N"]), triton.cdiv(n * h * w, meta["BLOCK_M"])
+
+    _grad_input_kernel[grid](
+        g, y, wp, dx, n, h, w, c_in, c_out, ho, wo, *_nchw_strides(g), *_nchw_strides(dx),
+        **_constexprs(rows, cols, activation, g.dtype),
+    )  # fmt: skip
+
+
+def _split_chunk(positions: int, programs: int) -> int:
+    """Pixels per split of the grad-weight reduction: enough splits to fill the GPU, chunks of >= 512 pixels
+    (64 when interpreting, so that small test shapes still take the split path)."""
+    granule = 64 if triton_interpreting() else 512
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), triton.cdiv(positions, granule)))
+    return triton.cdiv(triton.cdiv(positions, splits), granule) * granule
+
+
+def _grad_weight(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    y: torch.Tensor,
+    rows: _AxisUnion,
+    cols: _AxisUnion,
+    has_bias: bool,
+    activation: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad wp [2, 2, TR, TC, C, O], grad bias [O]), both float32 and reduced in a fixed order."""
+    n, c_in, h, w = x.shape
+    c_out, ho, wo = g.shape[1:]
+    taps = [
+        (a, b, ty, tx, int(ty == rs and tx == cs))
+        for a, (rs, rt) in enumerate(rows.windows)
+        for b, (cs, ct) in enumerate(cols.windows)
+        for ty in range(rs, rs + rt)
+        for tx in range(cs, cs + ct)
+    ]
+    table = torch.tensor(taps, dtype=torch.int32, device=x.device)
+    block_c, block_o = _channel_tile(c_in), _channel_tile(c_out)
+    tiles = triton.cdiv(c_in, block_c) * triton.cdiv(c_out, block_o)
+    positions = n * ((ho + 1) // 2) * ((wo + 1) // 2)
+    chunk = _split_chunk(positions, tiles * len(taps))
+    splits = triton.cdiv(positions, chunk)
+    # Taps outside a phase's window are never written: zeros keep them out of the sum.
+    dw = torch.zeros((splits, 2, 2, rows.taps, cols.taps, c_in, c_out), dtype=torch.float32, device=x.device)
+    db = torch.zeros((splits, 4, c_out), dtype=torch.float32, device=x.device)
+    constexprs = _constexprs(rows, cols, activation, x.dtype)
+    for name in ("RS0", "RT0", "RS1", "RT1", "CS0", "CT0", "CS1", "CT1"):  # windows come from the table
+        del constexprs[name]
+    _grad_weight_kernel[(tiles, len(taps), splits)](
+        x, g, y, table, dw, db, n, h, w, c_in, c_out, ho, wo, chunk, *_nchw_strides(x), *_nchw_strides(g),
+        HAS_BIAS=has_bias, BLOCK_C=block_c, BLOCK_O=block_o, **constexprs,
+    )  # fmt: skip
+    return dw.sum(0), db.sum((0, 1))
+
+
+class _UnpoolConv2dTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int], activation
+    ) -> torch.Tensor:
+        n, _, h, w = x.shape
+        c_out, _, kh, kw = weight.shape
+        rows, cols = _unions(kh, kw, *padding)
+        xn = _nhwc(x)
+        wp = _pack_weight(weight, rows, cols)
+        shape = (n, c_out, output_size(h, kh, padding[0], _SCALE), output_size(w, kw, padding[1], _SCALE))
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_output_memory_format(x))
+        if out.numel():
+            _forward(xn, wp, bias, out, rows, cols, activation)
+        ctx.save_for_backward(xn, wp, out if activation else None)
+        ctx.plan = (rows, cols, activation, bias is not None, x.shape, _output_memory_format(x), weight.dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        xn, wp, y = ctx.saved_tensors
+        rows, cols, activation, has_bias, x_shape, x_format, dtype = ctx.plan
+        g = _nhwc(grad_out)
+        if y is None:
+            y = g  # not read: only the ReLU backward loads the saved output
+        elif y.stride() != g.stride():  # the kernels read grad_out and the output with one set of strides
+            g, y = (t.contiguous(memory_format=torch.channels_last) for t in (g, y))
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty(x_shape, dtype=dtype, device=g.device, memory_format=x_format)
+            if dx.numel():
+                _grad_input(g, y, wp, dx, rows, cols, activation)
+        if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
+            gwp, gb = _grad_weight(xn, g, y, rows, cols, has_bias, activation)
+            dw = _unpack_grad(gwp, rows, cols).to(dtype)
+            db = gb.to(dtype) if has_bias else None
+        return dx, dw, db, None, None
+
+
+def triton_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale_factor: int) -> str:
+    """Why the triton backend cannot run these arguments, or "" when it can."""
+    if scale_factor != _SCALE:
+        return f"backend='triton' supports scale_factor=2 only, got {scale_factor}"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"backend='triton' supports float32, float16 and bfloat16, got {x.dtype}"
+    if max(weight.shape[2:]) > 9:
+        return f"backend='triton' supports kernel sizes up to 9, got {tuple(weight.shape[2:])}"
+    return ""
+
+
+def unpool_conv2d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: tuple[int, int],
+    scale_factor: int,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """Fused upsample-by-2 + convolution (+ ReLU): [N, C, H, W] -> [N, O, 2H + 2ph - KH + 1, 2W + 2pw - KW + 1].
+
+    Differentiable in x, weight and bias; grad weight and grad bias are deterministic. Output in x's
+    memory format. float32 runs its dots in TF32 when ``torch.backends.cudnn.allow_tf32`` is set.
+    """
+    reason = triton_unsupported_reason(x, weight, scale_factor)
+    if reason:
+        raise ValueError(reason)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    return _UnpoolConv2dTriton.apply(x, weight, bias, padding, activation)

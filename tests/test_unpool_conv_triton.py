@@ -1,0 +1,186 @@
+"""backend="triton" for unpool_conv2d: forward and all gradients against the float64 reference.
+
+Without a GPU these run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), so shapes are small.
+Every result is computed into poisoned (NaN-filled) allocations, so an element a kernel forgets is NaN.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dcign_fast as dc
+from dcign_fast.nn import UnpoolConv2d
+from dcign_fast.ops.backends import triton_installed
+from dcign_fast.ops.reference import unpool_conv2d_reference
+from tests.helpers import REL_TOL, poisoned_allocations, rel_error
+
+pytestmark = pytest.mark.skipif(not triton_installed(), reason="needs the triton package")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# On a GPU float32 dots run in TF32, like cuDNN's convolutions by default.
+TOL = {**REL_TOL, torch.float32: 1e-5 if DEVICE == "cpu" else 2e-3}
+
+
+def run_both(case: dict, dtype: torch.dtype, channels_last: bool = False, bias: bool = True, activation=None):
+    """Triton forward + backward (into poisoned allocations) and the float64 oracle's; returns pairs."""
+    n, c, o, (h, w), (kh, kw), padding = case["n"], case["c"], case["o"], case["hw"], case["k"], case["p"]
+    x = torch.randn(n, c, h, w, device=DEVICE, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(o, c, kh, kw, device=DEVICE, dtype=dtype) / (c * kh * kw) ** 0.5
+    b = torch.randn(o, device=DEVICE, dtype=dtype) if bias else None
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight) + ((b,) if bias else ())]
+    with poisoned_allocations():
+        y = dc.unpool_conv2d(
+            leaves[0], leaves[1], leaves[2] if bias else None, padding=padding, backend="triton", activation=activation
+        )
+        grad = torch.randn_like(y)
+        got = [y, *torch.autograd.grad(y, leaves, grad)]
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = unpool_conv2d_reference(exact[0], exact[1], exact[2] if bias else None, padding)
+    if activation == "relu":
+        y_ref = F.relu(y_ref)
+    want = [y_ref, *torch.autograd.grad(y_ref, exact, grad.double())]
+    return got, want
+
+
+def assert_close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float, what: object) -> None:
+    names = ["output", "grad x", "grad weight", "grad bias"]
+    for name, g, w in zip(names, got, want):
+        assert g.shape == w.shape, (name, what)
+        err = rel_error(g, w)
+        assert err < tol, f"{name}: relative error {err:.3g} >= {tol} for {what}"
+
+
+CASES = [
+    # (kernel, padding, input size, batch): the DC-IGN decoder's K=7 valid, K=3/K=5 same, even and 1x1
+    # kernels, paddings up to K - 1, odd and rectangular sizes, batch 1.
+    ((7, 7), (0, 0), (5, 6), 2),
+    ((3, 3), (1, 1), (5, 7), 1),
+    ((5, 5), (2, 2), (4, 5), 2),
+    ((4, 2), (3, 0), (3, 4), 1),
+    ((1, 1), (0, 0), (3, 5), 2),
+    ((9, 3), (4, 2), (6, 3), 1),
+    ((2, 6), (1, 5), (2, 3), 3),
+]
+
+
+@pytest.mark.parametrize("kernel, padding, hw, n", CASES)
+def test_forward_and_gradients_match_reference(kernel, padding, hw, n):
+    rng = random.Random(f"{kernel}{padding}{hw}")
+    case = {"n": n, "c": rng.randint(3, 20), "o": rng.randint(1, 20), "hw": hw, "k": kernel, "p": padding}
+    got, want = run_both(case, torch.float32, channels_last=rng.random() < 0.5, bias=rng.random() < 0.7)
+    assert_close(got, want, TOL[torch.float32], case)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_relu_epilogue_and_its_backward(channels_last):
+    case = {"n": 2, "c": 9, "o": 17, "hw": (4, 5), "k": (5, 5), "p": (2, 2)}
+    got, want = run_both(case, torch.float32, channels_last, activation="relu")
+    assert (got[0] == 0).any() and (got[0] > 0).any()  # the mask matters in this case
+    assert_close(got, want, TOL[torch.float32], case)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    case = {"n": 2, "c": 24, "o": 16, "hw": (4, 4), "k": (7, 7), "p": (0, 0)}
+    got, want = run_both(case, dtype, channels_last=True, activation="relu")
+    assert all(t.dtype == dtype for t in got)
+    assert_close(got, want, TOL[dtype], case)
+
+
+def test_layout_follows_the_input():
+    x = torch.randn(2, 5, 4, 3, device=DEVICE)
+    w = torch.randn(6, 5, 3, 3, device=DEVICE)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf = x.contiguous(memory_format=fmt).requires_grad_()
+        y = dc.unpool_conv2d(xf, w, padding=1, backend="triton")
+        (grad_x,) = torch.autograd.grad(y, xf, torch.randn_like(y))
+        assert y.is_contiguous(memory_format=fmt) and grad_x.is_contiguous(memory_format=fmt)
+
+
+def test_non_contiguous_input_weight_and_grad():
+    x = torch.randn(2, 10, 6, 5, device=DEVICE)[:, ::2].transpose(2, 3).requires_grad_()
+    w = torch.randn(4, 5, 5, 5, device=DEVICE).transpose(2, 3).requires_grad_()
+    assert not x.is_contiguous() and not w.is_contiguous()
+    with poisoned_allocations():
+        y = dc.unpool_conv2d(x, w, padding=2, backend="triton")
+        grad = torch.randn(y.shape[::-1], device=DEVICE).permute(3, 2, 1, 0)  # non-contiguous grad_out
+        got = [y, *torch.autograd.grad(y, (x, w), grad)]
+    xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
+    y_ref = unpool_conv2d_reference(xd, wd, None, (2, 2))
+    assert_close(got, [y_ref, *torch.autograd.grad(y_ref, (xd, wd), grad.double())], TOL[torch.float32], "strided")
+
+
+def test_grad_weight_is_deterministic_across_splits():
+    """Enough pixels for several split-K partial sums; two backward passes agree bit for bit."""
+    x = torch.randn(3, 6, 7, 7, device=DEVICE, requires_grad=True)
+    w = torch.randn(5, 6, 3, 3, device=DEVICE, requires_grad=True)
+    b = torch.randn(5, device=DEVICE, requires_grad=True)
+    y = dc.unpool_conv2d(x, w, b, padding=1, backend="triton")
+    grad = torch.randn_like(y)
+    first = torch.autograd.grad(y, (w, b), grad, retain_graph=True)
+    second = torch.autograd.grad(y, (w, b), grad)
+    assert all(torch.equal(p, q) for p, q in zip(first, second))
+
+
+def test_module_with_activation_matches_upsample_conv_relu():
+    fused = UnpoolConv2d(6, 8, 5, padding=2, backend="triton", activation="relu").to(DEVICE)
+    conv = nn.Conv2d(6, 8, 5, padding=2).to(DEVICE)
+    conv.load_state_dict(fused.state_dict())
+    plain = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv, nn.ReLU())
+    x = torch.randn(2, 6, 4, 4, device=DEVICE)
+    assert "activation='relu'" in repr(fused)
+    assert rel_error(fused(x), plain(x)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"scale_factor": 3}, "scale_factor=2 only"),
+        ({"activation": "gelu"}, "activation must be one of"),
+    ],
+)
+def test_unsupported_arguments_are_clear_errors(kwargs, words):
+    x, w = torch.randn(1, 2, 3, 3, device=DEVICE), torch.randn(2, 2, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match=words):
+        dc.unpool_conv2d(x, w, padding=1, backend="triton", **kwargs)
+
+
+def test_float64_is_refused():
+    x, w = torch.randn(1, 2, 3, 3, dtype=torch.float64), torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32, float16 and bfloat16"):
+        dc.unpool_conv2d(x.to(DEVICE), w.to(DEVICE), backend="triton")
+
+
+@pytest.mark.cuda
+def test_auto_picks_triton_on_cuda():
+    from dcign_fast.ops.unpool_conv import choose_backend
+
+    x, w = torch.randn(1, 4, 5, 5, device="cuda"), torch.randn(4, 4, 7, 7, device="cuda")
+    assert choose_backend(x, w, 2) == "triton"
+    assert choose_backend(x, w, 3) == "torch"
+    assert choose_backend(x.double(), w.double(), 2) == "torch"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "c, o, size, k, p",
+    [
+        (24, 48, 15, 7, 0),
+        (48, 96, 24, 7, 0),
+        (96, 96, 42, 7, 0),
+        (96, 1, 78, 7, 0),
+        (64, 64, 32, 3, 1),
+        (32, 32, 16, 5, 2),
+    ],
+)
+def test_real_sizes_on_gpu(dtype, c, o, size, k, p):
+    case = {"n": 8, "c": c, "o": o, "hw": (size, size), "k": (k, k), "p": (p, p)}
+    got, want = run_both(case, dtype, channels_last=True, activation="relu" if o > 1 else None)
+    assert_close(got, want, TOL[dtype], case)
