@@ -26,6 +26,9 @@ from torch import Tensor
 
 _DEPTH_LEVELS = 1 << 30  # depth quantisation steps over [-1, 1]; the face index takes the low 32 bits
 _EMPTY = torch.iinfo(torch.int64).max
+# Pixel centres on a shared edge must land in at least one triangle despite rounding: accept slightly
+# negative barycentrics (the overlap is harmless, the depth test picks one).
+_EDGE_TOLERANCE = 1e-5
 
 
 def rotation(azimuth: Tensor, elevation: Tensor) -> Tensor:
@@ -125,7 +128,7 @@ def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[
         p, zp = planes[sel], z_plane[sel]
         inside = (px <= right[sel, None]) & (py <= bottom[sel, None])
         for i in range(3):
-            inside &= p[:, i, 0, None] * cx + p[:, i, 1, None] * cy + p[:, i, 2, None] >= 0
+            inside &= p[:, i, 0, None] * cx + p[:, i, 1, None] * cy + p[:, i, 2, None] >= -_EDGE_TOLERANCE
         z = zp[:, 0, None] * cx + zp[:, 1, None] * cy + zp[:, 2, None]
         depth_q = ((1.0 - z.clamp(-1.0, 1.0)) * (_DEPTH_LEVELS / 2 - 1)).long()
         key = (depth_q << 32) | sel[:, None]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dcign_fast.data import Mesh, list_assets, load_asset, render
+from dcign_fast.data import Mesh, list_assets, load_asset, load_mesh, render
 from dcign_fast.data.render import vertex_faces, vertex_normals
 
 
@@ -137,3 +137,51 @@ def test_cpu_and_cuda_agree():
     # Depth ties may resolve differently at a handful of pixels; shading must agree elsewhere.
     close = (cpu - gpu).abs() < 1e-3
     assert close.float().mean() > 0.995
+
+
+def test_no_pinholes_inside_a_surface():
+    mesh = load_asset("meshmonk")
+    images = _render(mesh, size=96, azimuth=(torch.rand(6) * 2 - 1) * 1.4, elevation=(torch.rand(6) * 2 - 1) * 0.4)
+    covered = images[:, 0] > 0
+    inner = covered[:, :-2, 1:-1] & covered[:, 2:, 1:-1] & covered[:, 1:-1, :-2] & covered[:, 1:-1, 2:]
+    assert not (inner & ~covered[:, 1:-1, 1:-1]).any()
+
+
+def _tetrahedron():
+    vertices = torch.rand(4, 3, dtype=torch.float64) + torch.eye(4, 3, dtype=torch.float64)
+    faces = torch.tensor([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
+    return vertices, faces
+
+
+@pytest.mark.parametrize("suffix", [".off", ".ply", ".obj"])
+def test_mesh_files_load(tmp_path, suffix):
+    vertices, faces = _tetrahedron()
+    v_lines = [" ".join(f"{x:.9f}" for x in row) for row in vertices.tolist()]
+    f_rows = faces.tolist()
+    if suffix == ".off":
+        text = ["OFF", "4 4 0", *v_lines, *(f"3 {a} {b} {c}" for a, b, c in f_rows)]
+    elif suffix == ".ply":
+        header = ["ply", "format ascii 1.0", "element vertex 4", "property float x", "property float y"]
+        header += ["property float z", "element face 4", "property list uchar int vertex_indices", "end_header"]
+        text = [*header, *v_lines, *(f"3 {a} {b} {c}" for a, b, c in f_rows)]
+    else:
+        text = [*(f"v {line}" for line in v_lines), *(f"f {a + 1} {b + 1} {c + 1}" for a, b, c in f_rows)]
+    path = tmp_path / f"tetra{suffix}"
+    path.write_text("\n".join(text) + "\n")
+    mesh = load_mesh(path, radius=0.5)
+    assert torch.equal(mesh.faces, faces)
+    centred = vertices - (vertices.amax(0) + vertices.amin(0)) / 2
+    expected = centred * 0.5 / centred.norm(dim=1).max()
+    torch.testing.assert_close(mesh.vertices.double(), expected, atol=1e-6, rtol=0)
+
+
+def test_unknown_mesh_format_needs_trimesh(tmp_path):
+    path = tmp_path / "thing.stl"
+    path.write_bytes(b"solid x\nendsolid x\n")
+    try:
+        import trimesh  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="trimesh"):
+            load_mesh(path)
+    else:
+        pytest.skip("trimesh is installed")

@@ -1,0 +1,114 @@
+"""A sharded uint8 cache of sweep batches, for fast repeated epochs.
+
+Layout: ``<dir>/index.json`` (size, shard list with batch counts) and ``<dir>/shard_00000.npz``, ...
+Each shard holds ``images`` uint8 [N, S, S] (all images of its batches, in order), ``offsets`` int64
+[n + 1] (batch i is images[offsets[i]:offsets[i + 1]]), ``kinds`` int8 [n] (index into KINDS) and one
+[N] array per factor key. Grey levels are quantised to 1/255, like PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dcign_fast.data.folders import DatasetError
+from dcign_fast.data.sweeps import FACTOR_KEYS, KINDS, Batch
+
+INDEX = "index.json"
+
+
+def write_cache(batches: Iterable[Batch], out_dir: str | Path, batches_per_shard: int = 256) -> int:
+    """Store ``batches`` as shards under ``out_dir``; returns the number of batches written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    pending: list[Batch] = []
+    size = None
+    for images, factors, kind in batches:
+        if size is not None and images.shape[-1] != size:
+            raise ValueError(f"batch of size {images.shape[-1]} in a cache of size {size}")
+        size = images.shape[-1]
+        pending.append((images, factors, kind))
+        if len(pending) == batches_per_shard:
+            shards.append(_write_shard(out_dir, len(shards), pending))
+            pending = []
+    if pending:
+        shards.append(_write_shard(out_dir, len(shards), pending))
+    (out_dir / INDEX).write_text(json.dumps({"size": size, "shards": shards}, indent=1) + "\n")
+    return sum(s["batches"] for s in shards)
+
+
+def _write_shard(out_dir: Path, number: int, batches: list[Batch]) -> dict:
+    name = f"shard_{number:05d}.npz"
+    images = torch.cat([b[0][:, 0] for b in batches])
+    arrays = {
+        "images": (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(),
+        "offsets": np.cumsum([0] + [len(b[0]) for b in batches]),
+        "kinds": np.array([KINDS.index(b[2]) for b in batches], dtype=np.int8),
+    }
+    for key in FACTOR_KEYS:
+        arrays[key] = torch.cat([b[1][key].cpu() for b in batches]).numpy()
+    np.savez(out_dir / name, **arrays)  # uncompressed: loading speed matters more than disk
+    return {"file": name, "batches": len(batches)}
+
+
+class SweepCache:
+    """Read a cache written by :func:`write_cache` as a map-style dataset of batches.
+
+    device: where images and factors go. Keeps the most recently used shard in memory, so reading in
+    order (or shuffling shard by shard, see :meth:`epoch`) loads each shard once.
+    """
+
+    def __init__(self, cache_dir: str | Path, device: torch.device | str = "cpu"):
+        self.dir, self.device = Path(cache_dir), torch.device(device)
+        index_path = self.dir / INDEX
+        try:
+            index = json.loads(index_path.read_text())
+            self.size = int(index["size"])
+            self.shards = [(str(s["file"]), int(s["batches"])) for s in index["shards"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DatasetError(f"cannot read cache index {index_path}: {err}") from err
+        self.starts = np.cumsum([0] + [n for _, n in self.shards])
+        self._loaded: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _shard(self, number: int) -> dict[str, np.ndarray]:
+        if self._loaded is None or self._loaded[0] != number:
+            path = self.dir / self.shards[number][0]
+            try:
+                with np.load(path) as data:
+                    arrays = {k: data[k] for k in ("images", "offsets", "kinds", *FACTOR_KEYS)}
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+                raise DatasetError(f"cannot read cache shard {path}: {err}") from err
+            if arrays["images"].shape[1:] != (self.size, self.size) or len(arrays["kinds"]) != self.shards[number][1]:
+                raise DatasetError(f"cache shard {path} does not match {self.dir / INDEX}")
+            self._loaded = (number, arrays)
+        return self._loaded[1]
+
+    def __getitem__(self, index: int) -> Batch:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        number = int(np.searchsorted(self.starts, index, side="right")) - 1
+        arrays, local = self._shard(number), index - int(self.starts[number])
+        lo, hi = int(arrays["offsets"][local]), int(arrays["offsets"][local + 1])
+        images = torch.from_numpy(arrays["images"][lo:hi]).to(self.device)[:, None].float() / 255.0
+        factors = {k: torch.from_numpy(arrays[k][lo:hi]).to(self.device) for k in FACTOR_KEYS}
+        return images, factors, KINDS[int(arrays["kinds"][local])]
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (self[i] for i in range(len(self)))
+
+    def epoch(self, seed: int) -> Iterator[Batch]:
+        """All batches once in a seed-determined order: shards shuffled, then batches within each."""
+        g = torch.Generator().manual_seed(seed)
+        for number in torch.randperm(len(self.shards), generator=g).tolist():
+            start = int(self.starts[number])
+            for local in torch.randperm(self.shards[number][1], generator=g).tolist():
+                yield self[start + local]

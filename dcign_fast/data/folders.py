@@ -1,0 +1,156 @@
+"""Sweeps as PNG folders in the original DC-IGN layout, written and read back.
+
+Layout: ``<root>/<AZ_VARIED|EL_VARIED|LIGHT_AZ_VARIED|SHAPE_VARIED>/<batch folder>/<images>.png``, one
+folder per batch. Our exports add ``factors.csv`` per batch (columns: file and FACTOR_KEYS). The
+original DC-IGN face dataset has no CSV: its factors read back as NaN (identity -1). RGB images are
+converted to grey as 0.21 R + 0.72 G + 0.07 B and resized to the requested size.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from dcign_fast.data.sweeps import FACTOR_KEYS, KINDS, Batch
+
+KIND_DIRS = {"azimuth": "AZ_VARIED", "elevation": "EL_VARIED", "light": "LIGHT_AZ_VARIED", "intrinsic": "SHAPE_VARIED"}
+FACTORS_CSV = "factors.csv"
+_GREY = np.array([0.21, 0.72, 0.07], dtype=np.float32)
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder that cannot be used; the message names it."""
+
+
+def write_batch(folder: Path, images: Tensor, factors: dict[str, Tensor]) -> None:
+    """Write one batch: images [B, 1, S, S] in [0, 1] as 8-bit grey PNGs plus factors.csv."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = (images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    columns = {k: factors[k].cpu().tolist() for k in FACTOR_KEYS}
+    with open(folder / FACTORS_CSV, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", *FACTOR_KEYS])
+        for i, image in enumerate(pixels):
+            name = f"{i:03d}.png"
+            Image.fromarray(image).save(folder / name)
+            writer.writerow([name, *(columns[k][i] for k in FACTOR_KEYS)])
+
+
+def export_sweeps(batches: Iterable[Batch], root: str | Path, start: int = 0) -> int:
+    """Write every batch of ``batches`` under ``root``; folder names count from ``start``. Returns the count."""
+    root = Path(root)
+    count = 0
+    for count, (images, factors, kind) in enumerate(batches, start=1):
+        write_batch(root / KIND_DIRS[kind] / f"batch_{start + count - 1:06d}", images, factors)
+    return count
+
+
+def read_grey(path: Path, size: int | None) -> np.ndarray:
+    """One image as float32 grey in [0, 1], [size, size] (or native size when None). Names the file on error."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("L", "I;16", "I", "F"):
+                grey = np.asarray(image.convert("F"), dtype=np.float32) / (255.0 if image.mode == "L" else 65535.0)
+            else:
+                grey = np.asarray(image.convert("RGB"), dtype=np.float32) @ _GREY / 255.0
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DatasetError(f"cannot read image {path}: {err}") from err
+    if size is not None and grey.shape != (size, size):
+        grey = np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
+    return np.clip(grey, 0.0, 1.0)
+
+
+def _natural_key(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+class SweepFolders:
+    """The PNG folder layout as a map-style dataset of whole batches (DataLoader(batch_size=None) works).
+
+    root: dataset folder; size: output side (None: keep native sizes, which must then agree);
+    kinds: which kinds to read; on_error: "raise" a DatasetError naming the file, or "skip" the batch,
+    counting it in ``skipped`` (path, reason) and warning once per pass.
+    Items are (images [B, 1, S, S] float in [0, 1], factors {FACTOR_KEYS: [B]}, kind).
+    """
+
+    def __init__(self, root: str | Path, size: int | None = 64, kinds: Iterable[str] = KINDS, on_error: str = "raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError("on_error must be 'raise' or 'skip'")
+        self.root, self.size, self.on_error = Path(root), size, on_error
+        if not self.root.is_dir():
+            raise DatasetError(f"dataset folder not found: {self.root}")
+        self.folders: list[tuple[Path, str]] = []
+        for kind in kinds:
+            kind_dir = self.root / KIND_DIRS[kind]
+            if kind_dir.is_dir():
+                subfolders = sorted((p for p in kind_dir.iterdir() if p.is_dir()), key=_natural_key)
+                self.folders += [(p, kind) for p in subfolders]
+        if not self.folders:
+            expected = ", ".join(KIND_DIRS[k] for k in kinds)
+            raise DatasetError(f"no batch folders under {self.root}: expected subfolders {expected}")
+        self.skipped: list[tuple[Path, str]] = []
+        self._native: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.folders)
+
+    def __getitem__(self, index: int) -> Batch:
+        folder, kind = self.folders[index]
+        files = sorted(folder.glob("*.png"), key=_natural_key)
+        if not files:
+            raise DatasetError(f"batch folder has no PNG images: {folder}")
+        images = []
+        for path in files:
+            image = read_grey(path, self.size)
+            if self.size is None:
+                self._native = self._native or image.shape
+                if image.shape != self._native:
+                    raise DatasetError(f"image {path} is {image.shape}, others are {self._native}; pass size=")
+            images.append(image)
+        factors = _read_factors(folder, [p.name for p in files])
+        return torch.from_numpy(np.stack(images))[:, None], factors, kind
+
+    def __iter__(self) -> Iterator[Batch]:
+        skipped_before = len(self.skipped)
+        for index in range(len(self)):
+            try:
+                yield self[index]
+            except DatasetError as err:
+                if self.on_error == "raise":
+                    raise
+                self.skipped.append((self.folders[index][0], str(err)))
+        if len(self.skipped) > skipped_before:
+            warnings.warn(
+                f"skipped {len(self.skipped) - skipped_before} of {len(self)} batches under {self.root}; "
+                f"first: {self.skipped[skipped_before][1]}",
+                stacklevel=2,
+            )
+
+
+def _read_factors(folder: Path, names: list[str]) -> dict[str, Tensor]:
+    """Factors of a batch from its factors.csv, in the order of ``names``; NaN / -1 without a CSV."""
+    n = len(names)
+    factors = {k: torch.full((n,), float("nan")) for k in FACTOR_KEYS if k != "identity"}
+    factors["identity"] = torch.full((n,), -1, dtype=torch.int64)
+    path = folder / FACTORS_CSV
+    if not path.is_file():
+        return factors
+    try:
+        with open(path, newline="") as handle:
+            rows = {row["file"]: row for row in csv.DictReader(handle)}
+        for i, name in enumerate(names):
+            for key in FACTOR_KEYS:
+                value = rows[name][key]
+                factors[key][i] = int(float(value)) if key == "identity" else float(value)
+    except (KeyError, ValueError, TypeError) as err:
+        raise DatasetError(f"bad factors file {path}: missing or invalid entry {err}") from err
+    return factors

@@ -1,0 +1,96 @@
+"""Images on disk: PNG folders in the DC-IGN layout, the original dataset's RGB files, the uint8 cache."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcign_fast.data import FACTOR_KEYS, SweepSampler
+from dcign_fast.data.cache import SweepCache, write_cache
+from dcign_fast.data.folders import KIND_DIRS, DatasetError, SweepFolders, export_sweeps
+
+
+@pytest.fixture(scope="module")
+def batches():
+    sampler = SweepSampler(size=16, batch_size=3, seed=int(torch.randint(1000, ())), num_batches=5)
+    return list(sampler)
+
+
+def _assert_same_batches(got, expected):
+    assert len(got) == len(expected)
+    for (gi, gf, gk), (ei, ef, ek) in zip(got, expected):
+        assert gk == ek and gi.shape == ei.shape
+        assert (gi - ei).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit quantisation
+        for key in FACTOR_KEYS:
+            assert torch.equal(gf[key], ef[key]), key
+
+
+def test_export_then_read_round_trip(tmp_path, batches):
+    assert export_sweeps(batches, tmp_path) == len(batches)
+    folders = SweepFolders(tmp_path, size=16)
+    # Folders come back grouped by kind, each kind in export order.
+    by_kind = sorted(range(len(batches)), key=lambda i: list(KIND_DIRS).index(batches[i][2]))
+    _assert_same_batches(list(folders), [batches[i] for i in by_kind])
+
+
+def test_cache_round_trip_and_epoch(tmp_path, batches):
+    assert write_cache(batches, tmp_path, batches_per_shard=2) == len(batches)
+    assert len(list(tmp_path.glob("shard_*.npz"))) == 3
+    cache = SweepCache(tmp_path)
+    _assert_same_batches(list(cache), batches)
+    seen = sorted(int(f["identity"][0]) * 1000 + int(f["identity"][-1]) for _, f, _ in cache.epoch(seed=1))
+    assert seen == sorted(int(f["identity"][0]) * 1000 + int(f["identity"][-1]) for _, f, _ in batches)
+
+
+def test_original_layout_rgb_without_factors(tmp_path):
+    folder = tmp_path / "EL_VARIED" / "face_7"
+    folder.mkdir(parents=True)
+    rgb = np.random.randint(0, 256, size=(3, 30, 30, 3), dtype=np.uint8)
+    for i, image in enumerate(rgb):
+        Image.fromarray(image).save(folder / f"img_{i + 1}.png")
+    images, factors, kind = SweepFolders(tmp_path, size=None)[0]
+    assert kind == "elevation" and images.shape == (3, 1, 30, 30)
+    expected = torch.from_numpy(rgb.astype(np.float32) @ np.array([0.21, 0.72, 0.07], dtype=np.float32) / 255)
+    torch.testing.assert_close(images[:, 0], expected, atol=1e-5, rtol=0)
+    assert torch.isnan(factors["azimuth"]).all() and (factors["identity"] == -1).all()
+    resized, _, _ = SweepFolders(tmp_path, size=12)[0]
+    assert resized.shape == (3, 1, 12, 12)
+
+
+def test_corrupt_png_names_the_file_or_is_skipped(tmp_path, batches):
+    export_sweeps(batches[:2], tmp_path)
+    bad = sorted(tmp_path.glob("*/*/001.png"))[0]
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(np.random.randint(0, 256, 40, dtype=np.uint8)))
+    with pytest.raises(DatasetError, match=str(bad)):
+        list(SweepFolders(tmp_path, size=16))
+    skipping = SweepFolders(tmp_path, size=16, on_error="skip")
+    with pytest.warns(UserWarning, match="skipped 1 of 2"):
+        kept = list(skipping)
+    assert len(kept) == 1 and skipping.skipped[0][0] == bad.parent
+
+
+def test_missing_and_inconsistent_inputs(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        SweepFolders(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="AZ_VARIED"):
+        SweepFolders(tmp_path)
+    folder = tmp_path / "AZ_VARIED" / "b0"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "0.png")
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(folder / "1.png")
+    with pytest.raises(DatasetError, match="1.png"):
+        SweepFolders(tmp_path, size=None)[0]
+    assert SweepFolders(tmp_path, size=8)[0][0].shape == (2, 1, 8, 8)
+
+
+def test_corrupt_cache_shard_names_the_file(tmp_path, batches):
+    write_cache(batches, tmp_path, batches_per_shard=3)
+    shard = tmp_path / "shard_00001.npz"
+    shard.write_bytes(shard.read_bytes()[:100])
+    cache = SweepCache(tmp_path)
+    cache[0]
+    with pytest.raises(DatasetError, match="shard_00001.npz"):
+        cache[len(cache) - 1]
+    (tmp_path / "index.json").unlink()
+    with pytest.raises(DatasetError, match="index.json"):
+        SweepCache(tmp_path)
