@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("dcign_fast.info", "what this installation can run (backends, extension, devices)"),
+    "render": ("dcign_fast.data.cli", "render one-factor face sweeps to PNG folders or a cache, or a preview grid"),
     "train": ("dcign_fast.train.cli", "train a DC-IGN (one GPU, torchrun for many, or the CPU)"),
 }
 
