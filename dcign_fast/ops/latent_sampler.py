@@ -26,6 +26,8 @@ Backends:
   torch      vectorised torch forward and backward behind one autograd.Function; runs anywhere.
   triton     one forward and one backward kernel (:mod:`dcign_fast.kernels.triton.latent_sampler`);
              float16/bfloat16/float32 on CUDA (or under TRITON_INTERPRET=1).
+  cuda       CUDA C++ kernels of the compiled extension (:mod:`dcign_fast.kernels.cuda_ops`, csrc/);
+             float16/bfloat16/float32 on CUDA. Never chosen by auto.
   auto       triton for CUDA tensors when Triton is installed and the dtype is not float64, else torch.
 The torch and triton backends save only mu, logvar and active; eps is regenerated in the backward.
 """
@@ -124,6 +126,13 @@ def _triton_kernels() -> Kernels:
     return Kernels(latent_sampler.forward, latent_sampler.backward)
 
 
+def _cuda_kernels() -> Kernels:
+    # Imported on first use: the launchers need the compiled extension dcign_fast._C.
+    from dcign_fast.kernels import cuda_ops
+
+    return Kernels(cuda_ops.sampler_forward, cuda_ops.sampler_backward)
+
+
 class _SampleLatents(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, active, clamp_first, invariance, seed, offset, kernels):
@@ -157,6 +166,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., Outputs]] = {
     "reference": _reference,
     "torch": _fused(lambda: TORCH_KERNELS),
     "triton": _fused(_triton_kernels),
+    "cuda": _fused(_cuda_kernels),
 }
 
 
@@ -241,7 +251,7 @@ def sample_latents(
         invariance: strength >= 0 of the pull of inactive latents toward their batch mean.
         seed: None draws (seed, offset) from torch's generator for mu's device and advances it; an
             int in [-2**63, 2**64) is used as given (negative values wrap to uint64) with offset 0.
-        backend: "auto", "reference", "torch" or "triton".
+        backend: "auto", "reference", "torch", "triton" or "cuda".
 
     Returns:
         z [B, D] and kl [B] (KL of each row's clamped posterior to N(0, I)), in mu's dtype.
@@ -249,8 +259,8 @@ def sample_latents(
     check_sample_latents_args(mu, logvar, active, clamp, invariance, seed)
     check_backend_runs_on(backend, mu.device, tuple(IMPLEMENTATIONS))
     name = choose_backend(mu) if backend == "auto" else backend
-    if name == "triton" and mu.dtype == torch.float64:
-        raise TypeError("backend='triton' takes float16, bfloat16 or float32 mu and logvar, got float64")
+    if name in ("triton", "cuda") and mu.dtype == torch.float64:
+        raise TypeError(f"backend={name!r} takes float16, bfloat16 or float32 mu and logvar, got float64")
     if seed is None:
         seed, offset = draw_seed_offset(mu.device, mu.numel())
     else:

@@ -1,0 +1,44 @@
+// Storage dtypes of the kernels (math is float32 whatever the storage) and the host-side dispatch
+// from the integer code the Python wrappers pass.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace dcign {
+
+// Codes shared with dcign_fast/kernels/cuda_ops.py (DTYPE_CODES).
+enum DTypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<T>{}) for the storage type named by `code`.
+template <typename Fn>
+void dispatch_dtype(int code, const char* what, Fn&& fn) {
+  switch (code) {
+    case kFloat32: return fn(TypeTag<float>{});
+    case kBFloat16: return fn(TypeTag<__nv_bfloat16>{});
+    case kFloat16: return fn(TypeTag<__half>{});
+    default: throw std::invalid_argument(std::string(what) + ": unsupported dtype code " + std::to_string(code));
+  }
+}
+
+}  // namespace dcign
