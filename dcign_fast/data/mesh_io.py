@@ -51,27 +51,22 @@ def _fan(polygon: list[int]) -> list[list[int]]:
 
 
 def _read_off(path: Path) -> RawMesh:
-    tokens = []
-    for line in path.read_text().splitlines():
-        tokens.extend(line.split("#", 1)[0].split())
-    header = tokens[0]
+    lines = [line.split("#", 1)[0].split() for line in path.read_text().splitlines()]
+    lines = [parts for parts in lines if parts]
+    header = lines[0][0]
     if not header.endswith("OFF"):
         raise ValueError("missing OFF header")
-    n_vertices, n_faces = int(tokens[1]), int(tokens[2])
-    per_vertex = 3 + (4 if header.startswith("C") else 0)
-    pos = 4
-    table = np.array(tokens[pos : pos + n_vertices * per_vertex], dtype=np.float64).reshape(n_vertices, per_vertex)
-    pos += n_vertices * per_vertex
+    # The counts may follow the keyword on its line or sit on the next one.
+    counts, body = (lines[0][1:], 1) if len(lines[0]) > 1 else (lines[1], 2)
+    n_vertices, n_faces = int(counts[0]), int(counts[1])
+    table = np.array([[float(x) for x in parts[:7]] for parts in lines[body : body + n_vertices]])
     faces = []
-    for _ in range(n_faces):
-        count = int(tokens[pos])
-        faces.extend(_fan([int(t) for t in tokens[pos + 1 : pos + 1 + count]]))
-        # COFF/OFF faces may carry a colour after the indices; the next face starts after this line's
-        # tokens, which we find by the count field, so trailing colour values are skipped below.
-        pos += 1 + count
-        while pos < len(tokens) and "." in tokens[pos]:
-            pos += 1
-    colors = table[:, 3:6] / (255.0 if table[:, 3:6].max() > 1 else 1.0) if per_vertex > 3 else None
+    for parts in lines[body + n_vertices : body + n_vertices + n_faces]:
+        count = int(parts[0])  # anything after the indices is a face colour
+        faces.extend(_fan([int(t) for t in parts[1 : 1 + count]]))
+    colors = None
+    if header.startswith("C") and table.shape[1] >= 6:
+        colors = table[:, 3:6] / (255.0 if table[:, 3:6].max() > 1 else 1.0)
     return RawMesh(table[:, :3], np.asarray(faces, dtype=np.int64), colors)
 
 

@@ -111,6 +111,9 @@ def test_one_orientation_convention_for_every_mesh(name):
     assert abs(centre[0] - 32) < 3 and abs(centre[1] - 32) < 3
     assert _nose(mesh, azimuth=0.4)[0] > centre[0] + 3 > _nose(mesh, azimuth=-0.4)[0] + 6
     assert _nose(mesh, elevation=0.4)[1] < centre[1] - 3 < _nose(mesh, elevation=-0.4)[1] - 6
+    # Elevation keeps its sense when the head is turned (a sign flip here broke the elevation latent).
+    for azimuth in (-1.0, 1.0):
+        assert _nose(mesh, azimuth=azimuth, elevation=0.3)[1] < _nose(mesh, azimuth=azimuth, elevation=-0.3)[1] - 4
     # Positive light azimuth lights the image-right half of a frontal face.
     lit_left, lit_right = _render(mesh, light=torch.tensor([-1.2, 1.2]))
     half = lit_left.shape[-1] // 2
