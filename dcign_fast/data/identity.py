@@ -113,5 +113,5 @@ class IdentitySpace:
 
 def _face_normals(vertices: Tensor, faces: Tensor) -> Tensor:
     """Unit face normals: vertices [B, V, 3], faces [F, 3] -> [B, F, 3]."""
-    a, b, c = (vertices[:, faces[:, i]] for i in range(3))
+    a, b, c = vertices.index_select(1, faces.reshape(-1)).view(vertices.shape[0], -1, 3, 3).unbind(2)
     return torch.nn.functional.normalize(torch.linalg.cross(b - a, c - a), dim=-1, eps=1e-12)

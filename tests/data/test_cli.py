@@ -8,11 +8,11 @@ from dcign_fast.data.folders import SweepFolders
 
 
 def test_render_writes_png_folders_and_cache(tmp_path):
-    common = ["--batches", "3", "--size", "16", "--batch-size", "4", "--seed", "5"]
+    common = ["--batches", "2", "--size", "16", "--batch-size", "4", "--seed", "5"]
     assert main(["render", "--out", str(tmp_path / "png"), *common]) == 0
     assert main(["render", "--out", str(tmp_path / "cache"), "--format", "cache", *common]) == 0
     folders, cache = SweepFolders(tmp_path / "png", size=16), SweepCache(tmp_path / "cache")
-    assert len(folders) == len(cache) == 3
+    assert len(folders) == len(cache) == 2
     assert sorted(k for _, _, k in folders) == sorted(k for _, _, k in cache)
 
 
