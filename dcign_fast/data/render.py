@@ -2,14 +2,14 @@
 
 Conventions (camera frame, orthographic, looking down -z):
 - x to image right, y to image top, +z toward the camera. Meshes face +z at azimuth 0.
-- ``azimuth`` (radians) turns the object about the vertical axis; positive turns the face toward
-  image right (the subject's left side comes into view less, the nose points right).
+- ``azimuth`` (radians) turns the object about the vertical axis; positive turns the nose toward
+  image right (the subject turns to their own left).
 - ``elevation`` (radians) tilts it about the image's horizontal axis, applied after azimuth so that
   positive elevation always moves the nose up in the image (face tilted up, seen a little from below),
   whatever the azimuth.
 - ``light_azimuth`` / ``light_elevation`` (radians) give a directional light fixed in the camera frame:
   direction (sin az * cos el, sin el, cos az * cos el). Positive light azimuth lights the image-right
-  side; positive light elevation lights from above.
+  side (the subject's left cheek at azimuth 0); positive light elevation lights from above.
 - Scene units: the visible region is [-1/zoom, 1/zoom] in x and y; depth must lie in [-1, 1].
 
 How: each front-facing triangle tests the pixel centres inside its bounding box (boxes grouped by size
