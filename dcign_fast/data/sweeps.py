@@ -23,7 +23,7 @@ rounding.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,10 +58,10 @@ class SweepSampler:
 
     size: image side (64, 128, 150, ...); batch_size: images per batch; shape_bias: odds k of the
     intrinsic kind against 1 for each of the others; seed: fixes the whole stream; device: where to
-    render; num_batches: batches per iteration for this rank (None: endless); rank / world_size: this
-    process's share of the stream; meshes: the scans (default: the packaged faces); num_identities:
-    identities are drawn from range(num_identities); zoom: the visible half-width is 1 / zoom
-    (canonical face: nose tip to chin 0.5); antialias: supersampling factor.
+    render; num_batches: batches per iteration (epoch, see :meth:`set_epoch`) for this rank (None:
+    endless); rank / world_size: this process's share of the stream; meshes: the scans (default: the
+    packaged faces); num_identities: identities are drawn from range(num_identities); zoom: the
+    visible half-width is 1 / zoom (canonical face: nose tip to chin 0.5); antialias: supersampling.
     """
 
     def __init__(
@@ -85,7 +85,7 @@ class SweepSampler:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.device = torch.device(device)
-        self.num_batches, self.rank, self.world_size = num_batches, rank, world_size
+        self.num_batches, self.rank, self.world_size, self.epoch = num_batches, rank, world_size, 0
         self.identities = IdentitySpace(meshes or [load_asset(n) for n in FACE_ASSETS]).to(self.device)
         self.num_identities = max(num_identities, batch_size)
         self.ranges, self.zoom, self.antialias = ranges, zoom, antialias
@@ -96,8 +96,16 @@ class SweepSampler:
             raise TypeError("an endless SweepSampler has no length; pass num_batches")
         return self.num_batches
 
+    def set_epoch(self, epoch: int) -> None:
+        """With num_batches set, epoch e iterates this rank's share of global batches
+        [e * num_batches * world_size, (e + 1) * num_batches * world_size): fresh data every epoch."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[Batch]:
-        steps = itertools.count() if self.num_batches is None else range(self.num_batches)
+        if self.num_batches is None:
+            steps: Iterable[int] = itertools.count()
+        else:
+            steps = range(self.epoch * self.num_batches, (self.epoch + 1) * self.num_batches)
         for step in steps:
             yield self.batch_at(step * self.world_size + self.rank)
 

@@ -58,6 +58,8 @@ def test_ranks_split_one_stream_disjointly():
     got = [f["azimuth"] for r in ranks for _, f, _ in r]
     assert all(torch.equal(x, y) for x, y in zip(got[:3], expected[0::2]))
     assert all(torch.equal(x, y) for x, y in zip(got[3:], expected[1::2]))
+    ranks[1].set_epoch(1)  # the next epoch continues the global stream
+    assert torch.equal(next(iter(ranks[1]))[1]["azimuth"], whole.batch_at(7)[1]["azimuth"])
     with pytest.raises(ValueError, match="rank"):
         SweepSampler(rank=2, world_size=2)
 
