@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dcign_fast.nn import UnpoolConv2d
 from dcign_fast.ops.backends import check_backend_name
+from dcign_fast.ops.latent_sampler import sample_latents
+
+
+def binary_cross_entropy_sum(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """F.binary_cross_entropy(..., reduction="sum") (logs clamped at -100 alike), except that NaN in
+    ``recon`` propagates to the loss instead of raising, so the trainer can report or skip the step."""
+    log_p = torch.log(recon).clamp_min(-100)
+    log_not_p = torch.log1p(-recon).clamp_min(-100)
+    return -(target * log_p + (1 - target) * log_not_p).sum()
 
 
 def paper_latent_groups(latent_dim: int) -> dict[str, tuple[int, int]]:
@@ -173,6 +182,19 @@ class DCIGN(nn.Module):
         """``"paper150"``, ``"demo64"`` or ``"face128"``."""
         return cls(preset(name), backend=backend)
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, backend: str = "auto") -> DCIGN:
+        """Loads any checkpoint the trainer writes: a checkpoint folder or its ``model.safetensors``.
+
+        The architecture comes from the file's metadata; nothing is unpickled.
+        """
+        from dcign_fast.train.checkpoint import load_weights
+
+        weights, config = load_weights(path)
+        model = cls(DCIGNConfig(**config), backend=backend)
+        model.load_state_dict(weights)
+        return model
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, C, S, S] in [0, 1] -> (mu, logvar), each [B, latent_dim]."""
         h = self.encoder(x)
@@ -186,20 +208,41 @@ class DCIGN(nn.Module):
         """[B, latent_dim] -> [B, C, S, S] images in [0, 1]."""
         return torch.sigmoid(self.decode_logits(z))
 
-    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """z = mu + exp(logvar / 2) * eps, eps ~ N(0, 1); [B, D] -> [B, D]."""
-        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    def forward(
+        self,
+        x: torch.Tensor,
+        active: torch.Tensor | None = None,
+        *,
+        clamp: str = "mean",
+        invariance: float = 0.0,
+        seed: int | None = None,
+        return_kl: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """[B, C, S, S] -> (recon [B, C, S, S], mu [B, D], logvar [B, D], z [B, D]), plus kl [B] if ``return_kl``.
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[B, C, S, S] -> (recon [B, C, S, S], mu [B, D], logvar [B, D], z [B, D])."""
+        z and kl come from :func:`dcign_fast.sample_latents` (``active``, ``clamp``, ``invariance``,
+        ``seed`` as there) through the model's backend. mu and logvar are the encoder's, before clamping;
+        kl is each image's KL of the clamped posterior, the term to pass to :meth:`loss` when training
+        with clamping (its gradient follows the sampler's rules). Both return shapes are plain tuples.
+        """
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar)
-        return self.decode(z), mu, logvar, z
+        z, kl = sample_latents(mu, logvar, active, clamp=clamp, invariance=invariance, seed=seed, backend=self.backend)
+        recon = self.decode(z)
+        return (recon, mu, logvar, z, kl) if return_kl else (recon, mu, logvar, z)
 
     @staticmethod
-    def loss(x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, torch.Tensor]:
-        """BCE summed per image + analytic KL to N(0, I), each averaged over the batch."""
+    def loss(
+        x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, kl: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """BCE summed per image + KL to N(0, I), each averaged over the batch.
+
+        ``kl``: [B] per-image KL from ``forward(..., return_kl=True)`` (clamped latents, the sampler's
+        gradients); None: the analytic KL of the unclamped (mu, logvar) [B, D].
+        """
         batch = x.shape[0]
-        recon_loss = F.binary_cross_entropy(recon.float(), x.float(), reduction="sum") / batch
-        kl = -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()) / batch
-        return {"total": recon_loss + kl, "recon": recon_loss, "kl": kl}
+        recon_loss = binary_cross_entropy_sum(recon.float(), x.float()) / batch
+        if kl is None:
+            kl_loss = -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()) / batch
+        else:
+            kl_loss = kl.float().sum() / batch
+        return {"total": recon_loss + kl_loss, "recon": recon_loss, "kl": kl_loss}

@@ -96,5 +96,8 @@ class TrainConfig:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ValueError(f"--set expects key=value, got {item!r}")
-            values[key.strip()] = yaml.safe_load(raw)
+            key, value = key.strip(), yaml.safe_load(raw)
+            if isinstance(values.get(key), float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+                value = float(value)  # YAML reads "1e6" as a string and "3" as an int
+            values[key] = value
         return TrainConfig.from_dict(values)

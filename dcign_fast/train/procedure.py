@@ -36,5 +36,7 @@ def batch_loss(
     active = None
     if not plain:
         active = active_mask(core.config.latent_groups, kind, core.config.latent_dim).to(images.device)
-    recon, mu, logvar, z, kl = model(images, active=active, clamp=config.clamp, invariance=config.invariance, seed=seed)
+    recon, mu, logvar, _, kl = model(
+        images, active=active, clamp=config.clamp, invariance=config.invariance, seed=seed, return_kl=True
+    )
     return core.loss(images, recon, mu, logvar, kl=kl)

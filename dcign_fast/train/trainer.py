@@ -52,7 +52,7 @@ def default_renderer(config: TrainConfig, image_size: int, device: torch.device)
     from dcign_fast.data import SweepSampler
 
     sampler = SweepSampler(size=image_size, batch_size=config.batch_size, seed=config.seed, device=device)
-    return sampler.batch
+    return lambda kind, generator: sampler.batch(kind, generator)[:2]
 
 
 class Trainer:

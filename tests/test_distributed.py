@@ -1,0 +1,46 @@
+"""torchrun with 2 CPU processes (gloo), one sweep each, ends with the weights of 1 process that
+accumulates gradients over the same two sweeps (each still clamped on its own)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dcign_fast.models import DCIGN
+from dcign_fast.train.checkpoint import load_checkpoint
+
+# Adam with a huge epsilon is SGD (step = lr / eps * gradient): plain Adam turns float rounding in
+# near-zero gradients into full-size steps, which would hide what is compared.
+OPTIONS = "batch_size=4 device=cpu threads=1 checkpoint_every=3 image_every=1000 adam_eps=1e6 lr=1000 grad_clip=null"
+COMMON = ["--steps", "3"] + [arg for option in OPTIONS.split() for arg in ("--set", option)]
+
+
+def train(out, launcher: list[str], *extra: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*launcher, "-m", "dcign_fast.train", "--out", str(out), *COMMON, *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process_accumulating_two_sweeps(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    train(tmp_path / "ddp", torchrun)
+    train(tmp_path / "single", [sys.executable], "--set", "accumulation=2")
+    ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step-00000003")[0]
+    single = load_checkpoint(tmp_path / "single" / "checkpoints" / "step-00000003")[0]
+    torch.manual_seed(0)
+    initial = DCIGN.from_preset("demo64").state_dict()
+    for name in ddp:
+        moved = (single[name] - initial[name]).norm()
+        assert moved > 0, name
+        assert (ddp[name] - single[name]).norm() < 1e-3 * moved, name

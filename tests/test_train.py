@@ -1,0 +1,168 @@
+"""The trainer: exact resume after a real kill, atomic and validated checkpoints, NaN handling,
+Ctrl-C, distributed == accumulated, logs and pictures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcign_fast.models import DCIGN
+from dcign_fast.train import TrainConfig, Trainer
+from dcign_fast.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+
+FAST = ["batch_size=4", "log_every=1", "image_every=1000", "threads=1", "device=cpu"]
+
+
+def blobs(kind: str, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """A cheap stand-in renderer: a bright square whose position follows the swept factor."""
+    images = torch.rand(4, 1, 64, 64, generator=generator) * 0.1
+    shift = torch.randint(0, 40, (4,), generator=generator)
+    for i, s in enumerate(shift.tolist()):
+        images[i, 0, 10:30, s : s + 20] += 0.8
+    return images.clamp(0, 1), {kind: shift.float()}
+
+
+def config(tmp_path: Path, **changes) -> TrainConfig:
+    values = {
+        "out": str(tmp_path / "run"),
+        "steps": 4,
+        "batch_size": 4,
+        "checkpoint_every": 2,
+        "log_every": 1,
+        "image_every": 1000,
+        "device": "cpu",
+    }
+    return TrainConfig.from_dict({**values, **changes})
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[0]
+
+
+def run_cli(out: Path, steps: int, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "dcign_fast.train", "--out", str(out), "--steps", str(steps)]
+    args += [a for s in FAST + ["checkpoint_every=10"] for a in ("--set", s)] + list(extra)
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+
+
+@pytest.mark.slow
+def test_resume_after_a_real_kill_is_exact(tmp_path):
+    straight = run_cli(tmp_path / "straight", 20)
+    assert straight.wait(timeout=300) == 0, straight.stdout.read().decode()
+
+    killed = run_cli(tmp_path / "killed", 20, "--set", "checkpoint_every=10")
+    first = tmp_path / "killed" / "checkpoints" / "step-00000010"
+    deadline = time.time() + 300
+    while not first.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert list_checkpoints(tmp_path / "killed" / "checkpoints")[0].name == "step-00000010"
+
+    resumed = run_cli(tmp_path / "killed", 20, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()
+    a = weights(tmp_path / "straight" / "checkpoints" / "step-00000020")
+    b = weights(tmp_path / "killed" / "checkpoints" / "step-00000020")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_are_complete_pruned_and_loadable(tmp_path):
+    trainer = Trainer(config(tmp_path, steps=6, keep_checkpoints=2), render=blobs)
+    result = trainer.train()
+    names = [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert names == ["step-00000004", "step-00000006"] and result.checkpoint.name == "step-00000006"
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "run" / "checkpoints").iterdir())
+    for path in (result.checkpoint, result.checkpoint / "model.safetensors"):
+        model = DCIGN.from_checkpoint(path)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in trainer.model.state_dict().items())
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and '"images_per_s"' in lines[0]
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_the_previous_one_survives(tmp_path):
+    Trainer(config(tmp_path), render=blobs).train()
+    older, newest = list_checkpoints(tmp_path / "run" / "checkpoints")
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(newest)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        DCIGN.from_checkpoint(newest)
+    assert load_checkpoint(older)[2]["step"] == 2
+    (newest / "trainer.pt").write_bytes(b"not a checkpoint")
+    (newest / "model.safetensors").write_bytes(data)
+    with pytest.raises(CheckpointError, match="trainer.pt is corrupt"):
+        load_checkpoint(newest)
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
+    Trainer(config(tmp_path, steps=2), render=blobs).train()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(config(tmp_path, steps=2), render=blobs)
+
+
+def test_nan_loss_stops_without_touching_the_last_checkpoint(tmp_path):
+    Trainer(config(tmp_path, steps=2), render=blobs).train()
+    before = (tmp_path / "run" / "checkpoints" / "step-00000002" / "model.safetensors").read_bytes()
+    trainer = Trainer(config(tmp_path, steps=4), resume=True, render=blobs)
+    with torch.no_grad():
+        trainer.model.to_mu.weight.fill_(float("nan"))
+    from dcign_fast.train.trainer import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="step 2"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000002"]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "model.safetensors").read_bytes() == before
+
+
+def test_nan_loss_can_skip_the_step(tmp_path):
+    trainer = Trainer(config(tmp_path, steps=2, on_nonfinite="skip"), render=blobs)
+    with torch.no_grad():
+        trainer.model.to_mu.bias.fill_(float("inf"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.train().step == 2
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_interrupt_saves_a_checkpoint_and_returns(tmp_path):
+    trainer = Trainer(config(tmp_path, steps=50, checkpoint_every=100), render=blobs)
+    calls = {"n": 0}
+    original = trainer.stream.batch
+
+    def batch_then_interrupt(step, shard):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(step, shard)
+
+    trainer.stream.batch = batch_then_interrupt
+    result = trainer.train()
+    assert result.interrupted and result.step == 3 and result.checkpoint.name == "step-00000003"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_progress_images_are_written(tmp_path):
+    Trainer(config(tmp_path, steps=2, image_every=2), render=blobs).train()
+    images = sorted(p.name for p in (tmp_path / "run" / "images").iterdir())
+    assert images == ["recon-00000002.png", "sweeps-00000002.png"]
+
+
+def test_config_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: demo64\nsteps: 7\nlr: 0.001\n")
+    c = TrainConfig.from_yaml(path).override(["steps=9", "clamp=first", "kind_weights={elevation: 3}"])
+    assert (c.steps, c.lr, c.clamp, c.kind_weights) == (9, 0.001, "first", {"elevation": 3})
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="clamp must be one of"):
+        TrainConfig(clamp="median")
