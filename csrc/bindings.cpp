@@ -1,10 +1,24 @@
 // Python bindings: raw device pointers and streams travel as integers; torch stays on the Python side.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <tuple>
 
 #include "latent_sampler.h"
+#include "phase_index.cuh"
 #include "smoke.h"
+#include "unpool_conv.h"
 
 namespace py = pybind11;
+
+namespace {
+// An activation tensor from Python: (pointer, stride n, stride c, stride h, stride w).
+using View = std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t>;
+
+dcign::ActivationView view(const View& v) {
+  return {std::get<0>(v), std::get<1>(v), std::get<2>(v), std::get<3>(v), std::get<4>(v)};
+}
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dcign_fast CUDA kernels (raw pointers + stream, no libtorch)";
@@ -26,4 +40,41 @@ PYBIND11_MODULE(_C, m) {
         py::arg("B"), py::arg("D"), py::arg("mu_sb"), py::arg("mu_sd"), py::arg("lv_sb"), py::arg("lv_sd"),
         py::arg("gz_sb"), py::arg("gz_sd"), py::arg("gkl_s"), py::arg("invariance"), py::arg("seed"),
         py::arg("offset"), py::arg("dtype"), py::arg("stream"));
+
+  // Unpool-conv, scale factor 2 (argument meanings: csrc/unpool_conv.h).
+  m.def(
+      "union_taps", [](int kernel, int padding) { return dcign::axis_union(kernel, padding).taps; },
+      py::arg("kernel"), py::arg("padding"), "Union taps of both phases of one axis (packed weight extent)");
+  m.def("unpool_conv_pack_weight", &dcign::unpool_conv_pack_weight, py::arg("weight"), py::arg("wp"), py::arg("O"),
+        py::arg("C"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("dtype"), py::arg("stream"));
+  m.def(
+      "unpool_conv_forward",
+      [](const View& x, uintptr_t wp, uintptr_t bias, const View& y, int N, int C, int H, int W, int O, int KH, int KW,
+         int PH, int PW, int relu, int dtype, uintptr_t stream) {
+        dcign::unpool_conv_forward(view(x), wp, bias, view(y), N, C, H, W, O, KH, KW, PH, PW, relu, dtype, stream);
+      },
+      py::arg("x"), py::arg("wp"), py::arg("bias"), py::arg("y"), py::arg("N"), py::arg("C"), py::arg("H"),
+      py::arg("W"), py::arg("O"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("relu"),
+      py::arg("dtype"), py::arg("stream"));
+  m.def(
+      "unpool_conv_grad_input",
+      [](const View& g, uintptr_t wp, const View& dx, int N, int C, int H, int W, int O, int KH, int KW, int PH, int PW,
+         int dtype, uintptr_t stream) {
+        dcign::unpool_conv_grad_input(view(g), wp, view(dx), N, C, H, W, O, KH, KW, PH, PW, dtype, stream);
+      },
+      py::arg("g"), py::arg("wp"), py::arg("dx"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
+      py::arg("O"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("dtype"), py::arg("stream"));
+  m.def(
+      "unpool_conv_grad_weight",
+      [](const View& x, const View& g, uintptr_t ws, uintptr_t bias_ws, int N, int C, int H, int W, int O, int KH,
+         int KW, int PH, int PW, int splits, int chunk, int dtype, uintptr_t stream) {
+        dcign::unpool_conv_grad_weight(view(x), view(g), ws, bias_ws, N, C, H, W, O, KH, KW, PH, PW, splits, chunk,
+                                       dtype, stream);
+      },
+      py::arg("x"), py::arg("g"), py::arg("ws"), py::arg("bias_ws"), py::arg("N"), py::arg("C"), py::arg("H"),
+      py::arg("W"), py::arg("O"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("splits"),
+      py::arg("chunk"), py::arg("dtype"), py::arg("stream"));
+  m.def("unpool_conv_finalize_grad_weight", &dcign::unpool_conv_finalize_grad_weight, py::arg("ws"),
+        py::arg("bias_ws"), py::arg("dw"), py::arg("db"), py::arg("O"), py::arg("C"), py::arg("KH"), py::arg("KW"),
+        py::arg("PH"), py::arg("PW"), py::arg("splits"), py::arg("dtype"), py::arg("stream"));
 }

@@ -8,6 +8,8 @@ Backends:
              The upsampled tensor is never allocated, forward or backward. Any integer scale factor.
   triton     fused Triton kernels, forward and backward (:mod:`dcign_fast.kernels.triton.unpool_conv`):
              scale_factor 2, float32 (TF32 when cudnn.allow_tf32) / bfloat16 / float16, kernels up to 9.
+  cuda       CUDA C++ kernels of the compiled extension (:mod:`dcign_fast.kernels.cuda_ops`, csrc/): scale_factor 2,
+             float32 / bfloat16 / float16, kernels up to 9; never chosen by auto.
   auto       the fastest correct backend for the tensors' device (CUDA: triton where it runs; CPU: torch).
 
 ``activation="relu"`` applies a ReLU to the result: fused into the triton kernels' epilogue (and their
@@ -95,11 +97,18 @@ def _triton(x, weight, bias, padding, scale_factor, activation=None):
     return unpool_conv2d_triton(x, weight, bias, padding, scale_factor, activation)
 
 
+def _cuda(x, weight, bias, padding, scale_factor, activation=None):
+    from dcign_fast.kernels.cuda_ops import unpool_conv2d_cuda  # needs the compiled extension: only when used
+
+    return unpool_conv2d_cuda(x, weight, bias, padding, scale_factor, activation)
+
+
 # Backend name -> implementation(x, weight, bias, padding, scale_factor, activation). Kernel backends register here.
 IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": _reference,
     "torch": unpool_conv2d_torch,
     "triton": _triton,
+    "cuda": _cuda,
 }
 
 

@@ -1,0 +1,37 @@
+// Launchers of the unpool-conv kernels (scale factor 2; see unpool_conv_common.cuh for the design).
+// Pointers and the stream are integers. Activations are [N, C, H, W] addressed through element strides
+// (n, c, h, w) (channels_last keeps the channel reduction contiguous); weight [O, C, KH, KW] contiguous;
+// the packed weight wp is float32 [2, 2, TR, TC, C, O] (TR, TC: union taps, see phase_index.cuh).
+#pragma once
+#include <cstdint>
+
+namespace dcign {
+
+struct ActivationView {
+  uintptr_t ptr;
+  int64_t sn, sc, sh, sw;
+};
+
+// wp <- the four phase kernels of weight, summed in float32.
+void unpool_conv_pack_weight(uintptr_t weight, uintptr_t wp, int O, int C, int KH, int KW, int PH, int PW, int dtype,
+                             uintptr_t stream);
+
+// y = unpool_conv(x) + bias (bias 0: none), ReLU when relu != 0.
+void unpool_conv_forward(ActivationView x, uintptr_t wp, uintptr_t bias, ActivationView y, int N, int C, int H, int W,
+                         int O, int KH, int KW, int PH, int PW, int relu, int dtype, uintptr_t stream);
+
+// dx = the transposed phase convolutions of grad_out g.
+void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, int N, int C, int H, int W, int O,
+                            int KH, int KW, int PH, int PW, int dtype, uintptr_t stream);
+
+// Split partial sums: ws float32 [splits, 2, 2, TR, TC, C, O] and, when bias_ws != 0, float32 [splits, 4, O].
+// Each split covers `chunk` output positions of every phase.
+void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, uintptr_t bias_ws, int N, int C, int H,
+                             int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype,
+                             uintptr_t stream);
+
+// dw [O, C, KH, KW] (and db [O] when given) in the storage dtype from the split partial sums, in a fixed order.
+void unpool_conv_finalize_grad_weight(uintptr_t ws, uintptr_t bias_ws, uintptr_t dw, uintptr_t db, int O, int C,
+                                      int KH, int KW, int PH, int PW, int splits, int dtype, uintptr_t stream);
+
+}  // namespace dcign

@@ -1,0 +1,115 @@
+// Unpool-conv forward: the four phases of one block of low-resolution positions from shared input tiles
+// (design: unpool_conv_common.cuh).
+#include "cuda_check.h"
+#include "unpool_conv_common.cuh"
+
+namespace dcign {
+namespace {
+
+constexpr int kOutside = -(1 << 28);  // row index of a position past the end: every tap falls outside the image
+
+template <typename T, int BM, int BN>
+__global__ void __launch_bounds__(kTileThreads)
+    unpool_conv_forward_kernel(const T* __restrict__ x, const float* __restrict__ wp, const T* __restrict__ bias,
+                               T* __restrict__ y, Geometry g, Strides xs, Strides ys, int relu) {
+  __shared__ float a_tile[kTileK][BM + 1];
+  __shared__ float w_tile[4][kTileK][BN + 1];
+  __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
+  const int tid = threadIdx.x, tn = tid % 16, tm = tid / 16;
+  const int rows0 = (g.HO + 1) / 2, cols0 = (g.WO + 1) / 2;  // phase (0, 0) has the most rows and columns
+  const int64_t positions = static_cast<int64_t>(g.N) * rows0 * cols0;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int o0 = blockIdx.y * BN;
+  for (int m = tid; m < BM; m += kTileThreads) {
+    const int64_t pos = m0 + m;
+    const int64_t ni = pos / cols0;
+    pos_n[m] = static_cast<int>(ni / rows0);
+    pos_i[m] = pos < positions ? static_cast<int>(ni % rows0) : kOutside;
+    pos_j[m] = static_cast<int>(pos % cols0);
+  }
+  float acc[4][BM / 16][BN / 16] = {};
+  __syncthreads();
+
+  const int64_t phase_size = packed_phase_size(g);
+  for (int ty = 0; ty < g.rows.taps; ++ty) {
+    for (int tx = 0; tx < g.cols.taps; ++tx) {
+      const int dr = g.rows.start + ty, dc = g.cols.start + tx;
+      const float* w_tap = wp + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
+      for (int c0 = 0; c0 < g.C; c0 += kTileK) {
+        // a_tile[k][m] = x[n, i + dr, j + dc, c0 + k]; k fastest: channels are contiguous in NHWC.
+        for (int e = tid; e < kTileK * BM; e += kTileThreads) {
+          const int k = e % kTileK, m = e / kTileK;
+          const int r = pos_i[m] + dr, c = pos_j[m] + dc, ch = c0 + k;
+          float v = 0.0f;
+          if (r >= 0 && r < g.H && c >= 0 && c < g.W && ch < g.C) {
+            v = to_float(x[pos_n[m] * xs.n + r * xs.h + c * xs.w + ch * xs.c]);
+          }
+          a_tile[k][m] = v;
+        }
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          if (!phase_has_tap(g, p, ty, tx)) continue;
+          const float* w = w_tap + p * phase_size;
+          for (int e = tid; e < kTileK * BN; e += kTileThreads) {
+            const int n = e % BN, k = e / BN, ch = c0 + k, o = o0 + n;
+            w_tile[p][k][n] = (ch < g.C && o < g.O) ? w[static_cast<int64_t>(ch) * g.O + o] : 0.0f;
+          }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          if (phase_has_tap(g, p, ty, tx)) tile_fma<BM, BN>(acc[p], a_tile, w_tile[p], tm, tn);
+        }
+        __syncthreads();
+      }
+    }
+  }
+
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+#pragma unroll
+    for (int i = 0; i < BM / 16; ++i) {
+      const int m = tm + 16 * i;
+      const int row = 2 * pos_i[m] + p / 2, col = 2 * pos_j[m] + p % 2;
+      if (pos_i[m] == kOutside || row >= g.HO || col >= g.WO) continue;
+      const int64_t base = pos_n[m] * ys.n + row * ys.h + col * ys.w;
+#pragma unroll
+      for (int j = 0; j < BN / 16; ++j) {
+        const int o = o0 + tn + 16 * j;
+        if (o >= g.O) continue;
+        float v = acc[p][i][j] + (bias != nullptr ? to_float(bias[o]) : 0.0f);
+        if (relu) v = fmaxf(v, 0.0f);
+        y[base + o * ys.c] = from_float<T>(v);
+      }
+    }
+  }
+}
+
+template <typename T, int BM, int BN>
+void launch_forward(const ActivationView& x, uintptr_t wp, uintptr_t bias, const ActivationView& y, const Geometry& g,
+                    int relu, cudaStream_t stream) {
+  const int64_t positions = static_cast<int64_t>(g.N) * ((g.HO + 1) / 2) * ((g.WO + 1) / 2);
+  const dim3 grid(ceil_div(positions, BM), ceil_div(g.O, BN));
+  unpool_conv_forward_kernel<T, BM, BN><<<grid, kTileThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const float*>(wp), reinterpret_cast<const T*>(bias),
+      reinterpret_cast<T*>(y.ptr), g, strides_of(x), strides_of(y), relu);
+  check_launch("unpool_conv_forward_kernel");
+}
+
+}  // namespace
+
+void unpool_conv_forward(ActivationView x, uintptr_t wp, uintptr_t bias, ActivationView y, int N, int C, int H, int W,
+                         int O, int KH, int KW, int PH, int PW, int relu, int dtype, uintptr_t stream) {
+  const Geometry g = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
+  dispatch_dtype(dtype, "unpool_conv_forward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    // Few output channels (e.g. the last decoder layer): a narrow, tall tile wastes no columns.
+    if (O <= 16) {
+      launch_forward<T, 256, 16>(x, wp, bias, y, g, relu, to_stream(stream));
+    } else {
+      launch_forward<T, 64, 64>(x, wp, bias, y, g, relu, to_stream(stream));
+    }
+  });
+}
+
+}  // namespace dcign

@@ -1,0 +1,105 @@
+// Unpool-conv grad input: dx[n, i, j, c] = sum over phases (A, B), their taps (ty, tx) and C_out of
+// g[n, 2 io + A, 2 jo + B, o] * wp[A, B, ty, tx, c, o], with io = i - (row start + ty), jo likewise
+// (design: unpool_conv_common.cuh).
+#include "cuda_check.h"
+#include "unpool_conv_common.cuh"
+
+namespace dcign {
+namespace {
+
+constexpr int kOutside = -(1 << 28);  // row index of a position past the end: never a valid output row
+
+template <typename T, int BM, int BN>
+__global__ void __launch_bounds__(kTileThreads)
+    unpool_conv_grad_input_kernel(const T* __restrict__ gout, const float* __restrict__ wp, T* __restrict__ dx,
+                                  Geometry g, Strides gs, Strides xs) {
+  __shared__ float g_tile[kTileK][BM + 1];
+  __shared__ float w_tile[kTileK][BN + 1];
+  __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
+  const int tid = threadIdx.x, tn = tid % 16, tm = tid / 16;
+  const int64_t positions = static_cast<int64_t>(g.N) * g.H * g.W;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int c0 = blockIdx.y * BN;
+  for (int m = tid; m < BM; m += kTileThreads) {
+    const int64_t pos = m0 + m;
+    const int64_t ni = pos / g.W;
+    pos_n[m] = static_cast<int>(ni / g.H);
+    pos_i[m] = pos < positions ? static_cast<int>(ni % g.H) : kOutside;
+    pos_j[m] = static_cast<int>(pos % g.W);
+  }
+  float acc[BM / 16][BN / 16] = {};
+  __syncthreads();
+
+  const int64_t phase_size = packed_phase_size(g);
+  for (int p = 0; p < 4; ++p) {
+    const int A = p / 2, B = p % 2;
+    const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
+    const int ty_end = g.rows.window_start[A] + g.rows.window_taps[A];
+    const int tx_end = g.cols.window_start[B] + g.cols.window_taps[B];
+    for (int ty = g.rows.window_start[A]; ty < ty_end; ++ty) {
+      for (int tx = g.cols.window_start[B]; tx < tx_end; ++tx) {
+        const int dr = g.rows.start + ty, dc = g.cols.start + tx;
+        const float* w_tap = wp + p * phase_size + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
+        for (int o0 = 0; o0 < g.O; o0 += kTileK) {
+          // g_tile[k][m] = g[n, 2 io + A, 2 jo + B, o0 + k]; k fastest (contiguous output channels).
+          for (int e = tid; e < kTileK * BM; e += kTileThreads) {
+            const int k = e % kTileK, m = e / kTileK;
+            const int io = pos_i[m] - dr, jo = pos_j[m] - dc, o = o0 + k;
+            float v = 0.0f;
+            if (io >= 0 && io < rows && jo >= 0 && jo < cols && o < g.O) {
+              v = to_float(gout[pos_n[m] * gs.n + (2 * io + A) * gs.h + (2 * jo + B) * gs.w + o * gs.c]);
+            }
+            g_tile[k][m] = v;
+          }
+          // w_tile[k][n] = wp[.., c0 + n, o0 + k]; k fastest (wp is contiguous in o).
+          for (int e = tid; e < kTileK * BN; e += kTileThreads) {
+            const int k = e % kTileK, n = e / kTileK, o = o0 + k, ch = c0 + n;
+            w_tile[k][n] = (ch < g.C && o < g.O) ? w_tap[static_cast<int64_t>(ch) * g.O + o] : 0.0f;
+          }
+          __syncthreads();
+          tile_fma<BM, BN>(acc, g_tile, w_tile, tm, tn);
+          __syncthreads();
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < BM / 16; ++i) {
+    const int m = tm + 16 * i;
+    if (pos_i[m] == kOutside) continue;
+    const int64_t base = pos_n[m] * xs.n + pos_i[m] * xs.h + pos_j[m] * xs.w;
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j) {
+      const int ch = c0 + tn + 16 * j;
+      if (ch < g.C) dx[base + ch * xs.c] = from_float<T>(acc[i][j]);
+    }
+  }
+}
+
+template <typename T, int BM, int BN>
+void launch_grad_input(const ActivationView& gout, uintptr_t wp, const ActivationView& dx, const Geometry& g,
+                       cudaStream_t stream) {
+  const dim3 grid(ceil_div(static_cast<int64_t>(g.N) * g.H * g.W, BM), ceil_div(g.C, BN));
+  unpool_conv_grad_input_kernel<T, BM, BN><<<grid, kTileThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<const float*>(wp), reinterpret_cast<T*>(dx.ptr), g,
+      strides_of(gout), strides_of(dx));
+  check_launch("unpool_conv_grad_input_kernel");
+}
+
+}  // namespace
+
+void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, int N, int C, int H, int W, int O,
+                            int KH, int KW, int PH, int PW, int dtype, uintptr_t stream) {
+  const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
+  dispatch_dtype(dtype, "unpool_conv_grad_input", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (C <= 16) {
+      launch_grad_input<T, 256, 16>(g, wp, dx, geo, to_stream(stream));
+    } else {
+      launch_grad_input<T, 64, 64>(g, wp, dx, geo, to_stream(stream));
+    }
+  });
+}
+
+}  // namespace dcign

@@ -1,0 +1,122 @@
+// Unpool-conv grad weight, split partial sums: for each phase (A, B), tap (ty, tx) of its window and
+// split s of its output positions, ws[s, A, B, ty, tx, c, o] = sum over positions (n, io, jo) in the split
+// of x[n, io + row start + ty, jo + col start + tx, c] * g[n, 2 io + A, 2 jo + B, o]; grad bias partials
+// ride along in the blocks of each phase's first tap (design: unpool_conv_common.cuh).
+#include "cuda_check.h"
+#include "unpool_conv_common.cuh"
+
+namespace dcign {
+namespace {
+
+template <typename T, int BM, int BN>
+__global__ void __launch_bounds__(kTileThreads)
+    unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, float* __restrict__ ws,
+                                   float* __restrict__ bias_ws, Geometry g, Strides xs, Strides gs, int chunk) {
+  __shared__ float x_tile[kTileK][BM + 1];
+  __shared__ float g_tile[kTileK][BN + 1];
+  __shared__ int pos_n[kTileK], pos_io[kTileK], pos_jo[kTileK];
+  const int tid = threadIdx.x, tn = tid % 16, tm = tid / 16;
+  const int o_tiles = (g.O + BN - 1) / BN;
+  const int c0 = (blockIdx.x / o_tiles) * BM, o0 = (blockIdx.x % o_tiles) * BN;
+  const int split = blockIdx.z;
+  // blockIdx.y enumerates the taps of phase 0's window, then phase 1's, ...
+  int p = 0, t = blockIdx.y;
+  for (; p < 3; ++p) {
+    const int taps = g.rows.window_taps[p / 2] * g.cols.window_taps[p % 2];
+    if (t < taps) break;
+    t -= taps;
+  }
+  const int A = p / 2, B = p % 2;
+  const int ty = g.rows.window_start[A] + t / g.cols.window_taps[B];
+  const int tx = g.cols.window_start[B] + t % g.cols.window_taps[B];
+  const int dr = g.rows.start + ty, dc = g.cols.start + tx;
+  const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
+  const int64_t positions = static_cast<int64_t>(g.N) * rows * cols;
+  const int64_t begin = static_cast<int64_t>(split) * chunk;
+  const int64_t end = begin + chunk < positions ? begin + chunk : positions;
+  const bool sums_bias = bias_ws != nullptr && c0 == 0 && ty == g.rows.window_start[A] && tx == g.cols.window_start[B];
+
+  float acc[BM / 16][BN / 16] = {};
+  float bias_sum = 0.0f;
+  for (int64_t p0 = begin; p0 < end; p0 += kTileK) {
+    if (tid < kTileK) {
+      const int64_t pos = p0 + tid;
+      const int64_t ni = pos / cols;
+      pos_n[tid] = static_cast<int>(ni / rows);
+      pos_io[tid] = static_cast<int>(ni % rows);
+      pos_jo[tid] = pos < end ? static_cast<int>(pos % cols) : -1;  // -1: past the split
+    }
+    __syncthreads();
+    // x_tile[k][c] for position p0 + k; c fastest (contiguous input channels).
+    for (int e = tid; e < kTileK * BM; e += kTileThreads) {
+      const int c = e % BM, k = e / BM, ch = c0 + c;
+      const int r = pos_io[k] + dr, col = pos_jo[k] + dc;
+      float v = 0.0f;
+      if (pos_jo[k] >= 0 && ch < g.C && r >= 0 && r < g.H && col >= 0 && col < g.W) {
+        v = to_float(x[pos_n[k] * xs.n + r * xs.h + col * xs.w + ch * xs.c]);
+      }
+      x_tile[k][c] = v;
+    }
+    // g_tile[k][o] = g[n, 2 io + A, 2 jo + B, o0 + o]; o fastest.
+    for (int e = tid; e < kTileK * BN; e += kTileThreads) {
+      const int o = e % BN, k = e / BN, oc = o0 + o;
+      float v = 0.0f;
+      if (pos_jo[k] >= 0 && oc < g.O) {
+        v = to_float(gout[pos_n[k] * gs.n + (2 * pos_io[k] + A) * gs.h + (2 * pos_jo[k] + B) * gs.w + oc * gs.c]);
+      }
+      g_tile[k][o] = v;
+    }
+    __syncthreads();
+    if (sums_bias && tid < BN) {
+      for (int k = 0; k < kTileK; ++k) bias_sum += g_tile[k][tid];
+    }
+    tile_fma<BM, BN>(acc, x_tile, g_tile, tm, tn);
+    __syncthreads();
+  }
+
+  float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g) +
+               static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
+#pragma unroll
+  for (int i = 0; i < BM / 16; ++i) {
+    const int ch = c0 + tm + 16 * i;
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j) {
+      const int o = o0 + tn + 16 * j;
+      if (ch < g.C && o < g.O) out[static_cast<int64_t>(ch) * g.O + o] = acc[i][j];
+    }
+  }
+  if (sums_bias && tid < BN && o0 + tid < g.O) bias_ws[(static_cast<int64_t>(split) * 4 + p) * g.O + o0 + tid] = bias_sum;
+}
+
+template <typename T, int BM, int BN>
+void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t ws, uintptr_t bias_ws,
+                        const Geometry& g, int splits, int chunk, cudaStream_t stream) {
+  int taps = 0;
+  for (int p = 0; p < 4; ++p) taps += g.rows.window_taps[p / 2] * g.cols.window_taps[p % 2];
+  const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), taps, splits);
+  unpool_conv_grad_weight_kernel<T, BM, BN><<<grid, kTileThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws),
+      reinterpret_cast<float*>(bias_ws), g, strides_of(x), strides_of(gout), chunk);
+  check_launch("unpool_conv_grad_weight_kernel");
+}
+
+}  // namespace
+
+void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, uintptr_t bias_ws, int N, int C, int H,
+                             int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype,
+                             uintptr_t stream) {
+  if (splits < 1 || splits > 65535 || chunk < 1) {
+    throw std::invalid_argument("unpool_conv_grad_weight: splits must lie in [1, 65535] and chunk be >= 1");
+  }
+  const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
+  dispatch_dtype(dtype, "unpool_conv_grad_weight", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (O <= 16) {
+      launch_grad_weight<T, 64, 16>(x, g, ws, bias_ws, geo, splits, chunk, to_stream(stream));
+    } else {
+      launch_grad_weight<T, 64, 64>(x, g, ws, bias_ws, geo, splits, chunk, to_stream(stream));
+    }
+  });
+}
+
+}  // namespace dcign

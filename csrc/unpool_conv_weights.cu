@@ -1,0 +1,102 @@
+// Weight transforms of unpool-conv: collapse the K x K kernel into the four packed phase kernels
+// (forward), and the transpose of that collapse applied to the grad-weight partial sums (backward).
+#include "cuda_check.h"
+#include "unpool_conv_common.cuh"
+
+namespace dcign {
+namespace {
+
+constexpr int kThreads = 256;
+
+// wp[p, ty, tx, c, o] = sum of weight[o, c, u, v] over the taps u (v) that phase p's row (column) maps to
+// union tap ty (tx); zero outside the phase's window.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    pack_weight_kernel(const T* __restrict__ weight, float* __restrict__ wp, Geometry g, int KH, int KW, int PH,
+                       int PW) {
+  const int64_t total = 4 * packed_phase_size(g);
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int o = static_cast<int>(idx % g.O);
+    const int c = static_cast<int>(idx / g.O % g.C);
+    const int64_t rest = idx / (static_cast<int64_t>(g.O) * g.C);
+    const int tx = static_cast<int>(rest % g.cols.taps), ty = static_cast<int>(rest / g.cols.taps % g.rows.taps);
+    const int p = static_cast<int>(rest / (g.cols.taps * g.rows.taps));
+    const T* w = weight + (static_cast<int64_t>(o) * g.C + c) * KH * KW;
+    float sum = 0.0f;
+    for (int u = 0; u < KH; ++u) {
+      if (union_tap(g.rows, p / 2, u, PH) != ty) continue;
+      for (int v = 0; v < KW; ++v) {
+        if (union_tap(g.cols, p % 2, v, PW) == tx) sum += to_float(w[u * KW + v]);
+      }
+    }
+    wp[idx] = sum;
+  }
+}
+
+// dw[o, c, u, v] = sum over splits s and phases (A, B) of ws[s, A, B, tap of u, tap of v, c, o];
+// then db[o] = sum over s and phases of bias_ws[s, phase, o]. Fixed order: deterministic.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    finalize_grad_weight_kernel(const float* __restrict__ ws, const float* __restrict__ bias_ws, T* __restrict__ dw,
+                                T* __restrict__ db, Geometry g, int KH, int KW, int PH, int PW, int splits) {
+  const int64_t weights = static_cast<int64_t>(g.O) * g.C * KH * KW;
+  const int64_t total = weights + (db != nullptr ? g.O : 0);
+  const int64_t phase_size = packed_phase_size(g);
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float sum = 0.0f;
+    if (idx < weights) {
+      const int v = static_cast<int>(idx % KW), u = static_cast<int>(idx / KW % KH);
+      const int c = static_cast<int>(idx / (KW * KH) % g.C), o = static_cast<int>(idx / (static_cast<int64_t>(KW) * KH * g.C));
+      for (int s = 0; s < splits; ++s) {
+        for (int p = 0; p < 4; ++p) {
+          const int ty = union_tap(g.rows, p / 2, u, PH), tx = union_tap(g.cols, p % 2, v, PW);
+          sum += ws[(static_cast<int64_t>(s) * 4 + p) * phase_size +
+                    (static_cast<int64_t>(ty * g.cols.taps + tx) * g.C + c) * g.O + o];
+        }
+      }
+      dw[idx] = from_float<T>(sum);
+    } else {
+      const int o = static_cast<int>(idx - weights);
+      for (int s = 0; s < splits; ++s) {
+        for (int p = 0; p < 4; ++p) sum += bias_ws[(static_cast<int64_t>(s) * 4 + p) * g.O + o];
+      }
+      db[o] = from_float<T>(sum);
+    }
+  }
+}
+
+unsigned grid_for(int64_t total) {
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
+}
+
+}  // namespace
+
+void unpool_conv_pack_weight(uintptr_t weight, uintptr_t wp, int O, int C, int KH, int KW, int PH, int PW, int dtype,
+                             uintptr_t stream) {
+  // Only the channel counts and the taps matter here; the spatial sizes are placeholders.
+  const Geometry g = make_geometry(1, C, 1, 1, O, KH, KW, PH, PW);
+  dispatch_dtype(dtype, "unpool_conv_pack_weight", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    pack_weight_kernel<T><<<grid_for(4 * packed_phase_size(g)), kThreads, 0, to_stream(stream)>>>(
+        reinterpret_cast<const T*>(weight), reinterpret_cast<float*>(wp), g, KH, KW, PH, PW);
+    check_launch("pack_weight_kernel");
+  });
+}
+
+void unpool_conv_finalize_grad_weight(uintptr_t ws, uintptr_t bias_ws, uintptr_t dw, uintptr_t db, int O, int C,
+                                      int KH, int KW, int PH, int PW, int splits, int dtype, uintptr_t stream) {
+  const Geometry g = make_geometry(1, C, 1, 1, O, KH, KW, PH, PW);
+  const int64_t total = static_cast<int64_t>(O) * C * KH * KW + (db != 0 ? O : 0);
+  dispatch_dtype(dtype, "unpool_conv_finalize_grad_weight", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    finalize_grad_weight_kernel<T><<<grid_for(total), kThreads, 0, to_stream(stream)>>>(
+        reinterpret_cast<const float*>(ws), reinterpret_cast<const float*>(bias_ws), reinterpret_cast<T*>(dw),
+        reinterpret_cast<T*>(db), g, KH, KW, PH, PW, splits);
+    check_launch("finalize_grad_weight_kernel");
+  });
+}
+
+}  // namespace dcign
