@@ -9,6 +9,7 @@ from torch import nn
 
 from dcign_fast.ops._checks import check_pair
 from dcign_fast.ops.backends import check_backend_name
+from dcign_fast.ops.latent_sampler import check_sample_latents_args, sample_latents
 from dcign_fast.ops.unpool_conv import ACTIVATIONS, unpool_conv2d
 
 
@@ -141,3 +142,29 @@ def convert_upsample_conv(module: nn.Module, backend: str = "auto") -> int:
                 module._modules[first] = nn.Identity()
                 fused += 1
     return fused
+
+
+class LatentSampler(nn.Module):
+    """DC-IGN's latent sampling as a module: ``sample_latents`` with fixed clamp, invariance and backend.
+
+    No parameters. Shapes: mu, logvar [B, D], active bool [D] or None -> (z [B, D], kl [B]).
+    """
+
+    def __init__(self, clamp: str = "mean", invariance: float = 0.0, backend: str = "auto") -> None:
+        super().__init__()
+        check_backend_name(backend)
+        # Validate clamp and invariance now rather than at the first forward.
+        check_sample_latents_args(torch.zeros(1, 1), torch.zeros(1, 1), None, clamp, invariance, None)
+        self.clamp = clamp
+        self.invariance = float(invariance)
+        self.backend = backend
+
+    def forward(
+        self, mu: torch.Tensor, logvar: torch.Tensor, active: torch.Tensor | None = None, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample_latents(
+            mu, logvar, active, clamp=self.clamp, invariance=self.invariance, seed=seed, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return f"clamp={self.clamp!r}, invariance={self.invariance}, backend={self.backend!r}"
