@@ -19,8 +19,11 @@ from benchmarks.harness import format_table, machine, machine_label, write_resul
 
 SUITES = {
     "ops": "benchmarks.suites.ops",
+    "latent": "benchmarks.suites.latent_sampler",
+    "render": "benchmarks.suites.render",
+    "train": "benchmarks.suites.train",
 }
-COLUMNS = ["case", "pass", "dtype", "backend", "median_ms", "speedup", "peak_mb", "note"]
+COLUMNS = ["case", "pass", "dtype", "backend", "median_ms", "images_per_s", "speedup", "peak_mb", "note"]
 
 
 def main(argv: list[str] | None = None) -> int:
