@@ -117,6 +117,7 @@ cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>
 
 void sampler_column_means(uintptr_t mu, uintptr_t logvar, int64_t B, int64_t D, int64_t mu_sb, int64_t mu_sd,
                           int64_t lv_sb, int64_t lv_sd, uintptr_t means, int dtype, uintptr_t stream) {
+  if (D > static_cast<int64_t>(kMaxBlocks) * 32) throw std::invalid_argument("sampler_column_means: too many columns");
   dispatch_dtype(dtype, "sampler_column_means", [&](auto tag) {
     using T = typename decltype(tag)::type;
     column_means_kernel<T><<<blocks_for(D, 32), kThreads, 0, as_stream(stream)>>>(
