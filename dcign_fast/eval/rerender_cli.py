@@ -14,11 +14,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcign_fast.data.folders import load_grey_image
+    import torch
+
+    from dcign_fast.data.folders import read_grey
     from dcign_fast.eval.rerender import sweep_grid
     from dcign_fast.models import DCIGN
 
     model = DCIGN.from_checkpoint(args.checkpoint)
-    image = load_grey_image(args.image, model.config.image_size)
+    image = torch.from_numpy(read_grey(args.image, model.config.image_size))[None, None]
     print(f"wrote {sweep_grid(model, image, args.out, count=args.steps)}")
     return 0

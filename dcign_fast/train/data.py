@@ -33,7 +33,8 @@ class BatchStream:
 
     ``render(kind, generator)`` returns (images [B, 1, S, S], factors dict of [B] tensors). With
     ``pool > 0``, ``pool`` sweeps per kind are rendered once up front (deterministically from the seed
-    and rank) and batches are drawn from them: rendering then costs nothing per step.
+    and rank) and batches are drawn from them: rendering then costs nothing per step. ``kinds`` limits
+    the kinds to those the source has (e.g. a folder dataset without light sweeps).
     """
 
     def __init__(
@@ -41,12 +42,15 @@ class BatchStream:
         render: Callable[[str, torch.Generator], tuple[torch.Tensor, dict[str, torch.Tensor]]],
         config: TrainConfig,
         rank: int = 0,
+        kinds: tuple[str, ...] | None = None,
         show_progress: bool = True,
     ) -> None:
         self.render = render
         self.seed = config.seed
         odds = kind_odds(config)
-        self.kinds = [k for k in KINDS if odds[k] > 0]
+        self.kinds = [k for k in KINDS if odds[k] > 0 and (kinds is None or k in kinds)]
+        if not self.kinds:
+            raise ValueError(f"no batch kind both has data ({kinds}) and a positive weight ({odds})")
         self.probabilities = torch.tensor([odds[k] for k in self.kinds], dtype=torch.float64)
         self.pool: dict[str, list[tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
         if config.data_pool > 0:

@@ -48,11 +48,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def default_renderer(config: TrainConfig, image_size: int, device: torch.device) -> Callable:
-    from dcign_fast.data import SweepSampler
+def default_source(config: TrainConfig, image_size: int, device: torch.device) -> tuple[Callable, tuple[str, ...]]:
+    """(render(kind, generator) -> (images, factors), the kinds it has): the built-in renderer, or
+    batch folders in the DC-IGN layout when ``config.data`` is a path."""
+    if config.data == "render":
+        from dcign_fast.data import KINDS, SweepSampler
 
-    sampler = SweepSampler(size=image_size, batch_size=config.batch_size, seed=config.seed, device=device)
-    return lambda kind, generator: sampler.batch(kind, generator)[:2]
+        sampler = SweepSampler(size=image_size, batch_size=config.batch_size, seed=config.seed, device=device)
+        return (lambda kind, generator: sampler.batch(kind, generator)[:2]), KINDS
+    from dcign_fast.data.folders import SweepFolders
+
+    folders = SweepFolders(config.data, size=image_size)
+    by_kind: dict[str, list[int]] = {}
+    for index, (_, kind) in enumerate(folders.folders):
+        by_kind.setdefault(kind, []).append(index)
+
+    def pick(kind: str, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        choices = by_kind[kind]
+        return folders[choices[int(torch.randint(len(choices), (1,), generator=generator))]][:2]
+
+    return pick, tuple(by_kind)
 
 
 class Trainer:
@@ -94,8 +109,10 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if on_gpu else None)
         if config.compile:
             self.net = torch.compile(self.net)
-        render = render or default_renderer(config, self.model.config.image_size, self.device)
-        self.stream = BatchStream(render, config, rank=self.world.rank, show_progress=self.world.is_main)
+        kinds = None
+        if render is None:
+            render, kinds = default_source(config, self.model.config.image_size, self.device)
+        self.stream = BatchStream(render, config, rank=self.world.rank, kinds=kinds, show_progress=self.world.is_main)
         self.log = MetricsLog(self.out, enabled=self.world.is_main, resume_step=self.step)
         self._stop_requested = False
 
