@@ -41,13 +41,12 @@ MIN_UNIFORM = 1.0e-7  # keeps log() finite
 TWO_PI = 6.283185307179586
 
 
-def _mulhilo(factor: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mulhilo(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo) 32-bit halves of ``factor * x`` for words in [0, 2**32), exact in int64."""
-    factor_lo, factor_hi = factor & 0xFFFF, factor >> 16
-    low = x * factor_lo  # < 2**48
-    high = x * factor_hi  # < 2**48; the full product is high * 2**16 + low
-    hi = (high + (low >> 16)) >> 16
-    lo = (((high & 0xFFFF) << 16) + low) & MASK32
+    high = x * (factor >> 16)  # < 2**48; the full product is high * 2**16 + low
+    low = x * (factor & 0xFFFF)  # < 2**48
+    lo = ((high & 0xFFFF) << 16).add_(low).bitwise_and_(MASK32)
+    hi = low.bitwise_right_shift_(16).add_(high).bitwise_right_shift_(16)
     return hi, lo
 
 
@@ -61,17 +60,15 @@ def philox4x32(counter: torch.Tensor, key: tuple[int, int], rounds: int = ROUNDS
     Returns:
         [4, N] int64 output words in [0, 2**32).
     """
-    # Words 0 and 2 go through the multipliers together: x = (c0, c2), y = (c1, c3).
-    x, y = counter[0::2], counter[1::2]
-    factor = torch.tensor([[PHILOX_M0], [PHILOX_M1]], dtype=torch.int64, device=counter.device)
+    c0, c1, c2, c3 = counter
     k0, k1 = key
     for _ in range(rounds):
-        hi, lo = _mulhilo(factor, x)  # rows: (M0 * c0, M1 * c2)
-        keys = torch.tensor([[k0], [k1]], dtype=torch.int64, device=counter.device)
-        x = hi.flip(0) ^ y ^ keys  # (hi(M1 c2) ^ c1 ^ k0, hi(M0 c0) ^ c3 ^ k1)
-        y = lo.flip(0)  # (lo(M1 c2), lo(M0 c0))
+        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
+        hi2, lo2 = _mulhilo(c2, PHILOX_M1)
+        # In place on fresh products only (never on the caller's counter): fewer allocations.
+        c0, c1, c2, c3 = hi2.bitwise_xor_(c1).bitwise_xor_(k0), lo2, hi0.bitwise_xor_(c3).bitwise_xor_(k1), lo0
         k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
-    return torch.stack([x[0], y[0], x[1], y[1]])
+    return torch.stack([c0, c1, c2, c3])
 
 
 def seed_key(seed: int) -> tuple[int, int]:

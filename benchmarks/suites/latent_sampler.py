@@ -1,0 +1,93 @@
+"""Latent sampler: forward+backward of ``sample_latents`` per backend against the reference.
+
+A DC-IGN one-factor batch: one latent active, the others clamped to their batch mean, invariance
+pull on. Every variant draws the same Philox noise, so all of them do the same work. ``speedup`` is
+the reference's time over the row's, measured side by side in the same run. ``compiled reference``
+is ``torch.compile`` of the reference (skipped in quick mode on the CPU, where compiling takes longer
+than the suite).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.harness import peak_memory_mb, time_side_by_side
+from dcign_fast.kernels import cuda as cuda_extension
+from dcign_fast.ops.latent_sampler import sample_latents
+from dcign_fast.ops.reference import sample_latents_reference
+
+INVARIANCE = 0.01  # the paper's strength
+SEED = 1234
+
+
+def cases(device: str, quick: bool) -> list[tuple[int, int]]:
+    """(B, D) pairs: the paper's latent size 200 at growing batches, then a wide latent code."""
+    if quick:
+        return [(20, 200), (128, 200)]
+    wide = [(128, 4096), (4096, 4096)] if device == "cpu" else [(128, 4096), (4096, 4096), (65536, 4096)]
+    return [(20, 200), (128, 200), (4096, 200), (65536, 200), *wide]
+
+
+def _variants(device: str, quick: bool) -> dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]]:
+    """Name -> fn(mu, logvar, active) -> (z, kl), the reference first."""
+
+    def backend(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        return lambda mu, logvar, active: sample_latents(
+            mu, logvar, active, invariance=INVARIANCE, seed=SEED, backend=name
+        )
+
+    variants = {
+        "reference": lambda mu, logvar, active: sample_latents_reference(mu, logvar, active, "mean", INVARIANCE, SEED)
+    }
+    if not (quick and device == "cpu"):
+        compiled = torch.compile(sample_latents_reference)
+        variants["compiled reference"] = lambda mu, logvar, active: compiled(
+            mu, logvar, active, "mean", INVARIANCE, SEED
+        )
+    variants["torch"] = backend("torch")
+    if device == "cuda":
+        variants["triton"] = backend("triton")
+        if cuda_extension.available():
+            variants["cuda"] = backend("cuda")
+    return variants
+
+
+def _runner(fn: Callable, mu: torch.Tensor, logvar: torch.Tensor, active: torch.Tensor, grads) -> Callable[[], None]:
+    def run() -> None:
+        mu.grad = logvar.grad = None
+        torch.autograd.backward(fn(mu, logvar, active), grads)
+
+    return run
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    repeats, warmup = (2, 1) if quick else (5, 1)
+    rows = []
+    for batch, dim in cases(device, quick):
+        mu = (torch.randn(batch, dim, device=device) * 1.5).requires_grad_()
+        logvar = (torch.randn(batch, dim, device=device) * 0.7 - 0.5).requires_grad_()
+        active = torch.zeros(dim, dtype=torch.bool, device=device)
+        active[0] = True
+        grads = (torch.randn(batch, dim, device=device), torch.randn(batch, device=device))
+        runners, notes = {}, {}
+        for name, fn in _variants(device, quick).items():
+            runner = _runner(fn, mu, logvar, active, grads)
+            try:
+                runner()  # compiles where needed, outside the timing
+            except Exception as err:  # torch.compile may be unavailable (no C++ compiler, no Triton)
+                notes[name] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+                continue
+            runners[name] = runner
+        times = time_side_by_side(runners, device, warmup=warmup, repeats=repeats)
+        for name in [*runners, *notes]:
+            row = {"case": f"B={batch} D={dim}", "pass": "forward+backward", "dtype": "float32", "backend": name}
+            if name in times:
+                row["median_ms"] = times[name]
+                row["speedup"] = times["reference"] / times[name]
+                row["peak_mb"] = peak_memory_mb(runners[name], device)
+            else:
+                row["note"] = notes[name]
+            rows.append(row)
+    return rows
