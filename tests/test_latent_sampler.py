@@ -335,3 +335,18 @@ def test_model_samples_through_the_op():
     torch.testing.assert_close(losses["kl"], kl.sum() / 3)
     losses["total"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", FUSED)
+def test_seed_none_on_cuda_follows_the_cuda_generator(backend):
+    mu, logvar = (t.cuda() for t in random_inputs(5, 7))
+    torch.manual_seed(77)
+    first = [sample_latents(mu, logvar, backend=backend)[0] for _ in range(2)]
+    assert not torch.equal(first[0], first[1])
+    torch.manual_seed(77)
+    seed, offset = torch.cuda.initial_seed(), torch.cuda.default_generators[mu.device.index].get_offset()
+    again = sample_latents(mu, logvar, backend=backend)[0]
+    assert torch.equal(again, first[0])
+    torch.testing.assert_close(again, sample_latents_reference(mu, logvar, seed=seed, offset=offset)[0])
+    assert torch.cuda.default_generators[mu.device.index].get_offset() >= offset + mu.numel()
