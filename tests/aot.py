@@ -28,7 +28,8 @@ def _jit_function(kernel: object) -> object:
 def compile_kernel(
     kernel: object, args: dict[str, object], num_warps: int = 4, num_stages: int = 3, arch: int = 90
 ) -> dict[str, object]:
-    """Compiles ``kernel`` for CUDA compute capability ``arch``; returns shared memory bytes and the PTX size.
+    """Compiles ``kernel`` for CUDA compute capability ``arch``; returns its resource usage (registers,
+    stack bytes, static shared memory: see :func:`resource_usage`; and Triton's dynamic shared memory).
 
     ``args`` gives every argument by name: a torch.dtype for a pointer, int or float for a scalar, and the
     value of each constexpr.
@@ -54,7 +55,7 @@ def compile_kernel(
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
-    return {"shared": compiled.metadata.shared, "ptx_chars": len(compiled.asm["ptx"])}
+    return {**resource_usage(compiled.asm["cubin"]), "dynamic_shared": compiled.metadata.shared}
 
 
 def compile_in_subprocess(module: str, function: str, timeout: float = 600) -> list[dict[str, object]]:
@@ -68,3 +69,19 @@ def compile_in_subprocess(module: str, function: str, timeout: float = 600) -> l
     if done.returncode != 0:
         raise AssertionError(f"AOT compile failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED, LOCAL of the (single) kernel in a cubin, read by the cuobjdump bundled with Triton."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}

@@ -67,46 +67,65 @@ def _fit_channels(dim: str):
     return {"early_config_prune": prune}
 
 
-# Four fp32 accumulators (one per phase) of BLOCK_M x BLOCK_N: at most 64 registers a thread for them, so
-# nothing spills. Channel counts of 16-128 take one to four 32-channel reduction steps.
+# Four fp32 accumulators (one per phase) of BLOCK_M x BLOCK_N plus 64-bit pointer tiles: with 8 warps and
+# 64 rows nothing spills (tests/test_triton_aot.py checks; 4 warps or 128 rows spilled in some cases).
+# Channel counts of 16-128 take one to four 32-channel reduction steps; BLOCK_N 16 suits C_out = 1.
 _GEMM_CONFIGS = _configs(
     ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-    [(64, 64, 32, 8, 2), (128, 32, 32, 8, 2), (64, 32, 32, 4, 2), (128, 16, 32, 4, 2), (64, 16, 64, 4, 2)],
+    [(64, 64, 32, 8, 2), (64, 32, 32, 8, 2), (64, 16, 32, 8, 2)],
     (64, 32, 32),
 )
 # Grad weight: channel tiles are chosen by the launcher; the reduction runs over pixels, BLOCK_P at a time.
-_GRAD_WEIGHT_CONFIGS = _configs(("BLOCK_P",), [(64, 4, 3), (128, 8, 3), (32, 4, 4)], (64,))
+# Its [C_in tile, pixels] and [pixels, C_out tile] operand tiles take 64-bit pointers: 8 warps keep them in
+# registers (4 warps, or 128 pixels, spilled).
+_GRAD_WEIGHT_CONFIGS = _configs(("BLOCK_P",), [(64, 8, 3), (32, 8, 3)], (64,))
 
 
 @triton.jit
-def _phase_dot(
-    acc,
-    a,
-    w_ptr,
-    offs_k,
-    offs_n,
-    k_mask,
-    n_mask,
-    C_IN,
-    C_OUT,
-    PHASE: tl.constexpr,
-    TY: tl.constexpr,
-    TX: tl.constexpr,
-    TR: tl.constexpr,
-    TC: tl.constexpr,
-    RS: tl.constexpr,
-    RT: tl.constexpr,
-    CS: tl.constexpr,
-    CT: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """acc += a @ wp[PHASE, TY, TX][k, n] if union tap (TY, TX) is in the phase's window (a compile-time test)."""
-    if (TY >= RS) & (TY < RS + RT) & (TX >= CS) & (TX < CS + CT):
-        base = ((PHASE * TR + TY) * TC + TX) * C_IN * C_OUT
-        w = tl.load(w_ptr + base + offs_k[:, None] * C_OUT + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :])
-        if UPCAST:
-            w = w.to(tl.float32)
+def _load_x(x_base, i, j, m_mask, offs_k, k_mask, ty, tx, H, W, sxc, sxh, sxw, ROW0, COL0, UPCAST: tl.constexpr):
+    """Input tile [BLOCK_M, BLOCK_K] at low-resolution (i + ROW0 + ty, j + COL0 + tx), zero outside the image."""
+    row = i + ROW0 + ty
+    col = j + COL0 + tx
+    ok = m_mask & (row >= 0) & (row < H) & (col >= 0) & (col < W)
+    pix = x_base + row * sxh + col * sxw
+    a = tl.load(pix[:, None] + offs_k[None, :] * sxc, mask=ok[:, None] & k_mask[None, :], other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+    return a
+
+
+@triton.jit
+def _load_w(w_ptr, phase, ty, tx, offs_c, c_mask, offs_o, o_mask, C_IN, C_OUT, TR, TC, TRANSPOSE, UPCAST):
+    """Packed weight tile wp[phase, ty, tx]: [c, o] as [BLOCK_K, BLOCK_N], or [o, c] when TRANSPOSE."""
+    tap = w_ptr + ((phase * TR + ty) * TC + tx) * C_IN * C_OUT
+    if TRANSPOSE:
+        w = tl.load(tap + offs_o[:, None] + offs_c[None, :] * C_OUT, mask=o_mask[:, None] & c_mask[None, :], other=0.0)
+    else:
+        w = tl.load(tap + offs_c[:, None] * C_OUT + offs_o[None, :], mask=c_mask[:, None] & o_mask[None, :], other=0.0)
+    if UPCAST:
+        w = w.to(tl.float32)
+    return w
+
+
+@triton.jit
+def _phase_gemm(
+    x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, sxc, sxh, sxw,
+    PHASE: tl.constexpr, ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
+    RS: tl.constexpr, RT: tl.constexpr, CS: tl.constexpr, CT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One phase's [BLOCK_M, BLOCK_N] output tile: one dynamic loop over (its taps, C_in blocks)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    blocks = tl.cdiv(C_IN, BLOCK_K)
+    for t in range(0, RT * CT * blocks):
+        tap = t // blocks
+        offs_k = (t % blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < C_IN
+        ty = RS + tap // CT
+        tx = CS + tap % CT
+        a = _load_x(x_base, i, j, m_mask, offs_k, k_mask, ty, tx, H, W, sxc, sxh, sxw, ROW0, COL0, UPCAST)
+        w = _load_w(w_ptr, PHASE, ty, tx, offs_k, k_mask, offs_n, n_mask, C_IN, C_OUT, TR, TC, False, UPCAST)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     return acc
 
@@ -150,45 +169,13 @@ def _store_phase(
 @triton.autotune(configs=_GEMM_CONFIGS, key=["N", "H", "W", "C_IN", "C_OUT"], prune_configs_by=_fit_channels("C_OUT"))
 @triton.jit
 def _forward_kernel(
-    x_ptr,
-    w_ptr,
-    b_ptr,
-    y_ptr,
-    N,
-    H,
-    W,
-    C_IN,
-    C_OUT,
-    HO,
-    WO,
-    sxn,
-    sxc,
-    sxh,
-    sxw,
-    syn,
-    syc,
-    syh,
-    syw,
-    ROW0: tl.constexpr,
-    COL0: tl.constexpr,
-    TR: tl.constexpr,
-    TC: tl.constexpr,
-    RS0: tl.constexpr,
-    RT0: tl.constexpr,
-    RS1: tl.constexpr,
-    RT1: tl.constexpr,
-    CS0: tl.constexpr,
-    CT0: tl.constexpr,
-    CS1: tl.constexpr,
-    CT1: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    x_ptr, w_ptr, b_ptr, y_ptr, N, H, W, C_IN, C_OUT, HO, WO, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+    ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
+    RS0: tl.constexpr, RT0: tl.constexpr, RS1: tl.constexpr, RT1: tl.constexpr,
+    CS0: tl.constexpr, CT0: tl.constexpr, CS1: tl.constexpr, CT1: tl.constexpr,
+    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     # Rows of the GEMM: low-resolution positions (n, i, j) of phase (0, 0), which has the most rows/cols.
     rows0 = (HO + 1) // 2
     cols0 = (WO + 1) // 2
@@ -202,45 +189,51 @@ def _forward_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C_OUT
     x_base = x_ptr + n.to(tl.int64) * sxn
-
-    acc00 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc01 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc10 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc11 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for ty in tl.static_range(TR):
-        row = i + (ROW0 + ty)
-        row_ok = m_mask & (row >= 0) & (row < H)
-        for tx in tl.static_range(TC):
-            col = j + (COL0 + tx)
-            ok = row_ok & (col >= 0) & (col < W)
-            pix = x_base + row * sxh + col * sxw
-            for k0 in range(0, C_IN, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < C_IN
-                a = tl.load(pix[:, None] + offs_k[None, :] * sxc, mask=ok[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                acc00 = _phase_dot(
-                    acc00, a, w_ptr, offs_k, offs_n, k_mask, n_mask, C_IN, C_OUT,
-                    0, ty, tx, TR, TC, RS0, RT0, CS0, CT0, UPCAST, PRECISION,
-                )  # fmt: skip
-                acc01 = _phase_dot(
-                    acc01, a, w_ptr, offs_k, offs_n, k_mask, n_mask, C_IN, C_OUT,
-                    1, ty, tx, TR, TC, RS0, RT0, CS1, CT1, UPCAST, PRECISION,
-                )  # fmt: skip
-                acc10 = _phase_dot(
-                    acc10, a, w_ptr, offs_k, offs_n, k_mask, n_mask, C_IN, C_OUT,
-                    2, ty, tx, TR, TC, RS1, RT1, CS0, CT0, UPCAST, PRECISION,
-                )  # fmt: skip
-                acc11 = _phase_dot(
-                    acc11, a, w_ptr, offs_k, offs_n, k_mask, n_mask, C_IN, C_OUT,
-                    3, ty, tx, TR, TC, RS1, RT1, CS1, CT1, UPCAST, PRECISION,
-                )  # fmt: skip
-
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if SHARED:
+        # Every phase reads the whole union window (K=5 same, K=7 valid): each input tile is loaded once and
+        # feeds four dots, one per phase.
+        acc00 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc01 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc10 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc11 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        blocks = tl.cdiv(C_IN, BLOCK_K)
+        for t in range(0, TR * TC * blocks):
+            tap = t // blocks
+            offs_k = (t % blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < C_IN
+            ty = tap // TC
+            tx = tap % TC
+            a = _load_x(x_base, i, j, m_mask, offs_k, k_mask, ty, tx, H, W, sxc, sxh, sxw, ROW0, COL0, UPCAST)
+            w = _load_w(w_ptr, 0, ty, tx, offs_k, k_mask, offs_n, n_mask, C_IN, C_OUT, TR, TC, False, UPCAST)
+            acc00 = tl.dot(a, w, acc00, input_precision=PRECISION)
+            w = _load_w(w_ptr, 1, ty, tx, offs_k, k_mask, offs_n, n_mask, C_IN, C_OUT, TR, TC, False, UPCAST)
+            acc01 = tl.dot(a, w, acc01, input_precision=PRECISION)
+            w = _load_w(w_ptr, 2, ty, tx, offs_k, k_mask, offs_n, n_mask, C_IN, C_OUT, TR, TC, False, UPCAST)
+            acc10 = tl.dot(a, w, acc10, input_precision=PRECISION)
+            w = _load_w(w_ptr, 3, ty, tx, offs_k, k_mask, offs_n, n_mask, C_IN, C_OUT, TR, TC, False, UPCAST)
+            acc11 = tl.dot(a, w, acc11, input_precision=PRECISION)
+    else:
+        # Phases read different windows (K=3 same): one phase after another, each over its own taps only.
+        acc00 = _phase_gemm(
+            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, sxc, sxh, sxw,
+            0, ROW0, COL0, TR, TC, RS0, RT0, CS0, CT0, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        acc01 = _phase_gemm(
+            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, sxc, sxh, sxw,
+            1, ROW0, COL0, TR, TC, RS0, RT0, CS1, CT1, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        acc10 = _phase_gemm(
+            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, sxc, sxh, sxw,
+            2, ROW0, COL0, TR, TC, RS1, RT1, CS0, CT0, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        acc11 = _phase_gemm(
+            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, sxc, sxh, sxw,
+            3, ROW0, COL0, TR, TC, RS1, RT1, CS1, CT1, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
     _store_phase(acc00, y_ptr, bias, n, i, j, m_mask, offs_n, n_mask, HO, WO, syn, syc, syh, syw, 0, 0, ACTIVATION)
     _store_phase(acc01, y_ptr, bias, n, i, j, m_mask, offs_n, n_mask, HO, WO, syn, syc, syh, syw, 0, 1, ACTIVATION)
     _store_phase(acc10, y_ptr, bias, n, i, j, m_mask, offs_n, n_mask, HO, WO, syn, syc, syh, syw, 1, 0, ACTIVATION)
@@ -263,116 +256,48 @@ def _load_grad(g_ptr, y_ptr, offs, mask, ACTIVATION: tl.constexpr, UPCAST: tl.co
 
 @triton.jit
 def _grad_input_phase(
-    acc,
-    g_ptr,
-    y_ptr,
-    w_ptr,
-    n,
-    i,
-    j,
-    m_mask,
-    offs_c,
-    c_mask,
-    C_IN,
-    C_OUT,
-    HO,
-    WO,
-    sgn,
-    sgc,
-    sgh,
-    sgw,
-    A: tl.constexpr,
-    B: tl.constexpr,
-    ROW0: tl.constexpr,
-    COL0: tl.constexpr,
-    TR: tl.constexpr,
-    TC: tl.constexpr,
-    RS: tl.constexpr,
-    RT: tl.constexpr,
-    CS: tl.constexpr,
-    CT: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """acc[(n, i, j), c] += sum over (A, B)'s taps t and C_out of grad_out[n, 2io+A, 2jo+B, o] * wp[A, B, t, c, o].
-
-    Input row i is read by output row io = i - ROW0 - ty through union tap ty (likewise for columns).
-    """
+    acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, HO, WO, sgn, sgc, sgh, sgw,
+    A: tl.constexpr, B: tl.constexpr, ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
+    RS: tl.constexpr, RT: tl.constexpr, CS: tl.constexpr, CT: tl.constexpr,
+    ACTIVATION: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """acc[(n, i, j), c] += sum over (A, B)'s taps t and C_out of grad_out[n, 2io+A, 2jo+B, o] * wp[A, B, t, c, o]:
+    one dynamic loop over (taps, C_out blocks). Input row i is read by output row io = i - ROW0 - ty through
+    union tap ty (likewise for columns)."""
     rows = (HO - A + 1) // 2
     cols = (WO - B + 1) // 2
     g_base = n.to(tl.int64) * sgn
-    for ty in tl.static_range(RS, RS + RT):
+    blocks = tl.cdiv(C_OUT, BLOCK_K)
+    for t in range(0, RT * CT * blocks):
+        tap = t // blocks
+        offs_o = (t % blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        o_mask = offs_o < C_OUT
+        ty = RS + tap // CT
+        tx = CS + tap % CT
         io = i - (ROW0 + ty)
-        row_ok = m_mask & (io >= 0) & (io < rows)
-        for tx in tl.static_range(CS, CS + CT):
-            jo = j - (COL0 + tx)
-            ok = row_ok & (jo >= 0) & (jo < cols)
-            pix = g_base + (2 * io + A) * sgh + (2 * jo + B) * sgw
-            w_tap = w_ptr + (((A * 2 + B) * TR + ty) * TC + tx) * C_IN * C_OUT
-            for o0 in range(0, C_OUT, BLOCK_K):
-                offs_o = o0 + tl.arange(0, BLOCK_K)
-                o_mask = offs_o < C_OUT
-                g = _load_grad(
-                    g_ptr,
-                    y_ptr,
-                    pix[:, None] + offs_o[None, :] * sgc,
-                    ok[:, None] & o_mask[None, :],
-                    ACTIVATION,
-                    UPCAST,
-                )
-                w = tl.load(
-                    w_tap + offs_o[:, None] + offs_c[None, :] * C_OUT, mask=o_mask[:, None] & c_mask[None, :], other=0.0
-                )
-                if UPCAST:
-                    w = w.to(tl.float32)
-                acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
+        jo = j - (COL0 + tx)
+        ok = m_mask & (io >= 0) & (io < rows) & (jo >= 0) & (jo < cols)
+        pix = g_base + (2 * io + A) * sgh + (2 * jo + B) * sgw
+        g = _load_grad(
+            g_ptr, y_ptr, pix[:, None] + offs_o[None, :] * sgc, ok[:, None] & o_mask[None, :], ACTIVATION, UPCAST
+        )
+        w = _load_w(w_ptr, A * 2 + B, ty, tx, offs_c, c_mask, offs_o, o_mask, C_IN, C_OUT, TR, TC, True, UPCAST)
+        acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
     return acc
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=["N", "H", "W", "C_IN", "C_OUT"], prune_configs_by=_fit_channels("C_IN"))
 @triton.jit
 def _grad_input_kernel(
-    g_ptr,
-    y_ptr,
-    w_ptr,
-    dx_ptr,
-    N,
-    H,
-    W,
-    C_IN,
-    C_OUT,
-    HO,
-    WO,
-    sgn,
-    sgc,
-    sgh,
-    sgw,
-    sxn,
-    sxc,
-    sxh,
-    sxw,
-    ROW0: tl.constexpr,
-    COL0: tl.constexpr,
-    TR: tl.constexpr,
-    TC: tl.constexpr,
-    RS0: tl.constexpr,
-    RT0: tl.constexpr,
-    RS1: tl.constexpr,
-    RT1: tl.constexpr,
-    CS0: tl.constexpr,
-    CT0: tl.constexpr,
-    CS1: tl.constexpr,
-    CT1: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    g_ptr, y_ptr, w_ptr, dx_ptr, N, H, W, C_IN, C_OUT, HO, WO, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+    ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
+    RS0: tl.constexpr, RT0: tl.constexpr, RS1: tl.constexpr, RT1: tl.constexpr,
+    CS0: tl.constexpr, CT0: tl.constexpr, CS1: tl.constexpr, CT1: tl.constexpr,
+    SHARED: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     # Rows of the GEMM: input positions (n, i, j); columns: input channels; reduction: phases, taps, C_out.
+    # (SHARED is unused: every phase gathers its own grad_out pixels.)
     pid_c = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -533,6 +458,7 @@ def _constexprs(rows: _AxisUnion, cols: _AxisUnion, activation: str | None, dtyp
         "CT0": ct0,
         "CS1": cs1,
         "CT1": ct1,
+        "SHARED": rows.windows == [(0, rows.taps)] * 2 and cols.windows == [(0, cols.taps)] * 2,
         "ACTIVATION": ACTIVATIONS[activation],
         # The interpreter computes bf16/fp16 wrongly; it gets fp32 tiles (the GPU keeps 16-bit tensor-core dots).
         "UPCAST": triton_interpreting(),
@@ -649,7 +575,7 @@ def _grad_weight(
     dw = torch.zeros((splits, 2, 2, rows.taps, cols.taps, c_in, c_out), dtype=torch.float32, device=x.device)
     db = torch.zeros((splits, 4, c_out), dtype=torch.float32, device=x.device)
     constexprs = _constexprs(rows, cols, activation, x.dtype)
-    for name in ("RS0", "RT0", "RS1", "RT1", "CS0", "CT0", "CS1", "CT1"):  # windows come from the table
+    for name in ("RS0", "RT0", "RS1", "RT1", "CS0", "CT0", "CS1", "CT1", "SHARED"):  # windows come from the table
         del constexprs[name]
     _grad_weight_kernel[(tiles, len(taps), splits)](
         x, g, y, table, dw, db, n, h, w, c_in, c_out, ho, wo, chunk, *_nchw_strides(x), *_nchw_strides(g),
