@@ -1,20 +1,45 @@
-"""Unpool-conv: every paper150 decoder layer and the whole decoder, each backend against the reference.
+"""Unpool-conv: every paper150 decoder layer, the whole decoder and K=3 "same" layers, each backend against
+the reference.
 
-Rows: forward and forward+backward median times; ``speedup`` is the reference's time over the row's,
-measured side by side in the same run.
+Rows: forward and forward+backward median times of each backend, measured side by side in the same run;
+``speedup`` is the reference's time over the row's. On CUDA also: ``compile`` (torch.compile with
+mode="max-autotune" of the reference module), peak memory of forward+backward, and each case's floor: the
+phase form's multiply-adds at a matmul rate and its bytes at a copy bandwidth, both measured in this run
+(``floor_ms``, and ``over_floor`` = time / floor).
+
+Layers that the decoder follows with a ReLU are timed with ``activation="relu"`` (the reference and torch
+backends apply F.relu after the convolution, the triton backend fuses it).
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from benchmarks.harness import peak_memory_mb, time_side_by_side
+from benchmarks.harness import peak_memory_mb, synchronize, time_side_by_side
 from dcign_fast.models import DCIGN
 from dcign_fast.nn import UnpoolConv2d
+from dcign_fast.ops.phases import multiply_adds
 from dcign_fast.ops.unpool_conv import IMPLEMENTATIONS
+
+# torch.compile(mode="max-autotune") spends tens of seconds per graph; it gets this many seconds in all
+# (DCIGN_BENCH_COMPILE_S overrides; 0 skips it). Cases run in order of importance, so the budget goes to the
+# batch-128 bfloat16 paper150 layers first.
+COMPILE_BUDGET_S = float(os.environ.get("DCIGN_BENCH_COMPILE_S", "100"))
+
+
+@dataclass
+class Case:
+    name: str
+    module: nn.Module
+    shape: tuple[int, int, int, int]
+    layers: list[tuple[UnpoolConv2d, int]]  # (layer, input size) for the floor
 
 
 def backends_for(device: str) -> list[str]:
@@ -25,16 +50,41 @@ def backends_for(device: str) -> list[str]:
     return names
 
 
-def paper150_cases(batch: int) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
-    """(name, module, input shape): each decoder layer of the original network, then the whole decoder."""
-    decoder = DCIGN.from_preset("paper150").decoder
-    sizes = DCIGN.from_preset("paper150").config.decoder_sizes()
+def _fuse_relus(sequential: nn.Sequential) -> nn.Sequential:
+    """A copy in which every (UnpoolConv2d, nn.ReLU) pair is one UnpoolConv2d(activation="relu")."""
+    blocks = list(copy.deepcopy(sequential))
+    out: list[nn.Module] = []
+    for block in blocks:
+        if isinstance(block, nn.ReLU) and out and isinstance(out[-1], UnpoolConv2d):
+            out[-1].activation = "relu"
+        else:
+            out.append(block)
+    return nn.Sequential(*out)
+
+
+def paper150_cases(batch: int) -> list[Case]:
+    """Each decoder layer of the original network (with the ReLU that follows it), then the whole decoder."""
+    model = DCIGN.from_preset("paper150")
+    decoder = _fuse_relus(model.decoder)
+    sizes = model.config.decoder_sizes()
     layers = [m for m in decoder if isinstance(m, UnpoolConv2d)]
     cases = [
-        (f"paper150 L{i + 1} {m.in_channels}->{m.out_channels} {s}px", m, (batch, m.in_channels, s, s))
+        Case(f"paper150 L{i + 1} {m.in_channels}->{m.out_channels} {s}px", m, (batch, m.in_channels, s, s), [(m, s)])
         for i, (m, s) in enumerate(zip(layers, sizes))
     ]
-    cases.append(("paper150 decoder", decoder, (batch, layers[0].in_channels, sizes[0], sizes[0])))
+    first = layers[0]
+    cases.append(
+        Case("paper150 decoder", decoder, (batch, first.in_channels, sizes[0], sizes[0]), list(zip(layers, sizes)))
+    )
+    return cases
+
+
+def same3_cases(batch: int) -> list[Case]:
+    """K=3 "same" unpool-convs from 64 to 128 px (a typical modern decoder stage), ReLU fused."""
+    cases = []
+    for channels in (128, 256):
+        m = UnpoolConv2d(channels, channels, 3, padding=1, activation="relu")
+        cases.append(Case(f"K3 same {channels}->{channels} 64px", m, (batch, channels, 64, 64), [(m, 64)]))
     return cases
 
 
@@ -44,49 +94,128 @@ def _set_backend(module: nn.Module, backend: str) -> None:
             m.backend = backend
 
 
-def _runner(module: nn.Module, backend: str, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], None]:
+def _runner(module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], None]:
     def run() -> None:
-        _set_backend(module, backend)
         if grad is None:
             with torch.no_grad():
                 module(x)
             return
-        module.zero_grad(set_to_none=True)
         x.grad = None
+        for p in module.parameters():
+            p.grad = None
         module(x).backward(grad)
 
     return run
 
 
+def _with_backend(module: nn.Module, backend: str) -> nn.Module:
+    """``module`` routed through ``backend`` (a copy sharing the parameters)."""
+    routed = copy.copy(module)
+    routed._modules = {k: _with_backend(v, backend) for k, v in module._modules.items()}
+    if isinstance(routed, UnpoolConv2d):
+        routed.backend = backend
+    return routed
+
+
+# --- floors -----------------------------------------------------------------------------------------------
+
+
+def measured_rates(device: str, dtype: torch.dtype) -> tuple[float, float]:
+    """(dense matmul multiply-adds per second in ``dtype`` (TF32 for float32), copy bytes per second)."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    src = torch.empty(2**28, device=device, dtype=torch.uint8)  # 256 MiB
+    dst = torch.empty_like(src)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        times = time_side_by_side({"mm": lambda: a @ b, "copy": lambda: dst.copy_(src)}, device, warmup=3, repeats=10)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return n**3 / (times["mm"] * 1e-3), 2 * src.numel() / (times["copy"] * 1e-3)
+
+
+def floor_ms(case: Case, batch: int, itemsize: int, backward: bool, rates: tuple[float, float]) -> float:
+    """Lower bound: the phase form's multiply-adds at the matmul rate plus nothing, or its unavoidable bytes
+    (input, output; backward: grad_out, input again, grad_input) at the copy bandwidth, whichever is larger,
+    summed over the layers."""
+    mac_rate, bandwidth = rates
+    total = 0.0
+    for layer, size in case.layers:
+        kh, kw = layer.kernel_size
+        macs = batch * layer.in_channels * layer.out_channels * multiply_adds((size, size), (kh, kw), layer.padding, 2)
+        out_size = 2 * size + 2 * layer.padding[0] - kh + 1
+        x_bytes = batch * layer.in_channels * size * size * itemsize
+        y_bytes = batch * layer.out_channels * out_size * out_size * itemsize
+        if backward:
+            macs, moved = 3 * macs, 3 * x_bytes + 2 * y_bytes
+        else:
+            moved = x_bytes + y_bytes
+        total += max(macs / mac_rate, moved / bandwidth)
+    return total * 1e3
+
+
+# --- the suite --------------------------------------------------------------------------------------------
+
+
+def _cases(device: str, quick: bool) -> list[tuple[int, torch.dtype, Case]]:
+    """(batch, dtype, case) in order of importance."""
+    if quick:
+        return [(4, torch.float32, paper150_cases(4)[-1])]
+    if device == "cpu":
+        return [(20, torch.float32, c) for c in paper150_cases(20)]
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        out += [(128, dtype, c) for c in paper150_cases(128)]
+        out += [(16, dtype, c) for c in same3_cases(16)]
+        out += [(20, dtype, c) for c in paper150_cases(20)]
+    return out
+
+
 def run(device: str, quick: bool) -> list[dict]:
-    batches = [4] if quick else ([20] if device == "cpu" else [20, 128])
-    dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
     repeats, warmup = (2, 1) if quick else (7, 2)
+    compile_left = COMPILE_BUDGET_S if device == "cuda" and not quick else 0.0
+    rates: dict[torch.dtype, tuple[float, float]] = {}
     rows = []
-    for batch in batches:
-        for dtype in dtypes:
-            cases = paper150_cases(batch)
-            if quick:
-                cases = cases[-1:]
-            for name, module, shape in cases:
-                module = module.to(device=device, dtype=dtype)
-                x = torch.rand(shape, device=device, dtype=dtype, requires_grad=True)
-                with torch.no_grad():
-                    out_shape = module(x).shape
-                grad = torch.randn(out_shape, device=device, dtype=dtype)
-                for pass_name, g in (("forward", None), ("forward+backward", grad)):
-                    variants = {b: _runner(module, b, x, g) for b in backends_for(device)}
-                    times = time_side_by_side(variants, device, warmup=warmup, repeats=repeats)
-                    for backend, ms in times.items():
-                        rows.append(
-                            {
-                                "case": f"{name} b{batch}",
-                                "pass": pass_name,
-                                "dtype": str(dtype).removeprefix("torch."),
-                                "backend": backend,
-                                "median_ms": ms,
-                                "speedup": times["reference"] / ms,
-                                "peak_mb": peak_memory_mb(variants[backend], device),
-                            }
-                        )
+    for batch, dtype, case in _cases(device, quick):
+        if device == "cuda" and dtype not in rates:
+            rates[dtype] = measured_rates(device, dtype)
+        module = case.module.to(device=device, dtype=dtype)
+        x = torch.rand(case.shape, device=device, dtype=dtype, requires_grad=True)
+        with torch.no_grad():
+            out_shape = module(x).shape
+        grad = torch.randn(out_shape, device=device, dtype=dtype)
+        routed = {b: _with_backend(module, b) for b in backends_for(device)}
+        compiled, note = None, ""
+        if compile_left > 0:
+            start = time.perf_counter()
+            compiled = torch.compile(_with_backend(module, "reference"), mode="max-autotune")
+            _runner(compiled, x, None)()
+            _runner(compiled, x, grad)()
+            synchronize(device)
+            compile_left -= time.perf_counter() - start
+        elif device == "cuda" and not quick:
+            note = "compile: budget spent"
+        for pass_name, g in (("forward", None), ("forward+backward", grad)):
+            variants = {b: _runner(m, x, g) for b, m in routed.items()}
+            if compiled is not None:
+                variants["compile"] = _runner(compiled, x, g)
+            times = time_side_by_side(variants, device, warmup=warmup, repeats=repeats)
+            floor = floor_ms(case, batch, x.element_size(), g is not None, rates[dtype]) if dtype in rates else None
+            for backend, ms in times.items():
+                rows.append(
+                    {
+                        "case": f"{case.name} b{batch}",
+                        "pass": pass_name,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "backend": backend,
+                        "median_ms": ms,
+                        "speedup": times["reference"] / ms,
+                        "peak_mb": peak_memory_mb(variants[backend], device) if g is not None else None,
+                        "floor_ms": floor,
+                        "over_floor": None if floor is None else ms / floor,
+                        "note": note or None,
+                    }
+                )
     return rows
