@@ -49,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
     model = trainer.model.eval()
     sampler = SweepSampler(size=model.config.image_size, device=trainer.device)
     results = evaluate(model, sampler.batch, out=args.out / "eval")
-    held_out = sampler.batch("azimuth", torch.Generator().manual_seed(EVAL_SEED))[0]
-    grid = sweep_grid(model, held_out[len(held_out) // 2], args.out / "sweeps.png", reference=held_out)
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    references = {kind: sampler.batch(kind, generator)[0] for kind in ("azimuth", "elevation", "light")}
+    face = references["azimuth"][len(references["azimuth"]) // 2]
+    grid = sweep_grid(model, face, args.out / "sweeps.png", references=references)
     print(json.dumps(results["correlation"], indent=2))
     print(f"checkpoint: {result.checkpoint}")
     print(f"sweep grid: {grid}")

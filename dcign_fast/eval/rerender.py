@@ -33,29 +33,38 @@ def rerender(model: DCIGN, image: torch.Tensor, group: str, values: torch.Tensor
 
 
 @torch.no_grad()
-def sweep_values(model: DCIGN, images: torch.Tensor, group: str, count: int, spread: float = 2.0) -> torch.Tensor:
-    """``count`` values spanning the group's latent over ``images`` (mean +- spread x std)."""
+def sweep_values(model: DCIGN, images: torch.Tensor, group: str, count: int) -> torch.Tensor:
+    """``count`` values spanning the range the group's latent takes over ``images`` (e.g. one sweep of
+    that group's factor, so the re-rendering covers the factor's range)."""
     mu, _ = model.encode(images)
     start, stop = model.config.latent_groups[group]
-    latent = mu[:, start:stop].mean(dim=1)
-    center, std = latent.mean(), latent.std().clamp_min(1e-3) if len(latent) > 1 else torch.tensor(1.0)
-    return torch.linspace(-spread, spread, count) * std.cpu() + center.cpu()
+    latent = mu[:, start:stop].mean(dim=1).float().cpu()
+    return torch.linspace(latent.min().item(), latent.max().item(), count)
 
 
 def sweep_grid(
-    model: DCIGN, image: torch.Tensor, path: str | Path, count: int = 9, reference: torch.Tensor | None = None
+    model: DCIGN,
+    image: torch.Tensor,
+    path: str | Path,
+    count: int = 9,
+    references: dict[str, torch.Tensor] | None = None,
+    spread: float = 2.5,
 ) -> Path:
     """A PNG: the input, then one row per extrinsic group re-rendered along its sweep.
 
-    ``reference`` ([N, C, S, S]) sets each sweep's range from the spread of the latents over those
-    images (defaults to the image alone with a unit range).
+    ``references[group]`` ([N, C, S, S], e.g. a sweep of that factor) sets the group's range to what its
+    latent spans over those images; without it the range is the image's own value +- ``spread`` (the
+    latents' prior is N(0, 1)).
     """
     image = image if image.dim() == 4 else image.unsqueeze(0)
     device = next(model.parameters()).device
-    reference = image if reference is None else reference
     rows, labels = [image.cpu()], ["input"]
     for group in EXTRINSIC:
-        values = sweep_values(model, reference.to(device), group, count)
+        if references is not None and group in references:
+            values = sweep_values(model, references[group].to(device), group, count)
+        else:
+            center = sweep_values(model, image.to(device), group, 1)
+            values = center + torch.linspace(-spread, spread, count)
         rows.append(rerender(model, image, group, values).cpu())
         labels.append(group)
     return save_grid(path, rows, labels, scale=2)

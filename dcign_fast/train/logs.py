@@ -69,8 +69,9 @@ def save_progress_images(model, stream, folder: Path, step: int, device: torch.d
         rows += [images.cpu(), model.decode(mu).cpu()]
         labels += [f"{kind}", "recon"]
     save_grid(folder / f"recon-{step:08d}.png", rows, labels, scale=2)
-    images = _fixed_batch(stream, "azimuth").to(device)
-    sweep_grid(model, images[len(images) // 2], folder / f"sweeps-{step:08d}.png", reference=images)
+    references = {kind: _fixed_batch(stream, kind) for kind in stream.kinds if kind != "intrinsic"}
+    face = next(iter(references.values()))
+    sweep_grid(model, face[len(face) // 2], folder / f"sweeps-{step:08d}.png", references=references)
     model.train(was_training)
 
 
