@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from dcign_fast.ops import philox
 from dcign_fast.ops._checks import check_like, check_tensor
@@ -133,41 +132,14 @@ def _cuda_kernels() -> Kernels:
     return Kernels(cuda_ops.sampler_forward, cuda_ops.sampler_backward)
 
 
-class _SampleLatents(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, mu, logvar, active, clamp_first, invariance, seed, offset, kernels):
-        ctx.save_for_backward(mu, logvar, active)
-        ctx.invariance, ctx.seed, ctx.offset, ctx.kernels = invariance, seed, offset, kernels
-        return kernels.forward(mu, logvar, active, clamp_first, seed, offset)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_z, grad_kl):
-        mu, logvar, active = ctx.saved_tensors
-        grad_mu, grad_logvar = ctx.kernels.backward(
-            mu, logvar, active, ctx.invariance, ctx.seed, ctx.offset, grad_z, grad_kl
-        )
-        return grad_mu, grad_logvar, None, None, None, None, None, None
-
-
-def _reference(mu, logvar, active, clamp, invariance, seed, offset) -> Outputs:
-    return sample_latents_reference(mu, logvar, active, clamp, invariance, seed, offset)
-
-
-def _fused(kernels: Callable[[], Kernels]) -> Callable[..., Outputs]:
-    def run(mu, logvar, active, clamp, invariance, seed, offset) -> Outputs:
-        return _SampleLatents.apply(mu, logvar, active, clamp == "first", invariance, seed, offset, kernels())
-
-    return run
-
-
-# Backend name -> implementation(mu, logvar, active, clamp, invariance, seed, offset) -> (z, kl).
-IMPLEMENTATIONS: dict[str, Callable[..., Outputs]] = {
-    "reference": _reference,
-    "torch": _fused(lambda: TORCH_KERNELS),
-    "triton": _fused(_triton_kernels),
-    "cuda": _fused(_cuda_kernels),
+# Backend name -> its forward and backward halves; they run inside the custom op dcign_fast::sample_latents
+# (dcign_fast.ops.library). The reference is plain torch that autograd differentiates.
+KERNELS: dict[str, Callable[[], Kernels]] = {
+    "torch": lambda: TORCH_KERNELS,
+    "triton": _triton_kernels,
+    "cuda": _cuda_kernels,
 }
+IMPLEMENTATIONS = ("reference", *KERNELS)
 
 
 def choose_backend(mu: torch.Tensor) -> str:
@@ -183,15 +155,27 @@ def draw_seed_offset(device: torch.device, count: int) -> tuple[int, int]:
     CUDA: the device's default Philox generator, i.e. its seed and current offset; the offset then
     advances by ``count`` rounded up to a multiple of 4 (torch's rule). Other devices: a uint63 seed
     drawn from the CPU default generator, offset 0. Either way ``torch.manual_seed`` governs the
-    result and successive calls differ.
+    result and successive calls differ. An error while a CUDA graph is being captured.
     """
     if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            # A Python (seed, offset) read during capture would be replayed unchanged: same noise every replay.
+            raise RuntimeError(
+                "sample_latents with seed=None cannot be captured in a CUDA graph: pass seed= explicitly "
+                "(the captured graph then draws the same noise at every replay)"
+            )
         index = device.index if device.index is not None else torch.cuda.current_device()
         generator = torch.cuda.default_generators[index]
         seed, offset = generator.initial_seed(), generator.get_offset()
         generator.set_offset(offset + 4 * math.ceil(count / 4))
         return seed, offset
     return int(torch.empty((), dtype=torch.int64).random_().item()), 0
+
+
+def as_int64(seed: int) -> int:
+    """A seed in [-2**63, 2**64) as the int64 with the same bits as its uint64 (op arguments are int64)."""
+    seed %= 2**64
+    return seed - 2**64 if seed >= 2**63 else seed
 
 
 def check_sample_latents_args(
@@ -257,15 +241,18 @@ def sample_latents(
         z [B, D] and kl [B] (KL of each row's clamped posterior to N(0, I)), in mu's dtype.
     """
     check_sample_latents_args(mu, logvar, active, clamp, invariance, seed)
-    check_backend_runs_on(backend, mu.device, tuple(IMPLEMENTATIONS))
+    check_backend_runs_on(backend, mu.device, IMPLEMENTATIONS)
     name = choose_backend(mu) if backend == "auto" else backend
     if name in ("triton", "cuda") and mu.dtype == torch.float64:
         raise TypeError(f"backend={name!r} takes float16, bfloat16 or float32 mu and logvar, got float64")
-    if seed is None:
-        seed, offset = draw_seed_offset(mu.device, mu.numel())
-    else:
-        seed, offset = seed % 2**64, 0
-    return IMPLEMENTATIONS[name](mu, logvar, active, clamp, float(invariance), seed, offset)
+    if name == "reference":
+        seed, offset = draw_seed_offset(mu.device, mu.numel()) if seed is None else (seed % 2**64, 0)
+        return sample_latents_reference(mu, logvar, active, clamp, float(invariance), seed, offset)
+    if seed is not None:
+        seed = as_int64(seed)
+    # The registered custom op (dcign_fast.ops.library); with seed None it draws (seed, offset) itself.
+    z, kl, _ = torch.ops.dcign_fast.sample_latents(mu, logvar, active, clamp == "first", float(invariance), seed, name)
+    return z, kl
 
 
 def reparameterize(

@@ -30,6 +30,7 @@ from dcign_fast.ops.phases import AxisPhase, axis_phases, output_size
 from dcign_fast.ops.reference import unpool_conv2d_reference
 
 Padding = tuple[int, int]
+Grads = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # grad x, grad weight, grad bias
 ACTIVATIONS = (None, "relu")
 
 
@@ -51,6 +52,30 @@ def _collapse(weight: torch.Tensor, row: AxisPhase, col: AxisPhase) -> torch.Ten
     return torch.einsum("mu,ocuv,nv->ocmn", r, weight.to(acc), c).to(weight.dtype)
 
 
+PhaseGroup = tuple[list[tuple[AxisPhase, AxisPhase]], int, int]
+
+
+def _phase_groups(h: int, w: int, kh: int, kw: int, padding: Padding, scale_factor: int) -> list[PhaseGroup]:
+    """The phases (row, col) grouped by the low-resolution window they read, each group with the
+    padding of its shared convolution: one ``F.conv2d`` per group, forward and backward."""
+    windows: dict[tuple[int, int, int, int], list[tuple[AxisPhase, AxisPhase]]] = defaultdict(list)
+    for r in axis_phases(h, kh, padding[0], scale_factor):
+        for c in axis_phases(w, kw, padding[1], scale_factor):
+            windows[(r.first_offset, r.taps, c.first_offset, c.taps)].append((r, c))
+    return [
+        (group, max(r.conv_padding(h) for r, _ in group), max(c.conv_padding(w) for _, c in group))
+        for group in windows.values()
+    ]
+
+
+def _phase_slices(r: AxisPhase, c: AxisPhase, pad_r: int, pad_c: int, k: int, o: int, scale_factor: int):
+    """(where phase (r, c) sits in its group's convolution output, where it goes in the full output)."""
+    r0, c0 = r.first_offset + pad_r, c.first_offset + pad_c
+    conv = (slice(None), slice(k * o, (k + 1) * o), slice(r0, r0 + r.count), slice(c0, c0 + c.count))
+    full = (slice(None), slice(None), slice(r.phase, None, scale_factor), slice(c.phase, None, scale_factor))
+    return conv, full
+
+
 def unpool_conv2d_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -61,30 +86,57 @@ def unpool_conv2d_torch(
 ) -> torch.Tensor:
     n, _, h, w = x.shape
     o, _, kh, kw = weight.shape
-    rows = axis_phases(h, kh, padding[0], scale_factor)
-    cols = axis_phases(w, kw, padding[1], scale_factor)
     out = torch.empty(
         (n, o, output_size(h, kh, padding[0], scale_factor), output_size(w, kw, padding[1], scale_factor)),
         dtype=x.dtype,
         device=x.device,
         memory_format=_output_memory_format(x),
     )
-    windows: dict[tuple[int, int, int, int], list[tuple[AxisPhase, AxisPhase]]] = defaultdict(list)
-    for r in rows:
-        for c in cols:
-            windows[(r.first_offset, r.taps, c.first_offset, c.taps)].append((r, c))
-    for group in windows.values():
-        pad_r = max(r.conv_padding(h) for r, _ in group)
-        pad_c = max(c.conv_padding(w) for _, c in group)
+    for group, pad_r, pad_c in _phase_groups(h, w, kh, kw, padding, scale_factor):
         stacked = torch.cat([_collapse(weight, r, c) for r, c in group])
         group_bias = None if bias is None else bias.repeat(len(group))
         y = F.conv2d(x, stacked, group_bias, padding=(pad_r, pad_c))
         for k, (r, c) in enumerate(group):
-            r0, c0 = r.first_offset + pad_r, c.first_offset + pad_c
-            out[:, :, r.phase :: scale_factor, c.phase :: scale_factor] = y[
-                :, k * o : (k + 1) * o, r0 : r0 + r.count, c0 : c0 + c.count
-            ]
+            conv, full = _phase_slices(r, c, pad_r, pad_c, k, o, scale_factor)
+            out[full] = y[conv]
     return _activate(out, activation)
+
+
+def unpool_conv2d_torch_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, padding: Padding, scale_factor: int
+) -> Grads:
+    """The torch formulation's gradients without autograd: per phase group, grad_out's phases scattered
+    into the group's convolution output, one ``convolution_backward`` on the low-resolution x, and the
+    collapsed kernels' gradients folded back onto the full kernel (the transpose of ``_collapse``)."""
+    _, _, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    grad_x = torch.zeros_like(x)
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    grad_bias = torch.zeros(o, dtype=acc, device=weight.device) if has_bias else None
+    for group, pad_r, pad_c in _phase_groups(h, w, kh, kw, padding, scale_factor):
+        stacked = torch.cat([_collapse(weight, r, c) for r, c in group])
+        conv_shape = (
+            x.shape[0],
+            stacked.shape[0],
+            h + 2 * pad_r - stacked.shape[2] + 1,
+            w + 2 * pad_c - stacked.shape[3] + 1,
+        )
+        grad_y = grad_out.new_zeros(conv_shape)
+        for k, (r, c) in enumerate(group):
+            conv, full = _phase_slices(r, c, pad_r, pad_c, k, o, scale_factor)
+            grad_y[conv] = grad_out[full]
+        gx, gs, gb = torch.ops.aten.convolution_backward(
+            grad_y, x, stacked, [stacked.shape[0]] if has_bias else None,
+            [1, 1], [pad_r, pad_c], [1, 1], False, [0, 0], 1, [True, True, has_bias],
+        )  # fmt: skip
+        grad_x += gx
+        for k, (r, c) in enumerate(group):
+            rm, cm = r.collapse_matrix(acc, weight.device), c.collapse_matrix(acc, weight.device)
+            grad_weight += torch.einsum("mu,ocmn,nv->ocuv", rm, gs[k * o : (k + 1) * o].to(acc), cm)
+        if has_bias:
+            grad_bias += gb.view(len(group), o).sum(0)
+    return grad_x, grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(weight.dtype)
 
 
 def _reference(x, weight, bias, padding, scale_factor, activation=None):
@@ -103,12 +155,36 @@ def _cuda(x, weight, bias, padding, scale_factor, activation=None):
     return unpool_conv2d_cuda(x, weight, bias, padding, scale_factor, activation)
 
 
+def _recomputed_backward(forward: Callable[..., torch.Tensor]) -> Callable[..., Grads]:
+    """The backward of a backend whose kernels sit behind its own autograd.Function: the forward is run
+    again on the saved low-resolution inputs and that Function's backward kernels give the gradients."""
+
+    def backward(grad_out, x, weight, has_bias, padding, scale_factor) -> Grads:
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_(), weight.detach().requires_grad_()]
+            if has_bias:
+                inputs.append(weight.new_zeros(weight.shape[0], requires_grad=True))
+            y = forward(*inputs[:2], inputs[2] if has_bias else None, padding, scale_factor)
+            grads = torch.autograd.grad(y, inputs, grad_out)
+        return grads[0], grads[1], grads[2] if has_bias else None
+
+    return backward
+
+
 # Backend name -> implementation(x, weight, bias, padding, scale_factor, activation). Kernel backends register here.
 IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": _reference,
     "torch": unpool_conv2d_torch,
     "triton": _triton,
     "cuda": _cuda,
+}
+# Backend name -> backward(grad_out, x, weight, has_bias, padding, scale_factor) -> (grad x, grad weight, grad bias),
+# for the backends that run as the custom op dcign_fast::unpool_conv2d (dcign_fast.ops.library). The
+# reference is plain torch that autograd differentiates.
+BACKWARDS: dict[str, Callable[..., Grads]] = {
+    "torch": unpool_conv2d_torch_backward,
+    "triton": _recomputed_backward(_triton),
+    "cuda": _recomputed_backward(_cuda),
 }
 
 
@@ -184,4 +260,7 @@ def unpool_conv2d(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     check_backend_runs_on(backend, x.device, tuple(IMPLEMENTATIONS))
     name = choose_backend(x, weight, scale_factor) if backend == "auto" else backend
-    return IMPLEMENTATIONS[name](x, weight, bias, pad, scale_factor, activation)
+    if name == "reference":
+        return _reference(x, weight, bias, pad, scale_factor, activation)
+    # The registered custom op (dcign_fast.ops.library): one opaque node for torch.compile, forward and backward.
+    return torch.ops.dcign_fast.unpool_conv2d(x, weight, bias, *pad, scale_factor, activation, name)

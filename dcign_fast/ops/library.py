@@ -1,0 +1,175 @@
+"""The fused ops as PyTorch custom ops (``torch.ops.dcign_fast.*``), so torch.compile traces them whole.
+
+Each op's kernel backends (torch, triton, cuda) run behind one ``torch.library.custom_op`` whose
+``backend`` argument is a string; Python ints (padding, scale factor, seed) are op arguments too.
+A fake implementation gives the output shapes to the compiler, and ``register_autograd`` routes the
+backward through a second custom op, so the backward graph is as opaque and traceable as the forward:
+
+  unpool_conv2d           saves x, weight (and the output when a ReLU is fused): low-resolution tensors
+                          and the output, never the upsampled input.
+  sample_latents          returns, beside z and kl, ``rng``: int64 [2] on the CPU holding the (seed,
+                          offset) it used (drawn inside the op when seed is None, so the draw is part of
+                          the compiled graph's runtime, not a trace-time constant). The backward reads
+                          it back and regenerates the noise: the noise is never saved.
+
+The "reference" backends stay plain PyTorch outside these ops: they are the oracles, differentiated by
+autograd itself, and dynamo traces them like any torch code.
+"""
+
+from typing import Optional
+
+import torch
+
+from dcign_fast.ops import latent_sampler, unpool_conv
+from dcign_fast.ops.phases import output_size
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------- unpool_conv2d
+@torch.library.custom_op("dcign_fast::unpool_conv2d", mutates_args=())
+def unpool_conv2d_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    pad_rows: int,
+    pad_cols: int,
+    scale_factor: int,
+    activation: Optional[str],
+    backend: str,
+) -> Tensor:
+    """[N, C, H, W] -> [N, O, s*H + 2*pad_rows - KH + 1, s*W + 2*pad_cols - KW + 1] with ``backend``."""
+    # The kernel backends' own autograd.Functions would record a graph node here: the op owns autograd.
+    with torch.no_grad():
+        y = unpool_conv.IMPLEMENTATIONS[backend](x, weight, bias, (pad_rows, pad_cols), scale_factor, activation)
+    # Outputs of a custom op must not alias its inputs (a 1x1 kernel at scale 1 could return x itself).
+    return y.clone() if y is x else y
+
+
+@unpool_conv2d_op.register_fake
+def _(x, weight, bias, pad_rows, pad_cols, scale_factor, activation, backend):
+    n, _, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    shape = (
+        n,
+        o,
+        output_size(h, kh, pad_rows, scale_factor),
+        output_size(w, kw, pad_cols, scale_factor),
+    )
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=unpool_conv._output_memory_format(x))
+
+
+@torch.library.custom_op("dcign_fast::unpool_conv2d_backward", mutates_args=())
+def unpool_conv2d_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    out: Optional[Tensor],
+    has_bias: bool,
+    pad_rows: int,
+    pad_cols: int,
+    scale_factor: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x [N, C, H, W], grad_weight [O, C, KH, KW], grad_bias [O], zeros when not has_bias).
+
+    ``out`` is the forward's output when a ReLU was fused (its sign masks grad_out), else None.
+    """
+    if out is not None:
+        grad_out = torch.where(out > 0, grad_out, 0)
+    with torch.no_grad():
+        grads = unpool_conv.BACKWARDS[backend](grad_out, x, weight, has_bias, (pad_rows, pad_cols), scale_factor)
+    return tuple(g if g is not None else weight.new_zeros(weight.shape[0]) for g in grads)
+
+
+@unpool_conv2d_backward_op.register_fake
+def _(grad_out, x, weight, out, has_bias, pad_rows, pad_cols, scale_factor, backend):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _unpool_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, pad_rows, pad_cols, scale_factor, activation, backend = inputs
+    ctx.save_for_backward(x, weight, output if activation is not None else None)
+    ctx.args = (bias is not None, pad_rows, pad_cols, scale_factor, backend)
+
+
+def _unpool_backward(ctx, grad_out):
+    x, weight, out = ctx.saved_tensors
+    has_bias = ctx.args[0]
+    grad_x, grad_weight, grad_bias = unpool_conv2d_backward_op(grad_out, x, weight, out, *ctx.args)
+    return grad_x, grad_weight, grad_bias if has_bias else None, None, None, None, None, None
+
+
+unpool_conv2d_op.register_autograd(_unpool_backward, setup_context=_unpool_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- sample_latents
+@torch.library.custom_op("dcign_fast::sample_latents", mutates_args=())
+def sample_latents_op(
+    mu: Tensor,
+    logvar: Tensor,
+    active: Optional[Tensor],
+    clamp_first: bool,
+    invariance: float,
+    seed: Optional[int],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(z [B, D], kl [B], rng int64 [2] on the CPU = the (seed, offset) drawn with).
+
+    ``seed`` None draws from torch's generator for mu's device (advancing it); an int is used with
+    offset 0. ``invariance`` is only read by the backward (it is an input so autograd can see it).
+    """
+    if seed is None:
+        seed, offset = latent_sampler.draw_seed_offset(mu.device, mu.numel())
+    else:
+        seed, offset = seed % 2**64, 0
+    z, kl = latent_sampler.KERNELS[backend]().forward(mu, logvar, active, clamp_first, seed, offset)
+    return z, kl, torch.tensor([latent_sampler.as_int64(seed), offset], dtype=torch.int64)
+
+
+@sample_latents_op.register_fake
+def _(mu, logvar, active, clamp_first, invariance, seed, backend):
+    return mu.new_empty(mu.shape), mu.new_empty(mu.shape[:1]), torch.empty(2, dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("dcign_fast::sample_latents_backward", mutates_args=())
+def sample_latents_backward_op(
+    mu: Tensor,
+    logvar: Tensor,
+    active: Optional[Tensor],
+    invariance: float,
+    rng: Tensor,
+    grad_z: Tensor,
+    grad_kl: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """(grad_mu, grad_logvar), both [B, D]: the noise is regenerated from ``rng``'s (seed, offset)."""
+    seed, offset = rng.tolist()
+    return latent_sampler.KERNELS[backend]().backward(
+        mu, logvar, active, invariance, seed % 2**64, offset, grad_z, grad_kl
+    )
+
+
+@sample_latents_backward_op.register_fake
+def _(mu, logvar, active, invariance, rng, grad_z, grad_kl, backend):
+    return torch.empty_like(mu), torch.empty_like(logvar)
+
+
+def _sampler_setup_context(ctx, inputs, output) -> None:
+    mu, logvar, active, _, invariance, _, backend = inputs
+    ctx.save_for_backward(mu, logvar, active, output[2])
+    ctx.invariance, ctx.backend = invariance, backend
+
+
+def _sampler_backward(ctx, grad_z, grad_kl, _grad_rng):
+    mu, logvar, active, rng = ctx.saved_tensors
+    # An unused output's gradient may arrive as None: it contributes nothing.
+    grad_z = torch.zeros_like(mu) if grad_z is None else grad_z
+    grad_kl = mu.new_zeros(mu.shape[:1]) if grad_kl is None else grad_kl
+    grad_mu, grad_logvar = sample_latents_backward_op(
+        mu, logvar, active, ctx.invariance, rng, grad_z, grad_kl, ctx.backend
+    )
+    return grad_mu, grad_logvar, None, None, None, None, None
+
+
+sample_latents_op.register_autograd(_sampler_backward, setup_context=_sampler_setup_context)
