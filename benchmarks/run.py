@@ -23,7 +23,19 @@ SUITES = {
     "render": "benchmarks.suites.render",
     "train": "benchmarks.suites.train",
 }
-COLUMNS = ["case", "pass", "dtype", "backend", "median_ms", "images_per_s", "speedup", "peak_mb", "note"]
+COLUMNS = [
+    "case",
+    "pass",
+    "dtype",
+    "backend",
+    "median_ms",
+    "images_per_s",
+    "speedup",
+    "floor_ms",
+    "over_floor",
+    "peak_mb",
+    "note",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

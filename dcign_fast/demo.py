@@ -24,9 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
     parser.add_argument("--steps", type=int, default=DEMO_OPTIONS["steps"], help="training steps")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any training option"
-    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any training option")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,22 +50,10 @@ def backends_for(device: str) -> list[str]:
     return names
 
 
-def _fuse_relus(sequential: nn.Sequential) -> nn.Sequential:
-    """A copy in which every (UnpoolConv2d, nn.ReLU) pair is one UnpoolConv2d(activation="relu")."""
-    blocks = list(copy.deepcopy(sequential))
-    out: list[nn.Module] = []
-    for block in blocks:
-        if isinstance(block, nn.ReLU) and out and isinstance(out[-1], UnpoolConv2d):
-            out[-1].activation = "relu"
-        else:
-            out.append(block)
-    return nn.Sequential(*out)
-
-
 def paper150_cases(batch: int) -> list[Case]:
-    """Each decoder layer of the original network (with the ReLU that follows it), then the whole decoder."""
+    """Each decoder layer of the original network (with its fused ReLU), then the whole decoder."""
     model = DCIGN.from_preset("paper150")
-    decoder = _fuse_relus(model.decoder)
+    decoder = model.decoder
     sizes = model.config.decoder_sizes()
     layers = [m for m in decoder if isinstance(m, UnpoolConv2d)]
     cases = [

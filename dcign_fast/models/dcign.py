@@ -157,9 +157,13 @@ class DCIGN(nn.Module):
         blocks: list[nn.Module] = []
         outs = (*c.decoder_channels, c.in_channels)
         for i, out in enumerate(outs):
-            blocks.append(UnpoolConv2d(channels, out, c.decoder_kernel, padding=c.decoder_padding, backend=backend))
-            if i < len(outs) - 1:
-                blocks.append(nn.ReLU())
+            # The ReLU between blocks is fused into the unpool-conv's epilogue (no extra pass on GPUs).
+            activation = "relu" if i < len(outs) - 1 else None
+            blocks.append(
+                UnpoolConv2d(
+                    channels, out, c.decoder_kernel, padding=c.decoder_padding, activation=activation, backend=backend
+                )
+            )
             channels = out
         self.decoder = nn.Sequential(*blocks)
         self._backend = backend
