@@ -22,6 +22,7 @@ SUITES = {
     "latent": "benchmarks.suites.latent_sampler",
     "render": "benchmarks.suites.render",
     "train": "benchmarks.suites.train",
+    "patch": "benchmarks.suites.patch",
 }
 COLUMNS = [
     "case",

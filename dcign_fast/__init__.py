@@ -4,6 +4,7 @@ import importlib
 
 from dcign_fast import models, nn
 from dcign_fast.ops import BACKENDS, reparameterize, sample_latents, unpool_conv2d
+from dcign_fast.patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -13,9 +14,12 @@ __all__ = [
     "eval",
     "models",
     "nn",
+    "patch",
+    "PatchReport",
     "reparameterize",
     "sample_latents",
     "train",
+    "unpatch",
     "unpool_conv2d",
     "__version__",
 ]

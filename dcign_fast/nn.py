@@ -123,25 +123,36 @@ def _unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
     return ""
 
 
-def convert_upsample_conv(module: nn.Module, backend: str = "auto") -> int:
-    """Fuses every (nn.Upsample(nearest), nn.Conv2d) pair inside nn.Sequential containers, in place.
+def upsample_conv_pairs(module: nn.Module) -> list[tuple[str, nn.Sequential, str, str, str]]:
+    """Every nn.Upsample followed by another module inside an nn.Sequential of ``module``:
+    (the container's qualified name, the container, the upsample's key, the next module's key, why the
+    pair cannot become an UnpoolConv2d or "" if it can)."""
+    pairs = []
+    for name, container in module.named_modules():
+        if isinstance(container, nn.Sequential):
+            keys = list(container._modules)
+            for first, second in zip(keys, keys[1:]):
+                up, conv = container._modules[first], container._modules[second]
+                if isinstance(up, nn.Upsample):
+                    pairs.append((name, container, first, second, _unsupported_reason(up, conv)))
+    return pairs
 
-    The Conv2d's slot gets an UnpoolConv2d sharing its parameters and the Upsample's slot an
-    nn.Identity, so state_dict keys are unchanged. Pairs that cannot be fused are left as they are.
-    Returns the number of pairs fused.
-    """
-    fused = 0
-    for child in module.children():
-        fused += convert_upsample_conv(child, backend)
-    if isinstance(module, nn.Sequential):
-        keys = list(module._modules)
-        for first, second in zip(keys, keys[1:]):
-            up, conv = module._modules[first], module._modules[second]
-            if not _unsupported_reason(up, conv):
-                module._modules[second] = UnpoolConv2d.from_modules(up, conv, backend)
-                module._modules[first] = nn.Identity()
-                fused += 1
-    return fused
+
+def fuse_pair(container: nn.Sequential, first: str, second: str, backend: str = "auto") -> None:
+    """Replaces a fusable (upsample, conv) pair in place: the conv's slot gets an UnpoolConv2d sharing its
+    parameters and the upsample's slot an nn.Identity, so state_dict keys are unchanged."""
+    up, conv = container._modules[first], container._modules[second]
+    container._modules[second] = UnpoolConv2d.from_modules(up, conv, backend)
+    container._modules[first] = nn.Identity()
+
+
+def convert_upsample_conv(module: nn.Module, backend: str = "auto") -> int:
+    """Fuses every (nn.Upsample(nearest), nn.Conv2d) pair inside nn.Sequential containers, in place
+    (see :func:`fuse_pair`). Pairs that cannot be fused are left as they are. Returns the number fused."""
+    fusable = [(c, first, second) for _, c, first, second, reason in upsample_conv_pairs(module) if not reason]
+    for container, first, second in fusable:
+        fuse_pair(container, first, second, backend)
+    return len(fusable)
 
 
 class LatentSampler(nn.Module):

@@ -1,0 +1,101 @@
+"""dcign_fast.patch on a Stable-Diffusion-style VAE decoder (diffusers' AutoencoderKL, random weights).
+
+Rows: the whole ``decode`` and its upsample layers alone (each Upsample2D at the input it gets inside
+the decoder, summed), for the model as built (``unpatched``), a deep copy after ``dcign_fast.patch``
+(``patched``) and ``torch.compile`` of the unpatched model (``compiled``; skipped on the CPU in quick
+mode, where compiling takes longer than the suite). Forward only, under inference mode. ``speedup`` is the
+unpatched time over the row's, measured side by side in the same run.
+
+Sizes: SD's VAE (block_out_channels 128/256/512/512, two ResNet layers per block) decoding to 512x512
+in bfloat16 on a GPU, to 256x256 in float32 on the CPU; quick mode uses a small VAE at 64x64.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import dcign_fast as dc
+from benchmarks.harness import peak_memory_mb, time_side_by_side
+
+SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
+SMALL_VAE = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8}
+
+
+def _vae(config: dict, device: str, dtype: torch.dtype) -> nn.Module:
+    from diffusers import AutoencoderKL  # an optional dependency (the test extra): imported on use
+
+    blocks = len(config["block_out_channels"])
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks, **config
+    )
+    return vae.to(device=device, dtype=dtype).eval()
+
+
+def _upsample_inputs(vae: nn.Module, z: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The name of each Upsample2D of the model with the input it receives during ``decode(z)``."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, name=name: seen.append((name, args[0])))
+        for name, m in vae.named_modules()
+        if type(m).__name__ == "Upsample2D"
+    ]
+    vae.decode(z)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def _variants(vae: nn.Module, z: torch.Tensor, device: str, quick: bool) -> dict[str, dict[str, Callable[[], object]]]:
+    """case -> variant name -> fn. The patched variants run a patched deep copy of the model."""
+    layers = _upsample_inputs(vae, z)
+    fused = copy.deepcopy(vae)
+    dc.patch(fused)
+
+    def decode(model: Callable[[torch.Tensor], object]) -> Callable[[], object]:
+        return lambda: model(z).sample
+
+    def upsample(model: nn.Module) -> Callable[[], object]:
+        return lambda: [model.get_submodule(name)(x) for name, x in layers]
+
+    cases = {
+        "decode": {"unpatched": decode(vae.decode), "patched": decode(fused.decode)},
+        "upsample layers": {"unpatched": upsample(vae), "patched": upsample(fused)},
+    }
+    if not (quick and device == "cpu"):
+        cases["decode"]["compiled"] = decode(torch.compile(vae.decode))
+    return cases
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config, size = (SMALL_VAE, 64) if quick else (SD_VAE, 512 if device == "cuda" else 256)
+    repeats, warmup = (2, 1) if quick else (5, 2)
+    vae = _vae(config, device, dtype)
+    upsamplings = len(config["block_out_channels"]) - 1
+    z = torch.randn(1, 4, size >> upsamplings, size >> upsamplings, device=device, dtype=dtype)
+    rows = []
+    with torch.inference_mode():
+        for case, variants in _variants(vae, z, device, quick).items():
+            runners, notes = {}, {}
+            for name, fn in variants.items():
+                try:
+                    fn()  # compiles where needed, outside the timing
+                    runners[name] = fn
+                except Exception as err:  # torch.compile may be unavailable (no C++ compiler, no Triton)
+                    notes[name] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+            times = time_side_by_side(runners, device, warmup=warmup, repeats=repeats)
+            for name in [*runners, *notes]:
+                row = {"case": f"{case} {size}x{size}", "pass": "forward", "dtype": str(dtype).split(".")[1]}
+                row["backend"] = name
+                if name in times:
+                    row["median_ms"] = times[name]
+                    row["speedup"] = times["unpatched"] / times[name]
+                    row["peak_mb"] = peak_memory_mb(runners[name], device)
+                else:
+                    row["note"] = notes[name]
+                rows.append(row)
+    return rows

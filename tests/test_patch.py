@@ -1,0 +1,137 @@
+"""dcign_fast.patch: fused upsample+conv in other models' Sequentials and in diffusers' Upsample2D."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dcign_fast as dc
+from dcign_fast.nn import UnpoolConv2d
+
+
+def _no_interpolate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes any nearest upsampling an error: a patched layer must not upsample."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("F.interpolate called by a patched layer")
+
+    monkeypatch.setattr(F, "interpolate", fail)
+
+
+def _sequential_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
+        nn.Upsample(scale_factor=2, mode="bilinear"),  # not nearest
+        nn.Conv2d(8, 4, 3),
+        nn.Upsample(scale_factor=3),
+        nn.Conv2d(4, 4, 3, stride=2),  # strided
+        nn.Upsample(scale_factor=2),
+        nn.Conv2d(4, 2, 5, padding=2, bias=False),
+    )
+
+
+def test_sequential_pairs_are_fused_sharing_parameters(monkeypatch):
+    model = _sequential_model()
+    x = torch.randn(2, 3, 6, 7)
+    want = model(x)
+    keys = list(model.state_dict())
+    conv_weight = model[1][1].weight
+    report = dc.patch(model)
+    assert sorted(report.replaced) == ["1.0 + 1.1", "6 + 7"]
+    assert [name for name, _ in report.skipped] == ["2", "4"]
+    assert "nearest" in report.skipped[0][1] and "stride 1" in report.skipped[1][1]
+    assert isinstance(model[1][1], UnpoolConv2d) and model[1][1].weight is conv_weight
+    assert list(model.state_dict()) == keys
+    with monkeypatch.context() as m:
+        m.setattr(nn.Upsample, "forward", lambda *a: pytest.fail("a fused pair still upsamples"))
+        model[1](torch.randn(1, 8, 4, 4))
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    assert dc.unpatch(model) == 2
+    assert isinstance(model[1][0], nn.Upsample) and type(model[1][1]) is nn.Conv2d
+    assert model[1][1].weight is conv_weight
+    assert torch.equal(model(x), want)
+
+
+def test_modules_it_does_not_understand_are_untouched():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    report = dc.patch(model)
+    assert report.replaced == [] and report.skipped == []
+    assert dc.unpatch(model) == 0
+
+
+def _small_vae():
+    diffusers = pytest.importorskip("diffusers")
+    return diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    ).eval()
+
+
+def test_diffusers_vae_decode_matches_unpatched(monkeypatch):
+    vae = _small_vae()
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        want = vae.decode(z).sample
+        report = dc.patch(vae)
+        assert report.replaced == ["decoder.up_blocks.0.upsamplers.0", "decoder.up_blocks.1.upsamplers.0"]
+        with monkeypatch.context() as m:
+            _no_interpolate(m)
+            got = vae.decode(z).sample
+    assert got.shape == want.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Gradients flow to the shared conv parameters through the fused op.
+    vae.decode(z).sample.square().mean().backward()
+    conv = vae.decoder.up_blocks[0].upsamplers[0].conv
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    assert "already patched" in dc.patch(vae).skipped[0][1]
+    assert dc.unpatch(vae) == 2
+    with torch.no_grad():
+        assert torch.equal(vae.decode(z).sample, want)
+
+
+def test_upsample2d_falls_back_when_the_call_is_not_plain(monkeypatch):
+    from diffusers.models.upsampling import Upsample2D
+
+    layer = Upsample2D(8, use_conv=True, out_channels=6)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        want_sized = layer(x, output_size=(11, 9))
+        dc.patch(layer)
+        torch.testing.assert_close(layer(x, output_size=(11, 9)), want_sized)  # original forward: sized upsample
+        _no_interpolate(monkeypatch)
+        assert layer(x).shape == (1, 6, 10, 10)
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"use_conv": False}, "use_conv=False"),
+        ({"use_conv_transpose": True}, "transposed"),
+        ({"use_conv": True, "interpolate": False}, "interpolate=False"),
+        ({"use_conv": True, "norm_type": "rms_norm", "eps": 1e-6, "elementwise_affine": True}, "norm"),
+        ({"use_conv": True, "name": "Conv2d_0", "kernel_size": 3, "padding": "same"}, "padding"),
+    ],
+)
+def test_upsample2d_configurations_that_are_not_plain_are_skipped(options, words):
+    from diffusers.models.upsampling import Upsample2D
+
+    layer = Upsample2D(8, **options)
+    report = dc.patch(layer)
+    assert report.replaced == [] and words in report.skipped[0][1]
+    assert "forward" not in vars(layer)
+
+
+def test_patch_benchmark_suite_runs_quick():
+    pytest.importorskip("diffusers")
+    from benchmarks.suites import patch as suite
+
+    rows = suite.run("cpu", quick=True)
+    assert {row["backend"] for row in rows} >= {"unpatched", "patched"}
+    assert all(row["median_ms"] > 0 for row in rows if "median_ms" in row)
