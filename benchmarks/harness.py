@@ -100,17 +100,17 @@ def write_results(suite: str, info: dict[str, object], rows: list[dict], out_dir
     return path
 
 
+def format_cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A plain-text table of ``columns`` (missing values shown as '-')."""
-
-    def cell(value: object) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-        return str(value)
-
-    table = [columns] + [[cell(row.get(c)) for c in columns] for row in rows]
+    table = [columns] + [[format_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -1,9 +1,15 @@
-"""The command line and the benchmark harness run end to end (a quick CPU subset, no thresholds)."""
+"""The command line and both benchmark front doors run end to end (quick CPU subsets, no thresholds)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
+import pytest
+
+from benchmarks import report
 from benchmarks import run as bench
 from dcign_fast.cli import main
 
@@ -14,12 +20,33 @@ def test_info(capsys):
     assert info["torch"] and "cuda_extension_built" in info
 
 
-def test_ops_suite_quick(tmp_path, capsys):
-    assert bench.main(["--suite", "ops", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
-    (result,) = tmp_path.glob("ops-cpu-*.json")
+@pytest.mark.parametrize("suite", sorted(bench.SUITES))
+def test_suite_quick_then_report(suite, tmp_path, capsys):
+    assert bench.main(["--suite", suite, "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob(f"{suite}-cpu-*.json")
     data = json.loads(result.read_text())
-    assert data["machine"]["torch"] and data["rows"]
-    backends = {row["backend"] for row in data["rows"]}
-    assert {"reference", "torch"} <= backends
-    assert all(row["median_ms"] > 0 for row in data["rows"])
-    assert "paper150 decoder" in capsys.readouterr().out
+    assert data["machine"]["torch"] and data["machine"]["cpu"] and data["rows"]
+    timed = [row for row in data["rows"] if "median_ms" in row]
+    assert timed and all(row["median_ms"] > 0 for row in timed)
+    assert f"suite {suite}" in capsys.readouterr().out
+    assert report.main(["--results", str(tmp_path), "--out", str(tmp_path)]) == 0
+    assert f"## {suite} on" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_ops_suite_compares_backends(tmp_path):
+    bench.main(["--suite", "ops", "--quick", "--out", str(tmp_path)])
+    rows = json.loads(next(tmp_path.glob("ops-*.json")).read_text())["rows"]
+    assert {"reference", "torch"} <= {row["backend"] for row in rows}
+
+
+def test_pytest_benchmark_front_door_runs():
+    env = {**os.environ, "DCIGN_BENCH_QUICK": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/", "-q", "--benchmark-disable", "-p", "no:cacheprovider"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
