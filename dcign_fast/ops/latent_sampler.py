@@ -23,13 +23,17 @@ the whole column (the mean is non-finite) and hence every row's kl.
 
 Backends:
   reference  the oracle: plain torch with autograd.
-  torch      vectorised torch forward and backward behind one autograd.Function; runs anywhere.
+  torch      vectorised torch forward and backward; runs anywhere.
   triton     one forward and one backward kernel (:mod:`dcign_fast.kernels.triton.latent_sampler`);
              float16/bfloat16/float32 on CUDA (or under TRITON_INTERPRET=1).
   cuda       CUDA C++ kernels of the compiled extension (:mod:`dcign_fast.kernels.cuda_ops`, csrc/);
              float16/bfloat16/float32 on CUDA. Never chosen by auto.
   auto       triton for CUDA tensors when Triton is installed and the dtype is not float64, else torch.
-The torch and triton backends save only mu, logvar and active; eps is regenerated in the backward.
+The torch, triton and cuda backends run inside the custom op ``dcign_fast::sample_latents``
+(:mod:`dcign_fast.ops.library`, so torch.compile traces them without graph breaks); they save only mu,
+logvar, active and the (seed, offset) drawn with; eps is regenerated in the backward. Under CUDA graph
+capture pass ``seed`` explicitly: a seed=None draw cannot be captured (an error), and the captured
+graph replays the same noise.
 """
 
 from __future__ import annotations

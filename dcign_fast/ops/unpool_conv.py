@@ -12,6 +12,10 @@ Backends:
              float32 / bfloat16 / float16, kernels up to 9; never chosen by auto.
   auto       the fastest correct backend for the tensors' device (CUDA: triton where it runs; CPU: torch).
 
+The torch, triton and cuda backends run inside the custom op ``dcign_fast::unpool_conv2d``
+(:mod:`dcign_fast.ops.library`), whose backward is :data:`BACKWARDS`: explicit for torch, a re-run of the
+forward under the kernels' own autograd.Function for triton and cuda.
+
 ``activation="relu"`` applies a ReLU to the result: fused into the triton kernels' epilogue (and their
 backward), a separate in-place op for the other backends.
 """
