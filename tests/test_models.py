@@ -70,3 +70,16 @@ def test_bad_config_is_a_clear_error():
         DCIGNConfig(latent_groups={"light": (2, 300)})
     with pytest.raises(ValueError, match="preset must be one of"):
         DCIGN.from_preset("paper")
+
+
+def test_loss_gradient_stays_finite_where_the_sigmoid_saturates():
+    x = torch.rand(2, 1, 4, 4)
+    recon = torch.rand(2, 1, 4, 4)
+    recon[0, 0, 0, 0], recon[1, 0, 0, 0] = 0.0, 1.0
+    recon.requires_grad_()
+    losses = DCIGN.loss(x, recon, torch.randn(2, 3), torch.randn(2, 3))
+    losses["total"].backward()
+    assert torch.isfinite(losses["total"]) and torch.isfinite(recon.grad).all()
+    recon = recon.detach().clone()
+    recon[1, 0, 2, 2] = float("nan")
+    assert torch.isnan(DCIGN.loss(x, recon, torch.randn(2, 3), torch.randn(2, 3))["total"])

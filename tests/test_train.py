@@ -166,3 +166,13 @@ def test_config_from_yaml_and_overrides(tmp_path):
         TrainConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="clamp must be one of"):
         TrainConfig(clamp="median")
+
+
+def test_infinite_gradient_is_caught_like_a_nan_loss(tmp_path):
+    from dcign_fast.train.trainer import NonFiniteLossError
+
+    trainer = Trainer(config(tmp_path, steps=2), render=blobs)
+    trainer.model.to_logvar.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(NonFiniteLossError, match="gradient became NaN or infinite at step 0"):
+        trainer.train()
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []

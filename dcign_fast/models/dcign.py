@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dcign_fast.nn import UnpoolConv2d
@@ -15,11 +16,11 @@ from dcign_fast.ops.latent_sampler import sample_latents
 
 
 def binary_cross_entropy_sum(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """F.binary_cross_entropy(..., reduction="sum") (logs clamped at -100 alike), except that NaN in
-    ``recon`` propagates to the loss instead of raising, so the trainer can report or skip the step."""
-    log_p = torch.log(recon).clamp_min(-100)
-    log_not_p = torch.log1p(-recon).clamp_min(-100)
-    return -(target * log_p + (1 - target) * log_not_p).sum()
+    """``F.binary_cross_entropy(recon, target, reduction="sum")``, except that NaN in ``recon`` makes the
+    loss NaN instead of raising, so the trainer can report or skip the step. (torch's own BCE keeps its
+    gradient finite where the sigmoid saturates to exactly 0 or 1; a hand-written log would not.)"""
+    bce = F.binary_cross_entropy(torch.nan_to_num(recon, nan=0.5), target, reduction="sum")
+    return bce + 0.0 * recon.sum()  # NaN * 0 = NaN: a NaN anywhere in recon reaches the loss
 
 
 def paper_latent_groups(latent_dim: int) -> dict[str, tuple[int, int]]:

@@ -187,18 +187,21 @@ class Trainer:
                 start = time.perf_counter()
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics = self._forward_backward(self.step)
+                if metrics is not None:
+                    # The gradient norm is checked too: one inf gradient would turn every weight into NaN.
+                    max_norm = float("inf") if c.grad_clip is None else c.grad_clip
+                    if not torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)):
+                        metrics = None
                 if metrics is None:
                     if c.on_nonfinite == "stop":
                         raise NonFiniteLossError(
-                            f"the loss became NaN or infinite at step {self.step}; stopping without writing a "
-                            f"checkpoint (the last good one is in {self.checkpoints}); set on_nonfinite=skip to "
-                            "skip such steps instead"
+                            f"the loss or its gradient became NaN or infinite at step {self.step}; stopping "
+                            f"without writing a checkpoint (the last good one is in {self.checkpoints}); set "
+                            "on_nonfinite=skip to skip such steps instead"
                         )
                     self.optimizer.zero_grad(set_to_none=True)
-                    bar.write(f"skipped step {self.step}: non-finite loss")
+                    bar.write(f"skipped step {self.step}: non-finite loss or gradient")
                 else:
-                    if c.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
                     self.optimizer.step()
                 self.step += 1
                 bar.update(1)
