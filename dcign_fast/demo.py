@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 DEMO_OPTIONS = {
@@ -34,21 +33,14 @@ def run(args: argparse.Namespace) -> int:
     from dcign_fast.data import SweepSampler
     from dcign_fast.eval.evaluate import EVAL_SEED, evaluate
     from dcign_fast.eval.rerender import sweep_grid
-    from dcign_fast.train import TrainConfig, Trainer
-    from dcign_fast.train.trainer import NonFiniteLossError
+    from dcign_fast.train import TrainConfig
+    from dcign_fast.train.cli import run_training
 
     options = {**DEMO_OPTIONS, "steps": args.steps, "out": str(args.out)}
     config = TrainConfig.from_dict(options).override(args.set)
-    trainer = Trainer(config, resume=args.resume)
-    try:
-        result = trainer.train()
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        trainer.close()
-    if result.interrupted:
-        return 130
+    code, trainer, result = run_training(config, args.resume)
+    if code:
+        return code
     model = trainer.model.eval()
     sampler = SweepSampler(size=model.config.image_size, device=trainer.device)
     results = evaluate(model, sampler.batch, out=args.out / "eval")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dcign_fast.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from dcign_fast.train.trainer import Trainer, TrainResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,21 +30,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config.override(flags + list(args.set))
 
 
-def run(args: argparse.Namespace) -> int:
+def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, TrainResult | None]:
+    """Trains with the command line's exit codes: 0 done, 1 a non-finite loss (reported), 130 interrupted
+    (a checkpoint was saved). Returns (exit code, trainer, result or None)."""
     from dcign_fast.train.trainer import NonFiniteLossError, Trainer
 
-    config = config_from_args(args)
-    trainer = Trainer(config, resume=args.resume)
+    trainer = Trainer(config, resume=resume)
     try:
         result = trainer.train()
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 1, trainer, None
     finally:
         trainer.close()
-    if trainer.world.is_main:
+    return (130 if result.interrupted else 0), trainer, result
+
+
+def run(args: argparse.Namespace) -> int:
+    code, trainer, result = run_training(config_from_args(args), args.resume)
+    if result is not None and trainer.world.is_main:
         print(f"step {result.step}; last checkpoint: {result.checkpoint}")
-    return 130 if result.interrupted else 0
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
