@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import torch
@@ -108,3 +109,14 @@ def test_train_from_folders_then_eval_and_rerender(tmp_path, capsys):
     with Image.open(tmp_path / "sweeps.png") as grid:
         assert grid.width > 5 * 64 and grid.height > 4 * 64
     assert "sweeps.png" in capsys.readouterr().out
+
+
+def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
+    evaluation = importlib.import_module("dcign_fast.eval.evaluate")  # the module, not the function
+    real = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, batch, out: real(model, batch, out, 2, 3))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3", "--set", "batch_size=4", "--set", "data_pool=1"]) == 0
+    printed = capsys.readouterr().out
+    for produced in ("checkpoints/step-00000003", "sweeps.png", "eval/eval.json", "eval/scatter.png"):
+        assert (out / produced).exists() and produced.split("/")[-1] in printed
