@@ -84,7 +84,8 @@ def test_train_from_folders_then_eval_and_rerender(tmp_path, capsys):
         == 0
     )
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert set(results["correlation"]) == {"azimuth", "elevation", "light"}
+    assert set(results["correlation"]) == set(results["best_single_latent"]) == {"azimuth", "elevation", "light"}
+    assert all(results["best_single_latent"][k] >= results["correlation"][k] - 1e-9 for k in results["correlation"])
     assert (tmp_path / "eval" / "scatter.png").stat().st_size > 0
 
     face = next((tmp_path / "data").rglob("*.png"))
