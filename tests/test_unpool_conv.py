@@ -84,6 +84,17 @@ def test_torch_backend_gradcheck(k, p):
     assert torch.autograd.gradcheck(lambda *t: dc.unpool_conv2d(*t, padding=p, backend="torch"), (x, w, b))
 
 
+def test_torch_backend_gradcheck_with_relu():
+    """The fused ReLU's mask, applied by the torch backward from the saved output."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    y = dc.unpool_conv2d(x, w, b, padding=1, backend="torch", activation="relu")
+    assert (y == 0).any() and (y > 0).any()  # the mask matters
+    fn = lambda *t: dc.unpool_conv2d(*t, padding=1, backend="torch", activation="relu")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
 def test_gradients_match_reference_float32():
     x, w, b = make_tensors({"n": 3, "c": 8, "o": 6, "k": (7, 7), "p": (0, 0), "hw": (9, 11)}, torch.float32, False)
     grads = {}

@@ -128,6 +128,20 @@ def test_grad_weight_is_deterministic_across_splits():
     assert all(torch.equal(p, q) for p, q in zip(first, second))
 
 
+def test_backward_does_not_rerun_the_forward(monkeypatch):
+    """The custom op's backward calls the gradient kernels on the saved tensors: one forward kernel launch
+    for a forward + backward, ReLU included (its mask comes from the saved output)."""
+    from dcign_fast.kernels.triton import unpool_conv as kernels
+
+    launches = []
+    forward = kernels._forward
+    monkeypatch.setattr(kernels, "_forward", lambda *args: launches.append(args) or forward(*args))
+    leaves = [torch.randn(shape, device=DEVICE, requires_grad=True) for shape in ((2, 5, 4, 3), (6, 5, 3, 3), (6,))]
+    y = dc.unpool_conv2d(*leaves, padding=1, backend="triton", activation="relu")
+    grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
+    assert len(launches) == 1 and all(g.shape == t.shape for g, t in zip(grads, leaves))
+
+
 def test_module_with_activation_matches_upsample_conv_relu():
     fused = UnpoolConv2d(6, 8, 5, padding=2, backend="triton", activation="relu").to(DEVICE)
     conv = nn.Conv2d(6, 8, 5, padding=2).to(DEVICE)

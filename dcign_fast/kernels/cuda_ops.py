@@ -1,6 +1,7 @@
-"""Python side of the CUDA C++ backend (``backend="cuda"``): argument plumbing and autograd for the
-kernels of ``dcign_fast._C`` (csrc/). Tensors travel as raw pointers with their strides; every launch
-runs on the current torch stream of the tensors' device, so CUDA-graph capture works.
+"""Python side of the CUDA C++ backend (``backend="cuda"``): argument plumbing for the forward and backward
+kernels of ``dcign_fast._C`` (csrc/), which the custom ops of :mod:`dcign_fast.ops.library` pair up for autograd.
+Tensors travel as raw pointers with their strides; every launch runs on the current torch stream of the
+tensors' device, so CUDA-graph capture works.
 
 Importing this module does not need the extension; calling any function does (a clear error otherwise).
 """
@@ -10,6 +11,12 @@ from __future__ import annotations
 import torch
 
 from dcign_fast.kernels import cuda
+from dcign_fast.ops.unpool_conv import (
+    check_kernel_args,
+    empty_output,
+    kernel_unsupported_reason,
+    nhwc,
+)
 
 # Storage dtype -> the code csrc/dtype.cuh dispatches on.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -101,36 +108,17 @@ def sampler_backward(
 # ---------------------------------------------------------------------------------------------------------------
 # unpool_conv2d, scale factor 2
 
-_SCALE = 2
-_MAX_KERNEL = 9
 _GRAD_WEIGHT_TILE = 64  # channel tile of the grad-weight kernel (csrc/unpool_conv_grad_weight.cu)
 _SPLIT_GRANULE = 256  # output positions per grad-weight split, at least
 
 
 def cuda_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale_factor: int) -> str:
     """Why backend="cuda" cannot run these arguments, or "" when it can."""
-    if scale_factor != _SCALE:
-        return f"backend='cuda' supports scale_factor=2 only, got {scale_factor}"
-    if x.dtype not in DTYPE_CODES:
-        return f"backend='cuda' supports float32, float16 and bfloat16, got {x.dtype}"
-    if max(weight.shape[2:]) > _MAX_KERNEL:
-        return f"backend='cuda' supports kernel sizes up to {_MAX_KERNEL}, got {tuple(weight.shape[2:])}"
-    return ""
-
-
-def _nhwc(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its channels are contiguous in memory, else a channels_last copy."""
-    return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
+    return kernel_unsupported_reason("cuda", x, weight, scale_factor)
 
 
 def _view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
     return (t.data_ptr(), *t.stride())
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _grad_weight_splits(positions: int, c_in: int, c_out: int, taps: int, device: torch.device) -> tuple[int, int]:
@@ -141,64 +129,18 @@ def _grad_weight_splits(positions: int, c_in: int, c_out: int, taps: int, device
     return splits, -(-positions // splits)
 
 
-class _UnpoolConv2dCuda(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, activation):
-        n, c_in, h, w = x.shape
-        c_out, _, kh, kw = weight.shape
-        ph, pw = padding
-        lib, code, stream = cuda.load(), _dtype_code(x), _stream(x.device)
-        xn, weight = _nhwc(x), weight.contiguous()
-        tr, tc = lib.union_taps(kh, ph), lib.union_taps(kw, pw)
-        wp = torch.empty((2, 2, tr, tc, c_in, c_out), dtype=torch.float32, device=x.device)
-        lib.unpool_conv_pack_weight(weight.data_ptr(), wp.data_ptr(), c_out, c_in, kh, kw, ph, pw, code, stream)
-        shape = (n, c_out, _SCALE * h + 2 * ph - kh + 1, _SCALE * w + 2 * pw - kw + 1)
-        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
-        if out.numel():
-            lib.unpool_conv_forward(
-                _view(xn), wp.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(), _view(out),
-                n, c_in, h, w, c_out, kh, kw, ph, pw, int(activation == "relu"), code, stream,
-            )  # fmt: skip
-        ctx.save_for_backward(xn, wp, out if activation == "relu" else None)
-        ctx.plan = (kh, kw, ph, pw, bias is not None, x.shape, _memory_format(x))
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        xn, wp, y = ctx.saved_tensors
-        kh, kw, ph, pw, has_bias, x_shape, x_format = ctx.plan
-        n, c_in, h, w = x_shape
-        c_out, ho, wo = grad_out.shape[1:]
-        lib, code, stream = cuda.load(), _dtype_code(xn), _stream(xn.device)
-        if y is not None:  # ReLU: gradient only where the output was positive
-            grad_out = torch.where(y > 0, grad_out, 0)
-        g = _nhwc(grad_out)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty(x_shape, dtype=xn.dtype, device=xn.device, memory_format=x_format)
-            if dx.numel() and g.numel():
-                lib.unpool_conv_grad_input(
-                    _view(g), wp.data_ptr(), _view(dx), n, c_in, h, w, c_out, kh, kw, ph, pw, code, stream
-                )
-            elif dx.numel():
-                dx.zero_()
-        if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
-            taps = wp.shape[2] * wp.shape[3]  # an upper bound of the taps of any phase (for the split heuristic)
-            splits, chunk = _grad_weight_splits(n * ((ho + 1) // 2) * ((wo + 1) // 2), c_in, c_out, taps, xn.device)
-            ws = torch.empty((splits, *wp.shape), dtype=torch.float32, device=xn.device)
-            bias_ws = torch.empty((splits, 4, c_out), dtype=torch.float32, device=xn.device) if has_bias else None
-            lib.unpool_conv_grad_weight(
-                _view(xn), _view(g), ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(),
-                n, c_in, h, w, c_out, kh, kw, ph, pw, splits, max(1, chunk), code, stream,
-            )  # fmt: skip
-            dw = torch.empty((c_out, c_in, kh, kw), dtype=xn.dtype, device=xn.device)
-            db = torch.empty((c_out,), dtype=xn.dtype, device=xn.device) if has_bias else None
-            lib.unpool_conv_finalize_grad_weight(
-                ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(), dw.data_ptr(),
-                0 if db is None else db.data_ptr(), c_out, c_in, kh, kw, ph, pw, splits, code, stream,
-            )  # fmt: skip
-        return dx, dw, db, None, None
+def _pack_weight(weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """[O, C, KH, KW] -> wp float32 [2, 2, TR, TC, C, O]: every phase's collapsed kernel in union taps."""
+    c_out, c_in, kh, kw = weight.shape
+    ph, pw = padding
+    lib, weight = cuda.load(), weight.contiguous()
+    wp = torch.empty(
+        (2, 2, lib.union_taps(kh, ph), lib.union_taps(kw, pw), c_in, c_out), dtype=torch.float32, device=weight.device
+    )
+    lib.unpool_conv_pack_weight(
+        weight.data_ptr(), wp.data_ptr(), c_out, c_in, kh, kw, ph, pw, _dtype_code(weight), _stream(weight.device)
+    )
+    return wp
 
 
 def unpool_conv2d_cuda(
@@ -212,13 +154,68 @@ def unpool_conv2d_cuda(
     """Fused upsample-by-2 + convolution (+ ReLU) with the CUDA C++ kernels.
 
     Shapes: x [N, C, H, W], weight [O, C, KH, KW], bias [O] or None ->
-    [N, O, 2H + 2ph - KH + 1, 2W + 2pw - KW + 1] in x's memory format. Differentiable in x, weight and
-    bias; grad weight and grad bias are deterministic. float32 accumulation for every dtype (no TF32).
+    [N, O, 2H + 2ph - KH + 1, 2W + 2pw - KW + 1] in x's memory format. float32 accumulation for every dtype
+    (no TF32). Not differentiable by itself: :func:`unpool_conv2d_cuda_backward` gives its gradients (the
+    custom op ``dcign_fast::unpool_conv2d`` pairs the two).
     """
-    reason = cuda_unsupported_reason(x, weight, scale_factor)
-    if reason:
-        raise ValueError(reason)
-    if activation not in (None, "relu"):
-        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    check_kernel_args("cuda", x, weight, scale_factor, activation)
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    ph, pw = padding
     with torch.cuda.device(x.device):
-        return _UnpoolConv2dCuda.apply(x, weight, bias, padding, activation)
+        out = empty_output(x, weight, padding, scale_factor)
+        if out.numel():
+            wp = _pack_weight(weight, padding)
+            cuda.load().unpool_conv_forward(
+                _view(nhwc(x)), wp.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(), _view(out),
+                n, c_in, h, w, c_out, kh, kw, ph, pw, int(activation == "relu"), _dtype_code(x), _stream(x.device),
+            )  # fmt: skip
+    return out
+
+
+def unpool_conv2d_cuda_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor | None,
+    has_bias: bool,
+    padding: tuple[int, int],
+    activation: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(grad x, grad weight, grad bias or None) of :func:`unpool_conv2d_cuda`, from its inputs and, with
+    ``activation="relu"``, its output ``out`` (grad_out counts only where ``out > 0``).
+
+    Grad x is laid out like x (``torch.empty_like``, as the torch backend's); grad weight and grad bias
+    are deterministic.
+    """
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    ho, wo = grad_out.shape[2:]
+    ph, pw = padding
+    lib, code, stream = cuda.load(), _dtype_code(x), _stream(x.device)
+    with torch.cuda.device(x.device):
+        if activation == "relu":
+            grad_out = torch.where(out > 0, grad_out, 0)
+        g, wp = nhwc(grad_out), _pack_weight(weight, padding)
+        grad_x = torch.empty_like(x)
+        if grad_x.numel() and g.numel():
+            lib.unpool_conv_grad_input(
+                _view(g), wp.data_ptr(), _view(grad_x), n, c_in, h, w, c_out, kh, kw, ph, pw, code, stream
+            )
+        elif grad_x.numel():
+            grad_x.zero_()
+        taps = wp.shape[2] * wp.shape[3]  # an upper bound of the taps of any phase (for the split heuristic)
+        splits, chunk = _grad_weight_splits(n * ((ho + 1) // 2) * ((wo + 1) // 2), c_in, c_out, taps, x.device)
+        ws = torch.empty((splits, *wp.shape), dtype=torch.float32, device=x.device)
+        bias_ws = torch.empty((splits, 4, c_out), dtype=torch.float32, device=x.device) if has_bias else None
+        lib.unpool_conv_grad_weight(
+            _view(nhwc(x)), _view(g), ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(),
+            n, c_in, h, w, c_out, kh, kw, ph, pw, splits, max(1, chunk), code, stream,
+        )  # fmt: skip
+        grad_weight = torch.empty((c_out, c_in, kh, kw), dtype=x.dtype, device=x.device)
+        grad_bias = torch.empty((c_out,), dtype=x.dtype, device=x.device) if has_bias else None
+        lib.unpool_conv_finalize_grad_weight(
+            ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(), grad_weight.data_ptr(),
+            0 if grad_bias is None else grad_bias.data_ptr(), c_out, c_in, kh, kw, ph, pw, splits, code, stream,
+        )  # fmt: skip
+    return grad_x, grad_weight, grad_bias

@@ -21,7 +21,6 @@ from typing import Optional
 import torch
 
 from dcign_fast.ops import latent_sampler, unpool_conv
-from dcign_fast.ops.phases import output_size
 
 Tensor = torch.Tensor
 
@@ -39,22 +38,14 @@ def unpool_conv2d_op(
     backend: str,
 ) -> Tensor:
     """[N, C, H, W] -> [N, O, s*H + 2*pad_rows - KH + 1, s*W + 2*pad_cols - KW + 1] with ``backend``."""
-    # The kernel backends' own autograd.Functions would record a graph node here: the op owns autograd.
+    # The op owns autograd (its backward is unpool_conv2d_backward): the backend records no graph of its own.
     with torch.no_grad():
         return unpool_conv.IMPLEMENTATIONS[backend](x, weight, bias, (pad_rows, pad_cols), scale_factor, activation)
 
 
 @unpool_conv2d_op.register_fake
 def _(x, weight, bias, pad_rows, pad_cols, scale_factor, activation, backend):
-    n, _, h, w = x.shape
-    o, _, kh, kw = weight.shape
-    shape = (
-        n,
-        o,
-        output_size(h, kh, pad_rows, scale_factor),
-        output_size(w, kw, pad_cols, scale_factor),
-    )
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=unpool_conv._output_memory_format(x))
+    return unpool_conv.empty_output(x, weight, (pad_rows, pad_cols), scale_factor)
 
 
 @torch.library.custom_op("dcign_fast::unpool_conv2d_backward", mutates_args=())
@@ -67,28 +58,30 @@ def unpool_conv2d_backward_op(
     pad_rows: int,
     pad_cols: int,
     scale_factor: int,
+    activation: Optional[str],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x [N, C, H, W], grad_weight [O, C, KH, KW], grad_bias [O], zeros when not has_bias).
 
-    ``out`` is the forward's output when a ReLU was fused (its sign masks grad_out), else None.
+    ``out`` is the forward's output when a ReLU was fused (its sign masks grad_out), else None. grad_out
+    arrives unmasked: the backend applies the mask (the triton kernels as they load grad_out tiles).
     """
-    if out is not None:
-        grad_out = torch.where(out > 0, grad_out, 0)
     with torch.no_grad():
-        grads = unpool_conv.BACKWARDS[backend](grad_out, x, weight, has_bias, (pad_rows, pad_cols), scale_factor)
+        grads = unpool_conv.BACKWARDS[backend](
+            grad_out, x, weight, out, has_bias, (pad_rows, pad_cols), scale_factor, activation
+        )
     return tuple(g if g is not None else weight.new_zeros(weight.shape[0]) for g in grads)
 
 
 @unpool_conv2d_backward_op.register_fake
-def _(grad_out, x, weight, out, has_bias, pad_rows, pad_cols, scale_factor, backend):
+def _(grad_out, x, weight, out, has_bias, pad_rows, pad_cols, scale_factor, activation, backend):
     return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
 def _unpool_setup_context(ctx, inputs, output) -> None:
     x, weight, bias, pad_rows, pad_cols, scale_factor, activation, backend = inputs
     ctx.save_for_backward(x, weight, output if activation is not None else None)
-    ctx.args = (bias is not None, pad_rows, pad_cols, scale_factor, backend)
+    ctx.args = (bias is not None, pad_rows, pad_cols, scale_factor, activation, backend)
 
 
 def _unpool_backward(ctx, grad_out):

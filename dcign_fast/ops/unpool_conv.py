@@ -13,15 +13,16 @@ Backends:
   auto       the fastest correct backend for the tensors' device (CUDA: triton where it runs; CPU: torch).
 
 The torch, triton and cuda backends run inside the custom op ``dcign_fast::unpool_conv2d``
-(:mod:`dcign_fast.ops.library`), whose backward is :data:`BACKWARDS`: explicit for torch, a re-run of the
-forward under the kernels' own autograd.Function for triton and cuda.
+(:mod:`dcign_fast.ops.library`), whose backward is :data:`BACKWARDS`: each backend's explicit gradient
+kernels on the saved inputs (and output, when a ReLU is fused), never a re-run of the forward.
 
 ``activation="relu"`` applies a ReLU to the result: fused into the triton kernels' epilogue (and their
-backward), a separate in-place op for the other backends.
+backward, which masks grad_out as it loads it), a separate op for the other backends.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections import defaultdict
 from typing import Callable
 
@@ -46,6 +47,49 @@ def _output_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def empty_output(x: torch.Tensor, weight: torch.Tensor, padding: Padding, scale_factor: int) -> torch.Tensor:
+    """The uninitialised output [N, O, s*H + 2*ph - KH + 1, s*W + 2*pw - KW + 1], in x's memory format."""
+    n, _, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    shape = (n, o, output_size(h, kh, padding[0], scale_factor), output_size(w, kw, padding[1], scale_factor))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_output_memory_format(x))
+
+
+def nhwc(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its channels are contiguous in memory, else a channels_last copy: the layout the kernel
+    backends' GEMMs reduce over channels in."""
+    return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
+
+
+# What the scale-2 kernel backends (triton, cuda) run: float32 (TF32 for triton when cudnn.allow_tf32) and
+# 16-bit floats, kernels up to 9 x 9.
+KERNEL_SCALE = 2
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_MAX_SIZE = 9
+
+
+def kernel_unsupported_reason(backend: str, x: torch.Tensor, weight: torch.Tensor, scale_factor: int) -> str:
+    """Why ``backend`` (triton or cuda) cannot run these arguments, or "" when it can."""
+    if scale_factor != KERNEL_SCALE:
+        return f"backend={backend!r} supports scale_factor={KERNEL_SCALE} only, got {scale_factor}"
+    if x.dtype not in KERNEL_DTYPES:
+        return f"backend={backend!r} supports float32, float16 and bfloat16, got {x.dtype}"
+    if max(weight.shape[2:]) > KERNEL_MAX_SIZE:
+        return f"backend={backend!r} supports kernel sizes up to {KERNEL_MAX_SIZE}, got {tuple(weight.shape[2:])}"
+    return ""
+
+
+def check_kernel_args(
+    backend: str, x: torch.Tensor, weight: torch.Tensor, scale_factor: int, activation: str | None
+) -> None:
+    """A ValueError naming what ``backend`` (triton or cuda) cannot run, if anything."""
+    reason = kernel_unsupported_reason(backend, x, weight, scale_factor)
+    if reason:
+        raise ValueError(reason)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def _collapse(weight: torch.Tensor, row: AxisPhase, col: AxisPhase) -> torch.Tensor:
@@ -88,14 +132,9 @@ def unpool_conv2d_torch(
     scale_factor: int,
     activation: str | None = None,
 ) -> torch.Tensor:
-    n, _, h, w = x.shape
+    _, _, h, w = x.shape
     o, _, kh, kw = weight.shape
-    out = torch.empty(
-        (n, o, output_size(h, kh, padding[0], scale_factor), output_size(w, kw, padding[1], scale_factor)),
-        dtype=x.dtype,
-        device=x.device,
-        memory_format=_output_memory_format(x),
-    )
+    out = empty_output(x, weight, padding, scale_factor)
     for group, pad_r, pad_c in _phase_groups(h, w, kh, kw, padding, scale_factor):
         stacked = torch.cat([_collapse(weight, r, c) for r, c in group])
         group_bias = None if bias is None else bias.repeat(len(group))
@@ -107,11 +146,21 @@ def unpool_conv2d_torch(
 
 
 def unpool_conv2d_torch_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, padding: Padding, scale_factor: int
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor | None,
+    has_bias: bool,
+    padding: Padding,
+    scale_factor: int,
+    activation: str | None,
 ) -> Grads:
-    """The torch formulation's gradients without autograd: per phase group, grad_out's phases scattered
-    into the group's convolution output, one ``convolution_backward`` on the low-resolution x, and the
-    collapsed kernels' gradients folded back onto the full kernel (the transpose of ``_collapse``)."""
+    """The torch formulation's gradients without autograd: grad_out masked by the ReLU's derivative (where
+    ``out`` > 0) when one was fused; then per phase group, grad_out's phases scattered into the group's
+    convolution output, one ``convolution_backward`` on the low-resolution x, and the collapsed kernels'
+    gradients folded back onto the full kernel (the transpose of ``_collapse``)."""
+    if activation == "relu":
+        grad_out = torch.where(out > 0, grad_out, 0)
     _, _, h, w = x.shape
     o, _, kh, kw = weight.shape
     grad_x = torch.zeros_like(x)
@@ -147,33 +196,30 @@ def _reference(x, weight, bias, padding, scale_factor, activation=None):
     return _activate(unpool_conv2d_reference(x, weight, bias, padding, scale_factor), activation)
 
 
-def _triton(x, weight, bias, padding, scale_factor, activation=None):
-    from dcign_fast.kernels.triton.unpool_conv import unpool_conv2d_triton  # imports triton: only when used
+def _kernel_backend(
+    module: str, forward: str, backward: str
+) -> tuple[Callable[..., torch.Tensor], Callable[..., Grads]]:
+    """A scale-2 kernel backend's functions ``module.forward`` and ``module.backward`` in IMPLEMENTATIONS'
+    and BACKWARDS' signatures, imported at their first call (importing dcign_fast needs neither triton nor
+    the compiled extension)."""
 
-    return unpool_conv2d_triton(x, weight, bias, padding, scale_factor, activation)
+    def run_forward(x, weight, bias, padding, scale_factor, activation=None):
+        return getattr(importlib.import_module(module), forward)(x, weight, bias, padding, scale_factor, activation)
+
+    def run_backward(grad_out, x, weight, out, has_bias, padding, scale_factor, activation) -> Grads:
+        # scale_factor is 2: the forward refused any other.
+        kernels = importlib.import_module(module)
+        return getattr(kernels, backward)(grad_out, x, weight, out, has_bias, padding, activation)
+
+    return run_forward, run_backward
 
 
-def _cuda(x, weight, bias, padding, scale_factor, activation=None):
-    from dcign_fast.kernels.cuda_ops import unpool_conv2d_cuda  # needs the compiled extension: only when used
-
-    return unpool_conv2d_cuda(x, weight, bias, padding, scale_factor, activation)
-
-
-def _recomputed_backward(forward: Callable[..., torch.Tensor]) -> Callable[..., Grads]:
-    """The backward of a backend whose kernels sit behind its own autograd.Function: the forward is run
-    again on the saved low-resolution inputs and that Function's backward kernels give the gradients."""
-
-    def backward(grad_out, x, weight, has_bias, padding, scale_factor) -> Grads:
-        with torch.enable_grad():
-            inputs = [x.detach().requires_grad_(), weight.detach().requires_grad_()]
-            if has_bias:
-                inputs.append(weight.new_zeros(weight.shape[0], requires_grad=True))
-            y = forward(*inputs[:2], inputs[2] if has_bias else None, padding, scale_factor)
-            grads = torch.autograd.grad(y, inputs, grad_out)
-        return grads[0], grads[1], grads[2] if has_bias else None
-
-    return backward
-
+_triton, _triton_backward = _kernel_backend(
+    "dcign_fast.kernels.triton.unpool_conv", "unpool_conv2d_triton", "unpool_conv2d_triton_backward"
+)
+_cuda, _cuda_backward = _kernel_backend(
+    "dcign_fast.kernels.cuda_ops", "unpool_conv2d_cuda", "unpool_conv2d_cuda_backward"
+)
 
 # Backend name -> implementation(x, weight, bias, padding, scale_factor, activation). Kernel backends register here.
 IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
@@ -182,13 +228,15 @@ IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "triton": _triton,
     "cuda": _cuda,
 }
-# Backend name -> backward(grad_out, x, weight, has_bias, padding, scale_factor) -> (grad x, grad weight, grad bias),
-# for the backends that run as the custom op dcign_fast::unpool_conv2d (dcign_fast.ops.library). The
-# reference is plain torch that autograd differentiates.
+# Backend name -> backward(grad_out, x, weight, out, has_bias, padding, scale_factor, activation)
+# -> (grad x, grad weight, grad bias or None), for the backends that run as the custom op
+# dcign_fast::unpool_conv2d (dcign_fast.ops.library). ``out`` is the forward's output when a ReLU was fused
+# (None otherwise) and grad_out is not yet masked by it: each backward applies the mask itself (the triton
+# kernels as they load grad_out). The reference is plain torch that autograd differentiates.
 BACKWARDS: dict[str, Callable[..., Grads]] = {
     "torch": unpool_conv2d_torch_backward,
-    "triton": _recomputed_backward(_triton),
-    "cuda": _recomputed_backward(_cuda),
+    "triton": _triton_backward,
+    "cuda": _cuda_backward,
 }
 
 

@@ -33,11 +33,16 @@ import triton
 import triton.language as tl
 
 from dcign_fast.ops.backends import triton_interpreting
-from dcign_fast.ops.phases import axis_phases, output_size
-from dcign_fast.ops.unpool_conv import _output_memory_format
+from dcign_fast.ops.phases import axis_phases
+from dcign_fast.ops.unpool_conv import (
+    KERNEL_SCALE,
+    check_kernel_args,
+    empty_output,
+    kernel_unsupported_reason,
+    nhwc,
+)
 
 ACTIVATIONS = {None: 0, "relu": 1}
-_SCALE = 2
 # Sizes the grad-weight split aims for: enough programs to fill a GPU (132 SMs on H100) a few times over.
 _TARGET_PROGRAMS = 1024
 
@@ -425,7 +430,7 @@ class _AxisUnion:
 
     def __init__(self, k: int, p: int) -> None:
         # With in_size = k both phases are non-empty; first_offset and tap_offsets do not depend on it.
-        phases = axis_phases(k, k, p, _SCALE)
+        phases = axis_phases(k, k, p, KERNEL_SCALE)
         self.start = min(ph.first_offset for ph in phases)  # low-res offset of union tap 0
         self.taps = max(ph.first_offset + ph.taps for ph in phases) - self.start
         self.windows = [(ph.first_offset - self.start, ph.taps) for ph in phases]  # (first union tap, taps)
@@ -478,11 +483,6 @@ def _unpack_grad(grad_wp: torch.Tensor, rows: _AxisUnion, cols: _AxisUnion) -> t
     r = rows.collapse(torch.float32, grad_wp.device)
     c = cols.collapse(torch.float32, grad_wp.device)
     return torch.einsum("atu,abtsco,bsv->ocuv", r, grad_wp, c)
-
-
-def _nhwc(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its channels are contiguous in memory, else a channels_last copy."""
-    return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
 
 
 def _nchw_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -584,55 +584,9 @@ def _grad_weight(
     return dw.sum(0), db.sum((0, 1))
 
 
-class _UnpoolConv2dTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int], activation
-    ) -> torch.Tensor:
-        n, _, h, w = x.shape
-        c_out, _, kh, kw = weight.shape
-        rows, cols = _unions(kh, kw, *padding)
-        xn = _nhwc(x)
-        wp = _pack_weight(weight, rows, cols)
-        shape = (n, c_out, output_size(h, kh, padding[0], _SCALE), output_size(w, kw, padding[1], _SCALE))
-        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_output_memory_format(x))
-        if out.numel():
-            _forward(xn, wp, bias, out, rows, cols, activation)
-        ctx.save_for_backward(xn, wp, out if activation else None)
-        ctx.plan = (rows, cols, activation, bias is not None, x.shape, _output_memory_format(x), weight.dtype)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        xn, wp, y = ctx.saved_tensors
-        rows, cols, activation, has_bias, x_shape, x_format, dtype = ctx.plan
-        g = _nhwc(grad_out)
-        if y is None:
-            y = g  # not read: only the ReLU backward loads the saved output
-        elif y.stride() != g.stride():  # the kernels read grad_out and the output with one set of strides
-            g, y = (t.contiguous(memory_format=torch.channels_last) for t in (g, y))
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty(x_shape, dtype=dtype, device=g.device, memory_format=x_format)
-            if dx.numel():
-                _grad_input(g, y, wp, dx, rows, cols, activation)
-        if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
-            gwp, gb = _grad_weight(xn, g, y, rows, cols, has_bias, activation)
-            dw = _unpack_grad(gwp, rows, cols).to(dtype)
-            db = gb.to(dtype) if has_bias else None
-        return dx, dw, db, None, None
-
-
 def triton_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale_factor: int) -> str:
     """Why the triton backend cannot run these arguments, or "" when it can."""
-    if scale_factor != _SCALE:
-        return f"backend='triton' supports scale_factor=2 only, got {scale_factor}"
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"backend='triton' supports float32, float16 and bfloat16, got {x.dtype}"
-    if max(weight.shape[2:]) > 9:
-        return f"backend='triton' supports kernel sizes up to 9, got {tuple(weight.shape[2:])}"
-    return ""
+    return kernel_unsupported_reason("triton", x, weight, scale_factor)
 
 
 def unpool_conv2d_triton(
@@ -645,12 +599,41 @@ def unpool_conv2d_triton(
 ) -> torch.Tensor:
     """Fused upsample-by-2 + convolution (+ ReLU): [N, C, H, W] -> [N, O, 2H + 2ph - KH + 1, 2W + 2pw - KW + 1].
 
-    Differentiable in x, weight and bias; grad weight and grad bias are deterministic. Output in x's
-    memory format. float32 runs its dots in TF32 when ``torch.backends.cudnn.allow_tf32`` is set.
+    Output in x's memory format. float32 runs its dots in TF32 when ``torch.backends.cudnn.allow_tf32`` is
+    set. Not differentiable by itself: :func:`unpool_conv2d_triton_backward` gives its gradients (the custom
+    op ``dcign_fast::unpool_conv2d`` pairs the two).
     """
-    reason = triton_unsupported_reason(x, weight, scale_factor)
-    if reason:
-        raise ValueError(reason)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-    return _UnpoolConv2dTriton.apply(x, weight, bias, padding, activation)
+    check_kernel_args("triton", x, weight, scale_factor, activation)
+    rows, cols = _unions(*weight.shape[2:], *padding)
+    out = empty_output(x, weight, padding, scale_factor)
+    if out.numel():
+        _forward(nhwc(x), _pack_weight(weight, rows, cols), bias, out, rows, cols, activation)
+    return out
+
+
+def unpool_conv2d_triton_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor | None,
+    has_bias: bool,
+    padding: tuple[int, int],
+    activation: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(grad x, grad weight, grad bias or None) of :func:`unpool_conv2d_triton`, from its inputs and, with
+    ``activation="relu"``, its output ``out``: the kernels mask grad_out by ``out > 0`` as they load it.
+
+    Grad x is laid out like x (``torch.empty_like``, as the torch backend's); grad weight and grad bias
+    are deterministic.
+    """
+    rows, cols = _unions(*weight.shape[2:], *padding)
+    g, y = nhwc(grad_out), out
+    if activation is None:
+        y = g  # not read: only the ReLU backward loads the output
+    elif y.stride() != g.stride():  # the kernels read grad_out and the output with one set of strides
+        g, y = (t.contiguous(memory_format=torch.channels_last) for t in (g, y))
+    grad_x = torch.empty_like(x)
+    if grad_x.numel():
+        _grad_input(g, y, _pack_weight(weight, rows, cols), grad_x, rows, cols, activation)
+    grad_wp, grad_bias = _grad_weight(nhwc(x), g, y, rows, cols, has_bias, activation)
+    return grad_x, _unpack_grad(grad_wp, rows, cols).to(weight.dtype), grad_bias.to(weight.dtype) if has_bias else None
