@@ -3,8 +3,8 @@
     python -m benchmarks.report [--results benchmarks/results] [--out benchmarks]
 
 Every row names the machine (card or CPU), torch and Triton versions and the date it was measured.
-The plot shows each backend's speedup over the reference per case (forward+backward where a case
-has passes), with the speedup the floor would allow where it is known.
+The plot shows each backend's speedup over its suite's baseline per case (forward+backward where a
+case has it), with the speedup the floor would allow where it is known.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from benchmarks.harness import format_cell, machine_label
 
+BASELINES = {"reference", "eager reference", "unpatched"}  # each suite's speedup = 1 row
 COLUMNS = ["case", "pass", "dtype", "backend", "median_ms", "images_per_s", "speedup", "over_floor", "peak_mb"]
 
 
@@ -66,16 +67,15 @@ def plot_speedups(runs: list[dict], path: Path) -> None:
     floors: dict[str, float] = {}
     for run in runs:
         label = machine_label(run["machine"])
-        for r in run["rows"]:
-            if (
-                "speedup" not in r
-                or r.get("pass", "forward+backward") != "forward+backward"
-                or r["backend"] == "reference"
-            ):
+        timed = [r for r in run["rows"] if "speedup" in r]
+        with_backward = {r["case"] for r in timed if r.get("pass") == "forward+backward"}
+        for r in timed:
+            wanted = "forward+backward" if r["case"] in with_backward else r.get("pass", "forward")
+            if r.get("pass", wanted) != wanted or r["backend"] in BASELINES:
                 continue
             case = f"{r['case']} {r.get('dtype', '')} [{label}]"
             bars.setdefault(case, {})[r["backend"]] = r["speedup"]
-            if r.get("floor_ms") and r["backend"] != "reference":
+            if r.get("floor_ms"):
                 floors[case] = r["median_ms"] * r["speedup"] / r["floor_ms"]
     if not bars:
         return
@@ -91,7 +91,7 @@ def plot_speedups(runs: list[dict], path: Path) -> None:
             ax.plot([floors[case]] * 2, [j - 0.1, j + 0.8], color="black", linewidth=1)
     ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
     ax.set_yticks([j + 0.4 - height / 2 for j in range(len(cases))], cases, fontsize=7)
-    ax.set_xlabel("speedup over the reference (forward+backward); black tick: the floor's")
+    ax.set_xlabel("speedup over the reference (forward+backward where measured); black tick: the floor's")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
