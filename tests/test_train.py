@@ -146,9 +146,10 @@ def test_interrupt_saves_a_checkpoint_and_returns(tmp_path):
         return original(step, shard)
 
     trainer.stream.batch = batch_then_interrupt
+    before = signal.getsignal(signal.SIGINT)
     result = trainer.train()
     assert result.interrupted and result.step == 3 and result.checkpoint.name == "step-00000003"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
 
 
 def test_progress_images_are_written(tmp_path):
