@@ -42,6 +42,28 @@ def time_side_by_side(
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+class CompileBudget:
+    """Seconds a suite may spend compiling (torch.compile with max-autotune can take minutes per graph).
+
+    ``DCIGN_BENCH_COMPILE_S`` sets the budget (default 100; 0 skips compiled variants). Suites list their
+    cases in order of importance, so the budget goes to the cases that matter most.
+    """
+
+    def __init__(self, seconds: float | None = None) -> None:
+        self.left = float(os.environ.get("DCIGN_BENCH_COMPILE_S", "100")) if seconds is None else seconds
+
+    def spend(self, device: str, *warm_ups: Callable[[], object]) -> bool:
+        """Runs the ``warm_ups`` (which compile) if budget is left, charging their time; False if none was left."""
+        if self.left <= 0:
+            return False
+        start = time.perf_counter()
+        for warm_up in warm_ups:
+            warm_up()
+        synchronize(device)
+        self.left -= time.perf_counter() - start
+        return True
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     """Peak CUDA memory allocated while running ``fn`` once, above what was allocated before (None on CPU)."""
     if not device.startswith("cuda"):

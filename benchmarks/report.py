@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.harness import format_cell, machine_label
+from benchmarks.harness import format_cell, format_table, machine_label
 
 BASELINES = {"reference", "eager reference", "unpatched"}  # each suite's speedup = 1 row
 COLUMNS = ["case", "pass", "dtype", "backend", "median_ms", "images_per_s", "speedup", "over_floor", "peak_mb"]
@@ -57,6 +57,13 @@ def write_markdown(runs: list[dict], path: Path) -> None:
     path.write_text("\n".join(parts))
 
 
+def headline_rows(run: dict) -> list[dict]:
+    """The rows that compare a backend with its suite's baseline: forward+backward where the case has it."""
+    timed = [r for r in run["rows"] if "speedup" in r and r["backend"] not in BASELINES]
+    with_backward = {r["case"] for r in timed if r.get("pass") == "forward+backward"}
+    return [r for r in timed if r["case"] not in with_backward or r.get("pass") == "forward+backward"]
+
+
 def plot_speedups(runs: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -67,12 +74,7 @@ def plot_speedups(runs: list[dict], path: Path) -> None:
     floors: dict[str, float] = {}
     for run in runs:
         label = machine_label(run["machine"])
-        timed = [r for r in run["rows"] if "speedup" in r]
-        with_backward = {r["case"] for r in timed if r.get("pass") == "forward+backward"}
-        for r in timed:
-            wanted = "forward+backward" if r["case"] in with_backward else r.get("pass", "forward")
-            if r.get("pass", wanted) != wanted or r["backend"] in BASELINES:
-                continue
+        for r in headline_rows(run):
             case = f"{r['case']} {r.get('dtype', '')} [{label}]"
             bars.setdefault(case, {})[r["backend"]] = r["speedup"]
             if r.get("floor_ms"):
@@ -98,16 +100,33 @@ def plot_speedups(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def summary_rows(runs: list[dict]) -> list[dict]:
+    """Per suite, case and dtype: the fastest backend and its speedup over the suite's baseline."""
+    best: dict[tuple, dict] = {}
+    for run in runs:
+        for r in headline_rows(run):
+            key = (run["suite"], r["case"], r.get("dtype"))
+            if key not in best or r["speedup"] > best[key]["speedup"]:
+                best[key] = {"suite": run["suite"], "best": r["backend"], **r}
+    return list(best.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--summary", action="store_true", help="also print the fastest backend per case")
     args = parser.parse_args(argv)
     runs = load_results(args.results)
     args.out.mkdir(parents=True, exist_ok=True)
     write_markdown(runs, args.out / "RESULTS.md")
     plot_speedups(runs, args.out / "speedup.png")
     print(f"wrote {args.out / 'RESULTS.md'} and {args.out / 'speedup.png'} from {len(runs)} result files")
+    if args.summary:
+        print("\n## summary: fastest backend per case (forward+backward where measured)")
+        print(
+            format_table(summary_rows(runs), ["suite", "case", "dtype", "best", "median_ms", "speedup", "over_floor"])
+        )
     return 0
 
 

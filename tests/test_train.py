@@ -177,3 +177,9 @@ def test_infinite_gradient_is_caught_like_a_nan_loss(tmp_path):
     with pytest.raises(NonFiniteLossError, match="gradient became NaN or infinite at step 0"):
         trainer.train()
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+def test_time_limit_stops_with_a_checkpoint(tmp_path):
+    result = Trainer(config(tmp_path, steps=10_000, checkpoint_every=10_000, time_limit_s=0.0), render=blobs).train()
+    assert not result.interrupted and result.step == 0
+    assert result.checkpoint.name == "step-00000000"

@@ -14,24 +14,17 @@ backends apply F.relu after the convolution, the triton backend fuses it).
 from __future__ import annotations
 
 import copy
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from benchmarks.harness import peak_memory_mb, synchronize, time_side_by_side
+from benchmarks.harness import CompileBudget, peak_memory_mb, time_side_by_side
 from dcign_fast.models import DCIGN
 from dcign_fast.nn import UnpoolConv2d
 from dcign_fast.ops.phases import multiply_adds
 from dcign_fast.ops.unpool_conv import IMPLEMENTATIONS
-
-# torch.compile(mode="max-autotune") spends tens of seconds per graph; it gets this many seconds in all
-# (DCIGN_BENCH_COMPILE_S overrides; 0 skips it). Cases run in order of importance, so the budget goes to the
-# batch-128 bfloat16 paper150 layers first.
-COMPILE_BUDGET_S = float(os.environ.get("DCIGN_BENCH_COMPILE_S", "100"))
 
 
 @dataclass
@@ -163,7 +156,8 @@ def _cases(device: str, quick: bool) -> list[tuple[int, torch.dtype, Case]]:
 
 def run(device: str, quick: bool) -> list[dict]:
     repeats, warmup = (2, 1) if quick else (7, 2)
-    compile_left = COMPILE_BUDGET_S if device == "cuda" and not quick else 0.0
+    # Cases run in order of importance: the compile budget goes to the batch-128 bf16 paper150 layers first.
+    budget = CompileBudget(None if device == "cuda" and not quick else 0.0)
     rates: dict[torch.dtype, tuple[float, float]] = {}
     rows = []
     for batch, dtype, case in _cases(device, quick):
@@ -175,16 +169,10 @@ def run(device: str, quick: bool) -> list[dict]:
             out_shape = module(x).shape
         grad = torch.randn(out_shape, device=device, dtype=dtype)
         routed = {b: _with_backend(module, b) for b in backends_for(device)}
-        compiled, note = None, ""
-        if compile_left > 0:
-            start = time.perf_counter()
-            compiled = torch.compile(_with_backend(module, "reference"), mode="max-autotune")
-            _runner(compiled, x, None)()
-            _runner(compiled, x, grad)()
-            synchronize(device)
-            compile_left -= time.perf_counter() - start
-        elif device == "cuda" and not quick:
-            note = "compile: budget spent"
+        compiled = torch.compile(_with_backend(module, "reference"), mode="max-autotune")
+        if not budget.spend(device, _runner(compiled, x, None), _runner(compiled, x, grad)):
+            compiled = None
+        note = "compile: budget spent" if compiled is None and device == "cuda" and not quick else ""
         for pass_name, g in (("forward", None), ("forward+backward", grad)):
             variants = {b: _runner(m, x, g) for b, m in routed.items()}
             if compiled is not None:

@@ -48,6 +48,7 @@ class TrainConfig:
     image_every: int = 500
     on_nonfinite: str = "stop"  # a NaN/inf loss: "stop" the run, or "skip" the step
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    time_limit_s: float | None = None  # stop (with a checkpoint) at the first step boundary past this
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)

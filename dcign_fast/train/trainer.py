@@ -177,9 +177,13 @@ class Trainer:
         checkpoint = None
         images_per_step = c.batch_size * c.accumulation * self.world.size
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.world.is_main, desc="train", unit="step")
+        deadline = None if c.time_limit_s is None else time.monotonic() + c.time_limit_s
         try:
             self.model.train()
             while self.step < c.steps:
+                if deadline is not None and all_agree(time.monotonic() > deadline, self.world, self.device):
+                    bar.write(f"time limit of {c.time_limit_s:.0f} s reached at step {self.step}")
+                    return TrainResult(self.step, self.save() or self._latest(), interrupted=False)
                 if all_agree(self._stop_requested, self.world, self.device):
                     checkpoint = self.save()
                     bar.write(f"interrupted at step {self.step}; checkpoint: {checkpoint}; continue with --resume")
