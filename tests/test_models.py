@@ -83,3 +83,17 @@ def test_loss_gradient_stays_finite_where_the_sigmoid_saturates():
     recon = recon.detach().clone()
     recon[1, 0, 2, 2] = float("nan")
     assert torch.isnan(DCIGN.loss(x, recon, torch.randn(2, 3), torch.randn(2, 3))["total"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_trains_under_bf16_autocast(backend):
+    """Autocast (the trainer's default on GPUs) casts the fused ops' inputs as it does F.conv2d's."""
+    model = DCIGN.from_preset("demo64", backend=backend)
+    x = torch.rand(2, 1, 64, 64)
+    active = torch.arange(model.config.latent_dim) < 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recon, mu, logvar, _, kl = model(x, active, invariance=0.01, seed=3, return_kl=True)
+        loss = model.loss(x, recon, mu, logvar, kl=kl)["total"]
+    loss.backward()
+    assert recon.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

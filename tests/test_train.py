@@ -183,3 +183,8 @@ def test_time_limit_stops_with_a_checkpoint(tmp_path):
     result = Trainer(config(tmp_path, steps=10_000, checkpoint_every=10_000, time_limit_s=0.0), render=blobs).train()
     assert not result.interrupted and result.step == 0
     assert result.checkpoint.name == "step-00000000"
+
+
+def test_bf16_autocast_run(tmp_path):
+    result = Trainer(config(tmp_path, steps=2, bf16=True), render=blobs).train()
+    assert result.step == 2 and result.checkpoint.name == "step-00000002"

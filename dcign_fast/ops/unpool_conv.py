@@ -281,6 +281,18 @@ def check_unpool_conv_args(x: object, weight: object, bias: object, padding: obj
     return pad
 
 
+def _autocast_inputs(x: object, weight: object, bias: object) -> tuple[object, object, object]:
+    """The inputs cast to the autocast dtype when autocast is on for x's device (floating tensors only)."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t: object) -> object:
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return cast(x), cast(weight), cast(bias)
+
+
 def unpool_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -306,7 +318,11 @@ def unpool_conv2d(
 
     Returns:
         [N, O, s*H + 2*ph - KH + 1, s*W + 2*pw - KW + 1], in x's memory format.
+
+    Under ``torch.autocast`` it runs in the autocast dtype, as ``F.conv2d`` does (the custom op is
+    invisible to autocast, so the inputs are cast here).
     """
+    x, weight, bias = _autocast_inputs(x, weight, bias)
     pad = check_unpool_conv_args(x, weight, bias, padding, scale_factor)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
