@@ -76,6 +76,45 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def compare(
+    variants: dict[str, Callable[[], object]],
+    device: str,
+    row: dict,
+    baseline: str,
+    warmup: int = 2,
+    repeats: int = 7,
+    budget: CompileBudget | None = None,
+) -> list[dict]:
+    """One row per variant of a case: ``row``'s fields, then median_ms, speedup over ``baseline`` and peak
+    memory, or a note saying why the variant was left out.
+
+    Each variant first runs once untimed: a variant whose name contains "compile" compiles then, charged
+    to ``budget`` (if given); a variant that raises (e.g. torch.compile without a C++ compiler) is noted.
+    """
+    ready, notes = {}, {}
+    for name, fn in variants.items():
+        try:
+            if budget is not None and "compile" in name:
+                if not budget.spend(device, fn):
+                    notes[name] = "compile: budget spent"
+                    continue
+            else:
+                fn()
+        except Exception as err:  # a variant that cannot run is reported, never fatal to the suite
+            notes[name] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+            continue
+        ready[name] = fn
+    times = time_side_by_side(ready, device, warmup=warmup, repeats=repeats)
+    rows = []
+    for name in [*ready, *notes]:
+        if name in times:
+            stats = {"median_ms": times[name], "speedup": times[baseline] / times[name]}
+            rows.append({**row, "backend": name, **stats, "peak_mb": peak_memory_mb(ready[name], device)})
+        else:
+            rows.append({**row, "backend": name, "note": notes[name]})
+    return rows
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

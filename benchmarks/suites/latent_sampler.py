@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.harness import peak_memory_mb, time_side_by_side
+from benchmarks.harness import compare
 from dcign_fast.kernels import cuda as cuda_extension
 from dcign_fast.ops.latent_sampler import sample_latents
 from dcign_fast.ops.reference import sample_latents_reference
@@ -71,23 +71,7 @@ def run(device: str, quick: bool) -> list[dict]:
         active = torch.zeros(dim, dtype=torch.bool, device=device)
         active[0] = True
         grads = (torch.randn(batch, dim, device=device), torch.randn(batch, device=device))
-        runners, notes = {}, {}
-        for name, fn in _variants(device, quick).items():
-            runner = _runner(fn, mu, logvar, active, grads)
-            try:
-                runner()  # compiles where needed, outside the timing
-            except Exception as err:  # torch.compile may be unavailable (no C++ compiler, no Triton)
-                notes[name] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
-                continue
-            runners[name] = runner
-        times = time_side_by_side(runners, device, warmup=warmup, repeats=repeats)
-        for name in [*runners, *notes]:
-            row = {"case": f"B={batch} D={dim}", "pass": "forward+backward", "dtype": "float32", "backend": name}
-            if name in times:
-                row["median_ms"] = times[name]
-                row["speedup"] = times["reference"] / times[name]
-                row["peak_mb"] = peak_memory_mb(runners[name], device)
-            else:
-                row["note"] = notes[name]
-            rows.append(row)
+        runners = {name: _runner(fn, mu, logvar, active, grads) for name, fn in _variants(device, quick).items()}
+        row = {"case": f"B={batch} D={dim}", "pass": "forward+backward", "dtype": "float32"}
+        rows += compare(runners, device, row, "reference", warmup=warmup, repeats=repeats)
     return rows

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from benchmarks.harness import CompileBudget, peak_memory_mb, time_side_by_side
+from benchmarks.harness import CompileBudget, compare, time_side_by_side
 from dcign_fast.models import DCIGN
 from dcign_fast.nn import UnpoolConv2d
 from dcign_fast.ops.phases import multiply_adds
@@ -169,29 +169,15 @@ def run(device: str, quick: bool) -> list[dict]:
             out_shape = module(x).shape
         grad = torch.randn(out_shape, device=device, dtype=dtype)
         routed = {b: _with_backend(module, b) for b in backends_for(device)}
-        compiled = torch.compile(_with_backend(module, "reference"), mode="max-autotune")
-        if not budget.spend(device, _runner(compiled, x, None), _runner(compiled, x, grad)):
-            compiled = None
-        note = "compile: budget spent" if compiled is None and device == "cuda" and not quick else ""
+        if device == "cuda" and not quick:  # max-autotune of the reference, as long as the budget lasts
+            routed["compile"] = torch.compile(_with_backend(module, "reference"), mode="max-autotune")
         for pass_name, g in (("forward", None), ("forward+backward", grad)):
             variants = {b: _runner(m, x, g) for b, m in routed.items()}
-            if compiled is not None:
-                variants["compile"] = _runner(compiled, x, g)
-            times = time_side_by_side(variants, device, warmup=warmup, repeats=repeats)
+            row = {"case": f"{case.name} b{batch}", "pass": pass_name, "dtype": str(dtype).removeprefix("torch.")}
+            measured = compare(variants, device, row, "reference", warmup, repeats, budget)
             floor = floor_ms(case, batch, x.element_size(), g is not None, rates[dtype]) if dtype in rates else None
-            for backend, ms in times.items():
-                rows.append(
-                    {
-                        "case": f"{case.name} b{batch}",
-                        "pass": pass_name,
-                        "dtype": str(dtype).removeprefix("torch."),
-                        "backend": backend,
-                        "median_ms": ms,
-                        "speedup": times["reference"] / ms,
-                        "peak_mb": peak_memory_mb(variants[backend], device) if g is not None else None,
-                        "floor_ms": floor,
-                        "over_floor": None if floor is None else ms / floor,
-                        "note": note or None,
-                    }
-                )
+            for r in measured:
+                if floor is not None and "median_ms" in r:
+                    r["floor_ms"], r["over_floor"] = floor, r["median_ms"] / floor
+            rows += measured
     return rows

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import dcign_fast as dc
-from benchmarks.harness import peak_memory_mb, time_side_by_side
+from benchmarks.harness import compare
 
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
 SMALL_VAE = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8}
@@ -80,22 +80,6 @@ def run(device: str, quick: bool) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for case, variants in _variants(vae, z, device, quick).items():
-            runners, notes = {}, {}
-            for name, fn in variants.items():
-                try:
-                    fn()  # compiles where needed, outside the timing
-                    runners[name] = fn
-                except Exception as err:  # torch.compile may be unavailable (no C++ compiler, no Triton)
-                    notes[name] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
-            times = time_side_by_side(runners, device, warmup=warmup, repeats=repeats)
-            for name in [*runners, *notes]:
-                row = {"case": f"{case} {size}x{size}", "pass": "forward", "dtype": str(dtype).split(".")[1]}
-                row["backend"] = name
-                if name in times:
-                    row["median_ms"] = times[name]
-                    row["speedup"] = times["unpatched"] / times[name]
-                    row["peak_mb"] = peak_memory_mb(runners[name], device)
-                else:
-                    row["note"] = notes[name]
-                rows.append(row)
+            row = {"case": f"{case} {size}x{size}", "pass": "forward", "dtype": str(dtype).split(".")[1]}
+            rows += compare(variants, device, row, "unpatched", warmup=warmup, repeats=repeats)
     return rows

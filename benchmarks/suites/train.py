@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.harness import CompileBudget, peak_memory_mb, time_side_by_side
+from benchmarks.harness import CompileBudget, compare, time_side_by_side
 from dcign_fast.data import SweepSampler
 from dcign_fast.models import DCIGN
 from dcign_fast.train.procedure import active_mask
@@ -69,35 +69,16 @@ def run(device: str, quick: bool) -> list[dict]:
             models = _models(preset, device, quick)
             size = next(iter(models.values())).config.image_size if not quick else 64
             images = torch.rand(batch, 1, size, size, device=device)
-            variants = {}
-            for name, model in models.items():
-                step = _step(model, images, bf16)
-                note = None
-                try:
-                    # Compiled variants compile on a first, untimed call, charged to the compile budget.
-                    if "compiled" in name and not budget.spend(device, step):
-                        note = "compile: budget spent"
-                except Exception as err:  # a variant that cannot run (e.g. compile fails) is reported
-                    note = f"failed: {err}"[:80]
-                if note:
-                    rows.append({"case": f"{preset} b{batch} train step", "backend": name, "note": note})
-                else:
-                    variants[name] = step
-            times = time_side_by_side(variants, device, warmup=warmup, repeats=repeats)
-            for name, ms in times.items():
-                rows.append(
-                    {
-                        "case": f"{preset} b{batch} train step",
-                        "dtype": "bf16 autocast" if bf16 else "float32",
-                        "backend": name,
-                        "median_ms": ms,
-                        "images_per_s": batch / ms * 1e3,
-                        "speedup": times["eager reference"] / ms,
-                        "peak_mb": peak_memory_mb(variants[name], device),
-                    }
-                )
+            steps = {name: _step(model, images, bf16) for name, model in models.items()}
+            row = {"case": f"{preset} b{batch} train step", "dtype": "bf16 autocast" if bf16 else "float32"}
+            measured = compare(steps, device, row, "eager reference", warmup, repeats, budget)
+            for r in measured:
+                if "median_ms" in r:
+                    r["images_per_s"] = batch / r["median_ms"] * 1e3
+            rows += measured
             if not bf16:
-                rows.append(_data_row(preset, batch, size, device, min(times.values())))
+                fastest = min(r["median_ms"] for r in measured if "median_ms" in r)
+                rows.append(_data_row(preset, batch, size, device, fastest))
     return rows
 
 
