@@ -14,7 +14,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("dcign_fast.info", "what this installation can run (backends, extension, devices)"),
     "render": ("dcign_fast.data.cli", "render one-factor face sweeps to PNG folders or a cache, or a preview grid"),
-    "demo": ("dcign_fast.demo", "train demo64 on the built-in renderer, then re-render and evaluate (~10 min CPU)"),
+    "demo": (
+        "dcign_fast.demo",
+        "train demo64 on the built-in renderer, then re-render and evaluate (~4 min on 2 CPU cores)",
+    ),
     "train": ("dcign_fast.train.cli", "train a DC-IGN (one GPU, torchrun for many, or the CPU)"),
     "eval": ("dcign_fast.eval.eval_cli", "disentanglement metrics of a checkpoint on held-out renders"),
     "rerender": ("dcign_fast.eval.rerender_cli", "re-render an image along azimuth, elevation and light sweeps"),
