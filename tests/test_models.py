@@ -97,3 +97,20 @@ def test_trains_under_bf16_autocast(backend):
     loss.backward()
     assert recon.dtype == torch.bfloat16 and torch.isfinite(loss)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_loss_calls_bce_outside_autocast(monkeypatch):
+    """CUDA autocast raises on F.binary_cross_entropy; the loss must call it with autocast off."""
+    import torch.nn.functional as F
+
+    real = F.binary_cross_entropy
+
+    def strict(*args, **kwargs):
+        assert not torch.is_autocast_enabled("cpu"), "binary_cross_entropy called under autocast"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "binary_cross_entropy", strict)
+    x, recon = torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = DCIGN.loss(x, recon, torch.randn(2, 3), torch.randn(2, 3))
+    assert torch.isfinite(losses["total"]) and losses["total"].dtype == torch.float32

@@ -19,7 +19,9 @@ def binary_cross_entropy_sum(recon: torch.Tensor, target: torch.Tensor) -> torch
     """``F.binary_cross_entropy(recon, target, reduction="sum")``, except that NaN in ``recon`` makes the
     loss NaN instead of raising, so the trainer can report or skip the step. (torch's own BCE keeps its
     gradient finite where the sigmoid saturates to exactly 0 or 1; a hand-written log would not.)"""
-    bce = F.binary_cross_entropy(torch.nan_to_num(recon, nan=0.5), target, reduction="sum")
+    # CUDA autocast refuses F.binary_cross_entropy outright; the loss is float32 anyway.
+    with torch.autocast(recon.device.type, enabled=False):
+        bce = F.binary_cross_entropy(torch.nan_to_num(recon.float(), nan=0.5), target.float(), reduction="sum")
     return bce + 0.0 * recon.sum()  # NaN * 0 = NaN: a NaN anywhere in recon reaches the loss
 
 
