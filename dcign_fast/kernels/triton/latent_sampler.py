@@ -22,15 +22,35 @@ MIN_BLOCK_D = 8  # 8 float32 = one 32-byte memory sector per row
 
 
 @triton.jit
+def _load_f32(ptr, rows, cols, stride_b, stride_d, mask):
+    """A [rows, cols] tile as float32, cast right after the load (the interpreter computes bf16 wrongly)."""
+    return tl.load(ptr + rows[:, None] * stride_b + cols[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _column_means(ptr, stride_b, stride_d, cols, col_ok, B, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """Float32 means over all B rows of the given columns: [BLOCK_D]."""
     total = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(0, B, BLOCK_B):
-        rows = start + tl.arange(0, BLOCK_B)
+        rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
         mask = (rows < B)[:, None] & col_ok[None, :]
-        tile = tl.load(ptr + rows.to(tl.int64)[:, None] * stride_b + cols[None, :] * stride_d, mask=mask, other=0.0)
-        total += tl.sum(tile.to(tl.float32), axis=0)
+        total += tl.sum(_load_f32(ptr, rows, cols, stride_b, stride_d, mask), axis=0)
     return total / B
+
+
+@triton.jit
+def _batch_means(
+    mu_ptr, logvar_ptr, stride_mu_b, stride_mu_d, stride_lv_b, stride_lv_d, inactive, cols, col_ok, B,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """(mean mu, mean logvar) [BLOCK_D] over the batch (pass 1); zeros for a block with no inactive column,
+    whose means are never read."""
+    mean_mu = tl.zeros([BLOCK_D], dtype=tl.float32)
+    mean_lv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if tl.sum(inactive.to(tl.int32)) > 0:
+        mean_mu = _column_means(mu_ptr, stride_mu_b, stride_mu_d, cols, col_ok, B, BLOCK_B, BLOCK_D)
+        mean_lv = _column_means(logvar_ptr, stride_lv_b, stride_lv_d, cols, col_ok, B, BLOCK_B, BLOCK_D)
+    return mean_mu, mean_lv
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -63,21 +83,18 @@ def _forward_kernel(
             stat_mu = tl.load(mu_ptr + cols * stride_mu_d, mask=col_ok, other=0.0).to(tl.float32)
             stat_lv = tl.load(logvar_ptr + cols * stride_lv_d, mask=col_ok, other=0.0).to(tl.float32)
         else:
-            stat_mu = tl.zeros([BLOCK_D], dtype=tl.float32)
-            stat_lv = tl.zeros([BLOCK_D], dtype=tl.float32)
-            if tl.sum(inactive.to(tl.int32)) > 0:  # pass 1, only for blocks with clamped columns
-                stat_mu = _column_means(mu_ptr, stride_mu_b, stride_mu_d, cols, col_ok, B, BLOCK_B, BLOCK_D)
-                stat_lv = _column_means(logvar_ptr, stride_lv_b, stride_lv_d, cols, col_ok, B, BLOCK_B, BLOCK_D)
+            stat_mu, stat_lv = _batch_means(
+                mu_ptr, logvar_ptr, stride_mu_b, stride_mu_d, stride_lv_b, stride_lv_d, inactive, cols, col_ok, B,
+                BLOCK_B, BLOCK_D,
+            )  # fmt: skip
     row_begin = tl.program_id(1) * rows_per_program
     row_end = tl.minimum(row_begin + rows_per_program, B)
     for start in range(row_begin, row_end, BLOCK_B):
         rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
         row_ok = rows < row_end
         mask = row_ok[:, None] & col_ok[None, :]
-        mu = tl.load(mu_ptr + rows[:, None] * stride_mu_b + cols[None, :] * stride_mu_d, mask=mask, other=0.0)
-        lv = tl.load(logvar_ptr + rows[:, None] * stride_lv_b + cols[None, :] * stride_lv_d, mask=mask, other=0.0)
-        mu = mu.to(tl.float32)
-        lv = lv.to(tl.float32)
+        mu = _load_f32(mu_ptr, rows, cols, stride_mu_b, stride_mu_d, mask)
+        lv = _load_f32(logvar_ptr, rows, cols, stride_lv_b, stride_lv_d, mask)
         if HAS_MASK:
             mu = tl.where(inactive[None, :], stat_mu[None, :], mu)
             lv = tl.where(inactive[None, :], stat_lv[None, :], lv)
@@ -123,25 +140,20 @@ def _backward_kernel(
     if HAS_MASK:
         inactive = tl.load(active_ptr + cols, mask=col_ok, other=1) == 0
         if HAS_PULL:
-            mean_mu = tl.zeros([BLOCK_D], dtype=tl.float32)
-            mean_lv = tl.zeros([BLOCK_D], dtype=tl.float32)
-            if tl.sum(inactive.to(tl.int32)) > 0:  # pass 1, only for blocks with pulled columns
-                mean_mu = _column_means(mu_ptr, stride_mu_b, stride_mu_d, cols, col_ok, B, BLOCK_B, BLOCK_D)
-                mean_lv = _column_means(logvar_ptr, stride_lv_b, stride_lv_d, cols, col_ok, B, BLOCK_B, BLOCK_D)
+            mean_mu, mean_lv = _batch_means(
+                mu_ptr, logvar_ptr, stride_mu_b, stride_mu_d, stride_lv_b, stride_lv_d, inactive, cols, col_ok, B,
+                BLOCK_B, BLOCK_D,
+            )  # fmt: skip
     row_begin = tl.program_id(1) * rows_per_program
     row_end = tl.minimum(row_begin + rows_per_program, B)
     for start in range(row_begin, row_end, BLOCK_B):
         rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
         row_ok = rows < row_end
         mask = row_ok[:, None] & col_ok[None, :]
-        mu = tl.load(mu_ptr + rows[:, None] * stride_mu_b + cols[None, :] * stride_mu_d, mask=mask, other=0.0)
-        lv = tl.load(logvar_ptr + rows[:, None] * stride_lv_b + cols[None, :] * stride_lv_d, mask=mask, other=0.0)
-        gz = tl.load(grad_z_ptr + rows[:, None] * stride_gz_b + cols[None, :] * stride_gz_d, mask=mask, other=0.0)
-        gkl = tl.load(grad_kl_ptr + rows * stride_gkl, mask=row_ok, other=0.0)
-        mu = mu.to(tl.float32)
-        lv = lv.to(tl.float32)
-        gz = gz.to(tl.float32)
-        gkl = gkl.to(tl.float32)[:, None]
+        mu = _load_f32(mu_ptr, rows, cols, stride_mu_b, stride_mu_d, mask)
+        lv = _load_f32(logvar_ptr, rows, cols, stride_lv_b, stride_lv_d, mask)
+        gz = _load_f32(grad_z_ptr, rows, cols, stride_gz_b, stride_gz_d, mask)
+        gkl = tl.load(grad_kl_ptr + rows * stride_gkl, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         index = rows[:, None] * D + cols[None, :]
         eps = tl.randn(seed, offset + index)
         std = tl.exp(0.5 * lv)
