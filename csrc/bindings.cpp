@@ -22,8 +22,8 @@ dcign::ActivationView view(const View& v) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dcign_fast CUDA kernels (raw pointers + stream, no libtorch)";
-  m.def("axpb", &dcign::axpb, py::arg("x"), py::arg("y"), py::arg("n"), py::arg("a"), py::arg("b"),
-        py::arg("stream"), "y = a * x + b on float32 device buffers (smoke test kernel)");
+  m.def("axpb", &dcign::axpb, py::arg("x"), py::arg("y"), py::arg("n"), py::arg("a"), py::arg("b"), py::arg("stream"),
+        "y = a * x + b on float32 device buffers (smoke test kernel)");
   m.def("device_count", &dcign::device_count, "Number of CUDA devices (raises without a driver)");
   m.def("runtime_version", &dcign::runtime_version, "CUDA runtime version linked into the module");
 
@@ -38,13 +38,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("sampler_backward", &dcign::sampler_backward, py::arg("mu"), py::arg("logvar"), py::arg("active"),
         py::arg("means"), py::arg("grad_z"), py::arg("grad_kl"), py::arg("grad_mu"), py::arg("grad_logvar"),
         py::arg("B"), py::arg("D"), py::arg("mu_sb"), py::arg("mu_sd"), py::arg("lv_sb"), py::arg("lv_sd"),
-        py::arg("gz_sb"), py::arg("gz_sd"), py::arg("gkl_s"), py::arg("invariance"), py::arg("seed"),
-        py::arg("offset"), py::arg("dtype"), py::arg("stream"));
+        py::arg("gz_sb"), py::arg("gz_sd"), py::arg("gkl_s"), py::arg("invariance"), py::arg("seed"), py::arg("offset"),
+        py::arg("dtype"), py::arg("stream"));
 
   // Unpool-conv, scale factor 2 (argument meanings: csrc/unpool_conv.h).
   m.def(
-      "union_taps", [](int kernel, int padding) { return dcign::axis_union(kernel, padding).taps; },
-      py::arg("kernel"), py::arg("padding"), "Union taps of both phases of one axis (packed weight extent)");
+      "union_taps", [](int kernel, int padding) { return dcign::axis_union(kernel, padding).taps; }, py::arg("kernel"),
+      py::arg("padding"), "Union taps of both phases of one axis (packed weight extent)");
   m.def("unpool_conv_pack_weight", &dcign::unpool_conv_pack_weight, py::arg("weight"), py::arg("wp"), py::arg("O"),
         py::arg("C"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("dtype"), py::arg("stream"));
   m.def(
@@ -62,8 +62,8 @@ PYBIND11_MODULE(_C, m) {
          int dtype, uintptr_t stream) {
         dcign::unpool_conv_grad_input(view(g), wp, view(dx), N, C, H, W, O, KH, KW, PH, PW, dtype, stream);
       },
-      py::arg("g"), py::arg("wp"), py::arg("dx"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
-      py::arg("O"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("dtype"), py::arg("stream"));
+      py::arg("g"), py::arg("wp"), py::arg("dx"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"),
+      py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("dtype"), py::arg("stream"));
   m.def(
       "unpool_conv_grad_weight",
       [](const View& x, const View& g, uintptr_t ws, uintptr_t bias_ws, int N, int C, int H, int W, int O, int KH,
@@ -74,7 +74,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("g"), py::arg("ws"), py::arg("bias_ws"), py::arg("N"), py::arg("C"), py::arg("H"),
       py::arg("W"), py::arg("O"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("splits"),
       py::arg("chunk"), py::arg("dtype"), py::arg("stream"));
-  m.def("unpool_conv_finalize_grad_weight", &dcign::unpool_conv_finalize_grad_weight, py::arg("ws"),
-        py::arg("bias_ws"), py::arg("dw"), py::arg("db"), py::arg("O"), py::arg("C"), py::arg("KH"), py::arg("KW"),
-        py::arg("PH"), py::arg("PW"), py::arg("splits"), py::arg("dtype"), py::arg("stream"));
+  m.def("unpool_conv_finalize_grad_weight", &dcign::unpool_conv_finalize_grad_weight, py::arg("ws"), py::arg("bias_ws"),
+        py::arg("dw"), py::arg("db"), py::arg("O"), py::arg("C"), py::arg("KH"), py::arg("KW"), py::arg("PH"),
+        py::arg("PW"), py::arg("splits"), py::arg("dtype"), py::arg("stream"));
 }

@@ -19,11 +19,17 @@ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
 
 template <typename T>
 struct TypeTag {
@@ -34,10 +40,14 @@ struct TypeTag {
 template <typename Fn>
 void dispatch_dtype(int code, const char* what, Fn&& fn) {
   switch (code) {
-    case kFloat32: return fn(TypeTag<float>{});
-    case kBFloat16: return fn(TypeTag<__nv_bfloat16>{});
-    case kFloat16: return fn(TypeTag<__half>{});
-    default: throw std::invalid_argument(std::string(what) + ": unsupported dtype code " + std::to_string(code));
+    case kFloat32:
+      return fn(TypeTag<float>{});
+    case kBFloat16:
+      return fn(TypeTag<__nv_bfloat16>{});
+    case kFloat16:
+      return fn(TypeTag<__half>{});
+    default:
+      throw std::invalid_argument(std::string(what) + ": unsupported dtype code " + std::to_string(code));
   }
 }
 

@@ -57,10 +57,9 @@ __device__ __forceinline__ float clamped(const T* p, int64_t b, int64_t j, int64
 
 template <typename T, int CLAMP>
 __global__ void __launch_bounds__(kThreads)
-    sampler_forward_kernel(const T* __restrict__ mu, const T* __restrict__ logvar,
-                           const uint8_t* __restrict__ active, const float* __restrict__ means, T* __restrict__ z,
-                           T* __restrict__ kl, int64_t B, int64_t D, int64_t mu_sb, int64_t mu_sd, int64_t lv_sb,
-                           int64_t lv_sd, uint64_t seed, uint64_t offset) {
+    sampler_forward_kernel(const T* __restrict__ mu, const T* __restrict__ logvar, const uint8_t* __restrict__ active,
+                           const float* __restrict__ means, T* __restrict__ z, T* __restrict__ kl, int64_t B, int64_t D,
+                           int64_t mu_sb, int64_t mu_sd, int64_t lv_sb, int64_t lv_sd, uint64_t seed, uint64_t offset) {
   const int lane = threadIdx.x % 32;
   const int64_t b = blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32;
   if (b >= B) return;
@@ -80,12 +79,12 @@ __global__ void __launch_bounds__(kThreads)
 // MASK: inactive columns get the pull (means given) or zero.
 template <typename T, bool MASK>
 __global__ void __launch_bounds__(kThreads)
-    sampler_backward_kernel(const T* __restrict__ mu, const T* __restrict__ logvar,
-                            const uint8_t* __restrict__ active, const float* __restrict__ means,
-                            const T* __restrict__ grad_z, const T* __restrict__ grad_kl, T* __restrict__ grad_mu,
-                            T* __restrict__ grad_logvar, int64_t B, int64_t D, int64_t mu_sb, int64_t mu_sd,
-                            int64_t lv_sb, int64_t lv_sd, int64_t gz_sb, int64_t gz_sd, int64_t gkl_s,
-                            float invariance, uint64_t seed, uint64_t offset) {
+    sampler_backward_kernel(const T* __restrict__ mu, const T* __restrict__ logvar, const uint8_t* __restrict__ active,
+                            const float* __restrict__ means, const T* __restrict__ grad_z,
+                            const T* __restrict__ grad_kl, T* __restrict__ grad_mu, T* __restrict__ grad_logvar,
+                            int64_t B, int64_t D, int64_t mu_sb, int64_t mu_sd, int64_t lv_sb, int64_t lv_sd,
+                            int64_t gz_sb, int64_t gz_sd, int64_t gkl_s, float invariance, uint64_t seed,
+                            uint64_t offset) {
   const int64_t total = B * D;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -120,10 +119,9 @@ void sampler_column_means(uintptr_t mu, uintptr_t logvar, int64_t B, int64_t D, 
   if (D > static_cast<int64_t>(kMaxBlocks) * 32) throw std::invalid_argument("sampler_column_means: too many columns");
   dispatch_dtype(dtype, "sampler_column_means", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    column_means_kernel<T><<<blocks_for(D, 32), kThreads, 0, as_stream(stream)>>>(
-        reinterpret_cast<const T*>(mu), reinterpret_cast<const T*>(logvar), B, D, mu_sb, mu_sd, lv_sb, lv_sd,
-        reinterpret_cast<float*>(means));
-    check_launch("column_means_kernel");
+    launch_kernel("column_means_kernel", blocks_for(D, 32), kThreads, as_stream(stream), column_means_kernel<T>,
+                  reinterpret_cast<const T*>(mu), reinterpret_cast<const T*>(logvar), B, D, mu_sb, mu_sd, lv_sb, lv_sd,
+                  reinterpret_cast<float*>(means));
   });
 }
 
@@ -137,11 +135,10 @@ void sampler_forward(uintptr_t mu, uintptr_t logvar, uintptr_t active, uintptr_t
     auto kernel = clamp == kClampMean    ? sampler_forward_kernel<T, kClampMean>
                   : clamp == kClampFirst ? sampler_forward_kernel<T, kClampFirst>
                                          : sampler_forward_kernel<T, kNoClamp>;
-    kernel<<<blocks_for(B, kWarps), kThreads, 0, as_stream(stream)>>>(
-        reinterpret_cast<const T*>(mu), reinterpret_cast<const T*>(logvar), reinterpret_cast<const uint8_t*>(active),
-        reinterpret_cast<const float*>(means), reinterpret_cast<T*>(z), reinterpret_cast<T*>(kl), B, D, mu_sb, mu_sd,
-        lv_sb, lv_sd, seed, offset);
-    check_launch("sampler_forward_kernel");
+    launch_kernel("sampler_forward_kernel", blocks_for(B, kWarps), kThreads, as_stream(stream), kernel,
+                  reinterpret_cast<const T*>(mu), reinterpret_cast<const T*>(logvar),
+                  reinterpret_cast<const uint8_t*>(active), reinterpret_cast<const float*>(means),
+                  reinterpret_cast<T*>(z), reinterpret_cast<T*>(kl), B, D, mu_sb, mu_sd, lv_sb, lv_sd, seed, offset);
   });
 }
 
@@ -152,12 +149,12 @@ void sampler_backward(uintptr_t mu, uintptr_t logvar, uintptr_t active, uintptr_
   dispatch_dtype(dtype, "sampler_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto kernel = active != 0 ? sampler_backward_kernel<T, true> : sampler_backward_kernel<T, false>;
-    kernel<<<blocks_for(B * D, kThreads), kThreads, 0, as_stream(stream)>>>(
-        reinterpret_cast<const T*>(mu), reinterpret_cast<const T*>(logvar), reinterpret_cast<const uint8_t*>(active),
-        reinterpret_cast<const float*>(means), reinterpret_cast<const T*>(grad_z), reinterpret_cast<const T*>(grad_kl),
-        reinterpret_cast<T*>(grad_mu), reinterpret_cast<T*>(grad_logvar), B, D, mu_sb, mu_sd, lv_sb, lv_sd, gz_sb,
-        gz_sd, gkl_s, invariance, seed, offset);
-    check_launch("sampler_backward_kernel");
+    launch_kernel("sampler_backward_kernel", blocks_for(B * D, kThreads), kThreads, as_stream(stream), kernel,
+                  reinterpret_cast<const T*>(mu), reinterpret_cast<const T*>(logvar),
+                  reinterpret_cast<const uint8_t*>(active), reinterpret_cast<const float*>(means),
+                  reinterpret_cast<const T*>(grad_z), reinterpret_cast<const T*>(grad_kl),
+                  reinterpret_cast<T*>(grad_mu), reinterpret_cast<T*>(grad_logvar), B, D, mu_sb, mu_sd, lv_sb, lv_sd,
+                  gz_sb, gz_sd, gkl_s, invariance, seed, offset);
   });
 }
 

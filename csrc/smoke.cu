@@ -15,9 +15,8 @@ void axpb(uintptr_t x, uintptr_t y, int64_t n, float a, float b, uintptr_t strea
   if (n <= 0) return;
   constexpr int threads = 256;
   const int64_t blocks = (n + threads - 1) / threads;
-  axpb_kernel<<<static_cast<unsigned>(blocks), threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y), n, a, b);
-  check_launch("axpb_kernel");
+  launch_kernel("axpb_kernel", static_cast<unsigned>(blocks), threads, reinterpret_cast<cudaStream_t>(stream),
+                axpb_kernel, reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y), n, a, b);
 }
 
 int device_count() {

@@ -31,7 +31,7 @@ void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, u
                              uintptr_t stream);
 
 // dw [O, C, KH, KW] (and db [O] when given) in the storage dtype from the split partial sums, in a fixed order.
-void unpool_conv_finalize_grad_weight(uintptr_t ws, uintptr_t bias_ws, uintptr_t dw, uintptr_t db, int O, int C,
-                                      int KH, int KW, int PH, int PW, int splits, int dtype, uintptr_t stream);
+void unpool_conv_finalize_grad_weight(uintptr_t ws, uintptr_t bias_ws, uintptr_t dw, uintptr_t db, int O, int C, int KH,
+                                      int KW, int PH, int PW, int splits, int dtype, uintptr_t stream);
 
 }  // namespace dcign

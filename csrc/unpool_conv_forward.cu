@@ -90,10 +90,9 @@ void launch_forward(const ActivationView& x, uintptr_t wp, uintptr_t bias, const
                     int relu, cudaStream_t stream) {
   const int64_t positions = static_cast<int64_t>(g.N) * ((g.HO + 1) / 2) * ((g.WO + 1) / 2);
   const dim3 grid(ceil_div(positions, BM), ceil_div(g.O, BN));
-  unpool_conv_forward_kernel<T, BM, BN><<<grid, kTileThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const float*>(wp), reinterpret_cast<const T*>(bias),
-      reinterpret_cast<T*>(y.ptr), g, strides_of(x), strides_of(y), relu);
-  check_launch("unpool_conv_forward_kernel");
+  launch_kernel("unpool_conv_forward_kernel", grid, kTileThreads, stream, unpool_conv_forward_kernel<T, BM, BN>,
+                reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const float*>(wp), reinterpret_cast<const T*>(bias),
+                reinterpret_cast<T*>(y.ptr), g, strides_of(x), strides_of(y), relu);
 }
 
 }  // namespace

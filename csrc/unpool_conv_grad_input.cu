@@ -81,10 +81,9 @@ template <typename T, int BM, int BN>
 void launch_grad_input(const ActivationView& gout, uintptr_t wp, const ActivationView& dx, const Geometry& g,
                        cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(g.N) * g.H * g.W, BM), ceil_div(g.C, BN));
-  unpool_conv_grad_input_kernel<T, BM, BN><<<grid, kTileThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<const float*>(wp), reinterpret_cast<T*>(dx.ptr), g,
-      strides_of(gout), strides_of(dx));
-  check_launch("unpool_conv_grad_input_kernel");
+  launch_kernel("unpool_conv_grad_input_kernel", grid, kTileThreads, stream, unpool_conv_grad_input_kernel<T, BM, BN>,
+                reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<const float*>(wp), reinterpret_cast<T*>(dx.ptr),
+                g, strides_of(gout), strides_of(dx));
 }
 
 }  // namespace

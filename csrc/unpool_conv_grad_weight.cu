@@ -85,7 +85,8 @@ __global__ void __launch_bounds__(kTileThreads)
       if (ch < g.C && o < g.O) out[static_cast<int64_t>(ch) * g.O + o] = acc[i][j];
     }
   }
-  if (sums_bias && tid < BN && o0 + tid < g.O) bias_ws[(static_cast<int64_t>(split) * 4 + p) * g.O + o0 + tid] = bias_sum;
+  if (sums_bias && tid < BN && o0 + tid < g.O)
+    bias_ws[(static_cast<int64_t>(split) * 4 + p) * g.O + o0 + tid] = bias_sum;
 }
 
 template <typename T, int BM, int BN>
@@ -94,10 +95,9 @@ void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uin
   int taps = 0;
   for (int p = 0; p < 4; ++p) taps += g.rows.window_taps[p / 2] * g.cols.window_taps[p % 2];
   const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), taps, splits);
-  unpool_conv_grad_weight_kernel<T, BM, BN><<<grid, kTileThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws),
-      reinterpret_cast<float*>(bias_ws), g, strides_of(x), strides_of(gout), chunk);
-  check_launch("unpool_conv_grad_weight_kernel");
+  launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream, unpool_conv_grad_weight_kernel<T, BM, BN>,
+                reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws),
+                reinterpret_cast<float*>(bias_ws), g, strides_of(x), strides_of(gout), chunk);
 }
 
 }  // namespace

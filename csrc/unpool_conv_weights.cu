@@ -11,9 +11,8 @@ constexpr int kThreads = 256;
 // wp[p, ty, tx, c, o] = sum of weight[o, c, u, v] over the taps u (v) that phase p's row (column) maps to
 // union tap ty (tx); zero outside the phase's window.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    pack_weight_kernel(const T* __restrict__ weight, float* __restrict__ wp, Geometry g, int KH, int KW, int PH,
-                       int PW) {
+__global__ void __launch_bounds__(kThreads) pack_weight_kernel(const T* __restrict__ weight, float* __restrict__ wp,
+                                                               Geometry g, int KH, int KW, int PH, int PW) {
   const int64_t total = 4 * packed_phase_size(g);
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -48,7 +47,8 @@ __global__ void __launch_bounds__(kThreads)
     float sum = 0.0f;
     if (idx < weights) {
       const int v = static_cast<int>(idx % KW), u = static_cast<int>(idx / KW % KH);
-      const int c = static_cast<int>(idx / (KW * KH) % g.C), o = static_cast<int>(idx / (static_cast<int64_t>(KW) * KH * g.C));
+      const int c = static_cast<int>(idx / (KW * KH) % g.C),
+                o = static_cast<int>(idx / (static_cast<int64_t>(KW) * KH * g.C));
       for (int s = 0; s < splits; ++s) {
         for (int p = 0; p < 4; ++p) {
           const int ty = union_tap(g.rows, p / 2, u, PH), tx = union_tap(g.cols, p % 2, v, PW);
@@ -80,22 +80,22 @@ void unpool_conv_pack_weight(uintptr_t weight, uintptr_t wp, int O, int C, int K
   const Geometry g = make_geometry(1, C, 1, 1, O, KH, KW, PH, PW);
   dispatch_dtype(dtype, "unpool_conv_pack_weight", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    pack_weight_kernel<T><<<grid_for(4 * packed_phase_size(g)), kThreads, 0, to_stream(stream)>>>(
-        reinterpret_cast<const T*>(weight), reinterpret_cast<float*>(wp), g, KH, KW, PH, PW);
-    check_launch("pack_weight_kernel");
+    launch_kernel("pack_weight_kernel", grid_for(4 * packed_phase_size(g)), kThreads, to_stream(stream),
+                  pack_weight_kernel<T>, reinterpret_cast<const T*>(weight), reinterpret_cast<float*>(wp), g, KH, KW,
+                  PH, PW);
   });
 }
 
-void unpool_conv_finalize_grad_weight(uintptr_t ws, uintptr_t bias_ws, uintptr_t dw, uintptr_t db, int O, int C,
-                                      int KH, int KW, int PH, int PW, int splits, int dtype, uintptr_t stream) {
+void unpool_conv_finalize_grad_weight(uintptr_t ws, uintptr_t bias_ws, uintptr_t dw, uintptr_t db, int O, int C, int KH,
+                                      int KW, int PH, int PW, int splits, int dtype, uintptr_t stream) {
   const Geometry g = make_geometry(1, C, 1, 1, O, KH, KW, PH, PW);
   const int64_t total = static_cast<int64_t>(O) * C * KH * KW + (db != 0 ? O : 0);
   dispatch_dtype(dtype, "unpool_conv_finalize_grad_weight", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    finalize_grad_weight_kernel<T><<<grid_for(total), kThreads, 0, to_stream(stream)>>>(
-        reinterpret_cast<const float*>(ws), reinterpret_cast<const float*>(bias_ws), reinterpret_cast<T*>(dw),
-        reinterpret_cast<T*>(db), g, KH, KW, PH, PW, splits);
-    check_launch("finalize_grad_weight_kernel");
+    launch_kernel("finalize_grad_weight_kernel", grid_for(total), kThreads, to_stream(stream),
+                  finalize_grad_weight_kernel<T>, reinterpret_cast<const float*>(ws),
+                  reinterpret_cast<const float*>(bias_ws), reinterpret_cast<T*>(dw), reinterpret_cast<T*>(db), g, KH,
+                  KW, PH, PW, splits);
   });
 }
 

@@ -1,14 +1,21 @@
-"""Lazy loader of the compiled CUDA extension ``dcign_fast._C``.
+"""Lazy loader of the compiled CUDA extension ``dcign_fast._C``, and the device plumbing of its launches.
 
 ``import dcign_fast`` never needs it; only ``backend="cuda"`` does, and then a missing extension
-is a clear error that says how to build it.
+is a clear error that says how to build it. With ``DCIGN_FAST_CUDA_EMULATION=1`` the same kernels run
+on CPU tensors through :mod:`dcign_fast.kernels.cuda_emulation` (tests without a GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import os
 from types import ModuleType
+
+import torch
+
+from dcign_fast.ops.backends import cuda_emulating
 
 BUILD_HINT = (
     "reinstall with a CUDA compiler on PATH (or CUDA_HOME set) and DCIGN_FAST_CUDA=1, e.g. "
@@ -30,8 +37,30 @@ def available() -> bool:
 
 
 def load() -> ModuleType:
-    """The extension module; raises RuntimeError with build instructions when it is missing."""
+    """The extension module (or its CPU emulation when switched on); raises RuntimeError with build
+    instructions when it is missing."""
+    if cuda_emulating():
+        from dcign_fast.kernels import cuda_emulation
+
+        return cuda_emulation.load()
     module = _import()
     if isinstance(module, ImportError):
         raise RuntimeError(f"backend='cuda' needs the compiled extension dcign_fast._C ({module}); {BUILD_HINT}")
     return module
+
+
+def stream(device: torch.device) -> int:
+    """The handle of the current torch stream on ``device``, where launches go (0 on the CPU emulation)."""
+    return 0 if device.type == "cpu" else torch.cuda.current_stream(device).cuda_stream
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` current for the launches and allocations inside (nothing to do on the CPU emulation)."""
+    return contextlib.nullcontext() if device.type == "cpu" else torch.cuda.device(device)
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``: how many blocks run at once (CPU cores on the emulation)."""
+    if device.type == "cpu":
+        return os.cpu_count() or 1
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -29,10 +29,6 @@ def _dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
 def _active_ptr(active: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
     """(pointer, the tensor it points into) of the mask as uint8 [D]; pointer 0 when every column is active.
 
@@ -50,7 +46,7 @@ def _column_means(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     means = torch.empty((2, D), dtype=torch.float32, device=mu.device)
     cuda.load().sampler_column_means(
         mu.data_ptr(), logvar.data_ptr(), B, D, *mu.stride(), *logvar.stride(), means.data_ptr(),
-        _dtype_code(mu), _stream(mu.device),
+        _dtype_code(mu), cuda.stream(mu.device),
     )  # fmt: skip
     return means
 
@@ -61,7 +57,7 @@ def sampler_forward(
     """(z [B, D], kl [B]) in mu's dtype; the forward half of :class:`dcign_fast.ops.latent_sampler.Kernels`."""
     B, D = mu.shape
     code = _dtype_code(mu)
-    with torch.cuda.device(mu.device):
+    with cuda.device_guard(mu.device):
         active_ptr, mask = _active_ptr(active)
         clamp, means = CLAMP_NONE, None
         if active is not None:
@@ -72,7 +68,7 @@ def sampler_forward(
         cuda.load().sampler_forward(
             mu.data_ptr(), logvar.data_ptr(), active_ptr, 0 if means is None else means.data_ptr(),
             z.data_ptr(), kl.data_ptr(), B, D, *mu.stride(), *logvar.stride(), clamp, seed, offset, code,
-            _stream(mu.device),
+            cuda.stream(mu.device),
         )  # fmt: skip
     return z, kl
 
@@ -91,7 +87,7 @@ def sampler_backward(
     B, D = mu.shape
     code = _dtype_code(mu)
     grad_z, grad_kl = grad_z.to(mu.dtype), grad_kl.to(mu.dtype)
-    with torch.cuda.device(mu.device):
+    with cuda.device_guard(mu.device):
         active_ptr, mask = _active_ptr(active)
         means = _column_means(mu, logvar) if active is not None and invariance > 0 else None
         grad_mu = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
@@ -100,7 +96,7 @@ def sampler_backward(
             mu.data_ptr(), logvar.data_ptr(), active_ptr, 0 if means is None else means.data_ptr(),
             grad_z.data_ptr(), grad_kl.data_ptr(), grad_mu.data_ptr(), grad_logvar.data_ptr(), B, D,
             *mu.stride(), *logvar.stride(), *grad_z.stride(), grad_kl.stride(0), invariance, seed, offset, code,
-            _stream(mu.device),
+            cuda.stream(mu.device),
         )  # fmt: skip
     return grad_mu, grad_logvar
 
@@ -124,7 +120,7 @@ def _view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
 def _grad_weight_splits(positions: int, c_in: int, c_out: int, taps: int, device: torch.device) -> tuple[int, int]:
     """(splits, chunk): enough grad-weight blocks to fill the GPU a few times over, chunks of >= 256 positions."""
     tiles = -(-c_in // _GRAD_WEIGHT_TILE) * -(-c_out // _GRAD_WEIGHT_TILE) * taps
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * cuda.multiprocessors(device)
     splits = max(1, min(-(-target // tiles), -(-positions // _SPLIT_GRANULE), 65535))
     return splits, -(-positions // splits)
 
@@ -138,7 +134,7 @@ def _pack_weight(weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor
         (2, 2, lib.union_taps(kh, ph), lib.union_taps(kw, pw), c_in, c_out), dtype=torch.float32, device=weight.device
     )
     lib.unpool_conv_pack_weight(
-        weight.data_ptr(), wp.data_ptr(), c_out, c_in, kh, kw, ph, pw, _dtype_code(weight), _stream(weight.device)
+        weight.data_ptr(), wp.data_ptr(), c_out, c_in, kh, kw, ph, pw, _dtype_code(weight), cuda.stream(weight.device)
     )
     return wp
 
@@ -162,13 +158,16 @@ def unpool_conv2d_cuda(
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     ph, pw = padding
-    with torch.cuda.device(x.device):
+    with cuda.device_guard(x.device):
         out = empty_output(x, weight, padding, scale_factor)
         if out.numel():
-            wp = _pack_weight(weight, padding)
+            # Every tensor a launch points into stays bound to a name until the launch returns: a temporary
+            # would be freed while the kernel reads it (at once on the CPU emulation).
+            x_nhwc, wp = nhwc(x), _pack_weight(weight, padding)
+            bias = None if bias is None else bias.contiguous()
             cuda.load().unpool_conv_forward(
-                _view(nhwc(x)), wp.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(), _view(out),
-                n, c_in, h, w, c_out, kh, kw, ph, pw, int(activation == "relu"), _dtype_code(x), _stream(x.device),
+                _view(x_nhwc), wp.data_ptr(), 0 if bias is None else bias.data_ptr(), _view(out),
+                n, c_in, h, w, c_out, kh, kw, ph, pw, int(activation == "relu"), _dtype_code(x), cuda.stream(x.device),
             )  # fmt: skip
     return out
 
@@ -192,8 +191,8 @@ def unpool_conv2d_cuda_backward(
     c_out, _, kh, kw = weight.shape
     ho, wo = grad_out.shape[2:]
     ph, pw = padding
-    lib, code, stream = cuda.load(), _dtype_code(x), _stream(x.device)
-    with torch.cuda.device(x.device):
+    lib, code, stream = cuda.load(), _dtype_code(x), cuda.stream(x.device)
+    with cuda.device_guard(x.device):
         if activation == "relu":
             grad_out = torch.where(out > 0, grad_out, 0)
         g, wp = nhwc(grad_out), _pack_weight(weight, padding)
@@ -208,8 +207,9 @@ def unpool_conv2d_cuda_backward(
         splits, chunk = _grad_weight_splits(n * ((ho + 1) // 2) * ((wo + 1) // 2), c_in, c_out, taps, x.device)
         ws = torch.empty((splits, *wp.shape), dtype=torch.float32, device=x.device)
         bias_ws = torch.empty((splits, 4, c_out), dtype=torch.float32, device=x.device) if has_bias else None
+        x_nhwc = nhwc(x)
         lib.unpool_conv_grad_weight(
-            _view(nhwc(x)), _view(g), ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(),
+            _view(x_nhwc), _view(g), ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(),
             n, c_in, h, w, c_out, kh, kw, ph, pw, splits, max(1, chunk), code, stream,
         )  # fmt: skip
         grad_weight = torch.empty((c_out, c_in, kh, kw), dtype=x.dtype, device=x.device)

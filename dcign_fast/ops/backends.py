@@ -13,11 +13,18 @@ import os
 import torch
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+# Runs backend="cuda" on CPU tensors through a CPU emulation of the CUDA C++ kernels (tests only).
+CUDA_EMULATION_ENV = "DCIGN_FAST_CUDA_EMULATION"
 
 
 def triton_interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cuda_emulating() -> bool:
+    """True when ``backend="cuda"`` runs on the CPU emulation (:mod:`dcign_fast.kernels.cuda_emulation`)."""
+    return os.environ.get(CUDA_EMULATION_ENV, "0") not in ("", "0")
 
 
 @functools.cache
@@ -46,7 +53,10 @@ def check_backend_runs_on(backend: str, device: torch.device, supported: tuple[s
                 f"backend='triton' needs CUDA tensors (got device {device}); "
                 "set TRITON_INTERPRET=1 to run Triton kernels on the CPU for testing"
             )
-    if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda" and not (device.type == "cpu" and cuda_emulating()):
+        raise ValueError(
+            f"backend='cuda' needs CUDA tensors (got device {device}); "
+            f"set {CUDA_EMULATION_ENV}=1 to run the CUDA C++ kernels in a CPU emulation for testing"
+        )
     if backend not in supported:
         raise ValueError(f"backend={backend!r} is not implemented for this op; use one of {supported}")

@@ -1,0 +1,115 @@
+"""Checks of backend="cuda" against the reference, shared by the GPU tests (test_cuda_backend.py) and the
+CPU-emulation tests (test_cuda_emulation.py): the same checks, on "cuda" or on "cpu" tensors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import dcign_fast as dc
+from tests.helpers import REL_TOL, poisoned_allocations, rel_error
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Sampler outputs vs the torch backend: float32 differs by libm ulps and fused multiply-adds; 16-bit storage
+# by one rounding of the output.
+SAMPLER_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def sampler_inputs(B: int, D: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
+    """(mu, logvar, active) on fresh random values; about half the columns active."""
+    mu = torch.randn(B, D, device=device).to(dtype)
+    logvar = (0.5 * torch.randn(B, D, device=device)).to(dtype)
+    active = torch.rand(D, device=device) < 0.5
+    return mu, logvar, active
+
+
+def sample_both(mu, logvar, active, clamp, invariance, seed):
+    """((z, kl, grad_mu, grad_logvar) from cuda, the same from torch), for random output gradients."""
+    results = []
+    grad_z = torch.randn(mu.shape, device=mu.device).to(mu.dtype)
+    grads = grad_z, torch.randn(mu.shape[0], device=mu.device).to(mu.dtype)
+    for backend in ("cuda", "torch"):
+        m, lv = mu.detach().clone().requires_grad_(), logvar.detach().clone().requires_grad_()
+        with poisoned_allocations():
+            z, kl = dc.sample_latents(m, lv, active, clamp=clamp, invariance=invariance, seed=seed, backend=backend)
+            torch.autograd.backward((z, kl), grads)
+        results.append((z, kl, m.grad, lv.grad))
+    return results
+
+
+def check_sampler(B: int, D: int, dtype: torch.dtype, masked: bool, clamp: str, invariance: float, device: str):
+    """Values and both gradients of the cuda sampler against the torch backend (same Philox stream)."""
+    mu, logvar, active = sampler_inputs(B, D, dtype, device)
+    seed = int(torch.randint(0, 2**62, ()).item())
+    got, expected = sample_both(mu, logvar, active if masked else None, clamp, invariance, seed)
+    for name, g, e in zip(("z", "kl", "grad_mu", "grad_logvar"), got, expected):
+        assert g.dtype == dtype and g.shape == e.shape, name
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.float(), e.float(), rtol=SAMPLER_TOL[dtype], atol=SAMPLER_TOL[dtype], msg=name)
+
+
+def check_sampler_eps(B: int, D: int, device: str) -> None:
+    """The noise behind z is the documented Philox stream (seed, offset 0)."""
+    mu, logvar, _ = sampler_inputs(B, D, torch.float32, device)
+    seed = int(torch.randint(0, 2**62, ()).item())
+    z, _ = dc.sample_latents(mu, logvar, seed=seed, backend="cuda")
+    eps = (z.double() - mu.double()) / torch.exp(0.5 * logvar.double())
+    expected = dc.ops.philox.normal(seed, 0, (B, D), device).double()
+    torch.testing.assert_close(eps, expected, rtol=1e-5, atol=1e-5)
+
+
+def check_sampler_strided(B: int, D: int, device: str) -> None:
+    """Transposed (column-major) mu and logvar give what contiguous ones give."""
+    mu_t, logvar_t, active = sampler_inputs(B, D, torch.float32, device)
+    got, expected = sample_both(mu_t.T, logvar_t.T, active[:B], "mean", 0.5, 1234)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def oracle(x, w, b, padding):
+    """Float64 upsample + convolution, differentiable: the reference the kernels are held to."""
+    return F.conv2d(F.interpolate(x.double(), scale_factor=2, mode="nearest"), w.double(), b.double(), padding=padding)
+
+
+def check_unpool_conv(
+    n, c_in, c_out, size, kernel, padding, dtype, device, channels_last=False, activation=None
+) -> None:
+    """Forward and all three gradients of backend="cuda" against the float64 oracle."""
+    h, w = size
+    x = torch.randn(n, c_in, h, w, device=device).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c_out, c_in, *kernel, device=device) / (c_in * kernel[0] * kernel[1]) ** 0.5).to(dtype)
+    bias = torch.randn(c_out, device=device).to(dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    with poisoned_allocations():
+        y = dc.unpool_conv2d(*leaves, padding=padding, backend="cuda", activation=activation)
+    expected = oracle(x, weight, bias, padding)
+    if activation == "relu":
+        expected = F.relu(expected)
+    assert y.dtype == dtype and y.shape == expected.shape
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert rel_error(y, expected) < REL_TOL[dtype], "forward"
+    grad = torch.randn(expected.shape, device=device).to(dtype)
+    with poisoned_allocations():
+        got = torch.autograd.grad(y, leaves, grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    ref = oracle(*ref_leaves, padding)
+    if activation == "relu":
+        ref = F.relu(ref)
+    expected_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
+    for name, g, e in zip(("grad x", "grad weight", "grad bias"), got, expected_grads):
+        assert g.dtype == dtype, name
+        assert rel_error(g, e) < 2 * REL_TOL[dtype], name
+
+
+def check_grad_weight_deterministic(n, c_in, c_out, size, kernel, device) -> None:
+    """Two backward passes give bit-identical grad weight and grad bias (fixed-order split reduction)."""
+    x = torch.randn(n, c_in, size, size, device=device, requires_grad=True)
+    w = torch.randn(c_out, c_in, kernel, kernel, device=device, requires_grad=True)
+    b = torch.randn(c_out, device=device, requires_grad=True)
+    out = 2 * size - kernel + 1
+    grad = torch.randn(n, c_out, out, out, device=device)
+    first = torch.autograd.grad(dc.unpool_conv2d(x, w, b, backend="cuda"), (w, b), grad)
+    second = torch.autograd.grad(dc.unpool_conv2d(x, w, b, backend="cuda"), (w, b), grad)
+    assert all(torch.equal(f, s) for f, s in zip(first, second))

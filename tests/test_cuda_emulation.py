@@ -1,0 +1,145 @@
+"""backend="cuda" on the CPU emulation (DCIGN_FAST_CUDA_EMULATION=1): the real csrc/ kernels, compiled
+against csrc/emulation/ by the host C++ compiler, run on CPU tensors against the same oracles as the GPU
+tests (tests/cuda_checks.py), at sizes that still cover every tile path (O <= 16 and wide tiles, several
+channel chunks, every kernel size and padding, partial tiles, 16-bit storage, both layouts)."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from dcign_fast.kernels import cuda, cuda_emulation
+from dcign_fast.ops.backends import CUDA_EMULATION_ENV
+from tests.cuda_checks import (
+    DTYPES,
+    check_grad_weight_deterministic,
+    check_sampler,
+    check_sampler_eps,
+    check_sampler_strided,
+    check_unpool_conv,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulation() -> None:
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler to build the CUDA emulation")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CUDA_EMULATION_ENV, "1")
+        cuda_emulation.load()  # builds once (cached by a hash of the sources)
+        yield
+
+
+def test_the_emulation_stands_in_for_the_extension():
+    lib = cuda.load()
+    assert lib is cuda_emulation.load()
+    assert lib.runtime_version() == 0  # the emulation's mark; a real build reports its CUDA version
+    x, y = torch.randn(1000), torch.full((1000,), float("nan"))
+    lib.axpb(x.data_ptr(), y.data_ptr(), x.numel(), 3.0, -1.0, 0)
+    torch.testing.assert_close(y, 3.0 * x - 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked, clamp, invariance", [(False, "mean", 0.0), (True, "mean", 0.3), (True, "first", 0.0)])
+@pytest.mark.parametrize("B, D", [(37, 70), (3, 1)])
+def test_sampler_matches_the_torch_backend(dtype, masked, clamp, invariance, B, D):
+    check_sampler(B, D, dtype, masked, clamp, invariance, "cpu")
+
+
+def test_sampler_eps_is_the_shared_philox_stream():
+    check_sampler_eps(19, 45, "cpu")
+
+
+def test_sampler_reads_strided_inputs():
+    check_sampler_strided(12, 40, "cpu")
+
+
+@pytest.mark.parametrize("kernel", range(1, 10))
+def test_unpool_conv_every_kernel_and_padding(kernel):
+    for padding in range(kernel):
+        c_in, c_out = (int(v) for v in torch.randint(1, 40, (2,)))
+        h, w = (int(v) for v in torch.randint((kernel + 1) // 2, 7, (2,)))
+        check_unpool_conv(2, c_in, c_out, (h, w), (kernel, kernel), (padding, padding), torch.float32, "cpu")
+
+
+# Decoder-like layers: K=7 valid (wide tiles, two channel chunks), one output channel (the tall tile),
+# K=3 and K=5 "same".
+LAYERS = [(24, 48, 6, 7, 0), (20, 1, 7, 7, 0), (33, 12, 5, 3, 1), (16, 40, 5, 5, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c_in, c_out, size, kernel, padding", LAYERS)
+def test_unpool_conv_matches_reference_on_decoder_layers(dtype, c_in, c_out, size, kernel, padding):
+    shape = (size, size), (kernel, kernel), (padding, padding)
+    check_unpool_conv(3, c_in, c_out, *shape, dtype, "cpu", channels_last=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_unpool_conv_rectangular_kernels_layouts_and_relu(channels_last, activation):
+    check_unpool_conv(2, 17, 70, (5, 6), (5, 2), (3, 1), torch.float32, "cpu", channels_last, activation)
+    check_unpool_conv(2, 70, 5, (4, 4), (1, 6), (0, 4), torch.bfloat16, "cpu", channels_last, activation)
+
+
+def test_unpool_conv_grad_weight_is_deterministic():
+    check_grad_weight_deterministic(3, 20, 24, 6, 7, "cpu")
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """csrc/emulation/selftest.cu built against the emulation: kernels that are wrong on purpose."""
+    source = cuda_emulation.CSRC / "emulation" / "selftest.cu"
+    library = tmp_path_factory.mktemp("selftest") / "libselftest.so"
+    compiler = shutil.which("g++") or shutil.which("c++")
+    flags = [
+        *cuda_emulation.FLAGS,
+        *cuda_emulation.include_flags(),
+        "-shared",
+        "-x",
+        "c++",
+        "-include",
+        "cuda_runtime.h",
+    ]
+    subprocess.run([compiler, *flags, str(source), "-o", str(library)], check=True)
+    return ctypes.CDLL(str(library))
+
+
+def _error_buffer() -> ctypes.Array:
+    return ctypes.create_string_buffer(256)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_the_emulation_catches_a_missing_barrier(selftest, blocks):
+    x = torch.randn(blocks, 128)
+    for sync in (1, 0):
+        y = torch.full_like(x, float("nan"))
+        assert (
+            selftest.reverse(
+                ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()), blocks, sync, _error_buffer(), 256
+            )
+            == 0
+        )
+        if sync:
+            assert torch.equal(y, x.flip(1))
+        else:  # a thread reads its partner's slot before the partner has written it, as a GPU might
+            assert not torch.equal(y, x.flip(1))
+
+
+def test_the_emulation_fails_a_divergent_barrier_and_a_bad_launch(selftest):
+    out, error = torch.zeros(64), _error_buffer()
+    assert selftest.divergent(ctypes.c_void_p(out.data_ptr()), error, 256) == 1
+    assert b"divergent_kernel" in error.value and b"deadlocked" in error.value
+    assert selftest.reverse(ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(out.data_ptr()), 0, 1, error, 256) == 1
+    assert b"reverse_kernel: invalid configuration" in error.value
+
+
+def test_the_emulation_shuffles_within_each_warp(selftest):
+    x, y = torch.randn(96), torch.full((96,), float("nan"))
+    assert (
+        selftest.warp_sum(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()), 96, _error_buffer(), 256) == 0
+    )
+    torch.testing.assert_close(y, x.view(3, 32).sum(1, keepdim=True).expand(3, 32).reshape(96))
