@@ -1,10 +1,8 @@
 // Shared pieces of the unpool-conv kernels (scale factor 2).
 //
-// Design: each kernel is an implicit GEMM on SIMT cores with float32 accumulation. A block of 256
-// threads (16 x 16) owns a BM x BN output tile; thread (tm, tn) owns rows tm + 16 i and columns tn + 16 j
-// (strided, so a warp's shared-memory reads are broadcasts or consecutive words). The reduction runs
-// kTileK at a time through two float32 shared-memory tiles (padded by one word against bank conflicts);
-// 16-bit inputs are widened as they are loaded.
+// Design: each kernel is an implicit GEMM with float32 accumulation. A block of 256 threads owns a
+// BM x BN output tile; the reduction runs kTileK at a time through shared-memory operand tiles, multiplied
+// by the policy of tile_mma.cuh: SIMT cores for float32 storage, tensor cores (wmma) for bf16 / fp16.
 //   forward      M = positions (n, i, j) of phase (0, 0), N = C_out, K = (union taps, C_in): one input tile
 //                per union tap feeds every phase whose window holds the tap, so the four phases share
 //                their input reads and are written interleaved (bias and ReLU in the epilogue).
@@ -17,12 +15,10 @@
 
 #include "dtype.cuh"
 #include "phase_index.cuh"
+#include "tile_mma.cuh"
 #include "unpool_conv.h"
 
 namespace dcign {
-
-constexpr int kTileThreads = 256;
-constexpr int kTileK = 16;
 
 struct Geometry {
   int N, C, H, W, O, HO, WO;
@@ -47,25 +43,6 @@ __device__ __forceinline__ bool phase_has_tap(const Geometry& g, int p, int ty, 
 // Elements of the packed weight (or its gradient) per phase: [TR, TC, C, O].
 __host__ __device__ __forceinline__ int64_t packed_phase_size(const Geometry& g) {
   return static_cast<int64_t>(g.rows.taps) * g.cols.taps * g.C * g.O;
-}
-
-// acc[i][j] += sum_k a[k][tm + 16 i] * b[k][tn + 16 j].
-template <int BM, int BN>
-__device__ __forceinline__ void tile_fma(float (&acc)[BM / 16][BN / 16], const float (&a)[kTileK][BM + 1],
-                                         const float (&b)[kTileK][BN + 1], int tm, int tn) {
-#pragma unroll
-  for (int k = 0; k < kTileK; ++k) {
-    float av[BM / 16], bv[BN / 16];
-#pragma unroll
-    for (int i = 0; i < BM / 16; ++i) av[i] = a[k][tm + 16 * i];
-#pragma unroll
-    for (int j = 0; j < BN / 16; ++j) bv[j] = b[k][tn + 16 * j];
-#pragma unroll
-    for (int i = 0; i < BM / 16; ++i) {
-#pragma unroll
-      for (int j = 0; j < BN / 16; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-    }
-  }
 }
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }

@@ -12,10 +12,12 @@ template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_forward_kernel(const T* __restrict__ x, const float* __restrict__ wp, const T* __restrict__ bias,
                                T* __restrict__ y, Geometry g, Strides xs, Strides ys, int relu) {
-  __shared__ float a_tile[kTileK][BM + 1];
-  __shared__ float w_tile[4][kTileK][BN + 1];
+  using Mma = typename MmaFor<T, BM, BN>::type;
+  __shared__ typename Mma::ATile a_tile;
+  __shared__ typename Mma::BTile w_tile[4];
+  __shared__ typename Mma::Scratch scratch;
   __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
-  const int tid = threadIdx.x, tn = tid % 16, tm = tid / 16;
+  const int tid = threadIdx.x;
   const int rows0 = (g.HO + 1) / 2, cols0 = (g.WO + 1) / 2;  // phase (0, 0) has the most rows and columns
   const int64_t positions = static_cast<int64_t>(g.N) * rows0 * cols0;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
@@ -27,7 +29,9 @@ __global__ void __launch_bounds__(kTileThreads)
     pos_i[m] = pos < positions ? static_cast<int>(ni % rows0) : kOutside;
     pos_j[m] = static_cast<int>(pos % cols0);
   }
-  float acc[4][BM / 16][BN / 16] = {};
+  typename Mma::Acc acc[4];
+#pragma unroll
+  for (int p = 0; p < 4; ++p) Mma::zero(acc[p]);
   __syncthreads();
 
   const int64_t phase_size = packed_phase_size(g);
@@ -36,7 +40,7 @@ __global__ void __launch_bounds__(kTileThreads)
       const int dr = g.rows.start + ty, dc = g.cols.start + tx;
       const float* w_tap = wp + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
       for (int c0 = 0; c0 < g.C; c0 += kTileK) {
-        // a_tile[k][m] = x[n, i + dr, j + dc, c0 + k]; k fastest: channels are contiguous in NHWC.
+        // A[m][k] = x[n, i + dr, j + dc, c0 + k]; k fastest: channels are contiguous in NHWC.
         for (int e = tid; e < kTileK * BM; e += kTileThreads) {
           const int k = e % kTileK, m = e / kTileK;
           const int r = pos_i[m] + dr, c = pos_j[m] + dc, ch = c0 + k;
@@ -44,7 +48,7 @@ __global__ void __launch_bounds__(kTileThreads)
           if (r >= 0 && r < g.H && c >= 0 && c < g.W && ch < g.C) {
             v = to_float(x[pos_n[m] * xs.n + r * xs.h + c * xs.w + ch * xs.c]);
           }
-          a_tile[k][m] = v;
+          a_tile.put(k, m, v);
         }
 #pragma unroll
         for (int p = 0; p < 4; ++p) {
@@ -52,13 +56,13 @@ __global__ void __launch_bounds__(kTileThreads)
           const float* w = w_tap + p * phase_size;
           for (int e = tid; e < kTileK * BN; e += kTileThreads) {
             const int n = e % BN, k = e / BN, ch = c0 + k, o = o0 + n;
-            w_tile[p][k][n] = (ch < g.C && o < g.O) ? w[static_cast<int64_t>(ch) * g.O + o] : 0.0f;
+            w_tile[p].put(k, n, (ch < g.C && o < g.O) ? w[static_cast<int64_t>(ch) * g.O + o] : 0.0f);
           }
         }
         __syncthreads();
 #pragma unroll
         for (int p = 0; p < 4; ++p) {
-          if (phase_has_tap(g, p, ty, tx)) tile_fma<BM, BN>(acc[p], a_tile, w_tile[p], tm, tn);
+          if (phase_has_tap(g, p, ty, tx)) Mma::multiply(acc[p], a_tile, w_tile[p]);
         }
         __syncthreads();
       }
@@ -67,21 +71,13 @@ __global__ void __launch_bounds__(kTileThreads)
 
 #pragma unroll
   for (int p = 0; p < 4; ++p) {
-#pragma unroll
-    for (int i = 0; i < BM / 16; ++i) {
-      const int m = tm + 16 * i;
-      const int row = 2 * pos_i[m] + p / 2, col = 2 * pos_j[m] + p % 2;
-      if (pos_i[m] == kOutside || row >= g.HO || col >= g.WO) continue;
-      const int64_t base = pos_n[m] * ys.n + row * ys.h + col * ys.w;
-#pragma unroll
-      for (int j = 0; j < BN / 16; ++j) {
-        const int o = o0 + tn + 16 * j;
-        if (o >= g.O) continue;
-        float v = acc[p][i][j] + (bias != nullptr ? to_float(bias[o]) : 0.0f);
-        if (relu) v = fmaxf(v, 0.0f);
-        y[base + o * ys.c] = from_float<T>(v);
-      }
-    }
+    Mma::for_each(acc[p], scratch, [&](int m, int n, float value) {
+      const int row = 2 * pos_i[m] + p / 2, col = 2 * pos_j[m] + p % 2, o = o0 + n;
+      if (pos_i[m] == kOutside || row >= g.HO || col >= g.WO || o >= g.O) return;
+      float v = value + (bias != nullptr ? to_float(bias[o]) : 0.0f);
+      if (relu) v = fmaxf(v, 0.0f);
+      y[pos_n[m] * ys.n + row * ys.h + col * ys.w + o * ys.c] = from_float<T>(v);
+    });
   }
 }
 

@@ -13,10 +13,12 @@ template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_input_kernel(const T* __restrict__ gout, const float* __restrict__ wp, T* __restrict__ dx,
                                   Geometry g, Strides gs, Strides xs) {
-  __shared__ float g_tile[kTileK][BM + 1];
-  __shared__ float w_tile[kTileK][BN + 1];
+  using Mma = typename MmaFor<T, BM, BN>::type;
+  __shared__ typename Mma::ATile g_tile;
+  __shared__ typename Mma::BTile w_tile;
+  __shared__ typename Mma::Scratch scratch;
   __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
-  const int tid = threadIdx.x, tn = tid % 16, tm = tid / 16;
+  const int tid = threadIdx.x;
   const int64_t positions = static_cast<int64_t>(g.N) * g.H * g.W;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int c0 = blockIdx.y * BN;
@@ -27,7 +29,8 @@ __global__ void __launch_bounds__(kTileThreads)
     pos_i[m] = pos < positions ? static_cast<int>(ni % g.H) : kOutside;
     pos_j[m] = static_cast<int>(pos % g.W);
   }
-  float acc[BM / 16][BN / 16] = {};
+  typename Mma::Acc acc;
+  Mma::zero(acc);
   __syncthreads();
 
   const int64_t phase_size = packed_phase_size(g);
@@ -41,7 +44,7 @@ __global__ void __launch_bounds__(kTileThreads)
         const int dr = g.rows.start + ty, dc = g.cols.start + tx;
         const float* w_tap = wp + p * phase_size + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
         for (int o0 = 0; o0 < g.O; o0 += kTileK) {
-          // g_tile[k][m] = g[n, 2 io + A, 2 jo + B, o0 + k]; k fastest (contiguous output channels).
+          // A[m][k] = g[n, 2 io + A, 2 jo + B, o0 + k]; k fastest (contiguous output channels).
           for (int e = tid; e < kTileK * BM; e += kTileThreads) {
             const int k = e % kTileK, m = e / kTileK;
             const int io = pos_i[m] - dr, jo = pos_j[m] - dc, o = o0 + k;
@@ -49,32 +52,26 @@ __global__ void __launch_bounds__(kTileThreads)
             if (io >= 0 && io < rows && jo >= 0 && jo < cols && o < g.O) {
               v = to_float(gout[pos_n[m] * gs.n + (2 * io + A) * gs.h + (2 * jo + B) * gs.w + o * gs.c]);
             }
-            g_tile[k][m] = v;
+            g_tile.put(k, m, v);
           }
-          // w_tile[k][n] = wp[.., c0 + n, o0 + k]; k fastest (wp is contiguous in o).
+          // B[k][n] = wp[.., c0 + n, o0 + k]; k fastest (wp is contiguous in o).
           for (int e = tid; e < kTileK * BN; e += kTileThreads) {
             const int k = e % kTileK, n = e / kTileK, o = o0 + k, ch = c0 + n;
-            w_tile[k][n] = (ch < g.C && o < g.O) ? w_tap[static_cast<int64_t>(ch) * g.O + o] : 0.0f;
+            w_tile.put(k, n, (ch < g.C && o < g.O) ? w_tap[static_cast<int64_t>(ch) * g.O + o] : 0.0f);
           }
           __syncthreads();
-          tile_fma<BM, BN>(acc, g_tile, w_tile, tm, tn);
+          Mma::multiply(acc, g_tile, w_tile);
           __syncthreads();
         }
       }
     }
   }
 
-#pragma unroll
-  for (int i = 0; i < BM / 16; ++i) {
-    const int m = tm + 16 * i;
-    if (pos_i[m] == kOutside) continue;
-    const int64_t base = pos_n[m] * xs.n + pos_i[m] * xs.h + pos_j[m] * xs.w;
-#pragma unroll
-    for (int j = 0; j < BN / 16; ++j) {
-      const int ch = c0 + tn + 16 * j;
-      if (ch < g.C) dx[base + ch * xs.c] = from_float<T>(acc[i][j]);
-    }
-  }
+  Mma::for_each(acc, scratch, [&](int m, int n, float value) {
+    const int ch = c0 + n;
+    if (pos_i[m] == kOutside || ch >= g.C) return;
+    dx[pos_n[m] * xs.n + pos_i[m] * xs.h + pos_j[m] * xs.w + ch * xs.c] = from_float<T>(value);
+  });
 }
 
 template <typename T, int BM, int BN>

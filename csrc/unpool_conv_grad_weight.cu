@@ -12,10 +12,12 @@ template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, float* __restrict__ ws,
                                    float* __restrict__ bias_ws, Geometry g, Strides xs, Strides gs, int chunk) {
-  __shared__ float x_tile[kTileK][BM + 1];
-  __shared__ float g_tile[kTileK][BN + 1];
+  using Mma = typename MmaFor<T, BM, BN>::type;
+  __shared__ typename Mma::ATile x_tile;
+  __shared__ typename Mma::BTile g_tile;
+  __shared__ typename Mma::Scratch scratch;
   __shared__ int pos_n[kTileK], pos_io[kTileK], pos_jo[kTileK];
-  const int tid = threadIdx.x, tn = tid % 16, tm = tid / 16;
+  const int tid = threadIdx.x;
   const int o_tiles = (g.O + BN - 1) / BN;
   const int c0 = (blockIdx.x / o_tiles) * BM, o0 = (blockIdx.x % o_tiles) * BN;
   const int split = blockIdx.z;
@@ -36,7 +38,8 @@ __global__ void __launch_bounds__(kTileThreads)
   const int64_t end = begin + chunk < positions ? begin + chunk : positions;
   const bool sums_bias = bias_ws != nullptr && c0 == 0 && ty == g.rows.window_start[A] && tx == g.cols.window_start[B];
 
-  float acc[BM / 16][BN / 16] = {};
+  typename Mma::Acc acc;
+  Mma::zero(acc);
   float bias_sum = 0.0f;
   for (int64_t p0 = begin; p0 < end; p0 += kTileK) {
     if (tid < kTileK) {
@@ -47,7 +50,7 @@ __global__ void __launch_bounds__(kTileThreads)
       pos_jo[tid] = pos < end ? static_cast<int>(pos % cols) : -1;  // -1: past the split
     }
     __syncthreads();
-    // x_tile[k][c] for position p0 + k; c fastest (contiguous input channels).
+    // A[c][k] = x at position p0 + k; c fastest (contiguous input channels).
     for (int e = tid; e < kTileK * BM; e += kTileThreads) {
       const int c = e % BM, k = e / BM, ch = c0 + c;
       const int r = pos_io[k] + dr, col = pos_jo[k] + dc;
@@ -55,36 +58,31 @@ __global__ void __launch_bounds__(kTileThreads)
       if (pos_jo[k] >= 0 && ch < g.C && r >= 0 && r < g.H && col >= 0 && col < g.W) {
         v = to_float(x[pos_n[k] * xs.n + r * xs.h + col * xs.w + ch * xs.c]);
       }
-      x_tile[k][c] = v;
+      x_tile.put(k, c, v);
     }
-    // g_tile[k][o] = g[n, 2 io + A, 2 jo + B, o0 + o]; o fastest.
+    // B[k][o] = g[n, 2 io + A, 2 jo + B, o0 + o]; o fastest.
     for (int e = tid; e < kTileK * BN; e += kTileThreads) {
       const int o = e % BN, k = e / BN, oc = o0 + o;
       float v = 0.0f;
       if (pos_jo[k] >= 0 && oc < g.O) {
         v = to_float(gout[pos_n[k] * gs.n + (2 * pos_io[k] + A) * gs.h + (2 * pos_jo[k] + B) * gs.w + oc * gs.c]);
       }
-      g_tile[k][o] = v;
+      g_tile.put(k, o, v);
     }
     __syncthreads();
     if (sums_bias && tid < BN) {
-      for (int k = 0; k < kTileK; ++k) bias_sum += g_tile[k][tid];
+      for (int k = 0; k < kTileK; ++k) bias_sum += g_tile.get(k, tid);
     }
-    tile_fma<BM, BN>(acc, x_tile, g_tile, tm, tn);
+    Mma::multiply(acc, x_tile, g_tile);
     __syncthreads();
   }
 
   float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g) +
                static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
-#pragma unroll
-  for (int i = 0; i < BM / 16; ++i) {
-    const int ch = c0 + tm + 16 * i;
-#pragma unroll
-    for (int j = 0; j < BN / 16; ++j) {
-      const int o = o0 + tn + 16 * j;
-      if (ch < g.C && o < g.O) out[static_cast<int64_t>(ch) * g.O + o] = acc[i][j];
-    }
-  }
+  Mma::for_each(acc, scratch, [&](int m, int n, float value) {
+    const int ch = c0 + m, o = o0 + n;
+    if (ch < g.C && o < g.O) out[static_cast<int64_t>(ch) * g.O + o] = value;
+  });
   if (sums_bias && tid < BN && o0 + tid < g.O)
     bias_ws[(static_cast<int64_t>(split) * 4 + p) * g.O + o0 + tid] = bias_sum;
 }

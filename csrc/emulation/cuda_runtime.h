@@ -40,6 +40,7 @@ typedef struct CUstream_st* cudaStream_t;
 enum cudaError_t : int {
   cudaSuccess = 0,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
 };
 

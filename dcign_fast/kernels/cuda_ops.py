@@ -150,9 +150,11 @@ def unpool_conv2d_cuda(
     """Fused upsample-by-2 + convolution (+ ReLU) with the CUDA C++ kernels.
 
     Shapes: x [N, C, H, W], weight [O, C, KH, KW], bias [O] or None ->
-    [N, O, 2H + 2ph - KH + 1, 2W + 2pw - KW + 1] in x's memory format. float32 accumulation for every dtype
-    (no TF32). Not differentiable by itself: :func:`unpool_conv2d_cuda_backward` gives its gradients (the
-    custom op ``dcign_fast::unpool_conv2d`` pairs the two).
+    [N, O, 2H + 2ph - KH + 1, 2W + 2pw - KW + 1] in x's memory format. float32 accumulation for every dtype:
+    float32 multiplies on SIMT cores (exact, no TF32); bfloat16 / float16 on tensor cores (wmma), with the
+    collapsed phase kernels rounded to the input dtype. Not differentiable by itself:
+    :func:`unpool_conv2d_cuda_backward` gives its gradients (the custom op ``dcign_fast::unpool_conv2d`` pairs
+    the two).
     """
     check_kernel_args("cuda", x, weight, scale_factor, activation)
     n, c_in, h, w = x.shape

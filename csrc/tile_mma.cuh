@@ -1,0 +1,154 @@
+// The multiply of the unpool-conv kernels' implicit GEMMs, behind one interface so that every kernel
+// keeps a single body (index arithmetic, tap loops, barriers) for every storage type:
+//
+//   __shared__ typename Mma::ATile a;    a.put(k, m, v): operand A[m][k] of the current K step
+//   __shared__ typename Mma::BTile b;    b.put(k, n, v): operand B[k][n]; b.get(k, n) reads it back
+//   __shared__ typename Mma::Scratch s;  staging of results (tensor cores only)
+//   typename Mma::Acc acc; Mma::zero(acc)  this thread's (or warp's) share of the BM x BN float32 result
+//   Mma::multiply(acc, a, b)             acc += A B over one K step of kTileK (after a barrier)
+//   Mma::for_each(acc, s, f)             f(m, n, value) once for every element of the result (block-uniform)
+//
+// SimtMma: float32 tiles, every thread owns rows tm + 16 i and columns tn + 16 j of the result.
+// WmmaMma: 16-bit tiles (bf16 / fp16 as stored, weights rounded to it) on tensor cores through
+// nvcuda::wmma 16x16x16 with float32 accumulation; warp w owns the 16 x 16 fragments w, w + 8, ...
+#pragma once
+#include <mma.h>
+
+#include "dtype.cuh"
+
+namespace dcign {
+
+constexpr int kTileThreads = 256;
+constexpr int kTileK = 16;
+constexpr int kWarps = kTileThreads / 32;
+
+template <int BM, int BN>
+struct SimtMma {
+  struct ATile {
+    float v[kTileK][BM + 1];  // padded by one word against bank conflicts
+    __device__ __forceinline__ void put(int k, int m, float x) { v[k][m] = x; }
+  };
+  struct BTile {
+    float v[kTileK][BN + 1];
+    __device__ __forceinline__ void put(int k, int n, float x) { v[k][n] = x; }
+    __device__ __forceinline__ float get(int k, int n) const { return v[k][n]; }
+  };
+  struct Scratch {};
+  struct Acc {
+    float v[BM / 16][BN / 16];
+  };
+
+  __device__ __forceinline__ static void zero(Acc& acc) {
+#pragma unroll
+    for (int i = 0; i < BM / 16; ++i) {
+#pragma unroll
+      for (int j = 0; j < BN / 16; ++j) acc.v[i][j] = 0.0f;
+    }
+  }
+
+  // acc[i][j] += sum_k a[k][tm + 16 i] * b[k][tn + 16 j]; strided ownership makes a warp's shared-memory
+  // reads broadcasts or consecutive words.
+  __device__ __forceinline__ static void multiply(Acc& acc, const ATile& a, const BTile& b) {
+    const int tn = threadIdx.x % 16, tm = threadIdx.x / 16;
+#pragma unroll
+    for (int k = 0; k < kTileK; ++k) {
+      float av[BM / 16], bv[BN / 16];
+#pragma unroll
+      for (int i = 0; i < BM / 16; ++i) av[i] = a.v[k][tm + 16 * i];
+#pragma unroll
+      for (int j = 0; j < BN / 16; ++j) bv[j] = b.v[k][tn + 16 * j];
+#pragma unroll
+      for (int i = 0; i < BM / 16; ++i) {
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) acc.v[i][j] = fmaf(av[i], bv[j], acc.v[i][j]);
+      }
+    }
+  }
+
+  template <typename F>
+  __device__ __forceinline__ static void for_each(const Acc& acc, Scratch&, F&& f) {
+    const int tn = threadIdx.x % 16, tm = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < BM / 16; ++i) {
+#pragma unroll
+      for (int j = 0; j < BN / 16; ++j) f(tm + 16 * i, tn + 16 * j, acc.v[i][j]);
+    }
+  }
+};
+
+template <typename T, int BM, int BN>
+struct WmmaMma {
+  static constexpr int kFragments = (BM / 16) * (BN / 16);
+  static constexpr int kPerWarp = (kFragments + kWarps - 1) / kWarps;
+  // Leading dimensions padded by 8 elements (16 bytes) against bank conflicts; wmma wants multiples of 8
+  // (16-bit) and 4 (float), and every fragment start 32-byte aligned.
+  static constexpr int kLdA = kTileK + 8, kLdB = BN + 8, kLdScratch = 16 + 4;
+  using Fragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+  struct alignas(32) ATile {
+    T v[BM][kLdA];
+    __device__ __forceinline__ void put(int k, int m, float x) { v[m][k] = from_float<T>(x); }
+  };
+  struct alignas(32) BTile {
+    T v[kTileK][kLdB];
+    __device__ __forceinline__ void put(int k, int n, float x) { v[k][n] = from_float<T>(x); }
+    __device__ __forceinline__ float get(int k, int n) const { return to_float(v[k][n]); }
+  };
+  struct alignas(32) Scratch {
+    float v[kWarps][16][kLdScratch];
+  };
+  struct Acc {
+    Fragment v[kPerWarp];
+  };
+
+  __device__ __forceinline__ static void zero(Acc& acc) {
+#pragma unroll
+    for (int i = 0; i < kPerWarp; ++i) nvcuda::wmma::fill_fragment(acc.v[i], 0.0f);
+  }
+
+  __device__ __forceinline__ static int fragment_of(int i) { return static_cast<int>(threadIdx.x / 32) + kWarps * i; }
+
+  __device__ __forceinline__ static void multiply(Acc& acc, const ATile& a, const BTile& b) {
+    using namespace nvcuda::wmma;
+#pragma unroll
+    for (int i = 0; i < kPerWarp; ++i) {
+      const int f = fragment_of(i);
+      if (kFragments % kWarps != 0 && f >= kFragments) break;
+      const int row = f / (BN / 16), col = f % (BN / 16);
+      fragment<matrix_a, 16, 16, 16, T, row_major> fa;
+      fragment<matrix_b, 16, 16, 16, T, row_major> fb;
+      load_matrix_sync(fa, &a.v[16 * row][0], kLdA);
+      load_matrix_sync(fb, &b.v[0][16 * col], kLdB);
+      mma_sync(acc.v[i], fa, fb, acc.v[i]);
+    }
+  }
+
+  // Each warp stages one fragment at a time in its slice of the scratch, then its lanes hand out the 256
+  // values (lane-consecutive columns: coalesced stores where the caller's n is contiguous).
+  template <typename F>
+  __device__ __forceinline__ static void for_each(const Acc& acc, Scratch& scratch, F&& f) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < kPerWarp; ++i) {
+      const int frag = fragment_of(i);
+      if (kFragments % kWarps != 0 && frag >= kFragments) break;
+      nvcuda::wmma::store_matrix_sync(&scratch.v[warp][0][0], acc.v[i], kLdScratch, nvcuda::wmma::mem_row_major);
+      __syncwarp();
+      const int row = frag / (BN / 16), col = frag % (BN / 16);
+      for (int e = lane; e < 256; e += 32) f(16 * row + e / 16, 16 * col + e % 16, scratch.v[warp][e / 16][e % 16]);
+      __syncwarp();
+    }
+  }
+};
+
+// float32 storage multiplies on SIMT cores (exact float32, no TF32); 16-bit storage on tensor cores.
+template <typename T, int BM, int BN>
+struct MmaFor {
+  using type = WmmaMma<T, BM, BN>;
+};
+template <int BM, int BN>
+struct MmaFor<float, BM, BN> {
+  using type = SimtMma<BM, BN>;
+};
+
+}  // namespace dcign
