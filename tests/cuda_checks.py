@@ -103,6 +103,15 @@ def check_unpool_conv(
         assert rel_error(g, e) < 2 * REL_TOL[dtype], name
 
 
+def check_every_padding(kernel: int, n: int, max_size: int, device: str) -> None:
+    """check_unpool_conv for a square ``kernel`` at every padding 0..kernel-1, float32, random channel counts
+    in 1..39 and random rectangular images up to ``max_size - 1``."""
+    for padding in range(kernel):
+        c_in, c_out = (int(v) for v in torch.randint(1, 40, (2,)))
+        h, w = (int(v) for v in torch.randint((kernel + 1) // 2, max_size, (2,)))
+        check_unpool_conv(n, c_in, c_out, (h, w), (kernel, kernel), (padding, padding), torch.float32, device)
+
+
 def check_grad_weight_deterministic(n, c_in, c_out, size, kernel, device) -> None:
     """Two backward passes give bit-identical grad weight and grad bias (fixed-order split reduction)."""
     x = torch.randn(n, c_in, size, size, device=device, requires_grad=True)

@@ -13,6 +13,7 @@ from dcign_fast.kernels import cuda
 from dcign_fast.kernels.cuda_ops import cuda_unsupported_reason
 from tests.cuda_checks import (
     DTYPES,
+    check_every_padding,
     check_grad_weight_deterministic,
     check_sampler,
     check_sampler_eps,
@@ -123,10 +124,7 @@ def test_unpool_conv_matches_reference_on_paper150_layers(dtype, c_in, c_out, si
 @needs_extension
 @pytest.mark.parametrize("kernel", range(1, 10))
 def test_unpool_conv_every_kernel_and_padding(kernel):
-    for padding in range(kernel):
-        c_in, c_out = (int(v) for v in torch.randint(1, 40, (2,)))
-        h, w = (int(v) for v in torch.randint((kernel + 1) // 2, 12, (2,)))
-        check_unpool_conv(3, c_in, c_out, (h, w), (kernel, kernel), (padding, padding), torch.float32, "cuda")
+    check_every_padding(kernel, 3, 12, "cuda")
 
 
 @pytest.mark.cuda

@@ -16,6 +16,7 @@ from dcign_fast.kernels import cuda, cuda_emulation
 from dcign_fast.ops.backends import CUDA_EMULATION_ENV
 from tests.cuda_checks import (
     DTYPES,
+    check_every_padding,
     check_grad_weight_deterministic,
     check_sampler,
     check_sampler_eps,
@@ -60,10 +61,7 @@ def test_sampler_reads_strided_inputs():
 
 @pytest.mark.parametrize("kernel", range(1, 10))
 def test_unpool_conv_every_kernel_and_padding(kernel):
-    for padding in range(kernel):
-        c_in, c_out = (int(v) for v in torch.randint(1, 40, (2,)))
-        h, w = (int(v) for v in torch.randint((kernel + 1) // 2, 7, (2,)))
-        check_unpool_conv(2, c_in, c_out, (h, w), (kernel, kernel), (padding, padding), torch.float32, "cpu")
+    check_every_padding(kernel, 2, 7, "cpu")
 
 
 # Decoder-like layers: K=7 valid (wide tiles, two channel chunks), one output channel (the tall tile),
