@@ -69,8 +69,16 @@ DCIGN_HD int union_tap(const AxisUnion& un, int phase, int u, int padding) {
   return tap_offset(phase, u, padding, 2) - un.start;
 }
 
+// First union tap and tap count of a phase's window. They select rather than index by the phase, so that a
+// kernel parameter holding the struct is not copied to local memory for a run-time index.
+DCIGN_HD int window_first(const AxisUnion& un, int phase) {
+  return phase == 0 ? un.window_start[0] : un.window_start[1];
+}
+
+DCIGN_HD int window_count(const AxisUnion& un, int phase) { return phase == 0 ? un.window_taps[0] : un.window_taps[1]; }
+
 DCIGN_HD bool in_window(const AxisUnion& un, int phase, int t) {
-  return t >= un.window_start[phase] && t < un.window_start[phase] + un.window_taps[phase];
+  return t >= window_first(un, phase) && t < window_first(un, phase) + window_count(un, phase);
 }
 
 }  // namespace dcign

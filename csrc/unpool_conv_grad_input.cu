@@ -37,10 +37,10 @@ __global__ void __launch_bounds__(kTileThreads)
   for (int p = 0; p < 4; ++p) {
     const int A = p / 2, B = p % 2;
     const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
-    const int ty_end = g.rows.window_start[A] + g.rows.window_taps[A];
-    const int tx_end = g.cols.window_start[B] + g.cols.window_taps[B];
-    for (int ty = g.rows.window_start[A]; ty < ty_end; ++ty) {
-      for (int tx = g.cols.window_start[B]; tx < tx_end; ++tx) {
+    const int ty_end = window_first(g.rows, A) + window_count(g.rows, A);
+    const int tx_end = window_first(g.cols, B) + window_count(g.cols, B);
+    for (int ty = window_first(g.rows, A); ty < ty_end; ++ty) {
+      for (int tx = window_first(g.cols, B); tx < tx_end; ++tx) {
         const int dr = g.rows.start + ty, dc = g.cols.start + tx;
         const float* w_tap = wp + p * phase_size + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
         for (int o0 = 0; o0 < g.O; o0 += kTileK) {

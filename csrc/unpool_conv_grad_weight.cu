@@ -24,19 +24,20 @@ __global__ void __launch_bounds__(kTileThreads)
   // blockIdx.y enumerates the taps of phase 0's window, then phase 1's, ...
   int p = 0, t = blockIdx.y;
   for (; p < 3; ++p) {
-    const int taps = g.rows.window_taps[p / 2] * g.cols.window_taps[p % 2];
+    const int taps = window_count(g.rows, p / 2) * window_count(g.cols, p % 2);
     if (t < taps) break;
     t -= taps;
   }
   const int A = p / 2, B = p % 2;
-  const int ty = g.rows.window_start[A] + t / g.cols.window_taps[B];
-  const int tx = g.cols.window_start[B] + t % g.cols.window_taps[B];
+  const int ty = window_first(g.rows, A) + t / window_count(g.cols, B);
+  const int tx = window_first(g.cols, B) + t % window_count(g.cols, B);
   const int dr = g.rows.start + ty, dc = g.cols.start + tx;
   const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
   const int64_t positions = static_cast<int64_t>(g.N) * rows * cols;
   const int64_t begin = static_cast<int64_t>(split) * chunk;
   const int64_t end = begin + chunk < positions ? begin + chunk : positions;
-  const bool sums_bias = bias_ws != nullptr && c0 == 0 && ty == g.rows.window_start[A] && tx == g.cols.window_start[B];
+  const bool sums_bias =
+      bias_ws != nullptr && c0 == 0 && ty == window_first(g.rows, A) && tx == window_first(g.cols, B);
 
   typename Mma::Acc acc;
   Mma::zero(acc);
@@ -91,7 +92,7 @@ template <typename T, int BM, int BN>
 void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t ws, uintptr_t bias_ws,
                         const Geometry& g, int splits, int chunk, cudaStream_t stream) {
   int taps = 0;
-  for (int p = 0; p < 4; ++p) taps += g.rows.window_taps[p / 2] * g.cols.window_taps[p % 2];
+  for (int p = 0; p < 4; ++p) taps += window_count(g.rows, p / 2) * window_count(g.cols, p % 2);
   const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), taps, splits);
   launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream, unpool_conv_grad_weight_kernel<T, BM, BN>,
                 reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws),

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,3 +41,22 @@ def test_smoke_kernel_on_the_current_stream():
     cuda.load().axpb(x.data_ptr(), y.data_ptr(), x.numel(), 2.0, 1.0, torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     assert torch.equal(y, 2.0 * x + 1.0)
+
+
+UNPOOL_CONV_SOURCES = ["unpool_conv_forward.cu", "unpool_conv_grad_input.cu", "unpool_conv_grad_weight.cu"]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (compile only, no GPU)")
+@pytest.mark.parametrize("source", UNPOOL_CONV_SOURCES)
+def test_unpool_conv_kernels_use_no_local_memory_on_sm90a(source, tmp_path):
+    """ptxas for sm_90a: every instantiation (3 dtypes x 2 tiles) keeps its accumulators and the geometry in
+    registers: no stack frame, no spills (a run-time index into a kernel parameter would put it in local memory)."""
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    cmd = ["nvcc", "-std=c++17", "-O3", "--generate-code=arch=compute_90a,code=sm_90a", f"-I{csrc}", "-Xptxas", "-v"]
+    result = subprocess.run(
+        [*cmd, "-c", str(csrc / source), "-o", str(tmp_path / "k.o")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    assert len(frames) == 6, result.stderr
+    assert all(frame == ("0", "0", "0") for frame in frames), result.stderr
