@@ -1,7 +1,7 @@
 // Launchers of the unpool-conv kernels (scale factor 2; see unpool_conv_common.cuh for the design).
 // Pointers and the stream are integers. Activations are [N, C, H, W] addressed through element strides
 // (n, c, h, w) (channels_last keeps the channel reduction contiguous); weight [O, C, KH, KW] contiguous;
-// the packed weight wp is float32 [2, 2, TR, TC, C, O] (TR, TC: union taps, see phase_index.cuh).
+// the packed weight wp [2, 2, TR, TC, C, O] has the activations' dtype (TR, TC: union taps, see phase_index.cuh).
 #pragma once
 #include <cstdint>
 
@@ -12,7 +12,7 @@ struct ActivationView {
   int64_t sn, sc, sh, sw;
 };
 
-// wp <- the four phase kernels of weight, summed in float32.
+// wp <- the four phase kernels of weight, summed in float32, stored in its dtype.
 void unpool_conv_pack_weight(uintptr_t weight, uintptr_t wp, int O, int C, int KH, int KW, int PH, int PW, int dtype,
                              uintptr_t stream);
 

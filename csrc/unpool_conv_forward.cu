@@ -10,7 +10,7 @@ constexpr int kOutside = -(1 << 28);  // row index of a position past the end: e
 
 template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kTileThreads)
-    unpool_conv_forward_kernel(const T* __restrict__ x, const float* __restrict__ wp, const T* __restrict__ bias,
+    unpool_conv_forward_kernel(const T* __restrict__ x, const T* __restrict__ wp, const T* __restrict__ bias,
                                T* __restrict__ y, Geometry g, Strides xs, Strides ys, int relu) {
   using Mma = typename MmaFor<T, BM, BN>::type;
   __shared__ typename Mma::ATile a_tile;
@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kTileThreads)
   for (int ty = 0; ty < g.rows.taps; ++ty) {
     for (int tx = 0; tx < g.cols.taps; ++tx) {
       const int dr = g.rows.start + ty, dc = g.cols.start + tx;
-      const float* w_tap = wp + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
+      const T* w_tap = wp + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
       for (int c0 = 0; c0 < g.C; c0 += kTileK) {
         // A[m][k] = x[n, i + dr, j + dc, c0 + k]; k fastest: channels are contiguous in NHWC.
         for (int e = tid; e < kTileK * BM; e += kTileThreads) {
@@ -53,10 +53,10 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
         for (int p = 0; p < 4; ++p) {
           if (!phase_has_tap(g, p, ty, tx)) continue;
-          const float* w = w_tap + p * phase_size;
+          const T* w = w_tap + p * phase_size;
           for (int e = tid; e < kTileK * BN; e += kTileThreads) {
             const int n = e % BN, k = e / BN, ch = c0 + k, o = o0 + n;
-            w_tile[p].put(k, n, (ch < g.C && o < g.O) ? w[static_cast<int64_t>(ch) * g.O + o] : 0.0f);
+            w_tile[p].put(k, n, (ch < g.C && o < g.O) ? to_float(w[static_cast<int64_t>(ch) * g.O + o]) : 0.0f);
           }
         }
         __syncthreads();
@@ -87,7 +87,7 @@ void launch_forward(const ActivationView& x, uintptr_t wp, uintptr_t bias, const
   const int64_t positions = static_cast<int64_t>(g.N) * ((g.HO + 1) / 2) * ((g.WO + 1) / 2);
   const dim3 grid(ceil_div(positions, BM), ceil_div(g.O, BN));
   launch_kernel("unpool_conv_forward_kernel", grid, kTileThreads, stream, unpool_conv_forward_kernel<T, BM, BN>,
-                reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const float*>(wp), reinterpret_cast<const T*>(bias),
+                reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(wp), reinterpret_cast<const T*>(bias),
                 reinterpret_cast<T*>(y.ptr), g, strides_of(x), strides_of(y), relu);
 }
 

@@ -11,8 +11,8 @@ constexpr int kOutside = -(1 << 28);  // row index of a position past the end: n
 
 template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kTileThreads)
-    unpool_conv_grad_input_kernel(const T* __restrict__ gout, const float* __restrict__ wp, T* __restrict__ dx,
-                                  Geometry g, Strides gs, Strides xs) {
+    unpool_conv_grad_input_kernel(const T* __restrict__ gout, const T* __restrict__ wp, T* __restrict__ dx, Geometry g,
+                                  Strides gs, Strides xs) {
   using Mma = typename MmaFor<T, BM, BN>::type;
   __shared__ typename Mma::ATile g_tile;
   __shared__ typename Mma::BTile w_tile;
@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kTileThreads)
     for (int ty = window_first(g.rows, A); ty < ty_end; ++ty) {
       for (int tx = window_first(g.cols, B); tx < tx_end; ++tx) {
         const int dr = g.rows.start + ty, dc = g.cols.start + tx;
-        const float* w_tap = wp + p * phase_size + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
+        const T* w_tap = wp + p * phase_size + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
         for (int o0 = 0; o0 < g.O; o0 += kTileK) {
           // A[m][k] = g[n, 2 io + A, 2 jo + B, o0 + k]; k fastest (contiguous output channels).
           for (int e = tid; e < kTileK * BM; e += kTileThreads) {
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kTileThreads)
           // B[k][n] = wp[.., c0 + n, o0 + k]; k fastest (wp is contiguous in o).
           for (int e = tid; e < kTileK * BN; e += kTileThreads) {
             const int k = e % kTileK, n = e / kTileK, o = o0 + k, ch = c0 + n;
-            w_tile.put(k, n, (ch < g.C && o < g.O) ? w_tap[static_cast<int64_t>(ch) * g.O + o] : 0.0f);
+            w_tile.put(k, n, (ch < g.C && o < g.O) ? to_float(w_tap[static_cast<int64_t>(ch) * g.O + o]) : 0.0f);
           }
           __syncthreads();
           Mma::multiply(acc, g_tile, w_tile);
@@ -79,8 +79,8 @@ void launch_grad_input(const ActivationView& gout, uintptr_t wp, const Activatio
                        cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(g.N) * g.H * g.W, BM), ceil_div(g.C, BN));
   launch_kernel("unpool_conv_grad_input_kernel", grid, kTileThreads, stream, unpool_conv_grad_input_kernel<T, BM, BN>,
-                reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<const float*>(wp), reinterpret_cast<T*>(dx.ptr),
-                g, strides_of(gout), strides_of(dx));
+                reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<const T*>(wp), reinterpret_cast<T*>(dx.ptr), g,
+                strides_of(gout), strides_of(dx));
 }
 
 }  // namespace

@@ -9,10 +9,11 @@ namespace {
 constexpr int kThreads = 256;
 
 // wp[p, ty, tx, c, o] = sum of weight[o, c, u, v] over the taps u (v) that phase p's row (column) maps to
-// union tap ty (tx); zero outside the phase's window.
+// union tap ty (tx), summed in float32 and stored in the weight's dtype (what the multiply reads: tensor
+// cores take 16-bit operands); zero outside the phase's window.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) pack_weight_kernel(const T* __restrict__ weight, float* __restrict__ wp,
-                                                               Geometry g, int KH, int KW, int PH, int PW) {
+__global__ void __launch_bounds__(kThreads)
+    pack_weight_kernel(const T* __restrict__ weight, T* __restrict__ wp, Geometry g, int KH, int KW, int PH, int PW) {
   const int64_t total = 4 * packed_phase_size(g);
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -29,7 +30,7 @@ __global__ void __launch_bounds__(kThreads) pack_weight_kernel(const T* __restri
         if (union_tap(g.cols, p % 2, v, PW) == tx) sum += to_float(w[u * KW + v]);
       }
     }
-    wp[idx] = sum;
+    wp[idx] = from_float<T>(sum);
   }
 }
 
@@ -81,8 +82,8 @@ void unpool_conv_pack_weight(uintptr_t weight, uintptr_t wp, int O, int C, int K
   dispatch_dtype(dtype, "unpool_conv_pack_weight", [&](auto tag) {
     using T = typename decltype(tag)::type;
     launch_kernel("pack_weight_kernel", grid_for(4 * packed_phase_size(g)), kThreads, to_stream(stream),
-                  pack_weight_kernel<T>, reinterpret_cast<const T*>(weight), reinterpret_cast<float*>(wp), g, KH, KW,
-                  PH, PW);
+                  pack_weight_kernel<T>, reinterpret_cast<const T*>(weight), reinterpret_cast<T*>(wp), g, KH, KW, PH,
+                  PW);
   });
 }
 

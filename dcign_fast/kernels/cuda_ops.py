@@ -126,12 +126,13 @@ def _grad_weight_splits(positions: int, c_in: int, c_out: int, taps: int, device
 
 
 def _pack_weight(weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    """[O, C, KH, KW] -> wp float32 [2, 2, TR, TC, C, O]: every phase's collapsed kernel in union taps."""
+    """[O, C, KH, KW] -> wp [2, 2, TR, TC, C, O] in the weight's dtype: every phase's collapsed kernel in union
+    taps, summed in float32."""
     c_out, c_in, kh, kw = weight.shape
     ph, pw = padding
     lib, weight = cuda.load(), weight.contiguous()
     wp = torch.empty(
-        (2, 2, lib.union_taps(kh, ph), lib.union_taps(kw, pw), c_in, c_out), dtype=torch.float32, device=weight.device
+        (2, 2, lib.union_taps(kh, ph), lib.union_taps(kw, pw), c_in, c_out), dtype=weight.dtype, device=weight.device
     )
     lib.unpool_conv_pack_weight(
         weight.data_ptr(), wp.data_ptr(), c_out, c_in, kh, kw, ph, pw, _dtype_code(weight), cuda.stream(weight.device)
