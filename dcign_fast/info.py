@@ -11,7 +11,7 @@ import torch
 
 def environment() -> dict[str, object]:
     from dcign_fast.kernels import cuda
-    from dcign_fast.ops.backends import triton_installed
+    from dcign_fast.ops.backends import cuda_emulating, triton_installed, triton_interpreting
 
     return {
         "python": platform.python_version(),
@@ -20,6 +20,9 @@ def environment() -> dict[str, object]:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "triton_installed": triton_installed(),
         "cuda_extension_built": cuda.available(),
+        # Test modes: kernels on CPU tensors through Triton's interpreter / the CPU emulation of the extension.
+        "triton_interpreter": triton_interpreting(),
+        "cuda_emulation": cuda_emulating(),
     }
 
 

@@ -17,7 +17,7 @@ from dcign_fast.cli import main
 def test_info(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["torch"] and "cuda_extension_built" in info
+    assert info["torch"] and "cuda_extension_built" in info and "cuda_emulation" in info
 
 
 @pytest.mark.parametrize("suite", sorted(bench.SUITES))
