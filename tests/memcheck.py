@@ -1,7 +1,10 @@
-"""Tensors that end (or start) at an inaccessible page: a CPU kernel that reads or writes one element past
-the end (or before the start) of one dies with SIGSEGV instead of touching a neighbour's memory. For the
-CPU emulation of the CUDA kernels, the counterpart of compute-sanitizer's memcheck. Linux; run the code
-under test in a subprocess, since a hit ends the process."""
+"""A CPU memcheck for the kernel backends (the counterpart of compute-sanitizer's memcheck on a GPU).
+
+Tensors end (or start) at an inaccessible page: a kernel that reads or writes one element past the end (or
+before the start) of one dies with SIGSEGV instead of touching a neighbour's memory. The CUDA C++ kernels
+run on the CPU emulation, the Triton kernels in Triton's interpreter; both ops' forward and backward run on
+guarded inputs with every buffer the wrappers allocate guarded too, in a subprocess (a hit ends it). Linux.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,11 @@ import contextlib
 import ctypes
 import math
 import mmap
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -77,3 +84,40 @@ def guarded_allocations(guard_before: bool = False) -> Iterator[None]:
         yield
     finally:
         torch.empty, torch.empty_like, torch.Tensor.new_empty = originals
+
+
+# (n, c_in, c_out, size, kernel, padding): both tile widths, one output channel, partial tiles, padding.
+LAYERS = [(2, 17, 70, (5, 6), (5, 2), (3, 1)), (3, 20, 1, (7, 7), (7, 7), (0, 0)), (1, 33, 12, (4, 5), (3, 3), (1, 1))]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def run_ops_on_guarded_tensors(backend: str, guard_before: bool) -> None:
+    """Forward and backward of unpool_conv2d and sample_latents with ``backend`` on guarded tensors."""
+    import dcign_fast as dc
+
+    torch.manual_seed(0)
+    for dtype in DTYPES:
+        for n, c_in, c_out, size, kernel, padding in LAYERS:
+            x = torch.randn(n, c_in, *size).to(dtype).contiguous(memory_format=torch.channels_last)
+            params = torch.randn(c_out, c_in, *kernel).to(dtype), torch.randn(c_out).to(dtype)
+            leaves = [guarded_copy(t, guard_before).requires_grad_() for t in (x, *params)]
+            with guarded_allocations(guard_before):
+                y = dc.unpool_conv2d(*leaves, padding=padding, backend=backend, activation="relu")
+                grads = torch.autograd.grad(y, leaves, guarded_copy(torch.randn_like(y), guard_before))
+            assert all(torch.isfinite(g).all() for g in (y, *grads))
+        mu, logvar = (guarded_copy(torch.randn(6, 40).to(dtype), guard_before) for _ in range(2))
+        active = guarded_copy(torch.rand(40) < 0.5, guard_before)
+        for m, lv in ((mu, logvar), (mu[:, :5].T, logvar[:, :5].T)):  # contiguous and strided
+            m, lv = m.detach().requires_grad_(), lv.detach().requires_grad_()
+            with guarded_allocations(guard_before):
+                z, kl = dc.sample_latents(m, lv, active[: m.shape[1]], invariance=0.2, seed=5, backend=backend)
+                grads = torch.autograd.grad(z.sum() + kl.sum(), (m, lv))
+            assert all(torch.isfinite(g).all() for g in (z, kl, *grads))
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``python -c code`` in the repository root with extra environment variables; output captured."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=600
+    )
