@@ -22,10 +22,12 @@ ROOT = Path(__file__).resolve().parent
 
 
 def find_nvcc() -> str | None:
+    """$CUDA_HOME or $CUDA_PATH, then PATH, then the toolkit's default home (often not on PATH)."""
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
         if home and (Path(home) / "bin" / "nvcc").exists():
             return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return shutil.which("nvcc") or (str(default) if default.exists() else None)
 
 
 class CMakeExtension(Extension):

@@ -157,7 +157,9 @@ def write_results(suite: str, info: dict[str, object], rows: list[dict], out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = str(info["date"]).replace(":", "").replace("-", "")
     path = out_dir / f"{suite}-{info['device']}-{stamp}.json"
-    path.write_text(json.dumps({"suite": suite, "machine": info, "rows": rows}, indent=2) + "\n")
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps({"suite": suite, "machine": info, "rows": rows}, indent=2) + "\n")
+    os.replace(partial, path)  # atomic: a run killed mid-write leaves the previous version
     return path
 
 

@@ -2,8 +2,9 @@
 
     python -m benchmarks.run --suite ops --device cpu [--quick] [--out benchmarks/results]
 
-Each suite (benchmarks/suites/<name>.py) returns rows; this prints them as a table and writes one
-JSON file per suite naming the machine, versions and date.
+Each suite (benchmarks/suites/<name>.py) yields rows; this writes one JSON file per suite naming the
+machine, versions and date (rewritten after every row, so a suite cut short keeps its rows) and prints
+the rows as a table.
 """
 
 from __future__ import annotations
@@ -51,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     names = list(SUITES) if args.suite == "all" else [args.suite]
     info = machine(args.device)
     for name in names:
-        rows = importlib.import_module(SUITES[name]).run(args.device, args.quick)
+        rows: list[dict] = []
         path = write_results(name, info, rows, args.out)
+        # Rewritten after every row: a suite stopped by a time limit keeps what it measured.
+        for row in importlib.import_module(SUITES[name]).run(args.device, args.quick):
+            rows.append(row)
+            write_results(name, info, rows, args.out)
         columns = [c for c in COLUMNS if any(c in row for row in rows)]
         print(f"\n## suite {name} on {machine_label(info)} (torch {info['torch']}, {info['cpu_threads']} threads)")
         print(format_table(rows, columns))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +53,18 @@ def test_pytest_benchmark_front_door_runs():
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
+
+
+def test_device_check_script_names_what_exists():
+    """benchmarks/device_check.sh runs only on a GPU: here its syntax, suites, training settings and time
+    limits are checked, so the first GPU minutes are not lost to a typo."""
+    from dcign_fast.train.config import TrainConfig
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    suites = re.findall(r"(\w+):(\d+):(\d+)", text.split("for suite in", 1)[1].split(";", 1)[0])
+    assert suites and {name for name, _, _ in suites} == set(bench.SUITES)
+    assert set(re.findall(r"--set (\w+)=", text)) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    limits = [int(s) for s in re.findall(r"^step [\w-]+ (\d+)", text, re.MULTILINE)]
+    assert sum(limits) + sum(int(limit) for _, limit, _ in suites) <= 8 * 60

@@ -83,6 +83,24 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.dcign_fast.sample_latents, (mu, logvar, active, False, 0.5, -3, "torch"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_training_step_makes_no_tensors_from_python_values_after_warm_up(backend, monkeypatch):
+    """What makes a step capturable in a CUDA graph, checked on the CPU: after a warm-up step nothing builds a
+    tensor from Python values on a device (on a GPU, a host-to-device copy that syncs, and an error while
+    capturing). Host tensors (device unspecified) stay allowed."""
+    model = DCIGN.from_preset("demo64", backend=backend)
+    loss = _training_loss(model, seed=21)
+    _grads(model, loss(*_inputs()))
+    host_tensor = torch.tensor
+
+    def tensor(*args, **kwargs):
+        assert kwargs.get("device") is None, f"torch.tensor(..., device={kwargs['device']}) in a warmed-up step"
+        return host_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    _grads(model, loss(*_inputs()))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cuda_graph_captures_a_training_step(backend):

@@ -132,6 +132,6 @@ def test_patch_benchmark_suite_runs_quick():
     pytest.importorskip("diffusers")
     from benchmarks.suites import patch as suite
 
-    rows = suite.run("cpu", quick=True)
+    rows = list(suite.run("cpu", quick=True))
     assert {row["backend"] for row in rows} >= {"unpatched", "patched"}
     assert all(row["median_ms"] > 0 for row in rows if "median_ms" in row)

@@ -3,7 +3,8 @@ the reference.
 
 Rows: forward and forward+backward median times of each backend, measured side by side in the same run;
 ``speedup`` is the reference's time over the row's. On CUDA also: ``compile`` (torch.compile with
-mode="max-autotune" of the reference module), peak memory of forward+backward, and each case's floor: the
+mode="max-autotune" of the reference module, in a last pass of its own over the batch-128 bf16 paper150
+layers, within the compile budget), peak memory of forward+backward, and each case's floor: the
 phase form's multiply-adds at a matmul rate and its bytes at a copy bandwidth, both measured in this run
 (``floor_ms``, and ``over_floor`` = time / floor).
 
@@ -14,7 +15,7 @@ backends apply F.relu after the convolution, the triton backend fuses it).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -154,30 +155,46 @@ def _cases(device: str, quick: bool) -> list[tuple[int, torch.dtype, Case]]:
     return out
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def _measure(
+    device: str, batch: int, dtype: torch.dtype, case: Case, backends: list[str], passes: tuple[tuple[str, bool], ...],
+    quick: bool, budget: CompileBudget, rates: dict[torch.dtype, tuple[float, float]],
+) -> Iterator[dict]:  # fmt: skip
+    """Rows of one case: each pass (name, with backward) times ``backends`` side by side; "compile" is
+    torch.compile(mode="max-autotune") of the reference module."""
     repeats, warmup = (2, 1) if quick else (7, 2)
-    # Cases run in order of importance: the compile budget goes to the batch-128 bf16 paper150 layers first.
-    budget = CompileBudget(None if device == "cuda" and not quick else 0.0)
+    if device == "cuda" and dtype not in rates:
+        rates[dtype] = measured_rates(device, dtype)
+    module = case.module.to(device=device, dtype=dtype)
+    x = torch.rand(case.shape, device=device, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        out_shape = module(x).shape
+    grad = torch.randn(out_shape, device=device, dtype=dtype)
+    routed = {b: _with_backend(module, b) for b in backends if b != "compile"}
+    if "compile" in backends:
+        routed["compile"] = torch.compile(_with_backend(module, "reference"), mode="max-autotune")
+    for pass_name, backward in passes:
+        g = grad if backward else None
+        variants = {b: _runner(m, x, g) for b, m in routed.items()}
+        row = {"case": f"{case.name} b{batch}", "pass": pass_name, "dtype": str(dtype).removeprefix("torch.")}
+        measured = compare(variants, device, row, "reference", warmup, repeats, budget)
+        floor = floor_ms(case, batch, x.element_size(), backward, rates[dtype]) if dtype in rates else None
+        for r in measured:
+            if floor is not None and "median_ms" in r:
+                r["floor_ms"], r["over_floor"] = floor, r["median_ms"] / floor
+        yield from measured
+
+
+def run(device: str, quick: bool) -> Iterator[dict]:
     rates: dict[torch.dtype, tuple[float, float]] = {}
-    rows = []
+    both = (("forward", False), ("forward+backward", True))
     for batch, dtype, case in _cases(device, quick):
-        if device == "cuda" and dtype not in rates:
-            rates[dtype] = measured_rates(device, dtype)
-        module = case.module.to(device=device, dtype=dtype)
-        x = torch.rand(case.shape, device=device, dtype=dtype, requires_grad=True)
-        with torch.no_grad():
-            out_shape = module(x).shape
-        grad = torch.randn(out_shape, device=device, dtype=dtype)
-        routed = {b: _with_backend(module, b) for b in backends_for(device)}
-        if device == "cuda" and not quick:  # max-autotune of the reference, as long as the budget lasts
-            routed["compile"] = torch.compile(_with_backend(module, "reference"), mode="max-autotune")
-        for pass_name, g in (("forward", None), ("forward+backward", grad)):
-            variants = {b: _runner(m, x, g) for b, m in routed.items()}
-            row = {"case": f"{case.name} b{batch}", "pass": pass_name, "dtype": str(dtype).removeprefix("torch.")}
-            measured = compare(variants, device, row, "reference", warmup, repeats, budget)
-            floor = floor_ms(case, batch, x.element_size(), g is not None, rates[dtype]) if dtype in rates else None
-            for r in measured:
-                if floor is not None and "median_ms" in r:
-                    r["floor_ms"], r["over_floor"] = floor, r["median_ms"] / floor
-            rows += measured
-    return rows
+        yield from _measure(device, batch, dtype, case, backends_for(device), both, quick, CompileBudget(0.0), rates)
+    if device == "cuda" and not quick:
+        # torch.compile(mode="max-autotune") comes last: one compile can take minutes, and a suite cut short
+        # by a time limit keeps the rows above. It is timed side by side with every backend again, on the
+        # layers the goals name (paper150, batch 128, bf16), as long as the compile budget lasts.
+        budget = CompileBudget()
+        passes = (("forward+backward, with max-autotune", True),)
+        for case in paper150_cases(128):
+            backends = [*backends_for(device), "compile"]
+            yield from _measure(device, 128, torch.bfloat16, case, backends, passes, quick, budget, rates)

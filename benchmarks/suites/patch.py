@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -71,18 +71,17 @@ def _variants(vae: nn.Module, z: torch.Tensor, device: str, quick: bool) -> dict
     return cases
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def run(device: str, quick: bool) -> Iterator[dict]:
     if importlib.util.find_spec("diffusers") is None:  # e.g. an offline GPU machine: say so, measure the rest
-        return [{"case": "SD VAE decode", "backend": "-", "note": "skipped: diffusers is not installed"}]
+        yield {"case": "SD VAE decode", "backend": "-", "note": "skipped: diffusers is not installed"}
+        return
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config, size = (SMALL_VAE, 64) if quick else (SD_VAE, 512 if device == "cuda" else 256)
     repeats, warmup = (2, 1) if quick else (5, 2)
     vae = _vae(config, device, dtype)
     upsamplings = len(config["block_out_channels"]) - 1
     z = torch.randn(1, 4, size >> upsamplings, size >> upsamplings, device=device, dtype=dtype)
-    rows = []
     with torch.inference_mode():
         for case, variants in _variants(vae, z, device, quick).items():
             row = {"case": f"{case} {size}x{size}", "pass": "forward", "dtype": str(dtype).split(".")[1]}
-            rows += compare(variants, device, row, "unpatched", warmup=warmup, repeats=repeats)
-    return rows
+            yield from compare(variants, device, row, "unpatched", warmup=warmup, repeats=repeats)

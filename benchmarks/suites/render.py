@@ -7,7 +7,7 @@ three scans) at batch 20. Targets on a 2-core CPU: >= 500 img/s at 64 px, >= 240
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -67,15 +67,13 @@ def _sampler_case(device: str, size: int, batches: int) -> dict:
     }
 
 
-def run(device: str, quick: bool) -> list[dict]:
-    """Rows with case, backend, median_ms (per batch), images_per_s."""
+def run(device: str, quick: bool) -> Iterator[dict]:
+    """Rows with case, backend, median_ms (per batch), images_per_s, one case at a time."""
     if quick:
-        return [_render_case(device, 64, 16), _sampler_case(device, 64, 2)]
-    return [
-        _render_case(device, 64, 64),
-        _render_case(device, 128, 64),
-        _render_case(device, 150, 64),
-        _render_case(device, 64, 64, antialias=2),
-        _sampler_case(device, 64, 8),
-        _sampler_case(device, 128, 4),
-    ]
+        yield _render_case(device, 64, 16)
+        yield _sampler_case(device, 64, 2)
+        return
+    for size, antialias in ((64, 1), (128, 1), (150, 1), (64, 2)):
+        yield _render_case(device, size, 64, antialias=antialias)
+    yield _sampler_case(device, 64, 8)
+    yield _sampler_case(device, 128, 4)

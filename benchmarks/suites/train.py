@@ -9,7 +9,7 @@ says whether rendering the same sweep on the fly on that device would keep up wi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -59,11 +59,10 @@ def _models(preset: str, device: str, quick: bool) -> dict[str, torch.nn.Module]
     return models
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def run(device: str, quick: bool) -> Iterator[dict]:
     dtypes = [False] if device == "cpu" else [False, True]
     budget = CompileBudget(None if not quick else 0.0)
     repeats, warmup = (2, 1) if quick else (7, 3)
-    rows = []
     for preset, batch in cases(device, quick):
         for bf16 in dtypes:
             models = _models(preset, device, quick)
@@ -75,11 +74,10 @@ def run(device: str, quick: bool) -> list[dict]:
             for r in measured:
                 if "median_ms" in r:
                     r["images_per_s"] = batch / r["median_ms"] * 1e3
-            rows += measured
+            yield from measured
             if not bf16:
                 fastest = min(r["median_ms"] for r in measured if "median_ms" in r)
-                rows.append(_data_row(preset, batch, size, device, fastest))
-    return rows
+                yield _data_row(preset, batch, size, device, fastest)
 
 
 def _data_row(preset: str, batch: int, size: int, device: str, step_ms: float) -> dict:

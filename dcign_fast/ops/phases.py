@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dcign_fast.ops.constants import constant, one_hot_rows
+
 
 @dataclass(frozen=True)
 class AxisPhase:
@@ -30,8 +32,7 @@ class AxisPhase:
 
     def collapse_matrix(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[taps, K] 0/1 matrix R with collapsed = R @ original along this axis."""
-        index = torch.tensor(self.tap_offsets, device=device)
-        return torch.nn.functional.one_hot(index, self.taps).T.to(dtype)
+        return constant(one_hot_rows(self.tap_offsets, self.taps), dtype, torch.device(device))
 
     def conv_padding(self, in_size: int) -> int:
         """Symmetric zero padding for a plain convolution that covers every row this phase reads."""

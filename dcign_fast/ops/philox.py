@@ -84,16 +84,22 @@ def philox_words(seed: int, offset: int, count: int, device: torch.device | str 
     return philox4x32(counter, seed_key(seed))[:2]
 
 
+# float32 constants as 0-dim CPU tensors, made once (a per-call torch.tensor would be an avoidable host op):
+# products with them round like Triton's float32 multiplies.
+_UNIFORM_SCALE_F32 = torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+_TWO_PI_F32 = torch.tensor(TWO_PI, dtype=torch.float32)
+
+
 def uniform(words: torch.Tensor) -> torch.Tensor:
     """uint32 words (int64 tensor) -> float32 uniforms in [0, 1), step 3 of the module docstring."""
     folded = torch.minimum(words, MASK32 - words)
-    return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+    return folded.to(torch.float32) * _UNIFORM_SCALE_F32
 
 
 def box_muller(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """Two words -> one standard normal in float32, step 4 of the module docstring."""
     u0 = uniform(x0).clamp_(min=MIN_UNIFORM)
-    theta = torch.tensor(TWO_PI, dtype=torch.float32) * uniform(x1)
+    theta = _TWO_PI_F32 * uniform(x1)
     return torch.sqrt(-2.0 * torch.log(u0)) * torch.cos(theta)
 
 

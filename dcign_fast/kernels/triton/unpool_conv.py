@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from dcign_fast.ops.backends import triton_interpreting
+from dcign_fast.ops.constants import constant, one_hot_rows
 from dcign_fast.ops.phases import axis_phases
 from dcign_fast.ops.unpool_conv import (
     KERNEL_SCALE,
@@ -438,8 +439,7 @@ class _AxisUnion:
 
     def collapse(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[2, taps, k] 0/1: phase a's union tap t sums the original taps u with R[a, t, u] = 1."""
-        index = torch.tensor(self._tap_of, device=device)
-        return torch.nn.functional.one_hot(index, self.taps).transpose(1, 2).to(dtype)
+        return constant(tuple(one_hot_rows(tap_of, self.taps) for tap_of in self._tap_of), dtype, torch.device(device))
 
 
 @functools.lru_cache(maxsize=64)
@@ -565,7 +565,7 @@ def _grad_weight(
         for ty in range(rs, rs + rt)
         for tx in range(cs, cs + ct)
     ]
-    table = torch.tensor(taps, dtype=torch.int32, device=x.device)
+    table = constant(tuple(taps), torch.int32, x.device)
     block_c, block_o = _channel_tile(c_in), _channel_tile(c_out)
     tiles = triton.cdiv(c_in, block_c) * triton.cdiv(c_out, block_o)
     positions = n * ((ho + 1) // 2) * ((wo + 1) // 2)
