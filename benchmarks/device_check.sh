@@ -22,8 +22,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 }
 
 # Offline install (the GPU machine has torch, triton, pybind11, cmake and ninja but no network).
-step build 90 env DCIGN_FAST_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e .
-step gpu-tests 110 python3 -m pytest -q -m cuda -p no:cacheprovider
+step build 60 env DCIGN_FAST_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e .
+step gpu-tests 150 python3 -m pytest -v -m cuda -p no:cacheprovider --durations=15
 step train-paper150 40 python3 -m dcign_fast.train --preset paper150 --out "$out/paper150" --steps 100000 \
   --set time_limit_s=25 --set batch_size=128 --set log_every=10 --set image_every=100000
 newest=$(ls -d "$out"/paper150/checkpoints/step-* 2>/dev/null | tail -1)
@@ -31,7 +31,7 @@ step eval-paper150 25 python3 -m dcign_fast.cli eval --checkpoint "${newest:-mis
   --sweeps 10 --identities 40 --out "$out/paper150/eval"
 tail -1 "$out/paper150/metrics.jsonl" 2>/dev/null
 # suite:time limit:compile budget (seconds)
-for suite in ops:90:35 train:70:30 latent:30:8 render:15:0 patch:10:0; do
+for suite in ops:80:30 train:60:25 latent:25:8 render:15:0 patch:10:0; do
   IFS=: read -r name limit compile <<<"$suite"
   step "bench-$name" "$limit" env DCIGN_BENCH_COMPILE_S="$compile" \
     python3 -m benchmarks.run --suite "$name" --device cuda --out "$out"
