@@ -1,8 +1,9 @@
 // Shared pieces of the unpool-conv kernels (scale factor 2).
 //
 // Design: each kernel is an implicit GEMM with float32 accumulation. A block of 256 threads owns a
-// BM x BN output tile; the reduction runs kTileK at a time through shared-memory operand tiles, multiplied
-// by the policy of tile_mma.cuh: SIMT cores for float32 storage, tensor cores (wmma) for bf16 / fp16.
+// BM x BN output tile; the reduction runs kTileK at a time through double-buffered shared-memory operand
+// tiles (pipelined_k_loop: the next step's global loads overlap this step's multiplies), multiplied by the
+// policy of tile_mma.cuh: SIMT cores for float32 storage, tensor cores (wmma) for bf16 / fp16.
 //   forward      M = positions (n, i, j) of phase (0, 0), N = C_out, K = (union taps, C_in): one input tile
 //                per union tap feeds every phase whose window holds the tap, so the four phases share
 //                their input reads and are written interleaved (bias and ReLU in the epilogue).
@@ -43,6 +44,36 @@ __device__ __forceinline__ bool phase_has_tap(const Geometry& g, int p, int ty, 
 // Elements of the packed weight (or its gradient) per phase: [TR, TC, C, O].
 __host__ __device__ __forceinline__ int64_t packed_phase_size(const Geometry& g) {
   return static_cast<int64_t>(g.rows.taps) * g.cols.taps * g.C * g.O;
+}
+
+// The K loop of an implicit GEMM, software-pipelined over two shared-memory buffers: the global loads of
+// step s + 1 are in flight, in registers, while step s multiplies, and one barrier per step suffices (a
+// buffer is refilled only after the barrier that ends the multiplies reading it). Block-uniform.
+//   fetch(s, staged)       global memory -> this thread's registers, for step s
+//   stash(s, staged, buf)  registers -> shared buffer buf
+//   multiply(s, buf)       the multiplies of step s, from buffer buf
+template <typename Staged, typename Fetch, typename Stash, typename Multiply>
+__device__ __forceinline__ void pipelined_k_loop(int steps, Fetch&& fetch, Stash&& stash, Multiply&& multiply) {
+  if (steps <= 0) return;
+  Staged staged;
+  fetch(0, staged);
+  stash(0, staged, 0);
+  __syncthreads();
+  for (int s = 0; s < steps; ++s) {
+    const int buf = s & 1;
+    const bool more = s + 1 < steps;
+    if (more) fetch(s + 1, staged);
+    multiply(s, buf);
+    if (more) stash(s + 1, staged, buf ^ 1);
+    __syncthreads();
+  }
+}
+
+// Per-thread share of a kTileK x width operand tile: the element indices tid + i * kTileThreads.
+template <int WIDTH>
+__host__ __device__ constexpr int per_thread() {
+  static_assert(kTileK * WIDTH % kTileThreads == 0, "operand tiles split evenly over the threads");
+  return kTileK * WIDTH / kTileThreads;
 }
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }

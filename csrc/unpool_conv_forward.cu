@@ -13,8 +13,13 @@ __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_forward_kernel(const T* __restrict__ x, const T* __restrict__ wp, const T* __restrict__ bias,
                                T* __restrict__ y, Geometry g, Strides xs, Strides ys, int relu) {
   using Mma = typename MmaFor<T, BM, BN>::type;
-  __shared__ typename Mma::ATile a_tile;
-  __shared__ typename Mma::BTile w_tile[4];
+  constexpr int kA = per_thread<BM>(), kB = per_thread<BN>();
+  struct Staged {
+    float a[kA];
+    float w[4][kB];
+  };
+  __shared__ typename Mma::ATile a_tile[2];
+  __shared__ typename Mma::BTile w_tile[2][4];
   __shared__ typename Mma::Scratch scratch;
   __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
   const int tid = threadIdx.x;
@@ -34,40 +39,65 @@ __global__ void __launch_bounds__(kTileThreads)
   for (int p = 0; p < 4; ++p) Mma::zero(acc[p]);
   __syncthreads();
 
+  // Step s: union tap s / chunks in row-major (ty, tx) order, input channels from (s % chunks) * kTileK.
   const int64_t phase_size = packed_phase_size(g);
-  for (int ty = 0; ty < g.rows.taps; ++ty) {
-    for (int tx = 0; tx < g.cols.taps; ++tx) {
-      const int dr = g.rows.start + ty, dc = g.cols.start + tx;
-      const T* w_tap = wp + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
-      for (int c0 = 0; c0 < g.C; c0 += kTileK) {
-        // A[m][k] = x[n, i + dr, j + dc, c0 + k]; k fastest: channels are contiguous in NHWC.
-        for (int e = tid; e < kTileK * BM; e += kTileThreads) {
-          const int k = e % kTileK, m = e / kTileK;
-          const int r = pos_i[m] + dr, c = pos_j[m] + dc, ch = c0 + k;
-          float v = 0.0f;
-          if (r >= 0 && r < g.H && c >= 0 && c < g.W && ch < g.C) {
-            v = to_float(x[pos_n[m] * xs.n + r * xs.h + c * xs.w + ch * xs.c]);
-          }
-          a_tile.put(k, m, v);
-        }
+  const int chunks = (g.C + kTileK - 1) / kTileK;
+  auto tap_of = [&](int s, int& ty, int& tx) {
+    ty = s / chunks / g.cols.taps;
+    tx = s / chunks % g.cols.taps;
+  };
+  auto fetch = [&](int s, Staged& staged) {
+    int ty, tx;
+    tap_of(s, ty, tx);
+    const int c0 = s % chunks * kTileK, dr = g.rows.start + ty, dc = g.cols.start + tx;
+    // A[m][k] = x[n, i + dr, j + dc, c0 + k]; k fastest: channels are contiguous in NHWC.
 #pragma unroll
-        for (int p = 0; p < 4; ++p) {
-          if (!phase_has_tap(g, p, ty, tx)) continue;
-          const T* w = w_tap + p * phase_size;
-          for (int e = tid; e < kTileK * BN; e += kTileThreads) {
-            const int n = e % BN, k = e / BN, ch = c0 + k, o = o0 + n;
-            w_tile[p].put(k, n, (ch < g.C && o < g.O) ? to_float(w[static_cast<int64_t>(ch) * g.O + o]) : 0.0f);
-          }
-        }
-        __syncthreads();
+    for (int i = 0; i < kA; ++i) {
+      const int e = tid + i * kTileThreads, k = e % kTileK, m = e / kTileK;
+      const int r = pos_i[m] + dr, c = pos_j[m] + dc, ch = c0 + k;
+      const bool inside = r >= 0 && r < g.H && c >= 0 && c < g.W && ch < g.C;
+      staged.a[i] = inside ? to_float(x[pos_n[m] * xs.n + r * xs.h + c * xs.w + ch * xs.c]) : 0.0f;
+    }
+    // B[k][n] = wp[p, ty, tx, c0 + k, o0 + n] for the phases whose window holds the tap; n fastest.
+    const T* w_tap = wp + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
 #pragma unroll
-        for (int p = 0; p < 4; ++p) {
-          if (phase_has_tap(g, p, ty, tx)) Mma::multiply(acc[p], a_tile, w_tile[p]);
-        }
-        __syncthreads();
+    for (int p = 0; p < 4; ++p) {
+      if (!phase_has_tap(g, p, ty, tx)) continue;
+#pragma unroll
+      for (int i = 0; i < kB; ++i) {
+        const int e = tid + i * kTileThreads, n = e % BN, k = e / BN, ch = c0 + k, o = o0 + n;
+        staged.w[p][i] =
+            (ch < g.C && o < g.O) ? to_float(w_tap[p * phase_size + static_cast<int64_t>(ch) * g.O + o]) : 0.0f;
       }
     }
-  }
+  };
+  auto stash = [&](int s, const Staged& staged, int buf) {
+    int ty, tx;
+    tap_of(s, ty, tx);
+#pragma unroll
+    for (int i = 0; i < kA; ++i) {
+      const int e = tid + i * kTileThreads;
+      a_tile[buf].put(e % kTileK, e / kTileK, staged.a[i]);
+    }
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      if (!phase_has_tap(g, p, ty, tx)) continue;
+#pragma unroll
+      for (int i = 0; i < kB; ++i) {
+        const int e = tid + i * kTileThreads;
+        w_tile[buf][p].put(e / BN, e % BN, staged.w[p][i]);
+      }
+    }
+  };
+  auto multiply = [&](int s, int buf) {
+    int ty, tx;
+    tap_of(s, ty, tx);
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      if (phase_has_tap(g, p, ty, tx)) Mma::multiply(acc[p], a_tile[buf], w_tile[buf][p]);
+    }
+  };
+  pipelined_k_loop<Staged>(g.rows.taps * g.cols.taps * chunks, fetch, stash, multiply);
 
 #pragma unroll
   for (int p = 0; p < 4; ++p) {

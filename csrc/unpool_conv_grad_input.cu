@@ -14,8 +14,13 @@ __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_input_kernel(const T* __restrict__ gout, const T* __restrict__ wp, T* __restrict__ dx, Geometry g,
                                   Strides gs, Strides xs) {
   using Mma = typename MmaFor<T, BM, BN>::type;
-  __shared__ typename Mma::ATile g_tile;
-  __shared__ typename Mma::BTile w_tile;
+  constexpr int kA = per_thread<BM>(), kB = per_thread<BN>();
+  struct Staged {
+    float a[kA];
+    float w[kB];
+  };
+  __shared__ typename Mma::ATile g_tile[2];
+  __shared__ typename Mma::BTile w_tile[2];
   __shared__ typename Mma::Scratch scratch;
   __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
   const int tid = threadIdx.x;
@@ -33,39 +38,59 @@ __global__ void __launch_bounds__(kTileThreads)
   Mma::zero(acc);
   __syncthreads();
 
+  // Step s: tap s / chunks of the phases' windows (phase 0's taps first, row-major), output channels from
+  // (s % chunks) * kTileK.
   const int64_t phase_size = packed_phase_size(g);
-  for (int p = 0; p < 4; ++p) {
-    const int A = p / 2, B = p % 2;
-    const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
-    const int ty_end = window_first(g.rows, A) + window_count(g.rows, A);
-    const int tx_end = window_first(g.cols, B) + window_count(g.cols, B);
-    for (int ty = window_first(g.rows, A); ty < ty_end; ++ty) {
-      for (int tx = window_first(g.cols, B); tx < tx_end; ++tx) {
-        const int dr = g.rows.start + ty, dc = g.cols.start + tx;
-        const T* w_tap = wp + p * phase_size + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
-        for (int o0 = 0; o0 < g.O; o0 += kTileK) {
-          // A[m][k] = g[n, 2 io + A, 2 jo + B, o0 + k]; k fastest (contiguous output channels).
-          for (int e = tid; e < kTileK * BM; e += kTileThreads) {
-            const int k = e % kTileK, m = e / kTileK;
-            const int io = pos_i[m] - dr, jo = pos_j[m] - dc, o = o0 + k;
-            float v = 0.0f;
-            if (io >= 0 && io < rows && jo >= 0 && jo < cols && o < g.O) {
-              v = to_float(gout[pos_n[m] * gs.n + (2 * io + A) * gs.h + (2 * jo + B) * gs.w + o * gs.c]);
-            }
-            g_tile.put(k, m, v);
-          }
-          // B[k][n] = wp[.., c0 + n, o0 + k]; k fastest (wp is contiguous in o).
-          for (int e = tid; e < kTileK * BN; e += kTileThreads) {
-            const int k = e % kTileK, n = e / kTileK, o = o0 + k, ch = c0 + n;
-            w_tile.put(k, n, (ch < g.C && o < g.O) ? to_float(w_tap[static_cast<int64_t>(ch) * g.O + o]) : 0.0f);
-          }
-          __syncthreads();
-          Mma::multiply(acc, g_tile, w_tile);
-          __syncthreads();
-        }
-      }
+  const int chunks = (g.O + kTileK - 1) / kTileK;
+  int taps = 0;
+  for (int p = 0; p < 4; ++p) taps += window_count(g.rows, p / 2) * window_count(g.cols, p % 2);
+  auto tap_of = [&](int s, int& p, int& ty, int& tx) {
+    int t = s / chunks;
+    for (p = 0; p < 3; ++p) {
+      const int phase_taps = window_count(g.rows, p / 2) * window_count(g.cols, p % 2);
+      if (t < phase_taps) break;
+      t -= phase_taps;
     }
-  }
+    ty = window_first(g.rows, p / 2) + t / window_count(g.cols, p % 2);
+    tx = window_first(g.cols, p % 2) + t % window_count(g.cols, p % 2);
+  };
+  auto fetch = [&](int s, Staged& staged) {
+    int p, ty, tx;
+    tap_of(s, p, ty, tx);
+    const int A = p / 2, B = p % 2, o0 = s % chunks * kTileK;
+    const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
+    const int dr = g.rows.start + ty, dc = g.cols.start + tx;
+    // A[m][k] = g[n, 2 io + A, 2 jo + B, o0 + k]; k fastest (contiguous output channels).
+#pragma unroll
+    for (int i = 0; i < kA; ++i) {
+      const int e = tid + i * kTileThreads, k = e % kTileK, m = e / kTileK;
+      const int io = pos_i[m] - dr, jo = pos_j[m] - dc, o = o0 + k;
+      const bool inside = io >= 0 && io < rows && jo >= 0 && jo < cols && o < g.O;
+      staged.a[i] =
+          inside ? to_float(gout[pos_n[m] * gs.n + (2 * io + A) * gs.h + (2 * jo + B) * gs.w + o * gs.c]) : 0.0f;
+    }
+    // B[k][n] = wp[p, ty, tx, c0 + n, o0 + k]; k fastest (wp is contiguous in o).
+    const T* w_tap = wp + p * phase_size + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
+#pragma unroll
+    for (int i = 0; i < kB; ++i) {
+      const int e = tid + i * kTileThreads, k = e % kTileK, n = e / kTileK, o = o0 + k, ch = c0 + n;
+      staged.w[i] = (ch < g.C && o < g.O) ? to_float(w_tap[static_cast<int64_t>(ch) * g.O + o]) : 0.0f;
+    }
+  };
+  auto stash = [&](int, const Staged& staged, int buf) {
+#pragma unroll
+    for (int i = 0; i < kA; ++i) {
+      const int e = tid + i * kTileThreads;
+      g_tile[buf].put(e % kTileK, e / kTileK, staged.a[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kB; ++i) {
+      const int e = tid + i * kTileThreads;
+      w_tile[buf].put(e % kTileK, e / kTileK, staged.w[i]);
+    }
+  };
+  auto multiply = [&](int, int buf) { Mma::multiply(acc, g_tile[buf], w_tile[buf]); };
+  pipelined_k_loop<Staged>(taps * chunks, fetch, stash, multiply);
 
   Mma::for_each(acc, scratch, [&](int m, int n, float value) {
     const int ch = c0 + n;

@@ -13,10 +13,14 @@ __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, float* __restrict__ ws,
                                    float* __restrict__ bias_ws, Geometry g, Strides xs, Strides gs, int chunk) {
   using Mma = typename MmaFor<T, BM, BN>::type;
-  __shared__ typename Mma::ATile x_tile;
-  __shared__ typename Mma::BTile g_tile;
+  constexpr int kA = per_thread<BM>(), kB = per_thread<BN>();
+  struct Staged {
+    float x[kA];
+    float g[kB];
+  };
+  __shared__ typename Mma::ATile x_tile[2];
+  __shared__ typename Mma::BTile g_tile[2];
   __shared__ typename Mma::Scratch scratch;
-  __shared__ int pos_n[kTileK], pos_io[kTileK], pos_jo[kTileK];
   const int tid = threadIdx.x;
   const int o_tiles = (g.O + BN - 1) / BN;
   const int c0 = (blockIdx.x / o_tiles) * BM, o0 = (blockIdx.x % o_tiles) * BN;
@@ -42,41 +46,55 @@ __global__ void __launch_bounds__(kTileThreads)
   typename Mma::Acc acc;
   Mma::zero(acc);
   float bias_sum = 0.0f;
-  for (int64_t p0 = begin; p0 < end; p0 += kTileK) {
-    if (tid < kTileK) {
-      const int64_t pos = p0 + tid;
-      const int64_t ni = pos / cols;
-      pos_n[tid] = static_cast<int>(ni / rows);
-      pos_io[tid] = static_cast<int>(ni % rows);
-      pos_jo[tid] = pos < end ? static_cast<int>(pos % cols) : -1;  // -1: past the split
-    }
-    __syncthreads();
-    // A[c][k] = x at position p0 + k; c fastest (contiguous input channels).
-    for (int e = tid; e < kTileK * BM; e += kTileThreads) {
-      const int c = e % BM, k = e / BM, ch = c0 + c;
-      const int r = pos_io[k] + dr, col = pos_jo[k] + dc;
-      float v = 0.0f;
-      if (pos_jo[k] >= 0 && ch < g.C && r >= 0 && r < g.H && col >= 0 && col < g.W) {
-        v = to_float(x[pos_n[k] * xs.n + r * xs.h + col * xs.w + ch * xs.c]);
-      }
-      x_tile.put(k, c, v);
+  // Step s reduces over the phase's output positions begin + s * kTileK + k, k < kTileK.
+  struct Position {
+    int n, io, jo;
+    bool inside;
+  };
+  auto position = [&](int s, int k) {
+    const int64_t pos = begin + static_cast<int64_t>(s) * kTileK + k;
+    const int64_t ni = pos / cols;
+    return Position{static_cast<int>(ni / rows), static_cast<int>(ni % rows), static_cast<int>(pos % cols), pos < end};
+  };
+  auto fetch = [&](int s, Staged& staged) {
+  // A[c][k] = x[n, io + dr, jo + dc, c0 + c]; c fastest (contiguous input channels).
+#pragma unroll
+    for (int i = 0; i < kA; ++i) {
+      const int e = tid + i * kTileThreads, ch = c0 + e % BM;
+      const Position at = position(s, e / BM);
+      const int r = at.io + dr, col = at.jo + dc;
+      const bool inside = at.inside && ch < g.C && r >= 0 && r < g.H && col >= 0 && col < g.W;
+      staged.x[i] = inside ? to_float(x[at.n * xs.n + r * xs.h + col * xs.w + ch * xs.c]) : 0.0f;
     }
     // B[k][o] = g[n, 2 io + A, 2 jo + B, o0 + o]; o fastest.
-    for (int e = tid; e < kTileK * BN; e += kTileThreads) {
-      const int o = e % BN, k = e / BN, oc = o0 + o;
-      float v = 0.0f;
-      if (pos_jo[k] >= 0 && oc < g.O) {
-        v = to_float(gout[pos_n[k] * gs.n + (2 * pos_io[k] + A) * gs.h + (2 * pos_jo[k] + B) * gs.w + oc * gs.c]);
-      }
-      g_tile.put(k, o, v);
+#pragma unroll
+    for (int i = 0; i < kB; ++i) {
+      const int e = tid + i * kTileThreads, oc = o0 + e % BN;
+      const Position at = position(s, e / BN);
+      staged.g[i] = (at.inside && oc < g.O)
+                        ? to_float(gout[at.n * gs.n + (2 * at.io + A) * gs.h + (2 * at.jo + B) * gs.w + oc * gs.c])
+                        : 0.0f;
     }
-    __syncthreads();
+  };
+  auto stash = [&](int, const Staged& staged, int buf) {
+#pragma unroll
+    for (int i = 0; i < kA; ++i) {
+      const int e = tid + i * kTileThreads;
+      x_tile[buf].put(e / BM, e % BM, staged.x[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kB; ++i) {
+      const int e = tid + i * kTileThreads;
+      g_tile[buf].put(e / BN, e % BN, staged.g[i]);
+    }
+  };
+  auto multiply = [&](int, int buf) {
     if (sums_bias && tid < BN) {
-      for (int k = 0; k < kTileK; ++k) bias_sum += g_tile.get(k, tid);
+      for (int k = 0; k < kTileK; ++k) bias_sum += g_tile[buf].get(k, tid);
     }
-    Mma::multiply(acc, x_tile, g_tile);
-    __syncthreads();
-  }
+    Mma::multiply(acc, x_tile[buf], g_tile[buf]);
+  };
+  pipelined_k_loop<Staged>(static_cast<int>((end - begin + kTileK - 1) / kTileK), fetch, stash, multiply);
 
   float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g) +
                static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
