@@ -36,9 +36,34 @@ inline Geometry make_geometry(int N, int C, int H, int W, int O, int KH, int KW,
 
 inline Strides strides_of(const ActivationView& v) { return {v.sn, v.sc, v.sh, v.sw}; }
 
+// Row index of a position past the end of a kernel's range: every tap falls outside the image.
+constexpr int kOutside = -(1 << 28);
+
 // Phase p = 2 * row phase + column phase.
 __device__ __forceinline__ bool phase_has_tap(const Geometry& g, int p, int ty, int tx) {
   return in_window(g.rows, p / 2, ty) && in_window(g.cols, p % 2, tx);
+}
+
+// Taps of phase p's window (its collapsed kernel's size).
+__host__ __device__ __forceinline__ int phase_taps(const Geometry& g, int p) {
+  return window_count(g.rows, p / 2) * window_count(g.cols, p % 2);
+}
+
+// Taps of all four phases' windows together.
+__host__ __device__ __forceinline__ int all_phase_taps(const Geometry& g) {
+  return phase_taps(g, 0) + phase_taps(g, 1) + phase_taps(g, 2) + phase_taps(g, 3);
+}
+
+// Tap t of the phases' windows, counted phase 0's first (row-major within a window): phase and union taps.
+struct PhaseTap {
+  int p, ty, tx;
+};
+
+__device__ __forceinline__ PhaseTap phase_tap(const Geometry& g, int t) {
+  int p = 0;
+  for (; p < 3 && t >= phase_taps(g, p); ++p) t -= phase_taps(g, p);
+  const int width = window_count(g.cols, p % 2);
+  return {p, window_first(g.rows, p / 2) + t / width, window_first(g.cols, p % 2) + t % width};
 }
 
 // Elements of the packed weight (or its gradient) per phase: [TR, TC, C, O].

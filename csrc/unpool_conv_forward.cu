@@ -6,8 +6,6 @@
 namespace dcign {
 namespace {
 
-constexpr int kOutside = -(1 << 28);  // row index of a position past the end: every tap falls outside the image
-
 template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_forward_kernel(const T* __restrict__ x, const T* __restrict__ wp, const T* __restrict__ bias,

@@ -7,8 +7,6 @@
 namespace dcign {
 namespace {
 
-constexpr int kOutside = -(1 << 28);  // row index of a position past the end: never a valid output row
-
 template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_input_kernel(const T* __restrict__ gout, const T* __restrict__ wp, T* __restrict__ dx, Geometry g,
@@ -42,21 +40,8 @@ __global__ void __launch_bounds__(kTileThreads)
   // (s % chunks) * kTileK.
   const int64_t phase_size = packed_phase_size(g);
   const int chunks = (g.O + kTileK - 1) / kTileK;
-  int taps = 0;
-  for (int p = 0; p < 4; ++p) taps += window_count(g.rows, p / 2) * window_count(g.cols, p % 2);
-  auto tap_of = [&](int s, int& p, int& ty, int& tx) {
-    int t = s / chunks;
-    for (p = 0; p < 3; ++p) {
-      const int phase_taps = window_count(g.rows, p / 2) * window_count(g.cols, p % 2);
-      if (t < phase_taps) break;
-      t -= phase_taps;
-    }
-    ty = window_first(g.rows, p / 2) + t / window_count(g.cols, p % 2);
-    tx = window_first(g.cols, p % 2) + t % window_count(g.cols, p % 2);
-  };
   auto fetch = [&](int s, Staged& staged) {
-    int p, ty, tx;
-    tap_of(s, p, ty, tx);
+    const auto [p, ty, tx] = phase_tap(g, s / chunks);
     const int A = p / 2, B = p % 2, o0 = s % chunks * kTileK;
     const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
     const int dr = g.rows.start + ty, dc = g.cols.start + tx;
@@ -90,7 +75,7 @@ __global__ void __launch_bounds__(kTileThreads)
     }
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, g_tile[buf], w_tile[buf]); };
-  pipelined_k_loop<Staged>(taps * chunks, fetch, stash, multiply);
+  pipelined_k_loop<Staged>(all_phase_taps(g) * chunks, fetch, stash, multiply);
 
   Mma::for_each(acc, scratch, [&](int m, int n, float value) {
     const int ch = c0 + n;

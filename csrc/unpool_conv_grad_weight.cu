@@ -26,15 +26,8 @@ __global__ void __launch_bounds__(kTileThreads)
   const int c0 = (blockIdx.x / o_tiles) * BM, o0 = (blockIdx.x % o_tiles) * BN;
   const int split = blockIdx.z;
   // blockIdx.y enumerates the taps of phase 0's window, then phase 1's, ...
-  int p = 0, t = blockIdx.y;
-  for (; p < 3; ++p) {
-    const int taps = window_count(g.rows, p / 2) * window_count(g.cols, p % 2);
-    if (t < taps) break;
-    t -= taps;
-  }
+  const auto [p, ty, tx] = phase_tap(g, blockIdx.y);
   const int A = p / 2, B = p % 2;
-  const int ty = window_first(g.rows, A) + t / window_count(g.cols, B);
-  const int tx = window_first(g.cols, B) + t % window_count(g.cols, B);
   const int dr = g.rows.start + ty, dc = g.cols.start + tx;
   const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
   const int64_t positions = static_cast<int64_t>(g.N) * rows * cols;
@@ -109,9 +102,7 @@ __global__ void __launch_bounds__(kTileThreads)
 template <typename T, int BM, int BN>
 void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t ws, uintptr_t bias_ws,
                         const Geometry& g, int splits, int chunk, cudaStream_t stream) {
-  int taps = 0;
-  for (int p = 0; p < 4; ++p) taps += window_count(g.rows, p / 2) * window_count(g.cols, p % 2);
-  const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), taps, splits);
+  const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), all_phase_taps(g), splits);
   launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream, unpool_conv_grad_weight_kernel<T, BM, BN>,
                 reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws),
                 reinterpret_cast<float*>(bias_ws), g, strides_of(x), strides_of(gout), chunk);

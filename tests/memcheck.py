@@ -97,21 +97,26 @@ def run_ops_on_guarded_tensors(backend: str, guard_before: bool) -> None:
 
     torch.manual_seed(0)
     for dtype in DTYPES:
-        for n, c_in, c_out, size, kernel, padding in LAYERS:
-            x = torch.randn(n, c_in, *size).to(dtype).contiguous(memory_format=torch.channels_last)
-            params = torch.randn(c_out, c_in, *kernel).to(dtype), torch.randn(c_out).to(dtype)
-            leaves = [guarded_copy(t, guard_before).requires_grad_() for t in (x, *params)]
-            with guarded_allocations(guard_before):
-                y = dc.unpool_conv2d(*leaves, padding=padding, backend=backend, activation="relu")
-                grads = torch.autograd.grad(y, leaves, guarded_copy(torch.randn_like(y), guard_before))
-            assert all(torch.isfinite(g).all() for g in (y, *grads))
+        # Without an activation the kernels read grad_out itself (with ReLU the wrapper masks it into a new,
+        # unguarded tensor first).
+        for activation in (None, "relu"):
+            for n, c_in, c_out, size, kernel, padding in LAYERS:
+                x = torch.randn(n, c_in, *size).to(dtype).contiguous(memory_format=torch.channels_last)
+                params = torch.randn(c_out, c_in, *kernel).to(dtype), torch.randn(c_out).to(dtype)
+                leaves = [guarded_copy(t, guard_before).requires_grad_() for t in (x, *params)]
+                with guarded_allocations(guard_before):
+                    y = dc.unpool_conv2d(*leaves, padding=padding, backend=backend, activation=activation)
+                    grad_out = guarded_copy(torch.randn_like(y), guard_before)
+                    grads = torch.autograd.grad(y, leaves, grad_out)
+                assert all(torch.isfinite(g).all() for g in (y, *grads))
         mu, logvar = (guarded_copy(torch.randn(6, 40).to(dtype), guard_before) for _ in range(2))
         active = guarded_copy(torch.rand(40) < 0.5, guard_before)
         for m, lv in ((mu, logvar), (mu[:, :5].T, logvar[:, :5].T)):  # contiguous and strided
             m, lv = m.detach().requires_grad_(), lv.detach().requires_grad_()
             with guarded_allocations(guard_before):
                 z, kl = dc.sample_latents(m, lv, active[: m.shape[1]], invariance=0.2, seed=5, backend=backend)
-                grads = torch.autograd.grad(z.sum() + kl.sum(), (m, lv))
+                grad_z, grad_kl = (guarded_copy(torch.randn_like(t), guard_before) for t in (z, kl))
+                grads = torch.autograd.grad((z, kl), (m, lv), (grad_z, grad_kl))
             assert all(torch.isfinite(g).all() for g in (z, kl, *grads))
 
 

@@ -87,18 +87,25 @@ def test_custom_ops_pass_opcheck():
 def test_training_step_makes_no_tensors_from_python_values_after_warm_up(backend, monkeypatch):
     """What makes a step capturable in a CUDA graph, checked on the CPU: after a warm-up step nothing builds a
     tensor from Python values on a device (on a GPU, a host-to-device copy that syncs, and an error while
-    capturing). Host tensors (device unspecified) stay allowed."""
+    capturing), and every constant table comes from the cache. Host tensors (device unspecified) stay allowed."""
+    from dcign_fast.ops.constants import constant
+
     model = DCIGN.from_preset("demo64", backend=backend)
     loss = _training_loss(model, seed=21)
     _grads(model, loss(*_inputs()))
-    host_tensor = torch.tensor
 
-    def tensor(*args, **kwargs):
-        assert kwargs.get("device") is None, f"torch.tensor(..., device={kwargs['device']}) in a warmed-up step"
-        return host_tensor(*args, **kwargs)
+    def host_only(make):
+        def checked(*args, **kwargs):
+            assert kwargs.get("device") is None, f"{make.__name__}(..., device={kwargs['device']}) in a warm step"
+            return make(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "tensor", tensor)
+        return checked
+
+    monkeypatch.setattr(torch, "tensor", host_only(torch.tensor))
+    monkeypatch.setattr(torch, "as_tensor", host_only(torch.as_tensor))
+    misses = constant.cache_info().misses
     _grads(model, loss(*_inputs()))
+    assert constant.cache_info().misses == misses
 
 
 @pytest.mark.cuda

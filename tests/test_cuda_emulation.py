@@ -141,3 +141,11 @@ def test_the_emulation_shuffles_within_each_warp(selftest):
         selftest.warp_sum(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()), 96, _error_buffer(), 256) == 0
     )
     torch.testing.assert_close(y, x.view(3, 32).sum(1, keepdim=True).expand(3, 32).reshape(96))
+
+
+def test_kernel_entry_refuses_a_weight_of_another_dtype():
+    from dcign_fast.kernels.cuda_ops import unpool_conv2d_cuda
+
+    x, w = torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3, dtype=torch.float16)
+    with pytest.raises(TypeError, match="weight must have x's dtype"):
+        unpool_conv2d_cuda(x, w, None, (1, 1), 2)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dcign_fast.kernels import cuda
+from dcign_fast.ops.backends import CUDA_EMULATION_ENV
 
 needs_extension = pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C was not built (no nvcc)")
 
@@ -28,6 +29,7 @@ def test_calling_without_a_gpu_raises_a_clear_error():
 
 
 def test_missing_extension_error_says_how_to_build(monkeypatch):
+    monkeypatch.delenv(CUDA_EMULATION_ENV, raising=False)
     monkeypatch.setattr(cuda, "_import", lambda: ImportError("No module named 'dcign_fast._C'"))
     with pytest.raises(RuntimeError, match="DCIGN_FAST_CUDA=1"):
         cuda.load()

@@ -7,7 +7,9 @@
 // phases resume the fibers in alternating order (thread 0 first, then thread 255 first), so a missing
 // barrier between a shared-memory write and another thread's read shows up as a wrong result. A barrier
 // nobody can pass (divergent __syncthreads) is a launch failure, as is an invalid launch configuration.
-// Shared memory is function-static: blocks run one after another. Only one launch runs at a time.
+// Shared memory is function-static: blocks run one after another, and one launch runs at a time. Unlike a
+// GPU's, it starts zeroed and keeps the previous block's values: a read of shared memory the block never
+// wrote shows up only where the stale value changes a result that the tests compare.
 #pragma once
 #include <ucontext.h>
 

@@ -1,7 +1,10 @@
 // CPU emulation (see cuda_runtime.h) of the nvcuda::wmma calls of csrc/tile_mma.cuh: 16 x 16 x 16 tiles,
 // 16-bit operands, float32 accumulators. On a GPU a fragment is spread over the 32 lanes of a warp; here
 // every lane holds the whole tile and computes each warp-collective call itself, with identical results.
-// Misaligned fragment pointers and leading dimensions fail the launch as on the GPU.
+// What stays faithful: each call is warp-collective (the lanes meet at a warp barrier, so a call from
+// divergent code deadlocks the launch); store_matrix_sync writes only the calling lane's elements (the
+// mma.m16n8k16 accumulator layout), so reading other lanes' results without a __syncwarp() reads stale
+// memory; misaligned fragment pointers and leading dimensions fail the launch.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -42,10 +45,21 @@ bool check(const T* p, unsigned ldm, const char* call) {
   return true;
 }
 
+// The calling thread's lane (1-D thread index within its warp).
+inline int lane() {
+  const unsigned linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  return static_cast<int>(linear % 32);
+}
+
+// Whether lane l holds accumulator element (r, c) on a GPU: rows l/4 and l/4 + 8, columns 2 (l%4) + {0, 1}
+// of each 8-column half.
+inline bool holds(int l, int r, int c) { return r % 8 == l / 4 && c % 8 / 2 == l % 4; }
+
 }  // namespace detail
 
 template <typename Use, typename T>
 void load_matrix_sync(fragment<Use, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+  __syncwarp();
   if (!detail::check(p, ldm, "load_matrix_sync")) return;
   for (int r = 0; r < 16; ++r) {
     for (int c = 0; c < 16; ++c) f.x[r][c] = detail::widen(p[r * ldm + c]);
@@ -56,6 +70,7 @@ template <typename T>
 void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
               const fragment<matrix_b, 16, 16, 16, T, row_major>& b,
               const fragment<accumulator, 16, 16, 16, float>& c) {
+  __syncwarp();
   float out[16][16];
   for (int r = 0; r < 16; ++r) {
     for (int n = 0; n < 16; ++n) {
@@ -71,9 +86,13 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {
+  __syncwarp();
   if (!detail::check(p, ldm, "store_matrix_sync")) return;
+  const int lane = detail::lane();
   for (int r = 0; r < 16; ++r) {
-    for (int c = 0; c < 16; ++c) p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r][c];
+    for (int c = 0; c < 16; ++c) {
+      if (detail::holds(lane, r, c)) p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r][c];
+    }
   }
 }
 

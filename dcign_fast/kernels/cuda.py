@@ -36,10 +36,10 @@ def available() -> bool:
     return not isinstance(_import(), ImportError)
 
 
-def load() -> ModuleType:
-    """The extension module (or its CPU emulation when switched on); raises RuntimeError with build
-    instructions when it is missing."""
-    if cuda_emulating():
+def load(device: torch.device | None = None) -> ModuleType:
+    """The extension module for tensors on ``device``: the CPU emulation for CPU tensors when it is switched
+    on, else the compiled extension; raises RuntimeError with build instructions when that is missing."""
+    if cuda_emulating() and (device is None or device.type == "cpu"):
         from dcign_fast.kernels import cuda_emulation
 
         return cuda_emulation.load()

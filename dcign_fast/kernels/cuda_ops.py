@@ -44,7 +44,7 @@ def _column_means(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """float32 [2, D]: batch means of mu's and logvar's columns."""
     B, D = mu.shape
     means = torch.empty((2, D), dtype=torch.float32, device=mu.device)
-    cuda.load().sampler_column_means(
+    cuda.load(mu.device).sampler_column_means(
         mu.data_ptr(), logvar.data_ptr(), B, D, *mu.stride(), *logvar.stride(), means.data_ptr(),
         _dtype_code(mu), cuda.stream(mu.device),
     )  # fmt: skip
@@ -65,7 +65,7 @@ def sampler_forward(
             means = None if clamp_first else _column_means(mu, logvar)
         z = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
         kl = torch.empty((B,), dtype=mu.dtype, device=mu.device)
-        cuda.load().sampler_forward(
+        cuda.load(mu.device).sampler_forward(
             mu.data_ptr(), logvar.data_ptr(), active_ptr, 0 if means is None else means.data_ptr(),
             z.data_ptr(), kl.data_ptr(), B, D, *mu.stride(), *logvar.stride(), clamp, seed, offset, code,
             cuda.stream(mu.device),
@@ -92,7 +92,7 @@ def sampler_backward(
         means = _column_means(mu, logvar) if active is not None and invariance > 0 else None
         grad_mu = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
         grad_logvar = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
-        cuda.load().sampler_backward(
+        cuda.load(mu.device).sampler_backward(
             mu.data_ptr(), logvar.data_ptr(), active_ptr, 0 if means is None else means.data_ptr(),
             grad_z.data_ptr(), grad_kl.data_ptr(), grad_mu.data_ptr(), grad_logvar.data_ptr(), B, D,
             *mu.stride(), *logvar.stride(), *grad_z.stride(), grad_kl.stride(0), invariance, seed, offset, code,
@@ -130,7 +130,7 @@ def _pack_weight(weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor
     taps, summed in float32."""
     c_out, c_in, kh, kw = weight.shape
     ph, pw = padding
-    lib, weight = cuda.load(), weight.contiguous()
+    lib, weight = cuda.load(weight.device), weight.contiguous()
     wp = torch.empty(
         (2, 2, lib.union_taps(kh, ph), lib.union_taps(kw, pw), c_in, c_out), dtype=weight.dtype, device=weight.device
     )
@@ -168,7 +168,7 @@ def unpool_conv2d_cuda(
             # would be freed while the kernel reads it (at once on the CPU emulation).
             x_nhwc, wp = nhwc(x), _pack_weight(weight, padding)
             bias = None if bias is None else bias.contiguous()
-            cuda.load().unpool_conv_forward(
+            cuda.load(x.device).unpool_conv_forward(
                 _view(x_nhwc), wp.data_ptr(), 0 if bias is None else bias.data_ptr(), _view(out),
                 n, c_in, h, w, c_out, kh, kw, ph, pw, int(activation == "relu"), _dtype_code(x), cuda.stream(x.device),
             )  # fmt: skip
@@ -194,7 +194,7 @@ def unpool_conv2d_cuda_backward(
     c_out, _, kh, kw = weight.shape
     ho, wo = grad_out.shape[2:]
     ph, pw = padding
-    lib, code, stream = cuda.load(), _dtype_code(x), cuda.stream(x.device)
+    lib, code, stream = cuda.load(x.device), _dtype_code(x), cuda.stream(x.device)
     with cuda.device_guard(x.device):
         if activation == "relu":
             grad_out = torch.where(out > 0, grad_out, 0)

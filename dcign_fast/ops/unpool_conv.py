@@ -84,10 +84,13 @@ def kernel_unsupported_reason(backend: str, x: torch.Tensor, weight: torch.Tenso
 def check_kernel_args(
     backend: str, x: torch.Tensor, weight: torch.Tensor, scale_factor: int, activation: str | None
 ) -> None:
-    """A ValueError naming what ``backend`` (triton or cuda) cannot run, if anything."""
+    """A ValueError naming what ``backend`` (triton or cuda) cannot run, if anything; a TypeError when the
+    weight's dtype is not x's (the kernels read both, and the packed weight, in x's dtype)."""
     reason = kernel_unsupported_reason(backend, x, weight, scale_factor)
     if reason:
         raise ValueError(reason)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"backend={backend!r}: weight must have x's dtype ({x.dtype}), got {weight.dtype}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
