@@ -101,6 +101,21 @@ __host__ __device__ constexpr int per_thread() {
   return kTileK * WIDTH / kTileThreads;
 }
 
+// A kernel with one product per step (the grad kernels): its staged registers and its shared memory, the
+// double-buffered operand tiles and the result scratch.
+template <int BM, int BN>
+struct StagedPair {
+  float a[per_thread<BM>()];
+  float b[per_thread<BN>()];
+};
+
+template <typename Mma>
+struct PairTiles {
+  typename Mma::ATile a[2];
+  typename Mma::BTile b[2];
+  typename Mma::Scratch scratch;
+};
+
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 inline cudaStream_t to_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }

@@ -12,14 +12,9 @@ __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_input_kernel(const T* __restrict__ gout, const T* __restrict__ wp, T* __restrict__ dx, Geometry g,
                                   Strides gs, Strides xs) {
   using Mma = typename MmaFor<T, BM, BN>::type;
+  using Staged = StagedPair<BM, BN>;  // a: grad_out, b: packed weight
   constexpr int kA = per_thread<BM>(), kB = per_thread<BN>();
-  struct Staged {
-    float a[kA];
-    float w[kB];
-  };
-  __shared__ typename Mma::ATile g_tile[2];
-  __shared__ typename Mma::BTile w_tile[2];
-  __shared__ typename Mma::Scratch scratch;
+  __shared__ PairTiles<Mma> tiles;
   __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
   const int tid = threadIdx.x;
   const int64_t positions = static_cast<int64_t>(g.N) * g.H * g.W;
@@ -59,25 +54,25 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
     for (int i = 0; i < kB; ++i) {
       const int e = tid + i * kTileThreads, k = e % kTileK, n = e / kTileK, o = o0 + k, ch = c0 + n;
-      staged.w[i] = (ch < g.C && o < g.O) ? to_float(w_tap[static_cast<int64_t>(ch) * g.O + o]) : 0.0f;
+      staged.b[i] = (ch < g.C && o < g.O) ? to_float(w_tap[static_cast<int64_t>(ch) * g.O + o]) : 0.0f;
     }
   };
   auto stash = [&](int, const Staged& staged, int buf) {
 #pragma unroll
     for (int i = 0; i < kA; ++i) {
       const int e = tid + i * kTileThreads;
-      g_tile[buf].put(e % kTileK, e / kTileK, staged.a[i]);
+      tiles.a[buf].put(e % kTileK, e / kTileK, staged.a[i]);
     }
 #pragma unroll
     for (int i = 0; i < kB; ++i) {
       const int e = tid + i * kTileThreads;
-      w_tile[buf].put(e % kTileK, e / kTileK, staged.w[i]);
+      tiles.b[buf].put(e % kTileK, e / kTileK, staged.b[i]);
     }
   };
-  auto multiply = [&](int, int buf) { Mma::multiply(acc, g_tile[buf], w_tile[buf]); };
+  auto multiply = [&](int, int buf) { Mma::multiply(acc, tiles.a[buf], tiles.b[buf]); };
   pipelined_k_loop<Staged>(all_phase_taps(g) * chunks, fetch, stash, multiply);
 
-  Mma::for_each(acc, scratch, [&](int m, int n, float value) {
+  Mma::for_each(acc, tiles.scratch, [&](int m, int n, float value) {
     const int ch = c0 + n;
     if (pos_i[m] == kOutside || ch >= g.C) return;
     dx[pos_n[m] * xs.n + pos_i[m] * xs.h + pos_j[m] * xs.w + ch * xs.c] = from_float<T>(value);

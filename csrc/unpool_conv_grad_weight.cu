@@ -13,14 +13,9 @@ __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, float* __restrict__ ws,
                                    float* __restrict__ bias_ws, Geometry g, Strides xs, Strides gs, int chunk) {
   using Mma = typename MmaFor<T, BM, BN>::type;
+  using Staged = StagedPair<BM, BN>;  // a: input, b: grad_out
   constexpr int kA = per_thread<BM>(), kB = per_thread<BN>();
-  struct Staged {
-    float x[kA];
-    float g[kB];
-  };
-  __shared__ typename Mma::ATile x_tile[2];
-  __shared__ typename Mma::BTile g_tile[2];
-  __shared__ typename Mma::Scratch scratch;
+  __shared__ PairTiles<Mma> tiles;
   const int tid = threadIdx.x;
   const int o_tiles = (g.O + BN - 1) / BN;
   const int c0 = (blockIdx.x / o_tiles) * BM, o0 = (blockIdx.x % o_tiles) * BN;
@@ -57,14 +52,14 @@ __global__ void __launch_bounds__(kTileThreads)
       const Position at = position(s, e / BM);
       const int r = at.io + dr, col = at.jo + dc;
       const bool inside = at.inside && ch < g.C && r >= 0 && r < g.H && col >= 0 && col < g.W;
-      staged.x[i] = inside ? to_float(x[at.n * xs.n + r * xs.h + col * xs.w + ch * xs.c]) : 0.0f;
+      staged.a[i] = inside ? to_float(x[at.n * xs.n + r * xs.h + col * xs.w + ch * xs.c]) : 0.0f;
     }
     // B[k][o] = g[n, 2 io + A, 2 jo + B, o0 + o]; o fastest.
 #pragma unroll
     for (int i = 0; i < kB; ++i) {
       const int e = tid + i * kTileThreads, oc = o0 + e % BN;
       const Position at = position(s, e / BN);
-      staged.g[i] = (at.inside && oc < g.O)
+      staged.b[i] = (at.inside && oc < g.O)
                         ? to_float(gout[at.n * gs.n + (2 * at.io + A) * gs.h + (2 * at.jo + B) * gs.w + oc * gs.c])
                         : 0.0f;
     }
@@ -73,25 +68,25 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
     for (int i = 0; i < kA; ++i) {
       const int e = tid + i * kTileThreads;
-      x_tile[buf].put(e / BM, e % BM, staged.x[i]);
+      tiles.a[buf].put(e / BM, e % BM, staged.a[i]);
     }
 #pragma unroll
     for (int i = 0; i < kB; ++i) {
       const int e = tid + i * kTileThreads;
-      g_tile[buf].put(e / BN, e % BN, staged.g[i]);
+      tiles.b[buf].put(e / BN, e % BN, staged.b[i]);
     }
   };
   auto multiply = [&](int, int buf) {
     if (sums_bias && tid < BN) {
-      for (int k = 0; k < kTileK; ++k) bias_sum += g_tile[buf].get(k, tid);
+      for (int k = 0; k < kTileK; ++k) bias_sum += tiles.b[buf].get(k, tid);
     }
-    Mma::multiply(acc, x_tile[buf], g_tile[buf]);
+    Mma::multiply(acc, tiles.a[buf], tiles.b[buf]);
   };
   pipelined_k_loop<Staged>(static_cast<int>((end - begin + kTileK - 1) / kTileK), fetch, stash, multiply);
 
   float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g) +
                static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
-  Mma::for_each(acc, scratch, [&](int m, int n, float value) {
+  Mma::for_each(acc, tiles.scratch, [&](int m, int n, float value) {
     const int ch = c0 + m, o = o0 + n;
     if (ch < g.C && o < g.O) out[static_cast<int64_t>(ch) * g.O + o] = value;
   });
