@@ -114,6 +114,12 @@ def _load_w(w_ptr, phase, ty, tx, offs_c, c_mask, offs_o, o_mask, C_IN, C_OUT, T
 
 
 @triton.jit
+def _split_positions(offs, rows, cols):
+    """Flat indices over [N, rows, cols] -> (n, i, j)."""
+    return offs // (cols * rows), (offs // cols) % rows, offs % cols
+
+
+@triton.jit
 def _phase_gemm(
     x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, sxc, sxh, sxw,
     PHASE: tl.constexpr, ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
@@ -189,9 +195,7 @@ def _forward_kernel(
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < N * rows0 * cols0
-    j = offs_m % cols0
-    i = (offs_m // cols0) % rows0
-    n = offs_m // (cols0 * rows0)
+    n, i, j = _split_positions(offs_m, rows0, cols0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C_OUT
     x_base = x_ptr + n.to(tl.int64) * sxn
@@ -308,9 +312,7 @@ def _grad_input_kernel(
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < N * H * W
-    j = offs_m % W
-    i = (offs_m // W) % H
-    n = offs_m // (W * H)
+    n, i, j = _split_positions(offs_m, H, W)
     offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_c < C_IN
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -401,9 +403,8 @@ def _grad_weight_kernel(
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_mask = offs_p < end
-        jo = offs_p % cols
-        io = (offs_p // cols) % rows
-        n = (offs_p // (cols * rows)).to(tl.int64)
+        n, io, jo = _split_positions(offs_p, rows, cols)
+        n = n.to(tl.int64)
         r = io + ROW0 + ty
         c = jo + COL0 + tx
         x_ok = p_mask & (r >= 0) & (r < H) & (c >= 0) & (c < W)
