@@ -28,6 +28,14 @@ def _load_f32(ptr, rows, cols, stride_b, stride_d, mask):
 
 
 @triton.jit
+def _row_tile(start, row_end, col_ok, BLOCK_B: tl.constexpr):
+    """Rows start.. of a BLOCK_B x BLOCK_D tile (int64), which of them lie before row_end, and the tile mask."""
+    rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
+    row_ok = rows < row_end
+    return rows, row_ok, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
 def _column_means(ptr, stride_b, stride_d, cols, col_ok, B, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """Float32 means over all B rows of the given columns: [BLOCK_D]."""
     total = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -90,9 +98,7 @@ def _forward_kernel(
     row_begin = tl.program_id(1) * rows_per_program
     row_end = tl.minimum(row_begin + rows_per_program, B)
     for start in range(row_begin, row_end, BLOCK_B):
-        rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
-        row_ok = rows < row_end
-        mask = row_ok[:, None] & col_ok[None, :]
+        rows, row_ok, mask = _row_tile(start, row_end, col_ok, BLOCK_B)
         mu = _load_f32(mu_ptr, rows, cols, stride_mu_b, stride_mu_d, mask)
         lv = _load_f32(logvar_ptr, rows, cols, stride_lv_b, stride_lv_d, mask)
         if HAS_MASK:
@@ -147,9 +153,7 @@ def _backward_kernel(
     row_begin = tl.program_id(1) * rows_per_program
     row_end = tl.minimum(row_begin + rows_per_program, B)
     for start in range(row_begin, row_end, BLOCK_B):
-        rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
-        row_ok = rows < row_end
-        mask = row_ok[:, None] & col_ok[None, :]
+        rows, row_ok, mask = _row_tile(start, row_end, col_ok, BLOCK_B)
         mu = _load_f32(mu_ptr, rows, cols, stride_mu_b, stride_mu_d, mask)
         lv = _load_f32(logvar_ptr, rows, cols, stride_lv_b, stride_lv_d, mask)
         gz = _load_f32(grad_z_ptr, rows, cols, stride_gz_b, stride_gz_d, mask)
