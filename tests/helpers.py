@@ -37,3 +37,16 @@ def poisoned_allocations() -> Iterator[None]:
     finally:
         torch.empty, torch.empty_like = originals["empty"], originals["empty_like"]
         torch.Tensor.new_empty = original_new_empty
+
+
+def paper150_decoder_layers() -> list[tuple[int, int, int, int, int]]:
+    """(c_in, c_out, input size, kernel, padding) of each unpool-conv layer of the original decoder (square)."""
+    from dcign_fast.models import DCIGN
+    from dcign_fast.nn import UnpoolConv2d
+
+    model = DCIGN.from_preset("paper150")
+    layers = [m for m in model.decoder if isinstance(m, UnpoolConv2d)]
+    return [
+        (m.in_channels, m.out_channels, size, m.kernel_size[0], m.padding[0])
+        for m, size in zip(layers, model.config.decoder_sizes())
+    ]

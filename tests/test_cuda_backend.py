@@ -22,7 +22,7 @@ from tests.cuda_checks import (
     oracle,
     sampler_inputs,
 )
-from tests.helpers import REL_TOL, rel_error
+from tests.helpers import REL_TOL, paper150_decoder_layers, rel_error
 
 needs_extension = pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C was not built (no nvcc)")
 
@@ -101,14 +101,7 @@ def test_unpool_conv_unsupported_arguments_are_named(dtype, kernel, scale, messa
 
 
 # The paper150 decoder layers (K=7, valid) at batch 8, and K=3 / K=5 "same" layers.
-PAPER150 = [
-    (24, 48, 15, 7, 0),
-    (48, 96, 24, 7, 0),
-    (96, 96, 42, 7, 0),
-    (96, 1, 78, 7, 0),
-    (64, 32, 20, 3, 1),
-    (32, 40, 17, 5, 2),
-]
+PAPER150 = [*paper150_decoder_layers(), (64, 32, 20, 3, 1), (32, 40, 17, 5, 2)]
 
 
 @pytest.mark.cuda

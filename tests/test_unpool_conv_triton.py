@@ -17,7 +17,7 @@ import dcign_fast as dc
 from dcign_fast.nn import UnpoolConv2d
 from dcign_fast.ops.backends import triton_installed
 from dcign_fast.ops.reference import unpool_conv2d_reference
-from tests.helpers import REL_TOL, poisoned_allocations, rel_error
+from tests.helpers import REL_TOL, paper150_decoder_layers, poisoned_allocations, rel_error
 
 pytestmark = pytest.mark.skipif(not triton_installed(), reason="needs the triton package")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,17 +183,7 @@ def test_auto_picks_triton_on_cuda():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "c, o, size, k, p",
-    [
-        (24, 48, 15, 7, 0),
-        (48, 96, 24, 7, 0),
-        (96, 96, 42, 7, 0),
-        (96, 1, 78, 7, 0),
-        (64, 64, 32, 3, 1),
-        (32, 32, 16, 5, 2),
-    ],
-)
+@pytest.mark.parametrize("c, o, size, k, p", [*paper150_decoder_layers(), (64, 64, 32, 3, 1), (32, 32, 16, 5, 2)])
 def test_real_sizes_on_gpu(dtype, c, o, size, k, p):
     case = {"n": 8, "c": c, "o": o, "hw": (size, size), "k": (k, k), "p": (p, p)}
     got, want = run_both(case, dtype, channels_last=True, activation="relu" if o > 1 else None)
