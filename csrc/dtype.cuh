@@ -6,6 +6,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace dcign {
 
@@ -49,6 +50,18 @@ void dispatch_dtype(int code, const char* what, Fn&& fn) {
     default:
       throw std::invalid_argument(std::string(what) + ": unsupported dtype code " + std::to_string(code));
   }
+}
+
+// Calls fn(TypeTag<T>{}, std::bool_constant<kTf32>{}) for the storage type named by `code`, kTf32 (float32
+// multiplied in TF32 on tensor cores) only for float32 storage when `tf32` is set.
+template <typename Fn>
+void dispatch_multiply(int code, int tf32, const char* what, Fn&& fn) {
+  dispatch_dtype(code, what, [&](auto tag) {
+    if constexpr (std::is_same_v<typename decltype(tag)::type, float>) {
+      if (tf32) return fn(tag, std::true_type{});
+    }
+    fn(tag, std::false_type{});
+  });
 }
 
 }  // namespace dcign

@@ -8,11 +8,14 @@
 //   Mma::multiply(acc, a, b)             acc += A B over one K step of kTileK (after a barrier)
 //   Mma::for_each(acc, s, f)             f(m, n, value) once for every element of the result (block-uniform)
 //
-// SimtMma: float32 tiles, every thread owns rows tm + 16 i and columns tn + 16 j of the result.
-// WmmaMma: 16-bit tiles (bf16 / fp16 as stored, weights rounded to it) on tensor cores through
-// nvcuda::wmma 16x16x16 with float32 accumulation; warp w owns the 16 x 16 fragments w, w + 8, ...
+// SimtMma: exact float32 on SIMT cores; every thread owns rows tm + 16 i and columns tn + 16 j of the result.
+// WmmaMma: tensor cores through nvcuda::wmma with float32 accumulation; warp w owns the 16 x 16 fragments
+// w, w + 8, ... Operands are stored in T: bf16 / fp16 as stored (16x16x16 multiplies), or float32 rounded
+// to TF32 as each fragment is loaded (16x16x8 multiplies, sm_80+).
 #pragma once
 #include <mma.h>
+
+#include <type_traits>
 
 #include "dtype.cuh"
 
@@ -76,14 +79,30 @@ struct SimtMma {
   }
 };
 
+// The wmma operand type and K extent of one multiply for storage T: 16-bit operands as stored; float32 ones
+// as TF32 (the fragments hold float32 values that __float_to_tf32 rounds).
+template <typename T>
+struct WmmaOperand {
+  using type = T;
+  static constexpr int kK = 16;
+};
+template <>
+struct WmmaOperand<float> {
+  using type = nvcuda::wmma::precision::tf32;
+  static constexpr int kK = 8;
+};
+
 template <typename T, int BM, int BN>
 struct WmmaMma {
   static constexpr int kFragments = (BM / 16) * (BN / 16);
   static constexpr int kPerWarp = (kFragments + kWarps - 1) / kWarps;
-  // Leading dimensions padded by 8 elements (16 bytes) against bank conflicts; wmma wants multiples of 8
-  // (16-bit) and 4 (float), and every fragment start 32-byte aligned.
-  static constexpr int kLdA = kTileK + 8, kLdB = BN + 8, kLdScratch = 16 + 4;
-  using Fragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  static constexpr int kFragK = WmmaOperand<T>::kK;
+  // Leading dimensions padded by 16 bytes against bank conflicts; wmma wants them a multiple of 16 bytes,
+  // and every fragment start 32-byte aligned (16-row and kFragK-row steps of 16 bytes plus a multiple of 32).
+  static constexpr int kPad = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kLdA = kTileK + kPad, kLdB = BN + kPad, kLdScratch = 16 + 4;
+  using Operand = typename WmmaOperand<T>::type;
+  using Fragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kFragK, float>;
 
   struct alignas(32) ATile {
     T v[BM][kLdA];
@@ -108,6 +127,15 @@ struct WmmaMma {
 
   __device__ __forceinline__ static int fragment_of(int i) { return static_cast<int>(threadIdx.x / 32) + kWarps * i; }
 
+  // float32 operands round to TF32 once loaded (the multiply would otherwise truncate them).
+  template <typename F>
+  __device__ __forceinline__ static void round_operand(F& fragment) {
+    if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+      for (int e = 0; e < fragment.num_elements; ++e) fragment.x[e] = nvcuda::wmma::__float_to_tf32(fragment.x[e]);
+    }
+  }
+
   __device__ __forceinline__ static void multiply(Acc& acc, const ATile& a, const BTile& b) {
     using namespace nvcuda::wmma;
 #pragma unroll
@@ -115,11 +143,16 @@ struct WmmaMma {
       const int f = fragment_of(i);
       if (kFragments % kWarps != 0 && f >= kFragments) break;
       const int row = f / (BN / 16), col = f % (BN / 16);
-      fragment<matrix_a, 16, 16, 16, T, row_major> fa;
-      fragment<matrix_b, 16, 16, 16, T, row_major> fb;
-      load_matrix_sync(fa, &a.v[16 * row][0], kLdA);
-      load_matrix_sync(fb, &b.v[0][16 * col], kLdB);
-      mma_sync(acc.v[i], fa, fb, acc.v[i]);
+#pragma unroll
+      for (int k = 0; k < kTileK; k += kFragK) {
+        fragment<matrix_a, 16, 16, kFragK, Operand, row_major> fa;
+        fragment<matrix_b, 16, 16, kFragK, Operand, row_major> fb;
+        load_matrix_sync(fa, &a.v[16 * row][k], kLdA);
+        load_matrix_sync(fb, &b.v[k][16 * col], kLdB);
+        round_operand(fa);
+        round_operand(fb);
+        mma_sync(acc.v[i], fa, fb, acc.v[i]);
+      }
     }
   }
 
@@ -141,13 +174,14 @@ struct WmmaMma {
   }
 };
 
-// float32 storage multiplies on SIMT cores (exact float32, no TF32); 16-bit storage on tensor cores.
-template <typename T, int BM, int BN>
+// The multiply of storage T: 16-bit storage on tensor cores; float32 on SIMT cores (exact), or on tensor cores
+// in TF32 when kTf32 (as cuDNN does when torch.backends.cudnn.allow_tf32 is set).
+template <typename T, bool kTf32, int BM, int BN>
 struct MmaFor {
   using type = WmmaMma<T, BM, BN>;
 };
 template <int BM, int BN>
-struct MmaFor<float, BM, BN> {
+struct MmaFor<float, false, BM, BN> {
   using type = SimtMma<BM, BN>;
 };
 

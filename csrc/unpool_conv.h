@@ -16,18 +16,19 @@ struct ActivationView {
 void unpool_conv_pack_weight(uintptr_t weight, uintptr_t wp, int O, int C, int KH, int KW, int PH, int PW, int dtype,
                              uintptr_t stream);
 
-// y = unpool_conv(x) + bias (bias 0: none), ReLU when relu != 0.
+// y = unpool_conv(x) + bias (bias 0: none), ReLU when relu != 0. With tf32 != 0, float32 storage multiplies in
+// TF32 on tensor cores (ignored for 16-bit storage, which always does).
 void unpool_conv_forward(ActivationView x, uintptr_t wp, uintptr_t bias, ActivationView y, int N, int C, int H, int W,
-                         int O, int KH, int KW, int PH, int PW, int relu, int dtype, uintptr_t stream);
+                         int O, int KH, int KW, int PH, int PW, int relu, int dtype, int tf32, uintptr_t stream);
 
 // dx = the transposed phase convolutions of grad_out g.
 void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, int N, int C, int H, int W, int O,
-                            int KH, int KW, int PH, int PW, int dtype, uintptr_t stream);
+                            int KH, int KW, int PH, int PW, int dtype, int tf32, uintptr_t stream);
 
 // Split partial sums: ws float32 [splits, 2, 2, TR, TC, C, O] and, when bias_ws != 0, float32 [splits, 4, O].
 // Each split covers `chunk` output positions of every phase.
 void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, uintptr_t bias_ws, int N, int C, int H,
-                             int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype,
+                             int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype, int tf32,
                              uintptr_t stream);
 
 // dw [O, C, KH, KW] (and db [O] when given) in the storage dtype from the split partial sums, in a fixed order.

@@ -101,8 +101,8 @@ __host__ __device__ constexpr int per_thread() {
   return kTileK * WIDTH / kTileThreads;
 }
 
-// A kernel with one product per step (the grad kernels): its staged registers and its shared memory, the
-// double-buffered operand tiles and the result scratch.
+// A kernel with one product per step (the grad kernels): its staged registers and its double-buffered
+// operand tiles.
 template <int BM, int BN>
 struct StagedPair {
   float a[per_thread<BM>()];
@@ -113,6 +113,14 @@ template <typename Mma>
 struct PairTiles {
   typename Mma::ATile a[2];
   typename Mma::BTile b[2];
+};
+
+// A kernel's shared memory: the operand tiles of its K loop and, in the same bytes once the loop has ended
+// (pipelined_k_loop ends on a barrier), the scratch its results are staged through. Sharing the bytes keeps
+// the float32 tensor-core tiles under the 48 KiB of static shared memory.
+template <typename Tiles, typename Mma>
+union KLoopShared {
+  Tiles tiles;
   typename Mma::Scratch scratch;
 };
 

@@ -6,19 +6,21 @@
 namespace dcign {
 namespace {
 
-template <typename T, int BM, int BN>
+template <typename T, bool kTf32, int BM, int BN>
 __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_forward_kernel(const T* __restrict__ x, const T* __restrict__ wp, const T* __restrict__ bias,
                                T* __restrict__ y, Geometry g, Strides xs, Strides ys, int relu) {
-  using Mma = typename MmaFor<T, BM, BN>::type;
+  using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
   constexpr int kA = per_thread<BM>(), kB = per_thread<BN>();
   struct Staged {
     float a[kA];
     float w[4][kB];
   };
-  __shared__ typename Mma::ATile a_tile[2];
-  __shared__ typename Mma::BTile w_tile[2][4];
-  __shared__ typename Mma::Scratch scratch;
+  struct Tiles {
+    typename Mma::ATile a[2];
+    typename Mma::BTile w[2][4];
+  };
+  __shared__ KLoopShared<Tiles, Mma> smem;
   __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
   const int tid = threadIdx.x;
   const int rows0 = (g.HO + 1) / 2, cols0 = (g.WO + 1) / 2;  // phase (0, 0) has the most rows and columns
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
     for (int i = 0; i < kA; ++i) {
       const int e = tid + i * kTileThreads;
-      a_tile[buf].put(e % kTileK, e / kTileK, staged.a[i]);
+      smem.tiles.a[buf].put(e % kTileK, e / kTileK, staged.a[i]);
     }
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
@@ -83,7 +85,7 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
       for (int i = 0; i < kB; ++i) {
         const int e = tid + i * kTileThreads;
-        w_tile[buf][p].put(e / BN, e % BN, staged.w[p][i]);
+        smem.tiles.w[buf][p].put(e / BN, e % BN, staged.w[p][i]);
       }
     }
   };
@@ -92,14 +94,14 @@ __global__ void __launch_bounds__(kTileThreads)
     tap_of(s, ty, tx);
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
-      if (phase_has_tap(g, p, ty, tx)) Mma::multiply(acc[p], a_tile[buf], w_tile[buf][p]);
+      if (phase_has_tap(g, p, ty, tx)) Mma::multiply(acc[p], smem.tiles.a[buf], smem.tiles.w[buf][p]);
     }
   };
   pipelined_k_loop<Staged>(g.rows.taps * g.cols.taps * chunks, fetch, stash, multiply);
 
 #pragma unroll
   for (int p = 0; p < 4; ++p) {
-    Mma::for_each(acc[p], scratch, [&](int m, int n, float value) {
+    Mma::for_each(acc[p], smem.scratch, [&](int m, int n, float value) {
       const int row = 2 * pos_i[m] + p / 2, col = 2 * pos_j[m] + p % 2, o = o0 + n;
       if (pos_i[m] == kOutside || row >= g.HO || col >= g.WO || o >= g.O) return;
       float v = value + (bias != nullptr ? to_float(bias[o]) : 0.0f);
@@ -109,12 +111,12 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
-template <typename T, int BM, int BN>
+template <typename T, bool kTf32, int BM, int BN>
 void launch_forward(const ActivationView& x, uintptr_t wp, uintptr_t bias, const ActivationView& y, const Geometry& g,
                     int relu, cudaStream_t stream) {
   const int64_t positions = static_cast<int64_t>(g.N) * ((g.HO + 1) / 2) * ((g.WO + 1) / 2);
   const dim3 grid(ceil_div(positions, BM), ceil_div(g.O, BN));
-  launch_kernel("unpool_conv_forward_kernel", grid, kTileThreads, stream, unpool_conv_forward_kernel<T, BM, BN>,
+  launch_kernel("unpool_conv_forward_kernel", grid, kTileThreads, stream, unpool_conv_forward_kernel<T, kTf32, BM, BN>,
                 reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(wp), reinterpret_cast<const T*>(bias),
                 reinterpret_cast<T*>(y.ptr), g, strides_of(x), strides_of(y), relu);
 }
@@ -122,15 +124,17 @@ void launch_forward(const ActivationView& x, uintptr_t wp, uintptr_t bias, const
 }  // namespace
 
 void unpool_conv_forward(ActivationView x, uintptr_t wp, uintptr_t bias, ActivationView y, int N, int C, int H, int W,
-                         int O, int KH, int KW, int PH, int PW, int relu, int dtype, uintptr_t stream) {
+                         int O, int KH, int KW, int PH, int PW, int relu, int dtype, int tf32, uintptr_t stream) {
   const Geometry g = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
-  dispatch_dtype(dtype, "unpool_conv_forward", [&](auto tag) {
+  dispatch_multiply(dtype, tf32, "unpool_conv_forward", [&](auto tag, auto use_tf32) {
     using T = typename decltype(tag)::type;
-    // Few output channels (e.g. the last decoder layer): a narrow, tall tile wastes no columns.
+    constexpr bool kTf32 = decltype(use_tf32)::value;
+    // Few output channels (e.g. the last decoder layer): a narrow, tall tile wastes no columns. TF32 tiles
+    // hold 4-byte operands in a tensor-core layout: half as tall, to fit in static shared memory.
     if (O <= 16) {
-      launch_forward<T, 256, 16>(x, wp, bias, y, g, relu, to_stream(stream));
+      launch_forward<T, kTf32, kTf32 ? 128 : 256, 16>(x, wp, bias, y, g, relu, to_stream(stream));
     } else {
-      launch_forward<T, 64, 64>(x, wp, bias, y, g, relu, to_stream(stream));
+      launch_forward<T, kTf32, 64, 64>(x, wp, bias, y, g, relu, to_stream(stream));
     }
   });
 }

@@ -7,14 +7,14 @@
 namespace dcign {
 namespace {
 
-template <typename T, int BM, int BN>
+template <typename T, bool kTf32, int BM, int BN>
 __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_input_kernel(const T* __restrict__ gout, const T* __restrict__ wp, T* __restrict__ dx, Geometry g,
                                   Strides gs, Strides xs) {
-  using Mma = typename MmaFor<T, BM, BN>::type;
+  using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
   using Staged = StagedPair<BM, BN>;  // a: grad_out, b: packed weight
   constexpr int kA = per_thread<BM>(), kB = per_thread<BN>();
-  __shared__ PairTiles<Mma> tiles;
+  __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
   const int tid = threadIdx.x;
   const int64_t positions = static_cast<int64_t>(g.N) * g.H * g.W;
@@ -61,44 +61,45 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
     for (int i = 0; i < kA; ++i) {
       const int e = tid + i * kTileThreads;
-      tiles.a[buf].put(e % kTileK, e / kTileK, staged.a[i]);
+      smem.tiles.a[buf].put(e % kTileK, e / kTileK, staged.a[i]);
     }
 #pragma unroll
     for (int i = 0; i < kB; ++i) {
       const int e = tid + i * kTileThreads;
-      tiles.b[buf].put(e % kTileK, e / kTileK, staged.b[i]);
+      smem.tiles.b[buf].put(e % kTileK, e / kTileK, staged.b[i]);
     }
   };
-  auto multiply = [&](int, int buf) { Mma::multiply(acc, tiles.a[buf], tiles.b[buf]); };
+  auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
   pipelined_k_loop<Staged>(all_phase_taps(g) * chunks, fetch, stash, multiply);
 
-  Mma::for_each(acc, tiles.scratch, [&](int m, int n, float value) {
+  Mma::for_each(acc, smem.scratch, [&](int m, int n, float value) {
     const int ch = c0 + n;
     if (pos_i[m] == kOutside || ch >= g.C) return;
     dx[pos_n[m] * xs.n + pos_i[m] * xs.h + pos_j[m] * xs.w + ch * xs.c] = from_float<T>(value);
   });
 }
 
-template <typename T, int BM, int BN>
+template <typename T, bool kTf32, int BM, int BN>
 void launch_grad_input(const ActivationView& gout, uintptr_t wp, const ActivationView& dx, const Geometry& g,
                        cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(g.N) * g.H * g.W, BM), ceil_div(g.C, BN));
-  launch_kernel("unpool_conv_grad_input_kernel", grid, kTileThreads, stream, unpool_conv_grad_input_kernel<T, BM, BN>,
-                reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<const T*>(wp), reinterpret_cast<T*>(dx.ptr), g,
-                strides_of(gout), strides_of(dx));
+  launch_kernel("unpool_conv_grad_input_kernel", grid, kTileThreads, stream,
+                unpool_conv_grad_input_kernel<T, kTf32, BM, BN>, reinterpret_cast<const T*>(gout.ptr),
+                reinterpret_cast<const T*>(wp), reinterpret_cast<T*>(dx.ptr), g, strides_of(gout), strides_of(dx));
 }
 
 }  // namespace
 
 void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, int N, int C, int H, int W, int O,
-                            int KH, int KW, int PH, int PW, int dtype, uintptr_t stream) {
+                            int KH, int KW, int PH, int PW, int dtype, int tf32, uintptr_t stream) {
   const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
-  dispatch_dtype(dtype, "unpool_conv_grad_input", [&](auto tag) {
+  dispatch_multiply(dtype, tf32, "unpool_conv_grad_input", [&](auto tag, auto use_tf32) {
     using T = typename decltype(tag)::type;
+    constexpr bool kTf32 = decltype(use_tf32)::value;
     if (C <= 16) {
-      launch_grad_input<T, 256, 16>(g, wp, dx, geo, to_stream(stream));
+      launch_grad_input<T, kTf32, 256, 16>(g, wp, dx, geo, to_stream(stream));
     } else {
-      launch_grad_input<T, 64, 64>(g, wp, dx, geo, to_stream(stream));
+      launch_grad_input<T, kTf32, 64, 64>(g, wp, dx, geo, to_stream(stream));
     }
   });
 }

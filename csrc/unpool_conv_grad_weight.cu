@@ -8,14 +8,14 @@
 namespace dcign {
 namespace {
 
-template <typename T, int BM, int BN>
+template <typename T, bool kTf32, int BM, int BN>
 __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, float* __restrict__ ws,
                                    float* __restrict__ bias_ws, Geometry g, Strides xs, Strides gs, int chunk) {
-  using Mma = typename MmaFor<T, BM, BN>::type;
+  using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
   using Staged = StagedPair<BM, BN>;  // a: input, b: grad_out
   constexpr int kA = per_thread<BM>(), kB = per_thread<BN>();
-  __shared__ PairTiles<Mma> tiles;
+  __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   const int tid = threadIdx.x;
   const int o_tiles = (g.O + BN - 1) / BN;
   const int c0 = (blockIdx.x / o_tiles) * BM, o0 = (blockIdx.x % o_tiles) * BN;
@@ -68,25 +68,25 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
     for (int i = 0; i < kA; ++i) {
       const int e = tid + i * kTileThreads;
-      tiles.a[buf].put(e / BM, e % BM, staged.a[i]);
+      smem.tiles.a[buf].put(e / BM, e % BM, staged.a[i]);
     }
 #pragma unroll
     for (int i = 0; i < kB; ++i) {
       const int e = tid + i * kTileThreads;
-      tiles.b[buf].put(e / BN, e % BN, staged.b[i]);
+      smem.tiles.b[buf].put(e / BN, e % BN, staged.b[i]);
     }
   };
   auto multiply = [&](int, int buf) {
     if (sums_bias && tid < BN) {
-      for (int k = 0; k < kTileK; ++k) bias_sum += tiles.b[buf].get(k, tid);
+      for (int k = 0; k < kTileK; ++k) bias_sum += smem.tiles.b[buf].get(k, tid);
     }
-    Mma::multiply(acc, tiles.a[buf], tiles.b[buf]);
+    Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]);
   };
   pipelined_k_loop<Staged>(static_cast<int>((end - begin + kTileK - 1) / kTileK), fetch, stash, multiply);
 
   float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g) +
                static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
-  Mma::for_each(acc, tiles.scratch, [&](int m, int n, float value) {
+  Mma::for_each(acc, smem.scratch, [&](int m, int n, float value) {
     const int ch = c0 + m, o = o0 + n;
     if (ch < g.C && o < g.O) out[static_cast<int64_t>(ch) * g.O + o] = value;
   });
@@ -94,30 +94,32 @@ __global__ void __launch_bounds__(kTileThreads)
     bias_ws[(static_cast<int64_t>(split) * 4 + p) * g.O + o0 + tid] = bias_sum;
 }
 
-template <typename T, int BM, int BN>
+template <typename T, bool kTf32, int BM, int BN>
 void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t ws, uintptr_t bias_ws,
                         const Geometry& g, int splits, int chunk, cudaStream_t stream) {
   const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), all_phase_taps(g), splits);
-  launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream, unpool_conv_grad_weight_kernel<T, BM, BN>,
-                reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws),
-                reinterpret_cast<float*>(bias_ws), g, strides_of(x), strides_of(gout), chunk);
+  launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream,
+                unpool_conv_grad_weight_kernel<T, kTf32, BM, BN>, reinterpret_cast<const T*>(x.ptr),
+                reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws), reinterpret_cast<float*>(bias_ws),
+                g, strides_of(x), strides_of(gout), chunk);
 }
 
 }  // namespace
 
 void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, uintptr_t bias_ws, int N, int C, int H,
-                             int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype,
+                             int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype, int tf32,
                              uintptr_t stream) {
   if (splits < 1 || splits > 65535 || chunk < 1) {
     throw std::invalid_argument("unpool_conv_grad_weight: splits must lie in [1, 65535] and chunk be >= 1");
   }
   const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
-  dispatch_dtype(dtype, "unpool_conv_grad_weight", [&](auto tag) {
+  dispatch_multiply(dtype, tf32, "unpool_conv_grad_weight", [&](auto tag, auto use_tf32) {
     using T = typename decltype(tag)::type;
+    constexpr bool kTf32 = decltype(use_tf32)::value;
     if (O <= 16) {
-      launch_grad_weight<T, 64, 16>(x, g, ws, bias_ws, geo, splits, chunk, to_stream(stream));
+      launch_grad_weight<T, kTf32, 64, 16>(x, g, ws, bias_ws, geo, splits, chunk, to_stream(stream));
     } else {
-      launch_grad_weight<T, 64, 64>(x, g, ws, bias_ws, geo, splits, chunk, to_stream(stream));
+      launch_grad_weight<T, kTf32, 64, 64>(x, g, ws, bias_ws, geo, splits, chunk, to_stream(stream));
     }
   });
 }

@@ -3,6 +3,10 @@ CPU-emulation tests (test_cuda_emulation.py): the same checks, on "cuda" or on "
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +14,13 @@ import dcign_fast as dc
 from tests.helpers import REL_TOL, poisoned_allocations, rel_error
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The unpool-conv multiplies: (storage dtype, float32 in TF32 on tensor cores).
+PRECISIONS = [
+    pytest.param(torch.float32, False, id="float32"),
+    pytest.param(torch.float32, True, id="tf32"),
+    pytest.param(torch.bfloat16, False, id="bfloat16"),
+    pytest.param(torch.float16, False, id="float16"),
+]
 # Sampler outputs vs the torch backend: float32 differs by libm ulps and fused multiply-adds; 16-bit storage
 # by one rounding of the output.
 SAMPLER_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -66,15 +77,38 @@ def check_sampler_strided(B: int, D: int, device: str) -> None:
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+@contextlib.contextmanager
+def cudnn_tf32(enabled: bool) -> Iterator[None]:
+    """torch.backends.cudnn.allow_tf32 (which backend="cuda" follows, like cuDNN) set for the block only."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+def unpool_conv_tolerance(dtype: torch.dtype, tf32: bool) -> float:
+    """Relative error allowed against the float64 oracle: TF32 keeps float16's 10 mantissa bits."""
+    return REL_TOL[torch.float16 if dtype == torch.float32 and tf32 else dtype]
+
+
 def oracle(x, w, b, padding):
     """Float64 upsample + convolution, differentiable: the reference the kernels are held to."""
     return F.conv2d(F.interpolate(x.double(), scale_factor=2, mode="nearest"), w.double(), b.double(), padding=padding)
 
 
 def check_unpool_conv(
-    n, c_in, c_out, size, kernel, padding, dtype, device, channels_last=False, activation=None
+    n, c_in, c_out, size, kernel, padding, dtype, device, channels_last=False, activation=None, tf32=False
 ) -> None:
-    """Forward and all three gradients of backend="cuda" against the float64 oracle."""
+    """Forward and all three gradients of backend="cuda" against the float64 oracle; float32 multiplies in
+    TF32 when ``tf32``, else exactly."""
+    with cudnn_tf32(tf32):
+        _check_unpool_conv(n, c_in, c_out, size, kernel, padding, dtype, device, channels_last, activation, tf32)
+
+
+def _check_unpool_conv(n, c_in, c_out, size, kernel, padding, dtype, device, channels_last, activation, tf32):
+    tol = unpool_conv_tolerance(dtype, tf32)
     h, w = size
     x = torch.randn(n, c_in, h, w, device=device).to(dtype)
     if channels_last:
@@ -89,7 +123,7 @@ def check_unpool_conv(
         expected = F.relu(expected)
     assert y.dtype == dtype and y.shape == expected.shape
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    assert rel_error(y, expected) < REL_TOL[dtype], "forward"
+    assert rel_error(y, expected) < tol, "forward"
     grad = torch.randn(expected.shape, device=device).to(dtype)
     with poisoned_allocations():
         got = torch.autograd.grad(y, leaves, grad)
@@ -100,12 +134,25 @@ def check_unpool_conv(
     expected_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
     for name, g, e in zip(("grad x", "grad weight", "grad bias"), got, expected_grads):
         assert g.dtype == dtype, name
-        assert rel_error(g, e) < 2 * REL_TOL[dtype], name
+        assert rel_error(g, e) < 2 * tol, name
+
+
+def check_tf32_follows_the_cudnn_flag(device: str) -> None:
+    """float32 multiplies in TF32 exactly when torch.backends.cudnn.allow_tf32 is set: the TF32 result carries
+    TF32's rounding error (more than exact float32 allows, within float16's tolerance), the exact one none."""
+    x = torch.randn(2, 40, 6, 6, device=device)
+    w, b = torch.randn(24, 40, 5, 5, device=device) / 1000**0.5, torch.randn(24, device=device)
+    expected = oracle(x, w, b, (2, 2))
+    errors = {}
+    for tf32 in (False, True):
+        with cudnn_tf32(tf32):
+            errors[tf32] = rel_error(dc.unpool_conv2d(x, w, b, padding=2, backend="cuda"), expected)
+    assert errors[False] < REL_TOL[torch.float32] < errors[True] < unpool_conv_tolerance(torch.float32, True)
 
 
 def check_every_padding(kernel: int, n: int, max_size: int, device: str) -> None:
-    """check_unpool_conv for a square ``kernel`` at every padding 0..kernel-1, float32, random channel counts
-    in 1..39 and random rectangular images up to ``max_size - 1``."""
+    """check_unpool_conv for a square ``kernel`` at every padding 0..kernel-1, exact float32, random channel
+    counts in 1..39 and random rectangular images up to ``max_size - 1``."""
     for padding in range(kernel):
         c_in, c_out = (int(v) for v in torch.randint(1, 40, (2,)))
         h, w = (int(v) for v in torch.randint((kernel + 1) // 2, max_size, (2,)))

@@ -13,12 +13,15 @@ from dcign_fast.kernels import cuda
 from dcign_fast.kernels.cuda_ops import cuda_unsupported_reason
 from tests.cuda_checks import (
     DTYPES,
+    PRECISIONS,
     check_every_padding,
     check_grad_weight_deterministic,
     check_sampler,
     check_sampler_eps,
     check_sampler_strided,
+    check_tf32_follows_the_cudnn_flag,
     check_unpool_conv,
+    cudnn_tf32,
     oracle,
     sampler_inputs,
 )
@@ -37,7 +40,7 @@ needs_extension = pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C
         (lambda c: c.unpool_conv_pack_weight(0, 0, 4, 4, 3, 3, 1, 1, 0, 0), "pack_weight_kernel"),
         (
             lambda c: c.unpool_conv_forward(
-                (0, 64, 1, 16, 4), 0, 0, (0, 64, 1, 16, 4), 1, 1, 4, 4, 1, 3, 3, 1, 1, 0, 0, 0
+                (0, 64, 1, 16, 4), 0, 0, (0, 64, 1, 16, 4), 1, 1, 4, 4, 1, 3, 3, 1, 1, 0, 0, 0, 0
             ),
             "unpool_conv_forward_kernel",
         ),
@@ -106,11 +109,11 @@ PAPER150 = [*paper150_decoder_layers(), (64, 32, 20, 3, 1), (32, 40, 17, 5, 2)]
 
 @pytest.mark.cuda
 @needs_extension
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, tf32", PRECISIONS)
 @pytest.mark.parametrize("c_in, c_out, size, kernel, padding", PAPER150)
-def test_unpool_conv_matches_reference_on_paper150_layers(dtype, c_in, c_out, size, kernel, padding):
+def test_unpool_conv_matches_reference_on_paper150_layers(dtype, tf32, c_in, c_out, size, kernel, padding):
     shape = (size, size), (kernel, kernel), (padding, padding)
-    check_unpool_conv(8, c_in, c_out, *shape, dtype, "cuda", channels_last=True)
+    check_unpool_conv(8, c_in, c_out, *shape, dtype, "cuda", channels_last=True, tf32=tf32)
 
 
 @pytest.mark.cuda
@@ -126,7 +129,14 @@ def test_unpool_conv_every_kernel_and_padding(kernel):
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_unpool_conv_rectangular_kernels_layouts_and_relu(channels_last, activation):
     check_unpool_conv(2, 17, 70, (9, 13), (5, 2), (3, 1), torch.float32, "cuda", channels_last, activation)
+    check_unpool_conv(2, 17, 70, (9, 13), (5, 2), (3, 1), torch.float32, "cuda", channels_last, activation, True)
     check_unpool_conv(2, 70, 5, (6, 4), (1, 6), (0, 4), torch.bfloat16, "cuda", channels_last, activation)
+
+
+@pytest.mark.cuda
+@needs_extension
+def test_unpool_conv_float32_follows_cudnn_allow_tf32():
+    check_tf32_follows_the_cudnn_flag("cuda")
 
 
 @pytest.mark.cuda
@@ -140,10 +150,11 @@ def test_unpool_conv_grad_weight_is_deterministic():
 def test_unpool_conv_captures_in_a_cuda_graph():
     x = torch.randn(4, 24, 15, 15, device="cuda")
     w, b = torch.randn(48, 24, 7, 7, device="cuda"), torch.randn(48, device="cuda")
-    dc.unpool_conv2d(x, w, b, backend="cuda")  # loads the extension outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = dc.unpool_conv2d(x, w, b, backend="cuda")
+    with cudnn_tf32(False):
+        dc.unpool_conv2d(x, w, b, backend="cuda")  # loads the extension outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = dc.unpool_conv2d(x, w, b, backend="cuda")
     y.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()

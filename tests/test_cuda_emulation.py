@@ -16,11 +16,13 @@ from dcign_fast.kernels import cuda, cuda_emulation
 from dcign_fast.ops.backends import CUDA_EMULATION_ENV
 from tests.cuda_checks import (
     DTYPES,
+    PRECISIONS,
     check_every_padding,
     check_grad_weight_deterministic,
     check_sampler,
     check_sampler_eps,
     check_sampler_strided,
+    check_tf32_follows_the_cudnn_flag,
     check_unpool_conv,
 )
 
@@ -69,18 +71,23 @@ def test_unpool_conv_every_kernel_and_padding(kernel):
 LAYERS = [(24, 48, 6, 7, 0), (20, 1, 7, 7, 0), (33, 12, 5, 3, 1), (16, 40, 5, 5, 2)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, tf32", PRECISIONS)
 @pytest.mark.parametrize("c_in, c_out, size, kernel, padding", LAYERS)
-def test_unpool_conv_matches_reference_on_decoder_layers(dtype, c_in, c_out, size, kernel, padding):
+def test_unpool_conv_matches_reference_on_decoder_layers(dtype, tf32, c_in, c_out, size, kernel, padding):
     shape = (size, size), (kernel, kernel), (padding, padding)
-    check_unpool_conv(3, c_in, c_out, *shape, dtype, "cpu", channels_last=True)
+    check_unpool_conv(3, c_in, c_out, *shape, dtype, "cpu", channels_last=True, tf32=tf32)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_unpool_conv_rectangular_kernels_layouts_and_relu(channels_last, activation):
     check_unpool_conv(2, 17, 70, (5, 6), (5, 2), (3, 1), torch.float32, "cpu", channels_last, activation)
+    check_unpool_conv(2, 17, 70, (5, 6), (5, 2), (3, 1), torch.float32, "cpu", channels_last, activation, True)
     check_unpool_conv(2, 70, 5, (4, 4), (1, 6), (0, 4), torch.bfloat16, "cpu", channels_last, activation)
+
+
+def test_unpool_conv_float32_follows_cudnn_allow_tf32():
+    check_tf32_follows_the_cudnn_flag("cpu")
 
 
 def test_unpool_conv_grad_weight_is_deterministic():

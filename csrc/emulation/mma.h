@@ -1,13 +1,19 @@
-// CPU emulation (see cuda_runtime.h) of the nvcuda::wmma calls of csrc/tile_mma.cuh: 16 x 16 x 16 tiles,
-// 16-bit operands, float32 accumulators. On a GPU a fragment is spread over the 32 lanes of a warp; here
-// every lane holds the whole tile and computes each warp-collective call itself, with identical results.
+// CPU emulation (see cuda_runtime.h) of the nvcuda::wmma calls of csrc/tile_mma.cuh: 16 x 16 x 16 tiles of
+// 16-bit operands and 16 x 16 x 8 tiles of TF32 operands, float32 accumulators. On a GPU a fragment is
+// spread over the 32 lanes of a warp; here every lane holds the whole tile and computes each
+// warp-collective call itself, with identical results.
 // What stays faithful: each call is warp-collective (the lanes meet at a warp barrier, so a call from
 // divergent code deadlocks the launch); store_matrix_sync writes only the calling lane's elements (the
 // mma.m16n8k16 accumulator layout), so reading other lanes' results without a __syncwarp() reads stale
-// memory; misaligned fragment pointers and leading dimensions fail the launch.
+// memory; TF32 operands lose the low 13 mantissa bits in the multiply, so values not rounded by
+// __float_to_tf32 are truncated, as by the hardware; misaligned fragment pointers and leading dimensions
+// fail the launch.
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
@@ -21,18 +27,62 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+
+// Rows and columns of a fragment's tile: A is M x K, B is K x N, the accumulator M x N.
+template <typename Use, int M, int N, int K>
+struct tile_shape {
+  static constexpr int rows = M, cols = N;
+};
+template <int M, int N, int K>
+struct tile_shape<matrix_a, M, N, K> {
+  static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K>
+struct tile_shape<matrix_b, M, N, K> {
+  static constexpr int rows = K, cols = N;
+};
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulation has the 16 x 16 x 16 shape only");
-  float x[16][16];  // row-major tile; 16-bit operands convert to float exactly
+  static_assert(M == 16 && N == 16 && (K == 16 || K == 8), "the emulation has the 16x16x16 and 16x16x8 shapes");
+  static constexpr int rows = tile_shape<Use, M, N, K>::rows, cols = tile_shape<Use, M, N, K>::cols;
+  static constexpr int num_elements = rows * cols;  // every lane holds the whole tile
+  float x[num_elements];                            // row-major; 16-bit operands convert to float exactly
+  float& at(int r, int c) { return x[r * cols + c]; }
+  float at(int r, int c) const { return x[r * cols + c]; }
 };
+
+// cvt.rna.tf32.f32: round to the nearest TF32 value (10 mantissa bits), ties away from zero.
+inline float __float_to_tf32(float v) {
+  if (!std::isfinite(v)) return v;
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits = (bits + 0x1000u) & 0xffffe000u;
+  std::memcpy(&v, &bits, sizeof bits);
+  return v;
+}
 
 namespace detail {
 
 inline float widen(float v) { return v; }
 inline float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
 inline float widen(__half v) { return __half2float(v); }
+
+// The multiply's view of an operand: TF32 keeps the top 19 bits of a float32 (sign, exponent, 10 mantissa
+// bits); 16-bit operands are exact in float32.
+template <typename T>
+float operand(float v) {
+  if constexpr (std::is_same_v<T, precision::tf32>) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    bits &= 0xffffe000u;
+    std::memcpy(&v, &bits, sizeof bits);
+  }
+  return v;
+}
 
 // The GPU's rules: fragment pointers 32-byte aligned; ldm a multiple of 16 bytes.
 template <typename T>
@@ -57,49 +107,48 @@ inline bool holds(int l, int r, int c) { return r % 8 == l / 4 && c % 8 / 2 == l
 
 }  // namespace detail
 
-template <typename Use, typename T>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+// S: the element type in memory (T, or float for TF32 fragments).
+template <typename Use, int M, int N, int K, typename T, typename S>
+void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& f, const S* p, unsigned ldm) {
   __syncwarp();
   if (!detail::check(p, ldm, "load_matrix_sync")) return;
-  for (int r = 0; r < 16; ++r) {
-    for (int c = 0; c < 16; ++c) f.x[r][c] = detail::widen(p[r * ldm + c]);
+  for (int r = 0; r < f.rows; ++r) {
+    for (int c = 0; c < f.cols; ++c) f.at(r, c) = detail::widen(p[r * ldm + c]);
   }
 }
 
-template <typename T>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
-              const fragment<matrix_b, 16, 16, 16, T, row_major>& b,
-              const fragment<accumulator, 16, 16, 16, float>& c) {
+template <int K, typename T>
+void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_a, 16, 16, K, T, row_major>& a,
+              const fragment<matrix_b, 16, 16, K, T, row_major>& b, const fragment<accumulator, 16, 16, K, float>& c) {
   __syncwarp();
   float out[16][16];
   for (int r = 0; r < 16; ++r) {
     for (int n = 0; n < 16; ++n) {
-      float sum = c.x[r][n];
-      for (int k = 0; k < 16; ++k) sum = fmaf(a.x[r][k], b.x[k][n], sum);
+      float sum = c.at(r, n);
+      for (int k = 0; k < K; ++k) sum = fmaf(detail::operand<T>(a.at(r, k)), detail::operand<T>(b.at(k, n)), sum);
       out[r][n] = sum;
     }
   }
   for (int r = 0; r < 16; ++r) {
-    for (int n = 0; n < 16; ++n) d.x[r][n] = out[r][n];
+    for (int n = 0; n < 16; ++n) d.at(r, n) = out[r][n];
   }
 }
 
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
-                              layout_t layout) {
+template <int K>
+void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f, unsigned ldm, layout_t layout) {
   __syncwarp();
   if (!detail::check(p, ldm, "store_matrix_sync")) return;
   const int lane = detail::lane();
   for (int r = 0; r < 16; ++r) {
     for (int c = 0; c < 16; ++c) {
-      if (detail::holds(lane, r, c)) p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r][c];
+      if (detail::holds(lane, r, c)) p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.at(r, c);
     }
   }
 }
 
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float value) {
-  for (auto& row : f.x) {
-    for (float& v : row) v = value;
-  }
+template <int K>
+void fill_fragment(fragment<accumulator, 16, 16, K, float>& f, float value) {
+  for (float& v : f.x) v = value;
 }
 
 }  // namespace nvcuda::wmma

@@ -117,6 +117,12 @@ def _view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
     return (t.data_ptr(), *t.stride())
 
 
+def _tf32(x: torch.Tensor) -> int:
+    """1 when float32 multiplies run in TF32 on tensor cores: under ``torch.backends.cudnn.allow_tf32``, as
+    cuDNN's convolutions (the reference's) do; 16-bit storage always uses tensor cores."""
+    return int(x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
+
+
 def _grad_weight_splits(positions: int, c_in: int, c_out: int, taps: int, device: torch.device) -> tuple[int, int]:
     """(splits, chunk): enough grad-weight blocks to fill the GPU a few times over, chunks of >= 256 positions."""
     tiles = -(-c_in // _GRAD_WEIGHT_TILE) * -(-c_out // _GRAD_WEIGHT_TILE) * taps
@@ -151,9 +157,10 @@ def unpool_conv2d_cuda(
     """Fused upsample-by-2 + convolution (+ ReLU) with the CUDA C++ kernels.
 
     Shapes: x [N, C, H, W], weight [O, C, KH, KW], bias [O] or None ->
-    [N, O, 2H + 2ph - KH + 1, 2W + 2pw - KW + 1] in x's memory format. float32 accumulation for every dtype:
-    float32 multiplies on SIMT cores (exact, no TF32); bfloat16 / float16 on tensor cores (wmma), with the
-    collapsed phase kernels rounded to the input dtype. Not differentiable by itself:
+    [N, O, 2H + 2ph - KH + 1, 2W + 2pw - KW + 1] in x's memory format. float32 accumulation for every dtype;
+    the multiplies run on tensor cores (wmma): bfloat16 / float16 as stored, with the collapsed phase kernels
+    rounded to the input dtype, and float32 in TF32 when ``torch.backends.cudnn.allow_tf32`` is set (as cuDNN
+    does for the reference), else exactly on SIMT cores. Not differentiable by itself:
     :func:`unpool_conv2d_cuda_backward` gives its gradients (the custom op ``dcign_fast::unpool_conv2d`` pairs
     the two).
     """
@@ -170,7 +177,8 @@ def unpool_conv2d_cuda(
             bias = None if bias is None else bias.contiguous()
             cuda.load(x.device).unpool_conv_forward(
                 _view(x_nhwc), wp.data_ptr(), 0 if bias is None else bias.data_ptr(), _view(out),
-                n, c_in, h, w, c_out, kh, kw, ph, pw, int(activation == "relu"), _dtype_code(x), cuda.stream(x.device),
+                n, c_in, h, w, c_out, kh, kw, ph, pw, int(activation == "relu"), _dtype_code(x), _tf32(x),
+                cuda.stream(x.device),
             )  # fmt: skip
     return out
 
@@ -194,7 +202,7 @@ def unpool_conv2d_cuda_backward(
     c_out, _, kh, kw = weight.shape
     ho, wo = grad_out.shape[2:]
     ph, pw = padding
-    lib, code, stream = cuda.load(x.device), _dtype_code(x), cuda.stream(x.device)
+    lib, code, tf32, stream = cuda.load(x.device), _dtype_code(x), _tf32(x), cuda.stream(x.device)
     with cuda.device_guard(x.device):
         if activation == "relu":
             grad_out = torch.where(out > 0, grad_out, 0)
@@ -202,7 +210,7 @@ def unpool_conv2d_cuda_backward(
         grad_x = torch.empty_like(x)
         if grad_x.numel() and g.numel():
             lib.unpool_conv_grad_input(
-                _view(g), wp.data_ptr(), _view(grad_x), n, c_in, h, w, c_out, kh, kw, ph, pw, code, stream
+                _view(g), wp.data_ptr(), _view(grad_x), n, c_in, h, w, c_out, kh, kw, ph, pw, code, tf32, stream
             )
         elif grad_x.numel():
             grad_x.zero_()
@@ -213,7 +221,7 @@ def unpool_conv2d_cuda_backward(
         x_nhwc = nhwc(x)
         lib.unpool_conv_grad_weight(
             _view(x_nhwc), _view(g), ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(),
-            n, c_in, h, w, c_out, kh, kw, ph, pw, splits, max(1, chunk), code, stream,
+            n, c_in, h, w, c_out, kh, kw, ph, pw, splits, max(1, chunk), code, tf32, stream,
         )  # fmt: skip
         grad_weight = torch.empty((c_out, c_in, kh, kw), dtype=x.dtype, device=x.device)
         grad_bias = torch.empty((c_out,), dtype=x.dtype, device=x.device) if has_bias else None

@@ -9,7 +9,7 @@ Backends:
   triton     fused Triton kernels, forward and backward (:mod:`dcign_fast.kernels.triton.unpool_conv`):
              scale_factor 2, float32 (TF32 when cudnn.allow_tf32) / bfloat16 / float16, kernels up to 9.
   cuda       CUDA C++ kernels of the compiled extension (:mod:`dcign_fast.kernels.cuda_ops`, csrc/): scale_factor 2,
-             float32 / bfloat16 / float16, kernels up to 9; never chosen by auto.
+             float32 (TF32 when cudnn.allow_tf32) / bfloat16 / float16, kernels up to 9; never chosen by auto.
   auto       the fastest correct backend for the tensors' device (CUDA: triton where it runs; CPU: torch).
 
 The torch, triton and cuda backends run inside the custom op ``dcign_fast::unpool_conv2d``
@@ -63,7 +63,7 @@ def nhwc(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
 
 
-# What the scale-2 kernel backends (triton, cuda) run: float32 (TF32 for triton when cudnn.allow_tf32) and
+# What the scale-2 kernel backends (triton, cuda) run: float32 (TF32 when cudnn.allow_tf32) and
 # 16-bit floats, kernels up to 9 x 9.
 KERNEL_SCALE = 2
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
