@@ -145,6 +145,8 @@ def machine(device: str) -> dict[str, object]:
     if device.startswith("cuda"):
         info["card"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+        # float32 convolutions (cuDNN's, and the triton and cuda backends') run in TF32 when this is set.
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
     return info
 
 
