@@ -31,7 +31,7 @@ step eval-paper150 25 python3 -m dcign_fast.cli eval --checkpoint "${newest:-mis
   --sweeps 10 --identities 40 --out "$out/paper150/eval"
 tail -1 "$out/paper150/metrics.jsonl" 2>/dev/null
 # suite:time limit:compile budget (seconds)
-for suite in ops:80:30 train:60:25 latent:25:8 render:15:0 patch:10:0; do
+for suite in ops:80:30 kernels:20:0 train:55:25 latent:25:8 render:10:0 patch:10:0; do
   IFS=: read -r name limit compile <<<"$suite"
   step "bench-$name" "$limit" env DCIGN_BENCH_COMPILE_S="$compile" \
     python3 -m benchmarks.run --suite "$name" --device cuda --out "$out"

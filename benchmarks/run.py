@@ -24,6 +24,7 @@ SUITES = {
     "render": "benchmarks.suites.render",
     "train": "benchmarks.suites.train",
     "patch": "benchmarks.suites.patch",
+    "kernels": "benchmarks.suites.kernels",
 }
 COLUMNS = [
     "case",
@@ -36,6 +37,10 @@ COLUMNS = [
     "floor_ms",
     "over_floor",
     "peak_mb",
+    "kernel",
+    "kernel_ms",
+    "share",
+    "calls",
     "note",
 ]
 

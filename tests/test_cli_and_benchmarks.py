@@ -29,8 +29,9 @@ def test_suite_quick_then_report(suite, tmp_path, capsys):
     (result,) = tmp_path.glob(f"{suite}-cpu-*.json")
     data = json.loads(result.read_text())
     assert data["machine"]["torch"] and data["machine"]["cpu"] and data["rows"]
-    timed = [row for row in data["rows"] if "median_ms" in row]
-    assert timed and all(row["median_ms"] > 0 for row in timed)
+    timed = [row.get("median_ms", row.get("kernel_ms")) for row in data["rows"]]  # kernels: profiled times
+    timed = [ms for ms in timed if ms is not None]
+    assert timed and all(ms > 0 for ms in timed)
     assert f"suite {suite}" in capsys.readouterr().out
     assert report.main(["--results", str(tmp_path), "--out", str(tmp_path)]) == 0
     assert f"## {suite} on" in (tmp_path / "RESULTS.md").read_text()
@@ -40,6 +41,21 @@ def test_ops_suite_compares_backends(tmp_path):
     bench.main(["--suite", "ops", "--quick", "--out", str(tmp_path)])
     rows = json.loads(next(tmp_path.glob("ops-*.json")).read_text())["rows"]
     assert {"reference", "torch"} <= {row["backend"] for row in rows}
+
+
+def test_kernels_suite_splits_each_backend_into_kernels(tmp_path):
+    from benchmarks.suites.kernels import short_kernel_name
+
+    bench.main(["--suite", "kernels", "--quick", "--out", str(tmp_path)])
+    rows = json.loads(next(tmp_path.glob("kernels-*.json")).read_text())["rows"]
+    for backend in ("reference", "torch"):
+        shares = [row["share"] for row in rows if row["backend"] == backend]
+        assert len(shares) > 1 and sum(shares) == pytest.approx(1.0)
+    demangled = (
+        "void dcign::(anonymous namespace)::unpool_conv_forward_kernel<__nv_bfloat16, false, 64, 64>"
+        "(__nv_bfloat16 const*, __nv_bfloat16 const*, dcign::Geometry, int)"
+    )
+    assert short_kernel_name(demangled) == "unpool_conv_forward_kernel<__nv_bfloat16, false, 64, 64>"
 
 
 def test_pytest_benchmark_front_door_runs():
