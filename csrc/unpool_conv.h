@@ -1,11 +1,18 @@
 // Launchers of the unpool-conv kernels (scale factor 2; see unpool_conv_common.cuh for the design).
 // Pointers and the stream are integers. Activations are [N, C, H, W] addressed through element strides
 // (n, c, h, w) (channels_last keeps the channel reduction contiguous); weight [O, C, KH, KW] contiguous;
-// the packed weight wp [2, 2, TR, TC, C, O] has the activations' dtype (TR, TC: union taps, see phase_index.cuh).
+// the packed weight wp [2, 2, TR, TC, C, OP] has the activations' dtype (TR, TC: union taps, see phase_index.cuh;
+// OP = packed_channels(O)).
 #pragma once
 #include <cstdint>
 
 namespace dcign {
+
+// The packed weight's output channels: O rounded up to a multiple of 8 (zeros past O), so that its rows load
+// as whole 16-byte vectors whatever O is.
+constexpr int kPackedChannels = 8;
+
+inline int packed_channels(int O) { return (O + kPackedChannels - 1) / kPackedChannels * kPackedChannels; }
 
 struct ActivationView {
   uintptr_t ptr;
@@ -25,7 +32,7 @@ void unpool_conv_forward(ActivationView x, uintptr_t wp, uintptr_t bias, Activat
 void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, int N, int C, int H, int W, int O,
                             int KH, int KW, int PH, int PW, int dtype, int tf32, uintptr_t stream);
 
-// Split partial sums: ws float32 [splits, 2, 2, TR, TC, C, O] and, when bias_ws != 0, float32 [splits, 4, O].
+// Split partial sums: ws float32 [splits, 2, 2, TR, TC, C, OP] and, when bias_ws != 0, float32 [splits, 4, O].
 // Each split covers `chunk` output positions of every phase.
 void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, uintptr_t bias_ws, int N, int C, int H,
                              int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype, int tf32,

@@ -13,6 +13,9 @@
 //                phases in a fixed order (deterministic, no atomics) and un-collapses the taps.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+#include <utility>
 
 #include "dtype.cuh"
 #include "phase_index.cuh"
@@ -21,8 +24,9 @@
 
 namespace dcign {
 
+// OP: the packed weight's output channels (packed_channels(O), unpool_conv.h).
 struct Geometry {
-  int N, C, H, W, O, HO, WO;
+  int N, C, H, W, O, OP, HO, WO;
   AxisUnion rows, cols;
 };
 
@@ -31,7 +35,16 @@ struct Strides {
 };
 
 inline Geometry make_geometry(int N, int C, int H, int W, int O, int KH, int KW, int PH, int PW) {
-  return {N, C, H, W, O, output_size(H, KH, PH, 2), output_size(W, KW, PW, 2), axis_union(KH, PH), axis_union(KW, PW)};
+  return {N,
+          C,
+          H,
+          W,
+          O,
+          packed_channels(O),
+          output_size(H, KH, PH, 2),
+          output_size(W, KW, PW, 2),
+          axis_union(KH, PH),
+          axis_union(KW, PW)};
 }
 
 inline Strides strides_of(const ActivationView& v) { return {v.sn, v.sc, v.sh, v.sw}; }
@@ -66,9 +79,14 @@ __device__ __forceinline__ PhaseTap phase_tap(const Geometry& g, int t) {
   return {p, window_first(g.rows, p / 2) + t / width, window_first(g.cols, p % 2) + t % width};
 }
 
-// Elements of the packed weight (or its gradient) per phase: [TR, TC, C, O].
+// Elements of the packed weight (or its gradient's partial sums) per phase: [TR, TC, C, OP].
 __host__ __device__ __forceinline__ int64_t packed_phase_size(const Geometry& g) {
-  return static_cast<int64_t>(g.rows.taps) * g.cols.taps * g.C * g.O;
+  return static_cast<int64_t>(g.rows.taps) * g.cols.taps * g.C * g.OP;
+}
+
+// Offset of union tap (ty, tx), input channel c, output channel o within one phase of the packed weight.
+__host__ __device__ __forceinline__ int64_t packed_offset(const Geometry& g, int ty, int tx, int c, int o) {
+  return (static_cast<int64_t>(ty * g.cols.taps + tx) * g.C + c) * g.OP + o;
 }
 
 // The K loop of an implicit GEMM, software-pipelined over two shared-memory buffers: the global loads of
@@ -94,21 +112,89 @@ __device__ __forceinline__ void pipelined_k_loop(int steps, Fetch&& fetch, Stash
   }
 }
 
-// Per-thread share of a kTileK x width operand tile: the element indices tid + i * kTileThreads.
-template <int WIDTH>
-__host__ __device__ constexpr int per_thread() {
-  static_assert(kTileK * WIDTH % kTileThreads == 0, "operand tiles split evenly over the threads");
-  return kTileK * WIDTH / kTileThreads;
-}
-
-// A kernel with one product per step (the grad kernels): its staged registers and its double-buffered
-// operand tiles.
-template <int BM, int BN>
-struct StagedPair {
-  float a[per_thread<BM>()];
-  float b[per_thread<BN>()];
+// kVec elements of T loaded or stored as one access (16 bytes for kVec = 16 / sizeof(T)).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Packed {
+  T x[kVec];
 };
 
+// Elements of T in one 16-byte access.
+template <typename T>
+constexpr int kVecOf = 16 / static_cast<int>(sizeof(T));
+
+// One thread's share of an operand tile [OUTER][INNER] whose INNER index runs along contiguous memory,
+// loaded kVec elements at a time: 16-byte vectors where the tensor allows (contiguous, aligned channels),
+// else single elements (kVec 1). Vector q = tid + j * kTileThreads covers (outer, inner0 .. inner0 + kVec).
+//   fetch(src)  global -> registers; src(outer, inner0) points at the kVec elements, or is null for zeros
+//   stash(put)  registers -> the shared tile: put(outer, inner, value) for every element
+template <typename T, int OUTER, int INNER, int kVec>
+struct TileLoad {
+  static_assert(INNER % kVec == 0, "vectors do not straddle rows");
+  static constexpr int kRow = INNER / kVec, kVectors = OUTER * kRow;
+  static constexpr int kPerThread = (kVectors + kTileThreads - 1) / kTileThreads;
+  Packed<T, kVec> v[kPerThread];
+
+  template <typename Src>
+  __device__ __forceinline__ void fetch(Src&& src) {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int q = threadIdx.x + j * kTileThreads;
+      const T* p = (kVectors % kTileThreads == 0 || q < kVectors) ? src(q / kRow, q % kRow * kVec) : nullptr;
+      if (p != nullptr) {
+        check_aligned(p);
+        v[j] = *reinterpret_cast<const Packed<T, kVec>*>(p);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) v[j].x[e] = from_float<T>(0.0f);
+      }
+    }
+  }
+
+  template <typename Put>
+  __device__ __forceinline__ void stash(Put&& put) const {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int q = threadIdx.x + j * kTileThreads;
+      if (kVectors % kTileThreads != 0 && q >= kVectors) break;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) put(q / kRow, q % kRow * kVec + e, to_float(v[j].x[e]));
+    }
+  }
+
+  __device__ __forceinline__ static void check_aligned(const T* p) {
+#ifdef DCIGN_CPU_EMULATION  // a GPU faults on a misaligned vector access; the emulation fails the launch
+    if (reinterpret_cast<uintptr_t>(p) % sizeof(Packed<T, kVec>) != 0) {
+      dcign_emulation::fail(cudaErrorMisalignedAddress, "misaligned address (emulation: a vector load)");
+    }
+#else
+    (void)p;
+#endif
+  }
+};
+
+// Whether an activation view can be read in 16-byte vectors along its channels: channels contiguous,
+// every other stride, the channel count and the base a whole number of vectors.
+template <typename T>
+bool loads_vectors(const ActivationView& v, int channels) {
+  constexpr int kVec = kVecOf<T>;
+  return v.sc == 1 && v.sn % kVec == 0 && v.sh % kVec == 0 && v.sw % kVec == 0 && channels % kVec == 0 &&
+         v.ptr % 16 == 0;
+}
+
+// Calls fn(std::integral_constant<int, kVec>{}) with the vector width that every view (and its channel count)
+// allows: 16-byte vectors, else single elements.
+template <typename T, typename Fn>
+void dispatch_vector(std::initializer_list<std::pair<const ActivationView*, int>> views, Fn&& fn) {
+  bool vectors = true;
+  for (const auto& [view, channels] : views) vectors = vectors && loads_vectors<T>(*view, channels);
+  if (vectors) {
+    fn(std::integral_constant<int, kVecOf<T>>{});
+  } else {
+    fn(std::integral_constant<int, 1>{});
+  }
+}
+
+// The double-buffered operand tiles of a kernel with one product per step (the grad kernels).
 template <typename Mma>
 struct PairTiles {
   typename Mma::ATile a[2];

@@ -6,15 +6,16 @@
 namespace dcign {
 namespace {
 
-template <typename T, bool kTf32, int BM, int BN>
-__global__ void __launch_bounds__(kTileThreads)
+// One block per SM stated outright: the four phases' accumulators need more than 128 registers, and left to
+// its own target ptxas may squeeze some instantiations into 128 and spill.
+template <typename T, bool kTf32, int BM, int BN, int kVec>
+__global__ void __launch_bounds__(kTileThreads, 1)
     unpool_conv_forward_kernel(const T* __restrict__ x, const T* __restrict__ wp, const T* __restrict__ bias,
                                T* __restrict__ y, Geometry g, Strides xs, Strides ys, int relu) {
   using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
-  constexpr int kA = per_thread<BM>(), kB = per_thread<BN>();
   struct Staged {
-    float a[kA];
-    float w[4][kB];
+    TileLoad<T, BM, kTileK, kVec> a;          // input [m][k]: k runs along the channels
+    TileLoad<T, kTileK, BN, kVecOf<T>> w[4];  // packed weight [k][n]: n runs along the padded channels
   };
   struct Tiles {
     typename Mma::ATile a[2];
@@ -50,43 +51,30 @@ __global__ void __launch_bounds__(kTileThreads)
     int ty, tx;
     tap_of(s, ty, tx);
     const int c0 = s % chunks * kTileK, dr = g.rows.start + ty, dc = g.cols.start + tx;
-    // A[m][k] = x[n, i + dr, j + dc, c0 + k]; k fastest: channels are contiguous in NHWC.
-#pragma unroll
-    for (int i = 0; i < kA; ++i) {
-      const int e = tid + i * kTileThreads, k = e % kTileK, m = e / kTileK;
+    // A[m][k] = x[n, i + dr, j + dc, c0 + k].
+    staged.a.fetch([&](int m, int k) -> const T* {
       const int r = pos_i[m] + dr, c = pos_j[m] + dc, ch = c0 + k;
       const bool inside = r >= 0 && r < g.H && c >= 0 && c < g.W && ch < g.C;
-      staged.a[i] = inside ? to_float(x[pos_n[m] * xs.n + r * xs.h + c * xs.w + ch * xs.c]) : 0.0f;
-    }
-    // B[k][n] = wp[p, ty, tx, c0 + k, o0 + n] for the phases whose window holds the tap; n fastest.
-    const T* w_tap = wp + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
+      return inside ? x + pos_n[m] * xs.n + r * xs.h + c * xs.w + ch * xs.c : nullptr;
+    });
+    // B[k][n] = wp[p, ty, tx, c0 + k, o0 + n] for the phases whose window holds the tap.
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
       if (!phase_has_tap(g, p, ty, tx)) continue;
-#pragma unroll
-      for (int i = 0; i < kB; ++i) {
-        const int e = tid + i * kTileThreads, n = e % BN, k = e / BN, ch = c0 + k, o = o0 + n;
-        staged.w[p][i] =
-            (ch < g.C && o < g.O) ? to_float(w_tap[p * phase_size + static_cast<int64_t>(ch) * g.O + o]) : 0.0f;
-      }
+      staged.w[p].fetch([&](int k, int n) -> const T* {
+        const int ch = c0 + k, o = o0 + n;
+        return ch < g.C && o < g.OP ? wp + p * phase_size + packed_offset(g, ty, tx, ch, o) : nullptr;
+      });
     }
   };
   auto stash = [&](int s, const Staged& staged, int buf) {
     int ty, tx;
     tap_of(s, ty, tx);
-#pragma unroll
-    for (int i = 0; i < kA; ++i) {
-      const int e = tid + i * kTileThreads;
-      smem.tiles.a[buf].put(e % kTileK, e / kTileK, staged.a[i]);
-    }
+    staged.a.stash([&](int m, int k, float v) { smem.tiles.a[buf].put(k, m, v); });
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
       if (!phase_has_tap(g, p, ty, tx)) continue;
-#pragma unroll
-      for (int i = 0; i < kB; ++i) {
-        const int e = tid + i * kTileThreads;
-        smem.tiles.w[buf][p].put(e / BN, e % BN, staged.w[p][i]);
-      }
+      staged.w[p].stash([&](int k, int n, float v) { smem.tiles.w[buf][p].put(k, n, v); });
     }
   };
   auto multiply = [&](int s, int buf) {
@@ -116,9 +104,12 @@ void launch_forward(const ActivationView& x, uintptr_t wp, uintptr_t bias, const
                     int relu, cudaStream_t stream) {
   const int64_t positions = static_cast<int64_t>(g.N) * ((g.HO + 1) / 2) * ((g.WO + 1) / 2);
   const dim3 grid(ceil_div(positions, BM), ceil_div(g.O, BN));
-  launch_kernel("unpool_conv_forward_kernel", grid, kTileThreads, stream, unpool_conv_forward_kernel<T, kTf32, BM, BN>,
-                reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(wp), reinterpret_cast<const T*>(bias),
-                reinterpret_cast<T*>(y.ptr), g, strides_of(x), strides_of(y), relu);
+  dispatch_vector<T>({{&x, g.C}}, [&](auto vec) {
+    launch_kernel("unpool_conv_forward_kernel", grid, kTileThreads, stream,
+                  unpool_conv_forward_kernel<T, kTf32, BM, BN, decltype(vec)::value>, reinterpret_cast<const T*>(x.ptr),
+                  reinterpret_cast<const T*>(wp), reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y.ptr), g,
+                  strides_of(x), strides_of(y), relu);
+  });
 }
 
 }  // namespace

@@ -7,13 +7,15 @@
 namespace dcign {
 namespace {
 
-template <typename T, bool kTf32, int BM, int BN>
+template <typename T, bool kTf32, int BM, int BN, int kVec>
 __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_input_kernel(const T* __restrict__ gout, const T* __restrict__ wp, T* __restrict__ dx, Geometry g,
                                   Strides gs, Strides xs) {
   using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
-  using Staged = StagedPair<BM, BN>;  // a: grad_out, b: packed weight
-  constexpr int kA = per_thread<BM>(), kB = per_thread<BN>();
+  struct Staged {
+    TileLoad<T, BM, kTileK, kVec> a;       // grad_out [m][k]: k runs along its channels
+    TileLoad<T, BN, kTileK, kVecOf<T>> b;  // packed weight [n][k]: k runs along the padded channels
+  };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
   const int tid = threadIdx.x;
@@ -40,34 +42,21 @@ __global__ void __launch_bounds__(kTileThreads)
     const int A = p / 2, B = p % 2, o0 = s % chunks * kTileK;
     const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
     const int dr = g.rows.start + ty, dc = g.cols.start + tx;
-    // A[m][k] = g[n, 2 io + A, 2 jo + B, o0 + k]; k fastest (contiguous output channels).
-#pragma unroll
-    for (int i = 0; i < kA; ++i) {
-      const int e = tid + i * kTileThreads, k = e % kTileK, m = e / kTileK;
+    // A[m][k] = g[n, 2 io + A, 2 jo + B, o0 + k].
+    staged.a.fetch([&](int m, int k) -> const T* {
       const int io = pos_i[m] - dr, jo = pos_j[m] - dc, o = o0 + k;
       const bool inside = io >= 0 && io < rows && jo >= 0 && jo < cols && o < g.O;
-      staged.a[i] =
-          inside ? to_float(gout[pos_n[m] * gs.n + (2 * io + A) * gs.h + (2 * jo + B) * gs.w + o * gs.c]) : 0.0f;
-    }
-    // B[k][n] = wp[p, ty, tx, c0 + n, o0 + k]; k fastest (wp is contiguous in o).
-    const T* w_tap = wp + p * phase_size + static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
-#pragma unroll
-    for (int i = 0; i < kB; ++i) {
-      const int e = tid + i * kTileThreads, k = e % kTileK, n = e / kTileK, o = o0 + k, ch = c0 + n;
-      staged.b[i] = (ch < g.C && o < g.O) ? to_float(w_tap[static_cast<int64_t>(ch) * g.O + o]) : 0.0f;
-    }
+      return inside ? gout + pos_n[m] * gs.n + (2 * io + A) * gs.h + (2 * jo + B) * gs.w + o * gs.c : nullptr;
+    });
+    // B[k][n] = wp[p, ty, tx, c0 + n, o0 + k].
+    staged.b.fetch([&](int n, int k) -> const T* {
+      const int ch = c0 + n, o = o0 + k;
+      return ch < g.C && o < g.OP ? wp + p * phase_size + packed_offset(g, ty, tx, ch, o) : nullptr;
+    });
   };
   auto stash = [&](int, const Staged& staged, int buf) {
-#pragma unroll
-    for (int i = 0; i < kA; ++i) {
-      const int e = tid + i * kTileThreads;
-      smem.tiles.a[buf].put(e % kTileK, e / kTileK, staged.a[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < kB; ++i) {
-      const int e = tid + i * kTileThreads;
-      smem.tiles.b[buf].put(e % kTileK, e / kTileK, staged.b[i]);
-    }
+    staged.a.stash([&](int m, int k, float v) { smem.tiles.a[buf].put(k, m, v); });
+    staged.b.stash([&](int n, int k, float v) { smem.tiles.b[buf].put(k, n, v); });
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
   pipelined_k_loop<Staged>(all_phase_taps(g) * chunks, fetch, stash, multiply);
@@ -83,9 +72,12 @@ template <typename T, bool kTf32, int BM, int BN>
 void launch_grad_input(const ActivationView& gout, uintptr_t wp, const ActivationView& dx, const Geometry& g,
                        cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(g.N) * g.H * g.W, BM), ceil_div(g.C, BN));
-  launch_kernel("unpool_conv_grad_input_kernel", grid, kTileThreads, stream,
-                unpool_conv_grad_input_kernel<T, kTf32, BM, BN>, reinterpret_cast<const T*>(gout.ptr),
-                reinterpret_cast<const T*>(wp), reinterpret_cast<T*>(dx.ptr), g, strides_of(gout), strides_of(dx));
+  dispatch_vector<T>({{&gout, g.O}}, [&](auto vec) {
+    launch_kernel("unpool_conv_grad_input_kernel", grid, kTileThreads, stream,
+                  unpool_conv_grad_input_kernel<T, kTf32, BM, BN, decltype(vec)::value>,
+                  reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<const T*>(wp), reinterpret_cast<T*>(dx.ptr), g,
+                  strides_of(gout), strides_of(dx));
+  });
 }
 
 }  // namespace

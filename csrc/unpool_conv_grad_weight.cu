@@ -8,13 +8,15 @@
 namespace dcign {
 namespace {
 
-template <typename T, bool kTf32, int BM, int BN>
+template <typename T, bool kTf32, int BM, int BN, int kVec>
 __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, float* __restrict__ ws,
                                    float* __restrict__ bias_ws, Geometry g, Strides xs, Strides gs, int chunk) {
   using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
-  using Staged = StagedPair<BM, BN>;  // a: input, b: grad_out
-  constexpr int kA = per_thread<BM>(), kB = per_thread<BN>();
+  struct Staged {
+    TileLoad<T, kTileK, BM, kVec> a;  // input [k][c]: c runs along its channels
+    TileLoad<T, kTileK, BN, kVec> b;  // grad_out [k][o]: o runs along its channels
+  };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   const int tid = threadIdx.x;
   const int o_tiles = (g.O + BN - 1) / BN;
@@ -45,36 +47,24 @@ __global__ void __launch_bounds__(kTileThreads)
     return Position{static_cast<int>(ni / rows), static_cast<int>(ni % rows), static_cast<int>(pos % cols), pos < end};
   };
   auto fetch = [&](int s, Staged& staged) {
-  // A[c][k] = x[n, io + dr, jo + dc, c0 + c]; c fastest (contiguous input channels).
-#pragma unroll
-    for (int i = 0; i < kA; ++i) {
-      const int e = tid + i * kTileThreads, ch = c0 + e % BM;
-      const Position at = position(s, e / BM);
-      const int r = at.io + dr, col = at.jo + dc;
+    // A[k][c] = x[n, io + dr, jo + dc, c0 + c].
+    staged.a.fetch([&](int k, int c) -> const T* {
+      const Position at = position(s, k);
+      const int r = at.io + dr, col = at.jo + dc, ch = c0 + c;
       const bool inside = at.inside && ch < g.C && r >= 0 && r < g.H && col >= 0 && col < g.W;
-      staged.a[i] = inside ? to_float(x[at.n * xs.n + r * xs.h + col * xs.w + ch * xs.c]) : 0.0f;
-    }
-    // B[k][o] = g[n, 2 io + A, 2 jo + B, o0 + o]; o fastest.
-#pragma unroll
-    for (int i = 0; i < kB; ++i) {
-      const int e = tid + i * kTileThreads, oc = o0 + e % BN;
-      const Position at = position(s, e / BN);
-      staged.b[i] = (at.inside && oc < g.O)
-                        ? to_float(gout[at.n * gs.n + (2 * at.io + A) * gs.h + (2 * at.jo + B) * gs.w + oc * gs.c])
-                        : 0.0f;
-    }
+      return inside ? x + at.n * xs.n + r * xs.h + col * xs.w + ch * xs.c : nullptr;
+    });
+    // B[k][o] = g[n, 2 io + A, 2 jo + B, o0 + o].
+    staged.b.fetch([&](int k, int o) -> const T* {
+      const Position at = position(s, k);
+      const int oc = o0 + o;
+      return at.inside && oc < g.O ? gout + at.n * gs.n + (2 * at.io + A) * gs.h + (2 * at.jo + B) * gs.w + oc * gs.c
+                                   : nullptr;
+    });
   };
   auto stash = [&](int, const Staged& staged, int buf) {
-#pragma unroll
-    for (int i = 0; i < kA; ++i) {
-      const int e = tid + i * kTileThreads;
-      smem.tiles.a[buf].put(e / BM, e % BM, staged.a[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < kB; ++i) {
-      const int e = tid + i * kTileThreads;
-      smem.tiles.b[buf].put(e / BN, e % BN, staged.b[i]);
-    }
+    staged.a.stash([&](int k, int c, float v) { smem.tiles.a[buf].put(k, c, v); });
+    staged.b.stash([&](int k, int o, float v) { smem.tiles.b[buf].put(k, o, v); });
   };
   auto multiply = [&](int, int buf) {
     if (sums_bias && tid < BN) {
@@ -84,11 +74,10 @@ __global__ void __launch_bounds__(kTileThreads)
   };
   pipelined_k_loop<Staged>(static_cast<int>((end - begin + kTileK - 1) / kTileK), fetch, stash, multiply);
 
-  float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g) +
-               static_cast<int64_t>(ty * g.cols.taps + tx) * g.C * g.O;
+  float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g) + packed_offset(g, ty, tx, 0, 0);
   Mma::for_each(acc, smem.scratch, [&](int m, int n, float value) {
     const int ch = c0 + m, o = o0 + n;
-    if (ch < g.C && o < g.O) out[static_cast<int64_t>(ch) * g.O + o] = value;
+    if (ch < g.C && o < g.O) out[static_cast<int64_t>(ch) * g.OP + o] = value;
   });
   if (sums_bias && tid < BN && o0 + tid < g.O)
     bias_ws[(static_cast<int64_t>(split) * 4 + p) * g.O + o0 + tid] = bias_sum;
@@ -98,10 +87,12 @@ template <typename T, bool kTf32, int BM, int BN>
 void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t ws, uintptr_t bias_ws,
                         const Geometry& g, int splits, int chunk, cudaStream_t stream) {
   const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), all_phase_taps(g), splits);
-  launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream,
-                unpool_conv_grad_weight_kernel<T, kTf32, BM, BN>, reinterpret_cast<const T*>(x.ptr),
-                reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws), reinterpret_cast<float*>(bias_ws),
-                g, strides_of(x), strides_of(gout), chunk);
+  dispatch_vector<T>({{&x, g.C}, {&gout, g.O}}, [&](auto vec) {
+    launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream,
+                  unpool_conv_grad_weight_kernel<T, kTf32, BM, BN, decltype(vec)::value>,
+                  reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws),
+                  reinterpret_cast<float*>(bias_ws), g, strides_of(x), strides_of(gout), chunk);
+  });
 }
 
 }  // namespace

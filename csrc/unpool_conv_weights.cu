@@ -10,21 +10,21 @@ constexpr int kThreads = 256;
 
 // wp[p, ty, tx, c, o] = sum of weight[o, c, u, v] over the taps u (v) that phase p's row (column) maps to
 // union tap ty (tx), summed in float32 and stored in the weight's dtype (what the multiply reads: tensor
-// cores take 16-bit operands); zero outside the phase's window.
+// cores take 16-bit operands); zero outside the phase's window and for the padding channels o >= O.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     pack_weight_kernel(const T* __restrict__ weight, T* __restrict__ wp, Geometry g, int KH, int KW, int PH, int PW) {
   const int64_t total = 4 * packed_phase_size(g);
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int o = static_cast<int>(idx % g.O);
-    const int c = static_cast<int>(idx / g.O % g.C);
-    const int64_t rest = idx / (static_cast<int64_t>(g.O) * g.C);
+    const int o = static_cast<int>(idx % g.OP);
+    const int c = static_cast<int>(idx / g.OP % g.C);
+    const int64_t rest = idx / (static_cast<int64_t>(g.OP) * g.C);
     const int tx = static_cast<int>(rest % g.cols.taps), ty = static_cast<int>(rest / g.cols.taps % g.rows.taps);
     const int p = static_cast<int>(rest / (g.cols.taps * g.rows.taps));
     const T* w = weight + (static_cast<int64_t>(o) * g.C + c) * KH * KW;
     float sum = 0.0f;
-    for (int u = 0; u < KH; ++u) {
+    for (int u = 0; u < KH && o < g.O; ++u) {  // padding channels o >= O stay zero
       if (union_tap(g.rows, p / 2, u, PH) != ty) continue;
       for (int v = 0; v < KW; ++v) {
         if (union_tap(g.cols, p % 2, v, PW) == tx) sum += to_float(w[u * KW + v]);
@@ -53,8 +53,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int s = 0; s < splits; ++s) {
         for (int p = 0; p < 4; ++p) {
           const int ty = union_tap(g.rows, p / 2, u, PH), tx = union_tap(g.cols, p % 2, v, PW);
-          sum += ws[(static_cast<int64_t>(s) * 4 + p) * phase_size +
-                    (static_cast<int64_t>(ty * g.cols.taps + tx) * g.C + c) * g.O + o];
+          sum += ws[(static_cast<int64_t>(s) * 4 + p) * phase_size + packed_offset(g, ty, tx, c, o)];
         }
       }
       dw[idx] = from_float<T>(sum);

@@ -132,13 +132,15 @@ def _grad_weight_splits(positions: int, c_in: int, c_out: int, taps: int, device
 
 
 def _pack_weight(weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    """[O, C, KH, KW] -> wp [2, 2, TR, TC, C, O] in the weight's dtype: every phase's collapsed kernel in union
-    taps, summed in float32."""
+    """[O, C, KH, KW] -> wp [2, 2, TR, TC, C, OP] in the weight's dtype: every phase's collapsed kernel in union
+    taps, summed in float32; OP >= O is O rounded up to whole 16-byte vectors (zeros past O)."""
     c_out, c_in, kh, kw = weight.shape
     ph, pw = padding
     lib, weight = cuda.load(weight.device), weight.contiguous()
     wp = torch.empty(
-        (2, 2, lib.union_taps(kh, ph), lib.union_taps(kw, pw), c_in, c_out), dtype=weight.dtype, device=weight.device
+        (2, 2, lib.union_taps(kh, ph), lib.union_taps(kw, pw), c_in, lib.packed_channels(c_out)),
+        dtype=weight.dtype,
+        device=weight.device,
     )
     lib.unpool_conv_pack_weight(
         weight.data_ptr(), wp.data_ptr(), c_out, c_in, kh, kw, ph, pw, _dtype_code(weight), cuda.stream(weight.device)
