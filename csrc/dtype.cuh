@@ -32,6 +32,16 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
 
+// kVec elements of T loaded or stored as one access (16 bytes for kVec = 16 / sizeof(T)).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Packed {
+  T x[kVec];
+};
+
+// Elements of T in one 16-byte access.
+template <typename T>
+constexpr int kVecOf = 16 / static_cast<int>(sizeof(T));
+
 template <typename T>
 struct TypeTag {
   using type = T;

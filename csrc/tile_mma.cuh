@@ -3,6 +3,7 @@
 //
 //   __shared__ typename Mma::ATile a;    a.put(k, m, v): operand A[m][k] of the current K step
 //   __shared__ typename Mma::BTile b;    b.put(k, n, v): operand B[k][n]; b.get(k, n) reads it back
+//   put_run<along_k>(tile, k, i, run)    a run of elements along k or along m (n) at once (see there)
 //   __shared__ typename Mma::Scratch s;  staging of results (tensor cores only)
 //   typename Mma::Acc acc; Mma::zero(acc)  this thread's (or warp's) share of the BM x BN float32 result
 //   Mma::multiply(acc, a, b)             acc += A B over one K step of kTileK (after a barrier)
@@ -27,11 +28,14 @@ constexpr int kWarps = kTileThreads / 32;
 
 template <int BM, int BN>
 struct SimtMma {
+  // Rows padded by one word against bank conflicts: no run of elements is 16-byte aligned.
   struct ATile {
-    float v[kTileK][BM + 1];  // padded by one word against bank conflicts
+    static constexpr bool kRunsAlongK = false, kRunsAcross = false;
+    float v[kTileK][BM + 1];
     __device__ __forceinline__ void put(int k, int m, float x) { v[k][m] = x; }
   };
   struct BTile {
+    static constexpr bool kRunsAlongK = false, kRunsAcross = false;
     float v[kTileK][BN + 1];
     __device__ __forceinline__ void put(int k, int n, float x) { v[k][n] = x; }
     __device__ __forceinline__ float get(int k, int n) const { return v[k][n]; }
@@ -104,13 +108,18 @@ struct WmmaMma {
   using Operand = typename WmmaOperand<T>::type;
   using Fragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kFragK, float>;
 
+  // A is stored [m][k], B [k][n]: runs along k of A and along n of B are contiguous (rows are whole 16 bytes).
   struct alignas(32) ATile {
+    static constexpr bool kRunsAlongK = true, kRunsAcross = false;
     T v[BM][kLdA];
     __device__ __forceinline__ void put(int k, int m, float x) { v[m][k] = from_float<T>(x); }
+    __device__ __forceinline__ T* address(int k, int m) { return &v[m][k]; }
   };
   struct alignas(32) BTile {
+    static constexpr bool kRunsAlongK = false, kRunsAcross = true;
     T v[kTileK][kLdB];
     __device__ __forceinline__ void put(int k, int n, float x) { v[k][n] = from_float<T>(x); }
+    __device__ __forceinline__ T* address(int k, int n) { return &v[k][n]; }
     __device__ __forceinline__ float get(int k, int n) const { return to_float(v[k][n]); }
   };
   struct alignas(32) Scratch {
@@ -173,6 +182,19 @@ struct WmmaMma {
     }
   }
 };
+
+// Puts kVec elements of storage T into an operand tile at once: along k (k .. k + kVec - 1 at i) when
+// kAlongK, else across (i .. i + kVec - 1 at k). One 16-byte store where the tile holds the run contiguously
+// in T (i and k of a run's start are multiples of kVec), else element by element.
+template <bool kAlongK, typename Tile, typename T, int kVec>
+__device__ __forceinline__ void put_run(Tile& tile, int k, int i, const Packed<T, kVec>& run) {
+  if constexpr (kVec > 1 && (kAlongK ? Tile::kRunsAlongK : Tile::kRunsAcross)) {  // tiles that hold runs hold T
+    *reinterpret_cast<Packed<T, kVec>*>(tile.address(k, i)) = run;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) tile.put(kAlongK ? k + e : k, kAlongK ? i : i + e, to_float(run.x[e]));
+  }
+}
 
 // The multiply of storage T: 16-bit storage on tensor cores; float32 on SIMT cores (exact), or on tensor cores
 // in TF32 when kTf32 (as cuDNN does when torch.backends.cudnn.allow_tf32 is set).

@@ -112,21 +112,11 @@ __device__ __forceinline__ void pipelined_k_loop(int steps, Fetch&& fetch, Stash
   }
 }
 
-// kVec elements of T loaded or stored as one access (16 bytes for kVec = 16 / sizeof(T)).
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Packed {
-  T x[kVec];
-};
-
-// Elements of T in one 16-byte access.
-template <typename T>
-constexpr int kVecOf = 16 / static_cast<int>(sizeof(T));
-
 // One thread's share of an operand tile [OUTER][INNER] whose INNER index runs along contiguous memory,
 // loaded kVec elements at a time: 16-byte vectors where the tensor allows (contiguous, aligned channels),
 // else single elements (kVec 1). Vector q = tid + j * kTileThreads covers (outer, inner0 .. inner0 + kVec).
 //   fetch(src)  global -> registers; src(outer, inner0) points at the kVec elements, or is null for zeros
-//   stash(put)  registers -> the shared tile: put(outer, inner, value) for every element
+//   stash(put)  registers -> the shared tile: put(outer, inner0, run) for every run of kVec elements
 template <typename T, int OUTER, int INNER, int kVec>
 struct TileLoad {
   static_assert(INNER % kVec == 0, "vectors do not straddle rows");
@@ -156,8 +146,7 @@ struct TileLoad {
     for (int j = 0; j < kPerThread; ++j) {
       const int q = threadIdx.x + j * kTileThreads;
       if (kVectors % kTileThreads != 0 && q >= kVectors) break;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) put(q / kRow, q % kRow * kVec + e, to_float(v[j].x[e]));
+      put(q / kRow, q % kRow * kVec, v[j]);
     }
   }
 

@@ -70,11 +70,11 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   auto stash = [&](int s, const Staged& staged, int buf) {
     int ty, tx;
     tap_of(s, ty, tx);
-    staged.a.stash([&](int m, int k, float v) { smem.tiles.a[buf].put(k, m, v); });
+    staged.a.stash([&](int m, int k, const auto& run) { put_run<true>(smem.tiles.a[buf], k, m, run); });
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
       if (!phase_has_tap(g, p, ty, tx)) continue;
-      staged.w[p].stash([&](int k, int n, float v) { smem.tiles.w[buf][p].put(k, n, v); });
+      staged.w[p].stash([&](int k, int n, const auto& run) { put_run<false>(smem.tiles.w[buf][p], k, n, run); });
     }
   };
   auto multiply = [&](int s, int buf) {

@@ -55,8 +55,8 @@ __global__ void __launch_bounds__(kTileThreads)
     });
   };
   auto stash = [&](int, const Staged& staged, int buf) {
-    staged.a.stash([&](int m, int k, float v) { smem.tiles.a[buf].put(k, m, v); });
-    staged.b.stash([&](int n, int k, float v) { smem.tiles.b[buf].put(k, n, v); });
+    staged.a.stash([&](int m, int k, const auto& run) { put_run<true>(smem.tiles.a[buf], k, m, run); });
+    staged.b.stash([&](int n, int k, const auto& run) { put_run<true>(smem.tiles.b[buf], k, n, run); });
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
   pipelined_k_loop<Staged>(all_phase_taps(g) * chunks, fetch, stash, multiply);

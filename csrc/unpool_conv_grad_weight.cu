@@ -63,8 +63,8 @@ __global__ void __launch_bounds__(kTileThreads)
     });
   };
   auto stash = [&](int, const Staged& staged, int buf) {
-    staged.a.stash([&](int k, int c, float v) { smem.tiles.a[buf].put(k, c, v); });
-    staged.b.stash([&](int k, int o, float v) { smem.tiles.b[buf].put(k, o, v); });
+    staged.a.stash([&](int k, int c, const auto& run) { put_run<false>(smem.tiles.a[buf], k, c, run); });
+    staged.b.stash([&](int k, int o, const auto& run) { put_run<false>(smem.tiles.b[buf], k, o, run); });
   };
   auto multiply = [&](int, int buf) {
     if (sums_bias && tid < BN) {
