@@ -49,6 +49,9 @@ inline Geometry make_geometry(int N, int C, int H, int W, int O, int KH, int KW,
 
 inline Strides strides_of(const ActivationView& v) { return {v.sn, v.sc, v.sh, v.sw}; }
 
+// Every kernel states __launch_bounds__(kTileThreads, 1): ptxas then gives each instantiation the registers it
+// needs. Left to its own occupancy targets it squeezed some into 64-128 registers and spilled.
+
 // Row index of a position past the end of a kernel's range: every tap falls outside the image.
 constexpr int kOutside = -(1 << 28);
 
@@ -112,32 +115,44 @@ __device__ __forceinline__ void pipelined_k_loop(int steps, Fetch&& fetch, Stash
   }
 }
 
+// The offset of a run that lies outside the tensor: the tile gets zeros there.
+constexpr int64_t kNoRun = -1;
+
 // One thread's share of an operand tile [OUTER][INNER] whose INNER index runs along contiguous memory,
 // loaded kVec elements at a time: 16-byte vectors where the tensor allows (contiguous, aligned channels),
-// else single elements (kVec 1). Vector q = tid + j * kTileThreads covers (outer, inner0 .. inner0 + kVec).
-//   fetch(src)  global -> registers; src(outer, inner0) points at the kVec elements, or is null for zeros
-//   stash(put)  registers -> the shared tile: put(outer, inner0, run) for every run of kVec elements
+// else single elements (kVec 1). Run q = tid + j * kTileThreads covers (outer, inner0 .. inner0 + kVec).
+//   fetch(base, offset)  global -> registers; offset(outer, inner0) is the run's element offset from base,
+//                        or kNoRun for zeros
+//   stash(put)           registers -> the shared tile: put(outer, inner0, run) for every run
 template <typename T, int OUTER, int INNER, int kVec>
 struct TileLoad {
-  static_assert(INNER % kVec == 0, "vectors do not straddle rows");
-  static constexpr int kRow = INNER / kVec, kVectors = OUTER * kRow;
-  static constexpr int kPerThread = (kVectors + kTileThreads - 1) / kTileThreads;
-  Packed<T, kVec> v[kPerThread];
+  static_assert(INNER % kVec == 0, "runs do not straddle rows");
+  static constexpr int kRow = INNER / kVec, kRuns = OUTER * kRow;
+  static constexpr int kPerThread = (kRuns + kTileThreads - 1) / kTileThreads;
+  using Run = Packed<T, kVec>;
+  Run v[kPerThread];
 
-  template <typename Src>
-  __device__ __forceinline__ void fetch(Src&& src) {
+  template <typename Offset>
+  __device__ __forceinline__ static int64_t run_offset(int j, Offset&& offset) {
+    const int q = threadIdx.x + j * kTileThreads;
+    return (kRuns % kTileThreads == 0 || q < kRuns) ? offset(q / kRow, q % kRow * kVec) : kNoRun;
+  }
+
+  __device__ __forceinline__ static Run load(const T* base, int64_t at) {
+    Run run;
+    if (at == kNoRun) {
 #pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int q = threadIdx.x + j * kTileThreads;
-      const T* p = (kVectors % kTileThreads == 0 || q < kVectors) ? src(q / kRow, q % kRow * kVec) : nullptr;
-      if (p != nullptr) {
-        check_aligned(p);
-        v[j] = *reinterpret_cast<const Packed<T, kVec>*>(p);
-      } else {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) v[j].x[e] = from_float<T>(0.0f);
-      }
+      for (int e = 0; e < kVec; ++e) run.x[e] = from_float<T>(0.0f);
+      return run;
     }
+    check_aligned(base + at);
+    return *reinterpret_cast<const Run*>(base + at);
+  }
+
+  template <typename Offset>
+  __device__ __forceinline__ void fetch(const T* base, Offset&& offset) {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) v[j] = load(base, run_offset(j, offset));
   }
 
   template <typename Put>
@@ -145,19 +160,52 @@ struct TileLoad {
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int q = threadIdx.x + j * kTileThreads;
-      if (kVectors % kTileThreads != 0 && q >= kVectors) break;
+      if (kRuns % kTileThreads != 0 && q >= kRuns) break;
       put(q / kRow, q % kRow * kVec, v[j]);
     }
   }
 
   __device__ __forceinline__ static void check_aligned(const T* p) {
 #ifdef DCIGN_CPU_EMULATION  // a GPU faults on a misaligned vector access; the emulation fails the launch
-    if (reinterpret_cast<uintptr_t>(p) % sizeof(Packed<T, kVec>) != 0) {
+    if (reinterpret_cast<uintptr_t>(p) % sizeof(Run) != 0) {
       dcign_emulation::fail(cudaErrorMisalignedAddress, "misaligned address (emulation: a vector load)");
     }
 #else
     (void)p;
 #endif
+  }
+};
+
+// A TileLoad of grad_out that applies the forward's ReLU itself: with the forward output yout (non-null
+// for a ReLU, laid out like grad_out) it also loads the output's runs at the same offsets, and stashes
+// grad_out only where the output is positive (zeros elsewhere), as torch.where(out > 0, grad_out, 0).
+template <typename T, int OUTER, int INNER, int kVec>
+struct GradTileLoad {
+  using Runs = TileLoad<T, OUTER, INNER, kVec>;
+  Runs g, y;
+
+  template <typename Offset>
+  __device__ __forceinline__ void fetch(const T* gout, const T* yout, Offset&& offset) {
+#pragma unroll
+    for (int j = 0; j < Runs::kPerThread; ++j) {
+      const int64_t at = Runs::run_offset(j, offset);
+      g.v[j] = Runs::load(gout, at);
+      if (yout != nullptr) y.v[j] = Runs::load(yout, at);
+    }
+  }
+
+  template <typename Put>
+  __device__ __forceinline__ void stash(bool relu, Put&& put) const {
+    if (!relu) return g.stash(put);
+    Runs masked = g;
+#pragma unroll
+    for (int j = 0; j < Runs::kPerThread; ++j) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        if (!(to_float(y.v[j].x[e]) > 0.0f)) masked.v[j].x[e] = from_float<T>(0.0f);
+      }
+    }
+    masked.stash(put);
   }
 };
 

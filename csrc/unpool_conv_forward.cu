@@ -6,8 +6,6 @@
 namespace dcign {
 namespace {
 
-// One block per SM stated outright: the four phases' accumulators need more than 128 registers, and left to
-// its own target ptxas may squeeze some instantiations into 128 and spill.
 template <typename T, bool kTf32, int BM, int BN, int kVec>
 __global__ void __launch_bounds__(kTileThreads, 1)
     unpool_conv_forward_kernel(const T* __restrict__ x, const T* __restrict__ wp, const T* __restrict__ bias,
@@ -52,18 +50,18 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     tap_of(s, ty, tx);
     const int c0 = s % chunks * kTileK, dr = g.rows.start + ty, dc = g.cols.start + tx;
     // A[m][k] = x[n, i + dr, j + dc, c0 + k].
-    staged.a.fetch([&](int m, int k) -> const T* {
+    staged.a.fetch(x, [&](int m, int k) -> int64_t {
       const int r = pos_i[m] + dr, c = pos_j[m] + dc, ch = c0 + k;
       const bool inside = r >= 0 && r < g.H && c >= 0 && c < g.W && ch < g.C;
-      return inside ? x + pos_n[m] * xs.n + r * xs.h + c * xs.w + ch * xs.c : nullptr;
+      return inside ? pos_n[m] * xs.n + r * xs.h + c * xs.w + ch * xs.c : kNoRun;
     });
     // B[k][n] = wp[p, ty, tx, c0 + k, o0 + n] for the phases whose window holds the tap.
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
       if (!phase_has_tap(g, p, ty, tx)) continue;
-      staged.w[p].fetch([&](int k, int n) -> const T* {
+      staged.w[p].fetch(wp, [&](int k, int n) -> int64_t {
         const int ch = c0 + k, o = o0 + n;
-        return ch < g.C && o < g.OP ? wp + p * phase_size + packed_offset(g, ty, tx, ch, o) : nullptr;
+        return ch < g.C && o < g.OP ? p * phase_size + packed_offset(g, ty, tx, ch, o) : kNoRun;
       });
     }
   };

@@ -9,13 +9,14 @@ namespace dcign {
 namespace {
 
 template <typename T, bool kTf32, int BM, int BN, int kVec>
-__global__ void __launch_bounds__(kTileThreads)
-    unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, float* __restrict__ ws,
-                                   float* __restrict__ bias_ws, Geometry g, Strides xs, Strides gs, int chunk) {
+__global__ void __launch_bounds__(kTileThreads, 1)
+    unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, const T* __restrict__ yout,
+                                   float* __restrict__ ws, float* __restrict__ bias_ws, Geometry g, Strides xs,
+                                   Strides gs, int chunk) {
   using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
   struct Staged {
-    TileLoad<T, kTileK, BM, kVec> a;  // input [k][c]: c runs along its channels
-    TileLoad<T, kTileK, BN, kVec> b;  // grad_out [k][o]: o runs along its channels
+    TileLoad<T, kTileK, BM, kVec> a;      // input [k][c]: c runs along its channels
+    GradTileLoad<T, kTileK, BN, kVec> b;  // grad_out [k][o]: o runs along its channels
   };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   const int tid = threadIdx.x;
@@ -48,23 +49,23 @@ __global__ void __launch_bounds__(kTileThreads)
   };
   auto fetch = [&](int s, Staged& staged) {
     // A[k][c] = x[n, io + dr, jo + dc, c0 + c].
-    staged.a.fetch([&](int k, int c) -> const T* {
+    staged.a.fetch(x, [&](int k, int c) -> int64_t {
       const Position at = position(s, k);
       const int r = at.io + dr, col = at.jo + dc, ch = c0 + c;
       const bool inside = at.inside && ch < g.C && r >= 0 && r < g.H && col >= 0 && col < g.W;
-      return inside ? x + at.n * xs.n + r * xs.h + col * xs.w + ch * xs.c : nullptr;
+      return inside ? at.n * xs.n + r * xs.h + col * xs.w + ch * xs.c : kNoRun;
     });
     // B[k][o] = g[n, 2 io + A, 2 jo + B, o0 + o].
-    staged.b.fetch([&](int k, int o) -> const T* {
+    staged.b.fetch(gout, yout, [&](int k, int o) -> int64_t {
       const Position at = position(s, k);
       const int oc = o0 + o;
-      return at.inside && oc < g.O ? gout + at.n * gs.n + (2 * at.io + A) * gs.h + (2 * at.jo + B) * gs.w + oc * gs.c
-                                   : nullptr;
+      return at.inside && oc < g.O ? at.n * gs.n + (2 * at.io + A) * gs.h + (2 * at.jo + B) * gs.w + oc * gs.c : kNoRun;
     });
   };
   auto stash = [&](int, const Staged& staged, int buf) {
     staged.a.stash([&](int k, int c, const auto& run) { put_run<false>(smem.tiles.a[buf], k, c, run); });
-    staged.b.stash([&](int k, int o, const auto& run) { put_run<false>(smem.tiles.b[buf], k, o, run); });
+    staged.b.stash(yout != nullptr,
+                   [&](int k, int o, const auto& run) { put_run<false>(smem.tiles.b[buf], k, o, run); });
   };
   auto multiply = [&](int, int buf) {
     if (sums_bias && tid < BN) {
@@ -84,22 +85,23 @@ __global__ void __launch_bounds__(kTileThreads)
 }
 
 template <typename T, bool kTf32, int BM, int BN>
-void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t ws, uintptr_t bias_ws,
-                        const Geometry& g, int splits, int chunk, cudaStream_t stream) {
+void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t yout, uintptr_t ws,
+                        uintptr_t bias_ws, const Geometry& g, int splits, int chunk, cudaStream_t stream) {
   const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), all_phase_taps(g), splits);
   dispatch_vector<T>({{&x, g.C}, {&gout, g.O}}, [&](auto vec) {
     launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream,
                   unpool_conv_grad_weight_kernel<T, kTf32, BM, BN, decltype(vec)::value>,
-                  reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws),
-                  reinterpret_cast<float*>(bias_ws), g, strides_of(x), strides_of(gout), chunk);
+                  reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr),
+                  reinterpret_cast<const T*>(yout), reinterpret_cast<float*>(ws), reinterpret_cast<float*>(bias_ws), g,
+                  strides_of(x), strides_of(gout), chunk);
   });
 }
 
 }  // namespace
 
-void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, uintptr_t bias_ws, int N, int C, int H,
-                             int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype, int tf32,
-                             uintptr_t stream) {
+void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t y, uintptr_t ws, uintptr_t bias_ws, int N,
+                             int C, int H, int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk,
+                             int dtype, int tf32, uintptr_t stream) {
   if (splits < 1 || splits > 65535 || chunk < 1) {
     throw std::invalid_argument("unpool_conv_grad_weight: splits must lie in [1, 65535] and chunk be >= 1");
   }
@@ -108,9 +110,9 @@ void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, u
     using T = typename decltype(tag)::type;
     constexpr bool kTf32 = decltype(use_tf32)::value;
     if (O <= 16) {
-      launch_grad_weight<T, kTf32, 64, 16>(x, g, ws, bias_ws, geo, splits, chunk, to_stream(stream));
+      launch_grad_weight<T, kTf32, 64, 16>(x, g, y, ws, bias_ws, geo, splits, chunk, to_stream(stream));
     } else {
-      launch_grad_weight<T, kTf32, 64, 64>(x, g, ws, bias_ws, geo, splits, chunk, to_stream(stream));
+      launch_grad_weight<T, kTf32, 64, 64>(x, g, y, ws, bias_ws, geo, splits, chunk, to_stream(stream));
     }
   });
 }

@@ -117,6 +117,11 @@ def _view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
     return (t.data_ptr(), *t.stride())
 
 
+def _standard_nhwc(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last copy with the standard strides of its shape (equal for equal shapes)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=torch.channels_last).copy_(t)
+
+
 def _tf32(x: torch.Tensor) -> int:
     """1 when float32 multiplies run in TF32 on tensor cores: under ``torch.backends.cudnn.allow_tf32``, as
     cuDNN's convolutions (the reference's) do; 16-bit storage always uses tensor cores."""
@@ -206,13 +211,16 @@ def unpool_conv2d_cuda_backward(
     ph, pw = padding
     lib, code, tf32, stream = cuda.load(x.device), _dtype_code(x), _tf32(x), cuda.stream(x.device)
     with cuda.device_guard(x.device):
-        if activation == "relu":
-            grad_out = torch.where(out > 0, grad_out, 0)
-        g, wp = nhwc(grad_out), _pack_weight(weight, padding)
+        g, y = nhwc(grad_out), None
+        if activation == "relu":  # the kernels apply the ReLU's mask, reading out at grad_out's offsets
+            y = nhwc(out)
+            if y.stride() != g.stride():
+                g, y = _standard_nhwc(grad_out), _standard_nhwc(out)
+        y_ptr, wp = 0 if y is None else y.data_ptr(), _pack_weight(weight, padding)
         grad_x = torch.empty_like(x)
         if grad_x.numel() and g.numel():
             lib.unpool_conv_grad_input(
-                _view(g), wp.data_ptr(), _view(grad_x), n, c_in, h, w, c_out, kh, kw, ph, pw, code, tf32, stream
+                _view(g), y_ptr, wp.data_ptr(), _view(grad_x), n, c_in, h, w, c_out, kh, kw, ph, pw, code, tf32, stream
             )
         elif grad_x.numel():
             grad_x.zero_()
@@ -222,7 +230,7 @@ def unpool_conv2d_cuda_backward(
         bias_ws = torch.empty((splits, 4, c_out), dtype=torch.float32, device=x.device) if has_bias else None
         x_nhwc = nhwc(x)
         lib.unpool_conv_grad_weight(
-            _view(x_nhwc), _view(g), ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(),
+            _view(x_nhwc), _view(g), y_ptr, ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(),
             n, c_in, h, w, c_out, kh, kw, ph, pw, splits, max(1, chunk), code, tf32, stream,
         )  # fmt: skip
         grad_weight = torch.empty((c_out, c_in, kh, kw), dtype=x.dtype, device=x.device)
