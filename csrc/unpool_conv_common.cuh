@@ -139,14 +139,11 @@ struct TileLoad {
   }
 
   __device__ __forceinline__ static Run load(const T* base, int64_t at) {
+    if (at != kNoRun && aligned(base + at)) return *reinterpret_cast<const Run*>(base + at);
     Run run;
-    if (at == kNoRun) {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) run.x[e] = from_float<T>(0.0f);
-      return run;
-    }
-    check_aligned(base + at);
-    return *reinterpret_cast<const Run*>(base + at);
+    for (int e = 0; e < kVec; ++e) run.x[e] = from_float<T>(0.0f);
+    return run;
   }
 
   template <typename Offset>
@@ -165,14 +162,17 @@ struct TileLoad {
     }
   }
 
-  __device__ __forceinline__ static void check_aligned(const T* p) {
-#ifdef DCIGN_CPU_EMULATION  // a GPU faults on a misaligned vector access; the emulation fails the launch
+  // A GPU faults on a misaligned vector access; the emulation fails the launch (and loads nothing).
+  __device__ __forceinline__ static bool aligned(const T* p) {
+#ifdef DCIGN_CPU_EMULATION
     if (reinterpret_cast<uintptr_t>(p) % sizeof(Run) != 0) {
       dcign_emulation::fail(cudaErrorMisalignedAddress, "misaligned address (emulation: a vector load)");
+      return false;
     }
 #else
     (void)p;
 #endif
+    return true;
   }
 };
 

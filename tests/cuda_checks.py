@@ -150,6 +150,27 @@ def check_tf32_follows_the_cudnn_flag(device: str) -> None:
     assert errors[False] < REL_TOL[torch.float32] < errors[True] < unpool_conv_tolerance(torch.float32, True)
 
 
+def check_unaligned_and_one_pixel_views(device: str) -> None:
+    """Views the 16-byte vector loads must handle, in exact float32: a channels_last input whose base is one
+    element past a vector boundary (loaded element by element), and 1 x 1 images (the strides of extent-1
+    dimensions do not matter)."""
+    weight = (torch.randn(8, 16, 3, 3, device=device) / 12).requires_grad_()
+    padded = torch.randn(2, 5, 6, 20, device=device, requires_grad=True)
+    unaligned = padded[..., 1:17].permute(0, 3, 1, 2)  # [2, 16, 5, 6]: strides whole vectors, base not
+    assert unaligned.data_ptr() % 16 != 0
+    one_pixel = torch.randn(3, 16, 1, 1, device=device, requires_grad=True)
+    for x in (unaligned, one_pixel):
+        with cudnn_tf32(False):
+            y = dc.unpool_conv2d(x, weight, padding=2, backend="cuda", activation="relu")
+            grad = torch.randn(y.shape, device=device)
+            got = torch.autograd.grad(y, (x, weight), grad)
+        ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight)]
+        expected = F.relu(oracle(*ref_leaves, torch.zeros(8, dtype=torch.float64, device=device), (2, 2)))
+        assert rel_error(y, expected) < REL_TOL[torch.float32]
+        for g, e in zip(got, torch.autograd.grad(expected, ref_leaves, grad.double())):
+            assert rel_error(g, e) < 2 * REL_TOL[torch.float32]
+
+
 def check_every_padding(kernel: int, n: int, max_size: int, device: str) -> None:
     """check_unpool_conv for a square ``kernel`` at every padding 0..kernel-1, exact float32, random channel
     counts in 1..39 and random rectangular images up to ``max_size - 1``."""

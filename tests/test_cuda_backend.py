@@ -20,6 +20,7 @@ from tests.cuda_checks import (
     check_sampler_eps,
     check_sampler_strided,
     check_tf32_follows_the_cudnn_flag,
+    check_unaligned_and_one_pixel_views,
     check_unpool_conv,
     cudnn_tf32,
     oracle,
@@ -137,6 +138,12 @@ def test_unpool_conv_rectangular_kernels_layouts_and_relu(channels_last, activat
 @needs_extension
 def test_unpool_conv_float32_follows_cudnn_allow_tf32():
     check_tf32_follows_the_cudnn_flag("cuda")
+
+
+@pytest.mark.cuda
+@needs_extension
+def test_unpool_conv_unaligned_and_one_pixel_views():
+    check_unaligned_and_one_pixel_views("cuda")
 
 
 @pytest.mark.cuda

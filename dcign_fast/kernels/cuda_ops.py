@@ -114,7 +114,9 @@ def cuda_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale_factor:
 
 
 def _view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
-    return (t.data_ptr(), *t.stride())
+    """(pointer, strides n, c, h, w); a dimension of extent 1 gets stride 0 (never stepped along, and then it
+    cannot keep the kernels from loading 16-byte vectors)."""
+    return (t.data_ptr(), *(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())))
 
 
 def _standard_nhwc(t: torch.Tensor) -> torch.Tensor:
