@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -41,6 +42,21 @@ struct alignas(sizeof(T) * kVec) Packed {
 // Elements of T in one 16-byte access.
 template <typename T>
 constexpr int kVecOf = 16 / static_cast<int>(sizeof(T));
+
+// Whether p may be accessed as a Run. Always on a GPU, where a misaligned vector access faults; the CPU
+// emulation checks, and fails the launch instead (the caller then skips the access).
+template <typename Run>
+__device__ __forceinline__ bool run_aligned(const void* p) {
+#ifdef DCIGN_CPU_EMULATION
+  if (reinterpret_cast<uintptr_t>(p) % alignof(Run) != 0) {
+    dcign_emulation::fail(cudaErrorMisalignedAddress, "misaligned address (emulation: a vector access)");
+    return false;
+  }
+#else
+  (void)p;
+#endif
+  return true;
+}
 
 template <typename T>
 struct TypeTag {

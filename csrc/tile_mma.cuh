@@ -189,7 +189,7 @@ struct WmmaMma {
 template <bool kAlongK, typename Tile, typename T, int kVec>
 __device__ __forceinline__ void put_run(Tile& tile, int k, int i, const Packed<T, kVec>& run) {
   if constexpr (kVec > 1 && (kAlongK ? Tile::kRunsAlongK : Tile::kRunsAcross)) {  // tiles that hold runs hold T
-    *reinterpret_cast<Packed<T, kVec>*>(tile.address(k, i)) = run;
+    if (run_aligned<Packed<T, kVec>>(tile.address(k, i))) *reinterpret_cast<Packed<T, kVec>*>(tile.address(k, i)) = run;
   } else {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) tile.put(kAlongK ? k + e : k, kAlongK ? i : i + e, to_float(run.x[e]));

@@ -139,7 +139,7 @@ struct TileLoad {
   }
 
   __device__ __forceinline__ static Run load(const T* base, int64_t at) {
-    if (at != kNoRun && aligned(base + at)) return *reinterpret_cast<const Run*>(base + at);
+    if (at != kNoRun && run_aligned<Run>(base + at)) return *reinterpret_cast<const Run*>(base + at);
     Run run;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) run.x[e] = from_float<T>(0.0f);
@@ -160,19 +160,6 @@ struct TileLoad {
       if (kRuns % kTileThreads != 0 && q >= kRuns) break;
       put(q / kRow, q % kRow * kVec, v[j]);
     }
-  }
-
-  // A GPU faults on a misaligned vector access; the emulation fails the launch (and loads nothing).
-  __device__ __forceinline__ static bool aligned(const T* p) {
-#ifdef DCIGN_CPU_EMULATION
-    if (reinterpret_cast<uintptr_t>(p) % sizeof(Run) != 0) {
-      dcign_emulation::fail(cudaErrorMisalignedAddress, "misaligned address (emulation: a vector load)");
-      return false;
-    }
-#else
-    (void)p;
-#endif
-    return true;
   }
 };
 
