@@ -17,6 +17,25 @@ from pathlib import Path
 
 import torch
 
+# Every field a suite's rows may have, in the order tables show them.
+COLUMNS = [
+    "case",
+    "pass",
+    "dtype",
+    "backend",
+    "median_ms",
+    "images_per_s",
+    "speedup",
+    "floor_ms",
+    "over_floor",
+    "peak_mb",
+    "kernel",
+    "kernel_ms",
+    "share",
+    "calls",
+    "note",
+]
+
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):

@@ -14,24 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.harness import format_cell, format_table, machine_label
+from benchmarks.harness import COLUMNS, format_cell, format_table, machine_label
 
 BASELINES = {"reference", "eager reference", "unpatched"}  # each suite's speedup = 1 row
-COLUMNS = [
-    "case",
-    "pass",
-    "dtype",
-    "backend",
-    "median_ms",
-    "images_per_s",
-    "speedup",
-    "over_floor",
-    "peak_mb",
-    "kernel",
-    "kernel_ms",
-    "share",
-    "calls",
-]
+# RESULTS.md leaves out floor_ms (over_floor says it) and notes.
+MARKDOWN_COLUMNS = [c for c in COLUMNS if c not in ("floor_ms", "note")]
 
 
 def load_results(folder: Path) -> list[dict]:
@@ -60,7 +47,7 @@ def write_markdown(runs: list[dict], path: Path) -> None:
     for run in runs:
         m = run["machine"]
         rows = [r for r in run["rows"] if "median_ms" in r or "kernel_ms" in r]
-        columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+        columns = [c for c in MARKDOWN_COLUMNS if any(r.get(c) is not None for r in rows)]
         parts += [
             f"## {run['suite']} on {machine_label(m)} ({m['device']})",
             "",

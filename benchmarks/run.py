@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import format_table, machine, machine_label, write_results
+from benchmarks.harness import COLUMNS, format_table, machine, machine_label, write_results
 
 SUITES = {
     "ops": "benchmarks.suites.ops",
@@ -26,23 +26,6 @@ SUITES = {
     "patch": "benchmarks.suites.patch",
     "kernels": "benchmarks.suites.kernels",
 }
-COLUMNS = [
-    "case",
-    "pass",
-    "dtype",
-    "backend",
-    "median_ms",
-    "images_per_s",
-    "speedup",
-    "floor_ms",
-    "over_floor",
-    "peak_mb",
-    "kernel",
-    "kernel_ms",
-    "share",
-    "calls",
-    "note",
-]
 
 
 def main(argv: list[str] | None = None) -> int:
