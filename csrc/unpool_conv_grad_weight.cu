@@ -9,7 +9,7 @@ namespace dcign {
 namespace {
 
 template <typename T, bool kTf32, int BM, int BN, int kVec>
-__global__ void __launch_bounds__(kTileThreads, 1)
+__global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, const T* __restrict__ yout,
                                    float* __restrict__ ws, float* __restrict__ bias_ws, Geometry g, Strides xs,
                                    Strides gs, int chunk) {
