@@ -76,7 +76,8 @@ def run(device: str, quick: bool) -> Iterator[dict]:
         with torch.no_grad():
             grad = torch.randn(module(x).shape, device=device, dtype=dtype)
         row = {"case": f"{case.name} b{batch}", "pass": "forward+backward", "dtype": str(dtype).removeprefix("torch.")}
-        for backend in backends_for(device):
+        # triton last: its first call in a process autotunes, which can use up the suite's time limit.
+        for backend in sorted(backends_for(device), key=lambda name: name == "triton"):
             try:
                 times = kernel_times(_runner(_with_backend(module, backend), x, grad), device, iterations)
             except Exception as err:  # a backend that cannot run is reported, never fatal to the suite
