@@ -145,7 +145,15 @@ def unpool_conv2d_torch(
         for k, (r, c) in enumerate(group):
             conv, full = _phase_slices(r, c, pad_r, pad_c, k, o, scale_factor)
             out[full] = y[conv]
-    return _activate(out, activation)
+    return out if activation is None else out.relu_()  # out is ours: no second output-sized tensor
+
+
+def _zero_around(t: torch.Tensor, rows: slice, cols: slice) -> None:
+    """Zeros t [N, C, H, W] outside the window t[:, :, rows, cols] (slices with explicit start and stop)."""
+    t[:, :, : rows.start].zero_()
+    t[:, :, rows.stop :].zero_()
+    t[:, :, rows, : cols.start].zero_()
+    t[:, :, rows, cols.stop :].zero_()
 
 
 def unpool_conv2d_torch_backward(
@@ -162,11 +170,11 @@ def unpool_conv2d_torch_backward(
     ``out`` > 0) when one was fused; then per phase group, grad_out's phases scattered into the group's
     convolution output, one ``convolution_backward`` on the low-resolution x, and the collapsed kernels'
     gradients folded back onto the full kernel (the transpose of ``_collapse``)."""
-    if activation == "relu":
-        grad_out = torch.where(out > 0, grad_out, 0)
+    if activation == "relu":  # F.relu's own backward: one pass
+        grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
     _, _, h, w = x.shape
     o, _, kh, kw = weight.shape
-    grad_x = torch.zeros_like(x)
+    grad_x = None
     acc = torch.promote_types(weight.dtype, torch.float32)
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     grad_bias = torch.zeros(o, dtype=acc, device=weight.device) if has_bias else None
@@ -178,20 +186,22 @@ def unpool_conv2d_torch_backward(
             h + 2 * pad_r - stacked.shape[2] + 1,
             w + 2 * pad_c - stacked.shape[3] + 1,
         )
-        grad_y = grad_out.new_zeros(conv_shape)
+        grad_y = grad_out.new_empty(conv_shape)
         for k, (r, c) in enumerate(group):
             conv, full = _phase_slices(r, c, pad_r, pad_c, k, o, scale_factor)
             grad_y[conv] = grad_out[full]
+            _zero_around(grad_y[:, conv[1]], conv[2], conv[3])
         gx, gs, gb = torch.ops.aten.convolution_backward(
             grad_y, x, stacked, [stacked.shape[0]] if has_bias else None,
             [1, 1], [pad_r, pad_c], [1, 1], False, [0, 0], 1, [True, True, has_bias],
         )  # fmt: skip
-        grad_x += gx
+        grad_x = gx if grad_x is None else grad_x.add_(gx)
         for k, (r, c) in enumerate(group):
             rm, cm = r.collapse_matrix(acc, weight.device), c.collapse_matrix(acc, weight.device)
             grad_weight += torch.einsum("mu,ocmn,nv->ocuv", rm, gs[k * o : (k + 1) * o].to(acc), cm)
         if has_bias:
             grad_bias += gb.view(len(group), o).sum(0)
+    grad_x = torch.zeros_like(x) if grad_x is None else grad_x  # no phase group: an empty output
     return grad_x, grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(weight.dtype)
 
 
