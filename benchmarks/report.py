@@ -108,14 +108,17 @@ def plot_speedups(runs: list[dict], path: Path) -> None:
 
 
 def summary_rows(runs: list[dict]) -> list[dict]:
-    """Per suite, case and dtype: the fastest backend and its speedup over the suite's baseline."""
-    best: dict[tuple, dict] = {}
+    """Per suite, machine, case and dtype: the fastest backend of the newest run and its speedup over the
+    suite's baseline (runs are oldest first; a newer run replaces an older one's rows, never mixes with them)."""
+    newest: dict[tuple, dict] = {}
     for run in runs:
+        best: dict[tuple, dict] = {}
         for r in headline_rows(run):
-            key = (run["suite"], r["case"], r.get("dtype"))
+            key = (run["suite"], machine_label(run["machine"]), r["case"], r.get("dtype"))
             if key not in best or r["speedup"] > best[key]["speedup"]:
                 best[key] = {"suite": run["suite"], "best": r["backend"], **r}
-    return list(best.values())
+        newest.update(best)
+    return list(newest.values())
 
 
 def main(argv: list[str] | None = None) -> int:

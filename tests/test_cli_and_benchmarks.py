@@ -43,6 +43,15 @@ def test_ops_suite_compares_backends(tmp_path):
     assert {"reference", "torch"} <= {row["backend"] for row in rows}
 
 
+def test_summary_takes_the_newest_run_not_the_best_one():
+    def run(date: str, speedup: float) -> dict:
+        row = {"case": "c", "pass": "forward+backward", "dtype": "float32", "backend": "torch", "speedup": speedup}
+        return {"suite": "ops", "machine": {"cpu": "cpu", "date": date}, "rows": [row]}
+
+    (row,) = report.summary_rows([run("2026-01-01", 3.0), run("2026-02-01", 2.0)])
+    assert row["speedup"] == 2.0
+
+
 def test_kernels_suite_splits_each_backend_into_kernels(tmp_path):
     from benchmarks.suites.kernels import short_kernel_name
 
