@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from dcign_fast.ops.unpool_conv import cudnn_allows_tf32
+
 # Every field a suite's rows may have, in the order tables show them.
 COLUMNS = [
     "case",
@@ -165,7 +167,7 @@ def machine(device: str) -> dict[str, object]:
         info["card"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
         # float32 convolutions (cuDNN's, and the triton and cuda backends') run in TF32 when this is set.
-        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        info["cudnn_allow_tf32"] = cudnn_allows_tf32()
     return info
 
 

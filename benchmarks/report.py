@@ -108,15 +108,16 @@ def plot_speedups(runs: list[dict], path: Path) -> None:
 
 
 def summary_rows(runs: list[dict]) -> list[dict]:
-    """Per suite, machine, case and dtype: the fastest backend of the newest run and its speedup over the
-    suite's baseline (runs are oldest first; a newer run replaces an older one's rows, never mixes with them)."""
+    """Per suite, machine, case and dtype: the fastest backend in the newest run that measured the case, and
+    its speedup over the suite's baseline (runs are oldest first: a newer run's rows replace an older one's
+    for the cases it measured)."""
     newest: dict[tuple, dict] = {}
     for run in runs:
         best: dict[tuple, dict] = {}
         for r in headline_rows(run):
             key = (run["suite"], machine_label(run["machine"]), r["case"], r.get("dtype"))
             if key not in best or r["speedup"] > best[key]["speedup"]:
-                best[key] = {"suite": run["suite"], "best": r["backend"], **r}
+                best[key] = {"suite": run["suite"], "machine": key[1], "best": r["backend"], **r}
         newest.update(best)
     return list(newest.values())
 
@@ -135,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         print("\n## summary: fastest backend per case (forward+backward where measured)")
         print(
-            format_table(summary_rows(runs), ["suite", "case", "dtype", "best", "median_ms", "speedup", "over_floor"])
+            format_table(
+                summary_rows(runs), ["suite", "machine", "case", "dtype", "best", "median_ms", "speedup", "over_floor"]
+            )
         )
     return 0
 

@@ -33,11 +33,11 @@ def _sync(fn):
 def test_decoder_forward_backward(benchmark, backend):
     batch = 4 if QUICK else 20
     case = ops.paper150_cases(batch)[-1]
-    module = ops._with_backend(case.module.to(DEVICE), backend)
+    module = ops.with_backend(case.module.to(DEVICE), backend)
     x = torch.rand(case.shape, device=DEVICE, requires_grad=True)
     grad = torch.randn_like(module(x))
     benchmark.group = f"unpool-conv: {case.name} b{batch} forward+backward"
-    benchmark(_sync(ops._runner(module, x, grad)))
+    benchmark(_sync(ops.runner(module, x, grad)))
 
 
 @pytest.mark.parametrize("variant", ["reference", "torch"] + (["triton"] if DEVICE == "cuda" else []))

@@ -3,7 +3,8 @@
 // Design: each kernel is an implicit GEMM with float32 accumulation. A block of 256 threads owns a
 // BM x BN output tile; the reduction runs kTileK at a time through double-buffered shared-memory operand
 // tiles (pipelined_k_loop: the next step's global loads overlap this step's multiplies), multiplied by the
-// policy of tile_mma.cuh: SIMT cores for float32 storage, tensor cores (wmma) for bf16 / fp16.
+// policy of tile_mma.cuh: tensor cores (wmma) for bf16 / fp16 and, under TF32, float32; SIMT cores for exact
+// float32. Operand tiles load in 16-byte vectors where the tensors allow (TileLoad).
 //   forward      M = positions (n, i, j) of phase (0, 0), N = C_out, K = (union taps, C_in): one input tile
 //                per union tap feeds every phase whose window holds the tap, so the four phases share
 //                their input reads and are written interleaved (bias and ReLU in the epilogue).
@@ -205,6 +206,14 @@ bool loads_vectors(const ActivationView& v, int channels) {
   constexpr int kVec = kVecOf<T>;
   return v.sc == 1 && v.sn % kVec == 0 && v.sh % kVec == 0 && v.sw % kVec == 0 && channels % kVec == 0 &&
          v.ptr % 16 == 0;
+}
+
+// The view of the forward output that the grad kernels read at grad_out's offsets (grad_out's own without a
+// ReLU): its base must allow vectors too.
+inline ActivationView output_view(const ActivationView& gout, uintptr_t yout) {
+  ActivationView y = gout;
+  if (yout != 0) y.ptr = yout;
+  return y;
 }
 
 // Calls fn(std::integral_constant<int, kVec>{}) with the vector width that every view (and its channel count)

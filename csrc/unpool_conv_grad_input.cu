@@ -73,8 +73,7 @@ template <typename T, bool kTf32, int BM, int BN>
 void launch_grad_input(const ActivationView& gout, uintptr_t yout, uintptr_t wp, const ActivationView& dx,
                        const Geometry& g, cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(g.N) * g.H * g.W, BM), ceil_div(g.C, BN));
-  ActivationView y = gout;  // the forward output is read at grad_out's offsets: its base must allow vectors too
-  if (yout != 0) y.ptr = yout;
+  const ActivationView y = output_view(gout, yout);
   dispatch_vector<T>({{&gout, g.O}, {&y, g.O}}, [&](auto vec) {
     launch_kernel("unpool_conv_grad_input_kernel", grid, kTileThreads, stream,
                   unpool_conv_grad_input_kernel<T, kTf32, BM, BN, decltype(vec)::value>,

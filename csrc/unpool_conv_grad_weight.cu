@@ -88,8 +88,7 @@ template <typename T, bool kTf32, int BM, int BN>
 void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t yout, uintptr_t ws,
                         uintptr_t bias_ws, const Geometry& g, int splits, int chunk, cudaStream_t stream) {
   const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), all_phase_taps(g), splits);
-  ActivationView y = gout;  // the forward output is read at grad_out's offsets: its base must allow vectors too
-  if (yout != 0) y.ptr = yout;
+  const ActivationView y = output_view(gout, yout);
   dispatch_vector<T>({{&x, g.C}, {&gout, g.O}, {&y, g.O}}, [&](auto vec) {
     launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream,
                   unpool_conv_grad_weight_kernel<T, kTf32, BM, BN, decltype(vec)::value>,

@@ -19,7 +19,7 @@ class UnpoolConv2d(nn.Module):
     Parameters are named and shaped like ``nn.Conv2d``'s (``weight`` [O, C, KH, KW], ``bias`` [O]),
     so a Conv2d state_dict loads into it. The backend is not part of the state.
 
-    ``activation="relu"`` appends a ReLU (fused into the triton backend's kernels): the decoder's
+    ``activation="relu"`` appends a ReLU (fused into the triton and cuda backends' kernels): the decoder's
     ``UnpoolConv2d, nn.ReLU`` pairs become one module.
 
     Shapes: [N, C, H, W] -> [N, O, s*H + 2*ph - KH + 1, s*W + 2*pw - KW + 1].

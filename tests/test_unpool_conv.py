@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import dcign_fast as dc
 from dcign_fast.ops.reference import unpool_conv2d_reference
+from dcign_fast.ops.unpool_conv import cudnn_allows_tf32
 from tests.helpers import REL_TOL, poisoned_allocations, rel_error
 
 CPU_BACKENDS = ["reference", "torch"]
@@ -81,7 +82,8 @@ def test_torch_backend_gradcheck(k, p):
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 3, k, k, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: dc.unpool_conv2d(*t, padding=p, backend="torch"), (x, w, b))
+    with poisoned_allocations():  # an element the backward forgets to write is NaN
+        assert torch.autograd.gradcheck(lambda *t: dc.unpool_conv2d(*t, padding=p, backend="torch"), (x, w, b))
 
 
 def test_torch_backend_gradcheck_with_relu():
@@ -92,7 +94,21 @@ def test_torch_backend_gradcheck_with_relu():
     y = dc.unpool_conv2d(x, w, b, padding=1, backend="torch", activation="relu")
     assert (y == 0).any() and (y > 0).any()  # the mask matters
     fn = lambda *t: dc.unpool_conv2d(*t, padding=1, backend="torch", activation="relu")  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, w, b))
+    with poisoned_allocations():
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch without per-operator precision")
+def test_tf32_setting_is_read_through_either_torch_api():
+    """Setting TF32 per operator makes torch refuse to read allow_tf32; the kernel backends still follow it."""
+    saved = torch.backends.cudnn.conv.fp32_precision
+    try:
+        for precision, tf32 in (("ieee", False), ("tf32", True)):
+            torch.backends.cudnn.conv.fp32_precision = precision
+            assert cudnn_allows_tf32() is tf32
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = saved
+    assert torch.backends.cudnn.allow_tf32  # readable again
 
 
 def test_gradients_match_reference_float32():

@@ -19,7 +19,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.harness import synchronize
-from benchmarks.suites.ops import Case, _runner, _with_backend, backends_for, paper150_cases
+from benchmarks.suites.ops import Case, backends_for, paper150_cases, runner, with_backend
 
 TOP = 6  # kernels listed by name per backend; the rest are summed
 
@@ -70,21 +70,37 @@ def _cases(device: str, quick: bool) -> list[tuple[int, torch.dtype, Case]]:
 
 def run(device: str, quick: bool) -> Iterator[dict]:
     iterations = 2 if quick else 5
-    for batch, dtype, case in _cases(device, quick):
-        module = case.module.to(device=device, dtype=dtype)
-        x = torch.rand(case.shape, device=device, dtype=dtype, requires_grad=True)
-        with torch.no_grad():
-            grad = torch.randn(module(x).shape, device=device, dtype=dtype)
-        row = {"case": f"{case.name} b{batch}", "pass": "forward+backward", "dtype": str(dtype).removeprefix("torch.")}
-        # triton last: its first call in a process autotunes, which can use up the suite's time limit.
-        for backend in sorted(backends_for(device), key=lambda name: name == "triton"):
-            try:
-                times = kernel_times(_runner(_with_backend(module, backend), x, grad), device, iterations)
-            except Exception as err:  # a backend that cannot run is reported, never fatal to the suite
-                yield {**row, "backend": backend, "note": f"skipped: {type(err).__name__}: {str(err)[:80]}"}
-                continue
-            total = sum(ms for _, ms, _ in times)
-            rest = times[TOP:]
-            listed = times[:TOP] + ([("(other)", sum(t[1] for t in rest), sum(t[2] for t in rest))] if rest else [])
-            for name, ms, calls in listed:
-                yield {**row, "backend": backend, "kernel": name, "kernel_ms": ms, "share": ms / total, "calls": calls}
+    backends = backends_for(device)
+    # Every case without triton first: its first call in a process autotunes, which can use up the suite's
+    # time limit (the rows written before it are kept).
+    passes = [[b for b in backends if b != "triton"], [b for b in backends if b == "triton"]]
+    for chosen in passes:
+        for batch, dtype, case in _cases(device, quick):
+            yield from _profile_case(device, batch, dtype, case, chosen, iterations)
+
+
+def _profile_case(
+    device: str, batch: int, dtype: torch.dtype, case: Case, backends: list[str], iterations: int
+) -> Iterator[dict]:
+    """Rows of one case: each backend's largest kernels, the rest summed."""
+    if not backends:
+        return
+    module = case.module.to(device=device, dtype=dtype)
+    x = torch.rand(case.shape, device=device, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        grad = torch.randn(module(x).shape, device=device, dtype=dtype)
+    row = {"case": f"{case.name} b{batch}", "pass": "forward+backward", "dtype": str(dtype).removeprefix("torch.")}
+    for backend in backends:
+        try:
+            times = kernel_times(runner(with_backend(module, backend), x, grad), device, iterations)
+        except Exception as err:  # a backend that cannot run is reported, never fatal to the suite
+            yield {**row, "backend": backend, "note": f"skipped: {type(err).__name__}: {str(err)[:80]}"}
+            continue
+        if not times:
+            yield {**row, "backend": backend, "note": "the profiler recorded no kernels"}
+            continue
+        total = sum(ms for _, ms, _ in times)
+        rest = times[TOP:]
+        listed = times[:TOP] + ([("(other)", sum(t[1] for t in rest), sum(t[2] for t in rest))] if rest else [])
+        for name, ms, calls in listed:
+            yield {**row, "backend": backend, "kernel": name, "kernel_ms": ms, "share": ms / total, "calls": calls}

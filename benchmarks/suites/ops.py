@@ -76,7 +76,7 @@ def _set_backend(module: nn.Module, backend: str) -> None:
             m.backend = backend
 
 
-def _runner(module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], None]:
+def runner(module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], None]:
     def run() -> None:
         if grad is None:
             with torch.no_grad():
@@ -90,10 +90,10 @@ def _runner(module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> Ca
     return run
 
 
-def _with_backend(module: nn.Module, backend: str) -> nn.Module:
+def with_backend(module: nn.Module, backend: str) -> nn.Module:
     """``module`` routed through ``backend`` (a copy sharing the parameters)."""
     routed = copy.copy(module)
-    routed._modules = {k: _with_backend(v, backend) for k, v in module._modules.items()}
+    routed._modules = {k: with_backend(v, backend) for k, v in module._modules.items()}
     if isinstance(routed, UnpoolConv2d):
         routed.backend = backend
     return routed
@@ -169,12 +169,12 @@ def _measure(
     with torch.no_grad():
         out_shape = module(x).shape
     grad = torch.randn(out_shape, device=device, dtype=dtype)
-    routed = {b: _with_backend(module, b) for b in backends if b != "compile"}
+    routed = {b: with_backend(module, b) for b in backends if b != "compile"}
     if "compile" in backends:
-        routed["compile"] = torch.compile(_with_backend(module, "reference"), mode="max-autotune")
+        routed["compile"] = torch.compile(with_backend(module, "reference"), mode="max-autotune")
     for pass_name, backward in passes:
         g = grad if backward else None
-        variants = {b: _runner(m, x, g) for b, m in routed.items()}
+        variants = {b: runner(m, x, g) for b, m in routed.items()}
         row = {"case": f"{case.name} b{batch}", "pass": pass_name, "dtype": str(dtype).removeprefix("torch.")}
         measured = compare(variants, device, row, "reference", warmup, repeats, budget)
         floor = floor_ms(case, batch, x.element_size(), backward, rates[dtype]) if dtype in rates else None

@@ -13,7 +13,9 @@ import torch
 from dcign_fast.kernels import cuda
 from dcign_fast.ops.unpool_conv import (
     check_kernel_args,
+    cudnn_allows_tf32,
     empty_output,
+    grad_and_output_alike,
     kernel_unsupported_reason,
     nhwc,
 )
@@ -119,15 +121,10 @@ def _view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
     return (t.data_ptr(), *(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())))
 
 
-def _standard_nhwc(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last copy with the standard strides of its shape (equal for equal shapes)."""
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=torch.channels_last).copy_(t)
-
-
 def _tf32(x: torch.Tensor) -> int:
-    """1 when float32 multiplies run in TF32 on tensor cores: under ``torch.backends.cudnn.allow_tf32``, as
-    cuDNN's convolutions (the reference's) do; 16-bit storage always uses tensor cores."""
-    return int(x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
+    """1 when float32 multiplies run in TF32 on tensor cores: when cuDNN's convolutions (the reference's) may
+    (:func:`cudnn_allows_tf32`); 16-bit storage always uses tensor cores."""
+    return int(x.dtype == torch.float32 and cudnn_allows_tf32())
 
 
 def _grad_weight_splits(positions: int, c_in: int, c_out: int, taps: int, device: torch.device) -> tuple[int, int]:
@@ -204,8 +201,7 @@ def unpool_conv2d_cuda_backward(
     """(grad x, grad weight, grad bias or None) of :func:`unpool_conv2d_cuda`, from its inputs and, with
     ``activation="relu"``, its output ``out`` (grad_out counts only where ``out > 0``).
 
-    Grad x is laid out like x (``torch.empty_like``, as the torch backend's); grad weight and grad bias
-    are deterministic.
+    Grad x is laid out like x (``torch.empty_like``); grad weight and grad bias are deterministic.
     """
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
@@ -213,11 +209,7 @@ def unpool_conv2d_cuda_backward(
     ph, pw = padding
     lib, code, tf32, stream = cuda.load(x.device), _dtype_code(x), _tf32(x), cuda.stream(x.device)
     with cuda.device_guard(x.device):
-        g, y = nhwc(grad_out), None
-        if activation == "relu":  # the kernels apply the ReLU's mask, reading out at grad_out's offsets
-            y = nhwc(out)
-            if y.stride() != g.stride():
-                g, y = _standard_nhwc(grad_out), _standard_nhwc(out)
+        g, y = grad_and_output_alike(grad_out, out if activation == "relu" else None)  # the kernels mask g by y
         y_ptr, wp = 0 if y is None else y.data_ptr(), _pack_weight(weight, padding)
         grad_x = torch.empty_like(x)
         if grad_x.numel() and g.numel():

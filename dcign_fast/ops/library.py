@@ -64,7 +64,7 @@ def unpool_conv2d_backward_op(
     """(grad_x [N, C, H, W], grad_weight [O, C, KH, KW], grad_bias [O], zeros when not has_bias).
 
     ``out`` is the forward's output when a ReLU was fused (its sign masks grad_out), else None. grad_out
-    arrives unmasked: the backend applies the mask (the triton kernels as they load grad_out tiles).
+    arrives unmasked: the backend applies the mask (the triton and cuda kernels as they load grad_out tiles).
     """
     with torch.no_grad():
         grads = unpool_conv.BACKWARDS[backend](

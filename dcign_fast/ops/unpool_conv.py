@@ -16,8 +16,9 @@ The torch, triton and cuda backends run inside the custom op ``dcign_fast::unpoo
 (:mod:`dcign_fast.ops.library`), whose backward is :data:`BACKWARDS`: each backend's explicit gradient
 kernels on the saved inputs (and output, when a ReLU is fused), never a re-run of the forward.
 
-``activation="relu"`` applies a ReLU to the result: fused into the triton kernels' epilogue (and their
-backward, which masks grad_out as it loads it), a separate op for the other backends.
+``activation="relu"`` applies a ReLU to the result: fused into the triton and cuda kernels' epilogue (and
+their backward, which masks grad_out as it loads it); the torch backend applies it in place on its output,
+the reference as a separate op.
 """
 
 from __future__ import annotations
@@ -61,6 +62,29 @@ def nhwc(t: torch.Tensor) -> torch.Tensor:
     """t itself when its channels are contiguous in memory, else a channels_last copy: the layout the kernel
     backends' GEMMs reduce over channels in."""
     return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
+
+
+def grad_and_output_alike(grad_out: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad_out, out) for the kernel backends' ReLU backward, which read both at the same offsets: NHWC with
+    one set of strides (extent-1 dimensions aside: they are never stepped along). out None (no ReLU) stays
+    None."""
+    g = nhwc(grad_out)
+    if out is None:
+        return g, None
+    y = nhwc(out)
+    if any(a != b for a, b, size in zip(g.stride(), y.stride(), g.shape) if size != 1):
+        g, y = (t.contiguous(memory_format=torch.channels_last) for t in (g, y))
+    return g, y
+
+
+def cudnn_allows_tf32() -> bool:
+    """Whether float32 convolutions may run in TF32, as cuDNN's do: ``torch.backends.cudnn.allow_tf32``, or
+    the per-operator setting ``torch.backends.cudnn.conv.fp32_precision`` when that was used (reading
+    allow_tf32 then raises)."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
 
 
 # What the scale-2 kernel backends (triton, cuda) run: float32 (TF32 when cudnn.allow_tf32) and
@@ -245,7 +269,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
 # -> (grad x, grad weight, grad bias or None), for the backends that run as the custom op
 # dcign_fast::unpool_conv2d (dcign_fast.ops.library). ``out`` is the forward's output when a ReLU was fused
 # (None otherwise) and grad_out is not yet masked by it: each backward applies the mask itself (the triton
-# kernels as they load grad_out). The reference is plain torch that autograd differentiates.
+# and cuda kernels as they load grad_out). The reference is plain torch that autograd differentiates.
 BACKWARDS: dict[str, Callable[..., Grads]] = {
     "torch": unpool_conv2d_torch_backward,
     "triton": _triton_backward,
@@ -327,7 +351,7 @@ def unpool_conv2d(
         padding: zero padding of the upsampled image, an int or (rows, cols).
         scale_factor: integer upsampling factor.
         backend: "auto", "reference", "torch", "triton" or "cuda" (see :mod:`dcign_fast.ops.backends`).
-        activation: None or "relu", applied to the result (fused by the triton backend).
+        activation: None or "relu", applied to the result (fused by the triton and cuda backends).
 
     Returns:
         [N, O, s*H + 2*ph - KH + 1, s*W + 2*pw - KW + 1], in x's memory format.

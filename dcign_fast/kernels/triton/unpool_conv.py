@@ -38,7 +38,9 @@ from dcign_fast.ops.phases import axis_phases
 from dcign_fast.ops.unpool_conv import (
     KERNEL_SCALE,
     check_kernel_args,
+    cudnn_allows_tf32,
     empty_output,
+    grad_and_output_alike,
     kernel_unsupported_reason,
     nhwc,
 )
@@ -468,7 +470,7 @@ def _constexprs(rows: _AxisUnion, cols: _AxisUnion, activation: str | None, dtyp
         "ACTIVATION": ACTIVATIONS[activation],
         # The interpreter computes bf16/fp16 wrongly; it gets fp32 tiles (the GPU keeps 16-bit tensor-core dots).
         "UPCAST": triton_interpreting(),
-        "PRECISION": "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee",
+        "PRECISION": "tf32" if dtype == torch.float32 and cudnn_allows_tf32() else "ieee",
     }
 
 
@@ -624,15 +626,12 @@ def unpool_conv2d_triton_backward(
     """(grad x, grad weight, grad bias or None) of :func:`unpool_conv2d_triton`, from its inputs and, with
     ``activation="relu"``, its output ``out``: the kernels mask grad_out by ``out > 0`` as they load it.
 
-    Grad x is laid out like x (``torch.empty_like``, as the torch backend's); grad weight and grad bias
-    are deterministic.
+    Grad x is laid out like x (``torch.empty_like``); grad weight and grad bias are deterministic.
     """
     rows, cols = _unions(*weight.shape[2:], *padding)
-    g, y = nhwc(grad_out), out
-    if activation is None:
+    g, y = grad_and_output_alike(grad_out, out if activation == "relu" else None)
+    if y is None:
         y = g  # not read: only the ReLU backward loads the output
-    elif y.stride() != g.stride():  # the kernels read grad_out and the output with one set of strides
-        g, y = (t.contiguous(memory_format=torch.channels_last) for t in (g, y))
     grad_x = torch.empty_like(x)
     if grad_x.numel():
         _grad_input(g, y, _pack_weight(weight, rows, cols), grad_x, rows, cols, activation)
