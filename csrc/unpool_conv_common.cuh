@@ -135,10 +135,16 @@ struct TileLoad {
   using Run = Packed<T, kVec>;
   Run v[kPerThread];
 
+  // Index of this thread's run j, or -1 where the tile has fewer runs than the threads cover.
+  __device__ __forceinline__ static int run_index(int j) {
+    const int q = threadIdx.x + j * kTileThreads;
+    return (kRuns % kTileThreads == 0 || q < kRuns) ? q : -1;
+  }
+
   template <typename Offset>
   __device__ __forceinline__ static int64_t run_offset(int j, Offset&& offset) {
-    const int q = threadIdx.x + j * kTileThreads;
-    return (kRuns % kTileThreads == 0 || q < kRuns) ? offset(q / kRow, q % kRow * kVec) : kNoRun;
+    const int q = run_index(j);
+    return q < 0 ? kNoRun : offset(q / kRow, q % kRow * kVec);
   }
 
   __device__ __forceinline__ static Run load(const T* base, int64_t at) {
@@ -159,8 +165,8 @@ struct TileLoad {
   __device__ __forceinline__ void stash(Put&& put) const {
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
-      const int q = threadIdx.x + j * kTileThreads;
-      if (kRuns % kTileThreads != 0 && q >= kRuns) break;
+      const int q = run_index(j);
+      if (q < 0) break;
       put(q / kRow, q % kRow * kVec, v[j]);
     }
   }

@@ -104,37 +104,41 @@ def check_unpool_conv(
     """Forward and all three gradients of backend="cuda" against the float64 oracle; float32 multiplies in
     TF32 when ``tf32``, else exactly."""
     with cudnn_tf32(tf32):
-        _check_unpool_conv(n, c_in, c_out, size, kernel, padding, dtype, device, channels_last, activation, tf32)
+        tol = unpool_conv_tolerance(dtype, tf32)
+        h, w = size
+        x = torch.randn(n, c_in, h, w, device=device).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = (torch.randn(c_out, c_in, *kernel, device=device) / (c_in * kernel[0] * kernel[1]) ** 0.5).to(dtype)
+        bias = torch.randn(c_out, device=device).to(dtype)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+        with poisoned_allocations():
+            y = dc.unpool_conv2d(*leaves, padding=padding, backend="cuda", activation=activation)
+        expected = oracle(x, weight, bias, padding)
+        if activation == "relu":
+            expected = F.relu(expected)
+        assert y.dtype == dtype and y.shape == expected.shape
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert rel_error(y, expected) < tol, "forward"
+        grad = torch.randn(expected.shape, device=device).to(dtype)
+        with poisoned_allocations():
+            got = torch.autograd.grad(y, leaves, grad)
+        ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+        ref = oracle(*ref_leaves, padding)
+        if activation == "relu":
+            ref = F.relu(ref)
+        expected_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
+        for name, g, e in zip(("grad x", "grad weight", "grad bias"), got, expected_grads):
+            assert g.dtype == dtype, name
+            assert rel_error(g, e) < 2 * tol, name
 
 
-def _check_unpool_conv(n, c_in, c_out, size, kernel, padding, dtype, device, channels_last, activation, tf32):
-    tol = unpool_conv_tolerance(dtype, tf32)
-    h, w = size
-    x = torch.randn(n, c_in, h, w, device=device).to(dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    weight = (torch.randn(c_out, c_in, *kernel, device=device) / (c_in * kernel[0] * kernel[1]) ** 0.5).to(dtype)
-    bias = torch.randn(c_out, device=device).to(dtype)
-    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
-    with poisoned_allocations():
-        y = dc.unpool_conv2d(*leaves, padding=padding, backend="cuda", activation=activation)
-    expected = oracle(x, weight, bias, padding)
-    if activation == "relu":
-        expected = F.relu(expected)
-    assert y.dtype == dtype and y.shape == expected.shape
-    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    assert rel_error(y, expected) < tol, "forward"
-    grad = torch.randn(expected.shape, device=device).to(dtype)
-    with poisoned_allocations():
-        got = torch.autograd.grad(y, leaves, grad)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-    ref = oracle(*ref_leaves, padding)
-    if activation == "relu":
-        ref = F.relu(ref)
-    expected_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
-    for name, g, e in zip(("grad x", "grad weight", "grad bias"), got, expected_grads):
-        assert g.dtype == dtype, name
-        assert rel_error(g, e) < 2 * tol, name
+def check_rectangular_kernels(wide, narrow, device, channels_last, activation) -> None:
+    """Rectangular kernels and paddings: 17 -> 70 channels on ``wide`` images in both float32 paths (exact and
+    TF32), and 70 -> 5 channels on ``narrow`` images in bfloat16."""
+    for tf32 in (False, True):
+        check_unpool_conv(2, 17, 70, wide, (5, 2), (3, 1), torch.float32, device, channels_last, activation, tf32)
+    check_unpool_conv(2, 70, 5, narrow, (1, 6), (0, 4), torch.bfloat16, device, channels_last, activation)
 
 
 def check_tf32_follows_the_cudnn_flag(device: str) -> None:

@@ -16,6 +16,7 @@ from tests.cuda_checks import (
     PRECISIONS,
     check_every_padding,
     check_grad_weight_deterministic,
+    check_rectangular_kernels,
     check_sampler,
     check_sampler_eps,
     check_sampler_strided,
@@ -129,9 +130,7 @@ def test_unpool_conv_every_kernel_and_padding(kernel):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_unpool_conv_rectangular_kernels_layouts_and_relu(channels_last, activation):
-    check_unpool_conv(2, 17, 70, (9, 13), (5, 2), (3, 1), torch.float32, "cuda", channels_last, activation)
-    check_unpool_conv(2, 17, 70, (9, 13), (5, 2), (3, 1), torch.float32, "cuda", channels_last, activation, True)
-    check_unpool_conv(2, 70, 5, (6, 4), (1, 6), (0, 4), torch.bfloat16, "cuda", channels_last, activation)
+    check_rectangular_kernels((9, 13), (6, 4), "cuda", channels_last, activation)
 
 
 @pytest.mark.cuda
