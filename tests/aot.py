@@ -1,19 +1,67 @@
 """Ahead-of-time compilation of Triton kernels for a GPU target, without a GPU (shared by the kernel tests).
 
+The kernels are compiled from real launches: :func:`recorded_launches` runs a backend's own launcher code
+with the kernels replaced by recorders, and :func:`compile_launch` compiles what Triton would compile for
+each recorded call on a GPU, with the launcher's specialisation of the argument values (ints equal to 1
+become constants; ints and pointers divisible by 16 are marked so, which is what lets Triton prove that
+a load is contiguous and aligned and issue it as 16-byte vectors or async copies).
+
 Run it where TRITON_INTERPRET is unset: under the interpreter ``@triton.jit`` yields functions that
 cannot be compiled. :func:`compile_in_subprocess` takes care of that from a test session.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
-import torch
+# sm_90's shared memory per block (227 KiB, with the opt-in that Triton requests).
+SM90_SHARED_BYTES = 232448
 
-TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
+
+@dataclass
+class Launch:
+    """One recorded ``kernel[grid](...)`` call: the (autotuned) kernel and every argument by name."""
+
+    kernel: object
+    args: dict[str, object]
+
+
+class _Recorder:
+    def __init__(self, kernel: object, launches: list[Launch]) -> None:
+        self.kernel = kernel
+        self.launches = launches
+
+    def __getitem__(self, grid: object):
+        def launch(*args: object, **kwargs: object) -> None:
+            names = _jit_function(self.kernel).arg_names
+            self.launches.append(Launch(self.kernel, {**dict(zip(names, args)), **kwargs}))
+
+        return launch
+
+
+@contextlib.contextmanager
+def recorded_launches(module: ModuleType, *names: str) -> Iterator[list[Launch]]:
+    """While the block runs, the kernels ``module.<name>`` record their launches instead of running."""
+    launches: list[Launch] = []
+    originals = {name: getattr(module, name) for name in names}
+    try:
+        for name, kernel in originals.items():
+            setattr(module, name, _Recorder(kernel, launches))
+        yield launches
+    finally:
+        for name, kernel in originals.items():
+            setattr(module, name, kernel)
 
 
 def _jit_function(kernel: object) -> object:
@@ -25,37 +73,104 @@ def _jit_function(kernel: object) -> object:
     return kernel
 
 
-def compile_kernel(
-    kernel: object, args: dict[str, object], num_warps: int = 4, num_stages: int = 3, arch: int = 90
-) -> dict[str, object]:
-    """Compiles ``kernel`` for CUDA compute capability ``arch``; returns its resource usage (registers,
-    stack bytes, static shared memory: see :func:`resource_usage`; and Triton's dynamic shared memory).
+def _configs(kernel: object, args: dict[str, object]) -> list[object]:
+    """The autotune configs a launch with ``args`` would try (after the kernel's early pruning); [None]
+    for a kernel without autotuning."""
+    configs = getattr(kernel, "configs", None)
+    if configs is None:
+        return [None]
+    prune = getattr(kernel, "early_config_prune", None)
+    return prune(configs, args) if prune else configs
 
-    ``args`` gives every argument by name: a torch.dtype for a pointer, int or float for a scalar, and the
-    value of each constexpr.
+
+def _specialise(fn: object, args: dict[str, object]) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as Triton's launcher derives them from argument values."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    signature: dict[str, str] = {}
+    constexprs: dict[str, object] = {}
+    attrs: dict[tuple[int], tuple] = {}
+    for index, param in enumerate(fn.params):
+        value = args[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(
+            BaseBackend, value, False, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+        )
+        if kind == "constexpr":
+            signature[param.name], constexprs[param.name] = "constexpr", key
+            continue
+        signature[param.name] = kind
+        if isinstance(key, str) and BaseBackend.parse_attr(key):
+            attrs[(index,)] = tuple(tuple(attr) for attr in BaseBackend.parse_attr(key))  # hashable
+    return signature, constexprs, attrs
+
+
+def compile_launch(launch: Launch, arch: int = 90) -> list[dict[str, object]]:
+    """Compiles ``launch`` for CUDA compute capability ``arch`` in each autotune config it would try.
+
+    Returns one dict per config: kernel name, config, block sizes (every ``BLOCK_*`` argument), threads per
+    program, resource usage (:func:`resource_usage`), Triton's dynamic shared memory and the instruction
+    counts of :func:`instruction_counts`.
     """
+
+    fn = _jit_function(launch.kernel)
+    results = []
+    for config in _configs(launch.kernel, launch.args):
+        options = {}
+        args = dict(launch.args)
+        if config is not None:
+            args.update(config.kwargs)
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        key = tuple(tuple(sorted(part.items())) for part in (*_specialise(fn, args), options))
+        results.append(
+            {
+                "kernel": fn.__name__.strip("_").removesuffix("_kernel"),
+                "config": ", ".join(f"{k}={v}" for k, v in {**(config.kwargs if config else {}), **options}.items()),
+                "blocks": {name: value for name, value in args.items() if name.startswith("BLOCK_")},
+                "threads": 32 * options.get("num_warps", 4),
+                **_compile(fn, key, arch),
+            }
+        )
+    return results
+
+
+@functools.cache
+def _compile(fn: object, key: tuple, arch: int) -> dict[str, int]:
+    """Resources and instruction counts of ``fn`` compiled with ``key`` = (signature, constexprs, attrs,
+    options) as item tuples; cached, since launches of different shapes often specialise alike."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = _jit_function(kernel)
-    signature: dict[str, str] = {}
-    constexprs: dict[str, object] = {}
-    for param in fn.params:
-        value = args[param.name]
-        if param.is_constexpr:
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = value
-        elif isinstance(value, torch.dtype):
-            signature[param.name] = "*" + TRITON_TYPES[value]
-        else:
-            signature[param.name] = "fp32" if isinstance(value, float) else "i32"
+    signature, constexprs, attrs, options = (dict(part) for part in key)
     compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
+        options=options,
     )
-    return {**resource_usage(compiled.asm["cubin"]), "dynamic_shared": compiled.metadata.shared}
+    return {
+        **resource_usage(compiled.asm["cubin"]),
+        "dynamic_shared": compiled.metadata.shared,
+        **instruction_counts(compiled.asm["ptx"]),
+    }
+
+
+def instruction_counts(ptx: str) -> dict[str, int]:
+    """Instructions that show how a kernel uses the GPU: tensor-core multiplies (Hopper's wgmma, Ampere's
+    mma), global-to-shared async copies of 16 bytes and narrower ones, and global loads as vectors or
+    element by element."""
+    copies = re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*,\s*(0x[0-9a-f]+|\d+)\s*[,;]", ptx)
+    loads = re.findall(r"\bld\.global[\w.]*", ptx)
+    return {
+        "tensor_core": len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\b", ptx)),
+        "async_copy_16": sum(int(width, 0) == 16 for width in copies),
+        "async_copy_narrow": sum(int(width, 0) < 16 for width in copies),
+        "load_vector": sum(".v" in load for load in loads),
+        "load_scalar": sum(".v" not in load for load in loads),
+    }
 
 
 def compile_in_subprocess(module: str, function: str, timeout: float = 600) -> list[dict[str, object]]:
@@ -73,10 +188,6 @@ def compile_in_subprocess(module: str, function: str, timeout: float = 600) -> l
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """REG, STACK, SHARED, LOCAL of the (single) kernel in a cubin, read by the cuobjdump bundled with Triton."""
-    import re
-    import tempfile
-    from pathlib import Path
-
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"

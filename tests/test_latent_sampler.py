@@ -6,7 +6,7 @@ import torch
 import dcign_fast
 from dcign_fast.ops.latent_sampler import sample_latents
 from dcign_fast.ops.reference import sample_latents_reference
-from tests.aot import compile_in_subprocess, compile_kernel
+from tests.aot import compile_in_subprocess, compile_launch, recorded_launches
 from tests.helpers import poisoned_allocations
 
 FUSED = ["torch", "triton"]
@@ -284,29 +284,28 @@ def test_bad_arguments(change, error, words):
 
 
 def compile_kernels_for_sm90() -> list[dict[str, object]]:
-    """Both kernels, in their variants with the most code (the forward's batch-mean pass, the backward's pull)."""
+    """Both kernels as the launcher runs them for paper150's 200 latents at batch 20 and 128, float32 and
+    bfloat16, in their variants with the most code (the forward's batch-mean pass, the backward's pull)."""
     from dcign_fast.kernels.triton import latent_sampler as kernels
 
-    block_b, block_d = kernels.block_sizes(200)
     results = []
     for dtype in (torch.float32, torch.bfloat16):
-        # The mask is uint8 at run time; tests.aot types pointers from a table without uint8.
-        common = {"mu_ptr": dtype, "logvar_ptr": dtype, "active_ptr": torch.int32, "B": 20, "D": 200}
-        common.update(rows_per_program=20, stride_mu_b=200, stride_mu_d=1, stride_lv_b=200, stride_lv_d=1)
-        common.update(seed=7, offset=0, HAS_MASK=True, BLOCK_B=block_b, BLOCK_D=block_d)
-        forward = {**common, "z_ptr": dtype, "kl_partial_ptr": torch.float32, "CLAMP_FIRST": False}
-        backward = {**common, "grad_z_ptr": dtype, "grad_kl_ptr": dtype, "grad_mu_ptr": dtype, "grad_lv_ptr": dtype}
-        backward.update(stride_gz_b=200, stride_gz_d=1, stride_gkl=1, invariance=0.01, HAS_PULL=True)
-        results.append(compile_kernel(kernels._forward_kernel, forward))
-        results.append(compile_kernel(kernels._backward_kernel, backward))
+        for batch in (20, 128):
+            mu, logvar = random_inputs(batch, 200, dtype)
+            active = torch.rand(200) < 0.5
+            with recorded_launches(kernels, "_forward_kernel", "_backward_kernel") as launches:
+                kernels.forward(mu, logvar, active, False, 7, 0)
+                kernels.backward(mu, logvar, active, 0.01, 7, 0, torch.randn_like(mu), torch.randn(batch, dtype=dtype))
+            for launch in launches:
+                results += compile_launch(launch)
     return results
 
 
 def test_triton_kernels_compile_for_sm90():
     """Ahead-of-time compilation for an H100/H200, without a GPU and outside the interpreter."""
     results = compile_in_subprocess("tests.test_latent_sampler", "compile_kernels_for_sm90")
-    assert len(results) == 4
-    assert all(r.get("stack", 0) == 0 and r.get("local", 0) == 0 for r in results)  # no register spills
+    assert [r["kernel"] for r in results] == ["forward", "backward"] * 4
+    assert all(r["stack"] == 0 and r["local"] == 0 for r in results)  # no register spills
 
 
 def test_latent_sampler_module():

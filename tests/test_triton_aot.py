@@ -1,5 +1,8 @@
-"""Every Triton kernel compiles ahead of time for sm_90 (Hopper) in every autotune config, without spilling
-registers to the stack. Needs no GPU: compiled in a subprocess without TRITON_INTERPRET (tests/aot.py)."""
+"""The Triton unpool-conv kernels, compiled ahead of time for sm_90 (Hopper) exactly as the benchmarked layers
+launch them (paper150's decoder at batch 128, a K=3 "same" layer; bf16 and TF32), in every autotune config:
+no register spills, shared memory that fits, tensor-core multiplies, and 16-byte async copies of the operand
+tiles where the channel counts allow them. Needs no GPU: compiled in a subprocess without TRITON_INTERPRET
+(tests/aot.py)."""
 
 from __future__ import annotations
 
@@ -10,40 +13,86 @@ from dcign_fast.ops.backends import triton_installed
 
 pytestmark = pytest.mark.skipif(not triton_installed(), reason="needs the triton package")
 
+BATCH = 128
 
-def unpool_conv_kernels() -> list[dict[str, object]]:
-    """Compiles the unpool-conv kernels: K=7 valid in bf16 (all phases share a window) and K=3 same in fp32
-    (phase by phase), each autotune config. Runs in the subprocess."""
+
+def _layers() -> list[tuple[str, int, int, int, int, int]]:
+    """(name, C_in, C_out, input size, kernel, padding) of paper150's decoder and a K=3 same layer."""
+    from tests.helpers import paper150_decoder_layers
+
+    layers = [(f"paper150 L{i + 1}", *layer) for i, layer in enumerate(paper150_decoder_layers())]
+    return [*layers, ("K3 same", 128, 128, 64, 3, 1)]
+
+
+def unpool_conv_launches() -> list[dict[str, object]]:
+    """Runs the triton backend's launchers (forward, grad input, grad weight; ReLU fused) on unallocated
+    channels_last CPU tensors of each layer's real shape, and compiles what they launch. Runs in the
+    subprocess."""
     from dcign_fast.kernels.triton import unpool_conv as u
-    from tests.aot import compile_kernel
+    from tests.aot import compile_launch, recorded_launches
 
-    scalars = dict.fromkeys(("N", "H", "W", "C_IN", "C_OUT", "HO", "WO", "CHUNK"), 1)
-    strides = {f"s{t}{d}": 1 for t in "xyg" for d in "nchw"}
     results = []
-    for k, p, dtype in ((7, 0, torch.bfloat16), (3, 1, torch.float32)):
-        constexprs = {**u._constexprs(*u._unions(k, k, p, p), "relu", dtype), "UPCAST": False}
-        windows = {n: v for n, v in constexprs.items() if n[:2] not in ("RS", "RT", "CS", "CT") and n != "SHARED"}
-        pointers = dict.fromkeys(("x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "dx_ptr"), dtype)
-        pointers.update(taps_ptr=torch.int32, dw_ptr=torch.float32, db_ptr=torch.float32)
-        for name, kernel, extra in (
-            ("forward", u._forward_kernel, {**constexprs, "HAS_BIAS": True}),
-            ("grad_input", u._grad_input_kernel, constexprs),
-            ("grad_weight", u._grad_weight_kernel, {**windows, "HAS_BIAS": True, "BLOCK_C": 64, "BLOCK_O": 64}),
-        ):
-            for config in kernel.configs:
-                args = {**pointers, **scalars, **strides, **extra, **config.kwargs}
-                usage = compile_kernel(kernel, args, config.num_warps, config.num_stages)
-                results.append({"kernel": name, "k": k, "dtype": str(dtype), "config": str(config), **usage})
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, c_in, c_out, size, k, p in _layers():
+            x = torch.empty((BATCH, c_in, size, size), dtype=dtype).to(memory_format=torch.channels_last)
+            out_size = 2 * size + 2 * p - k + 1
+            y = torch.empty((BATCH, c_out, out_size, out_size), dtype=dtype).to(memory_format=torch.channels_last)
+            rows, cols = u._unions(k, k, p, p)
+            weight = torch.randn(c_out, c_in, k, k).to(dtype)
+            names = ("_forward_kernel", "_grad_input_kernel", "_grad_weight_kernel")
+            with recorded_launches(u, *names) as launches:
+                bias = torch.zeros(c_out, dtype=dtype)
+                u._forward(x, u._pack_weight(weight, rows, cols, "in"), bias, y, rows, cols, "relu")
+                u._grad_input(y, y, u._pack_weight(weight, rows, cols, "out"), x, rows, cols, "relu")
+                u._grad_weight(x, y, y, rows, cols, True, "relu")
+            for launch in launches:
+                for r in compile_launch(launch):
+                    results.append({"layer": name, "c_in": c_in, "c_out": c_out, "dtype": str(dtype)[6:], **r})
     return results
 
 
-def test_unpool_conv_kernels_compile_for_sm90_without_spills():
-    from tests.aot import compile_in_subprocess
+def test_unpool_conv_kernels_compile_for_sm90_as_launched():
+    from tests.aot import SM90_SHARED_BYTES, compile_in_subprocess
 
-    results = compile_in_subprocess("tests.test_triton_aot", "unpool_conv_kernels")
-    assert {r["kernel"] for r in results} == {"forward", "grad_input", "grad_weight"}
+    results = compile_in_subprocess("tests.test_triton_aot", "unpool_conv_launches")
     for r in results:
-        print({k: v for k, v in r.items() if k != "config"}, r["config"].split(", num_ctas")[0])
+        print({k: v for k, v in r.items() if k not in ("config", "blocks", "c_in", "c_out")}, r["config"])
+    assert {(r["layer"], r["dtype"], r["kernel"]) for r in results} == {
+        (layer[0], dtype, kernel)
+        for layer in _layers()
+        for dtype in ("bfloat16", "float32")
+        for kernel in ("forward", "grad_input", "grad_weight")
+    }
     assert all(0 < r["reg"] <= 255 for r in results)
-    spilled = [r for r in results if r["stack"]]
+    spilled = [r for r in results if r["stack"] or r["local"]]
     assert not spilled, spilled
+    too_big = [r for r in results if r["shared"] + r["dynamic_shared"] > SM90_SHARED_BYTES]
+    assert not too_big, too_big
+    # Every GEMM runs on tensor cores (bf16, and float32 as TF32: torch's default allow_tf32).
+    scalar_math = [r for r in results if not r["tensor_core"]]
+    assert not scalar_math, scalar_math
+    # Where every operand row starts on 16 bytes (channel counts that are multiples of 16) and each thread's
+    # share of every operand tile is at least 16 bytes, Triton must see the alignment (strides specialised as
+    # divisible by 16, channel stride 1, packed weights padded) and copy the tiles 16 bytes at a time.
+    # Exempt: float32 grad weight, whose operands are both MN-major in NHWC (reduced over pixels, not
+    # channels): TF32 tensor cores take only K-major tiles, so Triton transposes them through narrow copies.
+    checked = [
+        r
+        for r in results
+        if r["c_in"] % 16 == 0
+        and r["c_out"] % 16 == 0
+        and _smallest_tile_bytes(r) >= 16 * r["threads"]
+        and not (r["kernel"] == "grad_weight" and r["dtype"] == "float32")
+    ]
+    assert len(checked) >= 3 * 2 * 3  # three aligned layers, two dtypes, three kernels
+    narrow = [r for r in checked if not r["async_copy_16"] or r["async_copy_narrow"]]
+    assert not narrow, narrow
+
+
+def _smallest_tile_bytes(r: dict) -> int:
+    """Bytes of the smallest operand tile of a compiled kernel (``r`` from tests.aot.compile_launch)."""
+    b = r["blocks"]
+    itemsize = 2 if r["dtype"] == "bfloat16" else 4
+    if r["kernel"] == "grad_weight":
+        return min(b["BLOCK_C"], b["BLOCK_O"]) * b["BLOCK_P"] * itemsize
+    return min(b["BLOCK_M"], b["BLOCK_N"]) * b["BLOCK_K"] * itemsize

@@ -103,13 +103,16 @@ def _load_x(x_base, i, j, m_mask, offs_k, k_mask, ty, tx, H, W, sxc, sxh, sxw, R
 
 
 @triton.jit
-def _load_w(w_ptr, phase, ty, tx, offs_c, c_mask, offs_o, o_mask, C_IN, C_OUT, TR, TC, TRANSPOSE, UPCAST):
-    """Packed weight tile wp[phase, ty, tx]: [c, o] as [BLOCK_K, BLOCK_N], or [o, c] when TRANSPOSE."""
-    tap = w_ptr + ((phase * TR + ty) * TC + tx) * C_IN * C_OUT
-    if TRANSPOSE:
-        w = tl.load(tap + offs_o[:, None] + offs_c[None, :] * C_OUT, mask=o_mask[:, None] & c_mask[None, :], other=0.0)
-    else:
-        w = tl.load(tap + offs_c[:, None] * C_OUT + offs_o[None, :], mask=c_mask[:, None] & o_mask[None, :], other=0.0)
+def _load_w(w_ptr, phase, ty, tx, offs_k, offs_n, n_mask, K_PACKED, N, TR, TC, UPCAST):
+    """Weight tile [BLOCK_K, BLOCK_N] of tap wp[phase, ty, tx], which holds [N, K_PACKED] (see _pack_weight).
+
+    K-major because TF32 tensor-core multiplies (wgmma) take only K-major operands from shared memory: an
+    N-major tile is copied 4 bytes at a time to be transposed, a K-major one 16 bytes at a time, which
+    needs rows that start on 16 bytes (K_PACKED, a multiple of 16, is specialised as such).
+    """
+    tap = w_ptr + ((phase * TR + ty) * TC + tx) * K_PACKED * N
+    mask = (offs_k < K_PACKED)[:, None] & n_mask[None, :]
+    w = tl.load(tap + offs_k[:, None] + offs_n[None, :] * K_PACKED, mask=mask, other=0.0)
     if UPCAST:
         w = w.to(tl.float32)
     return w
@@ -123,7 +126,7 @@ def _split_positions(offs, rows, cols):
 
 @triton.jit
 def _phase_gemm(
-    x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, sxc, sxh, sxw,
+    x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, K_PACKED, sxc, sxh, sxw,
     PHASE: tl.constexpr, ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
     RS: tl.constexpr, RT: tl.constexpr, CS: tl.constexpr, CT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -139,7 +142,7 @@ def _phase_gemm(
         ty = RS + tap // CT
         tx = CS + tap % CT
         a = _load_x(x_base, i, j, m_mask, offs_k, k_mask, ty, tx, H, W, sxc, sxh, sxw, ROW0, COL0, UPCAST)
-        w = _load_w(w_ptr, PHASE, ty, tx, offs_k, k_mask, offs_n, n_mask, C_IN, C_OUT, TR, TC, False, UPCAST)
+        w = _load_w(w_ptr, PHASE, ty, tx, offs_k, offs_n, n_mask, K_PACKED, C_OUT, TR, TC, UPCAST)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     return acc
 
@@ -183,7 +186,7 @@ def _store_phase(
 @triton.autotune(configs=_GEMM_CONFIGS, key=["N", "H", "W", "C_IN", "C_OUT"], prune_configs_by=_fit_channels("C_OUT"))
 @triton.jit
 def _forward_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, N, H, W, C_IN, C_OUT, HO, WO, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+    x_ptr, w_ptr, b_ptr, y_ptr, N, H, W, C_IN, C_OUT, K_PACKED, HO, WO, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
     RS0: tl.constexpr, RT0: tl.constexpr, RS1: tl.constexpr, RT1: tl.constexpr,
     CS0: tl.constexpr, CT0: tl.constexpr, CS1: tl.constexpr, CT1: tl.constexpr,
@@ -220,30 +223,30 @@ def _forward_kernel(
             ty = tap // TC
             tx = tap % TC
             a = _load_x(x_base, i, j, m_mask, offs_k, k_mask, ty, tx, H, W, sxc, sxh, sxw, ROW0, COL0, UPCAST)
-            w = _load_w(w_ptr, 0, ty, tx, offs_k, k_mask, offs_n, n_mask, C_IN, C_OUT, TR, TC, False, UPCAST)
+            w = _load_w(w_ptr, 0, ty, tx, offs_k, offs_n, n_mask, K_PACKED, C_OUT, TR, TC, UPCAST)
             acc00 = tl.dot(a, w, acc00, input_precision=PRECISION)
-            w = _load_w(w_ptr, 1, ty, tx, offs_k, k_mask, offs_n, n_mask, C_IN, C_OUT, TR, TC, False, UPCAST)
+            w = _load_w(w_ptr, 1, ty, tx, offs_k, offs_n, n_mask, K_PACKED, C_OUT, TR, TC, UPCAST)
             acc01 = tl.dot(a, w, acc01, input_precision=PRECISION)
-            w = _load_w(w_ptr, 2, ty, tx, offs_k, k_mask, offs_n, n_mask, C_IN, C_OUT, TR, TC, False, UPCAST)
+            w = _load_w(w_ptr, 2, ty, tx, offs_k, offs_n, n_mask, K_PACKED, C_OUT, TR, TC, UPCAST)
             acc10 = tl.dot(a, w, acc10, input_precision=PRECISION)
-            w = _load_w(w_ptr, 3, ty, tx, offs_k, k_mask, offs_n, n_mask, C_IN, C_OUT, TR, TC, False, UPCAST)
+            w = _load_w(w_ptr, 3, ty, tx, offs_k, offs_n, n_mask, K_PACKED, C_OUT, TR, TC, UPCAST)
             acc11 = tl.dot(a, w, acc11, input_precision=PRECISION)
     else:
         # Phases read different windows (K=3 same): one phase after another, each over its own taps only.
         acc00 = _phase_gemm(
-            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, sxc, sxh, sxw,
+            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, K_PACKED, sxc, sxh, sxw,
             0, ROW0, COL0, TR, TC, RS0, RT0, CS0, CT0, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         acc01 = _phase_gemm(
-            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, sxc, sxh, sxw,
+            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, K_PACKED, sxc, sxh, sxw,
             1, ROW0, COL0, TR, TC, RS0, RT0, CS1, CT1, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         acc10 = _phase_gemm(
-            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, sxc, sxh, sxw,
+            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, K_PACKED, sxc, sxh, sxw,
             2, ROW0, COL0, TR, TC, RS1, RT1, CS0, CT0, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         acc11 = _phase_gemm(
-            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, sxc, sxh, sxw,
+            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, K_PACKED, sxc, sxh, sxw,
             3, ROW0, COL0, TR, TC, RS1, RT1, CS1, CT1, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
     _store_phase(acc00, y_ptr, bias, n, i, j, m_mask, offs_n, n_mask, HO, WO, syn, syc, syh, syw, 0, 0, ACTIVATION)
@@ -268,7 +271,7 @@ def _load_grad(g_ptr, y_ptr, offs, mask, ACTIVATION: tl.constexpr, UPCAST: tl.co
 
 @triton.jit
 def _grad_input_phase(
-    acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, HO, WO, sgn, sgc, sgh, sgw,
+    acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, K_PACKED, HO, WO, sgn, sgc, sgh, sgw,
     A: tl.constexpr, B: tl.constexpr, ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
     RS: tl.constexpr, RT: tl.constexpr, CS: tl.constexpr, CT: tl.constexpr,
     ACTIVATION: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -293,7 +296,7 @@ def _grad_input_phase(
         g = _load_grad(
             g_ptr, y_ptr, pix[:, None] + offs_o[None, :] * sgc, ok[:, None] & o_mask[None, :], ACTIVATION, UPCAST
         )
-        w = _load_w(w_ptr, A * 2 + B, ty, tx, offs_c, c_mask, offs_o, o_mask, C_IN, C_OUT, TR, TC, True, UPCAST)
+        w = _load_w(w_ptr, A * 2 + B, ty, tx, offs_o, offs_c, c_mask, K_PACKED, C_IN, TR, TC, UPCAST)
         acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
     return acc
 
@@ -301,7 +304,7 @@ def _grad_input_phase(
 @triton.autotune(configs=_GEMM_CONFIGS, key=["N", "H", "W", "C_IN", "C_OUT"], prune_configs_by=_fit_channels("C_IN"))
 @triton.jit
 def _grad_input_kernel(
-    g_ptr, y_ptr, w_ptr, dx_ptr, N, H, W, C_IN, C_OUT, HO, WO, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+    g_ptr, y_ptr, w_ptr, dx_ptr, N, H, W, C_IN, C_OUT, K_PACKED, HO, WO, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
     ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
     RS0: tl.constexpr, RT0: tl.constexpr, RS1: tl.constexpr, RT1: tl.constexpr,
     CS0: tl.constexpr, CT0: tl.constexpr, CS1: tl.constexpr, CT1: tl.constexpr,
@@ -319,19 +322,19 @@ def _grad_input_kernel(
     c_mask = offs_c < C_IN
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _grad_input_phase(
-        acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, HO, WO, sgn, sgc, sgh, sgw,
+        acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, K_PACKED, HO, WO, sgn, sgc, sgh, sgw,
         0, 0, ROW0, COL0, TR, TC, RS0, RT0, CS0, CT0, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
     )  # fmt: skip
     acc = _grad_input_phase(
-        acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, HO, WO, sgn, sgc, sgh, sgw,
+        acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, K_PACKED, HO, WO, sgn, sgc, sgh, sgw,
         0, 1, ROW0, COL0, TR, TC, RS0, RT0, CS1, CT1, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
     )  # fmt: skip
     acc = _grad_input_phase(
-        acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, HO, WO, sgn, sgc, sgh, sgw,
+        acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, K_PACKED, HO, WO, sgn, sgc, sgh, sgw,
         1, 0, ROW0, COL0, TR, TC, RS1, RT1, CS0, CT0, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
     )  # fmt: skip
     acc = _grad_input_phase(
-        acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, HO, WO, sgn, sgc, sgh, sgw,
+        acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, K_PACKED, HO, WO, sgn, sgc, sgh, sgw,
         1, 1, ROW0, COL0, TR, TC, RS1, RT1, CS1, CT1, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
     )  # fmt: skip
     offs = n.to(tl.int64) * sxn + i * sxh + j * sxw
@@ -474,15 +477,21 @@ def _constexprs(rows: _AxisUnion, cols: _AxisUnion, activation: str | None, dtyp
     }
 
 
-def _pack_weight(weight: torch.Tensor, rows: _AxisUnion, cols: _AxisUnion) -> torch.Tensor:
-    """[O, C, KH, KW] -> wp [2, 2, TR, TC, C, O]: every phase's collapsed kernel, summed in float32."""
+def _pack_weight(weight: torch.Tensor, rows: _AxisUnion, cols: _AxisUnion, reduce_over: str) -> torch.Tensor:
+    """[O, C, KH, KW] -> every phase's collapsed kernel (summed in float32), laid out for :func:`_load_w`: the
+    channels a GEMM reduces over contiguous and zero-padded to a multiple of 16, [2, 2, TR, TC, O, C16] for
+    the forward (``reduce_over="in"``), [2, 2, TR, TC, C, O16] for grad input (``"out"``)."""
     r = rows.collapse(torch.float32, weight.device)
     c = cols.collapse(torch.float32, weight.device)
-    return torch.einsum("atu,ocuv,bsv->abtsco", r, weight.float(), c).to(weight.dtype).contiguous()
+    layout = {"in": "abtsoc", "out": "abtsco"}[reduce_over]
+    packed = torch.einsum(f"atu,ocuv,bsv->{layout}", r, weight.float(), c).to(weight.dtype)
+    # contiguous: einsum may return a permuted view, which a zero-width pad keeps
+    return torch.nn.functional.pad(packed, (0, -packed.shape[-1] % 16)).contiguous()
 
 
 def _unpack_grad(grad_wp: torch.Tensor, rows: _AxisUnion, cols: _AxisUnion) -> torch.Tensor:
-    """The transpose of :func:`_pack_weight`: [2, 2, TR, TC, C, O] -> [O, C, KH, KW]."""
+    """[2, 2, TR, TC, C, O] -> [O, C, KH, KW]: each original tap's gradient, summed over the phase taps it was
+    collapsed into (the transpose of :func:`_pack_weight`'s collapse)."""
     r = rows.collapse(torch.float32, grad_wp.device)
     c = cols.collapse(torch.float32, grad_wp.device)
     return torch.einsum("atu,abtsco,bsv->ocuv", r, grad_wp, c)
@@ -514,7 +523,7 @@ def _forward(
         return triton.cdiv(c_out, meta["BLOCK_N"]), triton.cdiv(positions, meta["BLOCK_M"])
 
     _forward_kernel[grid](
-        x, wp, wp if bias is None else bias, out, n, h, w, c_in, c_out, ho, wo,
+        x, wp, wp if bias is None else bias, out, n, h, w, c_in, c_out, wp.shape[-1], ho, wo,
         *_nchw_strides(x), *_nchw_strides(out),
         HAS_BIAS=bias is not None, **_constexprs(rows, cols, activation, x.dtype),
     )  # fmt: skip
@@ -536,7 +545,7 @@ def _grad_input(
         return triton.cdiv(c_in, meta["BLOCK_N"]), triton.cdiv(n * h * w, meta["BLOCK_M"])
 
     _grad_input_kernel[grid](
-        g, y, wp, dx, n, h, w, c_in, c_out, ho, wo, *_nchw_strides(g), *_nchw_strides(dx),
+        g, y, wp, dx, n, h, w, c_in, c_out, wp.shape[-1], ho, wo, *_nchw_strides(g), *_nchw_strides(dx),
         **_constexprs(rows, cols, activation, g.dtype),
     )  # fmt: skip
 
@@ -610,7 +619,7 @@ def unpool_conv2d_triton(
     rows, cols = _unions(*weight.shape[2:], *padding)
     out = empty_output(x, weight, padding, scale_factor)
     if out.numel():
-        _forward(nhwc(x), _pack_weight(weight, rows, cols), bias, out, rows, cols, activation)
+        _forward(nhwc(x), _pack_weight(weight, rows, cols, "in"), bias, out, rows, cols, activation)
     return out
 
 
@@ -634,6 +643,6 @@ def unpool_conv2d_triton_backward(
         y = g  # not read: only the ReLU backward loads the output
     grad_x = torch.empty_like(x)
     if grad_x.numel():
-        _grad_input(g, y, _pack_weight(weight, rows, cols), grad_x, rows, cols, activation)
+        _grad_input(g, y, _pack_weight(weight, rows, cols, "out"), grad_x, rows, cols, activation)
     grad_wp, grad_bias = _grad_weight(nhwc(x), g, y, rows, cols, has_bias, activation)
     return grad_x, _unpack_grad(grad_wp, rows, cols).to(weight.dtype), grad_bias.to(weight.dtype) if has_bias else None
