@@ -4,24 +4,32 @@ The math is the phase decomposition (dcign_fast/ops/phases.py): output pixel (2i
 convolution of the LOW-resolution input with the phase's collapsed kernel. Per axis the two phases read
 windows of low-resolution offsets that overlap; their union ("union taps", ``TR`` rows x ``TC`` cols)
 starts at ``ROW0``/``COL0`` and phase a occupies union taps [RS_a, RS_a + RT_a). All four phase kernels are
-packed into one tensor in union coordinates, ``wp[a, b, ty, tx, c_in, c_out]`` (zero outside a phase's
-window, never read there).
+packed into one tensor in union coordinates (zero outside a phase's window), with the channels each GEMM
+reduces over contiguous and zero-padded to a multiple of 16: ``wp[a, b, ty, tx, c_out, c_in16]`` for the
+forward, ``wp[a, b, ty, tx, c_in, c_out16]`` for grad input. TF32 tensor cores take only such K-major
+operands, and 16-byte rows let Triton copy them 16 bytes at a time (tests/test_triton_aot.py checks the
+compiled kernels for it).
 
 Layouts: tensors are read and written through their strides; the launchers hand the kernels
 channels_last (NHWC) tensors so that the GEMM reduction over channels reads contiguous memory.
 
 Kernels (each an implicit GEMM, fp32 accumulation; fp32 operands use TF32 when
 ``torch.backends.cudnn.allow_tf32`` is set, as cuDNN does for the reference convolution):
-  _forward_kernel   M = N x phase-0 rows x phase-0 cols, N = C_out, K = (union taps, C_in). One program
-                    loads each input tile once per union tap and feeds the dots of every phase whose
-                    window holds that tap (static: ``tl.static_range`` + constexpr checks), then writes
-                    the four phases interleaved into the output, with bias and ReLU in the epilogue.
+  _forward_kernel   M = N x phase-0 rows x phase-0 cols, N = C_out, K = (union taps, C_in). Where every phase
+                    reads the whole union window (K=5 same, K=7 valid) each input tile is loaded once and
+                    feeds four dots, one per phase; otherwise the phases run one after another over their
+                    own taps. The four phases are written interleaved, with bias and ReLU in the epilogue.
   _grad_input_kernel M = N x H x W, N = C_in, K = (phases, phase taps, C_out): the transposed phase
                     convolutions summed; the ReLU mask is applied to grad_out tiles as they are loaded.
+                    With at most FEW_OUTPUTS output channels, (tap, C_out) pairs are flattened into K so
+                    that the dots do not multiply padding.
   _grad_weight_kernel one program per (phase tap, C_in tile, C_out tile, split of batch x pixels); split
                     partial sums go to a workspace that torch reduces in a fixed order, so grad weight and
                     grad bias are deterministic (no atomics). Grad bias rides along in the programs of
                     each phase's first tap.
+  _grad_weight_few_outputs_kernel the same sums for at most FEW_OUTPUTS output channels, one program per
+                    (phase, C_in tile, tile of (tap, C_out) pairs, split of the input pixels): x is read once
+                    per phase, not once per tap. Grad bias is then a torch sum of the (masked) grad_out.
 """
 
 from __future__ import annotations
@@ -46,6 +54,10 @@ from dcign_fast.ops.unpool_conv import (
 )
 
 ACTIVATIONS = {None: 0, "relu": 1}
+# At most this many output channels (a decoder's image layer has 1 or 3), the backward GEMMs flatten (tap,
+# output channel) pairs into one dimension: per-tap GEMMs would be mostly zero padding to tl.dot's 16 and,
+# for grad weight, read x once per tap.
+FEW_OUTPUTS = 16
 # Sizes the grad-weight split aims for: enough programs to fill a GPU (132 SMs on H100) a few times over.
 _TARGET_PROGRAMS = 1024
 
@@ -103,16 +115,21 @@ def _load_x(x_base, i, j, m_mask, offs_k, k_mask, ty, tx, H, W, sxc, sxh, sxw, R
 
 
 @triton.jit
-def _load_w(w_ptr, phase, ty, tx, offs_k, offs_n, n_mask, K_PACKED, N, TR, TC, UPCAST):
-    """Weight tile [BLOCK_K, BLOCK_N] of tap wp[phase, ty, tx], which holds [N, K_PACKED] (see _pack_weight).
+def _tap_start(phase, ty, tx, TR, TC, K_PACKED, N):
+    """Element offset of packed tap wp[phase, ty, tx], an [N, K_PACKED] matrix (see _pack_weight)."""
+    return ((phase * TR + ty) * TC + tx) * K_PACKED * N
+
+
+@triton.jit
+def _load_w(w_ptr, rows, row_ok, offs_n, n_mask, K_PACKED, UPCAST):
+    """Weight tile [BLOCK_K, BLOCK_N] of the packed weight: row k from element rows[k] on, column n K_PACKED
+    elements after column n - 1 (rows[k] = a tap's start + a channel, see _tap_start).
 
     K-major because TF32 tensor-core multiplies (wgmma) take only K-major operands from shared memory: an
     N-major tile is copied 4 bytes at a time to be transposed, a K-major one 16 bytes at a time, which
     needs rows that start on 16 bytes (K_PACKED, a multiple of 16, is specialised as such).
     """
-    tap = w_ptr + ((phase * TR + ty) * TC + tx) * K_PACKED * N
-    mask = (offs_k < K_PACKED)[:, None] & n_mask[None, :]
-    w = tl.load(tap + offs_k[:, None] + offs_n[None, :] * K_PACKED, mask=mask, other=0.0)
+    w = tl.load(w_ptr + rows[:, None] + offs_n[None, :] * K_PACKED, mask=row_ok[:, None] & n_mask[None, :], other=0.0)
     if UPCAST:
         w = w.to(tl.float32)
     return w
@@ -142,7 +159,8 @@ def _phase_gemm(
         ty = RS + tap // CT
         tx = CS + tap % CT
         a = _load_x(x_base, i, j, m_mask, offs_k, k_mask, ty, tx, H, W, sxc, sxh, sxw, ROW0, COL0, UPCAST)
-        w = _load_w(w_ptr, PHASE, ty, tx, offs_k, offs_n, n_mask, K_PACKED, C_OUT, TR, TC, UPCAST)
+        w_rows = _tap_start(PHASE, ty, tx, TR, TC, K_PACKED, C_OUT) + offs_k
+        w = _load_w(w_ptr, w_rows, offs_k < K_PACKED, offs_n, n_mask, K_PACKED, UPCAST)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     return acc
 
@@ -223,13 +241,16 @@ def _forward_kernel(
             ty = tap // TC
             tx = tap % TC
             a = _load_x(x_base, i, j, m_mask, offs_k, k_mask, ty, tx, H, W, sxc, sxh, sxw, ROW0, COL0, UPCAST)
-            w = _load_w(w_ptr, 0, ty, tx, offs_k, offs_n, n_mask, K_PACKED, C_OUT, TR, TC, UPCAST)
+            w_rows = _tap_start(0, ty, tx, TR, TC, K_PACKED, C_OUT) + offs_k
+            w_ok = offs_k < K_PACKED
+            phase_size = TR * TC * K_PACKED * C_OUT
+            w = _load_w(w_ptr, w_rows, w_ok, offs_n, n_mask, K_PACKED, UPCAST)
             acc00 = tl.dot(a, w, acc00, input_precision=PRECISION)
-            w = _load_w(w_ptr, 1, ty, tx, offs_k, offs_n, n_mask, K_PACKED, C_OUT, TR, TC, UPCAST)
+            w = _load_w(w_ptr, w_rows + phase_size, w_ok, offs_n, n_mask, K_PACKED, UPCAST)
             acc01 = tl.dot(a, w, acc01, input_precision=PRECISION)
-            w = _load_w(w_ptr, 2, ty, tx, offs_k, offs_n, n_mask, K_PACKED, C_OUT, TR, TC, UPCAST)
+            w = _load_w(w_ptr, w_rows + 2 * phase_size, w_ok, offs_n, n_mask, K_PACKED, UPCAST)
             acc10 = tl.dot(a, w, acc10, input_precision=PRECISION)
-            w = _load_w(w_ptr, 3, ty, tx, offs_k, offs_n, n_mask, K_PACKED, C_OUT, TR, TC, UPCAST)
+            w = _load_w(w_ptr, w_rows + 3 * phase_size, w_ok, offs_n, n_mask, K_PACKED, UPCAST)
             acc11 = tl.dot(a, w, acc11, input_precision=PRECISION)
     else:
         # Phases read different windows (K=3 same): one phase after another, each over its own taps only.
@@ -270,34 +291,63 @@ def _load_grad(g_ptr, y_ptr, offs, mask, ACTIVATION: tl.constexpr, UPCAST: tl.co
 
 
 @triton.jit
+def _load_grad_at(g_ptr, y_ptr, g_base, io, jo, o, ok, rows, cols, A, B, sgc, sgh, sgw, ACTIVATION, UPCAST):
+    """grad_out (activation's mask applied) at phase (A, B)'s output positions (io, jo) and channels o, all
+    broadcast to the tile's shape; zero where not ok or outside the phase's rows x cols."""
+    ok = ok & (io >= 0) & (io < rows) & (jo >= 0) & (jo < cols)
+    offs = g_base + (2 * io + A) * sgh + (2 * jo + B) * sgw + o * sgc
+    return _load_grad(g_ptr, y_ptr, offs, ok, ACTIVATION, UPCAST)
+
+
+@triton.jit
 def _grad_input_phase(
     acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, K_PACKED, HO, WO, sgn, sgc, sgh, sgw,
     A: tl.constexpr, B: tl.constexpr, ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
-    RS: tl.constexpr, RT: tl.constexpr, CS: tl.constexpr, CT: tl.constexpr,
+    RS: tl.constexpr, RT: tl.constexpr, CS: tl.constexpr, CT: tl.constexpr, TAPS_IN_K: tl.constexpr,
     ACTIVATION: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """acc[(n, i, j), c] += sum over (A, B)'s taps t and C_out of grad_out[n, 2io+A, 2jo+B, o] * wp[A, B, t, c, o]:
-    one dynamic loop over (taps, C_out blocks). Input row i is read by output row io = i - ROW0 - ty through
-    union tap ty (likewise for columns)."""
+    """acc[(n, i, j), c] += sum over (A, B)'s taps t and C_out of grad_out[n, 2io+A, 2jo+B, o] * wp[A, B, t, c, o].
+    Input row i is read by output row io = i - ROW0 - ty through union tap ty (likewise for columns).
+
+    The reduction runs over (tap, C_out block) pairs, or with TAPS_IN_K (few output channels) over
+    (tap, channel) pairs flattened, BLOCK_K of them per step, so that no step multiplies padding.
+    """
     rows = (HO - A + 1) // 2
     cols = (WO - B + 1) // 2
-    g_base = n.to(tl.int64) * sgn
-    blocks = tl.cdiv(C_OUT, BLOCK_K)
-    for t in range(0, RT * CT * blocks):
-        tap = t // blocks
-        offs_o = (t % blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        o_mask = offs_o < C_OUT
-        ty = RS + tap // CT
-        tx = CS + tap % CT
-        io = i - (ROW0 + ty)
-        jo = j - (COL0 + tx)
-        ok = m_mask & (io >= 0) & (io < rows) & (jo >= 0) & (jo < cols)
-        pix = g_base + (2 * io + A) * sgh + (2 * jo + B) * sgw
-        g = _load_grad(
-            g_ptr, y_ptr, pix[:, None] + offs_o[None, :] * sgc, ok[:, None] & o_mask[None, :], ACTIVATION, UPCAST
-        )
-        w = _load_w(w_ptr, A * 2 + B, ty, tx, offs_o, offs_c, c_mask, K_PACKED, C_IN, TR, TC, UPCAST)
-        acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
+    g_base = n.to(tl.int64)[:, None] * sgn
+    if TAPS_IN_K:
+        for k0 in range(0, RT * CT * C_OUT, BLOCK_K):
+            pairs = k0 + tl.arange(0, BLOCK_K)
+            offs_o = pairs % C_OUT
+            ty = RS + pairs // C_OUT // CT
+            tx = CS + pairs // C_OUT % CT
+            valid = m_mask[:, None] & (pairs < RT * CT * C_OUT)[None, :]
+            io = i[:, None] - (ROW0 + ty)[None, :]
+            jo = j[:, None] - (COL0 + tx)[None, :]
+            g = _load_grad_at(
+                g_ptr, y_ptr, g_base, io, jo, offs_o[None, :], valid, rows, cols, A, B, sgc, sgh, sgw,
+                ACTIVATION, UPCAST,
+            )  # fmt: skip
+            w_rows = _tap_start(A * 2 + B, ty, tx, TR, TC, K_PACKED, C_IN) + offs_o
+            w = _load_w(w_ptr, w_rows, pairs < RT * CT * C_OUT, offs_c, c_mask, K_PACKED, UPCAST)
+            acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
+    else:
+        blocks = tl.cdiv(C_OUT, BLOCK_K)
+        for t in range(0, RT * CT * blocks):
+            tap = t // blocks
+            offs_o = (t % blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            ty = RS + tap // CT
+            tx = CS + tap % CT
+            io = (i - (ROW0 + ty))[:, None]
+            jo = (j - (COL0 + tx))[:, None]
+            valid = m_mask[:, None] & (offs_o < C_OUT)[None, :]
+            g = _load_grad_at(
+                g_ptr, y_ptr, g_base, io, jo, offs_o[None, :], valid, rows, cols, A, B, sgc, sgh, sgw,
+                ACTIVATION, UPCAST,
+            )  # fmt: skip
+            w_rows = _tap_start(A * 2 + B, ty, tx, TR, TC, K_PACKED, C_IN) + offs_o
+            w = _load_w(w_ptr, w_rows, offs_o < K_PACKED, offs_c, c_mask, K_PACKED, UPCAST)
+            acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
     return acc
 
 
@@ -308,8 +358,8 @@ def _grad_input_kernel(
     ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
     RS0: tl.constexpr, RT0: tl.constexpr, RS1: tl.constexpr, RT1: tl.constexpr,
     CS0: tl.constexpr, CT0: tl.constexpr, CS1: tl.constexpr, CT1: tl.constexpr,
-    SHARED: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SHARED: tl.constexpr, TAPS_IN_K: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Rows of the GEMM: input positions (n, i, j); columns: input channels; reduction: phases, taps, C_out.
     # (SHARED is unused: every phase gathers its own grad_out pixels.)
@@ -323,19 +373,19 @@ def _grad_input_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _grad_input_phase(
         acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, K_PACKED, HO, WO, sgn, sgc, sgh, sgw,
-        0, 0, ROW0, COL0, TR, TC, RS0, RT0, CS0, CT0, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
+        0, 0, ROW0, COL0, TR, TC, RS0, RT0, CS0, CT0, TAPS_IN_K, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
     )  # fmt: skip
     acc = _grad_input_phase(
         acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, K_PACKED, HO, WO, sgn, sgc, sgh, sgw,
-        0, 1, ROW0, COL0, TR, TC, RS0, RT0, CS1, CT1, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
+        0, 1, ROW0, COL0, TR, TC, RS0, RT0, CS1, CT1, TAPS_IN_K, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
     )  # fmt: skip
     acc = _grad_input_phase(
         acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, K_PACKED, HO, WO, sgn, sgc, sgh, sgw,
-        1, 0, ROW0, COL0, TR, TC, RS1, RT1, CS0, CT0, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
+        1, 0, ROW0, COL0, TR, TC, RS1, RT1, CS0, CT0, TAPS_IN_K, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
     )  # fmt: skip
     acc = _grad_input_phase(
         acc, g_ptr, y_ptr, w_ptr, n, i, j, m_mask, offs_c, c_mask, C_IN, C_OUT, K_PACKED, HO, WO, sgn, sgc, sgh, sgw,
-        1, 1, ROW0, COL0, TR, TC, RS1, RT1, CS1, CT1, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
+        1, 1, ROW0, COL0, TR, TC, RS1, RT1, CS1, CT1, TAPS_IN_K, ACTIVATION, UPCAST, PRECISION, BLOCK_K,
     )  # fmt: skip
     offs = n.to(tl.int64) * sxn + i * sxh + j * sxw
     tl.store(
@@ -432,6 +482,65 @@ def _grad_weight_kernel(
         tl.store(db_ptr + (split * 4 + phase) * C_OUT + offs_o, gsum, mask=o_mask)
 
 
+@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=["N", "H", "W", "C_IN", "C_OUT", "CHUNK"])
+@triton.jit
+def _grad_weight_few_outputs_kernel(
+    x_ptr, g_ptr, y_ptr, dw_ptr, N, H, W, C_IN, C_OUT, HO, WO, CHUNK, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+    ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
+    RS0: tl.constexpr, RT0: tl.constexpr, RS1: tl.constexpr, RT1: tl.constexpr,
+    CS0: tl.constexpr, CT0: tl.constexpr, CS1: tl.constexpr, CT1: tl.constexpr,
+    ACTIVATION: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    # Grad weight for C_out <= FEW_OUTPUTS: one phase, one C_in tile, one tile of the phase's (union tap, C_out)
+    # pairs, one split of the *input* pixels [split * CHUNK, (split + 1) * CHUNK). Input pixel (i, j) meets
+    # grad_out of output position (i - ROW0 - ty, j - COL0 - tx) through tap (ty, tx): x is read once per
+    # phase instead of once per tap, and the GEMM's columns are real (tap, channel) pairs, not padding.
+    pid_cn = tl.program_id(0)
+    phase = tl.program_id(1)
+    split = tl.program_id(2)
+    a = phase // 2
+    b = phase % 2
+    pairs = TR * TC * C_OUT
+    pid_c = pid_cn // tl.cdiv(pairs, BLOCK_O)
+    pid_n = pid_cn % tl.cdiv(pairs, BLOCK_O)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C_IN
+    offs_n = pid_n * BLOCK_O + tl.arange(0, BLOCK_O)
+    tap = offs_n // C_OUT
+    o = offs_n % C_OUT
+    ty = tap // TC
+    tx = tap % TC
+    # Only the taps of this phase's window: the others stay zero in dw, out of the sum in _unpack_grad.
+    rs = RS0 + a * (RS1 - RS0)
+    cs = CS0 + b * (CS1 - CS0)
+    n_ok = (offs_n < pairs) & (ty >= rs) & (ty < rs + RT0 + a * (RT1 - RT0))
+    n_ok = n_ok & (tx >= cs) & (tx < cs + CT0 + b * (CT1 - CT0))
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, N * H * W)
+    acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < end
+        n, i, j = _split_positions(offs_p, H, W)
+        n = n.to(tl.int64)
+        x_offs = n * sxn + i * sxh + j * sxw
+        xt = tl.load(x_ptr + x_offs[None, :] + offs_c[:, None] * sxc, mask=c_mask[:, None] & p_mask[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+        io = i[:, None] - (ROW0 + ty)[None, :]
+        jo = j[:, None] - (COL0 + tx)[None, :]
+        g = _load_grad_at(
+            g_ptr, y_ptr, n[:, None] * sgn, io, jo, o[None, :], p_mask[:, None] & n_ok[None, :],
+            (HO - a + 1) // 2, (WO - b + 1) // 2, a, b, sgc, sgh, sgw, ACTIVATION, UPCAST,
+        )  # fmt: skip
+        acc = tl.dot(xt, g.to(xt.dtype), acc, input_precision=PRECISION)
+    # dw[split, a, b, ty, tx, c, o]
+    dw = dw_ptr + ((split * 4 + phase) * TR * TC).to(tl.int64) * C_IN * C_OUT
+    dw_offs = (tap[None, :] * C_IN + offs_c[:, None]) * C_OUT + o[None, :]
+    tl.store(dw + dw_offs, acc, mask=c_mask[:, None] & n_ok[None, :])
+
+
 class _AxisUnion:
     """Both phases of one axis in union-tap coordinates (scale 2, kernel ``k``, padding ``p``)."""
 
@@ -501,9 +610,10 @@ def _nchw_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def _channel_tile(channels: int) -> int:
-    """Channel tile of the grad-weight GEMM: at least tl.dot's 16, at most 64."""
-    return max(16, min(64, triton.next_power_of_2(channels)))
+def _channel_tile(channels: int, dtype: torch.dtype) -> int:
+    """Channel tile of the grad-weight GEMM: at least tl.dot's 16, at most 128 (64 for float32, whose 128 x 128
+    tiles over 64 pixels and 3 stages would need 256 KiB of shared memory, over sm_90's 227)."""
+    return max(16, min(128 if dtype.itemsize == 2 else 64, triton.next_power_of_2(channels)))
 
 
 def _forward(
@@ -546,7 +656,7 @@ def _grad_input(
 
     _grad_input_kernel[grid](
         g, y, wp, dx, n, h, w, c_in, c_out, wp.shape[-1], ho, wo, *_nchw_strides(g), *_nchw_strides(dx),
-        **_constexprs(rows, cols, activation, g.dtype),
+        TAPS_IN_K=c_out <= FEW_OUTPUTS, **_constexprs(rows, cols, activation, g.dtype),
     )  # fmt: skip
 
 
@@ -570,28 +680,40 @@ def _grad_weight(
     """(grad wp [2, 2, TR, TC, C, O], grad bias [O]), both float32 and reduced in a fixed order."""
     n, c_in, h, w = x.shape
     c_out, ho, wo = g.shape[1:]
-    taps = [
-        (a, b, ty, tx, int(ty == rs and tx == cs))
-        for a, (rs, rt) in enumerate(rows.windows)
-        for b, (cs, ct) in enumerate(cols.windows)
-        for ty in range(rs, rs + rt)
-        for tx in range(cs, cs + ct)
-    ]
-    table = constant(tuple(taps), torch.int32, x.device)
-    block_c, block_o = _channel_tile(c_in), _channel_tile(c_out)
-    tiles = triton.cdiv(c_in, block_c) * triton.cdiv(c_out, block_o)
-    positions = n * ((ho + 1) // 2) * ((wo + 1) // 2)
-    chunk = _split_chunk(positions, tiles * len(taps))
+    constexprs = _constexprs(rows, cols, activation, x.dtype)
+    del constexprs["SHARED"]
+    few_outputs = c_out <= FEW_OUTPUTS
+    if few_outputs:  # programs: (C_in tile, (tap, C_out) tile) x phase x split of the input pixels
+        columns, groups, positions = rows.taps * cols.taps * c_out, 4, n * h * w
+    else:  # programs: (C_in tile, C_out tile) x (phase, tap) x split of the phase's output pixels
+        taps = [
+            (a, b, ty, tx, int(ty == rs and tx == cs))
+            for a, (rs, rt) in enumerate(rows.windows)
+            for b, (cs, ct) in enumerate(cols.windows)
+            for ty in range(rs, rs + rt)
+            for tx in range(cs, cs + ct)
+        ]
+        columns, groups, positions = c_out, len(taps), n * ((ho + 1) // 2) * ((wo + 1) // 2)
+    block_c, block_o = _channel_tile(c_in, x.dtype), _channel_tile(columns, x.dtype)
+    tiles = triton.cdiv(c_in, block_c) * triton.cdiv(columns, block_o)
+    chunk = _split_chunk(positions, tiles * groups)
     splits = triton.cdiv(positions, chunk)
     # Taps outside a phase's window are never written: zeros keep them out of the sum.
     dw = torch.zeros((splits, 2, 2, rows.taps, cols.taps, c_in, c_out), dtype=torch.float32, device=x.device)
+    if few_outputs:
+        _grad_weight_few_outputs_kernel[(tiles, groups, splits)](
+            x, g, y, dw, n, h, w, c_in, c_out, ho, wo, chunk, *_nchw_strides(x), *_nchw_strides(g),
+            BLOCK_C=block_c, BLOCK_O=block_o, **constexprs,
+        )  # fmt: skip
+        # The programs see each grad_out pixel once per tap that reaches an input pixel: its sum is done apart.
+        masked = g if activation is None else torch.where(y > 0, g, 0)
+        return dw.sum(0), masked.sum((0, 2, 3), dtype=torch.float32)
     db = torch.zeros((splits, 4, c_out), dtype=torch.float32, device=x.device)
-    constexprs = _constexprs(rows, cols, activation, x.dtype)
-    for name in ("RS0", "RT0", "RS1", "RT1", "CS0", "CT0", "CS1", "CT1", "SHARED"):  # windows come from the table
+    for name in ("RS0", "RT0", "RS1", "RT1", "CS0", "CT0", "CS1", "CT1"):  # windows come from the table
         del constexprs[name]
-    _grad_weight_kernel[(tiles, len(taps), splits)](
-        x, g, y, table, dw, db, n, h, w, c_in, c_out, ho, wo, chunk, *_nchw_strides(x), *_nchw_strides(g),
-        HAS_BIAS=has_bias, BLOCK_C=block_c, BLOCK_O=block_o, **constexprs,
+    _grad_weight_kernel[(tiles, groups, splits)](
+        x, g, y, constant(tuple(taps), torch.int32, x.device), dw, db, n, h, w, c_in, c_out, ho, wo, chunk,
+        *_nchw_strides(x), *_nchw_strides(g), HAS_BIAS=has_bias, BLOCK_C=block_c, BLOCK_O=block_o, **constexprs,
     )  # fmt: skip
     return dw.sum(0), db.sum((0, 1))
 
