@@ -77,14 +77,15 @@ def test_forward_and_gradients_match_reference(kernel, padding, hw, n):
     assert_close(got, want, TOL[torch.float32], case)
 
 
-@pytest.mark.parametrize("o", [1, 3, 16, 17])
+@pytest.mark.parametrize("o", [1, 3, 4, 5, 16, 17])
 @pytest.mark.parametrize("kernel, padding", [((7, 7), (0, 0)), ((3, 3), (1, 1))])
-def test_few_output_channels_on_both_sides_of_the_switch(kernel, padding, o):
-    """Up to FEW_OUTPUTS output channels the backward kernels flatten (tap, channel) pairs into one GEMM
-    dimension (an image layer's 1 or 3 channels); above, they run tap by tap."""
+def test_few_output_channels_on_both_sides_of_the_switches(kernel, padding, o):
+    """An image layer's few output channels switch the kernels' GEMM shapes: up to 4 (with a window shared
+    by the phases, as K=7 valid has and K=3 same has not) the forward puts the four phases side by side in
+    one dot; up to FEW_OUTPUTS the backward flattens (tap, channel) pairs into one GEMM dimension."""
     from dcign_fast.kernels.triton.unpool_conv import FEW_OUTPUTS
 
-    assert FEW_OUTPUTS == 16  # the cases straddle the switch
+    assert FEW_OUTPUTS == 16  # the cases straddle the switches
     case = {"n": 2, "c": 6, "o": o, "hw": (5, 4), "k": kernel, "p": padding}
     got, want = run_both(case, torch.float32, channels_last=o % 2 == 1, activation="relu")
     assert_close(got, want, TOL[torch.float32], case)

@@ -35,6 +35,7 @@ Kernels (each an implicit GEMM, fp32 accumulation; fp32 operands use TF32 when
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import triton
@@ -77,16 +78,20 @@ def _configs(
     ]
 
 
-def _fit_channels(dim: str):
-    """Early config pruning: drop configs whose BLOCK_N is wider than the GEMM's N (the ``dim`` argument) needs."""
+def _fit_columns(columns: Callable[[dict], int]):
+    """Early config pruning: drop configs whose BLOCK_N is wider than the GEMM's N, ``columns(arguments)``."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        width = max(16, triton.next_power_of_2(named_args[dim]))
+        width = max(16, triton.next_power_of_2(columns({**named_args, **kwargs})))
         return [c for c in configs if c.kwargs["BLOCK_N"] <= width] or configs[:1]
 
     return {"early_config_prune": prune}
 
 
+# Autotuning keys: the shapes and the kernel's union window (two layers of one shape but different kernel
+# sizes compile different code and may want different configs).
+_GEMM_KEY = ["N", "H", "W", "C_IN", "C_OUT", "TR", "TC", "SHARED"]
+_GRAD_WEIGHT_KEY = ["N", "H", "W", "C_IN", "C_OUT", "TR", "TC", "CHUNK"]
 # Four fp32 accumulators (one per phase) of BLOCK_M x BLOCK_N plus 64-bit pointer tiles: with 8 warps and
 # 64 rows nothing spills (tests/test_triton_aot.py checks; 4 warps or 128 rows spilled in some cases).
 # Channel counts of 16-128 take one to four 32-channel reduction steps; BLOCK_N 16 suits C_out = 1.
@@ -121,15 +126,15 @@ def _tap_start(phase, ty, tx, TR, TC, K_PACKED, N):
 
 
 @triton.jit
-def _load_w(w_ptr, rows, row_ok, offs_n, n_mask, K_PACKED, UPCAST):
-    """Weight tile [BLOCK_K, BLOCK_N] of the packed weight: row k from element rows[k] on, column n K_PACKED
-    elements after column n - 1 (rows[k] = a tap's start + a channel, see _tap_start).
+def _load_w(w_ptr, rows, row_ok, cols, col_ok, UPCAST):
+    """Weight tile [BLOCK_K, BLOCK_N] of the packed weight: element rows[k] + cols[n] (rows: a tap's start + a
+    reduced channel, see _tap_start; cols: K_PACKED x the other channel).
 
     K-major because TF32 tensor-core multiplies (wgmma) take only K-major operands from shared memory: an
     N-major tile is copied 4 bytes at a time to be transposed, a K-major one 16 bytes at a time, which
     needs rows that start on 16 bytes (K_PACKED, a multiple of 16, is specialised as such).
     """
-    w = tl.load(w_ptr + rows[:, None] + offs_n[None, :] * K_PACKED, mask=row_ok[:, None] & n_mask[None, :], other=0.0)
+    w = tl.load(w_ptr + rows[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     if UPCAST:
         w = w.to(tl.float32)
     return w
@@ -160,56 +165,41 @@ def _phase_gemm(
         tx = CS + tap % CT
         a = _load_x(x_base, i, j, m_mask, offs_k, k_mask, ty, tx, H, W, sxc, sxh, sxw, ROW0, COL0, UPCAST)
         w_rows = _tap_start(PHASE, ty, tx, TR, TC, K_PACKED, C_OUT) + offs_k
-        w = _load_w(w_ptr, w_rows, offs_k < K_PACKED, offs_n, n_mask, K_PACKED, UPCAST)
+        w = _load_w(w_ptr, w_rows, offs_k < K_PACKED, offs_n * K_PACKED, n_mask, UPCAST)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def _store_phase(
-    acc,
-    y_ptr,
-    bias,
-    n,
-    i,
-    j,
-    m_mask,
-    offs_n,
-    n_mask,
-    HO,
-    WO,
-    syn,
-    syc,
-    syh,
-    syw,
-    A: tl.constexpr,
-    B: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-):
-    """Epilogue of one phase: bias, activation, cast, store at output pixel (2i + A, 2j + B)."""
+    acc, y_ptr, bias, n, i, j, m_mask, o, o_ok, a, b, HO, WO, syn, syc, syh, syw, ACTIVATION: tl.constexpr
+):  # fmt: skip
+    """Epilogue: bias, activation, cast; column k of acc goes to channel o[k] of output pixel (2i + a, 2j + b),
+    where phase (a, b) is one for the whole tile or, as [1, BLOCK_N] tensors, one per column."""
     acc = acc + bias[None, :]
     if ACTIVATION == 1:
         acc = tl.maximum(acc, 0.0)
-    row = 2 * i + A
-    col = 2 * j + B
-    ok = m_mask & (row < HO) & (col < WO)
-    offs = n.to(tl.int64) * syn + row * syh + col * syw
-    tl.store(
-        y_ptr + offs[:, None] + offs_n[None, :] * syc,
-        acc.to(y_ptr.dtype.element_ty),
-        mask=ok[:, None] & n_mask[None, :],
-    )
+    row = 2 * i[:, None] + a
+    col = 2 * j[:, None] + b
+    ok = m_mask[:, None] & o_ok[None, :] & (row < HO) & (col < WO)
+    offs = n.to(tl.int64)[:, None] * syn + row * syh + col * syw + o[None, :] * syc
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "H", "W", "C_IN", "C_OUT"], prune_configs_by=_fit_channels("C_OUT"))
+@triton.autotune(
+    configs=_GEMM_CONFIGS,
+    key=_GEMM_KEY,
+    prune_configs_by=_fit_columns(lambda args: args["C_OUT"] * (4 if args["PHASES_IN_N"] else 1)),
+)
 @triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, N, H, W, C_IN, C_OUT, K_PACKED, HO, WO, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
     RS0: tl.constexpr, RT0: tl.constexpr, RS1: tl.constexpr, RT1: tl.constexpr,
     CS0: tl.constexpr, CT0: tl.constexpr, CS1: tl.constexpr, CT1: tl.constexpr,
-    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SHARED: tl.constexpr, PHASES_IN_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Rows of the GEMM: low-resolution positions (n, i, j) of phase (0, 0), which has the most rows/cols.
     rows0 = (HO + 1) // 2
@@ -220,10 +210,22 @@ def _forward_kernel(
     m_mask = offs_m < N * rows0 * cols0
     n, i, j = _split_positions(offs_m, rows0, cols0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < C_OUT
+    phase_size = TR * TC * K_PACKED * C_OUT  # elements of one phase's packed kernel
+    if PHASES_IN_N:
+        # At most 4 output channels (an image layer), with every phase reading the whole window: the four
+        # phases side by side in one dot's columns (phase k // C_OUT, channel k % C_OUT), instead of four
+        # dots of mostly padding.
+        phase = offs_n // C_OUT
+        offs_o = offs_n % C_OUT
+        n_mask = offs_n < 4 * C_OUT
+        w_cols = phase * phase_size + offs_o * K_PACKED
+    else:
+        offs_o = offs_n
+        n_mask = offs_n < C_OUT
+        w_cols = offs_n * K_PACKED
     x_base = x_ptr + n.to(tl.int64) * sxn
     if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + offs_o, mask=n_mask, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if SHARED:
@@ -243,15 +245,15 @@ def _forward_kernel(
             a = _load_x(x_base, i, j, m_mask, offs_k, k_mask, ty, tx, H, W, sxc, sxh, sxw, ROW0, COL0, UPCAST)
             w_rows = _tap_start(0, ty, tx, TR, TC, K_PACKED, C_OUT) + offs_k
             w_ok = offs_k < K_PACKED
-            phase_size = TR * TC * K_PACKED * C_OUT
-            w = _load_w(w_ptr, w_rows, w_ok, offs_n, n_mask, K_PACKED, UPCAST)
+            w = _load_w(w_ptr, w_rows, w_ok, w_cols, n_mask, UPCAST)
             acc00 = tl.dot(a, w, acc00, input_precision=PRECISION)
-            w = _load_w(w_ptr, w_rows + phase_size, w_ok, offs_n, n_mask, K_PACKED, UPCAST)
-            acc01 = tl.dot(a, w, acc01, input_precision=PRECISION)
-            w = _load_w(w_ptr, w_rows + 2 * phase_size, w_ok, offs_n, n_mask, K_PACKED, UPCAST)
-            acc10 = tl.dot(a, w, acc10, input_precision=PRECISION)
-            w = _load_w(w_ptr, w_rows + 3 * phase_size, w_ok, offs_n, n_mask, K_PACKED, UPCAST)
-            acc11 = tl.dot(a, w, acc11, input_precision=PRECISION)
+            if not PHASES_IN_N:
+                w = _load_w(w_ptr, w_rows + phase_size, w_ok, w_cols, n_mask, UPCAST)
+                acc01 = tl.dot(a, w, acc01, input_precision=PRECISION)
+                w = _load_w(w_ptr, w_rows + 2 * phase_size, w_ok, w_cols, n_mask, UPCAST)
+                acc10 = tl.dot(a, w, acc10, input_precision=PRECISION)
+                w = _load_w(w_ptr, w_rows + 3 * phase_size, w_ok, w_cols, n_mask, UPCAST)
+                acc11 = tl.dot(a, w, acc11, input_precision=PRECISION)
     else:
         # Phases read different windows (K=3 same): one phase after another, each over its own taps only.
         acc00 = _phase_gemm(
@@ -270,10 +272,14 @@ def _forward_kernel(
             x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, K_PACKED, sxc, sxh, sxw,
             3, ROW0, COL0, TR, TC, RS1, RT1, CS1, CT1, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
-    _store_phase(acc00, y_ptr, bias, n, i, j, m_mask, offs_n, n_mask, HO, WO, syn, syc, syh, syw, 0, 0, ACTIVATION)
-    _store_phase(acc01, y_ptr, bias, n, i, j, m_mask, offs_n, n_mask, HO, WO, syn, syc, syh, syw, 0, 1, ACTIVATION)
-    _store_phase(acc10, y_ptr, bias, n, i, j, m_mask, offs_n, n_mask, HO, WO, syn, syc, syh, syw, 1, 0, ACTIVATION)
-    _store_phase(acc11, y_ptr, bias, n, i, j, m_mask, offs_n, n_mask, HO, WO, syn, syc, syh, syw, 1, 1, ACTIVATION)
+    if PHASES_IN_N:
+        a, b = (phase // 2)[None, :], (phase % 2)[None, :]
+        _store_phase(acc00, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, a, b, HO, WO, syn, syc, syh, syw, ACTIVATION)
+    else:
+        _store_phase(acc00, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, 0, 0, HO, WO, syn, syc, syh, syw, ACTIVATION)
+        _store_phase(acc01, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, 0, 1, HO, WO, syn, syc, syh, syw, ACTIVATION)
+        _store_phase(acc10, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, 1, 0, HO, WO, syn, syc, syh, syw, ACTIVATION)
+        _store_phase(acc11, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, 1, 1, HO, WO, syn, syc, syh, syw, ACTIVATION)
 
 
 @triton.jit
@@ -329,7 +335,7 @@ def _grad_input_phase(
                 ACTIVATION, UPCAST,
             )  # fmt: skip
             w_rows = _tap_start(A * 2 + B, ty, tx, TR, TC, K_PACKED, C_IN) + offs_o
-            w = _load_w(w_ptr, w_rows, pairs < RT * CT * C_OUT, offs_c, c_mask, K_PACKED, UPCAST)
+            w = _load_w(w_ptr, w_rows, pairs < RT * CT * C_OUT, offs_c * K_PACKED, c_mask, UPCAST)
             acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
     else:
         blocks = tl.cdiv(C_OUT, BLOCK_K)
@@ -346,12 +352,16 @@ def _grad_input_phase(
                 ACTIVATION, UPCAST,
             )  # fmt: skip
             w_rows = _tap_start(A * 2 + B, ty, tx, TR, TC, K_PACKED, C_IN) + offs_o
-            w = _load_w(w_ptr, w_rows, offs_o < K_PACKED, offs_c, c_mask, K_PACKED, UPCAST)
+            w = _load_w(w_ptr, w_rows, offs_o < K_PACKED, offs_c * K_PACKED, c_mask, UPCAST)
             acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
     return acc
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "H", "W", "C_IN", "C_OUT"], prune_configs_by=_fit_channels("C_IN"))
+@triton.autotune(
+    configs=_GEMM_CONFIGS,
+    key=_GEMM_KEY,
+    prune_configs_by=_fit_columns(lambda args: args["C_IN"]),
+)
 @triton.jit
 def _grad_input_kernel(
     g_ptr, y_ptr, w_ptr, dx_ptr, N, H, W, C_IN, C_OUT, K_PACKED, HO, WO, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
@@ -395,7 +405,7 @@ def _grad_input_kernel(
     )
 
 
-@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=["N", "H", "W", "C_IN", "C_OUT", "CHUNK"])
+@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=_GRAD_WEIGHT_KEY)
 @triton.jit
 def _grad_weight_kernel(
     x_ptr,
@@ -482,7 +492,7 @@ def _grad_weight_kernel(
         tl.store(db_ptr + (split * 4 + phase) * C_OUT + offs_o, gsum, mask=o_mask)
 
 
-@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=["N", "H", "W", "C_IN", "C_OUT", "CHUNK"])
+@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=_GRAD_WEIGHT_KEY)
 @triton.jit
 def _grad_weight_few_outputs_kernel(
     x_ptr, g_ptr, y_ptr, dw_ptr, N, H, W, C_IN, C_OUT, HO, WO, CHUNK, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
@@ -629,13 +639,17 @@ def _forward(
     c_out, ho, wo = out.shape[1:]
     positions = n * ((ho + 1) // 2) * ((wo + 1) // 2)
 
+    constexprs = _constexprs(rows, cols, activation, x.dtype)
+    phases_in_n = constexprs["SHARED"] and 4 * c_out <= 16  # the four phases fit one dot of tl.dot's least width
+    columns = 4 * c_out if phases_in_n else c_out
+
     def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(c_out, meta["BLOCK_N"]), triton.cdiv(positions, meta["BLOCK_M"])
+        return triton.cdiv(columns, meta["BLOCK_N"]), triton.cdiv(positions, meta["BLOCK_M"])
 
     _forward_kernel[grid](
         x, wp, wp if bias is None else bias, out, n, h, w, c_in, c_out, wp.shape[-1], ho, wo,
         *_nchw_strides(x), *_nchw_strides(out),
-        HAS_BIAS=bias is not None, **_constexprs(rows, cols, activation, x.dtype),
+        HAS_BIAS=bias is not None, PHASES_IN_N=phases_in_n, **constexprs,
     )  # fmt: skip
 
 
