@@ -36,23 +36,32 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
-    def build_extension(self, ext: Extension) -> None:
+    def run(self) -> None:
         mode = os.environ.get("DCIGN_FAST_CUDA", "auto").lower()
         if mode not in ("0", "1", "auto"):
             raise RuntimeError(f"DCIGN_FAST_CUDA must be 0, 1 or auto, got {mode!r}")
-        nvcc = find_nvcc()
-        if mode == "0" or (mode == "auto" and nvcc is None):
+        self.nvcc = find_nvcc()
+        self.required = mode == "1"
+        if mode == "0" or (mode == "auto" and self.nvcc is None):
             why = "DCIGN_FAST_CUDA=0" if mode == "0" else "no CUDA compiler (nvcc) found"
-            print(f"dcign-fast: skipping the CUDA extension ({why}); backend='cuda' will be unavailable")
-            return
-        if nvcc is None:
+            self._skip(why)
+        elif self.nvcc is None:
             raise RuntimeError("DCIGN_FAST_CUDA=1 but no CUDA compiler (nvcc) was found; set CUDA_HOME")
-        try:
-            self._cmake_build(ext, nvcc)
-        except (OSError, subprocess.CalledProcessError) as err:
-            if mode == "1":
-                raise
-            print(f"dcign-fast: skipping the CUDA extension (build failed: {err})")
+        super().run()
+
+    def _skip(self, why: str) -> None:
+        # Out of the extension list, not merely unbuilt: an editable install copies every listed extension.
+        print(f"dcign-fast: skipping the CUDA extension ({why}); backend='cuda' will be unavailable")
+        self.extensions = []
+
+    def build_extensions(self) -> None:
+        for ext in list(self.extensions):
+            try:
+                self._cmake_build(ext, self.nvcc)
+            except (OSError, subprocess.CalledProcessError) as err:
+                if self.required:
+                    raise
+                self._skip(f"build failed: {err}")
 
     def _cmake_build(self, ext: Extension, nvcc: str) -> None:
         import pybind11
