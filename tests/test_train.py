@@ -3,6 +3,7 @@ Ctrl-C, distributed == accumulated, logs and pictures."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -167,6 +168,44 @@ def test_config_from_yaml_and_overrides(tmp_path):
         TrainConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="clamp must be one of"):
         TrainConfig(clamp="median")
+
+
+@pytest.mark.parametrize(
+    "assignment, error, words",
+    [
+        ("steps=2.5", TypeError, "steps must be int, got 2.5"),
+        ("batch_size=abc", TypeError, "batch_size must be int"),
+        ("compile=1", TypeError, "compile must be bool"),
+        ("betas=0.9", TypeError, "betas must be two numbers"),
+        ("kind_weights={azmuth: 5}", ValueError, r"unknown batch kinds \['azmuth'\]"),
+        ("lr", ValueError, "expects key=value"),
+    ],
+)
+def test_option_types_are_checked(assignment, error, words):
+    with pytest.raises(error, match=words):
+        TrainConfig().override([assignment])
+    assert TrainConfig().override(["lr=1", "grad_clip=null"]).lr == 1.0  # ints become floats; None allowed
+
+
+def test_resume_keeps_the_checkpoint_options_and_refuses_changes(tmp_path):
+    from dcign_fast.train.cli import add_arguments, config_from_args
+
+    Trainer(config(tmp_path, steps=2, seed=5, lr=1e-3), render=blobs).train()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = str(tmp_path / "run")
+    resumed = config_from_args(parser.parse_args(["--out", out, "--steps", "4", "--resume", "--set", "threads=1"]))
+    assert (resumed.seed, resumed.lr, resumed.batch_size, resumed.steps, resumed.threads) == (5, 1e-3, 4, 4, 1)
+    fresh = config_from_args(parser.parse_args(["--out", out, "--steps", "4"]))
+    assert (fresh.seed, fresh.lr) == (0, 5e-4)  # without --resume the defaults apply (and the trainer refuses)
+    assert Trainer(resumed, resume=True, render=blobs).train().step == 4
+    with pytest.raises(ValueError, match=r"seed=6 \(checkpoint: 5\)"):
+        Trainer(config(tmp_path, steps=6, seed=6, lr=1e-3), resume=True, render=blobs)
+
+
+def test_resume_without_a_checkpoint_warns(tmp_path):
+    with pytest.warns(UserWarning, match="holds no checkpoint"):
+        Trainer(config(tmp_path, steps=1), resume=True, render=blobs)
 
 
 def test_infinite_gradient_is_caught_like_a_nan_loss(tmp_path):

@@ -25,9 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    flags = [f"{key}={getattr(args, key)}" for key in ("preset", "out", "steps") if getattr(args, key) is not None]
-    return config.override(flags + list(args.set))
+    """The run's options: --config's, then --preset/--out/--steps, then each --set. With --resume they
+    apply on top of the newest checkpoint's options (the trainer refuses changes that alter the results)."""
+    from dcign_fast.train.trainer import stored_config
+
+    values = TrainConfig.read_yaml(args.config) if args.config else {}
+    values.update({key: getattr(args, key) for key in ("preset", "out", "steps") if getattr(args, key) is not None})
+    values.update(TrainConfig.parse_assignments(args.set))
+    config = TrainConfig().updated(values)
+    stored = stored_config(config.out) if args.resume else None
+    return config if stored is None else stored.updated(values)
 
 
 def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, TrainResult | None]:

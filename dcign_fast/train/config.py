@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,13 @@ from dcign_fast.models.dcign import PRESETS
 
 CLAMP_MODES = ("mean", "first")
 NONFINITE_POLICIES = ("stop", "skip")
+KINDS = ("azimuth", "elevation", "light", "intrinsic")  # the batch kinds: which factor varies
+# Options that change how a run executes, not what it computes: a resumed run may change them.
+RUN_CONTROLS = (
+    "steps", "out", "device", "backend", "compile", "channels_last", "threads", "time_limit_s", "log_every",
+    "image_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
+)  # fmt: skip
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 @dataclass
@@ -51,7 +59,7 @@ class TrainConfig:
     time_limit_s: float | None = None  # stop (with a checkpoint) at the first step boundary past this
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        self._check_types()
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.clamp not in CLAMP_MODES:
@@ -71,6 +79,40 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.invariance < 0:
             raise ValueError(f"invariance must be >= 0, got {self.invariance}")
+        unknown_kinds = sorted(set(self.kind_weights) - set(KINDS))
+        if unknown_kinds:
+            raise ValueError(f"kind_weights names unknown batch kinds {unknown_kinds}; kinds are {list(KINDS)}")
+
+    def _check_types(self) -> None:
+        """Each option has its annotated type (ints are accepted for floats and become floats)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kinds = f.type.split(" | ")
+            if value is None and "None" in kinds:
+                continue
+            expected = _SCALARS.get(kinds[0])
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if expected is not None and (type(value) is not expected):
+                raise TypeError(f"{f.name} must be {f.type}, got {value!r}")
+        if not (
+            isinstance(self.betas, (tuple, list))
+            and len(self.betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas)
+        ):
+            raise TypeError(f"betas must be two numbers, got {self.betas!r}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        weights = self.kind_weights
+        if not isinstance(weights, dict) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights.values()
+        ):
+            raise TypeError(f"kind_weights must map batch kinds to numbers, got {weights!r}")
+
+    def differences(self, other: TrainConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+        """{option: (this value, other's value)} for the options that differ, except those in ``ignore``."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,22 +125,39 @@ class TrainConfig:
             raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
+    @staticmethod
+    def read_yaml(path: str | Path) -> dict[str, Any]:
+        """The options in a YAML file (a mapping)."""
         values = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of training options")
-        return cls.from_dict(values)
+        return values
 
-    def override(self, assignments: list[str]) -> TrainConfig:
-        """A copy with ``key=value`` assignments applied (values parsed as YAML: 3, 1e-3, true, [1, 2])."""
-        values = self.to_dict()
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(cls.read_yaml(path))
+
+    @staticmethod
+    def parse_assignments(assignments: list[str]) -> dict[str, Any]:
+        """``key=value`` strings as options (values parsed as YAML: 3, 1e-3, true, [1, 2])."""
+        values = {}
         for item in assignments:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ValueError(f"--set expects key=value, got {item!r}")
-            key, value = key.strip(), yaml.safe_load(raw)
-            if isinstance(values.get(key), float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-                value = float(value)  # YAML reads "1e6" as a string and "3" as an int
-            values[key] = value
-        return TrainConfig.from_dict(values)
+            values[key.strip()] = yaml.safe_load(raw)
+        return values
+
+    def updated(self, values: dict[str, Any]) -> TrainConfig:
+        """A copy with ``values`` replacing options."""
+        merged = self.to_dict()
+        for key, value in values.items():
+            if isinstance(merged.get(key), float) and isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    value = float(value)  # YAML reads "1e6" (no dot) as a string
+            merged[key] = value
+        return TrainConfig.from_dict(merged)
+
+    def override(self, assignments: list[str]) -> TrainConfig:
+        """A copy with ``key=value`` assignments applied (see :meth:`parse_assignments`)."""
+        return self.updated(self.parse_assignments(assignments))

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dcign_fast.train.config import TrainConfig
-
-KINDS = ("azimuth", "elevation", "light", "intrinsic")
+from dcign_fast.train.config import KINDS, TrainConfig
 
 
 def kind_odds(config: TrainConfig) -> dict[str, float]:

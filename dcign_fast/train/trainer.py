@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from dcign_fast.models import DCIGN
 from dcign_fast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from dcign_fast.train.config import TrainConfig
+from dcign_fast.train.config import RUN_CONTROLS, TrainConfig
 from dcign_fast.train.data import BatchStream, latent_seed
 from dcign_fast.train.distributed import World, all_agree, close_world, init_world
 from dcign_fast.train.logs import MetricsLog, save_progress_images
@@ -70,6 +71,12 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
     return pick, tuple(by_kind)
 
 
+def stored_config(out: str | Path) -> TrainConfig | None:
+    """The options of the newest checkpoint in run folder ``out``, or None when it holds none."""
+    existing = list_checkpoints(Path(out) / "checkpoints")
+    return TrainConfig.from_dict(load_checkpoint(existing[-1])[2]["config"]) if existing else None
+
+
 class Trainer:
     """Trains a DC-IGN as ``config`` says. ``render(kind, generator)`` replaces the built-in renderer."""
 
@@ -99,6 +106,8 @@ class Trainer:
         existing = list_checkpoints(self.checkpoints)
         if resume and existing:
             self._restore(existing[-1])
+        elif resume:
+            warnings.warn(f"resume asked, but {self.checkpoints} holds no checkpoint: starting at step 0", stacklevel=2)
         elif existing and not resume:
             raise FileExistsError(
                 f"{self.checkpoints} already holds checkpoints; pass --resume to continue or choose another --out"
@@ -118,6 +127,13 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         weights, _, state = load_checkpoint(path)
+        changed = self.config.differences(TrainConfig.from_dict(state["config"]), ignore=RUN_CONTROLS)
+        if changed:
+            listing = ", ".join(f"{key}={new!r} (checkpoint: {old!r})" for key, (new, old) in changed.items())
+            raise ValueError(
+                f"resuming continues the run in {self.out} exactly, but these options differ from its newest "
+                f"checkpoint: {listing}. Leave them out to keep the checkpoint's, or start a new run in another out"
+            )
         self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
