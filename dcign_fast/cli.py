@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -24,6 +25,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Errors that mean "the command was given something it cannot use": one line, not a traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+DEBUG_ENV = "DCIGN_FAST_DEBUG"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def run_reporting_errors(prog: str, run, args: argparse.Namespace) -> int:
+    """``run(args)``; a user error is printed as ``prog: error: ...`` with exit status 2 (the traceback too
+    when $DCIGN_FAST_DEBUG is set)."""
+    try:
+        return run(args)
+    except USER_ERRORS as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{prog}: error: {err} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcign-fast", description="Fast DC-IGN: train, render, evaluate.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    return run_reporting_errors(f"dcign-fast {args.command}", args.run, args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from dcign_fast.cli import positive_int
+
 DEMO_OPTIONS = {
     "preset": "demo64",
     "steps": 6000,
@@ -22,7 +24,7 @@ DEMO_OPTIONS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
-    parser.add_argument("--steps", type=int, default=DEMO_OPTIONS["steps"], help="training steps")
+    parser.add_argument("--steps", type=positive_int, default=DEMO_OPTIONS["steps"], help="training steps")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any training option")
 

@@ -23,6 +23,24 @@ def test_info(capsys):
     assert info["torch"] and "cuda_extension_built" in info and "cuda_emulation" in info
 
 
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "--preset", "nope"], "preset must be one of"),
+        (["train", "--set", "steps=2.5"], "steps must be int"),
+        (["train", "--config", "/nonexistent.yaml"], "No such file"),
+        (["render", "--preview", "p.png", "--device", "cuda:99"], "device="),
+        (["eval", "--checkpoint", "/nonexistent"], "no weights file"),
+    ],
+)
+def test_user_errors_are_one_line(argv, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DCIGN_FAST_DEBUG", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"dcign-fast {argv[0]}: error:" in err and words in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("suite", sorted(bench.SUITES))
 def test_suite_quick_then_report(suite, tmp_path, capsys):
     assert bench.main(["--suite", suite, "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0

@@ -67,26 +67,13 @@ def test_train_from_folders_then_eval_and_rerender(tmp_path, capsys):
     assert trainer.stream.kinds == ["azimuth", "light", "intrinsic"]
     checkpoint = trainer.train().checkpoint
 
-    assert (
-        main(
-            [
-                "eval",
-                "--checkpoint",
-                str(checkpoint),
-                "--sweeps",
-                "2",
-                "--identities",
-                "3",
-                "--out",
-                str(tmp_path / "eval"),
-            ]
-        )
-        == 0
-    )
-    results = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    # Given the weights file, the default output lands beside the run's checkpoints, as for the folder.
+    args = ["eval", "--checkpoint", str(checkpoint / "model.safetensors"), "--sweeps", "2", "--identities", "3"]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert set(results["correlation"]) == set(results["best_single_latent"]) == {"azimuth", "elevation", "light"}
     assert all(results["best_single_latent"][k] >= results["correlation"][k] - 1e-9 for k in results["correlation"])
-    assert (tmp_path / "eval" / "scatter.png").stat().st_size > 0
+    assert (tmp_path / "run" / "eval" / "scatter.png").stat().st_size > 0
 
     face = next((tmp_path / "data").rglob("*.png"))
     assert (

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dcign_fast.cli import positive_int
 from dcign_fast.data.cache import write_cache
 from dcign_fast.data.folders import export_sweeps
 from dcign_fast.data.preview import preview_grid
@@ -18,25 +19,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, help="dataset folder to write")
     target.add_argument("--preview", type=Path, help="write a labelled grid PNG of all four sweep kinds")
-    parser.add_argument("--batches", type=int, default=100, help="number of batches to write (with --out)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (e.g. 64, 128, 150)")
-    parser.add_argument("--batch-size", type=int, default=20, help="images per batch (a preview row has this many)")
+    parser.add_argument("--batches", type=positive_int, default=100, help="number of batches to write (with --out)")
+    parser.add_argument("--size", type=positive_int, default=64, help="image side in pixels (e.g. 64, 128, 150)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=20, help="images per batch (a preview row holds as many)"
+    )
     parser.add_argument("--shape-bias", type=float, default=10, help="odds of intrinsic batches: 1:1:1:k")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where to render: cpu or cuda")
-    parser.add_argument("--antialias", type=int, default=1, help="supersampling factor")
+    parser.add_argument("--antialias", type=positive_int, default=1, help="supersampling factor")
     parser.add_argument(
         "--format", choices=["png", "cache"], default="png", help="PNG folders (DC-IGN layout) or uint8 .npz shards"
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from dcign_fast.train.trainer import resolve_device
+
     sampler = SweepSampler(
         size=args.size,
         batch_size=args.batch_size,
         shape_bias=args.shape_bias,
         seed=args.seed,
-        device=args.device,
+        device=resolve_device(args.device),
         antialias=args.antialias,
     )
     if args.preview is not None:

@@ -6,21 +6,26 @@ import argparse
 import json
 from pathlib import Path
 
+from dcign_fast.cli import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder or its model.safetensors")
     parser.add_argument("--out", type=Path, help="folder for eval.json and scatter.png (default: beside the run)")
-    parser.add_argument("--sweeps", type=int, default=40, help="held-out sweeps per extrinsic group")
-    parser.add_argument("--identities", type=int, default=100, help="identities for cross-pose retrieval")
+    parser.add_argument("--sweeps", type=positive_int, default=40, help="held-out sweeps per extrinsic group")
+    parser.add_argument("--identities", type=positive_int, default=100, help="identities for cross-pose retrieval")
     parser.add_argument("--device", default="cpu")
 
 
 def run(args: argparse.Namespace) -> int:
     from dcign_fast.eval.evaluate import evaluate
     from dcign_fast.models import DCIGN
+    from dcign_fast.train.trainer import resolve_device
 
-    model = DCIGN.from_checkpoint(args.checkpoint).to(args.device)
-    out = args.out or Path(args.checkpoint).resolve().parent.parent / "eval"
+    model = DCIGN.from_checkpoint(args.checkpoint).to(resolve_device(args.device))
+    checkpoint = Path(args.checkpoint).resolve()
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent  # a checkpoint folder or its weights file
+    out = args.out or folder.parent.parent / "eval"  # runs/<run>/eval
     results = evaluate(model, out=out, sweeps=args.sweeps, identities=args.identities)
     print(json.dumps(results, indent=2))
     print(f"wrote {out / 'eval.json'} and {out / 'scatter.png'}")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dcign_fast.cli import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder or its model.safetensors")
     parser.add_argument("--image", required=True, type=Path, help="a face photo or render (any size, RGB or grey)")
     parser.add_argument("--out", type=Path, default=Path("sweeps.png"))
-    parser.add_argument("--steps", type=int, default=9, help="images per sweep")
+    parser.add_argument("--steps", type=positive_int, default=9, help="images per sweep")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dcign_fast.cli import positive_int
 from dcign_fast.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="demo64, face128 or paper150 (default demo64)")
     parser.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, images/")
-    parser.add_argument("--steps", type=int, help="total optimizer steps")
+    parser.add_argument("--steps", type=positive_int, help="total optimizer steps")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--config", type=Path, help="a YAML file of training options")
     parser.add_argument(
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dcign_fast.cli import run_reporting_errors
+
     parser = argparse.ArgumentParser(prog="python -m dcign_fast.train", description="Train a DC-IGN.")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_reporting_errors(parser.prog, run, parser.parse_args(argv))
