@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dcign_fast.nn import _unsupported_reason, fuse_pair, upsample_conv_pairs
+from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.unpool_conv import unpool_conv2d
 
 # Patched module -> how to undo it: the fused UnpoolConv2d of a Sequential pair, or the patched Upsample2D.
@@ -108,6 +109,7 @@ def patch(module: nn.Module, backend: str = "auto") -> PatchReport:
     Returns:
         A PatchReport naming what was replaced and what was skipped, and why.
     """
+    check_backend_name(backend)
     report = PatchReport()
     for prefix, container, first, second, reason in upsample_conv_pairs(module):
         if reason:

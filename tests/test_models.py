@@ -72,6 +72,14 @@ def test_bad_config_is_a_clear_error():
         DCIGN.from_preset("paper")
 
 
+def test_wrong_input_shapes_are_clear_errors():
+    model = DCIGN.from_preset("demo64")
+    with pytest.raises(ValueError, match=r"x must be \[B, 1, 64, 64\] images for this model, got \(2, 1, 32, 32\)"):
+        model(torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"z must be \[B, 32\] codes"):
+        model.decode(torch.randn(2, 31))
+
+
 def test_loss_gradient_stays_finite_where_the_sigmoid_saturates():
     x = torch.rand(2, 1, 4, 4)
     recon = torch.rand(2, 1, 4, 4)

@@ -55,6 +55,13 @@ def test_sequential_pairs_are_fused_sharing_parameters(monkeypatch):
     assert torch.equal(model(x), want)
 
 
+def test_bad_backend_is_refused_before_anything_is_replaced():
+    model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(2, 3, 3, padding=1))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dc.patch(model, backend="nonsense")
+    assert isinstance(model[0], nn.Upsample)
+
+
 def test_modules_it_does_not_understand_are_untouched():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     report = dc.patch(model)

@@ -189,6 +189,7 @@ def _valid():
         (lambda a: {**a, "padding": (1, 2, 3)}, ValueError, "padding must be an int >= 0"),
         (lambda a: {**a, "scale_factor": 1.5}, ValueError, "scale_factor must be an int >= 1"),
         (lambda a: {**a, "weight": torch.randn(4, 3, 12, 3)}, ValueError, "output height would be"),
+        (lambda a: {**a, "weight": torch.randn(4, 3, 0, 3)}, ValueError, "kernel (KH, KW) must be at least 1 x 1"),
         (lambda a: {**a, "backend": "cuda"}, ValueError, "backend='cuda' needs CUDA tensors"),
     ],
 )
@@ -198,6 +199,22 @@ def test_bad_input_names_the_argument(change, error, words):
     with pytest.raises(error) as info:
         dc.unpool_conv2d(args.pop("x"), args.pop("weight"), args.pop("bias"), **args)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_torch_backend_gradgradcheck(activation):
+    """Double backward (gradient penalties): the backward op's own backward, built from the same ops."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    fn = lambda *t: dc.unpool_conv2d(*t, padding=2, backend="torch", activation=activation)  # noqa: E731
+    with poisoned_allocations():
+        assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_meta_tensors_give_shapes():
+    x, w = torch.empty(2, 3, 5, 5, device="meta"), torch.empty(4, 3, 3, 3, device="meta")
+    assert dc.unpool_conv2d(x, w, padding=1).shape == (2, 4, 10, 10)
 
 
 def test_device_mismatch_is_an_error():

@@ -130,6 +130,24 @@ def test_non_contiguous_input_weight_and_grad():
     assert_close(got, [y_ref, *torch.autograd.grad(y_ref, (xd, wd), grad.double())], TOL[torch.float32], "strided")
 
 
+def test_double_backward_matches_reference():
+    """A gradient penalty through the fused op: its double backward runs the triton kernels too."""
+    x = torch.randn(2, 5, 4, 3, device=DEVICE, requires_grad=True)
+    w = torch.randn(6, 5, 5, 5, device=DEVICE, requires_grad=True)
+    b = torch.randn(6, device=DEVICE, requires_grad=True)
+
+    def penalty_grads(fn, leaves):
+        y = fn(*leaves)
+        (grad_x,) = torch.autograd.grad((y * y.detach().cos()).sum(), leaves[0], create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), leaves)
+
+    fused = lambda *t: dc.unpool_conv2d(*t, padding=2, backend="triton", activation="relu")  # noqa: E731
+    got = penalty_grads(fused, [x, w, b])
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    want = penalty_grads(lambda *t: unpool_conv2d_reference(*t, (2, 2)).relu(), leaves)
+    assert_close(list(got), list(want), TOL[torch.float32], "double backward")
+
+
 def test_grad_weight_is_deterministic_across_splits():
     """Enough pixels for several split-K partial sums; two backward passes agree bit for bit."""
     x = torch.randn(3, 6, 7, 7, device=DEVICE, requires_grad=True)

@@ -125,6 +125,14 @@ def preset(name: str) -> DCIGNConfig:
     return replace(config, latent_groups=dict(config.latent_groups))
 
 
+def _check_shape(name: str, t: object, per_item: tuple[int, ...], what: str) -> None:
+    """``t`` must be a batch of ``per_item``-shaped tensors: ValueError naming the expected shape otherwise."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape[1:]) != per_item or t.dim() != len(per_item) + 1:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        expected = ", ".join(map(str, ("B", *per_item)))
+        raise ValueError(f"{name} must be [{expected}] {what} for this model, got {got}")
+
+
 class DCIGN(nn.Module):
     """Deep Convolutional Inverse Graphics Network.
 
@@ -204,11 +212,14 @@ class DCIGN(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, C, S, S] in [0, 1] -> (mu, logvar), each [B, latent_dim]."""
+        c = self.config
+        _check_shape("x", x, (c.in_channels, c.image_size, c.image_size), "images")
         h = self.encoder(x)
         return self.to_mu(h), self.to_logvar(h)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] -> [B, C, S, S] logits (before the sigmoid)."""
+        _check_shape("z", z, (self.config.latent_dim,), "codes")
         return self.decoder(self.from_latent(z))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

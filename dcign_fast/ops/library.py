@@ -94,6 +94,31 @@ def _unpool_backward(ctx, grad_out):
 unpool_conv2d_op.register_autograd(_unpool_backward, setup_context=_unpool_setup_context)
 
 
+def _unpool_backward_setup_context(ctx, inputs, output) -> None:
+    grad_out, x, weight, out, _, pad_rows, pad_cols, scale_factor, _, backend = inputs
+    ctx.save_for_backward(grad_out, x, weight, out)
+    ctx.args = (pad_rows, pad_cols, scale_factor, None, backend)
+
+
+def _unpool_double_backward(ctx, gg_x, gg_weight, gg_bias):
+    """Double backward (gradient penalties), with the same ops. With y = L(x, w) + b bilinear and the ReLU
+    mask m of the saved output (piecewise constant: no gradient of its own), the backward computes
+    grad_x = L_x^T(m g; w), grad_w = L_w^T(m g; x), grad_b = sum(m g). Given gradients (gg_x, gg_w, gg_b)
+    of those: d/dg = m (L(gg_x, w) + L(x, gg_w) + gg_b), d/dx = L_x^T(m g; gg_w), d/dw = L_w^T(m g; gg_x),
+    the last two one backward call with (x, w) = (gg_x, gg_w)."""
+    grad_out, x, weight, out = ctx.saved_tensors
+    gg_x = torch.zeros_like(x) if gg_x is None else gg_x
+    gg_weight = torch.zeros_like(weight) if gg_weight is None else gg_weight
+    masked = grad_out if out is None else torch.where(out > 0, grad_out, 0)
+    linear = unpool_conv2d_op(gg_x, weight, gg_bias, *ctx.args) + unpool_conv2d_op(x, gg_weight, None, *ctx.args)
+    grad_grad_out = linear if out is None else torch.where(out > 0, linear, 0)
+    grad_x, grad_weight, _ = unpool_conv2d_backward_op(masked, gg_x, gg_weight, None, False, *ctx.args)
+    return grad_grad_out, grad_x, grad_weight, None, None, None, None, None, None, None
+
+
+unpool_conv2d_backward_op.register_autograd(_unpool_double_backward, setup_context=_unpool_backward_setup_context)
+
+
 # ---------------------------------------------------------------------------------------------- sample_latents
 @torch.library.custom_op("dcign_fast::sample_latents", mutates_args=())
 def sample_latents_op(

@@ -303,6 +303,8 @@ def check_unpool_conv_args(x: object, weight: object, bias: object, padding: obj
         check_like("bias", bias, "x", x)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape [{weight.shape[0]}] (out_channels), got {tuple(bias.shape)}")
+    if min(weight.shape[2:]) < 1:
+        raise ValueError(f"weight's kernel (KH, KW) must be at least 1 x 1, got weight shape {tuple(weight.shape)}")
     pad = check_pair("padding", padding, 0)
     if not isinstance(scale_factor, int) or isinstance(scale_factor, bool) or scale_factor < 1:
         raise ValueError(f"scale_factor must be an int >= 1, got {scale_factor!r}")
@@ -320,7 +322,8 @@ def check_unpool_conv_args(x: object, weight: object, bias: object, padding: obj
 
 def _autocast_inputs(x: object, weight: object, bias: object) -> tuple[object, object, object]:
     """The inputs cast to the autocast dtype when autocast is on for x's device (floating tensors only)."""
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+    # meta tensors (shape inference) have no autocast state to ask about
+    if not isinstance(x, torch.Tensor) or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(x.device.type)
 
