@@ -51,7 +51,10 @@ def run_reporting_errors(prog: str, run, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dcign_fast import __version__
+
     parser = argparse.ArgumentParser(prog="dcign-fast", description="Fast DC-IGN: train, render, evaluate.")
+    parser.add_argument("--version", action="version", version=f"dcign-fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text)

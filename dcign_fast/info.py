@@ -10,10 +10,12 @@ import torch
 
 
 def environment() -> dict[str, object]:
+    from dcign_fast import __version__
     from dcign_fast.kernels import cuda
     from dcign_fast.ops.backends import cuda_emulating, triton_installed, triton_interpreting
 
     return {
+        "dcign_fast": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),

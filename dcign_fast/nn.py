@@ -47,6 +47,8 @@ class UnpoolConv2d(nn.Module):
         self.out_channels = out_channels
         self.kernel_size = check_pair("kernel_size", kernel_size, 1)
         self.padding = check_pair("padding", padding, 0)
+        if not isinstance(scale_factor, int) or isinstance(scale_factor, bool) or scale_factor < 1:
+            raise ValueError(f"scale_factor must be an int >= 1, got {scale_factor!r}")
         self.scale_factor = scale_factor
         self.backend = backend
         factory = {"device": device, "dtype": dtype}

@@ -90,6 +90,19 @@ def test_checkpoints_are_complete_pruned_and_loadable(tmp_path):
     assert len(lines) == 6 and '"images_per_s"' in lines[0]
 
 
+def test_saving_a_step_again_replaces_it_and_crash_leftovers_go(tmp_path):
+    from dcign_fast.train.checkpoint import save_checkpoint
+
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step-00000003-999999").mkdir(parents=True)  # a save that crashed in another process
+    model = DCIGN.from_preset("demo64")
+    for value in (1.0, 2.0):
+        weights = {k: torch.full_like(v, value) for k, v in model.state_dict().items()}
+        path = save_checkpoint(root, 3, weights, model.config.to_dict(), {"step": 3}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000003"]
+    assert all((t == 2.0).all() for t in load_checkpoint(path)[0].values())
+
+
 def test_corrupt_checkpoint_is_a_clear_error_and_the_previous_one_survives(tmp_path):
     Trainer(config(tmp_path), render=blobs).train()
     older, newest = list_checkpoints(tmp_path / "run" / "checkpoints")

@@ -248,7 +248,7 @@ def sample_latents(
     check_backend_runs_on(backend, mu.device, IMPLEMENTATIONS)
     name = choose_backend(mu) if backend == "auto" else backend
     if name in ("triton", "cuda") and mu.dtype == torch.float64:
-        raise TypeError(f"backend={name!r} takes float16, bfloat16 or float32 mu and logvar, got float64")
+        raise ValueError(f"backend={name!r} takes float16, bfloat16 or float32 mu and logvar, got float64")
     if name == "reference":
         seed, offset = draw_seed_offset(mu.device, mu.numel()) if seed is None else (seed % 2**64, 0)
         return sample_latents_reference(mu, logvar, active, clamp, float(invariance), seed, offset)

@@ -81,10 +81,15 @@ def save_checkpoint(
     for name in (WEIGHTS, STATE):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
-    if final.exists():  # the same step written again (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
+    replaced = root / f".old-{final.name}-{os.getpid()}"
+    if final.exists():  # the same step written again (e.g. after a resume): swap, so the step never goes missing
+        os.rename(final, replaced)
     os.rename(tmp, final)
     _fsync_dir(root)
+    shutil.rmtree(replaced, ignore_errors=True)
+    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by saves that crashed mid-way
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
