@@ -3,6 +3,7 @@ accumulates gradients over the same two sweeps (each still clamped on its own)."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,10 @@ from dcign_fast.train.checkpoint import load_checkpoint
 
 # Adam with a huge epsilon is SGD (step = lr / eps * gradient): plain Adam turns float rounding in
 # near-zero gradients into full-size steps, which would hide what is compared.
-OPTIONS = "batch_size=4 device=cpu threads=1 checkpoint_every=3 image_every=1000 adam_eps=1e6 lr=1000 grad_clip=null"
+OPTIONS = (
+    "batch_size=4 device=cpu threads=1 checkpoint_every=3 log_every=1 image_every=1000 adam_eps=1e6 lr=1000 "
+    "grad_clip=null"
+)
 COMMON = ["--steps", "3"] + [arg for option in OPTIONS.split() for arg in ("--set", option)]
 
 
@@ -44,3 +48,9 @@ def test_two_gloo_ranks_equal_one_process_accumulating_two_sweeps(tmp_path):
         moved = (single[name] - initial[name]).norm()
         assert moved > 0, name
         assert (ddp[name] - single[name]).norm() < 1e-3 * moved, name
+    # The logged losses are the ranks' mean, as the accumulating process logs the mean of its two sweeps.
+    logged = [
+        [json.loads(line)["total"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("ddp", "single")
+    ]
+    assert len(logged[0]) == 3 and logged[0] == pytest.approx(logged[1], rel=1e-4)

@@ -42,6 +42,16 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
+def mean_over_ranks(values: dict[str, object], world: World, device: torch.device) -> dict[str, object]:
+    """``values`` with each float replaced by its mean over the ranks (every rank must call this)."""
+    if not world.distributed:
+        return values
+    names = [k for k, v in values.items() if isinstance(v, float)]
+    t = torch.tensor([values[k] for k in names], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return {**values, **dict(zip(names, (t / world.size).tolist()))}
+
+
 def all_agree(flag: bool, world: World, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any rank (e.g. a Ctrl-C or a NaN seen by one rank)."""
     if not world.distributed:

@@ -24,7 +24,7 @@ from dcign_fast.models import DCIGN
 from dcign_fast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dcign_fast.train.config import RUN_CONTROLS, TrainConfig
 from dcign_fast.train.data import BatchStream, latent_seed
-from dcign_fast.train.distributed import World, all_agree, close_world, init_world
+from dcign_fast.train.distributed import World, all_agree, close_world, init_world, mean_over_ranks
 from dcign_fast.train.logs import MetricsLog, save_progress_images
 from dcign_fast.train.procedure import batch_loss
 
@@ -229,7 +229,9 @@ class Trainer:
                     rate = images_per_step / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{metrics['total']:.1f}", img_s=f"{rate:.0f}")
                     if self.step % c.log_every == 0 or self.step == c.steps:
-                        self.log.write({"step": self.step, **metrics, "images_per_s": rate})
+                        # every rank's losses, averaged (the same call on every rank: same steps)
+                        averaged = mean_over_ranks(metrics, self.world, self.device)
+                        self.log.write({"step": self.step, **averaged, "images_per_s": rate})
                 if self.step % c.image_every == 0 and self.world.is_main:
                     save_progress_images(self.model, self.stream, self.out / "images", self.step, self.device)
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps:
