@@ -75,6 +75,10 @@ def test_train_from_folders_then_eval_and_rerender(tmp_path, capsys):
     assert all(results["best_single_latent"][k] >= results["correlation"][k] - 1e-9 for k in results["correlation"])
     assert (tmp_path / "run" / "eval" / "scatter.png").stat().st_size > 0
 
+    # A run folder stands for its newest checkpoint; the output goes to the run's eval folder too.
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--sweeps", "2", "--identities", "3"]) == 0
+    assert json.loads((tmp_path / "run" / "eval" / "eval.json").read_text()) == results
+
     face = next((tmp_path / "data").rglob("*.png"))
     assert (
         main(

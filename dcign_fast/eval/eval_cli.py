@@ -10,7 +10,9 @@ from dcign_fast.cli import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder or its model.safetensors")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a run folder (its newest checkpoint), a checkpoint folder or its weights"
+    )
     parser.add_argument("--out", type=Path, help="folder for eval.json and scatter.png (default: beside the run)")
     parser.add_argument("--sweeps", type=positive_int, default=40, help="held-out sweeps per extrinsic group")
     parser.add_argument("--identities", type=positive_int, default=100, help="identities for cross-pose retrieval")
@@ -23,9 +25,10 @@ def run(args: argparse.Namespace) -> int:
     from dcign_fast.train.trainer import resolve_device
 
     model = DCIGN.from_checkpoint(args.checkpoint).to(resolve_device(args.device))
-    checkpoint = Path(args.checkpoint).resolve()
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent  # a checkpoint folder or its weights file
-    out = args.out or folder.parent.parent / "eval"  # runs/<run>/eval
+    path = Path(args.checkpoint).resolve()
+    folder = path if path.is_dir() else path.parent  # a run or checkpoint folder, or a checkpoint's weights
+    run = folder if (folder / "checkpoints").is_dir() else folder.parent.parent
+    out = args.out or run / "eval"
     results = evaluate(model, out=out, sweeps=args.sweeps, identities=args.identities)
     print(json.dumps(results, indent=2))
     print(f"wrote {out / 'eval.json'} and {out / 'scatter.png'}")

@@ -9,7 +9,9 @@ from dcign_fast.cli import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder or its model.safetensors")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a run folder (its newest checkpoint), a checkpoint folder or its weights"
+    )
     parser.add_argument("--image", required=True, type=Path, help="a face photo or render (any size, RGB or grey)")
     parser.add_argument("--out", type=Path, default=Path("sweeps.png"))
     parser.add_argument("--steps", type=positive_int, default=9, help="images per sweep")

@@ -199,7 +199,8 @@ class DCIGN(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, backend: str = "auto") -> DCIGN:
-        """Loads any checkpoint the trainer writes: a checkpoint folder or its ``model.safetensors``.
+        """Loads any checkpoint the trainer writes: a checkpoint folder, its ``model.safetensors``, or a run
+        folder (its newest checkpoint).
 
         The architecture comes from the file's metadata; nothing is unpickled.
         """

@@ -43,8 +43,11 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], model_config: 
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, model config) from a checkpoint folder or its weights file."""
+    """(state_dict, model config) from a checkpoint folder, its weights file, or a run folder (its newest
+    checkpoint)."""
     path = Path(path)
+    if path.is_dir() and not (path / WEIGHTS).exists() and list_checkpoints(path / "checkpoints"):
+        path = list_checkpoints(path / "checkpoints")[-1]
     if path.is_dir():
         path = path / WEIGHTS
     if not path.is_file():
