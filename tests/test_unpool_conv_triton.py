@@ -148,6 +148,38 @@ def test_double_backward_matches_reference():
     assert_close(list(got), list(want), TOL[torch.float32], "double backward")
 
 
+@pytest.mark.parametrize("o, kernel, padding", [(3, (7, 7), (0, 0)), (17, (5, 2), (4, 1))])
+def test_grad_weight_sums_several_splits(o, kernel, padding, monkeypatch):
+    """Enough pixels for several split-K partial sums (64 pixels per split under the interpreter), on both
+    sides of FEW_OUTPUTS."""
+    from dcign_fast.kernels.triton import unpool_conv as kernels
+
+    splits, split_chunk = [], kernels._split_chunk
+
+    def recording(positions: int, programs: int) -> int:
+        chunk = split_chunk(positions, programs)
+        splits.append(-(-positions // chunk))
+        return chunk
+
+    monkeypatch.setattr(kernels, "_split_chunk", recording)
+    case = {"n": 3, "c": 6, "o": o, "hw": (7, 8), "k": kernel, "p": padding}
+    got, want = run_both(case, torch.float32, channels_last=True, activation="relu")
+    assert splits and min(splits) > 1
+    assert_close(got, want, TOL[torch.float32], case)
+
+
+def test_non_contiguous_bias_and_empty_batches():
+    x, w = torch.randn(2, 3, 4, 4, device=DEVICE), torch.randn(5, 3, 3, 3, device=DEVICE)
+    bias = torch.randn(10, device=DEVICE)[::2]
+    y = dc.unpool_conv2d(x, w, bias, padding=1, backend="triton")
+    assert rel_error(y, unpool_conv2d_reference(x.double(), w.double(), bias.double(), (1, 1))) < TOL[torch.float32]
+    for c_out in (2, 20):  # both grad-weight kernels
+        leaves = [t.requires_grad_() for t in (x[:0].clone(), torch.randn(c_out, 3, 3, 3), torch.randn(c_out))]
+        y = dc.unpool_conv2d(*(t.to(DEVICE) for t in leaves), padding=1, backend="triton")
+        grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
+        assert y.shape == (0, c_out, 8, 8) and all((g == 0).all() for g in grads)
+
+
 def test_grad_weight_is_deterministic_across_splits():
     """Enough pixels for several split-K partial sums; two backward passes agree bit for bit."""
     x = torch.randn(3, 6, 7, 7, device=DEVICE, requires_grad=True)

@@ -141,6 +141,14 @@ def _load_w(w_ptr, rows, row_ok, cols, col_ok, UPCAST):
 
 
 @triton.jit
+def _tile_ids(columns, BLOCK_N: tl.constexpr):
+    """(row tile, column tile) of this program in a 1-D grid, column tiles fastest (programs that share an
+    input tile run together). 1-D because grid axes 1 and 2 stop at 65535 programs (batch 256 at 256 x 256)."""
+    tiles = tl.cdiv(columns, BLOCK_N)
+    return tl.program_id(0) // tiles, tl.program_id(0) % tiles
+
+
+@triton.jit
 def _split_positions(offs, rows, cols):
     """Flat indices over [N, rows, cols] -> (n, i, j)."""
     return offs // (cols * rows), (offs // cols) % rows, offs % cols
@@ -204,8 +212,10 @@ def _forward_kernel(
     # Rows of the GEMM: low-resolution positions (n, i, j) of phase (0, 0), which has the most rows/cols.
     rows0 = (HO + 1) // 2
     cols0 = (WO + 1) // 2
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    if PHASES_IN_N:
+        pid_m, pid_n = _tile_ids(4 * C_OUT, BLOCK_N)
+    else:
+        pid_m, pid_n = _tile_ids(C_OUT, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < N * rows0 * cols0
     n, i, j = _split_positions(offs_m, rows0, cols0)
@@ -373,8 +383,7 @@ def _grad_input_kernel(
 ):  # fmt: skip
     # Rows of the GEMM: input positions (n, i, j); columns: input channels; reduction: phases, taps, C_out.
     # (SHARED is unused: every phase gathers its own grad_out pixels.)
-    pid_c = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m, pid_c = _tile_ids(C_IN, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < N * H * W
     n, i, j = _split_positions(offs_m, H, W)
@@ -643,11 +652,11 @@ def _forward(
     phases_in_n = constexprs["SHARED"] and 4 * c_out <= 16  # the four phases fit one dot of tl.dot's least width
     columns = 4 * c_out if phases_in_n else c_out
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(columns, meta["BLOCK_N"]), triton.cdiv(positions, meta["BLOCK_M"])
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(columns, meta["BLOCK_N"]) * triton.cdiv(positions, meta["BLOCK_M"]),)
 
     _forward_kernel[grid](
-        x, wp, wp if bias is None else bias, out, n, h, w, c_in, c_out, wp.shape[-1], ho, wo,
+        x, wp, wp if bias is None else bias.contiguous(), out, n, h, w, c_in, c_out, wp.shape[-1], ho, wo,
         *_nchw_strides(x), *_nchw_strides(out),
         HAS_BIAS=bias is not None, PHASES_IN_N=phases_in_n, **constexprs,
     )  # fmt: skip
@@ -665,8 +674,8 @@ def _grad_input(
     n, c_in, h, w = dx.shape
     c_out, ho, wo = g.shape[1:]
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(c_in, meta["BLOCK_N"]), triton.cdiv(n * h * w, meta["BLOCK_M"])
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(c_in, meta["BLOCK_N"]) * triton.cdiv(n * h * w, meta["BLOCK_M"]),)
 
     _grad_input_kernel[grid](
         g, y, wp, dx, n, h, w, c_in, c_out, wp.shape[-1], ho, wo, *_nchw_strides(g), *_nchw_strides(dx),
@@ -694,6 +703,9 @@ def _grad_weight(
     """(grad wp [2, 2, TR, TC, C, O], grad bias [O]), both float32 and reduced in a fixed order."""
     n, c_in, h, w = x.shape
     c_out, ho, wo = g.shape[1:]
+    if not (x.numel() and g.numel()):  # nothing to sum, no program to launch
+        zeros = functools.partial(x.new_zeros, dtype=torch.float32)
+        return zeros((2, 2, rows.taps, cols.taps, c_in, c_out)), zeros(c_out)
     constexprs = _constexprs(rows, cols, activation, x.dtype)
     del constexprs["SHARED"]
     few_outputs = c_out <= FEW_OUTPUTS
@@ -720,6 +732,8 @@ def _grad_weight(
             BLOCK_C=block_c, BLOCK_O=block_o, **constexprs,
         )  # fmt: skip
         # The programs see each grad_out pixel once per tap that reaches an input pixel: its sum is done apart.
+        if not has_bias:
+            return dw.sum(0), dw.new_zeros(c_out)
         masked = g if activation is None else torch.where(y > 0, g, 0)
         return dw.sum(0), masked.sum((0, 2, 3), dtype=torch.float32)
     db = torch.zeros((splits, 4, c_out), dtype=torch.float32, device=x.device)
