@@ -78,6 +78,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("g"), py::arg("y"), py::arg("ws"), py::arg("bias_ws"), py::arg("N"), py::arg("C"),
       py::arg("H"), py::arg("W"), py::arg("O"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"),
       py::arg("splits"), py::arg("chunk"), py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
+  m.def(
+      "unpool_conv_grad_weight_few_outputs",
+      [](const View& x, const View& g, uintptr_t y, uintptr_t ws, int N, int C, int H, int W, int O, int KH, int KW,
+         int PH, int PW, int splits, int chunk, int dtype, int tf32, uintptr_t stream) {
+        dcign::unpool_conv_grad_weight_few_outputs(view(x), view(g), y, ws, N, C, H, W, O, KH, KW, PH, PW, splits,
+                                                   chunk, dtype, tf32, stream);
+      },
+      py::arg("x"), py::arg("g"), py::arg("y"), py::arg("ws"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
+      py::arg("O"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("splits"), py::arg("chunk"),
+      py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
   m.def("unpool_conv_finalize_grad_weight", &dcign::unpool_conv_finalize_grad_weight, py::arg("ws"), py::arg("bias_ws"),
         py::arg("dw"), py::arg("db"), py::arg("O"), py::arg("C"), py::arg("KH"), py::arg("KW"), py::arg("PH"),
         py::arg("PW"), py::arg("splits"), py::arg("dtype"), py::arg("stream"));

@@ -39,6 +39,13 @@ void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t y, ui
                              int C, int H, int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk,
                              int dtype, int tf32, uintptr_t stream);
 
+// The same partial sums for few output channels (an image layer), laid out alike, each split covering `chunk`
+// *input* positions; no grad bias (the caller sums grad_out). Faster than the per-tap kernel while the
+// (union tap, O) pairs fill few tiles (csrc/unpool_conv_grad_weight_few_outputs.cu).
+void unpool_conv_grad_weight_few_outputs(ActivationView x, ActivationView g, uintptr_t y, uintptr_t ws, int N, int C,
+                                         int H, int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk,
+                                         int dtype, int tf32, uintptr_t stream);
+
 // dw [O, C, KH, KW] (and db [O] when given) in the storage dtype from the split partial sums, in a fixed order.
 void unpool_conv_finalize_grad_weight(uintptr_t ws, uintptr_t bias_ws, uintptr_t dw, uintptr_t db, int O, int C, int KH,
                                       int KW, int PH, int PW, int splits, int dtype, uintptr_t stream);

@@ -11,7 +11,9 @@
 //   grad input   M = input positions, N = C_in, K = (phases, taps of the phase, C_out).
 //   grad weight  per (phase, tap): M = C_in, N = C_out, K = output positions of the phase, split into
 //                chunks whose partial sums go to a float32 workspace; a finalize kernel sums splits and
-//                phases in a fixed order (deterministic, no atomics) and un-collapses the taps.
+//                phases in a fixed order (deterministic, no atomics) and un-collapses the taps. For at most 16
+//                output channels, per phase: M = C_in, N = (union tap, C_out) pairs, K = input positions
+//                (unpool_conv_grad_weight_few_outputs.cu).
 #pragma once
 #include <cstdint>
 #include <initializer_list>

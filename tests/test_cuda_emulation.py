@@ -94,6 +94,17 @@ def test_unpool_conv_unaligned_and_one_pixel_views():
     check_unaligned_and_one_pixel_views("cpu")
 
 
+def test_unpool_conv_few_outputs_over_several_splits(monkeypatch):
+    """An image layer's grad weight (few output channels: the kernel that pairs input pixels with every tap)
+    summed over several splits of the input positions."""
+    from dcign_fast.kernels import cuda_ops
+
+    calls, splits_of = [], cuda_ops._grad_weight_splits
+    monkeypatch.setattr(cuda_ops, "_grad_weight_splits", lambda *a: calls.append(splits_of(*a)) or calls[-1])
+    check_unpool_conv(2, 6, 3, (16, 16), (5, 5), (2, 2), torch.float32, "cpu", channels_last=True, activation="relu")
+    assert calls and min(splits for splits, _ in calls) > 1
+
+
 def test_unpool_conv_grad_weight_is_deterministic():
     check_grad_weight_deterministic(3, 20, 24, 6, 7, "cpu")
 

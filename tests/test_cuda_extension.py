@@ -45,7 +45,12 @@ def test_smoke_kernel_on_the_current_stream():
     assert torch.equal(y, 2.0 * x + 1.0)
 
 
-UNPOOL_CONV_SOURCES = ["unpool_conv_forward.cu", "unpool_conv_grad_input.cu", "unpool_conv_grad_weight.cu"]
+UNPOOL_CONV_SOURCES = [
+    "unpool_conv_forward.cu",
+    "unpool_conv_grad_input.cu",
+    "unpool_conv_grad_weight.cu",
+    "unpool_conv_grad_weight_few_outputs.cu",
+]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (compile only, no GPU)")

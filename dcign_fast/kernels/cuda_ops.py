@@ -12,11 +12,13 @@ import torch
 
 from dcign_fast.kernels import cuda
 from dcign_fast.ops.unpool_conv import (
+    FEW_OUTPUTS,
     check_kernel_args,
     cudnn_allows_tf32,
     empty_output,
     grad_and_output_alike,
     kernel_unsupported_reason,
+    masked_grad_sum,
     nhwc,
 )
 
@@ -218,19 +220,31 @@ def unpool_conv2d_cuda_backward(
             )
         elif grad_x.numel():
             grad_x.zero_()
-        taps = wp.shape[2] * wp.shape[3]  # an upper bound of the taps of any phase (for the split heuristic)
-        splits, chunk = _grad_weight_splits(n * ((ho + 1) // 2) * ((wo + 1) // 2), c_in, c_out, taps, x.device)
+        x_nhwc, taps = nhwc(x), wp.shape[2] * wp.shape[3]  # union taps: at least any phase's
+        few_outputs = c_out <= FEW_OUTPUTS
+        if few_outputs:  # per phase, over input positions, (tap, C_out) pairs side by side; grad bias apart
+            splits, chunk = _grad_weight_splits(n * h * w, c_in, taps * c_out, 4, x.device)
+            bias_ws = None
+        else:  # per (phase, tap), over the phase's output positions
+            splits, chunk = _grad_weight_splits(n * ((ho + 1) // 2) * ((wo + 1) // 2), c_in, c_out, taps, x.device)
+            bias_ws = torch.empty((splits, 4, c_out), dtype=torch.float32, device=x.device) if has_bias else None
         ws = torch.empty((splits, *wp.shape), dtype=torch.float32, device=x.device)
-        bias_ws = torch.empty((splits, 4, c_out), dtype=torch.float32, device=x.device) if has_bias else None
-        x_nhwc = nhwc(x)
-        lib.unpool_conv_grad_weight(
-            _view(x_nhwc), _view(g), y_ptr, ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(),
-            n, c_in, h, w, c_out, kh, kw, ph, pw, splits, max(1, chunk), code, tf32, stream,
-        )  # fmt: skip
+        if few_outputs:
+            lib.unpool_conv_grad_weight_few_outputs(
+                _view(x_nhwc), _view(g), y_ptr, ws.data_ptr(), n, c_in, h, w, c_out, kh, kw, ph, pw, splits,
+                max(1, chunk), code, tf32, stream,
+            )  # fmt: skip
+        else:
+            lib.unpool_conv_grad_weight(
+                _view(x_nhwc), _view(g), y_ptr, ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(),
+                n, c_in, h, w, c_out, kh, kw, ph, pw, splits, max(1, chunk), code, tf32, stream,
+            )  # fmt: skip
         grad_weight = torch.empty((c_out, c_in, kh, kw), dtype=x.dtype, device=x.device)
-        grad_bias = torch.empty((c_out,), dtype=x.dtype, device=x.device) if has_bias else None
+        grad_bias = torch.empty((c_out,), dtype=x.dtype, device=x.device) if bias_ws is not None else None
         lib.unpool_conv_finalize_grad_weight(
             ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(), grad_weight.data_ptr(),
             0 if grad_bias is None else grad_bias.data_ptr(), c_out, c_in, kh, kw, ph, pw, splits, code, stream,
         )  # fmt: skip
+        if few_outputs and has_bias:
+            grad_bias = masked_grad_sum(g, y).to(x.dtype)
     return grad_x, grad_weight, grad_bias

@@ -77,6 +77,19 @@ def grad_and_output_alike(grad_out: torch.Tensor, out: torch.Tensor | None) -> t
     return g, y
 
 
+# At most this many output channels (a decoder's image layer has 1 to 3), the kernel backends' grad-weight GEMMs
+# pair every input pixel with the grad_out pixel of each (tap, output channel) instead of running tap by tap: a
+# per-tap GEMM would be mostly padding and read x once per tap. (Grad bias is then summed apart.)
+FEW_OUTPUTS = 16
+
+
+def masked_grad_sum(grad_out: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """float32 [O]: grad_out summed over the batch and pixels, counted only where ``out`` > 0 (the fused ReLU's
+    mask; ``out`` None: no ReLU) - the grad bias of the few-outputs grad-weight kernels."""
+    masked = grad_out if out is None else torch.where(out > 0, grad_out, 0)
+    return masked.sum((0, 2, 3), dtype=torch.float32)
+
+
 def cudnn_allows_tf32() -> bool:
     """Whether float32 convolutions may run in TF32, as cuDNN's do: ``torch.backends.cudnn.allow_tf32``, or
     the per-operator setting ``torch.backends.cudnn.conv.fp32_precision`` when that was used (reading

@@ -45,20 +45,18 @@ from dcign_fast.ops.backends import triton_interpreting
 from dcign_fast.ops.constants import constant, one_hot_rows
 from dcign_fast.ops.phases import axis_phases
 from dcign_fast.ops.unpool_conv import (
+    FEW_OUTPUTS,
     KERNEL_SCALE,
     check_kernel_args,
     cudnn_allows_tf32,
     empty_output,
     grad_and_output_alike,
     kernel_unsupported_reason,
+    masked_grad_sum,
     nhwc,
 )
 
 ACTIVATIONS = {None: 0, "relu": 1}
-# At most this many output channels (a decoder's image layer has 1 or 3), the backward GEMMs flatten (tap,
-# output channel) pairs into one dimension: per-tap GEMMs would be mostly zero padding to tl.dot's 16 and,
-# for grad weight, read x once per tap.
-FEW_OUTPUTS = 16
 # Sizes the grad-weight split aims for: enough programs to fill a GPU (132 SMs on H100) a few times over.
 _TARGET_PROGRAMS = 1024
 
@@ -732,10 +730,8 @@ def _grad_weight(
             BLOCK_C=block_c, BLOCK_O=block_o, **constexprs,
         )  # fmt: skip
         # The programs see each grad_out pixel once per tap that reaches an input pixel: its sum is done apart.
-        if not has_bias:
-            return dw.sum(0), dw.new_zeros(c_out)
-        masked = g if activation is None else torch.where(y > 0, g, 0)
-        return dw.sum(0), masked.sum((0, 2, 3), dtype=torch.float32)
+        grad_bias = masked_grad_sum(g, y if activation == "relu" else None) if has_bias else dw.new_zeros(c_out)
+        return dw.sum(0), grad_bias
     db = torch.zeros((splits, 4, c_out), dtype=torch.float32, device=x.device)
     for name in ("RS0", "RT0", "RS1", "RT1", "CS0", "CT0", "CS1", "CT1"):  # windows come from the table
         del constexprs[name]

@@ -1,0 +1,125 @@
+// Unpool-conv grad weight for few output channels (a decoder's image layer: 1 to 3), split partial sums in
+// the layout of unpool_conv_grad_weight.cu. Per phase (A, B): M = C_in, N = (union tap, o) pairs flattened,
+// K = the *input* positions (n, r, c) of split s:
+//   ws[s, A, B, ty, tx, c, o] = sum over (n, r, c) in the split of
+//       x[n, r, c, ch] * g[n, 2 (r - rows.start - ty) + A, 2 (c - cols.start - tx) + B, o]
+// (zero where that output position is outside the phase's grid): the same sums as the per-tap kernel, but x
+// is read once per phase instead of once per tap, and the multiplies do not pad 1-3 channels to a tile.
+// Grad bias is left to the caller (input positions do not visit every output position once).
+#include "cuda_check.h"
+#include "unpool_conv_common.cuh"
+
+namespace dcign {
+namespace {
+
+// At ptxas's own occupancy target (64 registers) two instantiations spilled; two blocks per SM leave 128.
+template <typename T, bool kTf32, int BM, int BN, int kVec>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    unpool_conv_grad_weight_few_outputs_kernel(const T* __restrict__ x, const T* __restrict__ gout,
+                                               const T* __restrict__ yout, float* __restrict__ ws, Geometry g,
+                                               Strides xs, Strides gs, int chunk) {
+  using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
+  struct Staged {
+    TileLoad<T, kTileK, BM, kVec> a;   // input [k][c]: c runs along its channels
+    GradTileLoad<T, kTileK, BN, 1> b;  // grad_out [k][(tap, o)]: a gather, element by element
+  };
+  __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
+  const int pairs = g.rows.taps * g.cols.taps * g.O;
+  const int pair_tiles = (pairs + BN - 1) / BN;
+  const int c0 = (blockIdx.x / pair_tiles) * BM, n0 = (blockIdx.x % pair_tiles) * BN;
+  const int p = blockIdx.y, A = p / 2, B = p % 2, split = blockIdx.z;
+  const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
+  const int64_t positions = static_cast<int64_t>(g.N) * g.H * g.W;
+  const int64_t begin = static_cast<int64_t>(split) * chunk;
+  const int64_t end = begin + chunk < positions ? begin + chunk : positions;
+
+  typename Mma::Acc acc;
+  Mma::zero(acc);
+  // Pair j of the tile: union tap (ty, tx) and output channel o; valid inside this phase's window.
+  struct Pair {
+    int ty, tx, o;
+    bool valid;
+  };
+  auto pair = [&](int j) {
+    const int q = n0 + j, tap = q / g.O;
+    const int ty = tap / g.cols.taps, tx = tap % g.cols.taps;
+    return Pair{ty, tx, q % g.O, q < pairs && in_window(g.rows, A, ty) && in_window(g.cols, B, tx)};
+  };
+  // Step s reduces over the input positions begin + s * kTileK + k, k < kTileK.
+  struct Position {
+    int n, r, c;
+    bool inside;
+  };
+  auto position = [&](int s, int k) {
+    const int64_t pos = begin + static_cast<int64_t>(s) * kTileK + k;
+    const int64_t nr = pos / g.W;
+    return Position{static_cast<int>(nr / g.H), static_cast<int>(nr % g.H), static_cast<int>(pos % g.W), pos < end};
+  };
+  auto fetch = [&](int s, Staged& staged) {
+    // A[k][c] = x[n, r, c_, c0 + c].
+    staged.a.fetch(x, [&](int k, int c) -> int64_t {
+      const Position at = position(s, k);
+      const int ch = c0 + c;
+      return at.inside && ch < g.C ? at.n * xs.n + at.r * xs.h + at.c * xs.w + ch * xs.c : kNoRun;
+    });
+    // B[k][j] = g[n, 2 io + A, 2 jo + B, o] with io = r - rows.start - ty, jo = c - cols.start - tx.
+    staged.b.fetch(gout, yout, [&](int k, int j) -> int64_t {
+      const Position at = position(s, k);
+      const Pair pr = pair(j);
+      const int io = at.r - g.rows.start - pr.ty, jo = at.c - g.cols.start - pr.tx;
+      const bool inside = at.inside && pr.valid && io >= 0 && io < rows && jo >= 0 && jo < cols;
+      return inside ? at.n * gs.n + (2 * io + A) * gs.h + (2 * jo + B) * gs.w + pr.o * gs.c : kNoRun;
+    });
+  };
+  auto stash = [&](int, const Staged& staged, int buf) {
+    staged.a.stash([&](int k, int c, const auto& run) { put_run<false>(smem.tiles.a[buf], k, c, run); });
+    staged.b.stash(yout != nullptr,
+                   [&](int k, int j, const auto& run) { put_run<false>(smem.tiles.b[buf], k, j, run); });
+  };
+  auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
+  pipelined_k_loop<Staged>(static_cast<int>((end - begin + kTileK - 1) / kTileK), fetch, stash, multiply);
+
+  float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g);
+  Mma::for_each(acc, smem.scratch, [&](int m, int n, float value) {
+    const int ch = c0 + m;
+    const Pair pr = pair(n);
+    if (ch < g.C && pr.valid) out[packed_offset(g, pr.ty, pr.tx, ch, pr.o)] = value;
+  });
+}
+
+template <typename T, bool kTf32, int BM, int BN>
+void launch(const ActivationView& x, const ActivationView& gout, uintptr_t yout, uintptr_t ws, const Geometry& g,
+            int splits, int chunk, cudaStream_t stream) {
+  const int pairs = g.rows.taps * g.cols.taps * g.O;
+  const dim3 grid(ceil_div(g.C, BM) * ceil_div(pairs, BN), 4, splits);
+  dispatch_vector<T>({{&x, g.C}}, [&](auto vec) {
+    launch_kernel("unpool_conv_grad_weight_few_outputs_kernel", grid, kTileThreads, stream,
+                  unpool_conv_grad_weight_few_outputs_kernel<T, kTf32, BM, BN, decltype(vec)::value>,
+                  reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr),
+                  reinterpret_cast<const T*>(yout), reinterpret_cast<float*>(ws), g, strides_of(x), strides_of(gout),
+                  chunk);
+  });
+}
+
+}  // namespace
+
+void unpool_conv_grad_weight_few_outputs(ActivationView x, ActivationView g, uintptr_t y, uintptr_t ws, int N, int C,
+                                         int H, int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk,
+                                         int dtype, int tf32, uintptr_t stream) {
+  if (splits < 1 || splits > 65535 || chunk < 1) {
+    throw std::invalid_argument("unpool_conv_grad_weight_few_outputs: splits must lie in [1, 65535] and chunk be >= 1");
+  }
+  const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
+  const int pairs = geo.rows.taps * geo.cols.taps * O;
+  dispatch_multiply(dtype, tf32, "unpool_conv_grad_weight_few_outputs", [&](auto tag, auto use_tf32) {
+    using T = typename decltype(tag)::type;
+    constexpr bool kTf32 = decltype(use_tf32)::value;
+    if (pairs <= 16) {
+      launch<T, kTf32, 64, 16>(x, g, y, ws, geo, splits, chunk, to_stream(stream));
+    } else {
+      launch<T, kTf32, 64, 64>(x, g, y, ws, geo, splits, chunk, to_stream(stream));
+    }
+  });
+}
+
+}  // namespace dcign
