@@ -1,20 +1,22 @@
 // Unpool-conv grad input: dx[n, i, j, c] = sum over phases (A, B), their taps (ty, tx) and C_out of
 // g[n, 2 io + A, 2 jo + B, o] * wp[A, B, ty, tx, c, o], with io = i - (row start + ty), jo likewise
-// (design: unpool_conv_common.cuh).
+// (design: unpool_conv_common.cuh). With kTapsInK (at most 16 output channels, an image layer) the reduction
+// runs over (phase tap, o) pairs flattened, kTileK of them per step, instead of over taps and then channel
+// chunks of kTileK that 1 to 3 channels would mostly pad: both operands are then gathered element by element.
 #include "cuda_check.h"
 #include "unpool_conv_common.cuh"
 
 namespace dcign {
 namespace {
 
-template <typename T, bool kTf32, int BM, int BN, int kVec>
+template <typename T, bool kTf32, int BM, int BN, int kVec, bool kTapsInK>
 __global__ void __launch_bounds__(kTileThreads, 1)
     unpool_conv_grad_input_kernel(const T* __restrict__ gout, const T* __restrict__ yout, const T* __restrict__ wp,
                                   T* __restrict__ dx, Geometry g, Strides gs, Strides xs) {
   using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
   struct Staged {
-    GradTileLoad<T, BM, kTileK, kVec> a;   // grad_out [m][k]: k runs along its channels
-    TileLoad<T, BN, kTileK, kVecOf<T>> b;  // packed weight [n][k]: k runs along the padded channels
+    GradTileLoad<T, BM, kTileK, kVec> a;                  // grad_out [m][k]: k runs along its channels
+    TileLoad<T, BN, kTileK, kTapsInK ? 1 : kVecOf<T>> b;  // packed weight [n][k]: along the padded channels
   };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
@@ -34,25 +36,36 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   __syncthreads();
 
   // Step s: tap s / chunks of the phases' windows (phase 0's taps first, row-major), output channels from
-  // (s % chunks) * kTileK.
+  // (s % chunks) * kTileK; with kTapsInK, the (tap, o) pairs s * kTileK + k.
   const int64_t phase_size = packed_phase_size(g);
   const int chunks = (g.O + kTileK - 1) / kTileK;
+  const int pairs = all_phase_taps(g) * g.O;
+  // A[m][k] = g[n, 2 io + A, 2 jo + B, o] and B[k][n] = wp[p, ty, tx, c0 + n, o] for tap (p, ty, tx).
+  auto grad_at = [&](int m, const PhaseTap& tap, int o) -> int64_t {
+    const int A = tap.p / 2, B = tap.p % 2;
+    const int io = pos_i[m] - g.rows.start - tap.ty, jo = pos_j[m] - g.cols.start - tap.tx;
+    const bool inside = io >= 0 && io < phase_count(g.HO, A, 2) && jo >= 0 && jo < phase_count(g.WO, B, 2);
+    return inside && o < g.O ? pos_n[m] * gs.n + (2 * io + A) * gs.h + (2 * jo + B) * gs.w + o * gs.c : kNoRun;
+  };
+  auto weight_at = [&](int n, const PhaseTap& tap, int o) -> int64_t {
+    const int ch = c0 + n;
+    return ch < g.C && o < g.OP ? tap.p * phase_size + packed_offset(g, tap.ty, tap.tx, ch, o) : kNoRun;
+  };
   auto fetch = [&](int s, Staged& staged) {
-    const auto [p, ty, tx] = phase_tap(g, s / chunks);
-    const int A = p / 2, B = p % 2, o0 = s % chunks * kTileK;
-    const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
-    const int dr = g.rows.start + ty, dc = g.cols.start + tx;
-    // A[m][k] = g[n, 2 io + A, 2 jo + B, o0 + k].
-    staged.a.fetch(gout, yout, [&](int m, int k) -> int64_t {
-      const int io = pos_i[m] - dr, jo = pos_j[m] - dc, o = o0 + k;
-      const bool inside = io >= 0 && io < rows && jo >= 0 && jo < cols && o < g.O;
-      return inside ? pos_n[m] * gs.n + (2 * io + A) * gs.h + (2 * jo + B) * gs.w + o * gs.c : kNoRun;
-    });
-    // B[k][n] = wp[p, ty, tx, c0 + n, o0 + k].
-    staged.b.fetch(wp, [&](int n, int k) -> int64_t {
-      const int ch = c0 + n, o = o0 + k;
-      return ch < g.C && o < g.OP ? p * phase_size + packed_offset(g, ty, tx, ch, o) : kNoRun;
-    });
+    if constexpr (kTapsInK) {
+      auto pair = [&](int k) { return s * kTileK + k; };
+      staged.a.fetch(gout, yout, [&](int m, int k) -> int64_t {
+        return pair(k) < pairs ? grad_at(m, phase_tap(g, pair(k) / g.O), pair(k) % g.O) : kNoRun;
+      });
+      staged.b.fetch(wp, [&](int n, int k) -> int64_t {
+        return pair(k) < pairs ? weight_at(n, phase_tap(g, pair(k) / g.O), pair(k) % g.O) : kNoRun;
+      });
+    } else {
+      const PhaseTap tap = phase_tap(g, s / chunks);
+      const int o0 = s % chunks * kTileK;
+      staged.a.fetch(gout, yout, [&](int m, int k) { return grad_at(m, tap, o0 + k); });
+      staged.b.fetch(wp, [&](int n, int k) { return weight_at(n, tap, o0 + k); });
+    }
   };
   auto stash = [&](int, const Staged& staged, int buf) {
     staged.a.stash(yout != nullptr,
@@ -60,7 +73,8 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     staged.b.stash([&](int n, int k, const auto& run) { put_run<true>(smem.tiles.b[buf], k, n, run); });
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
-  pipelined_k_loop<Staged>(all_phase_taps(g) * chunks, fetch, stash, multiply);
+  const int steps = kTapsInK ? (pairs + kTileK - 1) / kTileK : all_phase_taps(g) * chunks;
+  pipelined_k_loop<Staged>(steps, fetch, stash, multiply);
 
   Mma::for_each(acc, smem.scratch, [&](int m, int n, float value) {
     const int ch = c0 + n;
@@ -74,11 +88,17 @@ void launch_grad_input(const ActivationView& gout, uintptr_t yout, uintptr_t wp,
                        const Geometry& g, cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(g.N) * g.H * g.W, BM), ceil_div(g.C, BN));
   const ActivationView y = output_view(gout, yout);
-  dispatch_vector<T>({{&gout, g.O}, {&y, g.O}}, [&](auto vec) {
-    launch_kernel("unpool_conv_grad_input_kernel", grid, kTileThreads, stream,
-                  unpool_conv_grad_input_kernel<T, kTf32, BM, BN, decltype(vec)::value>,
+  auto launch = [&](auto kernel) {
+    launch_kernel("unpool_conv_grad_input_kernel", grid, kTileThreads, stream, kernel,
                   reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<const T*>(yout),
                   reinterpret_cast<const T*>(wp), reinterpret_cast<T*>(dx.ptr), g, strides_of(gout), strides_of(dx));
+  };
+  if (g.O <= kFewOutputs) {  // gathered operands: no vectors
+    launch(unpool_conv_grad_input_kernel<T, kTf32, BM, BN, 1, true>);
+    return;
+  }
+  dispatch_vector<T>({{&gout, g.O}, {&y, g.O}}, [&](auto vec) {
+    launch(unpool_conv_grad_input_kernel<T, kTf32, BM, BN, decltype(vec)::value, false>);
   });
 }
 

@@ -67,5 +67,6 @@ def test_unpool_conv_kernels_use_no_local_memory_on_sm90a(source, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
-    assert len(frames) == 16, result.stderr
+    # float32 exact and TF32, bf16, fp16 x 2 tiles x 2 load widths; grad input adds its gathered few-outputs path
+    assert len(frames) == (24 if source == "unpool_conv_grad_input.cu" else 16), result.stderr
     assert all(frame == ("0", "0", "0") for frame in frames), result.stderr
