@@ -46,11 +46,14 @@ def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, Train
     trainer = Trainer(config, resume=resume)
     try:
         result = trainer.train()
-    except NonFiniteLossError as err:
+    except NonFiniteLossError as err:  # every rank stops at the same step
+        trainer.close()
         print(f"error: {err}", file=sys.stderr)
         return 1, trainer, None
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(together=False)
+        raise
+    trainer.close()
     return (130 if result.interrupted else 0), trainer, result
 
 

@@ -37,8 +37,13 @@ def init_world(device_type: str) -> World:
     return world
 
 
-def close_world(world: World) -> None:
+def close_world(world: World, together: bool = True) -> None:
+    """Leaves the process group; ``together`` (every rank got here normally) first waits for the others: a
+    rank that tore its group down while another still wrote the last checkpoint could abort (gloo:
+    "terminate called without an active exception"). After an error on one rank, waiting could hang."""
     if world.distributed and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

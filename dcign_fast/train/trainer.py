@@ -247,5 +247,6 @@ class Trainer:
         existing = list_checkpoints(self.checkpoints)
         return existing[-1] if existing else None
 
-    def close(self) -> None:
-        close_world(self.world)
+    def close(self, together: bool = True) -> None:
+        """Leaves the process group (see close_world); ``together=False`` after an error on this rank alone."""
+        close_world(self.world, together)
