@@ -1,23 +1,27 @@
 // Unpool-conv forward: the four phases of one block of low-resolution positions from shared input tiles
-// (design: unpool_conv_common.cuh).
+// (design: unpool_conv_common.cuh). With kPhasesInN (at most 4 output channels and a window every phase
+// reads whole, as K=5 same and K=7 valid have) the four phases sit side by side in one product's columns,
+// n = phase * O + o, instead of four products whose 16 columns 1 to 3 channels would mostly pad.
 #include "cuda_check.h"
 #include "unpool_conv_common.cuh"
 
 namespace dcign {
 namespace {
 
-template <typename T, bool kTf32, int BM, int BN, int kVec>
+template <typename T, bool kTf32, int BM, int BN, int kVec, bool kPhasesInN>
 __global__ void __launch_bounds__(kTileThreads, 1)
     unpool_conv_forward_kernel(const T* __restrict__ x, const T* __restrict__ wp, const T* __restrict__ bias,
                                T* __restrict__ y, Geometry g, Strides xs, Strides ys, int relu) {
   using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
+  constexpr int kProducts = kPhasesInN ? 1 : 4;  // one product per phase, or one for all four
   struct Staged {
-    TileLoad<T, BM, kTileK, kVec> a;          // input [m][k]: k runs along the channels
-    TileLoad<T, kTileK, BN, kVecOf<T>> w[4];  // packed weight [k][n]: n runs along the padded channels
+    TileLoad<T, BM, kTileK, kVec> a;  // input [m][k]: k runs along the channels
+    // packed weight [k][n]: n runs along the padded channels (gathered across phases with kPhasesInN)
+    TileLoad<T, kTileK, BN, kPhasesInN ? 1 : kVecOf<T>> w[kProducts];
   };
   struct Tiles {
     typename Mma::ATile a[2];
-    typename Mma::BTile w[2][4];
+    typename Mma::BTile w[2][kProducts];
   };
   __shared__ KLoopShared<Tiles, Mma> smem;
   __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
@@ -33,9 +37,14 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     pos_i[m] = pos < positions ? static_cast<int>(ni % rows0) : kOutside;
     pos_j[m] = static_cast<int>(pos % cols0);
   }
-  typename Mma::Acc acc[4];
+  typename Mma::Acc acc[kProducts];
 #pragma unroll
-  for (int p = 0; p < 4; ++p) Mma::zero(acc[p]);
+  for (int p = 0; p < kProducts; ++p) Mma::zero(acc[p]);
+  // Column n of product q: phase and output channel.
+  auto column = [&](int q, int n, int& p, int& o) {
+    p = kPhasesInN ? (o0 + n) / g.O : q;
+    o = kPhasesInN ? (o0 + n) % g.O : o0 + n;
+  };
   __syncthreads();
 
   // Step s: union tap s / chunks in row-major (ty, tx) order, input channels from (s % chunks) * kTileK.
@@ -55,13 +64,16 @@ __global__ void __launch_bounds__(kTileThreads, 1)
       const bool inside = r >= 0 && r < g.H && c >= 0 && c < g.W && ch < g.C;
       return inside ? pos_n[m] * xs.n + r * xs.h + c * xs.w + ch * xs.c : kNoRun;
     });
-    // B[k][n] = wp[p, ty, tx, c0 + k, o0 + n] for the phases whose window holds the tap.
+    // B[k][n] = wp[p, ty, tx, c0 + k, o] for the phases whose window holds the tap (every phase's, with
+    // kPhasesInN: the host launches it only for windows shared whole).
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      if (!phase_has_tap(g, p, ty, tx)) continue;
-      staged.w[p].fetch(wp, [&](int k, int n) -> int64_t {
-        const int ch = c0 + k, o = o0 + n;
-        return ch < g.C && o < g.OP ? p * phase_size + packed_offset(g, ty, tx, ch, o) : kNoRun;
+    for (int q = 0; q < kProducts; ++q) {
+      if (!kPhasesInN && !phase_has_tap(g, q, ty, tx)) continue;
+      staged.w[q].fetch(wp, [&](int k, int n) -> int64_t {
+        int p, o;
+        column(q, n, p, o);
+        const int ch = c0 + k;
+        return ch < g.C && o < g.OP && p < 4 ? p * phase_size + packed_offset(g, ty, tx, ch, o) : kNoRun;
       });
     }
   };
@@ -70,26 +82,28 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     tap_of(s, ty, tx);
     staged.a.stash([&](int m, int k, const auto& run) { put_run<true>(smem.tiles.a[buf], k, m, run); });
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      if (!phase_has_tap(g, p, ty, tx)) continue;
-      staged.w[p].stash([&](int k, int n, const auto& run) { put_run<false>(smem.tiles.w[buf][p], k, n, run); });
+    for (int q = 0; q < kProducts; ++q) {
+      if (!kPhasesInN && !phase_has_tap(g, q, ty, tx)) continue;
+      staged.w[q].stash([&](int k, int n, const auto& run) { put_run<false>(smem.tiles.w[buf][q], k, n, run); });
     }
   };
   auto multiply = [&](int s, int buf) {
     int ty, tx;
     tap_of(s, ty, tx);
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      if (phase_has_tap(g, p, ty, tx)) Mma::multiply(acc[p], smem.tiles.a[buf], smem.tiles.w[buf][p]);
+    for (int q = 0; q < kProducts; ++q) {
+      if (kPhasesInN || phase_has_tap(g, q, ty, tx)) Mma::multiply(acc[q], smem.tiles.a[buf], smem.tiles.w[buf][q]);
     }
   };
   pipelined_k_loop<Staged>(g.rows.taps * g.cols.taps * chunks, fetch, stash, multiply);
 
 #pragma unroll
-  for (int p = 0; p < 4; ++p) {
-    Mma::for_each(acc[p], smem.scratch, [&](int m, int n, float value) {
-      const int row = 2 * pos_i[m] + p / 2, col = 2 * pos_j[m] + p % 2, o = o0 + n;
-      if (pos_i[m] == kOutside || row >= g.HO || col >= g.WO || o >= g.O) return;
+  for (int q = 0; q < kProducts; ++q) {
+    Mma::for_each(acc[q], smem.scratch, [&](int m, int n, float value) {
+      int p, o;
+      column(q, n, p, o);
+      const int row = 2 * pos_i[m] + p / 2, col = 2 * pos_j[m] + p % 2;
+      if (pos_i[m] == kOutside || p >= 4 || row >= g.HO || col >= g.WO || o >= g.O) return;
       float v = value + (bias != nullptr ? to_float(bias[o]) : 0.0f);
       if (relu) v = fmaxf(v, 0.0f);
       y[pos_n[m] * ys.n + row * ys.h + col * ys.w + o * ys.c] = from_float<T>(v);
@@ -97,17 +111,27 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   }
 }
 
-template <typename T, bool kTf32, int BM, int BN>
+template <typename T, bool kTf32, int BM, int BN, bool kPhasesInN>
 void launch_forward(const ActivationView& x, uintptr_t wp, uintptr_t bias, const ActivationView& y, const Geometry& g,
                     int relu, cudaStream_t stream) {
   const int64_t positions = static_cast<int64_t>(g.N) * ((g.HO + 1) / 2) * ((g.WO + 1) / 2);
-  const dim3 grid(ceil_div(positions, BM), ceil_div(g.O, BN));
+  const dim3 grid(ceil_div(positions, BM), ceil_div(kPhasesInN ? 4 * g.O : g.O, BN));
   dispatch_vector<T>({{&x, g.C}}, [&](auto vec) {
     launch_kernel("unpool_conv_forward_kernel", grid, kTileThreads, stream,
-                  unpool_conv_forward_kernel<T, kTf32, BM, BN, decltype(vec)::value>, reinterpret_cast<const T*>(x.ptr),
-                  reinterpret_cast<const T*>(wp), reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y.ptr), g,
-                  strides_of(x), strides_of(y), relu);
+                  unpool_conv_forward_kernel<T, kTf32, BM, BN, decltype(vec)::value, kPhasesInN>,
+                  reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(wp), reinterpret_cast<const T*>(bias),
+                  reinterpret_cast<T*>(y.ptr), g, strides_of(x), strides_of(y), relu);
   });
+}
+
+// Whether every phase reads the whole union window on both axes (no tap is some phase's alone).
+bool shares_window(const Geometry& g) {
+  for (const AxisUnion& axis : {g.rows, g.cols}) {
+    for (int phase = 0; phase < 2; ++phase) {
+      if (window_first(axis, phase) != 0 || window_count(axis, phase) != axis.taps) return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace
@@ -120,10 +144,13 @@ void unpool_conv_forward(ActivationView x, uintptr_t wp, uintptr_t bias, Activat
     constexpr bool kTf32 = decltype(use_tf32)::value;
     // Few output channels (e.g. the last decoder layer): a narrow, tall tile wastes no columns. TF32 tiles
     // hold 4-byte operands in a tensor-core layout: half as tall, to fit in static shared memory.
-    if (O <= 16) {
-      launch_forward<T, kTf32, kTf32 ? 128 : 256, 16>(x, wp, bias, y, g, relu, to_stream(stream));
+    constexpr int kTall = kTf32 ? 128 : 256;
+    if (4 * O <= 16 && shares_window(g)) {  // the four phases fit one product's 16 columns
+      launch_forward<T, kTf32, kTall, 16, true>(x, wp, bias, y, g, relu, to_stream(stream));
+    } else if (O <= 16) {
+      launch_forward<T, kTf32, kTall, 16, false>(x, wp, bias, y, g, relu, to_stream(stream));
     } else {
-      launch_forward<T, kTf32, 64, 64>(x, wp, bias, y, g, relu, to_stream(stream));
+      launch_forward<T, kTf32, 64, 64, false>(x, wp, bias, y, g, relu, to_stream(stream));
     }
   });
 }

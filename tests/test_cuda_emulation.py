@@ -68,9 +68,9 @@ def test_unpool_conv_every_kernel_and_padding(kernel):
     check_every_padding(kernel, 2, 7, "cpu")
 
 
-# Decoder-like layers: K=7 valid (wide tiles, two channel chunks), one output channel (the tall tile),
-# K=3 and K=5 "same".
-LAYERS = [(24, 48, 6, 7, 0), (20, 1, 7, 7, 0), (33, 12, 5, 3, 1), (16, 40, 5, 5, 2)]
+# Decoder-like layers: K=7 valid (wide tiles, two channel chunks), image layers of one and three channels (the
+# phases side by side in the forward's columns; few-outputs backward), K=3 and K=5 "same".
+LAYERS = [(24, 48, 6, 7, 0), (20, 1, 7, 7, 0), (8, 3, 6, 5, 2), (33, 12, 5, 3, 1), (16, 40, 5, 5, 2)]
 
 
 @pytest.mark.parametrize("dtype, tf32", PRECISIONS)
