@@ -25,9 +25,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# Errors that mean "the command was given something it cannot use": one line, not a traceback.
-USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 DEBUG_ENV = "DCIGN_FAST_DEBUG"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the command was given something it cannot use": reported in one line, not a
+    traceback. Not RuntimeError at large: out-of-memory, compiler and internal errors keep theirs."""
+    from dcign_fast.train.checkpoint import CheckpointError
+
+    return ValueError, TypeError, OSError, CheckpointError
 
 
 def positive_int(text: str) -> int:
@@ -43,8 +49,8 @@ def run_reporting_errors(prog: str, run, args: argparse.Namespace) -> int:
     when $DCIGN_FAST_DEBUG is set)."""
     try:
         return run(args)
-    except USER_ERRORS as err:
-        if os.environ.get(DEBUG_ENV):
+    except user_errors() as err:
+        if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
             raise
         print(f"{prog}: error: {err} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 2

@@ -36,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from dcign_fast.eval.evaluate import EVAL_SEED, evaluate
     from dcign_fast.eval.rerender import sweep_grid
     from dcign_fast.train import TrainConfig
-    from dcign_fast.train.cli import run_training
+    from dcign_fast.train.cli import resolve_options, run_training
 
-    options = {**DEMO_OPTIONS, "steps": args.steps, "out": str(args.out)}
-    config = TrainConfig.from_dict(options).override(args.set)
+    given = {"steps": args.steps, "out": str(args.out), **TrainConfig.parse_assignments(args.set)}
+    config = resolve_options(TrainConfig.from_dict(DEMO_OPTIONS), given, args.resume)
     code, trainer, result = run_training(config, args.resume)
     if code:
         return code

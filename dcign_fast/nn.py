@@ -97,7 +97,8 @@ class UnpoolConv2d(nn.Module):
         fused.in_channels, fused.out_channels = conv.in_channels, conv.out_channels
         fused.kernel_size = tuple(conv.kernel_size)
         fused.padding = tuple(conv.padding)
-        fused.scale_factor = int(upsample.scale_factor)
+        scale = upsample.scale_factor  # a number or an (equal) pair: _unsupported_reason checked
+        fused.scale_factor = int(scale[0] if isinstance(scale, tuple) else scale)
         check_backend_name(backend)
         fused.backend = backend
         fused.activation = None

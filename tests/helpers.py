@@ -50,3 +50,21 @@ def paper150_decoder_layers() -> list[tuple[int, int, int, int, int]]:
         (m.in_channels, m.out_channels, size, m.kernel_size[0], m.padding[0])
         for m, size in zip(layers, model.config.decoder_sizes())
     ]
+
+
+def gradient_penalty_error(backend: str, device: str) -> float:
+    """Largest relative error, against the float64 reference, of the parameter gradients of a gradient penalty
+    taken through unpool_conv2d with a fused ReLU: what its double backward computes."""
+    import dcign_fast as dc
+    from dcign_fast.ops.reference import unpool_conv2d_reference
+
+    def penalty_gradients(fn, leaves: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        y = fn(*leaves)
+        (grad_x,) = torch.autograd.grad((y * y.detach().cos()).sum(), leaves[0], create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), leaves)
+
+    leaves = [torch.randn(shape, device=device, requires_grad=True) for shape in ((2, 5, 4, 3), (6, 5, 5, 5), (6,))]
+    got = penalty_gradients(lambda *t: dc.unpool_conv2d(*t, padding=2, backend=backend, activation="relu"), leaves)
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    want = penalty_gradients(lambda *t: unpool_conv2d_reference(*t, (2, 2)).relu(), exact)
+    return max(rel_error(g, w) for g, w in zip(got, want))

@@ -26,7 +26,9 @@ from tests.cuda_checks import (
     check_tf32_follows_the_cudnn_flag,
     check_unaligned_and_one_pixel_views,
     check_unpool_conv,
+    cudnn_tf32,
 )
+from tests.helpers import gradient_penalty_error
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,6 +94,11 @@ def test_unpool_conv_float32_follows_cudnn_allow_tf32():
 
 def test_unpool_conv_unaligned_and_one_pixel_views():
     check_unaligned_and_one_pixel_views("cpu")
+
+
+def test_double_backward_matches_reference():
+    with cudnn_tf32(False):
+        assert gradient_penalty_error("cuda", "cpu") < 1e-5
 
 
 def test_both_sides_agree_on_few_outputs():

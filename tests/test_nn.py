@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dcign_fast.nn import UnpoolConv2d, convert_upsample_conv
@@ -50,6 +51,14 @@ def test_convert_leaves_unsupported_pairs_alone():
     assert convert_upsample_conv(bilinear) == 0 and convert_upsample_conv(strided) == 0
     with pytest.raises(ValueError, match="stride 1"):
         UnpoolConv2d.from_modules(strided[0], strided[1])
+
+
+def test_a_pair_of_equal_scale_factors_is_fused():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    fused = UnpoolConv2d.from_modules(nn.Upsample(scale_factor=(2, 2)), conv)
+    x = torch.randn(2, 3, 4, 5)
+    assert fused.scale_factor == 2
+    assert rel_error(fused(x), conv(F.interpolate(x, scale_factor=2, mode="nearest"))) < 1e-5
 
 
 def test_bad_backend_name_at_construction():

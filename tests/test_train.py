@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,6 +102,9 @@ def test_saving_a_step_again_replaces_it_and_crash_leftovers_go(tmp_path):
         path = save_checkpoint(root, 3, weights, model.config.to_dict(), {"step": 3}, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["step-00000003"]
     assert all((t == 2.0).all() for t in load_checkpoint(path)[0].values())
+    # A crash between a re-save's two renames leaves the step only as .old-...: listing puts it back.
+    path.rename(root / ".old-step-00000003-999999")
+    assert list_checkpoints(root) == [path] and load_checkpoint(path)[2]["step"] == 3
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_the_previous_one_survives(tmp_path):
@@ -198,6 +202,7 @@ def test_option_types_are_checked(assignment, error, words):
     with pytest.raises(error, match=words):
         TrainConfig().override([assignment])
     assert TrainConfig().override(["lr=1", "grad_clip=null"]).lr == 1.0  # ints become floats; None allowed
+    assert TrainConfig().override(["time_limit_s=3e3"]).time_limit_s == 3000.0  # YAML's "3e3" is a string
 
 
 def test_resume_keeps_the_checkpoint_options_and_refuses_changes(tmp_path):
@@ -214,6 +219,10 @@ def test_resume_keeps_the_checkpoint_options_and_refuses_changes(tmp_path):
     assert Trainer(resumed, resume=True, render=blobs).train().step == 4
     with pytest.raises(ValueError, match=r"seed=6 \(checkpoint: 5\)"):
         Trainer(config(tmp_path, steps=6, seed=6, lr=1e-3), resume=True, render=blobs)
+    # A moved run resumes where it was found, not in the folder its checkpoint names.
+    shutil.copytree(tmp_path / "run", tmp_path / "moved")
+    moved = config_from_args(parser.parse_args(["--out", str(tmp_path / "moved"), "--steps", "6", "--resume"]))
+    assert (moved.out, moved.seed) == (str(tmp_path / "moved"), 5)
 
 
 def test_resume_without_a_checkpoint_warns(tmp_path):

@@ -99,10 +99,15 @@ def save_checkpoint(
 
 
 def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders are never listed)."""
+    """Complete checkpoints, oldest first (temporary folders are never listed). A step that a re-save left
+    only as its ``.old-`` folder (a crash between the save's two renames) is put back first."""
     root = Path(checkpoints_dir)
     if not root.is_dir():
         return []
+    for old in root.glob(f".old-{PREFIX}*"):
+        step = root / old.name.removeprefix(".old-").rsplit("-", 1)[0]
+        if not step.exists():
+            os.rename(old, step)
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 

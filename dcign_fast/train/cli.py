@@ -28,14 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's options: --config's, then --preset/--out/--steps, then each --set. With --resume they
     apply on top of the newest checkpoint's options (the trainer refuses changes that alter the results)."""
-    from dcign_fast.train.trainer import stored_config
-
     values = TrainConfig.read_yaml(args.config) if args.config else {}
     values.update({key: getattr(args, key) for key in ("preset", "out", "steps") if getattr(args, key) is not None})
     values.update(TrainConfig.parse_assignments(args.set))
-    config = TrainConfig().updated(values)
-    stored = stored_config(config.out) if args.resume else None
-    return config if stored is None else stored.updated(values)
+    return resolve_options(TrainConfig(), values, args.resume)
+
+
+def resolve_options(defaults: TrainConfig, values: dict[str, object], resume: bool) -> TrainConfig:
+    """``defaults`` with the options a user gave (``values``); with ``resume``, the newest checkpoint's options
+    in the resulting ``out`` folder take the defaults' place (the trainer refuses changes that alter results)."""
+    from dcign_fast.train.trainer import stored_config
+
+    config = defaults.updated(values)
+    stored = stored_config(config.out) if resume else None
+    return config if stored is None else stored.updated({**values, "out": config.out})  # the folder read
 
 
 def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, TrainResult | None]:

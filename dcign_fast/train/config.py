@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.invariance < 0:
             raise ValueError(f"invariance must be >= 0, got {self.invariance}")
+        odds = {"azimuth": 1.0, "elevation": 1.0, "light": 1.0, "intrinsic": self.shape_bias, **self.kind_weights}
+        if not sum(odds[k] for k in KINDS if k in odds) > 0:
+            raise ValueError(f"the batch kinds' odds must not all be 0 (shape_bias and kind_weights), got {odds}")
         unknown_kinds = sorted(set(self.kind_weights) - set(KINDS))
         if unknown_kinds:
             raise ValueError(f"kind_weights names unknown batch kinds {unknown_kinds}; kinds are {list(KINDS)}")
@@ -91,8 +95,9 @@ class TrainConfig:
             if value is None and "None" in kinds:
                 continue
             expected = _SCALARS.get(kinds[0])
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
+            if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+                with contextlib.suppress(ValueError):  # YAML reads 1e-3 (no dot) as a string
+                    value = float(value)
                 setattr(self, f.name, value)
             if expected is not None and (type(value) is not expected):
                 raise TypeError(f"{f.name} must be {f.type}, got {value!r}")
@@ -105,9 +110,9 @@ class TrainConfig:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         weights = self.kind_weights
         if not isinstance(weights, dict) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights.values()
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights.values()
         ):
-            raise TypeError(f"kind_weights must map batch kinds to numbers, got {weights!r}")
+            raise TypeError(f"kind_weights must map batch kinds to numbers >= 0, got {weights!r}")
 
     def differences(self, other: TrainConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
         """{option: (this value, other's value)} for the options that differ, except those in ``ignore``."""
@@ -134,6 +139,15 @@ class TrainConfig:
         return values
 
     @classmethod
+    def from_stored(cls, values: dict[str, Any]) -> TrainConfig:
+        """The options a checkpoint stored, less any this version no longer knows (with a warning)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        dropped = sorted(set(values) - known)
+        if dropped:
+            warnings.warn(f"the checkpoint's options {dropped} are unknown to this version: ignored", stacklevel=2)
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(cls.read_yaml(path))
 
@@ -150,13 +164,7 @@ class TrainConfig:
 
     def updated(self, values: dict[str, Any]) -> TrainConfig:
         """A copy with ``values`` replacing options."""
-        merged = self.to_dict()
-        for key, value in values.items():
-            if isinstance(merged.get(key), float) and isinstance(value, str):
-                with contextlib.suppress(ValueError):
-                    value = float(value)  # YAML reads "1e6" (no dot) as a string
-            merged[key] = value
-        return TrainConfig.from_dict(merged)
+        return TrainConfig.from_dict({**self.to_dict(), **values})
 
     def override(self, assignments: list[str]) -> TrainConfig:
         """A copy with ``key=value`` assignments applied (see :meth:`parse_assignments`)."""

@@ -46,6 +46,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -74,7 +76,7 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
 def stored_config(out: str | Path) -> TrainConfig | None:
     """The options of the newest checkpoint in run folder ``out``, or None when it holds none."""
     existing = list_checkpoints(Path(out) / "checkpoints")
-    return TrainConfig.from_dict(load_checkpoint(existing[-1])[2]["config"]) if existing else None
+    return TrainConfig.from_stored(load_checkpoint(existing[-1])[2]["config"]) if existing else None
 
 
 class Trainer:
@@ -127,7 +129,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         weights, _, state = load_checkpoint(path)
-        changed = self.config.differences(TrainConfig.from_dict(state["config"]), ignore=RUN_CONTROLS)
+        changed = self.config.differences(TrainConfig.from_stored(state["config"]), ignore=RUN_CONTROLS)
         if changed:
             listing = ", ".join(f"{key}={new!r} (checkpoint: {old!r})" for key, (new, old) in changed.items())
             raise ValueError(
