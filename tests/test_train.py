@@ -170,6 +170,41 @@ def test_interrupt_saves_a_checkpoint_and_returns(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
 
 
+def test_a_second_interrupt_quits_at_once(tmp_path):
+    """The same signal twice quits without saving (SIGINT then SIGTERM, as under torchrun, still saves)."""
+    trainer = Trainer(config(tmp_path, steps=50, checkpoint_every=2), render=blobs)
+    calls = {"n": 0}
+    original = trainer.stream.batch
+
+    def batch_then_interrupt_twice(step, shard):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(step, shard)
+
+    trainer.stream.batch = batch_then_interrupt_twice
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="twice"):
+        trainer.train()
+    assert signal.getsignal(signal.SIGINT) is before
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000002"]
+
+    trainer = Trainer(config(tmp_path, steps=50, checkpoint_every=100), resume=True, render=blobs)
+    original, calls["n"] = trainer.stream.batch, 0
+
+    def interrupt_then_terminate(step, shard):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(step, shard)
+
+    trainer.stream.batch = interrupt_then_terminate
+    result = trainer.train()
+    assert result.interrupted and result.checkpoint.name == "step-00000004"
+
+
 def test_progress_images_are_written(tmp_path):
     Trainer(config(tmp_path, steps=2, image_every=2), render=blobs).train()
     images = sorted(p.name for p in (tmp_path / "run" / "images").iterdir())

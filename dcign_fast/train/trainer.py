@@ -126,6 +126,7 @@ class Trainer:
         self.stream = BatchStream(render, config, rank=self.world.rank, kinds=kinds, show_progress=self.world.is_main)
         self.log = MetricsLog(self.out, enabled=self.world.is_main, resume_step=self.step)
         self._stop_requested = False
+        self._signals_received: set[int] = set()
 
     def _restore(self, path: Path) -> None:
         weights, _, state = load_checkpoint(path)
@@ -161,6 +162,12 @@ class Trainer:
         )
 
     def _request_stop(self, signum: int, frame: object) -> None:
+        # The first Ctrl-C / SIGTERM finishes the step and saves; the same signal again, while that is under
+        # way, quits at once (the last checkpoint written stays the newest). A different signal does not:
+        # torchrun answers a terminal's Ctrl-C with a SIGTERM to every worker.
+        if signum in self._signals_received:
+            raise KeyboardInterrupt(f"signal {signum} received twice: stopping without a checkpoint")
+        self._signals_received.add(signum)
         self._stop_requested = True
 
     def _forward_backward(self, step: int) -> dict[str, float] | None:
