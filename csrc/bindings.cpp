@@ -45,7 +45,6 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "union_taps", [](int kernel, int padding) { return dcign::axis_union(kernel, padding).taps; }, py::arg("kernel"),
       py::arg("padding"), "Union taps of both phases of one axis (packed weight extent)");
-  m.attr("few_outputs") = dcign::kFewOutputs;
   m.def("packed_channels", &dcign::packed_channels, py::arg("out_channels"),
         "Output channels of the packed weight: out_channels rounded up to whole 16-byte vectors");
   m.def("unpool_conv_pack_weight", &dcign::unpool_conv_pack_weight, py::arg("weight"), py::arg("wp"), py::arg("O"),

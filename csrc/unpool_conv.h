@@ -14,10 +14,6 @@ constexpr int kPackedChannels = 8;
 
 inline int packed_channels(int O) { return (O + kPackedChannels - 1) / kPackedChannels * kPackedChannels; }
 
-// At most this many output channels (an image layer), grad input flattens (tap, channel) pairs into its
-// reduction. The Python side's FEW_OUTPUTS (dcign_fast/ops/unpool_conv.py) picks the grad-weight kernel alike.
-constexpr int kFewOutputs = 16;
-
 struct ActivationView {
   uintptr_t ptr;
   int64_t sn, sc, sh, sw;

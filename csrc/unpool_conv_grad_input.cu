@@ -1,8 +1,9 @@
 // Unpool-conv grad input: dx[n, i, j, c] = sum over phases (A, B), their taps (ty, tx) and C_out of
 // g[n, 2 io + A, 2 jo + B, o] * wp[A, B, ty, tx, c, o], with io = i - (row start + ty), jo likewise
-// (design: unpool_conv_common.cuh). With kTapsInK (at most 16 output channels, an image layer) the reduction
-// runs over (phase tap, o) pairs flattened, kTileK of them per step, instead of over taps and then channel
-// chunks of kTileK that 1 to 3 channels would mostly pad: both operands are then gathered element by element.
+// (design: unpool_conv_common.cuh). With kTapsInK (at most kTileK / 2 output channels, an image layer) the
+// reduction runs over (phase tap, o) pairs flattened, kTileK of them per step, instead of over taps and then
+// channel chunks of kTileK that 1 to 3 channels would mostly pad: both operands are then gathered element by
+// element.
 #include "cuda_check.h"
 #include "unpool_conv_common.cuh"
 
@@ -93,7 +94,9 @@ void launch_grad_input(const ActivationView& gout, uintptr_t yout, uintptr_t wp,
                   reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<const T*>(yout),
                   reinterpret_cast<const T*>(wp), reinterpret_cast<T*>(dx.ptr), g, strides_of(gout), strides_of(dx));
   };
-  if (g.O <= kFewOutputs) {  // gathered operands: no vectors
+  // Flattened (tap, o) pairs pay with element-by-element gathers: worth it where channel chunks would be at
+  // least half padding (16 output channels fill a chunk and keep their 16-byte loads).
+  if (2 * g.O <= kTileK) {
     launch(unpool_conv_grad_input_kernel<T, kTf32, BM, BN, 1, true>);
     return;
   }

@@ -101,14 +101,6 @@ def test_double_backward_matches_reference():
         assert gradient_penalty_error("cuda", "cpu") < 1e-5
 
 
-def test_both_sides_agree_on_few_outputs():
-    """csrc picks grad input's kernel by kFewOutputs, Python the grad-weight kernel by FEW_OUTPUTS."""
-    from dcign_fast.kernels import cuda
-    from dcign_fast.ops.unpool_conv import FEW_OUTPUTS
-
-    assert cuda.load(torch.device("cpu")).few_outputs == FEW_OUTPUTS
-
-
 def test_unpool_conv_few_outputs_over_several_splits(monkeypatch):
     """An image layer's grad weight (few output channels: the kernel that pairs input pixels with every tap)
     summed over several splits of the input positions."""
