@@ -152,18 +152,23 @@ def test_nan_loss_can_skip_the_step(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
-def test_interrupt_saves_a_checkpoint_and_returns(tmp_path):
-    trainer = Trainer(config(tmp_path, steps=50, checkpoint_every=100), render=blobs)
-    calls = {"n": 0}
-    original = trainer.stream.batch
+def signal_at_batch(trainer: Trainer, call: int, *signals: int) -> None:
+    """Makes the trainer's ``call``-th batch fetch send this process ``signals``."""
+    calls, original = [0], trainer.stream.batch
 
-    def batch_then_interrupt(step, shard):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+    def batch_then_signal(step, shard):
+        calls[0] += 1
+        if calls[0] == call:
+            for s in signals:
+                os.kill(os.getpid(), s)
         return original(step, shard)
 
-    trainer.stream.batch = batch_then_interrupt
+    trainer.stream.batch = batch_then_signal
+
+
+def test_interrupt_saves_a_checkpoint_and_returns(tmp_path):
+    trainer = Trainer(config(tmp_path, steps=50, checkpoint_every=100), render=blobs)
+    signal_at_batch(trainer, 3, signal.SIGINT)
     before = signal.getsignal(signal.SIGINT)
     result = trainer.train()
     assert result.interrupted and result.step == 3 and result.checkpoint.name == "step-00000003"
@@ -173,17 +178,7 @@ def test_interrupt_saves_a_checkpoint_and_returns(tmp_path):
 def test_a_second_interrupt_quits_at_once(tmp_path):
     """The same signal twice quits without saving (SIGINT then SIGTERM, as under torchrun, still saves)."""
     trainer = Trainer(config(tmp_path, steps=50, checkpoint_every=2), render=blobs)
-    calls = {"n": 0}
-    original = trainer.stream.batch
-
-    def batch_then_interrupt_twice(step, shard):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(step, shard)
-
-    trainer.stream.batch = batch_then_interrupt_twice
+    signal_at_batch(trainer, 3, signal.SIGINT, signal.SIGINT)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt, match="twice"):
         trainer.train()
@@ -191,16 +186,7 @@ def test_a_second_interrupt_quits_at_once(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000002"]
 
     trainer = Trainer(config(tmp_path, steps=50, checkpoint_every=100), resume=True, render=blobs)
-    original, calls["n"] = trainer.stream.batch, 0
-
-    def interrupt_then_terminate(step, shard):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(step, shard)
-
-    trainer.stream.batch = interrupt_then_terminate
+    signal_at_batch(trainer, 2, signal.SIGINT, signal.SIGTERM)
     result = trainer.train()
     assert result.interrupted and result.checkpoint.name == "step-00000004"
 

@@ -46,8 +46,9 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     """(state_dict, model config) from a checkpoint folder, its weights file, or a run folder (its newest
     checkpoint)."""
     path = Path(path)
-    if path.is_dir() and not (path / WEIGHTS).exists() and list_checkpoints(path / "checkpoints"):
-        path = list_checkpoints(path / "checkpoints")[-1]
+    newest = list_checkpoints(path / "checkpoints") if path.is_dir() and not (path / WEIGHTS).exists() else []
+    if newest:
+        path = newest[-1]
     if path.is_dir():
         path = path / WEIGHTS
     if not path.is_file():
@@ -113,12 +114,17 @@ def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(weights, model config, trainer state) of one checkpoint folder; CheckpointError if damaged."""
-    path = Path(path)
     weights, model_config = load_weights(path)
+    return weights, model_config, load_state(path)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state (step, optimizer, RNG, options) of one checkpoint folder, without its weights."""
+    path = Path(path)
     try:
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
         raise CheckpointError(f"checkpoint {path} has no {STATE}") from err
     except Exception as err:  # torch raises several types for damaged pickles/zips
         raise CheckpointError(f"checkpoint state {path / STATE} is corrupt or truncated ({err})") from err
-    return weights, model_config, state
+    return state

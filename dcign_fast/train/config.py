@@ -80,12 +80,17 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.invariance < 0:
             raise ValueError(f"invariance must be >= 0, got {self.invariance}")
-        odds = {"azimuth": 1.0, "elevation": 1.0, "light": 1.0, "intrinsic": self.shape_bias, **self.kind_weights}
-        if not sum(odds[k] for k in KINDS if k in odds) > 0:
-            raise ValueError(f"the batch kinds' odds must not all be 0 (shape_bias and kind_weights), got {odds}")
         unknown_kinds = sorted(set(self.kind_weights) - set(KINDS))
         if unknown_kinds:
             raise ValueError(f"kind_weights names unknown batch kinds {unknown_kinds}; kinds are {list(KINDS)}")
+        weights = self.kind_weights_in_full()
+        if not sum(weights.values()) > 0:
+            raise ValueError(f"the batch kinds' odds must not all be 0 (shape_bias and kind_weights), got {weights}")
+
+    def kind_weights_in_full(self) -> dict[str, float]:
+        """Each batch kind's weight: 1:1:1:shape_bias, unless ``kind_weights`` overrides."""
+        defaults = {"azimuth": 1.0, "elevation": 1.0, "light": 1.0, "intrinsic": float(self.shape_bias)}
+        return {**defaults, **self.kind_weights}
 
     def _check_types(self) -> None:
         """Each option has its annotated type (ints are accepted for floats and become floats)."""
@@ -124,11 +129,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = cls.option_names()
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
 
     @staticmethod
     def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -141,7 +150,7 @@ class TrainConfig:
     @classmethod
     def from_stored(cls, values: dict[str, Any]) -> TrainConfig:
         """The options a checkpoint stored, less any this version no longer knows (with a warning)."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = cls.option_names()
         dropped = sorted(set(values) - known)
         if dropped:
             warnings.warn(f"the checkpoint's options {dropped} are unknown to this version: ignored", stacklevel=2)

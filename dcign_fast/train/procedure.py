@@ -10,8 +10,7 @@ from dcign_fast.train.config import KINDS, TrainConfig
 
 def kind_odds(config: TrainConfig) -> dict[str, float]:
     """Probability of each batch kind: 1:1:1:shape_bias unless ``kind_weights`` overrides."""
-    weights = {"azimuth": 1.0, "elevation": 1.0, "light": 1.0, "intrinsic": float(config.shape_bias)}
-    weights.update(config.kind_weights)
+    weights = config.kind_weights_in_full()
     total = sum(weights[k] for k in KINDS)
     return {k: weights[k] / total for k in KINDS}
 

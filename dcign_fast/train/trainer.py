@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dcign_fast.models import DCIGN
-from dcign_fast.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dcign_fast.train.checkpoint import list_checkpoints, load_checkpoint, load_state, save_checkpoint
 from dcign_fast.train.config import RUN_CONTROLS, TrainConfig
 from dcign_fast.train.data import BatchStream, latent_seed
 from dcign_fast.train.distributed import World, all_agree, close_world, init_world, mean_over_ranks
@@ -76,7 +76,7 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
 def stored_config(out: str | Path) -> TrainConfig | None:
     """The options of the newest checkpoint in run folder ``out``, or None when it holds none."""
     existing = list_checkpoints(Path(out) / "checkpoints")
-    return TrainConfig.from_stored(load_checkpoint(existing[-1])[2]["config"]) if existing else None
+    return TrainConfig.from_stored(load_state(existing[-1])["config"]) if existing else None
 
 
 class Trainer:
@@ -125,8 +125,7 @@ class Trainer:
             render, kinds = default_source(config, self.model.config.image_size, self.device)
         self.stream = BatchStream(render, config, rank=self.world.rank, kinds=kinds, show_progress=self.world.is_main)
         self.log = MetricsLog(self.out, enabled=self.world.is_main, resume_step=self.step)
-        self._stop_requested = False
-        self._signals_received: set[int] = set()
+        self._signals_received: set[int] = set()  # a stop is requested once it holds one
 
     def _restore(self, path: Path) -> None:
         weights, _, state = load_checkpoint(path)
@@ -168,7 +167,6 @@ class Trainer:
         if signum in self._signals_received:
             raise KeyboardInterrupt(f"signal {signum} received twice: stopping without a checkpoint")
         self._signals_received.add(signum)
-        self._stop_requested = True
 
     def _forward_backward(self, step: int) -> dict[str, float] | None:
         """Gradients of one optimizer step; None if the loss was not finite on some rank."""
@@ -209,7 +207,7 @@ class Trainer:
                 if deadline is not None and all_agree(time.monotonic() > deadline, self.world, self.device):
                     bar.write(f"time limit of {c.time_limit_s:.0f} s reached at step {self.step}")
                     return TrainResult(self.step, self.save() or self._latest(), interrupted=False)
-                if all_agree(self._stop_requested, self.world, self.device):
+                if all_agree(bool(self._signals_received), self.world, self.device):
                     checkpoint = self.save()
                     bar.write(f"interrupted at step {self.step}; checkpoint: {checkpoint}; continue with --resume")
                     return TrainResult(self.step, checkpoint, interrupted=True)
