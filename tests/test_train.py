@@ -270,3 +270,16 @@ def test_time_limit_stops_with_a_checkpoint(tmp_path):
 def test_bf16_autocast_run(tmp_path):
     result = Trainer(config(tmp_path, steps=2, bf16=True), render=blobs).train()
     assert result.step == 2 and result.checkpoint.name == "step-00000002"
+
+
+@pytest.mark.parametrize("precision", [True, False])
+def test_resume_keeps_the_precision_in_effect(tmp_path, precision):
+    # bf16=None means "bf16 on a GPU": the checkpoint records what ran, so a run moved between devices
+    # continues in its own precision.
+    default = Trainer(config(tmp_path / "default", steps=1), render=blobs).train()
+    assert load_checkpoint(default.checkpoint)[2]["config"]["bf16"] is False  # resolved on the CPU, not None
+    Trainer(config(tmp_path, steps=1, bf16=precision), render=blobs).train()
+    resumed = Trainer(config(tmp_path, steps=2), resume=True, render=blobs)
+    assert resumed.bf16 is precision
+    with pytest.raises(ValueError, match=f"bf16={not precision} \\(checkpoint: {precision}\\)"):
+        Trainer(config(tmp_path, steps=2, bf16=not precision), resume=True, render=blobs)

@@ -9,6 +9,7 @@ functions of (seed, step, shard), and the optimizer state is restored.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import time
 import warnings
@@ -129,7 +130,12 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         weights, _, state = load_checkpoint(path)
-        changed = self.config.differences(TrainConfig.from_stored(state["config"]), ignore=RUN_CONTROLS)
+        stored = TrainConfig.from_stored(state["config"])
+        if self.config.bf16 is None and stored.bf16 is not None:
+            # An unset precision continues the checkpoint's: a run begun on the CPU stays float32 on a GPU.
+            self.bf16 = stored.bf16
+            stored = dataclasses.replace(stored, bf16=None)
+        changed = self.config.differences(stored, ignore=RUN_CONTROLS)
         if changed:
             listing = ", ".join(f"{key}={new!r} (checkpoint: {old!r})" for key, (new, old) in changed.items())
             raise ValueError(
@@ -149,7 +155,7 @@ class Trainer:
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
-            "config": self.config.to_dict(),
+            "config": {**self.config.to_dict(), "bf16": self.bf16},  # the precision in effect, not None
         }
         return save_checkpoint(
             self.checkpoints,
