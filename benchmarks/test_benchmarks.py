@@ -56,7 +56,7 @@ def test_latent_sampler(benchmark, variant):
 @pytest.mark.parametrize("variant", ["eager reference", "dcign_fast"])
 def test_train_step(benchmark, variant):
     batch = 8 if QUICK else 64
-    model = train._models("demo64", DEVICE, quick=True)[variant]
+    model = train._models("demo64", DEVICE)[variant]
     images = torch.rand(batch, 1, 64, 64, device=DEVICE)
     benchmark.group = f"train step: demo64 b{batch}"
     benchmark(_sync(train._step(model, images, bf16=False)))

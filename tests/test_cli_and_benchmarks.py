@@ -61,6 +61,25 @@ def test_ops_suite_compares_backends(tmp_path):
     assert {"reference", "torch"} <= {row["backend"] for row in rows}
 
 
+def test_train_suite_writes_eager_rows_before_compiling(monkeypatch):
+    """A suite cut short by its time limit must keep the eager rows: they come first, and a spent compile
+    budget is noted without timing the eager variants again."""
+    from benchmarks.suites import train
+
+    monkeypatch.setattr(train, "cases", lambda device, quick: [("demo64", 2, False)])
+    monkeypatch.setenv("DCIGN_BENCH_COMPILE_S", "0")
+    rows = list(train.run("cpu", quick=False))
+    assert [(row.get("pass"), row["backend"]) for row in rows] == [
+        ("eager", "eager reference"),
+        ("eager", "dcign_fast"),
+        (None, "renderer"),
+        ("compiled", "compiled reference"),
+        ("compiled", "dcign_fast compiled"),
+    ]
+    assert all(row["note"] == "compile: budget spent" and "median_ms" not in row for row in rows[3:])
+    assert train.cases("cuda", quick=False)[0] == ("paper150", 128, True)  # the goals' case first on a GPU
+
+
 def test_summary_takes_the_newest_run_not_the_best_one():
     def run(date: str, speedup: float) -> dict:
         row = {"case": "c", "pass": "forward+backward", "dtype": "float32", "backend": "torch", "speedup": speedup}
