@@ -66,18 +66,19 @@ def test_train_suite_writes_eager_rows_before_compiling(monkeypatch):
     budget is noted without timing the eager variants again."""
     from benchmarks.suites import train
 
+    assert train.cases("cuda", quick=False)[0] == ("paper150", 128, True)  # the goals' case first on a GPU
     monkeypatch.setattr(train, "cases", lambda device, quick: [("demo64", 2, False)])
     monkeypatch.setenv("DCIGN_BENCH_COMPILE_S", "0")
     rows = list(train.run("cpu", quick=False))
     assert [(row.get("pass"), row["backend"]) for row in rows] == [
         ("eager", "eager reference"),
         ("eager", "dcign_fast"),
+        ("eager", "eager reference (channels_last)"),
         (None, "renderer"),
         ("compiled", "compiled reference"),
         ("compiled", "dcign_fast compiled"),
     ]
-    assert all(row["note"] == "compile: budget spent" and "median_ms" not in row for row in rows[3:])
-    assert train.cases("cuda", quick=False)[0] == ("paper150", 128, True)  # the goals' case first on a GPU
+    assert all(row["note"] == "compile: budget spent" and "median_ms" not in row for row in rows[4:])
 
 
 def test_summary_takes_the_newest_run_not_the_best_one():

@@ -6,6 +6,9 @@ of the reference model), ``dcign_fast compiled`` and, on CUDA, ``dcign_fast comp
 (mode="reduce-overhead") and ``compiled reference (max-autotune)``. Reports images/s, the speedup over the
 eager reference and peak memory (CUDA). Steps train on a fixed random batch; a ``renderer`` row per case
 says whether rendering the same sweep on the fly on that device would keep up with the fastest step.
+dcign_fast's models are channels_last, as the trainer's are; the reference's too on CUDA, but NCHW on the
+CPU (a plain port's default there), where ``eager reference (channels_last)`` shows what the layout alone
+gives.
 
 The suite runs in passes, each over the cases in order of importance (the goals' case, paper150 at batch
 128 in bf16, first on CUDA), so that a suite cut short by a time limit keeps the rows that matter most:
@@ -54,10 +57,13 @@ def _step(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> Callable[
 
 
 def _model(name: str, preset: str, device: str) -> torch.nn.Module:
-    """Variant ``name``'s model, with the same initial weights for every variant."""
+    """Variant ``name``'s model, with the same initial weights for every variant. dcign_fast's are in
+    channels_last, as the trainer's are; the reference's too on CUDA, but on the CPU only where the name
+    says so: a plain PyTorch port there keeps the default NCHW."""
     torch.manual_seed(0)
-    model = DCIGN.from_preset(preset, backend="reference" if "reference" in name else "auto").to(device)
-    if device == "cuda":
+    reference = "reference" in name
+    model = DCIGN.from_preset(preset, backend="reference" if reference else "auto").to(device)
+    if device == "cuda" or not reference or "(channels_last)" in name:
         model = model.to(memory_format=torch.channels_last)
     if name.endswith("(max-autotune)"):
         return torch.compile(model, mode="max-autotune")
@@ -66,9 +72,14 @@ def _model(name: str, preset: str, device: str) -> torch.nn.Module:
     return torch.compile(model) if "compiled" in name else model
 
 
+def eager_variants(device: str) -> tuple[str, ...]:
+    """The ``eager`` pass's variants, the baseline first; on the CPU also the reference in channels_last."""
+    return EAGER if device == "cuda" else (*EAGER, "eager reference (channels_last)")
+
+
 def _models(preset: str, device: str) -> dict[str, torch.nn.Module]:
     """The eager variants (the pytest-benchmark front door's)."""
-    return {name: _model(name, preset, device) for name in EAGER}
+    return {name: _model(name, preset, device) for name in eager_variants(device)}
 
 
 def compiled_variants(device: str) -> list[str]:
@@ -100,7 +111,7 @@ def run(device: str, quick: bool) -> Iterator[dict]:
     todo = cases(device, quick)
     rendered = set()
     for preset, batch, bf16 in todo:
-        measured = _time_case(preset, batch, bf16, EAGER, "eager", device, quick, CompileBudget(0.0))
+        measured = _time_case(preset, batch, bf16, eager_variants(device), "eager", device, quick, CompileBudget(0.0))
         yield from measured
         if (preset, batch) not in rendered:
             rendered.add((preset, batch))

