@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -68,3 +69,29 @@ def gradient_penalty_error(backend: str, device: str) -> float:
     exact = [t.detach().double().requires_grad_() for t in leaves]
     want = penalty_gradients(lambda *t: unpool_conv2d_reference(*t, (2, 2)).relu(), exact)
     return max(rel_error(g, w) for g, w in zip(got, want))
+
+
+def layout_mismatches(backend: str, device: str) -> list[str]:
+    """Where the unpool-conv ops' real outputs are laid out otherwise than their fake kernels promise
+    torch.compile (which asserts the promised strides), over every combination of NCHW and channels_last
+    x and weight; empty when they all agree."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.dcign_fast
+    found = []
+    for x_format, w_format in itertools.product((torch.contiguous_format, torch.channels_last), repeat=2):
+        x = torch.randn(2, 16, 5, 6, device=device).contiguous(memory_format=x_format)
+        w = torch.randn(8, 16, 3, 3, device=device).contiguous(memory_format=w_format)
+        b = torch.randn(8, device=device)
+
+        def forward_and_backward(x, w, b):
+            y = ops.unpool_conv2d(x, w, b, 1, 1, 2, "relu", backend)
+            return (y, *ops.unpool_conv2d_backward(torch.ones_like(y), x, w, y, True, 1, 1, 2, "relu", backend))
+
+        real = forward_and_backward(x, w, b)
+        with FakeTensorMode() as mode:
+            fake = forward_and_backward(*(mode.from_tensor(t) for t in (x, w, b)))
+        for name, r, f in zip(("out", "grad_x", "grad_weight", "grad_bias"), real, fake):
+            if r.stride() != f.stride():
+                found.append(f"x {x_format}, weight {w_format}: {name} strides {r.stride()}, promised {f.stride()}")
+    return found

@@ -8,6 +8,7 @@ import torch
 
 import dcign_fast as dc
 from dcign_fast.models import DCIGN
+from tests.helpers import layout_mismatches
 
 LATENTS = 32  # demo64's latent_dim
 
@@ -81,6 +82,30 @@ def test_custom_ops_pass_opcheck():
     mu, logvar = torch.randn(5, 7, requires_grad=True), torch.randn(5, 7, requires_grad=True)
     active = torch.rand(7) < 0.5
     torch.library.opcheck(torch.ops.dcign_fast.sample_latents, (mu, logvar, active, False, 0.5, -3, "torch"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_outputs_are_laid_out_as_the_fake_kernels_promise(backend):
+    assert layout_mismatches(backend, "cpu") == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_outputs_are_laid_out_as_the_fake_kernels_promise_on_gpu(backend):
+    assert layout_mismatches(backend, "cuda") == []
+
+
+def test_compiled_channels_last_layer_trains():
+    """Inductor asserts the fake kernels' strides at run time: a channels_last weight's gradient once broke it."""
+    torch._dynamo.reset()
+    layer = dc.nn.UnpoolConv2d(16, 8, 5, padding=2, activation="relu", backend="torch")
+    layer = layer.to(memory_format=torch.channels_last)
+    x = torch.rand(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    torch.compile(layer)(x).sum().backward()
+    expected = torch.func.grad(
+        lambda w: dc.unpool_conv2d(x, w, layer.bias, padding=2, activation="relu", backend="reference").sum()
+    )(layer.weight.detach())
+    torch.testing.assert_close(layer.weight.grad, expected)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -28,7 +28,7 @@ from tests.cuda_checks import (
     check_unpool_conv,
     cudnn_tf32,
 )
-from tests.helpers import gradient_penalty_error
+from tests.helpers import gradient_penalty_error, layout_mismatches
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -178,3 +178,7 @@ def test_kernel_entry_refuses_a_weight_of_another_dtype():
     x, w = torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3, dtype=torch.float16)
     with pytest.raises(TypeError, match="weight must have x's dtype"):
         unpool_conv2d_cuda(x, w, None, (1, 1), 2)
+
+
+def test_outputs_are_laid_out_as_the_fake_kernels_promise():
+    assert layout_mismatches("cuda", "cpu") == []

@@ -67,15 +67,24 @@ def unpool_conv2d_backward_op(
     arrives unmasked: the backend applies the mask (the triton and cuda kernels as they load grad_out tiles).
     """
     with torch.no_grad():
-        grads = unpool_conv.BACKWARDS[backend](
+        grad_x, grad_weight, grad_bias = unpool_conv.BACKWARDS[backend](
             grad_out, x, weight, out, has_bias, (pad_rows, pad_cols), scale_factor, activation
         )
-    return tuple(g if g is not None else weight.new_zeros(weight.shape[0]) for g in grads)
+    grad_bias = weight.new_zeros(weight.shape[0]) if grad_bias is None else grad_bias
+    return _laid_out_like(grad_x, x), _laid_out_like(grad_weight, weight), grad_bias
 
 
 @unpool_conv2d_backward_op.register_fake
 def _(grad_out, x, weight, out, has_bias, pad_rows, pad_cols, scale_factor, activation, backend):
     return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _laid_out_like(grad: Tensor, like: Tensor) -> Tensor:
+    """``grad`` with the strides of ``torch.empty_like(like)``, which the fake kernel promises: compiled code
+    asserts them (a channels_last weight's gradient comes back contiguous from the backends)."""
+    if grad.stride() == torch.empty_like(like, device="meta").stride():
+        return grad
+    return torch.empty_like(like).copy_(grad)
 
 
 def _unpool_setup_context(ctx, inputs, output) -> None:
