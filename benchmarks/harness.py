@@ -74,14 +74,17 @@ class CompileBudget:
         self.left = float(os.environ.get("DCIGN_BENCH_COMPILE_S", "100")) if seconds is None else seconds
 
     def spend(self, device: str, *warm_ups: Callable[[], object]) -> bool:
-        """Runs the ``warm_ups`` (which compile) if budget is left, charging their time; False if none was left."""
+        """Runs the ``warm_ups`` (which compile) if budget is left, charging their time, also when one raises;
+        False if none was left."""
         if self.left <= 0:
             return False
         start = time.perf_counter()
-        for warm_up in warm_ups:
-            warm_up()
-        synchronize(device)
-        self.left -= time.perf_counter() - start
+        try:
+            for warm_up in warm_ups:
+                warm_up()
+            synchronize(device)
+        finally:
+            self.left -= time.perf_counter() - start
         return True
 
 
@@ -109,23 +112,26 @@ def compare(
     """One row per variant of a case: ``row``'s fields, then median_ms, speedup over ``baseline`` and peak
     memory, or a note saying why the variant was left out.
 
-    Each variant first runs once untimed: a variant whose name contains "compile" compiles then, charged
+    Each variant first runs its ``warmup`` calls (at least one), where an error is caught: a variant whose
+    name contains "compile" compiles then (and records its CUDA graphs, for mode="reduce-overhead"), charged
     to ``budget`` (if given); a variant that raises (e.g. torch.compile without a C++ compiler) is noted.
     """
     ready, notes = {}, {}
     for name, fn in variants.items():
+        warm_ups = [fn] * max(1, warmup)
         try:
             if budget is not None and "compile" in name:
-                if not budget.spend(device, fn):
+                if not budget.spend(device, *warm_ups):
                     notes[name] = "compile: budget spent"
                     continue
             else:
-                fn()
+                for warm_up in warm_ups:
+                    warm_up()
         except Exception as err:  # a variant that cannot run is reported, never fatal to the suite
             notes[name] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
             continue
         ready[name] = fn
-    times = time_side_by_side(ready, device, warmup=warmup, repeats=repeats)
+    times = time_side_by_side(ready, device, warmup=0, repeats=repeats)
     rows = []
     for name in [*ready, *notes]:
         if name in times:

@@ -110,12 +110,17 @@ def plot_speedups(runs: list[dict], path: Path) -> None:
 def summary_rows(runs: list[dict]) -> list[dict]:
     """Per suite, machine, case and dtype: the fastest backend in the newest run that measured the case, and
     its speedup over the suite's baseline (runs are oldest first: a newer run's rows replace an older one's
-    for the cases it measured)."""
+    for the cases it measured). A backend timed again later in a run (beside another variant) is judged by
+    its first row, not by the best of its repeats."""
     newest: dict[tuple, dict] = {}
     for run in runs:
         best: dict[tuple, dict] = {}
+        seen: set[tuple] = set()
         for r in headline_rows(run):
             key = (run["suite"], machine_label(run["machine"]), r["case"], r.get("dtype"))
+            if (*key, r["backend"]) in seen:
+                continue
+            seen.add((*key, r["backend"]))
             if key not in best or r["speedup"] > best[key]["speedup"]:
                 best[key] = {"suite": run["suite"], "machine": key[1], "best": r["backend"], **r}
         newest.update(best)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -72,13 +72,22 @@ def gradient_penalty_error(backend: str, device: str) -> float:
 
 
 def layout_mismatches(backend: str, device: str) -> list[str]:
-    """Where the unpool-conv ops' real outputs are laid out otherwise than their fake kernels promise
-    torch.compile (which asserts the promised strides), over every combination of NCHW and channels_last
-    x and weight; empty when they all agree."""
+    """Where the custom ops' real outputs are laid out otherwise than their fake kernels promise
+    torch.compile (which asserts the promised strides): unpool-conv over every combination of NCHW and
+    channels_last x and weight, the latent sampler over row-major, column-major and sliced mu and logvar;
+    empty when they all agree."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    def compare(ops_of: Callable[..., tuple], inputs: tuple, names: tuple[str, ...], layout: str) -> None:
+        real = ops_of(*inputs)
+        with FakeTensorMode() as mode:
+            fake = ops_of(*(mode.from_tensor(t) for t in inputs))
+        for name, r, f in zip(names, real, fake):
+            if r.stride() != f.stride():
+                found.append(f"{layout}: {name} strides {r.stride()}, promised {f.stride()}")
+
     ops = torch.ops.dcign_fast
-    found = []
+    found: list[str] = []
     for x_format, w_format in itertools.product((torch.contiguous_format, torch.channels_last), repeat=2):
         x = torch.randn(2, 16, 5, 6, device=device).contiguous(memory_format=x_format)
         w = torch.randn(8, 16, 3, 3, device=device).contiguous(memory_format=w_format)
@@ -88,10 +97,21 @@ def layout_mismatches(backend: str, device: str) -> list[str]:
             y = ops.unpool_conv2d(x, w, b, 1, 1, 2, "relu", backend)
             return (y, *ops.unpool_conv2d_backward(torch.ones_like(y), x, w, y, True, 1, 1, 2, "relu", backend))
 
-        real = forward_and_backward(x, w, b)
-        with FakeTensorMode() as mode:
-            fake = forward_and_backward(*(mode.from_tensor(t) for t in (x, w, b)))
-        for name, r, f in zip(("out", "grad_x", "grad_weight", "grad_bias"), real, fake):
-            if r.stride() != f.stride():
-                found.append(f"x {x_format}, weight {w_format}: {name} strides {r.stride()}, promised {f.stride()}")
+        names = ("out", "grad_x", "grad_weight", "grad_bias")
+        compare(forward_and_backward, (x, w, b), names, f"x {x_format}, weight {w_format}")
+
+    def sample_and_backward(mu, logvar, active):
+        z, kl, rng = ops.sample_latents(mu, logvar, active, False, 0.5, 3, backend)
+        return z, kl, *ops.sample_latents_backward(mu, logvar, active, 0.5, rng, z, kl, backend)
+
+    row_major = torch.randn(6, 14, device=device)
+    column_major = torch.randn(14, 6, device=device).t()
+    active = torch.rand(7, device=device) < 0.5
+    for layout, mu, logvar in (
+        ("row-major", row_major[:, :7].contiguous(), row_major[:, 7:].contiguous()),
+        ("slices of one row-major tensor", row_major[:, :7], row_major[:, 7:]),
+        ("column-major", column_major[:, :7], column_major[:, 7:]),
+        ("column-major mu, row-major logvar", column_major[:, :7], row_major[:, 7:]),
+    ):
+        compare(sample_and_backward, (mu, logvar, active), ("z", "kl", "grad_mu", "grad_logvar"), layout)
     return found

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,12 +83,28 @@ def test_train_suite_writes_eager_rows_before_compiling(monkeypatch):
 
 
 def test_summary_takes_the_newest_run_not_the_best_one():
-    def run(date: str, speedup: float) -> dict:
-        row = {"case": "c", "pass": "forward+backward", "dtype": "float32", "backend": "torch", "speedup": speedup}
-        return {"suite": "ops", "machine": {"cpu": "cpu", "date": date}, "rows": [row]}
+    def run(date: str, *speedups: float) -> dict:
+        row = {"case": "c", "pass": "forward+backward", "dtype": "float32", "backend": "torch"}
+        rows = [{**row, "speedup": s} for s in speedups]
+        return {"suite": "ops", "machine": {"cpu": "cpu", "date": date}, "rows": rows}
 
     (row,) = report.summary_rows([run("2026-01-01", 3.0), run("2026-02-01", 2.0)])
     assert row["speedup"] == 2.0
+    (row,) = report.summary_rows([run("2026-01-01", 2.0, 3.0)])  # a re-timed backend: its first row
+    assert row["speedup"] == 2.0
+
+
+def test_a_failed_compile_is_charged_to_the_budget():
+    from benchmarks.harness import CompileBudget
+
+    def slow_failure() -> None:
+        time.sleep(0.05)
+        raise RuntimeError("compiler error")
+
+    budget = CompileBudget(1.0)
+    with pytest.raises(RuntimeError, match="compiler error"):
+        budget.spend("cpu", slow_failure)
+    assert budget.left <= 0.95
 
 
 def test_kernels_suite_splits_each_backend_into_kernels(tmp_path):

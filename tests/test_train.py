@@ -289,3 +289,11 @@ def test_channels_last_unless_switched_off(tmp_path):
     # On the CPU too: oneDNN's convolutions and pooling run faster in channels_last (see the trainer).
     assert Trainer(config(tmp_path / "default", steps=1), render=blobs).memory_format == torch.channels_last
     assert Trainer(config(tmp_path / "off", steps=1, channels_last=False), render=blobs).memory_format is None
+
+
+def test_resume_from_a_checkpoint_that_did_not_record_its_precision(tmp_path):
+    checkpoint = Trainer(config(tmp_path, steps=1), render=blobs).train().checkpoint
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    state["config"]["bf16"] = None  # as checkpoints of earlier versions stored it
+    torch.save(state, checkpoint / "trainer.pt")
+    assert Trainer(config(tmp_path, steps=2, bf16=False), resume=True, render=blobs).bf16 is False

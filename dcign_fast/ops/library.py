@@ -149,7 +149,8 @@ def sample_latents_op(
     else:
         seed, offset = seed % 2**64, 0
     z, kl = latent_sampler.KERNELS[backend]().forward(mu, logvar, active, clamp_first, seed, offset)
-    return z, kl, torch.tensor([latent_sampler.as_int64(seed), offset], dtype=torch.int64)
+    # Contiguous whatever mu's layout, as the fake promises (compiled code asserts it).
+    return z.contiguous(), kl.contiguous(), torch.tensor([latent_sampler.as_int64(seed), offset], dtype=torch.int64)
 
 
 @sample_latents_op.register_fake
@@ -170,14 +171,15 @@ def sample_latents_backward_op(
 ) -> tuple[Tensor, Tensor]:
     """(grad_mu, grad_logvar), both [B, D]: the noise is regenerated from ``rng``'s (seed, offset)."""
     seed, offset = rng.tolist()
-    return latent_sampler.KERNELS[backend]().backward(
+    grad_mu, grad_logvar = latent_sampler.KERNELS[backend]().backward(
         mu, logvar, active, invariance, seed % 2**64, offset, grad_z, grad_kl
     )
+    return grad_mu.contiguous(), grad_logvar.contiguous()
 
 
 @sample_latents_backward_op.register_fake
 def _(mu, logvar, active, invariance, rng, grad_z, grad_kl, backend):
-    return torch.empty_like(mu), torch.empty_like(logvar)
+    return mu.new_empty(mu.shape), logvar.new_empty(logvar.shape)
 
 
 def _sampler_setup_context(ctx, inputs, output) -> None:

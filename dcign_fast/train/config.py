@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"
     device: str = "auto"  # "auto": cuda when available
-    bf16: bool | None = None  # bf16 autocast; None: on for CUDA, off for CPU
+    bf16: bool | None = None  # bf16 autocast; None: on for CUDA, off for CPU (on resume: as the run began)
     channels_last: bool | None = None  # None: on (faster on GPUs and, measured, on x86 CPUs too)
     compile: bool = False
     data: str = "render"  # "render" (the built-in renderer) or a folder in the DC-IGN layout

@@ -135,6 +135,8 @@ class Trainer:
             # An unset precision continues the checkpoint's: a run begun on the CPU stays float32 on a GPU.
             self.bf16 = stored.bf16
             stored = dataclasses.replace(stored, bf16=None)
+        elif stored.bf16 is None:  # written before checkpoints recorded the precision: nothing to compare
+            stored = dataclasses.replace(stored, bf16=self.config.bf16)
         changed = self.config.differences(stored, ignore=RUN_CONTROLS)
         if changed:
             listing = ", ".join(f"{key}={new!r} (checkpoint: {old!r})" for key, (new, old) in changed.items())
