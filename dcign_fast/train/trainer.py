@@ -111,7 +111,7 @@ class Trainer:
             self._restore(existing[-1])
         elif resume:
             warnings.warn(f"resume asked, but {self.checkpoints} holds no checkpoint: starting at step 0", stacklevel=2)
-        elif existing and not resume:
+        elif existing:
             raise FileExistsError(
                 f"{self.checkpoints} already holds checkpoints; pass --resume to continue or choose another --out"
             )
