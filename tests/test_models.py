@@ -122,3 +122,24 @@ def test_loss_calls_bce_outside_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = DCIGN.loss(x, recon, torch.randn(2, 3), torch.randn(2, 3))
     assert torch.isfinite(losses["total"]) and losses["total"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decoder_runs_in_the_weights_memory_format(channels_last):
+    """A channels_last model (the trainer's default) decodes in channels_last from the first layer on, so the
+    fused kernels, whose natural layout it is, never copy between layouts; an NCHW model stays NCHW."""
+    model = DCIGN.from_preset("demo64")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    seen = []
+    for layer in model.decoder:
+        layer.register_forward_hook(lambda m, args, out: seen.extend([args[0], out]))
+    z = torch.randn(2, model.config.latent_dim)
+    recon = model.decode(z)
+    wide = [t for t in seen if t.shape[1] > 1]  # a 1-channel tensor is both layouts at once
+    assert len(wide) == 2 * len(model.decoder) - 1
+    assert all(t.is_contiguous(memory_format=torch.channels_last) != t.is_contiguous() for t in wide)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) == channels_last for t in wide)
+    reference = DCIGN.from_preset("demo64")
+    reference.load_state_dict(model.state_dict())
+    assert rel_error(recon, reference.decode(z)) < 1e-5

@@ -13,6 +13,7 @@ from torch import nn
 from dcign_fast.nn import UnpoolConv2d
 from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.latent_sampler import sample_latents
+from dcign_fast.ops.unpool_conv import memory_format_of
 
 
 def binary_cross_entropy_sum(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -221,7 +222,11 @@ class DCIGN(nn.Module):
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] -> [B, C, S, S] logits (before the sigmoid)."""
         _check_shape("z", z, (self.config.latent_dim,), "codes")
-        return self.decoder(self.from_latent(z))
+        # The unflattened code is NCHW and every unpool-conv keeps its input's layout: without this a model
+        # moved to channels_last (the trainer's default) would run its whole decoder in NCHW, and the fused
+        # kernels would copy to and from their NHWC layout at every layer.
+        h = self.from_latent(z).contiguous(memory_format=memory_format_of(self.decoder[0].weight))
+        return self.decoder(h)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] -> [B, C, S, S] images in [0, 1]."""

@@ -44,7 +44,8 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return y if activation is None else F.relu(y)
 
 
-def _output_memory_format(x: torch.Tensor) -> torch.memory_format:
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out only that way, else contiguous_format (outputs follow it)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
@@ -55,7 +56,7 @@ def empty_output(x: torch.Tensor, weight: torch.Tensor, padding: Padding, scale_
     n, _, h, w = x.shape
     o, _, kh, kw = weight.shape
     shape = (n, o, output_size(h, kh, padding[0], scale_factor), output_size(w, kw, padding[1], scale_factor))
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_output_memory_format(x))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 def nhwc(t: torch.Tensor) -> torch.Tensor:
