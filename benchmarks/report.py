@@ -60,8 +60,7 @@ def write_markdown(runs: list[dict], path: Path) -> None:
 
 
 def headline_rows(run: dict) -> list[dict]:
-    """The rows that compare a backend with its suite's baseline: forward+backward where the case has it
-    (including the ops suite's later pass with torch.compile max-autotune)."""
+    """The rows that compare a backend with its suite's baseline: forward+backward where the case has it."""
     timed = [r for r in run["rows"] if "speedup" in r and r["backend"] not in BASELINES]
     with_backward = {r["case"] for r in timed if _has_backward(r)}
     return [r for r in timed if r["case"] not in with_backward or _has_backward(r)]

@@ -6,7 +6,8 @@ next optimisation. Rows: one per (case, backend, kernel) with the kernel's devic
 (``kernel_ms``, the mean over the profiled iterations), its ``share`` of the backend's total and its
 ``calls`` per iteration; kernels beyond the largest few are summed as "(other)". On CUDA the cases are
 the largest paper150 decoder layer and the whole decoder at batch 128 in bf16 and float32; on the CPU
-(no kernels to see) the "kernels" are the aten operators' self CPU times.
+(no kernels to see) the "kernels" are the aten operators' self CPU times. Inputs are channels_last, as
+in the trainer (see the ops suite).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.harness import synchronize
-from benchmarks.suites.ops import Case, backends_for, paper150_cases, runner, with_backend
+from benchmarks.suites.ops import Case, backends_for, case_inputs, paper150_cases, runner, with_backend
 
 TOP = 6  # kernels listed by name per backend; the rest are summed
 
@@ -85,10 +86,7 @@ def _profile_case(
     """Rows of one case: each backend's largest kernels, the rest summed."""
     if not backends:
         return
-    module = case.module.to(device=device, dtype=dtype)
-    x = torch.rand(case.shape, device=device, dtype=dtype, requires_grad=True)
-    with torch.no_grad():
-        grad = torch.randn(module(x).shape, device=device, dtype=dtype)
+    module, x, grad = case_inputs(case, device, dtype)
     row = {"case": f"{case.name} b{batch}", "pass": "forward+backward", "dtype": str(dtype).removeprefix("torch.")}
     for backend in backends:
         try:

@@ -3,10 +3,13 @@ the reference.
 
 Rows: forward and forward+backward median times of each backend, measured side by side in the same run;
 ``speedup`` is the reference's time over the row's. On CUDA also: ``compile`` (torch.compile with
-mode="max-autotune" of the reference module, in a last pass of its own over the batch-128 bf16 paper150
-layers, within the compile budget), peak memory of forward+backward, and each case's floor: the
-phase form's multiply-adds at a matmul rate and its bytes at a copy bandwidth, both measured in this run
-(``floor_ms``, and ``over_floor`` = time / floor).
+mode="max-autotune" of the reference module, forward+backward, on the layers the goals name: paper150 at
+batch 128 in bf16, which come first, within the compile budget), peak memory of forward+backward, and
+each case's floor: the phase form's multiply-adds at a matmul rate and its bytes at a copy bandwidth,
+both measured in this run (``floor_ms``, and ``over_floor`` = time / floor).
+
+Inputs, weights and gradients are channels_last, the layout the trainer runs DC-IGN in and the fused
+kernels' own, for every backend (the reference's cuDNN included).
 
 Layers that the decoder follows with a ReLU are timed with ``activation="relu"`` (the reference and torch
 backends apply F.relu after the convolution, the triton backend fuses it).
@@ -142,7 +145,7 @@ def floor_ms(case: Case, batch: int, itemsize: int, backward: bool, rates: tuple
 
 
 def _cases(device: str, quick: bool) -> list[tuple[int, torch.dtype, Case]]:
-    """(batch, dtype, case) in order of importance."""
+    """(batch, dtype, case) in order of importance: on CUDA the goals' layers first, batch 20 last."""
     if quick:
         return [(4, torch.float32, paper150_cases(4)[-1])]
     if device == "cpu":
@@ -151,8 +154,21 @@ def _cases(device: str, quick: bool) -> list[tuple[int, torch.dtype, Case]]:
     for dtype in (torch.bfloat16, torch.float32):
         out += [(128, dtype, c) for c in paper150_cases(128)]
         out += [(16, dtype, c) for c in same3_cases(16)]
-        out += [(20, dtype, c) for c in paper150_cases(20)]
-    return out
+    return out + [(20, dtype, c) for dtype in (torch.bfloat16, torch.float32) for c in paper150_cases(20)]
+
+
+def is_goal_case(device: str, batch: int, dtype: torch.dtype, case: Case) -> bool:
+    return device == "cuda" and batch == 128 and dtype == torch.bfloat16 and case.name.startswith("paper150")
+
+
+def case_inputs(case: Case, device: str, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(module, x [case.shape], grad of the output), channels_last on ``device`` in ``dtype``."""
+    module = case.module.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    x = torch.rand(case.shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out_shape = module(x).shape
+    grad = torch.randn(out_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return module, x.requires_grad_(), grad
 
 
 def _measure(
@@ -160,21 +176,18 @@ def _measure(
     quick: bool, budget: CompileBudget, rates: dict[torch.dtype, tuple[float, float]],
 ) -> Iterator[dict]:  # fmt: skip
     """Rows of one case: each pass (name, with backward) times ``backends`` side by side; "compile" is
-    torch.compile(mode="max-autotune") of the reference module."""
+    torch.compile(mode="max-autotune") of the reference module, timed with backward only (compiling the
+    forward alone would cost a second compile)."""
     repeats, warmup = (2, 1) if quick else (7, 2)
     if device == "cuda" and dtype not in rates:
         rates[dtype] = measured_rates(device, dtype)
-    module = case.module.to(device=device, dtype=dtype)
-    x = torch.rand(case.shape, device=device, dtype=dtype, requires_grad=True)
-    with torch.no_grad():
-        out_shape = module(x).shape
-    grad = torch.randn(out_shape, device=device, dtype=dtype)
+    module, x, grad = case_inputs(case, device, dtype)
     routed = {b: with_backend(module, b) for b in backends if b != "compile"}
     if "compile" in backends:
         routed["compile"] = torch.compile(with_backend(module, "reference"), mode="max-autotune")
     for pass_name, backward in passes:
         g = grad if backward else None
-        variants = {b: runner(m, x, g) for b, m in routed.items()}
+        variants = {b: runner(m, x, g) for b, m in routed.items() if backward or b != "compile"}
         row = {"case": f"{case.name} b{batch}", "pass": pass_name, "dtype": str(dtype).removeprefix("torch.")}
         measured = compare(variants, device, row, "reference", warmup, repeats, budget)
         floor = floor_ms(case, batch, x.element_size(), backward, rates[dtype]) if dtype in rates else None
@@ -187,14 +200,7 @@ def _measure(
 def run(device: str, quick: bool) -> Iterator[dict]:
     rates: dict[torch.dtype, tuple[float, float]] = {}
     both = (("forward", False), ("forward+backward", True))
+    budget = CompileBudget()  # spent on the goals' layers, which come first
     for batch, dtype, case in _cases(device, quick):
-        yield from _measure(device, batch, dtype, case, backends_for(device), both, quick, CompileBudget(0.0), rates)
-    if device == "cuda" and not quick:
-        # torch.compile(mode="max-autotune") comes last: one compile can take minutes, and a suite cut short
-        # by a time limit keeps the rows above. It is timed side by side with every backend again, on the
-        # layers the goals name (paper150, batch 128, bf16), as long as the compile budget lasts.
-        budget = CompileBudget()
-        passes = (("forward+backward, with max-autotune", True),)
-        for case in paper150_cases(128):
-            backends = [*backends_for(device), "compile"]
-            yield from _measure(device, 128, torch.bfloat16, case, backends, passes, quick, budget, rates)
+        backends = backends_for(device) + (["compile"] if is_goal_case(device, batch, dtype, case) else [])
+        yield from _measure(device, batch, dtype, case, backends, both, quick, budget, rates)
