@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from dcign_fast.ops._checks import check_pair
 from dcign_fast.ops.backends import check_backend_name
@@ -87,7 +88,8 @@ class UnpoolConv2d(nn.Module):
         """An UnpoolConv2d that shares ``conv``'s parameters (no copy).
 
         Raises ValueError when the pair is not nearest upsampling by an integer followed by a
-        stride-1, dilation-1, groups-1, zero-padded Conv2d.
+        stride-1, dilation-1, groups-1, zero-padded Conv2d, or when calling the fused op would skip work of
+        theirs: a parametrized weight, a weight or bias that is not a plain Parameter, hooks.
         """
         reason = _unsupported_reason(upsample, conv)
         if reason:
@@ -107,6 +109,20 @@ class UnpoolConv2d(nn.Module):
         return fused
 
 
+# The hooks nn.Module.__call__ and state_dict run; a fused layer bypasses the replaced modules', so
+# modules with any of them are not fused.
+_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
 def _unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
     """Why (upsample, conv) cannot become an UnpoolConv2d, or "" if it can."""
     if not isinstance(upsample, nn.Upsample) or upsample.mode != "nearest":
@@ -123,6 +139,22 @@ def _unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
         return "the convolution must have stride 1, dilation 1 and groups 1"
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         return "the convolution's padding must be explicit zero padding"
+    return _bypassed_reason(upsample, conv)
+
+
+def _bypassed_reason(upsample: nn.Module, conv: nn.Module) -> str:
+    """Why calling the fused op with ``conv``'s weight and bias would skip work the modules' own calls do,
+    or "". Fusing anyway would freeze a computed weight, take the parameters it is computed from out of
+    the model, and silence hooks."""
+    if parametrize.is_parametrized(conv):
+        return "the convolution is parametrized (e.g. parametrizations.weight_norm / spectral_norm)"
+    for name in ("weight", "bias"):
+        value = conv._parameters.get(name)
+        if type(value) is not nn.Parameter and not (name == "bias" and value is None):
+            return f"the convolution's {name} is not a plain nn.Parameter (e.g. old-style weight_norm)"
+    for role, module in (("upsample", upsample), ("convolution", conv)):
+        if any(getattr(module, hooks) for hooks in _HOOKS):
+            return f"the {role} has hooks, which the fused layer would not run"
     return ""
 
 

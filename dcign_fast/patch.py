@@ -7,29 +7,30 @@ Two shapes of layer are understood; everything else is left untouched:
   (:func:`dcign_fast.nn.fuse_pair`), so state_dict keys and parameter objects are unchanged.
 * diffusers' ``Upsample2D`` (``F.interpolate(x, scale_factor=2.0, mode="nearest")`` then its conv) when it
   is configured as exactly that: ``use_conv``, ``interpolate``, no transposed conv, no norm, and a plain
-  stride-1 groups-1 zero-padded Conv2d. The instance gets a replacement ``forward`` that calls
-  :func:`dcign_fast.unpool_conv2d` with the conv's own parameters (read at every call) for the plain
-  call, and the original forward whenever the call is not plain (``output_size`` given, extra args).
+  stride-1 groups-1 zero-padded Conv2d. The instance's ``forward`` becomes a :class:`_FusedUpsample2DForward`
+  that calls :func:`dcign_fast.unpool_conv2d` with the conv's own parameters (read at every call) for the
+  plain call, and the class's forward whenever the call is not plain (``output_size`` given, extra args).
 
-``unpatch(model)`` undoes both. The fused output equals the original up to float rounding (the
-convolution sums the same products in another order); its memory format follows the input's.
+In both, a conv whose call does more than convolve with its ``weight`` Parameter (a parametrized or
+old-style weight_norm / spectral_norm weight, hooks) is skipped: the fused op would bypass that.
+
+Everything ``unpatch(model)`` needs is kept inside the patched layers themselves, so it also undoes the
+patches in a deep copy or an unpickled copy, and restores the parameters the fused layers hold at that
+time. The fused output equals the original up to float rounding (the convolution sums the same products in
+another order); its memory format follows the input's.
 """
 
 from __future__ import annotations
 
-import weakref
+import copy
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
-from dcign_fast.nn import _unsupported_reason, fuse_pair, upsample_conv_pairs
+from dcign_fast.nn import UnpoolConv2d, _unsupported_reason, fuse_pair, upsample_conv_pairs
 from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.unpool_conv import unpool_conv2d
-
-# Patched module -> how to undo it: the fused UnpoolConv2d of a Sequential pair, or the patched Upsample2D.
-_UNDO: weakref.WeakKeyDictionary[nn.Module, Callable[[], None]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -50,6 +51,28 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
+def _without_parameters(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose own parameters are None: kept to rebuild it at unpatch, without
+    holding (or saving) weights that the fused layer owns, and may replace, from now on."""
+    return copy.deepcopy(module, memo={id(p): None for p in module.parameters(recurse=False)})
+
+
+def _fuse(container: nn.Sequential, first: str, second: str, backend: str) -> None:
+    """fuse_pair, with the replaced modules stored in the fused layer's ``_unpatch`` (not registered as
+    submodules, so state_dict and modules() are unchanged) for :func:`_unfuse`."""
+    up, conv = container._modules[first], container._modules[second]
+    fuse_pair(container, first, second, backend)
+    container._modules[second]._unpatch = (first, up, _without_parameters(conv))
+
+
+def _unfuse(container: nn.Module, second: str, fused: UnpoolConv2d) -> None:
+    """Puts back the pair :func:`_fuse` replaced, the conv with the fused layer's current parameters."""
+    first, up, conv = fused._unpatch
+    conv.weight, conv.bias = fused.weight, fused.bias
+    # train() / eval() since patch reached only the fused layer.
+    container._modules[first], container._modules[second] = up.train(fused.training), conv.train(fused.training)
+
+
 def _is_diffusers_upsample2d(module: nn.Module) -> bool:
     # By name, so diffusers is never imported here; subclasses may change forward and are not matched.
     cls = type(module)
@@ -61,10 +84,29 @@ def _upsample2d_conv(module: nn.Module) -> nn.Module | None:
     return getattr(module, "conv" if module.name == "conv" else "Conv2d_0", None)
 
 
+class _FusedUpsample2DForward:
+    """A patched Upsample2D's ``forward``. A module-level class holding its layer rather than a closure, so
+    that deepcopy remaps it to the copy's layer (whose parameters it then uses), pickle can save it, and
+    :func:`unpatch` recognises it in any copy."""
+
+    def __init__(self, layer: nn.Module, backend: str) -> None:
+        self.layer = layer
+        self.backend = backend
+
+    def __call__(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+        if output_size is not None or args or kwargs:  # upsampling to a given size, deprecated scale argument
+            return type(self.layer).forward(self.layer, hidden_states, output_size, *args, **kwargs)
+        conv = _upsample2d_conv(self.layer)
+        return unpool_conv2d(hidden_states, conv.weight, conv.bias, padding=conv.padding, backend=self.backend)
+
+
 def _upsample2d_reason(module: nn.Module) -> str:
     """Why this Upsample2D's plain call is not exactly nearest-x2 + a fusable conv, or ""."""
-    if "forward" in vars(module):
-        return "already patched (or its forward is overridden)"
+    forward = vars(module).get("forward")
+    if isinstance(forward, _FusedUpsample2DForward):
+        return "already patched"
+    if forward is not None:
+        return "its forward is overridden on the instance"
     if module.use_conv_transpose:
         return "use_conv_transpose: a transposed convolution, no upsampling to fuse"
     if not module.use_conv:
@@ -76,29 +118,6 @@ def _upsample2d_reason(module: nn.Module) -> str:
     return _unsupported_reason(nn.Upsample(scale_factor=2.0, mode="nearest"), _upsample2d_conv(module))
 
 
-def _patch_upsample2d(module: nn.Module, backend: str) -> None:
-    original = module.forward
-
-    def forward(hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
-        if output_size is not None or args or kwargs:  # upsampling to a given size, deprecated scale argument
-            return original(hidden_states, output_size, *args, **kwargs)
-        conv = _upsample2d_conv(module)
-        return unpool_conv2d(hidden_states, conv.weight, conv.bias, padding=conv.padding, backend=backend)
-
-    module.forward = forward
-    ref = weakref.ref(module)  # a strong reference in the value would keep the weak key alive
-    _UNDO[module] = lambda: vars(ref()).pop("forward")
-
-
-def _restore_pair(container: nn.Sequential, first: str, second: str, up: nn.Module, conv: nn.Module):
-    ref = weakref.ref(container)  # a strong reference in the value would keep the weak key (its child) alive
-
-    def restore() -> None:
-        ref()._modules[first], ref()._modules[second] = up, conv
-
-    return restore
-
-
 def patch(module: nn.Module, backend: str = "auto") -> PatchReport:
     """Fuses the nearest-upsample + conv layers of ``module`` in place (see the module docstring).
 
@@ -107,7 +126,8 @@ def patch(module: nn.Module, backend: str = "auto") -> PatchReport:
         backend: the unpool_conv2d backend of the fused layers ("auto": triton on CUDA where it runs).
 
     Returns:
-        A PatchReport naming what was replaced and what was skipped, and why.
+        A PatchReport naming what was replaced and what was skipped, and why. ``module`` itself, when it
+        is an Upsample2D, is named "(root)".
     """
     check_backend_name(backend)
     report = PatchReport()
@@ -115,25 +135,29 @@ def patch(module: nn.Module, backend: str = "auto") -> PatchReport:
         if reason:
             report.skipped.append((_join(prefix, first), reason))
             continue
-        up, conv = container._modules[first], container._modules[second]
-        fuse_pair(container, first, second, backend)
-
-        _UNDO[container._modules[second]] = _restore_pair(container, first, second, up, conv)
+        _fuse(container, first, second, backend)
         report.replaced.append(f"{_join(prefix, first)} + {_join(prefix, second)}")
     for name, sub in module.named_modules():
         if _is_diffusers_upsample2d(sub):
             reason = _upsample2d_reason(sub)
             if reason:
-                report.skipped.append((name, reason))
+                report.skipped.append((name or "(root)", reason))
             else:
-                _patch_upsample2d(sub, backend)
-                report.replaced.append(name)
+                sub.forward = _FusedUpsample2DForward(sub, backend)
+                report.replaced.append(name or "(root)")
     return report
 
 
 def unpatch(module: nn.Module) -> int:
-    """Restores every layer :func:`patch` replaced inside ``module``. Returns how many were restored."""
-    patched = [sub for sub in module.modules() if sub in _UNDO]
-    for sub in patched:
-        _UNDO.pop(sub)()
-    return len(patched)
+    """Restores every layer :func:`patch` replaced inside ``module`` (or inside the copy of a patched
+    model), with the parameters the patched layers hold now. Returns how many were restored."""
+    restored = 0
+    for sub in list(module.modules()):
+        if isinstance(vars(sub).get("forward"), _FusedUpsample2DForward):
+            del vars(sub)["forward"]
+            restored += 1
+        for key, child in list(sub._modules.items()):
+            if isinstance(child, UnpoolConv2d) and hasattr(child, "_unpatch"):
+                _unfuse(sub, key, child)
+                restored += 1
+    return restored

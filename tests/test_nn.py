@@ -51,6 +51,10 @@ def test_convert_leaves_unsupported_pairs_alone():
     assert convert_upsample_conv(bilinear) == 0 and convert_upsample_conv(strided) == 0
     with pytest.raises(ValueError, match="stride 1"):
         UnpoolConv2d.from_modules(strided[0], strided[1])
+    normed = nn.Sequential(nn.Upsample(scale_factor=2), nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 3, 3)))
+    assert convert_upsample_conv(normed) == 0
+    with pytest.raises(ValueError, match="parametrized"):
+        UnpoolConv2d.from_modules(normed[0], normed[1])
 
 
 def test_a_pair_of_equal_scale_factors_is_fused():

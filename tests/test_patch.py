@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,3 +146,140 @@ def test_patch_benchmark_suite_runs_quick():
     rows = list(suite.run("cpu", quick=True))
     assert {row["backend"] for row in rows} >= {"unpatched", "patched"}
     assert all(row["median_ms"] > 0 for row in rows if "median_ms" in row)
+
+
+def _hook(module, *args):
+    return None
+
+
+def _with_parametrized_weight(conv: nn.Conv2d) -> nn.Conv2d:
+    return torch.nn.utils.parametrizations.weight_norm(conv)
+
+
+def _with_parametrized_spectral_norm(conv: nn.Conv2d) -> nn.Conv2d:
+    return torch.nn.utils.parametrizations.spectral_norm(conv)
+
+
+def _with_old_weight_norm(conv: nn.Conv2d) -> nn.Conv2d:
+    return torch.nn.utils.weight_norm(conv)
+
+
+def _with_old_spectral_norm(conv: nn.Conv2d) -> nn.Conv2d:
+    return torch.nn.utils.spectral_norm(conv)
+
+
+def _with_forward_hook(conv: nn.Conv2d) -> nn.Conv2d:
+    conv.register_forward_hook(_hook)
+    return conv
+
+
+def _with_forward_pre_hook(conv: nn.Conv2d) -> nn.Conv2d:
+    conv.register_forward_pre_hook(_hook)
+    return conv
+
+
+def _with_weight_subclass(conv: nn.Conv2d) -> nn.Conv2d:
+    class Tagged(nn.Parameter):
+        pass
+
+    conv.weight = Tagged(conv.weight.detach())
+    return conv
+
+
+@pytest.mark.parametrize(
+    "wrap, words",
+    [
+        (_with_parametrized_weight, "parametriz"),
+        (_with_parametrized_spectral_norm, "parametriz"),
+        (_with_old_weight_norm, "not a plain nn.Parameter"),
+        (_with_old_spectral_norm, "not a plain nn.Parameter"),
+        (_with_forward_hook, "hooks"),
+        (_with_forward_pre_hook, "hooks"),
+        (_with_weight_subclass, "not a plain nn.Parameter"),
+    ],
+)
+def test_convs_whose_call_does_more_than_convolve_are_skipped(wrap, words):
+    model = nn.Sequential(nn.Upsample(scale_factor=2), wrap(nn.Conv2d(4, 4, 3)))
+    keys = list(model.state_dict())
+    report = dc.patch(model)
+    assert report.replaced == [] and report.skipped[0][0] == "0" and words in report.skipped[0][1]
+    assert type(model[0]) is nn.Upsample and list(model.state_dict()) == keys
+
+    from diffusers.models.upsampling import Upsample2D
+
+    layer = Upsample2D(4, use_conv=True)
+    layer.conv = wrap(layer.conv)
+    report = dc.patch(layer)
+    assert report.replaced == [] and words in report.skipped[0][1]
+    assert "forward" not in vars(layer)
+
+
+def test_hooks_on_the_upsample_keep_the_pair_unfused():
+    model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3))
+    model[0].register_forward_hook(_hook)
+    report = dc.patch(model)
+    assert report.replaced == [] and "hooks" in report.skipped[0][1]
+
+
+def _zero_parameters(module: nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+
+
+def test_copies_of_a_patched_upsample2d_use_their_own_parameters():
+    from diffusers.models.upsampling import Upsample2D
+
+    layer = Upsample2D(8, use_conv=True, out_channels=8)
+    x = torch.randn(1, 8, 5, 5)
+    dc.patch(layer)
+    want = layer(x).detach()
+    twin = copy.deepcopy(layer)
+    _zero_parameters(twin)
+    assert torch.equal(twin(x), torch.zeros_like(want))
+    torch.testing.assert_close(layer(x), want)  # the original is unaffected by its copy
+    twin.conv.weight.requires_grad_(True)
+    twin(x).sum().backward()
+    assert twin.conv.weight.grad is not None and layer.conv.weight.grad is None
+    loaded = pickle.loads(pickle.dumps(layer))
+    torch.testing.assert_close(loaded(x), want)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    torch.testing.assert_close(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)(x), want)
+    for copied in (twin, loaded):
+        assert dc.unpatch(copied) == 1 and "forward" not in vars(copied)
+    assert "forward" in vars(layer)  # unpatching a copy leaves the original patched
+
+
+def test_unpatch_restores_the_parameters_and_mode_the_fused_layer_has_now():
+    model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(1, 4, 5, 5)
+    dc.patch(model)
+    zeros = {key: torch.zeros_like(value) for key, value in model.state_dict().items()}
+    model.load_state_dict(zeros, assign=True)
+    weight = model[1].weight
+    model.eval()
+    assert torch.equal(model(x), torch.zeros(1, 4, 10, 10))
+    assert dc.unpatch(model) == 1
+    assert type(model[0]) is nn.Upsample and type(model[1]) is nn.Conv2d
+    assert model[1].weight is weight and torch.equal(model(x), torch.zeros(1, 4, 10, 10))
+    assert not any(sub.training for sub in model.modules())
+
+
+def test_unpatch_works_on_copies_of_a_patched_sequential():
+    model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(1, 4, 5, 5)
+    dc.patch(model)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        _zero_parameters(twin)
+        assert dc.unpatch(twin) == 1
+        assert type(twin[0]) is nn.Upsample and type(twin[1]) is nn.Conv2d
+        assert torch.equal(twin(x), torch.zeros(1, 4, 10, 10))
+    assert isinstance(model[1], UnpoolConv2d) and model(x).abs().sum() > 0
+
+
+def test_a_root_upsample2d_is_reported_by_a_name():
+    from diffusers.models.upsampling import Upsample2D
+
+    assert dc.patch(Upsample2D(4, use_conv=True)).replaced == ["(root)"]
+    assert dc.patch(Upsample2D(4)).skipped[0][0] == "(root)"
