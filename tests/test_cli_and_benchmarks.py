@@ -32,11 +32,17 @@ def test_info(capsys):
         (["train", "--config", "/nonexistent.yaml"], "No such file"),
         (["render", "--preview", "p.png", "--device", "cuda:99"], "device="),
         (["eval", "--checkpoint", "/nonexistent"], "no weights file"),
+        (["eval", "--checkpoint", "/nonexistent", "--device", "foo"], "--device must be 'auto' or a torch device"),
+        (["train", "--set", "threads=-1"], "threads must be >= 0"),
+        (["train", "--set", "device=foo"], "device must be 'auto' or a torch device"),
+        (["train", "--set", "lr=[1"], "--set lr=[1 is not valid YAML"),
+        (["train", "--config", "bad.yaml"], "bad.yaml is not valid YAML"),
     ],
 )
 def test_user_errors_are_one_line(argv, words, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DCIGN_FAST_DEBUG", raising=False)
+    Path("bad.yaml").write_text("a: [")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"dcign-fast {argv[0]}: error:" in err and words in err and "Traceback" not in err
@@ -80,6 +86,33 @@ def test_train_suite_writes_eager_rows_before_compiling(monkeypatch):
         ("compiled", "dcign_fast compiled"),
     ]
     assert all(row["note"] == "compile: budget spent" and "median_ms" not in row for row in rows[4:])
+
+
+def test_gpu_suites_measure_the_goals_cases_first(monkeypatch):
+    """On CUDA the train suite measures the goals' case in full (eager, every compiled variant, max-autotune)
+    before any other case, and the ops suite times torch.compile beside the backends on the goals' layers,
+    which come first. Checked by recording what the suites would time (no GPU is needed for the order)."""
+    from benchmarks.suites import ops, train
+
+    timed = []
+    monkeypatch.setattr(train, "_time_case", lambda *a: timed.append((a[:3], a[3], a[4])) or [{"median_ms": 1.0}])
+    monkeypatch.setattr(train, "_data_row", lambda *a: {"backend": "renderer"})
+    list(train.run("cuda", quick=False))
+    goal = ("paper150", 128, True)
+    first_other = next(i for i, (case, _, _) in enumerate(timed) if case != goal)
+    assert {case for case, _, _ in timed[:first_other]} == {goal}
+    assert [label for _, _, label in timed[:first_other]] == [
+        "eager",
+        "compiled",
+        "max-autotune",
+        "compiled",
+        "compiled",
+    ]
+    assert all(label != "max-autotune" for _, _, label in timed[first_other:])
+
+    cases = ops._cases("cuda", quick=False)
+    goals = [ops.is_goal_case("cuda", *case) for case in cases]
+    assert goals[:5] == [True] * 5 and not any(goals[5:])  # paper150's four layers and its decoder
 
 
 def test_summary_takes_the_newest_run_not_the_best_one():

@@ -198,6 +198,7 @@ def _with_weight_subclass(conv: nn.Conv2d) -> nn.Conv2d:
         (_with_weight_subclass, "not a plain nn.Parameter"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.* is deprecated:FutureWarning")
 def test_convs_whose_call_does_more_than_convolve_are_skipped(wrap, words):
     model = nn.Sequential(nn.Upsample(scale_factor=2), wrap(nn.Conv2d(4, 4, 3)))
     keys = list(model.state_dict())

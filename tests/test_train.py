@@ -4,7 +4,9 @@ Ctrl-C, distributed == accumulated, logs and pictures."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -84,7 +86,8 @@ def test_checkpoints_are_complete_pruned_and_loadable(tmp_path):
     names = [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
     assert names == ["step-00000004", "step-00000006"] and result.checkpoint.name == "step-00000006"
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "run" / "checkpoints").iterdir())
-    for path in (result.checkpoint, result.checkpoint / "model.safetensors"):
+    run = tmp_path / "run"  # a run folder and its checkpoints folder mean their newest checkpoint
+    for path in (result.checkpoint, result.checkpoint / "model.safetensors", run, run / "checkpoints"):
         model = DCIGN.from_checkpoint(path)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in trainer.model.state_dict().items())
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -216,6 +219,7 @@ def test_config_from_yaml_and_overrides(tmp_path):
         ("compile=1", TypeError, "compile must be bool"),
         ("betas=0.9", TypeError, "betas must be two numbers"),
         ("kind_weights={azmuth: 5}", ValueError, r"unknown batch kinds \['azmuth'\]"),
+        ("kind_weights={light: .inf}", TypeError, "kind_weights must map batch kinds to finite numbers >= 0"),
         ("lr", ValueError, "expects key=value"),
     ],
 )
@@ -224,6 +228,62 @@ def test_option_types_are_checked(assignment, error, words):
         TrainConfig().override([assignment])
     assert TrainConfig().override(["lr=1", "grad_clip=null"]).lr == 1.0  # ints become floats; None allowed
     assert TrainConfig().override(["time_limit_s=3e3"]).time_limit_s == 3000.0  # YAML's "3e3" is a string
+
+
+@pytest.mark.parametrize(
+    "assignment, words",
+    [
+        ("grad_clip=-100", r"grad_clip must be > 0 and finite, or null, got -100.0"),  # would ascend the loss
+        ("pretrain_steps=-4", "pretrain_steps must be >= 0, got -4"),
+        ("data_pool=-4", "data_pool must be >= 0"),
+        ("shape_bias=-1", "shape_bias must be >= 0"),
+        ("time_limit_s=-1", "time_limit_s must be >= 0 and finite, or null"),
+        ("lr=-1", "lr must be > 0 and finite"),
+        ("lr=.inf", "lr must be > 0 and finite"),
+        ("adam_eps=0", "adam_eps must be > 0"),
+        ("invariance=.nan", "invariance must be >= 0 and finite"),
+        ("betas=[0.9, 1.5]", r"betas must be in \[0, 1\) and finite"),
+        ("threads=-1", "threads must be >= 0"),
+        ("seed=-1", "seed must be in"),
+        ("steps=0", "steps must be >= 1"),
+        ("device=foo", "device must be 'auto' or a torch device"),
+        ("lr=[1", "--set lr=\\[1 is not valid YAML"),
+    ],
+)
+def test_option_ranges_are_checked_up_front(assignment, words):
+    """Out-of-range values fail when the options are read, naming the option and its range, not later in
+    Adam or the sampler (after the run folder exists), nor silently (a negative grad_clip flips gradients)."""
+    with pytest.raises(ValueError, match=words):
+        TrainConfig().override([assignment])
+
+
+def test_zero_stays_allowed_where_it_means_off():
+    c = TrainConfig().override(["threads=0", "data_pool=0", "pretrain_steps=0", "time_limit_s=0", "shape_bias=0"])
+    assert (c.threads, c.data_pool, c.time_limit_s, c.shape_bias) == (0, 0, 0.0, 0)
+    assert TrainConfig().override(["grad_clip=null", "time_limit_s=null"]).grad_clip is None
+
+
+def test_every_numeric_option_has_bounds():
+    """A new numeric option must get its range in OPTION_BOUNDS, or it would go unchecked."""
+    from dcign_fast.train.config import OPTION_BOUNDS
+
+    numeric = {f.name for f in dataclasses.fields(TrainConfig) if re.match(r"(int|float|tuple\[float)", f.type)}
+    assert numeric == set(OPTION_BOUNDS)
+
+
+def test_malformed_yaml_file_is_a_value_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("a: [")
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not valid YAML: ") + ".*line 1"):
+        TrainConfig.read_yaml(path)
+
+
+def test_resuming_a_finished_run_says_nothing_was_trained(tmp_path, capsys):
+    from dcign_fast.cli import main
+
+    Trainer(config(tmp_path, steps=2), render=blobs).train()
+    assert main(["train", "--out", str(tmp_path / "run"), "--steps", "1", "--resume"]) == 0
+    assert "already at step 2 >= steps 1: nothing was trained" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_checkpoint_options_and_refuses_changes(tmp_path):

@@ -22,9 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dcign_fast.eval.evaluate import evaluate
     from dcign_fast.models import DCIGN
+    from dcign_fast.train.config import check_device
     from dcign_fast.train.trainer import resolve_device
 
-    model = DCIGN.from_checkpoint(args.checkpoint).to(resolve_device(args.device))
+    device = resolve_device(check_device(args.device, "--device"))  # before the checkpoint loads
+    model = DCIGN.from_checkpoint(args.checkpoint).to(device)
     path = Path(args.checkpoint).resolve()
     folder = path if path.is_dir() else path.parent  # a run or checkpoint folder, or a checkpoint's weights
     run = folder if (folder / "checkpoints").is_dir() else folder.parent.parent

@@ -43,12 +43,12 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], model_config: 
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, model config) from a checkpoint folder, its weights file, or a run folder (its newest
-    checkpoint)."""
+    """(state_dict, model config) from a checkpoint folder, its weights file, or a run folder or its
+    ``checkpoints`` folder (the newest checkpoint)."""
     path = Path(path)
-    newest = list_checkpoints(path / "checkpoints") if path.is_dir() and not (path / WEIGHTS).exists() else []
-    if newest:
-        path = newest[-1]
+    if path.is_dir() and not (path / WEIGHTS).exists():
+        newest = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+        path = newest[-1] if newest else path
     if path.is_dir():
         path = path / WEIGHTS
     if not path.is_file():

@@ -50,6 +50,12 @@ def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, Train
     from dcign_fast.train.trainer import NonFiniteLossError, Trainer
 
     trainer = Trainer(config, resume=resume)
+    if trainer.step >= config.steps and trainer.world.is_main:  # a finished run resumed: say so, not just "step N"
+        print(
+            f"the run in {config.out} is already at step {trainer.step} >= steps {config.steps}: nothing was "
+            "trained (raise --steps to continue it)",
+            file=sys.stderr,
+        )
     try:
         result = trainer.train()
     except NonFiniteLossError as err:  # every rank stops at the same step

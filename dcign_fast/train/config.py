@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from dcign_fast.models.dcign import PRESETS
@@ -22,6 +24,73 @@ RUN_CONTROLS = (
     "image_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
 )  # fmt: skip
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric option allows: from ``low`` (excluded when ``strict``) up to, not including,
+    ``below``. Floats must also be finite."""
+
+    low: float
+    strict: bool = False
+    below: float = math.inf
+
+    def admits(self, value: float) -> bool:
+        above_low = value > self.low if self.strict else value >= self.low
+        return math.isfinite(value) and above_low and value < self.below
+
+    def __str__(self) -> str:
+        if self.below == math.inf:
+            return f"{'>' if self.strict else '>='} {self.low}"
+        return f"in {'(' if self.strict else '['}{self.low}, {self.below})"
+
+
+# Each numeric option's range (each element's, for betas), checked when a TrainConfig is made: before Adam,
+# the sampler or torch see a value, and before a run folder is written. 0 stays allowed where it means "off";
+# grad_clip and time_limit_s are switched off with None instead.
+OPTION_BOUNDS: dict[str, Bounds] = {
+    "steps": Bounds(1),
+    "pretrain_steps": Bounds(0),
+    "batch_size": Bounds(1),
+    "accumulation": Bounds(1),
+    "lr": Bounds(0, strict=True),
+    "betas": Bounds(0, below=1),  # as Adam requires
+    "adam_eps": Bounds(0, strict=True),  # 0 divides 0 by 0 for a parameter whose gradients are all 0
+    "grad_clip": Bounds(0, strict=True),  # a max norm of 0 zeroes every gradient, below 0 flips them
+    "invariance": Bounds(0),
+    "shape_bias": Bounds(0),
+    "seed": Bounds(0, below=2**28),  # the batch generators' seeds are derived from it in 64 bits (train/data.py)
+    "data_pool": Bounds(0),
+    "checkpoint_every": Bounds(1),
+    "keep_checkpoints": Bounds(1),
+    "log_every": Bounds(1),
+    "image_every": Bounds(1),
+    "threads": Bounds(0),
+    "time_limit_s": Bounds(0),  # 0: stop (with a checkpoint) before the first step
+}
+
+
+def check_device(name: str, option: str = "device") -> str:
+    """``name`` if it is "auto" or a device torch can parse (not necessarily present here); else a ValueError
+    naming ``option`` (torch's own is a RuntimeError, which the command line treats as an internal error)."""
+    if name != "auto":
+        try:
+            torch.device(name)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{option} must be 'auto' or a torch device such as cpu, cuda or cuda:1, got {name!r}"
+            ) from err
+    return name
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; a syntax error becomes a one-line ValueError that names ``where`` it came from."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(err)
+        raise ValueError(f"{where} is not valid YAML: {' '.join(problem.split())}") from err
 
 
 @dataclass
@@ -67,19 +136,8 @@ class TrainConfig:
             raise ValueError(f"clamp must be one of {CLAMP_MODES}, got {self.clamp!r}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
-        for name in (
-            "steps",
-            "batch_size",
-            "accumulation",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "log_every",
-            "image_every",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.invariance < 0:
-            raise ValueError(f"invariance must be >= 0, got {self.invariance}")
+        self._check_bounds()
+        check_device(self.device)
         unknown_kinds = sorted(set(self.kind_weights) - set(KINDS))
         if unknown_kinds:
             raise ValueError(f"kind_weights names unknown batch kinds {unknown_kinds}; kinds are {list(KINDS)}")
@@ -91,6 +149,17 @@ class TrainConfig:
         """Each batch kind's weight: 1:1:1:shape_bias, unless ``kind_weights`` overrides."""
         defaults = {"azimuth": 1.0, "elevation": 1.0, "light": 1.0, "intrinsic": float(self.shape_bias)}
         return {**defaults, **self.kind_weights}
+
+    def _check_bounds(self) -> None:
+        """Each numeric option lies in its OPTION_BOUNDS (types are checked first)."""
+        types = {f.name: f.type for f in dataclasses.fields(self)}
+        for name, bounds in OPTION_BOUNDS.items():
+            value = getattr(self, name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            if not all(bounds.admits(number) for number in numbers if number is not None):
+                finite = " and finite" if "float" in types[name] else ""
+                or_none = ", or null" if "None" in types[name] else ""
+                raise ValueError(f"{name} must be {bounds}{finite}{or_none}, got {value!r}")
 
     def _check_types(self) -> None:
         """Each option has its annotated type (ints are accepted for floats and become floats)."""
@@ -115,9 +184,10 @@ class TrainConfig:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         weights = self.kind_weights
         if not isinstance(weights, dict) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights.values()
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            for w in weights.values()
         ):
-            raise TypeError(f"kind_weights must map batch kinds to numbers >= 0, got {weights!r}")
+            raise TypeError(f"kind_weights must map batch kinds to finite numbers >= 0, got {weights!r}")
 
     def differences(self, other: TrainConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
         """{option: (this value, other's value)} for the options that differ, except those in ``ignore``."""
@@ -142,7 +212,7 @@ class TrainConfig:
     @staticmethod
     def read_yaml(path: str | Path) -> dict[str, Any]:
         """The options in a YAML file (a mapping)."""
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        values = load_yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of training options")
         return values
@@ -168,7 +238,7 @@ class TrainConfig:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ValueError(f"--set expects key=value, got {item!r}")
-            values[key.strip()] = yaml.safe_load(raw)
+            values[key.strip()] = load_yaml(raw, f"--set {item}")
         return values
 
     def updated(self, values: dict[str, Any]) -> TrainConfig:

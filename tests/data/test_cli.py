@@ -1,5 +1,6 @@
 """``dcign-fast render``: dataset folders, cache and preview through the CLI entry point."""
 
+import pytest
 from PIL import Image
 
 from dcign_fast.cli import main
@@ -21,3 +22,12 @@ def test_render_preview_grid(tmp_path):
     assert main(["render", "--preview", str(path), "--size", "16", "--batch-size", "3"]) == 0
     with Image.open(path) as image:
         assert image.height == 4 * 16 * 2  # four kinds, images enlarged twice
+
+
+@pytest.mark.parametrize("bias", ["-1", "nan", "inf"])
+def test_render_refuses_a_shape_bias_that_is_not_odds(bias, tmp_path, capsys):
+    """Negative or non-finite odds would reach torch.multinomial as a RuntimeError with a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["render", "--preview", str(tmp_path / "p.png"), "--shape-bias", bias])
+    assert exit_info.value.code == 2
+    assert "argument --shape-bias: must be a finite number >= 0" in capsys.readouterr().err
