@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if args.preview is not None:
         print(f"wrote {preview_grid(sampler, args.preview, seed=args.seed)}")
         return 0
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()):  # writing over it would mix two datasets' batches in one folder
+        raise ValueError(f"--out {out} is not empty: choose a new folder (or delete this one)")
     batches = tqdm(itertools.islice(sampler, args.batches), total=args.batches, unit="batch", desc="render")
     count = export_sweeps(batches, args.out) if args.format == "png" else write_cache(batches, args.out)
     print(f"wrote {count} batches of {args.batch_size} images ({args.size}px, {args.format}) to {args.out}")

@@ -17,6 +17,14 @@ def test_render_writes_png_folders_and_cache(tmp_path):
     assert sorted(k for _, _, k in folders) == sorted(k for _, _, k in cache)
 
 
+@pytest.mark.parametrize("format", ["png", "cache"])
+def test_render_refuses_a_folder_that_holds_something(format, tmp_path, capsys):
+    """Rendering into a used folder would overwrite some of its batches and leave the rest: two datasets in one."""
+    (tmp_path / "old.txt").write_text("x")
+    assert main(["render", "--out", str(tmp_path), "--batches", "1", "--size", "16", "--format", format]) == 2
+    assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]
+
+
 def test_render_preview_grid(tmp_path):
     path = tmp_path / "sweeps.png"
     assert main(["render", "--preview", str(path), "--size", "16", "--batch-size", "3"]) == 0
