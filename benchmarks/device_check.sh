@@ -3,8 +3,8 @@
 # evaluation, then every GPU benchmark suite, and prints the summary table last. Sized for under 8 minutes
 # on an H100/H200: each step has its own time limit (and each suite its own torch.compile budget), so one
 # slow step cannot starve the others, and the steps that matter most run first. Time a step leaves unused
-# goes to the steps after it, so the whole check stays within the sum of the limits. A suite cut short by
-# its limit keeps the rows it wrote.
+# goes to the steps after it (and time it overruns is taken from them), so the whole check takes about the
+# sum of the limits at most. A suite cut short by its limit keeps the rows it wrote.
 # Writes logs and JSON results to the folder given as $1, else $OUT (the device tool's output folder),
 # else benchmarks/results.
 set -uo pipefail

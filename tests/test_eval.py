@@ -112,3 +112,13 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     for produced in ("checkpoints/step-00000003", "sweeps.png", "eval/eval.json", "eval/scatter.png"):
         assert (out / produced).exists() and produced.split("/")[-1] in printed
+
+
+def test_eval_output_goes_to_the_run_whichever_path_names_it(tmp_path):
+    from dcign_fast.eval.eval_cli import run_folder
+
+    step = tmp_path / "run" / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").touch()
+    for path in (tmp_path / "run", tmp_path / "run" / "checkpoints", step, step / "model.safetensors"):
+        assert run_folder(path) == tmp_path / "run", path

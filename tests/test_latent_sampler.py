@@ -308,6 +308,13 @@ def test_triton_kernels_compile_for_sm90():
     assert all(r["stack"] == 0 and r["local"] == 0 for r in results)  # no register spills
 
 
+def test_forward_mode_ad_is_refused_not_zero():
+    """PyTorch would give the custom op's outputs zero tangents: a silent wrong answer."""
+    mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
+    with pytest.raises(NotImplementedError, match="no forward-mode AD"):
+        torch.func.jvp(lambda m: sample_latents(m, logvar, None, seed=1, backend="torch")[0], (mu,), (mu,))
+
+
 def test_latent_sampler_module():
     mu, logvar = random_inputs(6, 10)
     active = torch.rand(10) < 0.5

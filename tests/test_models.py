@@ -124,11 +124,14 @@ def test_loss_calls_bce_outside_autocast(monkeypatch):
     assert torch.isfinite(losses["total"]) and losses["total"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("kernel", [5, 1])  # a 1x1 weight is contiguous in both formats
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_decoder_runs_in_the_weights_memory_format(channels_last):
+def test_decoder_runs_in_the_weights_memory_format(channels_last, kernel):
     """A channels_last model (the trainer's default) decodes in channels_last from the first layer on, so the
     fused kernels, whose natural layout it is, never copy between layouts; an NCHW model stays NCHW."""
-    model = DCIGN.from_preset("demo64")
+    config = preset("demo64")
+    config.decoder_kernel, config.decoder_padding = kernel, kernel // 2
+    model = DCIGN(config)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     seen = []
@@ -140,6 +143,6 @@ def test_decoder_runs_in_the_weights_memory_format(channels_last):
     assert len(wide) == 2 * len(model.decoder) - 1
     assert all(t.is_contiguous(memory_format=torch.channels_last) != t.is_contiguous() for t in wide)
     assert all(t.is_contiguous(memory_format=torch.channels_last) == channels_last for t in wide)
-    reference = DCIGN.from_preset("demo64")
+    reference = DCIGN(config)
     reference.load_state_dict(model.state_dict())
     assert rel_error(recon, reference.decode(z)) < 1e-5

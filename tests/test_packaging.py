@@ -50,7 +50,8 @@ def test_sdist_holds_everything_a_build_needs(sdist):
         top = tar.getnames()[0].split("/")[0]
         names = {name.removeprefix(f"{top}/") for name in tar.getnames()}
     needed = {"setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "LICENSE"}
-    needed |= {name for name in tracked if name.startswith(("csrc/", "dcign_fast/", "tests/"))}
+    needed |= {name for name in tracked if name.startswith(("csrc/", "dcign_fast/", "tests/", "docs/"))}
+    needed |= {name for name in tracked if name.startswith("benchmarks/") and name.endswith((".py", ".sh"))}
     assert not needed - names, f"missing from the sdist: {sorted(needed - names)}"
     assert not any("__pycache__" in name or name.endswith(".so") for name in names)
 

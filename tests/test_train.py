@@ -238,14 +238,15 @@ def test_option_types_are_checked(assignment, error, words):
         ("data_pool=-4", "data_pool must be >= 0"),
         ("shape_bias=-1", "shape_bias must be >= 0"),
         ("time_limit_s=-1", "time_limit_s must be >= 0 and finite, or null"),
-        ("lr=-1", "lr must be > 0 and finite"),
-        ("lr=.inf", "lr must be > 0 and finite"),
+        ("lr=-1", "lr must be >= 0 and finite"),
+        ("lr=.inf", "lr must be >= 0 and finite"),
         ("adam_eps=0", "adam_eps must be > 0"),
         ("invariance=.nan", "invariance must be >= 0 and finite"),
         ("betas=[0.9, 1.5]", r"betas must be in \[0, 1\) and finite"),
         ("threads=-1", "threads must be >= 0"),
-        ("seed=-1", "seed must be in"),
+        ("seed=268435456", "seed must be in"),
         ("steps=0", "steps must be >= 1"),
+        (f"steps=-{10**400}", "steps must be >= 1"),
         ("device=foo", "device must be 'auto' or a torch device"),
         ("lr=[1", "--set lr=\\[1 is not valid YAML"),
     ],
@@ -260,6 +261,7 @@ def test_option_ranges_are_checked_up_front(assignment, words):
 def test_zero_stays_allowed_where_it_means_off():
     c = TrainConfig().override(["threads=0", "data_pool=0", "pretrain_steps=0", "time_limit_s=0", "shape_bias=0"])
     assert (c.threads, c.data_pool, c.time_limit_s, c.shape_bias) == (0, 0, 0.0, 0)
+    assert TrainConfig().override(["lr=0", "seed=-5"]).seed == -5  # runs begun so still resume
     assert TrainConfig().override(["grad_clip=null", "time_limit_s=null"]).grad_clip is None
 
 

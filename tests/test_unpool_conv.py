@@ -212,6 +212,18 @@ def test_torch_backend_gradgradcheck(activation):
         assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
+def test_forward_mode_ad_is_refused_not_zero():
+    """PyTorch gives a custom op without a forward-mode formula zero tangents; the reference has real ones."""
+    x, w, b = _valid()
+    fn = lambda backend: lambda w: dc.unpool_conv2d(x, w, b, padding=1, backend=backend)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="no forward-mode AD"):
+        torch.func.jvp(fn("torch"), (w,), (torch.randn_like(w),))
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode AD"):
+        dc.unpool_conv2d(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), w, b, backend="torch")
+    _, tangent = torch.func.jvp(fn("reference"), (w,), (torch.randn_like(w),))
+    assert tangent.abs().max() > 0
+
+
 def test_meta_tensors_give_shapes():
     x, w = torch.empty(2, 3, 5, 5, device="meta"), torch.empty(4, 3, 3, 3, device="meta")
     assert dc.unpool_conv2d(x, w, padding=1).shape == (2, 4, 10, 10)

@@ -34,7 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcign_fast.train.config import check_device
     from dcign_fast.train.trainer import resolve_device
 
     sampler = SweepSampler(
@@ -42,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         shape_bias=args.shape_bias,
         seed=args.seed,
-        device=resolve_device(check_device(args.device, "--device")),
+        device=resolve_device(args.device, "--device"),
         antialias=args.antialias,
     )
     if args.preview is not None:

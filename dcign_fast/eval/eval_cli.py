@@ -11,7 +11,9 @@ from dcign_fast.cli import positive_int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--checkpoint", required=True, help="a run folder (its newest checkpoint), a checkpoint folder or its weights"
+        "--checkpoint",
+        required=True,
+        help="a run folder or its checkpoints folder (the newest checkpoint), a checkpoint folder or its weights",
     )
     parser.add_argument("--out", type=Path, help="folder for eval.json and scatter.png (default: beside the run)")
     parser.add_argument("--sweeps", type=positive_int, default=40, help="held-out sweeps per extrinsic group")
@@ -19,18 +21,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
+def run_folder(path: Path) -> Path:
+    """The run a --checkpoint path belongs to: a run folder, its checkpoints folder, one checkpoint folder or
+    that checkpoint's weights file."""
+    folder = path if path.is_dir() else path.parent
+    if (folder / "checkpoints").is_dir():
+        return folder
+    return folder.parent if folder.name == "checkpoints" else folder.parent.parent
+
+
 def run(args: argparse.Namespace) -> int:
     from dcign_fast.eval.evaluate import evaluate
     from dcign_fast.models import DCIGN
-    from dcign_fast.train.config import check_device
     from dcign_fast.train.trainer import resolve_device
 
-    device = resolve_device(check_device(args.device, "--device"))  # before the checkpoint loads
+    device = resolve_device(args.device, "--device")  # before the checkpoint loads
     model = DCIGN.from_checkpoint(args.checkpoint).to(device)
-    path = Path(args.checkpoint).resolve()
-    folder = path if path.is_dir() else path.parent  # a run or checkpoint folder, or a checkpoint's weights
-    run = folder if (folder / "checkpoints").is_dir() else folder.parent.parent
-    out = args.out or run / "eval"
+    out = args.out or run_folder(Path(args.checkpoint).resolve()) / "eval"
     results = evaluate(model, out=out, sweeps=args.sweeps, identities=args.identities)
     print(json.dumps(results, indent=2))
     print(f"wrote {out / 'eval.json'} and {out / 'scatter.png'}")

@@ -10,7 +10,9 @@ from dcign_fast.cli import positive_int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--checkpoint", required=True, help="a run folder (its newest checkpoint), a checkpoint folder or its weights"
+        "--checkpoint",
+        required=True,
+        help="a run folder or its checkpoints folder (the newest checkpoint), a checkpoint folder or its weights",
     )
     parser.add_argument("--image", required=True, type=Path, help="a face photo or render (any size, RGB or grey)")
     parser.add_argument("--out", type=Path, default=Path("sweeps.png"))

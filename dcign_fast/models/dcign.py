@@ -13,7 +13,6 @@ from torch import nn
 from dcign_fast.nn import UnpoolConv2d
 from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.latent_sampler import sample_latents
-from dcign_fast.ops.unpool_conv import memory_format_of
 
 
 def binary_cross_entropy_sum(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -201,7 +200,7 @@ class DCIGN(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, backend: str = "auto") -> DCIGN:
         """Loads any checkpoint the trainer writes: a checkpoint folder, its ``model.safetensors``, or a run
-        folder (its newest checkpoint).
+        folder or its ``checkpoints`` folder (the newest checkpoint).
 
         The architecture comes from the file's metadata; nothing is unpickled.
         """
@@ -225,8 +224,15 @@ class DCIGN(nn.Module):
         # The unflattened code is NCHW and every unpool-conv keeps its input's layout: without this a model
         # moved to channels_last (the trainer's default) would run its whole decoder in NCHW, and the fused
         # kernels would copy to and from their NHWC layout at every layer.
-        h = self.from_latent(z).contiguous(memory_format=memory_format_of(self.decoder[0].weight))
+        h = self.from_latent(z).contiguous(memory_format=self._decoder_memory_format())
         return self.decoder(h)
+
+    def _decoder_memory_format(self) -> torch.memory_format:
+        """channels_last if the decoder's weights were made so. Their exact strides tell, not is_contiguous,
+        which holds in both formats for a 1x1 kernel."""
+        weight = self.decoder[0].weight
+        _, c, kh, kw = weight.shape
+        return torch.channels_last if weight.stride() == (kh * kw * c, 1, kw * c, c) else torch.contiguous_format
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] -> [B, C, S, S] images in [0, 1]."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -36,3 +37,15 @@ def check_pair(name: str, value: object, minimum: int) -> tuple[int, int]:
     if not ok:
         raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return int(pair[0]), int(pair[1])
+
+
+def check_no_forward_ad(op: str, backend: str, *tensors: torch.Tensor | None) -> None:
+    """The custom ops have no forward-mode derivative, and PyTorch would give their outputs zero tangents
+    without a word (torch.func.jvp, forward_ad dual tensors): refuse such inputs instead."""
+    if torch.compiler.is_compiling():
+        return
+    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"{op}(backend={backend!r}) has no forward-mode AD (torch.func.jvp, forward_ad dual tensors): "
+            "use reverse mode (torch.autograd.grad)"
+        )

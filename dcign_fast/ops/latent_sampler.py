@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 
 from dcign_fast.ops import philox
-from dcign_fast.ops._checks import check_like, check_tensor
+from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_tensor
 from dcign_fast.ops.backends import check_backend_runs_on, triton_installed
 from dcign_fast.ops.reference import sample_latents_reference
 
@@ -252,6 +252,7 @@ def sample_latents(
     if name == "reference":
         seed, offset = draw_seed_offset(mu.device, mu.numel()) if seed is None else (seed % 2**64, 0)
         return sample_latents_reference(mu, logvar, active, clamp, float(invariance), seed, offset)
+    check_no_forward_ad("sample_latents", name, mu, logvar)
     if seed is not None:
         seed = as_int64(seed)
     # The registered custom op (dcign_fast.ops.library); with seed None it draws (seed, offset) itself.

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from dcign_fast.ops._checks import check_like, check_pair, check_tensor
+from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_pair, check_tensor
 from dcign_fast.ops.backends import check_backend_runs_on, triton_installed
 from dcign_fast.ops.phases import AxisPhase, axis_phases, output_size
 from dcign_fast.ops.reference import unpool_conv2d_reference
@@ -44,8 +44,7 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return y if activation is None else F.relu(y)
 
 
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-D tensor laid out only that way, else contiguous_format (outputs follow it)."""
+def _output_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
@@ -56,7 +55,7 @@ def empty_output(x: torch.Tensor, weight: torch.Tensor, padding: Padding, scale_
     n, _, h, w = x.shape
     o, _, kh, kw = weight.shape
     shape = (n, o, output_size(h, kh, padding[0], scale_factor), output_size(w, kw, padding[1], scale_factor))
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_output_memory_format(x))
 
 
 def nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -384,5 +383,6 @@ def unpool_conv2d(
     name = choose_backend(x, weight, scale_factor) if backend == "auto" else backend
     if name == "reference":
         return _reference(x, weight, bias, pad, scale_factor, activation)
+    check_no_forward_ad("unpool_conv2d", name, x, weight, bias)
     # The registered custom op (dcign_fast.ops.library): one opaque node for torch.compile, forward and backward.
     return torch.ops.dcign_fast.unpool_conv2d(x, weight, bias, *pad, scale_factor, activation, name)

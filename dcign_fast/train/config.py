@@ -36,8 +36,10 @@ class Bounds:
     below: float = math.inf
 
     def admits(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):  # (math.isfinite of a huge int overflows)
+            return False
         above_low = value > self.low if self.strict else value >= self.low
-        return math.isfinite(value) and above_low and value < self.below
+        return above_low and value < self.below
 
     def __str__(self) -> str:
         if self.below == math.inf:
@@ -53,13 +55,14 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "pretrain_steps": Bounds(0),
     "batch_size": Bounds(1),
     "accumulation": Bounds(1),
-    "lr": Bounds(0, strict=True),
+    "lr": Bounds(0),
     "betas": Bounds(0, below=1),  # as Adam requires
     "adam_eps": Bounds(0, strict=True),  # 0 divides 0 by 0 for a parameter whose gradients are all 0
     "grad_clip": Bounds(0, strict=True),  # a max norm of 0 zeroes every gradient, below 0 flips them
     "invariance": Bounds(0),
     "shape_bias": Bounds(0),
-    "seed": Bounds(0, below=2**28),  # the batch generators' seeds are derived from it in 64 bits (train/data.py)
+    # The batch generators' seeds are derived from it in signed 64 bits (train/data.py).
+    "seed": Bounds(-(2**28), below=2**28),
     "data_pool": Bounds(0),
     "checkpoint_every": Bounds(1),
     "keep_checkpoints": Bounds(1),

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dcign_fast.models import DCIGN
 from dcign_fast.train.checkpoint import list_checkpoints, load_checkpoint, load_state, save_checkpoint
-from dcign_fast.train.config import RUN_CONTROLS, TrainConfig
+from dcign_fast.train.config import RUN_CONTROLS, TrainConfig, check_device
 from dcign_fast.train.data import BatchStream, latent_seed
 from dcign_fast.train.distributed import World, all_agree, close_world, init_world, mean_over_ranks
 from dcign_fast.train.logs import MetricsLog, save_progress_images
@@ -41,14 +41,16 @@ class TrainResult:
     interrupted: bool
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(name: str, option: str = "device") -> torch.device:
+    """The device ``name`` ("auto": a GPU when there is one) means here; a ValueError naming ``option`` when it
+    is malformed or absent."""
+    if check_device(name, option) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available")
+        raise ValueError(f"{option}={name!r} but CUDA is not available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ValueError(f"{option}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
