@@ -308,6 +308,7 @@ def test_triton_kernels_compile_for_sm90():
     assert all(r["stack"] == 0 and r["local"] == 0 for r in results)  # no register spills
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own
 def test_forward_mode_ad_is_refused_not_zero():
     """PyTorch would give the custom op's outputs zero tangents: a silent wrong answer."""
     mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
