@@ -15,6 +15,11 @@ import dcign_fast as dc
 from dcign_fast.nn import UnpoolConv2d
 
 
+def _upsample2d_class() -> type:
+    """diffusers' Upsample2D (diffusers is a test extra: the test is skipped without it)."""
+    return pytest.importorskip("diffusers.models.upsampling").Upsample2D
+
+
 def _no_interpolate(monkeypatch: pytest.MonkeyPatch) -> None:
     """Makes any nearest upsampling an error: a patched layer must not upsample."""
 
@@ -108,7 +113,7 @@ def test_diffusers_vae_decode_matches_unpatched(monkeypatch):
 
 
 def test_upsample2d_falls_back_when_the_call_is_not_plain(monkeypatch):
-    from diffusers.models.upsampling import Upsample2D
+    Upsample2D = _upsample2d_class()
 
     layer = Upsample2D(8, use_conv=True, out_channels=6)
     x = torch.randn(1, 8, 5, 5)
@@ -131,7 +136,7 @@ def test_upsample2d_falls_back_when_the_call_is_not_plain(monkeypatch):
     ],
 )
 def test_upsample2d_configurations_that_are_not_plain_are_skipped(options, words):
-    from diffusers.models.upsampling import Upsample2D
+    Upsample2D = _upsample2d_class()
 
     layer = Upsample2D(8, **options)
     report = dc.patch(layer)
@@ -206,7 +211,7 @@ def test_convs_whose_call_does_more_than_convolve_are_skipped(wrap, words):
     assert report.replaced == [] and report.skipped[0][0] == "0" and words in report.skipped[0][1]
     assert type(model[0]) is nn.Upsample and list(model.state_dict()) == keys
 
-    from diffusers.models.upsampling import Upsample2D
+    Upsample2D = _upsample2d_class()
 
     layer = Upsample2D(4, use_conv=True)
     layer.conv = wrap(layer.conv)
@@ -229,7 +234,7 @@ def _zero_parameters(module: nn.Module) -> None:
 
 
 def test_copies_of_a_patched_upsample2d_use_their_own_parameters():
-    from diffusers.models.upsampling import Upsample2D
+    Upsample2D = _upsample2d_class()
 
     layer = Upsample2D(8, use_conv=True, out_channels=8)
     x = torch.randn(1, 8, 5, 5)
@@ -280,7 +285,7 @@ def test_unpatch_works_on_copies_of_a_patched_sequential():
 
 
 def test_a_root_upsample2d_is_reported_by_a_name():
-    from diffusers.models.upsampling import Upsample2D
+    Upsample2D = _upsample2d_class()
 
     assert dc.patch(Upsample2D(4, use_conv=True)).replaced == ["(root)"]
     assert dc.patch(Upsample2D(4)).skipped[0][0] == "(root)"
