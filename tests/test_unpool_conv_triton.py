@@ -91,6 +91,34 @@ def test_few_output_channels_on_both_sides_of_the_switches(kernel, padding, o):
     assert_close(got, want, TOL[torch.float32], case)
 
 
+@pytest.mark.parametrize("option", range(3))
+def test_every_gpu_config_matches_reference(option, monkeypatch):
+    """The interpreter runs one config per kernel, a GPU autotunes over all of them: each config is forced
+    here in turn, on both sides of the few-outputs switches, with several channel and pixel blocks."""
+    from dcign_fast.kernels.triton import unpool_conv as kernels
+
+    gemm = kernels.config(kernels.GEMM_BLOCKS, kernels.GEMM_OPTIONS[option])
+    options = kernels.GRAD_WEIGHT_OPTIONS
+    grad_weight = kernels.config(kernels.GRAD_WEIGHT_BLOCKS, options[option % len(options)])
+    forcing = (
+        (kernels._forward_kernel, gemm),
+        (kernels._grad_input_kernel, gemm),
+        (kernels._grad_weight_kernel, grad_weight),
+        (kernels._grad_weight_few_outputs_kernel, grad_weight),
+    )
+    for kernel, forced in forcing:
+        monkeypatch.setattr(kernel, "configs", [forced])
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setattr(kernel, "best_config", None, raising=False)
+    for case in (
+        {"n": 3, "c": 40, "o": 3, "hw": (7, 8), "k": (7, 7), "p": (0, 0)},
+        {"n": 2, "c": 6, "o": 37, "hw": (9, 5), "k": (3, 3), "p": (1, 1)},
+    ):
+        got, want = run_both(case, torch.float32, channels_last=case["o"] > 16, activation="relu")
+        assert_close(got, want, TOL[torch.float32], (case, gemm, grad_weight))
+    assert all(kernel.best_config.kwargs == forced.kwargs for kernel, forced in forcing)  # each kernel ran so
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_relu_epilogue_and_its_backward(channels_last):
     case = {"n": 2, "c": 9, "o": 17, "hw": (4, 5), "k": (5, 5), "p": (2, 2)}

@@ -61,19 +61,18 @@ ACTIVATIONS = {None: 0, "relu": 1}
 _TARGET_PROGRAMS = 1024
 
 
+def config(names: tuple[str, ...], option: tuple[int, ...]) -> triton.Config:
+    """An autotune config from a tuple (*block sizes named by ``names``, num_warps, num_stages)."""
+    return triton.Config(dict(zip(names, option[:-2])), num_warps=option[-2], num_stages=option[-1])
+
+
 def _configs(
     names: tuple[str, ...], options: list[tuple[int, ...]], interpreted: tuple[int, ...]
 ) -> list[triton.Config]:
-    """Autotune configs from tuples (*block sizes named by ``names``, num_warps, num_stages).
-
-    The interpreter cannot time configs and runs one Python step per program: it gets the single
-    config ``interpreted`` (block sizes only), a big tile.
-    """
-    if triton_interpreting():
-        options = [(*interpreted, 4, 1)]
-    return [
-        triton.Config(dict(zip(names, option[:-2])), num_warps=option[-2], num_stages=option[-1]) for option in options
-    ]
+    """The autotune configs of ``options``. The interpreter cannot time configs and runs one Python step per
+    program: it gets the single config ``interpreted`` (block sizes only), a big tile (the tests force each
+    of ``options`` in turn)."""
+    return [config(names, option) for option in ([(*interpreted, 4, 1)] if triton_interpreting() else options)]
 
 
 def _fit_columns(columns: Callable[[dict], int]):
@@ -93,15 +92,15 @@ _GRAD_WEIGHT_KEY = ["N", "H", "W", "C_IN", "C_OUT", "TR", "TC", "CHUNK"]
 # Four fp32 accumulators (one per phase) of BLOCK_M x BLOCK_N plus 64-bit pointer tiles: with 8 warps and
 # 64 rows nothing spills (tests/test_triton_aot.py checks; 4 warps or 128 rows spilled in some cases).
 # Channel counts of 16-128 take one to four 32-channel reduction steps; BLOCK_N 16 suits C_out = 1.
-_GEMM_CONFIGS = _configs(
-    ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-    [(64, 64, 32, 8, 2), (64, 32, 32, 8, 2), (64, 16, 32, 8, 2)],
-    (64, 32, 32),
-)
+GEMM_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+GEMM_OPTIONS = [(64, 64, 32, 8, 2), (64, 32, 32, 8, 2), (64, 16, 32, 8, 2)]
+_GEMM_CONFIGS = _configs(GEMM_BLOCKS, GEMM_OPTIONS, (64, 32, 32))
 # Grad weight: channel tiles are chosen by the launcher; the reduction runs over pixels, BLOCK_P at a time.
 # Its [C_in tile, pixels] and [pixels, C_out tile] operand tiles take 64-bit pointers: 8 warps keep them in
 # registers (4 warps, or 128 pixels, spilled).
-_GRAD_WEIGHT_CONFIGS = _configs(("BLOCK_P",), [(64, 8, 3), (32, 8, 3)], (64,))
+GRAD_WEIGHT_BLOCKS = ("BLOCK_P",)
+GRAD_WEIGHT_OPTIONS = [(64, 8, 3), (32, 8, 3)]
+_GRAD_WEIGHT_CONFIGS = _configs(GRAD_WEIGHT_BLOCKS, GRAD_WEIGHT_OPTIONS, (64,))
 
 
 @triton.jit
