@@ -24,6 +24,7 @@ COLUMNS = [
     "case",
     "pass",
     "dtype",
+    "layout",
     "backend",
     "median_ms",
     "images_per_s",

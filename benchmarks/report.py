@@ -41,7 +41,8 @@ def write_markdown(runs: list[dict], path: Path) -> None:
         "Times are medians after warm-up; `speedup` is the reference's time over the row's, measured side by",
         "side in the same run; `over_floor` is time over the floor (multiply-adds at the measured matmul rate,",
         "bytes at the measured copy bandwidth); `kernel_ms` is a kernel's profiled time per iteration and `share`",
-        "its part of its backend's total. GPU results exist only for runs made on a GPU machine.",
+        "its part of its backend's total; `layout` is the memory layout of the ops and kernels suites' tensors",
+        "(runs without it used NCHW). GPU results exist only for runs made on a GPU machine.",
         "",
     ]
     for run in runs:

@@ -20,7 +20,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.harness import synchronize
-from benchmarks.suites.ops import Case, backends_for, case_inputs, paper150_cases, runner, with_backend
+from benchmarks.suites.ops import Case, backends_for, case_inputs, paper150_cases, row_fields, runner, with_backend
 
 TOP = 6  # kernels listed by name per backend; the rest are summed
 
@@ -87,7 +87,7 @@ def _profile_case(
     if not backends:
         return
     module, x, grad = case_inputs(case, device, dtype)
-    row = {"case": f"{case.name} b{batch}", "pass": "forward+backward", "dtype": str(dtype).removeprefix("torch.")}
+    row = row_fields(case, batch, dtype, "forward+backward")
     for backend in backends:
         try:
             times = kernel_times(runner(with_backend(module, backend), x, grad), device, iterations)

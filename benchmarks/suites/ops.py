@@ -174,8 +174,10 @@ def case_inputs(case: Case, device: str, dtype: torch.dtype) -> tuple[nn.Module,
     return module, x.requires_grad_(), grad
 
 
-def _row(case: Case, batch: int, dtype: torch.dtype, pass_name: str) -> dict:
-    return {"case": f"{case.name} b{batch}", "pass": pass_name, "dtype": str(dtype).removeprefix("torch.")}
+def row_fields(case: Case, batch: int, dtype: torch.dtype, pass_name: str) -> dict:
+    """The fields that name a row of ``case`` (the ops and kernels suites' tensors are channels_last)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {"case": f"{case.name} b{batch}", "pass": pass_name, "dtype": dtype_name, "layout": "channels_last"}
 
 
 def _measure(
@@ -194,7 +196,8 @@ def _measure(
     for pass_name, backward in passes:
         g = grad if backward else None
         variants = {b: runner(m, x, g) for b, m in routed.items()}
-        measured = compare(variants, device, _row(case, batch, dtype, pass_name), "reference", warmup, repeats, budget)
+        row = row_fields(case, batch, dtype, pass_name)
+        measured = compare(variants, device, row, "reference", warmup, repeats, budget)
         floor = floor_ms(case, batch, x.element_size(), backward, rates[dtype]) if dtype in rates else None
         for r in measured:
             if floor is not None and "median_ms" in r:
@@ -215,7 +218,7 @@ def run(device: str, quick: bool) -> Iterator[dict]:
     for batch, dtype, case in goals:
         if budget.left <= 0:  # said without timing the backends again for nothing
             yield {
-                **_row(case, batch, dtype, with_compile[0][0]),
+                **row_fields(case, batch, dtype, with_compile[0][0]),
                 "backend": "compile",
                 "note": "compile: budget spent",
             }
