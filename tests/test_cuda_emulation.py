@@ -116,6 +116,74 @@ def test_unpool_conv_grad_weight_is_deterministic():
     check_grad_weight_deterministic(3, 20, 24, 6, 7, "cpu")
 
 
+@pytest.fixture
+def gpu_like_splits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The grad-weight kernels over three splits of their positions (chunks not a whole number of K steps), as
+    on a GPU, whose many multiprocessors make every decoder layer split (the emulation's 2 cores seldom do).
+    Returns the split counts used."""
+    from dcign_fast.kernels import cuda_ops
+
+    used: list[int] = []
+
+    def splits(positions: int, *_) -> tuple[int, int]:
+        used.append(min(3, positions))
+        return used[-1], -(-positions // used[-1])
+
+    monkeypatch.setattr(cuda_ops, "_grad_weight_splits", splits)
+    return used
+
+
+# What a GPU run selects (csrc dispatch) for the paper150 decoder at batch 128, channels_last, in bfloat16 and
+# float32 (TF32, or exact), and for the K=3 "same" benchmark layers: the real channel counts (the same tiles,
+# 16-byte vector loads, several channel tiles, phases side by side and few-outputs 16-column tiles for the image
+# layer), the fused ReLU's masked vector loads in both grad kernels and split grad weights, at tiny images.
+# Layer 2 (48 -> 96) selects nothing that layers 1 and 3 do not (96 -> 96 has several tiles of both C and O).
+GPU_LAYERS = [
+    pytest.param(24, 48, 8, 7, 0, "relu", id="paper150-L1-24-48"),
+    pytest.param(96, 96, 4, 7, 0, "relu", id="paper150-L3-96-96"),
+    pytest.param(96, 1, 5, 7, 0, None, id="paper150-L4-96-1"),
+    pytest.param(128, 128, 3, 3, 1, "relu", id="k3-same-128"),
+]
+GPU_PRECISIONS = [p for p in PRECISIONS if p.id != "float16"]
+
+
+@pytest.mark.parametrize("dtype, tf32", GPU_PRECISIONS)
+@pytest.mark.parametrize("c_in, c_out, size, kernel, padding, activation", GPU_LAYERS)
+def test_unpool_conv_layers_as_a_gpu_runs_them(
+    gpu_like_splits, dtype, tf32, c_in, c_out, size, kernel, padding, activation
+):
+    shape = (size, size), (kernel, kernel), (padding, padding)
+    check_unpool_conv(2, c_in, c_out, *shape, dtype, "cpu", channels_last=True, activation=activation, tf32=tf32)
+    assert gpu_like_splits and min(gpu_like_splits) > 1
+
+
+# Instantiations that neither the layers above nor the other tests select (channel counts that real layers do
+# not have), one layer each covering several: (16, 10) the forward's tall tile with vector loads in 16-bit
+# storage and the grad input's C <= 16 tile with element loads; (12, 18) element loads in the forward's and the
+# general grad weight's 64 x 64 tiles (16-bit) and in the grad input's C <= 16 tile (TF32); (6, 1) element loads
+# with the phases side by side (TF32) and in the few-outputs 16-column tile (TF32); (8, 1) vector loads in that
+# tile (float16).
+GAP_LAYERS = [(16, 10, 4, 3, 1), (12, 18, 4, 3, 1), (6, 1, 5, 7, 0), (8, 1, 4, 7, 0)]
+
+
+@pytest.mark.parametrize("dtype, tf32", [p for p in PRECISIONS if p.id != "float32"])  # exact float32: all run
+@pytest.mark.parametrize("c_in, c_out, size, kernel, padding", GAP_LAYERS)
+def test_unpool_conv_remaining_tile_and_load_paths(dtype, tf32, c_in, c_out, size, kernel, padding):
+    shape = (size, size), (kernel, kernel), (padding, padding)
+    check_unpool_conv(2, c_in, c_out, *shape, dtype, "cpu", channels_last=True, activation="relu", tf32=tf32)
+
+
+@pytest.mark.parametrize("dtype, tf32", PRECISIONS)
+@pytest.mark.parametrize("c_in, c_out", [(8, 8), (6, 3)])
+def test_unpool_conv_general_grad_weight_with_few_outputs(monkeypatch, dtype, tf32, c_in, c_out):
+    """The per-tap grad-weight kernel's 16-column tile (O <= 16), with vector and with element loads: the
+    backward sends so few output channels to the few-outputs kernel, but the extension keeps the tile."""
+    from dcign_fast.kernels import cuda_ops
+
+    monkeypatch.setattr(cuda_ops, "FEW_OUTPUTS", 0)
+    check_unpool_conv(2, c_in, c_out, (4, 4), (3, 3), (1, 1), dtype, "cpu", channels_last=True, tf32=tf32)
+
+
 @pytest.fixture(scope="module")
 def selftest(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     """csrc/emulation/selftest.cu built against the emulation: kernels that are wrong on purpose."""
