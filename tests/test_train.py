@@ -221,6 +221,7 @@ def test_config_from_yaml_and_overrides(tmp_path):
         ("kind_weights={azmuth: 5}", ValueError, r"unknown batch kinds \['azmuth'\]"),
         ("kind_weights={light: .inf}", TypeError, "kind_weights must map batch kinds to finite numbers >= 0"),
         ("lr", ValueError, "expects key=value"),
+        (f"lr={10**400}", TypeError, "lr must be float"),  # too large for a float
     ],
 )
 def test_option_types_are_checked(assignment, error, words):
@@ -262,6 +263,18 @@ def test_zero_stays_allowed_where_it_means_off():
     c = TrainConfig().override(["threads=0", "data_pool=0", "pretrain_steps=0", "time_limit_s=0", "shape_bias=0"])
     assert (c.threads, c.data_pool, c.time_limit_s, c.shape_bias) == (0, 0, 0.0, 0)
     assert TrainConfig().override(["lr=0", "seed=-5"]).seed == -5  # runs begun so still resume
+
+
+@pytest.mark.parametrize("seed", [-(2**27), 2**28 - 1])
+def test_the_extreme_seeds_draw_batches(seed):
+    """The batch and noise generators derive their 64-bit seeds from the run's seed: its range keeps them there."""
+    from dcign_fast.train.config import OPTION_BOUNDS
+    from dcign_fast.train.data import latent_seed, shard_generator
+
+    assert OPTION_BOUNDS["seed"].admits(seed) and not OPTION_BOUNDS["seed"].admits(seed - 1 if seed < 0 else seed + 1)
+    for offset in (0, 104_729 * 4):  # the data stream's smallest and largest offsets to the seed
+        shard_generator(seed + offset, 10**6, 7)
+    latent_seed(seed, 10**6, 7)
     assert TrainConfig().override(["grad_clip=null", "time_limit_s=null"]).grad_clip is None
 
 

@@ -93,8 +93,9 @@ def test_few_output_channels_on_both_sides_of_the_switches(kernel, padding, o):
 
 @pytest.mark.parametrize("option", range(3))
 def test_every_gpu_config_matches_reference(option, monkeypatch):
-    """The interpreter runs one config per kernel, a GPU autotunes over all of them: each config is forced
-    here in turn, on both sides of the few-outputs switches, with several channel and pixel blocks."""
+    """The interpreter runs one config per kernel, a GPU autotunes over all of them: each config's block sizes
+    are forced here in turn (the interpreter ignores warps and stages), on both sides of the few-outputs
+    switches, with several channel and pixel blocks."""
     from dcign_fast.kernels.triton import unpool_conv as kernels
 
     gemm = kernels.config(kernels.GEMM_BLOCKS, kernels.GEMM_OPTIONS[option])
