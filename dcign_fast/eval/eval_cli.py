@@ -22,12 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_folder(path: Path) -> Path:
-    """The run a --checkpoint path belongs to: a run folder, its checkpoints folder, one checkpoint folder or
-    that checkpoint's weights file."""
-    folder = path if path.is_dir() else path.parent
-    if (folder / "checkpoints").is_dir():
-        return folder
-    return folder.parent if folder.name == "checkpoints" else folder.parent.parent
+    """The run a --checkpoint path belongs to: <run>/checkpoints/step-N/model.safetensors, whichever of those
+    folders or that file it names."""
+    from dcign_fast.train.checkpoint import weights_file
+
+    return weights_file(path).resolve().parents[2]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -42,9 +42,9 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], model_config: 
     save_file(tensors, str(path), metadata={"dcign_config": json.dumps(model_config)})
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, model config) from a checkpoint folder, its weights file, or a run folder or its
-    ``checkpoints`` folder (the newest checkpoint)."""
+def weights_file(path: str | Path) -> Path:
+    """The weights file that ``path`` names: a checkpoint folder's, the file itself, or for a run folder or its
+    ``checkpoints`` folder the newest checkpoint's. CheckpointError when there is none."""
     path = Path(path)
     if path.is_dir() and not (path / WEIGHTS).exists():
         newest = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
@@ -53,6 +53,12 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         path = path / WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"no weights file at {path}")
+    return path
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, model config) of the checkpoint ``path`` names (see :func:`weights_file`)."""
+    path = weights_file(path)
     try:
         from safetensors import safe_open
 
