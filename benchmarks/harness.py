@@ -64,6 +64,9 @@ def time_side_by_side(
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+BUDGET_SPENT = "compile: budget spent"
+
+
 class CompileBudget:
     """Seconds a suite may spend compiling (torch.compile with max-autotune can take minutes per graph).
 
@@ -74,10 +77,18 @@ class CompileBudget:
     def __init__(self, seconds: float | None = None) -> None:
         self.left = float(os.environ.get("DCIGN_BENCH_COMPILE_S", "100")) if seconds is None else seconds
 
+    @property
+    def spent(self) -> bool:
+        return self.left <= 0
+
+    def spent_row(self, row: dict, backend: str) -> dict:
+        """``row`` for a compiled variant left out because the budget is spent (nothing is timed for it)."""
+        return {**row, "backend": backend, "note": BUDGET_SPENT}
+
     def spend(self, device: str, *warm_ups: Callable[[], object]) -> bool:
         """Runs the ``warm_ups`` (which compile) if budget is left, charging their time, also when one raises;
         False if none was left."""
-        if self.left <= 0:
+        if self.spent:
             return False
         start = time.perf_counter()
         try:
@@ -123,7 +134,7 @@ def compare(
         try:
             if budget is not None and "compile" in name:
                 if not budget.spend(device, *warm_ups):
-                    notes[name] = "compile: budget spent"
+                    notes[name] = BUDGET_SPENT
                     continue
             else:
                 for warm_up in warm_ups:

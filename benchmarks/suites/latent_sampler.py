@@ -93,7 +93,7 @@ def run(device: str, quick: bool) -> Iterator[dict]:
     compiled = torch.compile(sample_latents_reference)
     variants = {"reference": _reference(sample_latents_reference), "compiled reference": _reference(compiled)}
     for batch, dim in cases(device, quick):
-        if budget.left <= 0:  # said without timing the reference again for nothing
-            yield {**_row(batch, dim), "backend": "compiled reference", "note": "compile: budget spent"}
+        if budget.spent:  # said without timing the reference again for nothing
+            yield budget.spent_row(_row(batch, dim), "compiled reference")
         else:
             yield from _case(batch, dim, variants, device, warmup, repeats, budget)

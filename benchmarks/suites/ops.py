@@ -216,12 +216,8 @@ def run(device: str, quick: bool) -> Iterator[dict]:
     budget = CompileBudget()
     with_compile = (("forward+backward, beside max-autotune", True),)
     for batch, dtype, case in goals:
-        if budget.left <= 0:  # said without timing the backends again for nothing
-            yield {
-                **row_fields(case, batch, dtype, with_compile[0][0]),
-                "backend": "compile",
-                "note": "compile: budget spent",
-            }
+        if budget.spent:  # said without timing the backends again for nothing
+            yield budget.spent_row(row_fields(case, batch, dtype, with_compile[0][0]), "compile")
             continue
         backends = [*backends_for(device), "compile"]
         yield from _measure(device, batch, dtype, case, backends, with_compile, quick, budget, rates)

@@ -136,8 +136,8 @@ def _compiled_pass(todo: list[tuple[str, int, bool]], device: str, budget: Compi
     for i, (preset, batch, bf16) in enumerate(todo):
         for name in compiled_variants(device, goal=goal and i == 0):
             label = "max-autotune" if name.endswith("(max-autotune)") else "compiled"
-            if budget.left <= 0:  # said without timing the eager variants again for nothing
-                yield {**_row(preset, batch, bf16, label), "backend": name, "note": "compile: budget spent"}
+            if budget.spent:  # said without timing the eager variants again for nothing
+                yield budget.spent_row(_row(preset, batch, bf16, label), name)
                 continue
             # Fresh compiled models would share dynamo's cache entries for DCIGN.forward: another case's shapes
             # would be traced as dynamic, and past dynamo's recompile limit a "compiled" row would run eagerly.
