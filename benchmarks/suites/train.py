@@ -115,10 +115,10 @@ def run(device: str, quick: bool) -> Iterator[dict]:
     groups = [todo[:1], todo[1:]] if device == "cuda" else [todo]
     budget = CompileBudget()
     rendered: set[tuple[str, int]] = set()
-    for k, group in enumerate(groups):
+    for group in groups:
         yield from _eager_pass(group, device, quick, rendered)
         if not quick:
-            yield from _compiled_pass(group, device, budget, goal=k == 0)
+            yield from _compiled_pass(group, device, budget, goal_case=todo[0])
 
 
 def _eager_pass(todo: list[tuple[str, int, bool]], device: str, quick: bool, rendered: set) -> Iterator[dict]:
@@ -131,10 +131,12 @@ def _eager_pass(todo: list[tuple[str, int, bool]], device: str, quick: bool, ren
             yield _data_row(preset, batch, device, min(r["median_ms"] for r in measured if "median_ms" in r))
 
 
-def _compiled_pass(todo: list[tuple[str, int, bool]], device: str, budget: CompileBudget, goal: bool) -> Iterator[dict]:
-    """Each compiled variant of every case beside both eager ones; max-autotune only for the goals' case."""
-    for i, (preset, batch, bf16) in enumerate(todo):
-        for name in compiled_variants(device, goal=goal and i == 0):
+def _compiled_pass(
+    todo: list[tuple[str, int, bool]], device: str, budget: CompileBudget, goal_case: tuple[str, int, bool]
+) -> Iterator[dict]:
+    """Each compiled variant of every case beside both eager ones; max-autotune only for ``goal_case``."""
+    for preset, batch, bf16 in todo:
+        for name in compiled_variants(device, goal=(preset, batch, bf16) == goal_case):
             label = "max-autotune" if name.endswith("(max-autotune)") else "compiled"
             if budget.spent:  # said without timing the eager variants again for nothing
                 yield budget.spent_row(_row(preset, batch, bf16, label), name)
