@@ -219,7 +219,8 @@ def test_config_from_yaml_and_overrides(tmp_path):
         ("compile=1", TypeError, "compile must be bool"),
         ("betas=0.9", TypeError, "betas must be two numbers"),
         ("kind_weights={azmuth: 5}", ValueError, r"unknown batch kinds \['azmuth'\]"),
-        ("kind_weights={light: .inf}", TypeError, "kind_weights must map batch kinds to finite numbers >= 0"),
+        ("kind_weights={light: two}", TypeError, r"kind_weights\['light'\] must be a number, got 'two'"),
+        ("kind_weights=[1, 2]", TypeError, "kind_weights must map batch kinds to numbers"),
         ("lr", ValueError, "expects key=value"),
         (f"lr={10**400}", TypeError, "lr must be float"),  # too large for a float
     ],
@@ -238,6 +239,8 @@ def test_option_types_are_checked(assignment, error, words):
         ("pretrain_steps=-4", "pretrain_steps must be >= 0, got -4"),
         ("data_pool=-4", "data_pool must be >= 0"),
         ("shape_bias=-1", "shape_bias must be >= 0"),
+        ("kind_weights={light: .inf}", r"kind_weights\['light'\] must be >= 0 and finite, got inf"),
+        ("kind_weights={light: -1}", r"kind_weights\['light'\] must be >= 0 and finite, got -1"),
         ("time_limit_s=-1", "time_limit_s must be >= 0 and finite, or null"),
         ("lr=-1", "lr must be >= 0 and finite"),
         ("lr=.inf", "lr must be >= 0 and finite"),

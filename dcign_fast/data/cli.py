@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dcign_fast.cli import non_negative_float, positive_int
+from dcign_fast.cli import positive_int
 from dcign_fast.data.cache import write_cache
 from dcign_fast.data.folders import export_sweeps
 from dcign_fast.data.preview import preview_grid
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=positive_int, default=20, help="images per batch (a preview row holds as many)"
     )
-    parser.add_argument("--shape-bias", type=non_negative_float, default=10, help="odds of intrinsic batches: 1:1:1:k")
+    parser.add_argument("--shape-bias", type=float, default=10, help="odds of intrinsic batches: 1:1:1:k")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where to render: cpu or cuda")
     parser.add_argument("--antialias", type=positive_int, default=1, help="supersampling factor")

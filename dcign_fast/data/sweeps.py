@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dcign_fast.bounds import Bounds
 from dcign_fast.data.identity import IdentitySpace
 from dcign_fast.data.meshes import FACE_ASSETS, Mesh, load_asset
 from dcign_fast.data.render import render
@@ -81,6 +82,13 @@ class SweepSampler:
         zoom: float = 1.4,
         antialias: int = 1,
     ):
+        counts = {"size": size, "batch_size": batch_size, "antialias": antialias, "world_size": world_size}
+        counts |= {"num_identities": num_identities} | ({} if num_batches is None else {"num_batches": num_batches})
+        for name, value in counts.items():
+            Bounds(1).check(name, value, integer=True)
+        Bounds(0).check("seed", seed, integer=True)  # (numpy's SeedSequence takes no negative entropy)
+        Bounds(0).check("shape_bias", shape_bias)
+        Bounds(0, strict=True).check("zoom", zoom)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.size, self.batch_size, self.seed = size, batch_size, seed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 import yaml
 
+from dcign_fast.bounds import Bounds
 from dcign_fast.models.dcign import PRESETS
 
 CLAMP_MODES = ("mean", "first")
@@ -24,27 +24,6 @@ RUN_CONTROLS = (
     "image_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
 )  # fmt: skip
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """The values a numeric option allows: from ``low`` (excluded when ``strict``) up to, not including,
-    ``below``. Floats must also be finite."""
-
-    low: float
-    strict: bool = False
-    below: float = math.inf
-
-    def admits(self, value: float) -> bool:
-        if isinstance(value, float) and not math.isfinite(value):  # (math.isfinite of a huge int overflows)
-            return False
-        above_low = value > self.low if self.strict else value >= self.low
-        return above_low and value < self.below
-
-    def __str__(self) -> str:
-        if self.below == math.inf:
-            return f"{'>' if self.strict else '>='} {self.low}"
-        return f"in {'(' if self.strict else '['}{self.low}, {self.below})"
 
 
 # Each numeric option's range (each element's, for betas), checked when a TrainConfig is made: before Adam,
@@ -186,12 +165,10 @@ class TrainConfig:
         ):
             raise TypeError(f"betas must be two numbers, got {self.betas!r}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
-        weights = self.kind_weights
-        if not isinstance(weights, dict) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
-            for w in weights.values()
-        ):
-            raise TypeError(f"kind_weights must map batch kinds to finite numbers >= 0, got {weights!r}")
+        if not isinstance(self.kind_weights, dict):
+            raise TypeError(f"kind_weights must map batch kinds to numbers, got {self.kind_weights!r}")
+        for kind, weight in self.kind_weights.items():
+            Bounds(0).check(f"kind_weights[{kind!r}]", weight)
 
     def differences(self, other: TrainConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
         """{option: (this value, other's value)} for the options that differ, except those in ``ignore``."""

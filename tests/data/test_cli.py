@@ -32,10 +32,17 @@ def test_render_preview_grid(tmp_path):
         assert image.height == 4 * 16 * 2  # four kinds, images enlarged twice
 
 
-@pytest.mark.parametrize("bias", ["-1", "nan", "inf"])
-def test_render_refuses_a_shape_bias_that_is_not_odds(bias, tmp_path, capsys):
-    """Negative or non-finite odds would reach torch.multinomial as a RuntimeError with a traceback."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["render", "--preview", str(tmp_path / "p.png"), "--shape-bias", bias])
-    assert exit_info.value.code == 2
-    assert "argument --shape-bias: must be a finite number >= 0" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "option, value, words",
+    [
+        ("--shape-bias", "-1", "shape_bias must be >= 0 and finite, got -1.0"),
+        ("--shape-bias", "nan", "shape_bias must be >= 0 and finite, got nan"),
+        ("--seed", "-1", "seed must be >= 0, got -1"),
+    ],
+)
+def test_render_refuses_bad_sampler_options_in_one_line(option, value, words, tmp_path, capsys):
+    """Negative odds would reach torch.multinomial, a negative seed numpy's SeedSequence: tracebacks that
+    name neither option. The sampler checks them, and the CLI prints its error in one line."""
+    assert main(["render", "--preview", str(tmp_path / "p.png"), option, value]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and not (tmp_path / "p.png").exists()

@@ -72,6 +72,29 @@ def test_kind_odds_follow_shape_bias():
     assert all(kinds.count(k) > 50 for k in KINDS)
 
 
+@pytest.mark.parametrize(
+    "argument, value, error, words",
+    [
+        ("size", 0, ValueError, "size must be >= 1, got 0"),
+        ("size", 64.0, TypeError, "size must be an integer, got 64.0"),
+        ("batch_size", -2, ValueError, "batch_size must be >= 1"),
+        ("antialias", 0, ValueError, "antialias must be >= 1"),
+        ("num_batches", 0, ValueError, "num_batches must be >= 1"),
+        ("num_identities", 0, ValueError, "num_identities must be >= 1"),
+        ("seed", -1, ValueError, "seed must be >= 0, got -1"),
+        ("seed", True, TypeError, "seed must be an integer"),
+        ("shape_bias", float("nan"), ValueError, "shape_bias must be >= 0 and finite, got nan"),
+        ("shape_bias", -1, ValueError, "shape_bias must be >= 0 and finite, got -1"),
+        ("zoom", 0, ValueError, "zoom must be > 0 and finite"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(argument, value, error, words):
+    """Refused when the sampler is made: otherwise they fail at the first batch inside numpy or
+    torch.multinomial, or (size 0, zoom 0) silently yield empty or blank images."""
+    with pytest.raises(error, match=words):
+        SweepSampler(**{argument: value})
+
+
 def test_identity_changes_the_face_with_pose_fixed():
     sampler = SweepSampler(size=32, batch_size=2, seed=0, num_identities=10**6)
     factors = sampler.factors("intrinsic", torch.Generator().manual_seed(int(torch.randint(10**6, ()))))

@@ -1,0 +1,38 @@
+"""Ranges of numeric arguments, checked where a public entry point first receives them, so that a bad
+value is refused with its name instead of failing later, deep inside torch or numpy."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric argument allows: from ``low`` (excluded when ``strict``) up to, not including,
+    ``below``. Floats must also be finite."""
+
+    low: float
+    strict: bool = False
+    below: float = math.inf
+
+    def admits(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):  # (math.isfinite of a huge int overflows)
+            return False
+        above_low = value > self.low if self.strict else value >= self.low
+        return above_low and value < self.below
+
+    def check(self, name: str, value: object, *, integer: bool = False) -> None:
+        """Raise TypeError (not a number; not an integer when ``integer``) or ValueError (outside these
+        bounds), naming ``name``. numpy scalars count as numbers; bools do not."""
+        kind = numbers.Integral if integer else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+        if not self.admits(float(value) if not integer else int(value)):
+            raise ValueError(f"{name} must be {self}{'' if integer else ' and finite'}, got {value!r}")
+
+    def __str__(self) -> str:
+        if self.below == math.inf:
+            return f"{'>' if self.strict else '>='} {self.low}"
+        return f"in {'(' if self.strict else '['}{self.low}, {self.below})"
