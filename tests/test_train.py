@@ -20,6 +20,7 @@ import torch
 from dcign_fast.models import DCIGN
 from dcign_fast.train import TrainConfig, Trainer
 from dcign_fast.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from dcign_fast.train.trainer import default_source
 
 FAST = ["batch_size=4", "log_every=1", "image_every=1000", "threads=1", "device=cpu"]
 
@@ -279,6 +280,9 @@ def test_the_extreme_seeds_draw_batches(seed):
         shard_generator(seed + offset, 10**6, 7)
     latent_seed(seed, 10**6, 7)
     assert TrainConfig().override(["grad_clip=null", "time_limit_s=null"]).grad_clip is None
+    render, _ = default_source(TrainConfig(seed=seed, batch_size=2), 16, torch.device("cpu"))  # the built-in renderer
+    images, _ = render("azimuth", shard_generator(seed, 0, 0))
+    assert images.shape == (2, 1, 16, 16)
 
 
 def test_every_numeric_option_has_bounds():

@@ -60,7 +60,8 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
     if config.data == "render":
         from dcign_fast.data import KINDS, SweepSampler
 
-        sampler = SweepSampler(size=image_size, batch_size=config.batch_size, seed=config.seed, device=device)
+        # Only sampler.batch is used, with the trainer's generators: the sampler's own seeded stream is not.
+        sampler = SweepSampler(size=image_size, batch_size=config.batch_size, device=device)
         return (lambda kind, generator: sampler.batch(kind, generator)[:2]), KINDS
     from dcign_fast.data.folders import SweepFolders
 
