@@ -379,3 +379,16 @@ def test_resume_from_a_checkpoint_that_did_not_record_its_precision(tmp_path):
     state["config"]["bf16"] = None  # as checkpoints of earlier versions stored it
     torch.save(state, checkpoint / "trainer.pt")
     assert Trainer(config(tmp_path, steps=2, bf16=False), resume=True, render=blobs).bf16 is False
+
+
+def test_progress_images_of_a_dataset_with_intrinsic_sweeps_only(tmp_path):
+    """The sweeps grid's face came from an extrinsic sweep: a dataset without any raised StopIteration at the
+    first image step, before that step's checkpoint was written."""
+    from dcign_fast.data import SweepSampler
+    from dcign_fast.data.folders import export_sweeps
+
+    batch = SweepSampler(size=64, batch_size=4).batch("intrinsic", torch.Generator().manual_seed(0))
+    export_sweeps([batch], tmp_path / "data")
+    config = TrainConfig(out=str(tmp_path / "run"), steps=1, batch_size=4, data=str(tmp_path / "data"), image_every=1)
+    Trainer(config).train()
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "run" / "images").iterdir()) == ["recon", "sweeps"]

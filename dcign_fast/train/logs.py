@@ -62,15 +62,17 @@ def save_progress_images(model, stream, folder: Path, step: int, device: torch.d
     """Reconstructions of one fixed batch per kind, and the sweeps of one fixed image."""
     was_training = model.training
     model.eval()
+    batches = {kind: _fixed_batch(stream, kind) for kind in stream.kinds}
     rows, labels = [], []
-    for kind in stream.kinds:
-        images = _fixed_batch(stream, kind).to(device)[:8]
+    for kind, batch in batches.items():
+        images = batch.to(device)[:8]
         mu, _ = model.encode(images)
         rows += [images.cpu(), model.decode(mu).cpu()]
         labels += [f"{kind}", "recon"]
     save_grid(folder / f"recon-{step:08d}.png", rows, labels, scale=2)
-    references = {kind: _fixed_batch(stream, kind) for kind in stream.kinds if kind != "intrinsic"}
-    face = next(iter(references.values()))
+    references = {kind: batch for kind, batch in batches.items() if kind != "intrinsic"}
+    # A folder dataset may hold intrinsic sweeps only: the sweeps then span the face's own code +- a spread.
+    face = next(iter(references.values()), batches[stream.kinds[0]])
     sweep_grid(model, face[len(face) // 2], folder / f"sweeps-{step:08d}.png", references=references)
     model.train(was_training)
 
