@@ -250,10 +250,10 @@ class Trainer:
                         # every rank's losses, averaged (the same call on every rank: same steps)
                         averaged = mean_over_ranks(metrics, self.world, self.device)
                         self.log.write({"step": self.step, **averaged, "images_per_s": rate})
+                if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                    checkpoint = self.save()  # before the pictures, which may fail (disk full, say)
                 if self.step % c.image_every == 0 and self.world.is_main:
                     save_progress_images(self.model, self.stream, self.out / "images", self.step, self.device)
-                if self.step % c.checkpoint_every == 0 or self.step == c.steps:
-                    checkpoint = self.save()
             return TrainResult(self.step, checkpoint or self._latest(), interrupted=False)
         finally:
             bar.close()
