@@ -127,14 +127,18 @@ def _unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
     """Why (upsample, conv) cannot become an UnpoolConv2d, or "" if it can."""
     if not isinstance(upsample, nn.Upsample) or upsample.mode != "nearest":
         return "the first module is not nn.Upsample(mode='nearest')"
+    if type(upsample).forward is not nn.Upsample.forward:  # a subclass may upsample some other way
+        return "the first module overrides nn.Upsample's forward"
     scale = upsample.scale_factor
     if upsample.size is not None or scale is None:
         return "upsampling must be given by scale_factor, not size"
     scale = scale if isinstance(scale, tuple) else (scale, scale)
     if len(set(scale)) != 1 or float(scale[0]) != int(scale[0]) or int(scale[0]) < 1:
         return f"scale_factor must be one positive integer, got {upsample.scale_factor}"
-    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
-        return "the second module is not a plain nn.Conv2d"
+    if not isinstance(conv, nn.Conv2d) or any(
+        getattr(type(conv), method) is not getattr(nn.Conv2d, method) for method in ("forward", "_conv_forward")
+    ):  # e.g. weight standardisation overrides _conv_forward only
+        return "the second module is not a plain nn.Conv2d (a subclass overrides its forward)"
     if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1:
         return "the convolution must have stride 1, dilation 1 and groups 1"
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":

@@ -191,9 +191,22 @@ def _with_weight_subclass(conv: nn.Conv2d) -> nn.Conv2d:
     return conv
 
 
+class _WeightStandardisedConv(nn.Conv2d):
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        centred = weight - weight.mean((1, 2, 3), keepdim=True)
+        return super()._conv_forward(x, centred / (centred.std((1, 2, 3), keepdim=True) + 1e-5), bias)
+
+
+def _as_weight_standardised(conv: nn.Conv2d) -> nn.Conv2d:
+    standardised = _WeightStandardisedConv(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+    standardised.load_state_dict(conv.state_dict())
+    return standardised
+
+
 @pytest.mark.parametrize(
     "wrap, words",
     [
+        (_as_weight_standardised, "a subclass overrides its forward"),
         (_with_parametrized_weight, "parametriz"),
         (_with_parametrized_spectral_norm, "parametriz"),
         (_with_old_weight_norm, "not a plain nn.Parameter"),
@@ -225,6 +238,18 @@ def test_hooks_on_the_upsample_keep_the_pair_unfused():
     model[0].register_forward_hook(_hook)
     report = dc.patch(model)
     assert report.replaced == [] and "hooks" in report.skipped[0][1]
+
+
+def test_an_upsample_subclass_with_its_own_forward_keeps_the_pair_unfused():
+    class BilinearAfterAll(nn.Upsample):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.interpolate(x, scale_factor=2, mode="bilinear")
+
+    model = nn.Sequential(BilinearAfterAll(scale_factor=2), nn.Conv2d(4, 4, 3))
+    report = dc.patch(model)
+    assert report.replaced == [] and "overrides nn.Upsample's forward" in report.skipped[0][1]
+    model = nn.Sequential(nn.UpsamplingNearest2d(scale_factor=2), nn.Conv2d(4, 4, 3))  # inherits the forward
+    assert dc.patch(model).replaced == ["0 + 1"]
 
 
 def _zero_parameters(module: nn.Module) -> None:
