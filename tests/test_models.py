@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -70,6 +72,28 @@ def test_bad_config_is_a_clear_error():
         DCIGNConfig(latent_groups={"light": (2, 300)})
     with pytest.raises(ValueError, match="preset must be one of"):
         DCIGN.from_preset("paper")
+    with pytest.raises(ValueError, match=r"29 latents, from z\[3\] to z\[31\], belong to no group"):
+        DCIGNConfig(latent_dim=32, latent_groups={"azimuth": (0, 1), "elevation": (1, 2), "light": (2, 3)})
+    with pytest.raises(TypeError, match="decoder_kernel must be an integer"):
+        DCIGNConfig(decoder_kernel=7.0)
+    with pytest.raises(ValueError, match=r"encoder_channels\[1\] must be >= 1"):
+        DCIGNConfig(encoder_channels=(96, 0, 24))
+
+
+def test_edits_to_a_preset_are_checked_and_the_paper_grouping_follows_latent_dim():
+    """The intrinsic group of an edited preset kept ending at the old latent_dim: the new latents were in no
+    group, so clamped in every batch. Edits made after the config was built reached DCIGN unchecked."""
+    assert dataclasses.replace(preset("demo64"), latent_dim=64).latent_groups["intrinsic"] == (3, 64)
+    config = preset("demo64")
+    config.latent_dim = 48
+    model = DCIGN(config)
+    assert model.config.latent_groups["intrinsic"] == (3, 48) and model.to_mu.out_features == 48
+    config = preset("paper150")
+    config.image_size = 64
+    with pytest.raises(ValueError, match="the decoder produces"):
+        DCIGN(config)
+    custom = {"azimuth": (0, 2), "elevation": (2, 3), "light": (3, 4), "intrinsic": (4, 32)}
+    assert DCIGNConfig(**{**preset("demo64").to_dict(), "latent_groups": custom}).latent_groups == custom  # kept
 
 
 def test_wrong_input_shapes_are_clear_errors():

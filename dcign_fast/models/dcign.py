@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcign_fast.bounds import Bounds
 from dcign_fast.nn import UnpoolConv2d
 from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.latent_sampler import sample_latents
@@ -53,17 +54,42 @@ class DCIGNConfig:
     latent_groups: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Normalise and check every field; a ValueError or TypeError names the one at fault. Runs when the
+        config is made and again when a DCIGN is built from it, so edits made in between are checked too.
+
+        The paper's grouping (z[0], z[1], z[2], z[3:]) follows ``latent_dim``: change a preset's latent_dim
+        and its intrinsic group still reaches the last latent. Every latent must belong to a group, since
+        the trainer clamps the latents outside the batch's group to their batch mean.
+        """
         self.encoder_channels = tuple(self.encoder_channels)
         self.decoder_channels = tuple(self.decoder_channels)
-        if not self.latent_groups:
-            self.latent_groups = paper_latent_groups(self.latent_dim)
-        self.latent_groups = {k: (int(v[0]), int(v[1])) for k, v in self.latent_groups.items()}
-        for name, (start, stop) in self.latent_groups.items():
+        counts = {"image_size": self.image_size, "in_channels": self.in_channels, "latent_dim": self.latent_dim}
+        counts |= {f"encoder_channels[{i}]": c for i, c in enumerate(self.encoder_channels)}
+        counts |= {f"decoder_channels[{i}]": c for i, c in enumerate(self.decoder_channels)}
+        counts |= {"encoder_kernel": self.encoder_kernel, "decoder_kernel": self.decoder_kernel}
+        for name, value in counts.items():
+            Bounds(1).check(name, value, integer=True)
+        for name, value in (("encoder_padding", self.encoder_padding), ("decoder_padding", self.decoder_padding)):
+            Bounds(0).check(name, value, integer=True)
+        groups = {k: (int(v[0]), int(v[1])) for k, v in self.latent_groups.items()}
+        if not groups or groups == paper_latent_groups(groups.get("intrinsic", (0, 0))[1]):
+            groups = paper_latent_groups(self.latent_dim)
+        self.latent_groups = groups
+        for name, (start, stop) in groups.items():
             if not 0 <= start < stop <= self.latent_dim:
                 raise ValueError(
                     f"latent_groups[{name!r}] = ({start}, {stop}) must satisfy 0 <= start < stop <= "
                     f"latent_dim ({self.latent_dim})"
                 )
+        ungrouped = set(range(self.latent_dim)).difference(*(range(*span) for span in groups.values()))
+        if ungrouped:
+            raise ValueError(
+                f"{len(ungrouped)} latents, from z[{min(ungrouped)}] to z[{max(ungrouped)}], belong to no group of "
+                f"latent_groups {groups} (latent_dim {self.latent_dim}): training would clamp them in every batch"
+            )
         decoded = self.decoder_sizes()[-1]
         if decoded != self.image_size:
             raise ValueError(
@@ -143,6 +169,7 @@ class DCIGN(nn.Module):
     def __init__(self, config: DCIGNConfig, backend: str = "auto") -> None:
         super().__init__()
         check_backend_name(backend)
+        config.check()
         self.config = config
         c = config
         layers: list[nn.Module] = []
