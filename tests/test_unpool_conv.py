@@ -224,6 +224,21 @@ def test_forward_mode_ad_is_refused_not_zero():
     assert tangent.abs().max() > 0
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_autocast_casts_as_it_casts_conv2d(backend):
+    """Autocast casts float32 and float16 inputs to its dtype and leaves float64 alone, as for F.conv2d."""
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        x, w, b = (
+            torch.randn(2, 3, 5, 4, dtype=dtype),
+            torch.randn(4, 3, 3, 3, dtype=dtype),
+            torch.randn(4, dtype=dtype),
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = F.conv2d(F.interpolate(x, scale_factor=2), w, b, padding=1)
+            out = dc.unpool_conv2d(x, w, b, padding=1, backend=backend)
+        assert out.dtype == expected.dtype == (torch.float64 if dtype == torch.float64 else torch.bfloat16), dtype
+
+
 def test_meta_tensors_give_shapes():
     x, w = torch.empty(2, 3, 5, 5, device="meta"), torch.empty(4, 3, 3, 3, device="meta")
     assert dc.unpool_conv2d(x, w, padding=1).shape == (2, 4, 10, 10)

@@ -334,14 +334,16 @@ def check_unpool_conv_args(x: object, weight: object, bias: object, padding: obj
 
 
 def _autocast_inputs(x: object, weight: object, bias: object) -> tuple[object, object, object]:
-    """The inputs cast to the autocast dtype when autocast is on for x's device (floating tensors only)."""
+    """The inputs cast to the autocast dtype when autocast is on for x's device, as autocast casts
+    F.conv2d's: floating tensors other than float64."""
     # meta tensors (shape inference) have no autocast state to ask about
     if not isinstance(x, torch.Tensor) or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(x.device.type)
 
     def cast(t: object) -> object:
-        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
 
     return cast(x), cast(weight), cast(bias)
 
