@@ -115,10 +115,13 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_eval_output_goes_to_the_run_whichever_path_names_it(tmp_path):
-    from dcign_fast.eval.eval_cli import run_folder
+    from dcign_fast.eval.eval_cli import default_out
 
     step = tmp_path / "run" / "checkpoints" / "step-00000002"
     step.mkdir(parents=True)
     (step / "model.safetensors").touch()
     for path in (tmp_path / "run", tmp_path / "run" / "checkpoints", step, step / "model.safetensors"):
-        assert run_folder(path) == tmp_path / "run", path
+        assert default_out(path) == tmp_path / "run" / "eval", path
+    # A weights file kept outside a run (it went two folders up, and raised IndexError near the root).
+    (tmp_path / "faces.safetensors").touch()
+    assert default_out(tmp_path / "faces.safetensors") == tmp_path / "faces-eval"

@@ -15,18 +15,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="a run folder or its checkpoints folder (the newest checkpoint), a checkpoint folder or its weights",
     )
-    parser.add_argument("--out", type=Path, help="folder for eval.json and scatter.png (default: beside the run)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="folder for eval.json and scatter.png (default: <run>/eval, or <name>-eval beside a lone weights file)",
+    )
     parser.add_argument("--sweeps", type=positive_int, default=40, help="held-out sweeps per extrinsic group")
     parser.add_argument("--identities", type=positive_int, default=100, help="identities for cross-pose retrieval")
     parser.add_argument("--device", default="cpu")
 
 
-def run_folder(path: Path) -> Path:
-    """The run a --checkpoint path belongs to: <run>/checkpoints/step-N/model.safetensors, whichever of those
-    folders or that file it names."""
+def default_out(path: Path) -> Path:
+    """Where eval writes unless --out says: ``<run>/eval`` for a path into a run
+    (<run>/checkpoints/step-N/model.safetensors, whichever of those folders or that file it names), and
+    ``<name>-eval`` beside a weights file kept elsewhere."""
     from dcign_fast.train.checkpoint import weights_file
 
-    return weights_file(path).resolve().parents[2]
+    weights = weights_file(path).resolve()
+    if weights.parent.parent.name == "checkpoints":
+        return weights.parents[2] / "eval"
+    return weights.with_name(f"{weights.stem}-eval")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device, "--device")  # before the checkpoint loads
     model = DCIGN.from_checkpoint(args.checkpoint).to(device)
-    out = args.out or run_folder(Path(args.checkpoint).resolve()) / "eval"
+    out = args.out or default_out(Path(args.checkpoint))
     results = evaluate(model, out=out, sweeps=args.sweeps, identities=args.identities)
     print(json.dumps(results, indent=2))
     print(f"wrote {out / 'eval.json'} and {out / 'scatter.png'}")
