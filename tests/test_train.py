@@ -392,3 +392,12 @@ def test_progress_images_of_a_dataset_with_intrinsic_sweeps_only(tmp_path):
     config = TrainConfig(out=str(tmp_path / "run"), steps=1, batch_size=4, data=str(tmp_path / "data"), image_every=1)
     Trainer(config).train()
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "run" / "images").iterdir()) == ["recon", "sweeps"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["triton_backend", "cuda_backend"])  # (-m cuda: GPU)
+def test_a_gpu_backend_on_a_cpu_run_is_refused_before_anything_is_written(backend, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DCIGN_FAST_CUDA_EMULATION", raising=False)
+    with pytest.raises(ValueError, match=f"backend='{backend}' needs"):
+        Trainer(TrainConfig(out=str(tmp_path / "run"), backend=backend, device="cpu", data_pool=5))
+    assert not (tmp_path / "run").exists()
