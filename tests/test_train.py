@@ -231,6 +231,8 @@ def test_option_types_are_checked(assignment, error, words):
         TrainConfig().override([assignment])
     assert TrainConfig().override(["lr=1", "grad_clip=null"]).lr == 1.0  # ints become floats; None allowed
     assert TrainConfig().override(["time_limit_s=3e3"]).time_limit_s == 3000.0  # YAML's "3e3" is a string
+    read = TrainConfig().override(["kind_weights={azimuth: 1e-3}", "betas=[0.9, 1e-3]"])  # so are these
+    assert read.kind_weights == {"azimuth": 0.001} and read.betas == (0.9, 0.001)
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,15 @@ def load_yaml(text: str, where: str) -> Any:
         raise ValueError(f"{where} is not valid YAML: {' '.join(problem.split())}") from err
 
 
+def _as_float(value: Any) -> Any:
+    """An int or a numeric string as a float (YAML reads 1e-3, without a dot, as a string); anything else,
+    and an int too large for a float, unchanged, for the type check to name."""
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, OverflowError):
+            return float(value)
+    return value
+
+
 @dataclass
 class TrainConfig:
     """Everything that determines a training run (with the seed, a run is reproducible)."""
@@ -151,22 +160,20 @@ class TrainConfig:
             if value is None and "None" in kinds:
                 continue
             expected = _SCALARS.get(kinds[0])
-            if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-                # YAML reads 1e-3 (no dot) as a string; an int too large for a float stays an int (a TypeError).
-                with contextlib.suppress(ValueError, OverflowError):
-                    value = float(value)
+            if expected is float:
+                value = _as_float(value)
                 setattr(self, f.name, value)
             if expected is not None and (type(value) is not expected):
                 raise TypeError(f"{f.name} must be {f.type}, got {value!r}")
+        betas = self.betas
         if not (
-            isinstance(self.betas, (tuple, list))
-            and len(self.betas) == 2
-            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas)
+            isinstance(betas, (tuple, list)) and len(betas) == 2 and all(type(_as_float(b)) is float for b in betas)
         ):
-            raise TypeError(f"betas must be two numbers, got {self.betas!r}")
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
+            raise TypeError(f"betas must be two numbers, got {betas!r}")
+        self.betas = (_as_float(betas[0]), _as_float(betas[1]))
         if not isinstance(self.kind_weights, dict):
             raise TypeError(f"kind_weights must map batch kinds to numbers, got {self.kind_weights!r}")
+        self.kind_weights = {kind: _as_float(weight) for kind, weight in self.kind_weights.items()}
         for kind, weight in self.kind_weights.items():
             Bounds(0).check(f"kind_weights[{kind!r}]", weight)
 
