@@ -53,13 +53,18 @@ def export_sweeps(batches: Iterable[Batch], root: str | Path, start: int = 0) ->
     return count
 
 
+# White in each grey mode: 8 bits; 16 bits (PIL opens 16-bit PNGs as I;16 or I); floating point, as in [0, 1].
+_GREY_SCALE = {"L": 255.0, "I;16": 65535.0, "I": 65535.0, "F": 1.0}
+
+
 def read_grey(path: Path, size: int | None) -> np.ndarray:
-    """One image as float32 grey in [0, 1], [size, size] (or native size when None). Names the file on error."""
+    """One image as float32 grey in [0, 1], [size, size] (or native size when None). Names the file on error.
+    Floating-point images are taken to be in [0, 1]; values outside are clipped."""
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("L", "I;16", "I", "F"):
-                grey = np.asarray(image.convert("F"), dtype=np.float32) / (255.0 if image.mode == "L" else 65535.0)
+            if image.mode in _GREY_SCALE:
+                grey = np.asarray(image.convert("F"), dtype=np.float32) / _GREY_SCALE[image.mode]
             else:
                 grey = np.asarray(image.convert("RGB"), dtype=np.float32) @ _GREY / 255.0
     except (OSError, ValueError, SyntaxError) as err:

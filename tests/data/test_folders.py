@@ -94,3 +94,21 @@ def test_corrupt_cache_shard_names_the_file(tmp_path, batches):
     (tmp_path / "index.json").unlink()
     with pytest.raises(DatasetError, match="index.json"):
         SweepCache(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "mode, white, suffix",
+    [("L", 255, "png"), ("I;16", 65535, "png"), ("I", 65535, "tiff"), ("F", 1.0, "tiff")],
+)
+def test_every_grey_mode_reads_into_zero_to_one(mode, white, suffix, tmp_path):
+    """Float images were divided by 65535, as if 16-bit: a [0, 1] TIFF read as black."""
+    from dcign_fast.data.folders import read_grey
+
+    grey = np.random.default_rng(0).random((6, 5), dtype=np.float32)
+    stored = grey * white if mode == "F" else np.round(grey * white)
+    dtype = {"L": np.uint8, "I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    path = tmp_path / f"image.{suffix}"
+    Image.fromarray(stored.astype(dtype)).save(path)  # the dtype picks the mode
+    with Image.open(path) as image:
+        assert image.mode == mode or (mode == "I;16" and image.mode in ("I", "I;16"))
+    assert np.allclose(read_grey(path, None), grey, atol=0.6 / white)
