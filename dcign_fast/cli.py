@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -42,6 +43,18 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def image_file(text: str) -> Path:
+    """argparse type: a path to write a picture to, whose extension names a format PIL writes (.png, .jpg...)."""
+    from PIL import Image
+
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"must be a file to write, got the folder {text!r}")
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        raise argparse.ArgumentTypeError(f"must end in an image extension such as .png, got {text!r}")
+    return path
 
 
 def run_reporting_errors(prog: str, run, args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dcign_fast.cli import positive_int
+from dcign_fast.cli import image_file, positive_int
 from dcign_fast.data.cache import write_cache
 from dcign_fast.data.folders import export_sweeps
 from dcign_fast.data.preview import preview_grid
@@ -18,7 +18,7 @@ from dcign_fast.data.sweeps import SweepSampler
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, help="dataset folder to write")
-    target.add_argument("--preview", type=Path, help="write a labelled grid PNG of all four sweep kinds")
+    target.add_argument("--preview", type=image_file, help="write a labelled grid PNG of all four sweep kinds")
     parser.add_argument("--batches", type=positive_int, default=100, help="number of batches to write (with --out)")
     parser.add_argument("--size", type=positive_int, default=64, help="image side in pixels (e.g. 64, 128, 150)")
     parser.add_argument(

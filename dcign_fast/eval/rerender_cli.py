@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcign_fast.cli import positive_int
+from dcign_fast.cli import image_file, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a run folder or its checkpoints folder (the newest checkpoint), a checkpoint folder or its weights",
     )
     parser.add_argument("--image", required=True, type=Path, help="a face photo or render (any size, RGB or grey)")
-    parser.add_argument("--out", type=Path, default=Path("sweeps.png"))
+    parser.add_argument("--out", type=image_file, default=Path("sweeps.png"), help="the grid picture (.png)")
     parser.add_argument("--steps", type=positive_int, default=9, help="images per sweep")
 
 

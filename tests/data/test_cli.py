@@ -46,3 +46,14 @@ def test_render_refuses_bad_sampler_options_in_one_line(option, value, words, tm
     assert main(["render", "--preview", str(tmp_path / "p.png"), option, value]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize(
+    "command", [["render", "--preview"], ["rerender", "--checkpoint", "c", "--image", "i", "--out"]]
+)
+def test_a_picture_path_without_an_image_extension_is_refused_up_front(command, tmp_path, capsys):
+    """PIL named neither the option nor the path ("unknown file extension: "), after the work was done."""
+    for path, words in ((tmp_path / "grid", "must end in an image extension"), (tmp_path, "must be a file to write")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, str(path)])
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err
