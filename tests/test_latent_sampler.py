@@ -283,6 +283,18 @@ def test_bad_arguments(change, error, words):
         sample_latents(args.pop("mu"), args.pop("logvar"), args.pop("active"), **args)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_numpy_scalars_are_accepted_as_numbers(backend):
+    """A seed or strength computed with numpy (np.int64, np.float32) was refused as not an int / float."""
+    import numpy as np
+
+    mu, logvar = random_inputs(4, 6)
+    active = torch.rand(6) < 0.5
+    ours = sample_latents(mu, logvar, active, invariance=np.float32(0.5), seed=np.int64(3), backend=backend)
+    pythons = sample_latents(mu, logvar, active, invariance=0.5, seed=3, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(ours, pythons))
+
+
 def compile_kernels_for_sm90() -> list[dict[str, object]]:
     """Both kernels as the launcher runs them for paper150's 200 latents at batch 20 and 128, float32 and
     bfloat16, in their variants with the most code (the forward's batch-mean pass, the backward's pull)."""

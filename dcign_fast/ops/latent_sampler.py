@@ -39,6 +39,7 @@ graph replays the same noise.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -204,14 +205,15 @@ def check_sample_latents_args(
             raise ValueError(f"active must be on mu's device ({mu.device}), got {active.device}")
     if clamp not in CLAMPS:
         raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
-    if isinstance(invariance, bool) or not isinstance(invariance, (int, float)):
+    # numbers.Real and Integral: numpy scalars are accepted too (sample_latents turns them into Python's).
+    if isinstance(invariance, bool) or not isinstance(invariance, numbers.Real):
         raise TypeError(f"invariance must be a float, got {type(invariance).__name__}")
     if not (math.isfinite(invariance) and invariance >= 0):
         raise ValueError(f"invariance must be a finite float >= 0, got {invariance!r}")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        if not SEED_RANGE[0] <= int(seed) < SEED_RANGE[1]:
             raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
 
 
@@ -245,18 +247,19 @@ def sample_latents(
         z [B, D] and kl [B] (KL of each row's clamped posterior to N(0, I)), in mu's dtype.
     """
     check_sample_latents_args(mu, logvar, active, clamp, invariance, seed)
+    invariance, seed = float(invariance), None if seed is None else int(seed)
     check_backend_runs_on(backend, mu.device, IMPLEMENTATIONS)
     name = choose_backend(mu) if backend == "auto" else backend
     if name in ("triton", "cuda") and mu.dtype == torch.float64:
         raise ValueError(f"backend={name!r} takes float16, bfloat16 or float32 mu and logvar, got float64")
     if name == "reference":
         seed, offset = draw_seed_offset(mu.device, mu.numel()) if seed is None else (seed % 2**64, 0)
-        return sample_latents_reference(mu, logvar, active, clamp, float(invariance), seed, offset)
+        return sample_latents_reference(mu, logvar, active, clamp, invariance, seed, offset)
     check_no_forward_ad("sample_latents", name, mu, logvar)
     if seed is not None:
         seed = as_int64(seed)
     # The registered custom op (dcign_fast.ops.library); with seed None it draws (seed, offset) itself.
-    z, kl, _ = torch.ops.dcign_fast.sample_latents(mu, logvar, active, clamp == "first", float(invariance), seed, name)
+    z, kl, _ = torch.ops.dcign_fast.sample_latents(mu, logvar, active, clamp == "first", invariance, seed, name)
     return z, kl
 
 
