@@ -169,6 +169,70 @@ def test_gradcheck_float64_all_active():
         )
 
 
+def test_gradgradcheck_float64_all_active():
+    mu, logvar = (t.double().requires_grad_() for t in random_inputs(4, 3))
+    assert torch.autograd.gradgradcheck(
+        lambda m, lv: sample_latents(m, lv, seed=13, backend="torch"), (mu, logvar), eps=1e-6, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("clamp", ["mean", "first"])
+def test_double_backward_matches_reference(clamp):
+    """A gradient penalty differentiates the backward (create_graph=True): the fused op had no formula for it."""
+    mu, logvar = (t.double().requires_grad_() for t in random_inputs(5, 7))
+    active = torch.rand(7) < 0.5
+    weights = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+
+    def penalised_grads(backend: str) -> list[torch.Tensor]:
+        z, kl = sample_latents(mu, logvar, active, clamp=clamp, invariance=0.3, seed=11, backend=backend)
+        loss = (z.sin() * weights[0]).sum() + (kl.square() * weights[1]).sum()
+        grads = torch.autograd.grad(loss, (mu, logvar), create_graph=True)
+        return [*grads, *torch.autograd.grad(sum(g.square().sum() for g in grads), (mu, logvar))]
+
+    for got, want in zip(penalised_grads("torch"), penalised_grads("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:.*batching rule")
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_vmap_with_a_seed_matches_a_loop(backend):
+    mu, logvar = random_inputs(3 * 4, 5)
+    mu, logvar = mu.view(3, 4, 5), logvar.view(3, 4, 5)
+    active = torch.rand(5) < 0.5
+
+    def sample(m: torch.Tensor, lv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample_latents(m, lv, active, invariance=0.1, seed=7, backend=backend)
+
+    batched = torch.func.vmap(sample)(mu, logvar)
+    looped = [torch.stack(outputs) for outputs in zip(*(sample(m, lv) for m, lv in zip(mu, logvar)))]
+    for got, want in zip(batched, looped):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*batching rule")
+@pytest.mark.parametrize(
+    "backend, randomness, outcome",
+    [
+        ("torch", "different", "each sample its own noise"),
+        ("torch", "same", NotImplementedError),
+        ("torch", "error", RuntimeError),
+        ("reference", "different", NotImplementedError),  # it would draw once: the same noise for all
+        ("reference", "same", NotImplementedError),
+        ("reference", "error", RuntimeError),
+    ],
+)
+def test_vmap_randomness_is_honoured_or_refused_with_seed_none(backend, randomness, outcome):
+    """seed=None draws from torch's generator, which vmap does not see: vmap's randomness was ignored."""
+    mu, logvar = (t.view(3, 4, 5) for t in random_inputs(3 * 4, 5))
+    vmapped = torch.func.vmap(lambda m, lv: sample_latents(m, lv, backend=backend), randomness=randomness)
+    if isinstance(outcome, type):
+        with pytest.raises(outcome, match="seed=None"):
+            vmapped(mu, logvar)
+        return
+    eps = (vmapped(mu, logvar)[0] - mu) / torch.exp(0.5 * logvar)
+    assert not torch.allclose(eps[0], eps[1]) and not torch.allclose(eps[1], eps[2])
+
+
 def test_statistics_of_noise_torch():
     batch, dim = 5000, 200  # 10**6 draws
     mu, logvar = random_inputs(batch, dim)

@@ -239,6 +239,17 @@ def test_autocast_casts_as_it_casts_conv2d(backend):
         assert out.dtype == expected.dtype == (torch.float64 if dtype == torch.float64 else torch.bfloat16), dtype
 
 
+@pytest.mark.filterwarnings("ignore:.*batching rule")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vmap_matches_a_loop(backend):
+    x, w, b = torch.randn(3, 2, 4, 5, 6), torch.randn(3, 4, 3, 3), torch.randn(3)
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        return dc.unpool_conv2d(x, w, b, padding=1, activation="relu", backend=backend)
+
+    torch.testing.assert_close(torch.func.vmap(layer)(x), torch.stack([layer(xi) for xi in x]), rtol=0, atol=0)
+
+
 def test_meta_tensors_give_shapes():
     x, w = torch.empty(2, 3, 5, 5, device="meta"), torch.empty(4, 3, 3, 3, device="meta")
     assert dc.unpool_conv2d(x, w, padding=1).shape == (2, 4, 10, 10)

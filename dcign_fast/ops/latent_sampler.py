@@ -33,7 +33,9 @@ The torch, triton and cuda backends run inside the custom op ``dcign_fast::sampl
 (:mod:`dcign_fast.ops.library`, so torch.compile traces them without graph breaks); they save only mu,
 logvar, active and the (seed, offset) drawn with; eps is regenerated in the backward. Under CUDA graph
 capture pass ``seed`` explicitly: a seed=None draw cannot be captured (an error), and the captured
-graph replays the same noise.
+graph replays the same noise. Under ``torch.func.vmap`` an explicit seed gives every sample the same
+noise; seed=None draws each sample its own (``randomness="different"``, torch/triton/cuda backends), and
+is refused where vmap's randomness or the reference backend would make it mean something else.
 """
 
 from __future__ import annotations
@@ -183,6 +185,30 @@ def as_int64(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
 
+def check_vmap_randomness(seed: int | None, backend: str) -> None:
+    """seed=None draws noise from torch's generator, which vmap does not see: PyTorch's per-sample fallback
+    runs the fused op once per sample (randomness="different"), while the reference draws once for the
+    whole vmap (every sample the same). Any other combination is refused rather than silently ignored."""
+    if seed is not None:
+        return
+    from torch._functorch.pyfunctorch import VmapInterpreter, retrieve_all_functorch_interpreters
+
+    for interpreter in retrieve_all_functorch_interpreters():
+        if not isinstance(interpreter, VmapInterpreter):
+            continue
+        if interpreter.randomness() == "error":
+            raise RuntimeError(
+                "sample_latents with seed=None draws random noise, which vmap(randomness='error') forbids: "
+                "pass seed= or choose randomness='different'"
+            )
+        if interpreter.randomness() == "same" or backend == "reference":
+            raise NotImplementedError(
+                f"sample_latents with seed=None under vmap(randomness={interpreter.randomness()!r}) and "
+                f"backend={backend!r} cannot draw as asked: pass seed= (the same noise for every sample), or "
+                "use randomness='different' with another backend (each sample its own noise)"
+            )
+
+
 def check_sample_latents_args(
     mu: object, logvar: object, active: object, clamp: object, invariance: object, seed: object
 ) -> None:
@@ -250,6 +276,7 @@ def sample_latents(
     invariance, seed = float(invariance), None if seed is None else int(seed)
     check_backend_runs_on(backend, mu.device, IMPLEMENTATIONS)
     name = choose_backend(mu) if backend == "auto" else backend
+    check_vmap_randomness(seed, name)
     if name in ("triton", "cuda") and mu.dtype == torch.float64:
         raise ValueError(f"backend={name!r} takes float16, bfloat16 or float32 mu and logvar, got float64")
     if name == "reference":

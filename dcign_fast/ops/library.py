@@ -193,9 +193,17 @@ def _sampler_backward(ctx, grad_z, grad_kl, _grad_rng):
     # An unused output's gradient may arrive as None: it contributes nothing.
     grad_z = torch.zeros_like(mu) if grad_z is None else grad_z
     grad_kl = mu.new_zeros(mu.shape[:1]) if grad_kl is None else grad_kl
-    grad_mu, grad_logvar = sample_latents_backward_op(
-        mu, logvar, active, ctx.invariance, rng, grad_z, grad_kl, ctx.backend
-    )
+    if torch.is_grad_enabled():
+        # create_graph=True (a gradient penalty, say): the torch backend's backward, written in differentiable
+        # ops, gives the same gradients and a graph to differentiate them through.
+        seed, offset = rng.tolist()
+        grad_mu, grad_logvar = latent_sampler.sample_latents_torch_backward(
+            mu, logvar, active, ctx.invariance, seed % 2**64, offset, grad_z, grad_kl
+        )
+    else:
+        grad_mu, grad_logvar = sample_latents_backward_op(
+            mu, logvar, active, ctx.invariance, rng, grad_z, grad_kl, ctx.backend
+        )
     return grad_mu, grad_logvar, None, None, None, None, None
 
 

@@ -30,13 +30,20 @@ class _InvariancePull(torch.autograd.Function):
     """Zeros in the forward; in the backward, whatever the output gradients, the invariance pull.
 
     Its zero outputs are added to z and kl so that this backward runs whenever either gets a gradient.
+    Written with a separate setup_context, so torch.func.vmap can batch it.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, mu, logvar, inactive, invariance):
+    def forward(mu, logvar, inactive, invariance):
+        return mu.new_zeros(mu.shape), mu.new_zeros(mu.shape[:1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mu, logvar, inactive, invariance = inputs
         ctx.save_for_backward(mu, logvar, inactive)
         ctx.invariance = invariance
-        return mu.new_zeros(mu.shape), mu.new_zeros(mu.shape[:1])
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
