@@ -233,6 +233,28 @@ def test_vmap_randomness_is_honoured_or_refused_with_seed_none(backend, randomne
     assert not torch.allclose(eps[0], eps[1]) and not torch.allclose(eps[1], eps[2])
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.5, 0.75, 0.8, 1.0])
+def test_torch_backward_sparse_eps_is_bit_identical(fraction):
+    """The CPU backward regenerates eps for the active columns only (when few are active): the same bits as
+    the dense formula, NaN included."""
+    from dcign_fast.ops import latent_sampler, philox
+
+    batch, dim = 33, 40
+    mu, logvar = random_inputs(batch, dim)
+    mu[3, 5] = float("nan")
+    active = torch.rand(dim) < fraction
+    grad_z, grad_kl = torch.randn(batch, dim), torch.randn(batch)
+    got = latent_sampler.sample_latents_torch_backward(mu, logvar, active, 0.3, 2**64 - 5, 17, grad_z, grad_kl)
+    eps = philox.normal(2**64 - 5, 17, (batch, dim))
+    std = torch.exp(0.5 * logvar)
+    dense = torch.where(
+        active,
+        0.5 * (grad_z * std * eps + grad_kl[:, None] * (std * std - 1)),
+        0.3 * (logvar - logvar.mean(0, keepdim=True)),
+    )
+    assert torch.equal(got[1].view(torch.int32), dense.view(torch.int32))
+
+
 def test_statistics_of_noise_torch():
     batch, dim = 5000, 200  # 10**6 draws
     mu, logvar = random_inputs(batch, dim)

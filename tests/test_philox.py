@@ -84,3 +84,17 @@ def test_normal_statistics():
     expected_tail = math.erfc(2 / math.sqrt(2))  # P(|eps| > 2) for a standard normal
     tail = (eps.abs() > 2).double().mean().item()
     assert abs(tail - expected_tail) < 5 * (expected_tail * (1 - expected_tail) / n) ** 0.5
+
+
+@pytest.mark.parametrize(
+    "seed, offset, count",
+    [(1234, 0, 4000), (2**40 + 12345, 2**32 - 300, 1000), (2**64 - 977, 2**45 + 3, 5000), (7, 2**33 - 70000, 140000)],
+    ids=["small", "offset-crosses-2^32", "uint64-seed", "chunks-cross-2^32"],
+)
+@pytest.mark.parametrize("chunk", [philox.CHUNK, 777])
+def test_fast_paths_are_the_same_stream_bit_for_bit(seed, offset, count, chunk):
+    """normal_fast and normal_at (the torch backend's) against normal, the spec the known answers check."""
+    expected = philox.normal(seed, offset, (count,))
+    assert torch.equal(philox.normal_fast(seed, offset, (count,), chunk=chunk), expected)
+    index = torch.randint(0, count, (7, count // 21 + 1))
+    assert torch.equal(philox.normal_at(seed, offset, index, chunk=chunk), expected[index])

@@ -23,7 +23,9 @@ the whole column (the mean is non-finite) and hence every row's kl.
 
 Backends:
   reference  the oracle: plain torch with autograd.
-  torch      vectorised torch forward and backward; runs anywhere.
+  torch      vectorised torch forward and backward; runs anywhere. Draws eps with ``philox.normal_fast``
+             (the same bits as ``philox.normal``); on the CPU its backward regenerates eps only for active
+             columns when at most 3/4 of them are active (the others' gradients never read eps).
   triton     one forward and one backward kernel (:mod:`dcign_fast.kernels.triton.latent_sampler`);
              float16/bfloat16/float32 on CUDA (or under TRITON_INTERPRET=1).
   cuda       CUDA C++ kernels of the compiled extension (:mod:`dcign_fast.kernels.cuda_ops`, csrc/);
@@ -86,7 +88,20 @@ def _clamped(
 
 
 def _eps(mu: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
-    return philox.normal(seed, offset, tuple(mu.shape), mu.device).to(_compute_dtype(mu))
+    return philox.normal_fast(seed, offset, tuple(mu.shape), mu.device).to(_compute_dtype(mu))
+
+
+def _sparse_columns(active: torch.Tensor | None, mu: torch.Tensor) -> torch.Tensor | None:
+    """The active columns when the backward should regenerate eps for them alone, else None.
+
+    Only active columns' gradients read eps (inactive ones get the invariance pull), so with few active
+    columns (a DC-IGN batch varies one factor) the backward draws B * len(columns) normals instead of B * D.
+    CPU only: finding the columns reads ``active`` on the host (a sync on CUDA, an error under graph capture).
+    """
+    if active is None or mu.device.type != "cpu":
+        return None
+    columns = active.nonzero()[:, 0]
+    return columns if 4 * columns.numel() <= 3 * mu.shape[1] else None
 
 
 def sample_latents_torch_forward(
@@ -112,13 +127,23 @@ def sample_latents_torch_backward(
     compute = _compute_dtype(mu)
     m, lv = mu.to(compute), logvar.to(compute)
     gz, gkl = grad_z.to(compute), grad_kl.to(compute)[:, None]
-    std = torch.exp(0.5 * lv)
     # d z / d mu = 1, d kl / d mu = mu; d z / d logvar = std * eps / 2, d kl / d logvar = (exp(logvar) - 1) / 2.
     grad_mu = torch.addcmul(gz, gkl, m)
-    grad_logvar = 0.5 * (gz * std * _eps(mu, seed, offset) + gkl * (std * std - 1))
     if active is not None:
         grad_mu = torch.where(active, grad_mu, invariance * (m - m.mean(0, keepdim=True)))
-        grad_logvar = torch.where(active, grad_logvar, invariance * (lv - lv.mean(0, keepdim=True)))
+    columns = _sparse_columns(active, mu)
+    if columns is None:
+        std = torch.exp(0.5 * lv)
+        grad_logvar = 0.5 * (gz * std * _eps(mu, seed, offset) + gkl * (std * std - 1))
+        if active is not None:
+            grad_logvar = torch.where(active, grad_logvar, invariance * (lv - lv.mean(0, keepdim=True)))
+    else:
+        # The same elementwise expressions (so the same bits) on the active columns alone, eps drawn there only.
+        grad_logvar = invariance * (lv - lv.mean(0, keepdim=True))
+        index = torch.arange(0, mu.numel(), mu.shape[1], device=mu.device)[:, None] + columns
+        std = torch.exp(0.5 * lv[:, columns])
+        eps = philox.normal_at(seed, offset, index).to(compute)
+        grad_logvar[:, columns] = 0.5 * (gz[:, columns] * std * eps + gkl * (std * std - 1))
     return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
 
 

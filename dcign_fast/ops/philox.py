@@ -23,7 +23,9 @@ The mapping, precisely (all words uint32; ``lo(x) = x & 0xffffffff``, ``hi(x) = 
    ``eps = sqrtf(-2.0f * logf(u0)) * cosf(6.283185307179586f * u(x1))``.
 
 The uint32 arithmetic runs on int64 tensors holding values in ``[0, 2**32)``; the 32x32-bit products
-are split into two 32x16-bit products (< 2**48) so no int64 operation overflows.
+are split into two 32x16-bit products (< 2**48) so no int64 operation overflows. That is the readable
+definition (``normal``, checked against Random123's known answers); the torch backend draws with
+``normal_fast`` and ``normal_at``, the same bits from about a quarter of the tensor operations.
 """
 
 from __future__ import annotations
@@ -110,3 +112,101 @@ def normal(seed: int, offset: int, shape: tuple[int, ...], device: torch.device 
         count *= size
     x0, x1 = philox_words(seed, offset, count, device)
     return box_muller(x0, x1).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------- fast path
+# The same stream as ``normal`` (tests check it bit for bit), computed with about a quarter of the tensor ops:
+#  * one int64 multiply per 32x32-bit product: the product of two words is below 2**64, so the int64 product
+#    (which wraps mod 2**64, as torch's integer multiply does on every device) holds its exact low word in bits
+#    0..31 and its exact high word in bits 32..63 (read with an arithmetic shift, then masked);
+#  * the low words of products stay unmasked (only their low 32 bits are ever read: they are xored into a word
+#    that is then masked, or read as an int32 view at the end), so a Philox round is 10 ops instead of 22;
+#  * the words that are zero or equal for every counter (c2 = c3 = 0 at the start, hi(n) when no counter crosses
+#    a multiple of 2**32) are Python ints through rounds 1-3, which saves 11 of the ~100 ops;
+#  * counters go through in chunks of ``CHUNK``, so the ~8 live int64 temporaries stay in cache;
+#  * the uniform fold min(x, 0xffffffff - x) is x ^ (x >> 31) on the word's int32 view (int32 -> float32 rounds
+#    the same value the same way), and Box-Muller runs in place. Same float32 operations, same order.
+CHUNK = 1 << 16
+
+
+def _xor_hi(product: torch.Tensor | int, other: torch.Tensor | int, key: int) -> torch.Tensor | int:
+    """``hi(product) ^ lo(other) ^ key``, a clean word: ``product`` is a word times a multiplier (int64 product,
+    exact or wrapped), ``other`` a word whose low 32 bits count (a tensor's high bits may hold garbage)."""
+    if isinstance(product, int):
+        return (product >> 32) ^ other ^ key if isinstance(other, int) else (other ^ ((product >> 32) ^ key)) & MASK32
+    high = product >> 32
+    if isinstance(other, int):
+        return high.bitwise_xor_(other ^ key).bitwise_and_(MASK32)
+    return high.bitwise_xor_(other).bitwise_xor_(key).bitwise_and_(MASK32)
+
+
+def _x0x1(c0: torch.Tensor, c1: torch.Tensor | int, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 of counters (c0, c1, 0, 0): the output words x0, x1 as int64 tensors whose low 32 bits are
+    the words (the high bits may hold garbage). ``c0`` holds clean words; ``c1`` is a tensor or one int for all."""
+    k0, k1 = key
+    c: list[torch.Tensor | int | None] = [c0, c1, 0, 0]
+    for r in range(ROUNDS):
+        # A product is an int when its word is; a zero word's product is 0 (round 1's c2). Only x0 and x1 are
+        # output, so the last round skips c2, c3 (and p0) and the one before skips c0 (None: never read).
+        p0 = None if r == ROUNDS - 1 else c[0] * PHILOX_M0
+        p2 = c[2] * PHILOX_M1
+        c = [
+            None if r == ROUNDS - 2 else _xor_hi(p2, c[1], k0),
+            p2 & MASK32 if isinstance(p2, int) else p2,  # low words stay unmasked in tensors
+            None if p0 is None else _xor_hi(p0, c[3], k1),
+            p0 & MASK32 if isinstance(p0, int) else p0,
+        ]
+        k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
+    x0, x1 = c[0], c[1]
+    # After round 2 both are tensors whatever the counters (only c1 and the zero words start as ints).
+    assert isinstance(x0, torch.Tensor) and isinstance(x1, torch.Tensor)
+    return x0, x1
+
+
+def _folded_uniform(words: torch.Tensor) -> torch.Tensor:
+    """``uniform`` of a contiguous 1-D int64 tensor whose low 32 bits are the words: float32, bit for bit the same."""
+    low = words.view(torch.int32)[0::2]  # little-endian: the low halves
+    return torch.bitwise_xor(low, low >> 31).to(torch.float32).mul_(_UNIFORM_SCALE_F32)
+
+
+def _box_muller_fast(x0: torch.Tensor, x1: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``box_muller(x0, x1)`` written to ``out`` (float32), with the same float32 operations in the same order."""
+    radius = _folded_uniform(x0).clamp_(min=MIN_UNIFORM).log_().mul_(-2.0).sqrt_()
+    uniform1 = _folded_uniform(x1)
+    angle = torch.mul(_TWO_PI_F32, uniform1, out=uniform1).cos_()
+    return torch.mul(radius, angle, out=out)
+
+
+def normal_at(seed: int, offset: int, index: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """Elements ``index`` (int64, any shape, each in [0, 2**63 - offset)) of the stream (seed, offset):
+    float32 of ``index``'s shape, equal bit for bit to ``normal(seed, offset, ...)`` at those elements."""
+    out = torch.empty(index.shape, dtype=torch.float32, device=index.device)
+    flat_index, flat_out = index.reshape(-1), out.view(-1)
+    key = seed_key(seed)
+    for start in range(0, flat_index.numel(), chunk):
+        counter = flat_index[start : start + chunk] + offset
+        x0, x1 = _x0x1(counter & MASK32, counter >> 32, key)
+        _box_muller_fast(x0, x1, flat_out[start : start + chunk])
+    return out
+
+
+def normal_fast(
+    seed: int, offset: int, shape: tuple[int, ...], device: torch.device | str = "cpu", chunk: int = CHUNK
+) -> torch.Tensor:
+    """``normal(seed, offset, shape, device)``, bit for bit, in about a third of the time on CPUs."""
+    count = 1
+    for size in shape:
+        count *= size
+    out = torch.empty(count, dtype=torch.float32, device=device)
+    key = seed_key(seed)
+    for start in range(0, count, chunk):
+        first, size = offset + start, min(chunk, count - start)
+        high = first >> 32
+        if (first + size - 1) >> 32 == high:  # one high word for the whole chunk: an int through round 1
+            counter = torch.arange(first - (high << 32), first - (high << 32) + size, dtype=torch.int64, device=device)
+            x0, x1 = _x0x1(counter, high, key)
+        else:
+            counter = torch.arange(first, first + size, dtype=torch.int64, device=device)
+            x0, x1 = _x0x1(counter & MASK32, counter >> 32, key)
+        _box_muller_fast(x0, x1, out[start : start + size])
+    return out.reshape(shape)
