@@ -29,10 +29,21 @@ class Bounds:
         kind = numbers.Integral if integer else numbers.Real
         if isinstance(value, bool) or not isinstance(value, kind):
             raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-        if not self.admits(float(value) if not integer else int(value)):
-            raise ValueError(f"{name} must be {self}{'' if integer else ' and finite'}, got {value!r}")
+        finite = "" if integer else " and finite"
+        if not (integer or _fits_a_float(value)):
+            raise ValueError(f"{name} must be {self}{finite}, got an int too large for a float")
+        if not self.admits(value):
+            raise ValueError(f"{name} must be {self}{finite}, got {value!r}")
 
     def __str__(self) -> str:
         if self.below == math.inf:
             return f"{'>' if self.strict else '>='} {self.low}"
         return f"in {'(' if self.strict else '['}{self.low}, {self.below})"
+
+
+def _fits_a_float(value: numbers.Real) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True

@@ -235,6 +235,16 @@ def test_option_types_are_checked(assignment, error, words):
     assert read.kind_weights == {"azimuth": 0.001} and read.betas == (0.9, 0.001)
 
 
+def test_numpy_numbers_become_python_floats(tmp_path):
+    """A numpy scalar stored in the options would make the checkpoint unreadable (weights_only load)."""
+    import numpy as np
+
+    config = TrainConfig(kind_weights={"light": np.float32(2.5)}, betas=(np.float64(0.9), 0.99), lr=np.float32(1))
+    assert all(type(v) is float for v in (config.kind_weights["light"], *config.betas, config.lr))
+    torch.save(config.to_dict(), tmp_path / "options.pt")
+    assert TrainConfig.from_stored(torch.load(tmp_path / "options.pt", weights_only=True)) == config
+
+
 @pytest.mark.parametrize(
     "assignment, words",
     [
@@ -244,6 +254,7 @@ def test_option_types_are_checked(assignment, error, words):
         ("shape_bias=-1", "shape_bias must be >= 0"),
         ("kind_weights={light: .inf}", r"kind_weights\['light'\] must be >= 0 and finite, got inf"),
         ("kind_weights={light: -1}", r"kind_weights\['light'\] must be >= 0 and finite, got -1"),
+        (f"kind_weights={{light: {10**400}}}", r"kind_weights\['light'\] must be .* got an int too large"),
         ("time_limit_s=-1", "time_limit_s must be >= 0 and finite, or null"),
         ("lr=-1", "lr must be >= 0 and finite"),
         ("lr=.inf", "lr must be >= 0 and finite"),

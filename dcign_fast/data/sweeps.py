@@ -86,11 +86,10 @@ class SweepSampler:
         counts |= {"num_identities": num_identities} | ({} if num_batches is None else {"num_batches": num_batches})
         for name, value in counts.items():
             Bounds(1).check(name, value, integer=True)
+        Bounds(0, below=world_size).check("rank", rank, integer=True)
         Bounds(0).check("seed", seed, integer=True)  # (numpy's SeedSequence takes no negative entropy)
         Bounds(0).check("shape_bias", shape_bias)
         Bounds(0, strict=True).check("zoom", zoom)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.device = torch.device(device)
         self.num_batches, self.rank, self.world_size, self.epoch = num_batches, rank, world_size, 0

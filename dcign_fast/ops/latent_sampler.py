@@ -49,6 +49,7 @@ from typing import Callable
 
 import torch
 
+from dcign_fast.bounds import Bounds
 from dcign_fast.ops import philox
 from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_tensor
 from dcign_fast.ops.backends import check_backend_runs_on, triton_installed
@@ -257,11 +258,7 @@ def check_sample_latents_args(
             raise ValueError(f"active must be on mu's device ({mu.device}), got {active.device}")
     if clamp not in CLAMPS:
         raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
-    # numbers.Real and Integral: numpy scalars are accepted too (sample_latents turns them into Python's).
-    if isinstance(invariance, bool) or not isinstance(invariance, numbers.Real):
-        raise TypeError(f"invariance must be a float, got {type(invariance).__name__}")
-    if not (math.isfinite(invariance) and invariance >= 0):
-        raise ValueError(f"invariance must be a finite float >= 0, got {invariance!r}")
+    Bounds(0).check("invariance", invariance)  # numpy scalars too: sample_latents passes Python numbers on
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,9 +77,10 @@ def load_yaml(text: str, where: str) -> Any:
 
 
 def _as_float(value: Any) -> Any:
-    """An int or a numeric string as a float (YAML reads 1e-3, without a dot, as a string); anything else,
-    and an int too large for a float, unchanged, for the type check to name."""
-    if isinstance(value, (int, str)) and not isinstance(value, bool):
+    """A number (numpy's too) or a numeric string as a Python float (YAML reads 1e-3, without a dot, as a
+    string; a checkpoint's weights_only load refuses numpy scalars); anything else, and an int too large for
+    a float, unchanged, for the type check to name."""
+    if isinstance(value, (numbers.Real, str)) and not isinstance(value, bool):
         with contextlib.suppress(ValueError, OverflowError):
             return float(value)
     return value

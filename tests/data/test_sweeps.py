@@ -86,6 +86,9 @@ def test_kind_odds_follow_shape_bias():
         ("shape_bias", float("nan"), ValueError, "shape_bias must be >= 0 and finite, got nan"),
         ("shape_bias", -1, ValueError, "shape_bias must be >= 0 and finite, got -1"),
         ("zoom", 0, ValueError, "zoom must be > 0 and finite"),
+        ("shape_bias", 10**400, ValueError, "shape_bias must be >= 0 and finite, got an int too large"),
+        ("rank", 1, ValueError, r"rank must be in \[0, 1\), got 1"),
+        ("rank", 0.0, TypeError, "rank must be an integer"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(argument, value, error, words):
