@@ -209,6 +209,21 @@ def test_vmap_with_a_seed_matches_a_loop(backend):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_vmap_of_the_reference_gradient_matches_a_loop():
+    """Per-sample gradients (vmap of grad) through the reference's invariance pull, which vmap could not batch."""
+    mu, logvar = (t.view(3, 4, 5) for t in random_inputs(3 * 4, 5))
+    active = torch.rand(5) < 0.5
+
+    def loss(m: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
+        z, kl = sample_latents(m, lv, active, invariance=0.2, seed=7, backend="reference")
+        return z.sin().sum() + kl.sum()
+
+    batched = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)))(mu, logvar)
+    looped = [torch.func.grad(loss, argnums=(0, 1))(m, lv) for m, lv in zip(mu, logvar)]
+    for got, want in zip(batched, map(torch.stack, zip(*looped))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.filterwarnings("ignore:.*batching rule")
 @pytest.mark.parametrize(
     "backend, randomness, outcome",
@@ -241,18 +256,23 @@ def test_torch_backward_sparse_eps_is_bit_identical(fraction):
 
     batch, dim = 33, 40
     mu, logvar = random_inputs(batch, dim)
-    mu[3, 5] = float("nan")
     active = torch.rand(dim) < fraction
+    for column in (int(active.int().argmax()), int(active.int().argmin())):  # an active and an inactive one
+        mu[3, column] = logvar[4, column] = float("nan")
     grad_z, grad_kl = torch.randn(batch, dim), torch.randn(batch)
     got = latent_sampler.sample_latents_torch_backward(mu, logvar, active, 0.3, 2**64 - 5, 17, grad_z, grad_kl)
     eps = philox.normal(2**64 - 5, 17, (batch, dim))
     std = torch.exp(0.5 * logvar)
-    dense = torch.where(
-        active,
-        0.5 * (grad_z * std * eps + grad_kl[:, None] * (std * std - 1)),
-        0.3 * (logvar - logvar.mean(0, keepdim=True)),
+    dense = (
+        torch.where(active, torch.addcmul(grad_z, grad_kl[:, None], mu), 0.3 * (mu - mu.mean(0, keepdim=True))),
+        torch.where(
+            active,
+            0.5 * (grad_z * std * eps + grad_kl[:, None] * (std * std - 1)),
+            0.3 * (logvar - logvar.mean(0, keepdim=True)),
+        ),
     )
-    assert torch.equal(got[1].view(torch.int32), dense.view(torch.int32))
+    for ours, expected in zip(got, dense):
+        assert torch.equal(ours.view(torch.int32), expected.view(torch.int32))
 
 
 def test_statistics_of_noise_torch():

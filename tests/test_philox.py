@@ -88,13 +88,35 @@ def test_normal_statistics():
 
 @pytest.mark.parametrize(
     "seed, offset, count",
-    [(1234, 0, 4000), (2**40 + 12345, 2**32 - 300, 1000), (2**64 - 977, 2**45 + 3, 5000), (7, 2**33 - 70000, 140000)],
-    ids=["small", "offset-crosses-2^32", "uint64-seed", "chunks-cross-2^32"],
+    [
+        (1234, 0, 4000),
+        (2**40 + 12345, 2**32 - 300, 1000),
+        (2**64 - 977, 2**45 + 3, 5000),
+        (7, 2**33 - 70000, 140000),
+        (99, 2**63 - 3000, 3000),
+    ],
+    ids=["small", "offset-crosses-2^32", "uint64-seed", "chunks-cross-2^32", "last-counters"],
 )
 @pytest.mark.parametrize("chunk", [philox.CHUNK, 777])
 def test_fast_paths_are_the_same_stream_bit_for_bit(seed, offset, count, chunk):
     """normal_fast and normal_at (the torch backend's) against normal, the spec the known answers check."""
-    expected = philox.normal(seed, offset, (count,))
-    assert torch.equal(philox.normal_fast(seed, offset, (count,), chunk=chunk), expected)
+    expected = philox.normal(seed, offset, (count,)).view(torch.int32)  # bits: -0.0 is not 0.0
+    assert torch.equal(philox.normal_fast(seed, offset, (count,), chunk=chunk).view(torch.int32), expected)
     index = torch.randint(0, count, (7, count // 21 + 1))
-    assert torch.equal(philox.normal_at(seed, offset, index, chunk=chunk), expected[index])
+    assert torch.equal(philox.normal_at(seed, offset, index, chunk=chunk).view(torch.int32), expected[index])
+    shaped = philox.normal_fast(seed, offset, (8, count // 8), chunk=chunk)
+    assert torch.equal(shaped.view(torch.int32), expected[: count // 8 * 8].view(8, -1))
+
+
+def test_fast_path_refuses_counters_past_int64():
+    assert philox.normal_fast(5, 2**63 - 4, (2, 2)).shape == (2, 2)
+    with pytest.raises(ValueError, match="offset \\+ numel must be in \\[0, 2\\*\\*63\\]"):
+        philox.normal_fast(5, 2**63 - 3, (2, 2))
+
+
+@pytest.mark.cuda
+def test_fast_path_on_cuda_is_the_spec_on_cuda_bit_for_bit():
+    """CUDA's int64 multiply must wrap as the CPU's does, and its one-chunk pass must match."""
+    for seed, offset, count in ((1234, 0, 300_000), (2**64 - 977, 2**32 - 70_000, 140_000)):
+        expected = philox.normal(seed, offset, (count,), "cuda").view(torch.int32)
+        assert torch.equal(philox.normal_fast(seed, offset, (count,), "cuda").view(torch.int32), expected)

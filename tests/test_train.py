@@ -414,3 +414,17 @@ def test_a_gpu_backend_on_a_cpu_run_is_refused_before_anything_is_written(backen
     with pytest.raises(ValueError, match=f"backend='{backend}' needs"):
         Trainer(TrainConfig(out=str(tmp_path / "run"), backend=backend, device="cpu", data_pool=5))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_step_is_checkpointed_before_its_pictures_are_drawn(tmp_path, monkeypatch):
+    """Drawing the progress pictures can fail (a full disk): the step's checkpoint is already written."""
+    import dcign_fast.train.trainer as trainer_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(trainer_module, "save_progress_images", full_disk)
+    config = TrainConfig(out=str(tmp_path / "run"), steps=1, batch_size=2, image_every=1, data_pool=1)
+    with pytest.raises(OSError, match="No space left"):
+        Trainer(config).train()
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000001"]

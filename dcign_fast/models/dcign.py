@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -61,11 +62,22 @@ class DCIGNConfig:
         config is made and again when a DCIGN is built from it, so edits made in between are checked too.
 
         The paper's grouping (z[0], z[1], z[2], z[3:]) follows ``latent_dim``: change a preset's latent_dim
-        and its intrinsic group still reaches the last latent. Every latent must belong to a group, since
-        the trainer clamps the latents outside the batch's group to their batch mean.
+        and its intrinsic group still reaches the last latent. Latents in no group are allowed, with a
+        warning: the trainer clamps them to their batch mean in every batch.
         """
         self.encoder_channels = tuple(self.encoder_channels)
         self.decoder_channels = tuple(self.decoder_channels)
+        self._check_sizes()
+        self.latent_groups = self._checked_groups()
+        decoded = self.decoder_sizes()[-1]
+        if decoded != self.image_size:
+            raise ValueError(
+                f"the decoder produces {decoded}x{decoded} images but image_size is {self.image_size}; "
+                "adjust decoder_kernel, decoder_padding or the number of decoder_channels"
+            )
+
+    def _check_sizes(self) -> None:
+        """Sizes, channel counts and kernels are integers >= 1, paddings integers >= 0."""
         counts = {"image_size": self.image_size, "in_channels": self.in_channels, "latent_dim": self.latent_dim}
         counts |= {f"encoder_channels[{i}]": c for i, c in enumerate(self.encoder_channels)}
         counts |= {f"decoder_channels[{i}]": c for i, c in enumerate(self.decoder_channels)}
@@ -74,10 +86,13 @@ class DCIGNConfig:
             Bounds(1).check(name, value, integer=True)
         for name, value in (("encoder_padding", self.encoder_padding), ("decoder_padding", self.decoder_padding)):
             Bounds(0).check(name, value, integer=True)
+
+    def _checked_groups(self) -> dict[str, tuple[int, int]]:
+        """latent_groups as (int, int) spans inside [0, latent_dim); empty, or the paper's grouping for
+        another latent_dim (a preset's, left from before an edit), becomes the paper's for this one."""
         groups = {k: (int(v[0]), int(v[1])) for k, v in self.latent_groups.items()}
         if not groups or groups == paper_latent_groups(groups.get("intrinsic", (0, 0))[1]):
             groups = paper_latent_groups(self.latent_dim)
-        self.latent_groups = groups
         for name, (start, stop) in groups.items():
             if not 0 <= start < stop <= self.latent_dim:
                 raise ValueError(
@@ -86,16 +101,12 @@ class DCIGNConfig:
                 )
         ungrouped = set(range(self.latent_dim)).difference(*(range(*span) for span in groups.values()))
         if ungrouped:
-            raise ValueError(
+            warnings.warn(
                 f"{len(ungrouped)} latents, from z[{min(ungrouped)}] to z[{max(ungrouped)}], belong to no group of "
-                f"latent_groups {groups} (latent_dim {self.latent_dim}): training would clamp them in every batch"
+                f"latent_groups {groups} (latent_dim {self.latent_dim}): training clamps them in every batch",
+                stacklevel=4,
             )
-        decoded = self.decoder_sizes()[-1]
-        if decoded != self.image_size:
-            raise ValueError(
-                f"the decoder produces {decoded}x{decoded} images but image_size is {self.image_size}; "
-                "adjust decoder_kernel, decoder_padding or the number of decoder_channels"
-            )
+        return groups
 
     def encoder_sizes(self) -> list[int]:
         """Spatial size after each encoder block, starting with the input."""

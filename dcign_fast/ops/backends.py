@@ -13,6 +13,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+EXPLICIT_BACKENDS = tuple(name for name in BACKENDS if name != "auto")  # each names one implementation
 # Runs backend="cuda" on CPU tensors through a CPU emulation of the CUDA C++ kernels (tests only).
 CUDA_EMULATION_ENV = "DCIGN_FAST_CUDA_EMULATION"
 

@@ -10,7 +10,9 @@ backward through a second custom op, so the backward graph is as opaque and trac
   sample_latents          returns, beside z and kl, ``rng``: int64 [2] on the CPU holding the (seed,
                           offset) it used (drawn inside the op when seed is None, so the draw is part of
                           the compiled graph's runtime, not a trace-time constant). The backward reads
-                          it back and regenerates the noise: the noise is never saved.
+                          it back and regenerates the noise: the noise is never saved. Under
+                          create_graph=True the backward runs as the torch backend's formula in
+                          differentiable ops instead, so gradient penalties can differentiate it.
 
 The "reference" backends stay plain PyTorch outside these ops: they are the oracles, differentiated by
 autograd itself, and dynamo traces them like any torch code.
@@ -170,11 +172,16 @@ def sample_latents_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(grad_mu, grad_logvar), both [B, D]: the noise is regenerated from ``rng``'s (seed, offset)."""
-    seed, offset = rng.tolist()
     grad_mu, grad_logvar = latent_sampler.KERNELS[backend]().backward(
-        mu, logvar, active, invariance, seed % 2**64, offset, grad_z, grad_kl
+        mu, logvar, active, invariance, *_seed_offset(rng), grad_z, grad_kl
     )
     return grad_mu.contiguous(), grad_logvar.contiguous()
+
+
+def _seed_offset(rng: Tensor) -> tuple[int, int]:
+    """The (uint64 seed, offset) that the forward stored in ``rng`` (the seed as int64 bits)."""
+    seed, offset = rng.tolist()
+    return seed % 2**64, offset
 
 
 @sample_latents_backward_op.register_fake
@@ -195,10 +202,10 @@ def _sampler_backward(ctx, grad_z, grad_kl, _grad_rng):
     grad_kl = mu.new_zeros(mu.shape[:1]) if grad_kl is None else grad_kl
     if torch.is_grad_enabled():
         # create_graph=True (a gradient penalty, say): the torch backend's backward, written in differentiable
-        # ops, gives the same gradients and a graph to differentiate them through.
-        seed, offset = rng.tolist()
+        # ops, gives the same gradients (to rounding) and a graph to differentiate them through, to any order.
+        # (A double-backward formula for the fused op would keep the first-order pass fused; these runs are rare.)
         grad_mu, grad_logvar = latent_sampler.sample_latents_torch_backward(
-            mu, logvar, active, ctx.invariance, seed % 2**64, offset, grad_z, grad_kl
+            mu, logvar, active, ctx.invariance, *_seed_offset(rng), grad_z, grad_kl
         )
     else:
         grad_mu, grad_logvar = sample_latents_backward_op(

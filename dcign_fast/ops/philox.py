@@ -191,12 +191,18 @@ def normal_at(seed: int, offset: int, index: torch.Tensor, chunk: int = CHUNK) -
 
 
 def normal_fast(
-    seed: int, offset: int, shape: tuple[int, ...], device: torch.device | str = "cpu", chunk: int = CHUNK
+    seed: int, offset: int, shape: tuple[int, ...], device: torch.device | str = "cpu", chunk: int | None = None
 ) -> torch.Tensor:
-    """``normal(seed, offset, shape, device)``, bit for bit, in about a third of the time on CPUs."""
+    """``normal(seed, offset, shape, device)``, bit for bit, in about a third of the time on CPUs. The
+    counters ``offset + i`` must stay below 2**63 (int64 tensors hold them). ``chunk``: counters per pass,
+    by default ``CHUNK`` on the CPU (cache-sized temporaries) and all of them elsewhere (fewer launches)."""
     count = 1
     for size in shape:
         count *= size
+    if not 0 <= offset <= 2**63 - count:
+        raise ValueError(f"offset + numel must be in [0, 2**63], got offset {offset} and numel {count}")
+    device = torch.device(device)
+    chunk = chunk or (CHUNK if device.type == "cpu" else max(count, 1))
     out = torch.empty(count, dtype=torch.float32, device=device)
     key = seed_key(seed)
     for start in range(0, count, chunk):

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dcign_fast.models import DCIGN
-from dcign_fast.ops.backends import BACKENDS, check_backend_runs_on
+from dcign_fast.ops.backends import EXPLICIT_BACKENDS, check_backend_runs_on
 from dcign_fast.train.checkpoint import list_checkpoints, load_checkpoint, load_state, save_checkpoint
 from dcign_fast.train.config import RUN_CONTROLS, TrainConfig, check_device
 from dcign_fast.train.data import BatchStream, latent_seed
@@ -91,7 +91,7 @@ class Trainer:
         self.config = config
         device = resolve_device(config.device)
         # Here, not at the first forward: before the process group, the run folder and the data pool.
-        check_backend_runs_on(config.backend, device, supported=BACKENDS[1:])
+        check_backend_runs_on(config.backend, device, supported=EXPLICIT_BACKENDS)
         self.world: World = init_world(device.type)
         self.device = torch.device("cuda", self.world.local_rank) if device.type == "cuda" else device
         if config.threads:
