@@ -148,6 +148,42 @@ def sample_latents_torch_backward(
     return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
 
 
+def sample_latents_double_backward(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    active: torch.Tensor | None,
+    invariance: float,
+    seed: int,
+    offset: int,
+    grad_z: torch.Tensor,
+    grad_kl: torch.Tensor,
+    grad_grad_mu: torch.Tensor,
+    grad_grad_logvar: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vector-Jacobian product of the backward (for create_graph=True, e.g. a gradient penalty): given
+    the gradients of (grad_mu, grad_logvar), those of (mu, logvar, grad_z [B, D], grad_kl [B]). Written in
+    differentiable torch ops on the inputs, so higher orders follow; eps is regenerated once more."""
+    compute = _compute_dtype(mu)
+    m, lv, gz, gkl = mu.to(compute), logvar.to(compute), grad_z.to(compute), grad_kl.to(compute)[:, None]
+    ggm, gglv = grad_grad_mu.to(compute), grad_grad_logvar.to(compute)
+    if active is not None:  # only active columns' gradients depend on grad_z, grad_kl and eps
+        ggm, gglv = torch.where(active, ggm, 0.0), torch.where(active, gglv, 0.0)
+    std = torch.exp(0.5 * lv)
+    half_std_eps = 0.5 * std * _eps(mu, seed, offset)
+    # From grad_mu = gz + gkl * m and grad_logvar = gz * std * eps / 2 + gkl * (std^2 - 1) / 2:
+    d_grad_z = ggm + gglv * half_std_eps
+    d_grad_kl = (ggm * m + 0.5 * gglv * (std * std - 1)).sum(1)
+    d_mu, d_logvar = ggm * gkl, gglv * (0.5 * gz * half_std_eps + gkl * std * std * 0.5)
+    if active is not None:
+
+        def pulled(gg: torch.Tensor) -> torch.Tensor:  # through invariance * (x - mean_b x), inactive columns
+            gg = gg.to(compute)
+            return torch.where(active, 0.0, invariance * (gg - gg.mean(0, keepdim=True)))
+
+        d_mu, d_logvar = d_mu + pulled(grad_grad_mu), d_logvar + pulled(grad_grad_logvar)
+    return d_mu.to(mu.dtype), d_logvar.to(logvar.dtype), d_grad_z.to(grad_z.dtype), d_grad_kl.to(grad_kl.dtype)
+
+
 TORCH_KERNELS = Kernels(sample_latents_torch_forward, sample_latents_torch_backward)
 
 

@@ -10,9 +10,8 @@ backward through a second custom op, so the backward graph is as opaque and trac
   sample_latents          returns, beside z and kl, ``rng``: int64 [2] on the CPU holding the (seed,
                           offset) it used (drawn inside the op when seed is None, so the draw is part of
                           the compiled graph's runtime, not a trace-time constant). The backward reads
-                          it back and regenerates the noise: the noise is never saved. Under
-                          create_graph=True the backward runs as the torch backend's formula in
-                          differentiable ops instead, so gradient penalties can differentiate it.
+                          it back and regenerates the noise: the noise is never saved. The backward op's
+                          own backward (gradient penalties) is a torch formula that regenerates it again.
 
 The "reference" backends stay plain PyTorch outside these ops: they are the oracles, differentiated by
 autograd itself, and dynamo traces them like any torch code.
@@ -200,18 +199,29 @@ def _sampler_backward(ctx, grad_z, grad_kl, _grad_rng):
     # An unused output's gradient may arrive as None: it contributes nothing.
     grad_z = torch.zeros_like(mu) if grad_z is None else grad_z
     grad_kl = mu.new_zeros(mu.shape[:1]) if grad_kl is None else grad_kl
-    if torch.is_grad_enabled():
-        # create_graph=True (a gradient penalty, say): the torch backend's backward, written in differentiable
-        # ops, gives the same gradients (to rounding) and a graph to differentiate them through, to any order.
-        # (A double-backward formula for the fused op would keep the first-order pass fused; these runs are rare.)
-        grad_mu, grad_logvar = latent_sampler.sample_latents_torch_backward(
-            mu, logvar, active, ctx.invariance, *_seed_offset(rng), grad_z, grad_kl
-        )
-    else:
-        grad_mu, grad_logvar = sample_latents_backward_op(
-            mu, logvar, active, ctx.invariance, rng, grad_z, grad_kl, ctx.backend
-        )
+    grad_mu, grad_logvar = sample_latents_backward_op(
+        mu, logvar, active, ctx.invariance, rng, grad_z, grad_kl, ctx.backend
+    )
     return grad_mu, grad_logvar, None, None, None, None, None
 
 
 sample_latents_op.register_autograd(_sampler_backward, setup_context=_sampler_setup_context)
+
+
+def _sampler_backward_setup_context(ctx, inputs, output) -> None:
+    mu, logvar, active, invariance, rng, grad_z, grad_kl, _ = inputs
+    ctx.save_for_backward(mu, logvar, active, rng, grad_z, grad_kl)
+    ctx.invariance = invariance
+
+
+def _sampler_double_backward(ctx, grad_grad_mu, grad_grad_logvar):
+    mu, logvar, active, rng, grad_z, grad_kl = ctx.saved_tensors
+    grad_grad_mu = torch.zeros_like(mu) if grad_grad_mu is None else grad_grad_mu
+    grad_grad_logvar = torch.zeros_like(logvar) if grad_grad_logvar is None else grad_grad_logvar
+    d_mu, d_logvar, d_grad_z, d_grad_kl = latent_sampler.sample_latents_double_backward(
+        mu, logvar, active, ctx.invariance, *_seed_offset(rng), grad_z, grad_kl, grad_grad_mu, grad_grad_logvar
+    )
+    return d_mu, d_logvar, None, None, None, d_grad_z, d_grad_kl, None
+
+
+sample_latents_backward_op.register_autograd(_sampler_double_backward, setup_context=_sampler_backward_setup_context)
