@@ -79,13 +79,12 @@ def plot_speedups(runs: list[dict], path: Path) -> None:
 
     bars: dict[str, dict[str, float]] = {}
     floors: dict[str, float] = {}
-    for run in runs:
-        label = machine_label(run["machine"])
-        for r in headline_rows(run):
-            case = f"{r['case']} {r.get('dtype', '')} [{label}]"
-            bars.setdefault(case, {}).setdefault(r["backend"], r["speedup"])  # a re-timed backend: its first row
+    for (_, label, case, dtype), rows in newest_rows(runs).items():
+        name = f"{case} {dtype or ''} [{label}]"
+        bars[name] = {backend: r["speedup"] for backend, r in rows.items()}
+        for r in rows.values():
             if r.get("floor_ms"):
-                floors[case] = r["median_ms"] * r["speedup"] / r["floor_ms"]
+                floors[name] = r["median_ms"] * r["speedup"] / r["floor_ms"]
     if not bars:
         return
     backends = sorted({b for v in bars.values() for b in v})
@@ -107,24 +106,28 @@ def plot_speedups(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def summary_rows(runs: list[dict]) -> list[dict]:
-    """Per suite, machine, case and dtype: the fastest backend in the newest run that measured the case, and
-    its speedup over the suite's baseline (runs are oldest first: a newer run's rows replace an older one's
-    for the cases it measured). A backend timed again later in a run (beside another variant) is judged by
-    its first row, not by the best of its repeats."""
-    newest: dict[tuple, dict] = {}
+def newest_rows(runs: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """{(suite, machine, case, dtype): {backend: headline row}} from the newest run that measured each case
+    (runs are oldest first: a newer run's rows replace an older one's for the cases it measured). A backend
+    timed again later in a run (beside another variant) is judged by its first row, not the best of them."""
+    newest: dict[tuple, dict[str, dict]] = {}
     for run in runs:
-        best: dict[tuple, dict] = {}
-        seen: set[tuple] = set()
+        this_run: dict[tuple, dict[str, dict]] = {}
         for r in headline_rows(run):
             key = (run["suite"], machine_label(run["machine"]), r["case"], r.get("dtype"))
-            if (*key, r["backend"]) in seen:
-                continue
-            seen.add((*key, r["backend"]))
-            if key not in best or r["speedup"] > best[key]["speedup"]:
-                best[key] = {"suite": run["suite"], "machine": key[1], "best": r["backend"], **r}
-        newest.update(best)
-    return list(newest.values())
+            this_run.setdefault(key, {}).setdefault(r["backend"], r)
+        newest.update(this_run)
+    return newest
+
+
+def summary_rows(runs: list[dict]) -> list[dict]:
+    """Per suite, machine, case and dtype: the fastest backend in the newest run that measured the case, and
+    its speedup over the suite's baseline."""
+    summary = []
+    for (suite, machine, _, _), rows in newest_rows(runs).items():
+        best = max(rows.values(), key=lambda r: r["speedup"])
+        summary.append({"suite": suite, "machine": machine, "best": best["backend"], **best})
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary", action="store_true", help="also print the fastest backend per case")
     args = parser.parse_args(argv)
     runs = load_results(args.results)
+    if not runs:  # a mistyped folder would otherwise empty RESULTS.md
+        parser.error(f"--results {args.results} holds no result files (*.json)")
     args.out.mkdir(parents=True, exist_ok=True)
     write_markdown(runs, args.out / "RESULTS.md")
     plot_speedups(runs, args.out / "speedup.png")

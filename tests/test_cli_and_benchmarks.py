@@ -125,6 +125,17 @@ def test_summary_takes_the_newest_run_not_the_best_one():
     assert row["speedup"] == 2.0
     (row,) = report.summary_rows([run("2026-01-01", 2.0, 3.0)])  # a re-timed backend: its first row
     assert row["speedup"] == 2.0
+    # The plot's bars come from the same rows (they showed the oldest run's).
+    (bars,) = report.newest_rows([run("2026-01-01", 3.0), run("2026-02-01", 2.0)]).values()
+    assert bars["torch"]["speedup"] == 2.0
+
+
+def test_report_refuses_a_folder_without_results(tmp_path, capsys):
+    """A mistyped --results folder emptied RESULTS.md and said so only in passing."""
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--results", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "holds no result files" in capsys.readouterr().err
+    assert not (tmp_path / "RESULTS.md").exists()
 
 
 def test_a_failed_compile_is_charged_to_the_budget():
