@@ -147,7 +147,10 @@ def compare(
     rows = []
     for name in [*ready, *notes]:
         if name in times:
-            stats = {"median_ms": times[name], "speedup": times[baseline] / times[name]}
+            # No speedups when the baseline itself could not run (its row says why).
+            stats = {"median_ms": times[name]} | (
+                {"speedup": times[baseline] / times[name]} if baseline in times else {}
+            )
             rows.append({**row, "backend": name, **stats, "peak_mb": peak_memory_mb(ready[name], device)})
         else:
             rows.append({**row, "backend": name, "note": notes[name]})

@@ -192,3 +192,16 @@ def test_device_check_script_names_what_exists():
     TrainConfig().override(re.findall(r"--set (\w+=\S+)", text))  # known options, each within its range
     limits = [int(s) for s in re.findall(r"^step [\w-]+ (\d+)", text, re.MULTILINE)]
     assert sum(limits) + sum(int(limit) for _, limit, _ in suites) <= 8 * 60
+
+
+def test_a_baseline_that_cannot_run_leaves_the_other_rows_without_speedups():
+    """It raised KeyError, and `--suite all` lost every suite after it."""
+    from benchmarks.harness import compare
+
+    def broken() -> None:
+        raise RuntimeError("no kernel image for this device")
+
+    rows = compare({"reference": broken, "torch": lambda: None}, "cpu", {"case": "c"}, "reference", 1, 2)
+    assert [r["backend"] for r in rows] == ["torch", "reference"]
+    assert "median_ms" in rows[0] and "speedup" not in rows[0]
+    assert rows[1]["note"].startswith("skipped: RuntimeError: no kernel image")

@@ -128,7 +128,9 @@ def _eager_pass(todo: list[tuple[str, int, bool]], device: str, quick: bool, ren
         yield from measured
         if (preset, batch) not in rendered:
             rendered.add((preset, batch))
-            yield _data_row(preset, batch, device, min(r["median_ms"] for r in measured if "median_ms" in r))
+            yield _data_row(
+                preset, batch, device, min((r["median_ms"] for r in measured if "median_ms" in r), default=None)
+            )
 
 
 def _compiled_pass(
@@ -147,18 +149,22 @@ def _compiled_pass(
             yield from _time_case(preset, batch, bf16, (*EAGER, name), label, device, False, budget)
 
 
-def _data_row(preset: str, batch: int, device: str, step_ms: float) -> dict:
+def _data_row(preset: str, batch: int, device: str, step_ms: float | None) -> dict:
     """Does the built-in renderer keep up? One sweep batch rendered on the training device vs the fastest
-    eager step of the case's first precision."""
+    eager step of the case's first precision (None: no step ran)."""
     size = PRESETS[preset].image_size
     sampler = SweepSampler(size=size, batch_size=batch, device=device)
     counter = iter(range(10**9))
     ms = time_side_by_side({"r": lambda: sampler.batch_at(next(counter))}, device, warmup=1, repeats=3)["r"]
-    verdict = "keeps up with" if ms <= step_ms else "would stall"
+    if step_ms is None:
+        note = "no training step ran to compare with"
+    else:
+        verdict = "keeps up with" if ms <= step_ms else "would stall"
+        note = f"rendering on the fly {verdict} the fastest step ({step_ms:.3g} ms)"
     return {
         "case": f"{preset} b{batch} data",
         "backend": "renderer",
         "median_ms": ms,
         "images_per_s": batch / ms * 1e3,
-        "note": f"rendering on the fly {verdict} the fastest step ({step_ms:.3g} ms)",
+        "note": note,
     }
