@@ -2,7 +2,8 @@
 exactly the batches an uninterrupted single run would.
 
 A shard is one sweep batch of a step: ``shard = rank * accumulation + micro_batch``. One process that
-accumulates two sweeps therefore sees the same sweeps as two ranks with one each.
+accumulates two sweeps therefore sees the same sweeps as two ranks with one each, as long as sweeps are
+rendered per step: a pool (``data_pool > 0``) is rendered per rank, so more ranks draw from more sweeps.
 """
 
 from __future__ import annotations
