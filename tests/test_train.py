@@ -428,3 +428,15 @@ def test_a_step_is_checkpointed_before_its_pictures_are_drawn(tmp_path, monkeypa
     with pytest.raises(OSError, match="No space left"):
         Trainer(config).train()
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000001"]
+
+
+def test_folder_sweeps_of_another_size_are_used_whole_and_counted_as_they_are(tmp_path):
+    """batch_size was silently ignored with folder data, and images/s computed from it (5x too high here)."""
+    from dcign_fast.data import SweepSampler
+    from dcign_fast.data.folders import export_sweeps
+
+    export_sweeps([SweepSampler(size=64, batch_size=4).batch("azimuth", torch.Generator().manual_seed(0))], tmp_path)
+    trainer = Trainer(TrainConfig(out=str(tmp_path / "run"), steps=1, data=str(tmp_path), batch_size=20))
+    with pytest.warns(UserWarning, match=r"batch_size=20 does not apply .* used whole \(4 images here\)"):
+        trainer.train()
+    assert trainer._images_this_step == 4

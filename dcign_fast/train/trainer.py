@@ -73,7 +73,14 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
 
     def pick(kind: str, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         choices = by_kind[kind]
-        return folders[choices[int(torch.randint(len(choices), (1,), generator=generator))]][:2]
+        images, factors = folders[choices[int(torch.randint(len(choices), (1,), generator=generator))]][:2]
+        if len(images) != config.batch_size:
+            warnings.warn(
+                f"batch_size={config.batch_size} does not apply to data={config.data}: its sweeps are used "
+                f"whole ({len(images)} images here)",
+                stacklevel=2,
+            )
+        return images, factors
 
     return pick, tuple(by_kind)
 
@@ -133,6 +140,7 @@ class Trainer:
         self.stream = BatchStream(render, config, rank=self.world.rank, kinds=kinds, show_progress=self.world.is_main)
         self.log = MetricsLog(self.out, enabled=self.world.is_main, resume_step=self.step)
         self._signals_received: set[int] = set()  # a stop is requested once it holds one
+        self._images_this_step = 0  # on this rank, for images/s
 
     def _restore(self, path: Path) -> None:
         weights, _, state = load_checkpoint(path)
@@ -187,7 +195,7 @@ class Trainer:
         c = self.config
         plain = not c.disentangle or step < c.pretrain_steps
         sums: dict[str, float] = {}
-        kinds = []
+        kinds, images_seen = [], 0
         for micro in range(c.accumulation):
             shard = self.world.rank * c.accumulation + micro
             images, _, kind = self.stream.batch(step, shard)
@@ -204,7 +212,9 @@ class Trainer:
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.item() / c.accumulation
             kinds.append(kind)
+            images_seen += len(images)
         sums["kind"] = "+".join(kinds)
+        self._images_this_step = images_seen  # folder sweeps need not hold batch_size images
         return sums
 
     def train(self) -> TrainResult:
@@ -212,7 +222,6 @@ class Trainer:
         c = self.config
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         checkpoint = None
-        images_per_step = c.batch_size * c.accumulation * self.world.size
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.world.is_main, desc="train", unit="step")
         deadline = None if c.time_limit_s is None else time.monotonic() + c.time_limit_s
         try:
@@ -247,7 +256,7 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 if metrics is not None:
-                    rate = images_per_step / (time.perf_counter() - start)
+                    rate = self._images_this_step * self.world.size / (time.perf_counter() - start)
                     bar.set_postfix(loss=f"{metrics['total']:.1f}", img_s=f"{rate:.0f}")
                     if self.step % c.log_every == 0 or self.step == c.steps:
                         # every rank's losses, averaged (the same call on every rank: same steps)
