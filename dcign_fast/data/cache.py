@@ -30,6 +30,8 @@ def write_cache(batches: Iterable[Batch], out_dir: str | Path, batches_per_shard
     pending: list[Batch] = []
     size = None
     for images, factors, kind in batches:
+        if images.shape[-2] != images.shape[-1]:
+            raise ValueError(f"a cache holds square images, got a batch of shape {tuple(images.shape)}")
         if size is not None and images.shape[-1] != size:
             raise ValueError(f"batch of size {images.shape[-1]} in a cache of size {size}")
         size = images.shape[-1]
@@ -39,6 +41,8 @@ def write_cache(batches: Iterable[Batch], out_dir: str | Path, batches_per_shard
             pending = []
     if pending:
         shards.append(_write_shard(out_dir, len(shards), pending))
+    if not shards:  # an index of no size would be refused on reading
+        raise ValueError("batches is empty: a cache needs at least one batch")
     (out_dir / INDEX).write_text(json.dumps({"size": size, "shards": shards}, indent=1) + "\n")
     return sum(s["batches"] for s in shards)
 

@@ -93,6 +93,9 @@ class SweepFolders:
         self.root, self.size, self.on_error = Path(root), size, on_error
         if not self.root.is_dir():
             raise DatasetError(f"dataset folder not found: {self.root}")
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)  # kinds="azimuth" means that one kind
+        if not set(kinds) <= set(KINDS):
+            raise ValueError(f"kinds must name batch kinds among {KINDS}, got {kinds!r}")
         self.folders: list[tuple[Path, str]] = []
         for kind in kinds:
             kind_dir = self.root / KIND_DIRS[kind]
@@ -110,7 +113,7 @@ class SweepFolders:
 
     def __getitem__(self, index: int) -> Batch:
         folder, kind = self.folders[index]
-        files = sorted(folder.glob("*.png"), key=_natural_key)
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png"), key=_natural_key)
         if not files:
             raise DatasetError(f"batch folder has no PNG images: {folder}")
         images = []

@@ -7,7 +7,7 @@ from PIL import Image
 
 from dcign_fast.data import FACTOR_KEYS, SweepSampler
 from dcign_fast.data.cache import SweepCache, write_cache
-from dcign_fast.data.folders import KIND_DIRS, DatasetError, SweepFolders, export_sweeps
+from dcign_fast.data.folders import FACTORS_CSV, KIND_DIRS, DatasetError, SweepFolders, export_sweeps
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +112,23 @@ def test_every_grey_mode_reads_into_zero_to_one(mode, white, suffix, tmp_path):
     with Image.open(path) as image:
         assert image.mode == mode or (mode == "I;16" and image.mode in ("I", "I;16"))
     assert np.allclose(read_grey(path, None), grey, atol=0.6 / white)
+
+
+def test_odd_arguments_and_file_names(tmp_path, batches):
+    """Unknown kinds raised a bare KeyError ('a' for kinds="azimuth"); .PNG files were skipped; an empty or
+    non-square cache was written and then refused on reading."""
+    export_sweeps(batches, tmp_path / "png")
+    with pytest.raises(ValueError, match="kinds must name batch kinds"):
+        SweepFolders(tmp_path / "png", size=16, kinds=["pose"])
+    kind = batches[0][2]
+    assert {k for _, _, k in SweepFolders(tmp_path / "png", size=16, kinds=kind)} == {kind}
+    folder = SweepFolders(tmp_path / "png", size=16).folders[0][0]
+    first = sorted(folder.glob("*.png"))[0]
+    first.rename(first.with_suffix(".PNG"))
+    (folder / FACTORS_CSV).unlink()  # it names the file 000.png
+    assert len(SweepFolders(tmp_path / "png", size=16)[0][0]) == len(batches[0][0])
+    with pytest.raises(ValueError, match="at least one batch"):
+        write_cache([], tmp_path / "empty")
+    images, factors, _ = batches[0]
+    with pytest.raises(ValueError, match="square images"):
+        write_cache([(images[..., :-1], factors, kind)], tmp_path / "oblong")
