@@ -11,12 +11,14 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+import dcign_fast
 from dcign_fast.ops.unpool_conv import cudnn_allows_tf32
 
 # Every field a suite's rows may have, in the order tables show them.
@@ -167,6 +169,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def source_commit() -> str | None:
+    """The git commit of the dcign-fast source measured ("-dirty" with uncommitted changes), or None when it
+    does not run from a git checkout: results taken with different code must say so."""
+    try:
+        described = subprocess.run(
+            ["git", "-C", str(Path(dcign_fast.__file__).parent), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return described.stdout.strip() or None if described.returncode == 0 else None
+
+
 def machine(device: str) -> dict[str, object]:
     """What the numbers were measured on."""
     info: dict[str, object] = {
@@ -176,6 +193,8 @@ def machine(device: str) -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "dcign_fast": dcign_fast.__version__,
+        "commit": source_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     try:

@@ -52,12 +52,20 @@ def write_markdown(runs: list[dict], path: Path) -> None:
         parts += [
             f"## {run['suite']} on {machine_label(m)} ({m['device']})",
             "",
-            f"torch {m['torch']}, triton {m.get('triton')}, {m.get('cpu_threads')} CPU threads, {m['date']}",
+            f"torch {m['torch']}, triton {m.get('triton')}, {m.get('cpu_threads')} CPU threads, {m['date']}"
+            + _code_measured(m),
             "",
             markdown_table(rows, columns) if rows else "(no rows)",
             "",
         ]
     path.write_text("\n".join(parts))
+
+
+def _code_measured(m: dict) -> str:
+    """ ", dcign-fast <version> at <commit>" for runs that recorded it (none before 2026-11-28T21:40Z did)."""
+    if "dcign_fast" not in m:
+        return ""
+    return f", dcign-fast {m['dcign_fast']} at {m.get('commit') or 'an unknown commit'}"
 
 
 def headline_rows(run: dict) -> list[dict]:

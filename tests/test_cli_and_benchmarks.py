@@ -205,3 +205,16 @@ def test_a_baseline_that_cannot_run_leaves_the_other_rows_without_speedups():
     assert [r["backend"] for r in rows] == ["torch", "reference"]
     assert "median_ms" in rows[0] and "speedup" not in rows[0]
     assert rows[1]["note"].startswith("skipped: RuntimeError: no kernel image")
+
+
+def test_results_name_the_code_measured(tmp_path):
+    """The report mixes runs taken with different code: each records dcign-fast's version and commit."""
+    import dcign_fast
+    from benchmarks.harness import machine
+
+    info = machine("cpu")
+    assert info["dcign_fast"] == dcign_fast.__version__ and "commit" in info
+    run = {"suite": "ops", "machine": info, "rows": []}
+    (tmp_path / "r.json").write_text(json.dumps(run))
+    report.main(["--results", str(tmp_path), "--out", str(tmp_path)])
+    assert f"dcign-fast {dcign_fast.__version__} at " in (tmp_path / "RESULTS.md").read_text()
