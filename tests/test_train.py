@@ -111,6 +111,18 @@ def test_saving_a_step_again_replaces_it_and_crash_leftovers_go(tmp_path):
     assert list_checkpoints(root) == [path] and load_checkpoint(path)[2]["step"] == 3
 
 
+def test_the_wrong_file_is_named_as_such_not_as_corrupt(tmp_path):
+    from safetensors.torch import save_file
+
+    Trainer(config(tmp_path), render=blobs).train()
+    newest = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    with pytest.raises(CheckpointError, match="trainer.pt is not a weights file"):
+        DCIGN.from_checkpoint(newest / "trainer.pt")
+    save_file({"w": torch.ones(2)}, str(tmp_path / "someone-elses.safetensors"))
+    with pytest.raises(CheckpointError, match="holds no DC-IGN config"):
+        DCIGN.from_checkpoint(tmp_path / "someone-elses.safetensors")
+
+
 def test_corrupt_checkpoint_is_a_clear_error_and_the_previous_one_survives(tmp_path):
     Trainer(config(tmp_path), render=blobs).train()
     older, newest = list_checkpoints(tmp_path / "run" / "checkpoints")

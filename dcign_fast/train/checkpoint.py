@@ -53,6 +53,8 @@ def weights_file(path: str | Path) -> Path:
         path = path / WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"no weights file at {path}")
+    if path.suffix != ".safetensors":  # trainer.pt, say: "corrupt" would mislead
+        raise CheckpointError(f"{path} is not a weights file (*.safetensors); pass its checkpoint folder")
     return path
 
 
@@ -65,9 +67,14 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
-        config = json.loads(metadata["dcign_config"])
-    except (SafetensorError, OSError, KeyError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint weights {path} are corrupt or truncated ({err})") from err
+    if "dcign_config" not in metadata:
+        raise CheckpointError(f"{path} holds no DC-IGN config: not a dcign-fast checkpoint's weights")
+    try:
+        config = json.loads(metadata["dcign_config"])
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint weights {path} are corrupt ({err})") from err
     return tensors, config
 
 
