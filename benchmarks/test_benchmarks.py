@@ -33,16 +33,15 @@ def _sync(fn):
 def test_decoder_forward_backward(benchmark, backend):
     batch = 4 if QUICK else 20
     case = ops.paper150_cases(batch)[-1]
-    module = ops.with_backend(case.module.to(DEVICE), backend)
-    x = torch.rand(case.shape, device=DEVICE, requires_grad=True)
-    grad = torch.randn_like(module(x))
-    benchmark.group = f"unpool-conv: {case.name} b{batch} forward+backward"
+    module, x, grad = ops.case_inputs(case, DEVICE, torch.float32)  # channels_last, as the ops suite times it
+    module = ops.with_backend(module, backend)
+    benchmark.group = f"unpool-conv: {case.name} b{batch} forward+backward, channels_last"
     benchmark(_sync(ops.runner(module, x, grad)))
 
 
 @pytest.mark.parametrize("variant", ["reference", "torch"] + (["triton"] if DEVICE == "cuda" else []))
 def test_latent_sampler(benchmark, variant):
-    batch, dim = 128, 200
+    batch, dim = (20 if QUICK else 128), 200
     fn = latent_sampler._variants(DEVICE)[variant]
     mu = torch.randn(batch, dim, device=DEVICE, requires_grad=True)
     logvar = torch.randn(batch, dim, device=DEVICE, requires_grad=True)
