@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU; none is available")
     names = list(SUITES) if args.suite == "all" else [args.suite]
-    info = machine(args.device)
     for name in names:
+        info = machine(args.device)  # per suite: its own date
         rows: list[dict] = []
         path = write_results(name, info, rows, args.out)
         # Rewritten after every row: a suite stopped by a time limit keeps what it measured.
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             write_results(name, info, rows, args.out)
         columns = [c for c in COLUMNS if any(c in row for row in rows)]
-        print(f"\n## suite {name} on {machine_label(info)} (torch {info['torch']}, {info['cpu_threads']} threads)")
+        versions = f"torch {info['torch']}, dcign-fast {info['commit'] or info['dcign_fast']}"
+        print(f"\n## suite {name} on {machine_label(info)} ({versions}, {info['cpu_threads']} threads, {info['date']})")
         print(format_table(rows, columns))
         print(f"results: {path}")
     return 0
