@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dcign_fast.bounds import Bounds
+
 _DEPTH_LEVELS = 1 << 30  # depth quantisation steps over [-1, 1]; the face index takes the low 32 bits
 _EMPTY = torch.iinfo(torch.int64).max
 # Pixel centres on a shared edge must land in at least one triangle despite rounding: accept slightly
@@ -171,6 +173,11 @@ def render(
     antialias: supersampling factor (renders at size * antialias and averages).
     Returns [B, 1, size, size] in [0, 1], background 0.
     """
+    for name, value in (("size", size), ("antialias", antialias)):
+        Bounds(1).check(name, value, integer=True)
+    Bounds(0, strict=True).check("zoom", zoom)
+    if azimuth.dim() != 1 or azimuth.shape[0] == 0:
+        raise ValueError(f"azimuth must be [B] with B >= 1, got shape {tuple(azimuth.shape)}")
     batch = azimuth.shape[0]
     shared = vertices.dim() == 2
     if shared:

@@ -188,3 +188,19 @@ def test_unknown_mesh_format_needs_trimesh(tmp_path):
             load_mesh(path)
     else:
         pytest.skip("trimesh is installed")
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"size": 0}, "size must be >= 1"),
+        ({"antialias": 0}, "antialias must be >= 1"),
+        ({"azimuth": torch.zeros(0)}, r"azimuth must be \[B\] with B >= 1"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(change, words):
+    """Size or antialias 0 returned empty images, a batch of 0 raised IndexError."""
+    vertices, faces, _ = _quad(0.0, 1.0)
+    angles = {k: torch.zeros(2) for k in ("azimuth", "elevation", "light_azimuth", "light_elevation")}
+    with pytest.raises(ValueError, match=words):
+        render(vertices, faces, **{**angles, "size": 8, **change})
