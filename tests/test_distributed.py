@@ -50,7 +50,10 @@ def test_two_gloo_ranks_equal_one_process_accumulating_two_sweeps(tmp_path):
         assert (ddp[name] - single[name]).norm() < 1e-3 * moved, name
     # The logged losses are the ranks' mean, as the accumulating process logs the mean of its two sweeps.
     logged = [
-        [json.loads(line)["total"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         for run in ("ddp", "single")
     ]
-    assert len(logged[0]) == 3 and logged[0] == pytest.approx(logged[1], rel=1e-4)
+    totals = [[line["total"] for line in lines] for lines in logged]
+    assert len(totals[0]) == 3 and totals[0] == pytest.approx(totals[1], rel=1e-4)
+    # So are the batch kinds: every rank's, in shard order (rank 0's alone before).
+    assert [line["kind"] for line in logged[0]] == [line["kind"] for line in logged[1]]

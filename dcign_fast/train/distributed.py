@@ -48,13 +48,19 @@ def close_world(world: World, together: bool = True) -> None:
 
 
 def mean_over_ranks(values: dict[str, object], world: World, device: torch.device) -> dict[str, object]:
-    """``values`` with each float replaced by its mean over the ranks (every rank must call this)."""
+    """``values`` with each float replaced by its mean over the ranks and each string by the ranks' strings
+    joined with "+" in rank order, as one process accumulating their sweeps logs its batch kinds (every rank
+    must call this)."""
     if not world.distributed:
         return values
     names = [k for k, v in values.items() if isinstance(v, float)]
     t = torch.tensor([values[k] for k in names], device=device, dtype=torch.float64)
     dist.all_reduce(t)
-    return {**values, **dict(zip(names, (t / world.size).tolist()))}
+    texts = {k: v for k, v in values.items() if isinstance(v, str)}
+    gathered: list[dict[str, str] | None] = [None] * world.size
+    dist.all_gather_object(gathered, texts)
+    joined = {k: "+".join(str(g[k]) for g in gathered if g is not None) for k in texts}
+    return {**values, **dict(zip(names, (t / world.size).tolist())), **joined}
 
 
 def all_agree(flag: bool, world: World, device: torch.device) -> bool:
