@@ -30,6 +30,8 @@ definition (``normal``, checked against Random123's known answers); the torch ba
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -107,9 +109,7 @@ def box_muller(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 def normal(seed: int, offset: int, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normals of elements 0..numel-1 of the stream (seed, offset), row-major: float32 ``shape``."""
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     x0, x1 = philox_words(seed, offset, count, device)
     return box_muller(x0, x1).reshape(shape)
 
@@ -196,9 +196,7 @@ def normal_fast(
     """``normal(seed, offset, shape, device)``, bit for bit, in about a third of the time on CPUs. The
     counters ``offset + i`` must stay below 2**63 (int64 tensors hold them). ``chunk``: counters per pass,
     by default ``CHUNK`` on the CPU (cache-sized temporaries) and all of them elsewhere (fewer launches)."""
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     if not 0 <= offset <= 2**63 - count:
         raise ValueError(f"offset + numel must be in [0, 2**63], got offset {offset} and numel {count}")
     device = torch.device(device)

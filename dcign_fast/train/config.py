@@ -167,12 +167,10 @@ class TrainConfig:
                 setattr(self, f.name, value)
             if expected is not None and (type(value) is not expected):
                 raise TypeError(f"{f.name} must be {f.type}, got {value!r}")
-        betas = self.betas
-        if not (
-            isinstance(betas, (tuple, list)) and len(betas) == 2 and all(type(_as_float(b)) is float for b in betas)
-        ):
-            raise TypeError(f"betas must be two numbers, got {betas!r}")
-        self.betas = (_as_float(betas[0]), _as_float(betas[1]))
+        betas = tuple(map(_as_float, self.betas)) if isinstance(self.betas, (tuple, list)) else ()
+        if len(betas) != 2 or not all(type(b) is float for b in betas):
+            raise TypeError(f"betas must be two numbers, got {self.betas!r}")
+        self.betas = betas
         if not isinstance(self.kind_weights, dict):
             raise TypeError(f"kind_weights must map batch kinds to numbers, got {self.kind_weights!r}")
         self.kind_weights = {kind: _as_float(weight) for kind, weight in self.kind_weights.items()}
