@@ -1,4 +1,4 @@
-"""Lazy loader of the compiled CUDA extension ``dcign_fast._C``, and the device plumbing of its launches.
+"""Lazy loader of the compiled CUDA extension ``dcign_fast._C``, and its launches' streams.
 
 ``import dcign_fast`` never needs it; only ``backend="cuda"`` does, and then a missing extension
 is a clear error that says how to build it. With ``DCIGN_FAST_CUDA_EMULATION=1`` the same kernels run
@@ -7,7 +7,6 @@ on CPU tensors through :mod:`dcign_fast.kernels.cuda_emulation` (tests without a
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
@@ -52,11 +51,6 @@ def load(device: torch.device | None = None) -> ModuleType:
 def stream(device: torch.device) -> int:
     """The handle of the current torch stream on ``device``, where launches go (0 on the CPU emulation)."""
     return 0 if device.type == "cpu" else torch.cuda.current_stream(device).cuda_stream
-
-
-def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
-    """Makes ``device`` current for the launches and allocations inside (nothing to do on the CPU emulation)."""
-    return contextlib.nullcontext() if device.type == "cpu" else torch.cuda.device(device)
 
 
 def multiprocessors(device: torch.device) -> int:

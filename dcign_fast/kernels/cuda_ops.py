@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dcign_fast.kernels import cuda
+from dcign_fast.kernels import cuda, device_guard
 from dcign_fast.ops.unpool_conv import (
     FEW_OUTPUTS,
     check_kernel_args,
@@ -61,7 +61,7 @@ def sampler_forward(
     """(z [B, D], kl [B]) in mu's dtype; the forward half of :class:`dcign_fast.ops.latent_sampler.Kernels`."""
     B, D = mu.shape
     code = _dtype_code(mu)
-    with cuda.device_guard(mu.device):
+    with device_guard(mu.device):
         active_ptr, mask = _active_ptr(active)
         clamp, means = CLAMP_NONE, None
         if active is not None:
@@ -91,7 +91,7 @@ def sampler_backward(
     B, D = mu.shape
     code = _dtype_code(mu)
     grad_z, grad_kl = grad_z.to(mu.dtype), grad_kl.to(mu.dtype)
-    with cuda.device_guard(mu.device):
+    with device_guard(mu.device):
         active_ptr, mask = _active_ptr(active)
         means = _column_means(mu, logvar) if active is not None and invariance > 0 else None
         grad_mu = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
@@ -176,7 +176,7 @@ def unpool_conv2d_cuda(
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     ph, pw = padding
-    with cuda.device_guard(x.device):
+    with device_guard(x.device):
         out = empty_output(x, weight, padding, scale_factor)
         if out.numel():
             # Every tensor a launch points into stays bound to a name until the launch returns: a temporary
@@ -210,7 +210,7 @@ def unpool_conv2d_cuda_backward(
     ho, wo = grad_out.shape[2:]
     ph, pw = padding
     lib, code, tf32, stream = cuda.load(x.device), _dtype_code(x), _tf32(x), cuda.stream(x.device)
-    with cuda.device_guard(x.device):
+    with device_guard(x.device):
         g, y = grad_and_output_alike(grad_out, out if activation == "relu" else None)  # the kernels mask g by y
         y_ptr, wp = 0 if y is None else y.data_ptr(), _pack_weight(weight, padding)
         grad_x = torch.empty_like(x)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dcign_fast.kernels import device_guard
+
 TILE = 1024  # elements per BLOCK_B x BLOCK_D tile: 8 per thread at 4 warps keeps Philox in registers
 MAX_BLOCK_D = 64
 MIN_BLOCK_D = 8  # 8 float32 = one 32-byte memory sector per row
@@ -208,11 +210,12 @@ def forward(
     grid, rows_per_program, block_b, block_d = _grid(B, D, active is not None and not clamp_first, mu.device)
     z = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
     kl_partial = torch.empty((grid[0], B), dtype=torch.float32, device=mu.device)
-    _forward_kernel[grid](
-        mu, logvar, _mask_arg(active, mu), z, kl_partial, B, D, rows_per_program,
-        *mu.stride(), *logvar.stride(), seed, offset,
-        HAS_MASK=active is not None, CLAMP_FIRST=clamp_first, BLOCK_B=block_b, BLOCK_D=block_d,
-    )  # fmt: skip
+    with device_guard(mu.device):
+        _forward_kernel[grid](
+            mu, logvar, _mask_arg(active, mu), z, kl_partial, B, D, rows_per_program,
+            *mu.stride(), *logvar.stride(), seed, offset,
+            HAS_MASK=active is not None, CLAMP_FIRST=clamp_first, BLOCK_B=block_b, BLOCK_D=block_d,
+        )  # fmt: skip
     return z, kl_partial.sum(0).to(mu.dtype)
 
 
@@ -232,9 +235,10 @@ def backward(
     grid, rows_per_program, block_b, block_d = _grid(B, D, has_pull, mu.device)
     grad_mu = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
     grad_logvar = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
-    _backward_kernel[grid](
-        mu, logvar, _mask_arg(active, mu), grad_z, grad_kl, grad_mu, grad_logvar, B, D, rows_per_program,
-        *mu.stride(), *logvar.stride(), *grad_z.stride(), grad_kl.stride(0), invariance, seed, offset,
-        HAS_MASK=active is not None, HAS_PULL=has_pull, BLOCK_B=block_b, BLOCK_D=block_d,
-    )  # fmt: skip
+    with device_guard(mu.device):
+        _backward_kernel[grid](
+            mu, logvar, _mask_arg(active, mu), grad_z, grad_kl, grad_mu, grad_logvar, B, D, rows_per_program,
+            *mu.stride(), *logvar.stride(), *grad_z.stride(), grad_kl.stride(0), invariance, seed, offset,
+            HAS_MASK=active is not None, HAS_PULL=has_pull, BLOCK_B=block_b, BLOCK_D=block_d,
+        )  # fmt: skip
     return grad_mu, grad_logvar

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dcign_fast.kernels import device_guard
 from dcign_fast.ops.backends import triton_interpreting
 from dcign_fast.ops.constants import constant, one_hot_rows
 from dcign_fast.ops.phases import axis_phases
@@ -762,9 +763,10 @@ def unpool_conv2d_triton(
     """
     check_kernel_args("triton", x, weight, scale_factor, activation)
     rows, cols = _unions(*weight.shape[2:], *padding)
-    out = empty_output(x, weight, padding, scale_factor)
-    if out.numel():
-        _forward(nhwc(x), _pack_weight(weight, rows, cols, "in"), bias, out, rows, cols, activation)
+    with device_guard(x.device):
+        out = empty_output(x, weight, padding, scale_factor)
+        if out.numel():
+            _forward(nhwc(x), _pack_weight(weight, rows, cols, "in"), bias, out, rows, cols, activation)
     return out
 
 
@@ -786,8 +788,9 @@ def unpool_conv2d_triton_backward(
     g, y = grad_and_output_alike(grad_out, out if activation == "relu" else None)
     if y is None:
         y = g  # not read: only the ReLU backward loads the output
-    grad_x = torch.empty_like(x)
-    if grad_x.numel():
-        _grad_input(g, y, _pack_weight(weight, rows, cols, "out"), grad_x, rows, cols, activation)
-    grad_wp, grad_bias = _grad_weight(nhwc(x), g, y, rows, cols, has_bias, activation)
+    with device_guard(x.device):
+        grad_x = torch.empty_like(x)
+        if grad_x.numel():
+            _grad_input(g, y, _pack_weight(weight, rows, cols, "out"), grad_x, rows, cols, activation)
+        grad_wp, grad_bias = _grad_weight(nhwc(x), g, y, rows, cols, has_bias, activation)
     return grad_x, _unpack_grad(grad_wp, rows, cols).to(weight.dtype), grad_bias.to(weight.dtype) if has_bias else None
