@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -452,3 +453,29 @@ def test_folder_sweeps_of_another_size_are_used_whole_and_counted_as_they_are(tm
     with pytest.warns(UserWarning, match=r"batch_size=20 does not apply .* used whole \(4 images here\)"):
         trainer.train()
     assert trainer._images_this_step == 4
+
+
+def test_training_from_a_cache_equals_training_from_the_same_sweeps_in_folders(tmp_path):
+    from dcign_fast.data import SweepSampler
+    from dcign_fast.data.cache import write_cache
+    from dcign_fast.data.folders import export_sweeps
+
+    sampler = SweepSampler(size=64, batch_size=4, num_batches=6, seed=3)
+    batches = list(sampler)
+    write_cache(batches, tmp_path / "cache", batches_per_shard=4)
+    export_sweeps(batches, tmp_path / "folders")
+    losses = {}
+    for source in ("cache", "folders"):
+        run = tmp_path / f"run-{source}"
+        Trainer(config(run, steps=3, checkpoint_every=3, data=str(tmp_path / source))).train()
+        losses[source] = [json.loads(line)["total"] for line in (run / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses["cache"] == losses["folders"]  # the same batches, picked in the same order
+
+
+def test_a_cache_of_another_image_size_is_refused_by_name(tmp_path):
+    from dcign_fast.data import SweepSampler
+    from dcign_fast.data.cache import write_cache
+
+    write_cache(SweepSampler(size=32, batch_size=2, num_batches=1), tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"data=.*cache holds 32px images but this model takes 64px"):
+        Trainer(config(tmp_path, data=str(tmp_path / "cache"))).train()

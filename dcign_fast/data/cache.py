@@ -61,15 +61,21 @@ def _write_shard(out_dir: Path, number: int, batches: list[Batch]) -> dict:
     return {"file": name, "batches": len(batches)}
 
 
+def is_cache(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`write_cache` (it holds the index)."""
+    return (Path(path) / INDEX).is_file()
+
+
 class SweepCache:
     """Read a cache written by :func:`write_cache` as a map-style dataset of batches.
 
     device: where images and factors go. Keeps the most recently used shard in memory, so reading in
-    order (or shuffling shard by shard, see :meth:`epoch`) loads each shard once.
+    order (or shuffling shard by shard, see :meth:`epoch`) loads each shard once; ``keep_shards=True``
+    keeps every shard once read (uint8: a quarter of the images' float32 size), for random access.
     """
 
-    def __init__(self, cache_dir: str | Path, device: torch.device | str = "cpu"):
-        self.dir, self.device = Path(cache_dir), torch.device(device)
+    def __init__(self, cache_dir: str | Path, device: torch.device | str = "cpu", keep_shards: bool = False):
+        self.dir, self.device, self.keep_shards = Path(cache_dir), torch.device(device), keep_shards
         index_path = self.dir / INDEX
         try:
             index = json.loads(index_path.read_text())
@@ -78,23 +84,40 @@ class SweepCache:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise DatasetError(f"cannot read cache index {index_path}: {err}") from err
         self.starts = np.cumsum([0] + [n for _, n in self.shards])
-        self._loaded: tuple[int, dict[str, np.ndarray]] | None = None
+        self._loaded: dict[int, dict[str, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def _read(self, number: int, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Arrays ``keys`` of shard ``number`` (an .npz reads only the members asked for)."""
+        path = self.dir / self.shards[number][0]
+        try:
+            with np.load(path) as data:
+                arrays = {k: data[k] for k in keys}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+            raise DatasetError(f"cannot read cache shard {path}: {err}") from err
+        images = arrays.get("images")
+        if len(arrays["kinds"]) != self.shards[number][1] or (
+            images is not None and images.shape[1:] != (self.size, self.size)
+        ):
+            raise DatasetError(f"cache shard {path} does not match {self.dir / INDEX}")
+        return arrays
+
     def _shard(self, number: int) -> dict[str, np.ndarray]:
-        if self._loaded is None or self._loaded[0] != number:
-            path = self.dir / self.shards[number][0]
-            try:
-                with np.load(path) as data:
-                    arrays = {k: data[k] for k in ("images", "offsets", "kinds", *FACTOR_KEYS)}
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
-                raise DatasetError(f"cannot read cache shard {path}: {err}") from err
-            if arrays["images"].shape[1:] != (self.size, self.size) or len(arrays["kinds"]) != self.shards[number][1]:
-                raise DatasetError(f"cache shard {path} does not match {self.dir / INDEX}")
-            self._loaded = (number, arrays)
-        return self._loaded[1]
+        if number not in self._loaded:
+            if not self.keep_shards:
+                self._loaded.clear()
+            self._loaded[number] = self._read(number, ("images", "offsets", "kinds", *FACTOR_KEYS))
+        return self._loaded[number]
+
+    def kinds(self) -> list[str]:
+        """The kind of every batch, in index order (reads only the shards' kind arrays)."""
+        return [
+            KINDS[int(k)]
+            for number in range(len(self.shards))
+            for k in (self._loaded.get(number) or self._read(number, ("kinds",)))["kinds"]
+        ]
 
     def __getitem__(self, index: int) -> Batch:
         if not 0 <= index < len(self):

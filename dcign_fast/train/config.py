@@ -111,7 +111,7 @@ class TrainConfig:
     bf16: bool | None = None  # bf16 autocast; None: on for CUDA, off for CPU (on resume: as the run began)
     channels_last: bool | None = None  # None: on (faster on GPUs and, measured, on x86 CPUs too)
     compile: bool = False
-    data: str = "render"  # "render" (the built-in renderer) or a folder in the DC-IGN layout
+    data: str = "render"  # "render" (the built-in renderer), a folder in the DC-IGN layout, or a cache
     data_pool: int = 0  # >0: pre-render this many batches per kind and draw from them (CPU speed)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3

@@ -56,24 +56,36 @@ def resolve_device(name: str, option: str = "device") -> torch.device:
 
 
 def default_source(config: TrainConfig, image_size: int, device: torch.device) -> tuple[Callable, tuple[str, ...]]:
-    """(render(kind, generator) -> (images, factors), the kinds it has): the built-in renderer, or
-    batch folders in the DC-IGN layout when ``config.data`` is a path."""
+    """(render(kind, generator) -> (images, factors), the kinds it has): the built-in renderer, or stored
+    batches when ``config.data`` is a path: folders in the DC-IGN layout, or a cache (``render --format
+    cache``, held in memory as uint8 once read)."""
     if config.data == "render":
         from dcign_fast.data import KINDS, SweepSampler
 
         # Only sampler.batch is used, with the trainer's generators: the sampler's own seeded stream is not.
         sampler = SweepSampler(size=image_size, batch_size=config.batch_size, device=device)
         return (lambda kind, generator: sampler.batch(kind, generator)[:2]), KINDS
+    from dcign_fast.data.cache import SweepCache, is_cache
     from dcign_fast.data.folders import SweepFolders
 
-    folders = SweepFolders(config.data, size=image_size)
+    if is_cache(config.data):
+        dataset = SweepCache(config.data, keep_shards=True)
+        if dataset.size != image_size:  # a cache is read as stored: resizing every batch would cost more
+            raise ValueError(
+                f"data={config.data} holds {dataset.size}px images but this model takes {image_size}px: "
+                f"render a cache with --size {image_size}"
+            )
+        kinds = dataset.kinds()
+    else:
+        dataset = SweepFolders(config.data, size=image_size)
+        kinds = [kind for _, kind in dataset.folders]
     by_kind: dict[str, list[int]] = {}
-    for index, (_, kind) in enumerate(folders.folders):
+    for index, kind in enumerate(kinds):
         by_kind.setdefault(kind, []).append(index)
 
     def pick(kind: str, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         choices = by_kind[kind]
-        images, factors = folders[choices[int(torch.randint(len(choices), (1,), generator=generator))]][:2]
+        images, factors = dataset[choices[int(torch.randint(len(choices), (1,), generator=generator))]][:2]
         if len(images) != config.batch_size:
             warnings.warn(
                 f"batch_size={config.batch_size} does not apply to data={config.data}: its sweeps are used "

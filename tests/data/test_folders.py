@@ -42,6 +42,16 @@ def test_cache_round_trip_and_epoch(tmp_path, batches):
     assert seen == sorted(int(f["identity"][0]) * 1000 + int(f["identity"][-1]) for _, f, _ in batches)
 
 
+def test_cache_kinds_and_kept_shards(tmp_path, batches):
+    write_cache(batches, tmp_path, batches_per_shard=2)
+    assert SweepCache(tmp_path).kinds() == [kind for _, _, kind in batches]
+    kept = SweepCache(tmp_path, keep_shards=True)
+    _assert_same_batches([kept[i] for i in (4, 0, 2)], [batches[i] for i in (4, 0, 2)])
+    for shard in tmp_path.glob("shard_*.npz"):
+        shard.unlink()  # every batch now comes from memory, in any order
+    _assert_same_batches([kept[i] for i in (2, 4, 0)], [batches[i] for i in (2, 4, 0)])
+
+
 def test_original_layout_rgb_without_factors(tmp_path):
     folder = tmp_path / "EL_VARIED" / "face_7"
     folder.mkdir(parents=True)
