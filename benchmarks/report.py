@@ -52,8 +52,7 @@ def write_markdown(runs: list[dict], path: Path) -> None:
         parts += [
             f"## {run['suite']} on {machine_label(m)} ({m['device']})",
             "",
-            f"torch {m['torch']}, triton {m.get('triton')}, {m.get('cpu_threads')} CPU threads, {m['date']}"
-            + _code_measured(m),
+            measured_with(m),
             "",
             markdown_table(rows, columns) if rows else "(no rows)",
             "",
@@ -61,11 +60,13 @@ def write_markdown(runs: list[dict], path: Path) -> None:
     path.write_text("\n".join(parts))
 
 
-def _code_measured(m: dict) -> str:
-    """ ", dcign-fast <version> at <commit>" for runs that recorded it (none before 2026-11-28T21:40Z did)."""
-    if "dcign_fast" not in m:
-        return ""
-    return f", dcign-fast {m['dcign_fast']} at {m.get('commit') or 'an unknown commit'}"
+def measured_with(m: dict) -> str:
+    """A run's versions, threads and date, and the code measured where the run recorded it (none before
+    2026-11-28T21:40Z did)."""
+    line = f"torch {m['torch']}, triton {m.get('triton')}, {m.get('cpu_threads')} CPU threads, {m['date']}"
+    if "dcign_fast" in m:
+        line += f", dcign-fast {m['dcign_fast']} at {m.get('commit') or 'an unknown commit'}"
+    return line
 
 
 def headline_rows(run: dict) -> list[dict]:
@@ -87,7 +88,7 @@ def plot_speedups(runs: list[dict], path: Path) -> None:
 
     bars: dict[str, dict[str, float]] = {}
     floors: dict[str, float] = {}
-    for (_, label, case, dtype), rows in newest_rows(runs).items():
+    for (_, label, case, dtype), (_, rows) in newest_rows(runs).items():
         name = f"{case} {dtype or ''} [{label}]"
         bars[name] = {backend: r["speedup"] for backend, r in rows.items()}
         for r in rows.values():
@@ -114,28 +115,37 @@ def plot_speedups(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def newest_rows(runs: list[dict]) -> dict[tuple, dict[str, dict]]:
-    """{(suite, machine, case, dtype): {backend: headline row}} from the newest run that measured each case
-    (runs are oldest first: a newer run's rows replace an older one's for the cases it measured). A backend
-    timed again later in a run (beside another variant) is judged by its first row, not the best of them."""
-    newest: dict[tuple, dict[str, dict]] = {}
+def newest_rows(runs: list[dict]) -> dict[tuple, tuple[dict, dict[str, dict]]]:
+    """{(suite, machine, case, dtype): (run, {backend: headline row})} from the newest run that measured each
+    case (runs are oldest first: a newer run's rows replace an older one's for the cases it measured). A
+    backend timed again later in a run (beside another variant) is judged by its first row, not the best."""
+    newest: dict[tuple, tuple[dict, dict[str, dict]]] = {}
     for run in runs:
-        this_run: dict[tuple, dict[str, dict]] = {}
+        this_run: dict[tuple, tuple[dict, dict[str, dict]]] = {}
         for r in headline_rows(run):
             key = (run["suite"], machine_label(run["machine"]), r["case"], r.get("dtype"))
-            this_run.setdefault(key, {}).setdefault(r["backend"], r)
+            this_run.setdefault(key, (run, {}))[1].setdefault(r["backend"], r)
         newest.update(this_run)
     return newest
 
 
 def summary_rows(runs: list[dict]) -> list[dict]:
-    """Per suite, machine, case and dtype: the fastest backend in the newest run that measured the case, and
-    its speedup over the suite's baseline."""
-    summary = []
-    for (suite, machine, _, _), rows in newest_rows(runs).items():
-        best = max(rows.values(), key=lambda r: r["speedup"])
-        summary.append({"suite": suite, "machine": machine, "best": best["backend"], **best})
-    return summary
+    """Per suite, machine, case and dtype: the fastest backend in the newest run that measured the case, its
+    speedup over the suite's baseline, and what that run measured with."""
+    rows = []
+    for (suite, machine, _, _), (run, by_backend) in newest_rows(runs).items():
+        best = max(by_backend.values(), key=lambda r: r["speedup"])
+        rows.append({"suite": suite, "machine": machine, "best": best["backend"], **best})
+        rows[-1]["measured_with"] = measured_with(run["machine"])
+    return rows
+
+
+def summary(runs: list[dict]) -> str:
+    """The summary rows as a table, then the versions behind them per suite and machine."""
+    rows = summary_rows(runs)
+    columns = ["suite", "machine", "case", "dtype", "best", "median_ms", "speedup", "over_floor"]
+    sources = {f"{r['suite']} on {r['machine']}: {r['measured_with']}": None for r in rows}
+    return "\n".join([format_table(rows, columns), "", *sources])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out / 'RESULTS.md'} and {args.out / 'speedup.png'} from {len(runs)} result files")
     if args.summary:
         print("\n## summary: fastest backend per case (forward+backward where measured)")
-        print(
-            format_table(
-                summary_rows(runs), ["suite", "machine", "case", "dtype", "best", "median_ms", "speedup", "over_floor"]
-            )
-        )
+        print(summary(runs))
     return 0
 
 

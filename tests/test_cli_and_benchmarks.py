@@ -119,14 +119,17 @@ def test_summary_takes_the_newest_run_not_the_best_one():
     def run(date: str, *speedups: float) -> dict:
         row = {"case": "c", "pass": "forward+backward", "dtype": "float32", "backend": "torch"}
         rows = [{**row, "speedup": s} for s in speedups]
-        return {"suite": "ops", "machine": {"cpu": "cpu", "date": date}, "rows": rows}
+        return {"suite": "ops", "machine": {"cpu": "cpu", "date": date, "torch": "2.x"}, "rows": rows}
 
     (row,) = report.summary_rows([run("2026-01-01", 3.0), run("2026-02-01", 2.0)])
     assert row["speedup"] == 2.0
+    # --summary says what it was measured with (it printed no versions).
+    printed = report.summary([run("2026-02-01", 2.0)])
+    assert "ops on cpu: torch 2.x, triton None, None CPU threads, 2026-02-01" in printed
     (row,) = report.summary_rows([run("2026-01-01", 2.0, 3.0)])  # a re-timed backend: its first row
     assert row["speedup"] == 2.0
     # The plot's bars come from the same rows (they showed the oldest run's).
-    (bars,) = report.newest_rows([run("2026-01-01", 3.0), run("2026-02-01", 2.0)]).values()
+    ((_, bars),) = report.newest_rows([run("2026-01-01", 3.0), run("2026-02-01", 2.0)]).values()
     assert bars["torch"]["speedup"] == 2.0
 
 

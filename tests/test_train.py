@@ -468,7 +468,8 @@ def test_training_from_a_cache_equals_training_from_the_same_sweeps_in_folders(t
     for source in ("cache", "folders"):
         run = tmp_path / f"run-{source}"
         Trainer(config(run, steps=3, checkpoint_every=3, data=str(tmp_path / source))).train()
-        losses[source] = [json.loads(line)["total"] for line in (run / "run" / "metrics.jsonl").read_text().splitlines()]
+        lines = (run / "run" / "metrics.jsonl").read_text().splitlines()
+        losses[source] = [json.loads(line)["total"] for line in lines]
     assert losses["cache"] == losses["folders"]  # the same batches, picked in the same order
 
 
