@@ -102,7 +102,7 @@ def layout_mismatches(backend: str, device: str) -> list[str]:
 
     def sample_and_backward(mu, logvar, active):
         z, kl, rng = ops.sample_latents(mu, logvar, active, False, 0.5, 3, backend)
-        return z, kl, *ops.sample_latents_backward(mu, logvar, active, 0.5, rng, z, kl, backend)
+        return z, kl, *ops.sample_latents_backward(mu, logvar, active, 0.5, 3, rng, z, kl, backend)
 
     row_major = torch.randn(6, 14, device=device)
     column_major = torch.randn(14, 6, device=device).t()

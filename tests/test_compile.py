@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import dcign_fast as dc
+from dcign_fast.kernels import cuda
 from dcign_fast.models import DCIGN
 from tests.helpers import layout_mismatches
 
 LATENTS = 32  # demo64's latent_dim
+NO_EXT = "dcign_fast._C was not built (no nvcc)"
 
 
 def _training_loss(model: DCIGN, seed: int | None):
@@ -84,13 +86,28 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.dcign_fast.sample_latents, (mu, logvar, active, False, 0.5, -3, "torch"))
 
 
+def test_a_given_seed_keeps_the_sampler_op_on_mus_device():
+    """Inductor gives up CUDA graphs (mode="reduce-overhead") for a graph holding a CPU tensor: the op's rng
+    output, the (seed, offset) a seed=None call drew, is only on the CPU when there was a draw. The meta
+    device stands in for a GPU: there the fake kernel answers."""
+    for device in ("cpu", "meta"):
+        mu = torch.randn(4, 9, device=device)
+        _, _, rng = torch.ops.dcign_fast.sample_latents(mu, mu, None, False, 0.0, 5, "torch")
+        assert rng.device == mu.device and rng.numel() == 0
+    mu = torch.randn(4, 9)
+    _, _, rng = torch.ops.dcign_fast.sample_latents(mu, mu, None, False, 0.0, None, "torch")
+    assert rng.shape == (2,) and rng.device.type == "cpu"
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_outputs_are_laid_out_as_the_fake_kernels_promise(backend):
     assert layout_mismatches(backend, "cpu") == []
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize(
+    "backend", ["torch", "triton", pytest.param("cuda", marks=pytest.mark.skipif(not cuda.available(), reason=NO_EXT))]
+)
 def test_outputs_are_laid_out_as_the_fake_kernels_promise_on_gpu(backend):
     assert layout_mismatches(backend, "cuda") == []
 
@@ -161,6 +178,21 @@ def test_cuda_graph_captures_a_training_step(backend):
     torch.testing.assert_close(static_loss, want_loss, rtol=1e-4, atol=1e-3)
     for g, w in zip(captured, _grads(model, want_loss)):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_reduce_overhead_compiles_a_training_step_into_cuda_graphs():
+    """torch.compile(mode="reduce-overhead") records CUDA graphs for a DC-IGN step with a given seed: nothing
+    in its forward or backward graph (the sampler's rng output included) makes Inductor skip them."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = DCIGN.from_preset("demo64").cuda()
+    loss = torch.compile(_training_loss(model, seed=9), mode="reduce-overhead")
+    for _ in range(3):
+        _grads(model, loss(*_inputs("cuda")))
+    assert counters["inductor"]["cudagraph_skips"] == 0
 
 
 @pytest.mark.cuda

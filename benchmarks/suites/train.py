@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+from torch._dynamo.utils import counters
 
 from benchmarks.harness import CompileBudget, compare, time_side_by_side
 from dcign_fast.data import SweepSampler
@@ -146,7 +147,13 @@ def _compiled_pass(
             # Fresh compiled models would share dynamo's cache entries for DCIGN.forward: another case's shapes
             # would be traced as dynamic, and past dynamo's recompile limit a "compiled" row would run eagerly.
             torch._dynamo.reset()
-            yield from _time_case(preset, batch, bf16, (*EAGER, name), label, device, False, budget)
+            counters["inductor"]["cudagraph_skips"] = 0
+            measured = _time_case(preset, batch, bf16, (*EAGER, name), label, device, False, budget)
+            if name.endswith("(CUDA graphs)") and counters["inductor"]["cudagraph_skips"]:
+                for r in measured:
+                    if r["backend"] == name:  # Inductor says why in this suite's log
+                        r["note"] = "Inductor skipped CUDA graphs: this timed a plain compiled step"
+            yield from measured
 
 
 def _data_row(preset: str, batch: int, device: str, step_ms: float | None) -> dict:

@@ -7,10 +7,12 @@ backward through a second custom op, so the backward graph is as opaque and trac
 
   unpool_conv2d           saves x, weight (and the output when a ReLU is fused): low-resolution tensors
                           and the output, never the upsampled input.
-  sample_latents          returns, beside z and kl, ``rng``: int64 [2] on the CPU holding the (seed,
-                          offset) it used (drawn inside the op when seed is None, so the draw is part of
-                          the compiled graph's runtime, not a trace-time constant). The backward reads
-                          it back and regenerates the noise: the noise is never saved. The backward op's
+  sample_latents          returns, beside z and kl, ``rng``. With seed None: int64 [2] on the CPU holding
+                          the (seed, offset) drawn inside the op (so the draw is part of the compiled
+                          graph's runtime, not a trace-time constant). With a seed: an empty int64 tensor
+                          on mu's device, the seed travelling as an int, since a CPU tensor in a compiled
+                          graph makes torch.compile(mode="reduce-overhead") skip CUDA graphs. The backward
+                          regenerates the noise from them: the noise is never saved. The backward op's
                           own backward (gradient penalties) is a torch formula that regenerates it again.
 
 The "reference" backends stay plain PyTorch outside these ops: they are the oracles, differentiated by
@@ -140,23 +142,31 @@ def sample_latents_op(
     seed: Optional[int],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(z [B, D], kl [B], rng int64 [2] on the CPU = the (seed, offset) drawn with).
+    """(z [B, D], kl [B], rng): rng is int64 [2] on the CPU = the (seed, offset) drawn with when ``seed`` is
+    None, else int64 [0] on mu's device (the backward takes ``seed`` itself).
 
     ``seed`` None draws from torch's generator for mu's device (advancing it); an int is used with
     offset 0. ``invariance`` is only read by the backward (it is an input so autograd can see it).
     """
     if seed is None:
         seed, offset = latent_sampler.draw_seed_offset(mu.device, mu.numel())
+        rng = torch.tensor([latent_sampler.as_int64(seed), offset], dtype=torch.int64)
     else:
-        seed, offset = seed % 2**64, 0
+        seed, offset, rng = seed % 2**64, 0, _no_rng(mu)
     z, kl = latent_sampler.KERNELS[backend]().forward(mu, logvar, active, clamp_first, seed, offset)
     # Contiguous whatever mu's layout, as the fake promises (compiled code asserts it).
-    return z.contiguous(), kl.contiguous(), torch.tensor([latent_sampler.as_int64(seed), offset], dtype=torch.int64)
+    return z.contiguous(), kl.contiguous(), rng
+
+
+def _no_rng(mu: Tensor) -> Tensor:
+    """The rng output of a given seed: empty, and on mu's device (a CPU tensor would cost CUDA graphs)."""
+    return torch.empty(0, dtype=torch.int64, device=mu.device)
 
 
 @sample_latents_op.register_fake
 def _(mu, logvar, active, clamp_first, invariance, seed, backend):
-    return mu.new_empty(mu.shape), mu.new_empty(mu.shape[:1]), torch.empty(2, dtype=torch.int64, device="cpu")
+    rng = torch.empty(2, dtype=torch.int64, device="cpu") if seed is None else _no_rng(mu)
+    return mu.new_empty(mu.shape), mu.new_empty(mu.shape[:1]), rng
 
 
 @torch.library.custom_op("dcign_fast::sample_latents_backward", mutates_args=())
@@ -165,33 +175,37 @@ def sample_latents_backward_op(
     logvar: Tensor,
     active: Optional[Tensor],
     invariance: float,
+    seed: Optional[int],
     rng: Tensor,
     grad_z: Tensor,
     grad_kl: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """(grad_mu, grad_logvar), both [B, D]: the noise is regenerated from ``rng``'s (seed, offset)."""
+    """(grad_mu, grad_logvar), both [B, D]: the noise is regenerated from the forward's ``seed`` and ``rng``."""
     grad_mu, grad_logvar = latent_sampler.KERNELS[backend]().backward(
-        mu, logvar, active, invariance, *_seed_offset(rng), grad_z, grad_kl
+        mu, logvar, active, invariance, *_seed_offset(seed, rng), grad_z, grad_kl
     )
     return grad_mu.contiguous(), grad_logvar.contiguous()
 
 
-def _seed_offset(rng: Tensor) -> tuple[int, int]:
-    """The (uint64 seed, offset) that the forward stored in ``rng`` (the seed as int64 bits)."""
-    seed, offset = rng.tolist()
-    return seed % 2**64, offset
+def _seed_offset(seed: Optional[int], rng: Tensor) -> tuple[int, int]:
+    """The (uint64 seed, offset) the forward used: ``seed`` with offset 0, or when it is None the pair the
+    forward drew and stored in ``rng`` (the seed as int64 bits)."""
+    if seed is None:
+        seed, offset = rng.tolist()
+        return seed % 2**64, offset
+    return seed % 2**64, 0
 
 
 @sample_latents_backward_op.register_fake
-def _(mu, logvar, active, invariance, rng, grad_z, grad_kl, backend):
+def _(mu, logvar, active, invariance, seed, rng, grad_z, grad_kl, backend):
     return mu.new_empty(mu.shape), logvar.new_empty(logvar.shape)
 
 
 def _sampler_setup_context(ctx, inputs, output) -> None:
-    mu, logvar, active, _, invariance, _, backend = inputs
+    mu, logvar, active, _, invariance, seed, backend = inputs
     ctx.save_for_backward(mu, logvar, active, output[2])
-    ctx.invariance, ctx.backend = invariance, backend
+    ctx.invariance, ctx.seed, ctx.backend = invariance, seed, backend
 
 
 def _sampler_backward(ctx, grad_z, grad_kl, _grad_rng):
@@ -200,7 +214,7 @@ def _sampler_backward(ctx, grad_z, grad_kl, _grad_rng):
     grad_z = torch.zeros_like(mu) if grad_z is None else grad_z
     grad_kl = mu.new_zeros(mu.shape[:1]) if grad_kl is None else grad_kl
     grad_mu, grad_logvar = sample_latents_backward_op(
-        mu, logvar, active, ctx.invariance, rng, grad_z, grad_kl, ctx.backend
+        mu, logvar, active, ctx.invariance, ctx.seed, rng, grad_z, grad_kl, ctx.backend
     )
     return grad_mu, grad_logvar, None, None, None, None, None
 
@@ -209,19 +223,20 @@ sample_latents_op.register_autograd(_sampler_backward, setup_context=_sampler_se
 
 
 def _sampler_backward_setup_context(ctx, inputs, output) -> None:
-    mu, logvar, active, invariance, rng, grad_z, grad_kl, _ = inputs
+    mu, logvar, active, invariance, seed, rng, grad_z, grad_kl, _ = inputs
     ctx.save_for_backward(mu, logvar, active, rng, grad_z, grad_kl)
-    ctx.invariance = invariance
+    ctx.invariance, ctx.seed = invariance, seed
 
 
 def _sampler_double_backward(ctx, grad_grad_mu, grad_grad_logvar):
     mu, logvar, active, rng, grad_z, grad_kl = ctx.saved_tensors
     grad_grad_mu = torch.zeros_like(mu) if grad_grad_mu is None else grad_grad_mu
     grad_grad_logvar = torch.zeros_like(logvar) if grad_grad_logvar is None else grad_grad_logvar
+    seed, offset = _seed_offset(ctx.seed, rng)
     d_mu, d_logvar, d_grad_z, d_grad_kl = latent_sampler.sample_latents_double_backward(
-        mu, logvar, active, ctx.invariance, *_seed_offset(rng), grad_z, grad_kl, grad_grad_mu, grad_grad_logvar
+        mu, logvar, active, ctx.invariance, seed, offset, grad_z, grad_kl, grad_grad_mu, grad_grad_logvar
     )
-    return d_mu, d_logvar, None, None, None, d_grad_z, d_grad_kl, None
+    return d_mu, d_logvar, None, None, None, None, d_grad_z, d_grad_kl, None
 
 
 sample_latents_backward_op.register_autograd(_sampler_double_backward, setup_context=_sampler_backward_setup_context)
