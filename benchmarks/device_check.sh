@@ -5,44 +5,58 @@
 # slow step cannot starve the others, and the steps that matter most run first. Time a step leaves unused
 # goes to the steps after it (and time it overruns is taken from them), so the whole check takes about the
 # sum of the limits at most. A suite cut short by its limit keeps the rows it wrote.
-# Writes logs and JSON results to the folder given as $1, else $OUT (the device tool's output folder),
-# else benchmarks/results.
+# Writes to the folder given as $1, else $OUT (the device tool's output folder), else benchmarks/results:
+# one JSON file per suite, and device-check-logs.tgz (every step's log, the training run's metrics and its
+# evaluation, the report; no weights), refreshed after each step. That is 7 files, as the device tool
+# returns at most 8, and a check stopped from outside still leaves what it had done.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-benchmarks/results}}"
 mkdir -p "$out"
+work=$(mktemp -d)
 export PYTHONUNBUFFERED=1
-# Triton's autotuning picks each kernel's config once per machine, not once per process: the tests, the
-# training run and every suite launch the same shapes.
-export TRITON_CACHE_AUTOTUNING=1
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'" || exit 1
 status=0
 spare=0  # seconds the steps so far left unused (negative: overran)
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, remember failures
+step() {  # [FOREGROUND=1] step NAME SECONDS COMMAND...: run with a time limit, log to $work/NAME.log
   local name=$1 limit=$(($2 + spare)) start=$SECONDS
   shift 2
   ((limit < 5)) && limit=5
   echo "== $name (limit ${limit}s)"
-  # -k: a process that outlives SIGTERM by 10 s (the trainer finishes its step and saves first) is killed.
-  timeout -k 10 "$limit" "$@" >"$out/$name.log" 2>&1 || { status=1; echo "   $name failed or timed out: see $name.log"; }
+  # -k: a process that outlives SIGTERM by 10 s is killed. FOREGROUND=1 signals the command alone, not its
+  # children: the trainer finishes its step and saves, where a killed ptxas would fail the step unsaved.
+  timeout ${FOREGROUND:+--foreground} -k 10 "$limit" "$@" >"$work/$name.log" 2>&1 ||
+    { status=1; echo "   $name failed or timed out: see $name.log in device-check-logs.tgz"; }
   spare=$((limit - (SECONDS - start)))
-  tail -3 "$out/$name.log"
+  tail -3 "$work/$name.log"
+  tar czf "$out/device-check-logs.tgz" --exclude='*.safetensors' --exclude='*.pt' -C "$work" .
 }
 
-# Offline install (the GPU machine has torch, triton, pybind11, cmake and ninja but no network).
-step build 60 env DCIGN_FAST_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e .
-step gpu-tests 150 python3 -m pytest -v -m cuda -p no:cacheprovider --durations=15
-step train-paper150 40 python3 -m dcign_fast.train --preset paper150 --out "$out/paper150" --steps 100000 \
-  --set time_limit_s=25 --set batch_size=128 --set log_every=10 --set image_every=100000
-newest=$(ls -d "$out"/paper150/checkpoints/step-* 2>/dev/null | tail -1)
-step eval-paper150 25 python3 -m dcign_fast.cli eval --checkpoint "${newest:-missing}" --device cuda \
-  --sweeps 10 --identities 40 --out "$out/paper150/eval"
-tail -1 "$out/paper150/metrics.jsonl" 2>/dev/null
+# Offline install (the GPU machine has torch, triton, pybind11, cmake and ninja but no network). Without
+# the extension every cuda-backend test would skip: the import makes a failed build fail this step.
+step build 100 bash -c 'DCIGN_FAST_CUDA=1 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . &&
+  python3 -c "import dcign_fast._C; print(\"built dcign_fast._C\")"'
+# Four pytest workers share the GPU and compile Triton kernels in parallel; their autotuning, timed while
+# sharing, is not cached (TRITON_CACHE_AUTOTUNING=0), while the benchmarks below keep theirs.
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+step gpu-tests 120 env TRITON_CACHE_AUTOTUNING=0 python3 -m pytest -v -m cuda -p no:cacheprovider --durations=15 $workers
+grep -E "^(FAILED|ERROR)" "$work/gpu-tests.log" | head -40
+# Triton's autotuning picks each kernel's config once per machine, not once per process: the training run
+# and every suite launch the same shapes.
+export TRITON_CACHE_AUTOTUNING=1
+FOREGROUND=1 step train-paper150 60 python3 -m dcign_fast.train --preset paper150 --out "$work/paper150" \
+  --steps 100000 --set time_limit_s=35 --set batch_size=128 --set log_every=1 --set image_every=100000
+newest=$(ls -d "$work"/paper150/checkpoints/step-* 2>/dev/null | tail -1)
+step eval-paper150 20 python3 -m dcign_fast.cli eval --checkpoint "${newest:-missing}" --device cuda \
+  --sweeps 10 --identities 40 --out "$work/paper150/eval"
+tail -1 "$work/paper150/metrics.jsonl" 2>/dev/null
 # suite:time limit:compile budget (seconds)
-for suite in ops:80:30 kernels:20:0 train:55:25 latent:25:8 render:10:0 patch:10:0; do
+for suite in ops:75:30 kernels:15:0 train:50:25 latent:20:8 render:10:0 patch:10:0; do
   IFS=: read -r name limit compile <<<"$suite"
   step "bench-$name" "$limit" env DCIGN_BENCH_COMPILE_S="$compile" \
     python3 -m benchmarks.run --suite "$name" --device cuda --out "$out"
 done
-python3 -m benchmarks.report --results "$out" --out "$out" --summary | tail -40
+python3 -m benchmarks.report --results "$out" --out "$work/report" --summary >"$work/report.log" 2>&1
+tar czf "$out/device-check-logs.tgz" --exclude='*.safetensors' --exclude='*.pt' -C "$work" .
+tail -40 "$work/report.log"
 exit $status
