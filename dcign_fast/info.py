@@ -12,7 +12,7 @@ import torch
 def environment() -> dict[str, object]:
     from dcign_fast import __version__
     from dcign_fast.kernels import cuda
-    from dcign_fast.ops.backends import cuda_emulating, triton_installed, triton_interpreting
+    from dcign_fast.ops.backends import cuda_emulating, triton_available, triton_interpreting
 
     return {
         "dcign_fast": __version__,
@@ -20,7 +20,7 @@ def environment() -> dict[str, object]:
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "triton_installed": triton_installed(),
+        "triton_available": triton_available(),
         "cuda_extension_built": cuda.available(),
         # Test modes: kernels on CPU tensors through Triton's interpreter / the CPU emulation of the extension.
         "triton_interpreter": triton_interpreting(),

@@ -29,6 +29,16 @@ from types import ModuleType
 SM90_SHARED_BYTES = 232448
 
 
+def aot_unsupported_reason() -> str:
+    """Why kernels cannot be compiled ahead of time here ("" when they can): :func:`compile_launch` replays
+    the launcher's specialisation, which Triton exposes from 3.5 on."""
+    try:
+        from triton._C.libtriton import native_specialize_impl  # noqa: F401
+    except ImportError:
+        return "ahead-of-time compiles need triton>=3.5 (triton._C.libtriton.native_specialize_impl)"
+    return ""
+
+
 @dataclass
 class Launch:
     """One recorded ``kernel[grid](...)`` call: the (autotuned) kernel and every argument by name."""

@@ -34,8 +34,8 @@ def guarded_empty(
     right after one when ``guard_before``."""
     numel = math.prod(shape)
     nbytes = numel * dtype.itemsize
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
+    if nbytes == 0:  # nothing to guard (and torch.empty may be this module's own, under guarded_allocations)
+        return torch.zeros(shape, dtype=dtype)
     data_pages = -(-nbytes // mmap.PAGESIZE)
     mapping = mmap.mmap(-1, (data_pages + 1) * mmap.PAGESIZE)
     base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))

@@ -6,7 +6,7 @@ import torch
 import dcign_fast
 from dcign_fast.ops.latent_sampler import sample_latents
 from dcign_fast.ops.reference import sample_latents_reference
-from tests.aot import compile_in_subprocess, compile_launch, recorded_launches
+from tests.aot import aot_unsupported_reason, compile_in_subprocess, compile_launch, recorded_launches
 from tests.helpers import poisoned_allocations
 
 FUSED = ["torch", "triton"]
@@ -425,6 +425,7 @@ def compile_kernels_for_sm90() -> list[dict[str, object]]:
     return results
 
 
+@pytest.mark.skipif(bool(aot_unsupported_reason()), reason=aot_unsupported_reason())
 def test_triton_kernels_compile_for_sm90():
     """Ahead-of-time compilation for an H100/H200, without a GPU and outside the interpreter."""
     results = compile_in_subprocess("tests.test_latent_sampler", "compile_kernels_for_sm90")

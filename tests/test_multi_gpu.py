@@ -9,7 +9,7 @@ import torch
 
 import dcign_fast as dc
 from dcign_fast.kernels import cuda
-from dcign_fast.ops.backends import triton_installed
+from dcign_fast.ops.backends import triton_available, triton_unavailable_reason
 from tests.helpers import REL_TOL, rel_error
 
 pytestmark = [
@@ -18,7 +18,7 @@ pytestmark = [
 ]
 
 BACKENDS = [
-    pytest.param("triton", marks=pytest.mark.skipif(not triton_installed(), reason="needs the triton package")),
+    pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason=triton_unavailable_reason())),
     pytest.param("cuda", marks=pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C was not built")),
 ]
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcign_fast.ops.backends import triton_installed
+from dcign_fast.ops.backends import triton_available, triton_unavailable_reason
+from tests.aot import aot_unsupported_reason
 
-pytestmark = pytest.mark.skipif(not triton_installed(), reason="needs the triton package")
+pytestmark = [
+    pytest.mark.skipif(not triton_available(), reason=triton_unavailable_reason()),
+    pytest.mark.skipif(bool(aot_unsupported_reason()), reason=aot_unsupported_reason()),
+]
 
 BATCH = 128
 

@@ -117,7 +117,8 @@ def test_gradients_match_reference_float32():
     for backend in CPU_BACKENDS:
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
         y = dc.unpool_conv2d(*leaves, backend=backend)
-        y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
+        # Not randn_like: it takes a generator from torch 2.10 on.
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
         grads[backend] = [t.grad for t in leaves]
     for got, want in zip(grads["torch"], grads["reference"]):
         assert rel_error(got, want) < 1e-5
@@ -266,6 +267,22 @@ def test_triton_backend_on_cpu_without_interpreter_is_an_error(monkeypatch):
     x, w, b = _valid()
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         dc.unpool_conv2d(x, w, b, backend="triton")
+
+
+def test_a_triton_older_than_the_kernels_support_is_refused_by_name(monkeypatch):
+    """Triton before 3.4 draws other noise past offset 2**31: auto must not pick it, and naming it is an error."""
+    triton = pytest.importorskip("triton")
+    from dcign_fast.ops import backends
+
+    monkeypatch.setattr(triton, "__version__", "3.0.0")
+    backends.triton_unavailable_reason.cache_clear()
+    try:
+        x, w, b = _valid()
+        with pytest.raises(ValueError, match=r"backend='triton' needs triton>=3.4, found 3.0.0"):
+            dc.unpool_conv2d(x, w, b, backend="triton")
+        assert not backends.triton_available()  # what auto asks before it picks triton for CUDA tensors
+    finally:
+        backends.triton_unavailable_reason.cache_clear()
 
 
 @pytest.mark.cuda

@@ -15,11 +15,11 @@ from torch import nn
 
 import dcign_fast as dc
 from dcign_fast.nn import UnpoolConv2d
-from dcign_fast.ops.backends import triton_installed
+from dcign_fast.ops.backends import triton_available, triton_unavailable_reason
 from dcign_fast.ops.reference import unpool_conv2d_reference
 from tests.helpers import REL_TOL, gradient_penalty_error, paper150_decoder_layers, poisoned_allocations, rel_error
 
-pytestmark = pytest.mark.skipif(not triton_installed(), reason="needs the triton package")
+pytestmark = pytest.mark.skipif(not triton_available(), reason=triton_unavailable_reason())
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On a GPU float32 dots run in TF32, like cuDNN's convolutions by default.
 TOL = {**REL_TOL, torch.float32: 1e-5 if DEVICE == "cpu" else 2e-3}

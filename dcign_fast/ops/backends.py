@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -28,9 +29,28 @@ def cuda_emulating() -> bool:
     return os.environ.get(CUDA_EMULATION_ENV, "0") not in ("", "0")
 
 
+# Older Triton draws other noise from tl.randn at offsets >= 2**31 (its Philox took int64 offsets whole), and
+# its interpreter reads the kernels' postponed "tl.constexpr" annotations as plain arguments.
+TRITON_MIN_VERSION = (3, 4)
+
+
 @functools.cache
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def triton_unavailable_reason() -> str:
+    """Why the triton backend cannot run here: "" when the ``triton`` package is installed and recent enough."""
+    if importlib.util.find_spec("triton") is None:
+        return "needs the 'triton' package (pip install triton)"
+    import triton
+
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if version < TRITON_MIN_VERSION:
+        wanted = ".".join(map(str, TRITON_MIN_VERSION))
+        return f"needs triton>={wanted}, found {triton.__version__} (pip install 'triton>={wanted}')"
+    return ""
+
+
+def triton_available() -> bool:
+    """Whether the triton backend can run here (see :func:`triton_unavailable_reason`)."""
+    return not triton_unavailable_reason()
 
 
 def check_backend_name(backend: str) -> None:
@@ -47,8 +67,8 @@ def check_backend_runs_on(backend: str, device: torch.device, supported: tuple[s
     if backend == "auto":
         return
     if backend == "triton":
-        if not triton_installed():
-            raise ValueError("backend='triton' needs the 'triton' package (pip install triton)")
+        if reason := triton_unavailable_reason():
+            raise ValueError(f"backend='triton' {reason}")
         if device.type != "cuda" and not triton_interpreting():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got device {device}); "

@@ -52,7 +52,7 @@ import torch
 from dcign_fast.bounds import Bounds
 from dcign_fast.ops import philox
 from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_tensor
-from dcign_fast.ops.backends import check_backend_runs_on, triton_installed
+from dcign_fast.ops.backends import check_backend_runs_on, triton_available
 from dcign_fast.ops.reference import sample_latents_reference
 
 CLAMPS = ("mean", "first")
@@ -213,7 +213,7 @@ IMPLEMENTATIONS = ("reference", *KERNELS)
 
 def choose_backend(mu: torch.Tensor) -> str:
     """The backend ``"auto"`` picks for these tensors."""
-    if mu.device.type == "cuda" and triton_installed() and mu.dtype != torch.float64:
+    if mu.device.type == "cuda" and triton_available() and mu.dtype != torch.float64:
         return "triton"
     return "torch"
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_pair, check_tensor
-from dcign_fast.ops.backends import check_backend_runs_on, triton_installed
+from dcign_fast.ops.backends import check_backend_runs_on, triton_available
 from dcign_fast.ops.phases import AxisPhase, axis_phases, output_size
 from dcign_fast.ops.reference import unpool_conv2d_reference
 
@@ -293,7 +293,7 @@ BACKWARDS: dict[str, Callable[..., Grads]] = {
 def choose_backend(x: torch.Tensor, weight: torch.Tensor | None = None, scale_factor: int = 2) -> str:
     """The backend ``"auto"`` picks for these tensors: triton on CUDA when it is installed and supports
     the case (``weight`` None: judged on x and scale_factor alone), else torch."""
-    if x.device.type == "cuda" and triton_installed():
+    if x.device.type == "cuda" and triton_available():
         from dcign_fast.kernels.triton.unpool_conv import triton_unsupported_reason
 
         if not triton_unsupported_reason(x, weight if weight is not None else x.new_empty(1, 1, 1, 1), scale_factor):
