@@ -7,8 +7,8 @@
 # sum of the limits at most. A suite cut short by its limit keeps the rows it wrote.
 # Writes to the folder given as $1, else $OUT (the device tool's output folder), else benchmarks/results:
 # one JSON file per suite, and device-check-logs.tgz (every step's log, the training run's metrics and its
-# evaluation, the report; no weights), refreshed after each step. That is 7 files, as the device tool
-# returns at most 8, and a check stopped from outside still leaves what it had done.
+# evaluation, the report; no weights), replaced after each step. That is 7 files (8 while a tarball is
+# written), as the device tool returns at most 8, and a check stopped from outside leaves what it had done.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-benchmarks/results}}"
@@ -18,18 +18,24 @@ export PYTHONUNBUFFERED=1
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'" || exit 1
 status=0
 spare=0  # seconds the steps so far left unused (negative: overran)
-step() {  # [FOREGROUND=1] step NAME SECONDS COMMAND...: run with a time limit, log to $work/NAME.log
+pack() {  # the logs so far into $out, replaced whole: a check stopped mid-write leaves the previous tarball
+  tar czf "$out/device-check-logs.tgz.partial" --exclude='*.safetensors' --exclude='*.pt' -C "$work" . &&
+    mv -f "$out/device-check-logs.tgz.partial" "$out/device-check-logs.tgz"
+}
+step() {  # step [--foreground] NAME SECONDS COMMAND...: run with a time limit, log to $work/NAME.log
+  local foreground=""
+  [[ $1 == --foreground ]] && { foreground=--foreground; shift; }
   local name=$1 limit=$(($2 + spare)) start=$SECONDS
   shift 2
   ((limit < 5)) && limit=5
   echo "== $name (limit ${limit}s)"
-  # -k: a process that outlives SIGTERM by 10 s is killed. FOREGROUND=1 signals the command alone, not its
+  # -k: a process that outlives SIGTERM by 10 s is killed. --foreground signals the command alone, not its
   # children: the trainer finishes its step and saves, where a killed ptxas would fail the step unsaved.
-  timeout ${FOREGROUND:+--foreground} -k 10 "$limit" "$@" >"$work/$name.log" 2>&1 ||
+  timeout $foreground -k 10 "$limit" "$@" >"$work/$name.log" 2>&1 ||
     { status=1; echo "   $name failed or timed out: see $name.log in device-check-logs.tgz"; }
   spare=$((limit - (SECONDS - start)))
   tail -3 "$work/$name.log"
-  tar czf "$out/device-check-logs.tgz" --exclude='*.safetensors' --exclude='*.pt' -C "$work" .
+  pack
 }
 
 # Offline install (the GPU machine has torch, triton, pybind11, cmake and ninja but no network). Without
@@ -44,7 +50,7 @@ grep -E "^(FAILED|ERROR)" "$work/gpu-tests.log" | head -40
 # Triton's autotuning picks each kernel's config once per machine, not once per process: the training run
 # and every suite launch the same shapes.
 export TRITON_CACHE_AUTOTUNING=1
-FOREGROUND=1 step train-paper150 60 python3 -m dcign_fast.train --preset paper150 --out "$work/paper150" \
+step --foreground train-paper150 60 python3 -m dcign_fast.train --preset paper150 --out "$work/paper150" \
   --steps 100000 --set time_limit_s=35 --set batch_size=128 --set log_every=1 --set image_every=100000
 newest=$(ls -d "$work"/paper150/checkpoints/step-* 2>/dev/null | tail -1)
 step eval-paper150 20 python3 -m dcign_fast.cli eval --checkpoint "${newest:-missing}" --device cuda \
@@ -57,6 +63,7 @@ for suite in ops:75:30 kernels:15:0 train:50:25 latent:20:8 render:10:0 patch:10
     python3 -m benchmarks.run --suite "$name" --device cuda --out "$out"
 done
 python3 -m benchmarks.report --results "$out" --out "$work/report" --summary >"$work/report.log" 2>&1
-tar czf "$out/device-check-logs.tgz" --exclude='*.safetensors' --exclude='*.pt' -C "$work" .
+pack
 tail -40 "$work/report.log"
+rm -rf "$work"
 exit $status

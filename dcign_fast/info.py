@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 
@@ -12,7 +13,7 @@ import torch
 def environment() -> dict[str, object]:
     from dcign_fast import __version__
     from dcign_fast.kernels import cuda
-    from dcign_fast.ops.backends import cuda_emulating, triton_available, triton_interpreting
+    from dcign_fast.ops.backends import cuda_emulating, triton_interpreting, triton_unavailable_reason
 
     return {
         "dcign_fast": __version__,
@@ -20,7 +21,7 @@ def environment() -> dict[str, object]:
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "triton_available": triton_available(),
+        "triton": triton_unavailable_reason() or importlib.import_module("triton").__version__,
         "cuda_extension_built": cuda.available(),
         # Test modes: kernels on CPU tensors through Triton's interpreter / the CPU emulation of the extension.
         "triton_interpreter": triton_interpreting(),

@@ -30,7 +30,7 @@ Backends:
              float16/bfloat16/float32 on CUDA (or under TRITON_INTERPRET=1).
   cuda       CUDA C++ kernels of the compiled extension (:mod:`dcign_fast.kernels.cuda_ops`, csrc/);
              float16/bfloat16/float32 on CUDA. Never chosen by auto.
-  auto       triton for CUDA tensors when Triton is installed and the dtype is not float64, else torch.
+  auto       triton for CUDA tensors when Triton >= 3.4 is installed and the dtype is not float64, else torch.
 The torch, triton and cuda backends run inside the custom op ``dcign_fast::sample_latents``
 (:mod:`dcign_fast.ops.library`, so torch.compile traces them without graph breaks); they save only mu,
 logvar, active and the (seed, offset) drawn with; eps is regenerated in the backward. Under CUDA graph

@@ -11,9 +11,10 @@ backward through a second custom op, so the backward graph is as opaque and trac
                           the (seed, offset) drawn inside the op (so the draw is part of the compiled
                           graph's runtime, not a trace-time constant). With a seed: an empty int64 tensor
                           on mu's device, the seed travelling as an int, since a CPU tensor in a compiled
-                          graph makes torch.compile(mode="reduce-overhead") skip CUDA graphs. The backward
-                          regenerates the noise from them: the noise is never saved. The backward op's
-                          own backward (gradient penalties) is a torch formula that regenerates it again.
+                          graph makes torch.compile(mode="reduce-overhead") skip CUDA graphs. (An int is a
+                          graph input there: a new seed records new CUDA graphs, see the README.) The
+                          backward regenerates the noise from them: the noise is never saved. The backward
+                          op's own backward (gradient penalties) is a torch formula that regenerates it.
 
 The "reference" backends stay plain PyTorch outside these ops: they are the oracles, differentiated by
 autograd itself, and dynamo traces them like any torch code.
@@ -149,11 +150,11 @@ def sample_latents_op(
     offset 0. ``invariance`` is only read by the backward (it is an input so autograd can see it).
     """
     if seed is None:
-        seed, offset = latent_sampler.draw_seed_offset(mu.device, mu.numel())
-        rng = torch.tensor([latent_sampler.as_int64(seed), offset], dtype=torch.int64)
+        drawn, offset = latent_sampler.draw_seed_offset(mu.device, mu.numel())
+        rng = torch.tensor([latent_sampler.as_int64(drawn), offset], dtype=torch.int64)
     else:
-        seed, offset, rng = seed % 2**64, 0, _no_rng(mu)
-    z, kl = latent_sampler.KERNELS[backend]().forward(mu, logvar, active, clamp_first, seed, offset)
+        rng = _no_rng(mu)
+    z, kl = latent_sampler.KERNELS[backend]().forward(mu, logvar, active, clamp_first, *_seed_offset(seed, rng))
     # Contiguous whatever mu's layout, as the fake promises (compiled code asserts it).
     return z.contiguous(), kl.contiguous(), rng
 

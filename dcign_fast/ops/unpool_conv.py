@@ -291,7 +291,7 @@ BACKWARDS: dict[str, Callable[..., Grads]] = {
 
 
 def choose_backend(x: torch.Tensor, weight: torch.Tensor | None = None, scale_factor: int = 2) -> str:
-    """The backend ``"auto"`` picks for these tensors: triton on CUDA when it is installed and supports
+    """The backend ``"auto"`` picks for these tensors: triton on CUDA when it is available (>= 3.4) and supports
     the case (``weight`` None: judged on x and scale_factor alone), else torch."""
     if x.device.type == "cuda" and triton_available():
         from dcign_fast.kernels.triton.unpool_conv import triton_unsupported_reason
