@@ -12,7 +12,7 @@ backward through a second custom op, so the backward graph is as opaque and trac
                           graph's runtime, not a trace-time constant). With a seed: an empty int64 tensor
                           on mu's device, the seed travelling as an int, since a CPU tensor in a compiled
                           graph makes torch.compile(mode="reduce-overhead") skip CUDA graphs. (An int is a
-                          graph input there: a new seed records new CUDA graphs, see the README.) The
+                          graph input there: CUDA graphs are kept per seed value, see the README.) The
                           backward regenerates the noise from them: the noise is never saved. The backward
                           op's own backward (gradient penalties) is a torch formula that regenerates it.
 
