@@ -187,22 +187,49 @@ def test_cuda_graph_captures_a_training_step(backend):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)
 
 
+def test_the_sampler_ops_are_kept_out_of_inductors_cuda_graphs():
+    """A replayed graph would repeat the seed it was recorded with (and a new seed per step would record new
+    graphs): both sampler ops carry the tag that makes Inductor run them between its CUDA graphs."""
+    for op in (torch.ops.dcign_fast.sample_latents, torch.ops.dcign_fast.sample_latents_backward):
+        assert torch.Tag.cudagraph_unsafe in op.default.tags
+
+
 @pytest.mark.cuda
-def test_reduce_overhead_compiles_a_training_step_into_cuda_graphs():
-    """torch.compile(mode="reduce-overhead") records CUDA graphs for a DC-IGN step with a given seed: nothing
-    in its forward or backward graph (the sampler's rng output included) makes Inductor skip them."""
+def test_reduce_overhead_graphs_the_step_around_the_sampler(monkeypatch):
+    """torch.compile(mode="reduce-overhead"): after recording, new seeds replay the same CUDA graphs with each
+    seed's own noise (gradients equal eager ones), and seed=None draws anew at every call."""
     from torch._dynamo.utils import counters
 
+    captures = []
+    capture_begin = torch.cuda.CUDAGraph.capture_begin
+
+    def counting_capture_begin(self, *args, **kwargs):
+        captures.append(1)
+        return capture_begin(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", counting_capture_begin)
+    torch._dynamo.reset()
+    counters.clear()
     model = DCIGN.from_preset("demo64").cuda()
-    skips = {}
-    for seed in (9, None):  # seed=None draws inside the op, on the CPU: the check can fail
-        torch._dynamo.reset()
-        counters.clear()
-        loss = torch.compile(_training_loss(model, seed=seed), mode="reduce-overhead")
-        for _ in range(3):
-            _grads(model, loss(*_inputs("cuda")))
-        skips[seed] = counters["inductor"]["cudagraph_skips"]
-    assert skips[9] == 0 and skips[None] >= 1
+
+    def loss(x: torch.Tensor, active: torch.Tensor, seed: int | None) -> torch.Tensor:
+        recon, mu, logvar, _, kl = model(x, active, invariance=0.1, seed=seed, return_kl=True)
+        return model.loss(x, recon, mu, logvar, kl)["total"]
+
+    x, active = _inputs("cuda")
+    want = {seed: _grads(model, loss(x, active, seed)) for seed in range(4, 8)}
+    compiled = torch.compile(loss, mode="reduce-overhead")
+    for seed in range(1, 4):  # compiles (the seed turns dynamic at the second), warms up, records
+        _grads(model, compiled(x, active, seed))
+    recorded = len(captures)
+    for seed in range(4, 8):
+        for g, w in zip(_grads(model, compiled(x, active, seed)), want[seed]):
+            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)
+    assert recorded > 0 and len(captures) == recorded and counters["inductor"]["cudagraph_skips"] == 0
+    torch.manual_seed(5)
+    first = compiled(x, active, None).item()
+    torch.manual_seed(5)
+    assert compiled(x, active, None).item() == first != compiled(x, active, None).item()
 
 
 @pytest.mark.cuda

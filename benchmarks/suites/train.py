@@ -51,8 +51,7 @@ def _step(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> Callable[
     def run() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-            # One seed for every step: a step's work does not depend on it, and CUDA graphs are recorded
-            # per seed value (README).
+            # One seed for every step: a step's work does not depend on it.
             recon, mu, logvar, _, kl = model(images, active, invariance=INVARIANCE, seed=0, return_kl=True)
         core.loss(images, recon, mu, logvar, kl=kl)["total"].backward()
         optimizer.step()

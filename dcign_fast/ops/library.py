@@ -10,11 +10,10 @@ backward through a second custom op, so the backward graph is as opaque and trac
   sample_latents          returns, beside z and kl, ``rng``. With seed None: int64 [2] on the CPU holding
                           the (seed, offset) drawn inside the op (so the draw is part of the compiled
                           graph's runtime, not a trace-time constant). With a seed: an empty int64 tensor
-                          on mu's device, the seed travelling as an int, since a CPU tensor in a compiled
-                          graph makes torch.compile(mode="reduce-overhead") skip CUDA graphs. (An int is a
-                          graph input there: CUDA graphs are kept per seed value, see the README.) The
-                          backward regenerates the noise from them: the noise is never saved. The backward
-                          op's own backward (gradient penalties) is a torch formula that regenerates it.
+                          on mu's device, the seed reaching the backward as an int (no CPU tensor in the
+                          graph). The backward regenerates the noise from them: the noise is never saved.
+                          Both ops run outside CUDA graphs (OUTSIDE_CUDA_GRAPHS). The backward op's own
+                          backward (gradient penalties) is a torch formula that regenerates it again.
 
 The "reference" backends stay plain PyTorch outside these ops: they are the oracles, differentiated by
 autograd itself, and dynamo traces them like any torch code.
@@ -133,7 +132,13 @@ unpool_conv2d_backward_op.register_autograd(_unpool_double_backward, setup_conte
 
 
 # ---------------------------------------------------------------------------------------------- sample_latents
-@torch.library.custom_op("dcign_fast::sample_latents", mutates_args=())
+# Inductor runs ops tagged so between the CUDA graphs of torch.compile(mode="reduce-overhead") (with its graph
+# partitioning, else without CUDA graphs): a replayed graph would repeat the seed and offset it was recorded
+# with, and a seed that changes each step would record new graphs each step.
+OUTSIDE_CUDA_GRAPHS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("dcign_fast::sample_latents", mutates_args=(), tags=OUTSIDE_CUDA_GRAPHS)
 def sample_latents_op(
     mu: Tensor,
     logvar: Tensor,
@@ -170,7 +175,7 @@ def _(mu, logvar, active, clamp_first, invariance, seed, backend):
     return mu.new_empty(mu.shape), mu.new_empty(mu.shape[:1]), rng
 
 
-@torch.library.custom_op("dcign_fast::sample_latents_backward", mutates_args=())
+@torch.library.custom_op("dcign_fast::sample_latents_backward", mutates_args=(), tags=OUTSIDE_CUDA_GRAPHS)
 def sample_latents_backward_op(
     mu: Tensor,
     logvar: Tensor,
