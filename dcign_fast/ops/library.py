@@ -133,8 +133,8 @@ unpool_conv2d_backward_op.register_autograd(_unpool_double_backward, setup_conte
 
 # ---------------------------------------------------------------------------------------------- sample_latents
 # Inductor runs ops tagged so between the CUDA graphs of torch.compile(mode="reduce-overhead") (with its graph
-# partitioning, else without CUDA graphs): a replayed graph would repeat the seed and offset it was recorded
-# with, and a seed that changes each step would record new graphs each step.
+# partitioning, else without CUDA graphs): inside one, seed=None's draw would fail at capture, and a replay
+# would repeat the (seed, offset) it was recorded with.
 OUTSIDE_CUDA_GRAPHS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
