@@ -165,7 +165,7 @@ def sample_latents_op(
 
 
 def _no_rng(mu: Tensor) -> Tensor:
-    """The rng output of a given seed: empty, and on mu's device (a CPU tensor would cost CUDA graphs)."""
+    """The rng output of a given seed: empty, and on mu's device, so compiled graphs stay on one device."""
     return torch.empty(0, dtype=torch.int64, device=mu.device)
 
 
