@@ -111,6 +111,10 @@ class SweepFolders:
     def __len__(self) -> int:
         return len(self.folders)
 
+    def kinds(self) -> list[str]:
+        """The kind of every batch, in index order (as :meth:`SweepCache.kinds`)."""
+        return [kind for _, kind in self.folders]
+
     def __getitem__(self, index: int) -> Batch:
         folder, kind = self.folders[index]
         files = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png"), key=_natural_key)

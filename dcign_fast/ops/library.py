@@ -197,10 +197,8 @@ def sample_latents_backward_op(
 def _seed_offset(seed: Optional[int], rng: Tensor) -> tuple[int, int]:
     """The (uint64 seed, offset) the forward used: ``seed`` with offset 0, or when it is None the pair the
     forward drew and stored in ``rng`` (the seed as int64 bits)."""
-    if seed is None:
-        seed, offset = rng.tolist()
-        return seed % 2**64, offset
-    return seed % 2**64, 0
+    seed, offset = rng.tolist() if seed is None else (seed, 0)
+    return seed % 2**64, offset
 
 
 @sample_latents_backward_op.register_fake

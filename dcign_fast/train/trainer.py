@@ -75,12 +75,10 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
                 f"data={config.data} holds {dataset.size}px images but this model takes {image_size}px: "
                 f"render a cache with --size {image_size}"
             )
-        kinds = dataset.kinds()
     else:
         dataset = SweepFolders(config.data, size=image_size)
-        kinds = [kind for _, kind in dataset.folders]
     by_kind: dict[str, list[int]] = {}
-    for index, kind in enumerate(kinds):
+    for index, kind in enumerate(dataset.kinds()):
         by_kind.setdefault(kind, []).append(index)
 
     def pick(kind: str, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -31,6 +31,7 @@ def test_export_then_read_round_trip(tmp_path, batches):
     # Folders come back grouped by kind, each kind in export order.
     by_kind = sorted(range(len(batches)), key=lambda i: list(KIND_DIRS).index(batches[i][2]))
     _assert_same_batches(list(folders), [batches[i] for i in by_kind])
+    assert folders.kinds() == [batches[i][2] for i in by_kind]
 
 
 def test_cache_round_trip_and_epoch(tmp_path, batches):
