@@ -33,13 +33,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("stream"));
   m.def("sampler_forward", &dcign::sampler_forward, py::arg("mu"), py::arg("logvar"), py::arg("active"),
         py::arg("means"), py::arg("z"), py::arg("kl"), py::arg("B"), py::arg("D"), py::arg("mu_sb"), py::arg("mu_sd"),
-        py::arg("lv_sb"), py::arg("lv_sd"), py::arg("clamp"), py::arg("seed"), py::arg("offset"), py::arg("dtype"),
-        py::arg("stream"));
+        py::arg("lv_sb"), py::arg("lv_sd"), py::arg("clamp"), py::arg("seed"), py::arg("offset"), py::arg("seed_ptr"),
+        py::arg("offset_ptr"), py::arg("dtype"), py::arg("stream"));
   m.def("sampler_backward", &dcign::sampler_backward, py::arg("mu"), py::arg("logvar"), py::arg("active"),
         py::arg("means"), py::arg("grad_z"), py::arg("grad_kl"), py::arg("grad_mu"), py::arg("grad_logvar"),
         py::arg("B"), py::arg("D"), py::arg("mu_sb"), py::arg("mu_sd"), py::arg("lv_sb"), py::arg("lv_sd"),
         py::arg("gz_sb"), py::arg("gz_sd"), py::arg("gkl_s"), py::arg("invariance"), py::arg("seed"), py::arg("offset"),
-        py::arg("dtype"), py::arg("stream"));
+        py::arg("seed_ptr"), py::arg("offset_ptr"), py::arg("dtype"), py::arg("stream"));
 
   // Unpool-conv, scale factor 2 (argument meanings: csrc/unpool_conv.h).
   m.def(

@@ -59,7 +59,8 @@ template <typename T, int CLAMP>
 __global__ void __launch_bounds__(kThreads)
     sampler_forward_kernel(const T* __restrict__ mu, const T* __restrict__ logvar, const uint8_t* __restrict__ active,
                            const float* __restrict__ means, T* __restrict__ z, T* __restrict__ kl, int64_t B, int64_t D,
-                           int64_t mu_sb, int64_t mu_sd, int64_t lv_sb, int64_t lv_sd, uint64_t seed, uint64_t offset) {
+                           int64_t mu_sb, int64_t mu_sd, int64_t lv_sb, int64_t lv_sd, PhiloxStart start) {
+  const PhiloxStart rng = start.resolved();
   const int lane = threadIdx.x % 32;
   const int64_t b = blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32;
   if (b >= B) return;
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(kThreads)
     const bool inactive = CLAMP != kNoClamp && active[j] == 0;
     const float m = clamped(mu, b, j, mu_sb, mu_sd, inactive, CLAMP, means, j);
     const float lv = clamped(logvar, b, j, lv_sb, lv_sd, inactive, CLAMP, means + D, j);
-    const SampleForward f = sample_forward(m, lv, philox_normal(seed, offset, static_cast<uint64_t>(b * D + j)));
+    const SampleForward f = sample_forward(m, lv, philox_normal(rng.seed, rng.offset, static_cast<uint64_t>(b * D + j)));
     z[b * D + j] = from_float<T>(f.z);
     terms += f.kl_term;
   }
@@ -83,8 +84,8 @@ __global__ void __launch_bounds__(kThreads)
                             const float* __restrict__ means, const T* __restrict__ grad_z,
                             const T* __restrict__ grad_kl, T* __restrict__ grad_mu, T* __restrict__ grad_logvar,
                             int64_t B, int64_t D, int64_t mu_sb, int64_t mu_sd, int64_t lv_sb, int64_t lv_sd,
-                            int64_t gz_sb, int64_t gz_sd, int64_t gkl_s, float invariance, uint64_t seed,
-                            uint64_t offset) {
+                            int64_t gz_sb, int64_t gz_sd, int64_t gkl_s, float invariance, PhiloxStart start) {
+  const PhiloxStart rng = start.resolved();
   const int64_t total = B * D;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -99,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const float gz = to_float(grad_z[b * gz_sb + j * gz_sd]);
     const float gkl = to_float(grad_kl[b * gkl_s]);
-    const SampleBackward g = sample_backward(m, lv, philox_normal(seed, offset, static_cast<uint64_t>(i)), gz, gkl);
+    const SampleBackward g = sample_backward(m, lv, philox_normal(rng.seed, rng.offset, static_cast<uint64_t>(i)), gz, gkl);
     grad_mu[i] = from_float<T>(g.grad_mu);
     grad_logvar[i] = from_float<T>(g.grad_logvar);
   }
@@ -111,6 +112,10 @@ unsigned blocks_for(int64_t work_items, int64_t per_block) {
 }
 
 cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+PhiloxStart philox_start(uint64_t seed, uint64_t offset, uintptr_t seed_ptr, uintptr_t offset_ptr) {
+  return {seed, offset, reinterpret_cast<const int64_t*>(seed_ptr), reinterpret_cast<const int64_t*>(offset_ptr)};
+}
 
 }  // namespace
 
@@ -127,7 +132,8 @@ void sampler_column_means(uintptr_t mu, uintptr_t logvar, int64_t B, int64_t D, 
 
 void sampler_forward(uintptr_t mu, uintptr_t logvar, uintptr_t active, uintptr_t means, uintptr_t z, uintptr_t kl,
                      int64_t B, int64_t D, int64_t mu_sb, int64_t mu_sd, int64_t lv_sb, int64_t lv_sd, int clamp,
-                     uint64_t seed, uint64_t offset, int dtype, uintptr_t stream) {
+                     uint64_t seed, uint64_t offset, uintptr_t seed_ptr, uintptr_t offset_ptr, int dtype,
+                     uintptr_t stream) {
   if (clamp < kNoClamp || clamp > kClampFirst) throw std::invalid_argument("sampler_forward: clamp must be 0, 1 or 2");
   if (B > static_cast<int64_t>(kMaxBlocks) * kWarps) throw std::invalid_argument("sampler_forward: batch too large");
   dispatch_dtype(dtype, "sampler_forward", [&](auto tag) {
@@ -138,14 +144,16 @@ void sampler_forward(uintptr_t mu, uintptr_t logvar, uintptr_t active, uintptr_t
     launch_kernel("sampler_forward_kernel", blocks_for(B, kWarps), kThreads, as_stream(stream), kernel,
                   reinterpret_cast<const T*>(mu), reinterpret_cast<const T*>(logvar),
                   reinterpret_cast<const uint8_t*>(active), reinterpret_cast<const float*>(means),
-                  reinterpret_cast<T*>(z), reinterpret_cast<T*>(kl), B, D, mu_sb, mu_sd, lv_sb, lv_sd, seed, offset);
+                  reinterpret_cast<T*>(z), reinterpret_cast<T*>(kl), B, D, mu_sb, mu_sd, lv_sb, lv_sd,
+                  philox_start(seed, offset, seed_ptr, offset_ptr));
   });
 }
 
 void sampler_backward(uintptr_t mu, uintptr_t logvar, uintptr_t active, uintptr_t means, uintptr_t grad_z,
                       uintptr_t grad_kl, uintptr_t grad_mu, uintptr_t grad_logvar, int64_t B, int64_t D, int64_t mu_sb,
                       int64_t mu_sd, int64_t lv_sb, int64_t lv_sd, int64_t gz_sb, int64_t gz_sd, int64_t gkl_s,
-                      float invariance, uint64_t seed, uint64_t offset, int dtype, uintptr_t stream) {
+                      float invariance, uint64_t seed, uint64_t offset, uintptr_t seed_ptr, uintptr_t offset_ptr,
+                      int dtype, uintptr_t stream) {
   dispatch_dtype(dtype, "sampler_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto kernel = active != 0 ? sampler_backward_kernel<T, true> : sampler_backward_kernel<T, false>;
@@ -154,7 +162,7 @@ void sampler_backward(uintptr_t mu, uintptr_t logvar, uintptr_t active, uintptr_
                   reinterpret_cast<const uint8_t*>(active), reinterpret_cast<const float*>(means),
                   reinterpret_cast<const T*>(grad_z), reinterpret_cast<const T*>(grad_kl),
                   reinterpret_cast<T*>(grad_mu), reinterpret_cast<T*>(grad_logvar), B, D, mu_sb, mu_sd, lv_sb, lv_sd,
-                  gz_sb, gz_sd, gkl_s, invariance, seed, offset);
+                  gz_sb, gz_sd, gkl_s, invariance, philox_start(seed, offset, seed_ptr, offset_ptr));
   });
 }
 

@@ -62,6 +62,20 @@ DCIGN_HD float box_muller(uint32_t x0, uint32_t x1) {
   return sqrtf(-2.0f * logf(u0)) * cosf(theta);
 }
 
+// Where a draw starts in the stream: (seed, offset) given by value, or read from device memory (int64 values,
+// the seed's uint64 bits) when the pointers are set: a CUDA graph captured with seed=None draws them on the
+// device at every replay, so its kernels must read them there, not take the values they were captured with.
+struct PhiloxStart {
+  uint64_t seed, offset;
+  const int64_t* seed_in_memory;
+  const int64_t* offset_in_memory;
+
+  DCIGN_HD PhiloxStart resolved() const {
+    if (seed_in_memory == nullptr) return *this;
+    return {static_cast<uint64_t>(*seed_in_memory), static_cast<uint64_t>(*offset_in_memory), nullptr, nullptr};
+  }
+};
+
 // eps of element `index` of the stream (seed, offset).
 DCIGN_HD float philox_normal(uint64_t seed, uint64_t offset, uint64_t index) {
   const PhiloxPair w = philox_pair(seed, offset + index);

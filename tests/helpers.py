@@ -115,3 +115,25 @@ def layout_mismatches(backend: str, device: str) -> list[str]:
     ):
         compare(sample_and_backward, (mu, logvar, active), ("z", "kl", "grad_mu", "grad_logvar"), layout)
     return found
+
+
+def rng_in_memory_mismatches(backend: str, device: str) -> list[str]:
+    """Outputs of a backend's sampler kernels that differ, bit for bit, between (seed, offset) given as ints
+    and as 0-d int64 tensors holding them (what a CUDA graph captured with seed=None passes): empty when
+    none. The seed has its top bit set and the counters cross a multiple of 2**32."""
+    from dcign_fast.ops.latent_sampler import KERNELS
+
+    kernels = KERNELS[backend]()
+    seed, offset = 2**64 - 12345, 2**32 - 100
+    rng = torch.tensor([seed - 2**64, offset], device=device)
+    mu, logvar = torch.randn(37, 21, device=device), 0.5 * torch.randn(37, 21, device=device)
+    active = torch.rand(21, device=device) < 0.5
+    grad_z, grad_kl = torch.randn_like(mu), torch.randn(37, device=device)
+    results = []
+    for stream in ((seed, offset), (rng[0], rng[1])):
+        with poisoned_allocations():
+            z, kl = kernels.forward(mu, logvar, active, False, *stream)
+            grads = kernels.backward(mu, logvar, active, 0.3, *stream, grad_z, grad_kl)
+        results.append((z, kl, *grads))
+    names = ("z", "kl", "grad_mu", "grad_logvar")
+    return [name for name, by_value, in_memory in zip(names, *results) if not torch.equal(by_value, in_memory)]

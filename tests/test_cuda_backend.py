@@ -37,7 +37,10 @@ needs_extension = pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C
 @pytest.mark.parametrize(
     "launch, kernel",
     [
-        (lambda c: c.sampler_forward(0, 0, 0, 0, 0, 0, 4, 8, 8, 1, 8, 1, 0, 1, 0, 0, 0), "sampler_forward_kernel"),
+        (
+            lambda c: c.sampler_forward(0, 0, 0, 0, 0, 0, 4, 8, 8, 1, 8, 1, 0, 1, 0, 0, 0, 0, 0),
+            "sampler_forward_kernel",
+        ),
         (lambda c: c.sampler_column_means(0, 0, 4, 8, 8, 1, 8, 1, 0, 0, 0), "column_means_kernel"),
         (lambda c: c.unpool_conv_pack_weight(0, 0, 4, 4, 3, 3, 1, 1, 0, 0), "pack_weight_kernel"),
         (

@@ -28,7 +28,7 @@ from tests.cuda_checks import (
     check_unpool_conv,
     cudnn_tf32,
 )
-from tests.helpers import gradient_penalty_error, layout_mismatches
+from tests.helpers import gradient_penalty_error, layout_mismatches, rng_in_memory_mismatches
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,6 +63,10 @@ def test_sampler_eps_is_the_shared_philox_stream():
 
 def test_sampler_reads_strided_inputs():
     check_sampler_strided(12, 40, "cpu")
+
+
+def test_sampler_reads_seed_and_offset_from_memory_as_given():
+    assert rng_in_memory_mismatches("cuda", "cpu") == []
 
 
 @pytest.mark.parametrize("kernel", range(1, 10))

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import dcign_fast
+from dcign_fast.kernels import cuda
 from dcign_fast.ops.latent_sampler import sample_latents
 from dcign_fast.ops.reference import sample_latents_reference
 from tests.aot import aot_unsupported_reason, compile_in_subprocess, compile_launch, recorded_launches
-from tests.helpers import poisoned_allocations
+from tests.helpers import poisoned_allocations, rng_in_memory_mismatches
 
 FUSED = ["torch", "triton"]
 TOLERANCE = {
@@ -331,6 +332,51 @@ def test_all_backends_draw_the_same_noise():
     torch.testing.assert_close(sample_latents(mu, logvar, seed=-5, backend="torch")[0], zs[1])
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_kernels_read_seed_and_offset_from_memory_as_given(backend):
+    assert rng_in_memory_mismatches(backend, "cpu") == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "backend",
+    [*FUSED, pytest.param("cuda", marks=pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C not built"))],
+)
+def test_a_cuda_graph_captured_with_seed_none_draws_anew_at_every_replay(backend):
+    """The draw runs on the device: every replay samples a new (seed, offset), and z, kl and both gradients
+    are the reference's at that pair."""
+    mu, logvar = (t.cuda() for t in random_inputs(24, 40))
+    active = (torch.rand(40) < 0.5).cuda()
+    grad_z, grad_kl = torch.randn_like(mu), torch.randn(24, device="cuda")
+    m, lv = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+
+    def sample_and_grads():
+        z, kl, rng = torch.ops.dcign_fast.sample_latents(m, lv, active, False, 0.3, None, backend)
+        return z, kl, *torch.autograd.grad((z, kl), (m, lv), (grad_z, grad_kl)), rng
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles, autotunes and loads kernels outside the capture
+        sample_and_grads()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        *outputs, rng = sample_and_grads()
+    assert rng.device == mu.device
+    draws = set()
+    for _ in range(3):
+        for out in outputs:
+            out.fill_(float("nan"))
+        graph.replay()
+        draws.add(tuple(rng.tolist()))
+        m_ref, lv_ref = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        z, kl = sample_latents_reference(m_ref, lv_ref, active, "mean", 0.3, *rng.tolist())
+        want = z, kl, *torch.autograd.grad((z, kl), (m_ref, lv_ref), (grad_z, grad_kl))
+        for name, got, expected in zip(("z", "kl", "grad_mu", "grad_logvar"), outputs, want):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    assert len(draws) == 3
+
+
 def test_reparameterize_is_the_sampler_without_clamping():
     mu, logvar = random_inputs(5, 8)
     z = dcign_fast.reparameterize(mu, logvar, seed=17)
@@ -409,19 +455,23 @@ def test_numpy_scalars_are_accepted_as_numbers(backend):
 
 def compile_kernels_for_sm90() -> list[dict[str, object]]:
     """Both kernels as the launcher runs them for paper150's 200 latents at batch 20 and 128, float32 and
-    bfloat16, in their variants with the most code (the forward's batch-mean pass, the backward's pull)."""
+    bfloat16, in their variants with the most code (the forward's batch-mean pass, the backward's pull); at
+    batch 128 also with the seed and offset read from memory (a CUDA graph captured with seed=None)."""
     from dcign_fast.kernels.triton import latent_sampler as kernels
 
+    in_memory = tuple(torch.tensor([7, 0]))
+    cases = [(dtype, batch, (7, 0)) for dtype in (torch.float32, torch.bfloat16) for batch in (20, 128)]
+    cases += [(dtype, 128, in_memory) for dtype in (torch.float32, torch.bfloat16)]
     results = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for batch in (20, 128):
-            mu, logvar = random_inputs(batch, 200, dtype)
-            active = torch.rand(200) < 0.5
-            with recorded_launches(kernels, "_forward_kernel", "_backward_kernel") as launches:
-                kernels.forward(mu, logvar, active, False, 7, 0)
-                kernels.backward(mu, logvar, active, 0.01, 7, 0, torch.randn_like(mu), torch.randn(batch, dtype=dtype))
-            for launch in launches:
-                results += compile_launch(launch)
+    for dtype, batch, (seed, offset) in cases:
+        mu, logvar = random_inputs(batch, 200, dtype)
+        active = torch.rand(200) < 0.5
+        grad_z, grad_kl = torch.randn_like(mu), torch.randn(batch, dtype=dtype)
+        with recorded_launches(kernels, "_forward_kernel", "_backward_kernel") as launches:
+            kernels.forward(mu, logvar, active, False, seed, offset)
+            kernels.backward(mu, logvar, active, 0.01, seed, offset, grad_z, grad_kl)
+        for launch in launches:
+            results += compile_launch(launch)
     return results
 
 
@@ -429,7 +479,7 @@ def compile_kernels_for_sm90() -> list[dict[str, object]]:
 def test_triton_kernels_compile_for_sm90():
     """Ahead-of-time compilation for an H100/H200, without a GPU and outside the interpreter."""
     results = compile_in_subprocess("tests.test_latent_sampler", "compile_kernels_for_sm90")
-    assert [r["kernel"] for r in results] == ["forward", "backward"] * 4
+    assert [r["kernel"] for r in results] == ["forward", "backward"] * 6
     assert all(r["stack"] == 0 and r["local"] == 0 for r in results)  # no register spills
 
 
@@ -471,14 +521,17 @@ def test_model_samples_through_the_op():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", FUSED)
-def test_seed_none_on_cuda_follows_the_cuda_generator(backend):
+def test_seed_none_on_cuda_draws_with_the_cuda_generator(backend):
+    """seed=None draws (seed, offset) on the GPU with its generator: torch.manual_seed repeats a draw (for
+    the reference backend too), the next call draws anew, and z is the reference's at the drawn pair."""
     mu, logvar = (t.cuda() for t in random_inputs(5, 7))
     torch.manual_seed(77)
     first = [sample_latents(mu, logvar, backend=backend)[0] for _ in range(2)]
     assert not torch.equal(first[0], first[1])
     torch.manual_seed(77)
-    seed, offset = torch.cuda.initial_seed(), torch.cuda.default_generators[mu.device.index].get_offset()
-    again = sample_latents(mu, logvar, backend=backend)[0]
-    assert torch.equal(again, first[0])
+    again, _, rng = torch.ops.dcign_fast.sample_latents(mu, logvar, None, False, 0.0, None, backend)
+    assert torch.equal(again, first[0]) and rng.device == mu.device
+    seed, offset = rng.tolist()
     torch.testing.assert_close(again, sample_latents_reference(mu, logvar, seed=seed, offset=offset)[0])
-    assert torch.cuda.default_generators[mu.device.index].get_offset() >= offset + mu.numel()
+    torch.manual_seed(77)
+    torch.testing.assert_close(sample_latents(mu, logvar, backend="reference")[0], again)

@@ -108,6 +108,15 @@ def test_fast_paths_are_the_same_stream_bit_for_bit(seed, offset, count, chunk):
     assert torch.equal(shaped.view(torch.int32), expected[: count // 8 * 8].view(8, -1))
 
 
+@pytest.mark.parametrize("draw", [philox.normal, philox.normal_fast])
+def test_seed_and_offset_may_be_tensors_holding_them(draw):
+    """What a CUDA graph captured with seed=None passes (values read on the device): the same bits, with the
+    seed's top bit set and counters crossing a multiple of 2**32."""
+    seed, offset = 2**64 - 3, 2**32 - 10
+    rng = torch.tensor([seed - 2**64, offset])
+    assert torch.equal(draw(rng[0], rng[1], (4, 9)), draw(seed, offset, (4, 9)))
+
+
 def test_fast_path_refuses_counters_past_int64():
     assert philox.normal_fast(5, 2**63 - 4, (2, 2)).shape == (2, 2)
     with pytest.raises(ValueError, match="offset \\+ numel must be in \\[0, 2\\*\\*63\\]"):

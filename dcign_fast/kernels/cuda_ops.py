@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dcign_fast.kernels import cuda, device_guard
+from dcign_fast.ops import philox
 from dcign_fast.ops.unpool_conv import (
     FEW_OUTPUTS,
     check_kernel_args,
@@ -55,8 +56,21 @@ def _column_means(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return means
 
 
+def _philox_args(seed: philox.Value, offset: philox.Value) -> tuple[int, int, int, int]:
+    """(seed, offset, seed pointer, offset pointer) of a launch: the values, or 0-d device tensors holding them
+    (read by the kernels)."""
+    if isinstance(seed, torch.Tensor):
+        return 0, 0, seed.data_ptr(), offset.data_ptr()
+    return seed, offset, 0, 0
+
+
 def sampler_forward(
-    mu: torch.Tensor, logvar: torch.Tensor, active: torch.Tensor | None, clamp_first: bool, seed: int, offset: int
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    active: torch.Tensor | None,
+    clamp_first: bool,
+    seed: philox.Value,
+    offset: philox.Value,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z [B, D], kl [B]) in mu's dtype; the forward half of :class:`dcign_fast.ops.latent_sampler.Kernels`."""
     B, D = mu.shape
@@ -71,8 +85,8 @@ def sampler_forward(
         kl = torch.empty((B,), dtype=mu.dtype, device=mu.device)
         cuda.load(mu.device).sampler_forward(
             mu.data_ptr(), logvar.data_ptr(), active_ptr, 0 if means is None else means.data_ptr(),
-            z.data_ptr(), kl.data_ptr(), B, D, *mu.stride(), *logvar.stride(), clamp, seed, offset, code,
-            cuda.stream(mu.device),
+            z.data_ptr(), kl.data_ptr(), B, D, *mu.stride(), *logvar.stride(), clamp, *_philox_args(seed, offset),
+            code, cuda.stream(mu.device),
         )  # fmt: skip
     return z, kl
 
@@ -82,8 +96,8 @@ def sampler_backward(
     logvar: torch.Tensor,
     active: torch.Tensor | None,
     invariance: float,
-    seed: int,
-    offset: int,
+    seed: philox.Value,
+    offset: philox.Value,
     grad_z: torch.Tensor,
     grad_kl: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +113,8 @@ def sampler_backward(
         cuda.load(mu.device).sampler_backward(
             mu.data_ptr(), logvar.data_ptr(), active_ptr, 0 if means is None else means.data_ptr(),
             grad_z.data_ptr(), grad_kl.data_ptr(), grad_mu.data_ptr(), grad_logvar.data_ptr(), B, D,
-            *mu.stride(), *logvar.stride(), *grad_z.stride(), grad_kl.stride(0), invariance, seed, offset, code,
-            cuda.stream(mu.device),
+            *mu.stride(), *logvar.stride(), *grad_z.stride(), grad_kl.stride(0), invariance,
+            *_philox_args(seed, offset), code, cuda.stream(mu.device),
         )  # fmt: skip
     return grad_mu, grad_logvar
 

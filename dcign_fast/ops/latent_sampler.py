@@ -33,16 +33,16 @@ Backends:
   auto       triton for CUDA tensors when Triton >= 3.4 is installed and the dtype is not float64, else torch.
 The torch, triton and cuda backends run inside the custom op ``dcign_fast::sample_latents``
 (:mod:`dcign_fast.ops.library`, so torch.compile traces them without graph breaks); they save only mu,
-logvar, active and the (seed, offset) drawn with; eps is regenerated in the backward. Under CUDA graph
-capture pass ``seed`` explicitly: a seed=None draw cannot be captured (an error), and the captured
-graph replays the same noise. Under ``torch.func.vmap`` an explicit seed gives every sample the same
+logvar, active and the (seed, offset) drawn with; eps is regenerated in the backward. seed=None draws
+(seed, offset) on mu's device and the kernels read them there (:func:`draw_rng`): a CUDA graph captured
+so draws anew at every replay, like torch's own random ops; with an explicit seed every replay draws the
+same noise. Under ``torch.func.vmap`` an explicit seed gives every sample the same
 noise; seed=None draws each sample its own (``randomness="different"``, torch/triton/cuda backends), and
 is refused where vmap's randomness or the reference backend would make it mean something else.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Callable
@@ -66,6 +66,7 @@ class Kernels:
 
     forward(mu, logvar, active, clamp_first, seed, offset) -> (z [B, D], kl [B]) in mu's dtype.
     backward(mu, logvar, active, invariance, seed, offset, grad_z, grad_kl) -> (grad_mu, grad_logvar).
+    seed and offset are ints, or 0-d int64 tensors on mu's device holding them (``philox.Value``).
     """
 
     forward: Callable[..., Outputs]
@@ -88,7 +89,7 @@ def _clamped(
     return torch.where(active, m, m.mean(0, keepdim=True)), torch.where(active, lv, lv.mean(0, keepdim=True))
 
 
-def _eps(mu: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+def _eps(mu: torch.Tensor, seed: philox.Value, offset: philox.Value) -> torch.Tensor:
     return philox.normal_fast(seed, offset, tuple(mu.shape), mu.device).to(_compute_dtype(mu))
 
 
@@ -106,7 +107,12 @@ def _sparse_columns(active: torch.Tensor | None, mu: torch.Tensor) -> torch.Tens
 
 
 def sample_latents_torch_forward(
-    mu: torch.Tensor, logvar: torch.Tensor, active: torch.Tensor | None, clamp_first: bool, seed: int, offset: int
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    active: torch.Tensor | None,
+    clamp_first: bool,
+    seed: philox.Value,
+    offset: philox.Value,
 ) -> Outputs:
     m, lv = _clamped(mu, logvar, active, clamp_first)
     std = torch.exp(0.5 * lv)
@@ -120,8 +126,8 @@ def sample_latents_torch_backward(
     logvar: torch.Tensor,
     active: torch.Tensor | None,
     invariance: float,
-    seed: int,
-    offset: int,
+    seed: philox.Value,
+    offset: philox.Value,
     grad_z: torch.Tensor,
     grad_kl: torch.Tensor,
 ) -> Outputs:
@@ -153,8 +159,8 @@ def sample_latents_double_backward(
     logvar: torch.Tensor,
     active: torch.Tensor | None,
     invariance: float,
-    seed: int,
-    offset: int,
+    seed: philox.Value,
+    offset: philox.Value,
     grad_z: torch.Tensor,
     grad_kl: torch.Tensor,
     grad_grad_mu: torch.Tensor,
@@ -218,27 +224,26 @@ def choose_backend(mu: torch.Tensor) -> str:
     return "torch"
 
 
-def draw_seed_offset(device: torch.device, count: int) -> tuple[int, int]:
-    """A fresh (seed, offset) from torch's generator for ``device``, advanced past ``count`` draws.
+def draw_rng(device: torch.device) -> torch.Tensor:
+    """int64 [2] on ``device``: a fresh (seed, offset), each uniform in [0, 2**62), drawn by torch's
+    generator for the device, so ``torch.manual_seed`` governs it and successive calls differ.
 
-    CUDA: the device's default Philox generator, i.e. its seed and current offset; the offset then
-    advances by ``count`` rounded up to a multiple of 4 (torch's rule). Other devices: a uint63 seed
-    drawn from the CPU default generator, offset 0. Either way ``torch.manual_seed`` governs the
-    result and successive calls differ. An error while a CUDA graph is being captured.
+    Drawn by a kernel and read by the sampler's kernels where it lies: on a GPU the host never waits for it,
+    and a captured CUDA graph draws anew at every replay (torch's generators are graph-safe). Offsets below
+    2**62 leave room for any draw's counters below 2**63.
     """
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            # A Python (seed, offset) read during capture would be replayed unchanged: same noise every replay.
-            raise RuntimeError(
-                "sample_latents with seed=None cannot be captured in a CUDA graph: pass seed= explicitly "
-                "(the captured graph then draws the same noise at every replay)"
-            )
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        generator = torch.cuda.default_generators[index]
-        seed, offset = generator.initial_seed(), generator.get_offset()
-        generator.set_offset(offset + 4 * math.ceil(count / 4))
-        return seed, offset
-    return int(torch.empty((), dtype=torch.int64).random_().item()), 0
+    return torch.empty(2, dtype=torch.int64, device=device).random_(2**62)
+
+
+def seed_offset(seed: int | None, rng: torch.Tensor | None) -> tuple[philox.Value, philox.Value]:
+    """The (seed, offset) of a draw: a given ``seed`` (uint64) with offset 0, else the pair ``rng`` holds
+    (:func:`draw_rng`): ints from a CPU tensor, 0-d views of a device tensor (read by the kernels there)."""
+    if seed is not None:
+        return seed % 2**64, 0
+    if rng.device.type == "cpu":
+        drawn, offset = rng.tolist()
+        return drawn, offset
+    return rng[0], rng[1]  # a read on the host would wait for the GPU, and be frozen into a captured graph
 
 
 def as_int64(seed: int) -> int:
@@ -326,8 +331,9 @@ def sample_latents(
         clamp: "mean" (inactive latents take their batch mean, the paper) or "first" (row 0, the
             original code).
         invariance: strength >= 0 of the pull of inactive latents toward their batch mean.
-        seed: None draws (seed, offset) from torch's generator for mu's device and advances it; an
-            int in [-2**63, 2**64) is used as given (negative values wrap to uint64) with offset 0.
+        seed: None draws (seed, offset) with torch's generator for mu's device (in a captured CUDA
+            graph: anew at every replay); an int in [-2**63, 2**64) is used as given (negative values
+            wrap to uint64) with offset 0.
         backend: "auto", "reference", "torch", "triton" or "cuda".
 
     Returns:
@@ -341,7 +347,7 @@ def sample_latents(
     if name in ("triton", "cuda") and mu.dtype == torch.float64:
         raise ValueError(f"backend={name!r} takes float16, bfloat16 or float32 mu and logvar, got float64")
     if name == "reference":
-        seed, offset = draw_seed_offset(mu.device, mu.numel()) if seed is None else (seed % 2**64, 0)
+        seed, offset = seed_offset(seed, draw_rng(mu.device) if seed is None else None)
         return sample_latents_reference(mu, logvar, active, clamp, invariance, seed, offset)
     check_no_forward_ad("sample_latents", name, mu, logvar)
     if seed is not None:

@@ -7,13 +7,14 @@ backward through a second custom op, so the backward graph is as opaque and trac
 
   unpool_conv2d           saves x, weight (and the output when a ReLU is fused): low-resolution tensors
                           and the output, never the upsampled input.
-  sample_latents          returns, beside z and kl, ``rng``. With seed None: int64 [2] on the CPU holding
-                          the (seed, offset) drawn inside the op (so the draw is part of the compiled
-                          graph's runtime, not a trace-time constant). With a seed: an empty int64 tensor
-                          on mu's device, the seed reaching the backward as an int (no CPU tensor in the
-                          graph). The backward regenerates the noise from them: the noise is never saved.
-                          Both ops run outside CUDA graphs (OUTSIDE_CUDA_GRAPHS). The backward op's own
-                          backward (gradient penalties) is a torch formula that regenerates it again.
+  sample_latents          returns, beside z and kl, ``rng``. With seed None: int64 [2] on mu's device
+                          holding the (seed, offset) drawn inside the op (so the draw is part of the
+                          compiled graph's runtime, not a trace-time constant; ``latent_sampler.draw_rng``).
+                          With a seed: an empty int64 tensor on mu's device, the seed reaching the
+                          backward as an int. The backward regenerates the noise from them: the noise is
+                          never saved. Both ops run outside Inductor's CUDA graphs (OUTSIDE_CUDA_GRAPHS).
+                          The backward op's own backward (gradient penalties) is a torch formula that
+                          regenerates it again.
 
 The "reference" backends stay plain PyTorch outside these ops: they are the oracles, differentiated by
 autograd itself, and dynamo traces them like any torch code.
@@ -24,6 +25,7 @@ from typing import Optional
 import torch
 
 from dcign_fast.ops import latent_sampler, unpool_conv
+from dcign_fast.ops.latent_sampler import seed_offset
 
 Tensor = torch.Tensor
 
@@ -133,8 +135,7 @@ unpool_conv2d_backward_op.register_autograd(_unpool_double_backward, setup_conte
 
 # ---------------------------------------------------------------------------------------------- sample_latents
 # Inductor runs ops tagged so between the CUDA graphs of torch.compile(mode="reduce-overhead") (with its graph
-# partitioning, else without CUDA graphs): inside one, seed=None's draw would fail at capture, and a replay
-# would repeat the (seed, offset) it was recorded with.
+# partitioning, else without CUDA graphs): a graph holding them would be recorded anew for every int seed.
 OUTSIDE_CUDA_GRAPHS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
@@ -148,18 +149,14 @@ def sample_latents_op(
     seed: Optional[int],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(z [B, D], kl [B], rng): rng is int64 [2] on the CPU = the (seed, offset) drawn with when ``seed`` is
-    None, else int64 [0] on mu's device (the backward takes ``seed`` itself).
+    """(z [B, D], kl [B], rng): rng is int64 on mu's device, [2] = the (seed, offset) drawn with when
+    ``seed`` is None, else [0] (the backward takes ``seed`` itself).
 
     ``seed`` None draws from torch's generator for mu's device (advancing it); an int is used with
     offset 0. ``invariance`` is only read by the backward (it is an input so autograd can see it).
     """
-    if seed is None:
-        drawn, offset = latent_sampler.draw_seed_offset(mu.device, mu.numel())
-        rng = torch.tensor([latent_sampler.as_int64(drawn), offset], dtype=torch.int64)
-    else:
-        rng = _no_rng(mu)
-    z, kl = latent_sampler.KERNELS[backend]().forward(mu, logvar, active, clamp_first, *_seed_offset(seed, rng))
+    rng = latent_sampler.draw_rng(mu.device) if seed is None else _no_rng(mu)
+    z, kl = latent_sampler.KERNELS[backend]().forward(mu, logvar, active, clamp_first, *seed_offset(seed, rng))
     # Contiguous whatever mu's layout, as the fake promises (compiled code asserts it).
     return z.contiguous(), kl.contiguous(), rng
 
@@ -171,7 +168,7 @@ def _no_rng(mu: Tensor) -> Tensor:
 
 @sample_latents_op.register_fake
 def _(mu, logvar, active, clamp_first, invariance, seed, backend):
-    rng = torch.empty(2, dtype=torch.int64, device="cpu") if seed is None else _no_rng(mu)
+    rng = torch.empty(2, dtype=torch.int64, device=mu.device) if seed is None else _no_rng(mu)
     return mu.new_empty(mu.shape), mu.new_empty(mu.shape[:1]), rng
 
 
@@ -189,16 +186,9 @@ def sample_latents_backward_op(
 ) -> tuple[Tensor, Tensor]:
     """(grad_mu, grad_logvar), both [B, D]: the noise is regenerated from the forward's ``seed`` and ``rng``."""
     grad_mu, grad_logvar = latent_sampler.KERNELS[backend]().backward(
-        mu, logvar, active, invariance, *_seed_offset(seed, rng), grad_z, grad_kl
+        mu, logvar, active, invariance, *seed_offset(seed, rng), grad_z, grad_kl
     )
     return grad_mu.contiguous(), grad_logvar.contiguous()
-
-
-def _seed_offset(seed: Optional[int], rng: Tensor) -> tuple[int, int]:
-    """The (uint64 seed, offset) the forward used: ``seed`` with offset 0, or when it is None the pair the
-    forward drew and stored in ``rng`` (the seed as int64 bits)."""
-    seed, offset = rng.tolist() if seed is None else (seed, 0)
-    return seed % 2**64, offset
 
 
 @sample_latents_backward_op.register_fake
@@ -236,7 +226,7 @@ def _sampler_double_backward(ctx, grad_grad_mu, grad_grad_logvar):
     mu, logvar, active, rng, grad_z, grad_kl = ctx.saved_tensors
     grad_grad_mu = torch.zeros_like(mu) if grad_grad_mu is None else grad_grad_mu
     grad_grad_logvar = torch.zeros_like(logvar) if grad_grad_logvar is None else grad_grad_logvar
-    seed, offset = _seed_offset(ctx.seed, rng)
+    seed, offset = seed_offset(ctx.seed, rng)
     d_mu, d_logvar, d_grad_z, d_grad_kl = latent_sampler.sample_latents_double_backward(
         mu, logvar, active, ctx.invariance, seed, offset, grad_z, grad_kl, grad_grad_mu, grad_grad_logvar
     )

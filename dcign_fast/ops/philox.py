@@ -22,6 +22,10 @@ The mapping, precisely (all words uint32; ``lo(x) = x & 0xffffffff``, ``hi(x) = 
 4. Box-Muller, first output only, in float32: ``u0 = max(u(x0), 1e-7f)``,
    ``eps = sqrtf(-2.0f * logf(u0)) * cosf(6.283185307179586f * u(x1))``.
 
+``seed`` and ``offset`` are Python ints, or 0-d int64 tensors holding them (the seed's uint64 bits) on the
+device of the draw: read there, never on the host, so a draw in a captured CUDA graph uses the values each
+replay finds (:func:`dcign_fast.ops.latent_sampler.draw_rng`).
+
 The uint32 arithmetic runs on int64 tensors holding values in ``[0, 2**32)``; the 32x32-bit products
 are split into two 32x16-bit products (< 2**48) so no int64 operation overflows. That is the readable
 definition (``normal``, checked against Random123's known answers); the torch backend draws with
@@ -31,9 +35,11 @@ definition (``normal``, checked against Random123's known answers); the torch ba
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import torch
 
+Value = Union[int, torch.Tensor]  # a seed or offset: an int, or a 0-d int64 tensor on the draw's device holding it
 MASK32 = 0xFFFFFFFF
 PHILOX_M0 = 0xD2511F53  # multiplier of words 0 -> 3 (Random123's PHILOX_M4x32_0)
 PHILOX_M1 = 0xCD9E8D57  # multiplier of words 2 -> 1
@@ -54,12 +60,12 @@ def _mulhilo(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(counter: torch.Tensor, key: tuple[int, int], rounds: int = ROUNDS) -> torch.Tensor:
+def philox4x32(counter: torch.Tensor, key: tuple[Value, Value], rounds: int = ROUNDS) -> torch.Tensor:
     """Philox4x32-``rounds`` of many counters under one key.
 
     Args:
         counter: [4, N] int64 words in [0, 2**32).
-        key: two words in [0, 2**32).
+        key: two words in [0, 2**32) (ints or 0-d tensors).
 
     Returns:
         [4, N] int64 output words in [0, 2**32).
@@ -75,12 +81,12 @@ def philox4x32(counter: torch.Tensor, key: tuple[int, int], rounds: int = ROUNDS
     return torch.stack([c0, c1, c2, c3])
 
 
-def seed_key(seed: int) -> tuple[int, int]:
-    """The Philox key of a uint64 seed: (low word, high word)."""
+def seed_key(seed: Value) -> tuple[Value, Value]:
+    """The Philox key of a uint64 seed (or of an int64 tensor holding its bits): (low word, high word)."""
     return seed & MASK32, (seed >> 32) & MASK32
 
 
-def philox_words(seed: int, offset: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def philox_words(seed: Value, offset: Value, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The first two Philox words of elements 0..count-1 of the stream (seed, offset): [2, count] int64."""
     n = offset + torch.arange(count, dtype=torch.int64, device=device)
     zeros = torch.zeros_like(n)
@@ -107,7 +113,7 @@ def box_muller(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u0)) * torch.cos(theta)
 
 
-def normal(seed: int, offset: int, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+def normal(seed: Value, offset: Value, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normals of elements 0..numel-1 of the stream (seed, offset), row-major: float32 ``shape``."""
     count = math.prod(shape)
     x0, x1 = philox_words(seed, offset, count, device)
@@ -129,7 +135,7 @@ def normal(seed: int, offset: int, shape: tuple[int, ...], device: torch.device 
 CHUNK = 1 << 16
 
 
-def _xor_hi(product: torch.Tensor | int, other: torch.Tensor | int, key: int) -> torch.Tensor | int:
+def _xor_hi(product: Value, other: Value, key: Value) -> Value:
     """``hi(product) ^ lo(other) ^ key``, a clean word: ``product`` is a word times a multiplier (int64 product,
     exact or wrapped), ``other`` a word whose low 32 bits count (a tensor's high bits may hold garbage)."""
     if isinstance(product, int):
@@ -140,7 +146,7 @@ def _xor_hi(product: torch.Tensor | int, other: torch.Tensor | int, key: int) ->
     return high.bitwise_xor_(other).bitwise_xor_(key).bitwise_and_(MASK32)
 
 
-def _x0x1(c0: torch.Tensor, c1: torch.Tensor | int, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _x0x1(c0: torch.Tensor, c1: Value, key: tuple[Value, Value]) -> tuple[torch.Tensor, torch.Tensor]:
     """Philox4x32-10 of counters (c0, c1, 0, 0): the output words x0, x1 as int64 tensors whose low 32 bits are
     the words (the high bits may hold garbage). ``c0`` holds clean words; ``c1`` is a tensor or one int for all."""
     k0, k1 = key
@@ -191,26 +197,31 @@ def normal_at(seed: int, offset: int, index: torch.Tensor, chunk: int = CHUNK) -
 
 
 def normal_fast(
-    seed: int, offset: int, shape: tuple[int, ...], device: torch.device | str = "cpu", chunk: int | None = None
+    seed: Value, offset: Value, shape: tuple[int, ...], device: torch.device | str = "cpu", chunk: int | None = None
 ) -> torch.Tensor:
     """``normal(seed, offset, shape, device)``, bit for bit, in about a third of the time on CPUs. The
-    counters ``offset + i`` must stay below 2**63 (int64 tensors hold them). ``chunk``: counters per pass,
-    by default ``CHUNK`` on the CPU (cache-sized temporaries) and all of them elsewhere (fewer launches)."""
+    counters ``offset + i`` must stay below 2**63 (int64 tensors hold them; checked for an int offset).
+    ``chunk``: counters per pass, by default ``CHUNK`` on the CPU (cache-sized temporaries) and all of them
+    elsewhere (fewer launches)."""
     count = math.prod(shape)
-    if not 0 <= offset <= 2**63 - count:
+    if isinstance(offset, int) and not 0 <= offset <= 2**63 - count:
         raise ValueError(f"offset + numel must be in [0, 2**63], got offset {offset} and numel {count}")
     device = torch.device(device)
     chunk = chunk or (CHUNK if device.type == "cpu" else max(count, 1))
     out = torch.empty(count, dtype=torch.float32, device=device)
     key = seed_key(seed)
     for start in range(0, count, chunk):
-        first, size = offset + start, min(chunk, count - start)
-        high = first >> 32
-        if (first + size - 1) >> 32 == high:  # one high word for the whole chunk: an int through round 1
-            counter = torch.arange(first - (high << 32), first - (high << 32) + size, dtype=torch.int64, device=device)
-            x0, x1 = _x0x1(counter, high, key)
-        else:
+        size = min(chunk, count - start)
+        high = None  # the chunk's one high word, when it has one and it is known here
+        if isinstance(offset, torch.Tensor):  # its value stays on the device
+            counter = torch.arange(start, start + size, dtype=torch.int64, device=device).add_(offset)
+        elif (offset + start) >> 32 == (offset + start + size - 1) >> 32:
+            high = (offset + start) >> 32
+            first = offset + start - (high << 32)
             counter = torch.arange(first, first + size, dtype=torch.int64, device=device)
-            x0, x1 = _x0x1(counter & MASK32, counter >> 32, key)
+        else:
+            counter = torch.arange(offset + start, offset + start + size, dtype=torch.int64, device=device)
+        # With one high word it is an int through round 1.
+        x0, x1 = _x0x1(counter & MASK32, counter >> 32, key) if high is None else _x0x1(counter, high, key)
         _box_muller_fast(x0, x1, out[start : start + size])
     return out.reshape(shape)

@@ -61,8 +61,8 @@ def sample_latents_reference(
     active: torch.Tensor | None = None,
     clamp: str = "mean",
     invariance: float = 0.0,
-    seed: int = 0,
-    offset: int = 0,
+    seed: philox.Value = 0,
+    offset: philox.Value = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The DC-IGN latent sampler with clamping, KL and the invariance pull (see ``sample_latents``).
 

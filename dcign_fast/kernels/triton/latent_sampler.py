@@ -6,8 +6,9 @@ of pulled columns in the backward), a program owns all rows of its columns and f
 (pass 1) before writing outputs (pass 2); otherwise rows are split among programs as well. The
 forward writes each column block's partial KL sums to a [column blocks, B] float32 buffer that the
 launcher sums, so the result does not depend on scheduling. eps is ``tl.randn(seed, offset + b*D + j)``,
-the mapping defined in :mod:`dcign_fast.ops.philox`. Math is float32 whatever the storage dtype
-(loads are cast right away: the interpreter computes bf16 wrongly).
+the mapping defined in :mod:`dcign_fast.ops.philox`; seed and offset are arguments, or are loaded from the
+device when the launcher is given them as tensors (RNG_IN_MEMORY: seed=None draws them there). Math is
+float32 whatever the storage dtype (loads are cast right away: the interpreter computes bf16 wrongly).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import triton
 import triton.language as tl
 
 from dcign_fast.kernels import device_guard
+from dcign_fast.ops import philox
 
 TILE = 1024  # elements per BLOCK_B x BLOCK_D tile: 8 per thread at 4 warps keeps Philox in registers
 MAX_BLOCK_D = 64
@@ -63,6 +65,15 @@ def _batch_means(
     return mean_mu, mean_lv
 
 
+@triton.jit
+def _seed_offset(seed, offset, RNG_IN_MEMORY: tl.constexpr):
+    """The draw's (seed, offset): the arguments themselves, or the values they point to."""
+    if RNG_IN_MEMORY:
+        return tl.load(seed), tl.load(offset)
+    else:  # not a fall-through, which Triton would compile too and type as pointers beside the loads
+        return seed, offset
+
+
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _forward_kernel(
     mu_ptr,
@@ -77,13 +88,15 @@ def _forward_kernel(
     stride_mu_d,
     stride_lv_b,
     stride_lv_d,
-    seed,
-    offset,
+    seed,  # int64 value, or a pointer to it when RNG_IN_MEMORY
+    offset,  # likewise
     HAS_MASK: tl.constexpr,
     CLAMP_FIRST: tl.constexpr,
+    RNG_IN_MEMORY: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    seed, offset = _seed_offset(seed, offset, RNG_IN_MEMORY)
     pid_d = tl.program_id(0)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -135,13 +148,15 @@ def _backward_kernel(
     stride_gz_d,
     stride_gkl,
     invariance,
-    seed,
-    offset,
+    seed,  # int64 value, or a pointer to it when RNG_IN_MEMORY
+    offset,  # likewise
     HAS_MASK: tl.constexpr,
     HAS_PULL: tl.constexpr,
+    RNG_IN_MEMORY: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    seed, offset = _seed_offset(seed, offset, RNG_IN_MEMORY)
     pid_d = tl.program_id(0)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -203,7 +218,12 @@ def _mask_arg(active: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def forward(
-    mu: torch.Tensor, logvar: torch.Tensor, active: torch.Tensor | None, clamp_first: bool, seed: int, offset: int
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    active: torch.Tensor | None,
+    clamp_first: bool,
+    seed: philox.Value,
+    offset: philox.Value,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z [B, D], kl [B]) in mu's dtype."""
     B, D = mu.shape
@@ -214,7 +234,8 @@ def forward(
         _forward_kernel[grid](
             mu, logvar, _mask_arg(active, mu), z, kl_partial, B, D, rows_per_program,
             *mu.stride(), *logvar.stride(), seed, offset,
-            HAS_MASK=active is not None, CLAMP_FIRST=clamp_first, BLOCK_B=block_b, BLOCK_D=block_d,
+            HAS_MASK=active is not None, CLAMP_FIRST=clamp_first, RNG_IN_MEMORY=isinstance(seed, torch.Tensor),
+            BLOCK_B=block_b, BLOCK_D=block_d,
         )  # fmt: skip
     return z, kl_partial.sum(0).to(mu.dtype)
 
@@ -224,8 +245,8 @@ def backward(
     logvar: torch.Tensor,
     active: torch.Tensor | None,
     invariance: float,
-    seed: int,
-    offset: int,
+    seed: philox.Value,
+    offset: philox.Value,
     grad_z: torch.Tensor,
     grad_kl: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,6 +260,7 @@ def backward(
         _backward_kernel[grid](
             mu, logvar, _mask_arg(active, mu), grad_z, grad_kl, grad_mu, grad_logvar, B, D, rows_per_program,
             *mu.stride(), *logvar.stride(), *grad_z.stride(), grad_kl.stride(0), invariance, seed, offset,
-            HAS_MASK=active is not None, HAS_PULL=has_pull, BLOCK_B=block_b, BLOCK_D=block_d,
+            HAS_MASK=active is not None, HAS_PULL=has_pull, RNG_IN_MEMORY=isinstance(seed, torch.Tensor),
+            BLOCK_B=block_b, BLOCK_D=block_d,
         )  # fmt: skip
     return grad_mu, grad_logvar
