@@ -228,22 +228,23 @@ def draw_rng(device: torch.device) -> torch.Tensor:
     """int64 [2] on ``device``: a fresh (seed, offset), each uniform in [0, 2**62), drawn by torch's
     generator for the device, so ``torch.manual_seed`` governs it and successive calls differ.
 
-    Drawn by a kernel and read by the sampler's kernels where it lies: on a GPU the host never waits for it,
-    and a captured CUDA graph draws anew at every replay (torch's generators are graph-safe). Offsets below
-    2**62 leave room for any draw's counters below 2**63.
+    Drawn by a kernel and, on a CUDA device, read by the sampler's kernels where it lies: the host never
+    waits for it, and a captured CUDA graph draws anew at every replay (torch's generators are graph-safe;
+    warm up with seed=None too, so the Triton kernels that read it are compiled before the capture).
+    Offsets below 2**62 leave room for any draw's counters below 2**63.
     """
     return torch.empty(2, dtype=torch.int64, device=device).random_(2**62)
 
 
 def seed_offset(seed: int | None, rng: torch.Tensor | None) -> tuple[philox.Value, philox.Value]:
     """The (seed, offset) of a draw: a given ``seed`` (uint64) with offset 0, else the pair ``rng`` holds
-    (:func:`draw_rng`): ints from a CPU tensor, 0-d views of a device tensor (read by the kernels there)."""
+    (:func:`draw_rng`): 0-d views of a CUDA tensor (read by the kernels there), ints from any other."""
     if seed is not None:
         return seed % 2**64, 0
-    if rng.device.type == "cpu":
-        drawn, offset = rng.tolist()
-        return drawn, offset
-    return rng[0], rng[1]  # a read on the host would wait for the GPU, and be frozen into a captured graph
+    if rng.device.type == "cuda":
+        return rng[0], rng[1]  # a read on the host would wait for the GPU, and be frozen into a captured graph
+    drawn, offset = rng.tolist()
+    return drawn, offset
 
 
 def as_int64(seed: int) -> int:
@@ -332,8 +333,8 @@ def sample_latents(
             original code).
         invariance: strength >= 0 of the pull of inactive latents toward their batch mean.
         seed: None draws (seed, offset) with torch's generator for mu's device (in a captured CUDA
-            graph: anew at every replay); an int in [-2**63, 2**64) is used as given (negative values
-            wrap to uint64) with offset 0.
+            graph: anew at every replay; warm up with seed=None before capturing); an int in
+            [-2**63, 2**64) is used as given (negative values wrap to uint64) with offset 0.
         backend: "auto", "reference", "torch", "triton" or "cuda".
 
     Returns:

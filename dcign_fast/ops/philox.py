@@ -71,14 +71,24 @@ def philox4x32(counter: torch.Tensor, key: tuple[Value, Value], rounds: int = RO
         [4, N] int64 output words in [0, 2**32).
     """
     c0, c1, c2, c3 = counter
-    k0, k1 = key
-    for _ in range(rounds):
+    for k0, k1 in round_keys(key, rounds):
         hi0, lo0 = _mulhilo(c0, PHILOX_M0)
         hi2, lo2 = _mulhilo(c2, PHILOX_M1)
         # In place on fresh products only (never on the caller's counter): fewer allocations.
         c0, c1, c2, c3 = hi2.bitwise_xor_(c1).bitwise_xor_(k0), lo2, hi0.bitwise_xor_(c3).bitwise_xor_(k1), lo0
-        k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
     return torch.stack([c0, c1, c2, c3])
+
+
+def round_keys(key: tuple[Value, Value], rounds: int = ROUNDS) -> list[tuple[Value, Value]]:
+    """The key of each round: ``key`` bumped by (PHILOX_W0, PHILOX_W1) once per round before it (mod 2**32).
+    A key held in 0-d tensors gets them from a few tensor ops, as views, not two small ops per round."""
+    k0, k1 = key
+    if isinstance(k0, int):
+        return [((k0 + r * PHILOX_W0) & MASK32, (k1 + r * PHILOX_W1) & MASK32) for r in range(rounds)]
+    steps = torch.arange(rounds, dtype=torch.int64, device=k0.device)
+    keys0 = steps.mul(PHILOX_W0).add_(k0).bitwise_and_(MASK32)  # < 2**32 + rounds * 2**32: no overflow
+    keys1 = steps.mul(PHILOX_W1).add_(k1).bitwise_and_(MASK32)
+    return list(zip(keys0.unbind(), keys1.unbind()))
 
 
 def seed_key(seed: Value) -> tuple[Value, Value]:
@@ -149,9 +159,8 @@ def _xor_hi(product: Value, other: Value, key: Value) -> Value:
 def _x0x1(c0: torch.Tensor, c1: Value, key: tuple[Value, Value]) -> tuple[torch.Tensor, torch.Tensor]:
     """Philox4x32-10 of counters (c0, c1, 0, 0): the output words x0, x1 as int64 tensors whose low 32 bits are
     the words (the high bits may hold garbage). ``c0`` holds clean words; ``c1`` is a tensor or one int for all."""
-    k0, k1 = key
     c: list[torch.Tensor | int | None] = [c0, c1, 0, 0]
-    for r in range(ROUNDS):
+    for r, (k0, k1) in enumerate(round_keys(key)):
         # A product is an int when its word is; a zero word's product is 0 (round 1's c2). Only x0 and x1 are
         # output, so the last round skips c2, c3 (and p0) and the one before skips c0 (None: never read).
         p0 = None if r == ROUNDS - 1 else c[0] * PHILOX_M0
@@ -162,7 +171,6 @@ def _x0x1(c0: torch.Tensor, c1: Value, key: tuple[Value, Value]) -> tuple[torch.
             None if p0 is None else _xor_hi(p0, c[3], k1),
             p0 & MASK32 if isinstance(p0, int) else p0,
         ]
-        k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
     x0, x1 = c[0], c[1]
     # After round 2 both are tensors whatever the counters (only c1 and the zero words start as ints).
     assert isinstance(x0, torch.Tensor) and isinstance(x1, torch.Tensor)
@@ -183,7 +191,7 @@ def _box_muller_fast(x0: torch.Tensor, x1: torch.Tensor, out: torch.Tensor) -> t
     return torch.mul(radius, angle, out=out)
 
 
-def normal_at(seed: int, offset: int, index: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def normal_at(seed: Value, offset: Value, index: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """Elements ``index`` (int64, any shape, each in [0, 2**63 - offset)) of the stream (seed, offset):
     float32 of ``index``'s shape, equal bit for bit to ``normal(seed, offset, ...)`` at those elements."""
     out = torch.empty(index.shape, dtype=torch.float32, device=index.device)
