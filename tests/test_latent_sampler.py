@@ -344,7 +344,7 @@ def test_kernels_read_seed_and_offset_from_memory_as_given(backend):
 )
 def test_a_cuda_graph_captured_with_seed_none_draws_anew_at_every_replay(backend):
     """The draw runs on the device: every replay samples a new (seed, offset), and z, kl and both gradients
-    are the reference's at that pair."""
+    are the reference's at that pair; torch.manual_seed before a replay repeats its draw."""
     mu, logvar = (t.cuda() for t in random_inputs(24, 40))
     active = (torch.rand(40) < 0.5).cuda()
     grad_z, grad_kl = torch.randn_like(mu), torch.randn(24, device="cuda")
@@ -363,18 +363,20 @@ def test_a_cuda_graph_captured_with_seed_none_draws_anew_at_every_replay(backend
     with torch.cuda.graph(graph):
         *outputs, rng = sample_and_grads()
     assert rng.device == mu.device
-    draws = set()
-    for _ in range(3):
+    draws = []
+    for replay_seed in (5, None, 5):
         for out in outputs:
             out.fill_(float("nan"))
+        if replay_seed is not None:
+            torch.manual_seed(replay_seed)
         graph.replay()
-        draws.add(tuple(rng.tolist()))
+        draws.append(tuple(rng.tolist()))
         m_ref, lv_ref = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
         z, kl = sample_latents_reference(m_ref, lv_ref, active, "mean", 0.3, *rng.tolist())
         want = z, kl, *torch.autograd.grad((z, kl), (m_ref, lv_ref), (grad_z, grad_kl))
         for name, got, expected in zip(("z", "kl", "grad_mu", "grad_logvar"), outputs, want):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
-    assert len(draws) == 3
+    assert draws[0] != draws[1] and draws[0] == draws[2]
 
 
 def test_reparameterize_is_the_sampler_without_clamping():
