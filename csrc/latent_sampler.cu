@@ -69,7 +69,8 @@ __global__ void __launch_bounds__(kThreads)
     const bool inactive = CLAMP != kNoClamp && active[j] == 0;
     const float m = clamped(mu, b, j, mu_sb, mu_sd, inactive, CLAMP, means, j);
     const float lv = clamped(logvar, b, j, lv_sb, lv_sd, inactive, CLAMP, means + D, j);
-    const SampleForward f = sample_forward(m, lv, philox_normal(rng.seed, rng.offset, static_cast<uint64_t>(b * D + j)));
+    const SampleForward f =
+        sample_forward(m, lv, philox_normal(rng.seed, rng.offset, static_cast<uint64_t>(b * D + j)));
     z[b * D + j] = from_float<T>(f.z);
     terms += f.kl_term;
   }
@@ -100,7 +101,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     const float gz = to_float(grad_z[b * gz_sb + j * gz_sd]);
     const float gkl = to_float(grad_kl[b * gkl_s]);
-    const SampleBackward g = sample_backward(m, lv, philox_normal(rng.seed, rng.offset, static_cast<uint64_t>(i)), gz, gkl);
+    const SampleBackward g =
+        sample_backward(m, lv, philox_normal(rng.seed, rng.offset, static_cast<uint64_t>(i)), gz, gkl);
     grad_mu[i] = from_float<T>(g.grad_mu);
     grad_logvar[i] = from_float<T>(g.grad_logvar);
   }
