@@ -216,19 +216,49 @@ def test_vmap_with_a_seed_matches_a_loop(backend):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_vmap_of_the_reference_gradient_matches_a_loop():
-    """Per-sample gradients (vmap of grad) through the reference's invariance pull, which vmap could not batch."""
+@pytest.mark.filterwarnings("ignore:.*batching rule")
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_vmap_of_the_gradient_matches_a_loop(backend):
+    """Per-sample gradients (vmap of torch.func.grad) through the invariance pull: the reference's
+    autograd.Function, the fused op's through its own autograd.Function (PyTorch refuses the custom op's)."""
     mu, logvar = (t.view(3, 4, 5) for t in random_inputs(3 * 4, 5))
     active = torch.rand(5) < 0.5
 
     def loss(m: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
-        z, kl = sample_latents(m, lv, active, invariance=0.2, seed=7, backend="reference")
+        z, kl = sample_latents(m, lv, active, invariance=0.2, seed=7, backend=backend)
         return z.sin().sum() + kl.sum()
 
     batched = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)))(mu, logvar)
     looped = [torch.func.grad(loss, argnums=(0, 1))(m, lv) for m, lv in zip(mu, logvar)]
     for got, want in zip(batched, map(torch.stack, zip(*looped))):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*batching rule")
+def test_torch_func_transforms_match_the_reference():
+    """torch.func.grad, jacrev and jacrev of grad (the backward op's own backward) equal the reference's."""
+    mu, logvar = (t.double() for t in random_inputs(4, 6))
+    active = torch.tensor([True, False, True, False, False, True])
+
+    def loss(backend: str):
+        def fn(m: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
+            z, kl = sample_latents(m, lv, active, invariance=0.3, seed=11, backend=backend)
+            return z.sin().sum() + kl.square().sum()
+
+        return fn
+
+    def results(backend: str) -> list[torch.Tensor]:
+        z_of_mu = lambda m: sample_latents(m, logvar, active, invariance=0.3, seed=11, backend=backend)[0]  # noqa: E731
+        return [
+            *torch.func.grad(loss(backend), argnums=(0, 1))(mu, logvar),
+            torch.func.jacrev(z_of_mu)(mu),
+            torch.func.jacrev(torch.func.grad(loss(backend), argnums=1))(mu, logvar),  # d/dmu of d/dlogvar
+        ]
+
+    got, want = results("torch"), results("reference")
+    for g, r in zip(got, want):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.filterwarnings("ignore:.*batching rule")
@@ -491,6 +521,8 @@ def test_forward_mode_ad_is_refused_not_zero():
     mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
     with pytest.raises(NotImplementedError, match="no forward-mode AD"):
         torch.func.jvp(lambda m: sample_latents(m, logvar, None, seed=1, backend="torch")[0], (mu,), (mu,))
+    with pytest.raises(NotImplementedError):  # jacfwd of jacrev: the autograd.Function has no jvp either
+        torch.func.hessian(lambda m: sample_latents(m, logvar, None, seed=1, backend="torch")[0].sum())(mu)
 
 
 def test_latent_sampler_module():

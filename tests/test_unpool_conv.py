@@ -219,6 +219,8 @@ def test_forward_mode_ad_is_refused_not_zero():
     fn = lambda backend: lambda w: dc.unpool_conv2d(x, w, b, padding=1, backend=backend)  # noqa: E731
     with pytest.raises(NotImplementedError, match="no forward-mode AD"):
         torch.func.jvp(fn("torch"), (w,), (torch.randn_like(w),))
+    with pytest.raises(NotImplementedError):  # jacfwd of jacrev: the autograd.Function has no jvp either
+        torch.func.hessian(lambda w: fn("torch")(w).sum())(w)
     with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode AD"):
         dc.unpool_conv2d(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), w, b, backend="torch")
     _, tangent = torch.func.jvp(fn("reference"), (w,), (torch.randn_like(w),))
@@ -249,6 +251,42 @@ def test_vmap_matches_a_loop(backend):
         return dc.unpool_conv2d(x, w, b, padding=1, activation="relu", backend=backend)
 
     torch.testing.assert_close(torch.func.vmap(layer)(x), torch.stack([layer(xi) for xi in x]), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*batching rule")
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_torch_func_transforms_match_the_reference(activation):
+    """grad, jacrev, jacrev of jacrev (double backward) and per-sample gradients (vmap of grad), which PyTorch
+    refuses for a custom op's own autograd, run through the ops' autograd.Functions."""
+    x, w, b = (
+        torch.randn(3, 2, 4, 5, dtype=torch.float64),
+        torch.randn(4, 2, 3, 3, dtype=torch.float64),
+        torch.randn(4, dtype=torch.float64),
+    )
+
+    def loss(backend: str):
+        def fn(x, w, b):
+            return dc.unpool_conv2d(x, w, b, padding=1, activation=activation, backend=backend).sin().sum()
+
+        return fn
+
+    def layer(backend: str):
+        return lambda w: dc.unpool_conv2d(x, w, b, padding=1, activation=activation, backend=backend)
+
+    def results(backend: str) -> list[torch.Tensor]:
+        per_sample = torch.func.vmap(torch.func.grad(loss(backend), argnums=(1, 2)), in_dims=(0, None, None))
+        return [
+            *torch.func.grad(loss(backend), argnums=(0, 1, 2))(x, w, b),
+            torch.func.jacrev(layer(backend))(w),
+            torch.func.jacrev(torch.func.jacrev(lambda b: loss(backend)(x, w, b)))(b),
+            *per_sample(x[:, None], w, b),
+        ]
+
+    got, want = results("torch"), results("reference")
+    assert len(got) == len(want) == 7
+    for g, r in zip(got, want):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
 def test_meta_tensors_give_shapes():

@@ -50,7 +50,7 @@ from typing import Callable
 import torch
 
 from dcign_fast.bounds import Bounds
-from dcign_fast.ops import philox
+from dcign_fast.ops import library, philox
 from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_tensor
 from dcign_fast.ops.backends import check_backend_runs_on, triton_available
 from dcign_fast.ops.reference import sample_latents_reference
@@ -353,8 +353,8 @@ def sample_latents(
     check_no_forward_ad("sample_latents", name, mu, logvar)
     if seed is not None:
         seed = as_int64(seed)
-    # The registered custom op (dcign_fast.ops.library); with seed None it draws (seed, offset) itself.
-    z, kl, _ = torch.ops.dcign_fast.sample_latents(mu, logvar, active, clamp == "first", invariance, seed, name)
+    # The registered custom op; with seed None it draws (seed, offset) itself.
+    z, kl, _ = library.sampler_forward(mu, logvar, active, clamp == "first", invariance, seed, name)
     return z, kl
 
 

@@ -18,9 +18,13 @@ backward through a second custom op, so the backward graph is as opaque and trac
 
 The "reference" backends stay plain PyTorch outside these ops: they are the oracles, differentiated by
 autograd itself, and dynamo traces them like any torch code.
+
+torch.func's transforms (grad, vjp, jacrev) refuse a custom op's own autograd, so the ops are called through
+``transformable`` wrappers (unpool_forward, unpool_backward, sampler_forward, sampler_backward) that run them
+as autograd.Functions with the same setup_context and backward while a transform is active.
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -28,6 +32,28 @@ from dcign_fast.ops import latent_sampler, unpool_conv
 from dcign_fast.ops.latent_sampler import seed_offset
 
 Tensor = torch.Tensor
+
+
+def transformable(op, setup_context, backward) -> Callable:
+    """``op`` as a function that also runs under torch.func transforms: through an autograd.Function with
+    ``op``'s setup_context and backward while one is active (vmap runs its forward and backward through the
+    ops' own vmap support: generate_vmap_rule), else ``op`` itself (eager autograd, torch.compile)."""
+    function = type(
+        f"{op._name}_function",
+        (torch.autograd.Function,),
+        {
+            "generate_vmap_rule": True,
+            "forward": staticmethod(lambda *args: op(*args)),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )
+
+    def run(*args):
+        transformed = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+        return function.apply(*args) if transformed else op(*args)
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------------- unpool_conv2d
@@ -101,7 +127,7 @@ def _unpool_setup_context(ctx, inputs, output) -> None:
 def _unpool_backward(ctx, grad_out):
     x, weight, out = ctx.saved_tensors
     has_bias = ctx.args[0]
-    grad_x, grad_weight, grad_bias = unpool_conv2d_backward_op(grad_out, x, weight, out, *ctx.args)
+    grad_x, grad_weight, grad_bias = unpool_backward(grad_out, x, weight, out, *ctx.args)
     return grad_x, grad_weight, grad_bias if has_bias else None, None, None, None, None, None
 
 
@@ -124,13 +150,15 @@ def _unpool_double_backward(ctx, gg_x, gg_weight, gg_bias):
     gg_x = torch.zeros_like(x) if gg_x is None else gg_x
     gg_weight = torch.zeros_like(weight) if gg_weight is None else gg_weight
     masked = grad_out if out is None else torch.where(out > 0, grad_out, 0)
-    linear = unpool_conv2d_op(gg_x, weight, gg_bias, *ctx.args) + unpool_conv2d_op(x, gg_weight, None, *ctx.args)
+    linear = unpool_forward(gg_x, weight, gg_bias, *ctx.args) + unpool_forward(x, gg_weight, None, *ctx.args)
     grad_grad_out = linear if out is None else torch.where(out > 0, linear, 0)
-    grad_x, grad_weight, _ = unpool_conv2d_backward_op(masked, gg_x, gg_weight, None, False, *ctx.args)
+    grad_x, grad_weight, _ = unpool_backward(masked, gg_x, gg_weight, None, False, *ctx.args)
     return grad_grad_out, grad_x, grad_weight, None, None, None, None, None, None, None
 
 
 unpool_conv2d_backward_op.register_autograd(_unpool_double_backward, setup_context=_unpool_backward_setup_context)
+unpool_forward = transformable(unpool_conv2d_op, _unpool_setup_context, _unpool_backward)
+unpool_backward = transformable(unpool_conv2d_backward_op, _unpool_backward_setup_context, _unpool_double_backward)
 
 
 # ---------------------------------------------------------------------------------------------- sample_latents
@@ -207,7 +235,7 @@ def _sampler_backward(ctx, grad_z, grad_kl, _grad_rng):
     # An unused output's gradient may arrive as None: it contributes nothing.
     grad_z = torch.zeros_like(mu) if grad_z is None else grad_z
     grad_kl = mu.new_zeros(mu.shape[:1]) if grad_kl is None else grad_kl
-    grad_mu, grad_logvar = sample_latents_backward_op(
+    grad_mu, grad_logvar = sampler_backward(
         mu, logvar, active, ctx.invariance, ctx.seed, rng, grad_z, grad_kl, ctx.backend
     )
     return grad_mu, grad_logvar, None, None, None, None, None
@@ -234,3 +262,5 @@ def _sampler_double_backward(ctx, grad_grad_mu, grad_grad_logvar):
 
 
 sample_latents_backward_op.register_autograd(_sampler_double_backward, setup_context=_sampler_backward_setup_context)
+sampler_forward = transformable(sample_latents_op, _sampler_setup_context, _sampler_backward)
+sampler_backward = transformable(sample_latents_backward_op, _sampler_backward_setup_context, _sampler_double_backward)

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dcign_fast.ops import library
 from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_pair, check_tensor
 from dcign_fast.ops.backends import check_backend_runs_on, triton_available
 from dcign_fast.ops.phases import AxisPhase, axis_phases, output_size
@@ -386,5 +387,5 @@ def unpool_conv2d(
     if name == "reference":
         return _reference(x, weight, bias, pad, scale_factor, activation)
     check_no_forward_ad("unpool_conv2d", name, x, weight, bias)
-    # The registered custom op (dcign_fast.ops.library): one opaque node for torch.compile, forward and backward.
-    return torch.ops.dcign_fast.unpool_conv2d(x, weight, bias, *pad, scale_factor, activation, name)
+    # The registered custom op: one opaque node for torch.compile, forward and backward.
+    return library.unpool_forward(x, weight, bias, *pad, scale_factor, activation, name)
