@@ -116,6 +116,27 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.dcign_fast.sample_latents_backward, args, test_utils=checks)
 
 
+def test_direct_op_calls_check_the_backend(monkeypatch):
+    """The registered ops check the backend themselves: a program exported on a GPU and loaded on a CPU calls
+    them directly, and would otherwise fail in the driver."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w, b = torch.randn(2, 3, 5, 4), torch.randn(4, 3, 3, 3), torch.randn(4)
+    g = torch.randn(2, 4, 10, 8)
+    mu = torch.randn(3, 4)
+    calls = [
+        lambda backend: torch.ops.dcign_fast.unpool_conv2d(x, w, b, 1, 1, 2, None, backend),
+        lambda backend: torch.ops.dcign_fast.unpool_conv2d_backward(g, x, w, None, True, 1, 1, 2, None, backend),
+        lambda backend: torch.ops.dcign_fast.sample_latents(mu, mu, None, False, 0.0, 1, backend),
+        lambda backend: torch.ops.dcign_fast.sample_latents_backward(
+            mu, mu, None, 0.0, 1, torch.empty(0, dtype=torch.int64), mu, mu[:, 0], backend
+        ),
+    ]
+    for call in calls:
+        for backend in ("triton", "cuda"):
+            with pytest.raises(ValueError, match=f"backend='{backend}' needs CUDA tensors"):
+                call(backend)
+
+
 def test_the_sampler_op_keeps_its_rng_on_mus_device():
     """Inductor gives up CUDA graphs (mode="reduce-overhead") for a graph holding a CPU tensor: the op's rng
     output, empty with a given seed and the drawn (seed, offset) with seed=None, lies on mu's device. The

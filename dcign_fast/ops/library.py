@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from dcign_fast.ops import latent_sampler, unpool_conv
+from dcign_fast.ops.backends import check_backend_runs_on
 from dcign_fast.ops.latent_sampler import seed_offset
 
 Tensor = torch.Tensor
@@ -69,6 +70,8 @@ def unpool_conv2d_op(
     backend: str,
 ) -> Tensor:
     """[N, C, H, W] -> [N, O, s*H + 2*pad_rows - KH + 1, s*W + 2*pad_cols - KW + 1] with ``backend``."""
+    # Checked here too: a direct call (an exported program loaded on another machine) skips unpool_conv2d's.
+    check_backend_runs_on(backend, x.device, tuple(unpool_conv.IMPLEMENTATIONS))
     # The op owns autograd (its backward is unpool_conv2d_backward): the backend records no graph of its own.
     with torch.no_grad():
         return unpool_conv.IMPLEMENTATIONS[backend](x, weight, bias, (pad_rows, pad_cols), scale_factor, activation)
@@ -97,6 +100,7 @@ def unpool_conv2d_backward_op(
     ``out`` is the forward's output when a ReLU was fused (its sign masks grad_out), else None. grad_out
     arrives unmasked: the backend applies the mask (the triton and cuda kernels as they load grad_out tiles).
     """
+    check_backend_runs_on(backend, x.device, tuple(unpool_conv.BACKWARDS))
     with torch.no_grad():
         grad_x, grad_weight, grad_bias = unpool_conv.BACKWARDS[backend](
             grad_out, x, weight, out, has_bias, (pad_rows, pad_cols), scale_factor, activation
@@ -183,6 +187,8 @@ def sample_latents_op(
     ``seed`` None draws from torch's generator for mu's device (advancing it); an int is used with
     offset 0. ``invariance`` is only read by the backward (it is an input so autograd can see it).
     """
+    # Checked here too: a direct call (an exported program loaded on another machine) skips sample_latents'.
+    check_backend_runs_on(backend, mu.device, tuple(latent_sampler.KERNELS))
     rng = latent_sampler.draw_rng(mu.device) if seed is None else _no_rng(mu)
     z, kl = latent_sampler.KERNELS[backend]().forward(mu, logvar, active, clamp_first, *seed_offset(seed, rng))
     # Contiguous whatever mu's layout, as the fake promises (compiled code asserts it).
@@ -213,6 +219,7 @@ def sample_latents_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(grad_mu, grad_logvar), both [B, D]: the noise is regenerated from the forward's ``seed`` and ``rng``."""
+    check_backend_runs_on(backend, mu.device, tuple(latent_sampler.KERNELS))
     grad_mu, grad_logvar = latent_sampler.KERNELS[backend]().backward(
         mu, logvar, active, invariance, *seed_offset(seed, rng), grad_z, grad_kl
     )
