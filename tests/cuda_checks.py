@@ -175,6 +175,44 @@ def check_unaligned_and_one_pixel_views(device: str) -> None:
             assert rel_error(g, e) < 2 * REL_TOL[torch.float32]
 
 
+def check_strided_parameters_and_grad(device: str) -> None:
+    """Exact float32 with a channels_last weight (model.to(memory_format=torch.channels_last)), a strided bias
+    (passed as is: a clone would be contiguous) and, with the ReLU, a grad_out laid out unlike the output
+    (H and W strides swapped, channels innermost in both), which the fused mask must not misread."""
+    x = torch.randn(2, 6, 4, 5, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(5, 6, 3, 3, device=device) / 7
+    weight = weight.contiguous(memory_format=torch.channels_last).requires_grad_()
+    bias = torch.randn(10, device=device)[::2].requires_grad_()
+    assert not weight.is_contiguous() and not bias.is_contiguous()
+    grad = torch.randn(2, 10, 8, 5, device=device).permute(0, 3, 2, 1)  # [2, 5, 8, 10]
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    for activation in (None, "relu"):
+        with cudnn_tf32(False), poisoned_allocations():
+            y = dc.unpool_conv2d(x, weight, bias, padding=1, backend="cuda", activation=activation)
+            got = [y, *torch.autograd.grad(y, (x, weight, bias), grad)]
+        expected = oracle(*ref_leaves, (1, 1))
+        expected = F.relu(expected) if activation == "relu" else expected
+        for name, g, e in zip(
+            ("output", "grad x", "grad weight", "grad bias"),
+            got,
+            [expected, *torch.autograd.grad(expected, ref_leaves, grad.double())],
+        ):
+            assert rel_error(g, e) < 2 * REL_TOL[torch.float32], (name, activation)
+
+
+def check_empty_batch(device: str) -> None:
+    """A batch of 0 images: an empty output, and zero weight and bias gradients from both grad-weight kernels."""
+    for c_out in (2, 20):
+        leaves = [
+            torch.randn(0, 3, 4, 4, device=device, requires_grad=True),
+            torch.randn(c_out, 3, 3, 3, device=device, requires_grad=True),
+            torch.randn(c_out, device=device, requires_grad=True),
+        ]
+        y = dc.unpool_conv2d(*leaves, padding=1, backend="cuda")
+        grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
+        assert y.shape == (0, c_out, 8, 8) and all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, leaves))
+
+
 def check_every_padding(kernel: int, n: int, max_size: int, device: str) -> None:
     """check_unpool_conv for a square ``kernel`` at every padding 0..kernel-1, exact float32, random channel
     counts in 1..39 and random rectangular images up to ``max_size - 1``."""

@@ -72,10 +72,11 @@ def gradient_penalty_error(backend: str, device: str) -> float:
 
 
 def layout_mismatches(backend: str, device: str) -> list[str]:
-    """Where the custom ops' real outputs are laid out otherwise than their fake kernels promise
-    torch.compile (which asserts the promised strides): unpool-conv over every combination of NCHW and
-    channels_last x and weight, the latent sampler over row-major, column-major and sliced mu and logvar;
-    empty when they all agree."""
+    """Where the custom ops' real outputs have other strides or dtypes than their fake kernels promise
+    torch.compile (which asserts the strides; a dtype that differs would reach the optimizer): unpool-conv
+    over every combination of NCHW and channels_last x and weight, and in bfloat16 with many and with few
+    output channels (the two grad-weight kernels), the latent sampler over row-major, column-major and sliced
+    mu and logvar in float32 and bfloat16; empty when they all agree."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     def compare(ops_of: Callable[..., tuple], inputs: tuple, names: tuple[str, ...], layout: str) -> None:
@@ -85,35 +86,42 @@ def layout_mismatches(backend: str, device: str) -> list[str]:
         for name, r, f in zip(names, real, fake):
             if r.stride() != f.stride():
                 found.append(f"{layout}: {name} strides {r.stride()}, promised {f.stride()}")
+            if r.dtype != f.dtype:
+                found.append(f"{layout}: {name} dtype {r.dtype}, promised {f.dtype}")
 
     ops = torch.ops.dcign_fast
     found: list[str] = []
-    for x_format, w_format in itertools.product((torch.contiguous_format, torch.channels_last), repeat=2):
-        x = torch.randn(2, 16, 5, 6, device=device).contiguous(memory_format=x_format)
-        w = torch.randn(8, 16, 3, 3, device=device).contiguous(memory_format=w_format)
-        b = torch.randn(8, device=device)
+    formats = (torch.contiguous_format, torch.channels_last)
+    unpool_cases = [(*pair, torch.float32, 8) for pair in itertools.product(formats, repeat=2)]
+    unpool_cases += [(torch.channels_last, torch.contiguous_format, torch.bfloat16, c_out) for c_out in (8, 2)]
+    for x_format, w_format, dtype, c_out in unpool_cases:
+        x = torch.randn(2, 16, 5, 6, device=device, dtype=dtype).contiguous(memory_format=x_format)
+        w = torch.randn(c_out, 16, 3, 3, device=device, dtype=dtype).contiguous(memory_format=w_format)
+        b = torch.randn(c_out, device=device, dtype=dtype)
 
         def forward_and_backward(x, w, b):
             y = ops.unpool_conv2d(x, w, b, 1, 1, 2, "relu", backend)
             return (y, *ops.unpool_conv2d_backward(torch.ones_like(y), x, w, y, True, 1, 1, 2, "relu", backend))
 
         names = ("out", "grad_x", "grad_weight", "grad_bias")
-        compare(forward_and_backward, (x, w, b), names, f"x {x_format}, weight {w_format}")
+        compare(forward_and_backward, (x, w, b), names, f"{dtype} x {x_format}, weight {w_format}, {c_out} outputs")
 
     def sample_and_backward(mu, logvar, active):
         z, kl, rng = ops.sample_latents(mu, logvar, active, False, 0.5, 3, backend)
         return z, kl, *ops.sample_latents_backward(mu, logvar, active, 0.5, 3, rng, z, kl, backend)
 
-    row_major = torch.randn(6, 14, device=device)
-    column_major = torch.randn(14, 6, device=device).t()
     active = torch.rand(7, device=device) < 0.5
-    for layout, mu, logvar in (
-        ("row-major", row_major[:, :7].contiguous(), row_major[:, 7:].contiguous()),
-        ("slices of one row-major tensor", row_major[:, :7], row_major[:, 7:]),
-        ("column-major", column_major[:, :7], column_major[:, 7:]),
-        ("column-major mu, row-major logvar", column_major[:, :7], row_major[:, 7:]),
-    ):
-        compare(sample_and_backward, (mu, logvar, active), ("z", "kl", "grad_mu", "grad_logvar"), layout)
+    for dtype in (torch.float32, torch.bfloat16):
+        row_major = torch.randn(6, 14, device=device, dtype=dtype)
+        column_major = torch.randn(14, 6, device=device, dtype=dtype).t()
+        for layout, mu, logvar in (
+            ("row-major", row_major[:, :7].contiguous(), row_major[:, 7:].contiguous()),
+            ("slices of one row-major tensor", row_major[:, :7], row_major[:, 7:]),
+            ("column-major", column_major[:, :7], column_major[:, 7:]),
+            ("column-major mu, row-major logvar", column_major[:, :7], row_major[:, 7:]),
+        ):
+            names = ("z", "kl", "grad_mu", "grad_logvar")
+            compare(sample_and_backward, (mu, logvar, active), names, f"{dtype} {layout}")
     return found
 
 

@@ -14,12 +14,14 @@ from dcign_fast.kernels.cuda_ops import cuda_unsupported_reason
 from tests.cuda_checks import (
     DTYPES,
     PRECISIONS,
+    check_empty_batch,
     check_every_padding,
     check_grad_weight_deterministic,
     check_rectangular_kernels,
     check_sampler,
     check_sampler_eps,
     check_sampler_strided,
+    check_strided_parameters_and_grad,
     check_tf32_follows_the_cudnn_flag,
     check_unaligned_and_one_pixel_views,
     check_unpool_conv,
@@ -146,6 +148,18 @@ def test_unpool_conv_float32_follows_cudnn_allow_tf32():
 @needs_extension
 def test_unpool_conv_unaligned_and_one_pixel_views():
     check_unaligned_and_one_pixel_views("cuda")
+
+
+@pytest.mark.cuda
+@needs_extension
+def test_unpool_conv_strided_parameters_and_grad():
+    check_strided_parameters_and_grad("cuda")
+
+
+@pytest.mark.cuda
+@needs_extension
+def test_unpool_conv_empty_batch():
+    check_empty_batch("cuda")
 
 
 @pytest.mark.cuda

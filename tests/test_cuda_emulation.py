@@ -17,12 +17,14 @@ from dcign_fast.ops.backends import CUDA_EMULATION_ENV
 from tests.cuda_checks import (
     DTYPES,
     PRECISIONS,
+    check_empty_batch,
     check_every_padding,
     check_grad_weight_deterministic,
     check_rectangular_kernels,
     check_sampler,
     check_sampler_eps,
     check_sampler_strided,
+    check_strided_parameters_and_grad,
     check_tf32_follows_the_cudnn_flag,
     check_unaligned_and_one_pixel_views,
     check_unpool_conv,
@@ -98,6 +100,14 @@ def test_unpool_conv_float32_follows_cudnn_allow_tf32():
 
 def test_unpool_conv_unaligned_and_one_pixel_views():
     check_unaligned_and_one_pixel_views("cpu")
+
+
+def test_unpool_conv_strided_parameters_and_grad():
+    check_strided_parameters_and_grad("cpu")
+
+
+def test_unpool_conv_empty_batch():
+    check_empty_batch("cpu")
 
 
 def test_double_backward_matches_reference():

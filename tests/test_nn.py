@@ -29,6 +29,16 @@ def test_parameters_are_shaped_like_conv2d():
     assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in conv.state_dict().items()}
 
 
+def test_initialisation_is_conv2ds():
+    """The same draws as nn.Conv2d (kaiming-uniform weight, bias bound 1/sqrt(fan_in)): a seeded model
+    starts where the unfused one would."""
+    torch.manual_seed(0)
+    fused = UnpoolConv2d(3, 5, (5, 3))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, (5, 3))
+    assert torch.equal(fused.weight, conv.weight) and torch.equal(fused.bias, conv.bias)
+
+
 def test_convert_in_place_shares_parameters_and_keeps_keys():
     model = nn.Sequential(
         nn.Linear(4, 4), nn.Sequential(upsample_conv(3, 4, 3, 1), nn.ReLU(), upsample_conv(4, 2, 7, 0))
@@ -51,6 +61,13 @@ def test_convert_leaves_unsupported_pairs_alone():
     assert convert_upsample_conv(bilinear) == 0 and convert_upsample_conv(strided) == 0
     with pytest.raises(ValueError, match="stride 1"):
         UnpoolConv2d.from_modules(strided[0], strided[1])
+    for upsample, conv in (
+        (nn.Upsample(scale_factor=2.5), nn.Conv2d(4, 4, 3, padding=1)),
+        (nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")),
+        (nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3, padding=1, groups=2)),
+        (nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3, padding=2, dilation=2)),
+    ):
+        assert convert_upsample_conv(nn.Sequential(upsample, conv)) == 0, (upsample, conv)
     normed = nn.Sequential(nn.Upsample(scale_factor=2), nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 3, 3)))
     assert convert_upsample_conv(normed) == 0
     with pytest.raises(ValueError, match="parametrized"):

@@ -233,9 +233,14 @@ def test_convs_whose_call_does_more_than_convolve_are_skipped(wrap, words):
     assert "forward" not in vars(layer)
 
 
-def test_hooks_on_the_upsample_keep_the_pair_unfused():
+@pytest.mark.parametrize("hooked", [0, 1])
+def test_hooks_keep_the_pair_unfused(hooked):
+    """A forward hook on the upsample, a full backward hook on the conv: the fused layer would skip them."""
     model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3))
-    model[0].register_forward_hook(_hook)
+    if hooked == 0:
+        model[0].register_forward_hook(_hook)
+    else:
+        model[1].register_full_backward_hook(lambda *args: None)
     report = dc.patch(model)
     assert report.replaced == [] and "hooks" in report.skipped[0][1]
 
@@ -307,6 +312,17 @@ def test_unpatch_works_on_copies_of_a_patched_sequential():
         assert type(twin[0]) is nn.Upsample and type(twin[1]) is nn.Conv2d
         assert torch.equal(twin(x), torch.zeros(1, 4, 10, 10))
     assert isinstance(model[1], UnpoolConv2d) and model(x).abs().sum() > 0
+
+
+def test_upsample2d_with_another_kernel_and_padding_matches_unpatched():
+    Upsample2D = _upsample2d_class()
+
+    layer = Upsample2D(8, use_conv=True, out_channels=6, kernel_size=5, padding=2)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        expected = layer(x)
+        assert dc.patch(layer).replaced == ["(root)"]
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_root_upsample2d_is_reported_by_a_name():

@@ -189,7 +189,11 @@ def _valid():
         (lambda a: {**a, "padding": -1}, ValueError, "padding must be an int >= 0"),
         (lambda a: {**a, "padding": (1, 2, 3)}, ValueError, "padding must be an int >= 0"),
         (lambda a: {**a, "scale_factor": 1.5}, ValueError, "scale_factor must be an int >= 1"),
-        (lambda a: {**a, "weight": torch.randn(4, 3, 12, 3)}, ValueError, "output height would be"),
+        (lambda a: {**a, "scale_factor": True}, ValueError, "scale_factor must be an int >= 1"),
+        (lambda a: {**a, "weight": torch.randn(4, 3, 12, 3)}, ValueError, "output height would be -1"),
+        (lambda a: {**a, "weight": torch.randn(4, 3, 11, 3)}, ValueError, "output height would be 0"),
+        (lambda a: {**a, "weight": torch.randn(0, 3, 3, 3), "bias": None}, ValueError, "at least one output"),
+        (lambda a: {**a, "x": a["x"][:, :0], "weight": torch.randn(4, 0, 3, 3)}, ValueError, "one input channel"),
         (lambda a: {**a, "weight": torch.randn(4, 3, 0, 3)}, ValueError, "kernel (KH, KW) must be at least 1 x 1"),
         (lambda a: {**a, "backend": "cuda"}, ValueError, "backend='cuda' needs CUDA tensors"),
     ],
@@ -287,6 +291,38 @@ def test_torch_func_transforms_match_the_reference(activation):
     for g, r in zip(got, want):
         assert g.abs().max() > 0
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 8, 1, 1), (2, 1, 5, 5)])
+def test_input_contiguous_in_both_layouts_gives_a_contiguous_output(backend, shape):
+    """[N, C, 1, 1] and one-channel inputs are both NCHW- and channels_last-contiguous: F.conv2d returns
+    NCHW then, and so must every backend (a caller's .view() depends on it)."""
+    x, w = torch.randn(shape), torch.randn(4, shape[1], 3, 3)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert dc.unpool_conv2d(x, w, padding=1, backend=backend).is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_backend_in_half_precision_matches_the_oracle(dtype):
+    """The collapsed kernels are summed in float32 and rounded once; forward and gradients in 16-bit."""
+    from dcign_fast.ops.phases import axis_phases
+    from dcign_fast.ops.unpool_conv import _collapse
+
+    w = torch.randn(8, 8, 9, 9).to(dtype)
+    for rows in axis_phases(9, 9, 4, 2):
+        for cols in axis_phases(9, 9, 4, 2):
+            assert torch.equal(_collapse(w, rows, cols), _collapse(w.double(), rows, cols).to(dtype))
+    x, w, b = torch.randn(2, 16, 6, 6), torch.randn(8, 16, 7, 7) / 28, torch.randn(8)
+    leaves = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+    with poisoned_allocations():
+        y = dc.unpool_conv2d(*leaves, backend="torch")
+        grad = torch.randn_like(y)
+        got = [y, *torch.autograd.grad(y, leaves, grad)]
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    ref = unpool_conv2d_reference(*exact, (0, 0))
+    for g, e in zip(got, [ref, *torch.autograd.grad(ref, exact, grad.double())]):
+        assert g.dtype == dtype and rel_error(g, e) < REL_TOL[dtype]
 
 
 def test_meta_tensors_give_shapes():

@@ -159,6 +159,40 @@ def test_non_contiguous_input_weight_and_grad():
     assert_close(got, [y_ref, *torch.autograd.grad(y_ref, (xd, wd), grad.double())], TOL[torch.float32], "strided")
 
 
+def test_relu_backward_reads_a_grad_laid_out_unlike_the_output():
+    """The fused ReLU backward reads grad_out and the saved output with one set of strides: a grad_out whose
+    H and W strides are swapped against y's (channels innermost in both) must be re-laid, not misread."""
+    x = torch.randn(2, 6, 4, 5, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.randn(5, 6, 3, 3, device=DEVICE) / 7).requires_grad_()
+    with poisoned_allocations():
+        y = dc.unpool_conv2d(x, w, padding=1, backend="triton", activation="relu")
+        grad = torch.randn(2, 10, 8, 5, device=DEVICE).permute(0, 3, 2, 1)  # [2, 5, 8, 10], W outer to H
+        assert grad.stride(1) == 1 and grad.stride() != y.stride()
+        got = [y, *torch.autograd.grad(y, (x, w), grad)]
+    xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
+    y_ref = F.relu(unpool_conv2d_reference(xd, wd, None, (1, 1)))
+    assert_close(got, [y_ref, *torch.autograd.grad(y_ref, (xd, wd), grad.double())], TOL[torch.float32], "strides")
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 1, 1), (2, 1, 5, 5)])
+def test_input_contiguous_in_both_layouts_gives_a_contiguous_output(shape):
+    """As F.conv2d: an input both NCHW- and channels_last-contiguous gives an NCHW output."""
+    x, w = torch.randn(shape, device=DEVICE), torch.randn(4, shape[1], 3, 3, device=DEVICE)
+    assert dc.unpool_conv2d(x, w, padding=1, backend="triton").is_contiguous()
+
+
+def test_float32_precision_follows_the_cudnn_flag(monkeypatch):
+    """float32 dots run in TF32 exactly when cuDNN's convolutions may (the interpreter computes in full
+    precision either way, so the constexpr is checked); 16-bit inputs always take the exact path."""
+    from dcign_fast.kernels.triton import unpool_conv as kernels
+
+    rows, cols = kernels._unions(3, 3, 1, 1)
+    for allowed, precision in ((False, "ieee"), (True, "tf32")):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allowed)
+        assert kernels._constexprs(rows, cols, None, torch.float32)["PRECISION"] == precision
+        assert kernels._constexprs(rows, cols, None, torch.bfloat16)["PRECISION"] == "ieee"
+
+
 def test_double_backward_matches_reference():
     """A gradient penalty through the fused op: its double backward runs the triton kernels too."""
     assert gradient_penalty_error("triton", DEVICE) < TOL[torch.float32]
@@ -243,6 +277,12 @@ def test_unsupported_arguments_are_clear_errors(kwargs, words):
     x, w = torch.randn(1, 2, 3, 3, device=DEVICE), torch.randn(2, 2, 3, 3, device=DEVICE)
     with pytest.raises(ValueError, match=words):
         dc.unpool_conv2d(x, w, padding=1, backend="triton", **kwargs)
+
+
+def test_kernels_larger_than_9_are_refused():
+    x, w = torch.randn(1, 2, 6, 6, device=DEVICE), torch.randn(2, 2, 10, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="kernel sizes up to 9"):
+        dc.unpool_conv2d(x, w, backend="triton")
 
 
 def test_float64_is_refused():

@@ -317,6 +317,10 @@ def check_unpool_conv_args(x: object, weight: object, bias: object, padding: obj
         check_like("bias", bias, "x", x)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape [{weight.shape[0]}] (out_channels), got {tuple(bias.shape)}")
+    if min(weight.shape[:2]) < 1:
+        raise ValueError(
+            f"weight must have at least one output and one input channel, got weight shape {tuple(weight.shape)}"
+        )
     if min(weight.shape[2:]) < 1:
         raise ValueError(f"weight's kernel (KH, KW) must be at least 1 x 1, got weight shape {tuple(weight.shape)}")
     pad = check_pair("padding", padding, 0)
