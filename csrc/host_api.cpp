@@ -18,6 +18,11 @@ void dcign_philox(uint64_t seed, uint64_t offset, int64_t count, uint32_t* x0, u
   }
 }
 
+// The Box-Muller transform of n word pairs (the words at the ends of the range are the interesting ones).
+void dcign_box_muller(int64_t n, const uint32_t* x0, const uint32_t* x1, float* eps) {
+  for (int64_t i = 0; i < n; ++i) eps[i] = dcign::box_muller(x0[i], x1[i]);
+}
+
 // out = (first_offset, taps, count, collapsed tap of u for u < kernel).
 void dcign_axis_phase(int in_size, int kernel, int padding, int scale, int phase, int* out) {
   const dcign::AxisPhase ph = dcign::axis_phase(in_size, kernel, padding, scale, phase);

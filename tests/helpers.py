@@ -125,23 +125,46 @@ def layout_mismatches(backend: str, device: str) -> list[str]:
     return found
 
 
-def rng_in_memory_mismatches(backend: str, device: str) -> list[str]:
-    """Outputs of a backend's sampler kernels that differ, bit for bit, between (seed, offset) given as ints
-    and as 0-d int64 tensors holding them (what a CUDA graph captured with seed=None passes): empty when
-    none. The seed has its top bit set and the counters cross a multiple of 2**32."""
-    from dcign_fast.ops.latent_sampler import KERNELS
+def seed_offset_mismatches(backend: str, device: str) -> list[str]:
+    """Outputs of a backend's sampler kernels at a nonzero offset (seed=None draws one; explicit seeds use 0)
+    that differ from the reference's at the same (seed, offset), or, bit for bit, between (seed, offset) given
+    as ints and as 0-d int64 tensors holding them (what a CUDA graph captured with seed=None passes): empty
+    when none. The seed has its top bit set and the counters cross a multiple of 2**32."""
+    from dcign_fast.ops.latent_sampler import KERNELS, as_int64
+    from dcign_fast.ops.reference import sample_latents_reference
 
     kernels = KERNELS[backend]()
     seed, offset = 2**64 - 12345, 2**32 - 100
-    rng = torch.tensor([seed - 2**64, offset], device=device)
+    rng = torch.tensor([as_int64(seed), offset], device=device)
     mu, logvar = torch.randn(37, 21, device=device), 0.5 * torch.randn(37, 21, device=device)
     active = torch.rand(21, device=device) < 0.5
     grad_z, grad_kl = torch.randn_like(mu), torch.randn(37, device=device)
     results = []
-    for stream in ((seed, offset), (rng[0], rng[1])):
+    for stream in ((seed, offset), (rng[0], rng[1])):  # by value the kernels take the uint64
         with poisoned_allocations():
             z, kl = kernels.forward(mu, logvar, active, False, *stream)
             grads = kernels.backward(mu, logvar, active, 0.3, *stream, grad_z, grad_kl)
         results.append((z, kl, *grads))
+    leaves = [t.clone().requires_grad_() for t in (mu, logvar)]
+    reference = sample_latents_reference(*leaves, active, "mean", 0.3, seed, offset)
+    reference = (*reference, *torch.autograd.grad(reference, leaves, (grad_z, grad_kl)))
     names = ("z", "kl", "grad_mu", "grad_logvar")
-    return [name for name, by_value, in_memory in zip(names, *results) if not torch.equal(by_value, in_memory)]
+    found = [f"{name}: by value != in memory" for name, a, b in zip(names, *results) if not torch.equal(a, b)]
+    found += [
+        f"{name}: != reference"
+        for name, got, want in zip(names, results[0], reference)
+        if not torch.allclose(got, want.detach(), rtol=1e-5, atol=1e-4)
+    ]
+    return found
+
+
+def seed_none_backward_error(backend: str, device: str) -> float:
+    """How far a seed=None sample's gradient d sum(z) / d logvar lies from (z - mu) / 2 computed with the
+    forward's own z: 0 (to rounding) when the backward regenerates the noise at the drawn (seed, offset)."""
+    from dcign_fast.ops.latent_sampler import sample_latents
+
+    mu, logvar = torch.randn(13, 9, device=device), 0.5 * torch.randn(13, 9, device=device)
+    leaf = logvar.clone().requires_grad_()
+    z, _ = sample_latents(mu, leaf, backend=backend)
+    (grad_logvar,) = torch.autograd.grad(z.sum(), leaf)
+    return float((grad_logvar - 0.5 * (z.detach() - mu)).abs().max())

@@ -30,6 +30,7 @@ def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     subprocess.run([*cmd, "-o", str(path)], check=True)
     lib = ctypes.CDLL(str(path))
     lib.dcign_philox.argtypes = [U64, U64, I64, PTR, PTR, PTR]
+    lib.dcign_box_muller.argtypes = [I64, PTR, PTR, PTR]
     lib.dcign_axis_phase.argtypes = [INT, INT, INT, INT, INT, PTR]
     lib.dcign_axis_union.argtypes = [INT, INT, PTR]
     lib.dcign_sampler_elements.argtypes = [I64, *[PTR] * 9]
@@ -58,6 +59,18 @@ def test_philox_words_bit_identical_and_normals_close(lib, seed, offset):
     expected = philox.normal(seed, offset, (count,))
     assert torch.isfinite(eps).all()
     torch.testing.assert_close(eps, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_box_muller_clamps_extreme_words_like_the_python_spec(lib):
+    """Words whose uniform would be 0 (log(0) = -inf) are clamped to the smallest uniform, as in Python."""
+    extremes = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1], dtype=torch.int64)
+    words0 = torch.cat([extremes, torch.randint(0, 2**32, (250,))])
+    words1 = torch.randint(0, 2**32, words0.shape)
+    eps = torch.full(words0.shape, float("nan"))
+    as_uint32 = [w.to(torch.int32).contiguous() for w in (words0, words1)]  # the same 32 bits
+    lib.dcign_box_muller(len(eps), as_uint32[0].data_ptr(), as_uint32[1].data_ptr(), eps.data_ptr())
+    assert torch.isfinite(eps).all()
+    torch.testing.assert_close(eps, philox.box_muller(words0, words1), rtol=1e-6, atol=1e-6)
 
 
 def test_philox_known_answer_zero_key(lib):

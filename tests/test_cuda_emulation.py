@@ -30,7 +30,7 @@ from tests.cuda_checks import (
     check_unpool_conv,
     cudnn_tf32,
 )
-from tests.helpers import gradient_penalty_error, layout_mismatches, rng_in_memory_mismatches
+from tests.helpers import gradient_penalty_error, layout_mismatches, seed_none_backward_error, seed_offset_mismatches
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,8 +67,12 @@ def test_sampler_reads_strided_inputs():
     check_sampler_strided(12, 40, "cpu")
 
 
-def test_sampler_reads_seed_and_offset_from_memory_as_given():
-    assert rng_in_memory_mismatches("cuda", "cpu") == []
+def test_sampler_at_a_nonzero_offset_matches_the_reference_by_value_and_from_memory():
+    assert seed_offset_mismatches("cuda", "cpu") == []
+
+
+def test_sampler_seed_none_backward_regenerates_the_forwards_noise():
+    assert seed_none_backward_error("cuda", "cpu") < 1e-5
 
 
 @pytest.mark.parametrize("kernel", range(1, 10))

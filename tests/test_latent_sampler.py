@@ -1,5 +1,7 @@
 """sample_latents: every backend against the reference, values and both gradients; noise; errors."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from dcign_fast.kernels import cuda
 from dcign_fast.ops.latent_sampler import sample_latents
 from dcign_fast.ops.reference import sample_latents_reference
 from tests.aot import aot_unsupported_reason, compile_in_subprocess, compile_launch, recorded_launches
-from tests.helpers import poisoned_allocations, rng_in_memory_mismatches
+from tests.helpers import poisoned_allocations, seed_none_backward_error, seed_offset_mismatches
 
 FUSED = ["torch", "triton"]
 TOLERANCE = {
@@ -132,12 +134,15 @@ def test_strided_inputs_and_expanded_gradients(backend):
 
 @pytest.mark.parametrize("clamp", ["mean", "first"])
 @pytest.mark.parametrize("with_mask", [True, False])
-def test_triton_many_rows(clamp, with_mask):
-    # More rows than one tile: rows are split among programs unless a batch mean is needed.
-    from dcign_fast.kernels.triton.latent_sampler import block_sizes
+def test_triton_many_rows(clamp, with_mask, monkeypatch):
+    """More rows than one tile, split among programs (as on a GPU: the interpreter would run one) unless the
+    launch needs a batch statistic."""
+    from dcign_fast.kernels.triton import latent_sampler as kernels
 
+    monkeypatch.setattr(kernels, "program_target", lambda device: 64)
     dim = 10
-    batch = 2 * block_sizes(dim)[0] + 37
+    batch = 2 * kernels.block_sizes(dim)[0] + 37
+    assert kernels._grid(batch, dim, False, torch.device("cpu"))[0][1] == 3  # three programs down the rows
     mu, logvar = random_inputs(batch, dim)
     active = (torch.rand(dim) < 0.5) if with_mask else None
     grad_z, grad_kl = torch.randn(batch, dim), torch.randn(batch)
@@ -358,13 +363,23 @@ def test_all_backends_draw_the_same_noise():
     zs = [sample_latents(mu, logvar, seed=2**64 - 5, backend=b)[0] for b in ("reference", *FUSED)]
     for z in zs[1:]:
         torch.testing.assert_close(z, zs[0], rtol=1e-6, atol=1e-5)
-    # Negative seeds wrap to uint64 like torch.manual_seed's.
+    # Negative seeds wrap to uint64 like torch.manual_seed's, the ends of the range too.
     torch.testing.assert_close(sample_latents(mu, logvar, seed=-5, backend="torch")[0], zs[1])
+    top_bit = sample_latents_reference(mu, logvar, seed=2**63)[0]
+    for seed, backend in itertools.product((2**63, -(2**63)), FUSED):
+        torch.testing.assert_close(
+            sample_latents(mu, logvar, seed=seed, backend=backend)[0], top_bit, rtol=1e-6, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_kernels_read_seed_and_offset_from_memory_as_given(backend):
-    assert rng_in_memory_mismatches(backend, "cpu") == []
+def test_kernels_at_a_nonzero_offset_match_the_reference_by_value_and_from_memory(backend):
+    assert seed_offset_mismatches(backend, "cpu") == []
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_seed_none_backward_regenerates_the_forwards_noise(backend):
+    assert seed_none_backward_error(backend, "cpu") < 1e-5
 
 
 @pytest.mark.cuda
@@ -455,6 +470,7 @@ def test_non_finite_inputs_propagate_like_torch(backend):
         (lambda a: {**a, "invariance": True}, TypeError, "invariance must be a number"),
         (lambda a: {**a, "seed": 1.5}, TypeError, "seed must be an int or None"),
         (lambda a: {**a, "seed": 2**64}, ValueError, "seed must lie in"),
+        (lambda a: {**a, "seed": -(2**63) - 1}, ValueError, "seed must lie in"),
         (lambda a: {**a, "backend": "fast"}, ValueError, "backend must be one of"),
         (lambda a: {**a, "backend": "cuda"}, ValueError, "backend='cuda'"),
         (

@@ -74,6 +74,17 @@ def test_transform_matches_triton_including_extreme_words():
     torch.testing.assert_close(philox.box_muller(words0, words1), normals, rtol=1e-6, atol=1e-6)
 
 
+def test_fast_box_muller_clamps_extreme_words_like_the_spec():
+    """The fast path's transform, bit for bit the spec's at the words whose uniform would be 0 (log(0) = -inf:
+    both clamp it to the smallest uniform) or closest to 1."""
+    extremes = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1], dtype=torch.int64)
+    words1 = torch.randint(0, 2**32, extremes.shape)
+    out = torch.full(extremes.shape, float("nan"))
+    philox._box_muller_fast(extremes.clone(), words1.clone(), out)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, philox.box_muller(extremes, words1))
+
+
 def test_normal_statistics():
     n = 10**6
     eps = philox.normal(torch.randint(0, 2**62, ()).item(), torch.randint(0, 2**40, ()).item(), (n,)).double()

@@ -279,6 +279,8 @@ def test_numpy_numbers_become_python_floats(tmp_path):
         ("steps=0", "steps must be >= 1"),
         (f"steps=-{10**400}", "steps must be >= 1"),
         ("device=foo", "device must be 'auto' or a torch device"),
+        ("on_nonfinite=skpi", "on_nonfinite must be one of"),  # a typo must not mean one policy or the other
+        ("clamp=median", "clamp must be one of"),
         ("lr=[1", "--set lr=\\[1 is not valid YAML"),
     ],
 )
@@ -480,3 +482,91 @@ def test_a_cache_of_another_image_size_is_refused_by_name(tmp_path):
     write_cache(SweepSampler(size=32, batch_size=2, num_batches=1), tmp_path / "cache")
     with pytest.raises(ValueError, match=r"data=.*cache holds 32px images but this model takes 64px"):
         Trainer(config(tmp_path, data=str(tmp_path / "cache"))).train()
+
+
+def test_batches_differ_between_steps_and_follow_the_kind_odds(tmp_path):
+    from dcign_fast.train.data import BatchStream, latent_seed
+
+    odds = {"azimuth": 1.0, "elevation": 9.0, "light": 0.0, "intrinsic": 0.0}
+    stream = BatchStream(blobs, config(tmp_path, kind_weights=odds), show_progress=False)
+    assert not torch.equal(stream.batch(0, 0)[0], stream.batch(1, 0)[0])
+    kinds = [stream.batch(step, 0)[2] for step in range(400)]
+    assert set(kinds) == {"azimuth", "elevation"} and 0.84 < kinds.count("elevation") / 400 < 0.96
+    assert len({latent_seed(0, step, shard) for step in range(3) for shard in range(3)}) == 9  # own noise each
+
+
+def test_active_mask_is_exactly_the_swept_group():
+    from dcign_fast.train.procedure import active_mask
+
+    assert active_mask({"a": (0, 3), "b": (3, 5)}, "a", 5).tolist() == [True, True, True, False, False]
+    assert active_mask({"a": (0, 3), "b": (3, 5)}, "b", 5).tolist() == [False, False, False, True, True]
+
+
+def test_the_procedure_options_reach_the_sampler(tmp_path, monkeypatch):
+    """pretrain_steps plain-VAE steps first (no mask), then clamped batches; clamp and invariance as set."""
+    import dcign_fast.models.dcign as dcign_module
+
+    calls, sample_latents = [], dcign_module.sample_latents
+
+    def spy(mu, logvar, active=None, **kwargs):
+        calls.append((active is None, kwargs["clamp"], kwargs["invariance"]))
+        return sample_latents(mu, logvar, active, **kwargs)
+
+    monkeypatch.setattr(dcign_module, "sample_latents", spy)
+    changes = {"steps": 3, "pretrain_steps": 1, "clamp": "first", "invariance": 0.25, "checkpoint_every": 3}
+    Trainer(config(tmp_path, **changes), render=blobs).train()
+    assert calls == [(True, "first", 0.25), (False, "first", 0.25), (False, "first", 0.25)]
+
+
+def test_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(tmp_path):
+    trainer = Trainer(config(tmp_path, steps=2, grad_clip=1e-3), render=blobs)
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    trainer.optimizer.register_step_pre_hook(record)
+    trainer.train()
+    assert len(norms) == 2 and all(n <= 1e-3 * 1.0001 for n in norms)
+
+
+def test_accumulated_gradient_is_the_mean_of_the_micro_batches(tmp_path):
+    from dcign_fast.train.data import latent_seed
+    from dcign_fast.train.procedure import batch_loss
+
+    options = config(tmp_path, steps=1, accumulation=2, grad_clip=None, channels_last=False)
+    trainer = Trainer(options, render=blobs)
+    model = DCIGN.from_preset(options.preset, backend=options.backend)
+    model.load_state_dict(trainer.model.state_dict())
+    expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for shard in range(2):
+        model.zero_grad()
+        images, _, kind = trainer.stream.batch(0, shard)
+        batch_loss(model, images, kind, options, latent_seed(options.seed, 0, shard), plain=False)["total"].backward()
+        for name, p in model.named_parameters():
+            expected[name] += p.grad / 2
+    seen = {}
+    trainer.optimizer.register_step_pre_hook(
+        lambda *_: seen.update({name: p.grad.clone() for name, p in trainer.model.named_parameters()})
+    )
+    trainer.train()
+    for name, grad in expected.items():
+        torch.testing.assert_close(seen[name], grad, rtol=1e-3, atol=1e-3 * float(grad.abs().max()))
+
+
+@pytest.mark.parametrize("change", [{"invariance": 0.5}, {"clamp": "first"}, {"pretrain_steps": 3}, {"grad_clip": 1.0}])
+def test_resume_refuses_a_change_of_the_training_procedure(tmp_path, change):
+    Trainer(config(tmp_path, steps=1), render=blobs).train()
+    with pytest.raises(ValueError, match=next(iter(change))):
+        Trainer(config(tmp_path, steps=2, **change), resume=True, render=blobs)
+
+
+def test_resume_starts_from_the_newest_checkpoint_and_drops_later_metrics(tmp_path):
+    """Killed after step 4 was logged but before its checkpoint: resume at step 2 and log 3 and 4 once."""
+    Trainer(config(tmp_path, steps=4, checkpoint_every=2), render=blobs).train()
+    assert Trainer(config(tmp_path, steps=6), resume=True, render=blobs).step == 4
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000004")
+    Trainer(config(tmp_path, steps=4), resume=True, render=blobs).train()
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]

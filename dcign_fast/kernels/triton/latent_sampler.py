@@ -198,6 +198,11 @@ def block_sizes(D: int) -> tuple[int, int]:
     return TILE // block_d, block_d
 
 
+def program_target(device: torch.device) -> int:
+    """How many programs a launch wants: enough to fill the GPU a few times over; the interpreter prefers few."""
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _grid(B: int, D: int, whole_columns: bool, device: torch.device) -> tuple[tuple[int, int], int, int, int]:
     """(grid, rows_per_program, BLOCK_B, BLOCK_D); programs own whole columns when a batch statistic is needed."""
     block_b, block_d = block_sizes(D)
@@ -205,9 +210,7 @@ def _grid(B: int, D: int, whole_columns: bool, device: torch.device) -> tuple[tu
     if whole_columns:
         row_blocks = 1
     else:
-        # Enough programs to fill the GPU a few times over; the interpreter prefers few.
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        row_blocks = max(1, min(triton.cdiv(B, block_b), triton.cdiv(target, column_blocks)))
+        row_blocks = max(1, min(triton.cdiv(B, block_b), triton.cdiv(program_target(device), column_blocks)))
     rows_per_program = block_b * triton.cdiv(triton.cdiv(B, row_blocks), block_b)
     return (column_blocks, triton.cdiv(B, rows_per_program)), rows_per_program, block_b, block_d
 
