@@ -13,6 +13,11 @@ from tests.aot import aot_unsupported_reason, compile_in_subprocess, compile_lau
 from tests.helpers import poisoned_allocations, seed_none_backward_error, seed_offset_mismatches
 
 FUSED = ["torch", "triton"]
+# The GPU tests' backends: the fused ones and the CUDA C++ kernels where the extension was built.
+ON_GPU = [
+    *FUSED,
+    pytest.param("cuda", marks=pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C not built")),
+]
 TOLERANCE = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-5},
     torch.float16: {"rtol": 1e-2, "atol": 1e-2},
@@ -383,10 +388,15 @@ def test_seed_none_backward_regenerates_the_forwards_noise(backend):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize(
-    "backend",
-    [*FUSED, pytest.param("cuda", marks=pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C not built"))],
-)
+@pytest.mark.parametrize("backend", ON_GPU)
+def test_kernels_on_the_gpu_at_a_nonzero_offset_and_with_seed_none(backend):
+    """seed=None draws its pair on the GPU, where the kernels read it from memory."""
+    assert seed_offset_mismatches(backend, "cuda") == []
+    assert seed_none_backward_error(backend, "cuda") < 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ON_GPU)
 def test_a_cuda_graph_captured_with_seed_none_draws_anew_at_every_replay(backend):
     """The draw runs on the device: every replay samples a new (seed, offset), and z, kl and both gradients
     are the reference's at that pair; torch.manual_seed before a replay repeats its draw."""
