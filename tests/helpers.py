@@ -12,6 +12,10 @@ import torch
 REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
+# Philox words at the ends of the uint32 range: a uniform of 0 (log(0) = -inf unless clamped) and closest to 1.
+EXTREME_WORDS = (0, 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1)
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64; NaN anywhere gives inf."""
     a, e = actual.double(), expected.double()

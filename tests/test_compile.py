@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import dcign_fast as dc
 from dcign_fast.kernels import cuda
@@ -76,8 +77,8 @@ def test_compiled_seed_none_draws_at_run_time():
 
 
 def test_exported_decoder_round_trips(tmp_path):
-    """torch.export keeps the fused op as one node (the backend chosen at export time is baked in), with a
-    dynamic batch; the saved program, loaded again, renders what the eager model does at another batch size."""
+    """torch.export keeps the fused op as one node (recording the model's backend), with a dynamic batch; the
+    saved program, loaded again, renders what the eager model does at another batch size."""
 
     class Decoder(torch.nn.Module):
         def __init__(self, model: DCIGN) -> None:
@@ -116,10 +117,30 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.dcign_fast.sample_latents_backward, args, test_utils=checks)
 
 
+def test_functionalize_traces_each_op_as_one_node():
+    """torch.func.functionalize (which export-style tracers use) takes the ops themselves: it has no rule for
+    the autograd.Function that torch.func's grad transforms run them through."""
+    x, w = torch.randn(2, 3, 5, 4), torch.randn(4, 3, 3, 3)
+    mu, logvar = torch.randn(3, 6), torch.randn(3, 6)
+
+    def both(x, w, mu, logvar):
+        return dc.unpool_conv2d(x, w, padding=1, backend="torch"), dc.sample_latents(mu, logvar, seed=5)[0]
+
+    graph = make_fx(torch.func.functionalize(both))(x, w, mu, logvar)
+    targets = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    assert torch.ops.dcign_fast.unpool_conv2d.default in targets
+    assert torch.ops.dcign_fast.sample_latents.default in targets
+    for got, want in zip(graph(x, w, mu, logvar), both(x, w, mu, logvar)):
+        assert torch.equal(got, want)
+
+
 def test_direct_op_calls_check_the_backend(monkeypatch):
     """The registered ops check the backend themselves: a program exported on a GPU and loaded on a CPU calls
     them directly, and would otherwise fail in the driver."""
+    from dcign_fast.ops.backends import CUDA_EMULATION_ENV
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(CUDA_EMULATION_ENV, raising=False)
     x, w, b = torch.randn(2, 3, 5, 4), torch.randn(4, 3, 3, 3), torch.randn(4)
     g = torch.randn(2, 4, 10, 8)
     mu = torch.randn(3, 4)
@@ -135,6 +156,8 @@ def test_direct_op_calls_check_the_backend(monkeypatch):
         for backend in ("triton", "cuda"):
             with pytest.raises(ValueError, match=f"backend='{backend}' needs CUDA tensors"):
                 call(backend)
+        with pytest.raises(ValueError, match="explicit backend"):
+            call("auto")
 
 
 def test_the_sampler_op_keeps_its_rng_on_mus_device():

@@ -14,6 +14,7 @@ import torch
 from dcign_fast.ops import philox
 from dcign_fast.ops.latent_sampler import sample_latents_torch_backward, sample_latents_torch_forward
 from dcign_fast.ops.phases import axis_phases, output_size
+from tests.helpers import EXTREME_WORDS
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CXX = next((c for c in (shutil.which("g++"), shutil.which("c++"), shutil.which("clang++")) if c), None)
@@ -63,7 +64,7 @@ def test_philox_words_bit_identical_and_normals_close(lib, seed, offset):
 
 def test_box_muller_clamps_extreme_words_like_the_python_spec(lib):
     """Words whose uniform would be 0 (log(0) = -inf) are clamped to the smallest uniform, as in Python."""
-    extremes = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1], dtype=torch.int64)
+    extremes = torch.tensor(EXTREME_WORDS, dtype=torch.int64)
     words0 = torch.cat([extremes, torch.randint(0, 2**32, (250,))])
     words1 = torch.randint(0, 2**32, words0.shape)
     eps = torch.full(words0.shape, float("nan"))

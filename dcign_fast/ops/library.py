@@ -19,9 +19,10 @@ backward through a second custom op, so the backward graph is as opaque and trac
 The "reference" backends stay plain PyTorch outside these ops: they are the oracles, differentiated by
 autograd itself, and dynamo traces them like any torch code.
 
-torch.func's transforms (grad, vjp, jacrev) refuse a custom op's own autograd, so the ops are called through
-``transformable`` wrappers (unpool_forward, unpool_backward, sampler_forward, sampler_backward) that run them
-as autograd.Functions with the same setup_context and backward while a transform is active.
+torch.func's grad transforms (grad, vjp, jacrev) refuse a custom op's own autograd, so the ops are called
+through ``transformable`` wrappers (unpool_forward, unpool_backward, sampler_forward, sampler_backward) that
+run them as autograd.Functions with the same setup_context and backward while such a transform is active.
+(unpool_conv.py and latent_sampler.py import this module and call these at run time; it imports them.)
 """
 
 from typing import Callable, Optional
@@ -33,25 +34,64 @@ from dcign_fast.ops.backends import check_backend_runs_on
 from dcign_fast.ops.latent_sampler import seed_offset
 
 Tensor = torch.Tensor
+# What each op's ``backend`` argument may name: the public functions resolve "auto" before calling them.
+UNPOOL_BACKENDS = tuple(unpool_conv.IMPLEMENTATIONS)
+UNPOOL_BACKWARD_BACKENDS = tuple(unpool_conv.BACKWARDS)
+SAMPLER_BACKENDS = tuple(latent_sampler.KERNELS)
 
 
-def transformable(op, setup_context, backward) -> Callable:
-    """``op`` as a function that also runs under torch.func transforms: through an autograd.Function with
-    ``op``'s setup_context and backward while one is active (vmap runs its forward and backward through the
-    ops' own vmap support: generate_vmap_rule), else ``op`` itself (eager autograd, torch.compile)."""
+def check_op_backend(backend: str, device: torch.device, implemented: tuple[str, ...]) -> None:
+    """The public functions' backend check, repeated in the ops: a direct call (an exported program loaded on
+    another machine, say) would otherwise fail in a driver, or on "auto" with a KeyError."""
+    if backend == "auto":
+        raise ValueError(f"the dcign_fast ops take an explicit backend, one of {implemented}, not 'auto'")
+    check_backend_runs_on(backend, device, implemented)
+
+
+try:  # torch internals: should a release move them, the ops go back to refusing torch.func.grad
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    def _differentiating() -> bool:
+        """Whether a torch.func grad or jvp transform (grad, vjp, jacrev, jacfwd) is active. Not vmap alone
+        nor functionalize: they take the custom op itself, and functionalize has no rule for an
+        autograd.Function."""
+        differentiating = (TransformType.Grad, TransformType.Jvp)
+        return any(interpreter.key() in differentiating for interpreter in retrieve_all_functorch_interpreters())
+
+except ImportError:
+
+    def _differentiating() -> bool:
+        return False
+
+
+def transformable(name: str, op, setup_context, backward) -> Callable:
+    """``op`` as a function that also runs under torch.func's grad transforms. PyTorch refuses them for a
+    custom op's own autograd (an autograd.Function without setup_context), so while one is active the op runs
+    through an autograd.Function with ``op``'s setup_context and backward (vmap over it runs the op through
+    PyTorch's per-sample fallback, like vmap of the op itself). Otherwise, eager autograd and torch.compile
+    (which cannot trace torch.func over it) get ``op`` itself."""
+
+    def refuse_forward_mode(ctx, *tangents):
+        raise NotImplementedError(
+            f"{name} has no forward-mode AD (torch.func.jvp, jacfwd, hessian): use reverse mode "
+            "(torch.autograd.grad, torch.func.jacrev)"
+        )
+
     function = type(
-        f"{op._name}_function",
+        f"{name}_function",
         (torch.autograd.Function,),
         {
             "generate_vmap_rule": True,
             "forward": staticmethod(lambda *args: op(*args)),
             "setup_context": staticmethod(setup_context),
             "backward": staticmethod(backward),
+            "jvp": staticmethod(refuse_forward_mode),
         },
     )
 
     def run(*args):
-        transformed = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+        transformed = not torch.compiler.is_compiling() and _differentiating()
         return function.apply(*args) if transformed else op(*args)
 
     return run
@@ -70,8 +110,7 @@ def unpool_conv2d_op(
     backend: str,
 ) -> Tensor:
     """[N, C, H, W] -> [N, O, s*H + 2*pad_rows - KH + 1, s*W + 2*pad_cols - KW + 1] with ``backend``."""
-    # Checked here too: a direct call (an exported program loaded on another machine) skips unpool_conv2d's.
-    check_backend_runs_on(backend, x.device, tuple(unpool_conv.IMPLEMENTATIONS))
+    check_op_backend(backend, x.device, UNPOOL_BACKENDS)
     # The op owns autograd (its backward is unpool_conv2d_backward): the backend records no graph of its own.
     with torch.no_grad():
         return unpool_conv.IMPLEMENTATIONS[backend](x, weight, bias, (pad_rows, pad_cols), scale_factor, activation)
@@ -100,7 +139,7 @@ def unpool_conv2d_backward_op(
     ``out`` is the forward's output when a ReLU was fused (its sign masks grad_out), else None. grad_out
     arrives unmasked: the backend applies the mask (the triton and cuda kernels as they load grad_out tiles).
     """
-    check_backend_runs_on(backend, x.device, tuple(unpool_conv.BACKWARDS))
+    check_op_backend(backend, x.device, UNPOOL_BACKWARD_BACKENDS)
     with torch.no_grad():
         grad_x, grad_weight, grad_bias = unpool_conv.BACKWARDS[backend](
             grad_out, x, weight, out, has_bias, (pad_rows, pad_cols), scale_factor, activation
@@ -161,8 +200,10 @@ def _unpool_double_backward(ctx, gg_x, gg_weight, gg_bias):
 
 
 unpool_conv2d_backward_op.register_autograd(_unpool_double_backward, setup_context=_unpool_backward_setup_context)
-unpool_forward = transformable(unpool_conv2d_op, _unpool_setup_context, _unpool_backward)
-unpool_backward = transformable(unpool_conv2d_backward_op, _unpool_backward_setup_context, _unpool_double_backward)
+unpool_forward = transformable("unpool_conv2d", unpool_conv2d_op, _unpool_setup_context, _unpool_backward)
+unpool_backward = transformable(
+    "unpool_conv2d_backward", unpool_conv2d_backward_op, _unpool_backward_setup_context, _unpool_double_backward
+)
 
 
 # ---------------------------------------------------------------------------------------------- sample_latents
@@ -187,8 +228,7 @@ def sample_latents_op(
     ``seed`` None draws from torch's generator for mu's device (advancing it); an int is used with
     offset 0. ``invariance`` is only read by the backward (it is an input so autograd can see it).
     """
-    # Checked here too: a direct call (an exported program loaded on another machine) skips sample_latents'.
-    check_backend_runs_on(backend, mu.device, tuple(latent_sampler.KERNELS))
+    check_op_backend(backend, mu.device, SAMPLER_BACKENDS)
     rng = latent_sampler.draw_rng(mu.device) if seed is None else _no_rng(mu)
     z, kl = latent_sampler.KERNELS[backend]().forward(mu, logvar, active, clamp_first, *seed_offset(seed, rng))
     # Contiguous whatever mu's layout, as the fake promises (compiled code asserts it).
@@ -219,7 +259,7 @@ def sample_latents_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """(grad_mu, grad_logvar), both [B, D]: the noise is regenerated from the forward's ``seed`` and ``rng``."""
-    check_backend_runs_on(backend, mu.device, tuple(latent_sampler.KERNELS))
+    check_op_backend(backend, mu.device, SAMPLER_BACKENDS)
     grad_mu, grad_logvar = latent_sampler.KERNELS[backend]().backward(
         mu, logvar, active, invariance, *seed_offset(seed, rng), grad_z, grad_kl
     )
@@ -269,5 +309,7 @@ def _sampler_double_backward(ctx, grad_grad_mu, grad_grad_logvar):
 
 
 sample_latents_backward_op.register_autograd(_sampler_double_backward, setup_context=_sampler_backward_setup_context)
-sampler_forward = transformable(sample_latents_op, _sampler_setup_context, _sampler_backward)
-sampler_backward = transformable(sample_latents_backward_op, _sampler_backward_setup_context, _sampler_double_backward)
+sampler_forward = transformable("sample_latents", sample_latents_op, _sampler_setup_context, _sampler_backward)
+sampler_backward = transformable(
+    "sample_latents_backward", sample_latents_backward_op, _sampler_backward_setup_context, _sampler_double_backward
+)
