@@ -200,19 +200,6 @@ def check_strided_parameters_and_grad(device: str) -> None:
             assert rel_error(g, e) < 2 * REL_TOL[torch.float32], (name, activation)
 
 
-def check_empty_batch(device: str) -> None:
-    """A batch of 0 images: an empty output, and zero weight and bias gradients from both grad-weight kernels."""
-    for c_out in (2, 20):
-        leaves = [
-            torch.randn(0, 3, 4, 4, device=device, requires_grad=True),
-            torch.randn(c_out, 3, 3, 3, device=device, requires_grad=True),
-            torch.randn(c_out, device=device, requires_grad=True),
-        ]
-        y = dc.unpool_conv2d(*leaves, padding=1, backend="cuda")
-        grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
-        assert y.shape == (0, c_out, 8, 8) and all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, leaves))
-
-
 def check_every_padding(kernel: int, n: int, max_size: int, device: str) -> None:
     """check_unpool_conv for a square ``kernel`` at every padding 0..kernel-1, exact float32, random channel
     counts in 1..39 and random rectangular images up to ``max_size - 1``."""

@@ -75,6 +75,22 @@ def gradient_penalty_error(backend: str, device: str) -> float:
     return max(rel_error(g, w) for g, w in zip(got, want))
 
 
+def check_empty_batch(backend: str, device: str) -> None:
+    """A batch of 0 images through a kernel backend: an empty output, and zero weight and bias gradients from
+    both grad-weight kernels (many and few output channels)."""
+    import dcign_fast as dc
+
+    for c_out in (2, 20):
+        leaves = [
+            torch.randn(0, 3, 4, 4, device=device, requires_grad=True),
+            torch.randn(c_out, 3, 3, 3, device=device, requires_grad=True),
+            torch.randn(c_out, device=device, requires_grad=True),
+        ]
+        y = dc.unpool_conv2d(*leaves, padding=1, backend=backend)
+        grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
+        assert y.shape == (0, c_out, 8, 8) and all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, leaves))
+
+
 def layout_mismatches(backend: str, device: str) -> list[str]:
     """Where the custom ops' real outputs have other strides or dtypes than their fake kernels promise
     torch.compile (which asserts the strides; a dtype that differs would reach the optimizer): unpool-conv

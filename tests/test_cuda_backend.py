@@ -14,7 +14,6 @@ from dcign_fast.kernels.cuda_ops import cuda_unsupported_reason
 from tests.cuda_checks import (
     DTYPES,
     PRECISIONS,
-    check_empty_batch,
     check_every_padding,
     check_grad_weight_deterministic,
     check_rectangular_kernels,
@@ -29,7 +28,7 @@ from tests.cuda_checks import (
     oracle,
     sampler_inputs,
 )
-from tests.helpers import REL_TOL, paper150_decoder_layers, rel_error
+from tests.helpers import REL_TOL, check_empty_batch, paper150_decoder_layers, rel_error
 
 needs_extension = pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C was not built (no nvcc)")
 
@@ -159,7 +158,7 @@ def test_unpool_conv_strided_parameters_and_grad():
 @pytest.mark.cuda
 @needs_extension
 def test_unpool_conv_empty_batch():
-    check_empty_batch("cuda")
+    check_empty_batch("cuda", "cuda")
 
 
 @pytest.mark.cuda

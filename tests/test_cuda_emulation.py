@@ -17,7 +17,6 @@ from dcign_fast.ops.backends import CUDA_EMULATION_ENV
 from tests.cuda_checks import (
     DTYPES,
     PRECISIONS,
-    check_empty_batch,
     check_every_padding,
     check_grad_weight_deterministic,
     check_rectangular_kernels,
@@ -30,7 +29,13 @@ from tests.cuda_checks import (
     check_unpool_conv,
     cudnn_tf32,
 )
-from tests.helpers import gradient_penalty_error, layout_mismatches, seed_none_backward_error, seed_offset_mismatches
+from tests.helpers import (
+    check_empty_batch,
+    gradient_penalty_error,
+    layout_mismatches,
+    seed_none_backward_error,
+    seed_offset_mismatches,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -111,7 +116,7 @@ def test_unpool_conv_strided_parameters_and_grad():
 
 
 def test_unpool_conv_empty_batch():
-    check_empty_batch("cpu")
+    check_empty_batch("cuda", "cpu")
 
 
 def test_double_backward_matches_reference():
