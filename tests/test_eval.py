@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib
 import json
 
+import pytest
 import torch
 
 from dcign_fast.cli import main
-from dcign_fast.eval.metrics import group_correlation, mig, pearson
-from dcign_fast.eval.recognition import cross_pose_retrieval, top1_retrieval
+from dcign_fast.eval.metrics import encode_sweeps, group_correlation, mig, pearson, zscore
+from dcign_fast.eval.recognition import cross_pose_retrieval, distinct_identity_sweeps, top1_retrieval
 from dcign_fast.train import TrainConfig, Trainer
 
 
@@ -30,12 +31,86 @@ def test_pearson_and_per_sweep_correlation():
     assert group_correlation(flipped, (0, 1), "azimuth")[0] < 0.05
 
 
+def test_flat_and_one_image_sweeps_score_zero_not_noise():
+    # In float32 a constant sweep's mean is off by a rounding residue, which a clamped std turned into
+    # z-scores near 1 (0.97 for a latent stuck at 0.3).
+    for value in (0.3, 0.1, 1.7, -123.456):
+        assert torch.equal(zscore(torch.full((20,), value)), torch.zeros(20, dtype=torch.float64))
+    assert torch.equal(zscore(torch.tensor([0.5])), torch.zeros(1, dtype=torch.float64))  # was NaN (n - 1 = 0)
+    factor = torch.linspace(-1, 1, 20)
+    tracking = [(None, factor.view(20, 1), {"azimuth": factor})] * 20
+    stuck = [(None, torch.full((20, 1), 0.3), {"azimuth": factor})] * 20
+    assert abs(group_correlation(tracking + stuck, (0, 1), "azimuth")[0] - 0.5**0.5) < 1e-12
+
+
 def test_mig_rewards_one_latent_per_factor():
     factors = {"a": torch.rand(2000), "b": torch.rand(2000)}
     disentangled = torch.stack([factors["a"], factors["b"], torch.rand(2000)], dim=1)
     entangled = torch.stack([factors["a"] + factors["b"], factors["a"] - factors["b"], torch.rand(2000)], dim=1)
     assert mig(disentangled, factors) > 0.8
     assert mig(entangled, factors) < 0.3
+    # Refused, not averaged over fewer factors or binned into one bin unnoticed.
+    with pytest.raises(ValueError, match=r"factors\['c'\] is constant"):
+        mig(disentangled, {**factors, "c": torch.full((2000,), 0.5)})
+    disentangled[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="latents: mig needs finite values"):
+        mig(disentangled, factors)
+
+
+class CodeOfIdentity(torch.nn.Module):
+    """A stand-in encoder whose latent means are the batch's first pixels (the test's batches put the
+    identity there), or NaN when ``diverged``."""
+
+    def __init__(self, diverged: bool = False) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.diverged = diverged
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu = images.flatten(1)[:, :4] * (float("nan") if self.diverged else 1.0)
+        return mu, torch.zeros_like(mu)
+
+
+def identity_sweeps(identities: int, factor_value: float = 0.0):
+    """batch(kind, generator): 8-image azimuth sweeps of a random one of ``identities`` identities, whose
+    one-hot code is the images' first pixels."""
+
+    def batch(kind: str, generator: torch.Generator):
+        identity = int(torch.randint(0, identities, (), generator=generator))
+        images = torch.zeros(8, 1, 4, 4)
+        images.view(8, -1)[:, identity] = 1.0
+        factors = {"azimuth": torch.linspace(-1, 1, 8) + factor_value, "identity": torch.full((8,), identity)}
+        return images, factors
+
+    return batch
+
+
+def test_retrieval_sweeps_show_distinct_identities():
+    # Four draws from four identities mostly repeat one (the odds of none: 4!/4**4 = 0.09); these do.
+    plain = encode_sweeps(CodeOfIdentity(), identity_sweeps(4), "azimuth", 4, seed=0)
+    assert len({int(f["identity"][0]) for _, _, f in plain}) < 4
+    sweeps = distinct_identity_sweeps(CodeOfIdentity(), identity_sweeps(4), 4, seed=0)
+    assert sorted(int(f["identity"][0]) for _, _, f in sweeps) == [0, 1, 2, 3]
+    # A perfect code scores 1; with a repeated identity, a probe matched to its twin counted as a miss.
+    assert cross_pose_retrieval(sweeps, (0, 4)) == {
+        "intrinsic_latents": 1.0,
+        "raw_pixels": 1.0,
+        "chance": 0.25,
+        "identities": 4,
+    }
+    with pytest.raises(ValueError, match="identities=5, but 120 azimuth sweeps showed only 4 distinct ones"):
+        distinct_identity_sweeps(CodeOfIdentity(), identity_sweeps(4), 5, seed=0)
+    with pytest.raises(ValueError, match="needs two poses per sweep, got sweeps of 1 image"):
+        cross_pose_retrieval([(s[0][:1], s[1][:1], s[2]) for s in sweeps], (0, 4))
+
+
+def test_a_diverged_model_or_unknown_factors_are_refused_by_name():
+    # NaN would reach every metric (a max over latents then depends on which latent held it) and eval.json.
+    with pytest.raises(ValueError, match="model: its latent means are not finite .* azimuth sweep 0"):
+        encode_sweeps(CodeOfIdentity(diverged=True), identity_sweeps(4), "azimuth", 2, seed=0)
+    with pytest.raises(ValueError, match=r"batch: the light sweep's true factors \['azimuth'\] are not finite"):
+        encode_sweeps(CodeOfIdentity(), identity_sweeps(4, float("nan")), "light", 2, seed=0)
+    assert len(encode_sweeps(CodeOfIdentity(), identity_sweeps(4), "azimuth", 3, seed=0, first=5)) == 3
 
 
 def test_retrieval():

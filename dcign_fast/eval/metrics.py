@@ -20,7 +20,14 @@ MIG_BINS = 20
 
 
 def zscore(values: torch.Tensor) -> torch.Tensor:
-    return (values - values.mean()) / values.std().clamp_min(1e-8)
+    """[n] -> [n] float64 z-scores; zeros for a sweep with no spread (one image, or a latent that never moves).
+
+    In float64 the mean of a constant float32 vector is that constant exactly, so a flat sweep gives exact
+    zeros (in float32 a rounding residue, divided by a clamped std, gave scores near 1). The population std
+    (not n - 1) keeps one-image sweeps finite and leaves the pooled r of equal-length sweeps unchanged.
+    """
+    centred = values.double() - values.double().mean()
+    return centred / centred.square().mean().sqrt().clamp_min(1e-12)
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -30,14 +37,34 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def encode_sweeps(
-    model: DCIGN, batch: Callable[[str, torch.Generator], tuple], kind: str, count: int, seed: int
+    model: DCIGN,
+    batch: Callable[[str, torch.Generator], tuple],
+    kind: str,
+    count: int,
+    seed: int,
+    first: int = 0,
 ) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
-    """``count`` held-out sweeps of one kind: (images, mu, factors) each, on the CPU."""
+    """Held-out sweeps ``first .. first + count - 1`` of one kind: (images, mu, factors) each, on the CPU.
+
+    A ValueError when the model's latent means or the batch's float factors are not finite: every metric
+    would be NaN (or, for a max over latents, depend on which latent held it) and eval.json invalid JSON.
+    """
     device = next(model.parameters()).device
     sweeps = []
-    for i in range(count):
+    for i in range(first, first + count):
         images, factors = batch(kind, torch.Generator().manual_seed(seed * 7_919 + i))[:2]
         mu, _ = model.encode(images.to(device))
+        if not torch.isfinite(mu).all():
+            raise ValueError(
+                f"model: its latent means are not finite (NaN or inf) on held-out {kind} sweep {i}; "
+                "its weights have diverged, evaluate an earlier checkpoint"
+            )
+        missing = sorted(k for k, v in factors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        if missing:
+            raise ValueError(
+                f"batch: the {kind} sweep's true factors {missing} are not finite; evaluation needs them "
+                "(stored sweeps without a factors CSV have none)"
+            )
         sweeps.append((images.cpu(), mu.float().cpu(), {k: v.cpu() for k, v in factors.items()}))
     return sweeps
 
@@ -71,14 +98,19 @@ def binned(values: torch.Tensor, bins: int = MIG_BINS) -> torch.Tensor:
 
 
 def mig(latents: torch.Tensor, factors: dict[str, torch.Tensor]) -> float:
-    """Mutual Information Gap: mean over factors of (top-1 - top-2 latent MI) / H(factor)."""
+    """Mutual Information Gap: mean over factors of (top-1 - top-2 latent MI) / H(factor).
+
+    latents: [N, D] finite; factors: name -> [N], each varying (float: binned; integer: as labels).
+    """
+    if not torch.isfinite(latents).all():  # one NaN would put the whole latent in one bin, unnoticed
+        raise ValueError("latents: mig needs finite values, got NaN or inf")
     codes = [binned(latents[:, j]) for j in range(latents.shape[1])]
     gaps = []
-    for values in factors.values():
+    for name, values in factors.items():
         labels = values if not values.is_floating_point() else binned(values)
         entropy = discrete_entropy(labels)
         if entropy <= 0:
-            continue
+            raise ValueError(f"factors[{name!r}] is constant: a gap normalised by its entropy (0) is undefined")
         mi = sorted((mutual_information(code, labels) for code in codes), reverse=True)
         gaps.append((mi[0] - (mi[1] if len(mi) > 1 else 0.0)) / entropy)
-    return float(sum(gaps) / len(gaps)) if gaps else 0.0
+    return float(sum(gaps) / len(gaps))

@@ -16,8 +16,8 @@ EXTRINSIC = ("azimuth", "elevation", "light")
 def rerender(model: DCIGN, image: torch.Tensor, group: str, values: torch.Tensor) -> torch.Tensor:
     """The image re-rendered with latent group ``group`` set to each of ``values``.
 
-    image: [1, C, S, S] or [C, S, S] in [0, 1]; values: [V] (added to every latent of the group as an
-    absolute value) -> [V, C, S, S]. The other latents stay at the encoder's mean.
+    image: [1, C, S, S] or [C, S, S] in [0, 1]; values: [V] (each latent of the group is set to the value,
+    not shifted by it) -> [V, C, S, S]. The other latents stay at the encoder's mean.
     """
     groups = model.config.latent_groups
     if group not in groups:
