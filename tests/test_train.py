@@ -102,9 +102,10 @@ def test_saving_a_step_again_replaces_it_and_crash_leftovers_go(tmp_path):
     root = tmp_path / "checkpoints"
     (root / ".tmp-step-00000003-999999").mkdir(parents=True)  # a save that crashed in another process
     model = DCIGN.from_preset("demo64")
+    state = {"step": 3, "optimizer": {}, "rng": torch.get_rng_state(), "config": {}}
     for value in (1.0, 2.0):
         weights = {k: torch.full_like(v, value) for k, v in model.state_dict().items()}
-        path = save_checkpoint(root, 3, weights, model.config.to_dict(), {"step": 3}, keep=2)
+        path = save_checkpoint(root, 3, weights, model.config.to_dict(), state, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["step-00000003"]
     assert all((t == 2.0).all() for t in load_checkpoint(path)[0].values())
     # A crash between a re-save's two renames leaves the step only as .old-...: listing puts it back.
@@ -138,6 +139,51 @@ def test_corrupt_checkpoint_is_a_clear_error_and_the_previous_one_survives(tmp_p
     (newest / "model.safetensors").write_bytes(data)
     with pytest.raises(CheckpointError, match="trainer.pt is corrupt"):
         load_checkpoint(newest)
+
+
+def test_a_checkpoint_whose_parts_disagree_or_lack_keys_is_refused_by_name(tmp_path):
+    from safetensors.torch import load_file
+
+    from dcign_fast.models import PRESETS
+    from dcign_fast.train.checkpoint import save_weights
+
+    checkpoint = Trainer(config(tmp_path, steps=2), render=blobs).train().checkpoint
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    no_optimizer = {k: v for k, v in state.items() if k != "optimizer"}
+    for broken, missing in ((no_optimizer, "'optimizer'"), ([1], "'config', 'optimizer', 'rng', 'step'")):
+        torch.save(broken, checkpoint / "trainer.pt")  # a KeyError (or "list indices") deep in the trainer before
+        with pytest.raises(CheckpointError, match=rf"trainer.pt lacks \[{missing}\]: not a dcign-fast"):
+            Trainer(config(tmp_path, steps=4), resume=True, render=blobs)
+    torch.save(state, checkpoint / "trainer.pt")
+    # Weights of another model beside this run's state: a size-mismatch traceback from load_state_dict before.
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    save_weights(checkpoint / "model.safetensors", weights, PRESETS["face128"].to_dict())
+    with pytest.raises(CheckpointError, match="its weights are not of the model its trainer.pt describes"):
+        Trainer(config(tmp_path, steps=4), resume=True, render=blobs)
+
+
+def test_resume_under_another_number_of_processes_is_refused(tmp_path):
+    # Each step's sweeps are shards rank x accumulation + micro-batch: another world size changes the run.
+    checkpoint = Trainer(config(tmp_path, steps=2), render=blobs).train().checkpoint
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    assert state["world_size"] == 1
+    torch.save({**state, "world_size": 2}, checkpoint / "trainer.pt")
+    with pytest.raises(ValueError, match=r"trained on 2 process\(es\) and this resume has 1"):
+        Trainer(config(tmp_path, steps=4), resume=True, render=blobs)
+    del state["world_size"]  # as earlier versions wrote it: nothing to compare
+    torch.save(state, checkpoint / "trainer.pt")
+    assert Trainer(config(tmp_path, steps=4), resume=True, render=blobs).step == 2
+
+
+def test_a_file_where_the_run_keeps_a_folder_is_refused_before_training(tmp_path):
+    # The checkpoints folder as a file failed at the first save, losing the steps before it.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("x")
+    with pytest.raises(NotADirectoryError, match="checkpoints is a file, where the run keeps a folder"):
+        Trainer(config(tmp_path), render=blobs)
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(NotADirectoryError, match="out=.*out is a file"):
+        Trainer(config(tmp_path, out=str(tmp_path / "out")), render=blobs)
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
@@ -278,7 +324,9 @@ def test_numpy_numbers_become_python_floats(tmp_path):
         ("seed=268435456", "seed must be in"),
         ("steps=0", "steps must be >= 1"),
         (f"steps=-{10**400}", "steps must be >= 1"),
-        ("device=foo", "device must be 'auto' or a torch device"),
+        ("device=foo", "device must be 'auto', cpu, cuda or cuda:N, got 'foo'"),
+        ("device=meta", "device must be 'auto', cpu, cuda or cuda:N, got 'meta'"),  # bincount failed in torch
+        ("device=mps", "device must be 'auto', cpu, cuda or cuda:N, got 'mps'"),
         ("on_nonfinite=skpi", "on_nonfinite must be one of"),  # a typo must not mean one policy or the other
         ("clamp=median", "clamp must be one of"),
         ("lr=[1", "--set lr=\\[1 is not valid YAML"),

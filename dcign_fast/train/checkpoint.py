@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 WEIGHTS = "model.safetensors"
 STATE = "trainer.pt"
+STATE_KEYS = ("step", "optimizer", "rng", "config")  # and "world_size", which earlier versions did not store
 PREFIX = "step-"
 
 
@@ -140,4 +141,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} has no {STATE}") from err
     except Exception as err:  # torch raises several types for damaged pickles/zips
         raise CheckpointError(f"checkpoint state {path / STATE} is corrupt or truncated ({err})") from err
+    missing = sorted(set(STATE_KEYS) - set(state) if isinstance(state, dict) else STATE_KEYS)
+    if missing:
+        raise CheckpointError(f"checkpoint state {path / STATE} lacks {missing}: not a dcign-fast trainer state")
     return state

@@ -21,9 +21,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dcign_fast.models import DCIGN
+from dcign_fast.models import DCIGN, DCIGNConfig
 from dcign_fast.ops.backends import EXPLICIT_BACKENDS, check_backend_runs_on
-from dcign_fast.train.checkpoint import list_checkpoints, load_checkpoint, load_state, save_checkpoint
+from dcign_fast.train.checkpoint import (
+    STATE,
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_state,
+    save_checkpoint,
+)
 from dcign_fast.train.config import RUN_CONTROLS, TrainConfig, check_device
 from dcign_fast.train.data import BatchStream, latent_seed
 from dcign_fast.train.distributed import World, all_agree, close_world, init_world, mean_over_ranks
@@ -120,6 +127,9 @@ class Trainer:
         self.memory_format = None if config.channels_last is False else torch.channels_last
         self.out = Path(config.out)
         self.checkpoints = self.out / "checkpoints"
+        for folder in (self.out, self.checkpoints):  # found now, not at the first save, after work to lose
+            if folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(f"out={config.out}: {folder} is a file, where the run keeps a folder")
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model = DCIGN.from_preset(config.preset, backend=config.backend).to(self.device)
@@ -153,7 +163,15 @@ class Trainer:
         self._images_this_step = 0  # on this rank, for images/s
 
     def _restore(self, path: Path) -> None:
-        weights, _, state = load_checkpoint(path)
+        weights, model_config, state = load_checkpoint(path)
+        if DCIGNConfig(**model_config) != self.model.config:
+            raise CheckpointError(f"checkpoint {path}: its weights are not of the model its {STATE} describes")
+        ranks = state.get("world_size", self.world.size)  # not recorded by earlier versions: nothing to compare
+        if ranks != self.world.size:  # each step's sweeps are the shards rank x accumulation + micro-batch
+            raise ValueError(
+                f"resuming continues the run in {self.out} exactly, but it trained on {ranks} process(es) and "
+                f"this resume has {self.world.size}: launch it as it was launched (torchrun --nproc_per_node)"
+            )
         stored = TrainConfig.from_stored(state["config"])
         if self.config.bf16 is None and stored.bf16 is not None:
             # An unset precision continues the checkpoint's: a run begun on the CPU stays float32 on a GPU.
@@ -182,6 +200,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
             "config": {**self.config.to_dict(), "bf16": self.bf16},  # the precision in effect, not None
+            "world_size": self.world.size,
         }
         return save_checkpoint(
             self.checkpoints,
