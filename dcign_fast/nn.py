@@ -106,7 +106,7 @@ class UnpoolConv2d(nn.Module):
         fused.activation = None
         fused.weight = conv.weight
         fused.bias = conv.bias
-        return fused
+        return fused.train(conv.training)
 
 
 # The hooks nn.Module.__call__ and state_dict run; a fused layer bypasses the replaced modules', so
@@ -132,8 +132,10 @@ def _unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
     scale = upsample.scale_factor
     if upsample.size is not None or scale is None:
         return "upsampling must be given by scale_factor, not size"
+    if upsample.align_corners:  # nn.Upsample raises for it with mode="nearest": fusing must not run it
+        return "align_corners is set, which nearest upsampling refuses"
     scale = scale if isinstance(scale, tuple) else (scale, scale)
-    if len(set(scale)) != 1 or float(scale[0]) != int(scale[0]) or int(scale[0]) < 1:
+    if len(scale) != 2 or len(set(scale)) != 1 or float(scale[0]) != int(scale[0]) or int(scale[0]) < 1:
         return f"scale_factor must be one positive integer, got {upsample.scale_factor}"
     if not isinstance(conv, nn.Conv2d) or any(
         getattr(type(conv), method) is not getattr(nn.Conv2d, method) for method in ("forward", "_conv_forward")
@@ -159,6 +161,10 @@ def _bypassed_reason(upsample: nn.Module, conv: nn.Module) -> str:
     for role, module in (("upsample", upsample), ("convolution", conv)):
         if any(getattr(module, hooks) for hooks in _HOOKS):
             return f"the {role} has hooks, which the fused layer would not run"
+        own = {"weight", "bias"} if module is conv else set()
+        extra = sorted({*module._parameters, *module._buffers, *module._modules} - own)
+        if extra:
+            return f"the {role} holds {extra} besides its weights, which the fused layer would drop"
     return ""
 
 
@@ -169,11 +175,14 @@ def upsample_conv_pairs(module: nn.Module) -> list[tuple[str, nn.Sequential, str
     pairs = []
     for name, container in module.named_modules():
         if isinstance(container, nn.Sequential):
+            # Only Sequential's own forward runs the children in key order: a subclass may skip or reorder them.
+            overridden = type(container).forward is not nn.Sequential.forward
             keys = list(container._modules)
             for first, second in zip(keys, keys[1:]):
                 up, conv = container._modules[first], container._modules[second]
                 if isinstance(up, nn.Upsample):
-                    pairs.append((name, container, first, second, _unsupported_reason(up, conv)))
+                    reason = "the container overrides nn.Sequential's forward" if overridden else ""
+                    pairs.append((name, container, first, second, reason or _unsupported_reason(up, conv)))
     return pairs
 
 
@@ -182,7 +191,7 @@ def fuse_pair(container: nn.Sequential, first: str, second: str, backend: str = 
     parameters and the upsample's slot an nn.Identity, so state_dict keys are unchanged."""
     up, conv = container._modules[first], container._modules[second]
     container._modules[second] = UnpoolConv2d.from_modules(up, conv, backend)
-    container._modules[first] = nn.Identity()
+    container._modules[first] = nn.Identity().train(up.training)
 
 
 def convert_upsample_conv(module: nn.Module, backend: str = "auto") -> int:

@@ -4,15 +4,19 @@ Two shapes of layer are understood; everything else is left untouched:
 
 * ``nn.Sequential(..., nn.Upsample(mode="nearest", integer scale), nn.Conv2d(stride 1, groups 1), ...)``:
   the pair becomes ``nn.Identity(), UnpoolConv2d`` sharing the Conv2d's parameters
-  (:func:`dcign_fast.nn.fuse_pair`), so state_dict keys and parameter objects are unchanged.
+  (:func:`dcign_fast.nn.fuse_pair`), so state_dict keys and parameter objects are unchanged. Sequential
+  subclasses with their own forward are skipped; code that calls a Sequential's children itself (``seq[0]``)
+  must not be patched, as nothing tells it that the pair no longer upsamples in its first module.
 * diffusers' ``Upsample2D`` (``F.interpolate(x, scale_factor=2.0, mode="nearest")`` then its conv) when it
   is configured as exactly that: ``use_conv``, ``interpolate``, no transposed conv, no norm, and a plain
   stride-1 groups-1 zero-padded Conv2d. The instance's ``forward`` becomes a :class:`_FusedUpsample2DForward`
   that calls :func:`dcign_fast.unpool_conv2d` with the conv's own parameters (read at every call) for the
-  plain call, and the class's forward whenever the call is not plain (``output_size`` given, extra args).
+  plain call, and the class's forward whenever the call is not plain (``output_size`` given, extra args) or
+  the layer no longer qualifies (its conv since replaced, or given hooks or another padding mode).
 
 In both, a conv whose call does more than convolve with its ``weight`` Parameter (a parametrized or
-old-style weight_norm / spectral_norm weight, hooks) is skipped: the fused op would bypass that.
+old-style weight_norm / spectral_norm weight, hooks) is skipped: the fused op would bypass that; so is one
+holding parameters, buffers or modules besides its weight and bias, which the fused layer would drop.
 
 Everything ``unpatch(model)`` needs is kept inside the patched layers themselves, so it also undoes the
 patches in a deep copy or an unpickled copy, and restores the parameters the fused layers hold at that
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dcign_fast.nn import UnpoolConv2d, _unsupported_reason, fuse_pair, upsample_conv_pairs
+from dcign_fast.nn import UnpoolConv2d, _bypassed_reason, _unsupported_reason, fuse_pair, upsample_conv_pairs
 from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.unpool_conv import unpool_conv2d
 
@@ -94,19 +98,30 @@ class _FusedUpsample2DForward:
         self.backend = backend
 
     def __call__(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
-        if output_size is not None or args or kwargs:  # upsampling to a given size, deprecated scale argument
+        # The class's forward for a call that is not plain (upsampling to a given size, the deprecated scale
+        # argument), and for a layer changed since patch() (its conv replaced, given hooks or reflect padding):
+        # the conv stays a visible submodule, and the fused op would bypass the change.
+        if output_size is not None or args or kwargs or _upsample2d_config_reason(self.layer):
             return type(self.layer).forward(self.layer, hidden_states, output_size, *args, **kwargs)
         conv = _upsample2d_conv(self.layer)
         return unpool_conv2d(hidden_states, conv.weight, conv.bias, padding=conv.padding, backend=self.backend)
 
 
+_NEAREST_X2 = nn.Upsample(scale_factor=2.0, mode="nearest")  # what Upsample2D's plain call upsamples by
+
+
 def _upsample2d_reason(module: nn.Module) -> str:
-    """Why this Upsample2D's plain call is not exactly nearest-x2 + a fusable conv, or ""."""
+    """Why this Upsample2D cannot be patched, or ""."""
     forward = vars(module).get("forward")
     if isinstance(forward, _FusedUpsample2DForward):
         return "already patched"
     if forward is not None:
         return "its forward is overridden on the instance"
+    return _upsample2d_config_reason(module)
+
+
+def _upsample2d_config_reason(module: nn.Module) -> str:
+    """Why this Upsample2D's plain call is not exactly nearest-x2 + a fusable conv, or ""."""
     if module.use_conv_transpose:
         return "use_conv_transpose: a transposed convolution, no upsampling to fuse"
     if not module.use_conv:
@@ -115,7 +130,7 @@ def _upsample2d_reason(module: nn.Module) -> str:
         return "interpolate=False: no upsampling to fuse"
     if module.norm is not None:
         return "a norm runs before the upsampling"
-    return _unsupported_reason(nn.Upsample(scale_factor=2.0, mode="nearest"), _upsample2d_conv(module))
+    return _unsupported_reason(_NEAREST_X2, _upsample2d_conv(module))
 
 
 def patch(module: nn.Module, backend: str = "auto") -> PatchReport:
@@ -150,14 +165,28 @@ def patch(module: nn.Module, backend: str = "auto") -> PatchReport:
 
 def unpatch(module: nn.Module) -> int:
     """Restores every layer :func:`patch` replaced inside ``module`` (or inside the copy of a patched
-    model), with the parameters the patched layers hold now. Returns how many were restored."""
+    model), with the parameters the patched layers hold now. Returns how many were restored.
+
+    A fused pair comes back as its upsample module and a copy of its conv (not the original object) that
+    holds the fused layer's parameters. A ValueError, before anything is restored, when a fused layer was
+    given hooks or a parametrization since patch(): the conv put back would drop them.
+    """
+    fused = [
+        (name, sub, key, child)
+        for name, sub in module.named_modules()
+        for key, child in sub._modules.items()
+        if isinstance(child, UnpoolConv2d) and hasattr(child, "_unpatch")
+    ]
+    for name, _, key, child in fused:
+        reason = _bypassed_reason(child._unpatch[1], child)
+        if reason:
+            raise ValueError(f"cannot unpatch {_join(name, key)}: {reason} (added since patch); remove it first")
     restored = 0
     for sub in list(module.modules()):
         if isinstance(vars(sub).get("forward"), _FusedUpsample2DForward):
             del vars(sub)["forward"]
             restored += 1
-        for key, child in list(sub._modules.items()):
-            if isinstance(child, UnpoolConv2d) and hasattr(child, "_unpatch"):
-                _unfuse(sub, key, child)
-                restored += 1
+    for _, sub, key, child in fused:
+        _unfuse(sub, key, child)
+        restored += 1
     return restored

@@ -333,3 +333,98 @@ def test_a_root_upsample2d_is_reported_by_a_name():
 
     assert dc.patch(Upsample2D(4, use_conv=True)).replaced == ["(root)"]
     assert dc.patch(Upsample2D(4)).skipped[0][0] == "(root)"
+
+
+def test_a_sequential_subclass_with_its_own_forward_is_not_fused():
+    class SkipsTheUpsample(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self[1](x)
+
+    model = SkipsTheUpsample(nn.Upsample(scale_factor=2), nn.Conv2d(3, 4, 3, padding=1))
+    report = dc.patch(model)  # fusing would upsample where the model never does
+    assert report.replaced == [] and "overrides nn.Sequential's forward" in report.skipped[0][1]
+    assert model(torch.randn(2, 3, 5, 6)).shape == (2, 4, 5, 6)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(lambda conv: conv.register_parameter("gain", nn.Parameter(torch.ones(4))), id="parameter"),
+        pytest.param(lambda conv: conv.register_buffer("calibration", torch.ones(4)), id="buffer"),
+        pytest.param(lambda conv: conv.add_module("adapter", nn.Linear(4, 4)), id="submodule"),
+    ],
+)
+def test_a_conv_holding_more_than_its_weights_is_not_fused(extra):
+    model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3))
+    extra(model[1])
+    keys = list(model.state_dict())
+    report = dc.patch(model)  # the fused layer would drop them from state_dict, and unpatch lose them
+    assert report.replaced == [] and "besides its weights" in report.skipped[0][1]
+    assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize(
+    "upsample, words",
+    [
+        (nn.Upsample(scale_factor=2, align_corners=True), "align_corners"),
+        (nn.Upsample(scale_factor=(2,)), "scale_factor must be one positive integer"),
+        (nn.Upsample(scale_factor=(2, 2, 2)), "scale_factor must be one positive integer"),
+    ],
+)
+def test_upsamples_that_raise_for_images_are_not_fused(upsample, words):
+    """Unpatched, these raise for a 4-D input: fused, they must not run."""
+    model = nn.Sequential(upsample, nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError):
+        model(torch.randn(1, 4, 5, 5))
+    report = dc.patch(model)
+    assert report.replaced == [] and words in report.skipped[0][1]
+
+
+def test_patching_keeps_the_mode_and_refuses_what_it_would_compute_otherwise():
+    model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(4, 3, 3, padding=1)).eval()
+    dc.patch(model)
+    assert not any(sub.training for sub in model.modules())
+    # nn.Upsample reads a 3-D [C, H, W] as [N, C, L] and upsamples L alone: no image to fuse, so no result.
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        model(torch.randn(4, 5, 6))
+    dc.unpatch(model)
+    assert not any(sub.training for sub in model.modules())
+
+
+def test_unpatch_refuses_to_drop_what_the_fused_layer_gained():
+    model = nn.Sequential(
+        nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3), nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3)
+    )
+    dc.patch(model)
+    parametrize = torch.nn.utils.parametrize
+    parametrize.register_parametrization(model[3], "weight", nn.Tanh())
+    with pytest.raises(ValueError, match=r"cannot unpatch 3: the convolution is parametrized .* remove it first"):
+        dc.unpatch(model)
+    assert isinstance(model[1], UnpoolConv2d)  # nothing restored, not half
+    parametrize.remove_parametrizations(model[3], "weight")
+    handle = model[1].register_forward_hook(_hook)
+    with pytest.raises(ValueError, match="cannot unpatch 1: the convolution has hooks"):
+        dc.unpatch(model)
+    handle.remove()
+    assert dc.unpatch(model) == 2
+
+
+def test_a_patched_upsample2d_follows_later_changes_to_its_conv(monkeypatch):
+    """The conv stays a visible submodule: hooks, a replaced conv or another padding mode given after patch()
+    must take effect, so the fused call gives way to the class's forward."""
+    Upsample2D = _upsample2d_class()
+
+    layer = Upsample2D(4, use_conv=True)
+    x = torch.randn(1, 4, 5, 5)
+    dc.patch(layer)
+    calls = []
+    handle = layer.conv.register_forward_hook(lambda *args: calls.append(1))
+    layer(x)
+    assert calls == [1]
+    handle.remove()
+    with torch.no_grad():
+        layer.conv.padding_mode = "reflect"
+        torch.testing.assert_close(layer(x), type(layer).forward(layer, x))
+        layer.conv.padding_mode = "zeros"
+        _no_interpolate(monkeypatch)
+        assert layer(x).shape == (1, 4, 10, 10)  # fused again
