@@ -417,6 +417,9 @@ def test_a_patched_upsample2d_follows_later_changes_to_its_conv(monkeypatch):
     layer = Upsample2D(4, use_conv=True)
     x = torch.randn(1, 4, 5, 5)
     dc.patch(layer)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # the check per call traces
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), type(layer).forward(layer, x), rtol=1e-5, atol=1e-5)
     calls = []
     handle = layer.conv.register_forward_hook(lambda *args: calls.append(1))
     layer(x)
