@@ -73,7 +73,8 @@ def _select_faces(mesh: RawMesh, keep_face: np.ndarray) -> RawMesh:
 def cluster_decimate(mesh: RawMesh, cell: float) -> RawMesh:
     """Vertex clustering: merge all vertices in each cubic cell of side ``cell`` into their mean.
 
-    Faces that collapse (two corners in one cell) or repeat are dropped. Untextured meshes only.
+    Faces that collapse (two corners in one cell), that the merge turns over (their normal now opposes
+    the source face's) or that repeat are dropped. Untextured meshes only.
     """
     cells = np.floor(mesh.vertices / cell).astype(np.int64)
     _, cluster, counts = np.unique(cells, axis=0, return_inverse=True, return_counts=True)
@@ -83,12 +84,18 @@ def cluster_decimate(mesh: RawMesh, cell: float) -> RawMesh:
     centres /= counts[:, None]
     faces = cluster[mesh.faces]
     proper = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 2] != faces[:, 0])
-    faces = faces[proper]
-    # A cyclic rotation putting the smallest index first identifies duplicates with the same winding.
-    first = np.argmin(faces, axis=1)
-    rolled = np.stack([faces[np.arange(len(faces)), (first + k) % 3] for k in range(3)], 1)
-    _, unique_rows = np.unique(rolled, axis=0, return_index=True)
+    # A fold turns faces over: kept, such a face and its outward twin on the same three corners cancel in
+    # the summed vertex normals, and those vertices render as black specks.
+    upright = np.einsum("fi,fi->f", _face_normals(centres, faces), _face_normals(mesh.vertices, mesh.faces)) > 0
+    faces = faces[proper & upright]
+    _, unique_rows = np.unique(np.sort(faces, axis=1), axis=0, return_index=True)
     return _select_faces(RawMesh(centres, faces), np.isin(np.arange(len(faces)), unique_rows))
+
+
+def _face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """[F, 3] unnormalised normals (counter-clockwise winding points them outward)."""
+    a, b, c = (vertices[faces[:, k]] for k in range(3))
+    return np.cross(b - a, c - a)
 
 
 def decimate(mesh: RawMesh) -> RawMesh:

@@ -104,6 +104,21 @@ def test_light_changes_shading_not_silhouette():
 
 
 @pytest.mark.parametrize("name", list_assets())
+def test_packaged_meshes_have_no_folded_faces(name):
+    """Decimation once left a face and an upside-down twin on the same three corners (351 in menpo3d): their
+    normals cancelled in the vertex sums, and 54 vertices rendered as black specks."""
+    mesh = load_asset(name)
+    corners = torch.sort(mesh.faces, dim=1).values
+    assert len(torch.unique(corners, dim=0)) == len(corners)
+    face_area = torch.linalg.cross(*(mesh.vertices[mesh.faces[:, k]] - mesh.vertices[mesh.faces[:, 0]] for k in (1, 2)))
+    summed = torch.zeros_like(mesh.vertices).index_add_(0, mesh.faces.reshape(-1), face_area.repeat_interleave(3, 0))
+    largest = torch.zeros(len(mesh.vertices)).scatter_reduce_(
+        0, mesh.faces.reshape(-1), face_area.norm(dim=1).repeat_interleave(3), "amax"
+    )
+    assert (summed.norm(dim=1) > 0.05 * largest).all()
+
+
+@pytest.mark.parametrize("name", list_assets())
 def test_one_orientation_convention_for_every_mesh(name):
     mesh = load_asset(name)
     # Positive azimuth turns the nose toward image right; positive elevation moves it up (rows decrease).
