@@ -97,11 +97,19 @@ class SweepCache:
                 arrays = {k: data[k] for k in keys}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
             raise DatasetError(f"cannot read cache shard {path}: {err}") from err
-        images = arrays.get("images")
-        if len(arrays["kinds"]) != self.shards[number][1] or (
-            images is not None and images.shape[1:] != (self.size, self.size)
-        ):
+        images, kinds = arrays.get("images"), arrays["kinds"]
+        if len(kinds) != self.shards[number][1] or (images is not None and images.shape[1:] != (self.size, self.size)):
             raise DatasetError(f"cache shard {path} does not match {self.dir / INDEX}")
+        if kinds.size and not 0 <= kinds.min() <= kinds.max() < len(KINDS):
+            raise DatasetError(f"cache shard {path}: batch kinds must index {KINDS}, got values up to {kinds.max()}")
+        if images is not None:  # a shard read whole: every batch's images and factors must line up
+            offsets = arrays["offsets"]
+            lined_up = len(offsets) == len(kinds) + 1 and offsets[0] == 0 and offsets[-1] == len(images)
+            if not lined_up or (np.diff(offsets) < 0).any():
+                raise DatasetError(f"cache shard {path}: offsets do not split its {len(images)} images into batches")
+            short = [k for k in FACTOR_KEYS if len(arrays[k]) != len(images)]
+            if short:
+                raise DatasetError(f"cache shard {path}: factors {short} do not have one value per image")
         return arrays
 
     def _shard(self, number: int) -> dict[str, np.ndarray]:

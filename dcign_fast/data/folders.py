@@ -9,6 +9,7 @@ converted to grey as 0.21 R + 0.72 G + 0.07 B and resized to the requested size.
 from __future__ import annotations
 
 import csv
+import math
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -157,12 +158,18 @@ def _read_factors(folder: Path, names: list[str]) -> dict[str, Tensor]:
     if not path.is_file():
         return factors
     try:
-        with open(path, newline="") as handle:
-            rows = {row["file"]: row for row in csv.DictReader(handle)}
+        # utf-8-sig: spreadsheets save "CSV UTF-8" with a byte-order mark, which would hide the "file" column.
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            listed = list(csv.DictReader(handle))
+        rows = {row["file"]: row for row in listed}
+        if len(rows) != len(listed):
+            raise ValueError("a file is listed twice")
         for i, name in enumerate(names):
             for key in FACTOR_KEYS:
-                value = rows[name][key]
-                factors[key][i] = int(float(value)) if key == "identity" else float(value)
+                value = float(rows[name][key])  # NaN stands for an unknown factor, as without a CSV
+                if math.isinf(value) or (key == "identity" and not value.is_integer()):
+                    raise ValueError(f"{key} of {name} is {rows[name][key]!r}")
+                factors[key][i] = int(value) if key == "identity" else value
     except (KeyError, ValueError, TypeError) as err:
         raise DatasetError(f"bad factors file {path}: missing or invalid entry {err}") from err
     return factors

@@ -23,6 +23,9 @@ def test_render_refuses_a_folder_that_holds_something(format, tmp_path, capsys):
     (tmp_path / "old.txt").write_text("x")
     assert main(["render", "--out", str(tmp_path), "--batches", "1", "--size", "16", "--format", format]) == 2
     assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]
+    # A file where the folder would go: refused before rendering, not at the first batch written.
+    assert main(["render", "--out", str(tmp_path / "old.txt"), "--batches", "1", "--format", format]) == 2
+    assert "old.txt is a file" in capsys.readouterr().err
 
 
 def test_render_preview_grid(tmp_path):

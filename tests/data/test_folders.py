@@ -108,6 +108,50 @@ def test_corrupt_cache_shard_names_the_file(tmp_path, batches):
 
 
 @pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda a: a.update(azimuth=a["azimuth"][:3]), r"factors \['azimuth'\] do not have one value per image"),
+        (lambda a: a.update(offsets=a["offsets"][:-1]), "offsets do not split its"),
+        (lambda a: a["kinds"].__setitem__(0, 9), "batch kinds must index"),
+    ],
+)
+def test_a_shard_whose_arrays_disagree_is_refused(damage, words, tmp_path, batches):
+    """Empty factors beside a batch's images, or an IndexError, before."""
+    write_cache(batches, tmp_path, batches_per_shard=2)
+    shard = tmp_path / "shard_00000.npz"
+    with np.load(shard) as data:
+        arrays = dict(data)
+    damage(arrays)
+    np.savez(shard, **arrays)
+    with pytest.raises(DatasetError, match=f"shard_00000.npz: {words}"):
+        SweepCache(tmp_path)[0]
+
+
+def test_a_factors_csv_from_a_spreadsheet_or_with_bad_rows(tmp_path, batches):
+    export_sweeps(batches[:1], tmp_path)
+    csv_path = next(tmp_path.rglob(FACTORS_CSV))
+    text = csv_path.read_text()
+    csv_path.write_text("\ufeff" + text, encoding="utf-8")  # "CSV UTF-8" with a byte-order mark
+    _assert_same_batches(list(SweepFolders(tmp_path, size=16)), batches[:1])
+    header, first, *rest = text.splitlines()
+    columns = header.split(",")
+
+    def changed(key: str, value: str) -> str:
+        cells = first.split(",")
+        cells[columns.index(key)] = value
+        return ",".join(cells)
+
+    for rows, words in (
+        ([first, first, *rest], "listed twice"),
+        ([changed("identity", "12.7"), *rest], "identity of .* is '12.7'"),
+        ([changed("azimuth", "inf"), *rest], "azimuth of .* is 'inf'"),
+    ):
+        csv_path.write_text("\n".join([header, *rows]) + "\n")
+        with pytest.raises(DatasetError, match=f"bad factors file .*{words}"):
+            SweepFolders(tmp_path, size=16)[0]
+
+
+@pytest.mark.parametrize(
     "mode, white, suffix",
     [("L", 255, "png"), ("I;16", 65535, "png"), ("I", 65535, "tiff"), ("F", 1.0, "tiff")],
 )
