@@ -41,8 +41,12 @@ def read_mesh(path: str | Path) -> RawMesh:
         mesh = reader(path)
     except (ValueError, IndexError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read mesh {path}: {err}") from err
+    except KeyError as err:  # a PLY header without x, y or z, or without a face element
+        raise ValueError(f"cannot read mesh {path}: no {err} in its header") from err
     if len(mesh.faces) == 0 or mesh.faces.min() < 0 or mesh.faces.max() >= len(mesh.vertices):
         raise ValueError(f"mesh {path} has no faces or face indices out of range")
+    if not np.isfinite(mesh.vertices).all():
+        raise ValueError(f"mesh {path} has vertex coordinates that are not finite")
     return mesh
 
 
@@ -125,7 +129,9 @@ def _read_ply(path: Path) -> RawMesh:
         raise ValueError("missing PLY header")
     body_start = data.index(b"\n", end) + 1
     header = data[:end].decode("ascii").splitlines()
-    fmt = next(line.split()[1] for line in header if line.startswith("format"))
+    fmt = next((line.split()[1] for line in header if line.startswith("format")), None)
+    if fmt is None:
+        raise ValueError("no format line in its header")
     elements: list[tuple[str, int, list[tuple[str, ...]]]] = []
     for line in header:
         parts = line.split()

@@ -80,7 +80,10 @@ def load_mesh(path: str | Path, radius: float = 0.9) -> Mesh:
     """
     raw = read_mesh(path)
     vertices = raw.vertices - (raw.vertices.max(0) + raw.vertices.min(0)) / 2
-    vertices *= radius / np.linalg.norm(vertices, axis=1).max()
+    extent = np.linalg.norm(vertices, axis=1).max()
+    if extent == 0:  # scaling it to the sphere would divide by 0
+        raise ValueError(f"mesh {path}: all its vertices coincide")
+    vertices *= radius / extent
     albedo = None
     if raw.colors is not None:
         albedo = torch.from_numpy((raw.colors @ np.array([0.21, 0.72, 0.07])).astype(np.float32))

@@ -82,6 +82,42 @@ def vertex_normals(vertices: Tensor, faces: Tensor, incident: Tensor) -> Tensor:
     return F.normalize(summed, dim=-1, eps=1e-12)
 
 
+def _described(value: object) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+
+
+def _check_render_inputs(
+    vertices: Tensor,
+    faces: Tensor,
+    batch: int,
+    azimuth: Tensor,
+    elevation: Tensor,
+    light_azimuth: Tensor,
+    light_elevation: Tensor,
+    albedo: Tensor | None,
+    gain: Tensor | None,
+) -> None:
+    """A ValueError naming the first argument of :func:`render` that does not fit the others (torch's own
+    errors, deep inside, named none)."""
+    if not isinstance(vertices, Tensor) or vertices.dim() not in (2, 3) or vertices.shape[-1] != 3:
+        raise ValueError(f"vertices must be [V, 3] or [B, V, 3], got {_described(vertices)}")
+    if vertices.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"vertices must be float32 or float64, got {vertices.dtype}")
+    if vertices.dim() == 3 and vertices.shape[0] != batch:
+        raise ValueError(f"vertices [B, V, 3] must have B = {batch} (azimuth's), got {tuple(vertices.shape)}")
+    if not isinstance(faces, Tensor) or faces.dim() != 2 or faces.shape[1] != 3 or faces.dtype != torch.int64:
+        raise ValueError(f"faces must be an int64 [F, 3] tensor, got {_described(faces)}")
+    per_image = {"elevation": elevation, "light_azimuth": light_azimuth, "light_elevation": light_elevation}
+    for name, value in {"azimuth": azimuth, **per_image, **({} if gain is None else {"gain": gain})}.items():
+        if not isinstance(value, Tensor) or tuple(value.shape) != (batch,):
+            raise ValueError(f"{name} must be [B] with B = {batch} (azimuth's), got {_described(value)}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{name} must be finite, got {value}")
+    num_vertices = vertices.shape[-2]
+    if albedo is not None and tuple(albedo.shape) not in ((num_vertices,), (batch, num_vertices)):
+        raise ValueError(f"albedo must be [V] or [B, V] with V = {num_vertices}, got {_described(albedo)}")
+
+
 def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Nearest front-facing triangle per pixel.
 
@@ -176,9 +212,10 @@ def render(
     for name, value in (("size", size), ("antialias", antialias)):
         Bounds(1).check(name, value, integer=True)
     Bounds(0, strict=True).check("zoom", zoom)
-    if azimuth.dim() != 1 or azimuth.shape[0] == 0:
-        raise ValueError(f"azimuth must be [B] with B >= 1, got shape {tuple(azimuth.shape)}")
+    if not isinstance(azimuth, Tensor) or azimuth.dim() != 1 or azimuth.shape[0] == 0:
+        raise ValueError(f"azimuth must be [B] with B >= 1, got {_described(azimuth)}")
     batch = azimuth.shape[0]
+    _check_render_inputs(vertices, faces, batch, azimuth, elevation, light_azimuth, light_elevation, albedo, gain)
     shared = vertices.dim() == 2
     if shared:
         vertices = vertices.expand(batch, -1, -1)

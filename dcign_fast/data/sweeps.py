@@ -23,6 +23,7 @@ rounding.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -52,6 +53,13 @@ class SweepRanges:
     elevation: float = 0.4
     light: float = 1.3963  # 80 degrees
     light_elevation: tuple[float, float] = (0.0, 0.4)
+
+    def __post_init__(self) -> None:  # a NaN or reversed range rendered garbage without a word
+        for name in ("azimuth", "elevation", "light"):
+            Bounds(0).check(name, getattr(self, name))
+        low, high = self.light_elevation
+        Bounds(-math.pi / 2).check("light_elevation[0]", low)
+        Bounds(low).check("light_elevation[1]", high)
 
 
 class SweepSampler:
@@ -90,11 +98,15 @@ class SweepSampler:
         Bounds(0).check("seed", seed, integer=True)  # (numpy's SeedSequence takes no negative entropy)
         Bounds(0).check("shape_bias", shape_bias)
         Bounds(0, strict=True).check("zoom", zoom)
+        if num_identities < batch_size:  # an intrinsic batch shows batch_size different identities
+            raise ValueError(f"num_identities must be >= batch_size ({batch_size}), got {num_identities}")
+        if meshes is not None and len(meshes) == 0:
+            raise ValueError("meshes must hold at least one Mesh (None: the packaged faces)")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.device = torch.device(device)
         self.num_batches, self.rank, self.world_size, self.epoch = num_batches, rank, world_size, 0
         self.identities = IdentitySpace(meshes or [load_asset(n) for n in FACE_ASSETS]).to(self.device)
-        self.num_identities = max(num_identities, batch_size)
+        self.num_identities = num_identities
         self.ranges, self.zoom, self.antialias = ranges, zoom, antialias
         self.kind_odds = torch.tensor([1.0, 1.0, 1.0, float(shape_bias)])
 

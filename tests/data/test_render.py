@@ -193,6 +193,28 @@ def test_mesh_files_load(tmp_path, suffix):
     torch.testing.assert_close(mesh.vertices.double(), expected, atol=1e-6, rtol=0)
 
 
+_PLY_HEADER = ["ply", "format ascii 1.0", "element vertex 3", "property float x", "property float y"]
+_PLY_HEADER += ["property float z", "element face 1", "property list uchar int vertex_indices", "end_header"]
+
+
+@pytest.mark.parametrize(
+    "header, body, words",
+    [
+        ([h for h in _PLY_HEADER if h != "property float z"], ["0 0", "1 0", "0 1", "3 0 1 2"], "no 'z' in its header"),
+        (_PLY_HEADER[:6] + ["end_header"], ["0 0 0", "1 0 0", "0 1 0"], "no 'face' in its header"),
+        ([h for h in _PLY_HEADER if not h.startswith("format")], ["0 0 0"], "no format line in its header"),
+        (_PLY_HEADER, ["0 0 nan", "1 0 0", "0 1 0", "3 0 1 2"], "not finite"),
+        (_PLY_HEADER, ["1 1 1", "1 1 1", "1 1 1", "3 0 1 2"], "all its vertices coincide"),
+    ],
+)
+def test_broken_mesh_files_are_refused_naming_the_file(header, body, words, tmp_path):
+    """A KeyError, a bare StopIteration or NaN vertices (with a numpy warning) before."""
+    path = tmp_path / "broken.ply"
+    path.write_text("\n".join([*header, *body]) + "\n")
+    with pytest.raises(ValueError, match=f"broken.ply.*{words}"):
+        load_mesh(path)
+
+
 def test_unknown_mesh_format_needs_trimesh(tmp_path):
     path = tmp_path / "thing.stl"
     path.write_bytes(b"solid x\nendsolid x\n")
@@ -211,11 +233,21 @@ def test_unknown_mesh_format_needs_trimesh(tmp_path):
         ({"size": 0}, "size must be >= 1"),
         ({"antialias": 0}, "antialias must be >= 1"),
         ({"azimuth": torch.zeros(0)}, r"azimuth must be \[B\] with B >= 1"),
+        ({"azimuth": [0.0, 0.0]}, r"azimuth must be \[B\] with B >= 1, got a list"),
+        ({"elevation": torch.zeros(3)}, r"elevation must be \[B\] with B = 2 \(azimuth's\), got shape \(3,\)"),
+        ({"light_elevation": torch.zeros(2, 1)}, r"light_elevation must be \[B\] with B = 2"),
+        ({"gain": torch.ones(3)}, r"gain must be \[B\] with B = 2"),
+        ({"light_azimuth": torch.tensor([0.0, float("nan")])}, "light_azimuth must be finite"),
+        ({"vertices": torch.zeros(3, 5, 3)}, r"vertices \[B, V, 3\] must have B = 2"),
+        ({"vertices": torch.zeros(5, 3, dtype=torch.float16)}, "vertices must be float32 or float64"),
+        ({"faces": torch.zeros(4, 3, dtype=torch.int32)}, r"faces must be an int64 \[F, 3\] tensor"),
+        ({"albedo": torch.ones(7)}, r"albedo must be \[V\] or \[B, V\]"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(change, words):
-    """Size or antialias 0 returned empty images, a batch of 0 raised IndexError."""
+    """Size or antialias 0 returned empty images, a batch of 0 raised IndexError, and mismatched tensors
+    failed deep inside torch ("stack expects each tensor to be equal size") or rendered NaN angles."""
     vertices, faces, _ = _quad(0.0, 1.0)
     angles = {k: torch.zeros(2) for k in ("azimuth", "elevation", "light_azimuth", "light_elevation")}
     with pytest.raises(ValueError, match=words):
-        render(vertices, faces, **{**angles, "size": 8, **change})
+        render(**{"vertices": vertices, "faces": faces, **angles, "size": 8, **change})

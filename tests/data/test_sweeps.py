@@ -5,6 +5,7 @@ import torch
 
 from dcign_fast.data import FACTOR_KEYS, KINDS, IdentitySpace, SweepSampler, load_asset
 from dcign_fast.data.identity import MODES
+from dcign_fast.data.sweeps import SweepRanges
 
 SWEPT = {"azimuth": "azimuth", "elevation": "elevation", "light": "light", "intrinsic": "identity"}
 
@@ -81,6 +82,8 @@ def test_kind_odds_follow_shape_bias():
         ("antialias", 0, ValueError, "antialias must be >= 1"),
         ("num_batches", 0, ValueError, "num_batches must be >= 1"),
         ("num_identities", 0, ValueError, "num_identities must be >= 1"),
+        ("num_identities", 3, ValueError, r"num_identities must be >= batch_size \(20\), got 3"),  # was raised to 20
+        ("meshes", [], ValueError, "meshes must hold at least one Mesh"),  # was the packaged faces
         ("seed", -1, ValueError, "seed must be >= 0, got -1"),
         ("seed", True, TypeError, "seed must be an integer"),
         ("shape_bias", float("nan"), ValueError, "shape_bias must be >= 0 and finite, got nan"),
@@ -96,6 +99,19 @@ def test_bad_arguments_are_refused_by_name(argument, value, error, words):
     torch.multinomial, or (size 0, zoom 0) silently yield empty or blank images."""
     with pytest.raises(error, match=words):
         SweepSampler(**{argument: value})
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"azimuth": float("nan")}, "azimuth must be >= 0 and finite, got nan"),
+        ({"light": -1.0}, "light must be >= 0 and finite"),
+        ({"light_elevation": (0.4, -5.0)}, r"light_elevation\[1\] must be >= 0.4"),
+    ],
+)
+def test_sweep_ranges_are_checked(change, words):
+    with pytest.raises(ValueError, match=words):
+        SweepRanges(**change)
 
 
 def test_identity_changes_the_face_with_pose_fixed():
