@@ -132,7 +132,7 @@ def _unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
     scale = upsample.scale_factor
     if upsample.size is not None or scale is None:
         return "upsampling must be given by scale_factor, not size"
-    if upsample.align_corners:  # nn.Upsample raises for it with mode="nearest": fusing must not run it
+    if upsample.align_corners is not None:  # nn.Upsample raises for it (True or False) with mode="nearest"
         return "align_corners is set, which nearest upsampling refuses"
     scale = scale if isinstance(scale, tuple) else (scale, scale)
     if len(scale) != 2 or len(set(scale)) != 1 or float(scale[0]) != int(scale[0]) or int(scale[0]) < 1:

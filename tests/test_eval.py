@@ -104,6 +104,16 @@ def test_retrieval_sweeps_show_distinct_identities():
         cross_pose_retrieval([(s[0][:1], s[1][:1], s[2]) for s in sweeps], (0, 4))
 
 
+def test_more_retrieval_identities_than_the_renderer_has_are_refused_up_front(monkeypatch):
+    from dcign_fast.models import DCIGN
+
+    evaluation = importlib.import_module("dcign_fast.eval.evaluate")  # the module, not the function
+
+    monkeypatch.setattr(evaluation, "encode_sweeps", lambda *args: pytest.fail("drew sweeps before refusing"))
+    with pytest.raises(ValueError, match="identities must be at most the renderer's 10000, got 10001"):
+        evaluation.evaluate(DCIGN.from_preset("demo64"), identities=10_001)
+
+
 def test_a_diverged_model_or_unknown_factors_are_refused_by_name():
     # NaN would reach every metric (a max over latents then depends on which latent held it) and eval.json.
     with pytest.raises(ValueError, match="model: its latent means are not finite .* azimuth sweep 0"):

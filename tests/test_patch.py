@@ -367,6 +367,7 @@ def test_a_conv_holding_more_than_its_weights_is_not_fused(extra):
     "upsample, words",
     [
         (nn.Upsample(scale_factor=2, align_corners=True), "align_corners"),
+        (nn.Upsample(scale_factor=2, align_corners=False), "align_corners"),
         (nn.Upsample(scale_factor=(2,)), "scale_factor must be one positive integer"),
         (nn.Upsample(scale_factor=(2, 2, 2)), "scale_factor must be one positive integer"),
     ],

@@ -160,6 +160,9 @@ def test_a_checkpoint_whose_parts_disagree_or_lack_keys_is_refused_by_name(tmp_p
     save_weights(checkpoint / "model.safetensors", weights, PRESETS["face128"].to_dict())
     with pytest.raises(CheckpointError, match="its weights are not of the model its trainer.pt describes"):
         Trainer(config(tmp_path, steps=4), resume=True, render=blobs)
+    # Asking for another preset is a changed option, named as such (the options are compared first).
+    with pytest.raises(ValueError, match="options differ .*preset='face128'"):
+        Trainer(config(tmp_path, steps=4, preset="face128"), resume=True, render=blobs)
 
 
 def test_resume_under_another_number_of_processes_is_refused(tmp_path):

@@ -100,8 +100,9 @@ class SweepCache:
         images, kinds = arrays.get("images"), arrays["kinds"]
         if len(kinds) != self.shards[number][1] or (images is not None and images.shape[1:] != (self.size, self.size)):
             raise DatasetError(f"cache shard {path} does not match {self.dir / INDEX}")
-        if kinds.size and not 0 <= kinds.min() <= kinds.max() < len(KINDS):
-            raise DatasetError(f"cache shard {path}: batch kinds must index {KINDS}, got values up to {kinds.max()}")
+        outside = sorted({int(k) for k in kinds if not 0 <= k < len(KINDS)})
+        if outside:
+            raise DatasetError(f"cache shard {path}: batch kinds must index {KINDS}, got {outside}")
         if images is not None:  # a shard read whole: every batch's images and factors must line up
             offsets = arrays["offsets"]
             lined_up = len(offsets) == len(kinds) + 1 and offsets[0] == 0 and offsets[-1] == len(images)

@@ -36,7 +36,7 @@ def write_batch(folder: Path, images: Tensor, factors: dict[str, Tensor]) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     pixels = (images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     columns = {k: factors[k].cpu().tolist() for k in FACTOR_KEYS}
-    with open(folder / FACTORS_CSV, "w", newline="") as handle:
+    with open(folder / FACTORS_CSV, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", *FACTOR_KEYS])
         for i, image in enumerate(pixels):

@@ -41,8 +41,6 @@ def read_mesh(path: str | Path) -> RawMesh:
         mesh = reader(path)
     except (ValueError, IndexError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read mesh {path}: {err}") from err
-    except KeyError as err:  # a PLY header without x, y or z, or without a face element
-        raise ValueError(f"cannot read mesh {path}: no {err} in its header") from err
     if len(mesh.faces) == 0 or mesh.faces.min() < 0 or mesh.faces.max() >= len(mesh.vertices):
         raise ValueError(f"mesh {path} has no faces or face indices out of range")
     if not np.isfinite(mesh.vertices).all():
@@ -144,6 +142,9 @@ def _read_ply(path: Path) -> RawMesh:
     else:
         endian = "<" if fmt == "binary_little_endian" else ">"
         tables = _ply_binary(data, body_start, endian, elements)
+    missing = [k for k in ("vertex", "face") if k not in tables] or [k for k in "xyz" if k not in tables["vertex"]]
+    if missing:
+        raise ValueError(f"no {missing[0]!r} in its header")
     vertex = tables["vertex"]
     vertices = np.stack([vertex["x"], vertex["y"], vertex["z"]], axis=1).astype(np.float64)
     colors = None
@@ -171,6 +172,12 @@ def _ply_ascii(tokens: list[str], elements: list) -> dict[str, dict[str, np.ndar
     return tables
 
 
+def _ply_type(name: str) -> str:
+    if name not in _PLY_TYPES:
+        raise ValueError(f"unsupported PLY property type {name!r}")
+    return _PLY_TYPES[name]
+
+
 def _ply_binary(data: bytes, pos: int, endian: str, elements: list) -> dict[str, dict[str, np.ndarray | list]]:
     tables = {}
     for name, count, props in elements:
@@ -179,14 +186,14 @@ def _ply_binary(data: bytes, pos: int, endian: str, elements: list) -> dict[str,
             (count_type, index_type), other = props[0][1:3], props[1:]
             if other:
                 raise ValueError(f"unsupported PLY element '{name}': list plus other properties")
-            row = np.dtype([("n", endian + _PLY_TYPES[count_type]), ("i", endian + _PLY_TYPES[index_type], 3)])
+            row = np.dtype([("n", endian + _ply_type(count_type)), ("i", endian + _ply_type(index_type), 3)])
             rows = np.frombuffer(data, dtype=row, count=count, offset=pos)
             if not np.all(rows["n"] == 3):
                 raise ValueError("binary PLY with non-triangle faces is not supported; triangulate it first")
             tables[name] = {"faces": rows["i"].astype(np.int64).tolist()}
             pos += rows.nbytes
         else:
-            row = np.dtype([(p[-1], endian + _PLY_TYPES[p[0]]) for p in props])
+            row = np.dtype([(p[-1], endian + _ply_type(p[0])) for p in props])
             rows = np.frombuffer(data, dtype=row, count=count, offset=pos)
             tables[name] = {p[-1]: rows[p[-1]].astype(np.float64) for p in props}
             pos += rows.nbytes

@@ -105,14 +105,19 @@ def _check_render_inputs(
         raise ValueError(f"vertices must be float32 or float64, got {vertices.dtype}")
     if vertices.dim() == 3 and vertices.shape[0] != batch:
         raise ValueError(f"vertices [B, V, 3] must have B = {batch} (azimuth's), got {tuple(vertices.shape)}")
-    if not isinstance(faces, Tensor) or faces.dim() != 2 or faces.shape[1] != 3 or faces.dtype != torch.int64:
-        raise ValueError(f"faces must be an int64 [F, 3] tensor, got {_described(faces)}")
+    if not isinstance(faces, Tensor) or faces.dim() != 2 or faces.shape[1] != 3:
+        raise ValueError(f"faces must be an integer [F, 3] tensor, got {_described(faces)}")
+    if faces.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"faces must be an integer [F, 3] tensor, got {faces.dtype}")
     per_image = {"elevation": elevation, "light_azimuth": light_azimuth, "light_elevation": light_elevation}
-    for name, value in {"azimuth": azimuth, **per_image, **({} if gain is None else {"gain": gain})}.items():
+    per_image = {"azimuth": azimuth, **per_image, **({} if gain is None else {"gain": gain})}
+    for name, value in per_image.items():
         if not isinstance(value, Tensor) or tuple(value.shape) != (batch,):
             raise ValueError(f"{name} must be [B] with B = {batch} (azimuth's), got {_described(value)}")
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{name} must be finite, got {value}")
+    # One check for all (a CUDA tensor's costs a host sync): the loop names the culprit only when one fails.
+    if not torch.isfinite(torch.stack([v.to(azimuth) for v in per_image.values()])).all():
+        culprit = next(name for name, value in per_image.items() if not torch.isfinite(value).all())
+        raise ValueError(f"{culprit} must be finite, got {per_image[culprit]}")
     num_vertices = vertices.shape[-2]
     if albedo is not None and tuple(albedo.shape) not in ((num_vertices,), (batch, num_vertices)):
         raise ValueError(f"albedo must be [V] or [B, V] with V = {num_vertices}, got {_described(albedo)}")

@@ -40,7 +40,10 @@ def evaluate(
     if batch is None:
         from dcign_fast.data import SweepSampler
 
-        batch = SweepSampler(size=model.config.image_size, device=next(model.parameters()).device).batch
+        sampler = SweepSampler(size=model.config.image_size, device=next(model.parameters()).device)
+        if identities > sampler.num_identities:  # refused now, not after thousands of sweeps drawn in vain
+            raise ValueError(f"identities must be at most the renderer's {sampler.num_identities}, got {identities}")
+        batch = sampler.batch
     groups = model.config.latent_groups
     results: dict = {"correlation": {}, "best_single_latent": {}, "sweeps_per_group": sweeps}
     scatter = {}

@@ -46,7 +46,7 @@ def encode_sweeps(
 ) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
     """Held-out sweeps ``first .. first + count - 1`` of one kind: (images, mu, factors) each, on the CPU.
 
-    A ValueError when the model's latent means or the batch's float factors are not finite: every metric
+    A ValueError when the model's latent means or the batch's extrinsic factors are not finite: every metric
     would be NaN (or, for a max over latents, depend on which latent held it) and eval.json invalid JSON.
     """
     device = next(model.parameters()).device
@@ -59,7 +59,7 @@ def encode_sweeps(
                 f"model: its latent means are not finite (NaN or inf) on held-out {kind} sweep {i}; "
                 "its weights have diverged, evaluate an earlier checkpoint"
             )
-        missing = sorted(k for k, v in factors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        missing = sorted(k for k in EXTRINSIC if k in factors and not torch.isfinite(factors[k]).all())
         if missing:
             raise ValueError(
                 f"batch: the {kind} sweep's true factors {missing} are not finite; evaluation needs them "

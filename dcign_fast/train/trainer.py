@@ -164,8 +164,6 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         weights, model_config, state = load_checkpoint(path)
-        if DCIGNConfig(**model_config) != self.model.config:
-            raise CheckpointError(f"checkpoint {path}: its weights are not of the model its {STATE} describes")
         ranks = state.get("world_size", self.world.size)  # not recorded by earlier versions: nothing to compare
         if ranks != self.world.size:  # each step's sweeps are the shards rank x accumulation + micro-batch
             raise ValueError(
@@ -186,6 +184,9 @@ class Trainer:
                 f"resuming continues the run in {self.out} exactly, but these options differ from its newest "
                 f"checkpoint: {listing}. Leave them out to keep the checkpoint's, or start a new run in another out"
             )
+        # The options agree, so this model is the one trainer.pt describes: the weights must be of it too.
+        if DCIGNConfig(**model_config) != self.model.config:
+            raise CheckpointError(f"checkpoint {path}: its weights are not of the model its {STATE} describes")
         self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])

@@ -1,5 +1,6 @@
 """The rasteriser: depth order, smoothness in pose, light conventions, one orientation for all meshes."""
 
+import dataclasses
 import math
 
 import pytest
@@ -144,6 +145,8 @@ def test_render_is_deterministic_and_in_range():
     assert a.shape == (3, 1, 40, 40)
     assert torch.equal(a, b)
     assert a.min() >= 0 and a.max() <= 1
+    int32 = dataclasses.replace(mesh, faces=mesh.faces.int())  # as they rendered before faces were checked
+    assert torch.equal(_render(int32, size=40, azimuth=azimuth, light=0.4, antialias=2), a)
 
 
 @pytest.mark.cuda
@@ -195,6 +198,7 @@ def test_mesh_files_load(tmp_path, suffix):
 
 _PLY_HEADER = ["ply", "format ascii 1.0", "element vertex 3", "property float x", "property float y"]
 _PLY_HEADER += ["property float z", "element face 1", "property list uchar int vertex_indices", "end_header"]
+_BINARY_INT64_PLY = ["ply", "format binary_little_endian 1.0", "element vertex 1", "property int64 x", "end_header"]
 
 
 @pytest.mark.parametrize(
@@ -205,6 +209,7 @@ _PLY_HEADER += ["property float z", "element face 1", "property list uchar int v
         ([h for h in _PLY_HEADER if not h.startswith("format")], ["0 0 0"], "no format line in its header"),
         (_PLY_HEADER, ["0 0 nan", "1 0 0", "0 1 0", "3 0 1 2"], "not finite"),
         (_PLY_HEADER, ["1 1 1", "1 1 1", "1 1 1", "3 0 1 2"], "all its vertices coincide"),
+        (_BINARY_INT64_PLY, ["x"], "unsupported PLY property type 'int64'"),
     ],
 )
 def test_broken_mesh_files_are_refused_naming_the_file(header, body, words, tmp_path):
@@ -240,7 +245,7 @@ def test_unknown_mesh_format_needs_trimesh(tmp_path):
         ({"light_azimuth": torch.tensor([0.0, float("nan")])}, "light_azimuth must be finite"),
         ({"vertices": torch.zeros(3, 5, 3)}, r"vertices \[B, V, 3\] must have B = 2"),
         ({"vertices": torch.zeros(5, 3, dtype=torch.float16)}, "vertices must be float32 or float64"),
-        ({"faces": torch.zeros(4, 3, dtype=torch.int32)}, r"faces must be an int64 \[F, 3\] tensor"),
+        ({"faces": torch.zeros(4, 3)}, r"faces must be an integer \[F, 3\] tensor, got torch.float32"),
         ({"albedo": torch.ones(7)}, r"albedo must be \[V\] or \[B, V\]"),
     ],
 )
