@@ -35,7 +35,8 @@ def write_cache(batches: Iterable[Batch], out_dir: str | Path, batches_per_shard
         if size is not None and images.shape[-1] != size:
             raise ValueError(f"batch of size {images.shape[-1]} in a cache of size {size}")
         size = images.shape[-1]
-        pending.append((images, factors, kind))
+        # As uint8 on the CPU at once: a shard's worth of float32 batches held 4x the memory (on the GPU, too).
+        pending.append(((images.clamp(0, 1) * 255).round().to(torch.uint8).cpu(), factors, kind))
         if len(pending) == batches_per_shard:
             shards.append(_write_shard(out_dir, len(shards), pending))
             pending = []
@@ -48,10 +49,10 @@ def write_cache(batches: Iterable[Batch], out_dir: str | Path, batches_per_shard
 
 
 def _write_shard(out_dir: Path, number: int, batches: list[Batch]) -> dict:
+    """One shard of ``batches`` (their images already uint8 [B, 1, S, S] on the CPU); returns its index entry."""
     name = f"shard_{number:05d}.npz"
-    images = torch.cat([b[0][:, 0] for b in batches])
     arrays = {
-        "images": (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy(),
+        "images": torch.cat([b[0][:, 0] for b in batches]).numpy(),
         "offsets": np.cumsum([0] + [len(b[0]) for b in batches]),
         "kinds": np.array([KINDS.index(b[2]) for b in batches], dtype=np.int8),
     }
