@@ -16,13 +16,17 @@ _SWEPT = {"azimuth": "azimuth", "elevation": "elevation", "light": "light", "int
 
 def preview_grid(sampler: SweepSampler, path: str | Path, seed: int = 0, scale: int = 2) -> Path:
     """Render one batch of each kind and save them as rows of a grid, each row labelled with its kind,
-    the swept factor's range and the fixed factors. Images are enlarged ``scale`` times (nearest)."""
+    the swept factor's range and the fixed factors. Images are enlarged ``scale`` times (nearest), or more
+    where a row would be shorter than its label (small sizes)."""
     rows, labels = [], []
     for i, kind in enumerate(KINDS):
         images, factors, _ = sampler.batch(kind, torch.Generator().manual_seed(seed * len(KINDS) + i))
         rows.append(torch.cat(list(images[:, 0].cpu()), dim=1))
         labels.append(_label(kind, {k: v.cpu() for k, v in factors.items()}))
     grid = (torch.cat(rows, dim=0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    label_height = max(measure.multiline_textbbox((0, 0), label)[3] for label in labels) + 12
+    scale = max(scale, -(-label_height // sampler.size))  # labels of neighbouring rows overlapped below ~40 px
     tile = sampler.size * scale
     picture = Image.fromarray(np.kron(grid, np.ones((scale, scale), dtype=np.uint8)))
     canvas = Image.new("L", (picture.width + _LABEL_WIDTH, picture.height), color=40)
