@@ -4,7 +4,8 @@
 # on an H100/H200: each step has its own time limit (and each suite its own torch.compile budget), so one
 # slow step cannot starve the others, and the steps that matter most run first. Time a step leaves unused
 # goes to the steps after it (and time it overruns is taken from them), so the whole check takes about the
-# sum of the limits at most. A suite cut short by its limit keeps the rows it wrote.
+# sum of the limits (460 s) at most, plus a few seconds of packing and the report. A suite cut short by its
+# limit keeps the rows it wrote.
 # Writes to the folder given as $1, else $OUT (the device tool's output folder), else benchmarks/results:
 # one JSON file per suite, and device-check-logs.tgz (every step's log, the training run's metrics and its
 # evaluation, the report; no weights), replaced after each step. That is 7 files (8 while a tarball is
@@ -25,15 +26,15 @@ pack() {  # the logs so far into $out, replaced whole: a check stopped mid-write
 step() {  # step [--foreground] NAME SECONDS COMMAND...: run with a time limit, log to $work/NAME.log
   local foreground=""
   [[ $1 == --foreground ]] && { foreground=--foreground; shift; }
-  local name=$1 limit=$(($2 + spare)) start=$SECONDS
+  local name=$1 budget=$(($2 + spare)) start=$SECONDS
   shift 2
-  ((limit < 5)) && limit=5
+  local limit=$((budget < 5 ? 5 : budget))  # the floor of 5 s is lent: spare below keeps what it cost
   echo "== $name (limit ${limit}s)"
   # -k: a process that outlives SIGTERM by 10 s is killed. --foreground signals the command alone, not its
   # children: the trainer finishes its step and saves, where a killed ptxas would fail the step unsaved.
   timeout $foreground -k 10 "$limit" "$@" >"$work/$name.log" 2>&1 ||
     { status=1; echo "   $name failed or timed out: see $name.log in device-check-logs.tgz"; }
-  spare=$((limit - (SECONDS - start)))
+  spare=$((budget - (SECONDS - start)))
   tail -3 "$work/$name.log"
   pack
 }
@@ -45,7 +46,7 @@ step build 100 bash -c 'DCIGN_FAST_CUDA=1 python3 -m pip install -q --no-build-i
 # Four pytest workers share the GPU and compile Triton kernels in parallel; their autotuning, timed while
 # sharing, is not cached (TRITON_CACHE_AUTOTUNING=0), while the benchmarks below keep theirs.
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
-step gpu-tests 120 env TRITON_CACHE_AUTOTUNING=0 python3 -m pytest -v -m cuda -p no:cacheprovider --durations=15 $workers
+step gpu-tests 110 env TRITON_CACHE_AUTOTUNING=0 python3 -m pytest -v -m cuda -p no:cacheprovider --durations=15 $workers
 grep -E "^(FAILED|ERROR)" "$work/gpu-tests.log" | head -40
 # Triton's autotuning picks each kernel's config once per machine, not once per process: the training run
 # and every suite launch the same shapes.
@@ -53,17 +54,18 @@ export TRITON_CACHE_AUTOTUNING=1
 step --foreground train-paper150 60 python3 -m dcign_fast.train --preset paper150 --out "$work/paper150" \
   --steps 100000 --set time_limit_s=35 --set batch_size=128 --set log_every=1 --set image_every=100000
 newest=$(ls -d "$work"/paper150/checkpoints/step-* 2>/dev/null | tail -1)
-step eval-paper150 20 python3 -m dcign_fast.cli eval --checkpoint "${newest:-missing}" --device cuda \
+step eval-paper150 15 python3 -m dcign_fast.cli eval --checkpoint "${newest:-missing}" --device cuda \
   --sweeps 10 --identities 40 --out "$work/paper150/eval"
 tail -1 "$work/paper150/metrics.jsonl" 2>/dev/null
 # suite:time limit:compile budget (seconds)
-for suite in ops:75:30 kernels:15:0 train:50:25 latent:20:8 render:10:0 patch:10:0; do
+for suite in ops:75:30 kernels:15:0 train:50:25 latent:15:8 render:10:0 patch:10:0; do
   IFS=: read -r name limit compile <<<"$suite"
   step "bench-$name" "$limit" env DCIGN_BENCH_COMPILE_S="$compile" \
     python3 -m benchmarks.run --suite "$name" --device cuda --out "$out"
 done
 python3 -m benchmarks.report --results "$out" --out "$work/report" --summary >"$work/report.log" 2>&1
 pack
-tail -40 "$work/report.log"
+sed -n '/^## summary/,$p' "$work/report.log"  # all of the summary, however long (or the error, if none)
+grep -q '^## summary' "$work/report.log" || tail -20 "$work/report.log"
 rm -rf "$work"
 exit $status

@@ -103,9 +103,14 @@ class CompileBudget:
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
-    """Peak CUDA memory allocated while running ``fn`` once, above what was allocated before (None on CPU)."""
+    """Peak CUDA memory allocated while running ``fn`` once, above what was allocated before (None on CPU).
+
+    ``fn.reset`` (if it has one) runs first: a step that frees the previous step's gradients before making its
+    own would otherwise be measured from a base that still holds them, understating its peak by their size.
+    """
     if not device.startswith("cuda"):
         return None
+    getattr(fn, "reset", lambda: None)()
     synchronize(device)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -122,9 +127,13 @@ def compare(
     warmup: int = 2,
     repeats: int = 7,
     budget: CompileBudget | None = None,
+    graphed: tuple[str, ...] = (),
 ) -> list[dict]:
     """One row per variant of a case: ``row``'s fields, then median_ms, speedup over ``baseline`` and peak
     memory, or a note saying why the variant was left out.
+
+    ``graphed`` names variants that replay CUDA graphs (torch.compile's "reduce-overhead" and "max-autotune"):
+    a replay allocates nothing, its memory was set aside when the graph was recorded, so no peak is reported.
 
     Each variant first runs its ``warmup`` calls (at least one), where an error is caught: a variant whose
     name contains "compile" compiles then (and records its CUDA graphs, for mode="reduce-overhead"), charged
@@ -153,7 +162,11 @@ def compare(
             stats = {"median_ms": times[name]} | (
                 {"speedup": times[baseline] / times[name]} if baseline in times else {}
             )
-            rows.append({**row, "backend": name, **stats, "peak_mb": peak_memory_mb(ready[name], device)})
+            if name in graphed and device.startswith("cuda"):
+                stats["note"] = "peak memory not measurable: CUDA graph replays allocate nothing"
+            else:
+                stats["peak_mb"] = peak_memory_mb(ready[name], device)
+            rows.append({**row, "backend": name, **stats})
         else:
             rows.append({**row, "backend": name, "note": notes[name]})
     return rows

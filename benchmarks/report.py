@@ -123,10 +123,17 @@ def newest_rows(runs: list[dict]) -> dict[tuple, tuple[dict, dict[str, dict]]]:
     for run in runs:
         this_run: dict[tuple, tuple[dict, dict[str, dict]]] = {}
         for r in headline_rows(run):
-            key = (run["suite"], machine_label(run["machine"]), r["case"], r.get("dtype"))
+            key = (run["suite"], _machine(run["machine"]), r["case"], r.get("dtype"))
             this_run.setdefault(key, (run, {}))[1].setdefault(r["backend"], r)
         newest.update(this_run)
     return newest
+
+
+def _machine(m: dict) -> str:
+    """What makes runs comparable: the card, or for a CPU run the CPU and its threads (a 16-thread run of
+    the same CPU model must not replace a 2-thread one's rows)."""
+    threads = m.get("cpu_threads")
+    return machine_label(m) if m.get("card") or threads is None else f"{machine_label(m)}, {threads} threads"
 
 
 def summary_rows(runs: list[dict]) -> list[dict]:
@@ -159,11 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--results {args.results} holds no result files (*.json)")
     args.out.mkdir(parents=True, exist_ok=True)
     write_markdown(runs, args.out / "RESULTS.md")
-    plot_speedups(runs, args.out / "speedup.png")
+    if args.summary:  # before the plot, which needs matplotlib: a machine without it still gets the table
+        print("## summary: fastest backend per case (forward+backward where measured)")
+        print(summary(runs) + "\n")
+    try:
+        plot_speedups(runs, args.out / "speedup.png")
+    except ImportError as err:
+        print(f"no plot ({err}); wrote {args.out / 'RESULTS.md'} from {len(runs)} result files")
+        return 0
     print(f"wrote {args.out / 'RESULTS.md'} and {args.out / 'speedup.png'} from {len(runs)} result files")
-    if args.summary:
-        print("\n## summary: fastest backend per case (forward+backward where measured)")
-        print(summary(runs))
     return 0
 
 
