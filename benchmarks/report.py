@@ -111,7 +111,7 @@ def plot_speedups(runs: list[dict], path: Path) -> None:
     ax.set_xlabel("speedup over the reference (forward+backward where measured); black tick: the floor's")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # tight_layout alone clipped the x label's end
     plt.close(fig)
 
 
