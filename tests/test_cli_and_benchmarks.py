@@ -97,14 +97,16 @@ def test_gpu_suites_measure_every_eager_row_before_any_compile(monkeypatch):
     from benchmarks.suites import ops, train
 
     timed = []
-    monkeypatch.setattr(train, "_time_case", lambda *a: timed.append((a[:3], a[4])) or [{"median_ms": 1.0}])
+    monkeypatch.setattr(train, "_time_case", lambda *a: timed.append((a[:3], a[3][-1])) or [{"median_ms": 1.0}])
     monkeypatch.setattr(train, "_data_row", lambda *a: {"backend": "renderer"})
     list(train.run("cuda", quick=False))
     goal = ("paper150", 128, True)
     cases = train.cases("cuda", quick=False)
-    assert cases[0] == goal and timed[: len(cases)] == [(case, "eager") for case in cases]
-    assert timed[len(cases) : len(cases) + 4] == [(goal, "max-autotune")] + [(goal, "compiled")] * 3
-    assert all(label == "compiled" and case != goal for case, label in timed[len(cases) + 4 :])
+    assert cases[0] == goal and timed[: len(cases)] == [(case, "dcign_fast") for case in cases]  # eager
+    first_compiled = [name for case, name in timed[len(cases) : len(cases) + 4]]
+    assert first_compiled[0] == "compiled reference (max-autotune)" and len(set(first_compiled)) == 4
+    later = timed[len(cases) + 4 :]
+    assert len(later) == 3 * (len(cases) - 1) and not any(case == goal or "max-autotune" in n for case, n in later)
 
     measured = []
 
@@ -116,6 +118,7 @@ def test_gpu_suites_measure_every_eager_row_before_any_compile(monkeypatch):
     list(ops.run("cuda", quick=False))
     # paper150's four layers and its decoder, eager; every other case, eager; the goals' five again, compiled
     assert measured[:5] == [(True, False)] * 5 and measured[-5:] == [(True, True)] * 5
+    assert len(measured) == len(ops._cases("cuda", False)) + 5
     assert not any(goal or compiled for goal, compiled in measured[5:-5])
 
 

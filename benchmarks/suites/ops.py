@@ -7,9 +7,8 @@ Rows: forward and forward+backward median times of each backend, measured side b
 (torch.compile with mode="max-autotune" of the reference module, forward+backward, within the compile
 budget) timed beside every backend; so a compile that overruns the suite's time limit costs no eager row.
 On CUDA also: peak memory of forward+backward (not of ``compile``, whose CUDA graphs replay without
-allocating), and each case's floor: the phase form's
-multiply-adds at a matmul rate and its bytes at a copy bandwidth, both measured in this run (``floor_ms``,
-and ``over_floor`` = time / floor).
+allocating), and each case's floor: the phase form's multiply-adds at a matmul rate and its bytes at a copy
+bandwidth, both measured in this run (``floor_ms``, and ``over_floor`` = time / floor).
 
 Inputs, weights and gradients are channels_last, the layout the trainer runs DC-IGN in and the fused
 kernels' own, for every backend (the reference's cuDNN included).

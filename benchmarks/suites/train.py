@@ -90,7 +90,7 @@ def _models(preset: str, device: str) -> dict[str, torch.nn.Module]:
 
 def compiled_variants(device: str, goal: bool) -> list[str]:
     """The compiled variants of a case, in order; on CUDA the goal's case starts with the goal's baseline,
-    max-autotune of the reference (left last, the compile budget would be spent before it)."""
+    max-autotune of the reference (after the others, it would find the compile budget spent)."""
     names = ["compiled reference", "dcign_fast compiled"]
     if device != "cuda":
         return names
