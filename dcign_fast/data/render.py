@@ -109,8 +109,8 @@ def _check_render_inputs(
         raise ValueError(f"faces must be an integer [F, 3] tensor, got {_described(faces)}")
     if faces.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"faces must be an integer [F, 3] tensor, got {faces.dtype}")
-    per_image = {"elevation": elevation, "light_azimuth": light_azimuth, "light_elevation": light_elevation}
-    per_image = {"azimuth": azimuth, **per_image, **({} if gain is None else {"gain": gain})}
+    per_image = {"azimuth": azimuth, "elevation": elevation, "light_azimuth": light_azimuth}
+    per_image |= {"light_elevation": light_elevation} | ({} if gain is None else {"gain": gain})
     for name, value in per_image.items():
         if not isinstance(value, Tensor) or tuple(value.shape) != (batch,):
             raise ValueError(f"{name} must be [B] with B = {batch} (azimuth's), got {_described(value)}")
