@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import dcign_fast
-from dcign_fast.ops.unpool_conv import cudnn_allows_tf32
+from dcign_fast.kernels.unpool_conv_common import cudnn_allows_tf32
 
 # Every field a suite's rows may have, in the order tables show them.
 COLUMNS = [

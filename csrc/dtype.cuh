@@ -11,7 +11,7 @@
 
 namespace dcign {
 
-// Codes shared with dcign_fast/kernels/cuda_ops.py (DTYPE_CODES).
+// Codes shared with dcign_fast/kernels/cuda.py (DTYPE_CODES).
 enum DTypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 __device__ __forceinline__ float to_float(float v) { return v; }

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dcign_fast.ops._checks import check_pair
+from dcign_fast.ops._checks import check_activation, check_pair, check_scale_factor
 from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.latent_sampler import check_sample_latents_args, sample_latents
-from dcign_fast.ops.unpool_conv import ACTIVATIONS, unpool_conv2d
+from dcign_fast.ops.unpool_conv import unpool_conv2d
 
 
 class UnpoolConv2d(nn.Module):
@@ -41,16 +41,13 @@ class UnpoolConv2d(nn.Module):
     ) -> None:
         super().__init__()
         check_backend_name(backend)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_activation(activation)
         self.activation = activation
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = check_pair("kernel_size", kernel_size, 1)
         self.padding = check_pair("padding", padding, 0)
-        if not isinstance(scale_factor, int) or isinstance(scale_factor, bool) or scale_factor < 1:
-            raise ValueError(f"scale_factor must be an int >= 1, got {scale_factor!r}")
-        self.scale_factor = scale_factor
+        self.scale_factor = check_scale_factor(scale_factor)
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))

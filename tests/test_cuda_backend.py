@@ -10,7 +10,7 @@ import torch
 
 import dcign_fast as dc
 from dcign_fast.kernels import cuda
-from dcign_fast.kernels.cuda_ops import cuda_unsupported_reason
+from dcign_fast.kernels.unpool_conv_common import kernel_unsupported_reason
 from tests.cuda_checks import (
     DTYPES,
     PRECISIONS,
@@ -105,8 +105,8 @@ def test_sampler_captures_in_a_cuda_graph():
 )
 def test_unpool_conv_unsupported_arguments_are_named(dtype, kernel, scale, message):
     x, w = torch.randn(1, 2, 5, 5, dtype=dtype), torch.randn(3, 2, kernel, kernel, dtype=dtype)
-    assert message in cuda_unsupported_reason(x, w, scale)
-    assert cuda_unsupported_reason(x.float(), w[:, :, :3, :3].float(), 2) == ""
+    assert message in kernel_unsupported_reason("cuda", x, w, scale)
+    assert kernel_unsupported_reason("cuda", x.float(), w[:, :, :3, :3].float(), 2) == ""
 
 
 # The paper150 decoder layers (K=7, valid) at batch 8, and K=3 / K=5 "same" layers.

@@ -127,10 +127,10 @@ def test_double_backward_matches_reference():
 def test_unpool_conv_few_outputs_over_several_splits(monkeypatch):
     """An image layer's grad weight (few output channels: the kernel that pairs input pixels with every tap)
     summed over several splits of the input positions."""
-    from dcign_fast.kernels import cuda_ops
+    from dcign_fast.kernels import cuda_unpool_conv
 
-    calls, splits_of = [], cuda_ops._grad_weight_splits
-    monkeypatch.setattr(cuda_ops, "_grad_weight_splits", lambda *a: calls.append(splits_of(*a)) or calls[-1])
+    calls, splits_of = [], cuda_unpool_conv._grad_weight_splits
+    monkeypatch.setattr(cuda_unpool_conv, "_grad_weight_splits", lambda *a: calls.append(splits_of(*a)) or calls[-1])
     check_unpool_conv(2, 6, 3, (16, 16), (5, 5), (2, 2), torch.float32, "cpu", channels_last=True, activation="relu")
     assert calls and min(splits for splits, _ in calls) > 1
 
@@ -144,7 +144,7 @@ def gpu_like_splits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The grad-weight kernels over three splits of their positions (chunks not a whole number of K steps), as
     on a GPU, whose many multiprocessors make every decoder layer split (the emulation's 2 cores seldom do).
     Returns the split counts used."""
-    from dcign_fast.kernels import cuda_ops
+    from dcign_fast.kernels import cuda_unpool_conv
 
     used: list[int] = []
 
@@ -152,7 +152,7 @@ def gpu_like_splits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         used.append(min(3, positions))
         return used[-1], -(-positions // used[-1])
 
-    monkeypatch.setattr(cuda_ops, "_grad_weight_splits", splits)
+    monkeypatch.setattr(cuda_unpool_conv, "_grad_weight_splits", splits)
     return used
 
 
@@ -201,9 +201,9 @@ def test_unpool_conv_remaining_tile_and_load_paths(dtype, tf32, c_in, c_out, siz
 def test_unpool_conv_general_grad_weight_with_few_outputs(monkeypatch, dtype, tf32, c_in, c_out):
     """The per-tap grad-weight kernel's 16-column tile (O <= 16), with vector and with element loads: the
     backward sends so few output channels to the few-outputs kernel, but the extension keeps the tile."""
-    from dcign_fast.kernels import cuda_ops
+    from dcign_fast.kernels import cuda_unpool_conv
 
-    monkeypatch.setattr(cuda_ops, "FEW_OUTPUTS", 0)
+    monkeypatch.setattr(cuda_unpool_conv, "FEW_OUTPUTS", 0)
     check_unpool_conv(2, c_in, c_out, (4, 4), (3, 3), (1, 1), dtype, "cpu", channels_last=True, tf32=tf32)
 
 
@@ -264,7 +264,7 @@ def test_the_emulation_shuffles_within_each_warp(selftest):
 
 
 def test_kernel_entry_refuses_a_weight_of_another_dtype():
-    from dcign_fast.kernels.cuda_ops import unpool_conv2d_cuda
+    from dcign_fast.kernels.cuda_unpool_conv import unpool_conv2d_cuda
 
     x, w = torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3, dtype=torch.float16)
     with pytest.raises(TypeError, match="weight must have x's dtype"):

@@ -47,7 +47,7 @@ def test_every_kernel_entry_point_enters_its_tensors_device(backend, monkeypatch
         if shutil.which("g++") is None and shutil.which("c++") is None:
             pytest.skip("no C++ compiler to build the CUDA emulation")
         monkeypatch.setenv(CUDA_EMULATION_ENV, "1")
-    from dcign_fast.kernels import cuda_ops
+    from dcign_fast.kernels import cuda_latent_sampler, cuda_unpool_conv
     from dcign_fast.kernels.triton import latent_sampler, unpool_conv
 
     entered = []
@@ -57,7 +57,7 @@ def test_every_kernel_entry_point_enters_its_tensors_device(backend, monkeypatch
         entered.append(device)
         yield
 
-    for module in (cuda_ops, latent_sampler, unpool_conv):
+    for module in (cuda_latent_sampler, cuda_unpool_conv, latent_sampler, unpool_conv):
         monkeypatch.setattr(module, "device_guard", recording_guard)
     _both_ops(backend, torch.device("cpu"))
     assert entered == [torch.device("cpu")] * 4  # unpool-conv forward, backward; sampler forward, backward

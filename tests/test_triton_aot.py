@@ -61,7 +61,7 @@ def test_unpool_conv_kernels_compile_for_sm90_as_launched():
     results = compile_in_subprocess("tests.test_triton_aot", "unpool_conv_launches")
     for r in results:
         print({k: v for k, v in r.items() if k not in ("config", "blocks", "c_in", "c_out")}, r["config"])
-    from dcign_fast.ops.unpool_conv import FEW_OUTPUTS
+    from dcign_fast.kernels.unpool_conv_common import FEW_OUTPUTS
 
     assert {(r["layer"], r["dtype"], r["kernel"]) for r in results} == {
         (name, dtype, kernel)

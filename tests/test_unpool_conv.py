@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import dcign_fast as dc
+from dcign_fast.kernels.unpool_conv_common import cudnn_allows_tf32
 from dcign_fast.ops.reference import unpool_conv2d_reference
-from dcign_fast.ops.unpool_conv import cudnn_allows_tf32
 from tests.helpers import REL_TOL, poisoned_allocations, rel_error
 
 CPU_BACKENDS = ["reference", "torch"]
@@ -166,7 +166,7 @@ def test_torch_backend_never_allocates_the_upsampled_tensor():
 def test_auto_uses_torch_on_cpu():
     from dcign_fast.ops.unpool_conv import choose_backend
 
-    assert choose_backend(torch.randn(1, 1, 2, 2)) == "torch"
+    assert choose_backend(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 3, 3), 2) == "torch"
 
 
 def _valid():

@@ -90,7 +90,7 @@ def test_few_output_channels_on_both_sides_of_the_switches(kernel, padding, o):
     """An image layer's few output channels switch the kernels' GEMM shapes: up to 4 (with a window shared
     by the phases, as K=7 valid has and K=3 same has not) the forward puts the four phases side by side in
     one dot; up to FEW_OUTPUTS the backward flattens (tap, channel) pairs into one GEMM dimension."""
-    from dcign_fast.ops.unpool_conv import FEW_OUTPUTS
+    from dcign_fast.kernels.unpool_conv_common import FEW_OUTPUTS
 
     assert FEW_OUTPUTS == 16  # the cases straddle the switches
     case = {"n": 2, "c": 6, "o": o, "hw": (5, 4), "k": kernel, "p": padding}

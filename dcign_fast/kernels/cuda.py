@@ -16,6 +16,9 @@ import torch
 
 from dcign_fast.ops.backends import cuda_emulating
 
+# Storage dtype -> the code csrc/dtype.cuh dispatches on.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
 BUILD_HINT = (
     "reinstall with a CUDA compiler on PATH (or CUDA_HOME set) and DCIGN_FAST_CUDA=1, e.g. "
     "`DCIGN_FAST_CUDA=1 pip install -e .`, to build dcign_fast._C"
@@ -58,3 +61,10 @@ def multiprocessors(device: torch.device) -> int:
     if device.type == "cpu":
         return os.cpu_count() or 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    """The code of ``t``'s dtype that the kernels dispatch on; a TypeError for dtypes they do not take."""
+    if t.dtype not in DTYPE_CODES:
+        raise TypeError(f"backend='cuda' takes float32, bfloat16 or float16 tensors, got {t.dtype}")
+    return DTYPE_CODES[t.dtype]

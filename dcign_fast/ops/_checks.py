@@ -6,9 +6,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ACTIVATIONS = (None, "relu")
 
 
 def check_tensor(name: str, t: object, ndim: int, shape_doc: str) -> torch.Tensor:
+    """``t`` itself when it is an ``ndim``-D floating tensor (``shape_doc`` names its dimensions)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
@@ -37,6 +39,19 @@ def check_pair(name: str, value: object, minimum: int) -> tuple[int, int]:
     if not ok:
         raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return int(pair[0]), int(pair[1])
+
+
+def check_scale_factor(scale_factor: object) -> int:
+    """An integer upsampling factor >= 1."""
+    if not isinstance(scale_factor, int) or isinstance(scale_factor, bool) or scale_factor < 1:
+        raise ValueError(f"scale_factor must be an int >= 1, got {scale_factor!r}")
+    return scale_factor
+
+
+def check_activation(activation: object) -> None:
+    """One of :data:`ACTIVATIONS`, the epilogues the unpool-conv backends fuse."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def check_no_forward_ad(op: str, backend: str, *tensors: torch.Tensor | None) -> None:

@@ -28,7 +28,7 @@ Backends:
              columns when at most 3/4 of them are active (the others' gradients never read eps).
   triton     one forward and one backward kernel (:mod:`dcign_fast.kernels.triton.latent_sampler`);
              float16/bfloat16/float32 on CUDA (or under TRITON_INTERPRET=1).
-  cuda       CUDA C++ kernels of the compiled extension (:mod:`dcign_fast.kernels.cuda_ops`, csrc/);
+  cuda       CUDA C++ kernels of the compiled extension (:mod:`dcign_fast.kernels.cuda_latent_sampler`, csrc/);
              float16/bfloat16/float32 on CUDA. Never chosen by auto.
   auto       triton for CUDA tensors when Triton >= 3.4 is installed and the dtype is not float64, else torch.
 The torch, triton and cuda backends run inside the custom op ``dcign_fast::sample_latents``
@@ -202,9 +202,9 @@ def _triton_kernels() -> Kernels:
 
 def _cuda_kernels() -> Kernels:
     # Imported on first use: the launchers need the compiled extension dcign_fast._C.
-    from dcign_fast.kernels import cuda_ops
+    from dcign_fast.kernels import cuda_latent_sampler
 
-    return Kernels(cuda_ops.sampler_forward, cuda_ops.sampler_backward)
+    return Kernels(cuda_latent_sampler.sampler_forward, cuda_latent_sampler.sampler_backward)
 
 
 # Backend name -> its forward and backward halves; they run inside the custom op dcign_fast::sample_latents

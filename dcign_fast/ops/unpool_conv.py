@@ -8,9 +8,10 @@ Backends:
              The upsampled tensor is never allocated, forward or backward. Any integer scale factor.
   triton     fused Triton kernels, forward and backward (:mod:`dcign_fast.kernels.triton.unpool_conv`):
              scale_factor 2, float32 (TF32 when cudnn.allow_tf32) / bfloat16 / float16, kernels up to 9.
-  cuda       CUDA C++ kernels of the compiled extension (:mod:`dcign_fast.kernels.cuda_ops`, csrc/): scale_factor 2,
-             float32 (TF32 when cudnn.allow_tf32) / bfloat16 / float16, kernels up to 9; never chosen by auto.
-  auto       the fastest correct backend for the tensors' device (CUDA: triton where it runs; CPU: torch).
+  cuda       CUDA C++ kernels of the compiled extension (:mod:`dcign_fast.kernels.cuda_unpool_conv`, csrc/):
+             scale_factor 2, float32 (TF32 when cudnn.allow_tf32) / bfloat16 / float16, kernels up to 9; never
+             chosen by auto.
+  auto       CUDA: triton where it is installed and supports the case, else torch; CPU: torch.
 
 The torch, triton and cuda backends run inside the custom op ``dcign_fast::unpool_conv2d``
 (:mod:`dcign_fast.ops.library`), whose backward is :data:`BACKWARDS`: each backend's explicit gradient
@@ -30,15 +31,22 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dcign_fast.kernels.unpool_conv_common import kernel_unsupported_reason
 from dcign_fast.ops import library
-from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_pair, check_tensor
+from dcign_fast.ops._checks import (
+    check_activation,
+    check_like,
+    check_no_forward_ad,
+    check_pair,
+    check_scale_factor,
+    check_tensor,
+)
 from dcign_fast.ops.backends import check_backend_runs_on, triton_available
 from dcign_fast.ops.phases import AxisPhase, axis_phases, output_size
 from dcign_fast.ops.reference import unpool_conv2d_reference
 
 Padding = tuple[int, int]
 Grads = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # grad x, grad weight, grad bias
-ACTIVATIONS = (None, "relu")
 
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -57,80 +65,6 @@ def empty_output(x: torch.Tensor, weight: torch.Tensor, padding: Padding, scale_
     o, _, kh, kw = weight.shape
     shape = (n, o, output_size(h, kh, padding[0], scale_factor), output_size(w, kw, padding[1], scale_factor))
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_output_memory_format(x))
-
-
-def nhwc(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its channels are contiguous in memory, else a channels_last copy: the layout the kernel
-    backends' GEMMs reduce over channels in."""
-    return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
-
-
-def grad_and_output_alike(grad_out: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad_out, out) for the kernel backends' ReLU backward, which read both at the same offsets: NHWC with
-    one set of strides (extent-1 dimensions aside: they are never stepped along). out None (no ReLU) stays
-    None."""
-    g = nhwc(grad_out)
-    if out is None:
-        return g, None
-    y = nhwc(out)
-    if any(a != b for a, b, size in zip(g.stride(), y.stride(), g.shape) if size != 1):
-        g, y = (t.contiguous(memory_format=torch.channels_last) for t in (g, y))
-    return g, y
-
-
-# At most this many output channels (a decoder's image layer has 1 to 3), the kernel backends' grad-weight GEMMs
-# pair every input pixel with the grad_out pixel of each (tap, output channel) instead of running tap by tap: a
-# per-tap GEMM would be mostly padding and read x once per tap. (Grad bias is then summed apart.)
-FEW_OUTPUTS = 16
-
-
-def masked_grad_sum(grad_out: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """float32 [O]: grad_out summed over the batch and pixels, counted only where ``out`` > 0 (the fused ReLU's
-    mask; ``out`` None: no ReLU) - the grad bias of the few-outputs grad-weight kernels."""
-    masked = grad_out if out is None else torch.where(out > 0, grad_out, 0)
-    return masked.sum((0, 2, 3), dtype=torch.float32)
-
-
-def cudnn_allows_tf32() -> bool:
-    """Whether float32 convolutions may run in TF32, as cuDNN's do: ``torch.backends.cudnn.allow_tf32``, or
-    the per-operator setting ``torch.backends.cudnn.conv.fp32_precision`` when that was used (reading
-    allow_tf32 then raises)."""
-    try:
-        return bool(torch.backends.cudnn.allow_tf32)
-    except RuntimeError:
-        return torch.backends.cudnn.conv.fp32_precision == "tf32"
-
-
-# What the scale-2 kernel backends (triton, cuda) run: float32 (TF32 when cudnn.allow_tf32) and
-# 16-bit floats, kernels up to 9 x 9.
-KERNEL_SCALE = 2
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-KERNEL_MAX_SIZE = 9
-
-
-def kernel_unsupported_reason(backend: str, x: torch.Tensor, weight: torch.Tensor, scale_factor: int) -> str:
-    """Why ``backend`` (triton or cuda) cannot run these arguments, or "" when it can."""
-    if scale_factor != KERNEL_SCALE:
-        return f"backend={backend!r} supports scale_factor={KERNEL_SCALE} only, got {scale_factor}"
-    if x.dtype not in KERNEL_DTYPES:
-        return f"backend={backend!r} supports float32, float16 and bfloat16, got {x.dtype}"
-    if max(weight.shape[2:]) > KERNEL_MAX_SIZE:
-        return f"backend={backend!r} supports kernel sizes up to {KERNEL_MAX_SIZE}, got {tuple(weight.shape[2:])}"
-    return ""
-
-
-def check_kernel_args(
-    backend: str, x: torch.Tensor, weight: torch.Tensor, scale_factor: int, activation: str | None
-) -> None:
-    """A ValueError naming what ``backend`` (triton or cuda) cannot run, if anything; a TypeError when the
-    weight's dtype is not x's (the kernels read both, and the packed weight, in x's dtype)."""
-    reason = kernel_unsupported_reason(backend, x, weight, scale_factor)
-    if reason:
-        raise ValueError(reason)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"backend={backend!r}: weight must have x's dtype ({x.dtype}), got {weight.dtype}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def _collapse(weight: torch.Tensor, row: AxisPhase, col: AxisPhase) -> torch.Tensor:
@@ -173,6 +107,14 @@ def unpool_conv2d_torch(
     scale_factor: int,
     activation: str | None = None,
 ) -> torch.Tensor:
+    """The phase decomposition through ``F.conv2d``, any integer scale factor and dtype; arguments as
+    :func:`unpool_conv2d`'s (padding a pair). One convolution per group of phases that read the same
+    low-resolution window, their collapsed kernels stacked along the output channels; each phase's result is
+    written strided into the output, so the upsampled input never exists.
+
+    Shapes: x [N, C, H, W], weight [O, C, KH, KW], bias [O] or None -> [N, O, s*H + 2*ph - KH + 1,
+    s*W + 2*pw - KW + 1] in x's memory format.
+    """
     _, _, h, w = x.shape
     o, _, kh, kw = weight.shape
     out = empty_output(x, weight, padding, scale_factor)
@@ -269,10 +211,10 @@ _triton, _triton_backward = _kernel_backend(
     "dcign_fast.kernels.triton.unpool_conv", "unpool_conv2d_triton", "unpool_conv2d_triton_backward"
 )
 _cuda, _cuda_backward = _kernel_backend(
-    "dcign_fast.kernels.cuda_ops", "unpool_conv2d_cuda", "unpool_conv2d_cuda_backward"
+    "dcign_fast.kernels.cuda_unpool_conv", "unpool_conv2d_cuda", "unpool_conv2d_cuda_backward"
 )
 
-# Backend name -> implementation(x, weight, bias, padding, scale_factor, activation). Kernel backends register here.
+# Backend name -> implementation(x, weight, bias, padding, scale_factor, activation).
 IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "reference": _reference,
     "torch": unpool_conv2d_torch,
@@ -291,15 +233,11 @@ BACKWARDS: dict[str, Callable[..., Grads]] = {
 }
 
 
-def choose_backend(x: torch.Tensor, weight: torch.Tensor | None = None, scale_factor: int = 2) -> str:
+def choose_backend(x: torch.Tensor, weight: torch.Tensor, scale_factor: int) -> str:
     """The backend ``"auto"`` picks for these tensors: triton on CUDA when it is available (>= 3.4) and supports
-    the case (``weight`` None: judged on x and scale_factor alone), else torch."""
-    if x.device.type == "cuda" and triton_available():
-        from dcign_fast.kernels.triton.unpool_conv import triton_unsupported_reason
-
-        if not triton_unsupported_reason(x, weight if weight is not None else x.new_empty(1, 1, 1, 1), scale_factor):
-            return "triton"
-    return "torch"
+    the case, else torch."""
+    on_cuda = x.device.type == "cuda" and triton_available()
+    return "triton" if on_cuda and not kernel_unsupported_reason("triton", x, weight, scale_factor) else "torch"
 
 
 def check_unpool_conv_args(x: object, weight: object, bias: object, padding: object, scale_factor: object) -> Padding:
@@ -324,8 +262,7 @@ def check_unpool_conv_args(x: object, weight: object, bias: object, padding: obj
     if min(weight.shape[2:]) < 1:
         raise ValueError(f"weight's kernel (KH, KW) must be at least 1 x 1, got weight shape {tuple(weight.shape)}")
     pad = check_pair("padding", padding, 0)
-    if not isinstance(scale_factor, int) or isinstance(scale_factor, bool) or scale_factor < 1:
-        raise ValueError(f"scale_factor must be an int >= 1, got {scale_factor!r}")
+    check_scale_factor(scale_factor)
     for axis, size, k, p in (
         ("height", x.shape[2], weight.shape[2], pad[0]),
         ("width", x.shape[3], weight.shape[3], pad[1]),
@@ -384,8 +321,7 @@ def unpool_conv2d(
     """
     x, weight, bias = _autocast_inputs(x, weight, bias)
     pad = check_unpool_conv_args(x, weight, bias, padding, scale_factor)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     check_backend_runs_on(backend, x.device, tuple(IMPLEMENTATIONS))
     name = choose_backend(x, weight, scale_factor) if backend == "auto" else backend
     if name == "reference":

@@ -42,22 +42,21 @@ import triton
 import triton.language as tl
 
 from dcign_fast.kernels import device_guard
-from dcign_fast.ops.backends import triton_interpreting
-from dcign_fast.ops.constants import constant, one_hot_rows
-from dcign_fast.ops.phases import axis_phases
-from dcign_fast.ops.unpool_conv import (
+from dcign_fast.kernels.unpool_conv_common import (
     FEW_OUTPUTS,
     KERNEL_SCALE,
     check_kernel_args,
-    cudnn_allows_tf32,
-    empty_output,
     grad_and_output_alike,
-    kernel_unsupported_reason,
     masked_grad_sum,
     nhwc,
+    uses_tf32,
 )
+from dcign_fast.ops.backends import triton_interpreting
+from dcign_fast.ops.constants import constant, one_hot_rows
+from dcign_fast.ops.phases import axis_phases
+from dcign_fast.ops.unpool_conv import empty_output
 
-ACTIVATIONS = {None: 0, "relu": 1}
+ACTIVATION_CODES = {None: 0, "relu": 1}
 # Sizes the grad-weight split aims for: enough programs to fill a GPU (132 SMs on H100) a few times over.
 _TARGET_PROGRAMS = 1024
 
@@ -596,10 +595,10 @@ def _constexprs(rows: _AxisUnion, cols: _AxisUnion, activation: str | None, dtyp
         "CS1": cs1,
         "CT1": ct1,
         "SHARED": rows.windows == [(0, rows.taps)] * 2 and cols.windows == [(0, cols.taps)] * 2,
-        "ACTIVATION": ACTIVATIONS[activation],
+        "ACTIVATION": ACTIVATION_CODES[activation],
         # The interpreter computes bf16/fp16 wrongly; it gets fp32 tiles (the GPU keeps 16-bit tensor-core dots).
         "UPCAST": triton_interpreting(),
-        "PRECISION": "tf32" if dtype == torch.float32 and cudnn_allows_tf32() else "ieee",
+        "PRECISION": "tf32" if uses_tf32(dtype) else "ieee",
     }
 
 
@@ -740,11 +739,6 @@ def _grad_weight(
         *_nchw_strides(x), *_nchw_strides(g), HAS_BIAS=has_bias, BLOCK_C=block_c, BLOCK_O=block_o, **constexprs,
     )  # fmt: skip
     return dw.sum(0), db.sum((0, 1))
-
-
-def triton_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale_factor: int) -> str:
-    """Why the triton backend cannot run these arguments, or "" when it can."""
-    return kernel_unsupported_reason("triton", x, weight, scale_factor)
 
 
 def unpool_conv2d_triton(

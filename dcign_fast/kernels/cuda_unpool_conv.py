@@ -1,7 +1,7 @@
-"""Python side of the CUDA C++ backend (``backend="cuda"``): argument plumbing for the forward and backward
-kernels of ``dcign_fast._C`` (csrc/), which the custom ops of :mod:`dcign_fast.ops.library` pair up for autograd.
-Tensors travel as raw pointers with their strides; every launch runs on the current torch stream of the
-tensors' device, so CUDA-graph capture works.
+"""The unpool-conv's CUDA C++ backend (``backend="cuda"``, scale factor 2): argument plumbing for the forward and
+backward kernels of ``dcign_fast._C`` (csrc/unpool_conv_*.cu), which the custom op of
+:mod:`dcign_fast.ops.library` pairs up for autograd. Tensors travel as raw pointers with their strides; every
+launch runs on the current torch stream of the tensors' device, so CUDA-graph capture works.
 
 Importing this module does not need the extension; calling any function does (a clear error otherwise).
 """
@@ -11,136 +11,24 @@ from __future__ import annotations
 import torch
 
 from dcign_fast.kernels import cuda, device_guard
-from dcign_fast.ops import philox
-from dcign_fast.ops.unpool_conv import (
+from dcign_fast.kernels.unpool_conv_common import (
     FEW_OUTPUTS,
     check_kernel_args,
-    cudnn_allows_tf32,
-    empty_output,
     grad_and_output_alike,
-    kernel_unsupported_reason,
     masked_grad_sum,
     nhwc,
+    uses_tf32,
 )
-
-# Storage dtype -> the code csrc/dtype.cuh dispatches on.
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-CLAMP_NONE, CLAMP_MEAN, CLAMP_FIRST = 0, 1, 2
-
-
-def _dtype_code(t: torch.Tensor) -> int:
-    if t.dtype not in DTYPE_CODES:
-        raise TypeError(f"backend='cuda' takes float32, bfloat16 or float16 tensors, got {t.dtype}")
-    return DTYPE_CODES[t.dtype]
-
-
-def _active_ptr(active: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
-    """(pointer, the tensor it points into) of the mask as uint8 [D]; pointer 0 when every column is active.
-
-    The caller holds the tensor until the launch is queued (the caching allocator orders reuse on the stream).
-    """
-    if active is None:
-        return 0, None
-    mask = active.contiguous().view(torch.uint8)
-    return mask.data_ptr(), mask
-
-
-def _column_means(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """float32 [2, D]: batch means of mu's and logvar's columns."""
-    B, D = mu.shape
-    means = torch.empty((2, D), dtype=torch.float32, device=mu.device)
-    cuda.load(mu.device).sampler_column_means(
-        mu.data_ptr(), logvar.data_ptr(), B, D, *mu.stride(), *logvar.stride(), means.data_ptr(),
-        _dtype_code(mu), cuda.stream(mu.device),
-    )  # fmt: skip
-    return means
-
-
-def _philox_args(seed: philox.Value, offset: philox.Value) -> tuple[int, int, int, int]:
-    """(seed, offset, seed pointer, offset pointer) of a launch: the values, or 0-d device tensors holding them
-    (read by the kernels)."""
-    if isinstance(seed, torch.Tensor):
-        return 0, 0, seed.data_ptr(), offset.data_ptr()
-    return seed, offset, 0, 0
-
-
-def sampler_forward(
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    active: torch.Tensor | None,
-    clamp_first: bool,
-    seed: philox.Value,
-    offset: philox.Value,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z [B, D], kl [B]) in mu's dtype; the forward half of :class:`dcign_fast.ops.latent_sampler.Kernels`."""
-    B, D = mu.shape
-    code = _dtype_code(mu)
-    with device_guard(mu.device):
-        active_ptr, mask = _active_ptr(active)
-        clamp, means = CLAMP_NONE, None
-        if active is not None:
-            clamp = CLAMP_FIRST if clamp_first else CLAMP_MEAN
-            means = None if clamp_first else _column_means(mu, logvar)
-        z = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
-        kl = torch.empty((B,), dtype=mu.dtype, device=mu.device)
-        cuda.load(mu.device).sampler_forward(
-            mu.data_ptr(), logvar.data_ptr(), active_ptr, 0 if means is None else means.data_ptr(),
-            z.data_ptr(), kl.data_ptr(), B, D, *mu.stride(), *logvar.stride(), clamp, *_philox_args(seed, offset),
-            code, cuda.stream(mu.device),
-        )  # fmt: skip
-    return z, kl
-
-
-def sampler_backward(
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    active: torch.Tensor | None,
-    invariance: float,
-    seed: philox.Value,
-    offset: philox.Value,
-    grad_z: torch.Tensor,
-    grad_kl: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_mu, grad_logvar), each [B, D] in mu's dtype; the backward half of ``Kernels``."""
-    B, D = mu.shape
-    code = _dtype_code(mu)
-    grad_z, grad_kl = grad_z.to(mu.dtype), grad_kl.to(mu.dtype)
-    with device_guard(mu.device):
-        active_ptr, mask = _active_ptr(active)
-        means = _column_means(mu, logvar) if active is not None and invariance > 0 else None
-        grad_mu = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
-        grad_logvar = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
-        cuda.load(mu.device).sampler_backward(
-            mu.data_ptr(), logvar.data_ptr(), active_ptr, 0 if means is None else means.data_ptr(),
-            grad_z.data_ptr(), grad_kl.data_ptr(), grad_mu.data_ptr(), grad_logvar.data_ptr(), B, D,
-            *mu.stride(), *logvar.stride(), *grad_z.stride(), grad_kl.stride(0), invariance,
-            *_philox_args(seed, offset), code, cuda.stream(mu.device),
-        )  # fmt: skip
-    return grad_mu, grad_logvar
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# unpool_conv2d, scale factor 2
+from dcign_fast.ops.unpool_conv import empty_output
 
 _GRAD_WEIGHT_TILE = 64  # channel tile of the grad-weight kernel (csrc/unpool_conv_grad_weight.cu)
 _SPLIT_GRANULE = 256  # output positions per grad-weight split, at least
-
-
-def cuda_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, scale_factor: int) -> str:
-    """Why backend="cuda" cannot run these arguments, or "" when it can."""
-    return kernel_unsupported_reason("cuda", x, weight, scale_factor)
 
 
 def _view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
     """(pointer, strides n, c, h, w); a dimension of extent 1 gets stride 0 (never stepped along, and then it
     cannot keep the kernels from loading 16-byte vectors)."""
     return (t.data_ptr(), *(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())))
-
-
-def _tf32(x: torch.Tensor) -> int:
-    """1 when float32 multiplies run in TF32 on tensor cores: when cuDNN's convolutions (the reference's) may
-    (:func:`cudnn_allows_tf32`); 16-bit storage always uses tensor cores."""
-    return int(x.dtype == torch.float32 and cudnn_allows_tf32())
 
 
 def _grad_weight_splits(positions: int, c_in: int, c_out: int, taps: int, device: torch.device) -> tuple[int, int]:
@@ -163,8 +51,9 @@ def _pack_weight(weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor
         device=weight.device,
     )
     lib.unpool_conv_pack_weight(
-        weight.data_ptr(), wp.data_ptr(), c_out, c_in, kh, kw, ph, pw, _dtype_code(weight), cuda.stream(weight.device)
-    )
+        weight.data_ptr(), wp.data_ptr(), c_out, c_in, kh, kw, ph, pw, cuda.dtype_code(weight),
+        cuda.stream(weight.device),
+    )  # fmt: skip
     return wp
 
 
@@ -199,8 +88,8 @@ def unpool_conv2d_cuda(
             bias = None if bias is None else bias.contiguous()
             cuda.load(x.device).unpool_conv_forward(
                 _view(x_nhwc), wp.data_ptr(), 0 if bias is None else bias.data_ptr(), _view(out),
-                n, c_in, h, w, c_out, kh, kw, ph, pw, int(activation == "relu"), _dtype_code(x), _tf32(x),
-                cuda.stream(x.device),
+                n, c_in, h, w, c_out, kh, kw, ph, pw, int(activation == "relu"), cuda.dtype_code(x),
+                int(uses_tf32(x.dtype)), cuda.stream(x.device),
             )  # fmt: skip
     return out
 
@@ -223,7 +112,7 @@ def unpool_conv2d_cuda_backward(
     c_out, _, kh, kw = weight.shape
     ho, wo = grad_out.shape[2:]
     ph, pw = padding
-    lib, code, tf32, stream = cuda.load(x.device), _dtype_code(x), _tf32(x), cuda.stream(x.device)
+    lib, code, tf32, stream = cuda.load(x.device), cuda.dtype_code(x), int(uses_tf32(x.dtype)), cuda.stream(x.device)
     with device_guard(x.device):
         g, y = grad_and_output_alike(grad_out, out if activation == "relu" else None)  # the kernels mask g by y
         y_ptr, wp = 0 if y is None else y.data_ptr(), _pack_weight(weight, padding)

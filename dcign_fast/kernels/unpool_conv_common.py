@@ -1,0 +1,86 @@
+"""What the two scale-2 unpool-conv kernel backends (triton, cuda) share on the host: which cases they run,
+the layouts their GEMMs read, and their float32 precision. The Python counterpart of
+``csrc/unpool_conv_common.cuh``."""
+
+from __future__ import annotations
+
+import torch
+
+from dcign_fast.ops._checks import check_activation
+
+# What both kernel backends run: scale 2, float32 (TF32 when cudnn.allow_tf32) and 16-bit floats, kernels up
+# to 9 x 9.
+KERNEL_SCALE = 2
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_MAX_SIZE = 9
+
+# At most this many output channels (a decoder's image layer has 1 to 3), the grad-weight GEMMs pair every input
+# pixel with the grad_out pixel of each (tap, output channel) instead of running tap by tap: a per-tap GEMM would
+# be mostly padding and read x once per tap. (Grad bias is then summed apart.)
+FEW_OUTPUTS = 16
+
+
+def kernel_unsupported_reason(backend: str, x: torch.Tensor, weight: torch.Tensor, scale_factor: int) -> str:
+    """Why ``backend`` (triton or cuda) cannot run these arguments, or "" when it can."""
+    if scale_factor != KERNEL_SCALE:
+        return f"backend={backend!r} supports scale_factor={KERNEL_SCALE} only, got {scale_factor}"
+    if x.dtype not in KERNEL_DTYPES:
+        return f"backend={backend!r} supports float32, float16 and bfloat16, got {x.dtype}"
+    if max(weight.shape[2:]) > KERNEL_MAX_SIZE:
+        return f"backend={backend!r} supports kernel sizes up to {KERNEL_MAX_SIZE}, got {tuple(weight.shape[2:])}"
+    return ""
+
+
+def check_kernel_args(
+    backend: str, x: torch.Tensor, weight: torch.Tensor, scale_factor: int, activation: str | None
+) -> None:
+    """A ValueError naming what ``backend`` (triton or cuda) cannot run, if anything; a TypeError when the
+    weight's dtype is not x's (the kernels read both, and the packed weight, in x's dtype)."""
+    reason = kernel_unsupported_reason(backend, x, weight, scale_factor)
+    if reason:
+        raise ValueError(reason)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"backend={backend!r}: weight must have x's dtype ({x.dtype}), got {weight.dtype}")
+    check_activation(activation)
+
+
+def cudnn_allows_tf32() -> bool:
+    """Whether float32 convolutions may run in TF32, as cuDNN's do: ``torch.backends.cudnn.allow_tf32``, or
+    the per-operator setting ``torch.backends.cudnn.conv.fp32_precision`` when that was used (reading
+    allow_tf32 then raises)."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def uses_tf32(dtype: torch.dtype) -> bool:
+    """Whether the kernels multiply ``dtype`` tensors in TF32: float32 when cuDNN's convolutions (the
+    reference's) may; 16-bit storage always uses tensor cores as stored."""
+    return dtype == torch.float32 and cudnn_allows_tf32()
+
+
+def nhwc(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its channels are contiguous in memory, else a channels_last copy: the layout the kernel
+    backends' GEMMs reduce over channels in."""
+    return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
+
+
+def grad_and_output_alike(grad_out: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad_out, out) for the kernel backends' ReLU backward, which read both at the same offsets: NHWC with
+    one set of strides (extent-1 dimensions aside: they are never stepped along). out None (no ReLU) stays
+    None."""
+    g = nhwc(grad_out)
+    if out is None:
+        return g, None
+    y = nhwc(out)
+    if any(a != b for a, b, size in zip(g.stride(), y.stride(), g.shape) if size != 1):
+        g, y = (t.contiguous(memory_format=torch.channels_last) for t in (g, y))
+    return g, y
+
+
+def masked_grad_sum(grad_out: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """float32 [O]: grad_out summed over the batch and pixels, counted only where ``out`` > 0 (the fused ReLU's
+    mask; ``out`` None: no ReLU) - the grad bias of the few-outputs grad-weight kernels."""
+    masked = grad_out if out is None else torch.where(out > 0, grad_out, 0)
+    return masked.sum((0, 2, 3), dtype=torch.float32)
