@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from dcign_fast.bounds import Bounds
 from dcign_fast.ops._checks import check_activation, check_pair, check_scale_factor
 from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.latent_sampler import check_sample_latents_args, sample_latents
@@ -33,8 +34,9 @@ class UnpoolConv2d(nn.Module):
         kernel_size: int | tuple[int, int],
         padding: int | tuple[int, int] = 0,
         bias: bool = True,
-        scale_factor: int = 2,
         backend: str = "auto",
+        *,
+        scale_factor: int = 2,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         activation: str | None = None,
@@ -42,9 +44,11 @@ class UnpoolConv2d(nn.Module):
         super().__init__()
         check_backend_name(backend)
         check_activation(activation)
+        Bounds(1).check("in_channels", in_channels, integer=True)
+        Bounds(1).check("out_channels", out_channels, integer=True)
         self.activation = activation
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
         self.kernel_size = check_pair("kernel_size", kernel_size, 1)
         self.padding = check_pair("padding", padding, 0)
         self.scale_factor = check_scale_factor(scale_factor)
@@ -91,18 +95,12 @@ class UnpoolConv2d(nn.Module):
         reason = _unsupported_reason(upsample, conv)
         if reason:
             raise ValueError(f"cannot fuse {upsample} + {conv}: {reason}")
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.in_channels, fused.out_channels = conv.in_channels, conv.out_channels
-        fused.kernel_size = tuple(conv.kernel_size)
-        fused.padding = tuple(conv.padding)
         scale = upsample.scale_factor  # a number or an (equal) pair: _unsupported_reason checked
-        fused.scale_factor = int(scale[0] if isinstance(scale, tuple) else scale)
-        check_backend_name(backend)
-        fused.backend = backend
-        fused.activation = None
-        fused.weight = conv.weight
-        fused.bias = conv.bias
+        fused = cls(
+            conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.padding), conv.bias is not None,
+            backend, scale_factor=int(scale[0] if isinstance(scale, tuple) else scale), device="meta",
+        )  # fmt: skip
+        fused.weight, fused.bias = conv.weight, conv.bias  # (the meta placeholders go)
         return fused.train(conv.training)
 
 

@@ -76,6 +76,28 @@ def test_compiled_seed_none_draws_at_run_time():
     assert torch.equal(sample(mu, logvar), first)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_compiled_sampler_takes_a_new_seed_and_invariance_at_every_call(backend):
+    """Dynamo makes a seed and an invariance that change between calls symbolic: the invariance check once
+    broke fullgraph, and Inductor generated invalid C++ for the reference's noise from a symbolic seed."""
+    torch._dynamo.reset()
+    mu, logvar = torch.randn(6, 5), torch.randn(6, 5)
+    active = torch.tensor([True, False, True, False, False])
+
+    def sample(m, lv, seed, invariance):
+        z, kl = dc.sample_latents(m, lv, active, seed=seed, invariance=invariance, backend=backend)
+        return z.sum() + kl.sum()
+
+    compiled = torch.compile(sample, fullgraph=True)
+    for seed, invariance in ((1, 0.1), (2, 0.2), (-3, 0.0), (2**62, 0.3)):
+        grads = []
+        for run in (compiled, sample):
+            m, lv = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+            grads.append((run(m, lv, seed, invariance), *torch.autograd.grad(run(m, lv, seed, invariance), (m, lv))))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_exported_decoder_round_trips(tmp_path):
     """torch.export keeps the fused op as one node (recording the model's backend), with a dynamic batch; the
     saved program, loaded again, renders what the eager model does at another batch size."""

@@ -18,7 +18,7 @@ from dcign_fast.train.checkpoint import load_checkpoint
 # near-zero gradients into full-size steps, which would hide what is compared.
 OPTIONS = (
     "batch_size=4 device=cpu threads=1 checkpoint_every=3 log_every=1 image_every=1000 adam_eps=1e6 lr=1000 "
-    "grad_clip=null"
+    "grad_clip=null invariance=1"  # a strong invariance pull, so that one counted twice would show
 )
 COMMON = ["--steps", "3"] + [arg for option in OPTIONS.split() for arg in ("--set", option)]
 

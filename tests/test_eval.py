@@ -210,3 +210,30 @@ def test_eval_output_goes_to_the_run_whichever_path_names_it(tmp_path):
     # A weights file kept outside a run (it went two folders up, and raised IndexError near the root).
     (tmp_path / "faces.safetensors").touch()
     assert default_out(tmp_path / "faces.safetensors") == tmp_path / "faces-eval"
+
+
+def test_rerender_keeps_the_models_mode_and_takes_its_dtype(tmp_path):
+    """rerender left a training model in eval mode, and fed float32 images to a float64 (or bf16) model."""
+    from dcign_fast.eval import rerender, sweep_grid
+    from dcign_fast.models import DCIGN
+
+    model = DCIGN.from_preset("demo64").double().train()
+    image = torch.rand(1, 1, 64, 64)
+    out = rerender(model, image, "azimuth", torch.tensor([-1.0, 0.0, 1.0]))
+    assert out.shape == (3, 1, 64, 64) and out.dtype == torch.float64 and model.training
+    assert sweep_grid(model, image[0], tmp_path / "grid.png", count=3).stat().st_size > 0 and model.training
+    with pytest.raises(ValueError, match=r"image must be one image, .* got shape \(2, 1, 64, 64\)"):
+        rerender(model, torch.rand(2, 1, 64, 64), "azimuth", torch.tensor([0.0]))
+
+
+def test_a_model_without_the_paper_groups_is_refused_by_name(tmp_path):
+    from dcign_fast.eval import evaluate, sweep_grid
+    from dcign_fast.models import DCIGN, preset
+
+    config = preset("demo64")
+    config.latent_groups = {"pose": (0, 2), "rest": (2, 32)}
+    model = DCIGN(config)
+    with pytest.raises(ValueError, match=r"sweep_grid needs the latent groups .* lack \['azimuth', 'elevation'"):
+        sweep_grid(model, torch.rand(1, 64, 64), tmp_path / "grid.png")
+    with pytest.raises(ValueError, match=r"evaluate needs the latent groups"):
+        evaluate(model, sweeps=1)

@@ -461,6 +461,21 @@ def test_non_finite_inputs_propagate_like_torch(backend):
     torch.testing.assert_close(kl, ref_kl, equal_nan=True)
 
 
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_invariance_zero_gives_inactive_columns_zero_gradients_even_where_they_are_not_finite(backend):
+    """0 * (x - mean) would be NaN there; the kernels skip the pull at invariance 0, and so must the rest."""
+    mu, logvar = random_inputs(6, 5)
+    mu[2, 1], logvar[3, 3] = float("nan"), float("inf")
+    active = torch.tensor([True, False, True, False, True])
+    # clamp="first" reads row 0 of the inactive columns only: every output is finite.
+    z, _, grad_mu, grad_logvar = run_with_grads(
+        backend, mu, logvar, active, torch.randn(6, 5), None, clamp="first", invariance=0.0, seed=1
+    )
+    assert torch.isfinite(z).all()
+    assert torch.isfinite(grad_mu).all() and torch.isfinite(grad_logvar).all()
+    assert not grad_mu[:, ~active].any() and not grad_logvar[:, ~active].any()
+
+
 @pytest.mark.parametrize(
     "change, error, words",
     [
@@ -478,6 +493,8 @@ def test_non_finite_inputs_propagate_like_torch(backend):
         (lambda a: {**a, "invariance": -0.1}, ValueError, "invariance must be >= 0 and finite"),
         (lambda a: {**a, "invariance": float("nan")}, ValueError, "invariance must be >= 0 and finite"),
         (lambda a: {**a, "invariance": True}, TypeError, "invariance must be a number"),
+        (lambda a: {**a, "invariance": 1e300}, ValueError, "invariance must fit in a float32"),
+        (lambda a: {**a, "mu": a["mu"].to_sparse()}, TypeError, "mu must be a dense"),
         (lambda a: {**a, "seed": 1.5}, TypeError, "seed must be an int or None"),
         (lambda a: {**a, "seed": 2**64}, ValueError, "seed must lie in"),
         (lambda a: {**a, "seed": -(2**63) - 1}, ValueError, "seed must lie in"),

@@ -79,6 +79,29 @@ def test_bad_config_is_a_clear_error():
         DCIGNConfig(decoder_kernel=7.0)
     with pytest.raises(ValueError, match=r"encoder_channels\[1\] must be >= 1"):
         DCIGNConfig(encoder_channels=(96, 0, 24))
+    for groups, words in [
+        ({"azimuth": 0}, r"latent_groups\['azimuth'\] must be a \(start, stop\) pair of ints, got 0"),
+        ({"azimuth": (0.5, 1.5)}, r"latent_groups\['azimuth'\] must be a \(start, stop\) pair"),
+        ({"azimuth": (0, 1, 2)}, r"latent_groups\['azimuth'\] must be a \(start, stop\) pair"),
+        ([("azimuth", (0, 1))], "latent_groups must be a dict"),
+    ]:
+        with pytest.raises(TypeError, match=words):
+            DCIGNConfig(latent_groups=groups)
+    with pytest.raises(ValueError, match="latent_dim must be >= 4 for the paper's latent_groups"):
+        DCIGNConfig(latent_dim=3)
+    with pytest.raises(TypeError, match="config must be a DCIGNConfig .*got str"):
+        DCIGN("demo64")
+
+
+def test_a_model_keeps_its_own_config():
+    """Editing the config a model was built from, e.g. for the next model of a sweep, left the first model
+    describing itself with the new values: its encode and decode then refused their own latents."""
+    config = preset("demo64")
+    small = DCIGN(config)
+    config.latent_dim = 48
+    big = DCIGN(config)
+    assert small.config.latent_dim == 32 and big.config.latent_dim == 48
+    assert small.decode(torch.randn(2, 32)).shape == (2, 1, 64, 64)
 
 
 def test_edits_to_a_preset_are_checked_and_the_paper_grouping_follows_latent_dim():

@@ -85,3 +85,23 @@ def test_a_pair_of_equal_scale_factors_is_fused():
 def test_bad_backend_name_at_construction():
     with pytest.raises(ValueError, match="backend must be one of"):
         UnpoolConv2d(1, 1, 3, backend="fastest")
+
+
+@pytest.mark.parametrize(
+    "channels, error, words",
+    [
+        ((-1, 3), ValueError, "in_channels must be >= 1"),
+        ((2.5, 3), TypeError, "in_channels must be an integer"),
+        ((True, 3), TypeError, "in_channels must be an integer"),
+        ((2, 0), ValueError, "out_channels must be >= 1"),
+    ],
+)
+def test_bad_channel_counts_at_construction(channels, error, words):
+    with pytest.raises(error, match=words):
+        UnpoolConv2d(*channels, 3)
+
+
+def test_positional_arguments_follow_the_design():
+    """UnpoolConv2d(in, out, k, padding, bias, backend), as DESIGN.md lists them; the rest by keyword."""
+    layer = UnpoolConv2d(2, 3, 3, 1, False, "torch", scale_factor=3)
+    assert (layer.padding, layer.bias, layer.backend, layer.scale_factor) == ((1, 1), None, "torch", 3)

@@ -588,18 +588,22 @@ def test_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(tmp_path):
 
 
 def test_accumulated_gradient_is_the_mean_of_the_micro_batches(tmp_path):
+    """Invariance pull included (a strong one, so that a pull counted twice would show): the mean of each
+    micro-batch's gradient as a step of its own would give it, as DDP's average over ranks does."""
     from dcign_fast.train.data import latent_seed
     from dcign_fast.train.procedure import batch_loss
 
-    options = config(tmp_path, steps=1, accumulation=2, grad_clip=None, channels_last=False)
+    options = config(tmp_path, steps=1, accumulation=2, grad_clip=None, channels_last=False, invariance=5.0)
     trainer = Trainer(options, render=blobs)
     model = DCIGN.from_preset(options.preset, backend=options.backend)
     model.load_state_dict(trainer.model.state_dict())
     expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    one_batch = dataclasses.replace(options, accumulation=1)
     for shard in range(2):
         model.zero_grad()
         images, _, kind = trainer.stream.batch(0, shard)
-        batch_loss(model, images, kind, options, latent_seed(options.seed, 0, shard), plain=False)["total"].backward()
+        seed = latent_seed(options.seed, 0, shard)
+        batch_loss(model, images, kind, one_batch, seed, plain=False)["total"].backward()
         for name, p in model.named_parameters():
             expected[name] += p.grad / 2
     seen = {}

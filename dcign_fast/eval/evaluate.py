@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dcign_fast.eval.inference import eval_mode, model_input, require_groups
 from dcign_fast.eval.metrics import EXTRINSIC, encode_sweeps, group_correlation, mig
 from dcign_fast.eval.recognition import cross_pose_retrieval, distinct_identity_sweeps
 from dcign_fast.models import DCIGN
@@ -36,52 +37,54 @@ def evaluate(
 ) -> dict:
     """Metrics of ``model`` on held-out one-factor sweeps drawn by ``batch(kind, generator)``
     (default: the built-in renderer at the model's size). Writes eval.json and scatter.png to ``out``."""
-    model.eval()
-    if batch is None:
-        from dcign_fast.data import SweepSampler
+    require_groups(model, (*EXTRINSIC, "intrinsic"), "evaluate")
+    with eval_mode(model):
+        if batch is None:
+            from dcign_fast.data import SweepSampler
 
-        sampler = SweepSampler(size=model.config.image_size, device=next(model.parameters()).device)
-        if identities > sampler.num_identities:  # refused now, not after thousands of sweeps drawn in vain
-            raise ValueError(f"identities must be at most the renderer's {sampler.num_identities}, got {identities}")
-        batch = sampler.batch
-    groups = model.config.latent_groups
-    results: dict = {"correlation": {}, "best_single_latent": {}, "sweeps_per_group": sweeps}
-    scatter = {}
-    pooled_mu, pooled_factors = [], {}
-    for kind in (*EXTRINSIC, "intrinsic"):
-        encoded = encode_sweeps(model, batch, kind, sweeps, seed + len(scatter))
-        if kind in EXTRINSIC:
-            r, latents, truths = group_correlation(encoded, groups[kind], kind)
-            results["correlation"][kind] = r
-            scatter[kind] = (truths, latents)
-            # The best any single latent does: a fair score for a model that was not told which latent to use.
-            dims = range(model.config.latent_dim)
-            results["best_single_latent"][kind] = max(group_correlation(encoded, (j, j + 1), kind)[0] for j in dims)
-        for _, mu, factors in encoded:
-            pooled_mu.append(mu)
-            for key in (*EXTRINSIC, "identity"):
-                pooled_factors.setdefault(key, []).append(factors[key])
-    results["mig"] = mig(torch.cat(pooled_mu), {k: torch.cat(v) for k, v in pooled_factors.items()})
-    results["reconstruction"] = reconstruction_errors(model, batch, seed)
-    retrieval_sweeps = distinct_identity_sweeps(model, batch, identities, seed + 99)
-    results["identity_retrieval"] = cross_pose_retrieval(retrieval_sweeps, groups["intrinsic"])
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-        plot_scatter(scatter, results["correlation"], out / "scatter.png")
-    return results
+            sampler = SweepSampler(size=model.config.image_size, device=next(model.parameters()).device)
+            if identities > sampler.num_identities:  # refused now, not after thousands of sweeps drawn in vain
+                raise ValueError(
+                    f"identities must be at most the renderer's {sampler.num_identities}, got {identities}"
+                )
+            batch = sampler.batch
+        groups = model.config.latent_groups
+        results: dict = {"correlation": {}, "best_single_latent": {}, "sweeps_per_group": sweeps}
+        scatter = {}
+        pooled_mu, pooled_factors = [], {}
+        for kind in (*EXTRINSIC, "intrinsic"):
+            encoded = encode_sweeps(model, batch, kind, sweeps, seed + len(scatter))
+            if kind in EXTRINSIC:
+                r, latents, truths = group_correlation(encoded, groups[kind], kind)
+                results["correlation"][kind] = r
+                scatter[kind] = (truths, latents)
+                # The best any single latent does: a fair score for a model that was not told which latent to use.
+                dims = range(model.config.latent_dim)
+                results["best_single_latent"][kind] = max(group_correlation(encoded, (j, j + 1), kind)[0] for j in dims)
+            for _, mu, factors in encoded:
+                pooled_mu.append(mu)
+                for key in (*EXTRINSIC, "identity"):
+                    pooled_factors.setdefault(key, []).append(factors[key])
+        results["mig"] = mig(torch.cat(pooled_mu), {k: torch.cat(v) for k, v in pooled_factors.items()})
+        results["reconstruction"] = reconstruction_errors(model, batch, seed)
+        retrieval_sweeps = distinct_identity_sweeps(model, batch, identities, seed + 99)
+        results["identity_retrieval"] = cross_pose_retrieval(retrieval_sweeps, groups["intrinsic"])
+        if out is not None:
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+            plot_scatter(scatter, results["correlation"], out / "scatter.png")
+        return results
 
 
 @torch.no_grad()
 def reconstruction_errors(model: DCIGN, batch: Callable, seed: int, count: int = 10) -> dict[str, float]:
     """Mean BCE per image and MSE per pixel of reconstructions from the latent means."""
-    device = next(model.parameters()).device
     bce, mse, images_seen = 0.0, 0.0, 0
     for i, kind in enumerate(("azimuth", "elevation", "light", "intrinsic") * (count // 4 + 1)):
         if i == count:
             break
-        images = batch(kind, torch.Generator().manual_seed(seed * 31 + i))[0].to(device)
+        images = model_input(model, batch(kind, torch.Generator().manual_seed(seed * 31 + i))[0])
         recon = model.decode(model.encode(images)[0]).float()
         bce += F.binary_cross_entropy(recon, images.float(), reduction="sum").item()
         mse += F.mse_loss(recon, images.float(), reduction="sum").item() / images[0].numel()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from dcign_fast.eval.inference import model_input
 from dcign_fast.models import DCIGN
 
 EXTRINSIC = ("azimuth", "elevation", "light")
@@ -49,11 +50,10 @@ def encode_sweeps(
     A ValueError when the model's latent means or the batch's extrinsic factors are not finite: every metric
     would be NaN (or, for a max over latents, depend on which latent held it) and eval.json invalid JSON.
     """
-    device = next(model.parameters()).device
     sweeps = []
     for i in range(first, first + count):
         images, factors = batch(kind, torch.Generator().manual_seed(seed * 7_919 + i))[:2]
-        mu, _ = model.encode(images.to(device))
+        mu, _ = model.encode(model_input(model, images))
         if not torch.isfinite(mu).all():
             raise ValueError(
                 f"model: its latent means are not finite (NaN or inf) on held-out {kind} sweep {i}; "

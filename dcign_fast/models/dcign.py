@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,21 @@ def binary_cross_entropy_sum(recon: torch.Tensor, target: torch.Tensor) -> torch
 def paper_latent_groups(latent_dim: int) -> dict[str, tuple[int, int]]:
     """The paper's graphics code: z[0] azimuth, z[1] elevation, z[2] light, z[3:] intrinsic."""
     return {"azimuth": (0, 1), "elevation": (1, 2), "light": (2, 3), "intrinsic": (3, latent_dim)}
+
+
+def _spans(latent_groups: object) -> dict[str, tuple[int, int]]:
+    """latent_groups as {name: (start, stop)} with int bounds; a TypeError naming the entry that is not."""
+    if not isinstance(latent_groups, Mapping):
+        raise TypeError(f"latent_groups must be a dict name -> (start, stop), got {type(latent_groups).__name__}")
+    spans = {}
+    for name, span in latent_groups.items():
+        if not isinstance(name, str):
+            raise TypeError(f"latent_groups' names must be strings, got {name!r}")
+        pair = isinstance(span, (tuple, list)) and len(span) == 2
+        if not pair or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in span):
+            raise TypeError(f"latent_groups[{name!r}] must be a (start, stop) pair of ints, got {span!r}")
+        spans[name] = (int(span[0]), int(span[1]))
+    return spans
 
 
 @dataclass
@@ -90,8 +107,13 @@ class DCIGNConfig:
     def _checked_groups(self) -> dict[str, tuple[int, int]]:
         """latent_groups as (int, int) spans inside [0, latent_dim); empty, or the paper's grouping for
         another latent_dim (a preset's, left from before an edit), becomes the paper's for this one."""
-        groups = {k: (int(v[0]), int(v[1])) for k, v in self.latent_groups.items()}
+        groups = _spans(self.latent_groups)
         if not groups or groups == paper_latent_groups(groups.get("intrinsic", (0, 0))[1]):
+            if self.latent_dim < 4:
+                raise ValueError(
+                    f"latent_dim must be >= 4 for the paper's latent_groups (z[0] azimuth, z[1] elevation, z[2] "
+                    f"light, z[3:] intrinsic), got {self.latent_dim}; or give latent_groups of your own"
+                )
             groups = paper_latent_groups(self.latent_dim)
         for name, (start, stop) in groups.items():
             if not 0 <= start < stop <= self.latent_dim:
@@ -180,9 +202,13 @@ class DCIGN(nn.Module):
     def __init__(self, config: DCIGNConfig, backend: str = "auto") -> None:
         super().__init__()
         check_backend_name(backend)
-        config.check()
-        self.config = config
-        c = config
+        if not isinstance(config, DCIGNConfig):
+            raise TypeError(
+                f"config must be a DCIGNConfig (DCIGN.from_preset(name) builds a preset's), got {type(config).__name__}"
+            )
+        # The model's own copy (checked again as it is made): editing or reusing the caller's config, e.g. to
+        # build the next model of a sweep, cannot change this model's description of itself.
+        self.config = c = replace(config)
         layers: list[nn.Module] = []
         channels = c.in_channels
         for out in c.encoder_channels:

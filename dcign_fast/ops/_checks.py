@@ -13,6 +13,8 @@ def check_tensor(name: str, t: object, ndim: int, shape_doc: str) -> torch.Tenso
     """``t`` itself when it is an ``ndim``-D floating tensor (``shape_doc`` names its dimensions)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {shape_doc}, got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:

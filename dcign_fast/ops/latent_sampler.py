@@ -15,7 +15,10 @@ Backward. Active columns get the true gradients of z and kl. Inactive columns ge
 z or kl; instead ``grad_mu[b, j] = invariance * (mu[b, j] - mean_b mu[:, j])`` and the same for
 logvar, whatever the output gradients are, so gradient descent pulls them toward the batch mean.
 This is deliberately NOT the gradient of the forward: it is DC-IGN's training signal (the original
-code zeroes the reconstruction gradient of clamped units and inserts this invariance term).
+code zeroes the reconstruction gradient of clamped units and inserts this invariance term). So it does
+not scale with the loss: a loss divided by N (gradient accumulation over N micro-batches) or multiplied by
+a loss scale needs ``invariance`` scaled the same way for the same pull. With ``invariance=0`` inactive
+columns get exactly zero gradients, on every backend.
 
 NaN and inf propagate as in the reference's torch expression: a non-finite entry of an active column
 reaches its own z entry and its row's kl; one in an inactive column under ``clamp="mean"`` reaches
@@ -53,7 +56,7 @@ from dcign_fast.bounds import Bounds
 from dcign_fast.ops import library, philox
 from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_tensor
 from dcign_fast.ops.backends import check_backend_runs_on, triton_available
-from dcign_fast.ops.reference import sample_latents_reference
+from dcign_fast.ops.reference import invariance_pull, sample_latents_reference
 
 CLAMPS = ("mean", "first")
 SEED_RANGE = (-(2**63), 2**64)  # torch.manual_seed's; negative seeds wrap to uint64
@@ -137,16 +140,16 @@ def sample_latents_torch_backward(
     # d z / d mu = 1, d kl / d mu = mu; d z / d logvar = std * eps / 2, d kl / d logvar = (exp(logvar) - 1) / 2.
     grad_mu = torch.addcmul(gz, gkl, m)
     if active is not None:
-        grad_mu = torch.where(active, grad_mu, invariance * (m - m.mean(0, keepdim=True)))
+        grad_mu = torch.where(active, grad_mu, invariance_pull(m, invariance))
     columns = _sparse_columns(active, mu)
     if columns is None:
         std = torch.exp(0.5 * lv)
         grad_logvar = 0.5 * (gz * std * _eps(mu, seed, offset) + gkl * (std * std - 1))
         if active is not None:
-            grad_logvar = torch.where(active, grad_logvar, invariance * (lv - lv.mean(0, keepdim=True)))
+            grad_logvar = torch.where(active, grad_logvar, invariance_pull(lv, invariance))
     else:
         # The same elementwise expressions (so the same bits) on the active columns alone, eps drawn there only.
-        grad_logvar = invariance * (lv - lv.mean(0, keepdim=True))
+        grad_logvar = invariance_pull(lv, invariance)
         index = torch.arange(0, mu.numel(), mu.shape[1], device=mu.device)[:, None] + columns
         std = torch.exp(0.5 * lv[:, columns])
         eps = philox.normal_at(seed, offset, index).to(compute)
@@ -184,7 +187,7 @@ def sample_latents_double_backward(
 
         def pulled(gg: torch.Tensor) -> torch.Tensor:  # through invariance * (x - mean_b x), inactive columns
             gg = gg.to(compute)
-            return torch.where(active, 0.0, invariance * (gg - gg.mean(0, keepdim=True)))
+            return torch.where(active, 0.0, invariance_pull(gg, invariance))
 
         d_mu, d_logvar = d_mu + pulled(grad_grad_mu), d_logvar + pulled(grad_grad_logvar)
     return d_mu.to(mu.dtype), d_logvar.to(logvar.dtype), d_grad_z.to(grad_z.dtype), d_grad_kl.to(grad_kl.dtype)
@@ -302,7 +305,12 @@ def check_sample_latents_args(
             raise ValueError(f"active must be on mu's device ({mu.device}), got {active.device}")
     if clamp not in CLAMPS:
         raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
-    Bounds(0).check("invariance", invariance)  # numpy scalars too: sample_latents passes Python numbers on
+    if torch.compiler.is_compiling():  # dynamo makes a changing invariance symbolic, which math.isfinite rejects
+        torch._check(invariance >= 0, lambda: "invariance must be >= 0")
+    else:  # numpy scalars too: sample_latents passes Python numbers on
+        Bounds(0).check("invariance", invariance)
+        if invariance > torch.finfo(torch.float32).max:  # the kernels compute the pull in float32
+            raise ValueError(f"invariance must fit in a float32 (at most 3.4e38), got {invariance!r}")
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
@@ -348,7 +356,15 @@ def sample_latents(
     if name in ("triton", "cuda") and mu.dtype == torch.float64:
         raise ValueError(f"backend={name!r} takes float16, bfloat16 or float32 mu and logvar, got float64")
     if name == "reference":
-        seed, offset = seed_offset(seed, draw_rng(mu.device) if seed is None else None)
+        rng = draw_rng(mu.device) if seed is None else None
+        if torch.compiler.is_compiling():
+            # As 0-d tensors: Inductor mistypes integer ops between a tensor and a symbolic int seed (invalid C++)
+            # and reading rng on the host would break the graph.
+            if seed is not None:  # as_int64 would need 2**64, which Inductor cannot print as an int64 either
+                torch._check(seed <= 2**63 - 1, lambda: "torch.compile of backend='reference' takes seeds < 2**63")
+            seed, offset = (rng[0], rng[1]) if seed is None else (torch.tensor(seed), torch.tensor(0))
+        else:
+            seed, offset = seed_offset(seed, rng)
         return sample_latents_reference(mu, logvar, active, clamp, invariance, seed, offset)
     check_no_forward_ad("sample_latents", name, mu, logvar)
     if seed is not None:

@@ -26,6 +26,12 @@ def unpool_conv2d_reference(
     return F.conv2d(upsampled, weight, bias, padding=padding)
 
 
+def invariance_pull(x: torch.Tensor, invariance: float) -> torch.Tensor:
+    """[B, D] -> [B, D]: ``invariance * (x - batch mean of x)``, the gradient inactive columns get; exactly 0 when
+    ``invariance`` is 0, even where a column holds NaN or inf (0 * NaN would be NaN), as the kernels give."""
+    return invariance * (x - x.mean(0, keepdim=True)) if invariance else torch.zeros_like(x)
+
+
 class _InvariancePull(torch.autograd.Function):
     """Zeros in the forward; in the backward, whatever the output gradients, the invariance pull.
 
@@ -50,7 +56,7 @@ class _InvariancePull(torch.autograd.Function):
         mu, logvar, inactive = ctx.saved_tensors
 
         def pull(t: torch.Tensor) -> torch.Tensor:
-            return torch.where(inactive, ctx.invariance * (t - t.mean(0, keepdim=True)), 0.0)
+            return torch.where(inactive, invariance_pull(t, ctx.invariance), 0.0)
 
         return pull(mu), pull(logvar), None, None
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dcign_fast.eval.grid import save_grid
+from dcign_fast.eval.inference import eval_mode
 from dcign_fast.eval.rerender import sweep_grid
 
 
@@ -60,21 +61,19 @@ def _step(line: str) -> int:
 @torch.no_grad()
 def save_progress_images(model, stream, folder: Path, step: int, device: torch.device) -> None:
     """Reconstructions of one fixed batch per kind, and the sweeps of one fixed image."""
-    was_training = model.training
-    model.eval()
-    batches = {kind: _fixed_batch(stream, kind) for kind in stream.kinds}
-    rows, labels = [], []
-    for kind, batch in batches.items():
-        images = batch.to(device)[:8]
-        mu, _ = model.encode(images)
-        rows += [images.cpu(), model.decode(mu).cpu()]
-        labels += [f"{kind}", "recon"]
-    save_grid(folder / f"recon-{step:08d}.png", rows, labels, scale=2)
-    references = {kind: batch for kind, batch in batches.items() if kind != "intrinsic"}
-    # A folder dataset may hold intrinsic sweeps only: the sweeps then span the face's own code +- a spread.
-    face = next(iter(references.values()), batches[stream.kinds[0]])
-    sweep_grid(model, face[len(face) // 2], folder / f"sweeps-{step:08d}.png", references=references)
-    model.train(was_training)
+    with eval_mode(model):
+        batches = {kind: _fixed_batch(stream, kind) for kind in stream.kinds}
+        rows, labels = [], []
+        for kind, batch in batches.items():
+            images = batch.to(device)[:8]
+            mu, _ = model.encode(images)
+            rows += [images.cpu(), model.decode(mu).cpu()]
+            labels += [f"{kind}", "recon"]
+        save_grid(folder / f"recon-{step:08d}.png", rows, labels, scale=2)
+        references = {kind: batch for kind, batch in batches.items() if kind != "intrinsic"}
+        # A folder dataset may hold intrinsic sweeps only: the sweeps then span the face's own code +- a spread.
+        face = next(iter(references.values()), batches[stream.kinds[0]])
+        sweep_grid(model, face[len(face) // 2], folder / f"sweeps-{step:08d}.png", references=references)
 
 
 def _fixed_batch(stream, kind: str) -> torch.Tensor:

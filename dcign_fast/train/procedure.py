@@ -33,7 +33,10 @@ def batch_loss(
     active = None
     if not plain:
         active = active_mask(core.config.latent_groups, kind, core.config.latent_dim).to(images.device)
+    # The trainer backpropagates loss / accumulation, but the invariance pull ignores the loss's scale: scaled
+    # here too, so that accumulated micro-batches pull as hard as the same sweeps spread over DDP ranks.
+    invariance = config.invariance / config.accumulation
     recon, mu, logvar, _, kl = model(
-        images, active=active, clamp=config.clamp, invariance=config.invariance, seed=seed, return_kl=True
+        images, active=active, clamp=config.clamp, invariance=invariance, seed=seed, return_kl=True
     )
     return core.loss(images, recon, mu, logvar, kl=kl)

@@ -1,0 +1,34 @@
+"""How evaluation code runs a model someone hands it: in eval mode, restored afterwards, on inputs cast to the
+model's own device and dtype (a model moved to bfloat16 or a GPU takes the same float32 CPU images)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; its train/eval mode as before after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def model_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``images`` on the device and in the floating dtype of ``model``'s parameters."""
+    weight = next(model.parameters())
+    return images.to(device=weight.device, dtype=weight.dtype)
+
+
+def require_groups(model: nn.Module, names: tuple[str, ...], caller: str) -> None:
+    """A ValueError unless the model's config has every latent group in ``names``."""
+    missing = [name for name in names if name not in model.config.latent_groups]
+    if missing:
+        raise ValueError(f"model: {caller} needs the latent groups {list(names)}; its latent_groups lack {missing}")
