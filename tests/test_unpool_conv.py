@@ -195,6 +195,8 @@ def _valid():
         (lambda a: {**a, "weight": torch.randn(0, 3, 3, 3), "bias": None}, ValueError, "at least one output"),
         (lambda a: {**a, "x": a["x"][:, :0], "weight": torch.randn(4, 0, 3, 3)}, ValueError, "one input channel"),
         (lambda a: {**a, "weight": torch.randn(4, 3, 0, 3)}, ValueError, "kernel (KH, KW) must be at least 1 x 1"),
+        # padding alone would give an output of bias only: the triton backend's bias gradient was 0 there
+        (lambda a: {**a, "x": a["x"][:, :, :0], "padding": 2}, ValueError, "x must have height and width >= 1"),
         (lambda a: {**a, "backend": "cuda"}, ValueError, "backend='cuda' needs CUDA tensors"),
     ],
 )

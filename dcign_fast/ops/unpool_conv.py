@@ -261,6 +261,8 @@ def check_unpool_conv_args(x: object, weight: object, bias: object, padding: obj
         )
     if min(weight.shape[2:]) < 1:
         raise ValueError(f"weight's kernel (KH, KW) must be at least 1 x 1, got weight shape {tuple(weight.shape)}")
+    if min(x.shape[2:]) < 1:  # padding alone would make an output of bias only, which F.conv2d refuses
+        raise ValueError(f"x must have height and width >= 1, got shape {tuple(x.shape)}")
     pad = check_pair("padding", padding, 0)
     check_scale_factor(scale_factor)
     for axis, size, k, p in (
