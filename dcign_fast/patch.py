@@ -4,7 +4,7 @@ Two shapes of layer are understood; everything else is left untouched:
 
 * ``nn.Sequential(..., nn.Upsample(mode="nearest", integer scale), nn.Conv2d(stride 1, groups 1), ...)``:
   the pair becomes ``nn.Identity(), UnpoolConv2d`` sharing the Conv2d's parameters
-  (:func:`dcign_fast.nn.fuse_pair`), so state_dict keys and parameter objects are unchanged. Sequential
+  (:func:`_fuse`), so state_dict keys and parameter objects are unchanged. Sequential
   subclasses with their own forward are skipped; code that calls a Sequential's children itself (``seq[0]``)
   must not be patched, as nothing tells it that the pair no longer upsamples in its first module.
 * diffusers' ``Upsample2D`` (``F.interpolate(x, scale_factor=2.0, mode="nearest")`` then its conv) when it
@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dcign_fast.nn import UnpoolConv2d, _bypassed_reason, _unsupported_reason, fuse_pair, upsample_conv_pairs
+from dcign_fast.fusion import fusion_bypassed_reason, fusion_unsupported_reason
+from dcign_fast.nn import UnpoolConv2d
 from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.unpool_conv import unpool_conv2d
 
@@ -55,6 +56,24 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
+def _upsample_conv_pairs(module: nn.Module) -> list[tuple[str, nn.Sequential, str, str, str]]:
+    """Every nn.Upsample followed by another module inside an nn.Sequential of ``module``:
+    (the container's qualified name, the container, the upsample's key, the next module's key, why the
+    pair cannot become an UnpoolConv2d or "" if it can)."""
+    pairs = []
+    for name, container in module.named_modules():
+        if isinstance(container, nn.Sequential):
+            # Only Sequential's own forward runs the children in key order: a subclass may skip or reorder them.
+            overridden = type(container).forward is not nn.Sequential.forward
+            keys = list(container._modules)
+            for first, second in zip(keys, keys[1:]):
+                up, conv = container._modules[first], container._modules[second]
+                if isinstance(up, nn.Upsample):
+                    reason = "the container overrides nn.Sequential's forward" if overridden else ""
+                    pairs.append((name, container, first, second, reason or fusion_unsupported_reason(up, conv)))
+    return pairs
+
+
 def _without_parameters(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` whose own parameters are None: kept to rebuild it at unpatch, without
     holding (or saving) weights that the fused layer owns, and may replace, from now on."""
@@ -62,11 +81,15 @@ def _without_parameters(module: nn.Module) -> nn.Module:
 
 
 def _fuse(container: nn.Sequential, first: str, second: str, backend: str) -> None:
-    """fuse_pair, with the replaced modules stored in the fused layer's ``_unpatch`` (not registered as
-    submodules, so state_dict and modules() are unchanged) for :func:`_unfuse`."""
+    """Replaces a fusable (upsample, conv) pair in place: the conv's slot gets an UnpoolConv2d sharing its
+    parameters and the upsample's slot an nn.Identity, so state_dict keys are unchanged. The replaced modules
+    are kept in the fused layer's ``_unpatch`` (not registered as submodules, so state_dict and modules() are
+    unchanged) for :func:`_unfuse`."""
     up, conv = container._modules[first], container._modules[second]
-    fuse_pair(container, first, second, backend)
-    container._modules[second]._unpatch = (first, up, _without_parameters(conv))
+    fused = UnpoolConv2d.from_modules(up, conv, backend)
+    fused._unpatch = (first, up, _without_parameters(conv))
+    container._modules[second] = fused
+    container._modules[first] = nn.Identity().train(up.training)
 
 
 def _unfuse(container: nn.Module, second: str, fused: UnpoolConv2d) -> None:
@@ -130,7 +153,7 @@ def _upsample2d_config_reason(module: nn.Module) -> str:
         return "interpolate=False: no upsampling to fuse"
     if module.norm is not None:
         return "a norm runs before the upsampling"
-    return _unsupported_reason(_NEAREST_X2, _upsample2d_conv(module))
+    return fusion_unsupported_reason(_NEAREST_X2, _upsample2d_conv(module))
 
 
 def patch(module: nn.Module, backend: str = "auto") -> PatchReport:
@@ -146,7 +169,7 @@ def patch(module: nn.Module, backend: str = "auto") -> PatchReport:
     """
     check_backend_name(backend)
     report = PatchReport()
-    for prefix, container, first, second, reason in upsample_conv_pairs(module):
+    for prefix, container, first, second, reason in _upsample_conv_pairs(module):
         if reason:
             report.skipped.append((_join(prefix, first), reason))
             continue
@@ -178,7 +201,7 @@ def unpatch(module: nn.Module) -> int:
         if isinstance(child, UnpoolConv2d) and hasattr(child, "_unpatch")
     ]
     for name, _, key, child in fused:
-        reason = _bypassed_reason(child._unpatch[1], child)
+        reason = fusion_bypassed_reason(child._unpatch[1], child)
         if reason:
             raise ValueError(f"cannot unpatch {_join(name, key)}: {reason} (added since patch); remove it first")
     restored = 0

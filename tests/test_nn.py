@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcign_fast.nn import UnpoolConv2d, convert_upsample_conv
+from dcign_fast.nn import UnpoolConv2d
+from dcign_fast.patch import patch
 from tests.helpers import rel_error
 
 
@@ -39,7 +40,7 @@ def test_initialisation_is_conv2ds():
     assert torch.equal(fused.weight, conv.weight) and torch.equal(fused.bias, conv.bias)
 
 
-def test_convert_in_place_shares_parameters_and_keeps_keys():
+def test_patch_in_place_shares_parameters_and_keeps_keys():
     model = nn.Sequential(
         nn.Linear(4, 4), nn.Sequential(upsample_conv(3, 4, 3, 1), nn.ReLU(), upsample_conv(4, 2, 7, 0))
     )
@@ -47,7 +48,7 @@ def test_convert_in_place_shares_parameters_and_keeps_keys():
     conv_weight = model[1][0][1].weight
     x = torch.randn(2, 3, 9, 9)
     before = model[1](x)
-    assert convert_upsample_conv(model) == 2
+    assert len(patch(model).replaced) == 2
     assert list(model.state_dict()) == keys
     fused = model[1][0][1]
     assert isinstance(fused, UnpoolConv2d) and fused.weight is conv_weight
@@ -55,10 +56,10 @@ def test_convert_in_place_shares_parameters_and_keeps_keys():
     assert rel_error(model[1](x), before) < 1e-5
 
 
-def test_convert_leaves_unsupported_pairs_alone():
+def test_patch_leaves_unsupported_pairs_alone():
     bilinear = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(3, 3, 3))
     strided = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(3, 3, 3, stride=2))
-    assert convert_upsample_conv(bilinear) == 0 and convert_upsample_conv(strided) == 0
+    assert not patch(bilinear).replaced and not patch(strided).replaced
     with pytest.raises(ValueError, match="stride 1"):
         UnpoolConv2d.from_modules(strided[0], strided[1])
     for upsample, conv in (
@@ -67,9 +68,9 @@ def test_convert_leaves_unsupported_pairs_alone():
         (nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3, padding=1, groups=2)),
         (nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3, padding=2, dilation=2)),
     ):
-        assert convert_upsample_conv(nn.Sequential(upsample, conv)) == 0, (upsample, conv)
+        assert not patch(nn.Sequential(upsample, conv)).replaced, (upsample, conv)
     normed = nn.Sequential(nn.Upsample(scale_factor=2), nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 3, 3)))
-    assert convert_upsample_conv(normed) == 0
+    assert not patch(normed).replaced
     with pytest.raises(ValueError, match="parametrized"):
         UnpoolConv2d.from_modules(normed[0], normed[1])
 
