@@ -69,18 +69,19 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
-        archs = os.environ.get("DCIGN_FAST_CUDA_ARCHS", "80;90a")
+        # CMakeLists.txt holds the default architectures; the variable overrides them.
+        archs = os.environ.get("DCIGN_FAST_CUDA_ARCHS")
         configure = [
             "cmake",
             str(ROOT),
             "-G",
             "Ninja",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
-            f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DCMAKE_BUILD_TYPE=Release",
+            *([f"-DCMAKE_CUDA_ARCHITECTURES={archs}"] if archs else []),
         ]
         subprocess.run(configure, cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "--parallel"], cwd=build_dir, check=True)

@@ -75,12 +75,6 @@ def same3_cases(batch: int) -> list[Case]:
     return cases
 
 
-def _set_backend(module: nn.Module, backend: str) -> None:
-    for m in module.modules():
-        if isinstance(m, UnpoolConv2d):
-            m.backend = backend
-
-
 def runner(module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], None]:
     def reset() -> None:
         x.grad = None
@@ -170,7 +164,7 @@ def _cases(device: str, quick: bool) -> list[tuple[int, torch.dtype, Case]]:
 
 
 def is_goal_case(device: str, batch: int, dtype: torch.dtype, case: Case) -> bool:
-    """One of the layers #5's goals name: paper150's, at batch 128 in bf16, on CUDA."""
+    """One of the layers the unpool-conv speed goals name: paper150's decoder, at batch 128 in bf16, on CUDA."""
     return device == "cuda" and batch == 128 and dtype == torch.bfloat16 and case.name.startswith("paper150")
 
 

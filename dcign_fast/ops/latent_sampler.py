@@ -375,7 +375,7 @@ def sample_latents(
 
 
 def reparameterize(
-    mu: torch.Tensor, logvar: torch.Tensor, seed: int | None = None, backend: str = "auto"
+    mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | None = None, backend: str = "auto"
 ) -> torch.Tensor:
     """z = mu + exp(logvar / 2) * eps with the sampler's noise: ``sample_latents(mu, logvar)[0]``.
 

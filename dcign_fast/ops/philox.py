@@ -60,8 +60,8 @@ def _mulhilo(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(counter: torch.Tensor, key: tuple[Value, Value], rounds: int = ROUNDS) -> torch.Tensor:
-    """Philox4x32-``rounds`` of many counters under one key.
+def philox4x32(counter: torch.Tensor, key: tuple[Value, Value]) -> torch.Tensor:
+    """Philox4x32-10 of many counters under one key.
 
     Args:
         counter: [4, N] int64 words in [0, 2**32).
@@ -71,7 +71,7 @@ def philox4x32(counter: torch.Tensor, key: tuple[Value, Value], rounds: int = RO
         [4, N] int64 output words in [0, 2**32).
     """
     c0, c1, c2, c3 = counter
-    for k0, k1 in round_keys(key, rounds):
+    for k0, k1 in round_keys(key):
         hi0, lo0 = _mulhilo(c0, PHILOX_M0)
         hi2, lo2 = _mulhilo(c2, PHILOX_M1)
         # In place on fresh products only (never on the caller's counter): fewer allocations.
@@ -79,14 +79,14 @@ def philox4x32(counter: torch.Tensor, key: tuple[Value, Value], rounds: int = RO
     return torch.stack([c0, c1, c2, c3])
 
 
-def round_keys(key: tuple[Value, Value], rounds: int = ROUNDS) -> list[tuple[Value, Value]]:
+def round_keys(key: tuple[Value, Value]) -> list[tuple[Value, Value]]:
     """The key of each round: ``key`` bumped by (PHILOX_W0, PHILOX_W1) once per round before it (mod 2**32).
     A key held in 0-d tensors gets them from a few tensor ops, as views, not two small ops per round."""
     k0, k1 = key
     if isinstance(k0, int):
-        return [((k0 + r * PHILOX_W0) & MASK32, (k1 + r * PHILOX_W1) & MASK32) for r in range(rounds)]
-    steps = torch.arange(rounds, dtype=torch.int64, device=k0.device)
-    keys0 = steps.mul(PHILOX_W0).add_(k0).bitwise_and_(MASK32)  # < 2**32 + rounds * 2**32: no overflow
+        return [((k0 + r * PHILOX_W0) & MASK32, (k1 + r * PHILOX_W1) & MASK32) for r in range(ROUNDS)]
+    steps = torch.arange(ROUNDS, dtype=torch.int64, device=k0.device)
+    keys0 = steps.mul(PHILOX_W0).add_(k0).bitwise_and_(MASK32)  # < 2**32 + ROUNDS * 2**32: no overflow
     keys1 = steps.mul(PHILOX_W1).add_(k1).bitwise_and_(MASK32)
     return list(zip(keys0.unbind(), keys1.unbind()))
 

@@ -14,11 +14,11 @@ import torch
 import yaml
 
 from dcign_fast.bounds import Bounds
+from dcign_fast.data.sweeps import KINDS
 from dcign_fast.models.dcign import PRESETS
+from dcign_fast.ops.latent_sampler import CLAMPS
 
-CLAMP_MODES = ("mean", "first")
 NONFINITE_POLICIES = ("stop", "skip")
-KINDS = ("azimuth", "elevation", "light", "intrinsic")  # the batch kinds: which factor varies
 # Options that change how a run executes, not what it computes: a resumed run may change them.
 RUN_CONTROLS = (
     "steps", "out", "device", "backend", "compile", "channels_last", "threads", "time_limit_s", "log_every",
@@ -127,8 +127,8 @@ class TrainConfig:
         self._check_types()
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        if self.clamp not in CLAMP_MODES:
-            raise ValueError(f"clamp must be one of {CLAMP_MODES}, got {self.clamp!r}")
+        if self.clamp not in CLAMPS:
+            raise ValueError(f"clamp must be one of {CLAMPS}, got {self.clamp!r}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         self._check_bounds()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dcign_fast.train.config import KINDS, TrainConfig
+from dcign_fast.data.sweeps import KINDS
+from dcign_fast.train.config import TrainConfig
 
 
 def kind_odds(config: TrainConfig) -> dict[str, float]:
