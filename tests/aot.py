@@ -61,9 +61,10 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def recorded_launches(module: ModuleType, *names: str) -> Iterator[list[Launch]]:
-    """While the block runs, the kernels ``module.<name>`` record their launches instead of running."""
-    launches: list[Launch] = []
+def recorded_launches(module: ModuleType, *names: str, into: list[Launch] | None = None) -> Iterator[list[Launch]]:
+    """While the block runs, the kernels ``module.<name>`` record their launches (in ``into`` when given: one
+    list across modules) instead of running."""
+    launches: list[Launch] = [] if into is None else into
     originals = {name: getattr(module, name) for name in names}
     try:
         for name, kernel in originals.items():

@@ -32,7 +32,8 @@ def unpool_conv_launches() -> list[dict[str, object]]:
     """Runs the triton backend's launchers (forward, grad input, grad weight; ReLU fused) on unallocated
     channels_last CPU tensors of each layer's real shape, and compiles what they launch. Runs in the
     subprocess."""
-    from dcign_fast.kernels.triton import unpool_conv as u
+    from dcign_fast.kernels.triton import unpool_conv_forward, unpool_conv_grad_input, unpool_conv_grad_weight
+    from dcign_fast.kernels.triton.unpool_conv_layout import pack_weight, unions
     from tests.aot import compile_launch, recorded_launches
 
     results = []
@@ -41,14 +42,23 @@ def unpool_conv_launches() -> list[dict[str, object]]:
             x = torch.empty((BATCH, c_in, size, size), dtype=dtype).to(memory_format=torch.channels_last)
             out_size = 2 * size + 2 * p - k + 1
             y = torch.empty((BATCH, c_out, out_size, out_size), dtype=dtype).to(memory_format=torch.channels_last)
-            rows, cols = u._unions(k, k, p, p)
+            rows, cols = unions(k, k, p, p)
             weight = torch.randn(c_out, c_in, k, k).to(dtype)
-            names = ("_forward_kernel", "_grad_input_kernel", "_grad_weight_kernel", "_grad_weight_few_outputs_kernel")
-            with recorded_launches(u, *names) as launches:
+            with (
+                recorded_launches(unpool_conv_forward, "_forward_kernel") as launches,
+                recorded_launches(unpool_conv_grad_input, "_grad_input_kernel", into=launches),
+                recorded_launches(
+                    unpool_conv_grad_weight, "_grad_weight_kernel", "_grad_weight_few_outputs_kernel", into=launches
+                ),
+            ):
                 bias = torch.zeros(c_out, dtype=dtype)
-                u._forward(x, u._pack_weight(weight, rows, cols, "in"), bias, y, rows, cols, "relu")
-                u._grad_input(y, y, u._pack_weight(weight, rows, cols, "out"), x, rows, cols, "relu")
-                u._grad_weight(x, y, y, rows, cols, True, "relu")
+                unpool_conv_forward.launch_forward(
+                    x, pack_weight(weight, rows, cols, "in"), bias, y, rows, cols, "relu"
+                )
+                unpool_conv_grad_input.launch_grad_input(
+                    y, y, pack_weight(weight, rows, cols, "out"), x, rows, cols, "relu"
+                )
+                unpool_conv_grad_weight.launch_grad_weight(x, y, y, rows, cols, True, "relu")
             for launch in launches:
                 for r in compile_launch(launch):
                     results.append({"layer": name, "c_in": c_in, "c_out": c_out, "dtype": str(dtype)[6:], **r})

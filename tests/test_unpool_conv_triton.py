@@ -103,16 +103,17 @@ def test_every_gpu_config_matches_reference(option, monkeypatch):
     """The interpreter runs one config per kernel, a GPU autotunes over all of them: each config's block sizes
     are forced here in turn (the interpreter ignores warps and stages), on both sides of the few-outputs
     switches, with several channel and pixel blocks."""
-    from dcign_fast.kernels.triton import unpool_conv as kernels
+    from dcign_fast.kernels.triton import unpool_conv_forward, unpool_conv_grad_input, unpool_conv_grad_weight
+    from dcign_fast.kernels.triton.unpool_conv_tiles import GEMM_BLOCKS, GEMM_OPTIONS, config
 
-    gemm = kernels.config(kernels.GEMM_BLOCKS, kernels.GEMM_OPTIONS[option])
-    options = kernels.GRAD_WEIGHT_OPTIONS
-    grad_weight = kernels.config(kernels.GRAD_WEIGHT_BLOCKS, options[option % len(options)])
+    gemm = config(GEMM_BLOCKS, GEMM_OPTIONS[option])
+    options = unpool_conv_grad_weight.GRAD_WEIGHT_OPTIONS
+    grad_weight = config(unpool_conv_grad_weight.GRAD_WEIGHT_BLOCKS, options[option % len(options)])
     forcing = (
-        (kernels._forward_kernel, gemm),
-        (kernels._grad_input_kernel, gemm),
-        (kernels._grad_weight_kernel, grad_weight),
-        (kernels._grad_weight_few_outputs_kernel, grad_weight),
+        (unpool_conv_forward._forward_kernel, gemm),
+        (unpool_conv_grad_input._grad_input_kernel, gemm),
+        (unpool_conv_grad_weight._grad_weight_kernel, grad_weight),
+        (unpool_conv_grad_weight._grad_weight_few_outputs_kernel, grad_weight),
     )
     for kernel, forced in forcing:
         monkeypatch.setattr(kernel, "configs", [forced])
@@ -191,13 +192,12 @@ def test_input_contiguous_in_both_layouts_gives_a_contiguous_output(shape):
 def test_float32_precision_follows_the_cudnn_flag(monkeypatch):
     """float32 dots run in TF32 exactly when cuDNN's convolutions may (the interpreter computes in full
     precision either way, so the constexpr is checked); 16-bit inputs always take the exact path."""
-    from dcign_fast.kernels.triton import unpool_conv as kernels
+    from dcign_fast.kernels.triton.unpool_conv_layout import numeric_constexprs
 
-    rows, cols = kernels._unions(3, 3, 1, 1)
     for allowed, precision in ((False, "ieee"), (True, "tf32")):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allowed)
-        assert kernels._constexprs(rows, cols, None, torch.float32)["PRECISION"] == precision
-        assert kernels._constexprs(rows, cols, None, torch.bfloat16)["PRECISION"] == "ieee"
+        assert numeric_constexprs(None, torch.float32)["PRECISION"] == precision
+        assert numeric_constexprs(None, torch.bfloat16)["PRECISION"] == "ieee"
 
 
 def test_double_backward_matches_reference():
@@ -209,16 +209,16 @@ def test_double_backward_matches_reference():
 def test_grad_weight_sums_several_splits(o, kernel, padding, monkeypatch):
     """Enough pixels for several split-K partial sums (64 pixels per split under the interpreter), on both
     sides of FEW_OUTPUTS."""
-    from dcign_fast.kernels.triton import unpool_conv as kernels
+    from dcign_fast.kernels.triton import unpool_conv_grad_weight as kernels
 
-    splits, split_chunk = [], kernels._split_chunk
+    splits, split_chunk = [], kernels.split_chunk
 
     def recording(positions: int, programs: int) -> int:
         chunk = split_chunk(positions, programs)
         splits.append(-(-positions // chunk))
         return chunk
 
-    monkeypatch.setattr(kernels, "_split_chunk", recording)
+    monkeypatch.setattr(kernels, "split_chunk", recording)
     case = {"n": 3, "c": 6, "o": o, "hw": (7, 8), "k": kernel, "p": padding}
     got, want = run_both(case, torch.float32, channels_last=True, activation="relu")
     assert splits and min(splits) > 1
@@ -251,8 +251,8 @@ def test_backward_does_not_rerun_the_forward(monkeypatch):
     from dcign_fast.kernels.triton import unpool_conv as kernels
 
     launches = []
-    forward = kernels._forward
-    monkeypatch.setattr(kernels, "_forward", lambda *args: launches.append(args) or forward(*args))
+    forward = kernels.launch_forward
+    monkeypatch.setattr(kernels, "launch_forward", lambda *args: launches.append(args) or forward(*args))
     leaves = [torch.randn(shape, device=DEVICE, requires_grad=True) for shape in ((2, 5, 4, 3), (6, 5, 3, 3), (6,))]
     y = dc.unpool_conv2d(*leaves, padding=1, backend="triton", activation="relu")
     grads = torch.autograd.grad(y, leaves, torch.randn_like(y))

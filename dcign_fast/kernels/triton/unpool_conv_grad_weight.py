@@ -1,0 +1,222 @@
+"""The unpool-conv's weight (and bias) gradient as Triton split-K GEMMs over batch x pixels: partial sums go
+to a workspace that torch reduces in a fixed order, so the result is deterministic (see unpool_conv.py)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from dcign_fast.kernels.triton.unpool_conv_layout import (
+    AxisUnion,
+    axis_constexprs,
+    nchw_strides,
+    numeric_constexprs,
+    window_constexprs,
+)
+from dcign_fast.kernels.triton.unpool_conv_tiles import autotune_configs, load_grad, load_grad_at, split_positions
+from dcign_fast.kernels.unpool_conv_common import FEW_OUTPUTS, masked_grad_sum
+from dcign_fast.ops.backends import triton_interpreting
+from dcign_fast.ops.constants import constant
+
+# Sizes the grad-weight split aims for: enough programs to fill a GPU (132 SMs on H100) a few times over.
+_TARGET_PROGRAMS = 1024
+
+
+_GRAD_WEIGHT_KEY = ["N", "H", "W", "C_IN", "C_OUT", "TR", "TC", "CHUNK"]
+
+
+# Grad weight: channel tiles are chosen by the launcher; the reduction runs over pixels, BLOCK_P at a time.
+# Its [C_in tile, pixels] and [pixels, C_out tile] operand tiles take 64-bit pointers: 8 warps keep them in
+# registers (4 warps, or 128 pixels, spilled).
+GRAD_WEIGHT_BLOCKS = ("BLOCK_P",)
+
+
+GRAD_WEIGHT_OPTIONS = [(64, 8, 3), (32, 8, 3)]
+
+
+_GRAD_WEIGHT_CONFIGS = autotune_configs(GRAD_WEIGHT_BLOCKS, GRAD_WEIGHT_OPTIONS, (64,))
+
+
+@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=_GRAD_WEIGHT_KEY)
+@triton.jit
+def _grad_weight_kernel(
+    x_ptr, g_ptr, y_ptr, taps_ptr, dw_ptr, db_ptr, N, H, W, C_IN, C_OUT, HO, WO, CHUNK, sxn, sxc, sxh, sxw, sgn, sgc,
+    sgh, sgw, ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    # One (phase, union tap) from the table taps_ptr[k] = (a, b, ty, tx, first tap of its phase?),
+    # one (C_in, C_out) tile, one split of the phase's pixels [split * CHUNK, (split + 1) * CHUNK).
+    pid_co = tl.program_id(0)
+    k = tl.program_id(1)
+    split = tl.program_id(2)
+    pid_c = pid_co // tl.cdiv(C_OUT, BLOCK_O)
+    pid_o = pid_co % tl.cdiv(C_OUT, BLOCK_O)
+    a = tl.load(taps_ptr + 5 * k)
+    b = tl.load(taps_ptr + 5 * k + 1)
+    ty = tl.load(taps_ptr + 5 * k + 2)
+    tx = tl.load(taps_ptr + 5 * k + 3)
+    first = tl.load(taps_ptr + 5 * k + 4)
+    rows = (HO - a + 1) // 2
+    cols = (WO - b + 1) // 2
+    total = N * rows * cols
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, total)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C_IN
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_mask = offs_o < C_OUT
+    acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
+    gsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < end
+        n, io, jo = split_positions(offs_p, rows, cols)
+        n = n.to(tl.int64)
+        r = io + ROW0 + ty
+        c = jo + COL0 + tx
+        x_ok = p_mask & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+        x_offs = n * sxn + r * sxh + c * sxw
+        xt = tl.load(x_ptr + x_offs[None, :] + offs_c[:, None] * sxc, mask=c_mask[:, None] & x_ok[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+        g_offs = n * sgn + (2 * io + a) * sgh + (2 * jo + b) * sgw
+        g = load_grad(
+            g_ptr, y_ptr, g_offs[:, None] + offs_o[None, :] * sgc, p_mask[:, None] & o_mask[None, :], ACTIVATION, UPCAST
+        )
+        acc = tl.dot(xt, g.to(xt.dtype), acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            gsum += tl.sum(g.to(tl.float32), axis=0)
+    phase = a * 2 + b
+    dw = dw_ptr + ((((split * 4 + phase) * TR + ty) * TC + tx) * C_IN).to(tl.int64) * C_OUT
+    tl.store(dw + offs_c[:, None] * C_OUT + offs_o[None, :], acc, mask=c_mask[:, None] & o_mask[None, :])
+    # Each phase's grad bias once: from its first tap's programs of the first C_in tile.
+    if HAS_BIAS and (first != 0) and (pid_c == 0):
+        tl.store(db_ptr + (split * 4 + phase) * C_OUT + offs_o, gsum, mask=o_mask)
+
+
+@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=_GRAD_WEIGHT_KEY)
+@triton.jit
+def _grad_weight_few_outputs_kernel(
+    x_ptr, g_ptr, y_ptr, dw_ptr, N, H, W, C_IN, C_OUT, HO, WO, CHUNK, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+    ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
+    RS0: tl.constexpr, RT0: tl.constexpr, RS1: tl.constexpr, RT1: tl.constexpr,
+    CS0: tl.constexpr, CT0: tl.constexpr, CS1: tl.constexpr, CT1: tl.constexpr,
+    ACTIVATION: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    # Grad weight for C_out <= FEW_OUTPUTS: one phase, one C_in tile, one tile of the phase's (union tap, C_out)
+    # pairs, one split of the *input* pixels [split * CHUNK, (split + 1) * CHUNK). Input pixel (i, j) meets
+    # grad_out of output position (i - ROW0 - ty, j - COL0 - tx) through tap (ty, tx): x is read once per
+    # phase instead of once per tap, and the GEMM's columns are real (tap, channel) pairs, not padding.
+    pid_cn = tl.program_id(0)
+    phase = tl.program_id(1)
+    split = tl.program_id(2)
+    a = phase // 2
+    b = phase % 2
+    pairs = TR * TC * C_OUT
+    pid_c = pid_cn // tl.cdiv(pairs, BLOCK_O)
+    pid_n = pid_cn % tl.cdiv(pairs, BLOCK_O)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C_IN
+    offs_n = pid_n * BLOCK_O + tl.arange(0, BLOCK_O)
+    tap = offs_n // C_OUT
+    o = offs_n % C_OUT
+    ty = tap // TC
+    tx = tap % TC
+    # Only the taps of this phase's window: the others stay zero in dw, out of the sum in unpack_grad.
+    rs = RS0 + a * (RS1 - RS0)
+    cs = CS0 + b * (CS1 - CS0)
+    n_ok = (offs_n < pairs) & (ty >= rs) & (ty < rs + RT0 + a * (RT1 - RT0))
+    n_ok = n_ok & (tx >= cs) & (tx < cs + CT0 + b * (CT1 - CT0))
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, N * H * W)
+    acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < end
+        n, i, j = split_positions(offs_p, H, W)
+        n = n.to(tl.int64)
+        x_offs = n * sxn + i * sxh + j * sxw
+        xt = tl.load(x_ptr + x_offs[None, :] + offs_c[:, None] * sxc, mask=c_mask[:, None] & p_mask[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+        io = i[:, None] - (ROW0 + ty)[None, :]
+        jo = j[:, None] - (COL0 + tx)[None, :]
+        g = load_grad_at(
+            g_ptr, y_ptr, n[:, None] * sgn, io, jo, o[None, :], p_mask[:, None] & n_ok[None, :],
+            (HO - a + 1) // 2, (WO - b + 1) // 2, a, b, sgc, sgh, sgw, ACTIVATION, UPCAST,
+        )  # fmt: skip
+        acc = tl.dot(xt, g.to(xt.dtype), acc, input_precision=PRECISION)
+    # dw[split, a, b, ty, tx, c, o]
+    dw = dw_ptr + ((split * 4 + phase) * TR * TC).to(tl.int64) * C_IN * C_OUT
+    dw_offs = (tap[None, :] * C_IN + offs_c[:, None]) * C_OUT + o[None, :]
+    tl.store(dw + dw_offs, acc, mask=c_mask[:, None] & n_ok[None, :])
+
+
+def _channel_tile(channels: int, dtype: torch.dtype) -> int:
+    """Channel tile of the grad-weight GEMM: at least tl.dot's 16, at most 128 (64 for float32, whose 128 x 128
+    tiles over 64 pixels and 3 stages would need 256 KiB of shared memory, over sm_90's 227)."""
+    return max(16, min(128 if dtype.itemsize == 2 else 64, triton.next_power_of_2(channels)))
+
+
+def split_chunk(positions: int, programs: int) -> int:
+    """Pixels per split of the grad-weight reduction: enough splits to fill the GPU, chunks of >= 512 pixels
+    (64 when interpreting, so that small test shapes still take the split path)."""
+    granule = 64 if triton_interpreting() else 512
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), triton.cdiv(positions, granule)))
+    return triton.cdiv(triton.cdiv(positions, splits), granule) * granule
+
+
+def launch_grad_weight(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    y: torch.Tensor,
+    rows: AxisUnion,
+    cols: AxisUnion,
+    has_bias: bool,
+    activation: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad wp [2, 2, TR, TC, C, O], grad bias [O]), both float32 and reduced in a fixed order."""
+    n, c_in, h, w = x.shape
+    c_out, ho, wo = g.shape[1:]
+    if not (x.numel() and g.numel()):  # nothing to sum, no program to launch
+        zeros = functools.partial(x.new_zeros, dtype=torch.float32)
+        return zeros((2, 2, rows.taps, cols.taps, c_in, c_out)), zeros(c_out)
+    numeric = numeric_constexprs(activation, x.dtype)
+    few_outputs = c_out <= FEW_OUTPUTS
+    if few_outputs:  # programs: (C_in tile, (tap, C_out) tile) x phase x split of the input pixels
+        columns, groups, positions = rows.taps * cols.taps * c_out, 4, n * h * w
+    else:  # programs: (C_in tile, C_out tile) x (phase, tap) x split of the phase's output pixels
+        taps = [
+            (a, b, ty, tx, int(ty == rs and tx == cs))
+            for a, (rs, rt) in enumerate(rows.windows)
+            for b, (cs, ct) in enumerate(cols.windows)
+            for ty in range(rs, rs + rt)
+            for tx in range(cs, cs + ct)
+        ]
+        columns, groups, positions = c_out, len(taps), n * ((ho + 1) // 2) * ((wo + 1) // 2)
+    block_c, block_o = _channel_tile(c_in, x.dtype), _channel_tile(columns, x.dtype)
+    tiles = triton.cdiv(c_in, block_c) * triton.cdiv(columns, block_o)
+    chunk = split_chunk(positions, tiles * groups)
+    splits = triton.cdiv(positions, chunk)
+    # Taps outside a phase's window are never written: zeros keep them out of the sum.
+    dw = torch.zeros((splits, 2, 2, rows.taps, cols.taps, c_in, c_out), dtype=torch.float32, device=x.device)
+    if few_outputs:
+        _grad_weight_few_outputs_kernel[(tiles, groups, splits)](
+            x, g, y, dw, n, h, w, c_in, c_out, ho, wo, chunk, *nchw_strides(x), *nchw_strides(g),
+            BLOCK_C=block_c, BLOCK_O=block_o, **window_constexprs(rows, cols), **numeric,
+        )  # fmt: skip
+        # The programs see each grad_out pixel once per tap that reaches an input pixel: its sum is done apart.
+        grad_bias = masked_grad_sum(g, y if activation == "relu" else None) if has_bias else dw.new_zeros(c_out)
+        return dw.sum(0), grad_bias
+    db = torch.zeros((splits, 4, c_out), dtype=torch.float32, device=x.device)
+    _grad_weight_kernel[(tiles, groups, splits)](  # each program's window comes from the taps table
+        x, g, y, constant(tuple(taps), torch.int32, x.device), dw, db, n, h, w, c_in, c_out, ho, wo, chunk,
+        *nchw_strides(x), *nchw_strides(g), HAS_BIAS=has_bias, BLOCK_C=block_c, BLOCK_O=block_o,
+        **axis_constexprs(rows, cols), **numeric,
+    )  # fmt: skip
+    return dw.sum(0), db.sum((0, 1))
