@@ -69,8 +69,9 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
-        # CMakeLists.txt holds the default architectures; the variable overrides them.
-        archs = os.environ.get("DCIGN_FAST_CUDA_ARCHS")
+        # CMakeLists.txt holds the default architectures, which an empty value asks for; the variable overrides
+        # them. Always passed: CMake's cache would otherwise keep an earlier build's choice.
+        archs = os.environ.get("DCIGN_FAST_CUDA_ARCHS", "")
         configure = [
             "cmake",
             str(ROOT),
@@ -81,7 +82,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DCMAKE_BUILD_TYPE=Release",
-            *([f"-DCMAKE_CUDA_ARCHITECTURES={archs}"] if archs else []),
+            f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
         ]
         subprocess.run(configure, cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "--parallel"], cwd=build_dir, check=True)

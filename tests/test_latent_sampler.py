@@ -612,3 +612,12 @@ def test_seed_none_on_cuda_draws_with_the_cuda_generator(backend):
     torch.testing.assert_close(again, sample_latents_reference(mu, logvar, seed=seed, offset=offset)[0])
     torch.manual_seed(77)
     torch.testing.assert_close(sample_latents(mu, logvar, backend="reference")[0], again)
+
+
+def test_triton_launchers_copy_views_whose_column_offsets_pass_int32():
+    from dcign_fast.kernels.triton.latent_sampler import _columns_in_int32
+
+    wide = torch.empty(0, device="meta").as_strided((2, 4096), (1, 2**20))  # a transposed view of [4096, 2**20]
+    assert _columns_in_int32(wide).stride() == (4096, 1)
+    narrow = torch.randn(3, 5).t()
+    assert _columns_in_int32(narrow) is narrow

@@ -166,7 +166,7 @@ def test_torch_backend_never_allocates_the_upsampled_tensor():
 def test_auto_uses_torch_on_cpu():
     from dcign_fast.ops.unpool_conv import choose_backend
 
-    assert choose_backend(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 3, 3), 2) == "torch"
+    assert choose_backend(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 3, 3), 2, (1, 1)) == "torch"
 
 
 def _valid():
@@ -369,3 +369,14 @@ def test_cuda_matches_reference(backend, monkeypatch):
     y = dc.unpool_conv2d(x, w, b, backend=backend)
     assert rel_error(y, oracle(x, w, b, (0, 0))) < 1e-4
     assert F.relu(y).shape == (4, 48, 24, 24)
+
+
+def test_a_view_spreading_one_image_past_int32_offsets_is_copied_for_the_kernels():
+    from dcign_fast.kernels.unpool_conv_common import TRITON_INDEX_LIMIT, image_span, nhwc
+
+    wide = torch.empty(0, device="meta").as_strided((2, 4, 3, 3), (4, 1, 2**30, 8))  # channels contiguous
+    assert image_span(wide) > TRITON_INDEX_LIMIT
+    copied = nhwc(wide)
+    assert copied.stride(1) == 1 and image_span(copied) == 4 * 3 * 3 - 1
+    narrow = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    assert nhwc(narrow) is narrow

@@ -299,9 +299,9 @@ def test_auto_picks_triton_on_cuda():
     from dcign_fast.ops.unpool_conv import choose_backend
 
     x, w = torch.randn(1, 4, 5, 5, device="cuda"), torch.randn(4, 4, 7, 7, device="cuda")
-    assert choose_backend(x, w, 2) == "triton"
-    assert choose_backend(x, w, 3) == "torch"
-    assert choose_backend(x.double(), w.double(), 2) == "torch"
+    assert choose_backend(x, w, 2, (0, 0)) == "triton"
+    assert choose_backend(x, w, 3, (0, 0)) == "torch"
+    assert choose_backend(x.double(), w.double(), 2, (0, 0)) == "torch"
 
 
 @pytest.mark.cuda
@@ -311,3 +311,14 @@ def test_real_sizes_on_gpu(dtype, c, o, size, k, p):
     case = {"n": 8, "c": c, "o": o, "hw": (size, size), "k": (k, k), "p": (p, p)}
     got, want = run_both(case, dtype, channels_last=True, activation="relu" if o > 1 else None)
     assert_close(got, want, TOL[dtype], case)
+
+
+def test_sizes_past_the_kernels_int32_indices_are_refused_and_auto_runs_torch():
+    """Shapes only (meta tensors): 2**31 input positions would wrap the kernels' int32 position products."""
+    from dcign_fast.kernels.triton.unpool_conv import unpool_conv2d_triton
+    from dcign_fast.kernels.unpool_conv_common import triton_index_reason
+
+    x, w = torch.empty(2**17, 1, 128, 128, device="meta"), torch.empty(1, 1, 3, 3, device="meta")
+    with pytest.raises(ValueError, match="int32 and takes at most .* input positions N x H x W"):
+        unpool_conv2d_triton(x, w, None, (1, 1), 2)
+    assert triton_index_reason(x[:1024], w, (1, 1)) == ""

@@ -84,8 +84,9 @@ def reconstruction_errors(model: DCIGN, batch: Callable, seed: int, count: int =
     for i, kind in enumerate(("azimuth", "elevation", "light", "intrinsic") * (count // 4 + 1)):
         if i == count:
             break
-        images = model_input(model, batch(kind, torch.Generator().manual_seed(seed * 31 + i))[0])
-        recon = model.decode(model.encode(images)[0]).float()
+        images = batch(kind, torch.Generator().manual_seed(seed * 31 + i))[0]
+        recon = model.decode(model.encode(model_input(model, images))[0]).float()
+        images = images.to(recon.device)  # the float32 targets, not rounded to a 16-bit model's dtype
         bce += F.binary_cross_entropy(recon, images.float(), reduction="sum").item()
         mse += F.mse_loss(recon, images.float(), reduction="sum").item() / images[0].numel()
         images_seen += len(images)

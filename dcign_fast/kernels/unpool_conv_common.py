@@ -7,12 +7,17 @@ from __future__ import annotations
 import torch
 
 from dcign_fast.ops._checks import check_activation
+from dcign_fast.ops.phases import output_size
 
 # What both kernel backends run: scale 2, float32 (TF32 when cudnn.allow_tf32) and 16-bit floats, kernels up
 # to 9 x 9.
 KERNEL_SCALE = 2
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_MAX_SIZE = 9
+
+# The Triton kernels index pixel positions (batch x rows x cols) and elements within one image in int32; only
+# the batch's offsets are 64-bit. Past this (less a margin for rounding up to whole blocks) a product would wrap.
+TRITON_INDEX_LIMIT = 2**31 - 2**16
 
 # At most this many output channels (a decoder's image layer has 1 to 3), the grad-weight GEMMs pair every input
 # pixel with the grad_out pixel of each (tap, output channel) instead of running tap by tap: a per-tap GEMM would
@@ -28,6 +33,29 @@ def kernel_unsupported_reason(backend: str, x: torch.Tensor, weight: torch.Tenso
         return f"backend={backend!r} supports float32, float16 and bfloat16, got {x.dtype}"
     if max(weight.shape[2:]) > KERNEL_MAX_SIZE:
         return f"backend={backend!r} supports kernel sizes up to {KERNEL_MAX_SIZE}, got {tuple(weight.shape[2:])}"
+    return ""
+
+
+def image_span(t: torch.Tensor) -> int:
+    """The largest element offset within one image of t [N, C, H, W]: what the Triton kernels add in int32."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]) if size)
+
+
+def triton_index_reason(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> str:
+    """Why the Triton kernels' int32 indices cannot address these tensors, or "" when they can (auto then
+    runs torch; the cuda backend indexes in 64-bit)."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    ho, wo = output_size(h, kh, padding[0], KERNEL_SCALE), output_size(w, kw, padding[1], KERNEL_SCALE)
+    counts = {
+        "input positions N x H x W": n * h * w,
+        "output positions per phase": n * ((ho + 1) // 2) * ((wo + 1) // 2),
+        "elements of one input image": c_in * h * w,
+        "elements of one output image": c_out * ho * wo,
+    }
+    for name, count in counts.items():
+        if count > TRITON_INDEX_LIMIT:
+            return f"backend='triton' indexes in int32 and takes at most {TRITON_INDEX_LIMIT} {name}, got {count}"
     return ""
 
 
@@ -62,8 +90,11 @@ def uses_tf32(dtype: torch.dtype) -> bool:
 
 def nhwc(t: torch.Tensor) -> torch.Tensor:
     """t itself when its channels are contiguous in memory, else a channels_last copy: the layout the kernel
-    backends' GEMMs reduce over channels in."""
-    return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
+    backends' GEMMs reduce over channels in. (Also a copy when a view's strides spread one image wider than
+    the Triton kernels' int32 offsets reach; its channels_last copy spans only its own elements.)"""
+    if t.stride(1) == 1 and image_span(t) <= TRITON_INDEX_LIMIT:
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
 
 
 def grad_and_output_alike(grad_out: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

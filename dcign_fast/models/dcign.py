@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import numbers
 import warnings
 from collections.abc import Mapping
@@ -206,9 +207,10 @@ class DCIGN(nn.Module):
             raise TypeError(
                 f"config must be a DCIGNConfig (DCIGN.from_preset(name) builds a preset's), got {type(config).__name__}"
             )
-        # The model's own copy (checked again as it is made): editing or reusing the caller's config, e.g. to
-        # build the next model of a sweep, cannot change this model's description of itself.
-        self.config = c = replace(config)
+        # The model's own copy, checked again (edits since it was made): editing or reusing the caller's config,
+        # e.g. to build the next model of a sweep, cannot change this model's description of itself.
+        self.config = c = copy.deepcopy(config)
+        c.check()
         layers: list[nn.Module] = []
         channels = c.in_channels
         for out in c.encoder_channels:

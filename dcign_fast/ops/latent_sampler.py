@@ -306,7 +306,8 @@ def check_sample_latents_args(
     if clamp not in CLAMPS:
         raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
     if torch.compiler.is_compiling():  # dynamo makes a changing invariance symbolic, which math.isfinite rejects
-        torch._check(invariance >= 0, lambda: "invariance must be >= 0")
+        # (NaN and inf fail the comparison too.)
+        torch._check(0 <= invariance <= torch.finfo(torch.float32).max, lambda: "invariance must be >= 0 and finite")
     else:  # numpy scalars too: sample_latents passes Python numbers on
         Bounds(0).check("invariance", invariance)
         if invariance > torch.finfo(torch.float32).max:  # the kernels compute the pull in float32
@@ -358,11 +359,12 @@ def sample_latents(
     if name == "reference":
         rng = draw_rng(mu.device) if seed is None else None
         if torch.compiler.is_compiling():
-            # As 0-d tensors: Inductor mistypes integer ops between a tensor and a symbolic int seed (invalid C++)
-            # and reading rng on the host would break the graph.
+            # As 0-d tensors on mu's device: Inductor mistypes integer ops between a tensor and a symbolic int seed
+            # (invalid C++), and rng read on the host would be a sync (its draw still breaks fullgraph).
             if seed is not None:  # as_int64 would need 2**64, which Inductor cannot print as an int64 either
                 torch._check(seed <= 2**63 - 1, lambda: "torch.compile of backend='reference' takes seeds < 2**63")
-            seed, offset = (rng[0], rng[1]) if seed is None else (torch.tensor(seed), torch.tensor(0))
+                rng = torch.tensor([seed, 0], dtype=torch.int64, device=mu.device)
+            seed, offset = rng[0], rng[1]
         else:
             seed, offset = seed_offset(seed, rng)
         return sample_latents_reference(mu, logvar, active, clamp, invariance, seed, offset)

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from dcign_fast.kernels.unpool_conv_common import kernel_unsupported_reason
+from dcign_fast.kernels.unpool_conv_common import kernel_unsupported_reason, triton_index_reason
 from dcign_fast.ops import library
 from dcign_fast.ops._checks import (
     check_activation,
@@ -233,11 +233,16 @@ BACKWARDS: dict[str, Callable[..., Grads]] = {
 }
 
 
-def choose_backend(x: torch.Tensor, weight: torch.Tensor, scale_factor: int) -> str:
+def choose_backend(x: torch.Tensor, weight: torch.Tensor, scale_factor: int, padding: Padding) -> str:
     """The backend ``"auto"`` picks for these tensors: triton on CUDA when it is available (>= 3.4) and supports
-    the case, else torch."""
-    on_cuda = x.device.type == "cuda" and triton_available()
-    return "triton" if on_cuda and not kernel_unsupported_reason("triton", x, weight, scale_factor) else "torch"
+    the case (its int32 indices included), else torch."""
+    if (
+        x.device.type != "cuda"
+        or not triton_available()
+        or kernel_unsupported_reason("triton", x, weight, scale_factor)
+    ):
+        return "torch"
+    return "torch" if triton_index_reason(x, weight, padding) else "triton"
 
 
 def check_unpool_conv_args(x: object, weight: object, bias: object, padding: object, scale_factor: object) -> Padding:
@@ -325,7 +330,7 @@ def unpool_conv2d(
     pad = check_unpool_conv_args(x, weight, bias, padding, scale_factor)
     check_activation(activation)
     check_backend_runs_on(backend, x.device, tuple(IMPLEMENTATIONS))
-    name = choose_backend(x, weight, scale_factor) if backend == "auto" else backend
+    name = choose_backend(x, weight, scale_factor, pad) if backend == "auto" else backend
     if name == "reference":
         return _reference(x, weight, bias, pad, scale_factor, activation)
     check_no_forward_ad("unpool_conv2d", name, x, weight, bias)

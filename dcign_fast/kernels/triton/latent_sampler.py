@@ -215,6 +215,12 @@ def _grid(B: int, D: int, whole_columns: bool, device: torch.device) -> tuple[tu
     return (column_blocks, triton.cdiv(B, rows_per_program)), rows_per_program, block_b, block_d
 
 
+def _columns_in_int32(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy when its column offsets (D - 1) x stride pass int32, in which the kernels
+    compute them (row offsets are 64-bit): e.g. a transposed view of a huge [D, B] tensor."""
+    return t if (t.shape[1] - 1) * t.stride(1) < 2**31 else t.contiguous()
+
+
 def _mask_arg(active: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     # Bool and uint8 share a layout; a pointer to mu stands in when there is no mask (never read).
     return like if active is None else active.contiguous().view(torch.uint8)
@@ -230,6 +236,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z [B, D], kl [B]) in mu's dtype."""
     B, D = mu.shape
+    mu, logvar = _columns_in_int32(mu), _columns_in_int32(logvar)
     grid, rows_per_program, block_b, block_d = _grid(B, D, active is not None and not clamp_first, mu.device)
     z = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
     kl_partial = torch.empty((grid[0], B), dtype=torch.float32, device=mu.device)
@@ -255,6 +262,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_mu, grad_logvar), each [B, D] in mu's dtype."""
     B, D = mu.shape
+    mu, logvar, grad_z = (_columns_in_int32(t) for t in (mu, logvar, grad_z))
     has_pull = active is not None and invariance > 0
     grid, rows_per_program, block_b, block_d = _grid(B, D, has_pull, mu.device)
     grad_mu = torch.empty((B, D), dtype=mu.dtype, device=mu.device)

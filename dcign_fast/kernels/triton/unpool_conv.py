@@ -46,7 +46,14 @@ from dcign_fast.kernels.triton.unpool_conv_forward import launch_forward
 from dcign_fast.kernels.triton.unpool_conv_grad_input import launch_grad_input
 from dcign_fast.kernels.triton.unpool_conv_grad_weight import launch_grad_weight
 from dcign_fast.kernels.triton.unpool_conv_layout import pack_weight, unions, unpack_grad
-from dcign_fast.kernels.unpool_conv_common import check_kernel_args, grad_and_output_alike, nhwc
+from dcign_fast.kernels.unpool_conv_common import (
+    TRITON_INDEX_LIMIT,
+    check_kernel_args,
+    grad_and_output_alike,
+    image_span,
+    nhwc,
+    triton_index_reason,
+)
 from dcign_fast.ops.unpool_conv import empty_output
 
 
@@ -65,6 +72,9 @@ def unpool_conv2d_triton(
     op ``dcign_fast::unpool_conv2d`` pairs the two).
     """
     check_kernel_args("triton", x, weight, scale_factor, activation)
+    reason = triton_index_reason(x, weight, padding)
+    if reason:
+        raise ValueError(reason + "; use backend='cuda' or 'torch'")
     rows, cols = unions(*weight.shape[2:], *padding)
     with device_guard(x.device):
         out = empty_output(x, weight, padding, scale_factor)
@@ -85,14 +95,17 @@ def unpool_conv2d_triton_backward(
     """(grad x, grad weight, grad bias or None) of :func:`unpool_conv2d_triton`, from its inputs and, with
     ``activation="relu"``, its output ``out``: the kernels mask grad_out by ``out > 0`` as they load it.
 
-    Grad x is laid out like x (``torch.empty_like``); grad weight and grad bias are deterministic.
+    Grad x is laid out like x (``torch.empty_like``; channels_last where x's strides spread an image past int32
+    offsets); grad weight and grad bias are deterministic.
     """
     rows, cols = unions(*weight.shape[2:], *padding)
     g, y = grad_and_output_alike(grad_out, out if activation == "relu" else None)
     if y is None:
         y = g  # not read: only the ReLU backward loads the output
     with device_guard(x.device):
-        grad_x = torch.empty_like(x)
+        # Like x, unless x's strides spread an image past int32 offsets (nhwc copies such an x, too).
+        wide = image_span(x) > TRITON_INDEX_LIMIT
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last) if wide else torch.empty_like(x)
         if grad_x.numel():
             launch_grad_input(g, y, pack_weight(weight, rows, cols, "out"), grad_x, rows, cols, activation)
         grad_wp, grad_bias = launch_grad_weight(nhwc(x), g, y, rows, cols, has_bias, activation)
