@@ -21,7 +21,7 @@ import torch
 from dcign_fast.models import DCIGN
 from dcign_fast.train import TrainConfig, Trainer
 from dcign_fast.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from dcign_fast.train.trainer import default_source
+from dcign_fast.train.data import default_source
 
 FAST = ["batch_size=4", "log_every=1", "image_every=1000", "threads=1", "device=cpu"]
 

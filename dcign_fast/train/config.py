@@ -68,6 +68,19 @@ def check_device(name: str, option: str = "device") -> str:
     return name
 
 
+def resolve_device(name: str, option: str = "device") -> torch.device:
+    """The device ``name`` ("auto": a GPU when there is one) means here; a ValueError naming ``option`` when it
+    is malformed or absent."""
+    if check_device(name, option) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option}={name!r} but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{option}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def load_yaml(text: str, where: str) -> Any:
     """``text`` parsed as YAML; a syntax error becomes a one-line ValueError that names ``where`` it came from."""
     try:

@@ -8,6 +8,7 @@ rendered per step: a pool (``data_pool > 0``) is rendered per rank, so more rank
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,46 @@ from dcign_fast.train.config import TrainConfig
 from dcign_fast.train.procedure import KINDS, kind_odds
 
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor], str]
+
+
+def default_source(config: TrainConfig, image_size: int, device: torch.device) -> tuple[Callable, tuple[str, ...]]:
+    """(render(kind, generator) -> (images, factors), the kinds it has): the built-in renderer, or stored
+    batches when ``config.data`` is a path: folders in the DC-IGN layout, or a cache (``render --format
+    cache``, held in memory as uint8 once read)."""
+    if config.data == "render":
+        from dcign_fast.data import KINDS, SweepSampler
+
+        # Only sampler.batch is used, with the trainer's generators: the sampler's own seeded stream is not.
+        sampler = SweepSampler(size=image_size, batch_size=config.batch_size, device=device)
+        return (lambda kind, generator: sampler.batch(kind, generator)[:2]), KINDS
+    from dcign_fast.data.cache import SweepCache, is_cache
+    from dcign_fast.data.folders import SweepFolders
+
+    if is_cache(config.data):
+        dataset = SweepCache(config.data, keep_shards=True)
+        if dataset.size != image_size:  # a cache is read as stored: resizing every batch would cost more
+            raise ValueError(
+                f"data={config.data} holds {dataset.size}px images but this model takes {image_size}px: "
+                f"render a cache with --size {image_size}"
+            )
+    else:
+        dataset = SweepFolders(config.data, size=image_size)
+    by_kind: dict[str, list[int]] = {}
+    for index, kind in enumerate(dataset.kinds()):
+        by_kind.setdefault(kind, []).append(index)
+
+    def pick(kind: str, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        choices = by_kind[kind]
+        images, factors = dataset[choices[int(torch.randint(len(choices), (1,), generator=generator))]][:2]
+        if len(images) != config.batch_size:
+            warnings.warn(
+                f"batch_size={config.batch_size} does not apply to data={config.data}: its sweeps are used "
+                f"whole ({len(images)} images here)",
+                stacklevel=2,
+            )
+        return images, factors
+
+    return pick, tuple(by_kind)
 
 
 def shard_generator(seed: int, step: int, shard: int) -> torch.Generator:

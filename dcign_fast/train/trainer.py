@@ -31,8 +31,8 @@ from dcign_fast.train.checkpoint import (
     load_state,
     save_checkpoint,
 )
-from dcign_fast.train.config import RUN_CONTROLS, TrainConfig, check_device
-from dcign_fast.train.data import BatchStream, latent_seed
+from dcign_fast.train.config import RUN_CONTROLS, TrainConfig, resolve_device
+from dcign_fast.train.data import BatchStream, default_source, latent_seed
 from dcign_fast.train.distributed import World, all_agree, close_world, init_world, mean_over_ranks
 from dcign_fast.train.logs import MetricsLog, save_progress_images
 from dcign_fast.train.procedure import batch_loss
@@ -47,59 +47,6 @@ class TrainResult:
     step: int
     checkpoint: Path | None
     interrupted: bool
-
-
-def resolve_device(name: str, option: str = "device") -> torch.device:
-    """The device ``name`` ("auto": a GPU when there is one) means here; a ValueError naming ``option`` when it
-    is malformed or absent."""
-    if check_device(name, option) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{option}={name!r} but CUDA is not available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"{option}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def default_source(config: TrainConfig, image_size: int, device: torch.device) -> tuple[Callable, tuple[str, ...]]:
-    """(render(kind, generator) -> (images, factors), the kinds it has): the built-in renderer, or stored
-    batches when ``config.data`` is a path: folders in the DC-IGN layout, or a cache (``render --format
-    cache``, held in memory as uint8 once read)."""
-    if config.data == "render":
-        from dcign_fast.data import KINDS, SweepSampler
-
-        # Only sampler.batch is used, with the trainer's generators: the sampler's own seeded stream is not.
-        sampler = SweepSampler(size=image_size, batch_size=config.batch_size, device=device)
-        return (lambda kind, generator: sampler.batch(kind, generator)[:2]), KINDS
-    from dcign_fast.data.cache import SweepCache, is_cache
-    from dcign_fast.data.folders import SweepFolders
-
-    if is_cache(config.data):
-        dataset = SweepCache(config.data, keep_shards=True)
-        if dataset.size != image_size:  # a cache is read as stored: resizing every batch would cost more
-            raise ValueError(
-                f"data={config.data} holds {dataset.size}px images but this model takes {image_size}px: "
-                f"render a cache with --size {image_size}"
-            )
-    else:
-        dataset = SweepFolders(config.data, size=image_size)
-    by_kind: dict[str, list[int]] = {}
-    for index, kind in enumerate(dataset.kinds()):
-        by_kind.setdefault(kind, []).append(index)
-
-    def pick(kind: str, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        choices = by_kind[kind]
-        images, factors = dataset[choices[int(torch.randint(len(choices), (1,), generator=generator))]][:2]
-        if len(images) != config.batch_size:
-            warnings.warn(
-                f"batch_size={config.batch_size} does not apply to data={config.data}: its sweeps are used "
-                f"whole ({len(images)} images here)",
-                stacklevel=2,
-            )
-        return images, factors
-
-    return pick, tuple(by_kind)
 
 
 def stored_config(out: str | Path) -> TrainConfig | None:
