@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # name -> (module, one-line help)
@@ -57,16 +58,27 @@ def image_file(text: str) -> Path:
     return path
 
 
-def run_reporting_errors(prog: str, run, args: argparse.Namespace) -> int:
-    """``run(args)``; a user error is printed as ``prog: error: ...`` with exit status 2 (the traceback too
-    when $DCIGN_FAST_DEBUG is set)."""
+def debugging() -> bool:
+    """Whether $DCIGN_FAST_DEBUG asks for tracebacks: set, and not "", 0, false, no or off."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def run_reporting_errors(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``run(args)``; a user error is printed as ``prog: error: ...`` with exit status 2, and Ctrl-C outside
+    training (which saves a checkpoint and returns 130 itself) as ``prog: interrupted`` with status 130
+    (tracebacks too when :func:`debugging`)."""
     try:
         return run(args)
     except user_errors() as err:
-        if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+        if debugging():
             raise
         print(f"{prog}: error: {err} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debugging():
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

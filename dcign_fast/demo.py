@@ -24,7 +24,9 @@ DEMO_OPTIONS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
-    parser.add_argument("--steps", type=positive_int, default=DEMO_OPTIONS["steps"], help="training steps")
+    parser.add_argument(
+        "--steps", type=positive_int, help=f"training steps (default {DEMO_OPTIONS['steps']}; a resumed demo: its own)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any training option")
 
@@ -38,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     from dcign_fast.train import TrainConfig
     from dcign_fast.train.cli import resolve_options, run_training
 
-    given = {"steps": args.steps, "out": str(args.out), **TrainConfig.parse_assignments(args.set)}
+    assignments = TrainConfig.parse_assignments(args.set)
+    if "out" in assignments:  # the checkpoints would go there, the pictures and evaluation to --out
+        raise ValueError("give the demo's run folder with --out, not --set out=")
+    given = {"out": str(args.out), **({} if args.steps is None else {"steps": args.steps}), **assignments}
     config = resolve_options(TrainConfig.from_dict(DEMO_OPTIONS), given, args.resume)
     code, trainer, result = run_training(config, args.resume)
     if code:

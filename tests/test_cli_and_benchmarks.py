@@ -34,7 +34,10 @@ def test_info(capsys):
         (["render", "--preview", "p.png", "--device", "cuda:99"], "device="),
         (["eval", "--checkpoint", "/nonexistent"], "no weights file"),
         (["eval", "--checkpoint", "/nonexistent", "--device", "xpu"], "--device must be 'auto', cpu, cuda or cuda:N"),
-        (["train", "--set", "threads=-1"], "threads must be >= 0"),
+        (["train", "--set", "threads=-1"], "threads must be in [0, 1025)"),
+        (["train", "--set", "threads=4096"], "threads must be in [0, 1025)"),  # thousands crashed torch
+        (["train", "--out", ""], "out must not be empty"),  # was the current folder
+        (["demo", "--set", "out=elsewhere"], "give the demo's run folder with --out"),  # split the outputs
         (["train", "--set", "device=foo"], "device must be 'auto', cpu, cuda or cuda:N"),
         (["train", "--set", "lr=[1"], "--set lr=[1 is not valid YAML"),
         (["train", "--config", "bad.yaml"], "bad.yaml is not valid YAML"),
@@ -47,6 +50,26 @@ def test_user_errors_are_one_line(argv, words, tmp_path, capsys, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"dcign-fast {argv[0]}: error:" in err and words in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("debug", ["", "0", "false", "off"])
+def test_ctrl_c_outside_training_is_one_line_and_130(debug, capsys, monkeypatch):
+    from dcign_fast.cli import run_reporting_errors
+
+    monkeypatch.setenv("DCIGN_FAST_DEBUG", debug)  # "false" and "off" switched tracebacks on
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert run_reporting_errors("dcign-fast render", interrupted, None) == 130
+    assert capsys.readouterr().err == "dcign-fast render: interrupted\n"
+
+
+def test_text_options_take_names_that_look_like_numbers():
+    from dcign_fast.train import TrainConfig
+
+    assert TrainConfig.parse_assignments(["out=2024"]) == {"out": 2024}  # YAML's reading
+    assert TrainConfig.from_dict({"out": 2024}).out == "2024"
 
 
 @pytest.mark.parametrize("suite", sorted(bench.SUITES))

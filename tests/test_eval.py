@@ -197,6 +197,9 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     for produced in ("checkpoints/step-00000003", "sweeps.png", "eval/eval.json", "eval/scatter.png"):
         assert (out / produced).exists() and produced.split("/")[-1] in printed
+    # A resumed demo keeps its own step count unless --steps is given (the 6000 default took over before).
+    assert main(["demo", "--out", str(out), "--resume", "--set", "batch_size=4", "--set", "data_pool=1"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
 
 
 def test_eval_output_goes_to_the_run_whichever_path_names_it(tmp_path):

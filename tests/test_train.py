@@ -323,7 +323,7 @@ def test_numpy_numbers_become_python_floats(tmp_path):
         ("adam_eps=0", "adam_eps must be > 0"),
         ("invariance=.nan", "invariance must be >= 0 and finite"),
         ("betas=[0.9, 1.5]", r"betas must be in \[0, 1\) and finite"),
-        ("threads=-1", "threads must be >= 0"),
+        ("threads=-1", r"threads must be in \[0, 1025\)"),
         ("seed=268435456", "seed must be in"),
         ("steps=0", "steps must be >= 1"),
         (f"steps=-{10**400}", "steps must be >= 1"),
@@ -630,3 +630,14 @@ def test_resume_starts_from_the_newest_checkpoint_and_drops_later_metrics(tmp_pa
     Trainer(config(tmp_path, steps=4), resume=True, render=blobs).train()
     logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4]
+
+
+def test_a_second_trainer_on_a_busy_run_folder_is_refused(tmp_path):
+    """Two trainers writing one folder would interleave their checkpoints; the lock goes with its holder."""
+    from dcign_fast.train.lock import run_folder_lock
+
+    trainer = Trainer(config(tmp_path, steps=2), render=blobs)
+    with run_folder_lock(tmp_path / "run"), pytest.raises(BlockingIOError, match="another trainer is writing"):
+        trainer.train()
+    assert not list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert trainer.train().step == 2  # free again

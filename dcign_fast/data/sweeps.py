@@ -99,7 +99,10 @@ class SweepSampler:
         Bounds(0).check("shape_bias", shape_bias)
         Bounds(0, strict=True).check("zoom", zoom)
         if num_identities < batch_size:  # an intrinsic batch shows batch_size different identities
-            raise ValueError(f"num_identities must be >= batch_size ({batch_size}), got {num_identities}")
+            raise ValueError(
+                f"batch_size must be at most num_identities ({num_identities}): an intrinsic batch shows batch_size "
+                f"different identities; got batch_size {batch_size}"
+            )
         if meshes is not None and len(meshes) == 0:
             raise ValueError("meshes must hold at least one Mesh (None: the packaged faces)")
         self.size, self.batch_size, self.seed = size, batch_size, seed

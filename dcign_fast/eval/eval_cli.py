@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "--device")  # before the checkpoint loads
     model = DCIGN.from_checkpoint(args.checkpoint).to(device)
     out = args.out or default_out(Path(args.checkpoint))
+    out.mkdir(parents=True, exist_ok=True)  # now, not after the evaluation: an unwritable --out is found at once
     results = evaluate(model, out=out, sweeps=args.sweeps, identities=args.identities)
     print(json.dumps(results, indent=2))
     print(f"wrote {out / 'eval.json'} and {out / 'scatter.png'}")

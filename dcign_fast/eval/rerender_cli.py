@@ -7,6 +7,16 @@ from pathlib import Path
 
 from dcign_fast.cli import image_file, positive_int
 
+MAX_STEPS = 64  # a grid column per image, decoded in one batch: wider is unreadable and can exhaust memory
+
+
+def sweep_steps(text: str) -> int:
+    """argparse type: images per sweep, 1 to MAX_STEPS."""
+    value = positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_STEPS}, got {value}")
+    return value
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -16,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--image", required=True, type=Path, help="a face photo or render (any size, RGB or grey)")
     parser.add_argument("--out", type=image_file, default=Path("sweeps.png"), help="the grid picture (.png)")
-    parser.add_argument("--steps", type=positive_int, default=9, help="images per sweep")
+    parser.add_argument("--steps", type=sweep_steps, default=9, help=f"images per sweep (at most {MAX_STEPS})")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,7 +48,7 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "keep_checkpoints": Bounds(1),
     "log_every": Bounds(1),
     "image_every": Bounds(1),
-    "threads": Bounds(0),
+    "threads": Bounds(0, below=1025),  # thousands of threads crash torch's CPU kernels
     "time_limit_s": Bounds(0),  # 0: stop (with a checkpoint) before the first step
 }
 
@@ -145,6 +145,9 @@ class TrainConfig:
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         self._check_bounds()
+        for name in ("out", "data"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} must not be empty, got {getattr(self, name)!r}")
         check_device(self.device)
         unknown_kinds = sorted(set(self.kind_weights) - set(KINDS))
         if unknown_kinds:
@@ -179,6 +182,9 @@ class TrainConfig:
             expected = _SCALARS.get(kinds[0])
             if expected is float:
                 value = _as_float(value)
+                setattr(self, f.name, value)
+            if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)  # YAML reads a folder named 2024 as a number
                 setattr(self, f.name, value)
             if expected is not None and (type(value) is not expected):
                 raise TypeError(f"{f.name} must be {f.type}, got {value!r}")

@@ -34,6 +34,7 @@ from dcign_fast.train.checkpoint import (
 from dcign_fast.train.config import RUN_CONTROLS, TrainConfig, resolve_device
 from dcign_fast.train.data import BatchStream, default_source, latent_seed
 from dcign_fast.train.distributed import World, all_agree, close_world, init_world, mean_over_ranks
+from dcign_fast.train.lock import run_folder_lock
 from dcign_fast.train.logs import MetricsLog, save_progress_images
 from dcign_fast.train.procedure import batch_loss
 
@@ -95,6 +96,9 @@ class Trainer:
             raise FileExistsError(
                 f"{self.checkpoints} already holds checkpoints; pass --resume to continue or choose another --out"
             )
+
+        if self.world.is_main:  # now, not after the data pool has rendered: an unwritable --out is found at once
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
 
         self.net: torch.nn.Module = self.model
         if self.world.distributed:
@@ -197,6 +201,9 @@ class Trainer:
     def train(self) -> TrainResult:
         """Runs until ``config.steps``; returns where it stopped and the last checkpoint."""
         c = self.config
+        held = contextlib.ExitStack()
+        if self.world.is_main:  # the rank that writes the folder; refused before any signal handler is set
+            held.enter_context(run_folder_lock(self.out))
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         checkpoint = None
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.world.is_main, desc="train", unit="step")
@@ -221,10 +228,12 @@ class Trainer:
                         metrics = None
                 if metrics is None:
                     if c.on_nonfinite == "stop":
+                        latest = self._latest()
+                        kept = f"the last good one is {latest}" if latest else "no checkpoint was written yet"
                         raise NonFiniteLossError(
                             f"the loss or its gradient became NaN or infinite at step {self.step}; stopping "
-                            f"without writing a checkpoint (the last good one is in {self.checkpoints}); set "
-                            "on_nonfinite=skip to skip such steps instead"
+                            f"without writing a checkpoint ({kept}); set on_nonfinite=skip to skip such steps "
+                            "instead"
                         )
                     self.optimizer.zero_grad(set_to_none=True)
                     bar.write(f"skipped step {self.step}: non-finite loss or gradient")
@@ -249,6 +258,7 @@ class Trainer:
             self.log.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            held.close()
 
     def _latest(self) -> Path | None:
         existing = list_checkpoints(self.checkpoints)
