@@ -424,8 +424,15 @@ def test_infinite_gradient_is_caught_like_a_nan_loss(tmp_path):
 
 def test_time_limit_stops_with_a_checkpoint(tmp_path):
     result = Trainer(config(tmp_path, steps=10_000, checkpoint_every=10_000, time_limit_s=0.0), render=blobs).train()
-    assert not result.interrupted and result.step == 0
+    assert not result.interrupted and result.timed_out and result.step == 0
     assert result.checkpoint.name == "step-00000000"
+
+
+def test_a_timed_out_run_exits_75_so_a_job_loop_can_tell_it_from_a_finished_one(tmp_path):
+    from dcign_fast.cli import main
+
+    options = ["--set", "time_limit_s=0", "--set", "device=cpu", "--set", "batch_size=4"]
+    assert main(["train", "--out", str(tmp_path / "run"), "--steps", "5", *options]) == 75
 
 
 def test_bf16_autocast_run(tmp_path):

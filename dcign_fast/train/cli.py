@@ -13,6 +13,8 @@ from dcign_fast.train.config import TrainConfig
 if TYPE_CHECKING:
     from dcign_fast.train.trainer import Trainer, TrainResult
 
+TIMED_OUT = 75  # sysexits' EX_TEMPFAIL: not finished, try again (--resume); a job loop can tell it from done
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="demo64, face128 or paper150 (default demo64)")
@@ -45,8 +47,9 @@ def resolve_options(defaults: TrainConfig, values: dict[str, object], resume: bo
 
 
 def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, TrainResult | None]:
-    """Trains with the command line's exit codes: 0 done, 1 a non-finite loss (reported), 130 interrupted
-    (a checkpoint was saved). Returns (exit code, trainer, result or None)."""
+    """Trains with the command line's exit codes: 0 done, 1 a non-finite loss (reported), 75 (EX_TEMPFAIL)
+    stopped at time_limit_s and 130 interrupted (a checkpoint was saved: relaunch with --resume). Returns
+    (exit code, trainer, result or None)."""
     from dcign_fast.train.trainer import NonFiniteLossError, Trainer
 
     trainer = Trainer(config, resume=resume)
@@ -66,7 +69,7 @@ def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, Train
         trainer.close(together=False)
         raise
     trainer.close()
-    return (130 if result.interrupted else 0), trainer, result
+    return (130 if result.interrupted else TIMED_OUT if result.timed_out else 0), trainer, result
 
 
 def run(args: argparse.Namespace) -> int:

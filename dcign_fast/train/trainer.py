@@ -47,7 +47,8 @@ class NonFiniteLossError(RuntimeError):
 class TrainResult:
     step: int
     checkpoint: Path | None
-    interrupted: bool
+    interrupted: bool  # by a signal
+    timed_out: bool = False  # stopped at time_limit_s, before config.steps
 
 
 def stored_config(out: str | Path) -> TrainConfig | None:
@@ -213,7 +214,7 @@ class Trainer:
             while self.step < c.steps:
                 if deadline is not None and all_agree(time.monotonic() > deadline, self.world, self.device):
                     bar.write(f"time limit of {c.time_limit_s:.0f} s reached at step {self.step}")
-                    return TrainResult(self.step, self.save() or self._latest(), interrupted=False)
+                    return TrainResult(self.step, self.save() or self._latest(), interrupted=False, timed_out=True)
                 if all_agree(bool(self._signals_received), self.world, self.device):
                     checkpoint = self.save()
                     bar.write(f"interrupted at step {self.step}; checkpoint: {checkpoint}; continue with --resume")
