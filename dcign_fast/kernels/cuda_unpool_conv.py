@@ -1,6 +1,6 @@
 """The unpool-conv's CUDA C++ backend (``backend="cuda"``, scale factor 2): argument plumbing for the forward and
 backward kernels of ``dcign_fast._C`` (csrc/unpool_conv_*.cu), which the custom op of
-:mod:`dcign_fast.ops.library` pairs up for autograd. Tensors travel as raw pointers with their strides; every
+:mod:`dcign_fast.ops.unpool_conv_op` pairs up for autograd. Tensors travel as raw pointers with their strides; every
 launch runs on the current torch stream of the tensors' device, so CUDA-graph capture works.
 
 Importing this module does not need the extension; calling any function does (a clear error otherwise).

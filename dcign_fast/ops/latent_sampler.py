@@ -35,7 +35,7 @@ Backends:
              float16/bfloat16/float32 on CUDA. Never chosen by auto.
   auto       triton for CUDA tensors when Triton >= 3.4 is installed and the dtype is not float64, else torch.
 The torch, triton and cuda backends run inside the custom op ``dcign_fast::sample_latents``
-(:mod:`dcign_fast.ops.library`, so torch.compile traces them without graph breaks); they save only mu,
+(:mod:`dcign_fast.ops.latent_sampler_op`, so torch.compile traces them without graph breaks); they save only mu,
 logvar, active and the (seed, offset) drawn with; eps is regenerated in the backward. seed=None draws
 (seed, offset) on mu's device and the kernels read them there (:func:`draw_rng`): a CUDA graph captured
 so draws anew at every replay, like torch's own random ops; with an explicit seed every replay draws the
@@ -53,7 +53,7 @@ from typing import Callable
 import torch
 
 from dcign_fast.bounds import Bounds
-from dcign_fast.ops import library, philox
+from dcign_fast.ops import latent_sampler_op, philox
 from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_tensor
 from dcign_fast.ops.backends import check_backend_runs_on, triton_available
 from dcign_fast.ops.reference import invariance_pull, sample_latents_reference
@@ -211,7 +211,7 @@ def _cuda_kernels() -> Kernels:
 
 
 # Backend name -> its forward and backward halves; they run inside the custom op dcign_fast::sample_latents
-# (dcign_fast.ops.library). The reference is plain torch that autograd differentiates.
+# (dcign_fast.ops.latent_sampler_op). The reference is plain torch that autograd differentiates.
 KERNELS: dict[str, Callable[[], Kernels]] = {
     "torch": lambda: TORCH_KERNELS,
     "triton": _triton_kernels,
@@ -372,7 +372,7 @@ def sample_latents(
     if seed is not None:
         seed = as_int64(seed)
     # The registered custom op; with seed None it draws (seed, offset) itself.
-    z, kl, _ = library.sampler_forward(mu, logvar, active, clamp == "first", invariance, seed, name)
+    z, kl, _ = latent_sampler_op.sampler_forward(mu, logvar, active, clamp == "first", invariance, seed, name)
     return z, kl
 
 

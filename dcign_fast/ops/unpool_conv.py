@@ -14,7 +14,7 @@ Backends:
   auto       CUDA: triton where it is installed and supports the case, else torch; CPU: torch.
 
 The torch, triton and cuda backends run inside the custom op ``dcign_fast::unpool_conv2d``
-(:mod:`dcign_fast.ops.library`), whose backward is :data:`BACKWARDS`: each backend's explicit gradient
+(:mod:`dcign_fast.ops.unpool_conv_op`), whose backward is :data:`BACKWARDS`: each backend's explicit gradient
 kernels on the saved inputs (and output, when a ReLU is fused), never a re-run of the forward.
 
 ``activation="relu"`` applies a ReLU to the result: fused into the triton and cuda kernels' epilogue (and
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from dcign_fast.kernels.unpool_conv_common import kernel_unsupported_reason, triton_index_reason
-from dcign_fast.ops import library
+from dcign_fast.ops import unpool_conv_op
 from dcign_fast.ops._checks import (
     check_activation,
     check_like,
@@ -223,7 +223,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
 }
 # Backend name -> backward(grad_out, x, weight, out, has_bias, padding, scale_factor, activation)
 # -> (grad x, grad weight, grad bias or None), for the backends that run as the custom op
-# dcign_fast::unpool_conv2d (dcign_fast.ops.library). ``out`` is the forward's output when a ReLU was fused
+# dcign_fast::unpool_conv2d (dcign_fast.ops.unpool_conv_op). ``out`` is the forward's output when a ReLU was fused
 # (None otherwise) and grad_out is not yet masked by it: each backward applies the mask itself (the triton
 # and cuda kernels as they load grad_out). The reference is plain torch that autograd differentiates.
 BACKWARDS: dict[str, Callable[..., Grads]] = {
@@ -335,4 +335,4 @@ def unpool_conv2d(
         return _reference(x, weight, bias, pad, scale_factor, activation)
     check_no_forward_ad("unpool_conv2d", name, x, weight, bias)
     # The registered custom op: one opaque node for torch.compile, forward and backward.
-    return library.unpool_forward(x, weight, bias, *pad, scale_factor, activation, name)
+    return unpool_conv_op.unpool_forward(x, weight, bias, *pad, scale_factor, activation, name)
