@@ -46,6 +46,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def run_folder(text: str) -> Path:
+    """argparse type: a folder to write into, not empty text (Path("") would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got ''")
+    return Path(text)
+
+
 def image_file(text: str) -> Path:
     """argparse type: a path to write a picture to, whose extension names a format PIL writes (.png, .jpg...)."""
     from PIL import Image
@@ -74,10 +81,10 @@ def run_reporting_errors(prog: str, run: Callable[[argparse.Namespace], int], ar
             raise
         print(f"{prog}: error: {err} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debugging():
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted" + (f" ({err})" if str(err) else ""), file=sys.stderr)
         return 130
 
 

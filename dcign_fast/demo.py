@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dcign_fast.cli import positive_int
+from dcign_fast.cli import positive_int, run_folder
 
 DEMO_OPTIONS = {
     "preset": "demo64",
@@ -23,7 +23,7 @@ DEMO_OPTIONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
+    parser.add_argument("--out", type=run_folder, default=Path("runs/demo"), help="run folder")
     parser.add_argument(
         "--steps", type=positive_int, help=f"training steps (default {DEMO_OPTIONS['steps']}; a resumed demo: its own)"
     )

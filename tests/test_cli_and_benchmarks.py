@@ -64,12 +64,21 @@ def test_ctrl_c_outside_training_is_one_line_and_130(debug, capsys, monkeypatch)
     assert run_reporting_errors("dcign-fast render", interrupted, None) == 130
     assert capsys.readouterr().err == "dcign-fast render: interrupted\n"
 
+    def twice(args):
+        raise KeyboardInterrupt("signal 2 received twice: stopping without a checkpoint")
+
+    assert run_reporting_errors("dcign-fast train", twice, None) == 130
+    assert "interrupted (signal 2 received twice: stopping without a checkpoint)" in capsys.readouterr().err
+
 
 def test_text_options_take_names_that_look_like_numbers():
+    """--set passes text options as typed: YAML read out=2024 as a number (refused), 007 as 7, 12:30 as 750."""
     from dcign_fast.train import TrainConfig
 
-    assert TrainConfig.parse_assignments(["out=2024"]) == {"out": 2024}  # YAML's reading
-    assert TrainConfig.from_dict({"out": 2024}).out == "2024"
+    for typed in ("2024", "007", "12:30", "1.50"):
+        assert TrainConfig().override([f"out={typed}"]).out == typed
+    with pytest.raises(TypeError, match="out must be str, got 2024 \\(quote it in a YAML file"):
+        TrainConfig.from_dict({"out": 2024})  # as a YAML file's out: 2024 reads
 
 
 @pytest.mark.parametrize("suite", sorted(bench.SUITES))
@@ -223,7 +232,9 @@ def test_device_check_script_names_what_exists():
     suites = re.findall(r"(\w+):(\d+):(\d+)", text.split("for suite in", 1)[1].split(";", 1)[0])
     assert suites and {name for name, _, _ in suites} == set(bench.SUITES)
     TrainConfig().override(re.findall(r"--set (\w+=\S+)", text))  # known options, each within its range
-    limits = [int(s) for s in re.findall(r"^step (?:--foreground )?[\w-]+ (\d+)", text, re.MULTILINE)]
+    limits = [int(s) for s in re.findall(r"^step (?:--foreground )?(?:--ok \d+ )?[\w-]+ (\d+)", text, re.MULTILINE)]
+    # The training run stops at its time limit: exit status 75, which must not fail the check.
+    assert re.search(r"^step --foreground --ok 75 train-paper150 .*time_limit_s=", text, re.MULTILINE | re.DOTALL)
     # Under 8 minutes with 20 s left for the start, packing the logs after each step and the report.
     assert len(limits) == 4 and sum(limits) + sum(int(limit) for _, limit, _ in suites) <= 8 * 60 - 20
     # The device tool returns at most 8 files from $OUT: one JSON per suite and the tarball of the rest.

@@ -639,12 +639,26 @@ def test_resume_starts_from_the_newest_checkpoint_and_drops_later_metrics(tmp_pa
     assert logged == [1, 2, 3, 4]
 
 
-def test_a_second_trainer_on_a_busy_run_folder_is_refused(tmp_path):
-    """Two trainers writing one folder would interleave their checkpoints; the lock goes with its holder."""
-    from dcign_fast.train.lock import run_folder_lock
-
-    trainer = Trainer(config(tmp_path, steps=2), render=blobs)
-    with run_folder_lock(tmp_path / "run"), pytest.raises(BlockingIOError, match="another trainer is writing"):
-        trainer.train()
-    assert not list_checkpoints(tmp_path / "run" / "checkpoints")
-    assert trainer.train().step == 2  # free again
+def test_a_trainer_on_a_run_folder_another_process_trains_in_is_refused(tmp_path):
+    """Two processes writing one folder would interleave their checkpoints; a new one would empty the
+    metrics. (Trainers of one process share the lock: they run one after another.)"""
+    Trainer(config(tmp_path, steps=2), render=blobs).train()
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    hold = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True); "
+        "time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "run" / ".lock")], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()
+        for resume in (False, True):
+            with pytest.raises(BlockingIOError, match="another trainer is writing"):
+                Trainer(config(tmp_path, steps=4), resume=resume, render=blobs)
+    finally:
+        holder.kill()
+        holder.wait()
+    # Refused before anything was read or trimmed (a new run's MetricsLog used to empty metrics.jsonl).
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    inspected = Trainer(config(tmp_path, steps=4), resume=True, render=blobs)  # free again; shared in-process
+    assert Trainer(config(tmp_path, steps=4), resume=True, render=blobs).train().step == 4
+    assert inspected.step == 2

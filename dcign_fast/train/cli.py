@@ -48,8 +48,8 @@ def resolve_options(defaults: TrainConfig, values: dict[str, object], resume: bo
 
 def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, TrainResult | None]:
     """Trains with the command line's exit codes: 0 done, 1 a non-finite loss (reported), 75 (EX_TEMPFAIL)
-    stopped at time_limit_s and 130 interrupted (a checkpoint was saved: relaunch with --resume). Returns
-    (exit code, trainer, result or None)."""
+    stopped at time_limit_s (0 under torchrun) and 130 interrupted (a checkpoint was saved: relaunch with
+    --resume). Returns (exit code, trainer, result or None)."""
     from dcign_fast.train.trainer import NonFiniteLossError, Trainer
 
     trainer = Trainer(config, resume=resume)
@@ -69,7 +69,9 @@ def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, Train
         trainer.close(together=False)
         raise
     trainer.close()
-    return (130 if result.interrupted else TIMED_OUT if result.timed_out else 0), trainer, result
+    # Not under torchrun: it counts any other status as a failure (and may restart the workers at once).
+    timed_out = result.timed_out and not trainer.world.distributed
+    return (130 if result.interrupted else TIMED_OUT if timed_out else 0), trainer, result
 
 
 def run(args: argparse.Namespace) -> int:

@@ -183,11 +183,10 @@ class TrainConfig:
             if expected is float:
                 value = _as_float(value)
                 setattr(self, f.name, value)
-            if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = str(value)  # YAML reads a folder named 2024 as a number
-                setattr(self, f.name, value)
             if expected is not None and (type(value) is not expected):
-                raise TypeError(f"{f.name} must be {f.type}, got {value!r}")
+                # YAML reads a folder named 2024 as a number (and 2024-01-05 as a date): quoted, it stays text.
+                hint = " (quote it in a YAML file: '...')" if expected is str else ""
+                raise TypeError(f"{f.name} must be {f.type}, got {value!r}{hint}")
         betas = tuple(map(_as_float, self.betas)) if isinstance(self.betas, (tuple, list)) else ()
         if len(betas) != 2 or not all(type(b) is float for b in betas):
             raise TypeError(f"betas must be two numbers, got {self.betas!r}")
@@ -247,7 +246,9 @@ class TrainConfig:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ValueError(f"--set expects key=value, got {item!r}")
-            values[key.strip()] = load_yaml(raw, f"--set {item}")
+            key = key.strip()
+            # Text options take the text as typed: YAML would read out=007 as the number 7, 12:30 as 750.
+            values[key] = raw if key in _TEXT_OPTIONS else load_yaml(raw, f"--set {item}")
         return values
 
     def updated(self, values: dict[str, Any]) -> TrainConfig:
@@ -257,3 +258,7 @@ class TrainConfig:
     def override(self, assignments: list[str]) -> TrainConfig:
         """A copy with ``key=value`` assignments applied (see :meth:`parse_assignments`)."""
         return self.updated(self.parse_assignments(assignments))
+
+
+# The options whose values are text: --set passes what was typed (see parse_assignments).
+_TEXT_OPTIONS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.type.split(" | ")[0] == "str")

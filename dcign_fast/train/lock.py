@@ -1,33 +1,49 @@
-"""One trainer per run folder: two writing the same ``<out>`` would interleave their checkpoints and logs."""
+"""One training process per run folder: two writing the same ``<out>`` would interleave their checkpoints and
+logs, and a second one starting would trim the first's metrics."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 LOCK_FILE = ".lock"
+# Folders this process holds: (the open lock file, how many holders). Trainers that one process builds on one
+# folder share its lock (they run one after another), where a lock per trainer would refuse the second.
+_HELD: dict[Path, tuple[IO, int]] = {}
 
 
 @contextlib.contextmanager
 def run_folder_lock(out: Path) -> Iterator[None]:
-    """Holds an exclusive lock on ``out/.lock`` (POSIX ``flock``) inside the block; a BlockingIOError naming
-    the folder when another process (or another trainer here) holds it. The lock goes with the process, so a
-    killed run never leaves the folder locked. Where ``fcntl`` is missing (Windows) nothing is locked."""
+    """Holds an exclusive lock on ``out/.lock`` (POSIX ``flock``) inside the block: a BlockingIOError naming
+    the folder when another process holds it. Re-entrant within this process. The lock goes with the process,
+    so a killed run never leaves the folder locked. Where ``fcntl`` is missing (Windows) nothing is locked."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    with open(out / LOCK_FILE, "a") as handle:
+    key = Path(out).resolve()
+    if key not in _HELD:
+        handle = open(key / LOCK_FILE, "a")  # noqa: SIM115 (held open past this call, closed on release)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             raise BlockingIOError(
                 f"out={out}: another trainer is writing this run folder (it holds {out / LOCK_FILE}); wait for it "
                 "to finish or choose another --out"
             ) from None
-        try:
-            yield
-        finally:
+        _HELD[key] = (handle, 0)
+    handle, holders = _HELD[key]
+    _HELD[key] = (handle, holders + 1)
+    try:
+        yield
+    finally:
+        handle, holders = _HELD.pop(key)
+        if holders > 1:
+            _HELD[key] = (handle, holders - 1)
+        else:
             fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()

@@ -80,6 +80,21 @@ class Trainer:
             if folder.exists() and not folder.is_dir():
                 raise NotADirectoryError(f"out={config.out}: {folder} is a file, where the run keeps a folder")
 
+        if self.world.is_main:  # now, before any work: an unwritable --out is found at once
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+        # Held from here to the end of train(): before this trainer reads checkpoints, trims metrics.jsonl or
+        # renders data, so a second one on a busy folder changes nothing in it.
+        self._folder_lock: contextlib.ExitStack | None = None
+        self._lock_run_folder()
+        try:
+            self._build(config, resume, render)
+        except BaseException:
+            self._unlock_run_folder()
+            raise
+
+    def _build(self, config: TrainConfig, resume: bool, render: Callable | None) -> None:
+        """The model, optimizer (restored on resume), data stream and metrics log."""
+        on_gpu = self.device.type == "cuda"
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model = DCIGN.from_preset(config.preset, backend=config.backend).to(self.device)
         if self.memory_format is not None:
@@ -98,9 +113,6 @@ class Trainer:
                 f"{self.checkpoints} already holds checkpoints; pass --resume to continue or choose another --out"
             )
 
-        if self.world.is_main:  # now, not after the data pool has rendered: an unwritable --out is found at once
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-
         self.net: torch.nn.Module = self.model
         if self.world.distributed:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if on_gpu else None)
@@ -113,6 +125,25 @@ class Trainer:
         self.log = MetricsLog(self.out, enabled=self.world.is_main, resume_step=self.step)
         self._signals_received: set[int] = set()  # a stop is requested once it holds one
         self._images_this_step = 0  # on this rank, for images/s
+
+    def _lock_run_folder(self) -> None:
+        """Takes the run folder's lock on the main rank, unless this trainer holds it; when another process
+        holds it, every rank raises the same BlockingIOError (not only the main rank, the others blocked)."""
+        busy: BlockingIOError | None = None
+        if self.world.is_main and self._folder_lock is None:
+            held = contextlib.ExitStack()
+            try:
+                held.enter_context(run_folder_lock(self.out))
+                self._folder_lock = held
+            except BlockingIOError as err:
+                busy = err
+        if all_agree(busy is not None, self.world, self.device):
+            raise busy or BlockingIOError(f"out={self.out}: another trainer is writing this run folder")
+
+    def _unlock_run_folder(self) -> None:
+        if self._folder_lock is not None:
+            self._folder_lock.close()
+            self._folder_lock = None
 
     def _restore(self, path: Path) -> None:
         weights, model_config, state = load_checkpoint(path)
@@ -202,9 +233,7 @@ class Trainer:
     def train(self) -> TrainResult:
         """Runs until ``config.steps``; returns where it stopped and the last checkpoint."""
         c = self.config
-        held = contextlib.ExitStack()
-        if self.world.is_main:  # the rank that writes the folder; refused before any signal handler is set
-            held.enter_context(run_folder_lock(self.out))
+        self._lock_run_folder()  # (released by an earlier train(): this one takes it again)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         checkpoint = None
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.world.is_main, desc="train", unit="step")
@@ -213,7 +242,8 @@ class Trainer:
             self.model.train()
             while self.step < c.steps:
                 if deadline is not None and all_agree(time.monotonic() > deadline, self.world, self.device):
-                    bar.write(f"time limit of {c.time_limit_s:.0f} s reached at step {self.step}")
+                    reached = f"time limit of {c.time_limit_s:.0f} s reached at step {self.step}"
+                    bar.write(f"{reached}; continue with --resume")
                     return TrainResult(self.step, self.save() or self._latest(), interrupted=False, timed_out=True)
                 if all_agree(bool(self._signals_received), self.world, self.device):
                     checkpoint = self.save()
@@ -259,12 +289,14 @@ class Trainer:
             self.log.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            held.close()
+            self._unlock_run_folder()
 
     def _latest(self) -> Path | None:
         existing = list_checkpoints(self.checkpoints)
         return existing[-1] if existing else None
 
     def close(self, together: bool = True) -> None:
-        """Leaves the process group (see close_world); ``together=False`` after an error on this rank alone."""
+        """Releases the run folder and leaves the process group (see close_world); ``together=False`` after an
+        error on this rank alone."""
+        self._unlock_run_folder()
         close_world(self.world, together)
