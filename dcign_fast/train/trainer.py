@@ -94,7 +94,6 @@ class Trainer:
 
     def _build(self, config: TrainConfig, resume: bool, render: Callable | None) -> None:
         """The model, optimizer (restored on resume), data stream and metrics log."""
-        on_gpu = self.device.type == "cuda"
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model = DCIGN.from_preset(config.preset, backend=config.backend).to(self.device)
         if self.memory_format is not None:
@@ -115,7 +114,8 @@ class Trainer:
 
         self.net: torch.nn.Module = self.model
         if self.world.distributed:
-            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if on_gpu else None)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=device_ids)
         if config.compile:
             self.net = torch.compile(self.net)
         kinds = None
