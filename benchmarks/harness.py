@@ -13,7 +13,8 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,8 +48,21 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass(frozen=True)
+class Step:
+    """A timed call that leaves state behind (gradients), and ``clear``, which drops it: peak_memory_mb clears
+    first, since a step that frees the previous step's gradients before making its own would otherwise be
+    measured from a base that still holds them, understating its peak by their size."""
+
+    call: Callable[[], object]
+    clear: Callable[[], None]
+
+    def __call__(self) -> object:
+        return self.call()
+
+
 def time_side_by_side(
-    variants: dict[str, Callable[[], object]], device: str, warmup: int = 2, repeats: int = 7
+    variants: Mapping[str, Callable[[], object]], device: str, warmup: int = 2, repeats: int = 7
 ) -> dict[str, float]:
     """Median wall time in milliseconds of each variant; variants alternate within every repeat."""
     for fn in variants.values():
@@ -104,13 +118,11 @@ class CompileBudget:
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     """Peak CUDA memory allocated while running ``fn`` once, above what was allocated before (None on CPU).
-
-    ``fn.reset`` (if it has one) runs first: a step that frees the previous step's gradients before making its
-    own would otherwise be measured from a base that still holds them, understating its peak by their size.
-    """
+    A :class:`Step` is cleared first."""
     if not device.startswith("cuda"):
         return None
-    getattr(fn, "reset", lambda: None)()
+    if isinstance(fn, Step):
+        fn.clear()
     synchronize(device)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -120,7 +132,7 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
 
 
 def compare(
-    variants: dict[str, Callable[[], object]],
+    variants: Mapping[str, Callable[[], object]],
     device: str,
     row: dict,
     baseline: str,
@@ -159,9 +171,9 @@ def compare(
     for name in [*ready, *notes]:
         if name in times:
             # No speedups when the baseline itself could not run (its row says why).
-            stats = {"median_ms": times[name]} | (
-                {"speedup": times[baseline] / times[name]} if baseline in times else {}
-            )
+            stats: dict[str, object] = {"median_ms": times[name]}
+            if baseline in times:
+                stats["speedup"] = times[baseline] / times[name]
             if name in graphed and device.startswith("cuda"):
                 stats["note"] = "peak memory not measurable: CUDA graph replays allocate nothing"
             else:

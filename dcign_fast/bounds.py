@@ -32,7 +32,7 @@ class Bounds:
         finite = "" if integer else " and finite"
         if not (integer or _fits_a_float(value)):
             raise ValueError(f"{name} must be {self}{finite}, got an int too large for a float")
-        if not self.admits(value):
+        if not self.admits(value):  # type: ignore[arg-type]  # a Real compares like a float
             raise ValueError(f"{name} must be {self}{finite}, got {value!r}")
 
     def __str__(self) -> str:

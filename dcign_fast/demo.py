@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     given = {"out": str(args.out), **({} if args.steps is None else {"steps": args.steps}), **assignments}
     config = resolve_options(TrainConfig.from_dict(DEMO_OPTIONS), given, args.resume)
     code, trainer, result = run_training(config, args.resume)
-    if code:
+    if code or result is None:  # (a result comes with code 0)
         return code
     model = trainer.model.eval()
     sampler = SweepSampler(size=model.config.image_size, device=trainer.device)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -43,6 +45,12 @@ def fusion_unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         return "the convolution's padding must be explicit zero padding"
     return fusion_bypassed_reason(upsample, conv)
+
+
+def explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """A fusable conv's padding as (rows, cols): fusion_unsupported_reason refused padding given by name."""
+    rows, cols = cast("tuple[int, int]", conv.padding)
+    return int(rows), int(cols)
 
 
 def fusion_bypassed_reason(upsample: nn.Module, conv: nn.Module) -> str:

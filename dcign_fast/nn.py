@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
 
 from dcign_fast.bounds import Bounds
-from dcign_fast.fusion import fusion_unsupported_reason
+from dcign_fast.fusion import explicit_padding, fusion_unsupported_reason
 from dcign_fast.ops._checks import check_activation, check_pair, check_scale_factor
 from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.latent_sampler import check_sample_latents_args, sample_latents
@@ -26,6 +27,12 @@ class UnpoolConv2d(nn.Module):
 
     Shapes: [N, C, H, W] -> [N, O, s*H + 2*ph - KH + 1, s*W + 2*pw - KW + 1].
     """
+
+    # Tensors, as nn.Conv2d declares them: from_modules shares a conv's parameters.
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    # Set by dcign_fast.patch on the layers it fuses: (the upsample's name, the upsample, the conv) to put back.
+    _unpatch: tuple[str, nn.Module, nn.Conv2d]
 
     def __init__(
         self,
@@ -53,9 +60,10 @@ class UnpoolConv2d(nn.Module):
         self.padding = check_pair("padding", padding, 0)
         self.scale_factor = check_scale_factor(scale_factor)
         self.backend = backend
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels, *self.kernel_size, device=device, dtype=dtype)
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,10 +103,12 @@ class UnpoolConv2d(nn.Module):
         reason = fusion_unsupported_reason(upsample, conv)
         if reason:
             raise ValueError(f"cannot fuse {upsample} + {conv}: {reason}")
-        scale = upsample.scale_factor  # a number or an (equal) pair: fusion_unsupported_reason checked
+        # a number or an (equal) pair of them: fusion_unsupported_reason checked
+        scale = cast("float | tuple[float, ...]", upsample.scale_factor)
         fused = cls(
-            conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.padding), conv.bias is not None,
-            backend, scale_factor=int(scale[0] if isinstance(scale, tuple) else scale), device="meta",
+            conv.in_channels, conv.out_channels, (conv.kernel_size[0], conv.kernel_size[1]), explicit_padding(conv),
+            conv.bias is not None, backend, scale_factor=int(scale[0] if isinstance(scale, tuple) else scale),
+            device="meta",
         )  # fmt: skip
         fused.weight, fused.bias = conv.weight, conv.bias  # (the meta placeholders go)
         return fused.train(conv.training)

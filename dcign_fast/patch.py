@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
 
-from dcign_fast.fusion import fusion_bypassed_reason, fusion_unsupported_reason
+from dcign_fast.fusion import explicit_padding, fusion_bypassed_reason, fusion_unsupported_reason
 from dcign_fast.nn import UnpoolConv2d
 from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.unpool_conv import unpool_conv2d
@@ -74,7 +75,10 @@ def _upsample_conv_pairs(module: nn.Module) -> list[tuple[str, nn.Sequential, st
     return pairs
 
 
-def _without_parameters(module: nn.Module) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def _without_parameters(module: ModuleT) -> ModuleT:
     """A deep copy of ``module`` whose own parameters are None: kept to rebuild it at unpatch, without
     holding (or saving) weights that the fused layer owns, and may replace, from now on."""
     return copy.deepcopy(module, memo={id(p): None for p in module.parameters(recurse=False)})
@@ -85,7 +89,8 @@ def _fuse(container: nn.Sequential, first: str, second: str, backend: str) -> No
     parameters and the upsample's slot an nn.Identity, so state_dict keys are unchanged. The replaced modules
     are kept in the fused layer's ``_unpatch`` (not registered as submodules, so state_dict and modules() are
     unchanged) for :func:`_unfuse`."""
-    up, conv = container._modules[first], container._modules[second]
+    # patch() matched the pair
+    up, conv = cast(nn.Upsample, container._modules[first]), cast(nn.Conv2d, container._modules[second])
     fused = UnpoolConv2d.from_modules(up, conv, backend)
     fused._unpatch = (first, up, _without_parameters(conv))
     container._modules[second] = fused
@@ -126,8 +131,10 @@ class _FusedUpsample2DForward:
         # the conv stays a visible submodule, and the fused op would bypass the change.
         if output_size is not None or args or kwargs or _upsample2d_config_reason(self.layer):
             return type(self.layer).forward(self.layer, hidden_states, output_size, *args, **kwargs)
-        conv = _upsample2d_conv(self.layer)
-        return unpool_conv2d(hidden_states, conv.weight, conv.bias, padding=conv.padding, backend=self.backend)
+        conv = cast(nn.Conv2d, _upsample2d_conv(self.layer))  # _upsample2d_config_reason found it fusable
+        return unpool_conv2d(
+            hidden_states, conv.weight, conv.bias, padding=explicit_padding(conv), backend=self.backend
+        )
 
 
 _NEAREST_X2 = nn.Upsample(scale_factor=2.0, mode="nearest")  # what Upsample2D's plain call upsamples by

@@ -440,6 +440,25 @@ def test_bf16_autocast_run(tmp_path):
     assert result.step == 2 and result.checkpoint.name == "step-00000002"
 
 
+@pytest.mark.slow
+def test_a_compiled_run_trains_as_the_eager_one_and_saves_plain_checkpoints(tmp_path):
+    # Adam with a huge epsilon is SGD: plain Adam would turn compile's rounding differences in near-zero
+    # gradients into full-size steps.
+    sgd = {"steps": 2, "adam_eps": 1e6, "lr": 1000.0, "accumulation": 2}
+    eager = weights(Trainer(config(tmp_path / "eager", **sgd), render=blobs).train().checkpoint)
+    compiled_run = Trainer(config(tmp_path / "compiled", compile=True, **sgd), render=blobs)
+    compiled = weights(compiled_run.train().checkpoint)
+    assert compiled.keys() == eager.keys()  # the model's own names, not the compiled wrapper's
+    torch.manual_seed(0)
+    initial = DCIGN.from_preset("demo64").state_dict()
+    for name in eager:
+        moved = (eager[name] - initial[name]).norm()
+        assert moved > 0, name
+        assert (compiled[name] - eager[name]).norm() < 1e-3 * moved, name
+    resumed = Trainer(config(tmp_path / "compiled", **{**sgd, "steps": 3}), resume=True, render=blobs)
+    assert resumed.train().step == 3  # an eager run continues a compiled one
+
+
 @pytest.mark.parametrize("precision", [True, False])
 def test_resume_keeps_the_precision_in_effect(tmp_path, precision):
     # bf16=None means "bf16 on a GPU": the checkpoint records what ran, so a run moved between devices

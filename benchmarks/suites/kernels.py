@@ -33,7 +33,7 @@ def short_kernel_name(name: str) -> str:
     return name[:90]
 
 
-def kernel_times(run: Callable[[], None], device: str, iterations: int) -> list[tuple[str, float, float]]:
+def kernel_times(run: Callable[[], object], device: str, iterations: int) -> list[tuple[str, float, float]]:
     """(kernel, milliseconds per iteration, calls per iteration) of ``iterations`` calls of ``run``, after two
     warm-up calls, largest first: device kernels on CUDA, operators' self CPU time on the CPU."""
     for _ in range(2):

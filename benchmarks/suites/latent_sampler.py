@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from benchmarks.harness import CompileBudget, compare
+from benchmarks.harness import CompileBudget, Step, compare
 from dcign_fast.kernels import cuda as cuda_extension
 from dcign_fast.ops.latent_sampler import sample_latents
 from dcign_fast.ops.reference import sample_latents_reference
@@ -52,16 +52,15 @@ def _reference(fn: Callable) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]
     return lambda mu, logvar, active: fn(mu, logvar, active, "mean", INVARIANCE, SEED)
 
 
-def _runner(fn: Callable, mu: torch.Tensor, logvar: torch.Tensor, active: torch.Tensor, grads) -> Callable[[], None]:
-    def reset() -> None:
+def _runner(fn: Callable, mu: torch.Tensor, logvar: torch.Tensor, active: torch.Tensor, grads) -> Step:
+    def clear() -> None:
         mu.grad = logvar.grad = None
 
     def run() -> None:
-        reset()
+        clear()
         torch.autograd.backward(fn(mu, logvar, active), grads)
 
-    run.reset = reset  # for peak_memory_mb: the previous call's gradients are not part of this call's peak
-    return run
+    return Step(run, clear)
 
 
 def _row(batch: int, dim: int) -> dict:

@@ -20,13 +20,14 @@ backends apply F.relu after the convolution, the triton backend fuses it).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
-from benchmarks.harness import CompileBudget, compare, time_side_by_side
+from benchmarks.harness import CompileBudget, Step, compare, time_side_by_side
 from dcign_fast.kernels import cuda as cuda_extension
 from dcign_fast.models import DCIGN
 from dcign_fast.nn import UnpoolConv2d
@@ -75,8 +76,10 @@ def same3_cases(batch: int) -> list[Case]:
     return cases
 
 
-def runner(module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], None]:
-    def reset() -> None:
+def runner(module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> Step:
+    """``module(x)``, without autograd when ``grad`` is None, else with its backward of ``grad``."""
+
+    def clear() -> None:
         x.grad = None
         for p in module.parameters():
             p.grad = None
@@ -86,17 +89,16 @@ def runner(module: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> Cal
             with torch.no_grad():
                 module(x)
             return
-        reset()
+        clear()
         module(x).backward(grad)
 
-    run.reset = reset  # for peak_memory_mb: the previous call's gradients are not part of this call's peak
-    return run
+    return Step(run, clear)
 
 
 def with_backend(module: nn.Module, backend: str) -> nn.Module:
     """``module`` routed through ``backend`` (a copy sharing the parameters)."""
     routed = copy.copy(module)
-    routed._modules = {k: with_backend(v, backend) for k, v in module._modules.items()}
+    routed._modules = {k: None if v is None else with_backend(v, backend) for k, v in module._modules.items()}
     if isinstance(routed, UnpoolConv2d):
         routed.backend = backend
     return routed
@@ -170,7 +172,7 @@ def is_goal_case(device: str, batch: int, dtype: torch.dtype, case: Case) -> boo
 
 def case_inputs(case: Case, device: str, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """(module, x [case.shape], grad of the output), channels_last on ``device`` in ``dtype``."""
-    module = case.module.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    module = case.module.to(device=device, dtype=dtype, memory_format=torch.channels_last)  # type: ignore[call-overload]
     x = torch.rand(case.shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         out_shape = module(x).shape
@@ -199,7 +201,8 @@ def _measure(
         # A fresh compile per case: the cases share UnpoolConv2d.forward's code, so after the first shape
         # dynamo would trace the next ones as dynamic, a slower graph than the baseline deserves.
         torch._dynamo.reset()
-        routed["compile"] = torch.compile(with_backend(module, "reference"), mode="max-autotune")
+        compiled = torch.compile(with_backend(module, "reference"), mode="max-autotune")
+        routed["compile"] = cast(nn.Module, compiled)  # an OptimizedModule
     for pass_name, backward in passes:
         g = grad if backward else None
         variants = {b: runner(m, x, g) for b, m in routed.items()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,21 +24,21 @@ from torch import nn
 import dcign_fast as dc
 from benchmarks.harness import CompileBudget, compare
 
-SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
-SMALL_VAE = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8}
+SD_VAE: dict[str, Any] = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
+SMALL_VAE: dict[str, Any] = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8}
 
 
-def _vae(config: dict, device: str, dtype: torch.dtype) -> nn.Module:
+def _vae(config: dict, device: str, dtype: torch.dtype) -> Any:  # a diffusers AutoencoderKL
     from diffusers import AutoencoderKL  # an optional dependency (the test extra): imported on use
 
     blocks = len(config["block_out_channels"])
-    vae = AutoencoderKL(
+    vae: Any = AutoencoderKL(  # (Any: diffusers' config decorator hides that it is an nn.Module)
         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks, **config
     )
     return vae.to(device=device, dtype=dtype).eval()
 
 
-def _upsample_inputs(vae: nn.Module, z: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+def _upsample_inputs(vae: Any, z: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """The name of each Upsample2D of the model with the input it receives during ``decode(z)``."""
     seen: list[tuple[str, torch.Tensor]] = []
     hooks = [
@@ -51,13 +52,13 @@ def _upsample_inputs(vae: nn.Module, z: torch.Tensor) -> list[tuple[str, torch.T
     return seen
 
 
-def _variants(vae: nn.Module, z: torch.Tensor, device: str, quick: bool) -> dict[str, dict[str, Callable[[], object]]]:
+def _variants(vae: Any, z: torch.Tensor, device: str, quick: bool) -> dict[str, dict[str, Callable[[], object]]]:
     """case -> variant name -> fn. The patched variants run a patched deep copy of the model."""
     layers = _upsample_inputs(vae, z)
     fused = copy.deepcopy(vae)
     dc.patch(fused)
 
-    def decode(model: Callable[[torch.Tensor], object]) -> Callable[[], object]:
+    def decode(model: Callable[[torch.Tensor], Any]) -> Callable[[], object]:
         return lambda: model(z).sample
 
     def upsample(model: nn.Module) -> Callable[[], object]:

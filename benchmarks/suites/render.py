@@ -8,6 +8,7 @@ three scans) at batch 20. Targets on a 2-core CPU: >= 500 img/s at 64 px, >= 240
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ def render_runner(device: str, size: int, batch: int, antialias: int = 1) -> tup
     """(a function that renders one batch of meshmonk at random poses and lights, its face count)."""
     mesh = load_asset("meshmonk").to(device)
     g = torch.Generator().manual_seed(0)
-    pose = {
+    pose: dict[str, Any] = {  # Any: render's other keywords take other types
         "azimuth": (torch.rand(batch, generator=g) * 2 - 1) * 1.5,
         "elevation": (torch.rand(batch, generator=g) * 2 - 1) * 0.4,
         "light_azimuth": (torch.rand(batch, generator=g) * 2 - 1) * 1.4,

@@ -12,6 +12,7 @@ import json
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def write_cache(batches: Iterable[Batch], out_dir: str | Path, batches_per_shard
 def _write_shard(out_dir: Path, number: int, batches: list[Batch]) -> dict:
     """One shard of ``batches`` (their images already uint8 [B, 1, S, S] on the CPU); returns its index entry."""
     name = f"shard_{number:05d}.npz"
-    arrays = {
+    arrays: dict[str, Any] = {
         "images": torch.cat([b[0][:, 0] for b in batches]).numpy(),
         "offsets": np.cumsum([0] + [len(b[0]) for b in batches]),
         "kinds": np.array([KINDS.index(b[2]) for b in batches], dtype=np.int8),

@@ -71,7 +71,7 @@ def read_grey(path: Path, size: int | None) -> np.ndarray:
     except (OSError, ValueError, SyntaxError) as err:
         raise DatasetError(f"cannot read image {path}: {err}") from err
     if size is not None and grey.shape != (size, size):
-        grey = np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR))
+        grey = np.asarray(Image.fromarray(grey).resize((size, size), Image.Resampling.BILINEAR))
     return np.clip(grey, 0.0, 1.0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ class Mesh:
 
     def to(self, device: torch.device | str) -> Mesh:
         """A copy with every tensor on ``device``."""
-        moved = {
+        moved: dict[str, Any] = {
             k: getattr(self, k).to(device) if getattr(self, k) is not None else None
             for k in ("vertices", "faces", "albedo", "texture", "uv", "face_uv")
         }

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -121,7 +122,11 @@ def grey_texture(mesh: RawMesh) -> np.ndarray:
     The photo is dark; its gain is set so that the skin of the central face (|x| < 0.25, -0.4 < y < 0.3
     in the canonical frame) has a median of SKIN_GREY, like the untextured templates' albedo.
     """
-    rgb = np.asarray(Image.open(mesh.texture_path).convert("RGB").resize((TEXTURE_SIZE, TEXTURE_SIZE), Image.LANCZOS))
+    if mesh.texture_path is None or mesh.uv is None or mesh.face_uv is None:
+        raise ValueError("grey_texture needs a mesh with a texture, uv and face_uv")
+    rgb = np.asarray(
+        Image.open(mesh.texture_path).convert("RGB").resize((TEXTURE_SIZE, TEXTURE_SIZE), Image.Resampling.LANCZOS)
+    )
     grey = rgb.astype(np.float64) @ np.array([0.21, 0.72, 0.07])
     x, y = mesh.vertices[mesh.faces, 0], mesh.vertices[mesh.faces, 1]  # [F, 3] corner coordinates
     skin_uv = mesh.uv[mesh.face_uv[(np.abs(x) < 0.25) & (y > -0.4) & (y < 0.3)]]
@@ -137,12 +142,12 @@ def prepare(source_dir: Path, out_dir: Path = ASSETS_DIR) -> list[Path]:
     written = []
     for name, (file_name, chin_y) in SOURCES.items():
         mesh = decimate(canonicalize(read_mesh(source_dir / file_name), chin_y))
-        arrays = {
+        arrays: dict[str, Any] = {
             "vertices": mesh.vertices.astype(np.float32),
             "faces": mesh.faces.astype(np.int32),
             "source": np.array(file_name),
         }
-        if mesh.texture_path is not None:
+        if mesh.texture_path is not None and mesh.uv is not None and mesh.face_uv is not None:
             arrays.update(
                 uv=mesh.uv.astype(np.float32),
                 face_uv=mesh.face_uv.astype(np.int32),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ def preview_grid(sampler: SweepSampler, path: str | Path, seed: int = 0, scale: 
         labels.append(_label(kind, {k: v.cpu() for k, v in factors.items()}))
     grid = (torch.cat(rows, dim=0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
-    label_height = max(measure.multiline_textbbox((0, 0), label)[3] for label in labels) + 12
+    label_height = math.ceil(max(measure.multiline_textbbox((0, 0), label)[3] for label in labels)) + 12
     scale = max(scale, -(-label_height // sampler.size))  # labels of neighbouring rows overlapped below ~40 px
     tile = sampler.size * scale
     picture = Image.fromarray(np.kron(grid, np.ones((scale, scale), dtype=np.uint8)))

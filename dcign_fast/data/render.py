@@ -250,7 +250,7 @@ def render(
     light = light_direction(light_azimuth, light_elevation).to(n.dtype)[b]
     shade = ambient + (1.0 - ambient) * (n * light).sum(-1).clamp(min=0)
 
-    if texture is not None:
+    if texture is not None and uv is not None and face_uv is not None:  # (all or none, checked above)
         tex_uv = (uv[face_uv[f]] * bary[..., None]).sum(1)  # [N, 2]
         grid = torch.stack([tex_uv[:, 0] * 2 - 1, 1 - tex_uv[:, 1] * 2], -1).view(1, 1, -1, 2)
         rho = F.grid_sample(texture[None, None].to(grid.dtype), grid, align_corners=False).view(-1)

@@ -191,7 +191,10 @@ class SweepSampler:
             images[rows.to(self.device)] = render(
                 vertices[0] if shared else vertices,
                 mesh.faces,
-                **{k: factors[key][rows].to(self.device) for k, key in _RENDER_ARGS.items()},
+                azimuth=factors["azimuth"][rows].to(self.device),
+                elevation=factors["elevation"][rows].to(self.device),
+                light_azimuth=factors["light"][rows].to(self.device),
+                light_elevation=factors["light_elevation"][rows].to(self.device),
                 size=self.size,
                 albedo=mesh.albedo,
                 gain=ident.gain[rows].to(self.device),
@@ -203,11 +206,3 @@ class SweepSampler:
                 antialias=self.antialias,
             )
         return images
-
-
-_RENDER_ARGS = {
-    "azimuth": "azimuth",
-    "elevation": "elevation",
-    "light_azimuth": "light",
-    "light_elevation": "light_elevation",
-}

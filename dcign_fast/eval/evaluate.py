@@ -50,8 +50,9 @@ def evaluate(
             batch = sampler.batch
         groups = model.config.latent_groups
         results: dict = {"correlation": {}, "best_single_latent": {}, "sweeps_per_group": sweeps}
-        scatter = {}
-        pooled_mu, pooled_factors = [], {}
+        scatter: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        pooled_mu: list[torch.Tensor] = []
+        pooled_factors: dict[str, list[torch.Tensor]] = {}
         for kind in (*EXTRINSIC, "intrinsic"):
             encoded = encode_sweeps(model, batch, kind, sweeps, seed + len(scatter))
             if kind in EXTRINSIC:

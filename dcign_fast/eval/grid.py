@@ -27,7 +27,7 @@ def grid_image(rows: list[torch.Tensor], labels: list[str], scale: int = 1) -> I
         pixels = (row.detach().float().clamp(0, 1).cpu() * 255).round().to(torch.uint8)
         for j, image in enumerate(pixels):
             array = image.expand(3, -1, -1).permute(1, 2, 0).numpy()  # grey -> RGB; RGB unchanged
-            tile = Image.fromarray(np.ascontiguousarray(array)).resize((size, size), Image.NEAREST)
+            tile = Image.fromarray(np.ascontiguousarray(array)).resize((size, size), Image.Resampling.NEAREST)
             canvas.paste(tile, (LABEL_WIDTH + j * (size + PAD), top))
     return canvas
 

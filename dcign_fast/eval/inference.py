@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from dcign_fast.models.dcign import DCIGN
 
 
 @contextlib.contextmanager
@@ -27,7 +31,7 @@ def model_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return images.to(device=weight.device, dtype=weight.dtype)
 
 
-def require_groups(model: nn.Module, names: tuple[str, ...], caller: str) -> None:
+def require_groups(model: DCIGN, names: tuple[str, ...], caller: str) -> None:
     """A ValueError unless the model's config has every latent group in ``names``."""
     missing = [name for name in names if name not in model.config.latent_groups]
     if missing:

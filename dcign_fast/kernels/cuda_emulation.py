@@ -98,6 +98,7 @@ def build(cache_dir: Path | None = None) -> Path:
 def load() -> ModuleType:
     """The emulated extension module (built on first use)."""
     spec = importlib.util.spec_from_file_location("_C", build())
+    assert spec is not None and spec.loader is not None  # a path ending in .so always has a spec and a loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -41,9 +41,11 @@ def _column_means(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def _philox_args(seed: philox.Value, offset: philox.Value) -> tuple[int, int, int, int]:
     """(seed, offset, seed pointer, offset pointer) of a launch: the values, or 0-d device tensors holding them
     (read by the kernels)."""
-    if isinstance(seed, torch.Tensor):
+    if isinstance(seed, torch.Tensor) and isinstance(offset, torch.Tensor):
         return 0, 0, seed.data_ptr(), offset.data_ptr()
-    return seed, offset, 0, 0
+    if isinstance(seed, int) and isinstance(offset, int):
+        return seed, offset, 0, 0
+    raise TypeError(f"seed and offset must both be ints or both tensors, got {type(seed)} and {type(offset)}")
 
 
 def sampler_forward(

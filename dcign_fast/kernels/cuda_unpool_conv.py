@@ -25,7 +25,7 @@ _GRAD_WEIGHT_TILE = 64  # channel tile of the grad-weight kernel (csrc/unpool_co
 _SPLIT_GRANULE = 256  # output positions per grad-weight split, at least
 
 
-def _view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
+def _view(t: torch.Tensor) -> tuple[int, ...]:
     """(pointer, strides n, c, h, w); a dimension of extent 1 gets stride 0 (never stepped along, and then it
     cannot keep the kernels from loading 16-byte vectors)."""
     return (t.data_ptr(), *(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())))

@@ -79,7 +79,7 @@ def cudnn_allows_tf32() -> bool:
     try:
         return bool(torch.backends.cudnn.allow_tf32)
     except RuntimeError:
-        return torch.backends.cudnn.conv.fp32_precision == "tf32"
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"  # type: ignore[attr-defined]  # not in torch's stubs
 
 
 def uses_tf32(dtype: torch.dtype) -> bool:

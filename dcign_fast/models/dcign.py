@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -296,7 +296,7 @@ class DCIGN(nn.Module):
     def _decoder_memory_format(self) -> torch.memory_format:
         """channels_last if the decoder's weights were made so. Their exact strides tell, not is_contiguous,
         which holds in both formats for a 1x1 kernel."""
-        weight = self.decoder[0].weight
+        weight = cast(torch.Tensor, self.decoder[0].weight)  # an UnpoolConv2d's or a Conv2d's
         _, c, kh, kw = weight.shape
         return torch.channels_last if weight.stride() == (kh * kw * c, 1, kw * c, c) else torch.contiguous_format
 

@@ -33,12 +33,11 @@ def check_like(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -
 def check_pair(name: str, value: object, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= minimum, as a pair."""
     pair = (value, value) if isinstance(value, int) else value
-    ok = (
+    if not (
         isinstance(pair, (tuple, list))
         and len(pair) == 2
         and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)
-    )
-    if not ok:
+    ):
         raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return int(pair[0]), int(pair[1])
 

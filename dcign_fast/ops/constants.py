@@ -8,6 +8,7 @@ happens at the first call (the warm-up, outside any capture) and never again.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 
@@ -18,6 +19,6 @@ def constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.tensor(values, dtype=dtype).to(device)
 
 
-def one_hot_rows(index: tuple[int, ...], classes: int) -> tuple[tuple[int, ...], ...]:
+def one_hot_rows(index: Sequence[int], classes: int) -> tuple[tuple[int, ...], ...]:
     """[classes, len(index)] 0/1 rows: entry (m, u) is 1 where index[u] == m."""
     return tuple(tuple(int(i == m) for i in index) for m in range(classes))

@@ -58,7 +58,7 @@ def transformable(name: str, op, setup_context, backward) -> Callable:
             "(torch.autograd.grad, torch.func.jacrev)"
         )
 
-    function = type(
+    function: type[torch.autograd.Function] = type(
         f"{name}_function",
         (torch.autograd.Function,),
         {

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -244,6 +244,8 @@ def seed_offset(seed: int | None, rng: torch.Tensor | None) -> tuple[philox.Valu
     (:func:`draw_rng`): 0-d views of a CUDA tensor (read by the kernels there), ints from any other."""
     if seed is not None:
         return seed % 2**64, 0
+    if rng is None:
+        raise ValueError("seed_offset takes rng (draw_rng's pair) when seed is None")
     if rng.device.type == "cuda":
         return rng[0], rng[1]  # a read on the host would wait for the GPU, and be frozen into a captured graph
     drawn, offset = rng.tolist()
@@ -284,7 +286,7 @@ def check_vmap_randomness(seed: int | None, backend: str) -> None:
 
 
 def check_sample_latents_args(
-    mu: object, logvar: object, active: object, clamp: object, invariance: object, seed: object
+    mu: object, logvar: object, active: object, clamp: object, invariance: Any, seed: object
 ) -> None:
     """Validates every argument; each error names the argument and what was expected."""
     mu = check_tensor("mu", mu, 2, "[batch, latents]")
@@ -358,16 +360,19 @@ def sample_latents(
         raise ValueError(f"backend={name!r} takes float16, bfloat16 or float32 mu and logvar, got float64")
     if name == "reference":
         rng = draw_rng(mu.device) if seed is None else None
+        key: philox.Value
+        offset: philox.Value
         if torch.compiler.is_compiling():
             # As 0-d tensors on mu's device: Inductor mistypes integer ops between a tensor and a symbolic int seed
             # (invalid C++), and rng read on the host would be a sync (its draw still breaks fullgraph).
             if seed is not None:  # as_int64 would need 2**64, which Inductor cannot print as an int64 either
                 torch._check(seed <= 2**63 - 1, lambda: "torch.compile of backend='reference' takes seeds < 2**63")
                 rng = torch.tensor([seed, 0], dtype=torch.int64, device=mu.device)
-            seed, offset = rng[0], rng[1]
+            assert rng is not None  # drawn above when seed is None
+            key, offset = rng[0], rng[1]
         else:
-            seed, offset = seed_offset(seed, rng)
-        return sample_latents_reference(mu, logvar, active, clamp, invariance, seed, offset)
+            key, offset = seed_offset(seed, rng)
+        return sample_latents_reference(mu, logvar, active, clamp, invariance, key, offset)
     check_no_forward_ad("sample_latents", name, mu, logvar)
     if seed is not None:
         seed = as_int64(seed)

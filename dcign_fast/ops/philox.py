@@ -35,7 +35,7 @@ definition (``normal``, checked against Random123's known answers); the torch ba
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Any, Union
 
 import torch
 
@@ -159,7 +159,7 @@ def _xor_hi(product: Value, other: Value, key: Value) -> Value:
 def _x0x1(c0: torch.Tensor, c1: Value, key: tuple[Value, Value]) -> tuple[torch.Tensor, torch.Tensor]:
     """Philox4x32-10 of counters (c0, c1, 0, 0): the output words x0, x1 as int64 tensors whose low 32 bits are
     the words (the high bits may hold garbage). ``c0`` holds clean words; ``c1`` is a tensor or one int for all."""
-    c: list[torch.Tensor | int | None] = [c0, c1, 0, 0]
+    c: list[Any] = [c0, c1, 0, 0]  # each a tensor, an int, or None (a word never read again)
     for r, (k0, k1) in enumerate(round_keys(key)):
         # A product is an int when its word is; a zero word's product is 0 (round 1's c2). Only x0 and x1 are
         # output, so the last round skips c2, c3 (and p0) and the one before skips c0 (None: never read).

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 from collections import defaultdict
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -269,28 +269,28 @@ def check_unpool_conv_args(x: object, weight: object, bias: object, padding: obj
     if min(x.shape[2:]) < 1:  # padding alone would make an output of bias only, which F.conv2d refuses
         raise ValueError(f"x must have height and width >= 1, got shape {tuple(x.shape)}")
     pad = check_pair("padding", padding, 0)
-    check_scale_factor(scale_factor)
+    scale = check_scale_factor(scale_factor)
     for axis, size, k, p in (
         ("height", x.shape[2], weight.shape[2], pad[0]),
         ("width", x.shape[3], weight.shape[3], pad[1]),
     ):
-        if output_size(size, k, p, scale_factor) < 1:
+        if output_size(size, k, p, scale) < 1:
             raise ValueError(
-                f"output {axis} would be {output_size(size, k, p, scale_factor)}: input {axis} {size} x "
-                f"scale_factor {scale_factor} + 2 x padding {p} is smaller than the kernel ({k})"
+                f"output {axis} would be {output_size(size, k, p, scale)}: input {axis} {size} x "
+                f"scale_factor {scale} + 2 x padding {p} is smaller than the kernel ({k})"
             )
     return pad
 
 
-def _autocast_inputs(x: object, weight: object, bias: object) -> tuple[object, object, object]:
+def _autocast_inputs(x: Any, weight: Any, bias: Any) -> tuple[Any, Any, Any]:
     """The inputs cast to the autocast dtype when autocast is on for x's device, as autocast casts
-    F.conv2d's: floating tensors other than float64."""
+    F.conv2d's: floating tensors other than float64. Any: the inputs are not checked yet."""
     # meta tensors (shape inference) have no autocast state to ask about
     if not isinstance(x, torch.Tensor) or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(x.device.type)
 
-    def cast(t: object) -> object:
+    def cast(t: Any) -> Any:
         eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
         return t.to(dtype) if eligible else t
 

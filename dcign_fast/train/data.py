@@ -33,6 +33,7 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
     from dcign_fast.data.cache import SweepCache, is_cache
     from dcign_fast.data.folders import SweepFolders
 
+    dataset: SweepCache | SweepFolders
     if is_cache(config.data):
         dataset = SweepCache(config.data, keep_shards=True)
         if dataset.size != image_size:  # a cache is read as stored: resizing every batch would cost more

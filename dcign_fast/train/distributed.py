@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +48,12 @@ def close_world(world: World, together: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def mean_over_ranks(values: dict[str, object], world: World, device: torch.device) -> dict[str, object]:
+def mean_over_ranks(values: Mapping[str, float | str], world: World, device: torch.device) -> dict[str, float | str]:
     """``values`` with each float replaced by its mean over the ranks and each string by the ranks' strings
     joined with "+" in rank order, as one process accumulating their sweeps logs its batch kinds (every rank
     must call this)."""
     if not world.distributed:
-        return values
+        return dict(values)
     names = [k for k, v in values.items() if isinstance(v, float)]
     t = torch.tensor([values[k] for k in names], device=device, dtype=torch.float64)
     dist.all_reduce(t)

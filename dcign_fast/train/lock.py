@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 LOCK_FILE = ".lock"
 # Folders this process holds: (the open lock file, how many holders). Trainers that one process builds on one
 # folder share its lock (they run one after another), where a lock per trainer would refuse the second.
-_HELD: dict[Path, tuple[IO, int]] = {}
+_HELD: dict[Path, tuple[IO[Any], int]] = {}
 
 
 @contextlib.contextmanager
@@ -26,7 +26,7 @@ def run_folder_lock(out: Path) -> Iterator[None]:
         return
     key = Path(out).resolve()
     if key not in _HELD:
-        handle = open(key / LOCK_FILE, "a")  # noqa: SIM115 (held open past this call, closed on release)
+        handle: IO[Any] = open(key / LOCK_FILE, "a")  # noqa: SIM115 (held open past this call, closed on release)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

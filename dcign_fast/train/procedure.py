@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
 from dcign_fast.data.sweeps import KINDS
+from dcign_fast.models.dcign import DCIGN
 from dcign_fast.train.config import TrainConfig
 
 
@@ -30,7 +33,7 @@ def batch_loss(
     model: nn.Module, images: torch.Tensor, kind: str, config: TrainConfig, seed: int, plain: bool
 ) -> dict[str, torch.Tensor]:
     """The loss of one batch: clamped + invariance for a one-factor batch, a plain VAE when ``plain``."""
-    core = model.module if hasattr(model, "module") else model  # DDP wraps the model
+    core = cast(DCIGN, model.module if hasattr(model, "module") else model)  # DDP wraps the model
     active = None
     if not plain:
         active = active_mask(core.config.latent_groups, kind, core.config.latent_dim).to(images.device)

@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -97,7 +97,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model = DCIGN.from_preset(config.preset, backend=config.backend).to(self.device)
         if self.memory_format is not None:
-            self.model = self.model.to(memory_format=self.memory_format)
+            self.model = self.model.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # not in the stubs
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr, betas=config.betas, eps=config.adam_eps
         )
@@ -113,11 +113,12 @@ class Trainer:
             )
 
         self.net: torch.nn.Module = self.model
+        self.ddp: DistributedDataParallel | None = None
         if self.world.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=device_ids)
+            self.net = self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         if config.compile:
-            self.net = torch.compile(self.net)
+            self.net = cast(torch.nn.Module, torch.compile(self.net))  # an OptimizedModule, wrapping the DDP one
         kinds = None
         if render is None:
             render, kinds = default_source(config, self.model.config.image_size, self.device)
@@ -203,7 +204,7 @@ class Trainer:
             raise KeyboardInterrupt(f"signal {signum} received twice: stopping without a checkpoint")
         self._signals_received.add(signum)
 
-    def _forward_backward(self, step: int) -> dict[str, float] | None:
+    def _forward_backward(self, step: int) -> dict[str, float | str] | None:
         """Gradients of one optimizer step; None if the loss was not finite on some rank."""
         c = self.config
         plain = not c.disentangle or step < c.pretrain_steps
@@ -215,8 +216,9 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             if self.memory_format is not None:
                 images = images.contiguous(memory_format=self.memory_format)
-            sync = micro == c.accumulation - 1 or not isinstance(self.net, DistributedDataParallel)
-            with contextlib.nullcontext() if sync else self.net.no_sync():
+            # All-reduced at the last micro-batch only (the DDP module's no_sync holds under compile's wrapper too).
+            unsynced = self.ddp if micro < c.accumulation - 1 else None
+            with contextlib.nullcontext() if unsynced is None else unsynced.no_sync():
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     losses = batch_loss(self.net, images, kind, c, latent_seed(c.seed, step, shard), plain)
                 if all_agree(not torch.isfinite(losses["total"]).item(), self.world, self.device):
@@ -226,9 +228,8 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + value.item() / c.accumulation
             kinds.append(kind)
             images_seen += len(images)
-        sums["kind"] = "+".join(kinds)
         self._images_this_step = images_seen  # folder sweeps need not hold batch_size images
-        return sums
+        return {**sums, "kind": "+".join(kinds)}
 
     def train(self) -> TrainResult:
         """Runs until ``config.steps``; returns where it stopped and the last checkpoint."""

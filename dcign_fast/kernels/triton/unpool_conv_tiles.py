@@ -3,6 +3,7 @@ position indexing (``@triton.jit`` helpers), and the GEMM kernels' autotune conf
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
 import triton
@@ -17,7 +18,7 @@ def config(names: tuple[str, ...], option: tuple[int, ...]) -> triton.Config:
 
 
 def autotune_configs(
-    names: tuple[str, ...], options: list[tuple[int, ...]], interpreted: tuple[int, ...]
+    names: tuple[str, ...], options: Sequence[tuple[int, ...]], interpreted: tuple[int, ...]
 ) -> list[triton.Config]:
     """The autotune configs of ``options``. The interpreter cannot time configs and runs one Python step per
     program: it gets the single config ``interpreted`` (block sizes only), a big tile (the tests force each

@@ -1,0 +1,28 @@
+"""The tree stays ruff-clean, and the package and benchmarks mypy-clean (the package ships py.typed: its hints
+are part of its API). Both tools come pinned with the ``test`` extra; their settings are pyproject.toml's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_tool(module: str, *args: str) -> None:
+    pytest.importorskip(module, reason=f"{module} comes with the test extra: pip install -e '.[test]'")
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args", [("check", "."), ("format", "--check", ".")], ids=["check", "format"])
+def test_ruff(args):
+    run_tool("ruff", *args)
+
+
+@pytest.mark.slow
+def test_mypy():
+    run_tool("mypy")
