@@ -288,26 +288,26 @@ def _fake_cuda_memory(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
 def test_peak_memory_is_counted_without_the_previous_calls_gradients(monkeypatch):
     """A step frees the last step's gradients, then makes a workspace and new ones: measured from a base that
     still held the old gradients, its peak came out short by their size (near 0 for a fused layer)."""
-    from benchmarks.harness import compare, peak_memory_mb
+    from benchmarks.harness import Step, compare, peak_memory_mb
 
     alloc, mib = _fake_cuda_memory(monkeypatch), 2**20
     held = {"grads": False}
 
-    def reset() -> None:
+    def clear() -> None:
         if held["grads"]:
             alloc(-100 * mib)
             held["grads"] = False
 
-    def step() -> None:
-        reset()
+    def call() -> None:
+        clear()
         alloc(50 * mib)  # workspace
         alloc(100 * mib)  # gradients, kept after the call
         alloc(-50 * mib)
         held["grads"] = True
 
-    step()
-    assert peak_memory_mb(step, "cuda") == 50  # without the hook: the gradients' 100 MiB go missing
-    step.reset = reset
+    call()
+    assert peak_memory_mb(call, "cuda") == 50  # a plain call: the gradients' 100 MiB go missing
+    step = Step(call, clear)
     assert peak_memory_mb(step, "cuda") == 150
     # A variant replaying CUDA graphs allocates nothing on replay: no peak is reported for it, only why.
     rows = compare({"eager": step, "graphed": step}, "cuda", {"case": "c"}, "eager", 1, 1, graphed=("graphed",))
