@@ -16,6 +16,20 @@ REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch
 EXTREME_WORDS = (0, 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1)
 
 
+def assert_trained_alike(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Both are demo64 state dicts trained from seed 0's initial weights: every tensor of ``expected`` moved,
+    and ``weights`` lie within 1e-3 of that move of it (the same training, up to rounding)."""
+    from dcign_fast.models import DCIGN
+
+    torch.manual_seed(0)
+    initial = DCIGN.from_preset("demo64").state_dict()
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        moved = (expected[name] - initial[name]).norm()
+        assert moved > 0, name
+        assert (weights[name] - expected[name]).norm() < 1e-3 * moved, name
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64; NaN anywhere gives inf."""
     a, e = actual.double(), expected.double()

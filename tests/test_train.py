@@ -22,6 +22,7 @@ from dcign_fast.models import DCIGN
 from dcign_fast.train import TrainConfig, Trainer
 from dcign_fast.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from dcign_fast.train.data import default_source
+from tests.helpers import assert_trained_alike
 
 FAST = ["batch_size=4", "log_every=1", "image_every=1000", "threads=1", "device=cpu"]
 
@@ -447,14 +448,8 @@ def test_a_compiled_run_trains_as_the_eager_one_and_saves_plain_checkpoints(tmp_
     sgd = {"steps": 2, "adam_eps": 1e6, "lr": 1000.0, "accumulation": 2}
     eager = weights(Trainer(config(tmp_path / "eager", **sgd), render=blobs).train().checkpoint)
     compiled_run = Trainer(config(tmp_path / "compiled", compile=True, **sgd), render=blobs)
-    compiled = weights(compiled_run.train().checkpoint)
-    assert compiled.keys() == eager.keys()  # the model's own names, not the compiled wrapper's
-    torch.manual_seed(0)
-    initial = DCIGN.from_preset("demo64").state_dict()
-    for name in eager:
-        moved = (eager[name] - initial[name]).norm()
-        assert moved > 0, name
-        assert (compiled[name] - eager[name]).norm() < 1e-3 * moved, name
+    # (under the model's own names, not the compiled wrapper's)
+    assert_trained_alike(weights(compiled_run.train().checkpoint), eager)
     resumed = Trainer(config(tmp_path / "compiled", **{**sgd, "steps": 3}), resume=True, render=blobs)
     assert resumed.train().step == 3  # an eager run continues a compiled one
 
