@@ -91,7 +91,9 @@ def _phase_groups(h: int, w: int, kh: int, kw: int, padding: Padding, scale_fact
     ]
 
 
-def _phase_slices(r: AxisPhase, c: AxisPhase, pad_r: int, pad_c: int, k: int, o: int, scale_factor: int):
+def _phase_slices(
+    r: AxisPhase, c: AxisPhase, pad_r: int, pad_c: int, k: int, o: int, scale_factor: int
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """(where phase (r, c) sits in its group's convolution output, where it goes in the full output)."""
     r0, c0 = r.first_offset + pad_r, c.first_offset + pad_c
     conv = (slice(None), slice(k * o, (k + 1) * o), slice(r0, r0 + r.count), slice(c0, c0 + c.count))
@@ -185,7 +187,14 @@ def unpool_conv2d_torch_backward(
     return grad_x, grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(weight.dtype)
 
 
-def _reference(x, weight, bias, padding, scale_factor, activation=None):
+def _reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: Padding,
+    scale_factor: int,
+    activation: str | None = None,
+) -> torch.Tensor:
     return _activate(unpool_conv2d_reference(x, weight, bias, padding, scale_factor), activation)
 
 
@@ -196,10 +205,26 @@ def _kernel_backend(
     and BACKWARDS' signatures, imported at their first call (importing dcign_fast needs neither triton nor
     the compiled extension)."""
 
-    def run_forward(x, weight, bias, padding, scale_factor, activation=None):
+    def run_forward(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        padding: Padding,
+        scale_factor: int,
+        activation: str | None = None,
+    ) -> torch.Tensor:
         return getattr(importlib.import_module(module), forward)(x, weight, bias, padding, scale_factor, activation)
 
-    def run_backward(grad_out, x, weight, out, has_bias, padding, scale_factor, activation) -> Grads:
+    def run_backward(
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        out: torch.Tensor | None,
+        has_bias: bool,
+        padding: Padding,
+        scale_factor: int,
+        activation: str | None,
+    ) -> Grads:
         # scale_factor is 2: the forward refused any other.
         kernels = importlib.import_module(module)
         return getattr(kernels, backward)(grad_out, x, weight, out, has_bias, padding, activation)

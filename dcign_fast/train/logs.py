@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dcign_fast.eval.grid import save_grid
 from dcign_fast.eval.inference import eval_mode
 from dcign_fast.eval.rerender import sweep_grid
+
+if TYPE_CHECKING:
+    from dcign_fast.models import DCIGN
+    from dcign_fast.train.data import BatchStream
 
 
 class MetricsLog:
@@ -59,7 +64,7 @@ def _step(line: str) -> int:
 
 
 @torch.no_grad()
-def save_progress_images(model, stream, folder: Path, step: int, device: torch.device) -> None:
+def save_progress_images(model: DCIGN, stream: BatchStream, folder: Path, step: int, device: torch.device) -> None:
     """Reconstructions of one fixed batch per kind, and the sweeps of one fixed image."""
     with eval_mode(model):
         batches = {kind: _fixed_batch(stream, kind) for kind in stream.kinds}
@@ -76,6 +81,6 @@ def save_progress_images(model, stream, folder: Path, step: int, device: torch.d
         sweep_grid(model, face[len(face) // 2], folder / f"sweeps-{step:08d}.png", references=references)
 
 
-def _fixed_batch(stream, kind: str) -> torch.Tensor:
+def _fixed_batch(stream: BatchStream, kind: str) -> torch.Tensor:
     generator = torch.Generator().manual_seed(12345)
     return stream.render(kind, generator)[0]
