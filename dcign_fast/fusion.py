@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from typing import cast
-
 from torch import nn
 from torch.nn.utils import parametrize
+
+from dcign_fast.ops._checks import check_pair
 
 # The hooks nn.Module.__call__ and state_dict run; a fused layer bypasses the replaced modules', so
 # modules with any of them are not fused.
@@ -48,9 +48,9 @@ def fusion_unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
 
 
 def explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
-    """A fusable conv's padding as (rows, cols): fusion_unsupported_reason refused padding given by name."""
-    rows, cols = cast("tuple[int, int]", conv.padding)
-    return int(rows), int(cols)
+    """A fusable conv's padding as (rows, cols): an int or a pair (set after construction, it may be an int;
+    fusion_unsupported_reason refused padding given by name)."""
+    return check_pair("padding", conv.padding, 0)
 
 
 def fusion_bypassed_reason(upsample: nn.Module, conv: nn.Module) -> str:

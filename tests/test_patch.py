@@ -328,6 +328,21 @@ def test_upsample2d_with_another_kernel_and_padding_matches_unpatched():
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_conv_padding_set_to_an_int_after_construction_is_fused():
+    # nn.Conv2d keeps a pair, but F.conv2d takes an int too, so a conv whose padding was set later still runs.
+    Upsample2D = _upsample2d_class()
+    layer = Upsample2D(4, use_conv=True, out_channels=4)
+    layer.conv.padding = 1
+    conv = nn.Conv2d(4, 3, 3)
+    conv.padding = 1
+    pair = nn.Sequential(nn.Upsample(scale_factor=2), conv)
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        expected = layer(x), pair(x)
+        assert dc.patch(layer).replaced == ["(root)"] and dc.patch(pair).replaced == ["0 + 1"]
+        torch.testing.assert_close((layer(x), pair(x)), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_root_upsample2d_is_reported_by_a_name():
     Upsample2D = _upsample2d_class()
 

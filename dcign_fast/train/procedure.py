@@ -29,11 +29,17 @@ def active_mask(latent_groups: dict[str, tuple[int, int]], kind: str, latent_dim
     return mask
 
 
+def unwrap(model: nn.Module) -> DCIGN:
+    """The DCIGN inside torch.compile's and DistributedDataParallel's wrappers (either, both or none)."""
+    inner = getattr(model, "_orig_mod", model)
+    return cast(DCIGN, getattr(inner, "module", inner))
+
+
 def batch_loss(
     model: nn.Module, images: torch.Tensor, kind: str, config: TrainConfig, seed: int, plain: bool
 ) -> dict[str, torch.Tensor]:
     """The loss of one batch: clamped + invariance for a one-factor batch, a plain VAE when ``plain``."""
-    core = cast(DCIGN, model.module if hasattr(model, "module") else model)  # DDP wraps the model
+    core = unwrap(model)
     active = None
     if not plain:
         active = active_mask(core.config.latent_groups, kind, core.config.latent_dim).to(images.device)
