@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.suites import latent_sampler, ops, render, train
+from benchmarks.suites import latent_sampler, render, train, unpool_cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUICK = os.environ.get("DCIGN_BENCH_QUICK", "0") == "1"
@@ -29,14 +29,14 @@ def _sync(fn):
     return run
 
 
-@pytest.mark.parametrize("backend", ops.backends_for(DEVICE))
+@pytest.mark.parametrize("backend", unpool_cases.backends_for(DEVICE))
 def test_decoder_forward_backward(benchmark, backend):
     batch = 4 if QUICK else 20
-    case = ops.paper150_cases(batch)[-1]
-    module, x, grad = ops.case_inputs(case, DEVICE, torch.float32)  # channels_last, as the ops suite times it
-    module = ops.with_backend(module, backend)
+    case = unpool_cases.paper150_cases(batch)[-1]
+    module, x, grad = unpool_cases.case_inputs(case, DEVICE, torch.float32)  # channels_last, as the ops suite times it
+    module = unpool_cases.with_backend(module, backend)
     benchmark.group = f"unpool-conv: {case.name} b{batch} forward+backward, channels_last"
-    benchmark(_sync(ops.runner(module, x, grad)))
+    benchmark(_sync(unpool_cases.runner(module, x, grad)))
 
 
 @pytest.mark.parametrize("variant", ["reference", "torch"] + (["triton"] if DEVICE == "cuda" else []))

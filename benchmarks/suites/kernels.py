@@ -20,7 +20,15 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.harness import synchronize
-from benchmarks.suites.ops import Case, backends_for, case_inputs, paper150_cases, row_fields, runner, with_backend
+from benchmarks.suites.unpool_cases import (
+    Case,
+    backends_for,
+    case_inputs,
+    paper150_cases,
+    row_fields,
+    runner,
+    with_backend,
+)
 
 TOP = 6  # kernels listed by name per backend; the rest are summed
 
