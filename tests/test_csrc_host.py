@@ -27,7 +27,8 @@ def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
         pytest.skip("no C++ compiler (g++, c++ or clang++) found")
     path = tmp_path_factory.mktemp("csrc") / "libdcign_host.so"
     # -ffp-contract=off: no fused multiply-adds, so the float math rounds like torch's separate ops.
-    cmd = [CXX, "-O2", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", f"-I{CSRC}", str(CSRC / "host_api.cpp")]
+    source = Path(__file__).with_name("csrc_host_api.cpp")
+    cmd = [CXX, "-O2", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", f"-I{CSRC}", str(source)]
     subprocess.run([*cmd, "-o", str(path)], check=True)
     lib = ctypes.CDLL(str(path))
     lib.dcign_philox.argtypes = [U64, U64, I64, PTR, PTR, PTR]

@@ -1,5 +1,5 @@
-// A CPU build of the host+device headers with a C interface, compiled by tests/test_csrc_host.py with
-// the host C++ compiler and loaded through ctypes; never part of the extension.
+// A CPU build of csrc/'s host+device headers with a C interface, compiled by test_csrc_host.py with the host
+// C++ compiler and loaded through ctypes; never part of the extension.
 #include <cstdint>
 
 #include "phase_index.cuh"
