@@ -11,14 +11,21 @@
 
 namespace py = pybind11;
 
-namespace {
-// An activation tensor from Python: (pointer, stride n, stride c, stride h, stride w).
-using View = std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t>;
+// An activation tensor arrives from Python as (pointer, stride n, stride c, stride h, stride w).
+namespace pybind11::detail {
+template <>
+struct type_caster<dcign::ActivationView> {
+  PYBIND11_TYPE_CASTER(dcign::ActivationView, const_name("tuple[int, int, int, int, int]"));
 
-dcign::ActivationView view(const View& v) {
-  return {std::get<0>(v), std::get<1>(v), std::get<2>(v), std::get<3>(v), std::get<4>(v)};
-}
-}  // namespace
+  bool load(handle src, bool convert) {
+    make_caster<std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t>> fields;
+    if (!fields.load(src, convert)) return false;
+    const auto [ptr, sn, sc, sh, sw] = cast_op<std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t>>(fields);
+    value = {ptr, sn, sc, sh, sw};
+    return true;
+  }
+};
+}  // namespace pybind11::detail
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dcign_fast CUDA kernels (raw pointers + stream, no libtorch)";
@@ -49,45 +56,20 @@ PYBIND11_MODULE(_C, m) {
         "Output channels of the packed weight: out_channels rounded up to whole 16-byte vectors");
   m.def("unpool_conv_pack_weight", &dcign::unpool_conv_pack_weight, py::arg("weight"), py::arg("wp"), py::arg("O"),
         py::arg("C"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("dtype"), py::arg("stream"));
-  m.def(
-      "unpool_conv_forward",
-      [](const View& x, uintptr_t wp, uintptr_t bias, const View& y, int N, int C, int H, int W, int O, int KH, int KW,
-         int PH, int PW, int relu, int dtype, int tf32, uintptr_t stream) {
-        dcign::unpool_conv_forward(view(x), wp, bias, view(y), N, C, H, W, O, KH, KW, PH, PW, relu, dtype, tf32,
-                                   stream);
-      },
-      py::arg("x"), py::arg("wp"), py::arg("bias"), py::arg("y"), py::arg("N"), py::arg("C"), py::arg("H"),
-      py::arg("W"), py::arg("O"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("relu"),
-      py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
-  m.def(
-      "unpool_conv_grad_input",
-      [](const View& g, uintptr_t y, uintptr_t wp, const View& dx, int N, int C, int H, int W, int O, int KH, int KW,
-         int PH, int PW, int dtype, int tf32, uintptr_t stream) {
-        dcign::unpool_conv_grad_input(view(g), y, wp, view(dx), N, C, H, W, O, KH, KW, PH, PW, dtype, tf32, stream);
-      },
-      py::arg("g"), py::arg("y"), py::arg("wp"), py::arg("dx"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
-      py::arg("O"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("dtype"), py::arg("tf32"),
-      py::arg("stream"));
-  m.def(
-      "unpool_conv_grad_weight",
-      [](const View& x, const View& g, uintptr_t y, uintptr_t ws, uintptr_t bias_ws, int N, int C, int H, int W, int O,
-         int KH, int KW, int PH, int PW, int splits, int chunk, int dtype, int tf32, uintptr_t stream) {
-        dcign::unpool_conv_grad_weight(view(x), view(g), y, ws, bias_ws, N, C, H, W, O, KH, KW, PH, PW, splits, chunk,
-                                       dtype, tf32, stream);
-      },
-      py::arg("x"), py::arg("g"), py::arg("y"), py::arg("ws"), py::arg("bias_ws"), py::arg("N"), py::arg("C"),
-      py::arg("H"), py::arg("W"), py::arg("O"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"),
-      py::arg("splits"), py::arg("chunk"), py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
-  m.def(
-      "unpool_conv_grad_weight_few_outputs",
-      [](const View& x, const View& g, uintptr_t y, uintptr_t ws, int N, int C, int H, int W, int O, int KH, int KW,
-         int PH, int PW, int splits, int chunk, int dtype, int tf32, uintptr_t stream) {
-        dcign::unpool_conv_grad_weight_few_outputs(view(x), view(g), y, ws, N, C, H, W, O, KH, KW, PH, PW, splits,
-                                                   chunk, dtype, tf32, stream);
-      },
-      py::arg("x"), py::arg("g"), py::arg("y"), py::arg("ws"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
-      py::arg("O"), py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("splits"), py::arg("chunk"),
-      py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
+  m.def("unpool_conv_forward", &dcign::unpool_conv_forward, py::arg("x"), py::arg("wp"), py::arg("bias"), py::arg("y"),
+        py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"), py::arg("KH"), py::arg("KW"),
+        py::arg("PH"), py::arg("PW"), py::arg("relu"), py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
+  m.def("unpool_conv_grad_input", &dcign::unpool_conv_grad_input, py::arg("g"), py::arg("y"), py::arg("wp"),
+        py::arg("dx"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"), py::arg("KH"),
+        py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
+  m.def("unpool_conv_grad_weight", &dcign::unpool_conv_grad_weight, py::arg("x"), py::arg("g"), py::arg("y"),
+        py::arg("ws"), py::arg("bias_ws"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"),
+        py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("splits"), py::arg("chunk"),
+        py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
+  m.def("unpool_conv_grad_weight_few_outputs", &dcign::unpool_conv_grad_weight_few_outputs, py::arg("x"), py::arg("g"),
+        py::arg("y"), py::arg("ws"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"),
+        py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("splits"), py::arg("chunk"),
+        py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
   m.def("unpool_conv_finalize_grad_weight", &dcign::unpool_conv_finalize_grad_weight, py::arg("ws"), py::arg("bias_ws"),
         py::arg("dw"), py::arg("db"), py::arg("O"), py::arg("C"), py::arg("KH"), py::arg("KW"), py::arg("PH"),
         py::arg("PW"), py::arg("splits"), py::arg("dtype"), py::arg("stream"));
