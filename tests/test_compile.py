@@ -182,6 +182,20 @@ def test_direct_op_calls_check_the_backend(monkeypatch):
             call("auto")
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["triton_backend", "cuda_backend"])  # (-m cuda: GPU)
+def test_a_direct_backward_op_call_checks_what_the_kernels_support(backend, monkeypatch):
+    """The kernels upsample by 2 only. The forward refuses another scale factor; a direct call of the backward
+    op, which no forward checked, is refused too rather than answered with scale-2 gradients."""
+    from dcign_fast.ops.backends import CUDA_EMULATION_ENV
+
+    monkeypatch.setenv(CUDA_EMULATION_ENV, "1")
+    x, w, g = torch.randn(2, 3, 5, 4), torch.randn(4, 3, 3, 3), torch.randn(2, 4, 15, 12)  # g: scale 3's output
+    with pytest.raises(ValueError, match=f"backend='{backend}' supports scale_factor=2 only, got 3"):
+        torch.ops.dcign_fast.unpool_conv2d_backward(g, x, w, None, True, 1, 1, 3, None, backend)
+    with pytest.raises(ValueError, match="backend='reference' is not implemented for this op"):
+        torch.ops.dcign_fast.unpool_conv2d(x, w, None, 1, 1, 2, None, "reference")
+
+
 def test_the_sampler_op_keeps_its_rng_on_mus_device():
     """Inductor gives up CUDA graphs (mode="reduce-overhead") for a graph holding a CPU tensor: the op's rng
     output, empty with a given seed and the drawn (seed, offset) with seed=None, lies on mu's device. The

@@ -101,6 +101,7 @@ def unpool_conv2d_cuda_backward(
     out: torch.Tensor | None,
     has_bias: bool,
     padding: tuple[int, int],
+    scale_factor: int,
     activation: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(grad x, grad weight, grad bias or None) of :func:`unpool_conv2d_cuda`, from its inputs and, with
@@ -108,6 +109,7 @@ def unpool_conv2d_cuda_backward(
 
     Grad x is laid out like x (``torch.empty_like``); grad weight and grad bias are deterministic.
     """
+    check_kernel_args("cuda", x, weight, scale_factor, activation)  # (a direct op call skips the forward's)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     ho, wo = grad_out.shape[2:]

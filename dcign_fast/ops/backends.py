@@ -7,9 +7,12 @@ an error, never a silent switch: only ``"auto"`` chooses, and it chooses among b
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 import re
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -17,6 +20,26 @@ BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 EXPLICIT_BACKENDS = tuple(name for name in BACKENDS if name != "auto")  # each names one implementation
 # Runs backend="cuda" on CPU tensors through a CPU emulation of the CUDA C++ kernels (tests only).
 CUDA_EMULATION_ENV = "DCIGN_FAST_CUDA_EMULATION"
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One kernel backend's halves of an op, which its custom op runs: the forward, and the explicit backward
+    from the saved inputs (their signatures: the op's ``KERNELS``)."""
+
+    forward: Callable[..., Any]
+    backward: Callable[..., Any]
+
+
+def imported_kernels(module: str, forward: str, backward: str) -> Callable[[], Kernels]:
+    """The Kernels of ``module``'s functions ``forward`` and ``backward``, imported when first asked for:
+    importing dcign_fast needs neither triton nor the compiled extension."""
+
+    def load() -> Kernels:
+        kernels = importlib.import_module(module)
+        return Kernels(getattr(kernels, forward), getattr(kernels, backward))
+
+    return load
 
 
 def triton_interpreting() -> bool:

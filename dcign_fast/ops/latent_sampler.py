@@ -47,7 +47,6 @@ is refused where vmap's randomness or the reference backend would make it mean s
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -55,25 +54,12 @@ import torch
 from dcign_fast.bounds import Bounds
 from dcign_fast.ops import latent_sampler_op, philox
 from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_tensor
-from dcign_fast.ops.backends import check_backend_runs_on, triton_available
+from dcign_fast.ops.backends import Kernels, check_backend_runs_on, imported_kernels, triton_available
 from dcign_fast.ops.reference import invariance_pull, sample_latents_reference
 
 CLAMPS = ("mean", "first")
 SEED_RANGE = (-(2**63), 2**64)  # torch.manual_seed's; negative seeds wrap to uint64
 Outputs = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """One backend's halves of the op.
-
-    forward(mu, logvar, active, clamp_first, seed, offset) -> (z [B, D], kl [B]) in mu's dtype.
-    backward(mu, logvar, active, invariance, seed, offset, grad_z, grad_kl) -> (grad_mu, grad_logvar).
-    seed and offset are ints, or 0-d int64 tensors on mu's device holding them (``philox.Value``).
-    """
-
-    forward: Callable[..., Outputs]
-    backward: Callable[..., Outputs]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -195,27 +181,15 @@ def sample_latents_double_backward(
 
 TORCH_KERNELS = Kernels(sample_latents_torch_forward, sample_latents_torch_backward)
 
-
-def _triton_kernels() -> Kernels:
-    # Imported on first use: the kernels module needs the triton package.
-    from dcign_fast.kernels.triton import latent_sampler
-
-    return Kernels(latent_sampler.forward, latent_sampler.backward)
-
-
-def _cuda_kernels() -> Kernels:
-    # Imported on first use: the launchers need the compiled extension dcign_fast._C.
-    from dcign_fast.kernels import cuda_latent_sampler
-
-    return Kernels(cuda_latent_sampler.sampler_forward, cuda_latent_sampler.sampler_backward)
-
-
-# Backend name -> its forward and backward halves; they run inside the custom op dcign_fast::sample_latents
-# (dcign_fast.ops.latent_sampler_op). The reference is plain torch that autograd differentiates.
+# Backend name -> its forward and backward halves, which run inside the custom op dcign_fast::sample_latents
+# (dcign_fast.ops.latent_sampler_op); the reference is plain torch that autograd differentiates.
+#   forward(mu, logvar, active, clamp_first, seed, offset) -> (z [B, D], kl [B]) in mu's dtype;
+#   backward(mu, logvar, active, invariance, seed, offset, grad_z, grad_kl) -> (grad_mu, grad_logvar);
+# seed and offset are ints, or 0-d int64 tensors on mu's device holding them (``philox.Value``).
 KERNELS: dict[str, Callable[[], Kernels]] = {
     "torch": lambda: TORCH_KERNELS,
-    "triton": _triton_kernels,
-    "cuda": _cuda_kernels,
+    "triton": imported_kernels("dcign_fast.kernels.triton.latent_sampler", "forward", "backward"),
+    "cuda": imported_kernels("dcign_fast.kernels.cuda_latent_sampler", "sampler_forward", "sampler_backward"),
 }
 IMPLEMENTATIONS = ("reference", *KERNELS)
 

@@ -14,8 +14,8 @@ Backends:
   auto       CUDA: triton where it is installed and supports the case, else torch; CPU: torch.
 
 The torch, triton and cuda backends run inside the custom op ``dcign_fast::unpool_conv2d``
-(:mod:`dcign_fast.ops.unpool_conv_op`), whose backward is :data:`BACKWARDS`: each backend's explicit gradient
-kernels on the saved inputs (and output, when a ReLU is fused), never a re-run of the forward.
+(:mod:`dcign_fast.ops.unpool_conv_op`), whose backward is each backend's explicit gradient kernels
+(:data:`KERNELS`) on the saved inputs (and output, when a ReLU is fused), never a re-run of the forward.
 
 ``activation="relu"`` applies a ReLU to the result: fused into the triton and cuda kernels' epilogue (and
 their backward, which masks grad_out as it loads it); the torch backend applies it in place on its output,
@@ -24,7 +24,6 @@ the reference as a separate op.
 
 from __future__ import annotations
 
-import importlib
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -41,7 +40,7 @@ from dcign_fast.ops._checks import (
     check_scale_factor,
     check_tensor,
 )
-from dcign_fast.ops.backends import check_backend_runs_on, triton_available
+from dcign_fast.ops.backends import Kernels, check_backend_runs_on, imported_kernels, triton_available
 from dcign_fast.ops.phases import AxisPhase, axis_phases, output_size
 from dcign_fast.ops.reference import unpool_conv2d_reference
 
@@ -198,64 +197,25 @@ def _reference(
     return _activate(unpool_conv2d_reference(x, weight, bias, padding, scale_factor), activation)
 
 
-def _kernel_backend(
-    module: str, forward: str, backward: str
-) -> tuple[Callable[..., torch.Tensor], Callable[..., Grads]]:
-    """A scale-2 kernel backend's functions ``module.forward`` and ``module.backward`` in IMPLEMENTATIONS'
-    and BACKWARDS' signatures, imported at their first call (importing dcign_fast needs neither triton nor
-    the compiled extension)."""
+TORCH_KERNELS = Kernels(unpool_conv2d_torch, unpool_conv2d_torch_backward)
 
-    def run_forward(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        padding: Padding,
-        scale_factor: int,
-        activation: str | None = None,
-    ) -> torch.Tensor:
-        return getattr(importlib.import_module(module), forward)(x, weight, bias, padding, scale_factor, activation)
-
-    def run_backward(
-        grad_out: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        out: torch.Tensor | None,
-        has_bias: bool,
-        padding: Padding,
-        scale_factor: int,
-        activation: str | None,
-    ) -> Grads:
-        # scale_factor is 2: the forward refused any other.
-        kernels = importlib.import_module(module)
-        return getattr(kernels, backward)(grad_out, x, weight, out, has_bias, padding, activation)
-
-    return run_forward, run_backward
-
-
-_triton, _triton_backward = _kernel_backend(
-    "dcign_fast.kernels.triton.unpool_conv", "unpool_conv2d_triton", "unpool_conv2d_triton_backward"
-)
-_cuda, _cuda_backward = _kernel_backend(
-    "dcign_fast.kernels.cuda_unpool_conv", "unpool_conv2d_cuda", "unpool_conv2d_cuda_backward"
-)
-
-# Backend name -> implementation(x, weight, bias, padding, scale_factor, activation).
-IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
-    "reference": _reference,
-    "torch": unpool_conv2d_torch,
-    "triton": _triton,
-    "cuda": _cuda,
+# Backend name -> its forward and backward halves, which run inside the custom op dcign_fast::unpool_conv2d
+# (dcign_fast.ops.unpool_conv_op); the reference is plain torch that autograd differentiates.
+#   forward(x, weight, bias, padding, scale_factor, activation) -> out;
+#   backward(grad_out, x, weight, out, has_bias, padding, scale_factor, activation)
+#       -> (grad x, grad weight, grad bias or None).
+# ``out`` is the forward's output when a ReLU was fused (None otherwise) and grad_out is not yet masked by it:
+# each backward applies the mask itself (the triton and cuda kernels as they load grad_out).
+KERNELS: dict[str, Callable[[], Kernels]] = {
+    "torch": lambda: TORCH_KERNELS,
+    "triton": imported_kernels(
+        "dcign_fast.kernels.triton.unpool_conv", "unpool_conv2d_triton", "unpool_conv2d_triton_backward"
+    ),
+    "cuda": imported_kernels(
+        "dcign_fast.kernels.cuda_unpool_conv", "unpool_conv2d_cuda", "unpool_conv2d_cuda_backward"
+    ),
 }
-# Backend name -> backward(grad_out, x, weight, out, has_bias, padding, scale_factor, activation)
-# -> (grad x, grad weight, grad bias or None), for the backends that run as the custom op
-# dcign_fast::unpool_conv2d (dcign_fast.ops.unpool_conv_op). ``out`` is the forward's output when a ReLU was fused
-# (None otherwise) and grad_out is not yet masked by it: each backward applies the mask itself (the triton
-# and cuda kernels as they load grad_out). The reference is plain torch that autograd differentiates.
-BACKWARDS: dict[str, Callable[..., Grads]] = {
-    "torch": unpool_conv2d_torch_backward,
-    "triton": _triton_backward,
-    "cuda": _cuda_backward,
-}
+IMPLEMENTATIONS = ("reference", *KERNELS)
 
 
 def choose_backend(x: torch.Tensor, weight: torch.Tensor, scale_factor: int, padding: Padding) -> str:
@@ -354,7 +314,7 @@ def unpool_conv2d(
     x, weight, bias = _autocast_inputs(x, weight, bias)
     pad = check_unpool_conv_args(x, weight, bias, padding, scale_factor)
     check_activation(activation)
-    check_backend_runs_on(backend, x.device, tuple(IMPLEMENTATIONS))
+    check_backend_runs_on(backend, x.device, IMPLEMENTATIONS)
     name = choose_backend(x, weight, scale_factor, pad) if backend == "auto" else backend
     if name == "reference":
         return _reference(x, weight, bias, pad, scale_factor, activation)

@@ -1,7 +1,7 @@
 """``dcign_fast::unpool_conv2d`` and its backward as PyTorch custom ops (see custom_op.py).
 
 The forward saves x, weight (and the output when a ReLU is fused): low-resolution tensors and the output,
-never the upsampled input. The backward op runs the backend's gradient kernels (:data:`unpool_conv.BACKWARDS`);
+never the upsampled input. The backward op runs the backend's gradient kernels (:data:`unpool_conv.KERNELS`);
 its own backward (gradient penalties) runs the same two ops. :func:`unpool_forward` and
 :func:`unpool_backward` are what :func:`dcign_fast.unpool_conv2d` calls. (unpool_conv.py imports this module
 and calls these at run time; this module imports it.)
@@ -16,8 +16,7 @@ from dcign_fast.ops.custom_op import check_op_backend, transformable
 
 Tensor = torch.Tensor
 # What the ops' ``backend`` argument may name: the public function resolves "auto" before calling them.
-UNPOOL_BACKENDS = tuple(unpool_conv.IMPLEMENTATIONS)
-UNPOOL_BACKWARD_BACKENDS = tuple(unpool_conv.BACKWARDS)
+UNPOOL_BACKENDS = tuple(unpool_conv.KERNELS)
 
 
 @torch.library.custom_op("dcign_fast::unpool_conv2d", mutates_args=())
@@ -35,7 +34,8 @@ def unpool_conv2d_op(
     check_op_backend(backend, x.device, UNPOOL_BACKENDS)
     # The op owns autograd (its backward is unpool_conv2d_backward): the backend records no graph of its own.
     with torch.no_grad():
-        return unpool_conv.IMPLEMENTATIONS[backend](x, weight, bias, (pad_rows, pad_cols), scale_factor, activation)
+        kernels = unpool_conv.KERNELS[backend]()
+        return kernels.forward(x, weight, bias, (pad_rows, pad_cols), scale_factor, activation)
 
 
 @unpool_conv2d_op.register_fake
@@ -61,9 +61,9 @@ def unpool_conv2d_backward_op(
     ``out`` is the forward's output when a ReLU was fused (its sign masks grad_out), else None. grad_out
     arrives unmasked: the backend applies the mask (the triton and cuda kernels as they load grad_out tiles).
     """
-    check_op_backend(backend, x.device, UNPOOL_BACKWARD_BACKENDS)
+    check_op_backend(backend, x.device, UNPOOL_BACKENDS)
     with torch.no_grad():
-        grad_x, grad_weight, grad_bias = unpool_conv.BACKWARDS[backend](
+        grad_x, grad_weight, grad_bias = unpool_conv.KERNELS[backend]().backward(
             grad_out, x, weight, out, has_bias, (pad_rows, pad_cols), scale_factor, activation
         )
     grad_bias = weight.new_zeros(weight.shape[0]) if grad_bias is None else grad_bias

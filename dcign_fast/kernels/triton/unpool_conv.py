@@ -90,6 +90,7 @@ def unpool_conv2d_triton_backward(
     out: torch.Tensor | None,
     has_bias: bool,
     padding: tuple[int, int],
+    scale_factor: int,
     activation: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(grad x, grad weight, grad bias or None) of :func:`unpool_conv2d_triton`, from its inputs and, with
@@ -98,6 +99,7 @@ def unpool_conv2d_triton_backward(
     Grad x is laid out like x (``torch.empty_like``; channels_last where x's strides spread an image past int32
     offsets); grad weight and grad bias are deterministic.
     """
+    check_kernel_args("triton", x, weight, scale_factor, activation)  # (a direct op call skips the forward's)
     rows, cols = unions(*weight.shape[2:], *padding)
     g, y = grad_and_output_alike(grad_out, out if activation == "relu" else None)
     if y is None:
