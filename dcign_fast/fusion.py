@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -34,7 +36,7 @@ def fusion_unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
     if upsample.align_corners is not None:  # nn.Upsample raises for it (True or False) with mode="nearest"
         return "align_corners is set, which nearest upsampling refuses"
     scale = scale if isinstance(scale, tuple) else (scale, scale)
-    if len(scale) != 2 or len(set(scale)) != 1 or float(scale[0]) != int(scale[0]) or int(scale[0]) < 1:
+    if len(scale) != 2 or len(set(scale)) != 1 or not _positive_integer(scale[0]):
         return f"scale_factor must be one positive integer, got {upsample.scale_factor}"
     if not isinstance(conv, nn.Conv2d) or any(
         getattr(type(conv), method) is not getattr(nn.Conv2d, method) for method in ("forward", "_conv_forward")
@@ -45,6 +47,10 @@ def fusion_unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         return "the convolution's padding must be explicit zero padding"
     return fusion_bypassed_reason(upsample, conv)
+
+
+def _positive_integer(value: float) -> bool:
+    return math.isfinite(value) and value == int(value) and value >= 1
 
 
 def explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:

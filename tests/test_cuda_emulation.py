@@ -12,8 +12,10 @@ import subprocess
 import pytest
 import torch
 
+import dcign_fast
 from dcign_fast.kernels import cuda, cuda_emulation
 from dcign_fast.ops.backends import CUDA_EMULATION_ENV
+from dcign_fast.ops.reference import sample_latents_reference
 from tests.cuda_checks import (
     DTYPES,
     PRECISIONS,
@@ -273,3 +275,12 @@ def test_kernel_entry_refuses_a_weight_of_another_dtype():
 
 def test_outputs_are_laid_out_as_the_fake_kernels_promise():
     assert layout_mismatches("cuda", "cpu") == []
+
+
+@pytest.mark.parametrize("seed", [-5, 2**63, 2**64 - 5])
+def test_sampler_takes_negative_and_top_bit_seeds(seed):
+    """Such seeds reach the kernels as their uint64 (the extension's seed argument is unsigned)."""
+    mu, logvar = torch.randn(3, 5), torch.randn(3, 5)
+    z, kl = dcign_fast.sample_latents(mu, logvar, seed=seed, backend="cuda")
+    want_z, want_kl = sample_latents_reference(mu, logvar, seed=seed % 2**64)
+    torch.testing.assert_close((z, kl), (want_z, want_kl), rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dcign_fast
 from dcign_fast.kernels import cuda
@@ -487,6 +488,13 @@ def test_invariance_zero_gives_inactive_columns_zero_gradients_even_where_they_a
         (lambda a: {**a, "logvar": a["logvar"].to("meta")}, ValueError, "logvar must be on the device of mu"),
         (lambda a: {**a, "mu": a["mu"][:0], "logvar": a["logvar"][:0]}, ValueError, "mu must have at least one row"),
         (lambda a: {**a, "active": a["active"][:-1]}, ValueError, "active must have shape"),
+        (lambda a: {**a, "active": a["active"][None]}, ValueError, "active must have shape"),
+        (lambda a: {**a, "active": a["active"][:, None]}, ValueError, "active must have shape"),
+        (
+            lambda a: {**a, "mu": a["mu"][:, :0], "logvar": a["logvar"][:, :0], "active": None},
+            ValueError,
+            "mu must have at least one row and one column",
+        ),
         (lambda a: {**a, "active": a["active"].float()}, TypeError, "active must be a bool tensor"),
         (lambda a: {**a, "active": a["active"].to("meta")}, ValueError, "active must be on mu's device"),
         (lambda a: {**a, "clamp": "median"}, ValueError, "clamp must be one of"),
@@ -496,6 +504,7 @@ def test_invariance_zero_gives_inactive_columns_zero_gradients_even_where_they_a
         (lambda a: {**a, "invariance": 1e300}, ValueError, "invariance must fit in a float32"),
         (lambda a: {**a, "mu": a["mu"].to_sparse()}, TypeError, "mu must be a dense"),
         (lambda a: {**a, "seed": 1.5}, TypeError, "seed must be an int or None"),
+        (lambda a: {**a, "seed": True}, TypeError, "seed must be an int or None"),
         (lambda a: {**a, "seed": 2**64}, ValueError, "seed must lie in"),
         (lambda a: {**a, "seed": -(2**63) - 1}, ValueError, "seed must lie in"),
         (lambda a: {**a, "backend": "fast"}, ValueError, "backend must be one of"),
@@ -621,3 +630,73 @@ def test_triton_launchers_copy_views_whose_column_offsets_pass_int32():
     assert _columns_in_int32(wide).stride() == (4096, 1)
     narrow = torch.randn(3, 5).t()
     assert _columns_in_int32(narrow) is narrow
+
+
+def test_the_largest_float32_invariance_is_accepted():
+    mu, logvar = random_inputs(4, 6)
+    largest = float(torch.finfo(torch.float32).max)
+    z, _ = sample_latents(mu, logvar, torch.rand(6) < 0.5, invariance=largest, seed=1, backend="torch")
+    assert z.shape == (4, 6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_the_rng_output_of_a_seed_none_draw_is_the_pair_it_drew_with(backend):
+    """On the CPU too (test_seed_none_on_cuda_... checks it on a GPU): the op's rng reproduces its noise."""
+    mu, logvar = random_inputs(5, 7)
+    torch.manual_seed(77)
+    z, _, rng = torch.ops.dcign_fast.sample_latents(mu, logvar, None, False, 0.0, None, "torch")
+    seed, offset = rng.tolist()
+    torch.testing.assert_close(z, sample_latents_reference(mu, logvar, seed=seed, offset=offset)[0])
+    torch.manual_seed(77)
+    torch.testing.assert_close(sample_latents(mu, logvar, backend=backend)[0], z)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_shapes_come_out_of_meta_tensors_with_seed_none(backend):
+    mu = torch.empty(3, 4, device="meta")
+    z, kl = sample_latents(mu, mu, seed=None, backend=backend)
+    assert (z.shape, kl.shape, z.device.type) == ((3, 4), (3,), "meta")
+
+
+@pytest.mark.parametrize("invariance", [1e300, float("inf")])
+def test_a_compiled_sampler_refuses_an_invariance_past_float32(invariance):
+    torch._dynamo.reset()
+    mu, logvar = random_inputs(4, 5)
+    active = torch.tensor([True, False, True, False, False])
+
+    def sample(m, lv):
+        return sample_latents(m, lv, active, seed=1, invariance=invariance, backend="torch")[0]
+
+    with pytest.raises(RuntimeError, match="invariance must be >= 0 and finite"):
+        torch.compile(sample, fullgraph=True, backend="eager")(mu, logvar)
+
+
+def test_a_compiled_reference_refuses_seeds_from_2_63_by_name():
+    torch._dynamo.reset()
+    mu, logvar = random_inputs(4, 5)
+
+    def sample(m, lv, seed):
+        return sample_latents(m, lv, seed=seed, backend="reference")[0]
+
+    with pytest.raises(RuntimeError, match=r"takes seeds < 2\*\*63"):
+        torch.compile(sample, fullgraph=True, backend="eager")(mu, logvar, 2**63)
+
+
+def test_the_triton_launchers_copy_a_view_whose_last_column_offset_is_2_31():
+    pytest.importorskip("triton")
+    from dcign_fast.kernels.triton.latent_sampler import _columns_in_int32
+
+    edge = torch.empty(0, device="meta").as_strided((2, 3), (1, 2**30))  # (3 - 1) * 2**30 == 2**31
+    assert _columns_in_int32(edge).stride() == (3, 1)
+    below = torch.empty(0, device="meta").as_strided((2, 3), (1, 2**30 - 1))
+    assert _columns_in_int32(below) is below
+
+
+def test_auto_on_cuda_picks_triton_except_for_float64(monkeypatch):
+    from dcign_fast.ops import latent_sampler
+
+    monkeypatch.setattr(latent_sampler, "triton_available", lambda: True)
+    with FakeTensorMode():  # CUDA tensors without a GPU: choose_backend reads only the device and dtype
+        assert latent_sampler.choose_backend(torch.empty(3, 4, device="cuda")) == "triton"
+        assert latent_sampler.choose_backend(torch.empty(3, 4, device="cuda", dtype=torch.float64)) == "torch"
+    assert latent_sampler.choose_backend(torch.empty(3, 4)) == "torch"

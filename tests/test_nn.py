@@ -102,6 +102,20 @@ def test_bad_channel_counts_at_construction(channels, error, words):
         UnpoolConv2d(*channels, 3)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"activation": "gelu"}, ValueError, "activation must be one of"),
+        ({"kernel_size": 0}, ValueError, "kernel_size must be an int >= 1"),
+        ({"kernel_size": (3, True)}, ValueError, "kernel_size must be an int >= 1"),
+        ({"out_channels": 2.5}, TypeError, "out_channels must be an integer"),
+    ],
+)
+def test_bad_arguments_at_construction(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        UnpoolConv2d(**{"in_channels": 2, "out_channels": 3, "kernel_size": 3, **kwargs})
+
+
 def test_positional_arguments_follow_the_design():
     """UnpoolConv2d(in, out, k, padding, bias, backend), as DESIGN.md lists them; the rest by keyword."""
     layer = UnpoolConv2d(2, 3, 3, 1, False, "torch", scale_factor=3)

@@ -238,6 +238,9 @@ def test_convs_whose_call_does_more_than_convolve_are_skipped(wrap, words):
     [
         pytest.param(lambda model: model[0].register_forward_hook(_hook), id="forward hook on the upsample"),
         pytest.param(lambda model: model[1].register_full_backward_hook(_hook), id="backward hook on the conv"),
+        pytest.param(lambda model: model[1].register_full_backward_pre_hook(_hook), id="backward pre hook"),
+        pytest.param(lambda model: model[1].register_state_dict_pre_hook(_hook), id="state_dict pre hook"),
+        pytest.param(lambda model: model[1].register_state_dict_post_hook(_hook), id="state_dict post hook"),
     ],
 )
 def test_hooks_keep_the_pair_unfused(add_hook):
@@ -385,12 +388,16 @@ def test_a_conv_holding_more_than_its_weights_is_not_fused(extra):
         (nn.Upsample(scale_factor=2, align_corners=False), "align_corners"),
         (nn.Upsample(scale_factor=(2,)), "scale_factor must be one positive integer"),
         (nn.Upsample(scale_factor=(2, 2, 2)), "scale_factor must be one positive integer"),
+        (nn.Upsample(scale_factor=-2.0), "scale_factor must be one positive integer"),
+        (nn.Upsample(scale_factor=float("inf")), "scale_factor must be one positive integer"),
+        (nn.Upsample(scale_factor=float("nan")), "scale_factor must be one positive integer"),
+        (nn.Upsample(size=10, scale_factor=2), "not size"),
     ],
 )
 def test_upsamples_that_raise_for_images_are_not_fused(upsample, words):
     """Unpatched, these raise for a 4-D input: fused, they must not run."""
     model = nn.Sequential(upsample, nn.Conv2d(4, 4, 3))
-    with pytest.raises(ValueError):
+    with pytest.raises((ValueError, RuntimeError, OverflowError)):
         model(torch.randn(1, 4, 5, 5))
     report = dc.patch(model)
     assert report.replaced == [] and words in report.skipped[0][1]
@@ -447,3 +454,25 @@ def test_a_patched_upsample2d_follows_later_changes_to_its_conv(monkeypatch):
         layer.conv.padding_mode = "zeros"
         _no_interpolate(monkeypatch)
         assert layer(x).shape == (1, 4, 10, 10)  # fused again
+
+
+def test_unequal_scale_factors_are_not_fused():
+    model = nn.Sequential(nn.Upsample(scale_factor=(2, 3)), nn.Conv2d(4, 4, 3, padding=1))
+    report = dc.patch(model)
+    assert report.replaced == [] and "scale_factor must be one positive integer" in report.skipped[0][1]
+
+
+def test_an_upsample_holding_a_weight_is_not_fused():
+    model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(4, 4, 3))
+    model[0].register_parameter("weight", nn.Parameter(torch.ones(1)))
+    report = dc.patch(model)
+    assert report.replaced == [] and "the upsample holds ['weight']" in report.skipped[0][1]
+
+
+def test_patch_and_from_modules_keep_the_kernel_shape_and_the_backend():
+    conv = nn.Conv2d(3, 4, (3, 5), padding=(1, 2))
+    fused = UnpoolConv2d.from_modules(nn.Upsample(scale_factor=2), conv, backend="reference")
+    assert (fused.kernel_size, fused.padding, fused.backend) == ((3, 5), (1, 2), "reference")
+    model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(3, 4, 3))
+    dc.patch(model, backend="torch")
+    assert model[1].backend == "torch"

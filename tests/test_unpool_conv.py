@@ -7,9 +7,11 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dcign_fast as dc
-from dcign_fast.kernels.unpool_conv_common import cudnn_allows_tf32
+from dcign_fast.kernels.unpool_conv_common import TRITON_INDEX_LIMIT, cudnn_allows_tf32, triton_index_reason
+from dcign_fast.ops import unpool_conv
 from dcign_fast.ops.reference import unpool_conv2d_reference
 from tests.helpers import REL_TOL, poisoned_allocations, rel_error
 
@@ -198,6 +200,12 @@ def _valid():
         # padding alone would give an output of bias only: the triton backend's bias gradient was 0 there
         (lambda a: {**a, "x": a["x"][:, :, :0], "padding": 2}, ValueError, "x must have height and width >= 1"),
         (lambda a: {**a, "backend": "cuda"}, ValueError, "backend='cuda' needs CUDA tensors"),
+        (lambda a: {**a, "padding": True}, ValueError, "padding must be an int >= 0"),
+        (lambda a: {**a, "padding": (1, False)}, ValueError, "padding must be an int >= 0"),
+        (lambda a: {**a, "scale_factor": 0}, ValueError, "scale_factor must be an int >= 1"),
+        # (the torch backend and the reference apply a ReLU for any activation given)
+        (lambda a: {**a, "activation": "gelu", "backend": "torch"}, ValueError, "activation must be one of"),
+        (lambda a: {**a, "activation": "gelu", "backend": "reference"}, ValueError, "activation must be one of"),
     ],
 )
 def test_bad_input_names_the_argument(change, error, words):
@@ -380,3 +388,53 @@ def test_a_view_spreading_one_image_past_int32_offsets_is_copied_for_the_kernels
     assert copied.stride(1) == 1 and image_span(copied) == 4 * 3 * 3 - 1
     narrow = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     assert nhwc(narrow) is narrow
+
+
+def test_padding_is_checked_axis_by_axis():
+    """An asymmetric padding: the output height depends on the row padding alone."""
+    x, w = torch.randn(1, 1, 5, 5), torch.randn(1, 1, 12, 3)
+    assert dc.unpool_conv2d(x, w, padding=(1, 0), backend="torch").shape == (1, 1, 1, 8)
+    with pytest.raises(ValueError, match="output height would be -1"):
+        dc.unpool_conv2d(x, w, padding=(0, 1), backend="torch")
+
+
+def _fake_cuda(*shapes: tuple[int, ...]) -> tuple[FakeTensorMode, list[torch.Tensor]]:
+    """CUDA tensors without a GPU (shapes, dtypes and devices only): all that choose_backend reads."""
+    mode = FakeTensorMode()
+    with mode:
+        return mode, [torch.empty(s, device="cuda") for s in shapes]
+
+
+def test_auto_runs_torch_on_devices_other_than_cuda(monkeypatch):
+    monkeypatch.setattr(unpool_conv, "triton_available", lambda: True)
+    x, w = torch.empty(1, 1, 2, 2, device="meta"), torch.empty(1, 1, 3, 3, device="meta")
+    assert unpool_conv.choose_backend(x, w, 2, (1, 1)) == "torch"
+
+
+def test_auto_on_cuda_picks_triton_where_it_is_installed_and_supports_the_case(monkeypatch):
+    shapes = (1, 4, 5, 5), (4, 4, 7, 7), (2**17, 1, 128, 128), (2**10, 1, 128, 128), (1, 1, 3, 3)
+    mode, (x, w, huge, large, w1) = _fake_cuda(*shapes)
+    monkeypatch.setattr(unpool_conv, "triton_available", lambda: True)
+    with mode:
+        assert unpool_conv.choose_backend(x, w, 2, (0, 0)) == "triton"
+        assert unpool_conv.choose_backend(x, w, 3, (0, 0)) == "torch"  # the kernels upsample by 2 only
+        assert unpool_conv.choose_backend(huge, w1, 2, (1, 1)) == "torch"  # past the kernels' int32 indices
+        assert unpool_conv.choose_backend(large, w1, 2, (1, 1)) == "triton"
+    monkeypatch.setattr(unpool_conv, "triton_available", lambda: False)
+    with mode:
+        assert unpool_conv.choose_backend(x, w, 2, (0, 0)) == "torch"
+
+
+def test_the_triton_index_limit_counts_every_int32_product():
+    """Shapes only (meta tensors): each product the Triton kernels form in int32 is bounded, at most the limit."""
+
+    def reason(x_shape, w_shape, padding):
+        return triton_index_reason(torch.empty(x_shape, device="meta"), torch.empty(w_shape, device="meta"), padding)
+
+    assert reason((TRITON_INDEX_LIMIT, 1, 1, 1), (1, 1, 2, 2), (0, 0)) == ""  # every count exactly at the limit
+    # an odd output height (3): phase 0 has 2 rows, not 3 // 2
+    assert "output positions per phase" in reason((TRITON_INDEX_LIMIT, 1, 1, 1), (1, 1, 2, 2), (1, 1))
+    assert "elements of one input image" in reason((1, 2**16, 2**8, 2**8), (1, 2**16, 1, 1), (0, 0))
+    assert "elements of one output image" in reason((1, 1, 2**14, 2**14), (2, 1, 1, 1), (0, 0))
+    # padded rows only: the output height is 2H + 2 * padding[0]
+    assert "elements of one output image" in reason((1, 1, 2**13, 2**13), (7, 1, 1, 1), (2**12, 0))

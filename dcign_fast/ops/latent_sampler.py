@@ -215,12 +215,12 @@ def draw_rng(device: torch.device) -> torch.Tensor:
 
 def seed_offset(seed: int | None, rng: torch.Tensor | None) -> tuple[philox.Value, philox.Value]:
     """The (seed, offset) of a draw: a given ``seed`` (uint64) with offset 0, else the pair ``rng`` holds
-    (:func:`draw_rng`): 0-d views of a CUDA tensor (read by the kernels there), ints from any other."""
+    (:func:`draw_rng`): 0-d views of a CUDA or meta tensor (read by the kernels there), ints from any other."""
     if seed is not None:
         return seed % 2**64, 0
     if rng is None:
         raise ValueError("seed_offset takes rng (draw_rng's pair) when seed is None")
-    if rng.device.type == "cuda":
+    if rng.device.type in ("cuda", "meta"):  # (a meta tensor holds no values to read)
         return rng[0], rng[1]  # a read on the host would wait for the GPU, and be frozen into a captured graph
     drawn, offset = rng.tolist()
     return drawn, offset
