@@ -322,3 +322,24 @@ def test_report_keeps_cpu_runs_with_other_thread_counts_apart():
 
     rows = report.summary_rows([run(2), run(16)])
     assert sorted(r["machine"] for r in rows) == ["Xeon, 16 threads", "Xeon, 2 threads"]
+
+
+QUICK_DEMO = ["--set", "time_limit_s=0", "--set", "batch_size=2", "--set", "data_pool=1", "--set", "device=cpu"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["eval", "--checkpoint", "x", "--sweeps", "0"], ["train", "--steps", "0"], ["demo", "--out", "", *QUICK_DEMO]],
+)
+def test_counts_below_1_and_an_empty_folder_are_refused_by_the_parser(argv, tmp_path, monkeypatch):
+    """--sweeps 0 reached evaluate (torch.cat of no sweeps: a traceback); --out '' trained in the current folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and not list(tmp_path.iterdir())
+
+
+def test_a_demo_stopped_by_its_time_limit_exits_75_without_evaluating(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *QUICK_DEMO]) == 75
+    assert (out / "checkpoints" / "step-00000000").is_dir() and not (out / "eval").exists()

@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo), one sweep each, ends with the weights of 1 process that
-accumulates gradients over the same two sweeps (each still clamped on its own)."""
+accumulates gradients over the same two sweeps (each still clamped on its own); the ranks agree on when to stop
+and on what they log."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from dcign_fast.train.checkpoint import load_checkpoint
+from dcign_fast.train.distributed import World, all_agree, mean_over_ranks
 from tests.helpers import assert_trained_alike
 
 # Adam with a huge epsilon is SGD (step = lr / eps * gradient): plain Adam turns float rounding in
@@ -51,3 +57,23 @@ def test_two_gloo_ranks_equal_one_process_accumulating_two_sweeps(tmp_path):
     assert len(totals[0]) == 3 and totals[0] == pytest.approx(totals[1], rel=1e-4)
     # So are the batch kinds: every rank's, in shard order (rank 0's alone before).
     assert [line["kind"] for line in logged[0]] == [line["kind"] for line in logged[1]]
+
+
+def _agree_worker(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    world, cpu = World(rank=rank, size=2), torch.device("cpu")
+    result = {
+        "agree": [all_agree(flag, world, cpu) for flag in (rank == 1, False, True)],
+        "mean": mean_over_ranks({"total": float(rank), "kind": f"k{rank}"}, world, cpu),
+    }
+    Path(out, f"{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_a_flag_one_rank_raises_stops_every_rank(tmp_path):
+    """A NaN or a Ctrl-C seen by one rank must stop all of them at the same step (or the others hang in the next
+    all-reduce); logged losses are the ranks' mean, their batch kinds joined in rank order. (2 gloo processes)"""
+    mp.spawn(_agree_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert result == {"agree": [True, False, True], "mean": {"total": 0.5, "kind": "k0+k1"}}

@@ -240,3 +240,129 @@ def test_a_model_without_the_paper_groups_is_refused_by_name(tmp_path):
         sweep_grid(model, torch.rand(1, 64, 64), tmp_path / "grid.png")
     with pytest.raises(ValueError, match=r"evaluate needs the latent groups"):
         evaluate(model, sweeps=1)
+
+
+def test_a_latent_that_falls_as_the_factor_rises_scores_one():
+    """|r|: the sign of a latent's code is arbitrary (best_single_latent and the scatter plot title say |r|)."""
+    factor = torch.linspace(-1, 1, 20)
+    falling = [(None, -factor.view(20, 1), {"azimuth": factor})] * 5
+    assert group_correlation(falling, (0, 1), "azimuth")[0] > 0.999
+
+
+def test_binned_puts_the_maximum_in_the_last_of_its_bins():
+    from dcign_fast.eval.metrics import binned
+
+    assert binned(torch.tensor([0.0, 0.4, 0.6, 1.0]), bins=2).tolist() == [0, 0, 1, 1]
+
+
+class ConstantDecoder(torch.nn.Module):
+    """A stand-in model whose reconstructions are all 0.25, whatever the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(len(images), 2), torch.zeros(len(images), 2)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(z), 1, 4, 4), 0.25)
+
+
+def test_reconstruction_errors_are_per_image_and_per_pixel():
+    from dcign_fast.eval.evaluate import reconstruction_errors
+
+    def black(kind: str, generator: torch.Generator):  # 3-image sweeps of 16 black pixels
+        return torch.zeros(3, 1, 4, 4), {}
+
+    errors = reconstruction_errors(ConstantDecoder(), black, seed=0, count=10)
+    assert errors["mse_per_pixel"] == pytest.approx(0.25**2)
+    assert errors["bce_per_image"] == pytest.approx(-16 * torch.log(torch.tensor(0.75)).item())
+
+
+def test_all_the_renderers_identities_may_be_asked_for(monkeypatch):
+    from dcign_fast.models import DCIGN
+
+    evaluation = importlib.import_module("dcign_fast.eval.evaluate")
+
+    class Drawn(Exception):
+        pass
+
+    def refuse(*args):
+        raise Drawn
+
+    monkeypatch.setattr(evaluation, "encode_sweeps", refuse)
+    with pytest.raises(Drawn):  # got past the check
+        evaluation.evaluate(DCIGN.from_preset("demo64"), identities=10_000)
+
+
+def test_each_kind_is_evaluated_on_sweeps_of_its_own(monkeypatch):
+    from dcign_fast.models import DCIGN
+
+    evaluation = importlib.import_module("dcign_fast.eval.evaluate")
+    seeds = []
+
+    def record(model, batch, kind, count, seed, first=0):
+        seeds.append(seed)
+        if len(seeds) == 4:
+            raise StopIteration
+        return []
+
+    monkeypatch.setattr(evaluation, "encode_sweeps", record)
+    monkeypatch.setattr(evaluation, "group_correlation", lambda *args: (0.0, None, None))
+    with pytest.raises(StopIteration):
+        evaluation.evaluate(DCIGN.from_preset("demo64"), identities=2)
+    assert len(set(seeds)) == 4
+
+
+def test_a_probe_is_retrieved_by_its_own_nearest_gallery_entry():
+    # Both probes lie nearest gallery row 0: probe 0 is matched, probe 1 is not (1/2). Row by row of the gallery
+    # instead, the nearest probe to row 0 is probe 1 and to row 1 probe 0: none matched.
+    gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    probes = torch.tensor([[1.0, 0.9], [1.0, 0.5]])
+    assert top1_retrieval(gallery, probes) == 0.5
+
+
+def test_gallery_and_probes_are_views_at_two_poses():
+    """The gallery is the view a quarter into each sweep, the probe three quarters in: here each probe looks
+    like the next identity's gallery view, so none is recognised (at one pose, all would be)."""
+    codes = torch.eye(4)
+    sweeps = []
+    for i in range(4):
+        mu = codes[i].repeat(8, 1)
+        mu[6] = codes[(i + 1) % 4]
+        sweeps.append((mu.view(8, 1, 2, 2), mu, {}))
+    result = cross_pose_retrieval(sweeps, (0, 4))
+    assert result["intrinsic_latents"] == 0.0 and result["raw_pixels"] == 0.0
+
+
+def test_rerender_sets_the_group_to_each_value_and_keeps_an_eval_model_in_eval():
+    from dcign_fast.eval import rerender
+    from dcign_fast.models import DCIGN
+
+    model = DCIGN.from_preset("demo64").eval()
+    decoded, decode = [], model.decode
+    model.decode = lambda z: decoded.append(z.clone()) or decode(z)
+    values = torch.tensor([-2.0, 0.0, 3.0])
+    rerender(model, torch.rand(1, 1, 64, 64), "azimuth", values)
+    start, stop = model.config.latent_groups["azimuth"]
+    assert torch.equal(decoded[0][:, start:stop], values.view(3, 1).expand(3, stop - start))
+    assert not model.training
+
+
+def test_sweep_values_span_the_groups_latent_over_the_images():
+    from dcign_fast.eval.rerender import sweep_values
+    from dcign_fast.models import DCIGN
+
+    model = DCIGN.from_preset("demo64").eval()
+    images = torch.rand(6, 1, 64, 64)
+    start, stop = model.config.latent_groups["light"]
+    latent = model.encode(images)[0][:, start:stop].mean(dim=1)
+    values = sweep_values(model, images, "light", 5)
+    assert values[0] == pytest.approx(latent.min().item()) and values[-1] == pytest.approx(latent.max().item())
+
+
+def test_mig_is_zero_for_a_factor_two_latents_share():
+    """The gap: a factor coded as well by a second latent is not disentangled (MI alone would score it 1)."""
+    a = torch.rand(2000)
+    assert mig(torch.stack([a, a, torch.rand(2000)], dim=1), {"a": a}) == pytest.approx(0.0, abs=1e-12)

@@ -676,3 +676,270 @@ def test_a_trainer_on_a_run_folder_another_process_trains_in_is_refused(tmp_path
     inspected = Trainer(config(tmp_path, steps=4), resume=True, render=blobs)  # free again; shared in-process
     assert Trainer(config(tmp_path, steps=4), resume=True, render=blobs).train().step == 4
     assert inspected.step == 2
+
+
+def locked_elsewhere(run: Path) -> bool:
+    """Whether another process finds ``run``'s lock held (it tries flock without waiting)."""
+    probe = (
+        "import fcntl, sys; f = open(sys.argv[1], 'a')\n"
+        "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(run / ".lock")], timeout=60)
+    assert done.returncode in (0, 3)
+    return done.returncode == 3
+
+
+def test_a_run_folder_is_free_for_other_processes_once_training_is_over(tmp_path):
+    """train() and a constructor that fails release the folder themselves, while the trainer or the error's
+    traceback is still referenced (a notebook keeps both), not only at Trainer.close or garbage collection."""
+    trainer = Trainer(config(tmp_path, steps=2), render=blobs)
+    trainer.train()
+    assert not locked_elsewhere(tmp_path / "run")
+    with pytest.raises(FileExistsError) as refused:  # its traceback holds the half-built trainer
+        Trainer(config(tmp_path, steps=2), render=blobs)
+    assert not locked_elsewhere(tmp_path / "run") and refused.traceback
+
+
+def test_a_trainer_holds_its_folder_while_another_in_the_process_finishes(tmp_path):
+    """Trainers of one process share the lock: the folder stays locked until the last of them lets go."""
+    Trainer(config(tmp_path, steps=2), render=blobs).train()
+    first = Trainer(config(tmp_path, steps=4), resume=True, render=blobs)
+    Trainer(config(tmp_path, steps=4), resume=True, render=blobs).train()
+    assert locked_elsewhere(tmp_path / "run")
+    first.close()
+    assert not locked_elsewhere(tmp_path / "run")
+
+
+def test_two_processes_run_folder_locks_exclude_each_other(tmp_path):
+    """The other process holds the folder as a trainer does (run_folder_lock), not with a hand-made LOCK_EX."""
+    (tmp_path / "run").mkdir()
+    hold = (
+        "import sys, time; from dcign_fast.train.lock import run_folder_lock; lock = run_folder_lock(sys.argv[1]); "
+        "lock.__enter__(); print(1, flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "run")], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()
+        with pytest.raises(BlockingIOError, match="another trainer is writing"):
+            Trainer(config(tmp_path, steps=2), render=blobs)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_folder_named_two_ways_is_one_lock(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    relative = Trainer(config(tmp_path, steps=2, out="run"), render=blobs)
+    assert Trainer(config(tmp_path, steps=2, out=str(tmp_path / "run")), render=blobs).train().step == 2
+    relative.close()
+
+
+def test_train_called_again_holds_the_folder_again(tmp_path):
+    """A timed-out train() releases the folder; calling train() again (a notebook continuing) holds it again."""
+    seen = []
+
+    def slow_render(kind, generator):  # each batch outlasts the time limit: one step per train() call
+        seen.append(locked_elsewhere(tmp_path / "run"))
+        time.sleep(0.3)
+        return blobs(kind, generator)
+
+    options = config(tmp_path, steps=10, log_every=100, checkpoint_every=100, time_limit_s=0.2)
+    trainer = Trainer(options, render=slow_render)
+    assert trainer.train().step == 1 and not locked_elsewhere(tmp_path / "run")
+    assert trainer.train().step == 2 and seen == [True, True]
+
+
+def test_the_last_step_is_logged_and_checkpointed_whatever_the_intervals(tmp_path):
+    Trainer(config(tmp_path, steps=5, log_every=2, checkpoint_every=2), render=blobs).train()
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [2, 4, 5]
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == "step-00000005"
+
+
+def test_a_nonfinite_loss_exits_1_and_frees_the_run_folder(tmp_path, capsys):
+    from dcign_fast.train.cli import run_training
+
+    # Adam at this rate: NaN at step 1. The trainer run_training returns (the demo keeps it) has let go of the folder.
+    code, trainer, result = run_training(config(tmp_path, steps=3, lr=1e30), resume=False)
+    assert (code, result) == (1, None) and not locked_elsewhere(tmp_path / "run")
+    assert "error: the loss or its gradient became NaN or infinite at step 1" in capsys.readouterr().err
+
+
+def test_a_timed_out_run_under_torchrun_exits_0(tmp_path, monkeypatch):
+    """torchrun counts any status but 0 as a failure (and may restart the workers): 75 is for one process only."""
+    import dcign_fast.train.trainer as trainer_module
+    from dcign_fast.train.cli import run_training
+    from dcign_fast.train.distributed import World
+
+    class SecondOfTwoRanks(Trainer):  # what a rank of a two-process run sees (no process group needed here)
+        def train(self):
+            result = super().train()
+            self.world = World(rank=1, size=2)
+            return result
+
+    monkeypatch.setattr(trainer_module, "Trainer", SecondOfTwoRanks)
+    code, trainer, result = run_training(config(tmp_path, steps=5, time_limit_s=0.0), resume=False)
+    assert result.timed_out and trainer.world.distributed and code == 0
+
+
+def test_resuming_a_run_at_exactly_its_steps_says_nothing_was_trained(tmp_path, capsys):
+    from dcign_fast.cli import main
+
+    Trainer(config(tmp_path, steps=2), render=blobs).train()
+    assert main(["train", "--out", str(tmp_path / "run"), "--steps", "2", "--resume"]) == 0
+    assert "already at step 2 >= steps 2: nothing was trained" in capsys.readouterr().err
+
+
+def test_each_set_overrides_the_named_flags(tmp_path):
+    from dcign_fast.train.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--steps", "4", "--set", "steps=6", "--out", str(tmp_path / "a"), "--set", "out=b"])
+    assert (config_from_args(args).steps, config_from_args(args).out) == (6, "b")
+
+
+def test_a_run_moved_into_the_default_folder_resumes_there(tmp_path, monkeypatch):
+    """Without --out the folder is runs/demo64: a resumed run stays there, not in the folder its checkpoint names."""
+    from dcign_fast.train.cli import add_arguments, config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    Trainer(config(tmp_path, steps=2, seed=5), render=blobs).train()
+    shutil.copytree(tmp_path / "run", tmp_path / "runs" / "demo64")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    resumed = config_from_args(parser.parse_args(["--steps", "4", "--resume"]))
+    assert (resumed.out, resumed.seed) == ("runs/demo64", 5)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"keep_checkpoints": 5}, {"time_limit_s": 100.0}, {"log_every": 3}, {"image_every": 7}, {"checkpoint_every": 3},
+     {"on_nonfinite": "skip"}, {"threads": 1}, {"channels_last": False}],
+)  # fmt: skip
+def test_resume_accepts_a_change_of_how_the_run_executes(tmp_path, change):
+    Trainer(config(tmp_path, steps=1), render=blobs).train()
+    assert Trainer(config(tmp_path, steps=2, **change), resume=True, render=blobs).train().step == 2
+
+
+@pytest.mark.parametrize("option", ["checkpoint_every", "keep_checkpoints", "log_every", "image_every"])
+def test_intervals_of_0_are_refused_up_front(option):
+    """0 would divide by zero at the end of the first step (its work lost), or keep no checkpoint."""
+    with pytest.raises(ValueError, match=f"{option} must be >= 1, got 0"):
+        TrainConfig().override([f"{option}=0"])
+
+
+def test_a_checkpoint_with_an_option_this_version_dropped_still_resumes(tmp_path):
+    checkpoint = Trainer(config(tmp_path, steps=1), render=blobs).train().checkpoint
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    state["config"]["retired_option"] = 3
+    torch.save(state, checkpoint / "trainer.pt")
+    with pytest.warns(UserWarning, match=r"options \['retired_option'\] are unknown to this version: ignored"):
+        assert Trainer(config(tmp_path, steps=2), resume=True, render=blobs).train().step == 2
+
+
+def test_odds_that_are_all_zero_are_refused_when_the_options_are_read():
+    with pytest.raises(ValueError, match="the batch kinds' odds must not all be 0"):
+        TrainConfig(shape_bias=0, kind_weights={"azimuth": 0, "elevation": 0, "light": 0})
+
+
+def test_set_tolerates_spaces_around_the_key():
+    assert TrainConfig().override(["steps = 3", " out=x"]).steps == 3
+
+
+def test_zero_weight_kinds_are_left_out_of_the_stream(tmp_path):
+    """(the progress pictures render one row per kind of stream.kinds)"""
+    from dcign_fast.train.data import BatchStream
+
+    odds = {"azimuth": 1.0, "elevation": 9.0, "light": 0.0, "intrinsic": 0.0}
+    stream = BatchStream(blobs, config(tmp_path, kind_weights=odds), show_progress=False)
+    assert stream.kinds == ["azimuth", "elevation"]
+
+
+def test_each_rank_renders_a_pool_of_its_own(tmp_path):
+    """(data.py: "a pool is rendered per rank, so more ranks draw from more sweeps")"""
+    from dcign_fast.train.data import BatchStream
+
+    pools = [BatchStream(blobs, config(tmp_path, data_pool=1), rank=r, show_progress=False).pool for r in (0, 1)]
+    assert not torch.equal(pools[0]["azimuth"][0][0], pools[1]["azimuth"][0][0])
+
+
+def test_each_rank_and_micro_batch_takes_its_own_shard(tmp_path, monkeypatch):
+    """shard = rank x accumulation + micro-batch: rank 1 of 2, accumulating 2 sweeps, takes shards 2 and 3 (as a
+    single process accumulating 4 does for its last two)."""
+    import dcign_fast.train.trainer as trainer_module
+    from dcign_fast.train.distributed import World
+
+    trainer = Trainer(config(tmp_path, steps=1, accumulation=2), render=blobs)
+    monkeypatch.setattr(trainer_module, "all_agree", lambda flag, world, device: flag)  # no process group here
+    trainer.world = World(rank=1, size=2)
+    shards, original = [], trainer.stream.batch
+    trainer.stream.batch = lambda step, shard: shards.append(shard) or original(step, shard)
+    assert trainer._forward_backward(0) is not None and shards == [2, 3]
+    trainer.close()
+
+
+def test_a_crash_while_a_step_is_saved_again_keeps_its_previous_checkpoint(tmp_path, monkeypatch):
+    import dcign_fast.train.checkpoint as checkpoint_module
+    from dcign_fast.train.checkpoint import save_checkpoint
+
+    model = DCIGN.from_preset("demo64")
+    state = {"step": 3, "optimizer": {}, "rng": torch.get_rng_state(), "config": {}}
+    first = {k: torch.full_like(v, 1.0) for k, v in model.state_dict().items()}
+    path = save_checkpoint(tmp_path, 3, first, model.config.to_dict(), state, keep=2)
+    rename = os.rename
+
+    def crash_on_the_new_one(source, target):
+        if Path(source).name.startswith(".tmp-"):
+            raise OSError("killed")
+        rename(source, target)
+
+    monkeypatch.setattr(checkpoint_module.os, "rename", crash_on_the_new_one)
+    second = {k: torch.full_like(v, 2.0) for k, v in model.state_dict().items()}
+    with pytest.raises(OSError, match="killed"):
+        save_checkpoint(tmp_path, 3, second, model.config.to_dict(), state, keep=2)
+    monkeypatch.undo()
+    assert list_checkpoints(tmp_path) == [path] and all((t == 1.0).all() for t in load_checkpoint(path)[0].values())
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    Trainer(config(tmp_path, steps=2), render=blobs).train()
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "tot')  # killed mid-write
+    Trainer(config(tmp_path, steps=3), resume=True, render=blobs).train()
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]
+
+
+def test_each_metrics_line_reaches_the_file_at_once(tmp_path):
+    """A run killed later (SIGKILL, out of memory) keeps the lines it wrote, and tail -f shows them."""
+    from dcign_fast.train.logs import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=True)
+    log.write({"step": 1, "total": 2.0})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "total": 2.0}
+    log.close()
+
+
+def test_train_can_be_called_again_after_a_time_limit(tmp_path):
+    """A notebook continuing a run: train() closes the metrics log as it returns, and the next train() wrote to
+    the closed file (ValueError) after its first step had changed the weights."""
+
+    def slow_render(kind, generator):
+        time.sleep(0.3)
+        return blobs(kind, generator)
+
+    trainer = Trainer(config(tmp_path, steps=10, checkpoint_every=100, time_limit_s=0.2), render=slow_render)
+    assert trainer.train().step == 1
+    assert trainer.train().step == 2
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2]
+
+
+def test_train_can_be_called_again_after_an_interrupt(tmp_path):
+    """The next train() continues: the signal the first one acted on no longer stops it at once."""
+    trainer = Trainer(config(tmp_path, steps=4), render=blobs)
+    signal_at_batch(trainer, 1, signal.SIGINT)
+    assert trainer.train().interrupted
+    result = trainer.train()
+    assert not result.interrupted and result.step == 4

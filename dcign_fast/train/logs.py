@@ -49,6 +49,10 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and key != "step":
                     self.tensorboard.add_scalar(key, value, record["step"])
 
+    @property
+    def closed(self) -> bool:
+        return self.enabled and self.file.closed
+
     def close(self) -> None:
         if self.enabled:
             self.file.close()

@@ -234,7 +234,12 @@ class Trainer:
     def train(self) -> TrainResult:
         """Runs until ``config.steps``; returns where it stopped and the last checkpoint."""
         c = self.config
-        self._lock_run_folder()  # (released by an earlier train(): this one takes it again)
+        # An earlier train() (a notebook continuing after a time limit or a Ctrl-C) released the folder, closed
+        # the log and acted on its signals: this one takes the folder again, reopens the log and starts afresh.
+        self._lock_run_folder()
+        if self.log.closed:
+            self.log = MetricsLog(self.out, enabled=self.world.is_main, resume_step=self.step)
+        self._signals_received.clear()
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         checkpoint = None
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.world.is_main, desc="train", unit="step")
