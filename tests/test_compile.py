@@ -189,6 +189,7 @@ def test_a_direct_backward_op_call_checks_what_the_kernels_support(backend, monk
     from dcign_fast.ops.backends import CUDA_EMULATION_ENV
 
     monkeypatch.setenv(CUDA_EMULATION_ENV, "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors on a GPU machine too: refused before any launch
     x, w, g = torch.randn(2, 3, 5, 4), torch.randn(4, 3, 3, 3), torch.randn(2, 4, 15, 12)  # g: scale 3's output
     with pytest.raises(ValueError, match=f"backend='{backend}' supports scale_factor=2 only, got 3"):
         torch.ops.dcign_fast.unpool_conv2d_backward(g, x, w, None, True, 1, 1, 3, None, backend)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,13 @@ def _agree_worker(rank: int, store: str, out: str) -> None:
 def test_a_flag_one_rank_raises_stops_every_rank(tmp_path):
     """A NaN or a Ctrl-C seen by one rank must stop all of them at the same step (or the others hang in the next
     all-reduce); logged losses are the ranks' mean, their batch kinds joined in rank order. (2 gloo processes)"""
-    mp.spawn(_agree_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = mp.spawn(_agree_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not ranks.join(timeout=1):  # a hang fails the test instead of CI
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two gloo ranks did not finish within 300 s")
     for rank in (0, 1):
         result = json.loads((tmp_path / f"{rank}.json").read_text())
         assert result == {"agree": [True, False, True], "mean": {"total": 0.5, "kind": "k0+k1"}}

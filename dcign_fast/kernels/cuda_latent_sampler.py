@@ -56,7 +56,7 @@ def sampler_forward(
     seed: philox.Value,
     offset: philox.Value,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z [B, D], kl [B]) in mu's dtype; the forward half of :class:`dcign_fast.ops.latent_sampler.Kernels`."""
+    """(z [B, D], kl [B]) in mu's dtype: the cuda backend's forward in :data:`dcign_fast.ops.latent_sampler.KERNELS`."""
     B, D = mu.shape
     code = cuda.dtype_code(mu)
     with device_guard(mu.device):
@@ -85,7 +85,7 @@ def sampler_backward(
     grad_z: torch.Tensor,
     grad_kl: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_mu, grad_logvar), each [B, D] in mu's dtype; the backward half of ``Kernels``."""
+    """(grad_mu, grad_logvar), each [B, D] in mu's dtype: the cuda backend's backward in ``KERNELS``."""
     B, D = mu.shape
     code = cuda.dtype_code(mu)
     grad_z, grad_kl = grad_z.to(mu.dtype), grad_kl.to(mu.dtype)

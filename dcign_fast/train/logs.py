@@ -34,7 +34,8 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
+            # (TensorBoard hides the events from purge_step on: the resumed step's own stays)
+            self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
         except ImportError:  # tensorboard is optional
             self.tensorboard = None
         self.file = self.path.open("a")
