@@ -118,7 +118,7 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         if config.compile:
-            self.net = cast(torch.nn.Module, torch.compile(self.net))  # an OptimizedModule, wrapping the DDP one
+            self.net = cast(torch.nn.Module, torch.compile(self.net))  # an OptimizedModule (around the DDP one if any)
         kinds = None
         if render is None:
             render, kinds = default_source(config, self.model.config.image_size, self.device)
