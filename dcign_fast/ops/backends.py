@@ -32,9 +32,10 @@ class Kernels:
 
 
 def imported_kernels(module: str, forward: str, backward: str) -> Callable[[], Kernels]:
-    """The Kernels of ``module``'s functions ``forward`` and ``backward``, imported when first asked for:
-    importing dcign_fast needs neither triton nor the compiled extension."""
+    """The Kernels of ``module``'s functions ``forward`` and ``backward``, imported when first asked for
+    (importing dcign_fast needs neither triton nor the compiled extension) and kept: every op call asks."""
 
+    @functools.cache
     def load() -> Kernels:
         kernels = importlib.import_module(module)
         return Kernels(getattr(kernels, forward), getattr(kernels, backward))
