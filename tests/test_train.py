@@ -718,21 +718,6 @@ def test_a_run_folder_named_two_ways_is_one_lock(tmp_path, monkeypatch):
     relative.close()
 
 
-def test_train_called_again_holds_the_folder_again(tmp_path):
-    """A timed-out train() releases the folder; calling train() again (a notebook continuing) holds it again."""
-    seen = []
-
-    def slow_render(kind, generator):  # each batch outlasts the time limit: one step per train() call
-        seen.append(locked_elsewhere(tmp_path / "run"))
-        time.sleep(0.3)
-        return blobs(kind, generator)
-
-    options = config(tmp_path, steps=10, log_every=100, checkpoint_every=100, time_limit_s=0.2)
-    trainer = Trainer(options, render=slow_render)
-    assert trainer.train().step == 1 and not locked_elsewhere(tmp_path / "run")
-    assert trainer.train().step == 2 and seen == [True, True]
-
-
 def test_the_last_step_is_logged_and_checkpointed_whatever_the_intervals(tmp_path):
     Trainer(config(tmp_path, steps=5, log_every=2, checkpoint_every=2), render=blobs).train()
     logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -906,16 +891,19 @@ def test_each_metrics_line_reaches_the_file_at_once(tmp_path):
 
 
 def test_train_can_be_called_again_after_a_time_limit(tmp_path):
-    """A notebook continuing a run: train() closes the metrics log as it returns, and the next train() wrote to
-    the closed file (ValueError) after its first step had changed the weights."""
+    """A notebook continuing a run: a timed-out train() releases the folder and closes the metrics log; the next
+    train() holds the folder again, and it wrote to the closed log (ValueError) after its first step had changed
+    the weights."""
+    locked = []
 
-    def slow_render(kind, generator):
+    def slow_render(kind, generator):  # each batch outlasts the time limit: one step per train() call
+        locked.append(locked_elsewhere(tmp_path / "run"))
         time.sleep(0.3)
         return blobs(kind, generator)
 
     trainer = Trainer(config(tmp_path, steps=10, checkpoint_every=100, time_limit_s=0.2), render=slow_render)
-    assert trainer.train().step == 1
-    assert trainer.train().step == 2
+    assert trainer.train().step == 1 and not locked_elsewhere(tmp_path / "run")
+    assert trainer.train().step == 2 and locked == [True, True]
     logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2]
 
