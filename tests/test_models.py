@@ -128,6 +128,50 @@ def test_wrong_input_shapes_are_clear_errors():
         model.decode(torch.randn(2, 31))
 
 
+def test_wrong_input_dtypes_and_an_empty_batch_are_clear_errors():
+    model = DCIGN.from_preset("demo64")
+    with pytest.raises(TypeError, match=r"x must be floating-point images in \[0, 1\] .*divide by 255.*uint8"):
+        model(torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8))
+    for autocast in (False, True):  # autocast leaves float64 alone
+        with (
+            torch.autocast("cpu", enabled=autocast),
+            pytest.raises(TypeError, match=r"x must have the model's dtype \(torch.float32\), got torch.float64"),
+        ):
+            model(torch.rand(2, 1, 64, 64, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"z must be floating-point codes, got torch.int64"):
+        model.decode(torch.zeros(2, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x must hold at least one image, got shape \(0, 1, 64, 64\)"):
+        model(torch.rand(0, 1, 64, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # which casts 16- and 32-bit floats
+        assert model(torch.rand(2, 1, 64, 64, dtype=torch.float16))[0].dtype == torch.bfloat16
+
+
+def test_active_mask_is_exactly_the_group_on_the_models_device():
+    config = dataclasses.replace(preset("demo64"), latent_groups={"a": (0, 3), "b": (3, 5), "c": (5, 32)})
+    model = DCIGN(config).to("meta")
+    mask = model.active_mask("b")
+    assert mask.device.type == "meta" and mask.dtype == torch.bool and mask.shape == (32,)
+    assert DCIGN(config).active_mask("b").tolist() == [False] * 3 + [True] * 2 + [False] * 27
+    with pytest.raises(ValueError, match=r"group must be one of the model's latent groups \['a', 'b', 'c'\], got 'z'"):
+        model.active_mask("z")
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "run"])
+def test_save_writes_what_from_checkpoint_reads(tmp_path, name):
+    model = DCIGN(dataclasses.replace(preset("demo64"), encoder_channels=(8, 8, 8)))
+    path = model.save(tmp_path / name)
+    assert path == (tmp_path / name if name.endswith(".safetensors") else tmp_path / name / "model.safetensors")
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    loaded = DCIGN.from_checkpoint(tmp_path / name, backend="reference")
+    assert loaded.config == model.config and loaded.backend == "reference"
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    model.to_mu.bias.data += torch.randn_like(model.to_mu.bias)  # saved again, over the first file
+    model.save(tmp_path / name)
+    assert torch.equal(DCIGN.from_checkpoint(path).to_mu.bias, model.to_mu.bias)
+
+
 def test_loss_gradient_stays_finite_where_the_sigmoid_saturates():
     x = torch.rand(2, 1, 4, 4)
     recon = torch.rand(2, 1, 4, 4)

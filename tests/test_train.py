@@ -572,13 +572,6 @@ def test_every_step_and_shard_draws_its_own_noise():
     assert len({latent_seed(0, step, shard) for step in range(3) for shard in range(3)}) == 9
 
 
-def test_active_mask_is_exactly_the_swept_group():
-    from dcign_fast.train.procedure import active_mask
-
-    assert active_mask({"a": (0, 3), "b": (3, 5)}, "a", 5).tolist() == [True, True, True, False, False]
-    assert active_mask({"a": (0, 3), "b": (3, 5)}, "b", 5).tolist() == [False, False, False, True, True]
-
-
 def test_the_procedure_options_reach_the_sampler(tmp_path, monkeypatch):
     """pretrain_steps plain-VAE steps first (no mask), then clamped batches; clamp and invariance as set."""
     import dcign_fast.models.dcign as dcign_module

@@ -30,7 +30,7 @@ from torch._dynamo.utils import counters
 from benchmarks.harness import CompileBudget, Step, compare, time_side_by_side
 from dcign_fast.data import SweepSampler
 from dcign_fast.models import DCIGN, PRESETS
-from dcign_fast.train.procedure import active_mask, unwrap
+from dcign_fast.train.procedure import unwrap
 
 INVARIANCE = 0.01
 EAGER = ("eager reference", "dcign_fast")
@@ -49,7 +49,7 @@ def cases(device: str, quick: bool) -> list[tuple[str, int, bool]]:
 def _step(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> Step:
     core = unwrap(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.99))
-    active = active_mask(core.config.latent_groups, "azimuth", core.config.latent_dim).to(images.device)
+    active = core.active_mask("azimuth").to(images.device)
 
     def run() -> None:
         optimizer.zero_grad(set_to_none=True)

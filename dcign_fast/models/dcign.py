@@ -277,21 +277,56 @@ class DCIGN(nn.Module):
         model.load_state_dict(weights)
         return model
 
+    def save(self, path: str | Path) -> Path:
+        """Writes the weights, with the config in the file's metadata, as one safetensors file that
+        :meth:`from_checkpoint` reads: ``path`` if it ends in ``.safetensors``, else ``path/model.safetensors``.
+        The file is written beside its place and renamed, so a crash never leaves a torn one. Returns its path."""
+        from dcign_fast.train.checkpoint import write_weights
+
+        return write_weights(path, self.state_dict(), self.config.to_dict())
+
+    def active_mask(self, group: str) -> torch.Tensor:
+        """bool [latent_dim] on the model's device: True for the latents of ``group`` (a key of
+        ``config.latent_groups``), the ``active`` argument of :meth:`forward` for a batch in which only that
+        group's factor varies."""
+        groups = self.config.latent_groups
+        if group not in groups:
+            raise ValueError(f"group must be one of the model's latent groups {sorted(groups)}, got {group!r}")
+        mask = torch.zeros(self.config.latent_dim, dtype=torch.bool, device=self.to_mu.weight.device)
+        start, stop = groups[group]
+        mask[start:stop] = True
+        return mask
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, C, S, S] in [0, 1] -> (mu, logvar), each [B, latent_dim]."""
         c = self.config
         _check_shape("x", x, (c.in_channels, c.image_size, c.image_size), "images")
+        self._check_dtype("x", x, "images in [0, 1] (uint8 pixels: divide by 255)")
         h = self.encoder(x)
         return self.to_mu(h), self.to_logvar(h)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] -> [B, C, S, S] logits (before the sigmoid)."""
         _check_shape("z", z, (self.config.latent_dim,), "codes")
+        self._check_dtype("z", z, "codes")
         # The unflattened code is NCHW and every unpool-conv keeps its input's layout: without this a model
         # moved to channels_last (the trainer's default) would run its whole decoder in NCHW, and the fused
         # kernels would copy to and from their NHWC layout at every layer.
         h = self.from_latent(z).contiguous(memory_format=self._decoder_memory_format())
         return self.decoder(h)
+
+    def _check_dtype(self, name: str, t: torch.Tensor, what: str) -> None:
+        """TypeError unless ``t`` is floating point with the weights' dtype, or one autocast casts: torch's own
+        message names neither the argument nor the fix."""
+        dtype = self.to_mu.weight.dtype
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating-point {what}, got {t.dtype}")
+        autocast = torch.is_autocast_enabled(t.device.type) and t.dtype != torch.float64  # autocast skips float64
+        if t.dtype != dtype and not autocast:
+            raise TypeError(
+                f"{name} must have the model's dtype ({dtype}), got {t.dtype}: convert it with .to({dtype}), "
+                f"or the model with .to({t.dtype}) (under autocast, 16- and 32-bit floats are cast)"
+            )
 
     def _decoder_memory_format(self) -> torch.memory_format:
         """channels_last if the decoder's weights were made so. Their exact strides tell, not is_contiguous,
@@ -321,6 +356,8 @@ class DCIGN(nn.Module):
         kl is each image's KL of the clamped posterior, the term to pass to :meth:`loss` when training
         with clamping (its gradient follows the sampler's rules). Both return shapes are plain tuples.
         """
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 0:
+            raise ValueError(f"x must hold at least one image, got shape {tuple(x.shape)}")
         mu, logvar = self.encode(x)
         z, kl = sample_latents(mu, logvar, active, clamp=clamp, invariance=invariance, seed=seed, backend=self.backend)
         recon = self.decode(z)

@@ -38,9 +38,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any]) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, str(path), metadata={"dcign_config": json.dumps(model_config)})
+
+
+def write_weights(path: str | Path, state_dict: dict[str, torch.Tensor], model_config: dict[str, Any]) -> Path:
+    """Writes one self-contained weights file, ``path`` itself if it ends in ``.safetensors``, else
+    ``path/model.safetensors`` (the folder is made), and returns its path. It is written beside its place and
+    renamed, so a crash leaves the previous file or the new one, never a torn one."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / WEIGHTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        save_weights(tmp, state_dict, model_config)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
 
 
 def weights_file(path: str | Path) -> Path:
@@ -97,8 +121,7 @@ def save_checkpoint(
     save_weights(tmp / WEIGHTS, weights, model_config)
     torch.save(state, tmp / STATE)
     for name in (WEIGHTS, STATE):
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
+        _fsync_file(tmp / name)
     replaced = root / f".old-{final.name}-{os.getpid()}"
     if final.exists():  # the same step written again (e.g. after a resume): swap, so the step never goes missing
         os.rename(final, replaced)

@@ -19,16 +19,6 @@ def kind_odds(config: TrainConfig) -> dict[str, float]:
     return {k: weights[k] / total for k in KINDS}
 
 
-def active_mask(latent_groups: dict[str, tuple[int, int]], kind: str, latent_dim: int) -> torch.Tensor:
-    """bool [latent_dim]: True for the latents of the group that varies in a ``kind`` batch."""
-    if kind not in latent_groups:
-        raise ValueError(f"batch kind {kind!r} names no latent group; groups are {sorted(latent_groups)}")
-    mask = torch.zeros(latent_dim, dtype=torch.bool)
-    start, stop = latent_groups[kind]
-    mask[start:stop] = True
-    return mask
-
-
 def unwrap(model: nn.Module) -> DCIGN:
     """The DCIGN inside torch.compile's and DistributedDataParallel's wrappers (either, both or none)."""
     inner = getattr(model, "_orig_mod", model)
@@ -42,7 +32,7 @@ def batch_loss(
     core = unwrap(model)
     active = None
     if not plain:
-        active = active_mask(core.config.latent_groups, kind, core.config.latent_dim).to(images.device)
+        active = core.active_mask(kind).to(images.device)
     # The trainer backpropagates loss / accumulation, but the invariance pull ignores the loss's scale: scaled
     # here too, so that accumulated micro-batches pull as hard as the same sweeps spread over DDP ranks.
     invariance = config.invariance / config.accumulation
