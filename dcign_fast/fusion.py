@@ -38,10 +38,11 @@ def fusion_unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
     scale = scale if isinstance(scale, tuple) else (scale, scale)
     if len(scale) != 2 or len(set(scale)) != 1 or not _positive_integer(scale[0]):
         return f"scale_factor must be one positive integer, got {upsample.scale_factor}"
-    if not isinstance(conv, nn.Conv2d) or any(
-        getattr(type(conv), method) is not getattr(nn.Conv2d, method) for method in ("forward", "_conv_forward")
-    ):  # e.g. weight standardisation overrides _conv_forward only
-        return "the second module is not a plain nn.Conv2d (a subclass overrides its forward)"
+    if not isinstance(conv, nn.Conv2d):
+        return f"the next module is {type(conv).__name__}, not an nn.Conv2d"
+    if any(getattr(type(conv), method) is not getattr(nn.Conv2d, method) for method in ("forward", "_conv_forward")):
+        # e.g. weight standardisation overrides _conv_forward only
+        return f"the next module, a {type(conv).__name__}, is an nn.Conv2d subclass that overrides its forward"
     if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1:
         return "the convolution must have stride 1, dilation 1 and groups 1"
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":

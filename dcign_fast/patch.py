@@ -48,6 +48,11 @@ class PatchReport:
 
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)}, skipped {len(self.skipped)}"]
+        if not self.replaced and not self.skipped:
+            lines[0] += (
+                " (found no nn.Upsample inside an nn.Sequential and no diffusers Upsample2D; layers that a"
+                " forward calls one after the other must be fused by hand: dcign_fast.nn.UnpoolConv2d.from_modules)"
+            )
         lines += [f"  replaced {name}" for name in self.replaced]
         lines += [f"  skipped  {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
@@ -73,6 +78,15 @@ def _upsample_conv_pairs(module: nn.Module) -> list[tuple[str, nn.Sequential, st
                     reason = "the container overrides nn.Sequential's forward" if overridden else ""
                     pairs.append((name, container, first, second, reason or fusion_unsupported_reason(up, conv)))
     return pairs
+
+
+def _scripted(module: nn.Module) -> list[str]:
+    """The qualified names of the outermost TorchScript modules inside ``module``."""
+    names: list[str] = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.jit.ScriptModule) and not any(name.startswith(f"{outer}.") for outer in names):
+            names.append(name)
+    return names
 
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -174,8 +188,15 @@ def patch(module: nn.Module, backend: str = "auto") -> PatchReport:
         A PatchReport naming what was replaced and what was skipped, and why. ``module`` itself, when it
         is an Upsample2D, is named "(root)".
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if isinstance(module, torch.jit.ScriptModule):  # its modules run compiled code, which patching cannot reach
+        raise TypeError(
+            "module is a TorchScript module (torch.jit.script or trace): patch the eager model before scripting it"
+        )
     check_backend_name(backend)
     report = PatchReport()
+    report.skipped += [(name, "a TorchScript module: patch it before scripting") for name in _scripted(module)]
     for prefix, container, first, second, reason in _upsample_conv_pairs(module):
         if reason:
             report.skipped.append((_join(prefix, first), reason))

@@ -75,7 +75,24 @@ def test_modules_it_does_not_understand_are_untouched():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     report = dc.patch(model)
     assert report.replaced == [] and report.skipped == []
+    assert "found no nn.Upsample inside an nn.Sequential" in str(report)  # a hint where to look
     assert dc.unpatch(model) == 0
+    report = dc.patch(nn.Sequential(nn.Upsample(scale_factor=2), nn.ReLU(), nn.Conv2d(4, 4, 3)))
+    assert report.skipped == [("0", "the next module is ReLU, not an nn.Conv2d")]
+    assert "found no" not in str(report)
+
+
+def test_torchscript_is_refused_at_the_root_and_reported_inside():
+    pair = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(2, 3, 3, padding=1))
+    x = torch.randn(1, 2, 4, 4)
+    for scripted in (torch.jit.script(pair), torch.jit.trace(pair, x)):
+        with pytest.raises(TypeError, match="module is a TorchScript module .* patch the eager model before"):
+            dc.patch(scripted)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(torch.jit.script(pair)))
+    report = dc.patch(model)
+    assert report.replaced == [] and report.skipped == [("1.0", "a TorchScript module: patch it before scripting")]
+    with pytest.raises(TypeError, match="module must be an nn.Module, got function"):
+        dc.patch(lambda x: x)
 
 
 def _small_vae():
@@ -206,7 +223,7 @@ def _as_weight_standardised(conv: nn.Conv2d) -> nn.Conv2d:
 @pytest.mark.parametrize(
     "wrap, words",
     [
-        (_as_weight_standardised, "a subclass overrides its forward"),
+        (_as_weight_standardised, "a _WeightStandardisedConv, is an nn.Conv2d subclass that overrides its forward"),
         (_with_parametrized_weight, "parametriz"),
         (_with_parametrized_spectral_norm, "parametriz"),
         (_with_old_weight_norm, "not a plain nn.Parameter"),
