@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -30,23 +32,24 @@ def check_like(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -
         raise ValueError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
 
 
+def _is_int(value: object) -> bool:
+    """An integer, numpy's too (numbers.Integral), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_pair(name: str, value: object, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints, each >= minimum, as a pair."""
-    pair = (value, value) if isinstance(value, int) else value
-    if not (
-        isinstance(pair, (tuple, list))
-        and len(pair) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)
-    ):
+    """An int or a pair of ints, each >= minimum, as a pair of Python ints."""
+    pair = (value, value) if _is_int(value) else value
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) and v >= minimum for v in pair)):
         raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return int(pair[0]), int(pair[1])
 
 
 def check_scale_factor(scale_factor: object) -> int:
-    """An integer upsampling factor >= 1."""
-    if not isinstance(scale_factor, int) or isinstance(scale_factor, bool) or scale_factor < 1:
+    """An integer upsampling factor >= 1, as a Python int."""
+    if not _is_int(scale_factor) or scale_factor < 1:  # type: ignore[operator]
         raise ValueError(f"scale_factor must be an int >= 1, got {scale_factor!r}")
-    return scale_factor
+    return int(scale_factor)  # type: ignore[call-overload]
 
 
 def check_activation(activation: object) -> None:
@@ -55,13 +58,14 @@ def check_activation(activation: object) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def check_no_forward_ad(op: str, backend: str, *tensors: torch.Tensor | None) -> None:
+def check_no_forward_ad(op: str, backend: str, *tensors: torch.Tensor | None, alternative: str = "") -> None:
     """The custom ops have no forward-mode derivative, and PyTorch would give their outputs zero tangents
-    without a word (torch.func.jvp, forward_ad dual tensors): refuse such inputs instead."""
+    without a word (torch.func.jvp, forward_ad dual tensors): refuse such inputs instead. ``alternative``: a
+    way that does have one, for the message."""
     if torch.compiler.is_compiling():
         return
     if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(
             f"{op}(backend={backend!r}) has no forward-mode AD (torch.func.jvp, forward_ad dual tensors): "
-            "use reverse mode (torch.autograd.grad)"
+            f"use reverse mode (torch.autograd.grad){alternative}"
         )

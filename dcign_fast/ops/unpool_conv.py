@@ -318,6 +318,6 @@ def unpool_conv2d(
     name = choose_backend(x, weight, scale_factor, pad) if backend == "auto" else backend
     if name == "reference":
         return _reference(x, weight, bias, pad, scale_factor, activation)
-    check_no_forward_ad("unpool_conv2d", name, x, weight, bias)
+    check_no_forward_ad("unpool_conv2d", name, x, weight, bias, alternative=", or backend='reference'")
     # The registered custom op: one opaque node for torch.compile, forward and backward.
     return unpool_conv_op.unpool_forward(x, weight, bias, *pad, scale_factor, activation, name)
