@@ -77,7 +77,7 @@ def test_text_options_take_names_that_look_like_numbers():
 
     for typed in ("2024", "007", "12:30", "1.50"):
         assert TrainConfig().override([f"out={typed}"]).out == typed
-    with pytest.raises(TypeError, match="out must be str, got 2024 \\(quote it in a YAML file"):
+    with pytest.raises(TypeError, match="out must be str \\| None, got 2024 \\(quote it in a YAML file"):
         TrainConfig.from_dict({"out": 2024})  # as a YAML file's out: 2024 reads
 
 

@@ -762,7 +762,8 @@ def test_each_set_overrides_the_named_flags(tmp_path):
 
 
 def test_a_run_moved_into_the_default_folder_resumes_there(tmp_path, monkeypatch):
-    """Without --out the folder is runs/demo64: a resumed run stays there, not in the folder its checkpoint names."""
+    """Without --out the folder is runs/<preset>: a resumed run stays there, not in the folder its checkpoint
+    names."""
     from dcign_fast.train.cli import add_arguments, config_from_args
 
     monkeypatch.chdir(tmp_path)
@@ -908,3 +909,50 @@ def test_train_can_be_called_again_after_an_interrupt(tmp_path):
     assert trainer.train().interrupted
     result = trainer.train()
     assert not result.interrupted and result.step == 4
+
+
+def test_the_default_run_folder_follows_the_preset_and_an_explicit_out_wins(tmp_path, monkeypatch):
+    """The default out was runs/demo64 whatever the preset. Each way of giving an out (--out, --set, a config
+    file) still names the folder; each way of giving a preset moves the default."""
+    from dcign_fast.train.cli import add_arguments, config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    Path("face.yaml").write_text("preset: face128\n")
+    Path("elsewhere.yaml").write_text("out: elsewhere\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def folder(*argv: str) -> Path:
+        return config_from_args(parser.parse_args(argv)).run_folder
+
+    assert folder() == Path("runs/demo64")
+    assert folder("--preset", "paper150") == Path("runs/paper150")
+    assert folder("--set", "preset=face128") == folder("--config", "face.yaml") == Path("runs/face128")
+    assert folder("--preset", "paper150", "--out", "a") == folder("--preset", "paper150", "--set", "out=a") == Path("a")
+    assert folder("--preset", "paper150", "--config", "elsewhere.yaml") == Path("elsewhere")
+    # The default is not fixed when the options are made: a copy with another preset moves with it.
+    assert TrainConfig().updated({"preset": "face128"}).run_folder == Path("runs/face128")
+
+
+def test_runs_of_two_presets_without_out_train_and_resume_apart(tmp_path, monkeypatch):
+    """Both went to runs/demo64: the second preset's run found the first's checkpoints and was refused."""
+    from dcign_fast.train.cli import add_arguments, config_from_args
+
+    def blobs_128(kind: str, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        images, factors = blobs(kind, generator)
+        return torch.nn.functional.interpolate(images, size=128), factors
+
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def train(preset: str, *argv: str) -> Path | None:
+        args = parser.parse_args(["--preset", preset, *argv, *(a for s in FAST for a in ("--set", s))])
+        render = blobs if preset == "demo64" else blobs_128
+        return Trainer(config_from_args(args), resume=args.resume, render=render).train().checkpoint
+
+    assert train("demo64", "--steps", "1") == Path("runs/demo64/checkpoints/step-00000001")
+    assert train("face128", "--steps", "1") == Path("runs/face128/checkpoints/step-00000001")
+    assert train("face128", "--steps", "2", "--resume") == Path("runs/face128/checkpoints/step-00000002")
+    stored = load_checkpoint(Path("runs/face128/checkpoints/step-00000002"))[2]["config"]
+    assert (stored["preset"], stored["out"]) == ("face128", "runs/face128")  # the folder in effect, not None

@@ -18,9 +18,15 @@ TIMED_OUT = 75  # sysexits' EX_TEMPFAIL: not finished, try again (--resume); a j
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="demo64, face128 or paper150 (default demo64)")
-    parser.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, images/")
+    parser.add_argument(
+        "--out", help="run folder: checkpoints, metrics.jsonl, images/ (default runs/<preset>, e.g. runs/demo64)"
+    )
     parser.add_argument("--steps", type=positive_int, help="total optimizer steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in the run folder (--out, or runs/<preset> of the --preset given)",
+    )
     parser.add_argument("--config", type=Path, help="a YAML file of training options")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any option (repeatable)"
@@ -28,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's options: --config's, then --preset/--out/--steps, then each --set. With --resume they
-    apply on top of the newest checkpoint's options (the trainer refuses changes that alter the results)."""
+    """The run's options: --config's, then --preset/--out/--steps, then each --set; when none of them gives an
+    out, the run folder is runs/<preset> (the preset they end with). With --resume they apply on top of the
+    newest checkpoint's options in that folder (the trainer refuses changes that alter the results)."""
     values = TrainConfig.read_yaml(args.config) if args.config else {}
     values.update({key: getattr(args, key) for key in ("preset", "out", "steps") if getattr(args, key) is not None})
     values.update(TrainConfig.parse_assignments(args.set))
@@ -38,12 +45,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def resolve_options(defaults: TrainConfig, values: dict[str, object], resume: bool) -> TrainConfig:
     """``defaults`` with the options a user gave (``values``); with ``resume``, the newest checkpoint's options
-    in the resulting ``out`` folder take the defaults' place (the trainer refuses changes that alter results)."""
+    in the resulting run folder (``out``, or runs/<preset>) take the defaults' place (the trainer refuses changes
+    that alter results)."""
     from dcign_fast.train.trainer import stored_config
 
     config = defaults.updated(values)
-    stored = stored_config(config.out) if resume else None
-    return config if stored is None else stored.updated({**values, "out": config.out})  # the folder read
+    stored = stored_config(config.run_folder) if resume else None
+    # The folder read, named outright: the checkpoint's out (or its preset's default) may name another.
+    return config if stored is None else stored.updated({**values, "out": str(config.run_folder)})
 
 
 def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, TrainResult | None]:
@@ -55,7 +64,7 @@ def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, Train
     trainer = Trainer(config, resume=resume)
     if trainer.step >= config.steps and trainer.world.is_main:  # a finished run resumed: say so, not just "step N"
         print(
-            f"the run in {config.out} is already at step {trainer.step} >= steps {config.steps}: nothing was "
+            f"the run in {config.run_folder} is already at step {trainer.step} >= steps {config.steps}: nothing was "
             "trained (raise --steps to continue it)",
             file=sys.stderr,
         )

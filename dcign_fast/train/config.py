@@ -106,7 +106,7 @@ class TrainConfig:
     """Everything that determines a training run (with the seed, a run is reproducible)."""
 
     preset: str = "demo64"
-    out: str = "runs/demo64"
+    out: str | None = None  # the run folder; None: runs/<preset> (see run_folder), so presets do not share one
     steps: int = 3000
     pretrain_steps: int = 0  # plain-VAE steps (nothing clamped) before the one-factor procedure
     batch_size: int = 20
@@ -146,8 +146,9 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         self._check_bounds()
         for name in ("out", "data"):
-            if not getattr(self, name).strip():
-                raise ValueError(f"{name} must not be empty, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(f"{name} must not be empty, got {value!r}")
         check_device(self.device)
         unknown_kinds = sorted(set(self.kind_weights) - set(KINDS))
         if unknown_kinds:
@@ -155,6 +156,12 @@ class TrainConfig:
         weights = self.kind_weights_in_full()
         if not sum(weights.values()) > 0:
             raise ValueError(f"the batch kinds' odds must not all be 0 (shape_bias and kind_weights), got {weights}")
+
+    @property
+    def run_folder(self) -> Path:
+        """Where the run writes: ``out``, or ``runs/<preset>`` when it is None (a default that follows the
+        preset: a run of another preset does not find this one's checkpoints and refuse to start)."""
+        return Path("runs", self.preset) if self.out is None else Path(self.out)
 
     def kind_weights_in_full(self) -> dict[str, float]:
         """Each batch kind's weight: 1:1:1:shape_bias, unless ``kind_weights`` overrides."""

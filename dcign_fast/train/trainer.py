@@ -74,11 +74,11 @@ class Trainer:
         # channels_last by default on the CPU too: oneDNN's convolutions and max pooling run faster in it (a
         # demo64 training step takes 0.76x the time of NCHW's on a 2-core Xeon, the encoder's pooling 0.11x).
         self.memory_format = None if config.channels_last is False else torch.channels_last
-        self.out = Path(config.out)
+        self.out = config.run_folder
         self.checkpoints = self.out / "checkpoints"
         for folder in (self.out, self.checkpoints):  # found now, not at the first save, after work to lose
             if folder.exists() and not folder.is_dir():
-                raise NotADirectoryError(f"out={config.out}: {folder} is a file, where the run keeps a folder")
+                raise NotADirectoryError(f"out={self.out}: {folder} is a file, where the run keeps a folder")
 
         if self.world.is_main:  # now, before any work: an unwritable --out is found at once
             self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,8 @@ class Trainer:
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
-            "config": {**self.config.to_dict(), "bf16": self.bf16},  # the precision in effect, not None
+            # The precision and the folder in effect, not None.
+            "config": {**self.config.to_dict(), "bf16": self.bf16, "out": str(self.out)},
             "world_size": self.world.size,
         }
         return save_checkpoint(
