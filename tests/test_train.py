@@ -204,7 +204,7 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(tmp_path):
         trainer.model.to_mu.weight.fill_(float("nan"))
     from dcign_fast.train.trainer import NonFiniteLossError
 
-    with pytest.raises(NonFiniteLossError, match="step 2"):
+    with pytest.raises(NonFiniteLossError, match="at step 3;"):  # the step after checkpoint step-00000002
         trainer.train()
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000002"]
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "model.safetensors").read_bytes() == before
@@ -418,7 +418,7 @@ def test_infinite_gradient_is_caught_like_a_nan_loss(tmp_path):
 
     trainer = Trainer(config(tmp_path, steps=2), render=blobs)
     trainer.model.to_logvar.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
-    with pytest.raises(NonFiniteLossError, match="gradient became NaN or infinite at step 0"):
+    with pytest.raises(NonFiniteLossError, match="gradient became NaN or infinite at step 1;"):
         trainer.train()
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
 
@@ -721,10 +721,10 @@ def test_the_last_step_is_logged_and_checkpointed_whatever_the_intervals(tmp_pat
 def test_a_nonfinite_loss_exits_1_and_frees_the_run_folder(tmp_path, capsys):
     from dcign_fast.train.cli import run_training
 
-    # Adam at this rate: NaN at step 1. The trainer run_training returns (the demo keeps it) has let go of the folder.
+    # Adam at this rate: NaN at step 2. The trainer run_training returns (the demo keeps it) has let go of the folder.
     code, trainer, result = run_training(config(tmp_path, steps=3, lr=1e30), resume=False)
     assert (code, result) == (1, None) and not locked_elsewhere(tmp_path / "run")
-    assert "error: the loss or its gradient became NaN or infinite at step 1" in capsys.readouterr().err
+    assert "error: the loss or its gradient became NaN or infinite at step 2;" in capsys.readouterr().err
 
 
 def test_a_timed_out_run_under_torchrun_exits_0(tmp_path, monkeypatch):
@@ -956,3 +956,29 @@ def test_runs_of_two_presets_without_out_train_and_resume_apart(tmp_path, monkey
     assert train("face128", "--steps", "2", "--resume") == Path("runs/face128/checkpoints/step-00000002")
     stored = load_checkpoint(Path("runs/face128/checkpoints/step-00000002"))[2]["config"]
     assert (stored["preset"], stored["out"]) == ("face128", "runs/face128")  # the folder in effect, not None
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nonfinite_step_is_numbered_as_metrics_and_checkpoints_number_it(tmp_path, capsys, policy):
+    """The first step taken is step 1 in metrics.jsonl, checkpoints and the progress bar; the NaN message
+    named the step it failed in by its 0-based index (step 1 for the second step, which the bar showed as
+    under way)."""
+    from dcign_fast.train.trainer import NonFiniteLossError
+
+    trainer = Trainer(config(tmp_path, steps=3, on_nonfinite=policy), render=blobs)
+    original, taking = trainer.stream.batch, [0]
+
+    def noting_the_step(step, shard):
+        taking[0] = step  # 0-based, as the trainer passes it
+        return original(step, shard)
+
+    trainer.stream.batch = noting_the_step
+    trainer.model.to_mu.register_forward_hook(lambda module, inputs, mu: mu * float("nan") if taking[0] == 1 else mu)
+    if policy == "stop":
+        with pytest.raises(NonFiniteLossError, match="at step 2;"):
+            trainer.train()
+    else:
+        trainer.train()
+        assert "skipped step 2:" in capsys.readouterr().out  # bar.write prints to stdout
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == ([1] if policy == "stop" else [1, 3])  # the step named is the one missing here

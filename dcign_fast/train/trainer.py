@@ -265,16 +265,18 @@ class Trainer:
                     if not torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)):
                         metrics = None
                 if metrics is None:
+                    # Numbered as metrics, checkpoints and the bar number it: the step being taken, the first one 1.
+                    failed = self.step + 1
                     if c.on_nonfinite == "stop":
                         latest = self._latest()
                         kept = f"the last good one is {latest}" if latest else "no checkpoint was written yet"
                         raise NonFiniteLossError(
-                            f"the loss or its gradient became NaN or infinite at step {self.step}; stopping "
+                            f"the loss or its gradient became NaN or infinite at step {failed}; stopping "
                             f"without writing a checkpoint ({kept}); set on_nonfinite=skip to skip such steps "
                             "instead"
                         )
                     self.optimizer.zero_grad(set_to_none=True)
-                    bar.write(f"skipped step {self.step}: non-finite loss or gradient")
+                    bar.write(f"skipped step {failed}: non-finite loss or gradient")
                 else:
                     self.optimizer.step()
                 self.step += 1
