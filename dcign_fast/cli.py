@@ -65,6 +65,17 @@ def image_file(text: str) -> Path:
     return path
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device`` for a command that runs a trained model: "auto" by default, as train's device option. The
+    command resolves it by train's rules too (dcign_fast.train.config.resolve_device), before loading anything."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where to run the model: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda "
+        "or cuda:N",
+    )
+
+
 def debugging() -> bool:
     """Whether $DCIGN_FAST_DEBUG asks for tracebacks: set, and not "", 0, false, no or off."""
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")

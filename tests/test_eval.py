@@ -366,3 +366,26 @@ def test_mig_is_zero_for_a_factor_two_latents_share():
     """The gap: a factor coded as well by a second latent is not disentangled (MI alone would score it 1)."""
     a = torch.rand(2000)
     assert mig(torch.stack([a, a, torch.rand(2000)], dim=1), {"a": a}) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("command", ["eval", "rerender"])
+def test_eval_and_rerender_choose_their_device_as_train_does(command, tmp_path, capsys, monkeypatch):
+    """eval defaulted to --device cpu (train to auto) and said nothing of it in --help; rerender had no
+    --device. Both default to auto now and resolve it by train's rules, before the checkpoint loads."""
+    import argparse
+
+    from dcign_fast.train.config import resolve_device
+
+    module = importlib.import_module(f"dcign_fast.eval.{command}_cli")
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    given = ["--checkpoint", str(tmp_path / "missing"), *(["--image", "face.png"] if command == "rerender" else [])]
+    device = parser.parse_args(given).device
+    assert device == "auto" and resolve_device(device) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert "auto (a CUDA GPU when there is one" in " ".join(parser.format_help().split())
+    monkeypatch.delenv("DCIGN_FAST_DEBUG", raising=False)
+    refusals = {"xpu": "--device must be 'auto', cpu, cuda or cuda:N, got 'xpu'", "cuda:99": "--device='cuda:99' but"}
+    for bad, words in refusals.items():
+        assert main([command, *given, "--device", bad]) == 2  # not "no weights file": the device is checked first
+        err = capsys.readouterr().err
+        assert f"dcign-fast {command}: error: {words}" in err and "Traceback" not in err

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dcign_fast.cli import positive_int
+from dcign_fast.cli import add_device_argument, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sweeps", type=positive_int, default=40, help="held-out sweeps per extrinsic group")
     parser.add_argument("--identities", type=positive_int, default=100, help="identities for cross-pose retrieval")
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser)
 
 
 def default_out(path: Path) -> Path:

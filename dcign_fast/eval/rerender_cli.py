@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcign_fast.cli import image_file, positive_int
+from dcign_fast.cli import add_device_argument, image_file, positive_int
 
 MAX_STEPS = 64  # a grid column per image, decoded in one batch: wider is unreadable and can exhaust memory
 
@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, type=Path, help="a face photo or render (any size, RGB or grey)")
     parser.add_argument("--out", type=image_file, default=Path("sweeps.png"), help="the grid picture (.png)")
     parser.add_argument("--steps", type=sweep_steps, default=9, help=f"images per sweep (at most {MAX_STEPS})")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from dcign_fast.data.folders import read_grey
     from dcign_fast.eval.rerender import sweep_grid
     from dcign_fast.models import DCIGN
+    from dcign_fast.train.config import resolve_device
 
-    model = DCIGN.from_checkpoint(args.checkpoint)
+    device = resolve_device(args.device, "--device")  # before the checkpoint loads
+    model = DCIGN.from_checkpoint(args.checkpoint).to(device)  # sweep_grid moves the image to it
     image = torch.from_numpy(read_grey(args.image, model.config.image_size))[None, None]
     print(f"wrote {sweep_grid(model, image, args.out, count=args.steps)}")
     return 0
