@@ -175,7 +175,7 @@ def test_train_from_folders_then_eval_and_rerender(tmp_path, capsys):
                 str(face),
                 "--out",
                 str(tmp_path / "sweeps.png"),
-                "--steps",
+                "--frames",
                 "5",
             ]
         )
@@ -389,3 +389,21 @@ def test_eval_and_rerender_choose_their_device_as_train_does(command, tmp_path, 
         assert main([command, *given, "--device", bad]) == 2  # not "no weights file": the device is checked first
         err = capsys.readouterr().err
         assert f"dcign-fast {command}: error: {words}" in err and "Traceback" not in err
+
+
+def test_rerender_counts_frames_not_steps_and_keeps_the_old_name(capsys):
+    """rerender's --steps meant images per sweep, train's optimizer steps: it is --frames now, and --steps
+    stays a second name for it (scripts that used it run as they did)."""
+    import argparse
+
+    from dcign_fast.eval.rerender_cli import MAX_FRAMES, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    given = ["--checkpoint", "c", "--image", "face.png"]
+    assert parser.parse_args(given).frames == 9
+    for name in ("--frames", "--steps"):
+        assert parser.parse_args([*given, name, "5"]).frames == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args([*given, "--frames", str(MAX_FRAMES + 1)])
+    assert f"must be at most {MAX_FRAMES}" in capsys.readouterr().err

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from dcign_fast.cli import add_device_argument, image_file, positive_int
 
-MAX_STEPS = 64  # a grid column per image, decoded in one batch: wider is unreadable and can exhaust memory
+MAX_FRAMES = 64  # a grid column per image, decoded in one batch: wider is unreadable and can exhaust memory
 
 
-def sweep_steps(text: str) -> int:
-    """argparse type: images per sweep, 1 to MAX_STEPS."""
+def sweep_frames(text: str) -> int:
+    """argparse type: images per sweep, 1 to MAX_FRAMES."""
     value = positive_int(text)
-    if value > MAX_STEPS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_STEPS}, got {value}")
+    if value > MAX_FRAMES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_FRAMES}, got {value}")
     return value
 
 
@@ -26,7 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--image", required=True, type=Path, help="a face photo or render (any size, RGB or grey)")
     parser.add_argument("--out", type=image_file, default=Path("sweeps.png"), help="the grid picture (.png)")
-    parser.add_argument("--steps", type=sweep_steps, default=9, help=f"images per sweep (at most {MAX_STEPS})")
+    # Not --steps, which train uses for optimizer steps; that spelling stays accepted for the scripts that used it.
+    parser.add_argument(
+        "--frames",
+        "--steps",
+        dest="frames",
+        type=sweep_frames,
+        default=9,
+        help=f"images per sweep: the grid's columns (at most {MAX_FRAMES}; --steps is its former name)",
+    )
     add_device_argument(parser)
 
 
@@ -41,5 +49,5 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "--device")  # before the checkpoint loads
     model = DCIGN.from_checkpoint(args.checkpoint).to(device)  # sweep_grid moves the image to it
     image = torch.from_numpy(read_grey(args.image, model.config.image_size))[None, None]
-    print(f"wrote {sweep_grid(model, image, args.out, count=args.steps)}")
+    print(f"wrote {sweep_grid(model, image, args.out, count=args.frames)}")
     return 0
