@@ -1,7 +1,9 @@
 """The ``dcign-fast`` command line.
 
 Each subcommand lives beside what it drives, in a module with ``add_arguments(parser)`` and
-``run(args) -> int``; this file only lists them, so ``--help`` stays fast (modules load on use).
+``run(args) -> int``; this file only lists them. ``--help`` takes the seconds torch takes to import: any
+``dcign_fast`` module first imports the package, whose ``__init__`` imports torch (for models, nn and ops), and
+building the parser imports each subcommand's module for its arguments.
 """
 
 from __future__ import annotations
