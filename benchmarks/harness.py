@@ -194,23 +194,39 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def source_commit() -> str | None:
-    """The git commit of the dcign-fast source measured ("-dirty" with uncommitted changes), or None when it
-    does not run from a git checkout: results taken with different code must say so."""
+PACKAGE_DIR = Path(dcign_fast.__file__).resolve().parent
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    """``git -C folder args``' output, or None where git is missing or fails (not a checkout)."""
     try:
-        described = subprocess.run(
-            ["git", "-C", str(Path(dcign_fast.__file__).parent), "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return described.stdout.strip() or None if described.returncode == 0 else None
+    return done.stdout if done.returncode == 0 else None
+
+
+def source_commit(package_dir: Path = PACKAGE_DIR) -> tuple[str | None, bool | None]:
+    """The short git hash of the dcign-fast checkout measured and whether its tracked files had uncommitted
+    changes, or (None, None) when the package does not run from its own checkout: results taken with
+    different code must say so.
+
+    The checkout must be the package's own (its top level the package's parent): a copy installed into a
+    virtual environment inside some other repository would otherwise report that repository's commit.
+    Untracked files do not count as changes: the result files a run writes are untracked.
+    """
+    described = _git(package_dir, "rev-parse", "--show-toplevel", "--short", "HEAD")
+    lines = described.split() if described else []
+    if len(lines) != 2 or Path(lines[0]).resolve() != package_dir.parent.resolve():
+        return None, None
+    changes = _git(package_dir.parent, "status", "--porcelain", "--untracked-files=no")
+    dirty = None if changes is None else bool(changes.strip())
+    return lines[1], dirty
 
 
 def machine(device: str) -> dict[str, object]:
-    """What the numbers were measured on."""
+    """What the numbers were measured on, and with which code."""
+    commit, dirty = source_commit()
     info: dict[str, object] = {
         "device": device,
         "cpu": cpu_name(),
@@ -219,7 +235,8 @@ def machine(device: str) -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "dcign_fast": dcign_fast.__version__,
-        "commit": source_commit(),
+        "commit": commit,
+        "dirty": dirty,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     try:
@@ -238,6 +255,17 @@ def machine(device: str) -> dict[str, object]:
 
 def machine_label(info: dict[str, object]) -> str:
     return str(info.get("card") or info["cpu"])
+
+
+def code_label(info: dict[str, object]) -> str:
+    """The code a run measured, as far as its machine block recorded it: result files written before
+    2026-11-28T21:40Z recorded neither version nor commit."""
+    if "dcign_fast" not in info:
+        return "dcign-fast version and commit not recorded"
+    if not info.get("commit"):
+        return f"dcign-fast {info['dcign_fast']} at an unknown commit (not run from its git checkout)"
+    changes = " with uncommitted changes" if info.get("dirty") else ""
+    return f"dcign-fast {info['dcign_fast']} at {info['commit']}{changes}"
 
 
 def write_results(suite: str, info: dict[str, object], rows: list[dict], out_dir: Path) -> Path:

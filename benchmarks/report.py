@@ -2,7 +2,7 @@
 
     python -m benchmarks.report [--results benchmarks/results] [--out benchmarks]
 
-Every row names the machine (card or CPU), torch and Triton versions and the date it was measured.
+Every run names the machine (card or CPU), torch and Triton versions, the code measured and the date.
 The plot shows each backend's speedup over its suite's baseline per case (forward+backward where a
 case has it), with the speedup the floor would allow where it is known.
 """
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.harness import COLUMNS, format_cell, format_table, machine_label
+from benchmarks.harness import COLUMNS, code_label, format_cell, format_table, machine_label
 
 BASELINES = {"reference", "eager reference", "unpatched"}  # each suite's speedup = 1 row
 # RESULTS.md leaves out floor_ms (over_floor says it) and notes.
@@ -61,12 +61,9 @@ def write_markdown(runs: list[dict], path: Path) -> None:
 
 
 def measured_with(m: dict) -> str:
-    """A run's versions, threads and date, and the code measured where the run recorded it (none before
-    2026-11-28T21:40Z did)."""
-    line = f"torch {m['torch']}, triton {m.get('triton')}, {m.get('cpu_threads')} CPU threads, {m['date']}"
-    if "dcign_fast" in m:
-        line += f", dcign-fast {m['dcign_fast']} at {m.get('commit') or 'an unknown commit'}"
-    return line
+    """A run's versions, threads, date and the code measured, as far as the run recorded it."""
+    threads = f"{m.get('cpu_threads')} CPU threads"
+    return f"torch {m['torch']}, triton {m.get('triton')}, {threads}, {m['date']}, {code_label(m)}"
 
 
 def headline_rows(run: dict) -> list[dict]:

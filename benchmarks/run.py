@@ -3,7 +3,7 @@
     python -m benchmarks.run --suite ops --device cpu [--quick] [--out benchmarks/results]
 
 Each suite (benchmarks/suites/<name>.py) yields rows; this writes one JSON file per suite naming the
-machine, versions and date (rewritten after every row, so a suite cut short keeps its rows) and prints
+machine, versions, commit and date (rewritten after every row, so a suite cut short keeps its rows) and prints
 the rows as a table.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import COLUMNS, format_table, machine, machine_label, write_results
+from benchmarks.harness import COLUMNS, code_label, format_table, machine, machine_label, write_results
 
 SUITES = {
     "ops": "benchmarks.suites.ops",
@@ -26,6 +26,12 @@ SUITES = {
     "patch": "benchmarks.suites.patch",
     "kernels": "benchmarks.suites.kernels",
 }
+
+
+def header(suite: str, info: dict[str, object]) -> str:
+    """The printed table's title: suite, machine, code and date."""
+    measured = f"torch {info['torch']}, {code_label(info)}, {info['cpu_threads']} threads, {info['date']}"
+    return f"## suite {suite} on {machine_label(info)} ({measured})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             write_results(name, info, rows, args.out)
         columns = [c for c in COLUMNS if any(c in row for row in rows)]
-        versions = f"torch {info['torch']}, dcign-fast {info['commit'] or info['dcign_fast']}"
-        print(f"\n## suite {name} on {machine_label(info)} ({versions}, {info['cpu_threads']} threads, {info['date']})")
+        print(f"\n{header(name, info)}")
         print(format_table(rows, columns))
         print(f"results: {path}")
     return 0

@@ -256,16 +256,51 @@ def test_a_baseline_that_cannot_run_leaves_the_other_rows_without_speedups():
 
 
 def test_results_name_the_code_measured(tmp_path):
-    """The report mixes runs taken with different code: each records dcign-fast's version and commit."""
+    """The report mixes runs taken with different code: each records dcign-fast's version, its commit (the
+    short hash) and whether that checkout had uncommitted changes; files from before say they did not."""
     import dcign_fast
-    from benchmarks.harness import machine
+    from benchmarks.harness import machine, source_commit
 
     info = machine("cpu")
-    assert info["dcign_fast"] == dcign_fast.__version__ and "commit" in info
-    run = {"suite": "ops", "machine": info, "rows": []}
-    (tmp_path / "r.json").write_text(json.dumps(run))
+    assert info["dcign_fast"] == dcign_fast.__version__
+    assert (info["commit"], info["dirty"]) == source_commit()
+    info.update(commit="0123abc", dirty=True)
+    assert "dcign-fast " + dcign_fast.__version__ + " at 0123abc with uncommitted changes" in bench.header("ops", info)
+    old = {**info, "date": "2026-01-01T00:00:00Z"}
+    for key in ("dcign_fast", "commit", "dirty"):
+        del old[key]
+    for name, m in (("new", info), ("old", old)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"suite": name, "machine": m, "rows": []}))
     report.main(["--results", str(tmp_path), "--out", str(tmp_path)])
-    assert f"dcign-fast {dcign_fast.__version__} at " in (tmp_path / "RESULTS.md").read_text()
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert f"dcign-fast {dcign_fast.__version__} at 0123abc with uncommitted changes" in text
+    assert "2026-01-01T00:00:00Z, dcign-fast version and commit not recorded" in text
+
+
+def test_source_commit_is_the_short_hash_of_the_packages_own_checkout(tmp_path):
+    """Untracked files (the results a run writes) leave the tree clean; a package installed inside some
+    other repository (a virtual environment in a project) has no commit rather than that repository's."""
+    from benchmarks.harness import source_commit
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+    package = tmp_path / "dcign_fast"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    assert source_commit(package) == (git("rev-parse", "--short", "HEAD"), False)
+    (tmp_path / "results.json").write_text("{}")
+    assert source_commit(package)[1] is False
+    (package / "__init__.py").write_text("x = 1\n")
+    assert source_commit(package)[1] is True
+    installed = tmp_path / "venv" / "site-packages" / "dcign_fast"
+    installed.mkdir(parents=True)
+    assert source_commit(installed) == (None, None)
+    assert source_commit(tmp_path / "nowhere" / "dcign_fast") == (None, None)
 
 
 def _fake_cuda_memory(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
