@@ -224,8 +224,9 @@ def source_commit(package_dir: Path = PACKAGE_DIR) -> tuple[str | None, bool | N
     return lines[1], dirty
 
 
-def machine(device: str) -> dict[str, object]:
-    """What the numbers were measured on, and with which code."""
+def machine(device: str, quick: bool = False) -> dict[str, object]:
+    """What the numbers were measured on, with which code, and whether in a quick (smoke) run: small shapes
+    and few repeats, whose times are noise."""
     commit, dirty = source_commit()
     info: dict[str, object] = {
         "device": device,
@@ -237,6 +238,7 @@ def machine(device: str) -> dict[str, object]:
         "dcign_fast": dcign_fast.__version__,
         "commit": commit,
         "dirty": dirty,
+        "quick": quick,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     try:
@@ -266,6 +268,11 @@ def code_label(info: dict[str, object]) -> str:
         return f"dcign-fast {info['dcign_fast']} at an unknown commit (not run from its git checkout)"
     changes = " with uncommitted changes" if info.get("dirty") else ""
     return f"dcign-fast {info['dcign_fast']} at {info['commit']}{changes}"
+
+
+def is_quick(info: dict[str, object]) -> bool:
+    """Whether a run was a quick (smoke) run; files written before the flag existed were full runs."""
+    return bool(info.get("quick"))
 
 
 def write_results(suite: str, info: dict[str, object], rows: list[dict], out_dir: Path) -> Path:

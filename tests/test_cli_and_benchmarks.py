@@ -90,15 +90,22 @@ def test_suite_quick_then_report(suite, tmp_path, capsys):
     timed = [row.get("median_ms", row.get("kernel_ms")) for row in data["rows"]]  # kernels: profiled times
     timed = [ms for ms in timed if ms is not None]
     assert timed and all(ms > 0 for ms in timed)
-    assert f"suite {suite}" in capsys.readouterr().out
-    assert report.main(["--results", str(tmp_path), "--out", str(tmp_path)]) == 0
-    assert f"## {suite} on" in (tmp_path / "RESULTS.md").read_text()
+    # A quick run says so in its file and its table: its two repeats of small shapes are no measurement.
+    assert data["machine"]["quick"] is True
+    assert f"suite {suite}" in (printed := capsys.readouterr().out) and "QUICK SMOKE RUN" in printed
+    assert report.main(["--results", str(tmp_path), "--out", str(tmp_path), "--include-quick"]) == 0
+    assert f"## {suite} on" in (text := (tmp_path / "RESULTS.md").read_text()) and "Quick smoke run" in text
 
 
-def test_ops_suite_compares_backends(tmp_path):
-    bench.main(["--suite", "ops", "--quick", "--out", str(tmp_path)])
-    rows = json.loads(next(tmp_path.glob("ops-*.json")).read_text())["rows"]
+def test_ops_suite_compares_backends(tmp_path, monkeypatch):
+    """Without --out a quick run writes to a git-ignored folder of its own: in benchmarks/results it was
+    committed and reported beside the measurements."""
+    monkeypatch.chdir(tmp_path)
+    bench.main(["--suite", "ops", "--quick"])
+    rows = json.loads(next(tmp_path.glob("benchmarks/results-quick/ops-*.json")).read_text())["rows"]
     assert {"reference", "torch"} <= {row["backend"] for row in rows}
+    assert not (tmp_path / "benchmarks" / "results").exists()
+    assert (tmp_path / "benchmarks" / "results-quick" / ".gitignore").read_text().endswith("\n*\n")
 
 
 def test_train_suite_writes_eager_rows_before_compiling(monkeypatch):
@@ -262,12 +269,12 @@ def test_results_name_the_code_measured(tmp_path):
     from benchmarks.harness import machine, source_commit
 
     info = machine("cpu")
-    assert info["dcign_fast"] == dcign_fast.__version__
+    assert info["dcign_fast"] == dcign_fast.__version__ and info["quick"] is False
     assert (info["commit"], info["dirty"]) == source_commit()
     info.update(commit="0123abc", dirty=True)
     assert "dcign-fast " + dcign_fast.__version__ + " at 0123abc with uncommitted changes" in bench.header("ops", info)
     old = {**info, "date": "2026-01-01T00:00:00Z"}
-    for key in ("dcign_fast", "commit", "dirty"):
+    for key in ("dcign_fast", "commit", "dirty", "quick"):
         del old[key]
     for name, m in (("new", info), ("old", old)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"suite": name, "machine": m, "rows": []}))
@@ -347,6 +354,39 @@ def test_peak_memory_is_counted_without_the_previous_calls_gradients(monkeypatch
     # A variant replaying CUDA graphs allocates nothing on replay: no peak is reported for it, only why.
     rows = compare({"eager": step, "graphed": step}, "cuda", {"case": "c"}, "eager", 1, 1, graphed=("graphed",))
     assert rows[0]["peak_mb"] == 150 and "peak_mb" not in rows[1] and "CUDA graph" in rows[1]["note"]
+
+
+def _result(date: str, speedup: float, suite: str = "latent", case: str = "c", **machine: object) -> dict:
+    """A result file's contents: one baseline row and one torch row, measured on "cpu" at ``date``."""
+    row = {"case": case, "pass": "forward+backward", "dtype": "float32", "median_ms": 1.0}
+    rows = [{**row, "backend": "reference", "speedup": 1.0}, {**row, "backend": "torch", "speedup": speedup}]
+    info = {"device": "cpu", "cpu": "cpu", "cpu_threads": 2, "torch": "2.x", "date": date, **machine}
+    return {"suite": suite, "machine": info, "rows": rows}
+
+
+def _report(tmp_path: Path, runs: list[dict], *options: str) -> str:
+    """RESULTS.md of ``runs``, written as result files and reported with ``options``."""
+    folder = tmp_path / "results"
+    folder.mkdir(exist_ok=True)
+    for i, run in enumerate(runs):
+        (folder / f"{run['suite']}-{i}.json").write_text(json.dumps(run))
+    assert report.main(["--results", str(folder), "--out", str(tmp_path), *options]) == 0
+    return (tmp_path / "RESULTS.md").read_text()
+
+
+def test_report_leaves_quick_runs_out_unless_asked(tmp_path, monkeypatch):
+    """Quick runs were merged into RESULTS.md and the plot as if measured (two repeats: noise)."""
+    plotted: list[list[dict]] = []
+    monkeypatch.setattr(report, "plot_speedups", lambda runs, path: plotted.append(runs))
+    measured, quick = _result("2026-01-01", 1.5), _result("2026-02-01", 9.0, quick=True)
+    text = _report(tmp_path, [measured, quick])
+    assert "smoke runs are left out (1 here)" in text and "2026-02-01" not in text and "Superseded" not in text
+    assert plotted[-1] == [measured] and report.summary_rows([measured])[0]["speedup"] == 1.5
+    # --include-quick adds it, marked and apart from the measurement, which it does not supersede.
+    text = _report(tmp_path, [measured, quick], "--include-quick")
+    assert "## latent on cpu, 2 threads, quick (cpu), 2026-02-01" in text and "Quick smoke run" in text
+    assert "Superseded" not in text and len(plotted[-1]) == 2
+    assert {r["machine"] for r in report.summary_rows(plotted[-1])} == {"cpu, 2 threads", "cpu, 2 threads, quick"}
 
 
 def test_report_keeps_cpu_runs_with_other_thread_counts_apart():
