@@ -94,7 +94,7 @@ def test_suite_quick_then_report(suite, tmp_path, capsys):
     assert data["machine"]["quick"] is True
     assert f"suite {suite}" in (printed := capsys.readouterr().out) and "QUICK SMOKE RUN" in printed
     assert report.main(["--results", str(tmp_path), "--out", str(tmp_path), "--include-quick"]) == 0
-    assert f"## {suite} on" in (text := (tmp_path / "RESULTS.md").read_text()) and "Quick smoke run" in text
+    assert f"### {suite} on" in (text := (tmp_path / "RESULTS.md").read_text()) and "Quick smoke run" in text
 
 
 def test_ops_suite_compares_backends(tmp_path, monkeypatch):
@@ -374,6 +374,29 @@ def _report(tmp_path: Path, runs: list[dict], *options: str) -> str:
     return (tmp_path / "RESULTS.md").read_text()
 
 
+def test_results_md_shows_the_current_runs_first(tmp_path):
+    """RESULTS.md listed every run oldest first: an early latent table (the torch backend at 0.6x) read as
+    current above the later one (1.2x). The newest run of each suite and machine comes first now, then the
+    older ones as superseded, newest first; an older run stays current for the cases no newer run measured."""
+    runs = [
+        _result("2026-01-01", 0.6),
+        _result("2026-01-02", 0.9, case="only-old"),
+        _result("2026-02-01", 1.2),
+        _result("2026-01-15", 3.0, suite="ops"),
+        _result("2026-01-03", 5.0, cpu_threads=16),  # another machine: current too
+    ]
+    text = _report(tmp_path, runs)
+    current, superseded = text.split("## Superseded runs")
+    order = re.findall(r"^### (\w+) on cpu, (\d+) threads \(cpu\), ([\d-]+)$", current, re.MULTILINE)
+    assert order == [("ops", "2", "2026-01-15"), ("latent", "16", "2026-01-03")] + [
+        ("latent", "2", date) for date in ("2026-02-01", "2026-01-02")
+    ]
+    assert "shown for the cases that the run of 2026-02-01 did not measure" in current
+    assert "| 0.6 |" not in current and "| 1.2 |" in current
+    dates = re.findall(r"^### latent on cpu, 2 threads \(cpu\), ([\d-]+)$", superseded, re.MULTILINE)
+    assert dates == ["2026-01-02", "2026-01-01"] and "Superseded by the run of 2026-02-01." in superseded
+
+
 def test_report_leaves_quick_runs_out_unless_asked(tmp_path, monkeypatch):
     """Quick runs were merged into RESULTS.md and the plot as if measured (two repeats: noise)."""
     plotted: list[list[dict]] = []
@@ -384,7 +407,7 @@ def test_report_leaves_quick_runs_out_unless_asked(tmp_path, monkeypatch):
     assert plotted[-1] == [measured] and report.summary_rows([measured])[0]["speedup"] == 1.5
     # --include-quick adds it, marked and apart from the measurement, which it does not supersede.
     text = _report(tmp_path, [measured, quick], "--include-quick")
-    assert "## latent on cpu, 2 threads, quick (cpu), 2026-02-01" in text and "Quick smoke run" in text
+    assert "### latent on cpu, 2 threads, quick (cpu), 2026-02-01" in text and "Quick smoke run" in text
     assert "Superseded" not in text and len(plotted[-1]) == 2
     assert {r["machine"] for r in report.summary_rows(plotted[-1])} == {"cpu, 2 threads", "cpu, 2 threads, quick"}
 
