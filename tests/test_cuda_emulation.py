@@ -286,3 +286,11 @@ def test_sampler_takes_negative_and_top_bit_seeds(seed):
     z, kl = dcign_fast.sample_latents(mu, logvar, seed=seed, backend="cuda")
     want_z, want_kl = sample_latents_reference(mu, logvar, seed=seed % 2**64)
     torch.testing.assert_close((z, kl), (want_z, want_kl), rtol=1e-5, atol=1e-5)
+
+
+def test_a_build_says_so_before_it_starts(tmp_path, monkeypatch, capsys):
+    """The first build takes minutes of g++: it is announced, not silent (a failing compiler ends it early)."""
+    monkeypatch.setenv("CXX", shutil.which("false") or pytest.skip("no `false` command"))
+    with pytest.raises(RuntimeError, match="building the CUDA emulation failed"):
+        cuda_emulation.build(tmp_path)
+    assert f"building the CPU emulation of dcign_fast._C into {tmp_path}" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -73,6 +74,8 @@ def build(cache_dir: Path | None = None) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Minutes of g++ with nothing to show otherwise; said once, as the build is cached.
+    print(f"dcign_fast: building the CPU emulation of dcign_fast._C into {target.parent} (once)", file=sys.stderr)
     work = Path(tempfile.mkdtemp(dir=target.parent))
     includes = include_flags()
 
