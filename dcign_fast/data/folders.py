@@ -60,19 +60,37 @@ _GREY_SCALE = {"L": 255.0, "I;16": 65535.0, "I": 65535.0, "F": 1.0}
 
 def read_grey(path: Path, size: int | None) -> np.ndarray:
     """One image as float32 grey in [0, 1], [size, size] (or native size when None). Names the file on error.
-    Floating-point images are taken to be in [0, 1]; values outside are clipped."""
+    Floating-point images are taken to be in [0, 1]; values outside are clipped. Transparent pixels are
+    black, the renders' background; an image that is not square is centre-cropped to a square before it
+    is resized, rather than stretched."""
     try:
         with Image.open(path) as image:
             image.load()
             if image.mode in _GREY_SCALE:
                 grey = np.asarray(image.convert("F"), dtype=np.float32) / _GREY_SCALE[image.mode]
             else:
-                grey = np.asarray(image.convert("RGB"), dtype=np.float32) @ _GREY / 255.0
+                grey = np.asarray(_on_black(image), dtype=np.float32) @ _GREY / 255.0
     except (OSError, ValueError, SyntaxError) as err:
         raise DatasetError(f"cannot read image {path}: {err}") from err
     if size is not None and grey.shape != (size, size):
-        grey = np.asarray(Image.fromarray(grey).resize((size, size), Image.Resampling.BILINEAR))
+        grey = np.asarray(Image.fromarray(_centre_square(grey)).resize((size, size), Image.Resampling.BILINEAR))
     return np.clip(grey, 0.0, 1.0)
+
+
+def _on_black(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto black (convert("RGB") keeps whatever colour a transparent
+    pixel stores)."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _centre_square(grey: np.ndarray) -> np.ndarray:
+    rows, cols = grey.shape
+    side = min(rows, cols)
+    top, left = (rows - side) // 2, (cols - side) // 2
+    return grey[top : top + side, left : left + side]
 
 
 def _natural_key(path: Path) -> list:

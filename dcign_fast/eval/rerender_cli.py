@@ -24,7 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="a run folder or its checkpoints folder (the newest checkpoint), a checkpoint folder or its weights",
     )
-    parser.add_argument("--image", required=True, type=Path, help="a face photo or render (any size, RGB or grey)")
+    parser.add_argument(
+        "--image",
+        required=True,
+        type=Path,
+        help="a face render or photo, RGB or grey, any size (a non-square one is centre-cropped; "
+        "transparency is black, the renders' background); a model trained on renders has not seen real photos",
+    )
     parser.add_argument("--out", type=image_file, default=Path("sweeps.png"), help="the grid picture (.png)")
     # Not --steps, which train uses for optimizer steps; that spelling stays accepted for the scripts that used it.
     parser.add_argument(

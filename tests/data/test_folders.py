@@ -169,6 +169,25 @@ def test_every_grey_mode_reads_into_zero_to_one(mode, white, suffix, tmp_path):
     assert np.allclose(read_grey(path, None), grey, atol=0.6 / white)
 
 
+def test_a_photo_is_centre_cropped_not_stretched_and_transparency_is_black(tmp_path):
+    from dcign_fast.data.folders import read_grey
+
+    rng = np.random.default_rng(1)
+    square = rng.random((8, 8), dtype=np.float32)
+    wide = np.concatenate([np.ones((8, 3), np.float32), square, np.zeros((8, 3), np.float32)], axis=1)
+    Image.fromarray(wide).save(tmp_path / "wide.tiff")
+    Image.fromarray(square).save(tmp_path / "square.tiff")
+    assert np.allclose(read_grey(tmp_path / "wide.tiff", 4), read_grey(tmp_path / "square.tiff", 4))
+    assert read_grey(tmp_path / "wide.tiff", None).shape == (8, 14)  # native size: untouched
+    rgba = rng.integers(0, 256, (6, 6, 4), dtype=np.uint8)
+    rgba[:3, :, 3] = 0  # the top half transparent, storing colours
+    rgba[3:, :, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    grey = read_grey(tmp_path / "alpha.png", None)
+    assert np.all(grey[:3] == 0)
+    assert np.allclose(grey[3:], rgba[3:, :, :3].astype(np.float32) @ np.array([0.21, 0.72, 0.07]) / 255, atol=1e-3)
+
+
 def test_odd_arguments_and_file_names(tmp_path, batches):
     """Unknown kinds raised a bare KeyError ('a' for kinds="azimuth"); .PNG files were skipped; an empty or
     non-square cache was written and then refused on reading."""
