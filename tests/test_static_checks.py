@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_tool(module: str, *args: str) -> None:
     """Runs ``python -m module args`` in the tree; skipped unless the pinned version is installed (another
     version's verdicts may differ)."""
-    pytest.importorskip(module, reason=f"{module} comes with the test extra: pip install -e '.[test]'")
+    pytest.importorskip(module, reason=f"{module} comes with the test extra (mypy on Python >= 3.10 only)")
     pinned = re.search(rf'"{module}==([^";]+)', (ROOT / "pyproject.toml").read_text())
     assert pinned, f"pyproject.toml's test extra pins no {module} version"
     if version(module) != pinned[1]:

@@ -69,3 +69,14 @@ def check_no_forward_ad(op: str, backend: str, *tensors: torch.Tensor | None, al
             f"{op}(backend={backend!r}) has no forward-mode AD (torch.func.jvp, forward_ad dual tensors): "
             f"use reverse mode (torch.autograd.grad){alternative}"
         )
+
+
+def check_while_compiling(condition: object, message: str) -> None:
+    """A check inside torch.compile: a condition known while tracing raises RuntimeError(message) there, a
+    symbolic one becomes torch._check. (torch 2.8's dynamo cannot trace torch._check's message callable, so
+    torch._check is kept for the conditions that need it.)"""
+    if isinstance(condition, bool):
+        if not condition:
+            raise RuntimeError(message)
+    else:
+        torch._check(condition, lambda: message)

@@ -53,7 +53,7 @@ import torch
 
 from dcign_fast.bounds import Bounds
 from dcign_fast.ops import latent_sampler_op, philox
-from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_tensor
+from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_tensor, check_while_compiling
 from dcign_fast.ops.backends import Kernels, check_backend_runs_on, imported_kernels, triton_available
 from dcign_fast.ops.reference import invariance_pull, sample_latents_reference
 
@@ -283,7 +283,7 @@ def check_sample_latents_args(
         raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
     if torch.compiler.is_compiling():  # dynamo makes a changing invariance symbolic, which math.isfinite rejects
         # (NaN and inf fail the comparison too.)
-        torch._check(0 <= invariance <= torch.finfo(torch.float32).max, lambda: "invariance must be >= 0 and finite")
+        check_while_compiling(0 <= invariance <= torch.finfo(torch.float32).max, "invariance must be >= 0 and finite")
     else:  # numpy scalars too: sample_latents passes Python numbers on
         Bounds(0).check("invariance", invariance)
         if invariance > torch.finfo(torch.float32).max:  # the kernels compute the pull in float32
@@ -340,7 +340,7 @@ def sample_latents(
             # As 0-d tensors on mu's device: Inductor mistypes integer ops between a tensor and a symbolic int seed
             # (invalid C++), and rng read on the host would be a sync (its draw still breaks fullgraph).
             if seed is not None:  # as_int64 would need 2**64, which Inductor cannot print as an int64 either
-                torch._check(seed <= 2**63 - 1, lambda: "torch.compile of backend='reference' takes seeds < 2**63")
+                check_while_compiling(seed <= 2**63 - 1, "torch.compile of backend='reference' takes seeds < 2**63")
                 rng = torch.tensor([seed, 0], dtype=torch.int64, device=mu.device)
             assert rng is not None  # drawn above when seed is None
             key, offset = rng[0], rng[1]
