@@ -216,7 +216,7 @@ def source_commit(package_dir: Path = PACKAGE_DIR) -> tuple[str | None, bool | N
     Untracked files do not count as changes: the result files a run writes are untracked.
     """
     described = _git(package_dir, "rev-parse", "--show-toplevel", "--short", "HEAD")
-    lines = described.split() if described else []
+    lines = described.splitlines() if described else []
     if len(lines) != 2 or Path(lines[0]).resolve() != package_dir.parent.resolve():
         return None, None
     changes = _git(package_dir.parent, "status", "--porcelain", "--untracked-files=no")

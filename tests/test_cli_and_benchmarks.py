@@ -289,6 +289,9 @@ def test_source_commit_is_the_short_hash_of_the_packages_own_checkout(tmp_path):
     other repository (a virtual environment in a project) has no commit rather than that repository's."""
     from benchmarks.harness import source_commit
 
+    tmp_path = tmp_path / "a checkout"  # a space in the path
+    tmp_path.mkdir()
+
     def git(*args: str) -> str:
         command = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args]
         return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()

@@ -151,6 +151,7 @@ def test_active_mask_is_exactly_the_group_on_the_models_device():
     model = DCIGN(config).to("meta")
     mask = model.active_mask("b")
     assert mask.device.type == "meta" and mask.dtype == torch.bool and mask.shape == (32,)
+    assert model(torch.empty(2, 1, 64, 64, device="meta"), mask)[0].shape == (2, 1, 64, 64)  # shapes on meta
     assert DCIGN(config).active_mask("b").tolist() == [False] * 3 + [True] * 2 + [False] * 27
     with pytest.raises(ValueError, match=r"group must be one of the model's latent groups \['a', 'b', 'c'\], got 'z'"):
         model.active_mask("z")
@@ -170,6 +171,16 @@ def test_save_writes_what_from_checkpoint_reads(tmp_path, name):
     model.to_mu.bias.data += torch.randn_like(model.to_mu.bias)  # saved again, over the first file
     model.save(tmp_path / name)
     assert torch.equal(DCIGN.from_checkpoint(path).to_mu.bias, model.to_mu.bias)
+
+
+def test_saves_from_two_threads_to_one_path_never_collide(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = DCIGN(dataclasses.replace(preset("demo64"), encoder_channels=(4, 4, 4)))
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: model.save(tmp_path / "m.safetensors"), range(16)))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    assert torch.equal(DCIGN.from_checkpoint(tmp_path / "m.safetensors").to_mu.weight, model.to_mu.weight)
 
 
 def test_loss_gradient_stays_finite_where_the_sigmoid_saturates():

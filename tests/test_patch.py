@@ -88,7 +88,7 @@ def test_torchscript_is_refused_at_the_root_and_reported_inside():
     for scripted in (torch.jit.script(pair), torch.jit.trace(pair, x)):
         with pytest.raises(TypeError, match="module is a TorchScript module .* patch the eager model before"):
             dc.patch(scripted)
-    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(torch.jit.script(pair)))
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(torch.jit.script(pair)), torch.jit.script(nn.ReLU()))
     report = dc.patch(model)
     assert report.replaced == [] and report.skipped == [("1.0", "a TorchScript module: patch it before scripting")]
     with pytest.raises(TypeError, match="module must be an nn.Module, got function"):

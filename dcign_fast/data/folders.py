@@ -66,7 +66,7 @@ def read_grey(path: Path, size: int | None) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in _GREY_SCALE:
+            if image.mode in _GREY_SCALE and "transparency" not in image.info:
                 grey = np.asarray(image.convert("F"), dtype=np.float32) / _GREY_SCALE[image.mode]
             else:
                 grey = np.asarray(_on_black(image), dtype=np.float32) @ _GREY / 255.0

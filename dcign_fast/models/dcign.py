@@ -193,6 +193,13 @@ def _check_shape(name: str, t: object, per_item: tuple[int, ...], what: str) -> 
         raise ValueError(f"{name} must be [{expected}] {what} for this model, got {got}")
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
 class DCIGN(nn.Module):
     """Deep Convolutional Inverse Graphics Network.
 
@@ -319,10 +326,11 @@ class DCIGN(nn.Module):
         """TypeError unless ``t`` is floating point with the weights' dtype, or one autocast casts: torch's own
         message names neither the argument nor the fix."""
         dtype = self.to_mu.weight.dtype
+        if t.dtype == dtype:
+            return
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating-point {what}, got {t.dtype}")
-        autocast = torch.is_autocast_enabled(t.device.type) and t.dtype != torch.float64  # autocast skips float64
-        if t.dtype != dtype and not autocast:
+        if not (_autocast_enabled(t.device.type) and t.dtype != torch.float64):  # autocast skips float64
             raise TypeError(
                 f"{name} must have the model's dtype ({dtype}), got {t.dtype}: convert it with .to({dtype}), "
                 f"or the model with .to({t.dtype}) (under autocast, 16- and 32-bit floats are cast)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ def write_weights(path: str | Path, state_dict: dict[str, torch.Tensor], model_c
     if path.suffix != ".safetensors":
         path = path / WEIGHTS
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    handle, name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)  # unique across threads too
+    os.close(handle)
+    tmp = Path(name)
     try:
         save_weights(tmp, state_dict, model_config)
         _fsync_file(tmp)

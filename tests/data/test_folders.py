@@ -185,6 +185,9 @@ def test_a_photo_is_centre_cropped_not_stretched_and_transparency_is_black(tmp_p
     Image.fromarray(rgba).save(tmp_path / "alpha.png")
     grey = read_grey(tmp_path / "alpha.png", None)
     assert np.all(grey[:3] == 0)
+    keyed = np.array([[255, 255, 200, 200]], dtype=np.uint8)  # grey, with 255 as the transparent value
+    Image.fromarray(keyed).save(tmp_path / "keyed.png", transparency=255)
+    assert np.allclose(read_grey(tmp_path / "keyed.png", None), [[0, 0, 200 / 255, 200 / 255]], atol=1e-3)
     assert np.allclose(grey[3:], rgba[3:, :, :3].astype(np.float32) @ np.array([0.21, 0.72, 0.07]) / 255, atol=1e-3)
 
 
