@@ -6,6 +6,16 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (typing has TypeGuard from Python 3.10 on; the annotation below is never evaluated)
+    from typing import TypeGuard
+
+
+def is_integer(value: object) -> TypeGuard[int]:
+    """An integer, numpy's too (numbers.Integral), but not a bool. (Typed as int, which numpy's integers
+    stand in for: typeshed's Integral has no comparison with an int.)"""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

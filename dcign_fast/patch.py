@@ -82,16 +82,16 @@ def _upsample_conv_pairs(module: nn.Module) -> list[tuple[str, nn.Sequential, st
 
 def _scripted(module: nn.Module) -> list[str]:
     """The qualified names of the outermost TorchScript modules inside ``module`` that hold an upsample."""
-    names: list[str] = []
+    outermost: dict[str, nn.Module] = {}
     for name, sub in module.named_modules():
-        if isinstance(sub, torch.jit.ScriptModule) and not any(name.startswith(f"{outer}.") for outer in names):
-            names.append(name)
+        if isinstance(sub, torch.jit.ScriptModule) and not any(name.startswith(f"{o}.") for o in outermost):
+            outermost[name] = sub
     # A scripted module keeps its class's name, which is all that can tell.
     upsamples = ("Upsample", "Upsample2D")
     return [
         name
-        for name in names
-        if any(getattr(m, "original_name", "") in upsamples for m in module.get_submodule(name).modules())
+        for name, sub in outermost.items()
+        if any(getattr(m, "original_name", "") in upsamples for m in sub.modules())
     ]
 
 

@@ -66,7 +66,7 @@ def read_grey(path: Path, size: int | None) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in _GREY_SCALE and "transparency" not in image.info:
+            if image.mode in _GREY_SCALE and not _transparent(image):
                 grey = np.asarray(image.convert("F"), dtype=np.float32) / _GREY_SCALE[image.mode]
             else:
                 grey = np.asarray(_on_black(image), dtype=np.float32) @ _GREY / 255.0
@@ -77,10 +77,15 @@ def read_grey(path: Path, size: int | None) -> np.ndarray:
     return np.clip(grey, 0.0, 1.0)
 
 
+def _transparent(image: Image.Image) -> bool:
+    """Whether some pixels may be transparent: an alpha channel, or a colour or palette entry marked so."""
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
 def _on_black(image: Image.Image) -> Image.Image:
     """RGB, with any transparency composited onto black (convert("RGB") keeps whatever colour a transparent
     pixel stores)."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+    if _transparent(image):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
     return image.convert("RGB")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcign_fast.bounds import Bounds
+from dcign_fast.bounds import Bounds, is_integer
 from dcign_fast.nn import UnpoolConv2d
 from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.latent_sampler import sample_latents
@@ -44,7 +43,7 @@ def _spans(latent_groups: object) -> dict[str, tuple[int, int]]:
         if not isinstance(name, str):
             raise TypeError(f"latent_groups' names must be strings, got {name!r}")
         pair = isinstance(span, (tuple, list)) and len(span) == 2
-        if not pair or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in span):
+        if not pair or not all(is_integer(v) for v in span):
             raise TypeError(f"latent_groups[{name!r}] must be a (start, stop) pair of ints, got {span!r}")
         spans[name] = (int(span[0]), int(span[1]))
     return spans

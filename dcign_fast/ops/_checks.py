@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.autograd.forward_ad as fwAD
+
+from dcign_fast.bounds import is_integer
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ACTIVATIONS = (None, "relu")
@@ -32,24 +32,19 @@ def check_like(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -
         raise ValueError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
 
 
-def _is_int(value: object) -> bool:
-    """An integer, numpy's too (numbers.Integral), but not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_pair(name: str, value: object, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= minimum, as a pair of Python ints."""
-    pair = (value, value) if _is_int(value) else value
-    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) and v >= minimum for v in pair)):
+    pair = (value, value) if is_integer(value) else value
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(is_integer(v) and v >= minimum for v in pair)):
         raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return int(pair[0]), int(pair[1])
 
 
 def check_scale_factor(scale_factor: object) -> int:
     """An integer upsampling factor >= 1, as a Python int."""
-    if not _is_int(scale_factor) or scale_factor < 1:  # type: ignore[operator]
+    if not is_integer(scale_factor) or scale_factor < 1:
         raise ValueError(f"scale_factor must be an int >= 1, got {scale_factor!r}")
-    return int(scale_factor)  # type: ignore[call-overload]
+    return int(scale_factor)
 
 
 def check_activation(activation: object) -> None:

@@ -46,12 +46,11 @@ is refused where vmap's randomness or the reference backend would make it mean s
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable
 
 import torch
 
-from dcign_fast.bounds import Bounds
+from dcign_fast.bounds import Bounds, is_integer
 from dcign_fast.ops import latent_sampler_op, philox
 from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_tensor, check_while_compiling
 from dcign_fast.ops.backends import Kernels, check_backend_runs_on, imported_kernels, triton_available
@@ -289,7 +288,7 @@ def check_sample_latents_args(
         if invariance > torch.finfo(torch.float32).max:  # the kernels compute the pull in float32
             raise ValueError(f"invariance must fit in a float32 (at most 3.4e38), got {invariance!r}")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        if not is_integer(seed):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         if not SEED_RANGE[0] <= int(seed) < SEED_RANGE[1]:
             raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
