@@ -88,7 +88,10 @@ def guarded_allocations(guard_before: bool = False) -> Iterator[None]:
 
 # (n, c_in, c_out, size, kernel, padding): both tile widths, one output channel, partial tiles, padding.
 LAYERS = [(2, 17, 70, (5, 6), (5, 2), (3, 1)), (3, 20, 1, (7, 7), (7, 7), (0, 0)), (1, 33, 12, (4, 5), (3, 3), (1, 1))]
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (dtype, TF32 for float32, activation): every tile and load path whose addresses differ. Exact float32 and
+# TF32 select different tiles; float16 addresses as bfloat16 does (the same templates on 2-byte elements);
+# ReLU adds the forward's masked epilogue (its backward masks grad_out into a new tensor in the wrapper).
+CASES = ((torch.float32, True, None), (torch.float32, False, "relu"), (torch.bfloat16, False, None))
 
 
 def run_ops_on_guarded_tensors(backend: str, guard_before: bool) -> None:
@@ -96,19 +99,18 @@ def run_ops_on_guarded_tensors(backend: str, guard_before: bool) -> None:
     import dcign_fast as dc
 
     torch.manual_seed(0)
-    for dtype in DTYPES:
-        # Without an activation the kernels read grad_out itself (with ReLU the wrapper masks it into a new,
-        # unguarded tensor first).
-        for activation in (None, "relu"):
-            for n, c_in, c_out, size, kernel, padding in LAYERS:
-                x = torch.randn(n, c_in, *size).to(dtype).contiguous(memory_format=torch.channels_last)
-                params = torch.randn(c_out, c_in, *kernel).to(dtype), torch.randn(c_out).to(dtype)
-                leaves = [guarded_copy(t, guard_before).requires_grad_() for t in (x, *params)]
-                with guarded_allocations(guard_before):
-                    y = dc.unpool_conv2d(*leaves, padding=padding, backend=backend, activation=activation)
-                    grad_out = guarded_copy(torch.randn_like(y), guard_before)
-                    grads = torch.autograd.grad(y, leaves, grad_out)
-                assert all(torch.isfinite(g).all() for g in (y, *grads))
+    for dtype, tf32, activation in CASES:
+        torch.backends.cudnn.allow_tf32 = tf32
+        for n, c_in, c_out, size, kernel, padding in LAYERS:
+            x = torch.randn(n, c_in, *size).to(dtype).contiguous(memory_format=torch.channels_last)
+            params = torch.randn(c_out, c_in, *kernel).to(dtype), torch.randn(c_out).to(dtype)
+            leaves = [guarded_copy(t, guard_before).requires_grad_() for t in (x, *params)]
+            with guarded_allocations(guard_before):
+                y = dc.unpool_conv2d(*leaves, padding=padding, backend=backend, activation=activation)
+                grad_out = guarded_copy(torch.randn_like(y), guard_before)
+                grads = torch.autograd.grad(y, leaves, grad_out)
+            assert all(torch.isfinite(g).all() for g in (y, *grads))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         mu, logvar = (guarded_copy(torch.randn(6, 40).to(dtype), guard_before) for _ in range(2))
         active = guarded_copy(torch.rand(40) < 0.5, guard_before)
         for m, lv in ((mu, logvar), (mu[:, :5].T, logvar[:, :5].T)):  # contiguous and strided

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,22 +54,39 @@ UNPOOL_CONV_SOURCES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def ptxas_reports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
+    """nvcc -Xptxas -v on every unpool-conv source for sm_90a, all started at once (each takes tens of seconds
+    of ptxas, and CI has two cores): source -> (the running nvcc, the file its report goes to)."""
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    out = tmp_path_factory.mktemp("ptxas")
+    cmd = ["nvcc", "-std=c++17", "-O3", "-cubin", "-arch=sm_90a", f"-I{csrc}", "-Xptxas", "-v"]
+    reports = {}
+    for source in UNPOOL_CONV_SOURCES:
+        report = out / f"{source}.txt"
+        with report.open("w") as stderr:
+            nvcc = subprocess.Popen([*cmd, str(csrc / source), "-o", str(out / f"{source}.cubin")], stderr=stderr)
+        reports[source] = nvcc, report
+    yield reports
+    for nvcc, _ in reports.values():
+        nvcc.kill()
+        nvcc.wait()
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (compile only, no GPU)")
 @pytest.mark.parametrize("source", UNPOOL_CONV_SOURCES)
-def test_unpool_conv_kernels_use_no_local_memory_on_sm90a(source, tmp_path):
+def test_unpool_conv_kernels_use_no_local_memory_on_sm90a(source, ptxas_reports):
     """ptxas for sm_90a: every instantiation (4 multiplies: float32 exact and TF32, bf16, fp16; x 2 tiles; x 2
     activation load widths: 16-byte vectors or single elements) keeps its accumulators and the geometry in
     registers: no stack frame, no spills (a run-time index into a kernel parameter would put it in local
     memory). ptxas also refuses more than 48 KiB of static shared memory."""
-    csrc = Path(__file__).resolve().parents[1] / "csrc"
-    cmd = ["nvcc", "-std=c++17", "-O3", "--generate-code=arch=compute_90a,code=sm_90a", f"-I{csrc}", "-Xptxas", "-v"]
-    result = subprocess.run(
-        [*cmd, "-c", str(csrc / source), "-o", str(tmp_path / "k.o")], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    nvcc, report = ptxas_reports[source]
+    returncode = nvcc.wait(timeout=600)
+    stderr = report.read_text()
+    assert returncode == 0, stderr
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", stderr)
     # float32 exact and TF32, bf16, fp16 x 2 tiles x 2 load widths; the forward and grad input add their
     # few-outputs paths
     few_outputs_paths = source in ("unpool_conv_forward.cu", "unpool_conv_grad_input.cu")
-    assert len(frames) == (24 if few_outputs_paths else 16), result.stderr
-    assert all(frame == ("0", "0", "0") for frame in frames), result.stderr
+    assert len(frames) == (24 if few_outputs_paths else 16), stderr
+    assert all(frame == ("0", "0", "0") for frame in frames), stderr
