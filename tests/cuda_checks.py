@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import dcign_fast as dc
-from tests.helpers import REL_TOL, poisoned_allocations, rel_error
+from tests.helpers import REL_TOL, off_the_relu_kink, poisoned_allocations, rel_error
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The unpool-conv multiplies: (storage dtype, float32 in TF32 on tensor cores).
@@ -114,13 +114,14 @@ def check_unpool_conv(
         leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
         with poisoned_allocations():
             y = dc.unpool_conv2d(*leaves, padding=padding, backend="cuda", activation=activation)
-        expected = oracle(x, weight, bias, padding)
-        if activation == "relu":
-            expected = F.relu(expected)
+        pre_activation = oracle(x, weight, bias, padding)
+        expected = F.relu(pre_activation) if activation == "relu" else pre_activation
         assert y.dtype == dtype and y.shape == expected.shape
         assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         assert rel_error(y, expected) < tol, "forward"
         grad = torch.randn(expected.shape, device=device).to(dtype)
+        if activation == "relu":
+            grad = off_the_relu_kink(grad, pre_activation, tol)
         with poisoned_allocations():
             got = torch.autograd.grad(y, leaves, grad)
         ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]

@@ -90,8 +90,8 @@ def guarded_allocations(guard_before: bool = False) -> Iterator[None]:
 LAYERS = [(2, 17, 70, (5, 6), (5, 2), (3, 1)), (3, 20, 1, (7, 7), (7, 7), (0, 0)), (1, 33, 12, (4, 5), (3, 3), (1, 1))]
 # (dtype, TF32 for float32, activation): every tile and load path whose addresses differ. Exact float32 and
 # TF32 select different tiles; float16 addresses as bfloat16 does (the same templates on 2-byte elements);
-# ReLU adds the forward's masked epilogue (its backward masks grad_out into a new tensor in the wrapper).
-CASES = ((torch.float32, True, None), (torch.float32, False, "relu"), (torch.bfloat16, False, None))
+# ReLU adds the forward's masked epilogue and the backward kernels' reads of the output, at grad_out's offsets.
+CASES = ((torch.float32, True, "relu"), (torch.float32, False, None), (torch.bfloat16, False, "relu"))
 
 
 def run_ops_on_guarded_tensors(backend: str, guard_before: bool) -> None:

@@ -233,10 +233,10 @@ def test_numpy_integers_are_integers():
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_torch_backend_gradgradcheck(activation):
     """Double backward (gradient penalties): the backward op's own backward, built from the same ops."""
-    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    fn = lambda *t: dc.unpool_conv2d(*t, padding=2, backend="torch", activation=activation)  # noqa: E731
+    x = torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    fn = lambda *t: dc.unpool_conv2d(*t, padding=1, backend="torch", activation=activation)  # noqa: E731
     with poisoned_allocations():
         assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
