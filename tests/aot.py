@@ -197,13 +197,32 @@ def compile_in_subprocess(module: str, function: str, timeout: float = 600) -> l
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """REG, STACK, SHARED, LOCAL of the (single) kernel in a cubin, read by the cuobjdump bundled with Triton."""
+def _usage(text: str) -> dict[str, int]:
+    return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+def _cuobjdump_resource_usage(path: str) -> str:
+    """``cuobjdump --dump-resource-usage`` of a cubin or a fat binary, by the cuobjdump bundled with Triton."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return subprocess.run([str(tool), "--dump-resource-usage", path], capture_output=True, text=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED, LOCAL of the (single) kernel in a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+        return _usage(_cuobjdump_resource_usage(f.name))
+
+
+def kernels_resource_usage(binary: Path) -> list[tuple[str, str, dict[str, int]]]:
+    """(architecture, mangled name, REG/STACK/SHARED/LOCAL) of every kernel in a fat binary such as a compiled
+    extension module."""
+    rows = []
+    for section in _cuobjdump_resource_usage(str(binary)).split("Fatbin elf code:")[1:]:
+        arch = re.search(r"arch = (\S+)", section)
+        for name, usage in re.findall(r"Function (\S+):\n(.*)", section):
+            rows.append((arch.group(1) if arch else "?", name, _usage(usage)))
+    return rows

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +9,7 @@ import torch
 
 from dcign_fast.kernels import cuda
 from dcign_fast.ops.backends import CUDA_EMULATION_ENV
+from tests.aot import kernels_resource_usage
 
 needs_extension = pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C was not built (no nvcc)")
 
@@ -54,39 +51,24 @@ UNPOOL_CONV_SOURCES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ptxas_reports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[subprocess.Popen, Path]]]:
-    """nvcc -Xptxas -v on every unpool-conv source for sm_90a, all started at once (each takes tens of seconds
-    of ptxas, and CI has two cores): source -> (the running nvcc, the file its report goes to)."""
-    csrc = Path(__file__).resolve().parents[1] / "csrc"
-    out = tmp_path_factory.mktemp("ptxas")
-    cmd = ["nvcc", "-std=c++17", "-O3", "-cubin", "-arch=sm_90a", f"-I{csrc}", "-Xptxas", "-v"]
-    reports = {}
-    for source in UNPOOL_CONV_SOURCES:
-        report = out / f"{source}.txt"
-        with report.open("w") as stderr:
-            nvcc = subprocess.Popen([*cmd, str(csrc / source), "-o", str(out / f"{source}.cubin")], stderr=stderr)
-        reports[source] = nvcc, report
-    yield reports
-    for nvcc, _ in reports.values():
-        nvcc.kill()
-        nvcc.wait()
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (compile only, no GPU)")
+@needs_extension
 @pytest.mark.parametrize("source", UNPOOL_CONV_SOURCES)
-def test_unpool_conv_kernels_use_no_local_memory_on_sm90a(source, ptxas_reports):
-    """ptxas for sm_90a: every instantiation (4 multiplies: float32 exact and TF32, bf16, fp16; x 2 tiles; x 2
+def test_unpool_conv_kernels_use_no_local_memory(source):
+    """The built extension, for every architecture it holds (sm_90a at least), read by cuobjdump: every
+    instantiation of ``source``'s kernels (4 multiplies: float32 exact and TF32, bf16, fp16; x 2 tiles; x 2
     activation load widths: 16-byte vectors or single elements) keeps its accumulators and the geometry in
-    registers: no stack frame, no spills (a run-time index into a kernel parameter would put it in local
-    memory). ptxas also refuses more than 48 KiB of static shared memory."""
-    nvcc, report = ptxas_reports[source]
-    returncode = nvcc.wait(timeout=600)
-    stderr = report.read_text()
-    assert returncode == 0, stderr
-    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", stderr)
-    # float32 exact and TF32, bf16, fp16 x 2 tiles x 2 load widths; the forward and grad input add their
-    # few-outputs paths
-    few_outputs_paths = source in ("unpool_conv_forward.cu", "unpool_conv_grad_input.cu")
-    assert len(frames) == (24 if few_outputs_paths else 16), stderr
-    assert all(frame == ("0", "0", "0") for frame in frames), stderr
+    registers: no stack frame, so no spills, and no local memory (a run-time index into a kernel parameter
+    would put it there). ptxas also refused more than 48 KiB of static shared memory when it built them."""
+    binary = Path(cuda._import().__file__)
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    changed = [p.name for p in csrc.iterdir() if p.is_file() and p.stat().st_mtime > binary.stat().st_mtime]
+    assert not changed, f"{', '.join(changed)} in csrc/ changed since {binary.name} was built: `pip install -e .`"
+    stem = source.removesuffix(".cu")
+    tag = f"_{len(stem) + 3}_{stem}_cu_"  # the file's anonymous namespace in every mangled kernel name
+    kernels = [(arch, usage) for arch, name, usage in kernels_resource_usage(binary) if tag in name]
+    archs = sorted({arch for arch, _ in kernels})
+    assert "sm_90a" in archs, archs
+    # the forward and grad input add their few-outputs paths
+    per_arch = 24 if source in ("unpool_conv_forward.cu", "unpool_conv_grad_input.cu") else 16
+    assert len(kernels) == per_arch * len(archs), (archs, len(kernels))
+    assert all(usage["stack"] == 0 and usage["local"] == 0 for _, usage in kernels), kernels
