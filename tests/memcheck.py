@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import math
 import mmap
 import os
@@ -97,19 +98,18 @@ CASES = ((torch.float32, True, "relu"), (torch.float32, False, None), (torch.bfl
 def run_ops_on_guarded_tensors(backend: str, guard_before: bool) -> None:
     """Forward and backward of unpool_conv2d and sample_latents with ``backend`` on guarded tensors."""
     import dcign_fast as dc
+    from tests.cuda_checks import cudnn_tf32
 
     torch.manual_seed(0)
-    for dtype, tf32, activation in CASES:
-        torch.backends.cudnn.allow_tf32 = tf32
-        for n, c_in, c_out, size, kernel, padding in LAYERS:
-            x = torch.randn(n, c_in, *size).to(dtype).contiguous(memory_format=torch.channels_last)
-            params = torch.randn(c_out, c_in, *kernel).to(dtype), torch.randn(c_out).to(dtype)
-            leaves = [guarded_copy(t, guard_before).requires_grad_() for t in (x, *params)]
-            with guarded_allocations(guard_before):
-                y = dc.unpool_conv2d(*leaves, padding=padding, backend=backend, activation=activation)
-                grad_out = guarded_copy(torch.randn_like(y), guard_before)
-                grads = torch.autograd.grad(y, leaves, grad_out)
-            assert all(torch.isfinite(g).all() for g in (y, *grads))
+    for (dtype, tf32, activation), (n, c_in, c_out, size, kernel, padding) in itertools.product(CASES, LAYERS):
+        x = torch.randn(n, c_in, *size).to(dtype).contiguous(memory_format=torch.channels_last)
+        params = torch.randn(c_out, c_in, *kernel).to(dtype), torch.randn(c_out).to(dtype)
+        leaves = [guarded_copy(t, guard_before).requires_grad_() for t in (x, *params)]
+        with cudnn_tf32(tf32), guarded_allocations(guard_before):
+            y = dc.unpool_conv2d(*leaves, padding=padding, backend=backend, activation=activation)
+            grad_out = guarded_copy(torch.randn_like(y), guard_before)
+            grads = torch.autograd.grad(y, leaves, grad_out)
+        assert all(torch.isfinite(g).all() for g in (y, *grads))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         mu, logvar = (guarded_copy(torch.randn(6, 40).to(dtype), guard_before) for _ in range(2))
         active = guarded_copy(torch.rand(40) < 0.5, guard_before)
