@@ -209,7 +209,8 @@ def draw_rng(device: torch.device) -> torch.Tensor:
     warm up with seed=None too, so the Triton kernels that read it are compiled before the capture).
     Offsets below 2**62 leave room for any draw's counters below 2**63.
     """
-    return torch.empty(2, dtype=torch.int64, device=device).random_(2**62)
+    # randint, not random_ on an empty tensor (the same numbers): torch.compile traces an out-of-place draw.
+    return torch.randint(2**62, (2,), dtype=torch.int64, device=device)
 
 
 def seed_offset(seed: int | None, rng: torch.Tensor | None) -> tuple[philox.Value, philox.Value]:
@@ -337,7 +338,7 @@ def sample_latents(
         offset: philox.Value
         if torch.compiler.is_compiling():
             # As 0-d tensors on mu's device: Inductor mistypes integer ops between a tensor and a symbolic int seed
-            # (invalid C++), and rng read on the host would be a sync (its draw still breaks fullgraph).
+            # (invalid C++), and rng read on the host would be a sync.
             if seed is not None:  # as_int64 would need 2**64, which Inductor cannot print as an int64 either
                 check_while_compiling(seed <= 2**63 - 1, "torch.compile of backend='reference' takes seeds < 2**63")
                 rng = torch.tensor([seed, 0], dtype=torch.int64, device=mu.device)
