@@ -29,7 +29,7 @@ void unpool_conv_forward(ActivationView x, uintptr_t wp, uintptr_t bias, Activat
                          int O, int KH, int KW, int PH, int PW, int relu, int dtype, int tf32, uintptr_t stream);
 
 // dx = the transposed phase convolutions of grad_out g. After a ReLU, y is the forward's output, laid out like g
-// (g counts only where y > 0); 0 without one.
+// (g counts as zero where y <= 0); 0 without one.
 void unpool_conv_grad_input(ActivationView g, uintptr_t y, uintptr_t wp, ActivationView dx, int N, int C, int H, int W,
                             int O, int KH, int KW, int PH, int PW, int dtype, int tf32, uintptr_t stream);
 

@@ -176,7 +176,7 @@ struct TileLoad {
 
 // A TileLoad of grad_out that applies the forward's ReLU itself: with the forward output yout (non-null
 // for a ReLU, laid out like grad_out) it also loads the output's runs at the same offsets, and stashes
-// grad_out only where the output is positive (zeros elsewhere), as torch.where(out > 0, grad_out, 0).
+// grad_out with zeros where the output is <= 0, as torch's threshold_backward (a NaN output lets grad_out through).
 template <typename T, int OUTER, int INNER, int kVec>
 struct GradTileLoad {
   using Runs = TileLoad<T, OUTER, INNER, kVec>;
@@ -200,7 +200,7 @@ struct GradTileLoad {
     for (int j = 0; j < Runs::kPerThread; ++j) {
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
-        if (!(to_float(y.v[j].x[e]) > 0.0f)) masked.v[j].x[e] = from_float<T>(0.0f);
+        if (to_float(y.v[j].x[e]) <= 0.0f) masked.v[j].x[e] = from_float<T>(0.0f);
       }
     }
     masked.stash(put);

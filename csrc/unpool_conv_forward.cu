@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
       const int row = 2 * pos_i[m] + p / 2, col = 2 * pos_j[m] + p % 2;
       if (pos_i[m] == kOutside || p >= 4 || row >= g.HO || col >= g.WO || o >= g.O) return;
       float v = value + (bias != nullptr ? to_float(bias[o]) : 0.0f);
-      if (relu) v = fmaxf(v, 0.0f);
+      if (relu && v < 0.0f) v = 0.0f;  // not fmaxf, which turns NaN into 0: torch.relu keeps it
       y[pos_n[m] * ys.n + row * ys.h + col * ys.w + o * ys.c] = from_float<T>(v);
     });
   }

@@ -44,8 +44,8 @@ def off_the_relu_kink(grad: torch.Tensor, pre_activation: torch.Tensor, rel_tol:
     A kernel's rounding (TF32, 16-bit) may put such an output on the other side of the ReLU than the float64
     oracle does, which flips that element's whole gradient: on a small output one flip outweighs the tolerance
     (a 2 x 2 TF32 layer's gradients once differed by 15% through a single element). Everywhere else the
-    kernel's own mask is still compared with the oracle's."""
-    near = pre_activation.abs() <= rel_tol * pre_activation.abs().max()
+    kernel's own mask is still compared with the oracle's. A NaN element is never near."""
+    near = pre_activation.abs() <= rel_tol * pre_activation.abs().nan_to_num().max()
     return grad.masked_fill(near.to(grad.device), 0)
 
 
@@ -114,6 +114,32 @@ def check_empty_batch(backend: str, device: str) -> None:
         y = dc.unpool_conv2d(*leaves, padding=1, backend=backend)
         grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
         assert y.shape == (0, c_out, 8, 8) and all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, leaves))
+
+
+def relu_nan_mismatches(backend: str, device: str) -> list[str]:
+    """How a NaN in x reaches the outputs of ``backend``'s fused ReLU otherwise than through F.relu after the
+    float64 reference: in the forward (torch.relu keeps a NaN, where max(v, 0) would drop it) and in each
+    gradient (the ReLU's backward zeroes grad_out where the output is <= 0, so a NaN output passes its own on).
+    Empty when they agree: NaN in the same places, and the other values close."""
+    import dcign_fast as dc
+    from dcign_fast.ops.reference import unpool_conv2d_reference
+
+    x, weight, bias = (torch.randn(shape, device=device) for shape in ((2, 3, 5, 4), (4, 3, 3, 3), (4,)))
+    x[1, 2, 3, 1] = float("nan")
+    exact = [t.double().requires_grad_() for t in (x, weight, bias)]
+    pre_activation = unpool_conv2d_reference(*exact, (1, 1))
+    grad_out = off_the_relu_kink(torch.randn(pre_activation.shape, device=device), pre_activation.detach(), 1e-2)
+    want = [pre_activation.relu(), *torch.autograd.grad(pre_activation.relu(), exact, grad_out.double())]
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    y = dc.unpool_conv2d(*leaves, padding=1, activation="relu", backend=backend)
+    got = [y, *torch.autograd.grad(y, leaves, grad_out)]
+    mismatches = []
+    for name, g, w in zip(("output", "grad x", "grad weight", "grad bias"), got, want):
+        if not torch.equal(g.isnan(), w.isnan()):
+            mismatches.append(f"{name}: {g.isnan().sum()} NaN, the reference {w.isnan().sum()}")
+        elif rel_error(g.nan_to_num(), w.nan_to_num()) > 2e-2:
+            mismatches.append(f"{name}: relative error {rel_error(g.nan_to_num(), w.nan_to_num()):.2g}")
+    return mismatches
 
 
 def layout_mismatches(backend: str, device: str) -> list[str]:

@@ -28,7 +28,7 @@ from tests.cuda_checks import (
     oracle,
     sampler_inputs,
 )
-from tests.helpers import REL_TOL, check_empty_batch, paper150_decoder_layers, rel_error
+from tests.helpers import REL_TOL, check_empty_batch, paper150_decoder_layers, rel_error, relu_nan_mismatches
 
 needs_extension = pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C was not built (no nvcc)")
 
@@ -159,6 +159,12 @@ def test_unpool_conv_strided_parameters_and_grad():
 @needs_extension
 def test_unpool_conv_empty_batch():
     check_empty_batch("cuda", "cuda")
+
+
+@pytest.mark.cuda
+@needs_extension
+def test_unpool_conv_relu_keeps_a_nan_as_f_relu_does():
+    assert relu_nan_mismatches("cuda", "cuda") == []
 
 
 @pytest.mark.cuda

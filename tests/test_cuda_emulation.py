@@ -35,6 +35,7 @@ from tests.helpers import (
     check_empty_batch,
     gradient_penalty_error,
     layout_mismatches,
+    relu_nan_mismatches,
     seed_none_backward_error,
     seed_offset_mismatches,
 )
@@ -121,6 +122,10 @@ def test_unpool_conv_strided_parameters_and_grad():
 
 def test_unpool_conv_empty_batch():
     check_empty_batch("cuda", "cpu")
+
+
+def test_unpool_conv_relu_keeps_a_nan_as_f_relu_does():
+    assert relu_nan_mismatches("cuda", "cpu") == []
 
 
 def test_double_backward_matches_reference():

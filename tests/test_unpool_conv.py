@@ -14,7 +14,7 @@ import dcign_fast as dc
 from dcign_fast.kernels.unpool_conv_common import TRITON_INDEX_LIMIT, cudnn_allows_tf32, triton_index_reason
 from dcign_fast.ops import unpool_conv
 from dcign_fast.ops.reference import unpool_conv2d_reference
-from tests.helpers import REL_TOL, poisoned_allocations, rel_error
+from tests.helpers import REL_TOL, poisoned_allocations, rel_error, relu_nan_mismatches
 
 CPU_BACKENDS = ["reference", "torch"]
 
@@ -71,6 +71,10 @@ def test_other_integer_scale_factors(scale):
     x, w, b = make_tensors({"n": 2, "c": 3, "o": 2, "k": (5, 4), "p": (2, 1), "hw": (4, 5)}, torch.float64, False)
     y = dc.unpool_conv2d(x, w, b, padding=(2, 1), scale_factor=scale, backend="torch")
     assert rel_error(y, oracle(x, w, b, (2, 1), scale)) < 1e-12
+
+
+def test_torch_backend_relu_keeps_a_nan_as_f_relu_does():
+    assert relu_nan_mismatches("torch", "cpu") == []
 
 
 def test_non_contiguous_input():

@@ -25,6 +25,7 @@ from tests.helpers import (
     paper150_decoder_layers,
     poisoned_allocations,
     rel_error,
+    relu_nan_mismatches,
 )
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason=triton_unavailable_reason())
@@ -233,6 +234,11 @@ def test_non_contiguous_bias_and_empty_batches():
     y = dc.unpool_conv2d(x, w, bias, padding=1, backend="triton")
     assert rel_error(y, unpool_conv2d_reference(x.double(), w.double(), bias.double(), (1, 1))) < TOL[torch.float32]
     check_empty_batch("triton", DEVICE)
+
+
+def test_relu_keeps_a_nan_as_f_relu_does():
+    """A NaN (a diverged step) stays visible through the fused ReLU, and its gradients are F.relu's."""
+    assert relu_nan_mismatches("triton", DEVICE) == []
 
 
 def test_grad_weight_is_deterministic_across_splits():

@@ -105,7 +105,7 @@ def unpool_conv2d_cuda_backward(
     activation: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(grad x, grad weight, grad bias or None) of :func:`unpool_conv2d_cuda`, from its inputs and, with
-    ``activation="relu"``, its output ``out`` (grad_out counts only where ``out > 0``).
+    ``activation="relu"``, its output ``out`` (grad_out counts as zero where ``out <= 0``).
 
     Grad x is laid out like x (``torch.empty_like``); grad weight and grad bias are deterministic.
     """

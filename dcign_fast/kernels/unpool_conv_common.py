@@ -110,8 +110,14 @@ def grad_and_output_alike(grad_out: torch.Tensor, out: torch.Tensor | None) -> t
     return g, y
 
 
+def relu_backward(grad: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``grad`` back through a fused ReLU whose output was ``out`` (None: no ReLU): torch's own ReLU backward,
+    zero where out <= 0, so that a NaN output passes its gradient on as it does after F.relu."""
+    return grad if out is None else torch.ops.aten.threshold_backward(grad, out, 0)
+
+
 def masked_grad_sum(grad_out: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """float32 [O]: grad_out summed over the batch and pixels, counted only where ``out`` > 0 (the fused ReLU's
-    mask; ``out`` None: no ReLU) - the grad bias of the few-outputs grad-weight kernels."""
-    masked = grad_out if out is None else torch.where(out > 0, grad_out, 0)
+    """float32 [O]: grad_out summed over the batch and pixels, not counted where ``out`` <= 0 (the fused ReLU's
+    mask, as in :func:`relu_backward`; ``out`` None: no ReLU) - the grad bias of the few-outputs grad-weight kernels."""
+    masked = relu_backward(grad_out, out)
     return masked.sum((0, 2, 3), dtype=torch.float32)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from dcign_fast.kernels.unpool_conv_common import kernel_unsupported_reason, triton_index_reason
+from dcign_fast.kernels.unpool_conv_common import kernel_unsupported_reason, relu_backward, triton_index_reason
 from dcign_fast.ops import unpool_conv_op
 from dcign_fast.ops._checks import (
     check_activation,
@@ -147,12 +147,12 @@ def unpool_conv2d_torch_backward(
     scale_factor: int,
     activation: str | None,
 ) -> Grads:
-    """The torch formulation's gradients without autograd: grad_out masked by the ReLU's derivative (where
-    ``out`` > 0) when one was fused; then per phase group, grad_out's phases scattered into the group's
+    """The torch formulation's gradients without autograd: grad_out masked by the ReLU's derivative (zero
+    where ``out`` <= 0) when one was fused; then per phase group, grad_out's phases scattered into the group's
     convolution output, one ``convolution_backward`` on the low-resolution x, and the collapsed kernels'
     gradients folded back onto the full kernel (the transpose of ``_collapse``)."""
-    if activation == "relu":  # F.relu's own backward: one pass
-        grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
+    if activation == "relu":
+        grad_out = relu_backward(grad_out, out)
     _, _, h, w = x.shape
     o, _, kh, kw = weight.shape
     grad_x = None

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from dcign_fast.kernels.unpool_conv_common import relu_backward
 from dcign_fast.ops import unpool_conv
 from dcign_fast.ops.custom_op import check_op_backend, transformable
 
@@ -114,9 +115,9 @@ def _unpool_double_backward(ctx, gg_x, gg_weight, gg_bias):
     grad_out, x, weight, out = ctx.saved_tensors
     gg_x = torch.zeros_like(x) if gg_x is None else gg_x
     gg_weight = torch.zeros_like(weight) if gg_weight is None else gg_weight
-    masked = grad_out if out is None else torch.where(out > 0, grad_out, 0)
+    masked = relu_backward(grad_out, out)
     linear = unpool_forward(gg_x, weight, gg_bias, *ctx.args) + unpool_forward(x, gg_weight, None, *ctx.args)
-    grad_grad_out = linear if out is None else torch.where(out > 0, linear, 0)
+    grad_grad_out = relu_backward(linear, out)
     grad_x, grad_weight, _ = unpool_backward(masked, gg_x, gg_weight, None, False, *ctx.args)
     return grad_grad_out, grad_x, grad_weight, None, None, None, None, None, None, None
 

@@ -94,7 +94,7 @@ def unpool_conv2d_triton_backward(
     activation: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(grad x, grad weight, grad bias or None) of :func:`unpool_conv2d_triton`, from its inputs and, with
-    ``activation="relu"``, its output ``out``: the kernels mask grad_out by ``out > 0`` as they load it.
+    ``activation="relu"``, its output ``out``: the kernels zero grad_out where ``out <= 0`` as they load it.
 
     Grad x is laid out like x (``torch.empty_like``; channels_last where x's strides spread an image past int32
     offsets); grad weight and grad bias are deterministic.

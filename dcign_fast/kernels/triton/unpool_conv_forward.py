@@ -70,7 +70,7 @@ def _store_phase(
     where phase (a, b) is one for the whole tile or, as [1, BLOCK_N] tensors, one per column."""
     acc = acc + bias[None, :]
     if ACTIVATION == 1:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0, 0.0, acc)  # not tl.maximum, which turns NaN into 0: torch.relu keeps it
     row = 2 * i[:, None] + a
     col = 2 * j[:, None] + b
     ok = m_mask[:, None] & o_ok[None, :] & (row < HO) & (col < WO)

@@ -90,7 +90,8 @@ def split_positions(offs, rows, cols):
 
 @triton.jit
 def load_grad(g_ptr, y_ptr, offs, mask, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr):
-    """A tile of grad_out with the activation's derivative applied (ReLU: where the saved output > 0)."""
+    """A tile of grad_out with the activation's derivative applied (ReLU: zero where the saved output <= 0,
+    as torch's threshold_backward, which lets a NaN output's gradient through)."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     if UPCAST:
         g = g.to(tl.float32)
@@ -98,7 +99,7 @@ def load_grad(g_ptr, y_ptr, offs, mask, ACTIVATION: tl.constexpr, UPCAST: tl.con
         y = tl.load(y_ptr + offs, mask=mask, other=0.0)
         if UPCAST:
             y = y.to(tl.float32)
-        g = tl.where(y > 0, g, 0.0)
+        g = tl.where(y <= 0, 0.0, g)
     return g
 
 
