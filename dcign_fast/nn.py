@@ -25,6 +25,9 @@ class UnpoolConv2d(nn.Module):
     ``activation="relu"`` appends a ReLU (fused into the triton and cuda backends' kernels): the decoder's
     ``UnpoolConv2d, nn.ReLU`` pairs become one module.
 
+    The positional arguments are (in_channels, out_channels, kernel_size, padding, bias, backend): with no
+    stride, the fourth is the padding, where nn.Conv2d's is its stride.
+
     Shapes: [N, C, H, W] -> [N, O, s*H + 2*ph - KH + 1, s*W + 2*pw - KW + 1].
     """
 
@@ -51,6 +54,8 @@ class UnpoolConv2d(nn.Module):
         super().__init__()
         check_backend_name(backend)
         check_activation(activation)
+        if not isinstance(bias, bool):  # UnpoolConv2d(c, o, k, 1, 2) read as nn.Conv2d's (stride, padding) lands here
+            raise TypeError(f"bias must be True or False, got {bias!r}")
         Bounds(1).check("in_channels", in_channels, integer=True)
         Bounds(1).check("out_channels", out_channels, integer=True)
         self.activation = activation
