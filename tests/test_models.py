@@ -196,6 +196,21 @@ def test_loss_gradient_stays_finite_where_the_sigmoid_saturates():
     assert torch.isnan(DCIGN.loss(x, recon, torch.randn(2, 3), torch.randn(2, 3))["total"])
 
 
+@pytest.mark.parametrize(
+    "mu, kl, words",
+    [
+        ((3, 5), None, r"mu must be \[B, D\] with x's batch size B=2, got shape \(3, 5\)"),
+        ((2, 5, 1), None, r"mu must be \[B, D\]"),
+        ((2, 5), (5,), r"kl must be \[B\] with x's batch size B=2, got shape \(5,\)"),
+        ((2, 5), (2, 1), r"kl must be \[B\]"),
+    ],
+)
+def test_loss_refuses_latents_or_kl_of_another_batch(mu, kl, words):
+    x = torch.rand(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=words):
+        DCIGN.loss(x, x.clone(), torch.randn(mu), torch.randn(mu), None if kl is None else torch.rand(kl))
+
+
 def test_gradient_penalty_through_the_whole_model_matches_reference():
     """An input-gradient penalty differentiates the backward of both fused ops (create_graph=True)."""
     x = torch.rand(2, 1, 64, 64, dtype=torch.float64)

@@ -380,6 +380,12 @@ class DCIGN(nn.Module):
         gradients); None: the analytic KL of the unclamped (mu, logvar) [B, D].
         """
         batch = x.shape[0]
+        # A kl or latents of another batch would give a finite loss on the wrong scale.
+        for name, t in (("mu", mu), ("logvar", logvar)):
+            if t.dim() != 2 or t.shape[0] != batch:
+                raise ValueError(f"{name} must be [B, D] with x's batch size B={batch}, got shape {tuple(t.shape)}")
+        if kl is not None and tuple(kl.shape) != (batch,):
+            raise ValueError(f"kl must be [B] with x's batch size B={batch}, got shape {tuple(kl.shape)}")
         recon_loss = binary_cross_entropy_sum(recon.float(), x.float()) / batch
         if kl is None:
             kl_loss = -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()) / batch
