@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -112,6 +113,48 @@ def test_saving_a_step_again_replaces_it_and_crash_leftovers_go(tmp_path):
     # A crash between a re-save's two renames leaves the step only as .old-...: listing puts it back.
     path.rename(root / ".old-step-00000003-999999")
     assert list_checkpoints(root) == [path] and load_checkpoint(path)[2]["step"] == 3
+
+
+def test_a_save_that_fails_cleans_up_and_names_the_intact_checkpoint(tmp_path, monkeypatch):
+    """A full disk: the failed save removes what it wrote (a retry finds that space free again), leftovers of
+    crashed saves go before a save writes, and the error names the newest complete checkpoint."""
+    import dcign_fast.train.checkpoint as checkpoint_module
+    from dcign_fast.train.checkpoint import save_checkpoint
+
+    model = DCIGN.from_preset("demo64")
+    state = {"step": 1, "optimizer": {}, "rng": torch.get_rng_state(), "config": {}}
+    first = save_checkpoint(tmp_path, 1, model.state_dict(), model.config.to_dict(), state, keep=2)
+    (tmp_path / ".tmp-step-00000002-999999").mkdir()  # a save that crashed in another process
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"part of a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    words = r"could not write checkpoint .*step-00000002 \(OSError: .*No space left on device; \d+ MiB free there\)"
+    with pytest.raises(CheckpointError, match=rf"{words}; the newest complete one, {re.escape(str(first))}, is intact"):
+        save_checkpoint(tmp_path, 2, model.state_dict(), model.config.to_dict(), state, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
+
+
+def test_weights_that_do_not_fit_their_config_are_a_checkpoint_error(tmp_path):
+    """A layer renamed (another version's file, or an edited one): a CheckpointError naming the file, which the
+    command line reports in one line, from loading the model and from a resume alike."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    Trainer(config(tmp_path), render=blobs).train()
+    path = list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["renamed.bias"] = tensors.pop("decoder.0.bias")
+    save_file(tensors, str(path), metadata=metadata)
+    words = r"model.safetensors do not fit the model their config describes: .*Missing key\(s\).*decoder\.0\.bias"
+    with pytest.raises(CheckpointError, match=words):
+        DCIGN.from_checkpoint(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=words):
+        Trainer(config(tmp_path, steps=6), resume=True, render=blobs)
 
 
 def test_the_wrong_file_is_named_as_such_not_as_corrupt(tmp_path):
@@ -429,6 +472,18 @@ def test_time_limit_stops_with_a_checkpoint(tmp_path):
     assert result.checkpoint.name == "step-00000000"
 
 
+def test_only_the_main_rank_says_where_a_run_stopped(tmp_path, capsys):
+    """Under torchrun every rank runs train(): the others said it once more each, naming no checkpoint."""
+    from dcign_fast.train.distributed import World
+
+    for rank, said in ((1, 0), (0, 1)):
+        trainer = Trainer(config(tmp_path / str(rank), time_limit_s=0.0), render=blobs)
+        trainer.world = World(rank=rank)
+        trainer.train()
+        printed = capsys.readouterr()
+        assert (printed.out + printed.err).count("time limit of 0 s reached at step 0; continue with --resume") == said
+
+
 def test_a_timed_out_run_exits_75_so_a_job_loop_can_tell_it_from_a_finished_one(tmp_path):
     from dcign_fast.cli import main
 
@@ -553,6 +608,31 @@ def test_a_cache_of_another_image_size_is_refused_by_name(tmp_path):
 
     write_cache(SweepSampler(size=32, batch_size=2, num_batches=1), tmp_path / "cache")
     with pytest.raises(ValueError, match=r"data=.*cache holds 32px images but this model takes 64px"):
+        Trainer(config(tmp_path, data=str(tmp_path / "cache"))).train()
+
+
+def test_a_resume_names_the_dataset_in_any_spelling_but_not_another_one(tmp_path, monkeypatch):
+    from dcign_fast.data import SweepSampler
+    from dcign_fast.data.cache import write_cache
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("cache", "other"):
+        write_cache(SweepSampler(size=64, batch_size=4, num_batches=2), tmp_path / name)
+    Trainer(config(tmp_path, steps=2, data="cache"), render=None).train()
+    assert Trainer(config(tmp_path, steps=3, data="./cache/"), resume=True).step == 2
+    assert Trainer(config(tmp_path, steps=3, data=str(tmp_path / "cache")), resume=True).step == 2
+    other = re.escape(str(tmp_path.resolve() / "other"))
+    with pytest.raises(ValueError, match=rf"data='{other}' \(checkpoint: '.*/cache'\)"):
+        Trainer(config(tmp_path, steps=3, data="other"), resume=True)
+
+
+def test_a_cache_whose_writing_stopped_is_named_as_such(tmp_path):
+    from dcign_fast.data import SweepSampler
+    from dcign_fast.data.cache import write_cache
+
+    write_cache(SweepSampler(size=64, batch_size=2, num_batches=1), tmp_path / "cache")
+    (tmp_path / "cache" / "index.json").unlink()  # written last
+    with pytest.raises(ValueError, match=r"data=.*cache holds cache shards but no index.json: its render --format"):
         Trainer(config(tmp_path, data=str(tmp_path / "cache"))).train()
 
 

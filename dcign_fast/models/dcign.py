@@ -276,11 +276,12 @@ class DCIGN(nn.Module):
 
         The architecture comes from the file's metadata; nothing is unpickled.
         """
-        from dcign_fast.train.checkpoint import load_weights
+        from dcign_fast.train.checkpoint import load_into, load_weights, weights_file
 
+        path = weights_file(path)
         weights, config = load_weights(path)
         model = cls(DCIGNConfig(**config), backend=backend)
-        model.load_state_dict(weights)
+        load_into(model, weights, path)
         return model
 
     def save(self, path: str | Path) -> Path:

@@ -28,7 +28,7 @@ PREFIX = "step-"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt or truncated."""
+    """A checkpoint that is missing, corrupt or truncated, or could not be written."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -106,6 +106,18 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, config
 
 
+def load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``module.load_state_dict(weights)``, the weights read from ``path``; a CheckpointError naming it when they
+    are not the module's (layers renamed or missing, other shapes: another version's file, or an edited one)."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:
+        details = " ".join(str(err).split())  # torch's message spans lines, one per kind of mismatch
+        raise CheckpointError(
+            f"checkpoint weights {path} do not fit the model their config describes: {details}"
+        ) from err
+
+
 def save_checkpoint(
     checkpoints_dir: str | Path,
     step: int,
@@ -114,26 +126,38 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Writes ``step-<step>`` atomically and prunes older checkpoints beyond ``keep``; returns its path."""
+    """Writes ``step-<step>`` atomically and prunes older checkpoints beyond ``keep``; returns its path.
+
+    A save that fails (a full disk, say) removes what it wrote and raises a CheckpointError naming the newest
+    complete checkpoint, which it left as it was."""
     root = Path(checkpoints_dir)
     root.mkdir(parents=True, exist_ok=True)
+    complete = list_checkpoints(root)  # first: it puts back a step that a crashed re-save left as .old-
+    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by crashed saves: free their space first
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_weights(tmp / WEIGHTS, weights, model_config)
-    torch.save(state, tmp / STATE)
-    for name in (WEIGHTS, STATE):
-        _fsync_file(tmp / name)
+    try:
+        tmp.mkdir()
+        save_weights(tmp / WEIGHTS, weights, model_config)
+        torch.save(state, tmp / STATE)
+        for name in (WEIGHTS, STATE):
+            _fsync_file(tmp / name)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # a retry would find the space it took still taken
+        if not isinstance(err, Exception):  # KeyboardInterrupt and the like go on as they are
+            raise
+        free = shutil.disk_usage(root).free / 2**20
+        kept = f"the newest complete one, {complete[-1]}, is intact" if complete else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({type(err).__name__}: {err}; {free:.0f} MiB free there); {kept}"
+        ) from err
     replaced = root / f".old-{final.name}-{os.getpid()}"
     if final.exists():  # the same step written again (e.g. after a resume): swap, so the step never goes missing
         os.rename(final, replaced)
     os.rename(tmp, final)
     _fsync_dir(root)
     shutil.rmtree(replaced, ignore_errors=True)
-    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by saves that crashed mid-way
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

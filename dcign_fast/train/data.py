@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -18,6 +19,12 @@ from dcign_fast.train.config import TrainConfig
 from dcign_fast.train.procedure import KINDS, kind_odds
 
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor], str]
+
+
+def dataset_location(data: str) -> str:
+    """``data`` as a resume compares it: "render", or the absolute path of the folder it names (so that
+    data/png, data/png/ and ./data/png are one dataset, and a checkpoint records where it is)."""
+    return data if data == "render" else str(Path(data).resolve())
 
 
 def default_source(config: TrainConfig, image_size: int, device: torch.device) -> tuple[Callable, tuple[str, ...]]:
@@ -30,8 +37,8 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
         # Only sampler.batch is used, with the trainer's generators: the sampler's own seeded stream is not.
         sampler = SweepSampler(size=image_size, batch_size=config.batch_size, device=device)
         return (lambda kind, generator: sampler.batch(kind, generator)[:2]), KINDS
-    from dcign_fast.data.cache import SweepCache, is_cache
-    from dcign_fast.data.folders import SweepFolders
+    from dcign_fast.data.cache import INDEX, SweepCache, is_cache
+    from dcign_fast.data.folders import DatasetError, SweepFolders
 
     dataset: SweepCache | SweepFolders
     if is_cache(config.data):
@@ -41,6 +48,11 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
                 f"data={config.data} holds {dataset.size}px images but this model takes {image_size}px: "
                 f"render a cache with --size {image_size}"
             )
+    elif any(Path(config.data).glob("shard_*.npz")):  # the index is written last: the cache's writing stopped
+        raise DatasetError(
+            f"data={config.data} holds cache shards but no {INDEX}: its render --format cache did not finish; "
+            "render it again"
+        )
     else:
         dataset = SweepFolders(config.data, size=image_size)
     by_kind: dict[str, list[int]] = {}

@@ -28,11 +28,13 @@ from dcign_fast.train.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
+    load_into,
     load_state,
     save_checkpoint,
+    weights_file,
 )
 from dcign_fast.train.config import RUN_CONTROLS, TrainConfig, resolve_device
-from dcign_fast.train.data import BatchStream, default_source, latent_seed
+from dcign_fast.train.data import BatchStream, dataset_location, default_source, latent_seed
 from dcign_fast.train.distributed import World, all_agree, close_world, init_world, mean_over_ranks
 from dcign_fast.train.lock import run_folder_lock
 from dcign_fast.train.logs import MetricsLog, save_progress_images
@@ -106,7 +108,10 @@ class Trainer:
         if resume and existing:
             self._restore(existing[-1])
         elif resume:
-            warnings.warn(f"resume asked, but {self.checkpoints} holds no checkpoint: starting at step 0", stacklevel=2)
+            if self.world.is_main:  # once, not once per process
+                warnings.warn(
+                    f"resume asked, but {self.checkpoints} holds no checkpoint: starting at step 0", stacklevel=2
+                )
         elif existing:
             raise FileExistsError(
                 f"{self.checkpoints} already holds checkpoints; pass --resume to continue or choose another --out"
@@ -161,7 +166,9 @@ class Trainer:
             stored = dataclasses.replace(stored, bf16=None)
         elif stored.bf16 is None:  # written before checkpoints recorded the precision: nothing to compare
             stored = dataclasses.replace(stored, bf16=self.config.bf16)
-        changed = self.config.differences(stored, ignore=RUN_CONTROLS)
+        mine = dataclasses.replace(self.config, data=dataset_location(self.config.data))
+        stored = dataclasses.replace(stored, data=dataset_location(stored.data))
+        changed = mine.differences(stored, ignore=RUN_CONTROLS)
         if changed:
             listing = ", ".join(f"{key}={new!r} (checkpoint: {old!r})" for key, (new, old) in changed.items())
             raise ValueError(
@@ -171,7 +178,7 @@ class Trainer:
         # The options agree, so this model is the one trainer.pt describes: the weights must be of it too.
         if DCIGNConfig(**model_config) != self.model.config:
             raise CheckpointError(f"checkpoint {path}: its weights are not of the model its {STATE} describes")
-        self.model.load_state_dict(weights)
+        load_into(self.model, weights, weights_file(path))
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -184,8 +191,13 @@ class Trainer:
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
-            # The precision and the folder in effect, not None.
-            "config": {**self.config.to_dict(), "bf16": self.bf16, "out": str(self.out)},
+            # The precision in effect (not None), and the folders: the dataset's as an absolute path.
+            "config": {
+                **self.config.to_dict(),
+                "bf16": self.bf16,
+                "out": str(self.out),
+                "data": dataset_location(self.config.data),
+            },
             "world_size": self.world.size,
         }
         return save_checkpoint(
@@ -250,11 +262,11 @@ class Trainer:
             while self.step < c.steps:
                 if deadline is not None and all_agree(time.monotonic() > deadline, self.world, self.device):
                     reached = f"time limit of {c.time_limit_s:.0f} s reached at step {self.step}"
-                    bar.write(f"{reached}; continue with --resume")
+                    self._say(f"{reached}; continue with --resume")
                     return TrainResult(self.step, self.save() or self._latest(), interrupted=False, timed_out=True)
                 if all_agree(bool(self._signals_received), self.world, self.device):
                     checkpoint = self.save()
-                    bar.write(f"interrupted at step {self.step}; checkpoint: {checkpoint}; continue with --resume")
+                    self._say(f"interrupted at step {self.step}; checkpoint: {checkpoint}; continue with --resume")
                     return TrainResult(self.step, checkpoint, interrupted=True)
                 start = time.perf_counter()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -276,7 +288,7 @@ class Trainer:
                             "instead"
                         )
                     self.optimizer.zero_grad(set_to_none=True)
-                    bar.write(f"skipped step {failed}: non-finite loss or gradient")
+                    self._say(f"skipped step {failed}: non-finite loss or gradient")
                 else:
                     self.optimizer.step()
                 self.step += 1
@@ -299,6 +311,12 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self._unlock_run_folder()
+
+    def _say(self, text: str) -> None:
+        """Prints ``text`` above the progress bar, on the main rank only (the others hold no bar, and would
+        print it once more each; their save() returns no checkpoint to name)."""
+        if self.world.is_main:
+            tqdm.write(text)
 
     def _latest(self) -> Path | None:
         existing = list_checkpoints(self.checkpoints)
