@@ -138,8 +138,8 @@ def test_a_save_that_fails_cleans_up_and_names_the_intact_checkpoint(tmp_path, m
 
 
 def test_weights_that_do_not_fit_their_config_are_a_checkpoint_error(tmp_path):
-    """A layer renamed (another version's file, or an edited one): a CheckpointError naming the file, which the
-    command line reports in one line, from loading the model and from a resume alike."""
+    """A layer renamed, or a model option this version lacks (another version's file, or an edited one): a
+    CheckpointError naming the file, which the command line reports in one line, from loading and resuming."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -155,6 +155,11 @@ def test_weights_that_do_not_fit_their_config_are_a_checkpoint_error(tmp_path):
         DCIGN.from_checkpoint(tmp_path / "run")
     with pytest.raises(CheckpointError, match=words):
         Trainer(config(tmp_path, steps=6), resume=True, render=blobs)
+    model_config = {**json.loads(metadata["dcign_config"]), "attention_heads": 4}
+    save_file(tensors, str(path), metadata={**metadata, "dcign_config": json.dumps(model_config)})
+    words = r"model.safetensors hold a model config this version cannot build: .*attention_heads"
+    with pytest.raises(CheckpointError, match=words):
+        DCIGN.from_checkpoint(tmp_path / "run")
 
 
 def test_the_wrong_file_is_named_as_such_not_as_corrupt(tmp_path):

@@ -280,7 +280,7 @@ class DCIGN(nn.Module):
 
         path = weights_file(path)
         weights, config = load_weights(path)
-        model = cls(DCIGNConfig(**config), backend=backend)
+        model = cls(config, backend=backend)
         load_into(model, weights, path)
         return model
 

@@ -21,6 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dcign_fast.models.dcign import DCIGNConfig
+
 WEIGHTS = "model.safetensors"
 STATE = "trainer.pt"
 STATE_KEYS = ("step", "optimizer", "rng", "config")  # and "world_size", which earlier versions did not store
@@ -86,7 +88,7 @@ def weights_file(path: str | Path) -> Path:
     return path
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], DCIGNConfig]:
     """(state_dict, model config) of the checkpoint ``path`` names (see :func:`weights_file`)."""
     path = weights_file(path)
     try:
@@ -103,7 +105,12 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         config = json.loads(metadata["dcign_config"])
     except ValueError as err:
         raise CheckpointError(f"checkpoint weights {path} are corrupt ({err})") from err
-    return tensors, config
+    try:
+        return tensors, DCIGNConfig(**config)
+    except (TypeError, ValueError) as err:  # another version's options, or an edited file
+        raise CheckpointError(
+            f"checkpoint weights {path} hold a model config this version cannot build: {err}"
+        ) from err
 
 
 def load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -176,7 +183,7 @@ def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], DCIGNConfig, dict[str, Any]]:
     """(weights, model config, trainer state) of one checkpoint folder; CheckpointError if damaged."""
     weights, model_config = load_weights(path)
     return weights, model_config, load_state(path)

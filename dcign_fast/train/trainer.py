@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dcign_fast.models import DCIGN, DCIGNConfig
+from dcign_fast.models import DCIGN
 from dcign_fast.ops.backends import EXPLICIT_BACKENDS, check_backend_runs_on
 from dcign_fast.train.checkpoint import (
     STATE,
@@ -176,7 +176,7 @@ class Trainer:
                 f"checkpoint: {listing}. Leave them out to keep the checkpoint's, or start a new run in another out"
             )
         # The options agree, so this model is the one trainer.pt describes: the weights must be of it too.
-        if DCIGNConfig(**model_config) != self.model.config:
+        if model_config != self.model.config:
             raise CheckpointError(f"checkpoint {path}: its weights are not of the model its {STATE} describes")
         load_into(self.model, weights, weights_file(path))
         self.optimizer.load_state_dict(state["optimizer"])
