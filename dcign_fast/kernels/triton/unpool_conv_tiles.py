@@ -55,8 +55,9 @@ GEMM_CONFIGS = autotune_configs(GEMM_BLOCKS, GEMM_OPTIONS, (64, 32, 32))
 
 @triton.jit
 def tap_start(phase, ty, tx, TR, TC, K_PACKED, N):
-    """Element offset of packed tap wp[phase, ty, tx], an [N, K_PACKED] matrix (see pack_weight)."""
-    return ((phase * TR + ty) * TC + tx) * K_PACKED * N
+    """Element offset of packed tap wp[phase, ty, tx], an [N, K_PACKED] matrix (see pack_weight). In int64: the
+    packed weight of a wide layer (4 x 5 x 5 taps of 5120 x 5120 channels for K=9) passes int32's range."""
+    return ((phase * TR + ty) * TC + tx).to(tl.int64) * K_PACKED * N
 
 
 @triton.jit
