@@ -11,10 +11,13 @@
 # evaluation, the report; no weights), replaced after each step. That is 7 files (8 while a tarball is
 # written), as the device tool returns at most 8, and a check stopped from outside leaves what it had done.
 set -uo pipefail
+out="${1:-${OUT:-}}"
+[[ -n $out ]] && out=$(realpath -m "$out")  # before the cd: a relative folder is the caller's
 cd "$(dirname "$0")/.."
-out="${1:-${OUT:-benchmarks/results}}"
+out="${out:-benchmarks/results}"
 mkdir -p "$out"
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT  # also when the check is stopped from outside
 export PYTHONUNBUFFERED=1
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'" || exit 1
 status=0
@@ -73,5 +76,4 @@ python3 -m benchmarks.report --results "$out" --out "$work/report" --summary >"$
 pack
 sed -n '/^## summary/,$p' "$work/report.log"  # all of the summary, however long (or the error, if none)
 grep -q '^## summary' "$work/report.log" || tail -20 "$work/report.log"
-rm -rf "$work"
 exit $status

@@ -185,6 +185,11 @@ def test_report_refuses_a_folder_without_results(tmp_path, capsys):
         report.main(["--results", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "holds no result files" in capsys.readouterr().err
     assert not (tmp_path / "RESULTS.md").exists()
+    (tmp_path / "quick.json").write_text(json.dumps(_result("2026-01-01", 2.0, quick=True)))
+    with pytest.raises(SystemExit):  # it was reported as no results at all
+        report.main(["--results", str(tmp_path), "--out", str(tmp_path)])
+    assert "holds only quick (--quick) runs; --include-quick reports them" in capsys.readouterr().err
+    assert not (tmp_path / "RESULTS.md").exists()
 
 
 def test_a_failed_compile_is_charged_to_the_budget():
@@ -423,6 +428,22 @@ def test_report_keeps_cpu_runs_with_other_thread_counts_apart():
 
     rows = report.summary_rows([run(2), run(16)])
     assert sorted(r["machine"] for r in rows) == ["Xeon, 16 threads", "Xeon, 2 threads"]
+
+
+def test_report_names_the_baseline_where_it_is_fastest_and_shows_rows_with_only_a_note(tmp_path, capsys):
+    """The summary named a slower backend "best" where the reference won; RESULTS.md left out rows holding only
+    a note (a compile out of budget); a report with no speedup to plot left an older run's plot in place."""
+    run = _result("2026-01-01", 0.5)
+    note = {"case": "c", "pass": "forward+backward", "backend": "compiled", "note": "compile: budget spent"}
+    run["rows"].append(note)
+    (row,) = report.summary_rows([run])
+    assert (row["best"], row["speedup"]) == ("reference", 1.0)
+    assert "| compiled |" in _report(tmp_path, [run]) and "| compile: budget spent |" in _report(tmp_path, [run])
+    assert (tmp_path / "speedup.png").exists()
+    render = {"suite": "render", "machine": run["machine"], "rows": [{"case": "r", "backend": "torch", "median_ms": 2}]}
+    (tmp_path / "results" / "latent-0.json").unlink()
+    _report(tmp_path, [render])
+    assert not (tmp_path / "speedup.png").exists() and "(no speedups to plot)" in capsys.readouterr().out
 
 
 QUICK_DEMO = ["--set", "time_limit_s=0", "--set", "batch_size=2", "--set", "data_pool=1", "--set", "device=cpu"]
