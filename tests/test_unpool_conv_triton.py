@@ -253,6 +253,28 @@ def test_grad_weight_is_deterministic_across_splits():
     assert all(torch.equal(p, q) for p, q in zip(first, second))
 
 
+def test_deterministic_algorithms_pin_the_grad_weight_configs(monkeypatch):
+    """The autotuner picks BLOCK_P by timing, so another process may pick another, and grad bias's tl.sum over
+    BLOCK_P pixels rounds differently with it: under torch.use_deterministic_algorithms(True) both grad-weight
+    kernels skip the autotuner and run their first config."""
+    from dcign_fast.kernels.triton import unpool_conv_grad_weight
+
+    def autotuned(*args, **kwargs):
+        raise AssertionError("autotuned under torch.use_deterministic_algorithms(True)")
+
+    for name in ("_grad_weight_kernel", "_grad_weight_few_outputs_kernel"):
+        monkeypatch.setattr(getattr(unpool_conv_grad_weight, name), "run", autotuned)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for o in (3, 37):  # both sides of the few-outputs switch
+            case = {"n": 2, "c": 6, "o": o, "hw": (5, 6), "k": (3, 3), "p": (1, 1)}
+            got, want = run_both(case, torch.float32, activation="relu")
+            assert_close(got, want, TOL[torch.float32], case)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
 def test_backward_does_not_rerun_the_forward(monkeypatch):
     """The custom op's backward calls the gradient kernels on the saved tensors: one forward kernel launch
     for a forward + backward, ReLU included (its mask comes from the saved output)."""

@@ -30,7 +30,8 @@ Kernels (each an implicit GEMM, fp32 accumulation; fp32 operands use TF32 when
                     that the dots do not multiply padding.
   _grad_weight_kernel one program per (phase tap, C_in tile, C_out tile, split of batch x pixels); split
                     partial sums go to a workspace that torch reduces in a fixed order, so grad weight and
-                    grad bias are deterministic (no atomics). Grad bias rides along in the programs of
+                    grad bias are deterministic (no atomics; the bias sums round by the autotuned BLOCK_P, which
+                    torch.use_deterministic_algorithms(True) pins). Grad bias rides along in the programs of
                     each phase's first tap.
   _grad_weight_few_outputs_kernel the same sums for at most FEW_OUTPUTS output channels, one program per
                     (phase, C_in tile, tile of (tap, C_out) pairs, split of the input pixels): x is read once

@@ -171,6 +171,16 @@ def split_chunk(positions: int, programs: int) -> int:
     return triton.cdiv(triton.cdiv(positions, splits), granule) * granule
 
 
+def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, autotuned; under ``torch.use_deterministic_algorithms(True)`` with its
+    first config. The timer may pick another BLOCK_P in another process or on another machine, and the
+    grad-bias sums (tl.sum over BLOCK_P pixels) round differently with it: pinned, their bits repeat."""
+    if torch.are_deterministic_algorithms_enabled():
+        kernel.fn[grid](*args, **kwargs, **kernel.configs[0].all_kwargs())
+    else:
+        kernel[grid](*args, **kwargs)
+
+
 def launch_grad_weight(
     x: torch.Tensor,
     g: torch.Tensor,
@@ -206,7 +216,8 @@ def launch_grad_weight(
     # Taps outside a phase's window are never written: zeros keep them out of the sum.
     dw = torch.zeros((splits, 2, 2, rows.taps, cols.taps, c_in, c_out), dtype=torch.float32, device=x.device)
     if few_outputs:
-        _grad_weight_few_outputs_kernel[(tiles, groups, splits)](
+        _launch(
+            _grad_weight_few_outputs_kernel, (tiles, groups, splits),
             x, g, y, dw, n, h, w, c_in, c_out, ho, wo, chunk, *nchw_strides(x), *nchw_strides(g),
             BLOCK_C=block_c, BLOCK_O=block_o, **window_constexprs(rows, cols), **numeric,
         )  # fmt: skip
@@ -214,7 +225,8 @@ def launch_grad_weight(
         grad_bias = masked_grad_sum(g, y if activation == "relu" else None) if has_bias else dw.new_zeros(c_out)
         return dw.sum(0), grad_bias
     db = torch.zeros((splits, 4, c_out), dtype=torch.float32, device=x.device)
-    _grad_weight_kernel[(tiles, groups, splits)](  # each program's window comes from the taps table
+    _launch(  # each program's window comes from the taps table
+        _grad_weight_kernel, (tiles, groups, splits),
         x, g, y, constant(tuple(taps), torch.int32, x.device), dw, db, n, h, w, c_in, c_out, ho, wo, chunk,
         *nchw_strides(x), *nchw_strides(g), HAS_BIAS=has_bias, BLOCK_C=block_c, BLOCK_O=block_o,
         **axis_constexprs(rows, cols), **numeric,
