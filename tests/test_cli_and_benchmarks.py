@@ -25,6 +25,13 @@ def test_info(capsys):
     assert info["torch"] and "cuda_extension_built" in info and "cuda_emulation" in info
 
 
+def test_python_dash_m_runs_the_command():
+    """`python -m dcign_fast` is the `dcign-fast` command where pip's scripts folder is not on PATH."""
+    done = subprocess.run([sys.executable, "-m", "dcign_fast", "info"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cuda_extension_built" in json.loads(done.stdout)
+
+
 @pytest.mark.parametrize(
     "argv, words",
     [
