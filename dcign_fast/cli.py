@@ -36,8 +36,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "the command was given something it cannot use": reported in one line, not a
     traceback. Not RuntimeError at large: out-of-memory, compiler and internal errors keep theirs."""
     from dcign_fast.train.checkpoint import CheckpointError
+    from dcign_fast.train.distributed import OtherRankError  # the failed rank reports the cause
 
-    return ValueError, TypeError, OSError, CheckpointError
+    return ValueError, TypeError, OSError, CheckpointError, OtherRankError
 
 
 def positive_int(text: str) -> int:

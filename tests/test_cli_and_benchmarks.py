@@ -72,10 +72,10 @@ def test_ctrl_c_outside_training_is_one_line_and_130(debug, capsys, monkeypatch)
     assert capsys.readouterr().err == "dcign-fast render: interrupted\n"
 
     def twice(args):
-        raise KeyboardInterrupt("signal 2 received twice: stopping without a checkpoint")
+        raise KeyboardInterrupt("signal 2 received again: stopping without a checkpoint")
 
     assert run_reporting_errors("dcign-fast train", twice, None) == 130
-    assert "interrupted (signal 2 received twice: stopping without a checkpoint)" in capsys.readouterr().err
+    assert "interrupted (signal 2 received again: stopping without a checkpoint)" in capsys.readouterr().err
 
 
 def test_text_options_take_names_that_look_like_numbers():

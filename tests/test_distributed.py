@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dcign_fast.train.checkpoint import load_checkpoint
-from dcign_fast.train.distributed import World, all_agree, mean_over_ranks
+from dcign_fast.train.distributed import World, all_agree, mean_over_ranks, run_together
 from tests.helpers import assert_trained_alike
 
 # Adam with a huge epsilon is SGD (step = lr / eps * gradient): plain Adam turns float rounding in
@@ -71,16 +73,67 @@ def _agree_worker(rank: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_a_flag_one_rank_raises_stops_every_rank(tmp_path):
-    """A NaN or a Ctrl-C seen by one rank must stop all of them at the same step (or the others hang in the next
-    all-reduce); logged losses are the ranks' mean, their batch kinds joined in rank order. (2 gloo processes)"""
-    ranks = mp.spawn(_agree_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False)
+def _run_two_ranks(worker: Callable[[int, str, str], None], folder: Path) -> list[dict]:
+    """What ``worker(rank, store, folder)`` wrote to ``folder/<rank>.json`` in each of 2 gloo processes."""
+    ranks = mp.spawn(worker, args=(str(folder / "store"), str(folder)), nprocs=2, join=False)
     deadline = time.monotonic() + 300
     while not ranks.join(timeout=1):  # a hang fails the test instead of CI
         if time.monotonic() > deadline:
             for process in ranks.processes:
                 process.kill()
             pytest.fail("the two gloo ranks did not finish within 300 s")
-    for rank in (0, 1):
-        result = json.loads((tmp_path / f"{rank}.json").read_text())
+    return [json.loads((folder / f"{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_a_flag_one_rank_raises_stops_every_rank(tmp_path):
+    """A NaN or a Ctrl-C seen by one rank must stop all of them at the same step (or the others hang in the next
+    all-reduce); logged losses are the ranks' mean, their batch kinds joined in rank order. (2 gloo processes)"""
+    for result in _run_two_ranks(_agree_worker, tmp_path):
         assert result == {"agree": [True, False, True], "mean": {"total": 0.5, "kind": "k0+k1"}}
+
+
+def _together_worker(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    world, cpu = World(rank=rank, size=2), torch.device("cpu")
+
+    def full_disk_on_rank_0() -> None:
+        if rank == 0:
+            raise OSError("no space left for the checkpoint")
+
+    result: dict[str, object] = {"value": run_together(lambda: 10 * rank, world, cpu)}
+    try:
+        run_together(full_disk_on_rank_0, world, cpu)
+    except Exception as err:
+        result["error"] = [type(err).__name__, str(err)]
+    result["after"] = all_agree(rank == 1, world, cpu)  # the ranks still talk: none is left in a collective
+    Path(out, f"{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_work_that_fails_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 writes checkpoints, logs and pictures alone; when that fails, the other ranks must stop too, with
+    its reason, not wait for it in their next collective (gloo: a traceback; NCCL: a hang). (2 gloo processes)"""
+    first, second = _run_two_ranks(_together_worker, tmp_path)
+    assert first == {"value": 0, "error": ["OSError", "no space left for the checkpoint"], "after": True}
+    message = "rank 0 stopped the run: OSError: no space left for the checkpoint"
+    assert second == {"value": 10, "error": ["OtherRankError", message], "after": True}
+
+
+@pytest.mark.slow
+def test_an_out_rank_0_cannot_create_stops_every_rank_in_one_line(tmp_path):
+    """(The other rank used to fail in its next collective with a traceback about a closed connection.)"""
+    (tmp_path / "afile").write_text("")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*torchrun, "-m", "dcign_fast.train", "--out", str(tmp_path / "afile" / "run"), *COMMON],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode != 0
+    # One line from each rank (written at once, they may share a line), and only torchrun's own traceback.
+    assert done.stderr.count("dcign_fast.train: error:") == 2, done.stderr
+    assert not re.search(r'File "[^"]*dcign_fast', done.stderr), done.stderr
+    assert f"error: out={tmp_path / 'afile' / 'run'}: cannot create the run folder" in done.stderr
+    assert "error: rank 0 stopped the run: OSError: out=" in done.stderr

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+class OtherRankError(RuntimeError):
+    """Raised on every other rank when a step that all ranks take together failed on one rank (which reports
+    the cause itself): the others stop with it instead of waiting for that rank in their next collective."""
 
 
 @dataclass(frozen=True)
@@ -71,3 +79,25 @@ def all_agree(flag: bool, world: World, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def run_together(action: Callable[[], T], world: World, device: torch.device) -> T:
+    """``action()`` on this rank; when it fails on any rank, every rank raises (the failed ones their own error,
+    the others an OtherRankError quoting it). For the work one rank does alone (rank 0 writes checkpoints,
+    logs and pictures): a rank stopped by it would otherwise leave the others in their next collective (gloo:
+    a traceback about a closed connection; NCCL: a hang). Every rank must call this."""
+    error: Exception | None = None
+    try:
+        result = action()
+    except Exception as err:
+        if not world.distributed:
+            raise
+        error = err
+    if all_agree(error is not None, world, device):
+        reports: list[str | None] = [None] * world.size
+        dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        rank, report = next((r, text) for r, text in enumerate(reports) if text is not None)
+        raise OtherRankError(f"rank {rank} stopped the run: {report}")
+    return result

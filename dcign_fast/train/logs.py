@@ -23,6 +23,7 @@ class MetricsLog:
 
     def __init__(self, out: Path, enabled: bool, resume_step: int = 0) -> None:
         self.enabled = enabled
+        self.closed = False  # on every rank alike, so that all of them reopen it (together) after close()
         self.path = out / "metrics.jsonl"
         self.tensorboard = None
         if not enabled:
@@ -50,11 +51,8 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and key != "step":
                     self.tensorboard.add_scalar(key, value, record["step"])
 
-    @property
-    def closed(self) -> bool:
-        return self.enabled and self.file.closed
-
     def close(self) -> None:
+        self.closed = True
         if self.enabled:
             self.file.close()
             if self.tensorboard is not None:

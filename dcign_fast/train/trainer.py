@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import signal
 import time
 import warnings
@@ -35,7 +36,7 @@ from dcign_fast.train.checkpoint import (
 )
 from dcign_fast.train.config import RUN_CONTROLS, TrainConfig, resolve_device
 from dcign_fast.train.data import BatchStream, dataset_location, default_source, latent_seed
-from dcign_fast.train.distributed import World, all_agree, close_world, init_world, mean_over_ranks
+from dcign_fast.train.distributed import World, all_agree, close_world, init_world, mean_over_ranks, run_together
 from dcign_fast.train.lock import run_folder_lock
 from dcign_fast.train.logs import MetricsLog, save_progress_images
 from dcign_fast.train.procedure import batch_loss
@@ -57,6 +58,10 @@ def stored_config(out: str | Path) -> TrainConfig | None:
     """The options of the newest checkpoint in run folder ``out``, or None when it holds none."""
     existing = list_checkpoints(Path(out) / "checkpoints")
     return TrainConfig.from_stored(load_state(existing[-1])["config"]) if existing else None
+
+
+# Longer than a forwarded signal takes to arrive; shorter than a person takes to press Ctrl-C again.
+REPEATED_SIGNAL_GRACE_S = 1.0
 
 
 class Trainer:
@@ -82,12 +87,11 @@ class Trainer:
             if folder.exists() and not folder.is_dir():
                 raise NotADirectoryError(f"out={self.out}: {folder} is a file, where the run keeps a folder")
 
-        if self.world.is_main:  # now, before any work: an unwritable --out is found at once
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-        # Held from here to the end of train(): before this trainer reads checkpoints, trims metrics.jsonl or
-        # renders data, so a second one on a busy folder changes nothing in it.
+        # Now, before any work to lose. The lock is held from here to the end of train(): before this trainer
+        # reads checkpoints, trims metrics.jsonl or renders data, so a second one on a busy folder changes
+        # nothing in it.
         self._folder_lock: contextlib.ExitStack | None = None
-        self._lock_run_folder()
+        self._claim_run_folder()
         try:
             self._build(config, resume, render)
         except BaseException:
@@ -128,23 +132,27 @@ class Trainer:
         if render is None:
             render, kinds = default_source(config, self.model.config.image_size, self.device)
         self.stream = BatchStream(render, config, rank=self.world.rank, kinds=kinds, show_progress=self.world.is_main)
-        self.log = MetricsLog(self.out, enabled=self.world.is_main, resume_step=self.step)
-        self._signals_received: set[int] = set()  # a stop is requested once it holds one
+        self.log = self._open_log()
+        self._stop_requested_at: float | None = None  # time.monotonic() of the first Ctrl-C / SIGTERM
         self._images_this_step = 0  # on this rank, for images/s
 
-    def _lock_run_folder(self) -> None:
-        """Takes the run folder's lock on the main rank, unless this trainer holds it; when another process
-        holds it, every rank raises the same BlockingIOError (not only the main rank, the others blocked)."""
-        busy: BlockingIOError | None = None
-        if self.world.is_main and self._folder_lock is None:
-            held = contextlib.ExitStack()
+    def _claim_run_folder(self) -> None:
+        """Creates the run folder and takes its lock on the main rank, unless this trainer holds it; when that
+        fails (an unwritable out, another process holding the lock), every rank raises."""
+
+        def claim() -> None:
+            if not self.world.is_main or self._folder_lock is not None:
+                return
             try:
-                held.enter_context(run_folder_lock(self.out))
-                self._folder_lock = held
-            except BlockingIOError as err:
-                busy = err
-        if all_agree(busy is not None, self.world, self.device):
-            raise busy or BlockingIOError(f"out={self.out}: another trainer is writing this run folder")
+                self.checkpoints.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                why = err.strerror or err
+                raise OSError(f"out={self.out}: cannot create the run folder {self.checkpoints} ({why})") from err
+            held = contextlib.ExitStack()
+            held.enter_context(run_folder_lock(self.out))
+            self._folder_lock = held
+
+        run_together(claim, self.world, self.device)
 
     def _unlock_run_folder(self) -> None:
         if self._folder_lock is not None:
@@ -184,7 +192,11 @@ class Trainer:
         self.step = int(state["step"])
 
     def save(self) -> Path | None:
-        """Writes a checkpoint of the current step (rank 0 only); returns its path."""
+        """Writes a checkpoint of the current step on rank 0; returns its path there and None on the other ranks.
+        Every rank calls it, and every rank raises when the write fails."""
+        return run_together(self._write_checkpoint, self.world, self.device)
+
+    def _write_checkpoint(self) -> Path | None:
         if not self.world.is_main:
             return None
         state = {
@@ -210,12 +222,16 @@ class Trainer:
         )
 
     def _request_stop(self, signum: int, frame: object) -> None:
-        # The first Ctrl-C / SIGTERM finishes the step and saves; the same signal again, while that is under
-        # way, quits at once (the last checkpoint written stays the newest). A different signal does not:
-        # torchrun answers a terminal's Ctrl-C with a SIGTERM to every worker.
-        if signum in self._signals_received:
-            raise KeyboardInterrupt(f"signal {signum} received twice: stopping without a checkpoint")
-        self._signals_received.add(signum)
+        # The first Ctrl-C / SIGTERM finishes the step and saves; another one later, while that is under way,
+        # quits at once (the last checkpoint written stays the newest). One stop request often arrives twice:
+        # torchrun forwards the signal it gets to workers that got it too (from a terminal's Ctrl-C to the
+        # process group, or a scheduler's SIGTERM to every process of the job), so repeats within a grace
+        # period are that same request.
+        now = time.monotonic()
+        if self._stop_requested_at is None:
+            self._stop_requested_at = now
+        elif now - self._stop_requested_at >= REPEATED_SIGNAL_GRACE_S:
+            raise KeyboardInterrupt(f"signal {signum} received again: stopping without a checkpoint")
 
     def _forward_backward(self, step: int) -> dict[str, float | str] | None:
         """Gradients of one optimizer step; None if the loss was not finite on some rank."""
@@ -249,10 +265,10 @@ class Trainer:
         c = self.config
         # An earlier train() (a notebook continuing after a time limit or a Ctrl-C) released the folder, closed
         # the log and acted on its signals: this one takes the folder again, reopens the log and starts afresh.
-        self._lock_run_folder()
+        self._claim_run_folder()
         if self.log.closed:
-            self.log = MetricsLog(self.out, enabled=self.world.is_main, resume_step=self.step)
-        self._signals_received.clear()
+            self.log = self._open_log()
+        self._stop_requested_at = None
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         checkpoint = None
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.world.is_main, desc="train", unit="step")
@@ -264,7 +280,7 @@ class Trainer:
                     reached = f"time limit of {c.time_limit_s:.0f} s reached at step {self.step}"
                     self._say(f"{reached}; continue with --resume")
                     return TrainResult(self.step, self.save() or self._latest(), interrupted=False, timed_out=True)
-                if all_agree(bool(self._signals_received), self.world, self.device):
+                if all_agree(self._stop_requested_at is not None, self.world, self.device):
                     checkpoint = self.save()
                     self._say(f"interrupted at step {self.step}; checkpoint: {checkpoint}; continue with --resume")
                     return TrainResult(self.step, checkpoint, interrupted=True)
@@ -299,11 +315,12 @@ class Trainer:
                     if self.step % c.log_every == 0 or self.step == c.steps:
                         # every rank's losses, averaged (the same call on every rank: same steps)
                         averaged = mean_over_ranks(metrics, self.world, self.device)
-                        self.log.write({"step": self.step, **averaged, "images_per_s": rate})
+                        record = {"step": self.step, **averaged, "images_per_s": rate}
+                        run_together(functools.partial(self.log.write, record), self.world, self.device)
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps:
                     checkpoint = self.save()  # before the pictures, which may fail (disk full, say)
-                if self.step % c.image_every == 0 and self.world.is_main:
-                    save_progress_images(self.model, self.stream, self.out / "images", self.step, self.device)
+                if self.step % c.image_every == 0:
+                    run_together(self._save_progress_images, self.world, self.device)
             return TrainResult(self.step, checkpoint or self._latest(), interrupted=False)
         finally:
             bar.close()
@@ -311,6 +328,16 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self._unlock_run_folder()
+
+    def _open_log(self) -> MetricsLog:
+        """The metrics log, which rank 0 writes (a no-op object on the others)."""
+        return run_together(
+            lambda: MetricsLog(self.out, enabled=self.world.is_main, resume_step=self.step), self.world, self.device
+        )
+
+    def _save_progress_images(self) -> None:
+        if self.world.is_main:
+            save_progress_images(self.model, self.stream, self.out / "images", self.step, self.device)
 
     def _say(self, text: str) -> None:
         """Prints ``text`` above the progress bar, on the main rank only (the others hold no bar, and would
