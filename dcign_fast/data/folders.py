@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from dcign_fast.data.sweeps import FACTOR_KEYS, KINDS, Batch
@@ -54,20 +54,33 @@ def export_sweeps(batches: Iterable[Batch], root: str | Path, start: int = 0) ->
     return count
 
 
-# White in each grey mode: 8 bits; 16 bits (PIL opens 16-bit PNGs as I;16 or I); floating point, as in [0, 1].
-_GREY_SCALE = {"L": 255.0, "I;16": 65535.0, "I": 65535.0, "F": 1.0}
+# White in each grey mode: 8 bits; 16 bits (PIL opens 16-bit PNGs as I;16 or I, TIFFs in either byte order);
+# floating point, as in [0, 1].
+_GREY_SCALE = {
+    "L": 255.0,
+    **{mode: 65535.0 for mode in ("I;16", "I;16B", "I;16L", "I;16N", "I")},
+    "F": 1.0,
+}
+_EXIF_ORIENTATION = 0x0112
 
 
 def read_grey(path: Path, size: int | None) -> np.ndarray:
     """One image as float32 grey in [0, 1], [size, size] (or native size when None). Names the file on error.
     Floating-point images are taken to be in [0, 1]; values outside are clipped. Transparent pixels are
     black, the renders' background; an image that is not square is centre-cropped to a square before it
-    is resized, rather than stretched."""
+    is resized, rather than stretched. A photo's EXIF orientation is applied (a phone's portrait JPEG is
+    stored sideways)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in _GREY_SCALE and not _transparent(image):
-                grey = np.asarray(image.convert("F"), dtype=np.float32) / _GREY_SCALE[image.mode]
+        with Image.open(path) as opened:
+            opened.load()
+            upright = opened.getexif().get(_EXIF_ORIENTATION, 1) == 1
+            image = opened if upright else ImageOps.exif_transpose(opened)
+            if image.mode in _GREY_SCALE:
+                raw = np.asarray(image.convert("F"), dtype=np.float32)
+                grey = raw / _GREY_SCALE[image.mode]
+                transparent = image.info.get("transparency")  # one grey level, in the image's own scale
+                if isinstance(transparent, (int, float)):
+                    grey[raw == transparent] = 0.0
             else:
                 grey = np.asarray(_on_black(image), dtype=np.float32) @ _GREY / 255.0
     except (OSError, ValueError, SyntaxError) as err:

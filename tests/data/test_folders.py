@@ -191,6 +191,37 @@ def test_a_photo_is_centre_cropped_not_stretched_and_transparency_is_black(tmp_p
     assert np.allclose(grey[3:], rgba[3:, :, :3].astype(np.float32) @ np.array([0.21, 0.72, 0.07]) / 255, atol=1e-3)
 
 
+def test_16_bit_grey_in_either_byte_order_or_with_a_transparent_level(tmp_path):
+    """A big-endian 16-bit TIFF (mode I;16B) and a 16-bit PNG with a transparent grey level went through an
+    8-bit RGB conversion that clipped them to white."""
+    from dcign_fast.data.folders import read_grey
+
+    grey = np.random.default_rng(2).random((6, 5), dtype=np.float32)
+    levels = np.round(grey * 65535).astype(">u2")
+    Image.frombuffer("I;16B", (5, 6), levels.tobytes(), "raw", "I;16B", 0, 1).save(tmp_path / "big.tiff")
+    with Image.open(tmp_path / "big.tiff") as image:
+        assert image.mode == "I;16B"
+    assert np.allclose(read_grey(tmp_path / "big.tiff", None), grey, atol=1e-5)
+
+    keyed = levels.astype(np.uint16)
+    keyed[0] = 40000  # the transparent level
+    Image.fromarray(keyed).save(tmp_path / "keyed16.png", transparency=40000)
+    expected = grey.copy()
+    expected[0] = 0
+    assert np.allclose(read_grey(tmp_path / "keyed16.png", None), expected, atol=1e-5)
+
+
+def test_a_photos_exif_orientation_is_applied(tmp_path):
+    """A phone's portrait photo is stored sideways with an EXIF orientation tag; it was read sideways."""
+    from dcign_fast.data.folders import read_grey
+
+    upright = np.random.default_rng(3).integers(0, 256, (6, 4), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": stored rotated counter-clockwise
+    Image.fromarray(np.rot90(upright)).save(tmp_path / "phone.png", exif=exif)
+    assert np.allclose(read_grey(tmp_path / "phone.png", None), upright / 255, atol=1e-6)
+
+
 def test_odd_arguments_and_file_names(tmp_path, batches):
     """Unknown kinds raised a bare KeyError ('a' for kinds="azimuth"); .PNG files were skipped; an empty or
     non-square cache was written and then refused on reading."""
