@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return code
     model = trainer.model.eval()
     sampler = SweepSampler(size=model.config.image_size, device=trainer.device)
-    results = evaluate(model, sampler.batch, out=args.out / "eval")
+    results = evaluate(model, sampler.batch, out=args.out / "eval", checkpoint=result.checkpoint)
     generator = torch.Generator().manual_seed(EVAL_SEED)
     references = {kind: sampler.batch(kind, generator)[0] for kind in ("azimuth", "elevation", "light")}
     face = references["azimuth"][len(references["azimuth"]) // 2]

@@ -156,6 +156,7 @@ def test_train_from_folders_then_eval_and_rerender(tmp_path, capsys):
     args = ["eval", "--checkpoint", str(checkpoint / "model.safetensors"), "--sweeps", "2", "--identities", "3"]
     assert main(args) == 0
     results = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert results["checkpoint"] == str((checkpoint / "model.safetensors").resolve())  # which one of the run's
     assert set(results["correlation"]) == set(results["best_single_latent"]) == {"azimuth", "elevation", "light"}
     assert all(results["best_single_latent"][k] >= results["correlation"][k] - 1e-9 for k in results["correlation"])
     assert (tmp_path / "run" / "eval" / "scatter.png").stat().st_size > 0
@@ -191,12 +192,13 @@ def test_train_from_folders_then_eval_and_rerender(tmp_path, capsys):
 def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     evaluation = importlib.import_module("dcign_fast.eval.evaluate")  # the module, not the function
     real = evaluation.evaluate
-    monkeypatch.setattr(evaluation, "evaluate", lambda model, batch, out: real(model, batch, out, 2, 3))
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, batch, out, **kw: real(model, batch, out, 2, 3, **kw))
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "3", "--set", "batch_size=4", "--set", "data_pool=1"]) == 0
     printed = capsys.readouterr().out
     for produced in ("checkpoints/step-00000003", "sweeps.png", "eval/eval.json", "eval/scatter.png"):
         assert (out / produced).exists() and produced.split("/")[-1] in printed
+    assert json.loads((out / "eval" / "eval.json").read_text())["checkpoint"] == str(out / "checkpoints/step-00000003")
     # A resumed demo keeps its own step count unless --steps is given (the 6000 default took over before).
     assert main(["demo", "--out", str(out), "--resume", "--set", "batch_size=4", "--set", "data_pool=1"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
@@ -404,6 +406,19 @@ def test_rerender_counts_frames_not_steps_and_keeps_the_old_name(capsys):
     assert parser.parse_args(given).frames == 9
     for name in ("--frames", "--steps"):
         assert parser.parse_args([*given, name, "5"]).frames == 5
-    with pytest.raises(SystemExit):
-        parser.parse_args([*given, "--frames", str(MAX_FRAMES + 1)])
-    assert f"must be at most {MAX_FRAMES}" in capsys.readouterr().err
+    for frames in (1, MAX_FRAMES + 1):  # one frame was drawn at an end of the range, not the image's own value
+        with pytest.raises(SystemExit):
+            parser.parse_args([*given, "--frames", str(frames)])
+        assert f"must be 2 to {MAX_FRAMES}" in capsys.readouterr().err
+
+
+def test_rerender_refuses_a_model_of_colour_images_by_name(tmp_path, capsys):
+    """It read every image as grey and fed a 3-channel model a 1-channel one (an error about shapes)."""
+    import dataclasses
+
+    from dcign_fast.models import DCIGN
+    from dcign_fast.models.dcign import PRESETS
+
+    path = DCIGN(dataclasses.replace(PRESETS["demo64"], in_channels=3)).save(tmp_path / "rgb64")
+    assert main(["rerender", "--checkpoint", str(path), "--image", "face.png", "--device", "cpu"]) == 2
+    assert "takes 3-channel images; rerender reads the image as grey" in capsys.readouterr().err

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        help="folder for eval.json and scatter.png (default: <run>/eval, or <name>-eval beside a lone weights file)",
+        help="folder for eval.json and scatter.png (default: <run>/eval, or <name>-eval beside a lone weights file);"
+        " eval.json names the checkpoint evaluated",
     )
     parser.add_argument("--sweeps", type=positive_int, default=40, help="held-out sweeps per extrinsic group")
     parser.add_argument("--identities", type=positive_int, default=100, help="identities for cross-pose retrieval")
@@ -40,13 +41,15 @@ def default_out(path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     from dcign_fast.eval.evaluate import evaluate
     from dcign_fast.models import DCIGN
+    from dcign_fast.train.checkpoint import weights_file
     from dcign_fast.train.config import resolve_device
 
     device = resolve_device(args.device, "--device")  # before the checkpoint loads
     model = DCIGN.from_checkpoint(args.checkpoint).to(device)
-    out = args.out or default_out(Path(args.checkpoint))
+    weights = weights_file(Path(args.checkpoint)).resolve()
+    out = args.out or default_out(weights)
     out.mkdir(parents=True, exist_ok=True)  # now, not after the evaluation: an unwritable --out is found at once
-    results = evaluate(model, out=out, sweeps=args.sweeps, identities=args.identities)
+    results = evaluate(model, out=out, sweeps=args.sweeps, identities=args.identities, checkpoint=weights)
     print(json.dumps(results, indent=2))
     print(f"wrote {out / 'eval.json'} and {out / 'scatter.png'}")
     return 0

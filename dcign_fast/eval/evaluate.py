@@ -34,9 +34,11 @@ def evaluate(
     sweeps: int = 40,
     identities: int = 100,
     seed: int = EVAL_SEED,
+    checkpoint: str | Path | None = None,
 ) -> dict:
     """Metrics of ``model`` on held-out one-factor sweeps drawn by ``batch(kind, generator)``
-    (default: the built-in renderer at the model's size). Writes eval.json and scatter.png to ``out``."""
+    (default: the built-in renderer at the model's size). Writes eval.json and scatter.png to ``out``;
+    ``checkpoint``, where the model was loaded from, is recorded in eval.json."""
     require_groups(model, (*EXTRINSIC, "intrinsic"), "evaluate")
     with eval_mode(model):
         if batch is None:
@@ -50,6 +52,8 @@ def evaluate(
             batch = sampler.batch
         groups = model.config.latent_groups
         results: dict = {"correlation": {}, "best_single_latent": {}, "sweeps_per_group": sweeps}
+        if checkpoint is not None:
+            results = {"checkpoint": str(checkpoint), **results}
         scatter: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         pooled_mu: list[torch.Tensor] = []
         pooled_factors: dict[str, list[torch.Tensor]] = {}

@@ -54,13 +54,15 @@ def sweep_grid(
     references: dict[str, torch.Tensor] | None = None,
     spread: float = 2.5,
 ) -> Path:
-    """A PNG: the input, then one row per extrinsic group re-rendered along its sweep.
+    """A PNG: the input, then one row per extrinsic group re-rendered along its sweep of ``count`` (>= 2) images.
 
     ``references[group]`` ([N, C, S, S], e.g. a sweep of that factor) sets the group's range to what its
     latent spans over those images; without it the range is the image's own value +- ``spread`` (the
     latents' prior is N(0, 1)).
     """
     require_groups(model, EXTRINSIC, "sweep_grid")
+    if count < 2:  # one frame would show an end of the range, not the image's own value
+        raise ValueError(f"count must be at least 2 (a sweep's two ends), got {count}")
     image = image if image.dim() == 4 else image.unsqueeze(0)
     rows, labels = [image.float().cpu()], ["input"]
     for group in EXTRINSIC:

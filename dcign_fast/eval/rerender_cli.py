@@ -11,10 +11,10 @@ MAX_FRAMES = 64  # a grid column per image, decoded in one batch: wider is unrea
 
 
 def sweep_frames(text: str) -> int:
-    """argparse type: images per sweep, 1 to MAX_FRAMES."""
+    """argparse type: images per sweep, 2 (its two ends) to MAX_FRAMES."""
     value = positive_int(text)
-    if value > MAX_FRAMES:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_FRAMES}, got {value}")
+    if not 2 <= value <= MAX_FRAMES:
+        raise argparse.ArgumentTypeError(f"must be 2 to {MAX_FRAMES} (a sweep's two ends at least), got {value}")
     return value
 
 
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--image",
         required=True,
         type=Path,
-        help="a face render or photo, RGB or grey, any size (a non-square one is centre-cropped; "
+        help="a face render or photo, RGB or grey (read as grey), any size (a non-square one is centre-cropped; "
         "transparency is black, the renders' background); a model trained on renders has not seen real photos",
     )
     parser.add_argument("--out", type=image_file, default=Path("sweeps.png"), help="the grid picture (.png)")
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="frames",
         type=sweep_frames,
         default=9,
-        help=f"images per sweep: the grid's columns (at most {MAX_FRAMES}; --steps is its former name)",
+        help=f"images per sweep: the grid's columns (2 to {MAX_FRAMES}; --steps is its former name)",
     )
     add_device_argument(parser)
 
@@ -54,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device, "--device")  # before the checkpoint loads
     model = DCIGN.from_checkpoint(args.checkpoint).to(device)  # sweep_grid moves the image to it
+    if model.config.in_channels != 1:  # (the renderer and the trainer's image folders are grey too)
+        raise ValueError(
+            f"--checkpoint {args.checkpoint} takes {model.config.in_channels}-channel images; rerender reads "
+            "the image as grey, for 1-channel models (call dcign_fast.eval.rerender.sweep_grid with your tensor)"
+        )
     image = torch.from_numpy(read_grey(args.image, model.config.image_size))[None, None]
     print(f"wrote {sweep_grid(model, image, args.out, count=args.frames)}")
     return 0
