@@ -41,6 +41,7 @@ def test_python_dash_m_runs_the_command():
         (["render", "--preview", "p.png", "--device", "cuda:99"], "device="),
         (["eval", "--checkpoint", "/nonexistent"], "no weights file"),
         (["eval", "--checkpoint", "/nonexistent", "--device", "xpu"], "--device must be 'auto', cpu, cuda or cuda:N"),
+        (["train", "--set", "batch_size=1"], "batch_size must be >= 2 with disentangle=true"),  # a plain VAE
         (["train", "--set", "threads=-1"], "threads must be in [0, 1025)"),
         (["train", "--set", "threads=4096"], "threads must be in [0, 1025)"),  # thousands crashed torch
         (["train", "--out", ""], "out must not be empty"),  # was the current folder

@@ -115,6 +115,23 @@ def test_saving_a_step_again_replaces_it_and_crash_leftovers_go(tmp_path):
     assert list_checkpoints(root) == [path] and load_checkpoint(path)[2]["step"] == 3
 
 
+def test_listing_puts_a_step_back_even_when_another_rank_does_it_first(tmp_path, monkeypatch):
+    """Every rank lists the checkpoints at start: another rank may rename .old-... back between this one's
+    check and its rename (the loser's FileNotFoundError stopped the whole job)."""
+    import dcign_fast.train.checkpoint as checkpoint_module
+
+    step = tmp_path / "step-00000003"
+    (tmp_path / ".old-step-00000003-999999").mkdir()
+    real = os.rename
+
+    def another_rank_first(source, target):
+        real(source, target)  # the other rank's rename
+        real(source, target)  # this one's: the source is gone
+
+    monkeypatch.setattr(checkpoint_module.os, "rename", another_rank_first)
+    assert list_checkpoints(tmp_path) == [step]
+
+
 def test_a_save_that_fails_cleans_up_and_names_the_intact_checkpoint(tmp_path, monkeypatch):
     """A full disk: the failed save removes what it wrote (a retry finds that space free again), leftovers of
     crashed saves go before a save writes, and the error names the newest complete checkpoint."""

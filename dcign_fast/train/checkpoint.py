@@ -10,6 +10,7 @@ are checkpoints beyond the newest ``keep`` deleted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -179,7 +180,8 @@ def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
     for old in root.glob(f".old-{PREFIX}*"):
         step = root / old.name.removeprefix(".old-").rsplit("-", 1)[0]
         if not step.exists():
-            os.rename(old, step)
+            with contextlib.suppress(FileNotFoundError):  # every rank lists; another one may have put it back
+                os.rename(old, step)
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 

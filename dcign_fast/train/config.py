@@ -145,6 +145,11 @@ class TrainConfig:
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         self._check_bounds()
+        if self.disentangle and self.batch_size < 2:
+            raise ValueError(
+                "batch_size must be >= 2 with disentangle=true (a one-image sweep has no batch mean to clamp "
+                f"to: the run would train a plain VAE); got {self.batch_size}"
+            )
         for name in ("out", "data"):
             value = getattr(self, name)
             if value is not None and not value.strip():
