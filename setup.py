@@ -50,15 +50,19 @@ class CMakeBuild(build_ext):
         super().run()
 
     def _skip(self, why: str) -> None:
-        # Out of the extension list, not merely unbuilt: an editable install copies every listed extension.
+        # Out of the extension list, not merely unbuilt: an editable install copies every listed extension. An
+        # earlier build's module goes too: the wheel packs whatever the build folder holds, and it may be
+        # built for other architectures.
         print(f"dcign-fast: skipping the CUDA extension ({why}); backend='cuda' will be unavailable")
+        for ext in self.extensions:
+            Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
         self.extensions = []
 
     def build_extensions(self) -> None:
         for ext in list(self.extensions):
             try:
                 self._cmake_build(ext, self.nvcc)
-            except (OSError, subprocess.CalledProcessError) as err:
+            except (OSError, ImportError, subprocess.CalledProcessError) as err:  # ImportError: no pybind11
                 if self.required:
                     raise
                 self._skip(f"build failed: {err}")

@@ -25,6 +25,19 @@ def test_info(capsys):
     assert info["torch"] and "cuda_extension_built" in info and "cuda_emulation" in info
 
 
+def test_info_says_why_a_cuda_emulation_switched_on_cannot_build(tmp_path, capsys, monkeypatch):
+    """An installed wheel has no csrc/: info said the emulation was on, and backend="cuda" then failed."""
+    from dcign_fast.kernels import cuda_emulation
+
+    monkeypatch.setenv("DCIGN_FAST_CUDA_EMULATION", "1")
+    assert main(["info"]) == 0 and json.loads(capsys.readouterr().out)["cuda_emulation"] is True
+    monkeypatch.setattr(cuda_emulation, "CSRC", tmp_path / "csrc")
+    assert main(["info"]) == 0
+    assert "needs the csrc/ sources of a source checkout" in json.loads(capsys.readouterr().out)["cuda_emulation"]
+    monkeypatch.delenv("DCIGN_FAST_CUDA_EMULATION")
+    assert main(["info"]) == 0 and json.loads(capsys.readouterr().out)["cuda_emulation"] is False
+
+
 def test_python_dash_m_runs_the_command():
     """`python -m dcign_fast` is the `dcign-fast` command where pip's scripts folder is not on PATH."""
     done = subprocess.run([sys.executable, "-m", "dcign_fast", "info"], capture_output=True, text=True)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from pathlib import Path
@@ -52,6 +53,7 @@ def test_sdist_holds_everything_a_build_needs(sdist):
     needed = {"setup.py", "pyproject.toml", "CMakeLists.txt", "README.md", "LICENSE"}
     needed |= {name for name in tracked if name.startswith(("csrc/", "dcign_fast/", "tests/", "docs/"))}
     needed |= {name for name in tracked if name.startswith("benchmarks/") and name.endswith((".py", ".sh"))}
+    needed |= {"benchmarks/RESULTS.md", "benchmarks/speedup.png"}  # the README links them
     assert not needed - names, f"missing from the sdist: {sorted(needed - names)}"
     assert not any("__pycache__" in name or name.endswith(".so") for name in names)
 
@@ -62,12 +64,19 @@ def test_wheel_from_the_sdist_runs_outside_the_source_tree(sdist, tmp_path):
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4 / 3.10.12
         tar.extractall(tmp_path / "unpacked", **safe)
     (source,) = (tmp_path / "unpacked").iterdir()
+    # An earlier build's extension, left where setuptools builds: a build without one used to pack it.
+    stale = source / "build" / f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}" / "dcign_fast"
+    stale.mkdir(parents=True)
+    (stale / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"an old build")
     wheel = _build("build_wheel", source, tmp_path / "wheel")
     with zipfile.ZipFile(wheel) as whl:
         names = set(whl.namelist())
         whl.extractall(tmp_path / "site")
     package = {name for name in tracked if name.startswith("dcign_fast/")}
     assert not package - names, f"missing from the wheel: {sorted(package - names)}"
+    assert not [name for name in names if name.startswith("dcign_fast/_C")]
+    (metadata,) = [name for name in names if name.endswith(".dist-info/METADATA")]
+    assert "License-Expression: MIT" in (tmp_path / "site" / metadata).read_text()
 
     script = (
         "import torch, dcign_fast as dc\n"
@@ -82,3 +91,13 @@ def test_wheel_from_the_sdist_runs_outside_the_source_tree(sdist, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert Path(done.stdout.strip()).is_relative_to(tmp_path / "site")
+
+
+@pytest.mark.parametrize("archs, words", [("all", "all includes architectures older"), ("80;75", "75 is older")])
+def test_cuda_architectures_older_than_sm_80_are_refused_at_once(archs, words, tmp_path):
+    """DCIGN_FAST_CUDA_ARCHS=all configured, and the build failed minutes later on an old architecture."""
+    if shutil.which("cmake") is None:
+        pytest.skip("needs cmake")
+    configure = ["cmake", "-S", str(ROOT), "-B", str(tmp_path), f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
+    done = subprocess.run(configure, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and f"DCIGN_FAST_CUDA_ARCHS: {words}" in done.stderr, done.stderr

@@ -20,8 +20,9 @@ from dcign_fast.ops.backends import cuda_emulating
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 BUILD_HINT = (
-    "reinstall with a CUDA compiler on PATH (or CUDA_HOME set) and DCIGN_FAST_CUDA=1, e.g. "
-    "`DCIGN_FAST_CUDA=1 pip install -e .`, to build dcign_fast._C"
+    "reinstall from source with a CUDA compiler on PATH (or CUDA_HOME set) and DCIGN_FAST_CUDA=1 to build "
+    "dcign_fast._C: `DCIGN_FAST_CUDA=1 pip install --no-binary dcign-fast dcign-fast` for a release, "
+    "`DCIGN_FAST_CUDA=1 pip install -e .` in a checkout"
 )
 
 

@@ -29,18 +29,29 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 FLAGS = ("-std=c++20", "-O2", "-fPIC", "-DDCIGN_CPU_EMULATION")
 
 
+def _find_compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def unavailable_reason() -> str | None:
+    """Why the emulation cannot be built here, or None: it compiles the csrc/ sources of a source checkout
+    (an installed wheel has none) with a host C++ compiler."""
+    if not (CSRC / "emulation" / "cuda_runtime.h").is_file():
+        return f"needs the csrc/ sources of a source checkout next to the package; none at {CSRC}"
+    if _find_compiler() is None:
+        return "needs a C++20 compiler (g++ or $CXX) to build the emulation"
+    return None
+
+
 def _compiler() -> str:
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError(f"{CUDA_EMULATION_ENV}=1 needs a C++20 compiler (g++ or $CXX) to build the emulation")
+    """The host compiler; a RuntimeError naming what is missing when the emulation cannot be built here."""
+    reason, compiler = unavailable_reason(), _find_compiler()
+    if reason or compiler is None:
+        raise RuntimeError(f"{CUDA_EMULATION_ENV}=1 {reason}")
     return compiler
 
 
 def _sources() -> list[Path]:
-    if not (CSRC / "emulation" / "cuda_runtime.h").is_file():
-        raise RuntimeError(
-            f"{CUDA_EMULATION_ENV}=1 needs the csrc/ sources of a source checkout next to the package; none at {CSRC}"
-        )
     return [CSRC / "bindings.cpp", *sorted(CSRC.glob("*.cu"))]
 
 

@@ -101,7 +101,8 @@ def check_backend_runs_on(backend: str, device: torch.device, supported: tuple[s
     if backend == "cuda" and device.type != "cuda" and not (device.type == "cpu" and cuda_emulating()):
         raise ValueError(
             f"backend='cuda' needs CUDA tensors (got device {device}); "
-            f"set {CUDA_EMULATION_ENV}=1 to run the CUDA C++ kernels in a CPU emulation for testing"
+            f"in a source checkout, set {CUDA_EMULATION_ENV}=1 to run the CUDA C++ kernels in a CPU emulation for "
+            "testing"
         )
     if backend not in supported:
         raise ValueError(f"backend={backend!r} is not implemented for this op; use one of {supported}")
