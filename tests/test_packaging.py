@@ -76,7 +76,7 @@ def test_wheel_from_the_sdist_runs_outside_the_source_tree(sdist, tmp_path):
     assert not package - names, f"missing from the wheel: {sorted(package - names)}"
     assert not [name for name in names if name.startswith("dcign_fast/_C")]
     (metadata,) = [name for name in names if name.endswith(".dist-info/METADATA")]
-    assert "License-Expression: MIT" in (tmp_path / "site" / metadata).read_text()
+    assert "License-Expression: MIT AND BSD-3-Clause" in (tmp_path / "site" / metadata).read_text()
 
     script = (
         "import torch, dcign_fast as dc\n"

@@ -231,7 +231,9 @@ class DCIGN(nn.Module):
         flat = channels * start * start
         self.to_mu = nn.Linear(flat, c.latent_dim)
         self.to_logvar = nn.Linear(flat, c.latent_dim)
-        for head in (self.to_mu, self.to_logvar):  # the original's N(0, 0.01) head initialisation
+        # The original's N(0, 0.01) head weights. (Its heads' biases and the decoder's first Linear are N(0, 0.01)
+        # too; here they start at 0 and at torch's default.)
+        for head in (self.to_mu, self.to_logvar):
             nn.init.normal_(head.weight, std=0.01)
             nn.init.zeros_(head.bias)
         self.from_latent = nn.Sequential(
