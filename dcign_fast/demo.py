@@ -32,9 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from dcign_fast.data import SweepSampler
+    from dcign_fast.data.seeds import GRID_REFERENCES, stream_generator
     from dcign_fast.eval.evaluate import EVAL_SEED, evaluate
     from dcign_fast.eval.rerender import sweep_grid
     from dcign_fast.train import TrainConfig
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     model = trainer.model.eval()
     sampler = SweepSampler(size=model.config.image_size, device=trainer.device)
     results = evaluate(model, sampler.batch, out=args.out / "eval", checkpoint=result.checkpoint)
-    generator = torch.Generator().manual_seed(EVAL_SEED)
+    generator = stream_generator(GRID_REFERENCES, EVAL_SEED, held_out=True)
     references = {kind: sampler.batch(kind, generator)[0] for kind in ("azimuth", "elevation", "light")}
     face = references["azimuth"][len(references["azimuth"]) // 2]
     grid = sweep_grid(model, face, args.out / "sweeps.png", references=references)

@@ -421,18 +421,36 @@ def test_zero_stays_allowed_where_it_means_off():
 
 @pytest.mark.parametrize("seed", [-(2**27), 2**28 - 1])
 def test_the_extreme_seeds_draw_batches(seed):
-    """The batch and noise generators derive their 64-bit seeds from the run's seed: its range keeps them there."""
+    """The batch and noise generators are drawn at the extremes of the run's seed range."""
     from dcign_fast.train.config import OPTION_BOUNDS
     from dcign_fast.train.data import latent_seed, shard_generator
 
     assert OPTION_BOUNDS["seed"].admits(seed) and not OPTION_BOUNDS["seed"].admits(seed - 1 if seed < 0 else seed + 1)
-    for offset in (0, 104_729 * 4):  # the data stream's smallest and largest offsets to the seed
-        shard_generator(seed + offset, 10**6, 7)
+    shard_generator(seed, 10**6, 7)
     latent_seed(seed, 10**6, 7)
     assert TrainConfig().override(["grad_clip=null", "time_limit_s=null"]).grad_clip is None
     render, _ = default_source(TrainConfig(seed=seed, batch_size=2), 16, torch.device("cpu"))  # the built-in renderer
     images, _ = render("azimuth", shard_generator(seed, 0, 0))
     assert images.shape == (2, 1, 16, 16)
+
+
+def test_no_two_shards_or_steps_share_a_stream_and_evaluation_never_draws_trainings():
+    """torch's CPU generator keeps 32 bits of its seed: (seed * 1_000_003 + step) * 65_537 + shard wrapped,
+    and step t + 65_535 of shard 1 drew step t of shard 0's batch. Training seeds are even, held-out odd."""
+    from dcign_fast.data.seeds import BATCHES, EVAL_SWEEPS, stream_generator
+    from dcign_fast.train.data import latent_seed, shard_generator
+
+    def draws(generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(4, generator=generator)
+
+    for step in (3, 10**6):
+        assert not torch.equal(draws(shard_generator(0, step + 65_535, 1)), draws(shard_generator(0, step, 0)))
+    seeds = [shard_generator(s, t, r).initial_seed() for s in (-5, 0, 7) for t in range(50) for r in range(3)]
+    assert len(set(seeds)) == len(seeds) and all(seed % 2 == 0 for seed in seeds)
+    held_out = [stream_generator(EVAL_SWEEPS, 0, i, held_out=True).initial_seed() for i in range(50)]
+    assert all(seed % 2 == 1 for seed in held_out)
+    assert stream_generator(BATCHES, 0, 3, 1).initial_seed() == shard_generator(0, 3, 1).initial_seed()
+    assert latent_seed(0, 3, 1) != latent_seed(0, 3, 2)
 
 
 def test_every_numeric_option_has_bounds():

@@ -27,7 +27,6 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,6 +34,7 @@ from dcign_fast.bounds import Bounds
 from dcign_fast.data.identity import IdentitySpace
 from dcign_fast.data.meshes import FACE_ASSETS, Mesh, load_asset
 from dcign_fast.data.render import render
+from dcign_fast.data.seeds import SWEEPS, stream_generator
 
 KINDS = ("azimuth", "elevation", "light", "intrinsic")
 FACTOR_KEYS = ("azimuth", "elevation", "light", "light_elevation", "identity")
@@ -133,8 +133,7 @@ class SweepSampler:
 
     def generator(self, index: int) -> torch.Generator:
         """The CPU generator of global batch ``index`` (a well-mixed function of seed and index)."""
-        state = np.random.SeedSequence([self.seed, index]).generate_state(1, dtype=np.uint64)[0]
-        return torch.Generator().manual_seed(int(state) >> 1)
+        return stream_generator(SWEEPS, self.seed, index)
 
     def kind_at(self, index: int) -> tuple[str, torch.Generator]:
         """Kind of global batch ``index`` (1:1:1:k odds) and its generator, ready for :meth:`batch`."""

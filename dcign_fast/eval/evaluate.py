@@ -13,16 +13,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dcign_fast.data.seeds import EVAL_RECONSTRUCTION, stream_generator
 from dcign_fast.eval.inference import eval_mode, model_input, require_groups
 from dcign_fast.eval.metrics import EXTRINSIC, encode_sweeps, group_correlation, mig
 from dcign_fast.eval.recognition import cross_pose_retrieval, distinct_identity_sweeps
 from dcign_fast.models import DCIGN
 
-# Held out by arithmetic: the trainer seeds its generators (seed * 1_000_003 + step) * 65_537 + shard
-# (train/data.py), leaving the remainder shard mod 65_537 (shard + 1 for a negative seed). The seeds derived
-# from this one at the default counts leave remainders of 1_092 or more: only a run with over a thousand
-# sweeps per step (ranks x accumulation) could draw one of them. Identities are not held out: evaluation
-# draws from the same renderer identities as training.
+# Evaluation's sweeps are held out by their generators (data/seeds.py: their seeds are odd, training's even),
+# whatever this seed. Identities are not held out: evaluation draws from the same renderer identities as
+# training.
 EVAL_SEED = 1_000_003
 
 
@@ -89,7 +88,7 @@ def reconstruction_errors(model: DCIGN, batch: Callable, seed: int, count: int =
     for i, kind in enumerate(("azimuth", "elevation", "light", "intrinsic") * (count // 4 + 1)):
         if i == count:
             break
-        images = batch(kind, torch.Generator().manual_seed(seed * 31 + i))[0]
+        images = batch(kind, stream_generator(EVAL_RECONSTRUCTION, seed, i, held_out=True))[0]
         recon = model.decode(model.encode(model_input(model, images))[0]).float()
         images = images.to(recon.device)  # the float32 targets, not rounded to a 16-bit model's dtype
         bce += F.binary_cross_entropy(recon, images.float(), reduction="sum").item()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from dcign_fast.data.seeds import EVAL_SWEEPS, stream_generator
 from dcign_fast.eval.inference import model_input
 from dcign_fast.models import DCIGN
 
@@ -52,7 +53,7 @@ def encode_sweeps(
     """
     sweeps = []
     for i in range(first, first + count):
-        images, factors = batch(kind, torch.Generator().manual_seed(seed * 7_919 + i))[:2]
+        images, factors = batch(kind, stream_generator(EVAL_SWEEPS, seed, i, held_out=True))[:2]
         mu, _ = model.encode(model_input(model, images))
         if not torch.isfinite(mu).all():
             raise ValueError(

@@ -41,7 +41,7 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "grad_clip": Bounds(0, strict=True),  # a max norm of 0 zeroes every gradient, below 0 flips them
     "invariance": Bounds(0),
     "shape_bias": Bounds(0),
-    # The batch generators' seeds are derived from it in 64 bits (train/data.py: seed * 1_000_003 * 65_537).
+    # (Hashed with the step and shard into each batch's generator: data/seeds.py.)
     "seed": Bounds(-(2**27), below=2**28),
     "data_pool": Bounds(0),
     "checkpoint_every": Bounds(1),

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dcign_fast.data.seeds import BATCHES, LATENT_NOISE, POOL, stream_generator
 from dcign_fast.train.config import TrainConfig
 from dcign_fast.train.procedure import KINDS, kind_odds
 
@@ -74,13 +75,13 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
 
 
 def shard_generator(seed: int, step: int, shard: int) -> torch.Generator:
-    """A CPU generator unique to (seed, step, shard)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + shard)
+    """The CPU generator of one shard's batch at one step of a run."""
+    return stream_generator(BATCHES, seed, step, shard)
 
 
 def latent_seed(seed: int, step: int, shard: int) -> int:
     """The latent sampler's Philox seed for one shard (independent of the data draw)."""
-    return int(torch.randint(0, 2**62, (1,), generator=shard_generator(seed + 7_919, step, shard)).item())
+    return int(torch.randint(0, 2**62, (1,), generator=stream_generator(LATENT_NOISE, seed, step, shard)).item())
 
 
 class BatchStream:
@@ -112,7 +113,7 @@ class BatchStream:
             work = [(k, i) for k in self.kinds for i in range(config.data_pool)]
             self.pool = {k: [] for k in self.kinds}
             for kind, i in tqdm(work, desc="rendering the training pool", disable=not show_progress, leave=False):
-                generator = shard_generator(self.seed + 104_729 * (1 + self.kinds.index(kind)), i, rank)
+                generator = stream_generator(POOL, self.seed, KINDS.index(kind), i, rank)
                 self.pool[kind].append(render(kind, generator))
 
     def batch(self, step: int, shard: int) -> Batch:
