@@ -698,7 +698,9 @@ def test_every_step_and_shard_draws_its_own_noise():
 
 
 def test_the_procedure_options_reach_the_sampler(tmp_path, monkeypatch):
-    """pretrain_steps plain-VAE steps first (no mask), then clamped batches; clamp and invariance as set."""
+    """pretrain_steps plain-VAE steps first (no mask), then clamped batches; clamp as set, and the invariance
+    divided by the batch size, as the loss is (the option is relative to the loss summed over the batch, as
+    the paper's 1/100 is)."""
     import dcign_fast.models.dcign as dcign_module
 
     calls, sample_latents = [], dcign_module.sample_latents
@@ -710,7 +712,8 @@ def test_the_procedure_options_reach_the_sampler(tmp_path, monkeypatch):
     monkeypatch.setattr(dcign_module, "sample_latents", spy)
     changes = {"steps": 3, "pretrain_steps": 1, "clamp": "first", "invariance": 0.25, "checkpoint_every": 3}
     Trainer(config(tmp_path, **changes), render=blobs).train()
-    assert calls == [(True, "first", 0.25), (False, "first", 0.25), (False, "first", 0.25)]
+    pull = 0.25 / 4  # batch_size 4
+    assert calls == [(True, "first", pull), (False, "first", pull), (False, "first", pull)]
 
 
 def test_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(tmp_path):

@@ -117,7 +117,7 @@ class TrainConfig:
     grad_clip: float | None = 100.0  # max global gradient norm; None disables clipping
     disentangle: bool = True  # False: a plain VAE on the same batches (the comparison baseline)
     clamp: str = "mean"  # "mean" (the paper) or "first" (the original code)
-    invariance: float = 0.01  # strength of the pull of clamped latents toward the batch mean
+    invariance: float = 0.01  # pull of clamped latents toward the batch mean, per the summed loss (the paper's)
     shape_bias: int = 10  # odds azimuth:elevation:light:intrinsic = 1:1:1:shape_bias
     kind_weights: dict[str, float] = field(default_factory=dict)  # overrides the 1:1:1:k odds per kind
     seed: int = 0

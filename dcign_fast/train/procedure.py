@@ -33,9 +33,11 @@ def batch_loss(
     active = None
     if not plain:
         active = core.active_mask(kind).to(images.device)
-    # The trainer backpropagates loss / accumulation, but the invariance pull ignores the loss's scale: scaled
-    # here too, so that accumulated micro-batches pull as hard as the same sweeps spread over DDP ranks.
-    invariance = config.invariance / config.accumulation
+    # The invariance pull ignores the loss's scale, and the loss is a mean over the batch's images (and the
+    # step's micro-batches): the pull is divided likewise. So `invariance` keeps the paper's meaning, a pull
+    # relative to the loss summed over the batch (its 1/100), and accumulated micro-batches pull as hard as
+    # the same sweeps spread over DDP ranks.
+    invariance = config.invariance / (config.accumulation * len(images))
     recon, mu, logvar, _, kl = model(
         images, active=active, clamp=config.clamp, invariance=invariance, seed=seed, return_kl=True
     )
