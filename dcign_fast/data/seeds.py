@@ -4,7 +4,7 @@ torch's CPU generator (a Mersenne twister) keeps only the low 32 bits of its see
 on (seed, step, shard) therefore wrapped around and repeated whole streams (step t + 65_535 of shard 1 drew
 what step t of shard 0 drew). Each stream's key is hashed instead (numpy's SeedSequence) to 31 bits, and a
 32nd bit tells training data (0) from evaluation's held-out data (1): the two never share a generator.
-Distinct keys collide only by chance, about once in 4e9 pairs.
+Distinct keys share a seed only by chance, once in about 2e9 pairs.
 """
 
 from __future__ import annotations
