@@ -52,7 +52,7 @@ def evaluate(
         groups = model.config.latent_groups
         results: dict = {"correlation": {}, "best_single_latent": {}, "sweeps_per_group": sweeps}
         if checkpoint is not None:
-            results = {"checkpoint": str(checkpoint), **results}
+            results = {"checkpoint": str(Path(checkpoint).resolve()), **results}
         scatter: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         pooled_mu: list[torch.Tensor] = []
         pooled_factors: dict[str, list[torch.Tensor]] = {}
