@@ -35,7 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from dcign_fast.data import SweepSampler
     from dcign_fast.data.seeds import GRID_REFERENCES, stream_generator
     from dcign_fast.eval.evaluate import EVAL_SEED, evaluate
