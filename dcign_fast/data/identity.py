@@ -75,6 +75,8 @@ class IdentitySpace:
         self.slope = slope
         self.gain_range = gain_range
         self._fields = [mode_fields(m.vertices, slope) for m in meshes]
+        # The scans' own face normals, which every deformation is checked against for folds.
+        self._rest_normals = [_face_normals(m.vertices[None], m.faces) for m in meshes]
 
     def to(self, device: torch.device | str) -> IdentitySpace:
         """The same space with meshes on ``device``."""
@@ -99,7 +101,7 @@ class IdentitySpace:
         """
         mesh, fields = self.meshes[mesh_index], self._fields[mesh_index]
         coefficients = coefficients.to(fields.device, fields.dtype)
-        rest = _face_normals(mesh.vertices[None], mesh.faces)
+        rest = self._rest_normals[mesh_index]
         proper = rest.norm(dim=-1) > 0.5  # degenerate (zero-area) scan triangles have no direction to keep
         for _ in range(_MAX_HALVINGS):
             deformed = mesh.vertices + torch.einsum("bk,kvc->bvc", coefficients, fields)
