@@ -1,41 +1,56 @@
 """One-off: build the packaged face meshes (dcign_fast/data/assets/*.npz) from the shared scans.
 
-Usage::
+Usage (needs ``pip install fast-simplification``, for the decimation)::
 
     python -m dcign_fast.data.prepare_assets --source /work/shared/data/meshes/faces
 
 Every mesh is put in one canonical frame so that a given (azimuth, elevation, light) looks the same on
 all of them: y up, the face looking toward +z, x toward the subject's left (image right at azimuth 0),
 counter-clockwise (outward) winding. All three source scans already use that axis convention and
-winding (checked by rendering them from six sides); what differs is origin and scale. We align on two
-landmarks read off each scan's central profile: the nose tip (found automatically: the most forward
-vertex near the vertical mid-line) and the bottom of the chin (the ``chin_y`` values below, in the
-scan's own units, where the profile turns under the chin toward the neck). After alignment the nose
-tip is at (0, 0, 0.6), the chin bottom 0.5 below it, and anything farther than 0.98 from the origin
-(shoulders, the back of the neck) is cut so that rotated depths stay inside [-1, 1].
-Meshes over 15k faces are decimated by vertex clustering to 10-15k faces. James's photo texture is
-kept as a grey (0.21 R + 0.72 G + 0.07 B) 512 x 512 image; the two templates carry no skin colour.
+winding (checked by rendering them from six sides); what differs is origin, scale and pitch.
+
+The MeshMonk template defines the frame. Each scan is first placed by two landmarks read off its central
+profile: the nose tip (found automatically: the most forward vertex near the vertical mid-line) and the
+bottom of the chin (the ``chin_y`` values below, in the scan's own units, where the profile turns under
+the chin toward the neck); the nose tip goes to (0, 0, 0.6) and the chin bottom 0.5 below it. The other
+scans are then registered to the template: the pitch about the nose tip and the scale that lay their face
+region on the template's (:func:`fit_pitch_and_scale`). Two landmarks alone left the James scan looking
+0.23 rad further down than the template, which shifts the elevation latent of every James face. Anything
+farther than 0.98 from the origin (shoulders, the back of the neck) is cut so that rotated depths stay
+inside [-1, 1]. Meshes over 15k faces are decimated to 13k by quadric edge collapse, which keeps the
+surface manifold (vertex clustering left 426 edges shared by three or more faces in menpo3d, and smeared
+eyes). James's photo texture is kept as a grey (0.21 R + 0.72 G + 0.07 B) 512 x 512 image; the two
+templates carry no skin colour.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
+from torch import Tensor
 
 from dcign_fast.data.mesh_io import RawMesh, read_mesh
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 NOSE_TO_CHIN = 0.5  # canonical distance from nose tip down to the chin bottom
 NOSE_DEPTH = 0.6  # canonical z of the nose tip: the head turns about a point this far behind it
+NOSE = np.array([0.0, 0.0, NOSE_DEPTH])
 MAX_RADIUS = 0.98
 MAX_FACES = 15_000
-TARGET_FACES = (12_000, 14_000)
+TARGET_FACES = 13_000
 TEXTURE_SIZE = 512
 SKIN_GREY = 0.75
+REFERENCE = "meshmonk"
+# What registration compares: the face every scan covers, brow to chin and cheek to cheek, as [low, high)
+# per axis. Hair, ears and the neck differ between scans and would pull the fit.
+FACE_REGION = np.array([[-0.3, 0.3], [-0.45, 0.35], [0.2, 1.0]])
+REGISTRATION_POINTS = 4000  # vertices sampled per mesh: the fit lands within 0.005 rad of the full one
 
 # name -> (source file, chin-bottom height in the source's units)
 SOURCES = {
@@ -52,13 +67,64 @@ def nose_tip(vertices: np.ndarray) -> np.ndarray:
     return vertices[central][np.argmax(vertices[central][:, 2])]
 
 
-def canonicalize(mesh: RawMesh, chin_y: float) -> RawMesh:
-    """Translate and scale to the canonical frame, then cut what lies beyond MAX_RADIUS."""
+def place(mesh: RawMesh, chin_y: float) -> RawMesh:
+    """Translate and scale so that the nose tip lands on NOSE and the chin bottom NOSE_TO_CHIN below it."""
     nose = nose_tip(mesh.vertices)
     scale = NOSE_TO_CHIN / (nose[1] - chin_y)
-    vertices = (mesh.vertices - nose) * scale + np.array([0.0, 0.0, NOSE_DEPTH])
-    keep_face = (np.linalg.norm(vertices, axis=1) < MAX_RADIUS)[mesh.faces].all(1)
-    return _select_faces(RawMesh(vertices, mesh.faces, None, mesh.uv, mesh.face_uv, mesh.texture_path), keep_face)
+    return replace(mesh, vertices=(mesh.vertices - nose) * scale + NOSE, colors=None)
+
+
+def pitch_and_scale(vertices: np.ndarray, pitch: float, scale: float) -> np.ndarray:
+    """Turn about the x axis through the nose tip (positive pitch tips the face down) and scale about it.
+
+    vertices: [V, 3] -> [V, 3].
+    """
+    cos, sin = np.cos(pitch), np.sin(pitch)
+    turn = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+    return (vertices - NOSE) @ turn.T * scale + NOSE
+
+
+def registration_cost(vertices: np.ndarray, reference: np.ndarray) -> float:
+    """Symmetric mean distance from each mesh's face-region vertices to the nearest vertex of the other.
+
+    vertices: [V, 3], reference: [R, 3]; both in the canonical frame. Symmetric, so that shrinking one face
+    onto a patch of the other does not pay.
+    """
+    points, target = torch.from_numpy(vertices).float(), torch.from_numpy(reference).float()
+    return sum(
+        float(torch.cdist(a[_in_face_region(a)], b).amin(1).mean()) for a, b in ((points, target), (target, points))
+    )
+
+
+def _in_face_region(points: Tensor) -> Tensor:
+    """[N, 3] -> [N] bool."""
+    region = torch.from_numpy(FACE_REGION).to(points.dtype)
+    return ((points >= region[:, 0]) & (points < region[:, 1])).all(1)
+
+
+def fit_pitch_and_scale(vertices: np.ndarray, reference: np.ndarray, rounds: int = 5) -> tuple[float, float]:
+    """The pitch and scale (:func:`pitch_and_scale`) that minimise :func:`registration_cost`.
+
+    A 9 x 9 grid over pitch in [-0.6, 0.6] rad and scale in [0.8, 1.2], then ``rounds - 1`` grids a
+    third as wide around the best point so far: the cost has no gradient to follow (nearest neighbours).
+    vertices: [V, 3], reference: [R, 3].
+    """
+    rng = np.random.default_rng(0)
+    if len(vertices) > REGISTRATION_POINTS:
+        vertices = vertices[rng.choice(len(vertices), REGISTRATION_POINTS, replace=False)]
+    if len(reference) > REGISTRATION_POINTS:
+        reference = reference[rng.choice(len(reference), REGISTRATION_POINTS, replace=False)]
+    best, half_width = np.array([0.0, 1.0]), np.array([0.6, 0.2])
+    for _ in range(rounds):
+        grid = best + np.stack(np.meshgrid(*(np.linspace(-h, h, 9) for h in half_width)), -1).reshape(-1, 2)
+        costs = [registration_cost(pitch_and_scale(vertices, *candidate), reference) for candidate in grid]
+        best, half_width = grid[int(np.argmin(costs))], half_width / 3
+    return float(best[0]), float(best[1])
+
+
+def cut(mesh: RawMesh) -> RawMesh:
+    """Drop the faces with a corner beyond MAX_RADIUS (shoulders, the back of the neck)."""
+    return _select_faces(mesh, (np.linalg.norm(mesh.vertices, axis=1) < MAX_RADIUS)[mesh.faces].all(1))
 
 
 def _select_faces(mesh: RawMesh, keep_face: np.ndarray) -> RawMesh:
@@ -71,49 +137,24 @@ def _select_faces(mesh: RawMesh, keep_face: np.ndarray) -> RawMesh:
     return RawMesh(mesh.vertices[used], remap[faces], None, mesh.uv, face_uv, mesh.texture_path)
 
 
-def cluster_decimate(mesh: RawMesh, cell: float) -> RawMesh:
-    """Vertex clustering: merge all vertices in each cubic cell of side ``cell`` into their mean.
-
-    Faces that collapse (two corners in one cell), that the merge turns over (their normal now opposes
-    the source face's) or that repeat are dropped. Untextured meshes only.
-    """
-    cells = np.floor(mesh.vertices / cell).astype(np.int64)
-    _, cluster, counts = np.unique(cells, axis=0, return_inverse=True, return_counts=True)
-    cluster = cluster.reshape(-1)
-    centres = np.zeros((len(counts), 3))
-    np.add.at(centres, cluster, mesh.vertices)
-    centres /= counts[:, None]
-    faces = cluster[mesh.faces]
-    proper = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 2] != faces[:, 0])
-    # A fold turns faces over: kept, such a face and its outward twin on the same three corners cancel in
-    # the summed vertex normals, and those vertices render as black specks.
-    upright = np.einsum("fi,fi->f", _face_normals(centres, faces), _face_normals(mesh.vertices, mesh.faces)) > 0
-    faces = faces[proper & upright]
-    _, unique_rows = np.unique(np.sort(faces, axis=1), axis=0, return_index=True)
-    return _select_faces(RawMesh(centres, faces), np.isin(np.arange(len(faces)), unique_rows))
-
-
-def _face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """[F, 3] unnormalised normals (counter-clockwise winding points them outward)."""
-    a, b, c = (vertices[faces[:, k]] for k in range(3))
-    return np.cross(b - a, c - a)
-
-
 def decimate(mesh: RawMesh) -> RawMesh:
-    """Bisect the clustering cell size until the face count lands in TARGET_FACES."""
+    """Quadric edge collapse down to TARGET_FACES faces, for meshes over MAX_FACES. Untextured meshes only.
+
+    The open border (where :func:`cut` cut the neck) stays in place, and a low aggressiveness keeps the
+    eyes and lips, where small folds are.
+    """
     if len(mesh.faces) <= MAX_FACES:
         return mesh
-    low, high = 1e-4, 0.2
-    for _ in range(40):
-        cell = (low * high) ** 0.5
-        result = cluster_decimate(mesh, cell)
-        if len(result.faces) > TARGET_FACES[1]:
-            low = cell
-        elif len(result.faces) < TARGET_FACES[0]:
-            high = cell
-        else:
-            return result
-    raise RuntimeError("decimation did not reach the target face count")
+    if mesh.face_uv is not None:
+        raise ValueError("decimate: a textured mesh would lose its uv seams; it expects an untextured one")
+    try:
+        import fast_simplification
+    except ImportError as error:
+        raise ImportError("decimating a mesh needs fast-simplification: pip install fast-simplification") from error
+    vertices, faces = fast_simplification.simplify(
+        mesh.vertices, mesh.faces.astype(np.int32), target_count=TARGET_FACES, agg=3, preserve_border=True
+    )
+    return RawMesh(vertices, faces.astype(np.int64))
 
 
 def grey_texture(mesh: RawMesh) -> np.ndarray:
@@ -139,9 +180,16 @@ def grey_texture(mesh: RawMesh) -> np.ndarray:
 def prepare(source_dir: Path, out_dir: Path = ASSETS_DIR) -> list[Path]:
     """Write one .npz per entry of SOURCES into ``out_dir``; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    reference_file, reference_chin = SOURCES[REFERENCE]
+    reference = cut(place(read_mesh(source_dir / reference_file), reference_chin)).vertices
     written = []
     for name, (file_name, chin_y) in SOURCES.items():
-        mesh = decimate(canonicalize(read_mesh(source_dir / file_name), chin_y))
+        mesh = place(read_mesh(source_dir / file_name), chin_y)
+        if name != REFERENCE:
+            pitch, scale = fit_pitch_and_scale(mesh.vertices, reference)
+            print(f"{name}: pitch {pitch:+.3f} rad, scale {scale:.3f} onto {REFERENCE}")
+            mesh = replace(mesh, vertices=pitch_and_scale(mesh.vertices, pitch, scale))
+        mesh = decimate(cut(mesh))
         arrays: dict[str, Any] = {
             "vertices": mesh.vertices.astype(np.float32),
             "faces": mesh.faces.astype(np.int32),
