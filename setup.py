@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -56,7 +57,7 @@ class CMakeBuild(build_ext):
         print(f"dcign-fast: skipping the CUDA extension ({why}); backend='cuda' will be unavailable")
         for ext in self.extensions:
             Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
-        self.extensions = []
+        self.extensions = self.distribution.ext_modules = []  # the latter makes the wheel pure (Wheel)
 
     def build_extensions(self) -> None:
         for ext in list(self.extensions):
@@ -92,4 +93,17 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "--parallel"], cwd=build_dir, check=True)
 
 
-setup(ext_modules=[CMakeExtension("dcign_fast._C")], cmdclass={"build_ext": CMakeBuild})
+class Wheel(bdist_wheel):
+    """Tags the wheel by what the build produced: without the extension it is pure Python (py3-none-any).
+
+    bdist_wheel decides purity from the extension list before building; CMakeBuild may empty that list while
+    building, so the decision is made again once the build has run and before anything is installed.
+    """
+
+    def run_command(self, command: str) -> None:
+        super().run_command(command)
+        if command == "build":
+            self.root_is_pure = not self.distribution.has_ext_modules()
+
+
+setup(ext_modules=[CMakeExtension("dcign_fast._C")], cmdclass={"build_ext": CMakeBuild, "bdist_wheel": Wheel})

@@ -1,4 +1,4 @@
-"""``dcign-fast demo``: the whole story on a laptop CPU in about four minutes (2 cores).
+"""``dcign-fast demo``: the whole story on a laptop CPU in 5-10 minutes (2 cores).
 
 Trains ``demo64`` on the built-in face renderer with DC-IGN's procedure, then writes the checkpoint,
 a grid of a held-out render re-rendered along each extrinsic group, and the evaluation JSON + scatter plot.

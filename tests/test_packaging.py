@@ -75,6 +75,7 @@ def test_wheel_from_the_sdist_runs_outside_the_source_tree(sdist, tmp_path):
     package = {name for name in tracked if name.startswith("dcign_fast/")}
     assert not package - names, f"missing from the wheel: {sorted(package - names)}"
     assert not [name for name in names if name.startswith("dcign_fast/_C")]
+    assert wheel.name.endswith("-py3-none-any.whl"), f"a wheel without the extension is pure Python: {wheel.name}"
     (metadata,) = [name for name in names if name.endswith(".dist-info/METADATA")]
     assert "License-Expression: MIT AND BSD-3-Clause" in (tmp_path / "site" / metadata).read_text()
 
