@@ -97,13 +97,15 @@ class Wheel(bdist_wheel):
     """Tags the wheel by what the build produced: without the extension it is pure Python (py3-none-any).
 
     bdist_wheel decides purity from the extension list before building; CMakeBuild may empty that list while
-    building, so the decision is made again once the build has run and before anything is installed.
+    building, so the decision is made again once the build has run and before anything is installed. (An
+    editable install's wheel keeps the platform tag: it is tagged before anything is built, and only ever
+    installed where it was built.)
     """
 
     def run_command(self, command: str) -> None:
         super().run_command(command)
         if command == "build":
-            self.root_is_pure = not self.distribution.has_ext_modules()
+            self.root_is_pure = not (self.distribution.has_ext_modules() or self.distribution.has_c_libraries())
 
 
 setup(ext_modules=[CMakeExtension("dcign_fast._C")], cmdclass={"build_ext": CMakeBuild, "bdist_wheel": Wheel})

@@ -1,6 +1,6 @@
 """One-off: build the packaged face meshes (dcign_fast/data/assets/*.npz) from the shared scans.
 
-Usage (needs ``pip install fast-simplification``, for the decimation)::
+Usage (the decimation needs fast-simplification: ``pip install -e ".[assets]"`` pins the version used)::
 
     python -m dcign_fast.data.prepare_assets --source /work/shared/data/meshes/faces
 
@@ -47,10 +47,12 @@ TARGET_FACES = 13_000
 TEXTURE_SIZE = 512
 SKIN_GREY = 0.75
 REFERENCE = "meshmonk"
-# What registration compares: the face every scan covers, brow to chin and cheek to cheek, as [low, high)
-# per axis. Hair, ears and the neck differ between scans and would pull the fit.
+# What registration compares, as [low, high) per axis: the part of the face every scan covers, from the
+# brow to just above the chin bottom and about as wide as the outer eye corners, front side only. Hair, ears
+# and the neck differ between scans and would pull the fit.
 FACE_REGION = np.array([[-0.3, 0.3], [-0.45, 0.35], [0.2, 1.0]])
-REGISTRATION_POINTS = 4000  # vertices sampled per mesh: the fit lands within 0.005 rad of the full one
+REGISTRATION_POINTS = 4000  # vertices sampled per mesh: fits with other samples move by up to about 0.006 rad
+MIN_REGION_POINTS = 100  # fewer in the face region: the mesh is not a face in the canonical frame
 
 # name -> (source file, chin-bottom height in the source's units)
 SOURCES = {
@@ -91,9 +93,16 @@ def registration_cost(vertices: np.ndarray, reference: np.ndarray) -> float:
     onto a patch of the other does not pay.
     """
     points, target = torch.from_numpy(vertices).float(), torch.from_numpy(reference).float()
-    return sum(
-        float(torch.cdist(a[_in_face_region(a)], b).amin(1).mean()) for a, b in ((points, target), (target, points))
-    )
+    total = 0.0
+    for name, a, b in (("vertices", points, target), ("reference", target, points)):
+        region = a[_in_face_region(a)]
+        if len(region) < MIN_REGION_POINTS:  # the mean of nothing is NaN, which argmin would pick as the best
+            raise ValueError(
+                f"registration_cost: {name} has {len(region)} vertices in the face region {FACE_REGION.tolist()}; "
+                f"expected at least {MIN_REGION_POINTS} (a face placed in the canonical frame)"
+            )
+        total += float(torch.cdist(region, b).amin(1).mean())
+    return total
 
 
 def _in_face_region(points: Tensor) -> Tensor:
@@ -140,7 +149,7 @@ def _select_faces(mesh: RawMesh, keep_face: np.ndarray) -> RawMesh:
 def decimate(mesh: RawMesh) -> RawMesh:
     """Quadric edge collapse down to TARGET_FACES faces, for meshes over MAX_FACES. Untextured meshes only.
 
-    The open border (where :func:`cut` cut the neck) stays in place, and a low aggressiveness keeps the
+    The open border (the neck opening) stays in place, and a low aggressiveness keeps the
     eyes and lips, where small folds are.
     """
     if len(mesh.faces) <= MAX_FACES:
