@@ -376,14 +376,14 @@ def test_a_triton_older_than_the_kernels_support_is_refused_by_name(monkeypatch)
     from dcign_fast.ops import backends
 
     monkeypatch.setattr(triton, "__version__", "3.0.0")
-    backends.triton_unavailable_reason.cache_clear()
+    backends._triton_unavailable_reason.cache_clear()
     try:
         x, w, b = _valid()
         with pytest.raises(ValueError, match=r"backend='triton' needs triton>=3.4, found 3.0.0"):
             dc.unpool_conv2d(x, w, b, backend="triton")
         assert not backends.triton_available()  # what auto asks before it picks triton for CUDA tensors
     finally:
-        backends.triton_unavailable_reason.cache_clear()
+        backends._triton_unavailable_reason.cache_clear()
 
 
 @pytest.mark.cuda

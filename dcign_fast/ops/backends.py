@@ -58,9 +58,16 @@ def cuda_emulating() -> bool:
 TRITON_MIN_VERSION = (3, 4)
 
 
-@functools.cache
+# A constant to torch.compile. Traced, the check reached importlib's find_spec, a graph break that torch 2.11
+# refuses under fullgraph; and dynamo traces through functools.cache (with a warning), hence the inner function.
+@torch.compiler.assume_constant_result
 def triton_unavailable_reason() -> str:
     """Why the triton backend cannot run here: "" when the ``triton`` package is installed and recent enough."""
+    return _triton_unavailable_reason()
+
+
+@functools.cache
+def _triton_unavailable_reason() -> str:
     if importlib.util.find_spec("triton") is None:
         return "needs the 'triton' package (pip install triton)"
     import triton

@@ -182,14 +182,21 @@ def test_render_is_deterministic_and_in_range():
 
 
 @pytest.mark.cuda
-def test_cpu_and_cuda_agree():
-    mesh = load_asset("james")
+@pytest.mark.parametrize("name", ["james", "menpo3d"])
+def test_cpu_and_cuda_agree(name):
+    """Measured on an H200 over 8 poses: the untextured scans agree to 4e-4 everywhere. James's photo texture
+    differs by 1e-3 or more at 0.6% of pixels (at most 0.05, mean 3e-5; the silhouettes identical): the texture
+    lookup differs, not the geometry or the shading."""
+    mesh = load_asset(name)
     azimuth, light = (torch.rand(4) * 2 - 1) * 1.5, (torch.rand(4) * 2 - 1) * 1.4
     cpu = _render(mesh, size=64, azimuth=azimuth, light=light)
     gpu = _render(mesh, size=64, azimuth=azimuth, light=light, device="cuda").cpu()
-    # Depth ties may resolve differently at a handful of pixels; shading must agree elsewhere.
-    close = (cpu - gpu).abs() < 1e-3
-    assert close.float().mean() > 0.995
+    assert torch.equal(cpu > 0, gpu > 0)
+    difference = (cpu - gpu).abs()
+    if mesh.texture is None:
+        assert difference.max() < 1e-3
+    else:
+        assert (difference < 1e-3).float().mean() > 0.98 and difference.max() < 0.2
 
 
 def test_no_pinholes_inside_a_surface():
