@@ -180,14 +180,17 @@ def plot_speedups(runs: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(cases) + 1.5))
     height = 0.8 / len(backends)
     for i, backend in enumerate(backends):
-        ys = [j + i * height for j in range(len(cases))]
-        ax.barh(ys, [bars[c].get(backend, 0) for c in cases], height=height, label=backend)
+        shown = [(j + i * height, bars[c][backend]) for j, c in enumerate(cases) if bars[c].get(backend)]
+        ys, speedups = zip(*shown)
+        ax.barh(ys, speedups, height=height, label=backend)
+    # Logarithmic: speedups span 0.1x to a few x, and the floors' up to several hundred x.
+    ax.set_xscale("log")
     for j, case in enumerate(cases):
         if case in floors:
             ax.plot([floors[case]] * 2, [j - 0.1, j + 0.8], color="black", linewidth=1)
     ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
     ax.set_yticks([j + 0.4 - height / 2 for j in range(len(cases))], cases, fontsize=7)
-    ax.set_xlabel("speedup over the reference (forward+backward where measured); black tick: the floor's")
+    ax.set_xlabel("speedup over the reference, log scale (forward+backward where measured); black tick: the floor's")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")  # tight_layout alone clipped the x label's end
