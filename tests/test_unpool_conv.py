@@ -84,13 +84,31 @@ def test_non_contiguous_input():
     assert rel_error(dc.unpool_conv2d(x, w, b, backend="torch"), oracle(x, w, b, (0, 0))) < 1e-12
 
 
-@pytest.mark.parametrize("k,p", [(7, 0), (3, 1), (5, 2), (4, 1), (2, 0), (1, 0), (6, 5)])
-def test_torch_backend_gradcheck(k, p):
-    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, 3, k, k, dtype=torch.float64, requires_grad=True)
+# (scale, kernel, padding, input [N, C, H, W], activation): square kernels and even padding; then rectangular
+# kernels, uneven padding and other scales, which the backward once took on trust (a backward grouping phases
+# as if the scale were 2, or padding rows and columns alike, passed every other test). Small inputs: gradcheck
+# runs one backward per output element.
+GRADCHECK_CASES = [
+    (2, (k, k), (p, p), (2, 3, 4, 5), None) for k, p in [(7, 0), (3, 1), (5, 2), (4, 1), (2, 0), (1, 0), (6, 5)]
+]
+GRADCHECK_CASES += [
+    (2, (5, 2), (3, 0), (1, 2, 3, 3), "relu"),
+    (3, (4, 5), (2, 1), (1, 2, 3, 3), None),
+    (1, (3, 1), (0, 0), (1, 2, 3, 3), "relu"),
+    (4, (7, 3), (1, 2), (1, 2, 2, 3), None),
+]
+
+
+@pytest.mark.parametrize("scale,k,p,shape,activation", GRADCHECK_CASES)
+def test_torch_backend_gradcheck(scale, k, p, shape, activation):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, shape[1], *k, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    fn = lambda *t: dc.unpool_conv2d(  # noqa: E731
+        *t, padding=p, scale_factor=scale, backend="torch", activation=activation
+    )
     with poisoned_allocations():  # an element the backward forgets to write is NaN
-        assert torch.autograd.gradcheck(lambda *t: dc.unpool_conv2d(*t, padding=p, backend="torch"), (x, w, b))
+        assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
 def test_torch_backend_gradcheck_with_relu():
@@ -234,13 +252,17 @@ def test_numpy_integers_are_integers():
         dc.unpool_conv2d(x, w, b, scale_factor=np.bool_(True), backend="torch")
 
 
-@pytest.mark.parametrize("activation", [None, "relu"])
-def test_torch_backend_gradgradcheck(activation):
+@pytest.mark.parametrize(
+    "activation,scale,k,p", [(None, 2, (3, 3), (1, 1)), ("relu", 2, (3, 3), (1, 1)), ("relu", 3, (4, 3), (2, 0))]
+)
+def test_torch_backend_gradgradcheck(activation, scale, k, p):
     """Double backward (gradient penalties): the backward op's own backward, built from the same ops."""
     x = torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, *k, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    fn = lambda *t: dc.unpool_conv2d(*t, padding=1, backend="torch", activation=activation)  # noqa: E731
+    fn = lambda *t: dc.unpool_conv2d(  # noqa: E731
+        *t, padding=p, scale_factor=scale, backend="torch", activation=activation
+    )
     with poisoned_allocations():
         assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
