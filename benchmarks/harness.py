@@ -30,6 +30,7 @@ COLUMNS = [
     "layout",
     "backend",
     "median_ms",
+    "host_ms",
     "images_per_s",
     "speedup",
     "floor_ms",
@@ -62,21 +63,34 @@ class Step:
 
 
 def time_side_by_side(
-    variants: Mapping[str, Callable[[], object]], device: str, warmup: int = 2, repeats: int = 7
+    variants: Mapping[str, Callable[[], object]],
+    device: str,
+    warmup: int = 2,
+    repeats: int = 7,
+    host_ms: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Median wall time in milliseconds of each variant; variants alternate within every repeat."""
+    """Median wall time in milliseconds of each variant; variants alternate within every repeat.
+
+    ``host_ms``, when given, receives each variant's median host time: from the call to its return, before
+    the device has finished. On CUDA, where kernels run asynchronously, that is what the Python side and the
+    launches cost; a wall time near it means the step waits on the host, not on the GPU.
+    """
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in variants}
+    host_samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
             synchronize(device)
             start = time.perf_counter()
             fn()
+            host_samples[name].append((time.perf_counter() - start) * 1e3)
             synchronize(device)
             samples[name].append((time.perf_counter() - start) * 1e3)
+    if host_ms is not None:
+        host_ms.update({name: statistics.median(times) for name, times in host_samples.items()})
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -141,8 +155,9 @@ def compare(
     budget: CompileBudget | None = None,
     graphed: tuple[str, ...] = (),
 ) -> list[dict]:
-    """One row per variant of a case: ``row``'s fields, then median_ms, speedup over ``baseline`` and peak
-    memory, or a note saying why the variant was left out.
+    """One row per variant of a case: ``row``'s fields, then median_ms, host_ms (CUDA; see
+    :func:`time_side_by_side`), speedup over ``baseline`` and peak memory, or a note saying why the variant was
+    left out.
 
     ``graphed`` names variants that replay CUDA graphs (torch.compile's "reduce-overhead" and "max-autotune"):
     a replay allocates nothing, its memory was set aside when the graph was recorded, so no peak is reported.
@@ -166,12 +181,15 @@ def compare(
             notes[name] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
             continue
         ready[name] = fn
-    times = time_side_by_side(ready, device, warmup=0, repeats=repeats)
+    host: dict[str, float] = {}
+    times = time_side_by_side(ready, device, warmup=0, repeats=repeats, host_ms=host)
     rows = []
     for name in [*ready, *notes]:
         if name in times:
             # No speedups when the baseline itself could not run (its row says why).
             stats: dict[str, object] = {"median_ms": times[name]}
+            if device.startswith("cuda"):  # on the CPU the host time is the wall time
+                stats["host_ms"] = host[name]
             if baseline in times:
                 stats["speedup"] = times[baseline] / times[name]
             if name in graphed and device.startswith("cuda"):

@@ -385,6 +385,28 @@ def test_peak_memory_is_counted_without_the_previous_calls_gradients(monkeypatch
     assert rows[0]["peak_mb"] == 150 and "peak_mb" not in rows[1] and "CUDA graph" in rows[1]["note"]
 
 
+def test_cuda_rows_tell_host_time_from_wall_time(monkeypatch):
+    """On CUDA a call returns once its kernels are queued: host_ms is that time, median_ms includes the wait for
+    the device. Here a fake device has 30 ms of queued work per call, which only synchronize waits for."""
+    from benchmarks import harness
+
+    _fake_cuda_memory(monkeypatch)
+    queued = {"s": 0.0}
+
+    def synchronize(device: str) -> None:
+        time.sleep(queued["s"])
+        queued["s"] = 0.0
+
+    def launch() -> None:
+        queued["s"] = 0.03
+
+    monkeypatch.setattr(harness, "synchronize", synchronize)
+    rows = harness.compare({"async": launch}, "cuda", {"case": "c"}, "async", 1, 3)
+    assert rows[0]["host_ms"] < 10 < 30 <= rows[0]["median_ms"]
+    cpu = harness.compare({"sync": lambda: None}, "cpu", {"case": "c"}, "sync", 1, 3)
+    assert "host_ms" not in cpu[0]  # on the CPU it would only repeat the wall time
+
+
 def _result(date: str, speedup: float, suite: str = "latent", case: str = "c", **machine: object) -> dict:
     """A result file's contents: one baseline row and one torch row, measured on "cpu" at ``date``."""
     row = {"case": case, "pass": "forward+backward", "dtype": "float32", "median_ms": 1.0}

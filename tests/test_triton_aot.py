@@ -29,11 +29,17 @@ def _layers() -> list[tuple[str, int, int, int, int, int]]:
 
 
 def unpool_conv_launches() -> list[dict[str, object]]:
-    """Runs the triton backend's launchers (forward, grad input, grad weight; ReLU fused) on unallocated
-    channels_last CPU tensors of each layer's real shape, and compiles what they launch. Runs in the
-    subprocess."""
-    from dcign_fast.kernels.triton import unpool_conv_forward, unpool_conv_grad_input, unpool_conv_grad_weight
-    from dcign_fast.kernels.triton.unpool_conv_layout import pack_weight, unions
+    """Runs the triton backend's launchers (weight packing, forward, grad input, grad weight and its fold;
+    ReLU fused) on unallocated channels_last CPU tensors of each layer's real shape, and compiles what they
+    launch. Runs in the subprocess."""
+    from dcign_fast.kernels.triton import (
+        unpool_conv_forward,
+        unpool_conv_grad_input,
+        unpool_conv_grad_weight,
+        unpool_conv_weights,
+    )
+    from dcign_fast.kernels.triton.unpool_conv_layout import unions
+    from dcign_fast.kernels.triton.unpool_conv_weights import pack_weight
     from tests.aot import compile_launch, recorded_launches
 
     results = []
@@ -50,6 +56,9 @@ def unpool_conv_launches() -> list[dict[str, object]]:
                 recorded_launches(
                     unpool_conv_grad_weight, "_grad_weight_kernel", "_grad_weight_few_outputs_kernel", into=launches
                 ),
+                recorded_launches(
+                    unpool_conv_weights, "_pack_weight_kernel", "_finalize_grad_weight_kernel", into=launches
+                ),
             ):
                 bias = torch.zeros(c_out, dtype=dtype)
                 unpool_conv_forward.launch_forward(
@@ -58,7 +67,7 @@ def unpool_conv_launches() -> list[dict[str, object]]:
                 unpool_conv_grad_input.launch_grad_input(
                     y, y, pack_weight(weight, rows, cols, "out"), x, rows, cols, "relu"
                 )
-                unpool_conv_grad_weight.launch_grad_weight(x, y, y, rows, cols, True, "relu")
+                unpool_conv_grad_weight.launch_grad_weight(x, y, y, weight, rows, cols, True, "relu")
             for launch in launches:
                 for r in compile_launch(launch):
                     results.append({"layer": name, "c_in": c_in, "c_out": c_out, "dtype": str(dtype)[6:], **r})
@@ -77,7 +86,13 @@ def test_unpool_conv_kernels_compile_for_sm90_as_launched():
         (name, dtype, kernel)
         for name, _, c_out, *_ in _layers()
         for dtype in ("bfloat16", "float32")
-        for kernel in ("forward", "grad_input", "grad_weight" + ("_few_outputs" if c_out <= FEW_OUTPUTS else ""))
+        for kernel in (
+            "pack_weight",
+            "forward",
+            "grad_input",
+            "grad_weight" + ("_few_outputs" if c_out <= FEW_OUTPUTS else ""),
+            "finalize_grad_weight",
+        )
     }
     assert all(0 < r["reg"] <= 255 for r in results)
     spilled = [r for r in results if r["stack"] or r["local"]]
@@ -85,7 +100,8 @@ def test_unpool_conv_kernels_compile_for_sm90_as_launched():
     too_big = [r for r in results if r["shared"] + r["dynamic_shared"] > SM90_SHARED_BYTES]
     assert not too_big, too_big
     # Every GEMM runs on tensor cores (bf16, and float32 as TF32: torch's default allow_tf32).
-    scalar_math = [r for r in results if not r["tensor_core"]]
+    gemms = [r for r in results if r["kernel"] not in _WEIGHT_TRANSFORMS]
+    scalar_math = [r for r in gemms if not r["tensor_core"]]
     assert not scalar_math, scalar_math
     # Where every operand row starts on 16 bytes (channel counts that are multiples of 16) and each thread's
     # share of every operand tile is at least 16 bytes, Triton must see the alignment (strides specialised as
@@ -94,7 +110,7 @@ def test_unpool_conv_kernels_compile_for_sm90_as_launched():
     # channels): TF32 tensor cores take only K-major tiles, so Triton transposes them through narrow copies.
     checked = [
         r
-        for r in results
+        for r in gemms
         if r["c_in"] % 16 == 0
         and r["c_out"] % 16 == 0
         and _smallest_tile_bytes(r) >= 16 * r["threads"]
@@ -103,6 +119,10 @@ def test_unpool_conv_kernels_compile_for_sm90_as_launched():
     assert len(checked) >= 3 * 2 * 3  # three aligned layers, two dtypes, three kernels
     narrow = [r for r in checked if not r["async_copy_16"] or r["async_copy_narrow"]]
     assert not narrow, narrow
+
+
+# The weight packing and the grad-weight fold: elementwise sums, no GEMM.
+_WEIGHT_TRANSFORMS = ("pack_weight", "finalize_grad_weight")
 
 
 def _smallest_tile_bytes(r: dict) -> int:

@@ -13,10 +13,11 @@ compiled kernels for it).
 Layouts: tensors are read and written through their strides; the launchers hand the kernels
 channels_last (NHWC) tensors so that the GEMM reduction over channels reads contiguous memory.
 
-This module holds the backend's two entry points; the packing and compile-time constants are in
+This module holds the backend's two entry points; the union taps and compile-time constants are in
 unpool_conv_layout.py, the tile loads and autotune configs the kernels share in unpool_conv_tiles.py, and
 each kernel with its launcher in a file of its own (unpool_conv_forward.py, unpool_conv_grad_input.py,
-unpool_conv_grad_weight.py), as csrc/ splits the CUDA C++ backend.
+unpool_conv_grad_weight.py, and the weight packing and grad-weight folding in unpool_conv_weights.py), as
+csrc/ splits the CUDA C++ backend.
 
 Kernels (each an implicit GEMM, fp32 accumulation; fp32 operands use TF32 when
 ``torch.backends.cudnn.allow_tf32`` is set, as cuDNN does for the reference convolution):
@@ -29,13 +30,15 @@ Kernels (each an implicit GEMM, fp32 accumulation; fp32 operands use TF32 when
                     With at most FEW_OUTPUTS output channels, (tap, C_out) pairs are flattened into K so
                     that the dots do not multiply padding.
   _grad_weight_kernel one program per (phase tap, C_in tile, C_out tile, split of batch x pixels); split
-                    partial sums go to a workspace that torch reduces in a fixed order, so grad weight and
-                    grad bias are deterministic (no atomics; the bias sums round by the autotuned BLOCK_P, which
+                    partial sums go to a workspace that _finalize_grad_weight_kernel reduces in a fixed order
+                    (folding the phase taps back onto the K x K taps), so grad weight and grad bias are
+                    deterministic (no atomics; the bias sums round by the autotuned BLOCK_P, which
                     torch.use_deterministic_algorithms(True) pins). Grad bias rides along in the programs of
                     each phase's first tap.
   _grad_weight_few_outputs_kernel the same sums for at most FEW_OUTPUTS output channels, one program per
                     (phase, C_in tile, tile of (tap, C_out) pairs, split of the input pixels): x is read once
                     per phase, not once per tap. Grad bias is then a torch sum of the (masked) grad_out.
+  _pack_weight_kernel every phase's collapsed kernel, packed for the forward or grad input GEMMs.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from dcign_fast.kernels import device_guard
 from dcign_fast.kernels.triton.unpool_conv_forward import launch_forward
 from dcign_fast.kernels.triton.unpool_conv_grad_input import launch_grad_input
 from dcign_fast.kernels.triton.unpool_conv_grad_weight import launch_grad_weight
-from dcign_fast.kernels.triton.unpool_conv_layout import pack_weight, unions, unpack_grad
+from dcign_fast.kernels.triton.unpool_conv_layout import unions
+from dcign_fast.kernels.triton.unpool_conv_weights import pack_weight
 from dcign_fast.kernels.unpool_conv_common import (
     TRITON_INDEX_LIMIT,
     check_kernel_args,
@@ -111,5 +115,5 @@ def unpool_conv2d_triton_backward(
         grad_x = torch.empty_like(x, memory_format=torch.channels_last) if wide else torch.empty_like(x)
         if grad_x.numel():
             launch_grad_input(g, y, pack_weight(weight, rows, cols, "out"), grad_x, rows, cols, activation)
-        grad_wp, grad_bias = launch_grad_weight(nhwc(x), g, y, rows, cols, has_bias, activation)
-    return grad_x, unpack_grad(grad_wp, rows, cols).to(weight.dtype), grad_bias.to(weight.dtype) if has_bias else None
+        grad_weight, grad_bias = launch_grad_weight(nhwc(x), g, y, weight, rows, cols, has_bias, activation)
+    return grad_x, grad_weight, grad_bias

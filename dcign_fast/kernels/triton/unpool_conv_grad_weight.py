@@ -1,5 +1,6 @@
 """The unpool-conv's weight (and bias) gradient as Triton split-K GEMMs over batch x pixels: partial sums go
-to a workspace that torch reduces in a fixed order, so the result is deterministic (see unpool_conv.py)."""
+to a workspace that unpool_conv_weights.py's kernel reduces in a fixed order, so the result is deterministic
+(see unpool_conv.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dcign_fast.kernels.triton.unpool_conv_layout import (
     window_constexprs,
 )
 from dcign_fast.kernels.triton.unpool_conv_tiles import autotune_configs, load_grad, load_grad_at, split_positions
+from dcign_fast.kernels.triton.unpool_conv_weights import finalize_grad_weight
 from dcign_fast.kernels.unpool_conv_common import FEW_OUTPUTS, masked_grad_sum
 from dcign_fast.ops.backends import triton_interpreting
 from dcign_fast.ops.constants import constant
@@ -127,7 +129,7 @@ def _grad_weight_few_outputs_kernel(
     o = offs_n % C_OUT
     ty = tap // TC
     tx = tap % TC
-    # Only the taps of this phase's window: the others stay zero in dw, out of the sum in unpack_grad.
+    # Only the taps of this phase's window: the fold (unpool_conv_weights.py) reads no others.
     rs = RS0 + a * (RS1 - RS0)
     cs = CS0 + b * (CS1 - CS0)
     n_ok = (offs_n < pairs) & (ty >= rs) & (ty < rs + RT0 + a * (RT1 - RT0))
@@ -181,54 +183,61 @@ def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
+@functools.cache
+def _window_taps(rows: AxisUnion, cols: AxisUnion) -> tuple[tuple[int, int, int, int, int], ...]:
+    """(phase row a, phase column b, union tap ty, tx, 1 for the phase's first tap) of every tap inside each
+    phase's window: the per-tap kernel's program table (the first tap's programs also sum grad bias)."""
+    return tuple(
+        (a, b, ty, tx, int(ty == rs and tx == cs))
+        for a, (rs, rt) in enumerate(rows.windows)
+        for b, (cs, ct) in enumerate(cols.windows)
+        for ty in range(rs, rs + rt)
+        for tx in range(cs, cs + ct)
+    )
+
+
 def launch_grad_weight(
     x: torch.Tensor,
     g: torch.Tensor,
     y: torch.Tensor,
+    weight: torch.Tensor,
     rows: AxisUnion,
     cols: AxisUnion,
     has_bias: bool,
     activation: str | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad wp [2, 2, TR, TC, C, O], grad bias [O]), both float32 and reduced in a fixed order."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad weight laid out like ``weight``, grad bias [O] or None), in the weight's dtype, summed in float32 in
+    a fixed order."""
     n, c_in, h, w = x.shape
     c_out, ho, wo = g.shape[1:]
     if not (x.numel() and g.numel()):  # nothing to sum, no program to launch
-        zeros = functools.partial(x.new_zeros, dtype=torch.float32)
-        return zeros((2, 2, rows.taps, cols.taps, c_in, c_out)), zeros(c_out)
+        return torch.zeros_like(weight), weight.new_zeros(c_out) if has_bias else None
     numeric = numeric_constexprs(activation, x.dtype)
     few_outputs = c_out <= FEW_OUTPUTS
     if few_outputs:  # programs: (C_in tile, (tap, C_out) tile) x phase x split of the input pixels
         columns, groups, positions = rows.taps * cols.taps * c_out, 4, n * h * w
     else:  # programs: (C_in tile, C_out tile) x (phase, tap) x split of the phase's output pixels
-        taps = [
-            (a, b, ty, tx, int(ty == rs and tx == cs))
-            for a, (rs, rt) in enumerate(rows.windows)
-            for b, (cs, ct) in enumerate(cols.windows)
-            for ty in range(rs, rs + rt)
-            for tx in range(cs, cs + ct)
-        ]
-        columns, groups, positions = c_out, len(taps), n * ((ho + 1) // 2) * ((wo + 1) // 2)
+        columns, groups, positions = c_out, len(_window_taps(rows, cols)), n * ((ho + 1) // 2) * ((wo + 1) // 2)
     block_c, block_o = _channel_tile(c_in, x.dtype), _channel_tile(columns, x.dtype)
     tiles = triton.cdiv(c_in, block_c) * triton.cdiv(columns, block_o)
     chunk = split_chunk(positions, tiles * groups)
     splits = triton.cdiv(positions, chunk)
-    # Taps outside a phase's window are never written: zeros keep them out of the sum.
-    dw = torch.zeros((splits, 2, 2, rows.taps, cols.taps, c_in, c_out), dtype=torch.float32, device=x.device)
+    # Uninitialised: the kernels write every split's sums of each phase's window taps, the only ones folded.
+    ws = torch.empty((splits, 2, 2, rows.taps, cols.taps, c_in, c_out), dtype=torch.float32, device=x.device)
     if few_outputs:
         _launch(
             _grad_weight_few_outputs_kernel, (tiles, groups, splits),
-            x, g, y, dw, n, h, w, c_in, c_out, ho, wo, chunk, *nchw_strides(x), *nchw_strides(g),
+            x, g, y, ws, n, h, w, c_in, c_out, ho, wo, chunk, *nchw_strides(x), *nchw_strides(g),
             BLOCK_C=block_c, BLOCK_O=block_o, **window_constexprs(rows, cols), **numeric,
         )  # fmt: skip
-        # The programs see each grad_out pixel once per tap that reaches an input pixel: its sum is done apart.
-        grad_bias = masked_grad_sum(g, y if activation == "relu" else None) if has_bias else dw.new_zeros(c_out)
-        return dw.sum(0), grad_bias
-    db = torch.zeros((splits, 4, c_out), dtype=torch.float32, device=x.device)
+        grad_weight, _ = finalize_grad_weight(ws, None, weight, rows, cols)
+        grad_bias = masked_grad_sum(g, y if activation == "relu" else None).to(weight.dtype) if has_bias else None
+        return grad_weight, grad_bias
+    bias_ws = torch.empty((splits, 4, c_out), dtype=torch.float32, device=x.device) if has_bias else None
     _launch(  # each program's window comes from the taps table
         _grad_weight_kernel, (tiles, groups, splits),
-        x, g, y, constant(tuple(taps), torch.int32, x.device), dw, db, n, h, w, c_in, c_out, ho, wo, chunk,
-        *nchw_strides(x), *nchw_strides(g), HAS_BIAS=has_bias, BLOCK_C=block_c, BLOCK_O=block_o,
-        **axis_constexprs(rows, cols), **numeric,
+        x, g, y, constant(_window_taps(rows, cols), torch.int32, x.device), ws, ws if bias_ws is None else bias_ws,
+        n, h, w, c_in, c_out, ho, wo, chunk, *nchw_strides(x), *nchw_strides(g), HAS_BIAS=has_bias,
+        BLOCK_C=block_c, BLOCK_O=block_o, **axis_constexprs(rows, cols), **numeric,
     )  # fmt: skip
-    return dw.sum(0), db.sum((0, 1))
+    return finalize_grad_weight(ws, bias_ws, weight, rows, cols)

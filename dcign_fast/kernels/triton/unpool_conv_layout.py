@@ -1,6 +1,5 @@
-"""Host side of the unpool-conv Triton kernels: the phases of each axis in union-tap coordinates, every
-phase's collapsed kernel packed into one tensor (and its gradient unpacked), and the compile-time constants
-the kernels are specialised on."""
+"""Host side of the unpool-conv Triton kernels: the phases of each axis in union-tap coordinates and the
+compile-time constants the kernels are specialised on."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import torch
 
 from dcign_fast.kernels.unpool_conv_common import KERNEL_SCALE, uses_tf32
 from dcign_fast.ops.backends import triton_interpreting
-from dcign_fast.ops.constants import constant, one_hot_rows
 from dcign_fast.ops.phases import axis_phases
 
 ACTIVATION_CODES = {None: 0, "relu": 1}
@@ -20,16 +18,12 @@ class AxisUnion:
     """Both phases of one axis in union-tap coordinates (scale 2, kernel ``k``, padding ``p``)."""
 
     def __init__(self, k: int, p: int) -> None:
-        # With in_size = k both phases are non-empty; first_offset and tap_offsets do not depend on it.
+        # With in_size = k both phases are non-empty; first_offset does not depend on it.
         phases = axis_phases(k, k, p, KERNEL_SCALE)
+        self.padding = p
         self.start = min(ph.first_offset for ph in phases)  # low-res offset of union tap 0
         self.taps = max(ph.first_offset + ph.taps for ph in phases) - self.start
         self.windows = [(ph.first_offset - self.start, ph.taps) for ph in phases]  # (first union tap, taps)
-        self._tap_of = [[ph.first_offset - self.start + t for t in ph.tap_offsets] for ph in phases]
-
-    def collapse(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """[2, taps, k] 0/1: phase a's union tap t sums the original taps u with R[a, t, u] = 1."""
-        return constant(tuple(one_hot_rows(tap_of, self.taps) for tap_of in self._tap_of), dtype, torch.device(device))
 
 
 @functools.lru_cache(maxsize=64)
@@ -65,26 +59,6 @@ def numeric_constexprs(activation: str | None, dtype: torch.dtype) -> dict[str, 
         "UPCAST": triton_interpreting(),
         "PRECISION": "tf32" if uses_tf32(dtype) else "ieee",
     }
-
-
-def pack_weight(weight: torch.Tensor, rows: AxisUnion, cols: AxisUnion, reduce_over: str) -> torch.Tensor:
-    """[O, C, KH, KW] -> every phase's collapsed kernel (summed in float32), laid out for :func:`load_w`: the
-    channels a GEMM reduces over contiguous and zero-padded to a multiple of 16, [2, 2, TR, TC, O, C16] for
-    the forward (``reduce_over="in"``), [2, 2, TR, TC, C, O16] for grad input (``"out"``)."""
-    r = rows.collapse(torch.float32, weight.device)
-    c = cols.collapse(torch.float32, weight.device)
-    layout = {"in": "abtsoc", "out": "abtsco"}[reduce_over]
-    packed = torch.einsum(f"atu,ocuv,bsv->{layout}", r, weight.float(), c).to(weight.dtype)
-    # contiguous: einsum may return a permuted view, which a zero-width pad keeps
-    return torch.nn.functional.pad(packed, (0, -packed.shape[-1] % 16)).contiguous()
-
-
-def unpack_grad(grad_wp: torch.Tensor, rows: AxisUnion, cols: AxisUnion) -> torch.Tensor:
-    """[2, 2, TR, TC, C, O] -> [O, C, KH, KW]: each original tap's gradient, summed over the phase taps it was
-    collapsed into (the transpose of :func:`pack_weight`'s collapse)."""
-    r = rows.collapse(torch.float32, grad_wp.device)
-    c = cols.collapse(torch.float32, grad_wp.device)
-    return torch.einsum("atu,abtsco,bsv->ocuv", r, grad_wp, c)
 
 
 def nchw_strides(t: torch.Tensor) -> tuple[int, int, int, int]:

@@ -1,0 +1,140 @@
+"""The unpool-conv's weight transforms as Triton kernels: the K x K kernel collapsed into every phase's packed
+kernel (forward and grad input), and the grad-weight partial sums folded back onto the K x K taps (backward).
+The Triton counterpart of csrc/unpool_conv_weights.cu.
+
+One launch each, where the torch formulation (einsums over 0/1 collapse matrices, a pad, casts, a split sum)
+took some forty small ops whose host time outweighed the GEMMs of a small layer. The sums run in float32, in a
+fixed order (deterministic, and no cuBLAS, which torch.use_deterministic_algorithms(True) would refuse without
+CUBLAS_WORKSPACE_CONFIG).
+
+Tap arithmetic: with padding p, original tap u of phase a reads low-resolution offset floor((a + u - p) / 2); the
+union window starts at floor(-p / 2), so its union tap is (a + u + p % 2) // 2, whose numerator is never
+negative (Triton's integer division truncates, Python's floors).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dcign_fast.kernels.triton.unpool_conv_layout import AxisUnion
+
+_BLOCK = 512  # elements per program (1024 made ptxas give bf16 folds a stack frame)
+
+
+@triton.jit
+def _union_tap(phase, tap, PARITY: tl.constexpr):
+    """The union tap that original tap ``tap`` of phase ``phase`` is collapsed into (padding parity PARITY)."""
+    return (phase + tap + PARITY) // 2
+
+
+@triton.jit
+def _pack_weight_kernel(
+    w_ptr, wp_ptr, ROWS, COLS, COLS_PACKED, sw_row, sw_col, sw_u, sw_v,
+    KH: tl.constexpr, KW: tl.constexpr, ROW_PARITY: tl.constexpr, COL_PARITY: tl.constexpr,
+    TR: tl.constexpr, TC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # Program (block of [ROWS, COLS_PACKED], phase tap): wp[a, b, ty, tx, r, q] = sum of w[r, q, u, v] (strided
+    # through sw_*) over the taps u (v) phase a (b) maps to ty (tx); zero for the padding columns q >= COLS.
+    tap = tl.program_id(1)
+    a = tap // (2 * TR * TC)
+    b = tap // (TR * TC) % 2
+    ty = tap // TC % TR
+    tx = tap % TC
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_tap = offs < ROWS * COLS_PACKED
+    row = offs // COLS_PACKED
+    col = offs % COLS_PACKED
+    ok = in_tap & (col < COLS)
+    base = row.to(tl.int64) * sw_row + col.to(tl.int64) * sw_col  # O x C x KH x KW may pass int32's range
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for u in tl.static_range(KH):
+        if _union_tap(a, u, ROW_PARITY) == ty:
+            for v in tl.static_range(KW):
+                if _union_tap(b, v, COL_PARITY) == tx:
+                    acc += tl.load(w_ptr + base + u * sw_u + v * sw_v, mask=ok, other=0.0).to(tl.float32)
+    tl.store(wp_ptr + tap.to(tl.int64) * ROWS * COLS_PACKED + offs, acc.to(wp_ptr.dtype.element_ty), mask=in_tap)
+
+
+@triton.jit
+def _finalize_grad_weight_kernel(
+    ws_ptr, bias_ws_ptr, dw_ptr, db_ptr, C_IN, C_OUT, SPLITS, sdo, sdc, sdu, sdv,
+    KH: tl.constexpr, KW: tl.constexpr, ROW_PARITY: tl.constexpr, COL_PARITY: tl.constexpr,
+    TR: tl.constexpr, TC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # Program (block of [C_IN, C_OUT], original tap (u, v) - or the bias, after the last tap):
+    # dw[o, c, u, v] = sum over splits s, then phases (a, b), of ws[s, a, b, tap of u, tap of v, c, o] (only
+    # taps inside each phase's window are read: the kernels write no others); db[o] = sum of bias_ws[s, phase, o].
+    uv = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    if uv < KH * KW:
+        u = uv // KW
+        v = uv % KW
+        ok = offs < C_IN * C_OUT
+        for s in range(SPLITS):
+            for phase in tl.static_range(4):
+                ty = _union_tap(phase // 2, u, ROW_PARITY)
+                tx = _union_tap(phase % 2, v, COL_PARITY)
+                start = (((s * 4 + phase) * TR + ty) * TC + tx).to(tl.int64) * C_IN * C_OUT
+                acc += tl.load(ws_ptr + start + offs, mask=ok, other=0.0)
+        c = offs // C_OUT
+        o = offs % C_OUT
+        dw = dw_ptr + o.to(tl.int64) * sdo + c.to(tl.int64) * sdc + u * sdu + v * sdv
+        tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+    elif HAS_BIAS:
+        ok = offs < C_OUT
+        for s in range(SPLITS):
+            for phase in tl.static_range(4):
+                acc += tl.load(bias_ws_ptr + (s * 4 + phase) * C_OUT + offs, mask=ok, other=0.0)
+        tl.store(db_ptr + offs, acc.to(db_ptr.dtype.element_ty), mask=ok)
+
+
+def _parities(weight_shape: torch.Size, rows: AxisUnion, cols: AxisUnion) -> dict[str, int]:
+    return {
+        "KH": weight_shape[2],
+        "KW": weight_shape[3],
+        "ROW_PARITY": rows.padding % 2,
+        "COL_PARITY": cols.padding % 2,
+        "TR": rows.taps,
+        "TC": cols.taps,
+    }
+
+
+def pack_weight(weight: torch.Tensor, rows: AxisUnion, cols: AxisUnion, reduce_over: str) -> torch.Tensor:
+    """[O, C, KH, KW] (any strides) -> every phase's collapsed kernel (summed in float32, stored in the weight's
+    dtype), laid out for :func:`load_w`: the channels a GEMM reduces over contiguous and zero-padded to a
+    multiple of 16, [2, 2, TR, TC, O, C16] for the forward (``reduce_over="in"``), [2, 2, TR, TC, C, O16] for
+    grad input (``"out"``)."""
+    c_out, c_in = weight.shape[:2]
+    (rows_dim, row_stride), (cols_dim, col_stride) = (
+        ((c_out, weight.stride(0)), (c_in, weight.stride(1)))
+        if reduce_over == "in"
+        else ((c_in, weight.stride(1)), (c_out, weight.stride(0)))
+    )
+    cols_packed = -(-cols_dim // 16) * 16
+    wp = weight.new_empty((2, 2, rows.taps, cols.taps, rows_dim, cols_packed))
+    grid = (triton.cdiv(rows_dim * cols_packed, _BLOCK), 4 * rows.taps * cols.taps)
+    _pack_weight_kernel[grid](
+        weight, wp, rows_dim, cols_dim, cols_packed, row_stride, col_stride, weight.stride(2), weight.stride(3),
+        **_parities(weight.shape, rows, cols), BLOCK=_BLOCK,
+    )  # fmt: skip
+    return wp
+
+
+def finalize_grad_weight(
+    ws: torch.Tensor, bias_ws: torch.Tensor | None, weight: torch.Tensor, rows: AxisUnion, cols: AxisUnion
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ws [S, 2, 2, TR, TC, C, O] float32 (every split's grad-weight partial sums per phase tap, written inside each
+    phase's window only), bias_ws [S, 4, O] float32 or None -> (grad weight laid out like ``weight``, grad bias
+    [O] or None), in the weight's dtype."""
+    c_out, c_in = weight.shape[:2]
+    dw = torch.empty_like(weight)
+    db = None if bias_ws is None else weight.new_empty(c_out)
+    grid = (triton.cdiv(c_in * c_out, _BLOCK), weight.shape[2] * weight.shape[3] + (bias_ws is not None))
+    _finalize_grad_weight_kernel[grid](
+        ws, ws if bias_ws is None else bias_ws, dw, dw if db is None else db, c_in, c_out, ws.shape[0],
+        *dw.stride(), **_parities(weight.shape, rows, cols), HAS_BIAS=bias_ws is not None, BLOCK=_BLOCK,
+    )  # fmt: skip
+    return dw, db
