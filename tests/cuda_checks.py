@@ -3,15 +3,12 @@ CPU-emulation tests (test_cuda_emulation.py): the same checks, on "cuda" or on "
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dcign_fast as dc
-from tests.helpers import REL_TOL, off_the_relu_kink, poisoned_allocations, rel_error
+from tests.helpers import REL_TOL, cudnn_tf32, off_the_relu_kink, poisoned_allocations, rel_error
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The unpool-conv multiplies: (storage dtype, float32 in TF32 on tensor cores).
@@ -75,17 +72,6 @@ def check_sampler_strided(B: int, D: int, device: str) -> None:
     got, expected = sample_both(mu_t.T, logvar_t.T, active[:B], "mean", 0.5, 1234)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-
-
-@contextlib.contextmanager
-def cudnn_tf32(enabled: bool) -> Iterator[None]:
-    """torch.backends.cudnn.allow_tf32 (which backend="cuda" follows, like cuDNN) set for the block only."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = saved
 
 
 def unpool_conv_tolerance(dtype: torch.dtype, tf32: bool) -> float:
@@ -211,12 +197,14 @@ def check_every_padding(kernel: int, n: int, max_size: int, device: str) -> None
 
 
 def check_grad_weight_deterministic(n, c_in, c_out, size, kernel, device) -> None:
-    """Two backward passes give bit-identical grad weight and grad bias (fixed-order split reduction)."""
+    """Two backward passes give bit-identical grad weight and grad bias (fixed-order split reduction), into
+    poisoned allocations: a workspace element read before it is written is NaN, which no two runs agree on."""
     x = torch.randn(n, c_in, size, size, device=device, requires_grad=True)
     w = torch.randn(c_out, c_in, kernel, kernel, device=device, requires_grad=True)
     b = torch.randn(c_out, device=device, requires_grad=True)
     out = 2 * size - kernel + 1
     grad = torch.randn(n, c_out, out, out, device=device)
-    first = torch.autograd.grad(dc.unpool_conv2d(x, w, b, backend="cuda"), (w, b), grad)
-    second = torch.autograd.grad(dc.unpool_conv2d(x, w, b, backend="cuda"), (w, b), grad)
+    with poisoned_allocations():
+        first = torch.autograd.grad(dc.unpool_conv2d(x, w, b, backend="cuda"), (w, b), grad)
+        second = torch.autograd.grad(dc.unpool_conv2d(x, w, b, backend="cuda"), (w, b), grad)
     assert all(torch.equal(f, s) for f, s in zip(first, second))

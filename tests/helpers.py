@@ -82,9 +82,22 @@ def paper150_decoder_layers() -> list[tuple[int, int, int, int, int]]:
     ]
 
 
+@contextlib.contextmanager
+def cudnn_tf32(enabled: bool) -> Iterator[None]:
+    """torch.backends.cudnn.allow_tf32 (which the triton and cuda backends follow, like cuDNN) set for the block
+    only."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
 def gradient_penalty_error(backend: str, device: str) -> float:
     """Largest relative error, against the float64 reference, of the parameter gradients of a gradient penalty
-    taken through unpool_conv2d with a fused ReLU: what its double backward computes."""
+    taken through unpool_conv2d with a fused ReLU: what its double backward computes. With TF32 off: a TF32
+    rounding that moved one output across the ReLU's kink would flip that element's whole gradient."""
     import dcign_fast as dc
     from dcign_fast.ops.reference import unpool_conv2d_reference
 
@@ -94,7 +107,8 @@ def gradient_penalty_error(backend: str, device: str) -> float:
         return torch.autograd.grad(grad_x.square().sum(), leaves)
 
     leaves = [torch.randn(shape, device=device, requires_grad=True) for shape in ((2, 5, 4, 3), (6, 5, 5, 5), (6,))]
-    got = penalty_gradients(lambda *t: dc.unpool_conv2d(*t, padding=2, backend=backend, activation="relu"), leaves)
+    with cudnn_tf32(False):
+        got = penalty_gradients(lambda *t: dc.unpool_conv2d(*t, padding=2, backend=backend, activation="relu"), leaves)
     exact = [t.detach().double().requires_grad_() for t in leaves]
     want = penalty_gradients(lambda *t: unpool_conv2d_reference(*t, (2, 2)).relu(), exact)
     return max(rel_error(g, w) for g, w in zip(got, want))

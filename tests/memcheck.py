@@ -98,7 +98,7 @@ CASES = ((torch.float32, True, "relu"), (torch.float32, False, None), (torch.bfl
 def run_ops_on_guarded_tensors(backend: str, guard_before: bool) -> None:
     """Forward and backward of unpool_conv2d and sample_latents with ``backend`` on guarded tensors."""
     import dcign_fast as dc
-    from tests.cuda_checks import cudnn_tf32
+    from tests.helpers import cudnn_tf32
 
     torch.manual_seed(0)
     for (dtype, tf32, activation), (n, c_in, c_out, size, kernel, padding) in itertools.product(CASES, LAYERS):

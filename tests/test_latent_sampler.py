@@ -296,15 +296,20 @@ def test_vmap_randomness_is_honoured_or_refused_with_seed_none(backend, randomne
     assert not torch.allclose(eps[0], eps[1]) and not torch.allclose(eps[1], eps[2])
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.5, 0.75, 0.8, 1.0])
-def test_torch_backward_sparse_eps_is_bit_identical(fraction):
+# (active columns of 40, whether the backward takes the sparse branch): up to three quarters active it draws
+# eps for the active columns alone; past that, for all.
+@pytest.mark.parametrize(
+    "active_columns, sparse", [(0, True), (2, True), (20, True), (30, True), (32, False), (40, False)]
+)
+def test_torch_backward_sparse_eps_is_bit_identical(active_columns, sparse):
     """The CPU backward regenerates eps for the active columns only (when few are active): the same bits as
-    the dense formula, NaN included."""
+    the dense formula, NaN included; and the dense branch, past the switch."""
     from dcign_fast.ops import latent_sampler, philox
 
     batch, dim = 33, 40
     mu, logvar = random_inputs(batch, dim)
-    active = torch.rand(dim) < fraction
+    active = torch.randperm(dim) < active_columns
+    assert (latent_sampler._sparse_columns(active, mu) is not None) == sparse
     for column in (int(active.int().argmax()), int(active.int().argmin())):  # an active and an inactive one
         mu[3, column] = logvar[4, column] = float("nan")
     grad_z, grad_kl = torch.randn(batch, dim), torch.randn(batch)

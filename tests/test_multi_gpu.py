@@ -23,17 +23,18 @@ BACKENDS = [
 
 
 def _both_ops(backend: str, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
-    """[(out, grads...)] of unpool_conv2d (bf16) and sample_latents (float32) with ``backend`` on fresh inputs."""
+    """[(out, grads...)] of unpool_conv2d (bf16) and sample_latents (float32) with ``backend`` on fresh inputs
+    and fresh output gradients (of z and kl both): the same ones for every backend after the same seed."""
     x = torch.randn(2, 16, 9, 11, device=device, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(24, 16, 5, 5, device=device, dtype=torch.bfloat16, requires_grad=True)
     bias = torch.randn(24, device=device, dtype=torch.bfloat16, requires_grad=True)
     out = dc.unpool_conv2d(x, weight, bias, padding=2, backend=backend)
-    conv = (out, *torch.autograd.grad(out, (x, weight, bias), torch.ones_like(out)))
+    conv = (out, *torch.autograd.grad(out, (x, weight, bias), torch.randn_like(out)))
     mu = torch.randn(64, 40, device=device, requires_grad=True)
     logvar = (0.5 * torch.randn(64, 40, device=device)).requires_grad_()
     active = torch.arange(40, device=device) % 3 == 0
     z, kl = dc.sample_latents(mu, logvar, active, invariance=0.3, seed=7, backend=backend)
-    sampler = (z, kl, *torch.autograd.grad(z, (mu, logvar), torch.ones_like(z)))
+    sampler = (z, kl, *torch.autograd.grad((z, kl), (mu, logvar), (torch.randn_like(z), torch.randn_like(kl))))
     return [conv, sampler]
 
 

@@ -536,9 +536,23 @@ def test_a_timed_out_run_exits_75_so_a_job_loop_can_tell_it_from_a_finished_one(
     assert main(["train", "--out", str(tmp_path / "run"), "--steps", "5", *options]) == 75
 
 
-def test_bf16_autocast_run(tmp_path):
-    result = Trainer(config(tmp_path, steps=2, bf16=True), render=blobs).train()
+@pytest.mark.parametrize("bf16", [True, False])
+def test_bf16_autocast_runs_the_convolutions_in_bf16(tmp_path, bf16):
+    """bf16=True must reach the layers: a trainer that ignored it (autocast disabled) trained in float32 and
+    passed every other test. Every encoder convolution and decoder unpool-conv runs in the chosen precision,
+    and the weights stay float32."""
+    from dcign_fast.nn import UnpoolConv2d
+
+    trainer = Trainer(config(tmp_path, steps=2, bf16=bf16), render=blobs)
+    seen: set[torch.dtype] = set()
+    layers = [m for m in trainer.model.modules() if isinstance(m, (torch.nn.Conv2d, UnpoolConv2d))]
+    assert any(isinstance(m, UnpoolConv2d) for m in layers) and any(isinstance(m, torch.nn.Conv2d) for m in layers)
+    for layer in layers:
+        layer.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    result = trainer.train()
     assert result.step == 2 and result.checkpoint.name == "step-00000002"
+    assert seen == {torch.bfloat16 if bf16 else torch.float32}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
 
 
 @pytest.mark.slow
