@@ -57,14 +57,14 @@ step build 100 env DCIGN_FAST_CUDA_ARCHS="$arch" bash -c 'DCIGN_FAST_CUDA=1 pyth
 # Four pytest workers share the GPU and compile Triton kernels in parallel; their autotuning, timed while
 # sharing, is not cached (TRITON_CACHE_AUTOTUNING=0), while the benchmarks below keep theirs.
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
-step gpu-tests 100 env TRITON_CACHE_AUTOTUNING=0 python3 -m pytest -v -m cuda -p no:cacheprovider --durations=15 $workers
+step gpu-tests 90 env TRITON_CACHE_AUTOTUNING=0 python3 -m pytest -v -m cuda -p no:cacheprovider --durations=15 $workers
 grep -E "^(FAILED|ERROR)" "$work/gpu-tests.log" | head -40
 # Triton's autotuning picks each kernel's config once per machine, not once per process: the training run
 # and every suite launch the same shapes.
 export TRITON_CACHE_AUTOTUNING=1
 # It stops at its time limit, which the trainer reports with exit status 75.
-step --foreground --ok 75 train-paper150 45 python3 -m dcign_fast.train --preset paper150 --out "$work/paper150" \
-  --steps 100000 --set time_limit_s=25 --set batch_size=128 --set log_every=1 --set image_every=100000
+step --foreground --ok 75 train-paper150 55 python3 -m dcign_fast.train --preset paper150 --out "$work/paper150" \
+  --steps 100000 --set time_limit_s=32 --set batch_size=128 --set log_every=1 --set image_every=100000
 newest=$(ls -d "$work"/paper150/checkpoints/step-* 2>/dev/null | tail -1)
 step eval-paper150 15 python3 -m dcign_fast.cli eval --checkpoint "${newest:-missing}" --device cuda \
   --sweeps 10 --identities 40 --out "$work/paper150/eval"

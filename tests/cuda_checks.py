@@ -198,7 +198,7 @@ def check_every_padding(kernel: int, n: int, max_size: int, device: str) -> None
 
 def check_grad_weight_deterministic(n, c_in, c_out, size, kernel, device) -> None:
     """Two backward passes give bit-identical grad weight and grad bias (fixed-order split reduction), into
-    poisoned allocations: a workspace element read before it is written is NaN, which no two runs agree on."""
+    poisoned allocations: a workspace element read before it is written is NaN, which torch.equal never matches."""
     x = torch.randn(n, c_in, size, size, device=device, requires_grad=True)
     w = torch.randn(c_out, c_in, kernel, kernel, device=device, requires_grad=True)
     b = torch.randn(c_out, device=device, requires_grad=True)

@@ -243,7 +243,7 @@ def test_relu_keeps_a_nan_as_f_relu_does():
 
 def test_grad_weight_is_deterministic_across_splits():
     """Enough pixels for several split-K partial sums; two backward passes agree bit for bit. Into poisoned
-    allocations: a workspace element read before it is written is NaN, which no two runs agree on."""
+    allocations: a workspace element read before it is written is NaN, which torch.equal never matches."""
     x = torch.randn(3, 6, 7, 7, device=DEVICE, requires_grad=True)
     w = torch.randn(5, 6, 3, 3, device=DEVICE, requires_grad=True)
     b = torch.randn(5, device=DEVICE, requires_grad=True)

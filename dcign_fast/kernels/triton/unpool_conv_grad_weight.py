@@ -183,14 +183,17 @@ def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
-@functools.cache
-def _window_taps(rows: AxisUnion, cols: AxisUnion) -> tuple[tuple[int, int, int, int, int], ...]:
+@functools.lru_cache(maxsize=64)
+def _window_taps(
+    row_windows: tuple[tuple[int, int], ...], col_windows: tuple[tuple[int, int], ...]
+) -> tuple[tuple[int, int, int, int, int], ...]:
     """(phase row a, phase column b, union tap ty, tx, 1 for the phase's first tap) of every tap inside each
-    phase's window: the per-tap kernel's program table (the first tap's programs also sum grad bias)."""
+    phase's window (``AxisUnion.windows`` of rows and columns): the per-tap kernel's program table (the first
+    tap's programs also sum grad bias)."""
     return tuple(
         (a, b, ty, tx, int(ty == rs and tx == cs))
-        for a, (rs, rt) in enumerate(rows.windows)
-        for b, (cs, ct) in enumerate(cols.windows)
+        for a, (rs, rt) in enumerate(row_windows)
+        for b, (cs, ct) in enumerate(col_windows)
         for ty in range(rs, rs + rt)
         for tx in range(cs, cs + ct)
     )
@@ -206,18 +209,19 @@ def launch_grad_weight(
     has_bias: bool,
     activation: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad weight laid out like ``weight``, grad bias [O] or None), in the weight's dtype, summed in float32 in
-    a fixed order."""
+    """(grad weight in ``torch.empty_like(weight)``'s layout, grad bias [O] or None), in the weight's dtype,
+    summed in float32 in a fixed order."""
     n, c_in, h, w = x.shape
     c_out, ho, wo = g.shape[1:]
     if not (x.numel() and g.numel()):  # nothing to sum, no program to launch
         return torch.zeros_like(weight), weight.new_zeros(c_out) if has_bias else None
     numeric = numeric_constexprs(activation, x.dtype)
     few_outputs = c_out <= FEW_OUTPUTS
+    taps = _window_taps(rows.windows, cols.windows)
     if few_outputs:  # programs: (C_in tile, (tap, C_out) tile) x phase x split of the input pixels
         columns, groups, positions = rows.taps * cols.taps * c_out, 4, n * h * w
     else:  # programs: (C_in tile, C_out tile) x (phase, tap) x split of the phase's output pixels
-        columns, groups, positions = c_out, len(_window_taps(rows, cols)), n * ((ho + 1) // 2) * ((wo + 1) // 2)
+        columns, groups, positions = c_out, len(taps), n * ((ho + 1) // 2) * ((wo + 1) // 2)
     block_c, block_o = _channel_tile(c_in, x.dtype), _channel_tile(columns, x.dtype)
     tiles = triton.cdiv(c_in, block_c) * triton.cdiv(columns, block_o)
     chunk = split_chunk(positions, tiles * groups)
@@ -236,7 +240,7 @@ def launch_grad_weight(
     bias_ws = torch.empty((splits, 4, c_out), dtype=torch.float32, device=x.device) if has_bias else None
     _launch(  # each program's window comes from the taps table
         _grad_weight_kernel, (tiles, groups, splits),
-        x, g, y, constant(_window_taps(rows, cols), torch.int32, x.device), ws, ws if bias_ws is None else bias_ws,
+        x, g, y, constant(taps, torch.int32, x.device), ws, ws if bias_ws is None else bias_ws,
         n, h, w, c_in, c_out, ho, wo, chunk, *nchw_strides(x), *nchw_strides(g), HAS_BIAS=has_bias,
         BLOCK_C=block_c, BLOCK_O=block_o, **axis_constexprs(rows, cols), **numeric,
     )  # fmt: skip

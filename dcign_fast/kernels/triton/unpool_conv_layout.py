@@ -23,7 +23,7 @@ class AxisUnion:
         self.padding = p
         self.start = min(ph.first_offset for ph in phases)  # low-res offset of union tap 0
         self.taps = max(ph.first_offset + ph.taps for ph in phases) - self.start
-        self.windows = [(ph.first_offset - self.start, ph.taps) for ph in phases]  # (first union tap, taps)
+        self.windows = tuple((ph.first_offset - self.start, ph.taps) for ph in phases)  # (first union tap, taps)
 
 
 @functools.lru_cache(maxsize=64)
@@ -48,7 +48,7 @@ def window_constexprs(rows: AxisUnion, cols: AxisUnion) -> dict[str, int]:
 
 def shares_window(rows: AxisUnion, cols: AxisUnion) -> bool:
     """Whether every phase reads the whole union window (K=5 same, K=7 valid)."""
-    return rows.windows == [(0, rows.taps)] * 2 and cols.windows == [(0, cols.taps)] * 2
+    return rows.windows == ((0, rows.taps),) * 2 and cols.windows == ((0, cols.taps),) * 2
 
 
 def numeric_constexprs(activation: str | None, dtype: torch.dtype) -> dict[str, object]:

@@ -127,8 +127,8 @@ def finalize_grad_weight(
     ws: torch.Tensor, bias_ws: torch.Tensor | None, weight: torch.Tensor, rows: AxisUnion, cols: AxisUnion
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ws [S, 2, 2, TR, TC, C, O] float32 (every split's grad-weight partial sums per phase tap, written inside each
-    phase's window only), bias_ws [S, 4, O] float32 or None -> (grad weight laid out like ``weight``, grad bias
-    [O] or None), in the weight's dtype."""
+    phase's window only), bias_ws [S, 4, O] float32 or None -> (grad weight in ``torch.empty_like(weight)``'s
+    layout, grad bias [O] or None), in the weight's dtype."""
     c_out, c_in = weight.shape[:2]
     dw = torch.empty_like(weight)
     db = None if bias_ws is None else weight.new_empty(c_out)
