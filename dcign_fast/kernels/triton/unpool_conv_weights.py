@@ -3,9 +3,9 @@ kernel (forward and grad input), and the grad-weight partial sums folded back on
 The Triton counterpart of csrc/unpool_conv_weights.cu.
 
 One launch each, where the torch formulation (einsums over 0/1 collapse matrices, a pad, casts, a split sum)
-took some forty small ops whose host time outweighed the GEMMs of a small layer. The sums run in float32, in a
-fixed order (deterministic, and no cuBLAS, which torch.use_deterministic_algorithms(True) would refuse without
-CUBLAS_WORKSPACE_CONFIG).
+took some forty small ops per layer, each with its own host time, which a small layer's GEMMs cannot hide. The
+sums run in float32, in a fixed order (deterministic, and no cuBLAS, which torch.use_deterministic_algorithms(True)
+would refuse without CUBLAS_WORKSPACE_CONFIG).
 
 Tap arithmetic: with padding p, original tap u of phase a reads low-resolution offset floor((a + u - p) / 2); the
 union window starts at floor(-p / 2), so its union tap is (a + u + p % 2) // 2, whose numerator is never
@@ -91,7 +91,8 @@ def _finalize_grad_weight_kernel(
         tl.store(db_ptr + offs, acc.to(db_ptr.dtype.element_ty), mask=ok)
 
 
-def _parities(weight_shape: torch.Size, rows: AxisUnion, cols: AxisUnion) -> dict[str, int]:
+def _tap_constexprs(weight_shape: torch.Size, rows: AxisUnion, cols: AxisUnion) -> dict[str, int]:
+    """The kernel size, the padding's parity per axis (see the module docstring) and the union taps."""
     return {
         "KH": weight_shape[2],
         "KW": weight_shape[3],
@@ -118,7 +119,7 @@ def pack_weight(weight: torch.Tensor, rows: AxisUnion, cols: AxisUnion, reduce_o
     grid = (triton.cdiv(rows_dim * cols_packed, _BLOCK), 4 * rows.taps * cols.taps)
     _pack_weight_kernel[grid](
         weight, wp, rows_dim, cols_dim, cols_packed, row_stride, col_stride, weight.stride(2), weight.stride(3),
-        **_parities(weight.shape, rows, cols), BLOCK=_BLOCK,
+        **_tap_constexprs(weight.shape, rows, cols), BLOCK=_BLOCK,
     )  # fmt: skip
     return wp
 
@@ -135,6 +136,6 @@ def finalize_grad_weight(
     grid = (triton.cdiv(c_in * c_out, _BLOCK), weight.shape[2] * weight.shape[3] + (bias_ws is not None))
     _finalize_grad_weight_kernel[grid](
         ws, ws if bias_ws is None else bias_ws, dw, dw if db is None else db, c_in, c_out, ws.shape[0],
-        *dw.stride(), **_parities(weight.shape, rows, cols), HAS_BIAS=bias_ws is not None, BLOCK=_BLOCK,
+        *dw.stride(), **_tap_constexprs(weight.shape, rows, cols), HAS_BIAS=bias_ws is not None, BLOCK=_BLOCK,
     )  # fmt: skip
     return dw, db
