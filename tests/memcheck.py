@@ -63,8 +63,11 @@ def guarded_allocations(guard_before: bool = False) -> Iterator[None]:
     """Routes torch.empty / empty_like / new_empty on the CPU through :func:`guarded_empty`."""
     originals = torch.empty, torch.empty_like, torch.Tensor.new_empty
 
+    def shape_of(size: tuple) -> tuple[int, ...]:  # torch takes sizes as arguments or as one sequence
+        return tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+
     def empty(*size, dtype=None, device=None, memory_format=torch.contiguous_format, **kwargs):
-        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+        shape = shape_of(size)
         if (device is not None and torch.device(device).type != "cpu") or kwargs:
             return originals[0](*size, dtype=dtype, device=device, memory_format=memory_format, **kwargs)
         return guarded_empty(shape, dtype or torch.get_default_dtype(), memory_format, guard_before)
@@ -75,10 +78,10 @@ def guarded_allocations(guard_before: bool = False) -> Iterator[None]:
         copy = guarded_copy(originals[1](t, dtype=dtype), guard_before)
         return copy.fill_(float("nan")) if copy.is_floating_point() else copy
 
-    def new_empty(self, size, *, dtype=None, **kwargs):
+    def new_empty(self, *size, dtype=None, **kwargs):
         if self.device.type != "cpu" or kwargs:
-            return originals[2](self, size, dtype=dtype, **kwargs)
-        return guarded_empty(tuple(size), dtype or self.dtype, guard_before=guard_before)
+            return originals[2](self, *size, dtype=dtype, **kwargs)
+        return guarded_empty(shape_of(size), dtype or self.dtype, guard_before=guard_before)
 
     torch.empty, torch.empty_like, torch.Tensor.new_empty = empty, empty_like, new_empty
     try:
