@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -57,6 +58,24 @@ def test_matches_reference_on_random_shapes(backend, dtype, channels_last):
         expected = oracle(x, w, b, case["p"])
         assert y.shape == expected.shape and y.dtype == dtype
         assert rel_error(y, expected) < REL_TOL[dtype], case
+
+
+def test_axis_collapse_is_the_0_1_matrix_product_and_expand_its_transpose():
+    """Every scale 1-4, kernel 1-9 and padding 0..K-1: an axis phase's collapse sums exactly the original taps
+    that land on each collapsed tap (the 0/1 matrix R of tap_offsets, applied without a matmul), and expand
+    is R's transpose. Integer values: every sum is exact in any order, so the results must match bit for bit."""
+    from dcign_fast.ops.phases import axis_phases
+
+    t = torch.randint(-1000, 1000, (3, 9, 2)).double()
+    for scale, k in itertools.product(range(1, 5), range(1, 10)):
+        for p in range(k):
+            for phase in axis_phases(k, k, p, scale):
+                r = torch.zeros(phase.taps, k, dtype=torch.float64)
+                r[list(phase.tap_offsets), list(range(k))] = 1
+                taps = t[:, :k]
+                assert torch.equal(phase.collapse(taps, 1), torch.einsum("mu,aub->amb", r, taps)), (scale, k, p)
+                collapsed = t[:, : phase.taps]
+                assert torch.equal(phase.expand(collapsed, -2), torch.einsum("mu,amb->aub", r, collapsed))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

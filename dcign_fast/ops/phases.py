@@ -12,8 +12,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from dcign_fast.ops.constants import constant, one_hot_rows
+from dcign_fast.ops.constants import constant
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,24 @@ class AxisPhase:
     taps: int
     count: int
     tap_offsets: tuple[int, ...]  # for each original tap u, its collapsed tap index m
+    scale: int
+    # Original tap u is the (lead + u)-th of the taps grouped s by s: collapsed tap m sums group m.
+    lead: int
 
-    def collapse_matrix(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """[taps, K] 0/1 matrix R with collapsed = R @ original along this axis."""
-        return constant(one_hot_rows(self.tap_offsets, self.taps), dtype, torch.device(device))
+    def collapse(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """t with its axis ``dim`` (the K original taps) summed into this phase's collapsed taps: runs of at most
+        ``scale`` consecutive taps, added in a fixed order. Exact and deterministic on every device, where a
+        product with a 0/1 matrix goes through cuBLAS (TF32 rounding when matmuls allow it, and an error under
+        deterministic algorithms without CUBLAS_WORKSPACE_CONFIG)."""
+        dim %= t.dim()
+        trailing = [0, 0] * (t.dim() - 1 - dim)
+        padded = F.pad(t, [*trailing, self.lead, self.scale * self.taps - self.lead - t.shape[dim]])
+        return padded.unflatten(dim, (self.taps, self.scale)).sum(dim + 1)
+
+    def expand(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The transpose of :meth:`collapse` along ``dim``: [.., taps, ..] -> [.., K, ..], every original tap
+        taking the value of the collapsed tap it was summed into (how gradients flow back through the sum)."""
+        return t.index_select(dim, constant(self.tap_offsets, torch.int64, t.device))
 
     def conv_padding(self, in_size: int) -> int:
         """Symmetric zero padding for a plain convolution that covers every row this phase reads."""
@@ -58,6 +73,8 @@ def axis_phases(in_size: int, kernel: int, padding: int, scale: int) -> tuple[Ax
                 taps=max(offsets) - first + 1,
                 count=(out - a + scale - 1) // scale,
                 tap_offsets=tuple(o - first for o in offsets),
+                scale=scale,
+                lead=a - padding - scale * first,
             )
         )
     return tuple(phases)

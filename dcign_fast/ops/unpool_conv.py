@@ -69,9 +69,7 @@ def empty_output(x: torch.Tensor, weight: torch.Tensor, padding: Padding, scale_
 def _collapse(weight: torch.Tensor, row: AxisPhase, col: AxisPhase) -> torch.Tensor:
     """[O, C, KH, KW] -> [O, C, row.taps, col.taps]; summed in at least float32."""
     acc = torch.promote_types(weight.dtype, torch.float32)
-    r = row.collapse_matrix(acc, weight.device)
-    c = col.collapse_matrix(acc, weight.device)
-    return torch.einsum("mu,ocuv,nv->ocmn", r, weight.to(acc), c).to(weight.dtype)
+    return col.collapse(row.collapse(weight.to(acc), 2), 3).to(weight.dtype)
 
 
 PhaseGroup = tuple[list[tuple[AxisPhase, AxisPhase]], int, int]
@@ -178,8 +176,7 @@ def unpool_conv2d_torch_backward(
         )  # fmt: skip
         grad_x = gx if grad_x is None else grad_x.add_(gx)
         for k, (r, c) in enumerate(group):
-            rm, cm = r.collapse_matrix(acc, weight.device), c.collapse_matrix(acc, weight.device)
-            grad_weight += torch.einsum("mu,ocmn,nv->ocuv", rm, gs[k * o : (k + 1) * o].to(acc), cm)
+            grad_weight += c.expand(r.expand(gs[k * o : (k + 1) * o].to(acc), 2), 3)
         if has_bias:
             grad_bias += gb.view(len(group), o).sum(0)
     grad_x = torch.zeros_like(x) if grad_x is None else grad_x  # no phase group: an empty output
