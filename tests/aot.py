@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+# Launch keywords that are compile options, not kernel arguments.
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
 # sm_90's shared memory per block (227 KiB, with the opt-in that Triton requests).
 SM90_SHARED_BYTES = 232448
 
@@ -130,8 +132,9 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[dict[str, object]]:
     fn = _jit_function(launch.kernel)
     results = []
     for config in _configs(launch.kernel, launch.args):
-        options = {}
-        args = dict(launch.args)
+        # A plain launch may set its warps and stages itself (num_warps=...); a config sets them for autotuning.
+        args = {name: value for name, value in launch.args.items() if name not in LAUNCH_OPTIONS}
+        options = {name: value for name, value in launch.args.items() if name in LAUNCH_OPTIONS}
         if config is not None:
             args.update(config.kwargs)
             options = {"num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -20,7 +20,17 @@ import triton.language as tl
 
 from dcign_fast.kernels.triton.unpool_conv_layout import AxisUnion
 
-_BLOCK = 512  # elements per program (1024 made ptxas give bf16 folds a stack frame)
+# Elements per program's tile (taps x channel pairs) and its warps: 32 float32 accumulators and 64-bit addresses
+# per thread (with 4 warps, the bf16 packing spilled).
+_TILE = 8192
+_WARPS = 8
+
+
+def _tile(taps: int) -> dict[str, int]:
+    """TAPS_BLOCK (``taps`` rounded up to a power of 2) and BLOCK (channel pairs) of a tile of _TILE elements,
+    and the launch's warps."""
+    taps_block = triton.next_power_of_2(taps)
+    return {"TAPS_BLOCK": taps_block, "BLOCK": _TILE // taps_block, "num_warps": _WARPS}
 
 
 @triton.jit
@@ -33,62 +43,69 @@ def _union_tap(phase, tap, PARITY: tl.constexpr):
 def _pack_weight_kernel(
     w_ptr, wp_ptr, ROWS, COLS, COLS_PACKED, sw_row, sw_col, sw_u, sw_v,
     KH: tl.constexpr, KW: tl.constexpr, ROW_PARITY: tl.constexpr, COL_PARITY: tl.constexpr,
-    TR: tl.constexpr, TC: tl.constexpr, BLOCK: tl.constexpr,
+    TR: tl.constexpr, TC: tl.constexpr, TAPS_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # Program (block of [ROWS, COLS_PACKED], phase tap): wp[a, b, ty, tx, r, q] = sum of w[r, q, u, v] (strided
-    # through sw_*) over the taps u (v) phase a (b) maps to ty (tx); zero for the padding columns q >= COLS.
-    tap = tl.program_id(1)
-    a = tap // (2 * TR * TC)
-    b = tap // (TR * TC) % 2
-    ty = tap // TC % TR
-    tx = tap % TC
+    # Program: a block of [ROWS, COLS_PACKED] for every phase tap (a, b, ty, tx) at once:
+    # wp[a, b, ty, tx, r, q] = sum of w[r, q, u, v] (strided through sw_*) over the taps u (v) that phase a (b)
+    # maps to ty (tx), at most two per axis: u = 2 ty - a - ROW_PARITY and the one after it (either may lie
+    # outside the kernel, and both do where ty is outside phase a's window); zero for the padding columns q >= COLS.
+    taps = tl.arange(0, TAPS_BLOCK)
+    tap_ok = taps < 4 * TR * TC
+    a = taps // (2 * TR * TC)
+    b = taps // (TR * TC) % 2
+    u0 = 2 * (taps // TC % TR) - a - ROW_PARITY
+    v0 = 2 * (taps % TC) - b - COL_PARITY
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_tap = offs < ROWS * COLS_PACKED
-    row = offs // COLS_PACKED
-    col = offs % COLS_PACKED
-    ok = in_tap & (col < COLS)
-    base = row.to(tl.int64) * sw_row + col.to(tl.int64) * sw_col  # O x C x KH x KW may pass int32's range
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for u in tl.static_range(KH):
-        if _union_tap(a, u, ROW_PARITY) == ty:
-            for v in tl.static_range(KW):
-                if _union_tap(b, v, COL_PARITY) == tx:
-                    acc += tl.load(w_ptr + base + u * sw_u + v * sw_v, mask=ok, other=0.0).to(tl.float32)
-    tl.store(wp_ptr + tap.to(tl.int64) * ROWS * COLS_PACKED + offs, acc.to(wp_ptr.dtype.element_ty), mask=in_tap)
+    ok = in_tap & (offs % COLS_PACKED < COLS)
+    base = (offs // COLS_PACKED).to(tl.int64) * sw_row + (offs % COLS_PACKED).to(tl.int64) * sw_col
+    acc = tl.zeros((TAPS_BLOCK, BLOCK), dtype=tl.float32)
+    for du in tl.static_range(2):
+        for dv in tl.static_range(2):
+            u = u0 + du
+            v = v0 + dv
+            hit = tap_ok & (u >= 0) & (u < KH) & (v >= 0) & (v < KW)
+            at = u.to(tl.int64) * sw_u + v.to(tl.int64) * sw_v  # O x C x KH x KW may pass int32's range
+            w = tl.load(w_ptr + at[:, None] + base[None, :], mask=hit[:, None] & ok[None, :], other=0.0)
+            acc += w.to(tl.float32)
+    dst = wp_ptr + taps.to(tl.int64)[:, None] * ROWS * COLS_PACKED + offs[None, :]
+    tl.store(dst, acc.to(wp_ptr.dtype.element_ty), mask=tap_ok[:, None] & in_tap[None, :])
 
 
 @triton.jit
 def _finalize_grad_weight_kernel(
     ws_ptr, bias_ws_ptr, dw_ptr, db_ptr, C_IN, C_OUT, SPLITS, sdo, sdc, sdu, sdv,
     KH: tl.constexpr, KW: tl.constexpr, ROW_PARITY: tl.constexpr, COL_PARITY: tl.constexpr,
-    TR: tl.constexpr, TC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    TR: tl.constexpr, TC: tl.constexpr, HAS_BIAS: tl.constexpr, TAPS_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # Program (block of [C_IN, C_OUT], original tap (u, v) - or the bias, after the last tap):
+    # Program: a block of [C_IN, C_OUT] pairs for every original tap (u, v) at once (program_id 1 = 0), or the
+    # grad bias (program_id 1 = 1):
     # dw[o, c, u, v] = sum over splits s, then phases (a, b), of ws[s, a, b, tap of u, tap of v, c, o] (only
     # taps inside each phase's window are read: the kernels write no others); db[o] = sum of bias_ws[s, phase, o].
-    uv = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    if uv < KH * KW:
+    if tl.program_id(1) == 0:
+        uv = tl.arange(0, TAPS_BLOCK)
+        uv_ok = uv < KH * KW
         u = uv // KW
         v = uv % KW
-        ok = offs < C_IN * C_OUT
+        ok = uv_ok[:, None] & (offs < C_IN * C_OUT)[None, :]
+        acc = tl.zeros((TAPS_BLOCK, BLOCK), dtype=tl.float32)
         for s in range(SPLITS):
             for phase in tl.static_range(4):
                 ty = _union_tap(phase // 2, u, ROW_PARITY)
                 tx = _union_tap(phase % 2, v, COL_PARITY)
                 start = (((s * 4 + phase) * TR + ty) * TC + tx).to(tl.int64) * C_IN * C_OUT
-                acc += tl.load(ws_ptr + start + offs, mask=ok, other=0.0)
-        c = offs // C_OUT
-        o = offs % C_OUT
-        dw = dw_ptr + o.to(tl.int64) * sdo + c.to(tl.int64) * sdc + u * sdu + v * sdv
+                acc += tl.load(ws_ptr + start[:, None] + offs[None, :], mask=ok, other=0.0)
+        pair = (offs % C_OUT).to(tl.int64) * sdo + (offs // C_OUT).to(tl.int64) * sdc
+        dw = dw_ptr + (u.to(tl.int64) * sdu + v.to(tl.int64) * sdv)[:, None] + pair[None, :]
         tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=ok)
-    elif HAS_BIAS:
-        ok = offs < C_OUT
+    elif HAS_BIAS:  # (names of its own: Triton wants a name bound in both branches to have one type)
+        o_ok = offs < C_OUT
+        bias = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in range(SPLITS):
             for phase in tl.static_range(4):
-                acc += tl.load(bias_ws_ptr + (s * 4 + phase) * C_OUT + offs, mask=ok, other=0.0)
-        tl.store(db_ptr + offs, acc.to(db_ptr.dtype.element_ty), mask=ok)
+                bias += tl.load(bias_ws_ptr + (s * 4 + phase) * C_OUT + offs, mask=o_ok, other=0.0)
+        tl.store(db_ptr + offs, bias.to(db_ptr.dtype.element_ty), mask=o_ok)
 
 
 def _tap_constexprs(weight_shape: torch.Size, rows: AxisUnion, cols: AxisUnion) -> dict[str, int]:
@@ -116,10 +133,10 @@ def pack_weight(weight: torch.Tensor, rows: AxisUnion, cols: AxisUnion, reduce_o
     )
     cols_packed = -(-cols_dim // 16) * 16
     wp = weight.new_empty((2, 2, rows.taps, cols.taps, rows_dim, cols_packed))
-    grid = (triton.cdiv(rows_dim * cols_packed, _BLOCK), 4 * rows.taps * cols.taps)
-    _pack_weight_kernel[grid](
+    tile = _tile(4 * rows.taps * cols.taps)
+    _pack_weight_kernel[(triton.cdiv(rows_dim * cols_packed, tile["BLOCK"]),)](
         weight, wp, rows_dim, cols_dim, cols_packed, row_stride, col_stride, weight.stride(2), weight.stride(3),
-        **_tap_constexprs(weight.shape, rows, cols), BLOCK=_BLOCK,
+        **_tap_constexprs(weight.shape, rows, cols), **tile,
     )  # fmt: skip
     return wp
 
@@ -133,9 +150,9 @@ def finalize_grad_weight(
     c_out, c_in = weight.shape[:2]
     dw = torch.empty_like(weight)
     db = None if bias_ws is None else weight.new_empty(c_out)
-    grid = (triton.cdiv(c_in * c_out, _BLOCK), weight.shape[2] * weight.shape[3] + (bias_ws is not None))
-    _finalize_grad_weight_kernel[grid](
+    tile = _tile(weight.shape[2] * weight.shape[3])
+    _finalize_grad_weight_kernel[(triton.cdiv(c_in * c_out, tile["BLOCK"]), 1 + (bias_ws is not None))](
         ws, ws if bias_ws is None else bias_ws, dw, dw if db is None else db, c_in, c_out, ws.shape[0],
-        *dw.stride(), **_tap_constexprs(weight.shape, rows, cols), HAS_BIAS=bias_ws is not None, BLOCK=_BLOCK,
+        *dw.stride(), **_tap_constexprs(weight.shape, rows, cols), HAS_BIAS=bias_ws is not None, **tile,
     )  # fmt: skip
     return dw, db
