@@ -85,10 +85,11 @@ def oracle(x, w, b, padding):
 
 
 def check_unpool_conv(
-    n, c_in, c_out, size, kernel, padding, dtype, device, channels_last=False, activation=None, tf32=False
-) -> None:
-    """Forward and all three gradients of backend="cuda" against the float64 oracle; float32 multiplies in
-    TF32 when ``tf32``, else exactly."""
+    n, c_in, c_out, size, kernel, padding, dtype, device, channels_last=False, activation=None, tf32=False,
+    backend="cuda",
+) -> None:  # fmt: skip
+    """Forward and all three gradients of ``backend`` against the float64 oracle; float32 multiplies in TF32
+    when ``tf32``, else exactly."""
     with cudnn_tf32(tf32):
         tol = unpool_conv_tolerance(dtype, tf32)
         h, w = size
@@ -99,7 +100,7 @@ def check_unpool_conv(
         bias = torch.randn(c_out, device=device).to(dtype)
         leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
         with poisoned_allocations():
-            y = dc.unpool_conv2d(*leaves, padding=padding, backend="cuda", activation=activation)
+            y = dc.unpool_conv2d(*leaves, padding=padding, backend=backend, activation=activation)
         pre_activation = oracle(x, weight, bias, padding)
         expected = F.relu(pre_activation) if activation == "relu" else pre_activation
         assert y.dtype == dtype and y.shape == expected.shape

@@ -15,7 +15,7 @@ import dcign_fast as dc
 from dcign_fast.kernels.unpool_conv_common import TRITON_INDEX_LIMIT, cudnn_allows_tf32, triton_index_reason
 from dcign_fast.ops import unpool_conv
 from dcign_fast.ops.reference import unpool_conv2d_reference
-from tests.helpers import REL_TOL, off_the_relu_kink, poisoned_allocations, rel_error, relu_nan_mismatches
+from tests.helpers import REL_TOL, poisoned_allocations, rel_error, relu_nan_mismatches
 
 CPU_BACKENDS = ["reference", "torch"]
 
@@ -432,24 +432,12 @@ def test_a_triton_older_than_the_kernels_support_is_refused_by_name(monkeypatch)
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_cuda_matches_reference(backend, monkeypatch):
+def test_cuda_matches_reference(backend):
     """paper150's first decoder layer on the GPU (auto: triton where it is installed), ReLU fused: the output
     and all three gradients against the float64 oracle, computed into poisoned allocations, TF32 off."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # for this test only
-    x = torch.randn(4, 24, 15, 15, device="cuda").requires_grad_()
-    w = (torch.randn(48, 24, 7, 7, device="cuda") / (24 * 49) ** 0.5).requires_grad_()
-    b = torch.randn(48, device="cuda").requires_grad_()
-    exact = [t.detach().double().requires_grad_() for t in (x, w, b)]
-    pre_activation = oracle(*exact, (0, 0))
-    grad = off_the_relu_kink(torch.randn(pre_activation.shape, device="cuda"), pre_activation.detach(), 1e-4)
-    with poisoned_allocations():
-        y = dc.unpool_conv2d(x, w, b, backend=backend, activation="relu")
-        got = [y, *torch.autograd.grad(y, (x, w, b), grad)]
-    y_ref = F.relu(pre_activation)
-    want = [y_ref, *torch.autograd.grad(y_ref, exact, grad.double())]
-    for name, g, e in zip(("output", "grad x", "grad weight", "grad bias"), got, want):
-        assert g.shape == e.shape and g.dtype == torch.float32, name
-        assert rel_error(g, e) < 1e-4, name
+    from tests.cuda_checks import check_unpool_conv
+
+    check_unpool_conv(4, 24, 48, (15, 15), (7, 7), (0, 0), torch.float32, "cuda", activation="relu", backend=backend)
 
 
 def test_a_view_spreading_one_image_past_int32_offsets_is_copied_for_the_kernels():

@@ -217,10 +217,10 @@ def launch_grad_weight(
         return torch.zeros_like(weight), weight.new_zeros(c_out) if has_bias else None
     numeric = numeric_constexprs(activation, x.dtype)
     few_outputs = c_out <= FEW_OUTPUTS
-    taps = _window_taps(rows.windows, cols.windows)
     if few_outputs:  # programs: (C_in tile, (tap, C_out) tile) x phase x split of the input pixels
         columns, groups, positions = rows.taps * cols.taps * c_out, 4, n * h * w
     else:  # programs: (C_in tile, C_out tile) x (phase, tap) x split of the phase's output pixels
+        taps = _window_taps(rows.windows, cols.windows)
         columns, groups, positions = c_out, len(taps), n * ((ho + 1) // 2) * ((wo + 1) // 2)
     block_c, block_o = _channel_tile(c_in, x.dtype), _channel_tile(columns, x.dtype)
     tiles = triton.cdiv(c_in, block_c) * triton.cdiv(columns, block_o)
