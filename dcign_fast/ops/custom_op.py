@@ -1,5 +1,6 @@
 """What both fused ops' PyTorch custom ops (``torch.ops.dcign_fast.*``, in unpool_conv_op.py and
-latent_sampler_op.py) share: the backend check a direct call gets, and ``transformable``.
+latent_sampler_op.py) share: the backend check a direct call gets, and ``op_entry``, through which
+the public functions call them.
 
 Each op's kernel backends (torch, triton, cuda) run behind one ``torch.library.custom_op`` whose ``backend``
 argument is a string, so torch.compile traces the op whole; Python ints (padding, scale factor, seed) are op
@@ -8,9 +9,15 @@ the backward through a second custom op, so the backward graph is as opaque and 
 The "reference" backends stay plain PyTorch outside these ops: they are the oracles, differentiated by
 autograd itself, and dynamo traces them like any torch code.
 
-torch.func's grad transforms (grad, vjp, jacrev) refuse a custom op's own autograd, so the ops are called
-through ``transformable`` wrappers that run them as autograd.Functions with the same setup_context and
-backward while such a transform is active.
+The public functions call each op through :func:`op_entry`, which picks one of three ways to run it:
+- plain eager autograd (the common case): an autograd.Function whose forward is the op's Python body, with the
+  op's setup_context and backward. The op's dispatch (schema checks, its autograd wrapper, the dispatcher's
+  Python round trips) cost about as much host time as a small layer's kernels: on a GPU the host would set
+  the pace of such a layer, not the kernels;
+- torch.compile, tracing (fake tensors, make_fx, export), dispatch modes, tensor subclasses and vmap: the
+  custom op itself, which each of them sees as one opaque node;
+- torch.func's grad transforms (grad, vjp, jacrev), which refuse a custom op's own autograd: an
+  autograd.Function over the op, with the same setup_context and backward.
 """
 
 from typing import Callable
@@ -39,18 +46,31 @@ try:  # torch internals: should a release move them, the ops go back to refusing
         differentiating = (TransformType.Grad, TransformType.Jvp)
         return any(interpreter.key() in differentiating for interpreter in retrieve_all_functorch_interpreters())
 
+    def _plain_eager(args: tuple) -> bool:
+        """Whether nothing would look at the op: no torch.func transform, no dispatch or torch-function mode
+        (fake tensors, make_fx, FlopCounterMode, ``with torch.device(...)``), no torch.jit.trace, only plain
+        tensors (no FakeTensor, FunctionalTensor, DTensor) holding data (meta tensors take the op's fake)."""
+        if retrieve_all_functorch_interpreters() or torch._C._len_torch_dispatch_stack():
+            return False
+        if torch._C._is_torch_function_mode_enabled() or torch._C._get_tracing_state() is not None:
+            return False  # (torch.jit.trace would record a Python Function it cannot run)
+        return all(type(a) in _PLAIN_TENSORS and not a.is_meta for a in args if isinstance(a, torch.Tensor))
+
 except ImportError:
 
     def _differentiating() -> bool:
         return False
 
+    def _plain_eager(args: tuple) -> bool:
+        return False
 
-def transformable(name: str, op, setup_context, backward) -> Callable:
-    """``op`` as a function that also runs under torch.func's grad transforms. PyTorch refuses them for a
-    custom op's own autograd (an autograd.Function without setup_context), so while one is active the op runs
-    through an autograd.Function with ``op``'s setup_context and backward (vmap over it runs the op through
-    PyTorch's per-sample fallback, like vmap of the op itself). Otherwise, eager autograd and torch.compile
-    (which cannot trace torch.func over it) get ``op`` itself."""
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def op_entry(name: str, op, body: Callable, setup_context, backward) -> Callable:
+    """The function that runs custom op ``op`` (whose Python implementation is ``body``, with autograd
+    ``setup_context`` and ``backward``) the way the module docstring describes."""
 
     def refuse_forward_mode(ctx, *tangents):
         raise NotImplementedError(
@@ -58,7 +78,8 @@ def transformable(name: str, op, setup_context, backward) -> Callable:
             "(torch.autograd.grad, torch.func.jacrev)"
         )
 
-    function: type[torch.autograd.Function] = type(
+    # vmap over it runs the op through PyTorch's per-sample fallback, like vmap of the op itself.
+    transformed: type[torch.autograd.Function] = type(
         f"{name}_function",
         (torch.autograd.Function,),
         {
@@ -70,8 +91,28 @@ def transformable(name: str, op, setup_context, backward) -> Callable:
         },
     )
 
+    def eager_forward(ctx, *args):
+        # ctx in forward, not a separate setup_context: Function.apply binds a setup_context Function's
+        # arguments through inspect.signature at every call, which costs as much as the rest of the call.
+        output = body(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    eager: type[torch.autograd.Function] = type(
+        f"{name}_eager",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)},
+    )
+    label = f"dcign_fast::{name}"
+
     def run(*args):
-        transformed = not torch.compiler.is_compiling() and _differentiating()
-        return function.apply(*args) if transformed else op(*args)
+        if torch.compiler.is_compiling():
+            return op(*args)
+        if _plain_eager(args):
+            if torch.autograd.profiler._is_profiler_enabled:  # named in traces as the op would be
+                with torch.profiler.record_function(label):
+                    return eager.apply(*args)
+            return eager.apply(*args)
+        return transformed.apply(*args) if _differentiating() else op(*args)
 
     return run

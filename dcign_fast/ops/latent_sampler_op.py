@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from dcign_fast.ops import latent_sampler
-from dcign_fast.ops.custom_op import check_op_backend, transformable
+from dcign_fast.ops.custom_op import check_op_backend, op_entry
 from dcign_fast.ops.latent_sampler import seed_offset
 
 Tensor = torch.Tensor
@@ -26,8 +26,7 @@ SAMPLER_BACKENDS = tuple(latent_sampler.KERNELS)
 OUTSIDE_CUDA_GRAPHS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
-@torch.library.custom_op("dcign_fast::sample_latents", mutates_args=(), tags=OUTSIDE_CUDA_GRAPHS)
-def sample_latents_op(
+def _sample_latents_body(
     mu: Tensor,
     logvar: Tensor,
     active: Optional[Tensor],
@@ -49,6 +48,11 @@ def sample_latents_op(
     return z.contiguous(), kl.contiguous(), rng
 
 
+sample_latents_op = torch.library.custom_op("dcign_fast::sample_latents", mutates_args=(), tags=OUTSIDE_CUDA_GRAPHS)(
+    _sample_latents_body
+)
+
+
 def _no_rng(mu: Tensor) -> Tensor:
     """The rng output of a given seed: empty, and on mu's device, so compiled graphs stay on one device."""
     return torch.empty(0, dtype=torch.int64, device=mu.device)
@@ -60,8 +64,7 @@ def _(mu, logvar, active, clamp_first, invariance, seed, backend):
     return mu.new_empty(mu.shape), mu.new_empty(mu.shape[:1]), rng
 
 
-@torch.library.custom_op("dcign_fast::sample_latents_backward", mutates_args=(), tags=OUTSIDE_CUDA_GRAPHS)
-def sample_latents_backward_op(
+def _sample_latents_backward_body(
     mu: Tensor,
     logvar: Tensor,
     active: Optional[Tensor],
@@ -78,6 +81,11 @@ def sample_latents_backward_op(
         mu, logvar, active, invariance, *seed_offset(seed, rng), grad_z, grad_kl
     )
     return grad_mu.contiguous(), grad_logvar.contiguous()
+
+
+sample_latents_backward_op = torch.library.custom_op(
+    "dcign_fast::sample_latents_backward", mutates_args=(), tags=OUTSIDE_CUDA_GRAPHS
+)(_sample_latents_backward_body)
 
 
 @sample_latents_backward_op.register_fake
@@ -123,7 +131,13 @@ def _sampler_double_backward(ctx, grad_grad_mu, grad_grad_logvar):
 
 
 sample_latents_backward_op.register_autograd(_sampler_double_backward, setup_context=_sampler_backward_setup_context)
-sampler_forward = transformable("sample_latents", sample_latents_op, _sampler_setup_context, _sampler_backward)
-sampler_backward = transformable(
-    "sample_latents_backward", sample_latents_backward_op, _sampler_backward_setup_context, _sampler_double_backward
+sampler_forward = op_entry(
+    "sample_latents", sample_latents_op, _sample_latents_body, _sampler_setup_context, _sampler_backward
+)
+sampler_backward = op_entry(
+    "sample_latents_backward",
+    sample_latents_backward_op,
+    _sample_latents_backward_body,
+    _sampler_backward_setup_context,
+    _sampler_double_backward,
 )

@@ -13,15 +13,14 @@ import torch
 
 from dcign_fast.kernels.unpool_conv_common import relu_backward
 from dcign_fast.ops import unpool_conv
-from dcign_fast.ops.custom_op import check_op_backend, transformable
+from dcign_fast.ops.custom_op import check_op_backend, op_entry
 
 Tensor = torch.Tensor
 # What the ops' ``backend`` argument may name: the public function resolves "auto" before calling them.
 UNPOOL_BACKENDS = tuple(unpool_conv.KERNELS)
 
 
-@torch.library.custom_op("dcign_fast::unpool_conv2d", mutates_args=())
-def unpool_conv2d_op(
+def _unpool_conv2d_body(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -39,13 +38,15 @@ def unpool_conv2d_op(
         return kernels.forward(x, weight, bias, (pad_rows, pad_cols), scale_factor, activation)
 
 
+unpool_conv2d_op = torch.library.custom_op("dcign_fast::unpool_conv2d", mutates_args=())(_unpool_conv2d_body)
+
+
 @unpool_conv2d_op.register_fake
 def _(x, weight, bias, pad_rows, pad_cols, scale_factor, activation, backend):
     return unpool_conv.empty_output(x, weight, (pad_rows, pad_cols), scale_factor)
 
 
-@torch.library.custom_op("dcign_fast::unpool_conv2d_backward", mutates_args=())
-def unpool_conv2d_backward_op(
+def _unpool_conv2d_backward_body(
     grad_out: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -69,6 +70,11 @@ def unpool_conv2d_backward_op(
         )
     grad_bias = weight.new_zeros(weight.shape[0]) if grad_bias is None else grad_bias
     return _laid_out_like(grad_x, x), _laid_out_like(grad_weight, weight), grad_bias
+
+
+unpool_conv2d_backward_op = torch.library.custom_op("dcign_fast::unpool_conv2d_backward", mutates_args=())(
+    _unpool_conv2d_backward_body
+)
 
 
 @unpool_conv2d_backward_op.register_fake
@@ -123,7 +129,13 @@ def _unpool_double_backward(ctx, gg_x, gg_weight, gg_bias):
 
 
 unpool_conv2d_backward_op.register_autograd(_unpool_double_backward, setup_context=_unpool_backward_setup_context)
-unpool_forward = transformable("unpool_conv2d", unpool_conv2d_op, _unpool_setup_context, _unpool_backward)
-unpool_backward = transformable(
-    "unpool_conv2d_backward", unpool_conv2d_backward_op, _unpool_backward_setup_context, _unpool_double_backward
+unpool_forward = op_entry(
+    "unpool_conv2d", unpool_conv2d_op, _unpool_conv2d_body, _unpool_setup_context, _unpool_backward
+)
+unpool_backward = op_entry(
+    "unpool_conv2d_backward",
+    unpool_conv2d_backward_op,
+    _unpool_conv2d_backward_body,
+    _unpool_backward_setup_context,
+    _unpool_double_backward,
 )
