@@ -31,6 +31,8 @@ COLUMNS = [
     "backend",
     "median_ms",
     "host_ms",
+    "graph_ms",
+    "graph_speedup",
     "images_per_s",
     "speedup",
     "floor_ms",
@@ -130,6 +132,41 @@ class CompileBudget:
         return True
 
 
+def cuda_graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` recorded once into a CUDA graph; the returned callable replays it: the GPU's time for ``fn`` with
+    no host work between its kernels (the host-bound layers' wall time says nothing of their kernels). Run
+    once on a side stream first, as capture requires; ``fn`` must have been warmed up (autotuned, compiled)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _replay_times(
+    variants: Mapping[str, Callable[[], object]], device: str, baseline: str, repeats: int
+) -> dict[str, dict[str, object]]:
+    """Per variant: graph_ms (median time of its CUDA graph's replay, all replays timed side by side) and
+    graph_speedup over ``baseline``'s, or a note saying why it could not be recorded."""
+    replays: dict[str, Callable[[], None]] = {}
+    stats: dict[str, dict[str, object]] = {}
+    for name, fn in variants.items():
+        try:
+            replays[name] = cuda_graph_replay(fn)
+        except Exception as err:  # e.g. an op that synchronises: its eager rows still stand
+            stats[name] = {"note": f"no CUDA graph: {type(err).__name__}: {str(err).splitlines()[0][:80]}"}
+    times = time_side_by_side(replays, device, warmup=1, repeats=repeats)
+    for name, ms in times.items():
+        stats[name] = {"graph_ms": ms}
+        if baseline in times:
+            stats[name]["graph_speedup"] = times[baseline] / ms
+    return stats
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     """Peak CUDA memory allocated while running ``fn`` once, above what was allocated before (None on CPU).
     A :class:`Step` is cleared first."""
@@ -154,6 +191,7 @@ def compare(
     repeats: int = 7,
     budget: CompileBudget | None = None,
     graphed: tuple[str, ...] = (),
+    replay: bool = False,
 ) -> list[dict]:
     """One row per variant of a case: ``row``'s fields, then median_ms, host_ms (CUDA; see
     :func:`time_side_by_side`), speedup over ``baseline`` and peak memory, or a note saying why the variant was
@@ -161,6 +199,8 @@ def compare(
 
     ``graphed`` names variants that replay CUDA graphs (torch.compile's "reduce-overhead" and "max-autotune"):
     a replay allocates nothing, its memory was set aside when the graph was recorded, so no peak is reported.
+    ``replay`` (CUDA) also records each other variant into a CUDA graph and times the replays side by side:
+    graph_ms and graph_speedup (see :func:`cuda_graph_replay`), measured after the eager rows.
 
     Each variant first runs its ``warmup`` calls (at least one), where an error is caught: a variant whose
     name contains "compile" compiles then (and records its CUDA graphs, for mode="reduce-overhead"), charged
@@ -183,6 +223,10 @@ def compare(
         ready[name] = fn
     host: dict[str, float] = {}
     times = time_side_by_side(ready, device, warmup=0, repeats=repeats, host_ms=host)
+    replayed: dict[str, dict[str, object]] = {}
+    if replay and device.startswith("cuda"):
+        eager = {name: fn for name, fn in ready.items() if name not in graphed}
+        replayed = _replay_times(eager, device, baseline, repeats)
     rows = []
     for name in [*ready, *notes]:
         if name in times:
@@ -192,6 +236,7 @@ def compare(
                 stats["host_ms"] = host[name]
             if baseline in times:
                 stats["speedup"] = times[baseline] / times[name]
+            stats.update(replayed.get(name, {}))
             if name in graphed and device.startswith("cuda"):
                 stats["note"] = "peak memory not measurable: CUDA graph replays allocate nothing"
             else:

@@ -247,7 +247,7 @@ def _baseline_row(run: dict, row: dict) -> dict | None:
 def summary(runs: list[dict]) -> str:
     """The summary rows as a table, then the versions behind them per suite and machine."""
     rows = summary_rows(runs)
-    columns = ["suite", "machine", "case", "dtype", "best", "median_ms", "speedup", "over_floor"]
+    columns = ["suite", "machine", "case", "dtype", "best", "median_ms", "speedup", "graph_speedup", "over_floor"]
     sources = {f"{r['suite']} on {r['machine']}: {r['measured_with']}": None for r in rows}
     return "\n".join([format_table(rows, columns), "", *sources])
 

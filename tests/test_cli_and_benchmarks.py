@@ -508,3 +508,50 @@ def test_a_demo_stopped_by_its_time_limit_exits_75_without_evaluating(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *QUICK_DEMO]) == 75
     assert (out / "checkpoints" / "step-00000000").is_dir() and not (out / "eval").exists()
+
+
+def test_replayed_rows_time_each_variants_cuda_graph_side_by_side(monkeypatch):
+    """compare(replay=True) adds graph_ms and graph_speedup from each variant's recorded graph (a fake here:
+    the replay skips the variant's 20 ms of host work), notes a variant that cannot be recorded, and leaves
+    out the variants that replay graphs of their own."""
+    from benchmarks import harness
+
+    _fake_cuda_memory(monkeypatch)
+
+    def recorded(fn):
+        if fn is refusing:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        return lambda: time.sleep(0.002 if fn is fast else 0.004)
+
+    def slow_host():
+        time.sleep(0.02)
+
+    fast, refusing = (lambda: time.sleep(0.02)), (lambda: None)
+    monkeypatch.setattr(harness, "cuda_graph_replay", recorded)
+    variants = {"reference": slow_host, "fast": fast, "refusing": refusing, "compile": slow_host}
+    rows = {
+        r["backend"]: r
+        for r in harness.compare(variants, "cuda", {"case": "c"}, "reference", 1, 3, graphed=("compile",), replay=True)
+    }
+    assert rows["reference"]["median_ms"] >= 20 and 2 <= rows["fast"]["graph_ms"] < rows["reference"]["graph_ms"]
+    assert rows["fast"]["graph_speedup"] == rows["reference"]["graph_ms"] / rows["fast"]["graph_ms"] > 1
+    assert rows["refusing"]["note"] == "no CUDA graph: RuntimeError: operation not permitted when stream is capturing"
+    assert "graph_ms" not in rows["refusing"] and "graph_ms" not in rows["compile"]
+    cpu = harness.compare({"reference": fast}, "cpu", {"case": "c"}, "reference", 1, 1, replay=True)
+    assert "graph_ms" not in cpu[0]  # nothing to record on the CPU
+
+
+@pytest.mark.cuda
+def test_a_cuda_graph_replay_reruns_a_training_step():
+    from benchmarks.harness import cuda_graph_replay
+    from benchmarks.suites.unpool_cases import case_inputs, paper150_cases, runner, with_backend
+
+    case = paper150_cases(4)[0]
+    module, x, grad = case_inputs(case, "cuda", torch.float32)
+    step = runner(with_backend(module, "triton"), x, grad)
+    step()
+    eager = x.grad.clone()
+    replay = cuda_graph_replay(step)
+    x.grad.zero_()
+    replay()
+    torch.testing.assert_close(x.grad, eager)
