@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import dcign_fast as dc
-from tests.helpers import REL_TOL, cudnn_tf32, off_the_relu_kink, poisoned_allocations, rel_error
+from tests.helpers import REL_TOL, cudnn_tf32, poisoned_allocations, rel_error, unpool_conv_against_oracle
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The unpool-conv multiplies: (storage dtype, float32 in TF32 on tensor cores).
@@ -99,24 +99,11 @@ def check_unpool_conv(
         weight = (torch.randn(c_out, c_in, *kernel, device=device) / (c_in * kernel[0] * kernel[1]) ** 0.5).to(dtype)
         bias = torch.randn(c_out, device=device).to(dtype)
         leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
-        with poisoned_allocations():
-            y = dc.unpool_conv2d(*leaves, padding=padding, backend=backend, activation=activation)
-        pre_activation = oracle(x, weight, bias, padding)
-        expected = F.relu(pre_activation) if activation == "relu" else pre_activation
+        (y, *grads), (expected, *expected_grads) = unpool_conv_against_oracle(backend, leaves, padding, activation, tol)
         assert y.dtype == dtype and y.shape == expected.shape
         assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         assert rel_error(y, expected) < tol, "forward"
-        grad = torch.randn(expected.shape, device=device).to(dtype)
-        if activation == "relu":
-            grad = off_the_relu_kink(grad, pre_activation, tol)
-        with poisoned_allocations():
-            got = torch.autograd.grad(y, leaves, grad)
-        ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-        ref = oracle(*ref_leaves, padding)
-        if activation == "relu":
-            ref = F.relu(ref)
-        expected_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
-        for name, g, e in zip(("grad x", "grad weight", "grad bias"), got, expected_grads):
+        for name, g, e in zip(("grad x", "grad weight", "grad bias"), grads, expected_grads):
             assert g.dtype == dtype, name
             assert rel_error(g, e) < 2 * tol, name
 

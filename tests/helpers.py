@@ -69,6 +69,30 @@ def poisoned_allocations() -> Iterator[None]:
         torch.Tensor.new_empty = original_new_empty
 
 
+def unpool_conv_against_oracle(
+    backend: str, leaves: list[torch.Tensor], padding: tuple[int, int], activation: str | None, rel_tol: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """([output, *gradients of ``leaves``] of ``backend`` computed into poisoned allocations, the same from the
+    float64 reference) for one random grad_out. ``leaves``: x, weight and, optionally, bias, requiring grad.
+    With the ReLU, grad_out is zero where the exact pre-activation lies within ``rel_tol`` of the kink."""
+    import torch.nn.functional as F
+
+    import dcign_fast as dc
+    from dcign_fast.ops.reference import unpool_conv2d_reference
+
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    x, weight, *bias = exact
+    pre_activation = unpool_conv2d_reference(x, weight, bias[0] if bias else None, padding)
+    with poisoned_allocations():
+        y = dc.unpool_conv2d(*leaves, padding=padding, backend=backend, activation=activation)
+        grad = torch.randn_like(y)
+        if activation == "relu":
+            grad = off_the_relu_kink(grad, pre_activation.detach(), rel_tol)
+        got = [y, *torch.autograd.grad(y, leaves, grad)]
+    expected = F.relu(pre_activation) if activation == "relu" else pre_activation
+    return got, [expected, *torch.autograd.grad(expected, exact, grad.double())]
+
+
 def paper150_decoder_layers() -> list[tuple[int, int, int, int, int]]:
     """(c_in, c_out, input size, kernel, padding) of each unpool-conv layer of the original decoder (square)."""
     from dcign_fast.models import DCIGN

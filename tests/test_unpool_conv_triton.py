@@ -21,11 +21,11 @@ from tests.helpers import (
     REL_TOL,
     check_empty_batch,
     gradient_penalty_error,
-    off_the_relu_kink,
     paper150_decoder_layers,
     poisoned_allocations,
     rel_error,
     relu_nan_mismatches,
+    unpool_conv_against_oracle,
 )
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason=triton_unavailable_reason())
@@ -41,21 +41,9 @@ def run_both(case: dict, dtype: torch.dtype, channels_last: bool = False, bias: 
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     weight = torch.randn(o, c, kh, kw, device=DEVICE, dtype=dtype) / (c * kh * kw) ** 0.5
-    b = torch.randn(o, device=DEVICE, dtype=dtype) if bias else None
-    leaves = [t.detach().clone().requires_grad_() for t in (x, weight) + ((b,) if bias else ())]
-    exact = [t.detach().double().requires_grad_() for t in leaves]
-    pre_activation = unpool_conv2d_reference(exact[0], exact[1], exact[2] if bias else None, padding)
-    with poisoned_allocations():
-        y = dc.unpool_conv2d(
-            leaves[0], leaves[1], leaves[2] if bias else None, padding=padding, backend="triton", activation=activation
-        )
-        grad = torch.randn_like(y)
-        if activation == "relu":
-            grad = off_the_relu_kink(grad, pre_activation.detach(), TOL[dtype])
-        got = [y, *torch.autograd.grad(y, leaves, grad)]
-    y_ref = F.relu(pre_activation) if activation == "relu" else pre_activation
-    want = [y_ref, *torch.autograd.grad(y_ref, exact, grad.double())]
-    return got, want
+    params = (x, weight, torch.randn(o, device=DEVICE, dtype=dtype)) if bias else (x, weight)
+    leaves = [t.detach().clone().requires_grad_() for t in params]
+    return unpool_conv_against_oracle("triton", leaves, padding, activation, TOL[dtype])
 
 
 def assert_close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float, what: object) -> None:
