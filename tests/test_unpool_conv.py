@@ -60,22 +60,44 @@ def test_matches_reference_on_random_shapes(backend, dtype, channels_last):
         assert rel_error(y, expected) < REL_TOL[dtype], case
 
 
-def test_axis_collapse_is_the_0_1_matrix_product_and_expand_its_transpose():
-    """Every scale 1-4, kernel 1-9 and padding 0..K-1: an axis phase's collapse sums exactly the original taps
-    that land on each collapsed tap (the 0/1 matrix R of tap_offsets, applied without a matmul), and expand
-    is R's transpose. Integer values: every sum is exact in any order, so the results must match bit for bit."""
-    from dcign_fast.ops.phases import axis_phases
+def test_axis_group_collapse_is_the_0_1_matrix_product_and_expand_its_transpose():
+    """Every scale 1-4, kernel 1-9, padding 0..K-1 and input size up to K: a group's collapse gives each of its
+    phases' collapsed taps, phase after phase, each summing exactly the original taps that land on it (the 0/1
+    matrix R of the phase's tap_offsets, applied without a matmul), and expand is the transpose of the whole
+    (the sum over the phases of R^T). Integer values: every sum is exact in any order, so bit for bit."""
+    from dcign_fast.ops.phases import axis_groups
 
-    t = torch.randint(-1000, 1000, (3, 9, 2)).double()
+    t = torch.randint(-1000, 1000, (3, 9 * 4, 2)).double()
     for scale, k in itertools.product(range(1, 5), range(1, 10)):
-        for p in range(k):
-            for phase in axis_phases(k, k, p, scale):
-                r = torch.zeros(phase.taps, k, dtype=torch.float64)
-                r[list(phase.tap_offsets), list(range(k))] = 1
+        for p, size in itertools.product(range(k), range(1, k + 1)):
+            groups = axis_groups(size, k, p, scale) if scale * size + 2 * p >= k else ()
+            for group in groups:
+                matrices = []
+                for phase in group.phases:
+                    r = torch.zeros(phase.taps, k, dtype=torch.float64)
+                    r[list(phase.tap_offsets), list(range(k))] = 1
+                    matrices.append(r)
+                stacked = torch.cat(matrices)  # [phases x taps, K]
                 taps = t[:, :k]
-                assert torch.equal(phase.collapse(taps, 1), torch.einsum("mu,aub->amb", r, taps)), (scale, k, p)
-                collapsed = t[:, : phase.taps]
-                assert torch.equal(phase.expand(collapsed, -2), torch.einsum("mu,amb->aub", r, collapsed))
+                assert torch.equal(group.collapse(taps, 1), torch.einsum("mu,aub->amb", stacked, taps)), (scale, k, p)
+                collapsed = t[:, : stacked.shape[0]]
+                assert torch.equal(group.expand(collapsed, -2), torch.einsum("mu,amb->aub", stacked, collapsed))
+
+
+@pytest.mark.parametrize("size, kernel, padding, pairs", [(6, 7, 0, [1]), (5, 6, 0, [1] * 4), (5, 3, 1, [1] * 4)])
+def test_torch_backend_interleaves_a_tiling_group_in_one_copy(size, kernel, padding, pairs):
+    """A group whose phases tile the output (every phase of both axes: K=7 valid) is written through one
+    interleaving view; where the phases read different windows (K=6 valid, K=3 same), each is a group of its
+    own."""
+    from dcign_fast.ops.unpool_conv import _phase_groups, _phase_views, empty_output
+
+    x, w = torch.randn(1, 2, size, size), torch.randn(3, 2, kernel, kernel)
+    out = empty_output(x, w, (padding, padding), 2)
+    counted = []
+    for rows, cols, pad_r, pad_c in _phase_groups(size, size, kernel, kernel, (padding, padding), 2):
+        conv = torch.empty(1, 3 * len(rows.phases) * len(cols.phases), size + 2 * pad_r, size + 2 * pad_c)
+        counted.append(len(list(_phase_views(out, conv, rows, cols, pad_r, pad_c))))
+    assert counted == pairs
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -377,13 +399,13 @@ def test_input_contiguous_in_both_layouts_gives_a_contiguous_output(shape):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_torch_backend_in_half_precision_matches_the_oracle(dtype):
     """The collapsed kernels are summed in float32 and rounded once; forward and gradients in 16-bit."""
-    from dcign_fast.ops.phases import axis_phases
-    from dcign_fast.ops.unpool_conv import _collapse
+    from dcign_fast.ops.phases import axis_groups
+    from dcign_fast.ops.unpool_conv import _group_kernel
 
     w = torch.randn(8, 8, 9, 9).to(dtype)
-    for rows in axis_phases(9, 9, 4, 2):
-        for cols in axis_phases(9, 9, 4, 2):
-            assert torch.equal(_collapse(w, rows, cols), _collapse(w.double(), rows, cols).to(dtype))
+    for rows in axis_groups(9, 9, 4, 2):
+        for cols in axis_groups(9, 9, 4, 2):
+            assert torch.equal(_group_kernel(w, rows, cols), _group_kernel(w.double(), rows, cols).to(dtype))
     x, w, b = torch.randn(2, 16, 6, 6), torch.randn(8, 16, 7, 7) / 28, torch.randn(8)
     leaves = [t.to(dtype).requires_grad_() for t in (x, w, b)]
     with poisoned_allocations():

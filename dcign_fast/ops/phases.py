@@ -34,24 +34,71 @@ class AxisPhase:
     # Original tap u is the (lead + u)-th of the taps grouped s by s: collapsed tap m sums group m.
     lead: int
 
-    def collapse(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """t with its axis ``dim`` (the K original taps) summed into this phase's collapsed taps: runs of at most
-        ``scale`` consecutive taps, added in a fixed order. Exact and deterministic on every device, where a
-        product with a 0/1 matrix goes through cuBLAS (TF32 rounding when matmuls allow it, and an error under
-        deterministic algorithms without CUBLAS_WORKSPACE_CONFIG)."""
-        dim %= t.dim()
-        trailing = [0, 0] * (t.dim() - 1 - dim)
-        padded = F.pad(t, [*trailing, self.lead, self.scale * self.taps - self.lead - t.shape[dim]])
-        return padded.unflatten(dim, (self.taps, self.scale)).sum(dim + 1)
-
-    def expand(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """The transpose of :meth:`collapse` along ``dim``: [.., taps, ..] -> [.., K, ..], every original tap
-        taking the value of the collapsed tap it was summed into (how gradients flow back through the sum)."""
-        return t.index_select(dim, constant(self.tap_offsets, torch.int64, t.device))
-
     def conv_padding(self, in_size: int) -> int:
         """Symmetric zero padding for a plain convolution that covers every row this phase reads."""
         return max(0, -self.first_offset, self.count + self.first_offset + self.taps - 1 - in_size)
+
+
+@dataclass(frozen=True)
+class AxisGroup:
+    """The phases of one axis that read the same low-resolution window (equal ``first_offset`` and ``taps``):
+    one convolution serves them all, their collapsed kernels side by side along the axis, phase by phase."""
+
+    phases: tuple[AxisPhase, ...]
+    kernel: int
+
+    @property
+    def taps(self) -> int:
+        return self.phases[0].taps
+
+    @functools.cached_property
+    def _sources(self) -> tuple[tuple[int, ...], ...]:
+        """For each j < scale, the original tap (or ``kernel``: none, a zero) that is the j-th summed into each
+        collapsed tap of each phase, in the order (phase, collapsed tap)."""
+        scale = self.phases[0].scale
+        columns = []
+        for j in range(scale):
+            column = []
+            for phase in self.phases:
+                for m in range(phase.taps):
+                    u = scale * m + j - phase.lead  # the taps grouped s by s, after ``lead`` empty places
+                    column.append(u if 0 <= u < self.kernel else self.kernel)
+            columns.append(tuple(column))
+        return tuple(columns)
+
+    def collapse(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """t's axis ``dim`` (the K original taps) -> every phase's collapsed taps, phase after phase
+        ([.., K, ..] -> [.., phases x taps, ..]): each collapsed tap adds its run of at most ``scale`` consecutive
+        taps, gathered, in a fixed order. Exact and deterministic on every device, where a product with a 0/1
+        matrix goes through cuBLAS (TF32 rounding when matmuls allow it, and an error under deterministic
+        algorithms without CUBLAS_WORKSPACE_CONFIG)."""
+        dim %= t.dim()
+        padded = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, 1])  # tap K: the zero that fills short runs
+        first, *rest = (padded.index_select(dim, constant(c, torch.int64, t.device)) for c in self._sources)
+        for part in rest:
+            first.add_(part)
+        return first
+
+    def expand(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The transpose of :meth:`collapse` along ``dim``: [.., phases x taps, ..] -> [.., K, ..], every original
+        tap taking the sum, over the phases, of the collapsed tap it was added into (how gradients flow back)."""
+        dim %= t.dim()
+        gathered = t.index_select(dim, constant(self._collapsed_of_taps, torch.int64, t.device))
+        return gathered.unflatten(dim, (len(self.phases), self.kernel)).sum(dim)
+
+    @functools.cached_property
+    def _collapsed_of_taps(self) -> tuple[int, ...]:
+        """For each phase and original tap, the index (phase, collapsed tap) it was added into."""
+        return tuple(p * self.taps + m for p, phase in enumerate(self.phases) for m in phase.tap_offsets)
+
+
+@functools.lru_cache(maxsize=1024)
+def axis_groups(in_size: int, kernel: int, padding: int, scale: int) -> tuple[AxisGroup, ...]:
+    """The non-empty phases of one axis, grouped by the window they read (phases in order within a group)."""
+    windows: dict[tuple[int, int], list[AxisPhase]] = {}
+    for phase in axis_phases(in_size, kernel, padding, scale):
+        windows.setdefault((phase.first_offset, phase.taps), []).append(phase)
+    return tuple(AxisGroup(tuple(phases), kernel) for phases in windows.values())
 
 
 def output_size(in_size: int, kernel: int, padding: int, scale: int) -> int:

@@ -24,7 +24,8 @@ the reference as a separate op.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import itertools
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -41,7 +42,7 @@ from dcign_fast.ops._checks import (
     check_tensor,
 )
 from dcign_fast.ops.backends import Kernels, check_backend_runs_on, imported_kernels, triton_available
-from dcign_fast.ops.phases import AxisPhase, axis_phases, output_size
+from dcign_fast.ops.phases import AxisGroup, axis_groups, output_size
 from dcign_fast.ops.reference import unpool_conv2d_reference
 
 Padding = tuple[int, int]
@@ -66,36 +67,59 @@ def empty_output(x: torch.Tensor, weight: torch.Tensor, padding: Padding, scale_
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_output_memory_format(x))
 
 
-def _collapse(weight: torch.Tensor, row: AxisPhase, col: AxisPhase) -> torch.Tensor:
-    """[O, C, KH, KW] -> [O, C, row.taps, col.taps]; summed in at least float32."""
-    acc = torch.promote_types(weight.dtype, torch.float32)
-    return col.collapse(row.collapse(weight.to(acc), 2), 3).to(weight.dtype)
-
-
-PhaseGroup = tuple[list[tuple[AxisPhase, AxisPhase]], int, int]
+PhaseGroup = tuple[AxisGroup, AxisGroup, int, int]
 
 
 def _phase_groups(h: int, w: int, kh: int, kw: int, padding: Padding, scale_factor: int) -> list[PhaseGroup]:
-    """The phases (row, col) grouped by the low-resolution window they read, each group with the
-    padding of its shared convolution: one ``F.conv2d`` per group, forward and backward."""
-    windows: dict[tuple[int, int, int, int], list[tuple[AxisPhase, AxisPhase]]] = defaultdict(list)
-    for r in axis_phases(h, kh, padding[0], scale_factor):
-        for c in axis_phases(w, kw, padding[1], scale_factor):
-            windows[(r.first_offset, r.taps, c.first_offset, c.taps)].append((r, c))
+    """The phases grouped by the low-resolution window they read: (row group, column group, and the padding of
+    their shared convolution). A group's phases are every (row phase, column phase) pair of the two, row-major;
+    one ``F.conv2d`` per group, forward and backward."""
     return [
-        (group, max(r.conv_padding(h) for r, _ in group), max(c.conv_padding(w) for _, c in group))
-        for group in windows.values()
+        (rows, cols, max(r.conv_padding(h) for r in rows.phases), max(c.conv_padding(w) for c in cols.phases))
+        for rows in axis_groups(h, kh, padding[0], scale_factor)
+        for cols in axis_groups(w, kw, padding[1], scale_factor)
     ]
 
 
-def _phase_slices(
-    r: AxisPhase, c: AxisPhase, pad_r: int, pad_c: int, k: int, o: int, scale_factor: int
-) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-    """(where phase (r, c) sits in its group's convolution output, where it goes in the full output)."""
-    r0, c0 = r.first_offset + pad_r, c.first_offset + pad_c
-    conv = (slice(None), slice(k * o, (k + 1) * o), slice(r0, r0 + r.count), slice(c0, c0 + c.count))
-    full = (slice(None), slice(None), slice(r.phase, None, scale_factor), slice(c.phase, None, scale_factor))
-    return conv, full
+def _group_kernel(weight: torch.Tensor, rows: AxisGroup, cols: AxisGroup) -> torch.Tensor:
+    """[O, C, KH, KW] -> the group's collapsed kernels stacked along the output channels, phase (r, c) in the
+    r-major block r * len(cols.phases) + c of O channels: [phases x O, C, rows.taps, cols.taps]. Summed in at
+    least float32, stored in the weight's dtype."""
+    o, c = weight.shape[:2]
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    both = cols.collapse(rows.collapse(weight.to(acc), 2), 3)  # [O, C, phase rows x taps, phase cols x taps]
+    blocks = both.view(o, c, len(rows.phases), rows.taps, len(cols.phases), cols.taps).permute(2, 4, 0, 1, 3, 5)
+    return weight.new_empty(blocks.shape).copy_(blocks).flatten(0, 2)
+
+
+def _group_kernel_grad(grad: torch.Tensor, rows: AxisGroup, cols: AxisGroup, acc: torch.dtype) -> torch.Tensor:
+    """The transpose of :func:`_group_kernel`: the stacked kernels' gradient [phases x O, C, rows.taps,
+    cols.taps] -> [O, C, KH, KW] in ``acc``."""
+    c = grad.shape[1]
+    blocks = grad.view(len(rows.phases), len(cols.phases), -1, c, rows.taps, cols.taps).permute(2, 3, 0, 4, 1, 5)
+    both = grad.new_empty(blocks.shape, dtype=acc).copy_(blocks).flatten(4, 5).flatten(2, 3)
+    return cols.expand(rows.expand(both, 2), 3)
+
+
+def _phase_views(
+    full: torch.Tensor, conv: torch.Tensor, rows: AxisGroup, cols: AxisGroup, pad_r: int, pad_c: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[slice, slice, slice]]]:
+    """(view of ``full`` [N, O, ...], view of the group's convolution output ``conv`` [N, phases x O, ...], the
+    conv view's (channels, rows, cols)) for the group's phases: one pair for the whole group when its phases
+    tile ``full`` (every phase of both axes, with equal counts), an interleaving view, else one per phase."""
+    s = rows.phases[0].scale
+    o = full.shape[1]
+    r0, c0 = rows.phases[0].first_offset + pad_r, cols.phases[0].first_offset + pad_c
+    row_counts, col_counts = {r.count for r in rows.phases}, {c.count for c in cols.phases}
+    if len(rows.phases) == len(cols.phases) == s and len(row_counts) == len(col_counts) == 1:
+        (cr,), (cc,) = row_counts, col_counts
+        region = (slice(None), slice(r0, r0 + cr), slice(c0, c0 + cc))
+        interleaved = full.unflatten(2, (cr, s)).unflatten(4, (cc, s)).permute(0, 3, 5, 1, 2, 4)
+        yield interleaved, conv[(slice(None), *region)].unflatten(1, (s, s, o)), region
+        return
+    for k, (r, c) in enumerate(itertools.product(rows.phases, cols.phases)):
+        region = (slice(k * o, (k + 1) * o), slice(r0, r0 + r.count), slice(c0, c0 + c.count))
+        yield full[:, :, r.phase :: s, c.phase :: s], conv[(slice(None), *region)], region
 
 
 def unpool_conv2d_torch(
@@ -108,31 +132,35 @@ def unpool_conv2d_torch(
 ) -> torch.Tensor:
     """The phase decomposition through ``F.conv2d``, any integer scale factor and dtype; arguments as
     :func:`unpool_conv2d`'s (padding a pair). One convolution per group of phases that read the same
-    low-resolution window, their collapsed kernels stacked along the output channels; each phase's result is
-    written strided into the output, so the upsampled input never exists.
+    low-resolution window, their collapsed kernels stacked along the output channels; the results are written
+    interleaved into the output (one copy where the group's phases tile it), so the upsampled input never
+    exists.
 
     Shapes: x [N, C, H, W], weight [O, C, KH, KW], bias [O] or None -> [N, O, s*H + 2*ph - KH + 1,
     s*W + 2*pw - KW + 1] in x's memory format.
     """
     _, _, h, w = x.shape
-    o, _, kh, kw = weight.shape
+    _, _, kh, kw = weight.shape
     out = empty_output(x, weight, padding, scale_factor)
-    for group, pad_r, pad_c in _phase_groups(h, w, kh, kw, padding, scale_factor):
-        stacked = torch.cat([_collapse(weight, r, c) for r, c in group])
-        group_bias = None if bias is None else bias.repeat(len(group))
-        y = F.conv2d(x, stacked, group_bias, padding=(pad_r, pad_c))
-        for k, (r, c) in enumerate(group):
-            conv, full = _phase_slices(r, c, pad_r, pad_c, k, o, scale_factor)
-            out[full] = y[conv]
+    for rows, cols, pad_r, pad_c in _phase_groups(h, w, kh, kw, padding, scale_factor):
+        group_bias = None if bias is None else bias.repeat(len(rows.phases) * len(cols.phases))
+        y = F.conv2d(x, _group_kernel(weight, rows, cols), group_bias, padding=(pad_r, pad_c))
+        for full, conv, _ in _phase_views(out, y, rows, cols, pad_r, pad_c):
+            full.copy_(conv)
     return out if activation is None else out.relu_()  # out is ours: no second output-sized tensor
 
 
 def _zero_around(t: torch.Tensor, rows: slice, cols: slice) -> None:
     """Zeros t [N, C, H, W] outside the window t[:, :, rows, cols] (slices with explicit start and stop)."""
-    t[:, :, : rows.start].zero_()
-    t[:, :, rows.stop :].zero_()
-    t[:, :, rows, : cols.start].zero_()
-    t[:, :, rows, cols.stop :].zero_()
+    height, width = t.shape[2:]
+    if rows.start > 0:  # (an empty slice would still cost an op)
+        t[:, :, : rows.start].zero_()
+    if rows.stop < height:
+        t[:, :, rows.stop :].zero_()
+    if cols.start > 0:
+        t[:, :, rows, : cols.start].zero_()
+    if cols.stop < width:
+        t[:, :, rows, cols.stop :].zero_()
 
 
 def unpool_conv2d_torch_backward(
@@ -146,19 +174,19 @@ def unpool_conv2d_torch_backward(
     activation: str | None,
 ) -> Grads:
     """The torch formulation's gradients without autograd: grad_out masked by the ReLU's derivative (zero
-    where ``out`` <= 0) when one was fused; then per phase group, grad_out's phases scattered into the group's
+    where ``out`` <= 0) when one was fused; then per phase group, grad_out's phases gathered into the group's
     convolution output, one ``convolution_backward`` on the low-resolution x, and the collapsed kernels'
-    gradients folded back onto the full kernel (the transpose of ``_collapse``)."""
+    gradients folded back onto the full kernel (the transpose of ``_group_kernel``)."""
     if activation == "relu":
         grad_out = relu_backward(grad_out, out)
     _, _, h, w = x.shape
     o, _, kh, kw = weight.shape
     grad_x = None
     acc = torch.promote_types(weight.dtype, torch.float32)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    grad_weight = None
     grad_bias = torch.zeros(o, dtype=acc, device=weight.device) if has_bias else None
-    for group, pad_r, pad_c in _phase_groups(h, w, kh, kw, padding, scale_factor):
-        stacked = torch.cat([_collapse(weight, r, c) for r, c in group])
+    for rows, cols, pad_r, pad_c in _phase_groups(h, w, kh, kw, padding, scale_factor):
+        stacked = _group_kernel(weight, rows, cols)
         conv_shape = (
             x.shape[0],
             stacked.shape[0],
@@ -166,20 +194,20 @@ def unpool_conv2d_torch_backward(
             w + 2 * pad_c - stacked.shape[3] + 1,
         )
         grad_y = grad_out.new_empty(conv_shape)
-        for k, (r, c) in enumerate(group):
-            conv, full = _phase_slices(r, c, pad_r, pad_c, k, o, scale_factor)
-            grad_y[conv] = grad_out[full]
-            _zero_around(grad_y[:, conv[1]], conv[2], conv[3])
+        for full, conv, (channels, conv_rows, conv_cols) in _phase_views(grad_out, grad_y, rows, cols, pad_r, pad_c):
+            conv.copy_(full)
+            _zero_around(grad_y[:, channels], conv_rows, conv_cols)
         gx, gs, gb = torch.ops.aten.convolution_backward(
             grad_y, x, stacked, [stacked.shape[0]] if has_bias else None,
             [1, 1], [pad_r, pad_c], [1, 1], False, [0, 0], 1, [True, True, has_bias],
         )  # fmt: skip
         grad_x = gx if grad_x is None else grad_x.add_(gx)
-        for k, (r, c) in enumerate(group):
-            grad_weight += c.expand(r.expand(gs[k * o : (k + 1) * o].to(acc), 2), 3)
+        folded = _group_kernel_grad(gs, rows, cols, acc)
+        grad_weight = folded if grad_weight is None else grad_weight.add_(folded)
         if has_bias:
-            grad_bias += gb.view(len(group), o).sum(0)
-    grad_x = torch.zeros_like(x) if grad_x is None else grad_x  # no phase group: an empty output
+            grad_bias += gb.view(-1, o).sum(0)
+    if grad_x is None or grad_weight is None:  # no phase group: an empty output
+        grad_x, grad_weight = torch.zeros_like(x), torch.zeros(weight.shape, dtype=acc, device=weight.device)
     return grad_x, grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(weight.dtype)
 
 
