@@ -140,10 +140,18 @@ def cuda_graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
-    torch.cuda.current_stream().wait_stream(side)
+    before = torch.cuda.current_stream()
+    before.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as err:
+        # A failed capture leaves its stream current (torch.cuda.graph ends the capture, which raises, before
+        # it restores the stream), and that error hides the one that broke the capture.
+        torch.cuda.set_stream(before)
+        cause = err.__context__ if isinstance(err.__context__, Exception) else err
+        raise RuntimeError(f"{type(cause).__name__}: {cause}") from err
     return graph.replay
 
 

@@ -99,7 +99,9 @@ def check_unpool_conv(
         weight = (torch.randn(c_out, c_in, *kernel, device=device) / (c_in * kernel[0] * kernel[1]) ** 0.5).to(dtype)
         bias = torch.randn(c_out, device=device).to(dtype)
         leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
-        (y, *grads), (expected, *expected_grads) = unpool_conv_against_oracle(backend, leaves, padding, activation, tol)
+        (y, *grads), (expected, *expected_grads) = unpool_conv_against_oracle(
+            backend, leaves, padding, activation, tol, contiguous_grad=True
+        )
         assert y.dtype == dtype and y.shape == expected.shape
         assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         assert rel_error(y, expected) < tol, "forward"

@@ -70,11 +70,13 @@ def poisoned_allocations() -> Iterator[None]:
 
 
 def unpool_conv_against_oracle(
-    backend: str, leaves: list[torch.Tensor], padding: tuple[int, int], activation: str | None, rel_tol: float
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    backend: str, leaves: list[torch.Tensor], padding: tuple[int, int], activation: str | None, rel_tol: float,
+    contiguous_grad: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
     """([output, *gradients of ``leaves``] of ``backend`` computed into poisoned allocations, the same from the
-    float64 reference) for one random grad_out. ``leaves``: x, weight and, optionally, bias, requiring grad.
-    With the ReLU, grad_out is zero where the exact pre-activation lies within ``rel_tol`` of the kink."""
+    float64 reference) for one random grad_out, laid out like the output or, with ``contiguous_grad``, NCHW
+    (a channels_last output's backward then re-lays it). ``leaves``: x, weight and, optionally, bias, requiring
+    grad. With the ReLU, grad_out is zero where the exact pre-activation lies within ``rel_tol`` of the kink."""
     import torch.nn.functional as F
 
     import dcign_fast as dc
@@ -85,7 +87,7 @@ def unpool_conv_against_oracle(
     pre_activation = unpool_conv2d_reference(x, weight, bias[0] if bias else None, padding)
     with poisoned_allocations():
         y = dc.unpool_conv2d(*leaves, padding=padding, backend=backend, activation=activation)
-        grad = torch.randn_like(y)
+        grad = torch.randn(y.shape, dtype=y.dtype, device=y.device) if contiguous_grad else torch.randn_like(y)
         if activation == "relu":
             grad = off_the_relu_kink(grad, pre_activation.detach(), rel_tol)
         got = [y, *torch.autograd.grad(y, leaves, grad)]

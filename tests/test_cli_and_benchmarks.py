@@ -542,16 +542,33 @@ def test_replayed_rows_time_each_variants_cuda_graph_side_by_side(monkeypatch):
 
 
 @pytest.mark.cuda
+def test_a_failed_capture_restores_the_stream_and_names_its_cause():
+    from benchmarks.harness import cuda_graph_replay
+
+    x = torch.ones(4, device="cuda")
+    stream = torch.cuda.current_stream()
+    with pytest.raises(RuntimeError, match="capturing"):
+        cuda_graph_replay(lambda: (x * 2).item())  # a host read: not allowed while capturing
+    assert torch.cuda.current_stream() == stream
+    assert (x * 2).sum().item() == 8  # and the device still works
+
+
+@pytest.mark.cuda
 def test_a_cuda_graph_replay_reruns_a_training_step():
     from benchmarks.harness import cuda_graph_replay
     from benchmarks.suites.unpool_cases import case_inputs, paper150_cases, runner, with_backend
 
     case = paper150_cases(4)[0]
     module, x, grad = case_inputs(case, "cuda", torch.float32)
-    step = runner(with_backend(module, "triton"), x, grad)
+    routed = with_backend(module, "triton")
+    leaves = [x, *routed.parameters()]
+    step = runner(routed, x, grad)
     step()
-    eager = x.grad.clone()
+    eager = [t.grad.clone() for t in leaves]
     replay = cuda_graph_replay(step)
-    x.grad.zero_()
+    for t in leaves:  # each replay must write the gradients afresh, not add to them
+        t.grad.fill_(float("nan"))
     replay()
-    torch.testing.assert_close(x.grad, eager)
+    replay()
+    for t, expected in zip(leaves, eager):
+        torch.testing.assert_close(t.grad, expected)

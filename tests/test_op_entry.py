@@ -101,3 +101,26 @@ def test_torch_jit_trace_records_the_op():
     traced = torch.jit.trace(unpool, inputs, check_trace=False)
     assert "dcign_fast::unpool_conv2d" in str(traced.graph)
     assert torch.equal(traced(*inputs)[0], unpool(*inputs)[0])
+
+
+def test_batched_gradients_of_pytorchs_older_vmap_take_the_op():
+    """grad(is_grads_batched=True) and gradcheck's batched-gradient check run the backward over batched tensors
+    that look plain: the op's per-sample fallback takes them, where the body would meet a tensor it cannot."""
+    inputs = leaves(((1, 2, 3, 3), (2, 2, 3, 3), (2,)))
+    (y,) = unpool(*inputs)
+    grads = torch.randn(3, *y.shape, dtype=torch.float64)
+    batched = torch.autograd.grad(y, inputs, grads, retain_graph=True, is_grads_batched=True)
+    looped = [torch.autograd.grad(y, inputs, g, retain_graph=True) for g in grads]
+    for i, got in enumerate(batched):
+        torch.testing.assert_close(got, torch.stack([each[i] for each in looped]))
+    assert torch.autograd.gradcheck(lambda *t: unpool(*t)[0], inputs, check_batched_grad=True)
+
+
+def test_forward_mode_through_the_backward_is_refused():
+    """A dual grad_out (forward-over-reverse) meets the backward's refusal, not a silently missing tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    inputs = leaves(CASES["unpool_conv2d"][1])
+    (y,) = unpool(*inputs)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode AD"):
+        torch.autograd.grad(y, inputs, fwAD.make_dual(torch.randn_like(y), torch.randn_like(y)))

@@ -36,7 +36,7 @@ def check_op_backend(backend: str, device: torch.device, implemented: tuple[str,
 
 
 try:  # torch internals: should a release move them, the ops go back to refusing torch.func.grad
-    from torch._C._functorch import TransformType
+    from torch._C._functorch import TransformType, is_legacy_batchedtensor
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     def _differentiating() -> bool:
@@ -48,13 +48,19 @@ try:  # torch internals: should a release move them, the ops go back to refusing
 
     def _plain_eager(args: tuple) -> bool:
         """Whether nothing would look at the op: no torch.func transform, no dispatch or torch-function mode
-        (fake tensors, make_fx, FlopCounterMode, ``with torch.device(...)``), no torch.jit.trace, only plain
-        tensors (no FakeTensor, FunctionalTensor, DTensor) holding data (meta tensors take the op's fake)."""
+        (fake tensors, make_fx, FlopCounterMode, ``with torch.device(...)``, ``torch.set_default_device``), no
+        torch.jit.trace, only plain tensors (see _plain)."""
         if retrieve_all_functorch_interpreters() or torch._C._len_torch_dispatch_stack():
             return False
         if torch._C._is_torch_function_mode_enabled() or torch._C._get_tracing_state() is not None:
             return False  # (torch.jit.trace would record a Python Function it cannot run)
-        return all(type(a) in _PLAIN_TENSORS and not a.is_meta for a in args if isinstance(a, torch.Tensor))
+        return all(_plain(a) for a in args if isinstance(a, torch.Tensor))
+
+    def _plain(t: torch.Tensor) -> bool:
+        """A tensor the op's body can take: a plain type holding data, and not a batched tensor of PyTorch's
+        older vmap (grad(..., is_grads_batched=True), jacobian(vectorize=True), gradcheck's batched checks), which
+        looks like a plain tensor but only the op's per-sample fallback handles."""
+        return type(t) in _PLAIN_TENSORS and not t.is_meta and not is_legacy_batchedtensor(t)
 
 except ImportError:
 
@@ -101,7 +107,11 @@ def op_entry(name: str, op, body: Callable, setup_context, backward) -> Callable
     eager: type[torch.autograd.Function] = type(
         f"{name}_eager",
         (torch.autograd.Function,),
-        {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)},
+        {
+            "forward": staticmethod(eager_forward),
+            "backward": staticmethod(backward),
+            "jvp": staticmethod(refuse_forward_mode),
+        },
     )
     label = f"dcign_fast::{name}"
 
