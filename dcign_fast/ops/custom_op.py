@@ -12,10 +12,11 @@ autograd itself, and dynamo traces them like any torch code.
 The public functions call each op through :func:`op_entry`, which picks one of three ways to run it:
 - plain eager autograd (the common case): an autograd.Function whose forward is the op's Python body, with the
   op's setup_context and backward. The op's dispatch (schema checks, its autograd wrapper, the dispatcher's
-  Python round trips) cost about as much host time as a small layer's kernels: on a GPU the host would set
-  the pace of such a layer, not the kernels;
-- torch.compile, tracing (fake tensors, make_fx, export), dispatch modes, tensor subclasses and vmap: the
-  custom op itself, which each of them sees as one opaque node;
+  Python round trips) cost a fifth to a half of a small layer's host time (measured on a CPU with the Triton
+  kernels stubbed), and on a GPU a small layer's host time, not its kernels, sets its pace;
+- torch.compile, tracing (fake tensors, make_fx, export, torch.jit.trace), dispatch and torch-function modes,
+  tensor subclasses, vmap and the older batched gradients: the custom op itself, which each of them sees as
+  one opaque node;
 - torch.func's grad transforms (grad, vjp, jacrev), which refuse a custom op's own autograd: an
   autograd.Function over the op, with the same setup_context and backward.
 """
