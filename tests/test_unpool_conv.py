@@ -92,12 +92,16 @@ def test_torch_backend_interleaves_a_tiling_group_in_one_copy(size, kernel, padd
     from dcign_fast.ops.unpool_conv import _phase_groups, _phase_views, empty_output
 
     x, w = torch.randn(1, 2, size, size), torch.randn(3, 2, kernel, kernel)
-    out = empty_output(x, w, (padding, padding), 2)
+    out = empty_output(x, w, (padding, padding), 2).fill_(float("nan"))
     counted = []
     for rows, cols, pad_r, pad_c in _phase_groups(size, size, kernel, kernel, (padding, padding), 2):
-        conv = torch.empty(1, 3 * len(rows.phases) * len(cols.phases), size + 2 * pad_r, size + 2 * pad_c)
-        counted.append(len(list(_phase_views(out, conv, rows, cols, pad_r, pad_c))))
-    assert counted == pairs
+        phases = len(rows.phases) * len(cols.phases)
+        conv = torch.randn(1, 3 * phases, size + 2 * pad_r - rows.taps + 1, size + 2 * pad_c - cols.taps + 1)
+        views = list(_phase_views(out, conv, rows, cols, pad_r, pad_c))
+        for full, phase_conv, _ in views:
+            full.copy_(phase_conv)
+        counted.append(len(views))
+    assert counted == pairs and not out.isnan().any()  # every output pixel written
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

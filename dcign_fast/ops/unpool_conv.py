@@ -104,9 +104,10 @@ def _group_kernel_grad(grad: torch.Tensor, rows: AxisGroup, cols: AxisGroup, acc
 def _phase_views(
     full: torch.Tensor, conv: torch.Tensor, rows: AxisGroup, cols: AxisGroup, pad_r: int, pad_c: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[slice, slice, slice]]]:
-    """(view of ``full`` [N, O, ...], view of the group's convolution output ``conv`` [N, phases x O, ...], the
-    conv view's (channels, rows, cols)) for the group's phases: one pair for the whole group when its phases
-    tile ``full`` (every phase of both axes, with equal counts), an interleaving view, else one per phase."""
+    """(view of ``full`` [N, O, ...], view of the group's convolution output ``conv`` [N, phases x O, ...] of the
+    same shape, the conv view's (channels, rows, cols)) for the group's phases: one pair per phase ([N, O, rows,
+    cols]), or one for the whole group when its phases tile ``full`` (every phase of both axes, with equal
+    counts): [N, s, s, O, rows, cols], the view of ``full`` interleaving."""
     s = rows.phases[0].scale
     o = full.shape[1]
     r0, c0 = rows.phases[0].first_offset + pad_r, cols.phases[0].first_offset + pad_c
