@@ -64,10 +64,8 @@ def unpool_conv_launches() -> list[dict[str, object]]:
                 unpool_conv_forward.launch_forward(
                     x, pack_weight(weight, rows, cols, "in"), bias, y, rows, cols, "relu"
                 )
-                unpool_conv_grad_input.launch_grad_input(
-                    y, y, pack_weight(weight, rows, cols, "out"), x, rows, cols, "relu"
-                )
-                unpool_conv_grad_weight.launch_grad_weight(x, y, y, weight, rows, cols, True, "relu")
+                unpool_conv_grad_input.launch_grad_input(y, pack_weight(weight, rows, cols, "out"), x, rows, cols)
+                unpool_conv_grad_weight.launch_grad_weight(x, y, weight, rows, cols)
             for launch in launches:
                 for r in compile_launch(launch):
                     results.append({"layer": name, "c_in": c_in, "c_out": c_out, "dtype": str(dtype)[6:], **r})

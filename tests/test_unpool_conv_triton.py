@@ -89,23 +89,38 @@ def test_few_output_channels_on_both_sides_of_the_switches(kernel, padding, o):
     assert_close(got, want, TOL[torch.float32], case)
 
 
-@pytest.mark.parametrize("option", range(3))
+def _forced_configs(option: int) -> list[tuple[object, object]]:
+    """(kernel, its config number ``option``, wrapping around its list) for each unpool-conv GEMM kernel."""
+    from dcign_fast.kernels.triton import unpool_conv_forward, unpool_conv_grad_input, unpool_conv_grad_weight
+    from dcign_fast.kernels.triton.unpool_conv_tiles import GEMM_BLOCKS, config
+
+    grad_weight = (unpool_conv_grad_weight.GRAD_WEIGHT_BLOCKS, unpool_conv_grad_weight.GRAD_WEIGHT_OPTIONS)
+    kernels = (
+        (unpool_conv_forward._forward_kernel, (GEMM_BLOCKS, unpool_conv_forward.FORWARD_OPTIONS)),
+        (unpool_conv_grad_input._grad_input_kernel, (GEMM_BLOCKS, unpool_conv_grad_input.GRAD_INPUT_OPTIONS)),
+        (unpool_conv_grad_weight._grad_weight_kernel, grad_weight),
+        (unpool_conv_grad_weight._grad_weight_few_outputs_kernel, grad_weight),
+    )
+    return [(kernel, config(blocks, options[option % len(options)])) for kernel, (blocks, options) in kernels]
+
+
+def _most_options() -> int:
+    from dcign_fast.kernels.triton import unpool_conv_forward, unpool_conv_grad_input, unpool_conv_grad_weight
+
+    lists = (
+        unpool_conv_forward.FORWARD_OPTIONS,
+        unpool_conv_grad_input.GRAD_INPUT_OPTIONS,
+        unpool_conv_grad_weight.GRAD_WEIGHT_OPTIONS,
+    )
+    return max(len(options) for options in lists)
+
+
+@pytest.mark.parametrize("option", range(_most_options()))
 def test_every_gpu_config_matches_reference(option, monkeypatch):
     """The interpreter runs one config per kernel, a GPU autotunes over all of them: each config's block sizes
     are forced here in turn (the interpreter ignores warps and stages), on both sides of the few-outputs
     switches, with several channel and pixel blocks."""
-    from dcign_fast.kernels.triton import unpool_conv_forward, unpool_conv_grad_input, unpool_conv_grad_weight
-    from dcign_fast.kernels.triton.unpool_conv_tiles import GEMM_BLOCKS, GEMM_OPTIONS, config
-
-    gemm = config(GEMM_BLOCKS, GEMM_OPTIONS[option])
-    options = unpool_conv_grad_weight.GRAD_WEIGHT_OPTIONS
-    grad_weight = config(unpool_conv_grad_weight.GRAD_WEIGHT_BLOCKS, options[option % len(options)])
-    forcing = (
-        (unpool_conv_forward._forward_kernel, gemm),
-        (unpool_conv_grad_input._grad_input_kernel, gemm),
-        (unpool_conv_grad_weight._grad_weight_kernel, grad_weight),
-        (unpool_conv_grad_weight._grad_weight_few_outputs_kernel, grad_weight),
-    )
+    forcing = _forced_configs(option)
     for kernel, forced in forcing:
         monkeypatch.setattr(kernel, "configs", [forced])
         monkeypatch.setattr(kernel, "cache", {})
@@ -115,7 +130,7 @@ def test_every_gpu_config_matches_reference(option, monkeypatch):
         {"n": 2, "c": 6, "o": 37, "hw": (9, 5), "k": (3, 3), "p": (1, 1)},
     ):
         got, want = run_both(case, torch.float32, channels_last=case["o"] > 16, activation="relu")
-        assert_close(got, want, TOL[torch.float32], (case, gemm, grad_weight))
+        assert_close(got, want, TOL[torch.float32], (case, [forced.kwargs for _, forced in forcing]))
     assert all(kernel.best_config.kwargs == forced.kwargs for kernel, forced in forcing)  # each kernel ran so
 
 
@@ -187,8 +202,8 @@ def test_float32_precision_follows_the_cudnn_flag(monkeypatch):
 
     for allowed, precision in ((False, "ieee"), (True, "tf32")):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allowed)
-        assert numeric_constexprs(None, torch.float32)["PRECISION"] == precision
-        assert numeric_constexprs(None, torch.bfloat16)["PRECISION"] == "ieee"
+        assert numeric_constexprs(torch.float32)["PRECISION"] == precision
+        assert numeric_constexprs(torch.bfloat16)["PRECISION"] == "ieee"
 
 
 def test_double_backward_matches_reference():

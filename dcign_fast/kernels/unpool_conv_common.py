@@ -118,6 +118,7 @@ def relu_backward(grad: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 def masked_grad_sum(grad_out: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """float32 [O]: grad_out summed over the batch and pixels, not counted where ``out`` <= 0 (the fused ReLU's
-    mask, as in :func:`relu_backward`; ``out`` None: no ReLU) - the grad bias of the few-outputs grad-weight kernels."""
+    mask, as in :func:`relu_backward`; ``out`` None: no ReLU) - the grad bias of the cuda backend's
+    few-outputs grad-weight kernels."""
     masked = relu_backward(grad_out, out)
     return masked.sum((0, 2, 3), dtype=torch.float32)

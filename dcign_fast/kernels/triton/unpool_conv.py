@@ -20,24 +20,24 @@ unpool_conv_grad_weight.py, and the weight packing and grad-weight folding in un
 csrc/ splits the CUDA C++ backend.
 
 Kernels (each an implicit GEMM, fp32 accumulation; fp32 operands use TF32 when
-``torch.backends.cudnn.allow_tf32`` is set, as cuDNN does for the reference convolution):
+``torch.backends.cudnn.allow_tf32`` is set, as cuDNN does for the reference convolution). The backward
+kernels read grad_out with the fused ReLU's mask already applied (one torch pass, threshold_backward), and
+grad bias is a torch sum of it:
   _forward_kernel   M = N x phase-0 rows x phase-0 cols, N = C_out, K = (union taps, C_in). Where every phase
                     reads the whole union window (K=5 same, K=7 valid) each input tile is loaded once and
                     feeds four dots, one per phase; otherwise the phases run one after another over their
                     own taps. The four phases are written interleaved, with bias and ReLU in the epilogue.
   _grad_input_kernel M = N x H x W, N = C_in, K = (phases, phase taps, C_out): the transposed phase
-                    convolutions summed; the ReLU mask is applied to grad_out tiles as they are loaded.
-                    With at most FEW_OUTPUTS output channels, (tap, C_out) pairs are flattened into K so
-                    that the dots do not multiply padding.
+                    convolutions summed. With at most FEW_OUTPUTS output channels, (tap, C_out) pairs are
+                    flattened into K so that the dots do not multiply padding.
   _grad_weight_kernel one program per (phase tap, C_in tile, C_out tile, split of batch x pixels); split
                     partial sums go to a workspace that _finalize_grad_weight_kernel reduces in a fixed order
-                    (folding the phase taps back onto the K x K taps), so grad weight and grad bias are
-                    deterministic (no atomics; the bias sums round by the autotuned BLOCK_P, which
-                    torch.use_deterministic_algorithms(True) pins). Grad bias rides along in the programs of
-                    each phase's first tap.
+                    (folding the phase taps back onto the K x K taps), so grad weight is deterministic (no
+                    atomics; the sums round by the autotuned BLOCK_P, which
+                    torch.use_deterministic_algorithms(True) pins).
   _grad_weight_few_outputs_kernel the same sums for at most FEW_OUTPUTS output channels, one program per
                     (phase, C_in tile, tile of (tap, C_out) pairs, split of the input pixels): x is read once
-                    per phase, not once per tap. Grad bias is then a torch sum of the (masked) grad_out.
+                    per phase, not once per tap.
   _pack_weight_kernel every phase's collapsed kernel, packed for the forward or grad input GEMMs.
 """
 
@@ -54,9 +54,9 @@ from dcign_fast.kernels.triton.unpool_conv_weights import pack_weight
 from dcign_fast.kernels.unpool_conv_common import (
     TRITON_INDEX_LIMIT,
     check_kernel_args,
-    grad_and_output_alike,
     image_span,
     nhwc,
+    relu_backward,
     triton_index_reason,
 )
 from dcign_fast.ops.unpool_conv import empty_output
@@ -99,21 +99,22 @@ def unpool_conv2d_triton_backward(
     activation: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(grad x, grad weight, grad bias or None) of :func:`unpool_conv2d_triton`, from its inputs and, with
-    ``activation="relu"``, its output ``out``: the kernels zero grad_out where ``out <= 0`` as they load it.
+    ``activation="relu"``, its output ``out``.
 
     Grad x is laid out like x (``torch.empty_like``; channels_last where x's strides spread an image past int32
     offsets); grad weight and grad bias are deterministic.
     """
     check_kernel_args("triton", x, weight, scale_factor, activation)  # (a direct op call skips the forward's)
     rows, cols = unions(*weight.shape[2:], *padding)
-    g, y = grad_and_output_alike(grad_out, out if activation == "relu" else None)
-    if y is None:
-        y = g  # not read: only the ReLU backward loads the output
+    # The ReLU's mask in one pass up front: the GEMMs read each grad_out tile once per tap, and a tile they
+    # would mask as they load it could not be copied straight into shared memory.
+    g = nhwc(relu_backward(grad_out, out if activation == "relu" else None))
     with device_guard(x.device):
         # Like x, unless x's strides spread an image past int32 offsets (nhwc copies such an x, too).
         wide = image_span(x) > TRITON_INDEX_LIMIT
         grad_x = torch.empty_like(x, memory_format=torch.channels_last) if wide else torch.empty_like(x)
         if grad_x.numel():
-            launch_grad_input(g, y, pack_weight(weight, rows, cols, "out"), grad_x, rows, cols, activation)
-        grad_weight, grad_bias = launch_grad_weight(nhwc(x), g, y, weight, rows, cols, has_bias, activation)
+            launch_grad_input(g, pack_weight(weight, rows, cols, "out"), grad_x, rows, cols)
+        grad_weight = launch_grad_weight(nhwc(x), g, weight, rows, cols)
+    grad_bias = g.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype) if has_bias else None
     return grad_x, grad_weight, grad_bias

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from dcign_fast.kernels.triton.unpool_conv_layout import (
+    ACTIVATION_CODES,
     AxisUnion,
     nchw_strides,
     numeric_constexprs,
@@ -15,14 +16,30 @@ from dcign_fast.kernels.triton.unpool_conv_layout import (
     window_constexprs,
 )
 from dcign_fast.kernels.triton.unpool_conv_tiles import (
-    GEMM_CONFIGS,
+    GEMM_BLOCKS,
+    GEMM_INTERPRETED,
     GEMM_KEY,
+    autotune_configs,
     fit_columns,
     load_w,
     split_positions,
     tap_start,
     tile_ids,
 )
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Four fp32 accumulators (one per phase) of BLOCK_M x BLOCK_N: 64 x 128
+# with 8 warps is the most that stays in registers (128 x 128 spills, and so does 128 x 64 in float32). Wide
+# tiles keep the tensor cores busy where the channels allow them (an sm_90 tile of 64 x 64 spends more issue
+# slots on addressing than its multiplies take); the narrow ones fit 1 to 32 output channels.
+FORWARD_OPTIONS = [
+    (64, 128, 32, 8, 3),
+    (64, 64, 32, 8, 2),
+    (64, 32, 32, 8, 2),
+    (64, 16, 32, 8, 2),
+]
+
+
+_FORWARD_CONFIGS = autotune_configs(GEMM_BLOCKS, FORWARD_OPTIONS, GEMM_INTERPRETED)
 
 
 @triton.jit
@@ -79,7 +96,7 @@ def _store_phase(
 
 
 @triton.autotune(
-    configs=GEMM_CONFIGS,
+    configs=_FORWARD_CONFIGS,
     key=[*GEMM_KEY, "SHARED"],
     prune_configs_by=fit_columns(lambda args: args["C_OUT"] * (4 if args["PHASES_IN_N"] else 1)),
 )
@@ -201,5 +218,5 @@ def launch_forward(
         x, wp, wp if bias is None else bias.contiguous(), out, n, h, w, c_in, c_out, wp.shape[-1], ho, wo,
         *nchw_strides(x), *nchw_strides(out),
         SHARED=shared, HAS_BIAS=bias is not None, PHASES_IN_N=phases_in_n, **window_constexprs(rows, cols),
-        **numeric_constexprs(activation, x.dtype),
+        ACTIVATION=ACTIVATION_CODES[activation], **numeric_constexprs(x.dtype),
     )  # fmt: skip

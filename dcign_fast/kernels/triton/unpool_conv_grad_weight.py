@@ -1,4 +1,4 @@
-"""The unpool-conv's weight (and bias) gradient as Triton split-K GEMMs over batch x pixels: partial sums go
+"""The unpool-conv's weight gradient as Triton split-K GEMMs over batch x pixels: partial sums go
 to a workspace that unpool_conv_weights.py's kernel reduces in a fixed order, so the result is deterministic
 (see unpool_conv.py)."""
 
@@ -17,9 +17,9 @@ from dcign_fast.kernels.triton.unpool_conv_layout import (
     numeric_constexprs,
     window_constexprs,
 )
-from dcign_fast.kernels.triton.unpool_conv_tiles import autotune_configs, load_grad, load_grad_at, split_positions
+from dcign_fast.kernels.triton.unpool_conv_tiles import autotune_configs, load_grad_at, split_positions
 from dcign_fast.kernels.triton.unpool_conv_weights import finalize_grad_weight
-from dcign_fast.kernels.unpool_conv_common import FEW_OUTPUTS, masked_grad_sum
+from dcign_fast.kernels.unpool_conv_common import FEW_OUTPUTS
 from dcign_fast.ops.backends import triton_interpreting
 from dcign_fast.ops.constants import constant
 
@@ -45,38 +45,38 @@ _GRAD_WEIGHT_CONFIGS = autotune_configs(GRAD_WEIGHT_BLOCKS, GRAD_WEIGHT_OPTIONS,
 @triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=_GRAD_WEIGHT_KEY)
 @triton.jit
 def _grad_weight_kernel(
-    x_ptr, g_ptr, y_ptr, taps_ptr, dw_ptr, db_ptr, N, H, W, C_IN, C_OUT, HO, WO, CHUNK, sxn, sxc, sxh, sxw, sgn, sgc,
-    sgh, sgw, ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
+    x_ptr, g_ptr, taps_ptr, dw_ptr, N, C_IN, C_OUT, HO, WO, CHUNK, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+    H: tl.constexpr, W: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    # One (phase, union tap) from the table taps_ptr[k] = (a, b, ty, tx, first tap of its phase?),
-    # one (C_in, C_out) tile, one split of the phase's pixels [split * CHUNK, (split + 1) * CHUNK).
+    # One (phase, union tap) from the table taps_ptr[k] = (a, b, ty, tx), one (C_in, C_out) tile, one split
+    # [split * CHUNK, (split + 1) * CHUNK) of the positions N x ROWS x COLS that phase (0, 0) has (the most: a
+    # phase with a row or column fewer skips it). The image sizes are constexprs so that splitting positions
+    # into (n, row, column), at every step, divides by constants.
     pid_co = tl.program_id(0)
     k = tl.program_id(1)
     split = tl.program_id(2)
     pid_c = pid_co // tl.cdiv(C_OUT, BLOCK_O)
     pid_o = pid_co % tl.cdiv(C_OUT, BLOCK_O)
-    a = tl.load(taps_ptr + 5 * k)
-    b = tl.load(taps_ptr + 5 * k + 1)
-    ty = tl.load(taps_ptr + 5 * k + 2)
-    tx = tl.load(taps_ptr + 5 * k + 3)
-    first = tl.load(taps_ptr + 5 * k + 4)
+    a = tl.load(taps_ptr + 4 * k)
+    b = tl.load(taps_ptr + 4 * k + 1)
+    ty = tl.load(taps_ptr + 4 * k + 2)
+    tx = tl.load(taps_ptr + 4 * k + 3)
     rows = (HO - a + 1) // 2
     cols = (WO - b + 1) // 2
-    total = N * rows * cols
     start = split * CHUNK
-    end = tl.minimum(start + CHUNK, total)
+    end = tl.minimum(start + CHUNK, N * ROWS * COLS)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C_IN
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = offs_o < C_OUT
     acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
-    gsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = offs_p < end
-        n, io, jo = split_positions(offs_p, rows, cols)
+        n, io, jo = split_positions(offs_p, ROWS, COLS)
+        p_mask = (offs_p < end) & (io < rows) & (jo < cols)
         n = n.to(tl.int64)
         r = io + ROW0 + ty
         c = jo + COL0 + tx
@@ -86,28 +86,21 @@ def _grad_weight_kernel(
         if UPCAST:
             xt = xt.to(tl.float32)
         g_offs = n * sgn + (2 * io + a) * sgh + (2 * jo + b) * sgw
-        g = load_grad(
-            g_ptr, y_ptr, g_offs[:, None] + offs_o[None, :] * sgc, p_mask[:, None] & o_mask[None, :], ACTIVATION, UPCAST
-        )
+        g = tl.load(g_ptr + g_offs[:, None] + offs_o[None, :] * sgc, mask=p_mask[:, None] & o_mask[None, :], other=0.0)
         acc = tl.dot(xt, g.to(xt.dtype), acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            gsum += tl.sum(g.to(tl.float32), axis=0)
     phase = a * 2 + b
     dw = dw_ptr + ((((split * 4 + phase) * TR + ty) * TC + tx) * C_IN).to(tl.int64) * C_OUT
     tl.store(dw + offs_c[:, None] * C_OUT + offs_o[None, :], acc, mask=c_mask[:, None] & o_mask[None, :])
-    # Each phase's grad bias once: from its first tap's programs of the first C_in tile.
-    if HAS_BIAS and (first != 0) and (pid_c == 0):
-        tl.store(db_ptr + (split * 4 + phase) * C_OUT + offs_o, gsum, mask=o_mask)
 
 
 @triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=_GRAD_WEIGHT_KEY)
 @triton.jit
 def _grad_weight_few_outputs_kernel(
-    x_ptr, g_ptr, y_ptr, dw_ptr, N, H, W, C_IN, C_OUT, HO, WO, CHUNK, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
-    ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
+    x_ptr, g_ptr, dw_ptr, N, C_IN, C_OUT, HO, WO, CHUNK, sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+    H: tl.constexpr, W: tl.constexpr, ROW0: tl.constexpr, COL0: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
     RS0: tl.constexpr, RT0: tl.constexpr, RS1: tl.constexpr, RT1: tl.constexpr,
     CS0: tl.constexpr, CT0: tl.constexpr, CS1: tl.constexpr, CT1: tl.constexpr,
-    ACTIVATION: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     # Grad weight for C_out <= FEW_OUTPUTS: one phase, one C_in tile, one tile of the phase's (union tap, C_out)
@@ -149,8 +142,8 @@ def _grad_weight_few_outputs_kernel(
         io = i[:, None] - (ROW0 + ty)[None, :]
         jo = j[:, None] - (COL0 + tx)[None, :]
         g = load_grad_at(
-            g_ptr, y_ptr, n[:, None] * sgn, io, jo, o[None, :], p_mask[:, None] & n_ok[None, :],
-            (HO - a + 1) // 2, (WO - b + 1) // 2, a, b, sgc, sgh, sgw, ACTIVATION, UPCAST,
+            g_ptr, n[:, None] * sgn, io, jo, o[None, :], p_mask[:, None] & n_ok[None, :],
+            (HO - a + 1) // 2, (WO - b + 1) // 2, a, b, sgc, sgh, sgw, UPCAST,
         )  # fmt: skip
         acc = tl.dot(xt, g.to(xt.dtype), acc, input_precision=PRECISION)
     # dw[split, a, b, ty, tx, c, o]
@@ -175,8 +168,8 @@ def split_chunk(positions: int, programs: int) -> int:
 
 def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, autotuned; under ``torch.use_deterministic_algorithms(True)`` with its
-    first config. The timer may pick another BLOCK_P in another process or on another machine, and the
-    grad-bias sums (tl.sum over BLOCK_P pixels) round differently with it: pinned, their bits repeat."""
+    first config. The timer may pick another BLOCK_P in another process or on another machine, and the sums
+    (tl.dot over BLOCK_P pixels at a time) round differently with it: pinned, their bits repeat."""
     if torch.are_deterministic_algorithms_enabled():
         kernel.fn[grid](*args, **kwargs, **kernel.configs[0].all_kwargs())
     else:
@@ -186,12 +179,11 @@ def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
 @functools.lru_cache(maxsize=64)
 def _window_taps(
     row_windows: tuple[tuple[int, int], ...], col_windows: tuple[tuple[int, int], ...]
-) -> tuple[tuple[int, int, int, int, int], ...]:
-    """(phase row a, phase column b, union tap ty, tx, 1 for the phase's first tap) of every tap inside each
-    phase's window (``AxisUnion.windows`` of rows and columns): the per-tap kernel's program table (the first
-    tap's programs also sum grad bias)."""
+) -> tuple[tuple[int, int, int, int], ...]:
+    """(phase row a, phase column b, union tap ty, tx) of every tap inside each phase's window
+    (``AxisUnion.windows`` of rows and columns): the per-tap kernel's program table."""
     return tuple(
-        (a, b, ty, tx, int(ty == rs and tx == cs))
+        (a, b, ty, tx)
         for a, (rs, rt) in enumerate(row_windows)
         for b, (cs, ct) in enumerate(col_windows)
         for ty in range(rs, rs + rt)
@@ -200,26 +192,20 @@ def _window_taps(
 
 
 def launch_grad_weight(
-    x: torch.Tensor,
-    g: torch.Tensor,
-    y: torch.Tensor,
-    weight: torch.Tensor,
-    rows: AxisUnion,
-    cols: AxisUnion,
-    has_bias: bool,
-    activation: str | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad weight in ``torch.empty_like(weight)``'s layout, grad bias [O] or None), in the weight's dtype,
-    summed in float32 in a fixed order."""
+    x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, rows: AxisUnion, cols: AxisUnion
+) -> torch.Tensor:
+    """Grad weight in ``torch.empty_like(weight)``'s layout and the weight's dtype, summed in float32 in a fixed
+    order, from x [N, C, H, W] and grad_out ``g`` [N, O, HO, WO] (both NHWC in memory; g with the fused
+    activation's mask applied)."""
     n, c_in, h, w = x.shape
     c_out, ho, wo = g.shape[1:]
     if not (x.numel() and g.numel()):  # nothing to sum, no program to launch
-        return torch.zeros_like(weight), weight.new_zeros(c_out) if has_bias else None
-    numeric = numeric_constexprs(activation, x.dtype)
+        return torch.zeros_like(weight)
+    numeric = numeric_constexprs(x.dtype)
     few_outputs = c_out <= FEW_OUTPUTS
     if few_outputs:  # programs: (C_in tile, (tap, C_out) tile) x phase x split of the input pixels
         columns, groups, positions = rows.taps * cols.taps * c_out, 4, n * h * w
-    else:  # programs: (C_in tile, C_out tile) x (phase, tap) x split of the phase's output pixels
+    else:  # programs: (C_in tile, C_out tile) x (phase, tap) x split of phase (0, 0)'s output pixels
         taps = _window_taps(rows.windows, cols.windows)
         columns, groups, positions = c_out, len(taps), n * ((ho + 1) // 2) * ((wo + 1) // 2)
     block_c, block_o = _channel_tile(c_in, x.dtype), _channel_tile(columns, x.dtype)
@@ -228,20 +214,16 @@ def launch_grad_weight(
     splits = triton.cdiv(positions, chunk)
     # Uninitialised: the kernels write every split's sums of each phase's window taps, the only ones folded.
     ws = torch.empty((splits, 2, 2, rows.taps, cols.taps, c_in, c_out), dtype=torch.float32, device=x.device)
+    shape = (n, c_in, c_out, ho, wo, chunk, *nchw_strides(x), *nchw_strides(g))
     if few_outputs:
         _launch(
-            _grad_weight_few_outputs_kernel, (tiles, groups, splits),
-            x, g, y, ws, n, h, w, c_in, c_out, ho, wo, chunk, *nchw_strides(x), *nchw_strides(g),
+            _grad_weight_few_outputs_kernel, (tiles, groups, splits), x, g, ws, *shape, H=h, W=w,
             BLOCK_C=block_c, BLOCK_O=block_o, **window_constexprs(rows, cols), **numeric,
         )  # fmt: skip
-        grad_weight, _ = finalize_grad_weight(ws, None, weight, rows, cols)
-        grad_bias = masked_grad_sum(g, y if activation == "relu" else None).to(weight.dtype) if has_bias else None
-        return grad_weight, grad_bias
-    bias_ws = torch.empty((splits, 4, c_out), dtype=torch.float32, device=x.device) if has_bias else None
-    _launch(  # each program's window comes from the taps table
-        _grad_weight_kernel, (tiles, groups, splits),
-        x, g, y, constant(taps, torch.int32, x.device), ws, ws if bias_ws is None else bias_ws,
-        n, h, w, c_in, c_out, ho, wo, chunk, *nchw_strides(x), *nchw_strides(g), HAS_BIAS=has_bias,
-        BLOCK_C=block_c, BLOCK_O=block_o, **axis_constexprs(rows, cols), **numeric,
-    )  # fmt: skip
-    return finalize_grad_weight(ws, bias_ws, weight, rows, cols)
+    else:
+        _launch(  # each program's window comes from the taps table
+            _grad_weight_kernel, (tiles, groups, splits), x, g, constant(taps, torch.int32, x.device), ws, *shape,
+            H=h, W=w, ROWS=(ho + 1) // 2, COLS=(wo + 1) // 2, BLOCK_C=block_c, BLOCK_O=block_o,
+            **axis_constexprs(rows, cols), **numeric,
+        )  # fmt: skip
+    return finalize_grad_weight(ws, weight, rows, cols)

@@ -51,10 +51,9 @@ def shares_window(rows: AxisUnion, cols: AxisUnion) -> bool:
     return rows.windows == ((0, rows.taps),) * 2 and cols.windows == ((0, cols.taps),) * 2
 
 
-def numeric_constexprs(activation: str | None, dtype: torch.dtype) -> dict[str, object]:
-    """The fused activation's code, whether tiles are upcast to float32, and the dots' input precision."""
+def numeric_constexprs(dtype: torch.dtype) -> dict[str, object]:
+    """Whether tiles are upcast to float32, and the dots' input precision."""
     return {
-        "ACTIVATION": ACTIVATION_CODES[activation],
         # The interpreter computes bf16/fp16 wrongly; it gets fp32 tiles (the GPU keeps 16-bit tensor-core dots).
         "UPCAST": triton_interpreting(),
         "PRECISION": "tf32" if uses_tf32(dtype) else "ieee",

@@ -26,12 +26,17 @@ def autotune_configs(
     return [config(names, option) for option in ([(*interpreted, 4, 1)] if triton_interpreting() else options)]
 
 
-def fit_columns(columns: Callable[[dict], int]):
-    """Early config pruning: drop configs whose BLOCK_N is wider than the GEMM's N, ``columns(arguments)``."""
+def fit_columns(columns: Callable[[dict], int], largest_tile: Callable[[dict], int | None] = lambda args: None):
+    """Early config pruning: drop configs whose BLOCK_N is wider than the GEMM's N, ``columns(arguments)``, or
+    whose BLOCK_M x BLOCK_N tile is larger than ``largest_tile(arguments)`` (None: any size)."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        width = max(16, triton.next_power_of_2(columns({**named_args, **kwargs})))
-        return [c for c in configs if c.kwargs["BLOCK_N"] <= width] or configs[:1]
+        args = {**named_args, **kwargs}
+        width = max(16, triton.next_power_of_2(columns(args)))
+        largest = largest_tile(args) or 2**31
+        blocks = [(c, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs]
+        kept = [c for c, m, n in blocks if n <= width and m * n <= largest]
+        return kept or configs[-1:]  # (the narrowest)
 
     return {"early_config_prune": prune}
 
@@ -41,16 +46,12 @@ def fit_columns(columns: Callable[[dict], int]):
 GEMM_KEY = ["N", "H", "W", "C_IN", "C_OUT", "TR", "TC"]
 
 
-# Four fp32 accumulators (one per phase) of BLOCK_M x BLOCK_N plus 64-bit pointer tiles: with 8 warps and
-# 64 rows nothing spills (tests/test_triton_aot.py checks; 4 warps or 128 rows spilled in some cases).
-# Channel counts of 16-128 take one to four 32-channel reduction steps; BLOCK_N 16 suits C_out = 1.
 GEMM_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 
-GEMM_OPTIONS = [(64, 64, 32, 8, 2), (64, 32, 32, 8, 2), (64, 16, 32, 8, 2)]
-
-
-GEMM_CONFIGS = autotune_configs(GEMM_BLOCKS, GEMM_OPTIONS, (64, 32, 32))
+# The GEMMs' interpreted config: a big tile (one Python step per program), whose block sizes the tests force
+# like every other config's.
+GEMM_INTERPRETED = (64, 32, 32)
 
 
 @triton.jit
@@ -90,24 +91,12 @@ def split_positions(offs, rows, cols):
 
 
 @triton.jit
-def load_grad(g_ptr, y_ptr, offs, mask, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr):
-    """A tile of grad_out with the activation's derivative applied (ReLU: zero where the saved output <= 0,
-    as torch's threshold_backward, which lets a NaN output's gradient through)."""
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+def load_grad_at(g_ptr, g_base, io, jo, o, ok, rows, cols, A, B, sgc, sgh, sgw, UPCAST: tl.constexpr):
+    """grad_out (the fused activation's mask already applied, see unpool_conv.py) at phase (A, B)'s output
+    positions (io, jo) and channels o, all broadcast to the tile's shape; zero where not ok or outside the
+    phase's rows x cols."""
+    ok = ok & (io >= 0) & (io < rows) & (jo >= 0) & (jo < cols)
+    g = tl.load(g_ptr + g_base + (2 * io + A) * sgh + (2 * jo + B) * sgw + o * sgc, mask=ok, other=0.0)
     if UPCAST:
         g = g.to(tl.float32)
-    if ACTIVATION == 1:
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
-        if UPCAST:
-            y = y.to(tl.float32)
-        g = tl.where(y <= 0, 0.0, g)
     return g
-
-
-@triton.jit
-def load_grad_at(g_ptr, y_ptr, g_base, io, jo, o, ok, rows, cols, A, B, sgc, sgh, sgw, ACTIVATION, UPCAST):
-    """grad_out (activation's mask applied) at phase (A, B)'s output positions (io, jo) and channels o, all
-    broadcast to the tile's shape; zero where not ok or outside the phase's rows x cols."""
-    ok = ok & (io >= 0) & (io < rows) & (jo >= 0) & (jo < cols)
-    offs = g_base + (2 * io + A) * sgh + (2 * jo + B) * sgw + o * sgc
-    return load_grad(g_ptr, y_ptr, offs, ok, ACTIVATION, UPCAST)

@@ -74,38 +74,29 @@ def _pack_weight_kernel(
 
 @triton.jit
 def _finalize_grad_weight_kernel(
-    ws_ptr, bias_ws_ptr, dw_ptr, db_ptr, C_IN, C_OUT, SPLITS, sdo, sdc, sdu, sdv,
+    ws_ptr, dw_ptr, C_IN, C_OUT, SPLITS, sdo, sdc, sdu, sdv,
     KH: tl.constexpr, KW: tl.constexpr, ROW_PARITY: tl.constexpr, COL_PARITY: tl.constexpr,
-    TR: tl.constexpr, TC: tl.constexpr, HAS_BIAS: tl.constexpr, TAPS_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+    TR: tl.constexpr, TC: tl.constexpr, TAPS_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # Program: a block of [C_IN, C_OUT] pairs for every original tap (u, v) at once (program_id 1 = 0), or the
-    # grad bias (program_id 1 = 1):
+    # Program: a block of [C_IN, C_OUT] pairs for every original tap (u, v) at once:
     # dw[o, c, u, v] = sum over splits s, then phases (a, b), of ws[s, a, b, tap of u, tap of v, c, o] (only
-    # taps inside each phase's window are read: the kernels write no others); db[o] = sum of bias_ws[s, phase, o].
+    # taps inside each phase's window are read: the kernels write no others).
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    if tl.program_id(1) == 0:
-        uv = tl.arange(0, TAPS_BLOCK)
-        uv_ok = uv < KH * KW
-        u = uv // KW
-        v = uv % KW
-        ok = uv_ok[:, None] & (offs < C_IN * C_OUT)[None, :]
-        acc = tl.zeros((TAPS_BLOCK, BLOCK), dtype=tl.float32)
-        for s in range(SPLITS):
-            for phase in tl.static_range(4):
-                ty = _union_tap(phase // 2, u, ROW_PARITY)
-                tx = _union_tap(phase % 2, v, COL_PARITY)
-                start = (((s * 4 + phase) * TR + ty) * TC + tx).to(tl.int64) * C_IN * C_OUT
-                acc += tl.load(ws_ptr + start[:, None] + offs[None, :], mask=ok, other=0.0)
-        pair = (offs % C_OUT).to(tl.int64) * sdo + (offs // C_OUT).to(tl.int64) * sdc
-        dw = dw_ptr + (u.to(tl.int64) * sdu + v.to(tl.int64) * sdv)[:, None] + pair[None, :]
-        tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=ok)
-    elif HAS_BIAS:  # (names of its own: Triton wants a name bound in both branches to have one type)
-        o_ok = offs < C_OUT
-        bias = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(SPLITS):
-            for phase in tl.static_range(4):
-                bias += tl.load(bias_ws_ptr + (s * 4 + phase) * C_OUT + offs, mask=o_ok, other=0.0)
-        tl.store(db_ptr + offs, bias.to(db_ptr.dtype.element_ty), mask=o_ok)
+    uv = tl.arange(0, TAPS_BLOCK)
+    uv_ok = uv < KH * KW
+    u = uv // KW
+    v = uv % KW
+    ok = uv_ok[:, None] & (offs < C_IN * C_OUT)[None, :]
+    acc = tl.zeros((TAPS_BLOCK, BLOCK), dtype=tl.float32)
+    for s in range(SPLITS):
+        for phase in tl.static_range(4):
+            ty = _union_tap(phase // 2, u, ROW_PARITY)
+            tx = _union_tap(phase % 2, v, COL_PARITY)
+            start = (((s * 4 + phase) * TR + ty) * TC + tx).to(tl.int64) * C_IN * C_OUT
+            acc += tl.load(ws_ptr + start[:, None] + offs[None, :], mask=ok, other=0.0)
+    pair = (offs % C_OUT).to(tl.int64) * sdo + (offs // C_OUT).to(tl.int64) * sdc
+    dw = dw_ptr + (u.to(tl.int64) * sdu + v.to(tl.int64) * sdv)[:, None] + pair[None, :]
+    tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=ok)
 
 
 def _tap_constexprs(weight_shape: torch.Size, rows: AxisUnion, cols: AxisUnion) -> dict[str, int]:
@@ -141,18 +132,13 @@ def pack_weight(weight: torch.Tensor, rows: AxisUnion, cols: AxisUnion, reduce_o
     return wp
 
 
-def finalize_grad_weight(
-    ws: torch.Tensor, bias_ws: torch.Tensor | None, weight: torch.Tensor, rows: AxisUnion, cols: AxisUnion
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def finalize_grad_weight(ws: torch.Tensor, weight: torch.Tensor, rows: AxisUnion, cols: AxisUnion) -> torch.Tensor:
     """ws [S, 2, 2, TR, TC, C, O] float32 (every split's grad-weight partial sums per phase tap, written inside each
-    phase's window only), bias_ws [S, 4, O] float32 or None -> (grad weight in ``torch.empty_like(weight)``'s
-    layout, grad bias [O] or None), in the weight's dtype."""
+    phase's window only) -> grad weight in ``torch.empty_like(weight)``'s layout and the weight's dtype."""
     c_out, c_in = weight.shape[:2]
     dw = torch.empty_like(weight)
-    db = None if bias_ws is None else weight.new_empty(c_out)
     tile = _tile(weight.shape[2] * weight.shape[3])
-    _finalize_grad_weight_kernel[(triton.cdiv(c_in * c_out, tile["BLOCK"]), 1 + (bias_ws is not None))](
-        ws, ws if bias_ws is None else bias_ws, dw, dw if db is None else db, c_in, c_out, ws.shape[0],
-        *dw.stride(), **_tap_constexprs(weight.shape, rows, cols), HAS_BIAS=bias_ws is not None, **tile,
-    )  # fmt: skip
-    return dw, db
+    _finalize_grad_weight_kernel[(triton.cdiv(c_in * c_out, tile["BLOCK"]),)](
+        ws, dw, c_in, c_out, ws.shape[0], *dw.stride(), **_tap_constexprs(weight.shape, rows, cols), **tile
+    )
+    return dw
