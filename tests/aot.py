@@ -125,8 +125,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[dict[str, object]]:
     """Compiles ``launch`` for CUDA compute capability ``arch`` in each autotune config it would try.
 
     Returns one dict per config: kernel name, config, block sizes (every ``BLOCK_*`` argument), threads per
-    program, resource usage (:func:`resource_usage`), Triton's dynamic shared memory and the instruction
-    counts of :func:`instruction_counts`.
+    program, resource usage (:func:`resource_usage`), Triton's dynamic shared memory, the instruction
+    counts of :func:`instruction_counts` and ``issue_per_mma`` (:func:`issue_per_mma_cycle`).
     """
 
     fn = _jit_function(launch.kernel)
@@ -152,9 +152,10 @@ def compile_launch(launch: Launch, arch: int = 90) -> list[dict[str, object]]:
 
 
 @functools.cache
-def _compile(fn: object, key: tuple, arch: int) -> dict[str, int]:
-    """Resources and instruction counts of ``fn`` compiled with ``key`` = (signature, constexprs, attrs,
-    options) as item tuples; cached, since launches of different shapes often specialise alike."""
+def _compile(fn: object, key: tuple, arch: int) -> dict[str, object]:
+    """Resources, instruction counts and the hot loop's issue bound of ``fn`` compiled with ``key`` = (signature,
+    constexprs, attrs, options) as item tuples; cached, since launches of different shapes often specialise
+    alike."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -169,6 +170,7 @@ def _compile(fn: object, key: tuple, arch: int) -> dict[str, int]:
         **resource_usage(compiled.asm["cubin"]),
         "dynamic_shared": compiled.metadata.shared,
         **instruction_counts(compiled.asm["ptx"]),
+        "issue_per_mma": issue_per_mma_cycle(_sass(compiled.asm["cubin"]), options.get("num_warps", 4)),
     }
 
 
@@ -185,6 +187,40 @@ def instruction_counts(ptx: str) -> dict[str, int]:
         "load_vector": sum(".v" in load for load in loads),
         "load_scalar": sum(".v" not in load for load in loads),
     }
+
+
+# sm_90's dense 16-bit tensor-core rate: multiply-adds per clock per SM (989 TFLOP/s on an H100 SXM's 132 SMs
+# at 1.83 GHz); warp schedulers per SM, each issuing one instruction per clock.
+SM90_MACS_PER_CLOCK = 2048
+SM90_SCHEDULERS = 4
+
+
+def issue_per_mma_cycle(sass: str, warps: int) -> float | None:
+    """A static speed bound of a GEMM kernel: in its loop with the most warpgroup multiplies (Hopper's HGMMA),
+    the clocks its warps need to issue one trip's instructions over the clocks the tensor cores need for that
+    trip's 16-bit multiply-adds. Above 1 the loop cannot keep the tensor cores busy whatever the memory does.
+    None without such a loop."""
+    lines = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for end, text in lines:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < end:
+            loops.append([t for a, t in lines if int(target.group(1), 16) <= a <= end])
+    shapes = [[re.search(r"HGMMA\.64x(\d+)x(\d+)", t) for t in body] for body in loops]
+    best = max(range(len(loops)), key=lambda i: sum(m is not None for m in shapes[i]), default=None)
+    if best is None or not any(shapes[best]):
+        return None
+    macs_per_warpgroup = sum(64 * int(m.group(1)) * int(m.group(2)) for m in shapes[best] if m)
+    mma_clocks = macs_per_warpgroup * (warps / 4) / SM90_MACS_PER_CLOCK
+    return len(loops[best]) * warps / SM90_SCHEDULERS / mma_clocks
+
+
+def _sass(cubin: bytes) -> str:
+    """``cuobjdump -sass`` of a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(_cuobjdump()), "-sass", f.name], capture_output=True, text=True).stdout
 
 
 def compile_in_subprocess(module: str, function: str, timeout: float = 600) -> list[dict[str, object]]:
@@ -204,12 +240,16 @@ def _usage(text: str) -> dict[str, int]:
     return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def _cuobjdump_resource_usage(path: str) -> str:
-    """``cuobjdump --dump-resource-usage`` of a cubin or a fat binary, by the cuobjdump bundled with Triton."""
+def _cuobjdump() -> Path:
+    """The cuobjdump bundled with Triton."""
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return subprocess.run([str(tool), "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _cuobjdump_resource_usage(path: str) -> str:
+    """``cuobjdump --dump-resource-usage`` of a cubin or a fat binary."""
+    return subprocess.run([str(_cuobjdump()), "--dump-resource-usage", path], capture_output=True, text=True).stdout
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:

@@ -27,10 +27,11 @@ from dcign_fast.kernels.triton.unpool_conv_tiles import (
     tile_ids,
 )
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Four fp32 accumulators (one per phase) of BLOCK_M x BLOCK_N: 64 x 128
-# with 8 warps is the most that stays in registers (128 x 128 spills, and so does 128 x 64 in float32). Wide
-# tiles keep the tensor cores busy where the channels allow them (an sm_90 tile of 64 x 64 spends more issue
-# slots on addressing than its multiplies take); the narrow ones fit 1 to 32 output channels.
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Where the phases share a window, four fp32 accumulators (one per
+# phase) of BLOCK_M x BLOCK_N are live at once: 64 x 128 with 8 warps is the most that stays in registers (phase
+# by phase, 128 x 64 and 128 x 128 spill too, in the epilogue's 64-bit offsets). Wide tiles keep the tensor
+# cores busy where the channels allow them (an sm_90 tile of 64 x 64 spends more issue slots on addressing than
+# its multiplies take); the narrow ones fit 1 to 32 output channels.
 FORWARD_OPTIONS = [
     (64, 128, 32, 8, 3),
     (64, 64, 32, 8, 2),
@@ -165,32 +166,32 @@ def _forward_kernel(
                 acc10 = tl.dot(a, w, acc10, input_precision=PRECISION)
                 w = load_w(w_ptr, w_rows + 3 * phase_size, w_ok, w_cols, n_mask, UPCAST)
                 acc11 = tl.dot(a, w, acc11, input_precision=PRECISION)
+        if PHASES_IN_N:
+            a, b = (phase // 2)[None, :], (phase % 2)[None, :]
+            _store_phase(acc00, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, a, b, HO, WO, syn, syc, syh, syw,
+                         ACTIVATION)  # fmt: skip
+        else:
+            _store_phase(acc00, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, 0, 0, HO, WO, syn, syc, syh, syw,
+                         ACTIVATION)  # fmt: skip
+            _store_phase(acc01, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, 0, 1, HO, WO, syn, syc, syh, syw,
+                         ACTIVATION)  # fmt: skip
+            _store_phase(acc10, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, 1, 0, HO, WO, syn, syc, syh, syw,
+                         ACTIVATION)  # fmt: skip
+            _store_phase(acc11, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, 1, 1, HO, WO, syn, syc, syh, syw,
+                         ACTIVATION)  # fmt: skip
     else:
-        # Phases read different windows (K=3 same): one phase after another, each over its own taps only.
-        acc00 = _phase_gemm(
-            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, K_PACKED, sxc, sxh, sxw,
-            0, ROW0, COL0, TR, TC, RS0, RT0, CS0, CT0, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-        acc01 = _phase_gemm(
-            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, K_PACKED, sxc, sxh, sxw,
-            1, ROW0, COL0, TR, TC, RS0, RT0, CS1, CT1, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-        acc10 = _phase_gemm(
-            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, K_PACKED, sxc, sxh, sxw,
-            2, ROW0, COL0, TR, TC, RS1, RT1, CS0, CT0, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-        acc11 = _phase_gemm(
-            x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, K_PACKED, sxc, sxh, sxw,
-            3, ROW0, COL0, TR, TC, RS1, RT1, CS1, CT1, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-    if PHASES_IN_N:
-        a, b = (phase // 2)[None, :], (phase % 2)[None, :]
-        _store_phase(acc00, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, a, b, HO, WO, syn, syc, syh, syw, ACTIVATION)
-    else:
-        _store_phase(acc00, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, 0, 0, HO, WO, syn, syc, syh, syw, ACTIVATION)
-        _store_phase(acc01, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, 0, 1, HO, WO, syn, syc, syh, syw, ACTIVATION)
-        _store_phase(acc10, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, 1, 0, HO, WO, syn, syc, syh, syw, ACTIVATION)
-        _store_phase(acc11, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, 1, 1, HO, WO, syn, syc, syh, syw, ACTIVATION)
+        # Phases read different windows (K=3 same): one phase after another, each over its own taps only and
+        # stored before the next, so that one accumulator is live at a time.
+        for ab in tl.static_range(4):
+            acc = _phase_gemm(
+                x_base, w_ptr, i, j, m_mask, offs_n, n_mask, H, W, C_IN, C_OUT, K_PACKED, sxc, sxh, sxw,
+                ab, ROW0, COL0, TR, TC, RS1 if ab // 2 else RS0, RT1 if ab // 2 else RT0,
+                CS1 if ab % 2 else CS0, CT1 if ab % 2 else CT0, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            _store_phase(
+                acc, y_ptr, bias, n, i, j, m_mask, offs_o, n_mask, ab // 2, ab % 2, HO, WO, syn, syc, syh, syw,
+                ACTIVATION,
+            )  # fmt: skip
 
 
 def launch_forward(
