@@ -170,7 +170,7 @@ def _compile(fn: object, key: tuple, arch: int) -> dict[str, object]:
         **resource_usage(compiled.asm["cubin"]),
         "dynamic_shared": compiled.metadata.shared,
         **instruction_counts(compiled.asm["ptx"]),
-        "issue_per_mma": issue_per_mma_cycle(_sass(compiled.asm["cubin"]), options.get("num_warps", 4)),
+        "issue_per_mma": issue_per_mma_cycle(_cuobjdump_cubin(compiled.asm["cubin"], "-sass")),
     }
 
 
@@ -190,16 +190,19 @@ def instruction_counts(ptx: str) -> dict[str, int]:
 
 
 # sm_90's dense 16-bit tensor-core rate: multiply-adds per clock per SM (989 TFLOP/s on an H100 SXM's 132 SMs
-# at 1.83 GHz); warp schedulers per SM, each issuing one instruction per clock.
+# at 1.83 GHz).
 SM90_MACS_PER_CLOCK = 2048
-SM90_SCHEDULERS = 4
 
 
-def issue_per_mma_cycle(sass: str, warps: int) -> float | None:
+def issue_per_mma_cycle(sass: str) -> float | None:
     """A static speed bound of a GEMM kernel: in its loop with the most warpgroup multiplies (Hopper's HGMMA),
     the clocks its warps need to issue one trip's instructions over the clocks the tensor cores need for that
     trip's 16-bit multiply-adds. Above 1 the loop cannot keep the tensor cores busy whatever the memory does.
-    None without such a loop."""
+    None without such a loop.
+
+    Per warpgroup: its 4 warps issue the trip's instructions on the SM's 4 schedulers (one instruction per clock
+    each), in as many clocks as the trip has instructions, while its multiplies take their multiply-adds over the
+    SM's rate; more warpgroups scale both alike."""
     lines = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
     for end, text in lines:
@@ -211,16 +214,7 @@ def issue_per_mma_cycle(sass: str, warps: int) -> float | None:
     if best is None or not any(shapes[best]):
         return None
     macs_per_warpgroup = sum(64 * int(m.group(1)) * int(m.group(2)) for m in shapes[best] if m)
-    mma_clocks = macs_per_warpgroup * (warps / 4) / SM90_MACS_PER_CLOCK
-    return len(loops[best]) * warps / SM90_SCHEDULERS / mma_clocks
-
-
-def _sass(cubin: bytes) -> str:
-    """``cuobjdump -sass`` of a cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([str(_cuobjdump()), "-sass", f.name], capture_output=True, text=True).stdout
+    return len(loops[best]) / (macs_per_warpgroup / SM90_MACS_PER_CLOCK)
 
 
 def compile_in_subprocess(module: str, function: str, timeout: float = 600) -> list[dict[str, object]]:
@@ -240,31 +234,32 @@ def _usage(text: str) -> dict[str, int]:
     return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def _cuobjdump() -> Path:
-    """The cuobjdump bundled with Triton."""
+def _cuobjdump(flag: str, path: str) -> str:
+    """``cuobjdump <flag>`` of a cubin or a fat binary, by the cuobjdump bundled with Triton."""
     import triton
 
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return subprocess.run([str(tool), flag, path], capture_output=True, text=True).stdout
 
 
-def _cuobjdump_resource_usage(path: str) -> str:
-    """``cuobjdump --dump-resource-usage`` of a cubin or a fat binary."""
-    return subprocess.run([str(_cuobjdump()), "--dump-resource-usage", path], capture_output=True, text=True).stdout
+def _cuobjdump_cubin(cubin: bytes, flag: str) -> str:
+    """``cuobjdump <flag>`` of a cubin held in memory."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return _cuobjdump(flag, f.name)
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """REG, STACK, SHARED, LOCAL of the (single) kernel in a cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return _usage(_cuobjdump_resource_usage(f.name))
+    return _usage(_cuobjdump_cubin(cubin, "--dump-resource-usage"))
 
 
 def kernels_resource_usage(binary: Path) -> list[tuple[str, str, dict[str, int]]]:
     """(architecture, mangled name, REG/STACK/SHARED/LOCAL) of every kernel in a fat binary such as a compiled
     extension module."""
     rows = []
-    for section in _cuobjdump_resource_usage(str(binary)).split("Fatbin elf code:")[1:]:
+    for section in _cuobjdump("--dump-resource-usage", str(binary)).split("Fatbin elf code:")[1:]:
         arch = re.search(r"arch = (\S+)", section)
         for name, usage in re.findall(r"Function (\S+):\n(.*)", section):
             rows.append((arch.group(1) if arch else "?", name, _usage(usage)))

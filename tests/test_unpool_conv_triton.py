@@ -89,38 +89,29 @@ def test_few_output_channels_on_both_sides_of_the_switches(kernel, padding, o):
     assert_close(got, want, TOL[torch.float32], case)
 
 
-def _forced_configs(option: int) -> list[tuple[object, object]]:
-    """(kernel, its config number ``option``, wrapping around its list) for each unpool-conv GEMM kernel."""
+def _kernel_options() -> list[tuple[object, tuple[str, ...], list[tuple[int, ...]]]]:
+    """(kernel, its block names, its autotune options) of each unpool-conv GEMM kernel."""
     from dcign_fast.kernels.triton import unpool_conv_forward, unpool_conv_grad_input, unpool_conv_grad_weight
-    from dcign_fast.kernels.triton.unpool_conv_tiles import GEMM_BLOCKS, config
+    from dcign_fast.kernels.triton.unpool_conv_tiles import GEMM_BLOCKS
 
     grad_weight = (unpool_conv_grad_weight.GRAD_WEIGHT_BLOCKS, unpool_conv_grad_weight.GRAD_WEIGHT_OPTIONS)
-    kernels = (
-        (unpool_conv_forward._forward_kernel, (GEMM_BLOCKS, unpool_conv_forward.FORWARD_OPTIONS)),
-        (unpool_conv_grad_input._grad_input_kernel, (GEMM_BLOCKS, unpool_conv_grad_input.GRAD_INPUT_OPTIONS)),
-        (unpool_conv_grad_weight._grad_weight_kernel, grad_weight),
-        (unpool_conv_grad_weight._grad_weight_few_outputs_kernel, grad_weight),
-    )
-    return [(kernel, config(blocks, options[option % len(options)])) for kernel, (blocks, options) in kernels]
+    return [
+        (unpool_conv_forward._forward_kernel, GEMM_BLOCKS, unpool_conv_forward.FORWARD_OPTIONS),
+        (unpool_conv_grad_input._grad_input_kernel, GEMM_BLOCKS, unpool_conv_grad_input.GRAD_INPUT_OPTIONS),
+        (unpool_conv_grad_weight._grad_weight_kernel, *grad_weight),
+        (unpool_conv_grad_weight._grad_weight_few_outputs_kernel, *grad_weight),
+    ]
 
 
-def _most_options() -> int:
-    from dcign_fast.kernels.triton import unpool_conv_forward, unpool_conv_grad_input, unpool_conv_grad_weight
-
-    lists = (
-        unpool_conv_forward.FORWARD_OPTIONS,
-        unpool_conv_grad_input.GRAD_INPUT_OPTIONS,
-        unpool_conv_grad_weight.GRAD_WEIGHT_OPTIONS,
-    )
-    return max(len(options) for options in lists)
-
-
-@pytest.mark.parametrize("option", range(_most_options()))
+@pytest.mark.parametrize("option", range(max(len(options) for _, _, options in _kernel_options())))
 def test_every_gpu_config_matches_reference(option, monkeypatch):
     """The interpreter runs one config per kernel, a GPU autotunes over all of them: each config's block sizes
     are forced here in turn (the interpreter ignores warps and stages), on both sides of the few-outputs
     switches, with several channel and pixel blocks."""
-    forcing = _forced_configs(option)
+    from dcign_fast.kernels.triton.unpool_conv_tiles import config
+
+    # Option ``option`` of each kernel, wrapping around its list.
+    forcing = [(kernel, config(blocks, opts[option % len(opts)])) for kernel, blocks, opts in _kernel_options()]
     for kernel, forced in forcing:
         monkeypatch.setattr(kernel, "configs", [forced])
         monkeypatch.setattr(kernel, "cache", {})

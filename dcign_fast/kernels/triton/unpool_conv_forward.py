@@ -29,9 +29,9 @@ from dcign_fast.kernels.triton.unpool_conv_tiles import (
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Where the phases share a window, four fp32 accumulators (one per
 # phase) of BLOCK_M x BLOCK_N are live at once: 64 x 128 with 8 warps is the most that stays in registers (phase
-# by phase, 128 x 64 and 128 x 128 spill too, in the epilogue's 64-bit offsets). Wide tiles keep the tensor
-# cores busy where the channels allow them (an sm_90 tile of 64 x 64 spends more issue slots on addressing than
-# its multiplies take); the narrow ones fit 1 to 32 output channels.
+# by phase, 128 x 64 and 128 x 128 spilled too, compiled for K=3 same). Wide tiles keep the tensor cores busy
+# where the channels allow them (an sm_90 tile of 64 x 64 spends more issue slots on addressing than its
+# multiplies take); the narrow ones fit 1 to 32 output channels.
 FORWARD_OPTIONS = [
     (64, 128, 32, 8, 3),
     (64, 64, 32, 8, 2),

@@ -201,29 +201,28 @@ def launch_grad_weight(
     c_out, ho, wo = g.shape[1:]
     if not (x.numel() and g.numel()):  # nothing to sum, no program to launch
         return torch.zeros_like(weight)
-    numeric = numeric_constexprs(x.dtype)
     few_outputs = c_out <= FEW_OUTPUTS
     if few_outputs:  # programs: (C_in tile, (tap, C_out) tile) x phase x split of the input pixels
         columns, groups, positions = rows.taps * cols.taps * c_out, 4, n * h * w
     else:  # programs: (C_in tile, C_out tile) x (phase, tap) x split of phase (0, 0)'s output pixels
         taps = _window_taps(rows.windows, cols.windows)
-        columns, groups, positions = c_out, len(taps), n * ((ho + 1) // 2) * ((wo + 1) // 2)
+        rows0, cols0 = (ho + 1) // 2, (wo + 1) // 2
+        columns, groups, positions = c_out, len(taps), n * rows0 * cols0
     block_c, block_o = _channel_tile(c_in, x.dtype), _channel_tile(columns, x.dtype)
     tiles = triton.cdiv(c_in, block_c) * triton.cdiv(columns, block_o)
     chunk = split_chunk(positions, tiles * groups)
     splits = triton.cdiv(positions, chunk)
     # Uninitialised: the kernels write every split's sums of each phase's window taps, the only ones folded.
     ws = torch.empty((splits, 2, 2, rows.taps, cols.taps, c_in, c_out), dtype=torch.float32, device=x.device)
-    shape = (n, c_in, c_out, ho, wo, chunk, *nchw_strides(x), *nchw_strides(g))
+    # What both kernels take after their pointers: sizes and strides, then constexprs.
+    args = (n, c_in, c_out, ho, wo, chunk, *nchw_strides(x), *nchw_strides(g))
+    constexprs = {"H": h, "W": w, "BLOCK_C": block_c, "BLOCK_O": block_o, **numeric_constexprs(x.dtype)}
+    grid = (tiles, groups, splits)
     if few_outputs:
-        _launch(
-            _grad_weight_few_outputs_kernel, (tiles, groups, splits), x, g, ws, *shape, H=h, W=w,
-            BLOCK_C=block_c, BLOCK_O=block_o, **window_constexprs(rows, cols), **numeric,
-        )  # fmt: skip
+        _launch(_grad_weight_few_outputs_kernel, grid, x, g, ws, *args, **constexprs, **window_constexprs(rows, cols))
     else:
         _launch(  # each program's window comes from the taps table
-            _grad_weight_kernel, (tiles, groups, splits), x, g, constant(taps, torch.int32, x.device), ws, *shape,
-            H=h, W=w, ROWS=(ho + 1) // 2, COLS=(wo + 1) // 2, BLOCK_C=block_c, BLOCK_O=block_o,
-            **axis_constexprs(rows, cols), **numeric,
+            _grad_weight_kernel, grid, x, g, constant(taps, torch.int32, x.device), ws, *args,
+            ROWS=rows0, COLS=cols0, **constexprs, **axis_constexprs(rows, cols),
         )  # fmt: skip
     return finalize_grad_weight(ws, weight, rows, cols)
