@@ -59,18 +59,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("unpool_conv_forward", &dcign::unpool_conv_forward, py::arg("x"), py::arg("wp"), py::arg("bias"), py::arg("y"),
         py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"), py::arg("KH"), py::arg("KW"),
         py::arg("PH"), py::arg("PW"), py::arg("relu"), py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
-  m.def("unpool_conv_grad_input", &dcign::unpool_conv_grad_input, py::arg("g"), py::arg("y"), py::arg("wp"),
+  m.def("unpool_conv_grad_input", &dcign::unpool_conv_grad_input, py::arg("g"), py::arg("wp"),
         py::arg("dx"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"), py::arg("KH"),
         py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
-  m.def("unpool_conv_grad_weight", &dcign::unpool_conv_grad_weight, py::arg("x"), py::arg("g"), py::arg("y"),
-        py::arg("ws"), py::arg("bias_ws"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"),
+  m.def("unpool_conv_grad_weight", &dcign::unpool_conv_grad_weight, py::arg("x"), py::arg("g"),
+        py::arg("ws"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"),
         py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("splits"), py::arg("chunk"),
         py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
   m.def("unpool_conv_grad_weight_few_outputs", &dcign::unpool_conv_grad_weight_few_outputs, py::arg("x"), py::arg("g"),
-        py::arg("y"), py::arg("ws"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"),
+        py::arg("ws"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"),
         py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("splits"), py::arg("chunk"),
         py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
-  m.def("unpool_conv_finalize_grad_weight", &dcign::unpool_conv_finalize_grad_weight, py::arg("ws"), py::arg("bias_ws"),
-        py::arg("dw"), py::arg("db"), py::arg("O"), py::arg("C"), py::arg("KH"), py::arg("KW"), py::arg("PH"),
+  m.def("unpool_conv_finalize_grad_weight", &dcign::unpool_conv_finalize_grad_weight, py::arg("ws"),
+        py::arg("dw"), py::arg("O"), py::arg("C"), py::arg("KH"), py::arg("KW"), py::arg("PH"),
         py::arg("PW"), py::arg("splits"), py::arg("dtype"), py::arg("stream"));
 }

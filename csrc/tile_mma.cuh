@@ -2,7 +2,7 @@
 // keeps a single body (index arithmetic, tap loops, barriers) for every storage type:
 //
 //   __shared__ typename Mma::ATile a;    a.put(k, m, v): operand A[m][k] of the current K step
-//   __shared__ typename Mma::BTile b;    b.put(k, n, v): operand B[k][n]; b.get(k, n) reads it back
+//   __shared__ typename Mma::BTile b;    b.put(k, n, v): operand B[k][n]
 //   put_run<along_k>(tile, k, i, run)    a run of elements along k or along m (n) at once (see there)
 //   __shared__ typename Mma::Scratch s;  staging of results (tensor cores only)
 //   typename Mma::Acc acc; Mma::zero(acc)  this thread's (or warp's) share of the BM x BN float32 result
@@ -38,7 +38,6 @@ struct SimtMma {
     static constexpr bool kRunsAlongK = false, kRunsAcross = false;
     float v[kTileK][BN + 1];
     __device__ __forceinline__ void put(int k, int n, float x) { v[k][n] = x; }
-    __device__ __forceinline__ float get(int k, int n) const { return v[k][n]; }
   };
   struct Scratch {};
   struct Acc {
@@ -120,7 +119,6 @@ struct WmmaMma {
     T v[kTileK][kLdB];
     __device__ __forceinline__ void put(int k, int n, float x) { v[k][n] = from_float<T>(x); }
     __device__ __forceinline__ T* address(int k, int n) { return &v[k][n]; }
-    __device__ __forceinline__ float get(int k, int n) const { return to_float(v[k][n]); }
   };
   struct alignas(32) Scratch {
     float v[kWarps][16][kLdScratch];

@@ -28,26 +28,27 @@ void unpool_conv_pack_weight(uintptr_t weight, uintptr_t wp, int O, int C, int K
 void unpool_conv_forward(ActivationView x, uintptr_t wp, uintptr_t bias, ActivationView y, int N, int C, int H, int W,
                          int O, int KH, int KW, int PH, int PW, int relu, int dtype, int tf32, uintptr_t stream);
 
-// dx = the transposed phase convolutions of grad_out g. After a ReLU, y is the forward's output, laid out like g
-// (g counts as zero where y <= 0); 0 without one.
-void unpool_conv_grad_input(ActivationView g, uintptr_t y, uintptr_t wp, ActivationView dx, int N, int C, int H, int W,
-                            int O, int KH, int KW, int PH, int PW, int dtype, int tf32, uintptr_t stream);
+// The backward kernels read grad_out g with the fused ReLU's mask already applied (the caller's one pass).
 
-// Split partial sums: ws float32 [splits, 2, 2, TR, TC, C, OP] and, when bias_ws != 0, float32 [splits, 4, O].
-// Each split covers `chunk` output positions of every phase. y: as for unpool_conv_grad_input.
-void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t y, uintptr_t ws, uintptr_t bias_ws, int N,
-                             int C, int H, int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk,
-                             int dtype, int tf32, uintptr_t stream);
+// dx = the transposed phase convolutions of grad_out g.
+void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, int N, int C, int H, int W, int O, int KH,
+                            int KW, int PH, int PW, int dtype, int tf32, uintptr_t stream);
+
+// Split partial sums of grad weight: ws float32 [splits, 2, 2, TR, TC, C, OP]. Each split covers `chunk` output
+// positions of every phase.
+void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, int N, int C, int H, int W, int O,
+                             int KH, int KW, int PH, int PW, int splits, int chunk, int dtype, int tf32,
+                             uintptr_t stream);
 
 // The same partial sums for few output channels (an image layer), laid out alike, each split covering `chunk`
-// *input* positions; no grad bias (the caller sums grad_out). Faster than the per-tap kernel while the
+// *input* positions. Faster than the per-tap kernel while the
 // (union tap, O) pairs fill few tiles (csrc/unpool_conv_grad_weight_few_outputs.cu).
-void unpool_conv_grad_weight_few_outputs(ActivationView x, ActivationView g, uintptr_t y, uintptr_t ws, int N, int C,
-                                         int H, int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk,
-                                         int dtype, int tf32, uintptr_t stream);
+void unpool_conv_grad_weight_few_outputs(ActivationView x, ActivationView g, uintptr_t ws, int N, int C, int H, int W,
+                                         int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype,
+                                         int tf32, uintptr_t stream);
 
-// dw [O, C, KH, KW] (and db [O] when given) in the storage dtype from the split partial sums, in a fixed order.
-void unpool_conv_finalize_grad_weight(uintptr_t ws, uintptr_t bias_ws, uintptr_t dw, uintptr_t db, int O, int C, int KH,
-                                      int KW, int PH, int PW, int splits, int dtype, uintptr_t stream);
+// dw [O, C, KH, KW] in the storage dtype from the split partial sums, in a fixed order.
+void unpool_conv_finalize_grad_weight(uintptr_t ws, uintptr_t dw, int O, int C, int KH, int KW, int PH, int PW,
+                                      int splits, int dtype, uintptr_t stream);
 
 }  // namespace dcign

@@ -174,39 +174,6 @@ struct TileLoad {
   }
 };
 
-// A TileLoad of grad_out that applies the forward's ReLU itself: with the forward output yout (non-null
-// for a ReLU, laid out like grad_out) it also loads the output's runs at the same offsets, and stashes
-// grad_out with zeros where the output is <= 0, as torch's threshold_backward (a NaN output lets grad_out through).
-template <typename T, int OUTER, int INNER, int kVec>
-struct GradTileLoad {
-  using Runs = TileLoad<T, OUTER, INNER, kVec>;
-  Runs g, y;
-
-  template <typename Offset>
-  __device__ __forceinline__ void fetch(const T* gout, const T* yout, Offset&& offset) {
-#pragma unroll
-    for (int j = 0; j < Runs::kPerThread; ++j) {
-      const int64_t at = Runs::run_offset(j, offset);
-      g.v[j] = Runs::load(gout, at);
-      if (yout != nullptr) y.v[j] = Runs::load(yout, at);
-    }
-  }
-
-  template <typename Put>
-  __device__ __forceinline__ void stash(bool relu, Put&& put) const {
-    if (!relu) return g.stash(put);
-    Runs masked = g;
-#pragma unroll
-    for (int j = 0; j < Runs::kPerThread; ++j) {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        if (to_float(y.v[j].x[e]) <= 0.0f) masked.v[j].x[e] = from_float<T>(0.0f);
-      }
-    }
-    masked.stash(put);
-  }
-};
-
 // Whether an activation view can be read in 16-byte vectors along its channels: channels contiguous,
 // every other stride, the channel count and the base a whole number of vectors.
 template <typename T>
@@ -214,14 +181,6 @@ bool loads_vectors(const ActivationView& v, int channels) {
   constexpr int kVec = kVecOf<T>;
   return v.sc == 1 && v.sn % kVec == 0 && v.sh % kVec == 0 && v.sw % kVec == 0 && channels % kVec == 0 &&
          v.ptr % 16 == 0;
-}
-
-// The view of the forward output that the grad kernels read at grad_out's offsets (grad_out's own without a
-// ReLU): its base must allow vectors too.
-inline ActivationView output_view(const ActivationView& gout, uintptr_t yout) {
-  ActivationView y = gout;
-  if (yout != 0) y.ptr = yout;
-  return y;
 }
 
 // Calls fn(std::integral_constant<int, kVec>{}) with the vector width that every view (and its channel count)

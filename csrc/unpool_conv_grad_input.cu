@@ -12,11 +12,11 @@ namespace {
 
 template <typename T, bool kTf32, int BM, int BN, int kVec, bool kTapsInK>
 __global__ void __launch_bounds__(kTileThreads, 1)
-    unpool_conv_grad_input_kernel(const T* __restrict__ gout, const T* __restrict__ yout, const T* __restrict__ wp,
-                                  T* __restrict__ dx, Geometry g, Strides gs, Strides xs) {
+    unpool_conv_grad_input_kernel(const T* __restrict__ gout, const T* __restrict__ wp, T* __restrict__ dx, Geometry g,
+                                  Strides gs, Strides xs) {
   using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
   struct Staged {
-    GradTileLoad<T, BM, kTileK, kVec> a;                  // grad_out [m][k]: k runs along its channels
+    TileLoad<T, BM, kTileK, kVec> a;                      // grad_out [m][k]: k runs along its channels
     TileLoad<T, BN, kTileK, kTapsInK ? 1 : kVecOf<T>> b;  // packed weight [n][k]: along the padded channels
   };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   auto fetch = [&](int s, Staged& staged) {
     if constexpr (kTapsInK) {
       auto pair = [&](int k) { return s * kTileK + k; };
-      staged.a.fetch(gout, yout, [&](int m, int k) -> int64_t {
+      staged.a.fetch(gout, [&](int m, int k) -> int64_t {
         return pair(k) < pairs ? grad_at(m, phase_tap(g, pair(k) / g.O), pair(k) % g.O) : kNoRun;
       });
       staged.b.fetch(wp, [&](int n, int k) -> int64_t {
@@ -64,13 +64,12 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     } else {
       const PhaseTap tap = phase_tap(g, s / chunks);
       const int o0 = s % chunks * kTileK;
-      staged.a.fetch(gout, yout, [&](int m, int k) { return grad_at(m, tap, o0 + k); });
+      staged.a.fetch(gout, [&](int m, int k) { return grad_at(m, tap, o0 + k); });
       staged.b.fetch(wp, [&](int n, int k) { return weight_at(n, tap, o0 + k); });
     }
   };
   auto stash = [&](int, const Staged& staged, int buf) {
-    staged.a.stash(yout != nullptr,
-                   [&](int m, int k, const auto& run) { put_run<true>(smem.tiles.a[buf], k, m, run); });
+    staged.a.stash([&](int m, int k, const auto& run) { put_run<true>(smem.tiles.a[buf], k, m, run); });
     staged.b.stash([&](int n, int k, const auto& run) { put_run<true>(smem.tiles.b[buf], k, n, run); });
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
@@ -85,14 +84,13 @@ __global__ void __launch_bounds__(kTileThreads, 1)
 }
 
 template <typename T, bool kTf32, int BM, int BN>
-void launch_grad_input(const ActivationView& gout, uintptr_t yout, uintptr_t wp, const ActivationView& dx,
-                       const Geometry& g, cudaStream_t stream) {
+void launch_grad_input(const ActivationView& gout, uintptr_t wp, const ActivationView& dx, const Geometry& g,
+                       cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(g.N) * g.H * g.W, BM), ceil_div(g.C, BN));
-  const ActivationView y = output_view(gout, yout);
   auto launch = [&](auto kernel) {
     launch_kernel("unpool_conv_grad_input_kernel", grid, kTileThreads, stream, kernel,
-                  reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<const T*>(yout),
-                  reinterpret_cast<const T*>(wp), reinterpret_cast<T*>(dx.ptr), g, strides_of(gout), strides_of(dx));
+                  reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<const T*>(wp), reinterpret_cast<T*>(dx.ptr), g,
+                  strides_of(gout), strides_of(dx));
   };
   // Flattened (tap, o) pairs pay with element-by-element gathers: worth it where channel chunks would be at
   // least half padding (16 output channels fill a chunk and keep their 16-byte loads).
@@ -100,23 +98,23 @@ void launch_grad_input(const ActivationView& gout, uintptr_t yout, uintptr_t wp,
     launch(unpool_conv_grad_input_kernel<T, kTf32, BM, BN, 1, true>);
     return;
   }
-  dispatch_vector<T>({{&gout, g.O}, {&y, g.O}}, [&](auto vec) {
+  dispatch_vector<T>({{&gout, g.O}}, [&](auto vec) {
     launch(unpool_conv_grad_input_kernel<T, kTf32, BM, BN, decltype(vec)::value, false>);
   });
 }
 
 }  // namespace
 
-void unpool_conv_grad_input(ActivationView g, uintptr_t y, uintptr_t wp, ActivationView dx, int N, int C, int H, int W,
-                            int O, int KH, int KW, int PH, int PW, int dtype, int tf32, uintptr_t stream) {
+void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, int N, int C, int H, int W, int O, int KH,
+                            int KW, int PH, int PW, int dtype, int tf32, uintptr_t stream) {
   const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
   dispatch_multiply(dtype, tf32, "unpool_conv_grad_input", [&](auto tag, auto use_tf32) {
     using T = typename decltype(tag)::type;
     constexpr bool kTf32 = decltype(use_tf32)::value;
     if (C <= 16) {
-      launch_grad_input<T, kTf32, 256, 16>(g, y, wp, dx, geo, to_stream(stream));
+      launch_grad_input<T, kTf32, 256, 16>(g, wp, dx, geo, to_stream(stream));
     } else {
-      launch_grad_input<T, kTf32, 64, 64>(g, y, wp, dx, geo, to_stream(stream));
+      launch_grad_input<T, kTf32, 64, 64>(g, wp, dx, geo, to_stream(stream));
     }
   });
 }

@@ -1,7 +1,7 @@
 // Unpool-conv grad weight, split partial sums: for each phase (A, B), tap (ty, tx) of its window and
 // split s of its output positions, ws[s, A, B, ty, tx, c, o] = sum over positions (n, io, jo) in the split
-// of x[n, io + row start + ty, jo + col start + tx, c] * g[n, 2 io + A, 2 jo + B, o]; grad bias partials
-// ride along in the blocks of each phase's first tap (design: unpool_conv_common.cuh).
+// of x[n, io + row start + ty, jo + col start + tx, c] * g[n, 2 io + A, 2 jo + B, o] (design:
+// unpool_conv_common.cuh).
 #include "cuda_check.h"
 #include "unpool_conv_common.cuh"
 
@@ -10,16 +10,14 @@ namespace {
 
 template <typename T, bool kTf32, int BM, int BN, int kVec>
 __global__ void __launch_bounds__(kTileThreads)
-    unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, const T* __restrict__ yout,
-                                   float* __restrict__ ws, float* __restrict__ bias_ws, Geometry g, Strides xs,
-                                   Strides gs, int chunk) {
+    unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, float* __restrict__ ws,
+                                   Geometry g, Strides xs, Strides gs, int chunk) {
   using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
   struct Staged {
-    TileLoad<T, kTileK, BM, kVec> a;      // input [k][c]: c runs along its channels
-    GradTileLoad<T, kTileK, BN, kVec> b;  // grad_out [k][o]: o runs along its channels
+    TileLoad<T, kTileK, BM, kVec> a;  // input [k][c]: c runs along its channels
+    TileLoad<T, kTileK, BN, kVec> b;  // grad_out [k][o]: o runs along its channels
   };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
-  const int tid = threadIdx.x;
   const int o_tiles = (g.O + BN - 1) / BN;
   const int c0 = (blockIdx.x / o_tiles) * BM, o0 = (blockIdx.x % o_tiles) * BN;
   const int split = blockIdx.z;
@@ -31,12 +29,9 @@ __global__ void __launch_bounds__(kTileThreads)
   const int64_t positions = static_cast<int64_t>(g.N) * rows * cols;
   const int64_t begin = static_cast<int64_t>(split) * chunk;
   const int64_t end = begin + chunk < positions ? begin + chunk : positions;
-  const bool sums_bias =
-      bias_ws != nullptr && c0 == 0 && ty == window_first(g.rows, A) && tx == window_first(g.cols, B);
 
   typename Mma::Acc acc;
   Mma::zero(acc);
-  float bias_sum = 0.0f;
   // Step s reduces over the phase's output positions begin + s * kTileK + k, k < kTileK.
   struct Position {
     int n, io, jo;
@@ -56,7 +51,7 @@ __global__ void __launch_bounds__(kTileThreads)
       return inside ? at.n * xs.n + r * xs.h + col * xs.w + ch * xs.c : kNoRun;
     });
     // B[k][o] = g[n, 2 io + A, 2 jo + B, o0 + o].
-    staged.b.fetch(gout, yout, [&](int k, int o) -> int64_t {
+    staged.b.fetch(gout, [&](int k, int o) -> int64_t {
       const Position at = position(s, k);
       const int oc = o0 + o;
       return at.inside && oc < g.O ? at.n * gs.n + (2 * at.io + A) * gs.h + (2 * at.jo + B) * gs.w + oc * gs.c : kNoRun;
@@ -64,15 +59,9 @@ __global__ void __launch_bounds__(kTileThreads)
   };
   auto stash = [&](int, const Staged& staged, int buf) {
     staged.a.stash([&](int k, int c, const auto& run) { put_run<false>(smem.tiles.a[buf], k, c, run); });
-    staged.b.stash(yout != nullptr,
-                   [&](int k, int o, const auto& run) { put_run<false>(smem.tiles.b[buf], k, o, run); });
+    staged.b.stash([&](int k, int o, const auto& run) { put_run<false>(smem.tiles.b[buf], k, o, run); });
   };
-  auto multiply = [&](int, int buf) {
-    if (sums_bias && tid < BN) {
-      for (int k = 0; k < kTileK; ++k) bias_sum += smem.tiles.b[buf].get(k, tid);
-    }
-    Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]);
-  };
+  auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
   pipelined_k_loop<Staged>(static_cast<int>((end - begin + kTileK - 1) / kTileK), fetch, stash, multiply);
 
   float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g) + packed_offset(g, ty, tx, 0, 0);
@@ -80,29 +69,25 @@ __global__ void __launch_bounds__(kTileThreads)
     const int ch = c0 + m, o = o0 + n;
     if (ch < g.C && o < g.O) out[static_cast<int64_t>(ch) * g.OP + o] = value;
   });
-  if (sums_bias && tid < BN && o0 + tid < g.O)
-    bias_ws[(static_cast<int64_t>(split) * 4 + p) * g.O + o0 + tid] = bias_sum;
 }
 
 template <typename T, bool kTf32, int BM, int BN>
-void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t yout, uintptr_t ws,
-                        uintptr_t bias_ws, const Geometry& g, int splits, int chunk, cudaStream_t stream) {
+void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t ws, const Geometry& g, int splits,
+                        int chunk, cudaStream_t stream) {
   const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), all_phase_taps(g), splits);
-  const ActivationView y = output_view(gout, yout);
-  dispatch_vector<T>({{&x, g.C}, {&gout, g.O}, {&y, g.O}}, [&](auto vec) {
+  dispatch_vector<T>({{&x, g.C}, {&gout, g.O}}, [&](auto vec) {
     launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream,
                   unpool_conv_grad_weight_kernel<T, kTf32, BM, BN, decltype(vec)::value>,
-                  reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr),
-                  reinterpret_cast<const T*>(yout), reinterpret_cast<float*>(ws), reinterpret_cast<float*>(bias_ws), g,
-                  strides_of(x), strides_of(gout), chunk);
+                  reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws),
+                  g, strides_of(x), strides_of(gout), chunk);
   });
 }
 
 }  // namespace
 
-void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t y, uintptr_t ws, uintptr_t bias_ws, int N,
-                             int C, int H, int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk,
-                             int dtype, int tf32, uintptr_t stream) {
+void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, int N, int C, int H, int W, int O,
+                             int KH, int KW, int PH, int PW, int splits, int chunk, int dtype, int tf32,
+                             uintptr_t stream) {
   if (splits < 1 || splits > 65535 || chunk < 1) {
     throw std::invalid_argument("unpool_conv_grad_weight: splits must lie in [1, 65535] and chunk be >= 1");
   }
@@ -111,9 +96,9 @@ void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t y, ui
     using T = typename decltype(tag)::type;
     constexpr bool kTf32 = decltype(use_tf32)::value;
     if (O <= 16) {
-      launch_grad_weight<T, kTf32, 64, 16>(x, g, y, ws, bias_ws, geo, splits, chunk, to_stream(stream));
+      launch_grad_weight<T, kTf32, 64, 16>(x, g, ws, geo, splits, chunk, to_stream(stream));
     } else {
-      launch_grad_weight<T, kTf32, 64, 64>(x, g, y, ws, bias_ws, geo, splits, chunk, to_stream(stream));
+      launch_grad_weight<T, kTf32, 64, 64>(x, g, ws, geo, splits, chunk, to_stream(stream));
     }
   });
 }

@@ -5,7 +5,6 @@
 //       x[n, r, c, ch] * g[n, 2 (r - rows.start - ty) + A, 2 (c - cols.start - tx) + B, o]
 // (zero where that output position is outside the phase's grid): the same sums as the per-tap kernel, but x
 // is read once per phase instead of once per tap, and the multiplies do not pad 1-3 channels to a tile.
-// Grad bias is left to the caller (input positions do not visit every output position once).
 #include "cuda_check.h"
 #include "unpool_conv_common.cuh"
 
@@ -16,12 +15,11 @@ namespace {
 template <typename T, bool kTf32, int BM, int BN, int kVec>
 __global__ void __launch_bounds__(kTileThreads, 2)
     unpool_conv_grad_weight_few_outputs_kernel(const T* __restrict__ x, const T* __restrict__ gout,
-                                               const T* __restrict__ yout, float* __restrict__ ws, Geometry g,
-                                               Strides xs, Strides gs, int chunk) {
+                                               float* __restrict__ ws, Geometry g, Strides xs, Strides gs, int chunk) {
   using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
   struct Staged {
     TileLoad<T, kTileK, BM, kVec> a;   // input [k][c]: c runs along its channels
-    GradTileLoad<T, kTileK, BN, 1> b;  // grad_out [k][(tap, o)]: a gather, element by element
+    TileLoad<T, kTileK, BN, 1> b;      // grad_out [k][(tap, o)]: a gather, element by element
   };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   const int pairs = g.rows.taps * g.cols.taps * g.O;
@@ -63,7 +61,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       return at.inside && ch < g.C ? at.n * xs.n + at.r * xs.h + at.c * xs.w + ch * xs.c : kNoRun;
     });
     // B[k][j] = g[n, 2 io + A, 2 jo + B, o] with io = r - rows.start - ty, jo = c - cols.start - tx.
-    staged.b.fetch(gout, yout, [&](int k, int j) -> int64_t {
+    staged.b.fetch(gout, [&](int k, int j) -> int64_t {
       const Position at = position(s, k);
       const Pair pr = pair(j);
       const int io = at.r - g.rows.start - pr.ty, jo = at.c - g.cols.start - pr.tx;
@@ -73,8 +71,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   };
   auto stash = [&](int, const Staged& staged, int buf) {
     staged.a.stash([&](int k, int c, const auto& run) { put_run<false>(smem.tiles.a[buf], k, c, run); });
-    staged.b.stash(yout != nullptr,
-                   [&](int k, int j, const auto& run) { put_run<false>(smem.tiles.b[buf], k, j, run); });
+    staged.b.stash([&](int k, int j, const auto& run) { put_run<false>(smem.tiles.b[buf], k, j, run); });
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
   pipelined_k_loop<Staged>(static_cast<int>((end - begin + kTileK - 1) / kTileK), fetch, stash, multiply);
@@ -88,24 +85,23 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 }
 
 template <typename T, bool kTf32, int BM, int BN>
-void launch(const ActivationView& x, const ActivationView& gout, uintptr_t yout, uintptr_t ws, const Geometry& g,
-            int splits, int chunk, cudaStream_t stream) {
+void launch(const ActivationView& x, const ActivationView& gout, uintptr_t ws, const Geometry& g, int splits, int chunk,
+            cudaStream_t stream) {
   const int pairs = g.rows.taps * g.cols.taps * g.O;
   const dim3 grid(ceil_div(g.C, BM) * ceil_div(pairs, BN), 4, splits);
   dispatch_vector<T>({{&x, g.C}}, [&](auto vec) {
     launch_kernel("unpool_conv_grad_weight_few_outputs_kernel", grid, kTileThreads, stream,
                   unpool_conv_grad_weight_few_outputs_kernel<T, kTf32, BM, BN, decltype(vec)::value>,
-                  reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr),
-                  reinterpret_cast<const T*>(yout), reinterpret_cast<float*>(ws), g, strides_of(x), strides_of(gout),
-                  chunk);
+                  reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws),
+                  g, strides_of(x), strides_of(gout), chunk);
   });
 }
 
 }  // namespace
 
-void unpool_conv_grad_weight_few_outputs(ActivationView x, ActivationView g, uintptr_t y, uintptr_t ws, int N, int C,
-                                         int H, int W, int O, int KH, int KW, int PH, int PW, int splits, int chunk,
-                                         int dtype, int tf32, uintptr_t stream) {
+void unpool_conv_grad_weight_few_outputs(ActivationView x, ActivationView g, uintptr_t ws, int N, int C, int H, int W,
+                                         int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype,
+                                         int tf32, uintptr_t stream) {
   if (splits < 1 || splits > 65535 || chunk < 1) {
     throw std::invalid_argument("unpool_conv_grad_weight_few_outputs: splits must lie in [1, 65535] and chunk be >= 1");
   }
@@ -115,9 +111,9 @@ void unpool_conv_grad_weight_few_outputs(ActivationView x, ActivationView g, uin
     using T = typename decltype(tag)::type;
     constexpr bool kTf32 = decltype(use_tf32)::value;
     if (pairs <= 16) {
-      launch<T, kTf32, 64, 16>(x, g, y, ws, geo, splits, chunk, to_stream(stream));
+      launch<T, kTf32, 64, 16>(x, g, ws, geo, splits, chunk, to_stream(stream));
     } else {
-      launch<T, kTf32, 64, 64>(x, g, y, ws, geo, splits, chunk, to_stream(stream));
+      launch<T, kTf32, 64, 64>(x, g, ws, geo, splits, chunk, to_stream(stream));
     }
   });
 }

@@ -34,36 +34,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dw[o, c, u, v] = sum over splits s and phases (A, B) of ws[s, A, B, tap of u, tap of v, c, o];
-// then db[o] = sum over s and phases of bias_ws[s, phase, o]. Fixed order: deterministic.
+// dw[o, c, u, v] = sum over splits s and phases (A, B) of ws[s, A, B, tap of u, tap of v, c, o]. Fixed order:
+// deterministic.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    finalize_grad_weight_kernel(const float* __restrict__ ws, const float* __restrict__ bias_ws, T* __restrict__ dw,
-                                T* __restrict__ db, Geometry g, int KH, int KW, int PH, int PW, int splits) {
-  const int64_t weights = static_cast<int64_t>(g.O) * g.C * KH * KW;
-  const int64_t total = weights + (db != nullptr ? g.O : 0);
+    finalize_grad_weight_kernel(const float* __restrict__ ws, T* __restrict__ dw, Geometry g, int KH, int KW, int PH,
+                                int PW, int splits) {
+  const int64_t total = static_cast<int64_t>(g.O) * g.C * KH * KW;
   const int64_t phase_size = packed_phase_size(g);
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int v = static_cast<int>(idx % KW), u = static_cast<int>(idx / KW % KH);
+    const int c = static_cast<int>(idx / (KW * KH) % g.C),
+              o = static_cast<int>(idx / (static_cast<int64_t>(KW) * KH * g.C));
     float sum = 0.0f;
-    if (idx < weights) {
-      const int v = static_cast<int>(idx % KW), u = static_cast<int>(idx / KW % KH);
-      const int c = static_cast<int>(idx / (KW * KH) % g.C),
-                o = static_cast<int>(idx / (static_cast<int64_t>(KW) * KH * g.C));
-      for (int s = 0; s < splits; ++s) {
-        for (int p = 0; p < 4; ++p) {
-          const int ty = union_tap(g.rows, p / 2, u, PH), tx = union_tap(g.cols, p % 2, v, PW);
-          sum += ws[(static_cast<int64_t>(s) * 4 + p) * phase_size + packed_offset(g, ty, tx, c, o)];
-        }
+    for (int s = 0; s < splits; ++s) {
+      for (int p = 0; p < 4; ++p) {
+        const int ty = union_tap(g.rows, p / 2, u, PH), tx = union_tap(g.cols, p % 2, v, PW);
+        sum += ws[(static_cast<int64_t>(s) * 4 + p) * phase_size + packed_offset(g, ty, tx, c, o)];
       }
-      dw[idx] = from_float<T>(sum);
-    } else {
-      const int o = static_cast<int>(idx - weights);
-      for (int s = 0; s < splits; ++s) {
-        for (int p = 0; p < 4; ++p) sum += bias_ws[(static_cast<int64_t>(s) * 4 + p) * g.O + o];
-      }
-      db[o] = from_float<T>(sum);
     }
+    dw[idx] = from_float<T>(sum);
   }
 }
 
@@ -86,15 +77,14 @@ void unpool_conv_pack_weight(uintptr_t weight, uintptr_t wp, int O, int C, int K
   });
 }
 
-void unpool_conv_finalize_grad_weight(uintptr_t ws, uintptr_t bias_ws, uintptr_t dw, uintptr_t db, int O, int C, int KH,
-                                      int KW, int PH, int PW, int splits, int dtype, uintptr_t stream) {
+void unpool_conv_finalize_grad_weight(uintptr_t ws, uintptr_t dw, int O, int C, int KH, int KW, int PH, int PW,
+                                      int splits, int dtype, uintptr_t stream) {
   const Geometry g = make_geometry(1, C, 1, 1, O, KH, KW, PH, PW);
-  const int64_t total = static_cast<int64_t>(O) * C * KH * KW + (db != 0 ? O : 0);
+  const int64_t total = static_cast<int64_t>(O) * C * KH * KW;
   dispatch_dtype(dtype, "unpool_conv_finalize_grad_weight", [&](auto tag) {
     using T = typename decltype(tag)::type;
     launch_kernel("finalize_grad_weight_kernel", grid_for(total), kThreads, to_stream(stream),
-                  finalize_grad_weight_kernel<T>, reinterpret_cast<const float*>(ws),
-                  reinterpret_cast<const float*>(bias_ws), reinterpret_cast<T*>(dw), reinterpret_cast<T*>(db), g, KH,
+                  finalize_grad_weight_kernel<T>, reinterpret_cast<const float*>(ws), reinterpret_cast<T*>(dw), g, KH,
                   KW, PH, PW, splits);
   });
 }

@@ -13,9 +13,8 @@ import torch
 from dcign_fast.kernels import cuda, device_guard
 from dcign_fast.kernels.unpool_conv_common import (
     FEW_OUTPUTS,
+    backward_grad_and_bias,
     check_kernel_args,
-    grad_and_output_alike,
-    masked_grad_sum,
     nhwc,
     uses_tf32,
 )
@@ -115,41 +114,30 @@ def unpool_conv2d_cuda_backward(
     ho, wo = grad_out.shape[2:]
     ph, pw = padding
     lib, code, tf32, stream = cuda.load(x.device), cuda.dtype_code(x), int(uses_tf32(x.dtype)), cuda.stream(x.device)
+    g, grad_bias = backward_grad_and_bias(grad_out, out, activation, has_bias)
     with device_guard(x.device):
-        g, y = grad_and_output_alike(grad_out, out if activation == "relu" else None)  # the kernels mask g by y
-        y_ptr, wp = 0 if y is None else y.data_ptr(), _pack_weight(weight, padding)
+        wp = _pack_weight(weight, padding)
         grad_x = torch.empty_like(x)
         if grad_x.numel() and g.numel():
             lib.unpool_conv_grad_input(
-                _view(g), y_ptr, wp.data_ptr(), _view(grad_x), n, c_in, h, w, c_out, kh, kw, ph, pw, code, tf32, stream
+                _view(g), wp.data_ptr(), _view(grad_x), n, c_in, h, w, c_out, kh, kw, ph, pw, code, tf32, stream
             )
         elif grad_x.numel():
             grad_x.zero_()
         x_nhwc, taps = nhwc(x), wp.shape[2] * wp.shape[3]  # union taps: at least any phase's
         few_outputs = c_out <= FEW_OUTPUTS
-        if few_outputs:  # per phase, over input positions, (tap, C_out) pairs side by side; grad bias apart
+        if few_outputs:  # per phase, over input positions, (tap, C_out) pairs side by side
             splits, chunk = _grad_weight_splits(n * h * w, c_in, taps * c_out, 4, x.device)
-            bias_ws = None
         else:  # per (phase, tap), over the phase's output positions
             splits, chunk = _grad_weight_splits(n * ((ho + 1) // 2) * ((wo + 1) // 2), c_in, c_out, taps, x.device)
-            bias_ws = torch.empty((splits, 4, c_out), dtype=torch.float32, device=x.device) if has_bias else None
         ws = torch.empty((splits, *wp.shape), dtype=torch.float32, device=x.device)
-        if few_outputs:
-            lib.unpool_conv_grad_weight_few_outputs(
-                _view(x_nhwc), _view(g), y_ptr, ws.data_ptr(), n, c_in, h, w, c_out, kh, kw, ph, pw, splits,
-                max(1, chunk), code, tf32, stream,
-            )  # fmt: skip
-        else:
-            lib.unpool_conv_grad_weight(
-                _view(x_nhwc), _view(g), y_ptr, ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(),
-                n, c_in, h, w, c_out, kh, kw, ph, pw, splits, max(1, chunk), code, tf32, stream,
-            )  # fmt: skip
-        grad_weight = torch.empty((c_out, c_in, kh, kw), dtype=x.dtype, device=x.device)
-        grad_bias = torch.empty((c_out,), dtype=x.dtype, device=x.device) if bias_ws is not None else None
-        lib.unpool_conv_finalize_grad_weight(
-            ws.data_ptr(), 0 if bias_ws is None else bias_ws.data_ptr(), grad_weight.data_ptr(),
-            0 if grad_bias is None else grad_bias.data_ptr(), c_out, c_in, kh, kw, ph, pw, splits, code, stream,
+        launch = lib.unpool_conv_grad_weight_few_outputs if few_outputs else lib.unpool_conv_grad_weight
+        launch(
+            _view(x_nhwc), _view(g), ws.data_ptr(), n, c_in, h, w, c_out, kh, kw, ph, pw, splits, max(1, chunk),
+            code, tf32, stream,
         )  # fmt: skip
-        if few_outputs and has_bias:
-            grad_bias = masked_grad_sum(g, y).to(x.dtype)
+        grad_weight = torch.empty((c_out, c_in, kh, kw), dtype=x.dtype, device=x.device)
+        lib.unpool_conv_finalize_grad_weight(
+            ws.data_ptr(), grad_weight.data_ptr(), c_out, c_in, kh, kw, ph, pw, splits, code, stream
+        )
     return grad_x, grad_weight, grad_bias

@@ -21,7 +21,7 @@ TRITON_INDEX_LIMIT = 2**31 - 2**16
 
 # At most this many output channels (a decoder's image layer has 1 to 3), the grad-weight GEMMs pair every input
 # pixel with the grad_out pixel of each (tap, output channel) instead of running tap by tap: a per-tap GEMM would
-# be mostly padding and read x once per tap. (Grad bias is then summed apart.)
+# be mostly padding and read x once per tap.
 FEW_OUTPUTS = 16
 
 
@@ -97,28 +97,20 @@ def nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def grad_and_output_alike(grad_out: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad_out, out) for the kernel backends' ReLU backward, which read both at the same offsets: NHWC with
-    one set of strides (extent-1 dimensions aside: they are never stepped along). out None (no ReLU) stays
-    None."""
-    g = nhwc(grad_out)
-    if out is None:
-        return g, None
-    y = nhwc(out)
-    if any(a != b for a, b, size in zip(g.stride(), y.stride(), g.shape) if size != 1):
-        g, y = (t.contiguous(memory_format=torch.channels_last) for t in (g, y))
-    return g, y
-
-
 def relu_backward(grad: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """``grad`` back through a fused ReLU whose output was ``out`` (None: no ReLU): torch's own ReLU backward,
     zero where out <= 0, so that a NaN output passes its gradient on as it does after F.relu."""
     return grad if out is None else torch.ops.aten.threshold_backward(grad, out, 0)
 
 
-def masked_grad_sum(grad_out: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """float32 [O]: grad_out summed over the batch and pixels, not counted where ``out`` <= 0 (the fused ReLU's
-    mask, as in :func:`relu_backward`; ``out`` None: no ReLU) - the grad bias of the cuda backend's
-    few-outputs grad-weight kernels."""
-    masked = relu_backward(grad_out, out)
-    return masked.sum((0, 2, 3), dtype=torch.float32)
+def backward_grad_and_bias(
+    grad_out: torch.Tensor, out: torch.Tensor | None, activation: str | None, has_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad_out back through the fused activation, NHWC: what both kernel backends' backward GEMMs read;
+    grad bias in grad_out's dtype, summed in float32, or None without a bias). ``out`` is the forward's output
+    (read only for ``activation="relu"``).
+
+    The ReLU's mask is applied in this one pass rather than in the GEMMs, which would load each grad_out tile
+    once per tap together with the output tile, and could not copy it straight into shared memory."""
+    g = nhwc(relu_backward(grad_out, out if activation == "relu" else None))
+    return g, (g.sum((0, 2, 3), dtype=torch.float32).to(g.dtype) if has_bias else None)

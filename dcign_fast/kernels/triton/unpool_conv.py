@@ -53,10 +53,10 @@ from dcign_fast.kernels.triton.unpool_conv_layout import unions
 from dcign_fast.kernels.triton.unpool_conv_weights import pack_weight
 from dcign_fast.kernels.unpool_conv_common import (
     TRITON_INDEX_LIMIT,
+    backward_grad_and_bias,
     check_kernel_args,
     image_span,
     nhwc,
-    relu_backward,
     triton_index_reason,
 )
 from dcign_fast.ops.unpool_conv import empty_output
@@ -106,9 +106,7 @@ def unpool_conv2d_triton_backward(
     """
     check_kernel_args("triton", x, weight, scale_factor, activation)  # (a direct op call skips the forward's)
     rows, cols = unions(*weight.shape[2:], *padding)
-    # The ReLU's mask in one pass up front: the GEMMs read each grad_out tile once per tap, and a tile they
-    # would mask as they load it could not be copied straight into shared memory.
-    g = nhwc(relu_backward(grad_out, out if activation == "relu" else None))
+    g, grad_bias = backward_grad_and_bias(grad_out, out, activation, has_bias)
     with device_guard(x.device):
         # Like x, unless x's strides spread an image past int32 offsets (nhwc copies such an x, too).
         wide = image_span(x) > TRITON_INDEX_LIMIT
@@ -116,5 +114,4 @@ def unpool_conv2d_triton_backward(
         if grad_x.numel():
             launch_grad_input(g, pack_weight(weight, rows, cols, "out"), grad_x, rows, cols)
         grad_weight = launch_grad_weight(nhwc(x), g, weight, rows, cols)
-    grad_bias = g.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype) if has_bias else None
     return grad_x, grad_weight, grad_bias
