@@ -3,10 +3,11 @@
 //
 //   __shared__ typename Mma::ATile a;    a.put(k, m, v): operand A[m][k] of the current K step
 //   __shared__ typename Mma::BTile b;    b.put(k, n, v): operand B[k][n]
-//   put_run<along_k>(tile, k, i, run)    a run of elements along k or along m (n) at once (see there)
+//   put_run<along_k>(tile, k, i, run)    a run of elements along k or along m (n) at once (see there); the
+//                                        kernel picks how tensor-core tiles store A and B (Runs) to match
 //   __shared__ typename Mma::Scratch s;  staging of results (tensor cores only)
 //   typename Mma::Acc acc; Mma::zero(acc)  this thread's (or warp's) share of the BM x BN float32 result
-//   Mma::multiply(acc, a, b)             acc += A B over one K step of kTileK (after a barrier)
+//   Mma::multiply(acc, a, b)             acc += A B over one K step of Mma::kK (after a barrier)
 //   Mma::for_each(acc, s, f)             f(m, n, value) once for every element of the result (block-uniform)
 //
 // SimtMma: exact float32 on SIMT cores; every thread owns rows tm + 16 i and columns tn + 16 j of the result.
@@ -23,20 +24,26 @@
 namespace dcign {
 
 constexpr int kTileThreads = 256;
-constexpr int kTileK = 16;
 constexpr int kWarps = kTileThreads / 32;
 
-template <int BM, int BN>
+// The K step of a kernel's 64 x 64 tiles for storage T: 32 for 16-bit operands, whose tiles then still fit
+// the forward's four products in 48 KiB of static shared memory; 16 for float32's 4-byte ones. A longer step
+// spends the loop's fixed work (barrier, tap and chunk arithmetic) on twice the multiplies.
+template <typename T>
+constexpr int kWideStepK = sizeof(T) == 2 ? 32 : 16;
+
+template <int BM, int BN, int BK>
 struct SimtMma {
+  static constexpr int kK = BK;
   // Rows padded by one word against bank conflicts: no run of elements is 16-byte aligned.
   struct ATile {
     static constexpr bool kRunsAlongK = false, kRunsAcross = false;
-    float v[kTileK][BM + 1];
+    float v[BK][BM + 1];
     __device__ __forceinline__ void put(int k, int m, float x) { v[k][m] = x; }
   };
   struct BTile {
     static constexpr bool kRunsAlongK = false, kRunsAcross = false;
-    float v[kTileK][BN + 1];
+    float v[BK][BN + 1];
     __device__ __forceinline__ void put(int k, int n, float x) { v[k][n] = x; }
   };
   struct Scratch {};
@@ -57,7 +64,7 @@ struct SimtMma {
   __device__ __forceinline__ static void multiply(Acc& acc, const ATile& a, const BTile& b) {
     const int tn = threadIdx.x % 16, tm = threadIdx.x / 16;
 #pragma unroll
-    for (int k = 0; k < kTileK; ++k) {
+    for (int k = 0; k < BK; ++k) {
       float av[BM / 16], bv[BN / 16];
 #pragma unroll
       for (int i = 0; i < BM / 16; ++i) av[i] = a.v[k][tm + 16 * i];
@@ -95,31 +102,39 @@ struct WmmaOperand<float> {
   static constexpr int kK = 8;
 };
 
-template <typename T, int BM, int BN>
+// How an operand tile is stored, chosen by each kernel so that the runs its TileLoads fetch are contiguous
+// in the tile (put_run then stores each as one 16-byte vector): kAlongK stores [m][k] (A) or [n][k] (B),
+// runs along k; kAcross stores [k][m] or [k][n], runs along m or n.
+enum class Runs { kAlongK, kAcross };
+
+// One tensor-core operand tile: ROWS (M or N) x BK elements of T stored as Runs says, the inner index padded
+// by 16 bytes against bank conflicts (wmma wants the leading dimension a multiple of 16 bytes and every
+// fragment start 32-byte aligned: 16-row and kFragK-row steps of 16 bytes plus a multiple of 32).
+template <typename T, int ROWS, int BK, Runs kRuns>
+struct alignas(32) WmmaTile {
+  static constexpr bool kRunsAlongK = kRuns == Runs::kAlongK, kRunsAcross = !kRunsAlongK;
+  static constexpr int kLd = (kRunsAlongK ? BK : ROWS) + 16 / static_cast<int>(sizeof(T));
+  T v[kRunsAlongK ? ROWS : BK][kLd];
+  __device__ __forceinline__ T* address(int k, int i) { return kRunsAlongK ? &v[i][k] : &v[k][i]; }
+  __device__ __forceinline__ const T* address(int k, int i) const { return kRunsAlongK ? &v[i][k] : &v[k][i]; }
+  __device__ __forceinline__ void put(int k, int i, float x) { *address(k, i) = from_float<T>(x); }
+};
+
+template <typename T, int BM, int BN, int BK, Runs kRunsA, Runs kRunsB>
 struct WmmaMma {
+  static constexpr int kK = BK;
   static constexpr int kFragments = (BM / 16) * (BN / 16);
   static constexpr int kPerWarp = (kFragments + kWarps - 1) / kWarps;
   static constexpr int kFragK = WmmaOperand<T>::kK;
-  // Leading dimensions padded by 16 bytes against bank conflicts; wmma wants them a multiple of 16 bytes,
-  // and every fragment start 32-byte aligned (16-row and kFragK-row steps of 16 bytes plus a multiple of 32).
-  static constexpr int kPad = 16 / static_cast<int>(sizeof(T));
-  static constexpr int kLdA = kTileK + kPad, kLdB = BN + kPad, kLdScratch = 16 + 4;
+  static constexpr int kLdScratch = 16 + 4;
   using Operand = typename WmmaOperand<T>::type;
   using Fragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kFragK, float>;
-
-  // A is stored [m][k], B [k][n]: runs along k of A and along n of B are contiguous (rows are whole 16 bytes).
-  struct alignas(32) ATile {
-    static constexpr bool kRunsAlongK = true, kRunsAcross = false;
-    T v[BM][kLdA];
-    __device__ __forceinline__ void put(int k, int m, float x) { v[m][k] = from_float<T>(x); }
-    __device__ __forceinline__ T* address(int k, int m) { return &v[m][k]; }
-  };
-  struct alignas(32) BTile {
-    static constexpr bool kRunsAlongK = false, kRunsAcross = true;
-    T v[kTileK][kLdB];
-    __device__ __forceinline__ void put(int k, int n, float x) { v[k][n] = from_float<T>(x); }
-    __device__ __forceinline__ T* address(int k, int n) { return &v[k][n]; }
-  };
+  using ATile = WmmaTile<T, BM, BK, kRunsA>;
+  using BTile = WmmaTile<T, BN, BK, kRunsB>;
+  // wmma's names for the storage orders: A is m x k and B is k x n, so a tile stored [i][k] is row-major as A
+  // and column-major as B.
+  using LayoutA = std::conditional_t<kRunsA == Runs::kAlongK, nvcuda::wmma::row_major, nvcuda::wmma::col_major>;
+  using LayoutB = std::conditional_t<kRunsB == Runs::kAlongK, nvcuda::wmma::col_major, nvcuda::wmma::row_major>;
   struct alignas(32) Scratch {
     float v[kWarps][16][kLdScratch];
   };
@@ -143,21 +158,25 @@ struct WmmaMma {
     }
   }
 
+  // Fragments w, w + kWarps, ... of warp w lie in one column of fragments (the column count divides kWarps):
+  // the warp loads B's fragment once per K step for all of them.
+  static_assert(kWarps % (BN / 16) == 0, "a warp's fragments share their column");
+
   __device__ __forceinline__ static void multiply(Acc& acc, const ATile& a, const BTile& b) {
     using namespace nvcuda::wmma;
+    const int col = fragment_of(0) % (BN / 16);
 #pragma unroll
-    for (int i = 0; i < kPerWarp; ++i) {
-      const int f = fragment_of(i);
-      if (kFragments % kWarps != 0 && f >= kFragments) break;
-      const int row = f / (BN / 16), col = f % (BN / 16);
+    for (int k = 0; k < BK; k += kFragK) {
+      fragment<matrix_b, 16, 16, kFragK, Operand, LayoutB> fb;
+      load_matrix_sync(fb, b.address(k, 16 * col), BTile::kLd);
+      round_operand(fb);
 #pragma unroll
-      for (int k = 0; k < kTileK; k += kFragK) {
-        fragment<matrix_a, 16, 16, kFragK, Operand, row_major> fa;
-        fragment<matrix_b, 16, 16, kFragK, Operand, row_major> fb;
-        load_matrix_sync(fa, &a.v[16 * row][k], kLdA);
-        load_matrix_sync(fb, &b.v[k][16 * col], kLdB);
+      for (int i = 0; i < kPerWarp; ++i) {
+        const int f = fragment_of(i);
+        if (kFragments % kWarps != 0 && f >= kFragments) break;
+        fragment<matrix_a, 16, 16, kFragK, Operand, LayoutA> fa;
+        load_matrix_sync(fa, a.address(k, 16 * (f / (BN / 16))), ATile::kLd);
         round_operand(fa);
-        round_operand(fb);
         mma_sync(acc.v[i], fa, fb, acc.v[i]);
       }
     }
@@ -196,13 +215,14 @@ __device__ __forceinline__ void put_run(Tile& tile, int k, int i, const Packed<T
 
 // The multiply of storage T: 16-bit storage on tensor cores; float32 on SIMT cores (exact), or on tensor cores
 // in TF32 when kTf32 (as cuDNN does when torch.backends.cudnn.allow_tf32 is set).
-template <typename T, bool kTf32, int BM, int BN>
+// kRunsA, kRunsB: how the tensor-core tiles store A and B (SIMT tiles store both one way, element by element).
+template <typename T, bool kTf32, int BM, int BN, int BK, Runs kRunsA, Runs kRunsB>
 struct MmaFor {
-  using type = WmmaMma<T, BM, BN>;
+  using type = WmmaMma<T, BM, BN, BK, kRunsA, kRunsB>;
 };
-template <int BM, int BN>
-struct MmaFor<float, false, BM, BN> {
-  using type = SimtMma<BM, BN>;
+template <int BM, int BN, int BK, Runs kRunsA, Runs kRunsB>
+struct MmaFor<float, false, BM, BN, BK, kRunsA, kRunsB> {
+  using type = SimtMma<BM, BN, BK>;
 };
 
 }  // namespace dcign

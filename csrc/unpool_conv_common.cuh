@@ -1,7 +1,7 @@
 // Shared pieces of the unpool-conv kernels (scale factor 2).
 //
 // Design: each kernel is an implicit GEMM with float32 accumulation. A block of 256 threads owns a
-// BM x BN output tile; the reduction runs kTileK at a time through double-buffered shared-memory operand
+// BM x BN output tile; the reduction runs BK at a time through double-buffered shared-memory operand
 // tiles (pipelined_k_loop: the next step's global loads overlap this step's multiplies), multiplied by the
 // policy of tile_mma.cuh: tensor cores (wmma) for bf16 / fp16 and, under TF32, float32; SIMT cores for exact
 // float32. Operand tiles load in 16-byte vectors where the tensors allow (TileLoad).

@@ -8,16 +8,16 @@
 namespace dcign {
 namespace {
 
-template <typename T, bool kTf32, int BM, int BN, int kVec, bool kPhasesInN>
+template <typename T, bool kTf32, int BM, int BN, int BK, int kVec, bool kPhasesInN>
 __global__ void __launch_bounds__(kTileThreads, 1)
     unpool_conv_forward_kernel(const T* __restrict__ x, const T* __restrict__ wp, const T* __restrict__ bias,
                                T* __restrict__ y, Geometry g, Strides xs, Strides ys, int relu) {
-  using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
+  using Mma = typename MmaFor<T, kTf32, BM, BN, BK, Runs::kAlongK, Runs::kAcross>::type;
   constexpr int kProducts = kPhasesInN ? 1 : 4;  // one product per phase, or one for all four
   struct Staged {
-    TileLoad<T, BM, kTileK, kVec> a;  // input [m][k]: k runs along the channels
+    TileLoad<T, BM, BK, kVec> a;  // input [m][k]: k runs along the channels
     // packed weight [k][n]: n runs along the padded channels (gathered across phases with kPhasesInN)
-    TileLoad<T, kTileK, BN, kPhasesInN ? 1 : kVecOf<T>> w[kProducts];
+    TileLoad<T, BK, BN, kPhasesInN ? 1 : kVecOf<T>> w[kProducts];
   };
   struct Tiles {
     typename Mma::ATile a[2];
@@ -47,9 +47,9 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   };
   __syncthreads();
 
-  // Step s: union tap s / chunks in row-major (ty, tx) order, input channels from (s % chunks) * kTileK.
+  // Step s: union tap s / chunks in row-major (ty, tx) order, input channels from (s % chunks) * BK.
   const int64_t phase_size = packed_phase_size(g);
-  const int chunks = (g.C + kTileK - 1) / kTileK;
+  const int chunks = (g.C + BK - 1) / BK;
   auto tap_of = [&](int s, int& ty, int& tx) {
     ty = s / chunks / g.cols.taps;
     tx = s / chunks % g.cols.taps;
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   auto fetch = [&](int s, Staged& staged) {
     int ty, tx;
     tap_of(s, ty, tx);
-    const int c0 = s % chunks * kTileK, dr = g.rows.start + ty, dc = g.cols.start + tx;
+    const int c0 = s % chunks * BK, dr = g.rows.start + ty, dc = g.cols.start + tx;
     // A[m][k] = x[n, i + dr, j + dc, c0 + k].
     staged.a.fetch(x, [&](int m, int k) -> int64_t {
       const int r = pos_i[m] + dr, c = pos_j[m] + dc, ch = c0 + k;
@@ -111,14 +111,14 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   }
 }
 
-template <typename T, bool kTf32, int BM, int BN, bool kPhasesInN>
+template <typename T, bool kTf32, int BM, int BN, int BK, bool kPhasesInN>
 void launch_forward(const ActivationView& x, uintptr_t wp, uintptr_t bias, const ActivationView& y, const Geometry& g,
                     int relu, cudaStream_t stream) {
   const int64_t positions = static_cast<int64_t>(g.N) * ((g.HO + 1) / 2) * ((g.WO + 1) / 2);
   const dim3 grid(ceil_div(positions, BM), ceil_div(kPhasesInN ? 4 * g.O : g.O, BN));
   dispatch_vector<T>({{&x, g.C}}, [&](auto vec) {
     launch_kernel("unpool_conv_forward_kernel", grid, kTileThreads, stream,
-                  unpool_conv_forward_kernel<T, kTf32, BM, BN, decltype(vec)::value, kPhasesInN>,
+                  unpool_conv_forward_kernel<T, kTf32, BM, BN, BK, decltype(vec)::value, kPhasesInN>,
                   reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(wp), reinterpret_cast<const T*>(bias),
                   reinterpret_cast<T*>(y.ptr), g, strides_of(x), strides_of(y), relu);
   });
@@ -146,11 +146,11 @@ void unpool_conv_forward(ActivationView x, uintptr_t wp, uintptr_t bias, Activat
     // hold 4-byte operands in a tensor-core layout: half as tall, to fit in static shared memory.
     constexpr int kTall = kTf32 ? 128 : 256;
     if (4 * O <= 16 && shares_window(g)) {  // the four phases fit one product's 16 columns
-      launch_forward<T, kTf32, kTall, 16, true>(x, wp, bias, y, g, relu, to_stream(stream));
+      launch_forward<T, kTf32, kTall, 16, 16, true>(x, wp, bias, y, g, relu, to_stream(stream));
     } else if (O <= 16) {
-      launch_forward<T, kTf32, kTall, 16, false>(x, wp, bias, y, g, relu, to_stream(stream));
+      launch_forward<T, kTf32, kTall, 16, 16, false>(x, wp, bias, y, g, relu, to_stream(stream));
     } else {
-      launch_forward<T, kTf32, 64, 64, false>(x, wp, bias, y, g, relu, to_stream(stream));
+      launch_forward<T, kTf32, 64, 64, kWideStepK<T>, false>(x, wp, bias, y, g, relu, to_stream(stream));
     }
   });
 }

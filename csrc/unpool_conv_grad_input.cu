@@ -1,8 +1,8 @@
 // Unpool-conv grad input: dx[n, i, j, c] = sum over phases (A, B), their taps (ty, tx) and C_out of
 // g[n, 2 io + A, 2 jo + B, o] * wp[A, B, ty, tx, c, o], with io = i - (row start + ty), jo likewise
-// (design: unpool_conv_common.cuh). With kTapsInK (at most kTileK / 2 output channels, an image layer) the
-// reduction runs over (phase tap, o) pairs flattened, kTileK of them per step, instead of over taps and then
-// channel chunks of kTileK that 1 to 3 channels would mostly pad: both operands are then gathered element by
+// (design: unpool_conv_common.cuh). With kTapsInK (at most kPairsInKChannels output channels, an image layer)
+// the reduction runs over (phase tap, o) pairs flattened, BK of them per step, instead of over taps and then
+// channel chunks of BK that 1 to 3 channels would mostly pad: both operands are then gathered element by
 // element.
 #include "cuda_check.h"
 #include "unpool_conv_common.cuh"
@@ -10,14 +10,18 @@
 namespace dcign {
 namespace {
 
-template <typename T, bool kTf32, int BM, int BN, int kVec, bool kTapsInK>
+// Output channels up to which the reduction runs over (tap, channel) pairs: a chunk of 16 channels or more
+// keeps its 16-byte loads.
+constexpr int kPairsInKChannels = 8;
+
+template <typename T, bool kTf32, int BM, int BN, int BK, int kVec, bool kTapsInK>
 __global__ void __launch_bounds__(kTileThreads, 1)
     unpool_conv_grad_input_kernel(const T* __restrict__ gout, const T* __restrict__ wp, T* __restrict__ dx, Geometry g,
                                   Strides gs, Strides xs) {
-  using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
+  using Mma = typename MmaFor<T, kTf32, BM, BN, BK, Runs::kAlongK, Runs::kAlongK>::type;
   struct Staged {
-    TileLoad<T, BM, kTileK, kVec> a;                      // grad_out [m][k]: k runs along its channels
-    TileLoad<T, BN, kTileK, kTapsInK ? 1 : kVecOf<T>> b;  // packed weight [n][k]: along the padded channels
+    TileLoad<T, BM, BK, kVec> a;                      // grad_out [m][k]: k runs along its channels
+    TileLoad<T, BN, BK, kTapsInK ? 1 : kVecOf<T>> b;  // packed weight [n][k]: along the padded channels
   };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
@@ -37,9 +41,9 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   __syncthreads();
 
   // Step s: tap s / chunks of the phases' windows (phase 0's taps first, row-major), output channels from
-  // (s % chunks) * kTileK; with kTapsInK, the (tap, o) pairs s * kTileK + k.
+  // (s % chunks) * BK; with kTapsInK, the (tap, o) pairs s * BK + k.
   const int64_t phase_size = packed_phase_size(g);
-  const int chunks = (g.O + kTileK - 1) / kTileK;
+  const int chunks = (g.O + BK - 1) / BK;
   const int pairs = all_phase_taps(g) * g.O;
   // A[m][k] = g[n, 2 io + A, 2 jo + B, o] and B[k][n] = wp[p, ty, tx, c0 + n, o] for tap (p, ty, tx).
   auto grad_at = [&](int m, const PhaseTap& tap, int o) -> int64_t {
@@ -54,7 +58,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   };
   auto fetch = [&](int s, Staged& staged) {
     if constexpr (kTapsInK) {
-      auto pair = [&](int k) { return s * kTileK + k; };
+      auto pair = [&](int k) { return s * BK + k; };
       staged.a.fetch(gout, [&](int m, int k) -> int64_t {
         return pair(k) < pairs ? grad_at(m, phase_tap(g, pair(k) / g.O), pair(k) % g.O) : kNoRun;
       });
@@ -63,7 +67,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
       });
     } else {
       const PhaseTap tap = phase_tap(g, s / chunks);
-      const int o0 = s % chunks * kTileK;
+      const int o0 = s % chunks * BK;
       staged.a.fetch(gout, [&](int m, int k) { return grad_at(m, tap, o0 + k); });
       staged.b.fetch(wp, [&](int n, int k) { return weight_at(n, tap, o0 + k); });
     }
@@ -73,7 +77,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     staged.b.stash([&](int n, int k, const auto& run) { put_run<true>(smem.tiles.b[buf], k, n, run); });
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
-  const int steps = kTapsInK ? (pairs + kTileK - 1) / kTileK : all_phase_taps(g) * chunks;
+  const int steps = kTapsInK ? (pairs + BK - 1) / BK : all_phase_taps(g) * chunks;
   pipelined_k_loop<Staged>(steps, fetch, stash, multiply);
 
   Mma::for_each(acc, smem.scratch, [&](int m, int n, float value) {
@@ -83,7 +87,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   });
 }
 
-template <typename T, bool kTf32, int BM, int BN>
+template <typename T, bool kTf32, int BM, int BN, int BK>
 void launch_grad_input(const ActivationView& gout, uintptr_t wp, const ActivationView& dx, const Geometry& g,
                        cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(g.N) * g.H * g.W, BM), ceil_div(g.C, BN));
@@ -94,12 +98,12 @@ void launch_grad_input(const ActivationView& gout, uintptr_t wp, const Activatio
   };
   // Flattened (tap, o) pairs pay with element-by-element gathers: worth it where channel chunks would be at
   // least half padding (16 output channels fill a chunk and keep their 16-byte loads).
-  if (2 * g.O <= kTileK) {
-    launch(unpool_conv_grad_input_kernel<T, kTf32, BM, BN, 1, true>);
+  if (g.O <= kPairsInKChannels) {
+    launch(unpool_conv_grad_input_kernel<T, kTf32, BM, BN, BK, 1, true>);
     return;
   }
   dispatch_vector<T>({{&gout, g.O}}, [&](auto vec) {
-    launch(unpool_conv_grad_input_kernel<T, kTf32, BM, BN, decltype(vec)::value, false>);
+    launch(unpool_conv_grad_input_kernel<T, kTf32, BM, BN, BK, decltype(vec)::value, false>);
   });
 }
 
@@ -112,9 +116,9 @@ void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, i
     using T = typename decltype(tag)::type;
     constexpr bool kTf32 = decltype(use_tf32)::value;
     if (C <= 16) {
-      launch_grad_input<T, kTf32, 256, 16>(g, wp, dx, geo, to_stream(stream));
+      launch_grad_input<T, kTf32, 256, 16, kWideStepK<T>>(g, wp, dx, geo, to_stream(stream));
     } else {
-      launch_grad_input<T, kTf32, 64, 64>(g, wp, dx, geo, to_stream(stream));
+      launch_grad_input<T, kTf32, 64, 64, kWideStepK<T>>(g, wp, dx, geo, to_stream(stream));
     }
   });
 }

@@ -8,14 +8,14 @@
 namespace dcign {
 namespace {
 
-template <typename T, bool kTf32, int BM, int BN, int kVec>
+template <typename T, bool kTf32, int BM, int BN, int BK, int kVec>
 __global__ void __launch_bounds__(kTileThreads)
     unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, float* __restrict__ ws,
                                    Geometry g, Strides xs, Strides gs, int chunk) {
-  using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
+  using Mma = typename MmaFor<T, kTf32, BM, BN, BK, Runs::kAcross, Runs::kAcross>::type;
   struct Staged {
-    TileLoad<T, kTileK, BM, kVec> a;  // input [k][c]: c runs along its channels
-    TileLoad<T, kTileK, BN, kVec> b;  // grad_out [k][o]: o runs along its channels
+    TileLoad<T, BK, BM, kVec> a;  // input [k][c]: c runs along its channels
+    TileLoad<T, BK, BN, kVec> b;  // grad_out [k][o]: o runs along its channels
   };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   const int o_tiles = (g.O + BN - 1) / BN;
@@ -32,13 +32,13 @@ __global__ void __launch_bounds__(kTileThreads)
 
   typename Mma::Acc acc;
   Mma::zero(acc);
-  // Step s reduces over the phase's output positions begin + s * kTileK + k, k < kTileK.
+  // Step s reduces over the phase's output positions begin + s * BK + k, k < BK.
   struct Position {
     int n, io, jo;
     bool inside;
   };
   auto position = [&](int s, int k) {
-    const int64_t pos = begin + static_cast<int64_t>(s) * kTileK + k;
+    const int64_t pos = begin + static_cast<int64_t>(s) * BK + k;
     const int64_t ni = pos / cols;
     return Position{static_cast<int>(ni / rows), static_cast<int>(ni % rows), static_cast<int>(pos % cols), pos < end};
   };
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kTileThreads)
     staged.b.stash([&](int k, int o, const auto& run) { put_run<false>(smem.tiles.b[buf], k, o, run); });
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
-  pipelined_k_loop<Staged>(static_cast<int>((end - begin + kTileK - 1) / kTileK), fetch, stash, multiply);
+  pipelined_k_loop<Staged>(static_cast<int>((end - begin + BK - 1) / BK), fetch, stash, multiply);
 
   float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g) + packed_offset(g, ty, tx, 0, 0);
   Mma::for_each(acc, smem.scratch, [&](int m, int n, float value) {
@@ -71,13 +71,13 @@ __global__ void __launch_bounds__(kTileThreads)
   });
 }
 
-template <typename T, bool kTf32, int BM, int BN>
+template <typename T, bool kTf32, int BM, int BN, int BK>
 void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t ws, const Geometry& g, int splits,
                         int chunk, cudaStream_t stream) {
   const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), all_phase_taps(g), splits);
   dispatch_vector<T>({{&x, g.C}, {&gout, g.O}}, [&](auto vec) {
     launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream,
-                  unpool_conv_grad_weight_kernel<T, kTf32, BM, BN, decltype(vec)::value>,
+                  unpool_conv_grad_weight_kernel<T, kTf32, BM, BN, BK, decltype(vec)::value>,
                   reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws),
                   g, strides_of(x), strides_of(gout), chunk);
   });
@@ -96,9 +96,9 @@ void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, i
     using T = typename decltype(tag)::type;
     constexpr bool kTf32 = decltype(use_tf32)::value;
     if (O <= 16) {
-      launch_grad_weight<T, kTf32, 64, 16>(x, g, ws, geo, splits, chunk, to_stream(stream));
+      launch_grad_weight<T, kTf32, 64, 16, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
     } else {
-      launch_grad_weight<T, kTf32, 64, 64>(x, g, ws, geo, splits, chunk, to_stream(stream));
+      launch_grad_weight<T, kTf32, 64, 64, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
     }
   });
 }

@@ -12,14 +12,14 @@ namespace dcign {
 namespace {
 
 // At ptxas's own occupancy target (64 registers) two instantiations spilled; two blocks per SM leave 128.
-template <typename T, bool kTf32, int BM, int BN, int kVec>
+template <typename T, bool kTf32, int BM, int BN, int BK, int kVec>
 __global__ void __launch_bounds__(kTileThreads, 2)
     unpool_conv_grad_weight_few_outputs_kernel(const T* __restrict__ x, const T* __restrict__ gout,
                                                float* __restrict__ ws, Geometry g, Strides xs, Strides gs, int chunk) {
-  using Mma = typename MmaFor<T, kTf32, BM, BN>::type;
+  using Mma = typename MmaFor<T, kTf32, BM, BN, BK, Runs::kAcross, Runs::kAcross>::type;
   struct Staged {
-    TileLoad<T, kTileK, BM, kVec> a;   // input [k][c]: c runs along its channels
-    TileLoad<T, kTileK, BN, 1> b;      // grad_out [k][(tap, o)]: a gather, element by element
+    TileLoad<T, BK, BM, kVec> a;   // input [k][c]: c runs along its channels
+    TileLoad<T, BK, BN, 1> b;      // grad_out [k][(tap, o)]: a gather, element by element
   };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   const int pairs = g.rows.taps * g.cols.taps * g.O;
@@ -43,13 +43,13 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     const int ty = tap / g.cols.taps, tx = tap % g.cols.taps;
     return Pair{ty, tx, q % g.O, q < pairs && in_window(g.rows, A, ty) && in_window(g.cols, B, tx)};
   };
-  // Step s reduces over the input positions begin + s * kTileK + k, k < kTileK.
+  // Step s reduces over the input positions begin + s * BK + k, k < BK.
   struct Position {
     int n, r, c;
     bool inside;
   };
   auto position = [&](int s, int k) {
-    const int64_t pos = begin + static_cast<int64_t>(s) * kTileK + k;
+    const int64_t pos = begin + static_cast<int64_t>(s) * BK + k;
     const int64_t nr = pos / g.W;
     return Position{static_cast<int>(nr / g.H), static_cast<int>(nr % g.H), static_cast<int>(pos % g.W), pos < end};
   };
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     staged.b.stash([&](int k, int j, const auto& run) { put_run<false>(smem.tiles.b[buf], k, j, run); });
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
-  pipelined_k_loop<Staged>(static_cast<int>((end - begin + kTileK - 1) / kTileK), fetch, stash, multiply);
+  pipelined_k_loop<Staged>(static_cast<int>((end - begin + BK - 1) / BK), fetch, stash, multiply);
 
   float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g);
   Mma::for_each(acc, smem.scratch, [&](int m, int n, float value) {
@@ -84,14 +84,14 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   });
 }
 
-template <typename T, bool kTf32, int BM, int BN>
+template <typename T, bool kTf32, int BM, int BN, int BK>
 void launch(const ActivationView& x, const ActivationView& gout, uintptr_t ws, const Geometry& g, int splits, int chunk,
             cudaStream_t stream) {
   const int pairs = g.rows.taps * g.cols.taps * g.O;
   const dim3 grid(ceil_div(g.C, BM) * ceil_div(pairs, BN), 4, splits);
   dispatch_vector<T>({{&x, g.C}}, [&](auto vec) {
     launch_kernel("unpool_conv_grad_weight_few_outputs_kernel", grid, kTileThreads, stream,
-                  unpool_conv_grad_weight_few_outputs_kernel<T, kTf32, BM, BN, decltype(vec)::value>,
+                  unpool_conv_grad_weight_few_outputs_kernel<T, kTf32, BM, BN, BK, decltype(vec)::value>,
                   reinterpret_cast<const T*>(x.ptr), reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<float*>(ws),
                   g, strides_of(x), strides_of(gout), chunk);
   });
@@ -111,9 +111,9 @@ void unpool_conv_grad_weight_few_outputs(ActivationView x, ActivationView g, uin
     using T = typename decltype(tag)::type;
     constexpr bool kTf32 = decltype(use_tf32)::value;
     if (pairs <= 16) {
-      launch<T, kTf32, 64, 16>(x, g, ws, geo, splits, chunk, to_stream(stream));
+      launch<T, kTf32, 64, 16, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
     } else {
-      launch<T, kTf32, 64, 64>(x, g, ws, geo, splits, chunk, to_stream(stream));
+      launch<T, kTf32, 64, 64, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
     }
   });
 }

@@ -107,13 +107,15 @@ inline bool holds(int l, int r, int c) { return r % 8 == l / 4 && c % 8 / 2 == l
 
 }  // namespace detail
 
-// S: the element type in memory (T, or float for TF32 fragments).
-template <typename Use, int M, int N, int K, typename T, typename S>
-void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& f, const S* p, unsigned ldm) {
+// S: the element type in memory (T, or float for TF32 fragments). Layout: element (r, c) of the tile lies at
+// p[r * ldm + c] (row_major) or p[c * ldm + r] (col_major).
+template <typename Use, int M, int N, int K, typename T, typename Layout, typename S>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const S* p, unsigned ldm) {
   __syncwarp();
   if (!detail::check(p, ldm, "load_matrix_sync")) return;
+  constexpr bool kColumns = std::is_same_v<Layout, col_major>;
   for (int r = 0; r < f.rows; ++r) {
-    for (int c = 0; c < f.cols; ++c) f.at(r, c) = detail::widen(p[r * ldm + c]);
+    for (int c = 0; c < f.cols; ++c) f.at(r, c) = detail::widen(p[kColumns ? c * ldm + r : r * ldm + c]);
   }
 }
 
@@ -121,14 +123,14 @@ void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& f, const S* p, unsig
 // of a warp resume one after another from the barrier). The last call's product is reused when all three
 // inputs are bitwise the same: the same result for a fraction of the work (the multiply is a pure function of
 // the inputs, and the emulation runs on one OS thread).
-template <int K, typename T>
-void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_a, 16, 16, K, T, row_major>& a,
-              const fragment<matrix_b, 16, 16, K, T, row_major>& b, const fragment<accumulator, 16, 16, K, float>& c) {
+template <int K, typename T, typename LayoutA, typename LayoutB>
+void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_a, 16, 16, K, T, LayoutA>& a,
+              const fragment<matrix_b, 16, 16, K, T, LayoutB>& b, const fragment<accumulator, 16, 16, K, float>& c) {
   __syncwarp();
   static struct {
     bool valid = false;
-    fragment<matrix_a, 16, 16, K, T, row_major> a;
-    fragment<matrix_b, 16, 16, K, T, row_major> b;
+    fragment<matrix_a, 16, 16, K, T, LayoutA> a;
+    fragment<matrix_b, 16, 16, K, T, LayoutB> b;
     fragment<accumulator, 16, 16, K, float> c, d;
   } last;
   const auto same = [](const auto& x, const auto& y) { return std::memcmp(x.x, y.x, sizeof x.x) == 0; };
