@@ -14,6 +14,10 @@ constexpr int kPackedChannels = 8;
 
 inline int packed_channels(int O) { return (O + kPackedChannels - 1) / kPackedChannels * kPackedChannels; }
 
+// The most positions one split of a grad-weight reduction may cover: the kernels walk a split's positions with
+// 32-bit arithmetic (GridPositions).
+constexpr int kMaxChunk = 1 << 30;
+
 struct ActivationView {
   uintptr_t ptr;
   int64_t sn, sc, sh, sw;

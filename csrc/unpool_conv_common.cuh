@@ -17,10 +17,13 @@
 #pragma once
 #include <cstdint>
 #include <initializer_list>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 
 #include "dtype.cuh"
+#include "fast_divmod.h"
 #include "phase_index.cuh"
 #include "tile_mma.cuh"
 #include "unpool_conv.h"
@@ -75,17 +78,64 @@ __host__ __device__ __forceinline__ int all_phase_taps(const Geometry& g) {
   return phase_taps(g, 0) + phase_taps(g, 1) + phase_taps(g, 2) + phase_taps(g, 3);
 }
 
+// A divisor for FastDivmod from a count that may be 0 (a phase without rows or taps): nothing is divided by
+// it then.
+__device__ __forceinline__ int at_least_one(int count) { return count > 0 ? count : 1; }
+
 // Tap t of the phases' windows, counted phase 0's first (row-major within a window): phase and union taps.
 struct PhaseTap {
   int p, ty, tx;
 };
 
-__device__ __forceinline__ PhaseTap phase_tap(const Geometry& g, int t) {
-  int p = 0;
-  for (; p < 3 && t >= phase_taps(g, p); ++p) t -= phase_taps(g, p);
-  const int width = window_count(g.cols, p % 2);
-  return {p, window_first(g.rows, p / 2) + t / width, window_first(g.cols, p % 2) + t % width};
-}
+// The taps of the phases' windows, prepared once per block for the loops that walk them: tap(t) finds the
+// phase by comparisons and divides by its window's width with a FastDivmod. (Selects, not arrays indexed at
+// run time, which would put them in local memory.)
+struct PhaseTaps {
+  int end0, end1, end2;  // taps of phases 0, 0..1, 0..2
+  int row0, row1, col0, col1;
+  FastDivmod width0, width1;
+
+  __device__ __forceinline__ explicit PhaseTaps(const Geometry& g)
+      : end0(phase_taps(g, 0)),
+        end1(end0 + phase_taps(g, 1)),
+        end2(end1 + phase_taps(g, 2)),
+        row0(window_first(g.rows, 0)),
+        row1(window_first(g.rows, 1)),
+        col0(window_first(g.cols, 0)),
+        col1(window_first(g.cols, 1)),
+        width0(at_least_one(window_count(g.cols, 0))),
+        width1(at_least_one(window_count(g.cols, 1))) {}
+
+  __device__ __forceinline__ PhaseTap tap(int t) const {
+    const int p = (t >= end0) + (t >= end1) + (t >= end2);
+    t -= p == 0 ? 0 : p == 1 ? end0 : p == 2 ? end1 : end2;
+    int row, col;
+    (p % 2 == 0 ? width0 : width1).divmod(t, row, col);
+    return {p, (p / 2 == 0 ? row0 : row1) + row, (p % 2 == 0 ? col0 : col1) + col};
+  }
+};
+
+// The positions (n, row, col) of an N x rows x cols grid from `first` on, for the reductions over positions
+// (grad weight): `first` is split into its coordinates once, in 64 bits; a position r after it comes from
+// two FastDivmods of 32-bit sums (r < kMaxChunk: the split's length, checked by the launchers).
+struct GridPositions {
+  int n0, row0, col0;
+  FastDivmod by_rows, by_cols;
+
+  __device__ __forceinline__ GridPositions(int64_t first, int rows, int cols)
+      : n0(static_cast<int>(first / at_least_one(cols) / at_least_one(rows))),
+        row0(static_cast<int>(first / at_least_one(cols) % at_least_one(rows))),
+        col0(static_cast<int>(first % at_least_one(cols))),
+        by_rows(at_least_one(rows)),
+        by_cols(at_least_one(cols)) {}
+
+  __device__ __forceinline__ void at(int r, int& n, int& row, int& col) const {
+    int carry_rows, carry_n;
+    by_cols.divmod(col0 + r, carry_rows, col);
+    by_rows.divmod(row0 + carry_rows, carry_n, row);
+    n = n0 + carry_n;
+  }
+};
 
 // Elements of the packed weight (or its gradient's partial sums) per phase: [TR, TC, C, OP].
 __host__ __device__ __forceinline__ int64_t packed_phase_size(const Geometry& g) {
@@ -211,6 +261,13 @@ union KLoopShared {
   Tiles tiles;
   typename Mma::Scratch scratch;
 };
+
+// The grad-weight launchers' split arguments: a clear error for values their kernels cannot take.
+inline void check_splits(const char* launcher, int splits, int chunk) {
+  if (splits < 1 || splits > 65535 || chunk < 1 || chunk > kMaxChunk) {
+    throw std::invalid_argument(std::string(launcher) + ": splits must lie in [1, 65535] and chunk in [1, 2^30]");
+  }
+}
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 

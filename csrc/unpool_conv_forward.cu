@@ -41,23 +41,29 @@ __global__ void __launch_bounds__(kTileThreads, 1)
 #pragma unroll
   for (int p = 0; p < kProducts; ++p) Mma::zero(acc[p]);
   // Column n of product q: phase and output channel.
+  const FastDivmod by_outputs(g.O);
   auto column = [&](int q, int n, int& p, int& o) {
-    p = kPhasesInN ? (o0 + n) / g.O : q;
-    o = kPhasesInN ? (o0 + n) % g.O : o0 + n;
+    if constexpr (kPhasesInN) {
+      by_outputs.divmod(o0 + n, p, o);
+    } else {
+      p = q, o = o0 + n;
+    }
   };
   __syncthreads();
 
   // Step s: union tap s / chunks in row-major (ty, tx) order, input channels from (s % chunks) * BK.
   const int64_t phase_size = packed_phase_size(g);
   const int chunks = (g.C + BK - 1) / BK;
-  auto tap_of = [&](int s, int& ty, int& tx) {
-    ty = s / chunks / g.cols.taps;
-    tx = s / chunks % g.cols.taps;
+  const FastDivmod by_chunks(chunks), by_col_taps(g.cols.taps);
+  auto tap_of = [&](int s, int& ty, int& tx, int& chunk) {
+    int tap;
+    by_chunks.divmod(s, tap, chunk);
+    by_col_taps.divmod(tap, ty, tx);
   };
   auto fetch = [&](int s, Staged& staged) {
-    int ty, tx;
-    tap_of(s, ty, tx);
-    const int c0 = s % chunks * BK, dr = g.rows.start + ty, dc = g.cols.start + tx;
+    int ty, tx, chunk;
+    tap_of(s, ty, tx, chunk);
+    const int c0 = chunk * BK, dr = g.rows.start + ty, dc = g.cols.start + tx;
     // A[m][k] = x[n, i + dr, j + dc, c0 + k].
     staged.a.fetch(x, [&](int m, int k) -> int64_t {
       const int r = pos_i[m] + dr, c = pos_j[m] + dc, ch = c0 + k;
@@ -78,8 +84,8 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     }
   };
   auto stash = [&](int s, const Staged& staged, int buf) {
-    int ty, tx;
-    tap_of(s, ty, tx);
+    int ty, tx, chunk;
+    tap_of(s, ty, tx, chunk);
     staged.a.stash([&](int m, int k, const auto& run) { put_run<true>(smem.tiles.a[buf], k, m, run); });
 #pragma unroll
     for (int q = 0; q < kProducts; ++q) {
@@ -88,8 +94,8 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     }
   };
   auto multiply = [&](int s, int buf) {
-    int ty, tx;
-    tap_of(s, ty, tx);
+    int ty, tx, chunk;
+    tap_of(s, ty, tx, chunk);
 #pragma unroll
     for (int q = 0; q < kProducts; ++q) {
       if (kPhasesInN || phase_has_tap(g, q, ty, tx)) Mma::multiply(acc[q], smem.tiles.a[buf], smem.tiles.w[buf][q]);

@@ -45,6 +45,8 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   const int64_t phase_size = packed_phase_size(g);
   const int chunks = (g.O + BK - 1) / BK;
   const int pairs = all_phase_taps(g) * g.O;
+  const PhaseTaps taps(g);
+  const FastDivmod by_chunks(chunks), by_outputs(g.O);
   // A[m][k] = g[n, 2 io + A, 2 jo + B, o] and B[k][n] = wp[p, ty, tx, c0 + n, o] for tap (p, ty, tx).
   auto grad_at = [&](int m, const PhaseTap& tap, int o) -> int64_t {
     const int A = tap.p / 2, B = tap.p % 2;
@@ -58,16 +60,23 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   };
   auto fetch = [&](int s, Staged& staged) {
     if constexpr (kTapsInK) {
-      auto pair = [&](int k) { return s * BK + k; };
+      auto pair = [&](int k, int& t, int& o) {
+        by_outputs.divmod(s * BK + k, t, o);
+        return s * BK + k < pairs;
+      };
       staged.a.fetch(gout, [&](int m, int k) -> int64_t {
-        return pair(k) < pairs ? grad_at(m, phase_tap(g, pair(k) / g.O), pair(k) % g.O) : kNoRun;
+        int t, o;
+        return pair(k, t, o) ? grad_at(m, taps.tap(t), o) : kNoRun;
       });
       staged.b.fetch(wp, [&](int n, int k) -> int64_t {
-        return pair(k) < pairs ? weight_at(n, phase_tap(g, pair(k) / g.O), pair(k) % g.O) : kNoRun;
+        int t, o;
+        return pair(k, t, o) ? weight_at(n, taps.tap(t), o) : kNoRun;
       });
     } else {
-      const PhaseTap tap = phase_tap(g, s / chunks);
-      const int o0 = s % chunks * BK;
+      int t, chunk;
+      by_chunks.divmod(s, t, chunk);
+      const PhaseTap tap = taps.tap(t);
+      const int o0 = chunk * BK;
       staged.a.fetch(gout, [&](int m, int k) { return grad_at(m, tap, o0 + k); });
       staged.b.fetch(wp, [&](int n, int k) { return weight_at(n, tap, o0 + k); });
     }

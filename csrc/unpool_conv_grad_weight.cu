@@ -22,13 +22,14 @@ __global__ void __launch_bounds__(kTileThreads)
   const int c0 = (blockIdx.x / o_tiles) * BM, o0 = (blockIdx.x % o_tiles) * BN;
   const int split = blockIdx.z;
   // blockIdx.y enumerates the taps of phase 0's window, then phase 1's, ...
-  const auto [p, ty, tx] = phase_tap(g, blockIdx.y);
+  const auto [p, ty, tx] = PhaseTaps(g).tap(blockIdx.y);
   const int A = p / 2, B = p % 2;
   const int dr = g.rows.start + ty, dc = g.cols.start + tx;
   const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
   const int64_t positions = static_cast<int64_t>(g.N) * rows * cols;
   const int64_t begin = static_cast<int64_t>(split) * chunk;
-  const int64_t end = begin + chunk < positions ? begin + chunk : positions;
+  const int count = static_cast<int>(begin + chunk < positions ? chunk : positions - begin);  // this split's
+  const GridPositions walk(begin, rows, cols);
 
   typename Mma::Acc acc;
   Mma::zero(acc);
@@ -38,9 +39,10 @@ __global__ void __launch_bounds__(kTileThreads)
     bool inside;
   };
   auto position = [&](int s, int k) {
-    const int64_t pos = begin + static_cast<int64_t>(s) * BK + k;
-    const int64_t ni = pos / cols;
-    return Position{static_cast<int>(ni / rows), static_cast<int>(ni % rows), static_cast<int>(pos % cols), pos < end};
+    Position at;
+    at.inside = s * BK + k < count;
+    walk.at(s * BK + k, at.n, at.io, at.jo);
+    return at;
   };
   auto fetch = [&](int s, Staged& staged) {
     // A[k][c] = x[n, io + dr, jo + dc, c0 + c].
@@ -62,7 +64,7 @@ __global__ void __launch_bounds__(kTileThreads)
     staged.b.stash([&](int k, int o, const auto& run) { put_run<false>(smem.tiles.b[buf], k, o, run); });
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
-  pipelined_k_loop<Staged>(static_cast<int>((end - begin + BK - 1) / BK), fetch, stash, multiply);
+  pipelined_k_loop<Staged>((count + BK - 1) / BK, fetch, stash, multiply);
 
   float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g) + packed_offset(g, ty, tx, 0, 0);
   Mma::for_each(acc, smem.scratch, [&](int m, int n, float value) {
@@ -88,9 +90,7 @@ void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uin
 void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, int N, int C, int H, int W, int O,
                              int KH, int KW, int PH, int PW, int splits, int chunk, int dtype, int tf32,
                              uintptr_t stream) {
-  if (splits < 1 || splits > 65535 || chunk < 1) {
-    throw std::invalid_argument("unpool_conv_grad_weight: splits must lie in [1, 65535] and chunk be >= 1");
-  }
+  check_splits("unpool_conv_grad_weight", splits, chunk);
   const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
   dispatch_multiply(dtype, tf32, "unpool_conv_grad_weight", [&](auto tag, auto use_tf32) {
     using T = typename decltype(tag)::type;

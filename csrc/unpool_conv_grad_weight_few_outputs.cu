@@ -29,7 +29,9 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   const int rows = phase_count(g.HO, A, 2), cols = phase_count(g.WO, B, 2);
   const int64_t positions = static_cast<int64_t>(g.N) * g.H * g.W;
   const int64_t begin = static_cast<int64_t>(split) * chunk;
-  const int64_t end = begin + chunk < positions ? begin + chunk : positions;
+  const int count = static_cast<int>(begin + chunk < positions ? chunk : positions - begin);  // this split's
+  const GridPositions walk(begin, g.H, g.W);
+  const FastDivmod by_outputs(g.O), by_col_taps(g.cols.taps);
 
   typename Mma::Acc acc;
   Mma::zero(acc);
@@ -39,9 +41,10 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     bool valid;
   };
   auto pair = [&](int j) {
-    const int q = n0 + j, tap = q / g.O;
-    const int ty = tap / g.cols.taps, tx = tap % g.cols.taps;
-    return Pair{ty, tx, q % g.O, q < pairs && in_window(g.rows, A, ty) && in_window(g.cols, B, tx)};
+    int tap, o, ty, tx;
+    by_outputs.divmod(n0 + j, tap, o);
+    by_col_taps.divmod(tap, ty, tx);
+    return Pair{ty, tx, o, n0 + j < pairs && in_window(g.rows, A, ty) && in_window(g.cols, B, tx)};
   };
   // Step s reduces over the input positions begin + s * BK + k, k < BK.
   struct Position {
@@ -49,9 +52,10 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     bool inside;
   };
   auto position = [&](int s, int k) {
-    const int64_t pos = begin + static_cast<int64_t>(s) * BK + k;
-    const int64_t nr = pos / g.W;
-    return Position{static_cast<int>(nr / g.H), static_cast<int>(nr % g.H), static_cast<int>(pos % g.W), pos < end};
+    Position at;
+    at.inside = s * BK + k < count;
+    walk.at(s * BK + k, at.n, at.r, at.c);
+    return at;
   };
   auto fetch = [&](int s, Staged& staged) {
     // A[k][c] = x[n, r, c_, c0 + c].
@@ -74,7 +78,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     staged.b.stash([&](int k, int j, const auto& run) { put_run<false>(smem.tiles.b[buf], k, j, run); });
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
-  pipelined_k_loop<Staged>(static_cast<int>((end - begin + BK - 1) / BK), fetch, stash, multiply);
+  pipelined_k_loop<Staged>((count + BK - 1) / BK, fetch, stash, multiply);
 
   float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g);
   Mma::for_each(acc, smem.scratch, [&](int m, int n, float value) {

@@ -2,6 +2,7 @@
 // C++ compiler and loaded through ctypes; never part of the extension.
 #include <cstdint>
 
+#include "fast_divmod.h"
 #include "phase_index.cuh"
 #include "philox.cuh"
 #include "sampler_math.cuh"
@@ -56,6 +57,11 @@ void dcign_sampler_elements(int64_t n, const float* mu, const float* logvar, con
     grad_mu[i] = b.grad_mu;
     grad_logvar[i] = b.grad_logvar;
   }
+}
+
+// q[i], r[i] = n[i] / d[i], n[i] % d[i] through FastDivmod.
+void dcign_fast_divmod(int64_t count, const int* d, const int* n, int* q, int* r) {
+  for (int64_t i = 0; i < count; ++i) dcign::FastDivmod(d[i]).divmod(n[i], q[i], r[i]);
 }
 
 }  // extern "C"

@@ -1,4 +1,4 @@
-"""The host+device headers of csrc/ (Philox, sampler math, phase index arithmetic), compiled for the CPU
+"""The host+device headers of csrc/ (Philox, sampler math, phase index arithmetic, fast division), compiled for the CPU
 with the host C++ compiler and compared with the Python definitions the other backends use."""
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     lib.dcign_axis_phase.argtypes = [INT, INT, INT, INT, INT, PTR]
     lib.dcign_axis_union.argtypes = [INT, INT, PTR]
     lib.dcign_sampler_elements.argtypes = [I64, *[PTR] * 9]
+    lib.dcign_fast_divmod.argtypes = [I64, PTR, PTR, PTR, PTR]
     return lib
 
 
@@ -127,3 +128,28 @@ def test_sampler_math_matches_the_torch_backend(lib):
     gmu_ref, glv_ref = sample_latents_torch_backward(mu, logvar, None, 0.0, seed, 0, grad_z, grad_kl)
     torch.testing.assert_close(grad_mu, gmu_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_logvar, glv_ref, rtol=1e-5, atol=1e-5)
+
+
+def _divisors() -> list[int]:
+    """Every divisor up to 1024, the powers of two and their neighbours, and large ones up to 2^31 - 1."""
+    powers = [2**k + e for k in range(1, 31) for e in (-1, 0, 1)]
+    large = torch.randint(1025, 2**31 - 1, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    return sorted({*range(1, 1025), *powers, *large, 2**31 - 1})
+
+
+def test_fast_divmod_matches_integer_division(lib):
+    """FastDivmod (csrc/fast_divmod.h), which the unpool-conv kernels divide positions and steps with, over its
+    whole stated range: divisors 1 <= d < 2^31, numerators 0 <= n < 2^31 (small ones, random ones, and the
+    multiples of d and their neighbours near the top, where a rounding error of the multiplier would show)."""
+    gen = torch.Generator().manual_seed(1)
+    top = 2**31 - 1
+    pairs = []
+    for d in _divisors():
+        near_top = [top - top % d + e for e in (-d - 1, -d, -d + 1, -1, 0)]
+        numerators = [*range(0, 512), *torch.randint(0, top, (256,), generator=gen).tolist(), top, *near_top]
+        pairs += [(d, n) for n in numerators if n >= 0]
+    d, n = torch.tensor(pairs, dtype=torch.int32).T.contiguous()
+    q, r = torch.full_like(n, -1), torch.full_like(n, -1)
+    lib.dcign_fast_divmod(n.numel(), d.data_ptr(), n.data_ptr(), q.data_ptr(), r.data_ptr())
+    wrong = ((q != torch.div(n, d, rounding_mode="floor")) | (r != n % d)).nonzero().flatten()
+    assert wrong.numel() == 0, [(int(d[i]), int(n[i]), int(q[i]), int(r[i])) for i in wrong[:10]]

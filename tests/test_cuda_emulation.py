@@ -144,6 +144,23 @@ def test_unpool_conv_few_outputs_over_several_splits(monkeypatch):
     assert calls and min(splits for splits, _ in calls) > 1
 
 
+def test_grad_weight_splits_keep_within_what_the_kernels_walk():
+    """The grad-weight kernels walk a split's positions in 32-bit arithmetic: chunks of at most 2^30 positions,
+    and a clear error (not a wrong sum) past 65535 such splits, from the Python side and from the kernels' own
+    argument check."""
+    from dcign_fast.kernels import cuda, cuda_unpool_conv
+
+    positions = 3 * 2**30 + 5
+    splits, chunk = cuda_unpool_conv._grad_weight_splits(positions, 512, 512, 25, torch.device("cpu"))
+    assert chunk <= 2**30 and splits * chunk >= positions
+    with pytest.raises(ValueError, match="positions per phase"):
+        cuda_unpool_conv._grad_weight_splits(65536 * 2**30, 8, 8, 1, torch.device("cpu"))
+    x = torch.randn(1, 4, 3, 3).to(memory_format=torch.channels_last)
+    view = (x.data_ptr(), *x.stride())
+    with pytest.raises(ValueError, match="chunk in \\[1, 2\\^30\\]"):
+        cuda.load().unpool_conv_grad_weight(view, view, 0, 1, 4, 3, 3, 4, 3, 3, 1, 1, 1, 2**30 + 1, 0, 0, 0)
+
+
 def test_unpool_conv_grad_weight_is_deterministic():
     check_grad_weight_deterministic(3, 20, 24, 6, 7, "cpu")
 
@@ -168,7 +185,7 @@ def gpu_like_splits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 # What a GPU run selects (csrc dispatch) for the paper150 decoder at batch 128, channels_last, in bfloat16 and
 # float32 (TF32, or exact), and for the K=3 "same" benchmark layers: the real channel counts (the same tiles,
 # 16-byte vector loads, several channel tiles, phases side by side and few-outputs 16-column tiles for the image
-# layer), the fused ReLU's masked vector loads in both grad kernels and split grad weights, at tiny images.
+# layer), the fused ReLU and split grad weights, at tiny images.
 # Layer 2 (48 -> 96) selects nothing that layers 1 and 3 do not (96 -> 96 has several tiles of both C and O).
 GPU_LAYERS = [
     pytest.param(24, 48, 8, 7, 0, "relu", id="paper150-L1-24-48"),

@@ -22,6 +22,8 @@ from dcign_fast.ops.unpool_conv import empty_output
 
 _GRAD_WEIGHT_TILE = 64  # channel tile of the grad-weight kernel (csrc/unpool_conv_grad_weight.cu)
 _SPLIT_GRANULE = 256  # output positions per grad-weight split, at least
+_MAX_CHUNK = 2**30  # ... and at most (kMaxChunk, csrc/unpool_conv.h)
+_MAX_SPLITS = 65535  # grid.z
 
 
 def _view(t: torch.Tensor) -> tuple[int, ...]:
@@ -31,10 +33,16 @@ def _view(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def _grad_weight_splits(positions: int, c_in: int, c_out: int, taps: int, device: torch.device) -> tuple[int, int]:
-    """(splits, chunk): enough grad-weight blocks to fill the GPU a few times over, chunks of >= 256 positions."""
+    """(splits, chunk): enough grad-weight blocks to fill the GPU a few times over, chunks of >= 256 positions
+    and at most the kernels' 2^30 (their 32-bit walk over a split's positions)."""
     tiles = -(-c_in // _GRAD_WEIGHT_TILE) * -(-c_out // _GRAD_WEIGHT_TILE) * taps
     target = 4 * cuda.multiprocessors(device)
-    splits = max(1, min(-(-target // tiles), -(-positions // _SPLIT_GRANULE), 65535))
+    splits = max(1, min(-(-target // tiles), -(-positions // _SPLIT_GRANULE), _MAX_SPLITS), -(-positions // _MAX_CHUNK))
+    if splits > _MAX_SPLITS:
+        raise ValueError(
+            f"unpool_conv2d(backend='cuda'): {positions} positions per phase are more than the grad-weight kernels "
+            f"reduce ({_MAX_SPLITS} splits of {_MAX_CHUNK}); use backend='torch' for this input"
+        )
     return splits, -(-positions // splits)
 
 
