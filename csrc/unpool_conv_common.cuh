@@ -57,8 +57,9 @@ inline Strides strides_of(const ActivationView& v) { return {v.sn, v.sc, v.sh, v
 
 // The forward and grad-input kernels state __launch_bounds__(kTileThreads, 1): ptxas then gives each
 // instantiation the registers it needs. Left to its own occupancy targets it squeezed some into 64-128
-// registers and spilled. The grad-weight kernel does not spill at ptxas's own targets, which keep 3-4
-// blocks on an SM (tests/test_cuda_extension.py checks all three for spills).
+// registers and spilled. The grad-weight kernels state
+// (kTileThreads, 2): at ptxas's own targets (3-4 blocks on an SM, 64 registers) some instantiations spilled
+// (tests/test_cuda_extension.py checks them all for spills).
 
 // Row index of a position past the end of a kernel's range: every tap falls outside the image.
 constexpr int kOutside = -(1 << 28);

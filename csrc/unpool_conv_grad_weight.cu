@@ -9,7 +9,7 @@ namespace dcign {
 namespace {
 
 template <typename T, bool kTf32, int BM, int BN, int BK, int kVec>
-__global__ void __launch_bounds__(kTileThreads)
+__global__ void __launch_bounds__(kTileThreads, 2)
     unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, float* __restrict__ ws,
                                    Geometry g, Strides xs, Strides gs, int chunk) {
   using Mma = typename MmaFor<T, kTf32, BM, BN, BK, Runs::kAcross, Runs::kAcross>::type;

@@ -11,7 +11,6 @@
 namespace dcign {
 namespace {
 
-// At ptxas's own occupancy target (64 registers) two instantiations spilled; two blocks per SM leave 128.
 template <typename T, bool kTf32, int BM, int BN, int BK, int kVec>
 __global__ void __launch_bounds__(kTileThreads, 2)
     unpool_conv_grad_weight_few_outputs_kernel(const T* __restrict__ x, const T* __restrict__ gout,

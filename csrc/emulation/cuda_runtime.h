@@ -58,6 +58,9 @@ constexpr size_t kStackBytes = 128 * 1024;
 
 enum class Wait { kRunning, kBlock, kWarp, kDone };
 
+// Words a lane publishes in one warp_exchange (ldmatrix: an address; mma: its A and B registers).
+constexpr int kExchangeWords = 8;
+
 struct Fiber {
   ucontext_t context;
   std::vector<char> stack;
@@ -65,6 +68,9 @@ struct Fiber {
   Wait wait = Wait::kRunning;
   uint64_t block_arrivals = 0, warp_arrivals = 0;
   uint64_t shuffle_slot = 0;
+  // warp_exchange's two alternating buffers and the one this fiber's next exchange writes.
+  uint32_t exchange[2][kExchangeWords] = {};
+  int exchange_parity = 0;
 };
 
 struct Block {
@@ -204,6 +210,30 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask) {
   __syncwarp();
   return result;
 }
+
+namespace dcign_emulation {
+
+// A warp-collective exchange for the emulated warp instructions (warp_mma.h): every live lane publishes N words
+// and meets the others at one warp barrier; then lanes[l] holds lane l's words (zeros for an exited lane). Two
+// alternating buffers make one barrier enough: a lane refills a buffer only after the next exchange's barrier,
+// which every lane reaches after its reads of this one.
+template <int N>
+void warp_exchange(const uint32_t (&words)[N], uint32_t (&lanes)[32][N]) {
+  static_assert(N <= kExchangeWords, "a lane publishes at most kExchangeWords words");
+  const size_t self = current_thread();
+  Fiber& me = block->fibers[self];
+  const int parity = me.exchange_parity;
+  me.exchange_parity ^= 1;
+  std::memcpy(me.exchange[parity], words, sizeof words);
+  __syncwarp();
+  const size_t first = self & ~size_t{31};
+  for (size_t l = 0; l < 32; ++l) {
+    const bool live = first + l < block->fibers.size() && block->fibers[first + l].wait != Wait::kDone;
+    for (int w = 0; w < N; ++w) lanes[l][w] = live ? block->fibers[first + l].exchange[parity][w] : 0u;
+  }
+}
+
+}  // namespace dcign_emulation
 
 inline cudaError_t cudaGetLastError() {
   const cudaError_t error = dcign_emulation::last_error;
