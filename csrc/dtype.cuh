@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -33,10 +34,32 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
 
-// kVec elements of T loaded or stored as one access (16 bytes for kVec = 16 / sizeof(T)).
+// kVec elements of T loaded or stored as one access (16 bytes for kVec = 16 / sizeof(T)). Held as 32-bit words
+// where they fill whole words, so that copies are plain register moves: held as 16-bit elements, a run was
+// moved half a register at a time, a byte permute each.
 template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec) Packed {
-  T x[kVec];
+  static constexpr bool kWords = sizeof(T) * kVec % 4 == 0;
+  using Word = std::conditional_t<kWords, uint32_t, T>;
+  Word w[kWords ? sizeof(T) * kVec / 4 : kVec];
+
+  __device__ __forceinline__ T element(int e) const {
+    T v;
+    memcpy(&v, reinterpret_cast<const char*>(w) + e * sizeof(T), sizeof(T));
+    return v;
+  }
+
+  __device__ __forceinline__ static Packed zeros() {
+    Packed run;
+    for (Word& word : run.w) {
+      if constexpr (kWords) {
+        word = 0u;  // all-zero bits: +0.0 in every storage type
+      } else {
+        word = from_float<T>(0.0f);
+      }
+    }
+    return run;
+  }
 };
 
 // Elements of T in one 16-byte access.

@@ -27,9 +27,10 @@ namespace dcign {
 constexpr int kTileThreads = 256;
 constexpr int kWarps = kTileThreads / 32;
 
-// The K step of a kernel's 64 x 64 tiles for storage T: 32 for 16-bit operands, whose tiles then still fit
-// the forward's four products in 48 KiB of static shared memory; 16 for float32's 4-byte ones. A longer step
-// spends the loop's fixed work (barrier, tap and chunk arithmetic) on twice the multiplies.
+// The K step of the kernels' wide tiles (the forward's 64 x 64, the grad kernels' 128 x 64) for storage T: 32 for
+// 16-bit operands, whose tiles then still fit the forward's four products in 48 KiB of static shared memory;
+// 16 for float32's 4-byte ones. A longer step spends the loop's fixed work (barrier, tap and chunk arithmetic)
+// on twice the multiplies.
 template <typename T>
 constexpr int kWideStepK = sizeof(T) == 2 ? 32 : 16;
 
@@ -269,7 +270,7 @@ __device__ __forceinline__ void put_run(Tile& tile, int k, int i, const Packed<T
     if (run_aligned<Packed<T, kVec>>(tile.address(k, i))) *reinterpret_cast<Packed<T, kVec>*>(tile.address(k, i)) = run;
   } else {
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) tile.put(kAlongK ? k + e : k, kAlongK ? i : i + e, to_float(run.x[e]));
+    for (int e = 0; e < kVec; ++e) tile.put(kAlongK ? k + e : k, kAlongK ? i : i + e, to_float(run.element(e)));
   }
 }
 

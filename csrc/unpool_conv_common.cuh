@@ -55,11 +55,10 @@ inline Geometry make_geometry(int N, int C, int H, int W, int O, int KH, int KW,
 
 inline Strides strides_of(const ActivationView& v) { return {v.sn, v.sc, v.sh, v.sw}; }
 
-// The forward and grad-input kernels state __launch_bounds__(kTileThreads, 1): ptxas then gives each
-// instantiation the registers it needs. Left to its own occupancy targets it squeezed some into 64-128
-// registers and spilled. The grad-weight kernels state
-// (kTileThreads, 2): at ptxas's own targets (3-4 blocks on an SM, 64 registers) some instantiations spilled
-// (tests/test_cuda_extension.py checks them all for spills).
+// The forward, grad-input and grad-weight kernels state __launch_bounds__(kTileThreads, 1): ptxas then gives
+// each instantiation the registers it needs (up to about 160). Left to its own occupancy targets it squeezed
+// some into 64-128 registers and spilled. The few-outputs grad-weight kernel states two blocks per SM, 128
+// registers (tests/test_cuda_extension.py checks them all for spills).
 
 // Row index of a position past the end of a kernel's range: every tap falls outside the image.
 constexpr int kOutside = -(1 << 28);
@@ -202,10 +201,7 @@ struct TileLoad {
 
   __device__ __forceinline__ static Run load(const T* base, int64_t at) {
     if (at != kNoRun && run_aligned<Run>(base + at)) return *reinterpret_cast<const Run*>(base + at);
-    Run run;
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) run.x[e] = from_float<T>(0.0f);
-    return run;
+    return Run::zeros();
   }
 
   template <typename Offset>

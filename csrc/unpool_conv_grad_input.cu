@@ -127,7 +127,7 @@ void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, i
     if (C <= 16) {
       launch_grad_input<T, kTf32, 256, 16, kWideStepK<T>>(g, wp, dx, geo, to_stream(stream));
     } else {
-      launch_grad_input<T, kTf32, 64, 64, kWideStepK<T>>(g, wp, dx, geo, to_stream(stream));
+      launch_grad_input<T, kTf32, 128, 64, kWideStepK<T>>(g, wp, dx, geo, to_stream(stream));
     }
   });
 }

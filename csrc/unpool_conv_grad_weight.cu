@@ -9,7 +9,7 @@ namespace dcign {
 namespace {
 
 template <typename T, bool kTf32, int BM, int BN, int BK, int kVec>
-__global__ void __launch_bounds__(kTileThreads, 2)
+__global__ void __launch_bounds__(kTileThreads, 1)
     unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, float* __restrict__ ws,
                                    Geometry g, Strides xs, Strides gs, int chunk) {
   using Mma = typename MmaFor<T, kTf32, BM, BN, BK, Runs::kAcross, Runs::kAcross>::type;
@@ -98,7 +98,7 @@ void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, i
     if (O <= 16) {
       launch_grad_weight<T, kTf32, 64, 16, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
     } else {
-      launch_grad_weight<T, kTf32, 64, 64, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
+      launch_grad_weight<T, kTf32, 128, 64, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
     }
   });
 }
