@@ -195,26 +195,33 @@ SM90_MACS_PER_CLOCK = 2048
 
 
 def issue_per_mma_cycle(sass: str) -> float | None:
-    """A static speed bound of a GEMM kernel: in its loop with the most warpgroup multiplies (Hopper's HGMMA),
-    the clocks its warps need to issue one trip's instructions over the clocks the tensor cores need for that
-    trip's 16-bit multiply-adds. Above 1 the loop cannot keep the tensor cores busy whatever the memory does.
-    None without such a loop.
+    """A static speed bound of a GEMM kernel: in its loop with the most tensor-core multiplies, the clocks its
+    warps need to issue one trip's instructions over the clocks the tensor cores need for that trip's 16-bit
+    multiply-adds. Above 1 the loop cannot keep the tensor cores busy whatever the memory does. None without
+    such a loop.
 
-    Per warpgroup: its 4 warps issue the trip's instructions on the SM's 4 schedulers (one instruction per clock
-    each), in as many clocks as the trip has instructions, while its multiplies take their multiply-adds over the
-    SM's rate; more warpgroups scale both alike."""
+    Per 4 warps (a warpgroup, whose warps issue on the SM's 4 schedulers, one instruction per clock each): they
+    issue a trip in as many clocks as it has instructions, while its multiplies take their multiply-adds over
+    the SM's rate; more warps scale both alike. A warpgroup's HGMMA 64xNxK multiplies 64 N K; a warp's HMMA.16816
+    (mma.sync m16n8k16) 16 x 8 x 16, four times over in 4 warps. (The rate is wgmma's peak: mma.sync reaches
+    less of it, so the bound flatters HMMA loops.)"""
     lines = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
     for end, text in lines:
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < end:
             loops.append([t for a, t in lines if int(target.group(1), 16) <= a <= end])
-    shapes = [[re.search(r"HGMMA\.64x(\d+)x(\d+)", t) for t in body] for body in loops]
-    best = max(range(len(loops)), key=lambda i: sum(m is not None for m in shapes[i]), default=None)
-    if best is None or not any(shapes[best]):
+
+    def macs(text: str) -> int:
+        if m := re.search(r"HGMMA\.64x(\d+)x(\d+)", text):
+            return 64 * int(m.group(1)) * int(m.group(2))
+        return 4 * 16 * 8 * 16 if re.search(r"\bHMMA\.16816\b", text) else 0
+
+    trips = [sum(macs(t) for t in body) for body in loops]
+    best = max(range(len(loops)), key=trips.__getitem__, default=None)
+    if best is None or not trips[best]:
         return None
-    macs_per_warpgroup = sum(64 * int(m.group(1)) * int(m.group(2)) for m in shapes[best] if m)
-    return len(loops[best]) / (macs_per_warpgroup / SM90_MACS_PER_CLOCK)
+    return len(loops[best]) / (trips[best] / SM90_MACS_PER_CLOCK)
 
 
 def compile_in_subprocess(module: str, function: str, timeout: float = 600) -> list[dict[str, object]]:
@@ -234,12 +241,12 @@ def _usage(text: str) -> dict[str, int]:
     return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def _cuobjdump(flag: str, path: str) -> str:
-    """``cuobjdump <flag>`` of a cubin or a fat binary, by the cuobjdump bundled with Triton."""
+def _cuobjdump(flag: str, path: str, *options: str) -> str:
+    """``cuobjdump <flag> <options> <path>`` of a cubin or a fat binary, by the cuobjdump bundled with Triton."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return subprocess.run([str(tool), flag, path], capture_output=True, text=True).stdout
+    return subprocess.run([str(tool), flag, *options, path], capture_output=True, text=True).stdout
 
 
 def _cuobjdump_cubin(cubin: bytes, flag: str) -> str:
@@ -264,3 +271,8 @@ def kernels_resource_usage(binary: Path) -> list[tuple[str, str, dict[str, int]]
         for name, usage in re.findall(r"Function (\S+):\n(.*)", section):
             rows.append((arch.group(1) if arch else "?", name, _usage(usage)))
     return rows
+
+
+def kernel_sass(binary: Path, arch: str, name: str) -> str:
+    """The SASS of one kernel (mangled name) for one architecture of a fat binary."""
+    return _cuobjdump("-sass", str(binary), "-arch", arch, "-fun", name)

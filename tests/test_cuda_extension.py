@@ -9,7 +9,7 @@ import torch
 
 from dcign_fast.kernels import cuda
 from dcign_fast.ops.backends import CUDA_EMULATION_ENV
-from tests.aot import kernels_resource_usage
+from tests.aot import issue_per_mma_cycle, kernel_sass, kernels_resource_usage
 
 needs_extension = pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C was not built (no nvcc)")
 
@@ -72,3 +72,26 @@ def test_unpool_conv_kernels_use_no_local_memory(source):
     per_arch = 24 if source in ("unpool_conv_forward.cu", "unpool_conv_grad_input.cu") else 16
     assert len(kernels) == per_arch * len(archs), (archs, len(kernels))
     assert all(usage["stack"] == 0 and usage["local"] == 0 for _, usage in kernels), kernels
+
+
+# The instantiations a GPU runs for the paper150 decoder's widest layer (96 -> 96, K=7 valid, bf16, channels_last:
+# 16-byte loads): the forward's 64 x 64 tiles, the grad kernels' 128 x 64 (template arguments as mangled).
+PAPER150_L3_KERNELS = {
+    "unpool_conv_forward_kernelI13__nv_bfloat16Lb0ELi64ELi64ELi32ELi8ELb0EE": 3.0,
+    "unpool_conv_grad_input_kernelI13__nv_bfloat16Lb0ELi128ELi64ELi32ELi8ELb0EE": 6.0,
+    "unpool_conv_grad_weight_kernelI13__nv_bfloat16Lb0ELi128ELi64ELi32ELi8EE": 4.5,
+}
+
+
+@needs_extension
+@pytest.mark.parametrize("kernel, bound", PAPER150_L3_KERNELS.items(), ids=lambda v: str(v).split("_kernel")[0])
+def test_unpool_conv_hot_loops_can_feed_the_tensor_cores(kernel, bound):
+    """A static speed check without a GPU (tests.aot.issue_per_mma_cycle, as the Triton kernels have): in the
+    sm_90a build, the issue clocks of each hot loop's trip over its multiplies' tensor-core clocks. These were
+    5-32 before the loops lost their run-time divisions, masked loads and wmma fragment loads (2.6, 5.5 and 4.2
+    after); the bounds keep them from creeping back."""
+    binary = Path(cuda._import().__file__)
+    names = [name for arch, name, _ in kernels_resource_usage(binary) if arch == "sm_90a" and kernel in name]
+    assert len(names) == 1, names
+    ratio = issue_per_mma_cycle(kernel_sass(binary, "sm_90a", names[0]))
+    assert ratio is not None and ratio <= bound, (kernel, ratio)
