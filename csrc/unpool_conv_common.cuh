@@ -3,8 +3,8 @@
 // Design: each kernel is an implicit GEMM with float32 accumulation. A block of 256 threads owns a
 // BM x BN output tile; the reduction runs BK at a time through double-buffered shared-memory operand
 // tiles (pipelined_k_loop: the next step's global loads overlap this step's multiplies), multiplied by the
-// policy of tile_mma.cuh: tensor cores (wmma) for bf16 / fp16 and, under TF32, float32; SIMT cores for exact
-// float32. Operand tiles load in 16-byte vectors where the tensors allow (TileLoad).
+// policy of tile_mma.cuh: tensor cores for bf16 / fp16 (mma.sync) and, under TF32, float32 (wmma); SIMT cores
+// for exact float32. Operand tiles load in 16-byte vectors where the tensors allow (TileLoad).
 //   forward      M = positions (n, i, j) of phase (0, 0), N = C_out, K = (union taps, C_in): one input tile
 //                per union tap feeds every phase whose window holds the tap, so the four phases share
 //                their input reads and are written interleaved (bias and ReLU in the epilogue).
