@@ -95,8 +95,12 @@ void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, i
   dispatch_multiply(dtype, tf32, "unpool_conv_grad_weight", [&](auto tag, auto use_tf32) {
     using T = typename decltype(tag)::type;
     constexpr bool kTf32 = decltype(use_tf32)::value;
+    // M = C_in: 128-row tiles share each B block among more multiplies, but would be mostly padding for up to
+    // 64 input channels (a decoder's first layers).
     if (O <= 16) {
       launch_grad_weight<T, kTf32, 64, 16, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
+    } else if (C <= 64) {
+      launch_grad_weight<T, kTf32, 64, 64, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
     } else {
       launch_grad_weight<T, kTf32, 128, 64, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
     }
