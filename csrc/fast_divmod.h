@@ -12,14 +12,6 @@
 
 namespace dcign {
 
-DCIGN_HD uint32_t mulhi(uint32_t a, uint32_t b) {
-#ifdef __CUDA_ARCH__
-  return __umulhi(a, b);
-#else
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-#endif
-}
-
 // ceil(log2 d) for d >= 1.
 DCIGN_HD uint32_t ceil_log2(uint32_t d) {
   if (d <= 1) return 0;
@@ -44,7 +36,7 @@ struct FastDivmod {
   // floor(n / divisor) for 0 <= n < 2^31.
   DCIGN_HD int div(int n) const {
     const uint32_t u = static_cast<uint32_t>(n);
-    return static_cast<int>((mulhi(multiplier, u) + u) >> shift);
+    return static_cast<int>((mulhi32(multiplier, u) + u) >> shift);
   }
 
   // q = floor(n / divisor), r = n - q * divisor, for 0 <= n < 2^31.

@@ -17,14 +17,6 @@ constexpr float kUniformScale = 4.6566127342e-10f;  // largest float s with (2^3
 constexpr float kMinUniform = 1.0e-7f;              // keeps logf finite
 constexpr float kTwoPi = 6.283185307179586f;
 
-DCIGN_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
-#ifdef __CUDA_ARCH__
-  return __umulhi(a, b);
-#else
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-#endif
-}
-
 // The first two output words of Philox4x32-10 for counter (lo(n), hi(n), 0, 0) and key (lo(seed), hi(seed)).
 struct PhiloxPair {
   uint32_t x0, x1;
