@@ -255,7 +255,9 @@ struct WmmaMma : WarpFragments<BM, BN> {
       if (!Base::owns(i)) break;
       nvcuda::wmma::store_matrix_sync(&scratch.v[warp][0][0], acc.v[i], kLdScratch, nvcuda::wmma::mem_row_major);
       __syncwarp();
-      for (int e = lane; e < 256; e += 32) f(16 * Base::row_of(i) + e / 16, 16 * Base::column() + e % 16, scratch.v[warp][e / 16][e % 16]);
+      for (int e = lane; e < 256; e += 32) {
+        f(16 * Base::row_of(i) + e / 16, 16 * Base::column() + e % 16, scratch.v[warp][e / 16][e % 16]);
+      }
       __syncwarp();
     }
   }

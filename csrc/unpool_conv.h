@@ -35,8 +35,8 @@ void unpool_conv_forward(ActivationView x, uintptr_t wp, uintptr_t bias, Activat
 // The backward kernels read grad_out g with the fused ReLU's mask already applied (the caller's one pass).
 
 // dx = the transposed phase convolutions of grad_out g.
-void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, int N, int C, int H, int W, int O, int KH,
-                            int KW, int PH, int PW, int dtype, int tf32, uintptr_t stream);
+void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, int N, int C, int H, int W, int O,
+                            int KH, int KW, int PH, int PW, int dtype, int tf32, uintptr_t stream);
 
 // Split partial sums of grad weight: ws float32 [splits, 2, 2, TR, TC, C, OP]. Each split covers `chunk` output
 // positions of every phase.

@@ -118,8 +118,8 @@ void launch_grad_input(const ActivationView& gout, uintptr_t wp, const Activatio
 
 }  // namespace
 
-void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, int N, int C, int H, int W, int O, int KH,
-                            int KW, int PH, int PW, int dtype, int tf32, uintptr_t stream) {
+void unpool_conv_grad_input(ActivationView g, uintptr_t wp, ActivationView dx, int N, int C, int H, int W, int O,
+                            int KH, int KW, int PH, int PW, int dtype, int tf32, uintptr_t stream) {
   const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
   dispatch_multiply(dtype, tf32, "unpool_conv_grad_input", [&](auto tag, auto use_tf32) {
     using T = typename decltype(tag)::type;

@@ -74,8 +74,8 @@ __global__ void __launch_bounds__(kTileThreads, 1)
 }
 
 template <typename T, bool kTf32, int BM, int BN, int BK>
-void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t ws, const Geometry& g, int splits,
-                        int chunk, cudaStream_t stream) {
+void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t ws, const Geometry& g,
+                        int splits, int chunk, cudaStream_t stream) {
   const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), all_phase_taps(g), splits);
   dispatch_vector<T>({{&x, g.C}, {&gout, g.O}}, [&](auto vec) {
     launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream,

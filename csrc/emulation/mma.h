@@ -1,5 +1,6 @@
-// CPU emulation (see cuda_runtime.h) of the nvcuda::wmma calls of csrc/tile_mma.cuh: 16 x 16 x 16 tiles of
-// 16-bit operands and 16 x 16 x 8 tiles of TF32 operands, float32 accumulators. On a GPU a fragment is
+// CPU emulation (see cuda_runtime.h) of the nvcuda::wmma calls of csrc/tile_mma.cuh, which multiplies float32
+// storage in TF32 with them: 16 x 16 x 8 tiles of TF32 operands, float32 accumulators (16-bit operands go
+// through mma.sync, emulated in warp_mma.h). On a GPU a fragment is
 // spread over the 32 lanes of a warp; here every lane holds the whole tile and makes each warp-collective
 // call itself, with identical results (a multiply of the same inputs as the previous call reuses its product).
 // What stays faithful: each call is warp-collective (the lanes meet at a warp barrier, so a call from
@@ -15,8 +16,6 @@
 #include <string>
 #include <type_traits>
 
-#include "cuda_bf16.h"
-#include "cuda_fp16.h"
 #include "cuda_runtime.h"
 
 namespace nvcuda::wmma {
@@ -47,10 +46,12 @@ struct tile_shape<matrix_b, M, N, K> {
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
-  static_assert(M == 16 && N == 16 && (K == 16 || K == 8), "the emulation has the 16x16x16 and 16x16x8 shapes");
+  static_assert(M == 16 && N == 16 && K == 8, "the emulation has TF32's 16x16x8 shape");
+  static_assert(std::is_same_v<T, std::conditional_t<std::is_same_v<Use, accumulator>, float, precision::tf32>>,
+                "TF32 operands, float32 accumulators");
   static constexpr int rows = tile_shape<Use, M, N, K>::rows, cols = tile_shape<Use, M, N, K>::cols;
   static constexpr int num_elements = rows * cols;  // every lane holds the whole tile
-  float x[num_elements];                            // row-major; 16-bit operands convert to float exactly
+  float x[num_elements];                            // row-major
   float& at(int r, int c) { return x[r * cols + c]; }
   float at(int r, int c) const { return x[r * cols + c]; }
 };
@@ -67,20 +68,13 @@ inline float __float_to_tf32(float v) {
 
 namespace detail {
 
-inline float widen(float v) { return v; }
-inline float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-inline float widen(__half v) { return __half2float(v); }
-
 // The multiply's view of an operand: TF32 keeps the top 19 bits of a float32 (sign, exponent, 10 mantissa
-// bits); 16-bit operands are exact in float32.
-template <typename T>
-float operand(float v) {
-  if constexpr (std::is_same_v<T, precision::tf32>) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof bits);
-    bits &= 0xffffe000u;
-    std::memcpy(&v, &bits, sizeof bits);
-  }
+// bits).
+inline float tf32_operand(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits &= 0xffffe000u;
+  std::memcpy(&v, &bits, sizeof bits);
   return v;
 }
 
@@ -107,15 +101,14 @@ inline bool holds(int l, int r, int c) { return r % 8 == l / 4 && c % 8 / 2 == l
 
 }  // namespace detail
 
-// S: the element type in memory (T, or float for TF32 fragments). Layout: element (r, c) of the tile lies at
-// p[r * ldm + c] (row_major) or p[c * ldm + r] (col_major).
-template <typename Use, int M, int N, int K, typename T, typename Layout, typename S>
-void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const S* p, unsigned ldm) {
+// Layout: element (r, c) of the tile lies at p[r * ldm + c] (row_major) or p[c * ldm + r] (col_major).
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const float* p, unsigned ldm) {
   __syncwarp();
   if (!detail::check(p, ldm, "load_matrix_sync")) return;
   constexpr bool kColumns = std::is_same_v<Layout, col_major>;
   for (int r = 0; r < f.rows; ++r) {
-    for (int c = 0; c < f.cols; ++c) f.at(r, c) = detail::widen(p[kColumns ? c * ldm + r : r * ldm + c]);
+    for (int c = 0; c < f.cols; ++c) f.at(r, c) = p[kColumns ? c * ldm + r : r * ldm + c];
   }
 }
 
@@ -142,7 +135,7 @@ void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_
   for (int r = 0; r < 16; ++r) {
     for (int n = 0; n < 16; ++n) {
       float sum = c.at(r, n);
-      for (int k = 0; k < K; ++k) sum = fmaf(detail::operand<T>(a.at(r, k)), detail::operand<T>(b.at(k, n)), sum);
+      for (int k = 0; k < K; ++k) sum = fmaf(detail::tf32_operand(a.at(r, k)), detail::tf32_operand(b.at(k, n)), sum);
       last.d.at(r, n) = sum;
     }
   }
