@@ -27,7 +27,7 @@ namespace dcign {
 constexpr int kTileThreads = 256;
 constexpr int kWarps = kTileThreads / 32;
 
-// The K step of the kernels' wide tiles (the forward's 64 x 64, the grad kernels' 128 x 64) for storage T: 32 for
+// The K step of the kernels' wide tiles (64 x 64, and the grad kernels' 128 x 64) for storage T: 32 for
 // 16-bit operands, whose tiles then still fit the forward's four products in 48 KiB of static shared memory;
 // 16 for float32's 4-byte ones. A longer step spends the loop's fixed work (barrier, tap and chunk arithmetic)
 // on twice the multiplies.
