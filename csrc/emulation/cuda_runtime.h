@@ -214,11 +214,21 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask) {
 namespace dcign_emulation {
 
 // A warp-collective exchange for the emulated warp instructions (warp_mma.h): every live lane publishes N words
-// and meets the others at one warp barrier; then lanes[l] holds lane l's words (zeros for an exited lane). Two
-// alternating buffers make one barrier enough: a lane refills a buffer only after the next exchange's barrier,
-// which every lane reaches after its reads of this one.
+// and meets the others at one warp barrier; the returned view then reads any lane's words (zeros for an exited
+// lane). Two alternating buffers make one barrier enough: a lane refills a buffer only after the next
+// exchange's barrier, which every lane reaches after its reads of this one.
+struct WarpWords {
+  size_t first;
+  int parity;
+  uint32_t operator()(int lane, int word) const {
+    const size_t f = first + static_cast<size_t>(lane);
+    const bool live = f < block->fibers.size() && block->fibers[f].wait != Wait::kDone;
+    return live ? block->fibers[f].exchange[parity][word] : 0u;
+  }
+};
+
 template <int N>
-void warp_exchange(const uint32_t (&words)[N], uint32_t (&lanes)[32][N]) {
+WarpWords warp_exchange(const uint32_t (&words)[N]) {
   static_assert(N <= kExchangeWords, "a lane publishes at most kExchangeWords words");
   const size_t self = current_thread();
   Fiber& me = block->fibers[self];
@@ -226,11 +236,7 @@ void warp_exchange(const uint32_t (&words)[N], uint32_t (&lanes)[32][N]) {
   me.exchange_parity ^= 1;
   std::memcpy(me.exchange[parity], words, sizeof words);
   __syncwarp();
-  const size_t first = self & ~size_t{31};
-  for (size_t l = 0; l < 32; ++l) {
-    const bool live = first + l < block->fibers.size() && block->fibers[first + l].wait != Wait::kDone;
-    for (int w = 0; w < N; ++w) lanes[l][w] = live ? block->fibers[first + l].exchange[parity][w] : 0u;
-  }
+  return {self & ~size_t{31}, parity};
 }
 
 }  // namespace dcign_emulation

@@ -52,11 +52,10 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
     dcign_emulation::fail(cudaErrorMisalignedAddress, "misaligned address (emulation: ldmatrix needs 16-byte rows)");
   }
   const uint32_t mine[2] = {static_cast<uint32_t>(address), static_cast<uint32_t>(address >> 32)};
-  uint32_t lanes[32][2];
-  dcign_emulation::warp_exchange(mine, lanes);
+  const dcign_emulation::WarpWords lanes = dcign_emulation::warp_exchange(mine);
   auto row_of = [&](int lane_index) {
-    return reinterpret_cast<const void*>(static_cast<uintptr_t>(lanes[lane_index][0]) |
-                                         static_cast<uintptr_t>(lanes[lane_index][1]) << 32);
+    return reinterpret_cast<const void*>(static_cast<uintptr_t>(lanes(lane_index, 0)) |
+                                         static_cast<uintptr_t>(lanes(lane_index, 1)) << 32);
   };
   const int l = lane(), g = l / 4, t = l % 4;
   for (int i = 0; i < 4; ++i) {
@@ -77,13 +76,12 @@ template <typename T>
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   using namespace warp_mma_detail;
   const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-  uint32_t lanes[32][6];
-  dcign_emulation::warp_exchange(mine, lanes);
+  const dcign_emulation::WarpWords lanes = dcign_emulation::warp_exchange(mine);
   auto A = [&](int row, int k) {  // held by lane 4 (row % 8) + (k % 8) / 2, register (row >= 8) + 2 (k >= 8)
-    return widen<T>(half_of(lanes[4 * (row % 8) + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)], k % 2));
+    return widen<T>(half_of(lanes(4 * (row % 8) + (k % 8) / 2, (row >= 8) + 2 * (k >= 8)), k % 2));
   };
   auto B = [&](int k, int n) {  // held by lane 4 n + (k % 8) / 2, register k >= 8
-    return widen<T>(half_of(lanes[4 * n + (k % 8) / 2][4 + (k >= 8)], k % 2));
+    return widen<T>(half_of(lanes(4 * n + (k % 8) / 2, 4 + (k >= 8)), k % 2));
   };
   const int l = lane(), g = l / 4, t = l % 4;
   for (int e = 0; e < 4; ++e) {
