@@ -45,8 +45,8 @@ void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, i
                              uintptr_t stream);
 
 // The same partial sums for few output channels (an image layer), laid out alike, each split covering `chunk`
-// *input* positions. Faster than the per-tap kernel while the
-// (union tap, O) pairs fill few tiles (csrc/unpool_conv_grad_weight_few_outputs.cu).
+// *input* positions. Faster than the per-tap kernel while the (union tap, O) pairs fill few tiles
+// (csrc/unpool_conv_grad_weight_few_outputs.cu).
 void unpool_conv_grad_weight_few_outputs(ActivationView x, ActivationView g, uintptr_t ws, int N, int C, int H, int W,
                                          int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype,
                                          int tf32, uintptr_t stream);

@@ -10,8 +10,8 @@
 namespace dcign {
 namespace {
 
-// Output channels up to which the reduction runs over (tap, channel) pairs: a chunk of 16 channels or more
-// keeps its 16-byte loads.
+// Output channels up to which the reduction runs over (tap, channel) pairs (an image layer's 1 to 3 would
+// mostly pad a channel chunk); more channels keep the chunks and their 16-byte loads.
 constexpr int kPairsInKChannels = 8;
 
 template <typename T, bool kTf32, int BM, int BN, int BK, int kVec, bool kTapsInK>
@@ -105,8 +105,8 @@ void launch_grad_input(const ActivationView& gout, uintptr_t wp, const Activatio
                   reinterpret_cast<const T*>(gout.ptr), reinterpret_cast<const T*>(wp), reinterpret_cast<T*>(dx.ptr), g,
                   strides_of(gout), strides_of(dx));
   };
-  // Flattened (tap, o) pairs pay with element-by-element gathers: worth it where channel chunks would be at
-  // least half padding (16 output channels fill a chunk and keep their 16-byte loads).
+  // Flattened (tap, o) pairs pay with element-by-element gathers: worth it where channel chunks would be
+  // mostly padding.
   if (g.O <= kPairsInKChannels) {
     launch(unpool_conv_grad_input_kernel<T, kTf32, BM, BN, BK, 1, true>);
     return;

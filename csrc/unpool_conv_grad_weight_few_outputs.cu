@@ -105,9 +105,7 @@ void launch(const ActivationView& x, const ActivationView& gout, uintptr_t ws, c
 void unpool_conv_grad_weight_few_outputs(ActivationView x, ActivationView g, uintptr_t ws, int N, int C, int H, int W,
                                          int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype,
                                          int tf32, uintptr_t stream) {
-  if (splits < 1 || splits > 65535 || chunk < 1) {
-    throw std::invalid_argument("unpool_conv_grad_weight_few_outputs: splits must lie in [1, 65535] and chunk be >= 1");
-  }
+  check_splits("unpool_conv_grad_weight_few_outputs", splits, chunk);
   const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
   const int pairs = geo.rows.taps * geo.cols.taps * O;
   dispatch_multiply(dtype, tf32, "unpool_conv_grad_weight_few_outputs", [&](auto tag, auto use_tf32) {

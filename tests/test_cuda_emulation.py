@@ -146,8 +146,8 @@ def test_unpool_conv_few_outputs_over_several_splits(monkeypatch):
 
 def test_grad_weight_splits_keep_within_what_the_kernels_walk():
     """The grad-weight kernels walk a split's positions in 32-bit arithmetic: chunks of at most 2^30 positions,
-    and a clear error (not a wrong sum) past 65535 such splits, from the Python side and from the kernels' own
-    argument check."""
+    and a clear error (not a wrong sum) past 65535 such splits, from the Python side and from both grad-weight
+    kernels' own argument check."""
     from dcign_fast.kernels import cuda, cuda_unpool_conv
 
     positions = 3 * 2**30 + 5
@@ -157,8 +157,9 @@ def test_grad_weight_splits_keep_within_what_the_kernels_walk():
         cuda_unpool_conv._grad_weight_splits(65536 * 2**30, 8, 8, 1, torch.device("cpu"))
     x = torch.randn(1, 4, 3, 3).to(memory_format=torch.channels_last)
     view = (x.data_ptr(), *x.stride())
-    with pytest.raises(ValueError, match="chunk in \\[1, 2\\^30\\]"):
-        cuda.load().unpool_conv_grad_weight(view, view, 0, 1, 4, 3, 3, 4, 3, 3, 1, 1, 1, 2**30 + 1, 0, 0, 0)
+    for launcher in (cuda.load().unpool_conv_grad_weight, cuda.load().unpool_conv_grad_weight_few_outputs):
+        with pytest.raises(ValueError, match="chunk in \\[1, 2\\^30\\]"):
+            launcher(view, view, 0, 1, 4, 3, 3, 4, 3, 3, 1, 1, 1, 2**30 + 1, 0, 0, 0)
 
 
 def test_unpool_conv_grad_weight_is_deterministic():

@@ -20,9 +20,7 @@ from dcign_fast.kernels.unpool_conv_common import (
 )
 from dcign_fast.ops.unpool_conv import empty_output
 
-# C_out tile of the grad-weight kernel and its C_in tile up to 64 input channels and past them
-# (csrc/unpool_conv_grad_weight.cu)
-_GRAD_WEIGHT_TILE_O, _GRAD_WEIGHT_TILE_C = 64, (64, 128)
+_GRAD_WEIGHT_TILE_O = 64  # C_out tile of the grad-weight kernel (csrc/unpool_conv_grad_weight.cu)
 _SPLIT_GRANULE = 256  # output positions per grad-weight split, at least
 _MAX_CHUNK = 2**30  # ... and at most (kMaxChunk, csrc/unpool_conv.h)
 _MAX_SPLITS = 65535  # grid.z
@@ -37,7 +35,7 @@ def _view(t: torch.Tensor) -> tuple[int, ...]:
 def _grad_weight_splits(positions: int, c_in: int, c_out: int, taps: int, device: torch.device) -> tuple[int, int]:
     """(splits, chunk): enough grad-weight blocks to fill the GPU a few times over, chunks of >= 256 positions
     and at most the kernels' 2^30 (their 32-bit walk over a split's positions)."""
-    tile_c = _GRAD_WEIGHT_TILE_C[c_in > _GRAD_WEIGHT_TILE_C[0]]
+    tile_c = 64 if c_in <= 64 else 128  # its C_in tile, as csrc/unpool_conv_grad_weight.cu chooses it
     tiles = -(-c_in // tile_c) * -(-c_out // _GRAD_WEIGHT_TILE_O) * taps
     target = 4 * cuda.multiprocessors(device)
     splits = max(1, min(-(-target // tiles), -(-positions // _SPLIT_GRANULE), _MAX_SPLITS), -(-positions // _MAX_CHUNK))
