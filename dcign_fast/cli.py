@@ -17,7 +17,7 @@ from pathlib import Path
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("dcign_fast.info", "what this installation can run (backends, extension, devices)"),
+    "info": ("dcign_fast.info", "what this installation can run (versions, devices, Triton, the CUDA extension)"),
     "render": ("dcign_fast.data.cli", "render one-factor face sweeps to PNG folders or a cache, or a preview grid"),
     "demo": (
         "dcign_fast.demo",

@@ -24,8 +24,9 @@ _HOOKS = (
 )
 
 
-def fusion_unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
-    """Why (upsample, conv) cannot become an UnpoolConv2d, or "" if it can."""
+def fusion_unsupported_reason(upsample: nn.Module, conv: nn.Module, backend: str = "auto") -> str:
+    """Why (upsample, conv) cannot become an UnpoolConv2d of ``backend``, or "" if it can. ("auto" runs the
+    torch backend where a kernel backend cannot; "triton" and "cuda" would refuse every call.)"""
     if not isinstance(upsample, nn.Upsample) or upsample.mode != "nearest":
         return "the first module is not nn.Upsample(mode='nearest')"
     if type(upsample).forward is not nn.Upsample.forward:  # a subclass may upsample some other way
@@ -47,6 +48,14 @@ def fusion_unsupported_reason(upsample: nn.Module, conv: nn.Module) -> str:
         return "the convolution must have stride 1, dilation 1 and groups 1"
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         return "the convolution's padding must be explicit zero padding"
+    if backend in ("triton", "cuda"):
+        # Imported here: imported first, the kernels' module would load dcign_fast.ops midway, whose modules
+        # import it back.
+        from dcign_fast.kernels.unpool_conv_common import kernel_shape_reason
+
+        reason = kernel_shape_reason(backend, int(scale[0]), (conv.kernel_size[0], conv.kernel_size[1]))
+        if reason:
+            return reason
     return fusion_bypassed_reason(upsample, conv)
 
 

@@ -103,9 +103,10 @@ class UnpoolConv2d(nn.Module):
 
         Raises ValueError when the pair is not nearest upsampling by an integer followed by a
         stride-1, dilation-1, groups-1, zero-padded Conv2d, or when calling the fused op would skip work of
-        theirs: a parametrized weight, a weight or bias that is not a plain Parameter, hooks.
+        theirs: a parametrized weight, a weight or bias that is not a plain Parameter, hooks; or when
+        ``backend`` ("triton" or "cuda") cannot run the pair's scale factor or kernel size.
         """
-        reason = fusion_unsupported_reason(upsample, conv)
+        reason = fusion_unsupported_reason(upsample, conv, backend)
         if reason:
             raise ValueError(f"cannot fuse {upsample} + {conv}: {reason}")
         # a number or an (equal) pair of them: fusion_unsupported_reason checked

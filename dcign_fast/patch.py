@@ -62,10 +62,10 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _upsample_conv_pairs(module: nn.Module) -> list[tuple[str, nn.Sequential, str, str, str]]:
+def _upsample_conv_pairs(module: nn.Module, backend: str) -> list[tuple[str, nn.Sequential, str, str, str]]:
     """Every nn.Upsample followed by another module inside an nn.Sequential of ``module``:
     (the container's qualified name, the container, the upsample's key, the next module's key, why the
-    pair cannot become an UnpoolConv2d or "" if it can)."""
+    pair cannot become an UnpoolConv2d of ``backend`` or "" if it can)."""
     pairs = []
     for name, container in module.named_modules():
         if isinstance(container, nn.Sequential):
@@ -76,7 +76,9 @@ def _upsample_conv_pairs(module: nn.Module) -> list[tuple[str, nn.Sequential, st
                 up, conv = container._modules[first], container._modules[second]
                 if isinstance(up, nn.Upsample):
                     reason = "the container overrides nn.Sequential's forward" if overridden else ""
-                    pairs.append((name, container, first, second, reason or fusion_unsupported_reason(up, conv)))
+                    pairs.append(
+                        (name, container, first, second, reason or fusion_unsupported_reason(up, conv, backend))
+                    )
     return pairs
 
 
@@ -149,7 +151,7 @@ class _FusedUpsample2DForward:
         # The class's forward for a call that is not plain (upsampling to a given size, the deprecated scale
         # argument), and for a layer changed since patch() (its conv replaced, given hooks or reflect padding):
         # the conv stays a visible submodule, and the fused op would bypass the change.
-        if output_size is not None or args or kwargs or _upsample2d_config_reason(self.layer):
+        if output_size is not None or args or kwargs or _upsample2d_config_reason(self.layer, self.backend):
             return type(self.layer).forward(self.layer, hidden_states, output_size, *args, **kwargs)
         conv = cast(nn.Conv2d, _upsample2d_conv(self.layer))  # _upsample2d_config_reason found it fusable
         return unpool_conv2d(
@@ -160,18 +162,18 @@ class _FusedUpsample2DForward:
 _NEAREST_X2 = nn.Upsample(scale_factor=2.0, mode="nearest")  # what Upsample2D's plain call upsamples by
 
 
-def _upsample2d_reason(module: nn.Module) -> str:
-    """Why this Upsample2D cannot be patched, or ""."""
+def _upsample2d_reason(module: nn.Module, backend: str) -> str:
+    """Why this Upsample2D cannot be patched for ``backend``, or ""."""
     forward = vars(module).get("forward")
     if isinstance(forward, _FusedUpsample2DForward):
         return "already patched"
     if forward is not None:
         return "its forward is overridden on the instance"
-    return _upsample2d_config_reason(module)
+    return _upsample2d_config_reason(module, backend)
 
 
-def _upsample2d_config_reason(module: nn.Module) -> str:
-    """Why this Upsample2D's plain call is not exactly nearest-x2 + a fusable conv, or ""."""
+def _upsample2d_config_reason(module: nn.Module, backend: str) -> str:
+    """Why this Upsample2D's plain call is not exactly nearest-x2 + a conv fusable for ``backend``, or ""."""
     if module.use_conv_transpose:
         return "use_conv_transpose: a transposed convolution, no upsampling to fuse"
     if not module.use_conv:
@@ -180,7 +182,7 @@ def _upsample2d_config_reason(module: nn.Module) -> str:
         return "interpolate=False: no upsampling to fuse"
     if module.norm is not None:
         return "a norm runs before the upsampling"
-    return fusion_unsupported_reason(_NEAREST_X2, _upsample2d_conv(module))
+    return fusion_unsupported_reason(_NEAREST_X2, _upsample2d_conv(module), backend)
 
 
 def patch(module: nn.Module, backend: str = "auto") -> PatchReport:
@@ -203,7 +205,7 @@ def patch(module: nn.Module, backend: str = "auto") -> PatchReport:
     check_backend_name(backend)
     report = PatchReport()
     report.skipped += [(name, "a TorchScript module: patch it before scripting") for name in _scripted(module)]
-    for prefix, container, first, second, reason in _upsample_conv_pairs(module):
+    for prefix, container, first, second, reason in _upsample_conv_pairs(module, backend):
         if reason:
             report.skipped.append((_join(prefix, first), reason))
             continue
@@ -211,7 +213,7 @@ def patch(module: nn.Module, backend: str = "auto") -> PatchReport:
         report.replaced.append(f"{_join(prefix, first)} + {_join(prefix, second)}")
     for name, sub in module.named_modules():
         if _is_diffusers_upsample2d(sub):
-            reason = _upsample2d_reason(sub)
+            reason = _upsample2d_reason(sub, backend)
             if reason:
                 report.skipped.append((name or "(root)", reason))
             else:

@@ -11,6 +11,13 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+# pytest-xdist workers share the cores: each worker's torch thread pool gets its share of them, so that N workers
+# do not run N times as many threads as there are cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

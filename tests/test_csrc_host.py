@@ -52,6 +52,7 @@ def _host_philox(lib: ctypes.CDLL, seed: int, offset: int, count: int) -> tuple[
 @pytest.mark.parametrize(
     "seed, offset",
     [(0, 0), (12345, 7), (2**64 - 1, 2**32 - 3), (int(torch.randint(0, 2**62, ()).item()) * 3 + 1, 2**40 + 5)],
+    ids=["zero", "small", "uint64-max-seed", "random-seed"],  # named: pytest-xdist's workers must collect alike
 )
 def test_philox_words_bit_identical_and_normals_close(lib, seed, offset):
     count = 4099

@@ -573,13 +573,15 @@ def test_triton_kernels_compile_for_sm90():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own
-def test_forward_mode_ad_is_refused_not_zero():
-    """PyTorch would give the custom op's outputs zero tangents: a silent wrong answer."""
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_forward_mode_ad_is_refused_not_zero(backend):
+    """PyTorch would give the custom op's outputs zero tangents (a silent wrong answer), and the reference's
+    autograd.Function has no jvp (an error that does not say what to do instead)."""
     mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
-    with pytest.raises(NotImplementedError, match="no forward-mode AD"):
-        torch.func.jvp(lambda m: sample_latents(m, logvar, None, seed=1, backend="torch")[0], (mu,), (mu,))
+    with pytest.raises(NotImplementedError, match=rf"sample_latents\(backend='{backend}'\) has no forward-mode AD"):
+        torch.func.jvp(lambda m: sample_latents(m, logvar, None, seed=1, backend=backend)[0], (mu,), (mu,))
     with pytest.raises(NotImplementedError, match="no forward-mode AD"):  # jacfwd of jacrev
-        torch.func.hessian(lambda m: sample_latents(m, logvar, None, seed=1, backend="torch")[0].sum())(mu)
+        torch.func.hessian(lambda m: sample_latents(m, logvar, None, seed=1, backend=backend)[0].sum())(mu)
 
 
 def test_latent_sampler_module():

@@ -211,6 +211,28 @@ def test_loss_refuses_latents_or_kl_of_another_batch(mu, kl, words):
         DCIGN.loss(x, x.clone(), torch.randn(mu), torch.randn(mu), None if kl is None else torch.rand(kl))
 
 
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        ({"logvar": torch.randn(2, 1)}, ValueError, r"logvar must have mu's shape \(2, 5\), got \(2, 1\)"),
+        (
+            {"recon": torch.rand(2, 1, 4, 3)},
+            ValueError,
+            r"recon must have x's shape \(2, 1, 4, 4\), got \(2, 1, 4, 3\)",
+        ),
+        ({"mu": torch.ones(2, 5, dtype=torch.bool)}, TypeError, r"mu must be a floating-point tensor, got torch.bool"),
+        ({"x": None}, TypeError, r"x must be a floating-point tensor, got NoneType"),
+        ({"kl": [0.0, 0.0]}, TypeError, r"kl must be a floating-point tensor, got list"),
+    ],
+)
+def test_loss_names_a_mismatched_or_wrongly_typed_argument(change, error, words):
+    """A logvar that broadcasts against mu would give a finite loss on the wrong scale."""
+    x = torch.rand(2, 1, 4, 4)
+    args = {"x": x, "recon": x.clone(), "mu": torch.randn(2, 5), "logvar": torch.randn(2, 5), "kl": None, **change}
+    with pytest.raises(error, match=words):
+        DCIGN.loss(**args)
+
+
 def test_gradient_penalty_through_the_whole_model_matches_reference():
     """An input-gradient penalty differentiates the backward of both fused ops (create_graph=True)."""
     x = torch.rand(2, 1, 64, 64, dtype=torch.float64)

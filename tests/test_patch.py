@@ -493,3 +493,30 @@ def test_patch_and_from_modules_keep_the_kernel_shape_and_the_backend():
     model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(3, 4, 3))
     dc.patch(model, backend="torch")
     assert model[1].backend == "torch"
+
+
+# (ids not "cuda", a keyword the CPU run skips as a GPU test: patching needs no GPU)
+@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["triton-backend", "cuda-backend"])
+def test_pairs_a_kernel_backend_cannot_run_are_skipped_with_the_reason(backend):
+    """Fused anyway, every call would raise; "auto" fuses them (the torch backend runs them)."""
+    model = nn.Sequential(
+        nn.Upsample(scale_factor=3), nn.Conv2d(2, 2, 3),
+        nn.Upsample(scale_factor=2), nn.Conv2d(2, 2, 11, padding=5),
+        nn.Upsample(scale_factor=2), nn.Conv2d(2, 2, 9, padding=4),
+    )  # fmt: skip
+    report = dc.patch(copy.deepcopy(model), backend=backend)
+    assert report.replaced == ["4 + 5"]
+    assert [reason for _, reason in report.skipped] == [
+        f"backend={backend!r} supports scale_factor=2 only, got 3",
+        f"backend={backend!r} supports kernel sizes up to 9, got (11, 11)",
+    ]
+    assert len(dc.patch(model, backend="auto").replaced) == 3
+    with pytest.raises(ValueError, match=rf"backend={backend!r} supports kernel sizes up to 9, got \(11, 11\)"):
+        UnpoolConv2d.from_modules(nn.Upsample(scale_factor=2), nn.Conv2d(2, 2, 11), backend=backend)
+
+
+def test_an_upsample2d_a_kernel_backend_cannot_run_is_skipped():
+    layer = _upsample2d_class()(4, use_conv=True, kernel_size=11, padding=5)
+    report = dc.patch(layer, backend="triton")
+    assert report.replaced == [] and "supports kernel sizes up to 9, got (11, 11)" in report.skipped[0][1]
+    assert "forward" not in vars(layer)

@@ -265,6 +265,9 @@ def _valid():
         (lambda a: {**a, "scale_factor": True}, ValueError, "scale_factor must be an int >= 1"),
         (lambda a: {**a, "weight": torch.randn(4, 3, 12, 3)}, ValueError, "output height would be -1"),
         (lambda a: {**a, "weight": torch.randn(4, 3, 11, 3)}, ValueError, "output height would be 0"),
+        # far too large: torch's own size arithmetic would overflow (an error from its C++ internals)
+        (lambda a: {**a, "padding": 2**62}, ValueError, "is too large (at most 2147483647)"),
+        (lambda a: {**a, "scale_factor": 2**70}, ValueError, "is too large (at most 2147483647)"),
         (lambda a: {**a, "weight": torch.randn(0, 3, 3, 3), "bias": None}, ValueError, "at least one output"),
         (lambda a: {**a, "x": a["x"][:, :0], "weight": torch.randn(4, 0, 3, 3)}, ValueError, "one input channel"),
         (lambda a: {**a, "weight": torch.randn(4, 3, 0, 3)}, ValueError, "kernel (KH, KW) must be at least 1 x 1"),

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shape-bias", type=float, default=10, help="odds of intrinsic batches: 1:1:1:k")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="where to render: cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="where to render: cpu, cuda, cuda:N or auto")
     parser.add_argument("--antialias", type=positive_int, default=1, help="supersampling factor")
     parser.add_argument(
         "--format", choices=["png", "cache"], default="png", help="PNG folders (DC-IGN layout) or uint8 .npz shards"

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dcign_fast.bounds import Bounds
 from dcign_fast.data.mesh_io import read_mesh
-from dcign_fast.data.render import vertex_faces
+from dcign_fast.data.render import check_indices, check_mesh, vertex_faces
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 FACE_ASSETS = ("meshmonk", "menpo3d", "james")
@@ -36,6 +37,11 @@ class Mesh:
     incident: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.vertices, Tensor) and self.vertices.dim() != 2:
+            raise ValueError(f"vertices must be [V, 3], got shape {tuple(self.vertices.shape)}")
+        check_mesh(self.vertices, self.faces, self.texture, self.uv, self.face_uv)
+        if self.face_uv is not None and self.uv is not None:
+            check_indices("face_uv", self.face_uv, len(self.uv), "uv coordinates")
         object.__setattr__(self, "incident", vertex_faces(self.faces, self.vertices.shape[0]))
 
     @property
@@ -79,6 +85,7 @@ def load_mesh(path: str | Path, radius: float = 0.9) -> Mesh:
     The mesh is assumed to be y-up and facing +z already; it is centred on its bounding box and scaled
     to fit a sphere of ``radius``. Vertex colours become grey albedo.
     """
+    Bounds(0, strict=True).check("radius", radius)
     raw = read_mesh(path)
     vertices = raw.vertices - (raw.vertices.max(0) + raw.vertices.min(0)) / 2
     extent = np.linalg.norm(vertices, axis=1).max()

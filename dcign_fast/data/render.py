@@ -56,6 +56,7 @@ def vertex_faces(faces: Tensor, num_vertices: int) -> Tensor:
 
     faces: [F, 3] int64 -> [V, D] int64, padded with F (an index one past the last face).
     """
+    check_indices("faces", faces, num_vertices, "vertices")
     num_faces = faces.shape[0]
     vertex = faces.reshape(-1)
     face = torch.arange(num_faces, device=faces.device).repeat_interleave(3)
@@ -86,6 +87,48 @@ def _described(value: object) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
 
 
+def check_indices(name: str, indices: Tensor, count: int, what: str) -> None:
+    """A ValueError unless every entry of ``indices`` is in [0, count): it indexes one of ``count`` ``what``.
+    (A host sync on CUDA: checked when a mesh's tables are built, not at every render.)"""
+    if indices.numel() and not (int(indices.min()) >= 0 and int(indices.max()) < count):
+        low, high = int(indices.min()), int(indices.max())
+        raise ValueError(
+            f"{name} must index the {count} {what}, entries in [0, {count}), got entries in [{low}, {high}]"
+        )
+
+
+def check_mesh(
+    vertices: Tensor, faces: Tensor, texture: Tensor | None, uv: Tensor | None, face_uv: Tensor | None
+) -> None:
+    """A ValueError (a TypeError for a wrong type) naming the first of a mesh's tensors that is not what
+    :func:`render` takes; the entries of faces and face_uv are checked by :func:`check_indices`."""
+    if not isinstance(vertices, Tensor) or vertices.dim() not in (2, 3) or vertices.shape[-1] != 3:
+        raise ValueError(f"vertices must be [V, 3] or [B, V, 3], got {_described(vertices)}")
+    if vertices.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"vertices must be float32 or float64, got {vertices.dtype}")
+    if not isinstance(faces, Tensor) or faces.dim() != 2 or faces.shape[1] != 3:
+        raise ValueError(f"faces must be an integer [F, 3] tensor, got {_described(faces)}")
+    if faces.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"faces must be an integer [F, 3] tensor, got {faces.dtype}")
+    if vertices.shape[-2] == 0 or faces.shape[0] == 0:
+        raise ValueError(
+            f"a mesh needs vertices and faces, got {vertices.shape[-2]} vertices and {faces.shape[0]} faces"
+        )
+    if (texture is None) != (uv is None) or (uv is None) != (face_uv is None):
+        raise ValueError("texture, uv and face_uv go together: give all three or none")
+    if texture is None or uv is None or face_uv is None:  # (then all three are None)
+        return
+    for name, value, dims, shape in (("texture", texture, 2, "[H, W]"), ("uv", uv, 2, "[T, 2]")):
+        if not isinstance(value, Tensor) or value.dim() != dims or not value.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point {shape} tensor, got {_described(value)}")
+    if uv.shape[1] != 2:
+        raise ValueError(f"uv must be a floating-point [T, 2] tensor, got shape {tuple(uv.shape)}")
+    if not isinstance(face_uv, Tensor) or tuple(face_uv.shape) != tuple(faces.shape) or face_uv.is_floating_point():
+        raise ValueError(
+            f"face_uv must be an integer [F, 3] tensor with F = {faces.shape[0]}, got {_described(face_uv)}"
+        )
+
+
 def _check_render_inputs(
     vertices: Tensor,
     faces: Tensor,
@@ -96,19 +139,12 @@ def _check_render_inputs(
     light_elevation: Tensor,
     albedo: Tensor | None,
     gain: Tensor | None,
+    incident: Tensor | None,
 ) -> None:
     """A ValueError naming the first argument of :func:`render` that does not fit the others (torch's own
     errors, deep inside, named none)."""
-    if not isinstance(vertices, Tensor) or vertices.dim() not in (2, 3) or vertices.shape[-1] != 3:
-        raise ValueError(f"vertices must be [V, 3] or [B, V, 3], got {_described(vertices)}")
-    if vertices.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"vertices must be float32 or float64, got {vertices.dtype}")
     if vertices.dim() == 3 and vertices.shape[0] != batch:
         raise ValueError(f"vertices [B, V, 3] must have B = {batch} (azimuth's), got {tuple(vertices.shape)}")
-    if not isinstance(faces, Tensor) or faces.dim() != 2 or faces.shape[1] != 3:
-        raise ValueError(f"faces must be an integer [F, 3] tensor, got {_described(faces)}")
-    if faces.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"faces must be an integer [F, 3] tensor, got {faces.dtype}")
     per_image = {"azimuth": azimuth, "elevation": elevation, "light_azimuth": light_azimuth}
     per_image |= {"light_elevation": light_elevation} | ({} if gain is None else {"gain": gain})
     for name, value in per_image.items():
@@ -119,8 +155,15 @@ def _check_render_inputs(
         culprit = next(name for name, value in per_image.items() if not torch.isfinite(value).all())
         raise ValueError(f"{culprit} must be finite, got {per_image[culprit]}")
     num_vertices = vertices.shape[-2]
-    if albedo is not None and tuple(albedo.shape) not in ((num_vertices,), (batch, num_vertices)):
+    if albedo is not None and (
+        not isinstance(albedo, Tensor) or tuple(albedo.shape) not in ((num_vertices,), (batch, num_vertices))
+    ):
         raise ValueError(f"albedo must be [V] or [B, V] with V = {num_vertices}, got {_described(albedo)}")
+    if incident is not None and (
+        not isinstance(incident, Tensor) or incident.dim() != 2 or incident.shape[0] != num_vertices
+        or incident.is_floating_point()
+    ):  # fmt: skip
+        raise ValueError(f"incident must be vertex_faces(faces, {num_vertices}), [V, D], got {_described(incident)}")
 
 
 def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -217,17 +260,21 @@ def render(
     for name, value in (("size", size), ("antialias", antialias)):
         Bounds(1).check(name, value, integer=True)
     Bounds(0, strict=True).check("zoom", zoom)
+    Bounds(0).check("ambient", ambient)
+    if ambient > 1:  # more than all of the light would brighten every pixel past the Lambertian range
+        raise ValueError(f"ambient must be in [0, 1], got {ambient!r}")
     if not isinstance(azimuth, Tensor) or azimuth.dim() != 1 or azimuth.shape[0] == 0:
         raise ValueError(f"azimuth must be [B] with B >= 1, got {_described(azimuth)}")
     batch = azimuth.shape[0]
-    _check_render_inputs(vertices, faces, batch, azimuth, elevation, light_azimuth, light_elevation, albedo, gain)
+    check_mesh(vertices, faces, texture, uv, face_uv)
+    _check_render_inputs(
+        vertices, faces, batch, azimuth, elevation, light_azimuth, light_elevation, albedo, gain, incident
+    )  # fmt: skip
     shared = vertices.dim() == 2
     if shared:
         vertices = vertices.expand(batch, -1, -1)
     if incident is None:
         incident = vertex_faces(faces, vertices.shape[1])
-    if (texture is None) != (uv is None) or (uv is None) != (face_uv is None):
-        raise ValueError("texture, uv and face_uv go together")
     rot = rotation(azimuth, elevation).to(vertices.dtype)
     cam = vertices @ rot.transpose(1, 2)  # [B, V, 3]
     full = size * antialias
@@ -250,7 +297,7 @@ def render(
     light = light_direction(light_azimuth, light_elevation).to(n.dtype)[b]
     shade = ambient + (1.0 - ambient) * (n * light).sum(-1).clamp(min=0)
 
-    if texture is not None and uv is not None and face_uv is not None:  # (all or none, checked above)
+    if texture is not None and uv is not None and face_uv is not None:  # (all or none: check_mesh)
         tex_uv = (uv[face_uv[f]] * bary[..., None]).sum(1)  # [N, 2]
         grid = torch.stack([tex_uv[:, 0] * 2 - 1, 1 - tex_uv[:, 1] * 2], -1).view(1, 1, -1, 2)
         rho = F.grid_sample(texture[None, None].to(grid.dtype), grid, align_corners=False).view(-1)

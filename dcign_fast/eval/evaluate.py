@@ -37,7 +37,14 @@ def evaluate(
 ) -> dict:
     """Metrics of ``model`` on held-out one-factor sweeps drawn by ``batch(kind, generator)``
     (default: the built-in renderer at the model's size). Writes eval.json and scatter.png to ``out``;
-    ``checkpoint``, where the model was loaded from, is recorded in eval.json."""
+    ``checkpoint``, where the model was loaded from, is recorded in eval.json.
+
+    Returns:
+        {"correlation": {group: |r|} per extrinsic group, "best_single_latent": {group: the best |r| of any one
+        latent}, "sweeps_per_group": sweeps, "mig": the Mutual Information Gap, "reconstruction":
+        {"bce_per_image", "mse_per_pixel"}, "identity_retrieval": {"intrinsic_latents", "raw_pixels" (top-1
+        accuracies), "chance", "identities"}}, and "checkpoint" (its resolved path) when given.
+    """
     require_groups(model, (*EXTRINSIC, "intrinsic"), "evaluate")
     with eval_mode(model):
         if batch is None:

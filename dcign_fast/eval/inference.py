@@ -25,8 +25,17 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def model_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``images`` on the device and in the floating dtype of ``model``'s parameters."""
+def check_images(name: str, images: object) -> None:
+    """A TypeError naming ``name`` unless ``images`` is a floating-point tensor: cast as they are, uint8 pixels
+    would reach the model as 0..255 and give garbage, not an error."""
+    if not (isinstance(images, torch.Tensor) and images.is_floating_point()):
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(f"{name} must be floating-point images in [0, 1] (uint8 pixels: divide by 255), got {got}")
+
+
+def model_input(model: nn.Module, images: torch.Tensor, name: str = "images") -> torch.Tensor:
+    """``images`` (floating point, in [0, 1]) on the device and in the floating dtype of ``model``'s parameters."""
+    check_images(name, images)
     weight = next(model.parameters())
     return images.to(device=weight.device, dtype=weight.dtype)
 

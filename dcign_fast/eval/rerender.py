@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dcign_fast.eval.grid import save_grid
-from dcign_fast.eval.inference import eval_mode, model_input, require_groups
+from dcign_fast.eval.inference import check_images, eval_mode, model_input, require_groups
 from dcign_fast.models import DCIGN
 
 EXTRINSIC = ("azimuth", "elevation", "light")
@@ -23,12 +23,16 @@ def rerender(model: DCIGN, image: torch.Tensor, group: str, values: torch.Tensor
     groups = model.config.latent_groups
     if group not in groups:
         raise ValueError(f"group must be one of {sorted(groups)}, got {group!r}")
+    if not isinstance(values, torch.Tensor) or values.dim() != 1:
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"values must be a 1-D tensor [V] of the group's latent values, got {got}")
+    image = model_input(model, image, "image")
     if image.dim() == 3:
         image = image.unsqueeze(0)
     if image.dim() != 4 or len(image) != 1:
         raise ValueError(f"image must be one image, [1, C, S, S] or [C, S, S], got shape {tuple(image.shape)}")
     with eval_mode(model):
-        mu, _ = model.encode(model_input(model, image))
+        mu, _ = model.encode(image)
         z = mu.repeat(len(values), 1)
         start, stop = groups[group]
         z[:, start:stop] = values.to(z).view(-1, 1)
@@ -61,8 +65,9 @@ def sweep_grid(
     latents' prior is N(0, 1)).
     """
     require_groups(model, EXTRINSIC, "sweep_grid")
-    if count < 2:  # one frame would show an end of the range, not the image's own value
-        raise ValueError(f"count must be at least 2 (a sweep's two ends), got {count}")
+    if not isinstance(count, int) or count < 2:  # one frame would show an end of the range, not the image's own value
+        raise ValueError(f"count must be an integer of at least 2 (a sweep's two ends), got {count!r}")
+    check_images("image", image)
     image = image if image.dim() == 4 else image.unsqueeze(0)
     rows, labels = [image.float().cpu()], ["input"]
     for group in EXTRINSIC:

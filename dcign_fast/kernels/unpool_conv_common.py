@@ -27,12 +27,18 @@ FEW_OUTPUTS = 16
 
 def kernel_unsupported_reason(backend: str, x: torch.Tensor, weight: torch.Tensor, scale_factor: int) -> str:
     """Why ``backend`` (triton or cuda) cannot run these arguments, or "" when it can."""
-    if scale_factor != KERNEL_SCALE:
-        return f"backend={backend!r} supports scale_factor={KERNEL_SCALE} only, got {scale_factor}"
     if x.dtype not in KERNEL_DTYPES:
         return f"backend={backend!r} supports float32, float16 and bfloat16, got {x.dtype}"
-    if max(weight.shape[2:]) > KERNEL_MAX_SIZE:
-        return f"backend={backend!r} supports kernel sizes up to {KERNEL_MAX_SIZE}, got {tuple(weight.shape[2:])}"
+    return kernel_shape_reason(backend, scale_factor, (weight.shape[2], weight.shape[3]))
+
+
+def kernel_shape_reason(backend: str, scale_factor: int, kernel_size: tuple[int, int]) -> str:
+    """Why ``backend`` (triton or cuda) cannot run a layer of this scale factor and kernel size whatever its
+    tensors, or "" when it can (what :func:`dcign_fast.patch` can tell before any call)."""
+    if scale_factor != KERNEL_SCALE:
+        return f"backend={backend!r} supports scale_factor={KERNEL_SCALE} only, got {scale_factor}"
+    if max(kernel_size) > KERNEL_MAX_SIZE:
+        return f"backend={backend!r} supports kernel sizes up to {KERNEL_MAX_SIZE}, got {tuple(kernel_size)}"
     return ""
 
 

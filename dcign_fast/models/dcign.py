@@ -379,14 +379,22 @@ class DCIGN(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """BCE summed per image + KL to N(0, I), each averaged over the batch.
 
+        ``x``: the images [B, C, S, S] in [0, 1]; ``recon``: the decoder's output, same shape, in [0, 1].
         ``kl``: [B] per-image KL from ``forward(..., return_kl=True)`` (clamped latents, the sampler's
         gradients); None: the analytic KL of the unclamped (mu, logvar) [B, D].
         """
+        for name, t in (("x", x), ("recon", recon), ("mu", mu), ("logvar", logvar), ("kl", kl)):
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point()) and not (name == "kl" and t is None):
+                got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+        if recon.shape != x.shape:
+            raise ValueError(f"recon must have x's shape {tuple(x.shape)}, got {tuple(recon.shape)}")
         batch = x.shape[0]
-        # A kl or latents of another batch would give a finite loss on the wrong scale.
-        for name, t in (("mu", mu), ("logvar", logvar)):
-            if t.dim() != 2 or t.shape[0] != batch:
-                raise ValueError(f"{name} must be [B, D] with x's batch size B={batch}, got shape {tuple(t.shape)}")
+        # A kl or latents of another batch (or a logvar that broadcasts) would give a finite loss on the wrong scale.
+        if mu.dim() != 2 or mu.shape[0] != batch:
+            raise ValueError(f"mu must be [B, D] with x's batch size B={batch}, got shape {tuple(mu.shape)}")
+        if logvar.shape != mu.shape:
+            raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
         if kl is not None and tuple(kl.shape) != (batch,):
             raise ValueError(f"kl must be [B] with x's batch size B={batch}, got shape {tuple(kl.shape)}")
         recon_loss = binary_cross_entropy_sum(recon.float(), x.float()) / batch

@@ -310,7 +310,7 @@ def sample_latents(
     See the module docstring for the exact forward and (deliberately non-standard) backward.
 
     Args:
-        mu: [B, D] means, float16/bfloat16/float32/float64.
+        mu: [B, D] means, float16/bfloat16/float32/float64 (float64: the reference and torch backends only).
         logvar: [B, D] log-variances, same dtype and device as mu.
         active: bool [D], True for latents of the factor that varies in this batch; None: all active
             (a plain VAE).

@@ -243,6 +243,9 @@ KERNELS: dict[str, Callable[[], Kernels]] = {
 }
 IMPLEMENTATIONS = ("reference", *KERNELS)
 
+# The largest output height or width: far beyond any image, and well inside the int64 sizes torch computes.
+MAX_OUTPUT_SIDE = 2**31 - 1
+
 
 def choose_backend(x: torch.Tensor, weight: torch.Tensor, scale_factor: int, padding: Padding) -> str:
     """The backend ``"auto"`` picks for these tensors: triton on CUDA when it is available (>= 3.4) and supports
@@ -285,10 +288,16 @@ def check_unpool_conv_args(x: object, weight: object, bias: object, padding: obj
         ("height", x.shape[2], weight.shape[2], pad[0]),
         ("width", x.shape[3], weight.shape[3], pad[1]),
     ):
-        if output_size(size, k, p, scale) < 1:
+        out = output_size(size, k, p, scale)
+        if out < 1:
             raise ValueError(
-                f"output {axis} would be {output_size(size, k, p, scale)}: input {axis} {size} x "
+                f"output {axis} would be {out}: input {axis} {size} x "
                 f"scale_factor {scale} + 2 x padding {p} is smaller than the kernel ({k})"
+            )
+        if out > MAX_OUTPUT_SIDE:  # torch would overflow computing the output's size
+            raise ValueError(
+                f"output {axis} would be {out}: input {axis} {size} x scale_factor {scale} + 2 x padding {p} "
+                f"is too large (at most {MAX_OUTPUT_SIDE})"
             )
     return pad
 
@@ -323,11 +332,12 @@ def unpool_conv2d(
     Equal to ``F.conv2d(F.interpolate(x, scale_factor=s, mode="nearest"), weight, bias, padding=padding)``.
 
     Args:
-        x: [N, C, H, W], NCHW or channels_last, float16/bfloat16/float32/float64.
-        weight: [O, C, KH, KW], same dtype and device as x.
+        x: [N, C, H, W], NCHW or channels_last, float16/bfloat16/float32/float64 (float64: the reference
+            and torch backends only).
+        weight: [O, C, KH, KW], same dtype and device as x; the triton and cuda backends take KH, KW <= 9.
         bias: [O] or None.
-        padding: zero padding of the upsampled image, an int or (rows, cols).
-        scale_factor: integer upsampling factor.
+        padding: zero padding of the upsampled image, an int or (rows, cols), each >= 0.
+        scale_factor: integer upsampling factor (the triton and cuda backends take 2 only).
         backend: "auto", "reference", "torch", "triton" or "cuda" (see :mod:`dcign_fast.ops.backends`).
         activation: None or "relu", applied to the result (fused by the triton and cuda backends).
 

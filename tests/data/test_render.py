@@ -286,6 +286,36 @@ def test_unknown_mesh_format_needs_trimesh(tmp_path):
         ({"vertices": torch.zeros(5, 3, dtype=torch.float16)}, "vertices must be float32 or float64"),
         ({"faces": torch.zeros(4, 3)}, r"faces must be an integer \[F, 3\] tensor, got torch.float32"),
         ({"albedo": torch.ones(7)}, r"albedo must be \[V\] or \[B, V\]"),
+        ({"albedo": [1.0] * 4}, r"albedo must be \[V\] or \[B, V\] with V = 4, got a list"),
+        ({"ambient": float("nan")}, "ambient must be >= 0 and finite"),
+        ({"ambient": -1.0}, "ambient must be >= 0"),
+        ({"ambient": 5.0}, r"ambient must be in \[0, 1\], got 5.0"),
+        (
+            {"faces": torch.tensor([[0, 1, 5]])},
+            r"faces must index the 4 vertices, entries in \[0, 4\), got .* \[0, 5\]",
+        ),
+        ({"faces": torch.tensor([[0, 1, -1]])}, r"faces must index the 4 vertices, .* got entries in \[-1, 1\]"),
+        (
+            {"vertices": torch.zeros(0, 3), "faces": torch.zeros(0, 3).long()},
+            "needs vertices and faces, got 0 vertices",
+        ),
+        ({"texture": torch.ones(4, 4)}, "texture, uv and face_uv go together"),
+        (
+            {"texture": torch.ones(4, 4), "uv": torch.zeros(3), "face_uv": torch.zeros(2, 3).long()},
+            r"uv must be .*\[T, 2\]",
+        ),
+        (
+            {"texture": torch.ones(3, 4, 4), "uv": torch.zeros(3, 2), "face_uv": torch.zeros(2, 3).long()},
+            r"texture must",
+        ),
+        (
+            {"texture": torch.ones(4, 4), "uv": torch.zeros(3, 2), "face_uv": torch.zeros(1, 3).long()},
+            r"face_uv .*F = 2",
+        ),
+        (
+            {"incident": torch.zeros(1, 1).long()},
+            r"incident must be vertex_faces\(faces, 4\), \[V, D\], got shape \(1, 1\)",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_by_name(change, words):
@@ -295,3 +325,27 @@ def test_bad_arguments_are_refused_by_name(change, words):
     angles = {k: torch.zeros(2) for k in ("azimuth", "elevation", "light_azimuth", "light_elevation")}
     with pytest.raises(ValueError, match=words):
         render(**{"vertices": vertices, "faces": faces, **angles, "size": 8, **change})
+
+
+def test_a_mesh_is_checked_once_when_made():
+    """Its face indices (and uv indices) are checked here, so rendering it need not check them each time."""
+    vertices, faces, _ = _quad(0.0, 1.0)
+    with pytest.raises(ValueError, match=r"faces must be an integer \[F, 3\] tensor, got torch.float32"):
+        Mesh("quad", vertices, faces.float())
+    with pytest.raises(ValueError, match=r"faces must index the 4 vertices"):
+        Mesh("quad", vertices, torch.tensor([[0, 1, 9]]))
+    with pytest.raises(ValueError, match=r"face_uv must index the 3 uv coordinates, .* got entries in \[0, 7\]"):
+        Mesh(
+            "quad",
+            vertices,
+            faces,
+            texture=torch.ones(4, 4),
+            uv=torch.zeros(3, 2),
+            face_uv=faces * 0 + 7 * (faces == 2),
+        )
+
+
+@pytest.mark.parametrize("radius", [0, -1.0, float("nan")])
+def test_load_mesh_refuses_a_radius_that_is_not_positive(radius, tmp_path):
+    with pytest.raises(ValueError, match="radius must be > 0"):
+        load_mesh(tmp_path / "never-read.ply", radius=radius)
