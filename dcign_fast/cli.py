@@ -70,7 +70,7 @@ def image_file(text: str) -> Path:
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """``--device`` for a command that runs a trained model: "auto" by default, as train's device option. The
-    command resolves it by train's rules too (dcign_fast.train.config.resolve_device), before loading anything."""
+    command resolves it by train's rules too (dcign_fast.devices.resolve_device), before loading anything."""
     parser.add_argument(
         "--device",
         default="auto",

@@ -64,6 +64,8 @@ class UnpoolConv2d(nn.Module):
         self.kernel_size = check_pair("kernel_size", kernel_size, 1)
         self.padding = check_pair("padding", padding, 0)
         self.scale_factor = check_scale_factor(scale_factor)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         self.backend = backend
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels, *self.kernel_size, device=device, dtype=dtype)

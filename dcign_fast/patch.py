@@ -230,6 +230,8 @@ def unpatch(module: nn.Module) -> int:
     holds the fused layer's parameters. A ValueError, before anything is restored, when a fused layer was
     given hooks or a parametrization since patch(): the conv put back would drop them.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     fused = [
         (name, sub, key, child)
         for name, sub in module.named_modules()

@@ -10,7 +10,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-
 # pytest-xdist workers share the cores: each worker's torch thread pool gets its share of them, so that N workers
 # do not run N times as many threads as there are cores.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

@@ -229,6 +229,15 @@ def test_rerender_keeps_the_models_mode_and_takes_its_dtype(tmp_path):
     assert sweep_grid(model, image[0], tmp_path / "grid.png", count=3).stat().st_size > 0 and model.training
     with pytest.raises(ValueError, match=r"image must be one image, .* got shape \(2, 1, 64, 64\)"):
         rerender(model, torch.rand(2, 1, 64, 64), "azimuth", torch.tensor([0.0]))
+    # uint8 pixels reached the model as 0..255 and gave garbage, without a word
+    with pytest.raises(TypeError, match=r"image must be floating-point images in \[0, 1\] \(uint8 pixels: divide by"):
+        rerender(model, (image * 255).byte(), "azimuth", torch.tensor([0.0]))
+    with pytest.raises(TypeError, match=r"image must be floating-point images .* got torch.uint8"):
+        sweep_grid(model, (image * 255).byte(), tmp_path / "grid.png", count=3)
+    with pytest.raises(ValueError, match=r"values must be a 1-D tensor \[V\] .* got \(3, 2\)"):
+        rerender(model, image, "azimuth", torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"count must be an integer of at least 2 .* got 2.5"):
+        sweep_grid(model, image, tmp_path / "grid.png", count=2.5)
 
 
 def test_a_model_without_the_paper_groups_is_refused_by_name(tmp_path):
@@ -242,6 +251,13 @@ def test_a_model_without_the_paper_groups_is_refused_by_name(tmp_path):
         sweep_grid(model, torch.rand(1, 64, 64), tmp_path / "grid.png")
     with pytest.raises(ValueError, match=r"evaluate needs the latent groups"):
         evaluate(model, sweeps=1)
+    paper = DCIGN.from_preset("demo64")
+    with pytest.raises(ValueError, match="sweeps must be >= 1, got 0"):  # (torch.cat's error on no sweeps)
+        evaluate(paper, sweeps=0)
+    with pytest.raises(ValueError, match="identities must be >= 1, got 0"):
+        evaluate(paper, identities=0)
+    with pytest.raises(TypeError, match="model must be a DCIGN, got NoneType"):
+        evaluate(None)
 
 
 def test_a_latent_that_falls_as_the_factor_rises_scores_one():
@@ -376,7 +392,7 @@ def test_eval_and_rerender_choose_their_device_as_train_does(command, tmp_path, 
     --device. Both default to auto now and resolve it by train's rules, before the checkpoint loads."""
     import argparse
 
-    from dcign_fast.train.config import resolve_device
+    from dcign_fast.devices import resolve_device
 
     module = importlib.import_module(f"dcign_fast.eval.{command}_cli")
     parser = argparse.ArgumentParser()

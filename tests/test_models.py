@@ -73,6 +73,12 @@ def test_bad_config_is_a_clear_error():
         DCIGNConfig(latent_groups={"light": (2, 300)})
     with pytest.raises(ValueError, match="preset must be one of"):
         DCIGN.from_preset("paper")
+    with pytest.raises(ValueError, match=r"preset must be one of .*got \['demo64'\]"):  # (unhashable: a TypeError)
+        DCIGN.from_preset(["demo64"])
+    with pytest.raises(TypeError, match="encoder_channels must be a tuple .*of channel counts, got 96"):
+        DCIGNConfig(encoder_channels=96)
+    with pytest.warns(UserWarning, match=r"latent_groups 'a' \(0, 10\) and 'b' \(5, 200\) overlap"):
+        DCIGNConfig(latent_dim=200, latent_groups={"a": (0, 10), "b": (5, 200)})
     with pytest.warns(UserWarning, match=r"29 latents, from z\[3\] to z\[31\], belong to no group"):
         DCIGNConfig(latent_dim=32, latent_groups={"azimuth": (0, 1), "elevation": (1, 2), "light": (2, 3)})
     with pytest.raises(TypeError, match="decoder_kernel must be an integer"):
@@ -155,6 +161,8 @@ def test_active_mask_is_exactly_the_group_on_the_models_device():
     assert DCIGN(config).active_mask("b").tolist() == [False] * 3 + [True] * 2 + [False] * 27
     with pytest.raises(ValueError, match=r"group must be one of the model's latent groups \['a', 'b', 'c'\], got 'z'"):
         model.active_mask("z")
+    with pytest.raises(ValueError, match=r"group must be one of .*got \['b'\]"):  # (unhashable: a TypeError)
+        model.active_mask(["b"])
 
 
 @pytest.mark.parametrize("name", ["weights.safetensors", "run"])

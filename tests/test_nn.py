@@ -110,6 +110,7 @@ def test_bad_channel_counts_at_construction(channels, error, words):
         ({"kernel_size": (3, True)}, ValueError, "kernel_size must be an int >= 1"),
         ({"out_channels": 2.5}, TypeError, "out_channels must be an integer"),
         ({"bias": 2}, TypeError, "bias must be True or False, got 2"),
+        ({"dtype": torch.int32}, TypeError, "dtype must be a floating-point torch.dtype or None, got torch.int32"),
     ],
 )
 def test_bad_arguments_at_construction(kwargs, error, words):

@@ -69,6 +69,8 @@ def test_bad_backend_is_refused_before_anything_is_replaced():
     with pytest.raises(ValueError, match="backend must be one of"):
         dc.patch(model, backend="nonsense")
     assert isinstance(model[0], nn.Upsample)
+    with pytest.raises(TypeError, match="module must be an nn.Module, got NoneType"):
+        dc.unpatch(None)
 
 
 def test_modules_it_does_not_understand_are_untouched():

@@ -343,6 +343,8 @@ def test_config_from_yaml_and_overrides(tmp_path):
         TrainConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="clamp must be one of"):
         TrainConfig(clamp="median")
+    with pytest.raises(TypeError, match="config must be a TrainConfig .*got dict"):
+        Trainer({"steps": 1})
 
 
 @pytest.mark.parametrize(
@@ -404,6 +406,7 @@ def test_numpy_numbers_become_python_floats(tmp_path):
         ("on_nonfinite=skpi", "on_nonfinite must be one of"),  # a typo must not mean one policy or the other
         ("clamp=median", "clamp must be one of"),
         ("lr=[1", "--set lr=\\[1 is not valid YAML"),
+        ("backend=gpu", r"backend must be one of .*got 'gpu'"),  # (was refused only by the Trainer)
     ],
 )
 def test_option_ranges_are_checked_up_front(assignment, words):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dcign_fast.bounds import Bounds
 from dcign_fast.data.folders import DatasetError
 from dcign_fast.data.sweeps import FACTOR_KEYS, KINDS, Batch
 
@@ -24,15 +25,19 @@ INDEX = "index.json"
 
 
 def write_cache(batches: Iterable[Batch], out_dir: str | Path, batches_per_shard: int = 256) -> int:
-    """Store ``batches`` as shards under ``out_dir``; returns the number of batches written."""
+    """Store ``batches`` as shards under ``out_dir``; returns the number of batches written.
+
+    batches: (images [B, 1, S, S] floating point in [0, 1], factors {key: [B]} for every key of FACTOR_KEYS,
+    kind in KINDS), as :class:`SweepSampler` and :class:`SweepFolders` give them; stored as uint8 pixels.
+    """
+    Bounds(1).check("batches_per_shard", batches_per_shard, integer=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict] = []
     pending: list[Batch] = []
     size = None
-    for images, factors, kind in batches:
-        if images.shape[-2] != images.shape[-1]:
-            raise ValueError(f"a cache holds square images, got a batch of shape {tuple(images.shape)}")
+    for number, (images, factors, kind) in enumerate(batches):
+        _check_batch(f"batches[{number}]", images, factors, kind)
         if size is not None and images.shape[-1] != size:
             raise ValueError(f"batch of size {images.shape[-1]} in a cache of size {size}")
         size = images.shape[-1]
@@ -47,6 +52,29 @@ def write_cache(batches: Iterable[Batch], out_dir: str | Path, batches_per_shard
         raise ValueError("batches is empty: a cache needs at least one batch")
     (out_dir / INDEX).write_text(json.dumps({"size": size, "shards": shards}, indent=1) + "\n")
     return sum(s["batches"] for s in shards)
+
+
+def _check_batch(name: str, images: object, factors: object, kind: object) -> None:
+    """A ValueError naming batch ``name`` unless it is what :func:`write_cache` stores: pixels outside [0, 1]
+    (0..255 values, NaN) would be stored clipped, without a word."""
+    if not (isinstance(images, torch.Tensor) and images.is_floating_point() and images.dim() == 4):
+        got = (
+            f"{images.dtype} shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        )
+        raise ValueError(f"{name}: images must be floating-point [B, 1, S, S], got {got}")
+    if images.shape[1] != 1 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"{name}: a cache holds square grey images [B, 1, S, S], got shape {tuple(images.shape)}")
+    if not bool(((images >= 0) & (images <= 1)).all()):  # (NaN fails both)
+        raise ValueError(f"{name}: images must lie in [0, 1] (0..255 pixels: divide by 255), and be free of NaN")
+    if kind not in KINDS:
+        raise ValueError(f"{name}: kind must be one of {KINDS}, got {kind!r}")
+    for key in FACTOR_KEYS:
+        value = factors.get(key) if isinstance(factors, dict) else None
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (len(images),):
+            raise ValueError(
+                f"{name}: factors must map each of {FACTOR_KEYS} to a [B] tensor, B = {len(images)}; "
+                f"{key!r} is {value if value is None else tuple(value.shape)}"
+            )
 
 
 def _write_shard(out_dir: Path, number: int, batches: list[Batch]) -> dict:

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcign_fast.train.config import resolve_device
+    from dcign_fast.devices import resolve_device
 
     sampler = SweepSampler(
         size=args.size,

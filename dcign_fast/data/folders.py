@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from dcign_fast.bounds import Bounds
 from dcign_fast.data.sweeps import FACTOR_KEYS, KINDS, Batch
 
 KIND_DIRS = {"azimuth": "AZ_VARIED", "elevation": "EL_VARIED", "light": "LIGHT_AZ_VARIED", "intrinsic": "SHAPE_VARIED"}
@@ -127,6 +128,8 @@ class SweepFolders:
     def __init__(self, root: str | Path, size: int | None = 64, kinds: Iterable[str] = KINDS, on_error: str = "raise"):
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
+        if size is not None:  # (checked here, not at the first image read)
+            Bounds(1).check("size", size, integer=True)
         self.root, self.size, self.on_error = Path(root), size, on_error
         if not self.root.is_dir():
             raise DatasetError(f"dataset folder not found: {self.root}")

@@ -35,6 +35,7 @@ from dcign_fast.data.identity import IdentitySpace
 from dcign_fast.data.meshes import FACE_ASSETS, Mesh, load_asset
 from dcign_fast.data.render import render
 from dcign_fast.data.seeds import SWEEPS, stream_generator
+from dcign_fast.devices import resolve_device
 
 KINDS = ("azimuth", "elevation", "light", "intrinsic")
 FACTOR_KEYS = ("azimuth", "elevation", "light", "light_elevation", "identity")
@@ -57,6 +58,8 @@ class SweepRanges:
     def __post_init__(self) -> None:  # a NaN or reversed range rendered garbage without a word
         for name in ("azimuth", "elevation", "light"):
             Bounds(0).check(name, getattr(self, name))
+        if not (isinstance(self.light_elevation, (tuple, list)) and len(self.light_elevation) == 2):
+            raise ValueError(f"light_elevation must be a (low, high) pair, got {self.light_elevation!r}")
         low, high = self.light_elevation
         Bounds(-math.pi / 2).check("light_elevation[0]", low)
         Bounds(low).check("light_elevation[1]", high)
@@ -103,10 +106,14 @@ class SweepSampler:
                 f"batch_size must be at most num_identities ({num_identities}): an intrinsic batch shows batch_size "
                 f"different identities; got batch_size {batch_size}"
             )
-        if meshes is not None and len(meshes) == 0:
-            raise ValueError("meshes must hold at least one Mesh (None: the packaged faces)")
+        if meshes is not None and (not meshes or not all(isinstance(m, Mesh) for m in meshes)):
+            raise ValueError(
+                f"meshes must be a list of at least one Mesh (None: the packaged faces), got {meshes!r:.80}"
+            )
+        if not isinstance(ranges, SweepRanges):
+            raise TypeError(f"ranges must be a SweepRanges, got {type(ranges).__name__}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.device = torch.device(device)
+        self.device = resolve_device(str(device), "device")
         self.num_batches, self.rank, self.world_size, self.epoch = num_batches, rank, world_size, 0
         self.identities = IdentitySpace(meshes or [load_asset(n) for n in FACE_ASSETS]).to(self.device)
         self.num_identities = num_identities
@@ -148,6 +155,8 @@ class SweepSampler:
         """A batch of the given kind drawn from ``generator`` (a CPU torch.Generator)."""
         if kind not in KINDS:
             raise ValueError(f"unknown sweep kind {kind!r}; expected one of {KINDS}")
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a CPU torch.Generator, got {type(generator).__name__}")
         factors = self.factors(kind, generator)
         images = self.render(factors)
         return images, {k: v.to(self.device) for k, v in factors.items()}, kind

@@ -39,10 +39,10 @@ def default_out(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dcign_fast.devices import resolve_device
     from dcign_fast.eval.evaluate import evaluate
     from dcign_fast.models import DCIGN
     from dcign_fast.train.checkpoint import weights_file
-    from dcign_fast.train.config import resolve_device
 
     device = resolve_device(args.device, "--device")  # before the checkpoint loads
     model = DCIGN.from_checkpoint(args.checkpoint).to(device)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dcign_fast.bounds import Bounds
 from dcign_fast.data.seeds import EVAL_RECONSTRUCTION, stream_generator
 from dcign_fast.eval.inference import eval_mode, model_input, require_groups
 from dcign_fast.eval.metrics import EXTRINSIC, encode_sweeps, group_correlation, mig
@@ -45,7 +46,11 @@ def evaluate(
         {"bce_per_image", "mse_per_pixel"}, "identity_retrieval": {"intrinsic_latents", "raw_pixels" (top-1
         accuracies), "chance", "identities"}}, and "checkpoint" (its resolved path) when given.
     """
+    if not isinstance(model, DCIGN):
+        raise TypeError(f"model must be a DCIGN, got {type(model).__name__}")
     require_groups(model, (*EXTRINSIC, "intrinsic"), "evaluate")
+    for name, count in (("sweeps", sweeps), ("identities", identities)):
+        Bounds(1).check(name, count, integer=True)
     with eval_mode(model):
         if batch is None:
             from dcign_fast.data import SweepSampler

@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dcign_fast.data.folders import read_grey
+    from dcign_fast.devices import resolve_device
     from dcign_fast.eval.rerender import sweep_grid
     from dcign_fast.models import DCIGN
-    from dcign_fast.train.config import resolve_device
 
     device = resolve_device(args.device, "--device")  # before the checkpoint loads
     model = DCIGN.from_checkpoint(args.checkpoint).to(device)  # sweep_grid moves the image to it

@@ -82,8 +82,11 @@ class DCIGNConfig:
         and its intrinsic group still reaches the last latent. Latents in no group are allowed, with a
         warning: the trainer clamps them to their batch mean in every batch.
         """
-        self.encoder_channels = tuple(self.encoder_channels)
-        self.decoder_channels = tuple(self.decoder_channels)
+        for name in ("encoder_channels", "decoder_channels"):
+            channels = getattr(self, name)
+            if not isinstance(channels, (tuple, list)):  # an int: "'int' object is not iterable" named nothing
+                raise TypeError(f"{name} must be a tuple (or list) of channel counts, got {channels!r}")
+            setattr(self, name, tuple(channels))
         self._check_sizes()
         self.latent_groups = self._checked_groups()
         decoded = self.decoder_sizes()[-1]
@@ -120,6 +123,14 @@ class DCIGNConfig:
                 raise ValueError(
                     f"latent_groups[{name!r}] = ({start}, {stop}) must satisfy 0 <= start < stop <= "
                     f"latent_dim ({self.latent_dim})"
+                )
+        spans = sorted((span, name) for name, span in groups.items())
+        for (first, first_name), (second, second_name) in zip(spans, spans[1:]):
+            if second[0] < first[1]:
+                warnings.warn(
+                    f"latent_groups {first_name!r} {first} and {second_name!r} {second} overlap: batches of either "
+                    "factor leave the latents they share unclamped, so those cannot come to code one factor alone",
+                    stacklevel=4,
                 )
         ungrouped = set(range(self.latent_dim)).difference(*(range(*span) for span in groups.values()))
         if ungrouped:
@@ -178,7 +189,7 @@ PRESETS: dict[str, DCIGNConfig] = {
 
 def preset(name: str) -> DCIGNConfig:
     """A fresh copy of a preset config."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
     config = PRESETS[name]
     return replace(config, latent_groups=dict(config.latent_groups))
@@ -299,7 +310,7 @@ class DCIGN(nn.Module):
         ``config.latent_groups``), the ``active`` argument of :meth:`forward` for a batch in which only that
         group's factor varies."""
         groups = self.config.latent_groups
-        if group not in groups:
+        if not isinstance(group, str) or group not in groups:
             raise ValueError(f"group must be one of the model's latent groups {sorted(groups)}, got {group!r}")
         mask = torch.zeros(self.config.latent_dim, dtype=torch.bool, device=self.to_mu.weight.device)
         start, stop = groups[group]

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from dcign_fast.bounds import Bounds
 from dcign_fast.data.sweeps import KINDS
+from dcign_fast.devices import check_device
 from dcign_fast.models.dcign import PRESETS
+from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.latent_sampler import CLAMPS
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -51,34 +52,6 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "threads": Bounds(0, below=1025),  # thousands of threads crash torch's CPU kernels
     "time_limit_s": Bounds(0),  # 0: stop (with a checkpoint) before the first step
 }
-
-
-def check_device(name: str, option: str = "device") -> str:
-    """``name`` if it is "auto" or a CPU or CUDA device torch can parse (not necessarily present here); else
-    a ValueError naming ``option`` (torch's own is a RuntimeError, which the command line treats as an
-    internal error). Other device types (mps, xpu, meta) are refused here: untested, they failed deep in torch."""
-    if name == "auto":
-        return name
-    try:
-        device_type = torch.device(name).type
-    except RuntimeError:
-        device_type = None
-    if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"{option} must be 'auto', cpu, cuda or cuda:N, got {name!r}")
-    return name
-
-
-def resolve_device(name: str, option: str = "device") -> torch.device:
-    """The device ``name`` ("auto": a GPU when there is one) means here; a ValueError naming ``option`` when it
-    is malformed or absent."""
-    if check_device(name, option) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{option}={name!r} but CUDA is not available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"{option}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def load_yaml(text: str, where: str) -> Any:
@@ -155,6 +128,7 @@ class TrainConfig:
             if value is not None and not value.strip():
                 raise ValueError(f"{name} must not be empty, got {value!r}")
         check_device(self.device)
+        check_backend_name(self.backend)  # (whether it runs on the device: the Trainer checks, knowing the device)
         unknown_kinds = sorted(set(self.kind_weights) - set(KINDS))
         if unknown_kinds:
             raise ValueError(f"kind_weights names unknown batch kinds {unknown_kinds}; kinds are {list(KINDS)}")

@@ -22,6 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from dcign_fast.devices import resolve_device
 from dcign_fast.models import DCIGN
 from dcign_fast.ops.backends import EXPLICIT_BACKENDS, check_backend_runs_on
 from dcign_fast.train.checkpoint import (
@@ -34,7 +35,7 @@ from dcign_fast.train.checkpoint import (
     save_checkpoint,
     weights_file,
 )
-from dcign_fast.train.config import RUN_CONTROLS, TrainConfig, resolve_device
+from dcign_fast.train.config import RUN_CONTROLS, TrainConfig
 from dcign_fast.train.data import BatchStream, dataset_location, default_source, latent_seed
 from dcign_fast.train.distributed import World, all_agree, close_world, init_world, mean_over_ranks, run_together
 from dcign_fast.train.lock import run_folder_lock
@@ -68,6 +69,11 @@ class Trainer:
     """Trains a DC-IGN as ``config`` says. ``render(kind, generator)`` replaces the built-in renderer."""
 
     def __init__(self, config: TrainConfig, resume: bool = False, render: Callable | None = None) -> None:
+        if not isinstance(config, TrainConfig):
+            raise TypeError(
+                f"config must be a TrainConfig (TrainConfig.from_dict or from_yaml make one), "
+                f"got {type(config).__name__}"
+            )
         self.config = config
         device = resolve_device(config.device)
         # Here, not at the first forward: before the process group, the run folder and the data pool.

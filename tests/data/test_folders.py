@@ -83,6 +83,8 @@ def test_corrupt_png_names_the_file_or_is_skipped(tmp_path, batches):
 def test_missing_and_inconsistent_inputs(tmp_path):
     with pytest.raises(DatasetError, match="not found"):
         SweepFolders(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="size must be >= 1, got 0"):  # (was PIL's error at the first read)
+        SweepFolders(tmp_path, size=0)
     with pytest.raises(DatasetError, match="AZ_VARIED"):
         SweepFolders(tmp_path)
     folder = tmp_path / "AZ_VARIED" / "b0"
@@ -238,5 +240,30 @@ def test_odd_arguments_and_file_names(tmp_path, batches):
     with pytest.raises(ValueError, match="at least one batch"):
         write_cache([], tmp_path / "empty")
     images, factors, _ = batches[0]
-    with pytest.raises(ValueError, match="square images"):
+    with pytest.raises(
+        ValueError, match=r"a cache holds square grey images \[B, 1, S, S\], got shape \(3, 1, 16, 15\)"
+    ):
         write_cache([(images[..., :-1], factors, kind)], tmp_path / "oblong")
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (
+            lambda i, f, k: (i * 255, f, k),
+            r"batches\[1\]: images must lie in \[0, 1\] \(0..255 pixels: divide by 255\)",
+        ),
+        (lambda i, f, k: (i.masked_fill(i > 0.5, float("nan")), f, k), r"batches\[1\]: images .* free of NaN"),
+        (lambda i, f, k: (i[:, 0], f, k), r"batches\[1\]: images must be floating-point \[B, 1, S, S\]"),
+        (lambda i, f, k: ((i * 255).byte(), f, k), r"images must be floating-point \[B, 1, S, S\], got torch.uint8"),
+        (lambda i, f, k: (i, f, "pose"), r"batches\[1\]: kind must be one of .* got 'pose'"),
+        (lambda i, f, k: (i, {}, k), r"batches\[1\]: factors must map each of .* 'azimuth' is None"),
+    ],
+)
+def test_write_cache_refuses_a_batch_it_would_store_wrongly(damage, words, tmp_path, batches):
+    """Pixels outside [0, 1] were clipped and NaN stored as 0 without a word; the others failed inside numpy."""
+    bad = [batches[0], damage(*batches[1])]
+    with pytest.raises(ValueError, match=words):
+        write_cache(bad, tmp_path / "cache")
+    with pytest.raises(ValueError, match="batches_per_shard must be >= 1"):
+        write_cache(batches, tmp_path / "cache", batches_per_shard=0)

@@ -84,7 +84,10 @@ def test_kind_odds_follow_shape_bias():
         ("num_identities", 0, ValueError, "num_identities must be >= 1"),
         # (was raised to 20)
         ("num_identities", 3, ValueError, r"batch_size must be at most num_identities \(3\).*got batch_size 20"),
-        ("meshes", [], ValueError, "meshes must hold at least one Mesh"),  # was the packaged faces
+        ("meshes", [], ValueError, "meshes must be a list of at least one Mesh"),  # was the packaged faces
+        ("meshes", ["meshmonk"], ValueError, r"meshes must be a list of at least one Mesh .*got \['meshmonk'\]"),
+        ("ranges", {"azimuth": 1.0}, TypeError, "ranges must be a SweepRanges, got dict"),
+        ("device", "tpu", ValueError, r"device must be 'auto', cpu, cuda or cuda:N, got 'tpu'"),
         ("seed", -1, ValueError, "seed must be >= 0, got -1"),
         ("seed", True, TypeError, "seed must be an integer"),
         ("shape_bias", float("nan"), ValueError, "shape_bias must be >= 0 and finite, got nan"),
@@ -108,11 +111,17 @@ def test_bad_arguments_are_refused_by_name(argument, value, error, words):
         ({"azimuth": float("nan")}, "azimuth must be >= 0 and finite, got nan"),
         ({"light": -1.0}, "light must be >= 0 and finite"),
         ({"light_elevation": (0.4, -5.0)}, r"light_elevation\[1\] must be >= 0.4"),
+        ({"light_elevation": (0.0, 0.1, 0.2)}, r"light_elevation must be a \(low, high\) pair"),
     ],
 )
 def test_sweep_ranges_are_checked(change, words):
     with pytest.raises(ValueError, match=words):
         SweepRanges(**change)
+
+
+def test_a_batch_needs_a_generator(sampler):
+    with pytest.raises(TypeError, match="generator must be a CPU torch.Generator, got int"):
+        sampler.batch("azimuth", 0)
 
 
 def test_identity_changes_the_face_with_pose_fixed():
