@@ -60,15 +60,10 @@ def check_no_forward_ad(op: str, backend: str, *tensors: torch.Tensor | None, al
     if torch.compiler.is_compiling():
         return
     if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
-        raise no_forward_ad_error(op, backend, alternative)
-
-
-def no_forward_ad_error(op: str, backend: str, alternative: str = "") -> NotImplementedError:
-    """The error :func:`check_no_forward_ad` raises."""
-    return NotImplementedError(
-        f"{op}(backend={backend!r}) has no forward-mode AD (torch.func.jvp, forward_ad dual tensors): "
-        f"use reverse mode (torch.autograd.grad){alternative}"
-    )
+        raise NotImplementedError(
+            f"{op}(backend={backend!r}) has no forward-mode AD (torch.func.jvp, forward_ad dual tensors): "
+            f"use reverse mode (torch.autograd.grad){alternative}"
+        )
 
 
 def check_while_compiling(condition: object, message: str) -> None:

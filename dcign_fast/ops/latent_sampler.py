@@ -332,6 +332,9 @@ def sample_latents(
     check_vmap_randomness(seed, name)
     if name in ("triton", "cuda") and mu.dtype == torch.float64:
         raise ValueError(f"backend={name!r} takes float16, bfloat16 or float32 mu and logvar, got float64")
+    # Every backend: the reference's invariance pull is an autograd.Function without a jvp, whose own error does
+    # not say what to do instead. (A jvp there would make torch.compile break its graph.)
+    check_no_forward_ad("sample_latents", name, mu, logvar)
     if name == "reference":
         rng = draw_rng(mu.device) if seed is None else None
         key: philox.Value
@@ -347,7 +350,6 @@ def sample_latents(
         else:
             key, offset = seed_offset(seed, rng)
         return sample_latents_reference(mu, logvar, active, clamp, invariance, key, offset)
-    check_no_forward_ad("sample_latents", name, mu, logvar)
     if seed is not None:
         seed = as_int64(seed)
     # The registered custom op; with seed None it draws (seed, offset) itself.

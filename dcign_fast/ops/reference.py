@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from dcign_fast.ops import philox
-from dcign_fast.ops._checks import no_forward_ad_error
 
 
 def unpool_conv2d_reference(
@@ -60,12 +59,6 @@ class _InvariancePull(torch.autograd.Function):
             return torch.where(inactive, invariance_pull(t, ctx.invariance), 0.0)
 
         return pull(mu), pull(logvar), None, None
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        # torch's own error would not say what to do instead. (Forward mode has no place for the pull, which
-        # is no derivative of the forward.)
-        raise no_forward_ad_error("sample_latents", "reference")
 
 
 def sample_latents_reference(
