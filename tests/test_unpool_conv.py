@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -445,18 +447,34 @@ def test_triton_backend_on_cpu_without_interpreter_is_an_error(monkeypatch):
 
 def test_a_triton_older_than_the_kernels_support_is_refused_by_name(monkeypatch):
     """Triton before 3.4 draws other noise past offset 2**31: auto must not pick it, and naming it is an error."""
-    triton = pytest.importorskip("triton")
     from dcign_fast.ops import backends
 
-    monkeypatch.setattr(triton, "__version__", "3.0.0")
-    backends._triton_unavailable_reason.cache_clear()
-    try:
-        x, w, b = _valid()
-        with pytest.raises(ValueError, match=r"backend='triton' needs triton>=3.4, found 3.0.0"):
-            dc.unpool_conv2d(x, w, b, backend="triton")
-        assert not backends.triton_available()  # what auto asks before it picks triton for CUDA tensors
-    finally:
-        backends._triton_unavailable_reason.cache_clear()
+    monkeypatch.setattr(backends, "_TRITON_REASON", backends.triton_version_reason("3.0.0"))
+    x, w, b = _valid()
+    with pytest.raises(ValueError, match=r"backend='triton' needs triton>=3.4, found 3.0.0"):
+        dc.unpool_conv2d(x, w, b, backend="triton")
+    assert not backends.triton_available()  # what auto asks before it picks triton for CUDA tensors
+
+
+@pytest.mark.parametrize(
+    "version, usable",
+    [("3.4.0", True), ("3.10.1", True), ("3.5.0+git9f3e0b1", True), ("3.3.1", False), ("2.3.0", False), (None, False)],
+)
+def test_triton_versions_are_read_as_numbers(version, usable):
+    from dcign_fast.ops.backends import triton_version_reason
+
+    assert (triton_version_reason(version) == "") == usable
+
+
+def test_the_installed_triton_version_is_read_without_importing_it():
+    """From its metadata: importing triton (or torch._dynamo) at import made `import dcign_fast` seconds slower."""
+    triton = pytest.importorskip("triton")
+    from dcign_fast.ops.backends import installed_triton_version
+
+    assert installed_triton_version() == triton.__version__
+    probe = "import sys, dcign_fast; print(sorted({'triton', 'torch._dynamo'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.cuda

@@ -6,8 +6,10 @@ an error, never a silent switch: only ``"auto"`` chooses, and it chooses among b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -58,25 +60,38 @@ def cuda_emulating() -> bool:
 TRITON_MIN_VERSION = (3, 4)
 
 
-# A constant to torch.compile. Traced, the check reached importlib's find_spec, a graph break that torch 2.11
-# refuses under fullgraph; and dynamo traces through functools.cache (with a warning), hence the inner function.
-@torch.compiler.assume_constant_result
+def installed_triton_version() -> str | None:
+    """The installed Triton's version, None without one. From its distribution's metadata (milliseconds), not
+    by importing triton (half a second)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    for distribution in ("triton", "pytorch-triton"):  # (PyTorch's nightly builds ship the latter)
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(distribution)
+    import triton  # an install without metadata
+
+    return triton.__version__
+
+
+def triton_version_reason(version: str | None) -> str:
+    """Why a Triton of ``version`` (None: none installed) cannot run the triton backend, or "" when it can."""
+    if version is None:
+        return "needs the 'triton' package (pip install triton)"
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < TRITON_MIN_VERSION:
+        wanted = ".".join(map(str, TRITON_MIN_VERSION))
+        return f"needs triton>={wanted}, found {version} (pip install 'triton>={wanted}')"
+    return ""
+
+
+# Read once, at import, so that torch.compile sees a constant: traced, the lookup reached importlib's find_spec,
+# a graph break that torch 2.11 refuses under fullgraph. (torch.compiler.assume_constant_result would import
+# torch._dynamo, which made `import dcign_fast` take twice as long as `import torch`.)
+_TRITON_REASON = triton_version_reason(installed_triton_version())
+
+
 def triton_unavailable_reason() -> str:
     """Why the triton backend cannot run here: "" when the ``triton`` package is installed and recent enough."""
-    return _triton_unavailable_reason()
-
-
-@functools.cache
-def _triton_unavailable_reason() -> str:
-    if importlib.util.find_spec("triton") is None:
-        return "needs the 'triton' package (pip install triton)"
-    import triton
-
-    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
-    if version < TRITON_MIN_VERSION:
-        wanted = ".".join(map(str, TRITON_MIN_VERSION))
-        return f"needs triton>={wanted}, found {triton.__version__} (pip install 'triton>={wanted}')"
-    return ""
+    return _TRITON_REASON
 
 
 def triton_available() -> bool:
