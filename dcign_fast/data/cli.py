@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is not empty: choose a new folder (or delete this one)")
     if out.exists() and not out.is_dir():  # found now, not after the first batch is rendered
         raise ValueError(f"--out {out} is a file: choose a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # (its message named the path but not the option)
+        raise ValueError(f"--out {out} cannot be created: {err.strerror}") from err
     batches = tqdm(itertools.islice(sampler, args.batches), total=args.batches, unit="batch", desc="render")
     count = export_sweeps(batches, args.out) if args.format == "png" else write_cache(batches, args.out)
     print(f"wrote {count} batches of {args.batch_size} images ({args.size}px, {args.format}) to {args.out}")

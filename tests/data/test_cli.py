@@ -26,6 +26,9 @@ def test_render_refuses_a_folder_that_holds_something(format, tmp_path, capsys):
     # A file where the folder would go: refused before rendering, not at the first batch written.
     assert main(["render", "--out", str(tmp_path / "old.txt"), "--batches", "1", "--format", format]) == 2
     assert "old.txt is a file" in capsys.readouterr().err
+    # A folder that cannot be made (under a file): named as the option, before rendering.
+    assert main(["render", "--out", str(tmp_path / "old.txt" / "run"), "--batches", "1", "--format", format]) == 2
+    assert "--out " in (err := capsys.readouterr().err) and "old.txt/run cannot be created: Not a directory" in err
 
 
 def test_render_preview_grid(tmp_path):
