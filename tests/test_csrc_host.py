@@ -16,6 +16,9 @@ from dcign_fast.ops.latent_sampler import sample_latents_torch_backward, sample_
 from dcign_fast.ops.phases import axis_phases, output_size
 from tests.helpers import EXTREME_WORDS
 
+# One pytest-xdist worker runs this module (with --dist loadgroup, as the README's command does): one build.
+pytestmark = pytest.mark.xdist_group("csrc_host")
+
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CXX = next((c for c in (shutil.which("g++"), shutil.which("c++"), shutil.which("clang++")) if c), None)
 U64, I64, INT, PTR = ctypes.c_uint64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p

@@ -40,6 +40,9 @@ from tests.helpers import (
     seed_offset_mismatches,
 )
 
+# One pytest-xdist worker runs this module (with --dist loadgroup, as the README's command does): one build.
+pytestmark = pytest.mark.xdist_group("cuda_emulation")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def emulation() -> None:

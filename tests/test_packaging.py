@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+# One pytest-xdist worker runs this module (with --dist loadgroup, as the README's command does): its sdist is
+# built once.
+pytestmark = pytest.mark.xdist_group("packaging")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import subprocess
 import sys
@@ -466,15 +467,27 @@ def test_triton_versions_are_read_as_numbers(version, usable):
     assert (triton_version_reason(version) == "") == usable
 
 
-def test_the_installed_triton_version_is_read_without_importing_it():
-    """From its metadata: importing triton (or torch._dynamo) at import made `import dcign_fast` seconds slower."""
-    triton = pytest.importorskip("triton")
-    from dcign_fast.ops.backends import installed_triton_version
+def test_the_triton_version_is_that_of_the_package_import_would_load_read_without_importing_it(tmp_path):
+    """Importing triton (or torch._dynamo) at import made `import dcign_fast` seconds slower; the version comes
+    from the package on the path, which need not be the one an installed distribution describes."""
+    pytest.importorskip("triton")
+    probe = (
+        "import sys, dcign_fast; from dcign_fast.ops.backends import triton_unavailable_reason as r; "
+        "print(sorted({'triton', 'torch._dynamo'} & set(sys.modules)), repr(r()))"
+    )
 
-    assert installed_triton_version() == triton.__version__
-    probe = "import sys, dcign_fast; print(sorted({'triton', 'torch._dynamo'} & set(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
-    assert done.stdout.strip() == "[]"
+    def run(path: list[str]) -> str:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, *sys.path])}
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert run([]) == "[] ''"
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text('__version__ = "3.0.0"\n')
+    assert run([str(tmp_path)]) == "[] \"needs triton>=3.4, found 3.0.0 (pip install 'triton>=3.4')\""
+    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('broken')\n")  # no version line: imported
+    assert "needs a working 'triton' package: importing it failed (ImportError: broken)" in run([str(tmp_path)])
 
 
 @pytest.mark.cuda

@@ -71,9 +71,9 @@ def _check_batch(name: str, images: object, factors: object, kind: object) -> No
     for key in FACTOR_KEYS:
         value = factors.get(key) if isinstance(factors, dict) else None
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != (len(images),):
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(
-                f"{name}: factors must map each of {FACTOR_KEYS} to a [B] tensor, B = {len(images)}; "
-                f"{key!r} is {value if value is None else tuple(value.shape)}"
+                f"{name}: factors must map each of {FACTOR_KEYS} to a [B] tensor, B = {len(images)}; {key!r} is {got}"
             )
 
 

@@ -89,9 +89,12 @@ def _described(value: object) -> str:
 
 def check_indices(name: str, indices: Tensor, count: int, what: str) -> None:
     """A ValueError unless every entry of ``indices`` is in [0, count): it indexes one of ``count`` ``what``.
-    (A host sync on CUDA: checked when a mesh's tables are built, not at every render.)"""
-    if indices.numel() and not (int(indices.min()) >= 0 and int(indices.max()) < count):
-        low, high = int(indices.min()), int(indices.max())
+    (A host sync on CUDA: run where a mesh's tables are built, by Mesh and by :func:`vertex_faces`, which render
+    calls when not given ``incident``.)"""
+    if not indices.numel():
+        return
+    low, high = (int(v) for v in torch.aminmax(indices))
+    if not (low >= 0 and high < count):
         raise ValueError(
             f"{name} must index the {count} {what}, entries in [0, {count}), got entries in [{low}, {high}]"
         )
@@ -100,8 +103,8 @@ def check_indices(name: str, indices: Tensor, count: int, what: str) -> None:
 def check_mesh(
     vertices: Tensor, faces: Tensor, texture: Tensor | None, uv: Tensor | None, face_uv: Tensor | None
 ) -> None:
-    """A ValueError (a TypeError for a wrong type) naming the first of a mesh's tensors that is not what
-    :func:`render` takes; the entries of faces and face_uv are checked by :func:`check_indices`."""
+    """A ValueError naming the first of a mesh's tensors that is not what :func:`render` takes (shapes and dtypes:
+    no host sync); the entries of faces and face_uv are checked by :func:`check_indices`."""
     if not isinstance(vertices, Tensor) or vertices.dim() not in (2, 3) or vertices.shape[-1] != 3:
         raise ValueError(f"vertices must be [V, 3] or [B, V, 3], got {_described(vertices)}")
     if vertices.dtype not in (torch.float32, torch.float64):

@@ -106,14 +106,17 @@ class SweepSampler:
                 f"batch_size must be at most num_identities ({num_identities}): an intrinsic batch shows batch_size "
                 f"different identities; got batch_size {batch_size}"
             )
-        if meshes is not None and (not meshes or not all(isinstance(m, Mesh) for m in meshes)):
-            raise ValueError(
-                f"meshes must be a list of at least one Mesh (None: the packaged faces), got {meshes!r:.80}"
-            )
+        if meshes is not None and not meshes:
+            raise ValueError("meshes must be a list of at least one Mesh (None: the packaged faces), got none")
+        for i, mesh in enumerate(meshes or []):
+            if not isinstance(mesh, Mesh):
+                raise TypeError(
+                    f"meshes must hold Mesh objects (load_mesh, load_asset), got a {type(mesh).__name__} at {i}"
+                )
         if not isinstance(ranges, SweepRanges):
             raise TypeError(f"ranges must be a SweepRanges, got {type(ranges).__name__}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.device = resolve_device(str(device), "device")
+        self.device = resolve_device(device if isinstance(device, str) else str(torch.device(device)), "device")
         self.num_batches, self.rank, self.world_size, self.epoch = num_batches, rank, world_size, 0
         self.identities = IdentitySpace(meshes or [load_asset(n) for n in FACE_ASSETS]).to(self.device)
         self.num_identities = num_identities
@@ -152,11 +155,11 @@ class SweepSampler:
         return self.batch(*self.kind_at(index))
 
     def batch(self, kind: str, generator: torch.Generator) -> Batch:
-        """A batch of the given kind drawn from ``generator`` (a CPU torch.Generator)."""
+        """A batch of the given kind drawn from ``generator`` (a CPU torch.Generator; None: torch's global one)."""
         if kind not in KINDS:
             raise ValueError(f"unknown sweep kind {kind!r}; expected one of {KINDS}")
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a CPU torch.Generator, got {type(generator).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a CPU torch.Generator or None, got {type(generator).__name__}")
         factors = self.factors(kind, generator)
         images = self.render(factors)
         return images, {k: v.to(self.device) for k, v in factors.items()}, kind

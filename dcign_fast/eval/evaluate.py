@@ -46,7 +46,7 @@ def evaluate(
         {"bce_per_image", "mse_per_pixel"}, "identity_retrieval": {"intrinsic_latents", "raw_pixels" (top-1
         accuracies), "chance", "identities"}}, and "checkpoint" (its resolved path) when given.
     """
-    if not isinstance(model, DCIGN):
+    if not isinstance(model, torch.nn.Module):  # (a torch.compile of a DCIGN is a module that is not a DCIGN)
         raise TypeError(f"model must be a DCIGN, got {type(model).__name__}")
     require_groups(model, (*EXTRINSIC, "intrinsic"), "evaluate")
     for name, count in (("sweeps", sweeps), ("identities", identities)):

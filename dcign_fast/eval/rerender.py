@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from dcign_fast.bounds import Bounds
 from dcign_fast.eval.grid import save_grid
 from dcign_fast.eval.inference import check_images, eval_mode, model_input, require_groups
 from dcign_fast.models import DCIGN
@@ -65,8 +66,7 @@ def sweep_grid(
     latents' prior is N(0, 1)).
     """
     require_groups(model, EXTRINSIC, "sweep_grid")
-    if not isinstance(count, int) or count < 2:  # one frame would show an end of the range, not the image's own value
-        raise ValueError(f"count must be an integer of at least 2 (a sweep's two ends), got {count!r}")
+    Bounds(2).check("count", count, integer=True)  # one frame would show an end of the range, not the image's value
     check_images("image", image)
     image = image if image.dim() == 4 else image.unsqueeze(0)
     rows, labels = [image.float().cpu()], ["input"]

@@ -11,6 +11,7 @@ installed with the package), g++ (C++20) and pybind11.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -85,6 +86,15 @@ def build(cache_dir: Path | None = None) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One build at a time (pytest-xdist workers, parallel jobs): the others wait for it, then load its result.
+    with open(target.parent / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            _build(compiler, sources, target)
+    return target
+
+
+def _build(compiler: str, sources: list[Path], target: Path) -> None:
     # Minutes of g++ with nothing to show otherwise; said once, as the build is cached.
     print(f"dcign_fast: building the CPU emulation of dcign_fast._C into {target.parent} (once)", file=sys.stderr)
     work = Path(tempfile.mkdtemp(dir=target.parent))
@@ -105,7 +115,6 @@ def build(cache_dir: Path | None = None) -> Path:
     subprocess.run([compiler, "-shared", *map(str, objects), "-o", str(library)], check=True)
     os.replace(library, target)  # atomic: a concurrent build never sees half a file
     shutil.rmtree(work, ignore_errors=True)
-    return target
 
 
 @functools.cache

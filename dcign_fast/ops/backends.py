@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import importlib.metadata
 import importlib.util
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -60,17 +60,22 @@ def cuda_emulating() -> bool:
 TRITON_MIN_VERSION = (3, 4)
 
 
-def installed_triton_version() -> str | None:
-    """The installed Triton's version, None without one. From its distribution's metadata (milliseconds), not
-    by importing triton (half a second)."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    for distribution in ("triton", "pytorch-triton"):  # (PyTorch's nightly builds ship the latter)
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            return importlib.metadata.version(distribution)
-    import triton  # an install without metadata
-
-    return triton.__version__
+def installed_triton_reason() -> str:
+    """:func:`triton_version_reason` of the triton package ``import triton`` would load. Its version is read from
+    the ``__version__ = "..."`` line of its ``__init__.py`` (milliseconds; a distribution's metadata may describe
+    another copy), and triton is imported (half a second) only where that line is missing."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None:
+        return triton_version_reason(None)
+    with contextlib.suppress(OSError):  # (unreadable: imported below)
+        source = Path(spec.origin).read_text() if spec.origin else ""  # (no origin: a namespace package)
+        if match := re.search(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", source, re.M):
+            return triton_version_reason(match.group(1))
+    try:
+        import triton
+    except Exception as err:  # a broken install must not break `import dcign_fast`, only this backend
+        return f"needs a working 'triton' package: importing it failed ({type(err).__name__}: {err})"
+    return triton_version_reason(triton.__version__)
 
 
 def triton_version_reason(version: str | None) -> str:
@@ -86,7 +91,7 @@ def triton_version_reason(version: str | None) -> str:
 # Read once, at import, so that torch.compile sees a constant: traced, the lookup reached importlib's find_spec,
 # a graph break that torch 2.11 refuses under fullgraph. (torch.compiler.assume_constant_result would import
 # torch._dynamo, which made `import dcign_fast` take twice as long as `import torch`.)
-_TRITON_REASON = triton_version_reason(installed_triton_version())
+_TRITON_REASON = installed_triton_reason()
 
 
 def triton_unavailable_reason() -> str:

@@ -257,7 +257,8 @@ def test_odd_arguments_and_file_names(tmp_path, batches):
         (lambda i, f, k: (i[:, 0], f, k), r"batches\[1\]: images must be floating-point \[B, 1, S, S\]"),
         (lambda i, f, k: ((i * 255).byte(), f, k), r"images must be floating-point \[B, 1, S, S\], got torch.uint8"),
         (lambda i, f, k: (i, f, "pose"), r"batches\[1\]: kind must be one of .* got 'pose'"),
-        (lambda i, f, k: (i, {}, k), r"batches\[1\]: factors must map each of .* 'azimuth' is None"),
+        (lambda i, f, k: (i, {}, k), r"batches\[1\]: factors must map each of .* 'azimuth' is NoneType"),
+        (lambda i, f, k: (i, {**f, "light": [0.0] * len(i)}, k), r"factors must map each of .* 'light' is list"),
     ],
 )
 def test_write_cache_refuses_a_batch_it_would_store_wrongly(damage, words, tmp_path, batches):

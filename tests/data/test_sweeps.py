@@ -85,7 +85,7 @@ def test_kind_odds_follow_shape_bias():
         # (was raised to 20)
         ("num_identities", 3, ValueError, r"batch_size must be at most num_identities \(3\).*got batch_size 20"),
         ("meshes", [], ValueError, "meshes must be a list of at least one Mesh"),  # was the packaged faces
-        ("meshes", ["meshmonk"], ValueError, r"meshes must be a list of at least one Mesh .*got \['meshmonk'\]"),
+        ("meshes", ["meshmonk"], TypeError, "meshes must hold Mesh objects .*got a str at 0"),
         ("ranges", {"azimuth": 1.0}, TypeError, "ranges must be a SweepRanges, got dict"),
         ("device", "tpu", ValueError, r"device must be 'auto', cpu, cuda or cuda:N, got 'tpu'"),
         ("seed", -1, ValueError, "seed must be >= 0, got -1"),
@@ -120,7 +120,7 @@ def test_sweep_ranges_are_checked(change, words):
 
 
 def test_a_batch_needs_a_generator(sampler):
-    with pytest.raises(TypeError, match="generator must be a CPU torch.Generator, got int"):
+    with pytest.raises(TypeError, match="generator must be a CPU torch.Generator or None, got int"):
         sampler.batch("azimuth", 0)
 
 
