@@ -251,11 +251,11 @@ def test_a_model_without_the_paper_groups_is_refused_by_name(tmp_path):
         sweep_grid(model, torch.rand(1, 64, 64), tmp_path / "grid.png")
     with pytest.raises(ValueError, match=r"evaluate needs the latent groups"):
         evaluate(model, sweeps=1)
-    paper = DCIGN.from_preset("demo64")
+    with_paper_groups = DCIGN.from_preset("demo64")
     with pytest.raises(ValueError, match="sweeps must be >= 1, got 0"):  # (torch.cat's error on no sweeps)
-        evaluate(paper, sweeps=0)
+        evaluate(with_paper_groups, sweeps=0)
     with pytest.raises(ValueError, match="identities must be >= 1, got 0"):
-        evaluate(paper, identities=0)
+        evaluate(with_paper_groups, identities=0)
     with pytest.raises(TypeError, match="model must be a DCIGN, got NoneType"):
         evaluate(None)
 

@@ -264,7 +264,7 @@ def render(
         Bounds(1).check(name, value, integer=True)
     Bounds(0, strict=True).check("zoom", zoom)
     Bounds(0).check("ambient", ambient)
-    if ambient > 1:  # more than all of the light would brighten every pixel past the Lambertian range
+    if ambient > 1:  # then 1 - ambient < 0: lit surfaces would come out darker than unlit ones
         raise ValueError(f"ambient must be in [0, 1], got {ambient!r}")
     if not isinstance(azimuth, Tensor) or azimuth.dim() != 1 or azimuth.shape[0] == 0:
         raise ValueError(f"azimuth must be [B] with B >= 1, got {_described(azimuth)}")
