@@ -42,7 +42,7 @@ def write_cache(batches: Iterable[Batch], out_dir: str | Path, batches_per_shard
             raise ValueError(f"batch of size {images.shape[-1]} in a cache of size {size}")
         size = images.shape[-1]
         # As uint8 on the CPU at once: a shard's worth of float32 batches held 4x the memory (on the GPU, too).
-        pending.append(((images.clamp(0, 1) * 255).round().to(torch.uint8).cpu(), factors, kind))
+        pending.append(((images * 255).round().to(torch.uint8).cpu(), factors, kind))
         if len(pending) == batches_per_shard:
             shards.append(_write_shard(out_dir, len(shards), pending))
             pending = []
