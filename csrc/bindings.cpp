@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <tuple>
+#include <utility>
 
 #include "latent_sampler.h"
 #include "phase_index.cuh"
@@ -66,6 +67,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ws"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"),
         py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("splits"), py::arg("chunk"),
         py::arg("dtype"), py::arg("tf32"), py::arg("stream"));
+  for (const auto& [name, blocks] :
+       {std::pair{"unpool_conv_grad_weight_blocks", &dcign::unpool_conv_grad_weight_blocks},
+        std::pair{"unpool_conv_grad_weight_few_outputs_blocks", &dcign::unpool_conv_grad_weight_few_outputs_blocks}}) {
+    m.def(name, blocks, py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"), py::arg("KH"),
+          py::arg("KW"), py::arg("PH"), py::arg("PW"), "Blocks per split of that grad-weight launch for this shape");
+  }
   m.def("unpool_conv_grad_weight_few_outputs", &dcign::unpool_conv_grad_weight_few_outputs, py::arg("x"), py::arg("g"),
         py::arg("ws"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"),
         py::arg("KH"), py::arg("KW"), py::arg("PH"), py::arg("PW"), py::arg("splits"), py::arg("chunk"),

@@ -51,6 +51,10 @@ void unpool_conv_grad_weight_few_outputs(ActivationView x, ActivationView g, uin
                                          int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype,
                                          int tf32, uintptr_t stream);
 
+// Blocks per split of each grad-weight launch for this shape (its grid's x * y): the caller sizes its splits by it.
+int unpool_conv_grad_weight_blocks(int N, int C, int H, int W, int O, int KH, int KW, int PH, int PW);
+int unpool_conv_grad_weight_few_outputs_blocks(int N, int C, int H, int W, int O, int KH, int KW, int PH, int PW);
+
 // dw [O, C, KH, KW] in the storage dtype from the split partial sums, in a fixed order.
 void unpool_conv_finalize_grad_weight(uintptr_t ws, uintptr_t dw, int O, int C, int KH, int KW, int PH, int PW,
                                       int splits, int dtype, uintptr_t stream);

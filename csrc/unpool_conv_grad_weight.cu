@@ -73,10 +73,15 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   });
 }
 
+template <int BM, int BN>
+dim3 grad_weight_grid(const Geometry& g, int splits) {
+  return dim3(ceil_div(g.C, BM) * ceil_div(g.O, BN), all_phase_taps(g), splits);
+}
+
 template <typename T, bool kTf32, int BM, int BN, int BK>
 void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uintptr_t ws, const Geometry& g,
                         int splits, int chunk, cudaStream_t stream) {
-  const dim3 grid(ceil_div(g.C, BM) * ceil_div(g.O, BN), all_phase_taps(g), splits);
+  const dim3 grid = grad_weight_grid<BM, BN>(g, splits);
   dispatch_vector<T>({{&x, g.C}, {&gout, g.O}}, [&](auto vec) {
     launch_kernel("unpool_conv_grad_weight_kernel", grid, kTileThreads, stream,
                   unpool_conv_grad_weight_kernel<T, kTf32, BM, BN, BK, decltype(vec)::value>,
@@ -85,25 +90,37 @@ void launch_grad_weight(const ActivationView& x, const ActivationView& gout, uin
   });
 }
 
+// Calls f(BM, BN) with the kernel's (C_in, C_out) tile for C input and O output channels, as integral constants.
+// M = C_in: 128-row tiles share each B block among more multiplies, but would be mostly padding for up to 64 input
+// channels (a decoder's first layers).
+template <typename F>
+auto with_tile(int C, int O, F&& f) {
+  if (O <= 16) return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 16>{});
+  if (C <= 64) return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 64>{});
+  return f(std::integral_constant<int, 128>{}, std::integral_constant<int, 64>{});
+}
+
 }  // namespace
+
+int unpool_conv_grad_weight_blocks(int N, int C, int H, int W, int O, int KH, int KW, int PH, int PW) {
+  const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
+  return with_tile(C, O, [&](auto bm, auto bn) {
+    const dim3 grid = grad_weight_grid<decltype(bm)::value, decltype(bn)::value>(geo, 1);
+    return static_cast<int>(grid.x * grid.y);
+  });
+}
 
 void unpool_conv_grad_weight(ActivationView x, ActivationView g, uintptr_t ws, int N, int C, int H, int W, int O,
                              int KH, int KW, int PH, int PW, int splits, int chunk, int dtype, int tf32,
                              uintptr_t stream) {
   check_splits("unpool_conv_grad_weight", splits, chunk);
   const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
-  dispatch_multiply(dtype, tf32, "unpool_conv_grad_weight", [&](auto tag, auto use_tf32) {
-    using T = typename decltype(tag)::type;
-    constexpr bool kTf32 = decltype(use_tf32)::value;
-    // M = C_in: 128-row tiles share each B block among more multiplies, but would be mostly padding for up to
-    // 64 input channels (a decoder's first layers).
-    if (O <= 16) {
-      launch_grad_weight<T, kTf32, 64, 16, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
-    } else if (C <= 64) {
-      launch_grad_weight<T, kTf32, 64, 64, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
-    } else {
-      launch_grad_weight<T, kTf32, 128, 64, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
-    }
+  with_tile(C, O, [&](auto bm, auto bn) {
+    dispatch_multiply(dtype, tf32, "unpool_conv_grad_weight", [&](auto tag, auto use_tf32) {
+      using T = typename decltype(tag)::type;
+      launch_grad_weight<T, decltype(use_tf32)::value, decltype(bm)::value, decltype(bn)::value, kWideStepK<T>>(
+          x, g, ws, geo, splits, chunk, to_stream(stream));
+    });
   });
 }
 

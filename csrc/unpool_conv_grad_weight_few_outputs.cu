@@ -11,6 +11,9 @@
 namespace dcign {
 namespace {
 
+// (union tap, O) pairs: the GEMM's N.
+DCIGN_HD int tap_output_pairs(const Geometry& g) { return g.rows.taps * g.cols.taps * g.O; }
+
 template <typename T, bool kTf32, int BM, int BN, int BK, int kVec>
 __global__ void __launch_bounds__(kTileThreads, 2)
     unpool_conv_grad_weight_few_outputs_kernel(const T* __restrict__ x, const T* __restrict__ gout,
@@ -21,7 +24,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     TileLoad<T, BK, BN, 1> b;      // grad_out [k][(tap, o)]: a gather, element by element
   };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
-  const int pairs = g.rows.taps * g.cols.taps * g.O;
+  const int pairs = tap_output_pairs(g);
   const int pair_tiles = (pairs + BN - 1) / BN;
   const int c0 = (blockIdx.x / pair_tiles) * BM, n0 = (blockIdx.x % pair_tiles) * BN;
   const int p = blockIdx.y, A = p / 2, B = p % 2, split = blockIdx.z;
@@ -87,11 +90,22 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   });
 }
 
+// Calls f(BM, BN) with the kernel's (C_in, pair) tile for `pairs` (union tap, O) pairs, as integral constants.
+template <typename F>
+auto with_tile(int pairs, F&& f) {
+  if (pairs <= 16) return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 16>{});
+  return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 64>{});
+}
+
+template <int BM, int BN>
+dim3 few_outputs_grid(const Geometry& g, int splits) {
+  return dim3(ceil_div(g.C, BM) * ceil_div(tap_output_pairs(g), BN), 4, splits);
+}
+
 template <typename T, bool kTf32, int BM, int BN, int BK>
 void launch(const ActivationView& x, const ActivationView& gout, uintptr_t ws, const Geometry& g, int splits, int chunk,
             cudaStream_t stream) {
-  const int pairs = g.rows.taps * g.cols.taps * g.O;
-  const dim3 grid(ceil_div(g.C, BM) * ceil_div(pairs, BN), 4, splits);
+  const dim3 grid = few_outputs_grid<BM, BN>(g, splits);
   dispatch_vector<T>({{&x, g.C}}, [&](auto vec) {
     launch_kernel("unpool_conv_grad_weight_few_outputs_kernel", grid, kTileThreads, stream,
                   unpool_conv_grad_weight_few_outputs_kernel<T, kTf32, BM, BN, BK, decltype(vec)::value>,
@@ -102,20 +116,25 @@ void launch(const ActivationView& x, const ActivationView& gout, uintptr_t ws, c
 
 }  // namespace
 
+int unpool_conv_grad_weight_few_outputs_blocks(int N, int C, int H, int W, int O, int KH, int KW, int PH, int PW) {
+  const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
+  return with_tile(tap_output_pairs(geo), [&](auto bm, auto bn) {
+    const dim3 grid = few_outputs_grid<decltype(bm)::value, decltype(bn)::value>(geo, 1);
+    return static_cast<int>(grid.x * grid.y);
+  });
+}
+
 void unpool_conv_grad_weight_few_outputs(ActivationView x, ActivationView g, uintptr_t ws, int N, int C, int H, int W,
                                          int O, int KH, int KW, int PH, int PW, int splits, int chunk, int dtype,
                                          int tf32, uintptr_t stream) {
   check_splits("unpool_conv_grad_weight_few_outputs", splits, chunk);
   const Geometry geo = make_geometry(N, C, H, W, O, KH, KW, PH, PW);
-  const int pairs = geo.rows.taps * geo.cols.taps * O;
-  dispatch_multiply(dtype, tf32, "unpool_conv_grad_weight_few_outputs", [&](auto tag, auto use_tf32) {
-    using T = typename decltype(tag)::type;
-    constexpr bool kTf32 = decltype(use_tf32)::value;
-    if (pairs <= 16) {
-      launch<T, kTf32, 64, 16, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
-    } else {
-      launch<T, kTf32, 64, 64, kWideStepK<T>>(x, g, ws, geo, splits, chunk, to_stream(stream));
-    }
+  with_tile(tap_output_pairs(geo), [&](auto bm, auto bn) {
+    dispatch_multiply(dtype, tf32, "unpool_conv_grad_weight_few_outputs", [&](auto tag, auto use_tf32) {
+      using T = typename decltype(tag)::type;
+      launch<T, decltype(use_tf32)::value, decltype(bm)::value, decltype(bn)::value, kWideStepK<T>>(
+          x, g, ws, geo, splits, chunk, to_stream(stream));
+    });
   });
 }
 

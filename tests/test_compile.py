@@ -16,7 +16,7 @@ from dcign_fast.models import DCIGN, preset
 from tests.helpers import layout_mismatches, rel_error
 
 LATENTS = 32  # demo64's latent_dim
-NO_EXT = "dcign_fast._C was not built (no nvcc)"
+NO_EXT = "dcign_fast._C was not built"
 
 
 def _training_loss(model: DCIGN, seed: int | None):

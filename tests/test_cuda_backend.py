@@ -30,7 +30,7 @@ from tests.cuda_checks import (
 )
 from tests.helpers import REL_TOL, check_empty_batch, paper150_decoder_layers, rel_error, relu_nan_mismatches
 
-needs_extension = pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C was not built (no nvcc)")
+needs_extension = pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C was not built")
 
 
 @needs_extension

@@ -147,6 +147,31 @@ def test_unpool_conv_few_outputs_over_several_splits(monkeypatch):
     assert calls and min(splits for splits, _ in calls) > 1
 
 
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "kernel", "padding", "blocks"),
+    [
+        # Per-tap kernel, 64 (K=7 valid) or 36 (K=5 same) phase taps: 128 x 64 tiles past 64 input channels,
+        # 64 x 64 up to them, 64 x 16 for up to 16 output channels.
+        (96, 96, 7, 0, 1 * 2 * 64),
+        (48, 96, 7, 0, 1 * 2 * 64),
+        (200, 100, 5, 2, 2 * 2 * 36),
+        # Few outputs, four phases: 64 x 16 tiles of (union tap, output) pairs up to 16 of them, else 64 x 64.
+        (96, 1, 7, 0, 2 * 1 * 4),
+        (96, 3, 7, 0, 2 * 1 * 4),
+        (96, 5, 7, 0, 2 * 2 * 4),
+    ],
+)
+def test_grad_weight_blocks_per_split(c_in, c_out, kernel, padding, blocks):
+    """The blocks per split that the Python side sizes its splits by are the grid the launcher would use."""
+    from dcign_fast.kernels import cuda
+    from dcign_fast.kernels.unpool_conv_common import FEW_OUTPUTS
+
+    lib = cuda.load()
+    few = c_out <= FEW_OUTPUTS
+    query = lib.unpool_conv_grad_weight_few_outputs_blocks if few else lib.unpool_conv_grad_weight_blocks
+    assert query(2, c_in, 20, 20, c_out, kernel, kernel, padding, padding) == blocks
+
+
 def test_grad_weight_splits_keep_within_what_the_kernels_walk():
     """The grad-weight kernels walk a split's positions in 32-bit arithmetic: chunks of at most 2^30 positions,
     and a clear error (not a wrong sum) past 65535 such splits, from the Python side and from both grad-weight
@@ -154,10 +179,10 @@ def test_grad_weight_splits_keep_within_what_the_kernels_walk():
     from dcign_fast.kernels import cuda, cuda_unpool_conv
 
     positions = 3 * 2**30 + 5
-    splits, chunk = cuda_unpool_conv._grad_weight_splits(positions, 512, 512, 25, torch.device("cpu"))
+    splits, chunk = cuda_unpool_conv._grad_weight_splits(positions, 4 * 8 * 100, torch.device("cpu"))
     assert chunk <= 2**30 and splits * chunk >= positions
     with pytest.raises(ValueError, match="positions per phase"):
-        cuda_unpool_conv._grad_weight_splits(65536 * 2**30, 8, 8, 1, torch.device("cpu"))
+        cuda_unpool_conv._grad_weight_splits(65536 * 2**30, 4, torch.device("cpu"))
     x = torch.randn(1, 4, 3, 3).to(memory_format=torch.channels_last)
     view = (x.data_ptr(), *x.stride())
     for launcher in (cuda.load().unpool_conv_grad_weight, cuda.load().unpool_conv_grad_weight_few_outputs):

@@ -20,7 +20,6 @@ from dcign_fast.kernels.unpool_conv_common import (
 )
 from dcign_fast.ops.unpool_conv import empty_output
 
-_GRAD_WEIGHT_TILE_O = 64  # C_out tile of the grad-weight kernel (csrc/unpool_conv_grad_weight.cu)
 _SPLIT_GRANULE = 256  # output positions per grad-weight split, at least
 _MAX_CHUNK = 2**30  # ... and at most (kMaxChunk, csrc/unpool_conv.h)
 _MAX_SPLITS = 65535  # grid.z
@@ -32,13 +31,12 @@ def _view(t: torch.Tensor) -> tuple[int, ...]:
     return (t.data_ptr(), *(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())))
 
 
-def _grad_weight_splits(positions: int, c_in: int, c_out: int, taps: int, device: torch.device) -> tuple[int, int]:
-    """(splits, chunk): enough grad-weight blocks to fill the GPU a few times over, chunks of >= 256 positions
-    and at most the kernels' 2^30 (their 32-bit walk over a split's positions)."""
-    tile_c = 64 if c_in <= 64 else 128  # its C_in tile, as csrc/unpool_conv_grad_weight.cu chooses it
-    tiles = -(-c_in // tile_c) * -(-c_out // _GRAD_WEIGHT_TILE_O) * taps
-    target = 4 * cuda.multiprocessors(device)
-    splits = max(1, min(-(-target // tiles), -(-positions // _SPLIT_GRANULE), _MAX_SPLITS), -(-positions // _MAX_CHUNK))
+def _grad_weight_splits(positions: int, blocks: int, device: torch.device) -> tuple[int, int]:
+    """(splits, chunk) of a grad-weight reduction over ``positions``, whose launch has ``blocks`` blocks per split:
+    enough blocks to fill the GPU a few times over, chunks of >= 256 positions and at most the kernels' 2^30
+    (their 32-bit walk over a split's positions)."""
+    wanted = -(-4 * cuda.multiprocessors(device) // blocks)
+    splits = max(1, min(wanted, -(-positions // _SPLIT_GRANULE), _MAX_SPLITS), -(-positions // _MAX_CHUNK))
     if splits > _MAX_SPLITS:
         raise ValueError(
             f"unpool_conv2d(backend='cuda'): {positions} positions per phase are more than the grad-weight kernels "
@@ -124,27 +122,24 @@ def unpool_conv2d_cuda_backward(
     ph, pw = padding
     lib, code, tf32, stream = cuda.load(x.device), cuda.dtype_code(x), int(uses_tf32(x.dtype)), cuda.stream(x.device)
     g, grad_bias = backward_grad_and_bias(grad_out, out, activation, has_bias)
+    shape = (n, c_in, h, w, c_out, kh, kw, ph, pw)
     with device_guard(x.device):
         wp = _pack_weight(weight, padding)
         grad_x = torch.empty_like(x)
         if grad_x.numel() and g.numel():
-            lib.unpool_conv_grad_input(
-                _view(g), wp.data_ptr(), _view(grad_x), n, c_in, h, w, c_out, kh, kw, ph, pw, code, tf32, stream
-            )
+            lib.unpool_conv_grad_input(_view(g), wp.data_ptr(), _view(grad_x), *shape, code, tf32, stream)
         elif grad_x.numel():
             grad_x.zero_()
-        x_nhwc, taps = nhwc(x), wp.shape[2] * wp.shape[3]  # union taps: at least any phase's
-        few_outputs = c_out <= FEW_OUTPUTS
-        if few_outputs:  # per phase, over input positions, (tap, C_out) pairs side by side
-            splits, chunk = _grad_weight_splits(n * h * w, c_in, taps * c_out, 4, x.device)
+        if c_out <= FEW_OUTPUTS:  # per phase, over input positions, (tap, C_out) pairs side by side
+            launch, blocks = lib.unpool_conv_grad_weight_few_outputs, lib.unpool_conv_grad_weight_few_outputs_blocks
+            positions = n * h * w
         else:  # per (phase, tap), over the phase's output positions
-            splits, chunk = _grad_weight_splits(n * ((ho + 1) // 2) * ((wo + 1) // 2), c_in, c_out, taps, x.device)
+            launch, blocks = lib.unpool_conv_grad_weight, lib.unpool_conv_grad_weight_blocks
+            positions = n * ((ho + 1) // 2) * ((wo + 1) // 2)
+        splits, chunk = _grad_weight_splits(positions, blocks(*shape), x.device)
         ws = torch.empty((splits, *wp.shape), dtype=torch.float32, device=x.device)
-        launch = lib.unpool_conv_grad_weight_few_outputs if few_outputs else lib.unpool_conv_grad_weight
-        launch(
-            _view(x_nhwc), _view(g), ws.data_ptr(), n, c_in, h, w, c_out, kh, kw, ph, pw, splits, max(1, chunk),
-            code, tf32, stream,
-        )  # fmt: skip
+        x_nhwc = nhwc(x)  # (held: the kernel reads it through a raw pointer)
+        launch(_view(x_nhwc), _view(g), ws.data_ptr(), *shape, splits, max(1, chunk), code, tf32, stream)
         grad_weight = torch.empty((c_out, c_in, kh, kw), dtype=x.dtype, device=x.device)
         lib.unpool_conv_finalize_grad_weight(
             ws.data_ptr(), grad_weight.data_ptr(), c_out, c_in, kh, kw, ph, pw, splits, code, stream
