@@ -14,6 +14,7 @@ an image's coefficients until no triangle turns by more than 60 degrees (no flip
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -84,15 +85,15 @@ class IdentitySpace:
 
     def describe(self, identity: Tensor) -> Identity:
         """identity: [B] int64 (CPU) -> its mesh, coefficients and gain (CPU tensors)."""
-        coefficients = torch.zeros(len(identity), len(MODES))
+        unique, inverse = identity.unique(return_inverse=True)
+        # Uniform draws per distinct identity: K coefficients, then the gain (scans: none, see the module doc).
+        rows = [_identity_draws(i) for i in unique.tolist()]
+        draws = torch.stack(rows) if rows else torch.empty(0, len(MODES) + 1)
+        scan = (unique < len(self.meshes))[:, None]
         low, high = self.gain_range
-        gain = torch.full((len(identity),), (low + high) / 2)
-        for i, ident in enumerate(identity.tolist()):
-            if ident >= len(self.meshes):
-                g = torch.Generator().manual_seed(ident)
-                coefficients[i] = torch.rand(len(MODES), generator=g) * 2 - 1
-                gain[i] = low + (high - low) * torch.rand((), generator=g)
-        return Identity(identity % len(self.meshes), coefficients, gain)
+        coefficients = torch.where(scan, 0.0, draws[:, :-1] * 2 - 1)
+        gain = torch.where(scan[:, 0], (low + high) / 2, low + (high - low) * draws[:, -1])
+        return Identity(identity % len(self.meshes), coefficients[inverse], gain[inverse])
 
     def vertices(self, mesh_index: int, coefficients: Tensor) -> Tensor:
         """Deformed vertices of one mesh, shrinking coefficients that would fold a triangle.
@@ -111,6 +112,14 @@ class IdentitySpace:
                 return deformed
             coefficients = torch.where(folded[:, None], coefficients / 2, coefficients)
         return torch.where(folded[:, None, None], mesh.vertices, deformed)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _identity_draws(identity: int) -> Tensor:
+    """[K + 1] uniform draws in [0, 1) of a generator seeded with ``identity``: K shape coefficients, then the
+    albedo gain (cached: an intrinsic batch draws B identities, each a generator seeding; do not modify)."""
+    g = torch.Generator().manual_seed(identity)
+    return torch.cat([torch.rand(len(MODES), generator=g), torch.rand(1, generator=g)])
 
 
 def _face_normals(vertices: Tensor, faces: Tensor) -> Tensor:

@@ -201,21 +201,23 @@ def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[
     planes = torch.stack([yk - yj, xj - xk, xk * yj - xj * yk], -1) * inv[:, None, None]  # [N, 3, 3]
     z_plane = (planes * z[..., None]).sum(1)  # [N, 3]: depth as a plane in (cx, cy, 1)
 
-    # Group boxes by power-of-two width and height so each group is one dense [n, w * h] test.
-    group = _next_pow2(right - left + 1) * (1 << 20) + _next_pow2(bottom - top + 1)
+    # Group boxes by their pixel count rounded up to a power of two, so each group is one dense [n, capacity]
+    # test that wastes at most half of it, in few groups (each costs some twenty ops: kernel launches on a GPU).
+    width, height = right - left + 1, bottom - top + 1
+    group = _next_pow2(width * height)
     keys = torch.full((batch * size * size,), _EMPTY, dtype=torch.int64, device=screen.device)
     order = torch.argsort(group)
     bounds = torch.unique_consecutive(group[order], return_counts=True)
     start = 0
-    for g, count in zip(bounds[0].tolist(), bounds[1].tolist()):
+    for capacity, count in zip(bounds[0].tolist(), bounds[1].tolist()):
         sel = order[start : start + count]
         start += count
-        gw, gh = g >> 20, g & ((1 << 20) - 1)
-        px = left[sel, None] + torch.arange(gw, device=screen.device).repeat(gh)  # [n, gw * gh]
-        py = top[sel, None] + torch.arange(gh, device=screen.device).repeat_interleave(gw)
+        k = torch.arange(capacity, device=screen.device)  # row-major over each box
+        w = width[sel, None]
+        px, py = left[sel, None] + k % w, top[sel, None] + k // w  # [n, capacity]
         cx, cy = px + 0.5, py + 0.5
         p, zp = planes[sel], z_plane[sel]
-        inside = (px <= right[sel, None]) & (py <= bottom[sel, None])
+        inside = k < w * height[sel, None]
         for i in range(3):
             inside &= p[:, i, 0, None] * cx + p[:, i, 1, None] * cy + p[:, i, 2, None] >= -_EDGE_TOLERANCE
         z = zp[:, 0, None] * cx + zp[:, 1, None] * cy + zp[:, 2, None]

@@ -133,6 +133,24 @@ def test_identity_changes_the_face_with_pose_fixed():
         assert (images[0] - images[1]).abs().mean() > 1e-3
 
 
+def test_an_identity_is_its_own_generator_seed():
+    """An identity past the scans draws K coefficients in [-1, 1] and then the gain from a generator seeded with
+    it, wherever it appears in a batch and however often; the scans themselves are undeformed, at mid gain."""
+    space = IdentitySpace([load_asset("james"), load_asset("menpo3d")], gain_range=(0.5, 0.9))
+    identity = torch.tensor([7, 1, 123456, 7, 0, 7])
+    described = space.describe(identity)
+    assert torch.equal(described.mesh_index, identity % 2)
+    for row, ident in enumerate(identity.tolist()):
+        if ident < 2:
+            expected_coefficients, expected_gain = torch.zeros(len(MODES)), torch.tensor(0.7)
+        else:
+            g = torch.Generator().manual_seed(ident)
+            expected_coefficients = torch.rand(len(MODES), generator=g) * 2 - 1
+            expected_gain = 0.5 + 0.4 * torch.rand((), generator=g)
+        assert torch.equal(described.coefficients[row], expected_coefficients)
+        assert torch.equal(described.gain[row], expected_gain)
+
+
 @pytest.mark.parametrize("name", ["meshmonk", "menpo3d", "james"])
 def test_identity_deformation_never_flips_a_triangle(name):
     mesh = load_asset(name)
