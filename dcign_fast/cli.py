@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,14 +69,15 @@ def image_file(text: str) -> Path:
     return path
 
 
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    """``--device`` for a command that runs a trained model: "auto" by default, as train's device option. The
-    command resolves it by train's rules too (dcign_fast.devices.resolve_device), before loading anything."""
+def add_device_argument(
+    parser: argparse.ArgumentParser, what: str = "run the model", default: str | None = "auto"
+) -> None:
+    """``--device``, "auto" by default (None: the option is left to a config file or a resumed run, whose own
+    default is "auto" too). Commands resolve it by train's rules (dcign_fast.devices.resolve_device)."""
     parser.add_argument(
         "--device",
-        default="auto",
-        help="where to run the model: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda "
-        "or cuda:N",
+        default=default,
+        help=f"where to {what}: auto (a CUDA GPU when there is one, else the CPU; the default), cpu, cuda or cuda:N",
     )
 
 
@@ -87,7 +89,10 @@ def debugging() -> bool:
 def run_reporting_errors(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """``run(args)``; a user error is printed as ``prog: error: ...`` with exit status 2, and Ctrl-C outside
     training (which saves a checkpoint and returns 130 itself) as ``prog: interrupted`` with status 130
-    (tracebacks too when :func:`debugging`)."""
+    (tracebacks too when :func:`debugging`). Warnings print as ``prog: warning: ...``, without a source line."""
+    formatwarning = warnings.formatwarning
+    if not debugging():  # a warning as one line under the command's name, not with the library's source line
+        warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"
     try:
         return run(args)
     except user_errors() as err:
@@ -100,6 +105,8 @@ def run_reporting_errors(prog: str, run: Callable[[argparse.Namespace], int], ar
             raise
         print(f"{prog}: interrupted" + (f" ({err})" if str(err) else ""), file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from dcign_fast.cli import positive_int, run_folder
+from dcign_fast.cli import add_device_argument, positive_int, run_folder
+from dcign_fast.train.cli import add_set_argument
 
 DEMO_OPTIONS = {
     "preset": "demo64",
@@ -28,10 +29,14 @@ DEMO_OPTIONS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=run_folder, default=Path("runs/demo"), help="run folder")
     parser.add_argument(
-        "--steps", type=positive_int, help=f"training steps (default {DEMO_OPTIONS['steps']}; a resumed demo: its own)"
+        "--steps",
+        type=positive_int,
+        help=f"training steps (default {DEMO_OPTIONS['steps']}; a resumed demo: its own). Before the first, the demo "
+        f"renders a pool of min(steps, {DEMO_OPTIONS['data_pool']}) batches of each kind (--set data_pool=N)",
     )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any training option")
+    add_device_argument(parser, "train", default=None)
+    add_set_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
     assignments = TrainConfig.parse_assignments(args.set)
     if "out" in assignments:  # the checkpoints would go there, the pictures and evaluation to --out
         raise ValueError("give the demo's run folder with --out, not --set out=")
-    given = {"out": str(args.out), **({} if args.steps is None else {"steps": args.steps}), **assignments}
+    given = {"out": str(args.out), **{k: v for k in ("steps", "device") if (v := getattr(args, k)) is not None}}
+    if args.steps is not None and not args.resume:  # a short run renders no more of the pool than it can use
+        given["data_pool"] = min(args.steps, DEMO_OPTIONS["data_pool"])
+    given.update(assignments)
     config = resolve_options(TrainConfig.from_dict(DEMO_OPTIONS), given, args.resume)
     code, trainer, result = run_training(config, args.resume)
     if code or result is None:  # (a result comes with code 0)

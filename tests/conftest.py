@@ -22,10 +22,20 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def _takes_triton(item: pytest.Item) -> bool:
+    """Whether a test is parametrised with the triton backend (any parameter whose value is "triton")."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(isinstance(value, str) and value == "triton" for value in params.values())
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    from dcign_fast.ops.backends import triton_available, triton_unavailable_reason
+
+    # Cases that need what this machine lacks skip, named: a GPU, or triton (an optional dependency, not
+    # installed off x86-64 Linux), wherever a test is parametrised with it.
+    gpu, triton = torch.cuda.is_available(), triton_available()
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if not gpu and "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        elif not triton and _takes_triton(item):
+            item.add_marker(pytest.mark.skip(reason=triton_unavailable_reason()))

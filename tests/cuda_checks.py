@@ -134,14 +134,15 @@ def check_tf32_follows_the_cudnn_flag(device: str) -> None:
 def check_unaligned_and_one_pixel_views(device: str) -> None:
     """Views the 16-byte vector loads must handle, in exact float32: a channels_last input whose base is one
     element past a vector boundary (loaded element by element), and 1 x 1 images (the strides of extent-1
-    dimensions do not matter)."""
+    dimensions do not matter). Into poisoned allocations: the tails of vector loads and stores are where an
+    unwritten element would hide."""
     weight = (torch.randn(8, 16, 3, 3, device=device) / 12).requires_grad_()
     padded = torch.randn(2, 5, 6, 20, device=device, requires_grad=True)
     unaligned = padded[..., 1:17].permute(0, 3, 1, 2)  # [2, 16, 5, 6]: strides whole vectors, base not
     assert unaligned.data_ptr() % 16 != 0
     one_pixel = torch.randn(3, 16, 1, 1, device=device, requires_grad=True)
     for x in (unaligned, one_pixel):
-        with cudnn_tf32(False):
+        with cudnn_tf32(False), poisoned_allocations():
             y = dc.unpool_conv2d(x, weight, padding=2, backend="cuda", activation="relu")
             grad = torch.randn(y.shape, device=device)
             got = torch.autograd.grad(y, (x, weight), grad)

@@ -92,6 +92,23 @@ def test_ctrl_c_outside_training_is_one_line_and_130(debug, capsys, monkeypatch)
     assert "interrupted (signal 2 received again: stopping without a checkpoint)" in capsys.readouterr().err
 
 
+def test_warnings_print_as_one_line_under_the_commands_name(monkeypatch):
+    import argparse
+    import warnings
+
+    from dcign_fast.cli import DEBUG_ENV, run_reporting_errors
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    original, formatted = warnings.formatwarning, []
+
+    def run(args: argparse.Namespace) -> int:  # (pytest records warnings itself: ask for the text directly)
+        formatted.append(warnings.formatwarning("no checkpoint here", UserWarning, "trainer.py", 9, "warn(...)"))
+        return 0
+
+    assert run_reporting_errors("dcign-fast train", run, argparse.Namespace()) == 0
+    assert formatted == ["dcign-fast train: warning: no checkpoint here\n"] and warnings.formatwarning is original
+
+
 def test_text_options_take_names_that_look_like_numbers():
     """--set passes text options as typed: YAML read out=2024 as a number (refused), 007 as 7, 12:30 as 750."""
     from dcign_fast.train import TrainConfig

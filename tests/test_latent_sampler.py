@@ -668,7 +668,8 @@ def test_shapes_come_out_of_meta_tensors_with_seed_none(backend):
 
 def traced_raise(message: str) -> str:
     """What pytest.raises matches for a raise traced by dynamo: its message, which torch before 2.13 (CI's) may
-    replace by "Observed exception" (torch 2.8 does)."""
+    replace by "Observed exception" (torch 2.8 does). (torch.__version__ is a TorchVersion: it compares as a
+    version, "2.8.0" < "2.13".)"""
     return message if torch.__version__ >= "2.13" else f"{message}|Observed exception"
 
 

@@ -231,6 +231,10 @@ def test_loss_refuses_latents_or_kl_of_another_batch(mu, kl, words):
         ({"mu": torch.ones(2, 5, dtype=torch.bool)}, TypeError, r"mu must be a floating-point tensor, got torch.bool"),
         ({"x": None}, TypeError, r"x must be a floating-point tensor, got NoneType"),
         ({"kl": [0.0, 0.0]}, TypeError, r"kl must be a floating-point tensor, got list"),
+        # Targets outside [0, 1] (a device-side assert in CUDA's BCE): 0..255 pixels, NaN, negative values.
+        ({"x": torch.rand(2, 1, 4, 4) * 255}, ValueError, r"x must hold images in \[0, 1\].*divide by 255"),
+        ({"x": torch.full((2, 1, 4, 4), float("nan"))}, ValueError, r"x must hold images in \[0, 1\].*nan"),
+        ({"x": -torch.rand(2, 1, 4, 4)}, ValueError, r"x must hold images in \[0, 1\].*, got \[-0"),
     ],
 )
 def test_loss_names_a_mismatched_or_wrongly_typed_argument(change, error, words):

@@ -499,6 +499,19 @@ def test_resume_keeps_the_checkpoint_options_and_refuses_changes(tmp_path):
     assert (moved.out, moved.seed) == (str(tmp_path / "moved"), 5)
 
 
+def test_device_flag_sets_the_option_and_leaves_a_resumed_runs_own_alone(tmp_path):
+    from dcign_fast.train.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = str(tmp_path / "run")
+    assert config_from_args(parser.parse_args(["--out", out, "--device", "cpu"])).device == "cpu"
+    assert config_from_args(parser.parse_args(["--out", out])).device == "auto"
+    Trainer(config(tmp_path, steps=1, device="cpu"), render=blobs).train()
+    assert config_from_args(parser.parse_args(["--out", out, "--resume"])).device == "cpu"
+    assert "data_pool" in parser.format_help()  # the options --set takes are listed
+
+
 def test_resume_without_a_checkpoint_warns(tmp_path):
     with pytest.warns(UserWarning, match="holds no checkpoint"):
         Trainer(config(tmp_path, steps=1), resume=True, render=blobs)

@@ -337,17 +337,24 @@ def test_forward_mode_ad_is_refused_not_zero():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_autocast_casts_as_it_casts_conv2d(backend):
-    """Autocast casts float32 and float16 inputs to its dtype and leaves float64 alone, as for F.conv2d."""
+    """Autocast casts float32 and float16 inputs to its dtype and leaves float64 alone, as for F.conv2d: the same
+    output dtype, values and gradients (each in its input's dtype) as autocast's F.conv2d after upsampling."""
     for dtype in (torch.float32, torch.float16, torch.float64):
-        x, w, b = (
-            torch.randn(2, 3, 5, 4, dtype=dtype),
-            torch.randn(4, 3, 3, 3, dtype=dtype),
-            torch.randn(4, dtype=dtype),
-        )
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            expected = F.conv2d(F.interpolate(x, scale_factor=2), w, b, padding=1)
-            out = dc.unpool_conv2d(x, w, b, padding=1, backend=backend)
+        inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape in ((2, 3, 5, 4), (4, 3, 3, 3), (4,))]
+        results = []
+        for fn in (
+            lambda x, w, b: F.conv2d(F.interpolate(x, scale_factor=2), w, b, padding=1),
+            lambda x, w, b: dc.unpool_conv2d(x, w, b, padding=1, backend=backend),
+        ):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = fn(*inputs)
+            grads = torch.autograd.grad(out, inputs, torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))
+            results.append((out, grads))
+        (expected, expected_grads), (out, grads) = results
         assert out.dtype == expected.dtype == (torch.float64 if dtype == torch.float64 else torch.bfloat16), dtype
+        assert rel_error(out, expected) < REL_TOL[out.dtype], dtype
+        for grad, expected_grad, t in zip(grads, expected_grads, inputs):
+            assert grad.dtype == t.dtype and rel_error(grad, expected_grad) < 2 * REL_TOL[out.dtype], dtype
 
 
 @pytest.mark.filterwarnings("ignore:.*batching rule")

@@ -223,10 +223,18 @@ def test_grad_weight_sums_several_splits(o, kernel, padding, monkeypatch):
 
 
 def test_non_contiguous_bias_and_empty_batches():
+    """A strided bias (every other element of a longer one): output and bias gradient, into poisoned
+    allocations."""
     x, w = torch.randn(2, 3, 4, 4, device=DEVICE), torch.randn(5, 3, 3, 3, device=DEVICE)
-    bias = torch.randn(10, device=DEVICE)[::2]
-    y = dc.unpool_conv2d(x, w, bias, padding=1, backend="triton")
-    assert rel_error(y, unpool_conv2d_reference(x.double(), w.double(), bias.double(), (1, 1))) < TOL[torch.float32]
+    bias = torch.randn(10, device=DEVICE)[::2].requires_grad_()
+    with poisoned_allocations():
+        y = dc.unpool_conv2d(x, w, bias, padding=1, backend="triton")
+        grad = torch.randn(y.shape, device=DEVICE)
+        (grad_bias,) = torch.autograd.grad(y, bias, grad)
+    exact = bias.detach().double().requires_grad_()
+    expected = unpool_conv2d_reference(x.double(), w.double(), exact, (1, 1))
+    assert rel_error(y, expected) < TOL[torch.float32]
+    assert rel_error(grad_bias, torch.autograd.grad(expected, exact, grad.double())[0]) < TOL[torch.float32]
     check_empty_batch("triton", DEVICE)
 
 

@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a face render or photo, RGB or grey (read as grey), any size (a non-square one is centre-cropped; "
         "transparency is black, the renders' background); a model trained on renders has not seen real photos",
     )
-    parser.add_argument("--out", type=image_file, default=Path("sweeps.png"), help="the grid picture (.png)")
+    parser.add_argument(
+        "--out", type=image_file, default=Path("sweeps.png"), help="the grid picture (.png; default sweeps.png))"
+    )
     # Not --steps, which train uses for optimizer steps; that spelling stays accepted for the scripts that used it.
     parser.add_argument(
         "--frames",

@@ -29,6 +29,19 @@ def binary_cross_entropy_sum(recon: torch.Tensor, target: torch.Tensor) -> torch
     return bce + 0.0 * recon.sum()  # NaN * 0 = NaN: a NaN anywhere in recon reaches the loss
 
 
+def _check_targets(x: torch.Tensor) -> None:
+    """x, the BCE's targets, in [0, 1]: a ValueError naming it (on a GPU, torch's BCE would stop the process with a
+    device-side assert). One reduction and a host sync per call (the trainer syncs every step anyway); not
+    while torch.compile traces or a CUDA graph captures, where it cannot sync."""
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if torch.compiler.is_compiling() or capturing or not x.numel():
+        return
+    low, high = (float(v) for v in torch.aminmax(x.detach()))
+    if not (low >= 0 and high <= 1):  # (NaN fails too)
+        hint = ": 0..255 pixels? divide by 255" if high > 1 else ""
+        raise ValueError(f"x must hold images in [0, 1] (the reconstruction's targets), got [{low}, {high}]{hint}")
+
+
 def paper_latent_groups(latent_dim: int) -> dict[str, tuple[int, int]]:
     """The paper's graphics code: z[0] azimuth, z[1] elevation, z[2] light, z[3:] intrinsic."""
     return {"azimuth": (0, 1), "elevation": (1, 2), "light": (2, 3), "intrinsic": (3, latent_dim)}
@@ -408,6 +421,7 @@ class DCIGN(nn.Module):
             raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
         if kl is not None and tuple(kl.shape) != (batch,):
             raise ValueError(f"kl must be [B] with x's batch size B={batch}, got shape {tuple(kl.shape)}")
+        _check_targets(x)
         recon_loss = binary_cross_entropy_sum(recon.float(), x.float()) / batch
         if kl is None:
             kl_loss = -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()) / batch

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dcign_fast.cli import positive_int
+from dcign_fast.cli import add_device_argument, positive_int
 from dcign_fast.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -27,10 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue from the newest checkpoint in the run folder (--out, or runs/<preset> of the --preset given)",
     )
+    add_device_argument(parser, "train", default=None)
     parser.add_argument("--config", type=Path, help="a YAML file of training options")
+    add_set_argument(parser)
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable), with the option names listed under the help."""
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any option (repeatable)"
     )
+    names = ", ".join(field.name for field in dataclasses.fields(TrainConfig))
+    parser.epilog = f"options for --set (and the keys of train's --config files): {names}. README.md describes them."
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -38,7 +47,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     out, the run folder is runs/<preset> (the preset they end with). With --resume they apply on top of the
     newest checkpoint's options in that folder (the trainer refuses changes that alter the results)."""
     values = TrainConfig.read_yaml(args.config) if args.config else {}
-    values.update({key: getattr(args, key) for key in ("preset", "out", "steps") if getattr(args, key) is not None})
+    given = ("preset", "out", "steps", "device")
+    values.update({key: getattr(args, key) for key in given if getattr(args, key) is not None})
     values.update(TrainConfig.parse_assignments(args.set))
     return resolve_options(TrainConfig(), values, args.resume)
 
