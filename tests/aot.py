@@ -241,12 +241,25 @@ def _usage(text: str) -> dict[str, int]:
     return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def _cuobjdump(flag: str, path: str, *options: str) -> str:
-    """``cuobjdump <flag> <options> <path>`` of a cubin or a fat binary, by the cuobjdump bundled with Triton."""
+def _cuobjdump_tool() -> Path:
+    """The cuobjdump bundled with Triton."""
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return subprocess.run([str(tool), flag, *options, path], capture_output=True, text=True).stdout
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def cuobjdump_unavailable_reason() -> str:
+    """Why :func:`_cuobjdump` cannot run here ("" when it can): triton, which bundles it, is optional."""
+    try:
+        tool = _cuobjdump_tool()
+    except Exception as err:  # (a broken install raises more than ImportError)
+        return f"needs the cuobjdump bundled with triton: importing triton failed ({type(err).__name__}: {err})"
+    return "" if tool.is_file() else f"needs the cuobjdump bundled with triton, not found at {tool}"
+
+
+def _cuobjdump(flag: str, path: str, *options: str) -> str:
+    """``cuobjdump <flag> <options> <path>`` of a cubin or a fat binary, by the cuobjdump bundled with Triton."""
+    return subprocess.run([str(_cuobjdump_tool()), flag, *options, path], capture_output=True, text=True).stdout
 
 
 def _cuobjdump_cubin(cubin: bytes, flag: str) -> str:

@@ -6,7 +6,13 @@ import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 
+import pytest
 import torch
+
+from dcign_fast.ops.backends import triton_available, triton_unavailable_reason
+
+# Tests that need triton, an optional dependency (tests/conftest.py skips cases parametrised with it alone).
+NEEDS_TRITON = pytest.mark.skipif(not triton_available(), reason=triton_unavailable_reason())
 
 # Norm-relative error a correct implementation stays under, per dtype (vs a float64 oracle).
 REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

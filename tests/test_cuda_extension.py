@@ -11,9 +11,11 @@ import torch
 
 from dcign_fast.kernels import cuda
 from dcign_fast.ops.backends import CUDA_EMULATION_ENV
-from tests.aot import issue_per_mma_cycle, kernel_sass, kernels_resource_usage
+from tests.aot import cuobjdump_unavailable_reason, issue_per_mma_cycle, kernel_sass, kernels_resource_usage
 
 needs_extension = pytest.mark.skipif(not cuda.available(), reason="dcign_fast._C was not built")
+# The extension's SASS and resource usage are read by the cuobjdump that triton (optional) bundles.
+needs_cuobjdump = pytest.mark.skipif(bool(cuobjdump_unavailable_reason()), reason=cuobjdump_unavailable_reason())
 
 
 @needs_extension
@@ -67,6 +69,7 @@ UNPOOL_CONV_SOURCES = [
 
 
 @needs_extension
+@needs_cuobjdump
 @pytest.mark.parametrize("source", UNPOOL_CONV_SOURCES)
 def test_unpool_conv_kernels_use_no_local_memory(source):
     """The built extension, for every architecture it holds (sm_90a at least), read by cuobjdump: every
@@ -99,6 +102,7 @@ PAPER150_L3_KERNELS = {
 
 
 @needs_extension
+@needs_cuobjdump
 @pytest.mark.parametrize("kernel, bound", PAPER150_L3_KERNELS.items(), ids=lambda v: str(v).split("_kernel")[0])
 def test_unpool_conv_hot_loops_can_feed_the_tensor_cores(kernel, bound):
     """A static speed check without a GPU (tests.aot.issue_per_mma_cycle, as the Triton kernels have): in the

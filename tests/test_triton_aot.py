@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcign_fast.ops.backends import triton_available, triton_unavailable_reason
 from tests.aot import aot_unsupported_reason
+from tests.helpers import NEEDS_TRITON
 
 pytestmark = [
-    pytest.mark.skipif(not triton_available(), reason=triton_unavailable_reason()),
+    NEEDS_TRITON,
     pytest.mark.skipif(bool(aot_unsupported_reason()), reason=aot_unsupported_reason()),
 ]
 

@@ -18,7 +18,7 @@ import dcign_fast as dc
 from dcign_fast.kernels.unpool_conv_common import TRITON_INDEX_LIMIT, cudnn_allows_tf32, triton_index_reason
 from dcign_fast.ops import unpool_conv
 from dcign_fast.ops.reference import unpool_conv2d_reference
-from tests.helpers import REL_TOL, poisoned_allocations, rel_error, relu_nan_mismatches
+from tests.helpers import NEEDS_TRITON, REL_TOL, poisoned_allocations, rel_error, relu_nan_mismatches
 
 CPU_BACKENDS = ["reference", "torch"]
 
@@ -446,6 +446,7 @@ def test_device_mismatch_is_an_error():
         dc.unpool_conv2d(x, w.to("meta"), b)
 
 
+@NEEDS_TRITON  # (without triton, backend="triton" is refused for that first)
 def test_triton_backend_on_cpu_without_interpreter_is_an_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, w, b = _valid()
@@ -474,10 +475,10 @@ def test_triton_versions_are_read_as_numbers(version, usable):
     assert (triton_version_reason(version) == "") == usable
 
 
+@NEEDS_TRITON  # (not importorskip: that skips a missing triton, not one whose import fails)
 def test_the_triton_version_is_that_of_the_package_import_would_load_read_without_importing_it(tmp_path):
     """Importing triton (or torch._dynamo) at import made `import dcign_fast` seconds slower; the version comes
     from the package on the path, which need not be the one an installed distribution describes."""
-    pytest.importorskip("triton")
     probe = (
         "import sys, dcign_fast; from dcign_fast.ops.backends import triton_unavailable_reason as r; "
         "print(sorted({'triton', 'torch._dynamo'} & set(sys.modules)), repr(r()))"

@@ -29,17 +29,26 @@ def binary_cross_entropy_sum(recon: torch.Tensor, target: torch.Tensor) -> torch
     return bce + 0.0 * recon.sum()  # NaN * 0 = NaN: a NaN anywhere in recon reaches the loss
 
 
+# Accelerator devices whose loss targets were checked once (see _check_targets).
+_TARGETS_CHECKED_ON: set[torch.device] = set()
+
+
 def _check_targets(x: torch.Tensor) -> None:
-    """x, the BCE's targets, in [0, 1]: a ValueError naming it (on a GPU, torch's BCE would stop the process with a
-    device-side assert). One reduction and a host sync per call (the trainer syncs every step anyway); not
-    while torch.compile traces or a CUDA graph captures, where it cannot sync."""
+    """x, the BCE's targets, in [0, 1]: a ValueError naming it (0..255 pixels would give a wrong loss, or stop the
+    process with a device-side assert on a GPU). On the CPU at every call; on an accelerator at the first call per
+    device, since the check's host sync would keep the host from queueing the backward while the GPU runs the
+    forward at every step (a data pipeline that yields 0..255 does so from its first batch). Not while
+    torch.compile traces or a CUDA graph captures, where nothing can sync."""
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if torch.compiler.is_compiling() or capturing or not x.numel():
+    skip = torch.compiler.is_compiling() or capturing or x.device.type == "meta" or not x.numel()
+    if skip or x.device in _TARGETS_CHECKED_ON:
         return
-    low, high = (float(v) for v in torch.aminmax(x.detach()))
+    low, high = torch.stack(torch.aminmax(x.detach())).tolist()  # (one sync)
     if not (low >= 0 and high <= 1):  # (NaN fails too)
         hint = ": 0..255 pixels? divide by 255" if high > 1 else ""
         raise ValueError(f"x must hold images in [0, 1] (the reconstruction's targets), got [{low}, {high}]{hint}")
+    if x.device.type != "cpu":
+        _TARGETS_CHECKED_ON.add(x.device)
 
 
 def paper_latent_groups(latent_dim: int) -> dict[str, tuple[int, int]]:
