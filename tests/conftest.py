@@ -32,10 +32,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from dcign_fast.ops.backends import triton_available, triton_unavailable_reason
 
     # Cases that need what this machine lacks skip, named: a GPU, or triton (an optional dependency, not
-    # installed off x86-64 Linux), wherever a test is parametrised with it.
+    # installed off x86-64 Linux), wherever a test is parametrised with it, unless it says it also runs without.
     gpu, triton = torch.cuda.is_available(), triton_available()
     for item in items:
         if not gpu and "cuda" in item.keywords:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-        elif not triton and _takes_triton(item):
+        elif not triton and _takes_triton(item) and "runs_without_triton" not in item.keywords:
             item.add_marker(pytest.mark.skip(reason=triton_unavailable_reason()))

@@ -498,6 +498,7 @@ def test_patch_and_from_modules_keep_the_kernel_shape_and_the_backend():
 
 
 # (ids not "cuda", a keyword the CPU run skips as a GPU test: patching needs no GPU)
+@pytest.mark.runs_without_triton
 @pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["triton-backend", "cuda-backend"])
 def test_pairs_a_kernel_backend_cannot_run_are_skipped_with_the_reason(backend):
     """Fused anyway, every call would raise; "auto" fuses them (the torch backend runs them)."""

@@ -624,6 +624,7 @@ def test_progress_images_of_a_dataset_with_intrinsic_sweeps_only(tmp_path):
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "run" / "images").iterdir()) == ["recon", "sweeps"]
 
 
+@pytest.mark.runs_without_triton
 @pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["triton_backend", "cuda_backend"])  # (-m cuda: GPU)
 def test_a_gpu_backend_on_a_cpu_run_is_refused_before_anything_is_written(backend, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

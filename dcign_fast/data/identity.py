@@ -119,7 +119,7 @@ def _identity_draws(identity: int) -> Tensor:
     """[K + 1] uniform draws in [0, 1) of a generator seeded with ``identity``: K shape coefficients, then the
     albedo gain (cached: an intrinsic batch draws B identities, each a generator seeding; do not modify)."""
     g = torch.Generator().manual_seed(identity)
-    return torch.cat([torch.rand(len(MODES), generator=g), torch.rand(1, generator=g)])
+    return torch.rand(len(MODES) + 1, generator=g, dtype=torch.float32)  # (as drawn one by one: the same stream)
 
 
 def _face_normals(vertices: Tensor, faces: Tensor) -> Tensor:

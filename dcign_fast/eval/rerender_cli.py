@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "transparency is black, the renders' background); a model trained on renders has not seen real photos",
     )
     parser.add_argument(
-        "--out", type=image_file, default=Path("sweeps.png"), help="the grid picture (.png; default sweeps.png))"
+        "--out", type=image_file, default=Path("sweeps.png"), help="the grid picture (.png; default sweeps.png)"
     )
     # Not --steps, which train uses for optimizer steps; that spelling stays accepted for the scripts that used it.
     parser.add_argument(

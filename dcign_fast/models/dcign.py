@@ -38,10 +38,11 @@ def _check_targets(x: torch.Tensor) -> None:
     process with a device-side assert on a GPU). On the CPU at every call; on an accelerator at the first call per
     device, since the check's host sync would keep the host from queueing the backward while the GPU runs the
     forward at every step (a data pipeline that yields 0..255 does so from its first batch). Not while
-    torch.compile traces or a CUDA graph captures, where nothing can sync."""
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    skip = torch.compiler.is_compiling() or capturing or x.device.type == "meta" or not x.numel()
-    if skip or x.device in _TARGETS_CHECKED_ON:
+    torch.compile traces, torch.func transforms or a CUDA graph captures, where nothing can sync."""
+    # In this order: dynamo cannot trace the capture query, and functorch's wrappers (vmap, grad) hold no data.
+    if torch.compiler.is_compiling() or x.device.type == "meta" or not x.numel() or x.device in _TARGETS_CHECKED_ON:
+        return
+    if torch._C._functorch.is_functorch_wrapped_tensor(x) or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     low, high = torch.stack(torch.aminmax(x.detach())).tolist()  # (one sync)
     if not (low >= 0 and high <= 1):  # (NaN fails too)

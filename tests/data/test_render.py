@@ -8,7 +8,7 @@ import torch
 
 from dcign_fast.data import Mesh, list_assets, load_asset, load_mesh, render
 from dcign_fast.data.prepare_assets import REFERENCE, pitch_and_scale, registration_cost
-from dcign_fast.data.render import rasterize, vertex_faces, vertex_normals
+from dcign_fast.data.render import _EDGE_TOLERANCE, rasterize, vertex_faces, vertex_normals
 
 
 def _render(mesh, size=48, azimuth=0.0, elevation=0.0, light=0.0, light_elevation=0.0, device="cpu", **kw):
@@ -94,13 +94,14 @@ def test_rasterize_matches_a_per_pixel_search():
     weights = torch.stack(edges, -1) / area[..., None]
     front = area < -1e-9
     covers = front & (weights >= 0).all(-1)
-    near_edge = front & (weights > -1e-6).all(-1) & (weights.abs() < 1e-6).any(-1)
+    band = 2 * _EDGE_TOLERANCE  # the rasteriser counts a centre this close outside an edge as inside
+    near_edge = front & (weights > -band).all(-1) & (weights.abs() < band).any(-1)
     nearness = torch.where(covers, (weights * z[:, :, None]).sum(-1), -math.inf)  # larger is nearer
     top2 = nearness.topk(2, dim=1).values  # [B, 2, P]
     expected = torch.where(top2[:, 0] > -math.inf, nearness.argmax(1), -1)  # [B, P]
     clear = ~near_edge.any(1) & ((top2[:, 1] == -math.inf) | (top2[:, 0] - top2[:, 1] > 1e-6))
     shown = shown.view(batch, -1)
-    assert clear.float().mean() > 0.9 and (expected[clear] >= 0).float().mean() > 0.3
+    assert clear.float().mean() > 0.9 and (expected[clear] >= 0).float().mean() > 0.15
     assert torch.equal(shown[clear], expected[clear])
 
 
