@@ -245,6 +245,15 @@ def test_loss_names_a_mismatched_or_wrongly_typed_argument(change, error, words)
         DCIGN.loss(**args)
 
 
+@pytest.mark.filterwarnings("ignore:.*batching rule")
+def test_loss_under_vmap_matches_a_loop():
+    """The loss's target check reads x's values, which vmap's batched wrappers do not hold: it stands aside."""
+    x = torch.rand(3, 2, 1, 4, 4)
+    args = [torch.rand(3, 2, 1, 4, 4), torch.randn(3, 2, 5), torch.randn(3, 2, 5)]
+    batched = torch.func.vmap(lambda *t: DCIGN.loss(*t)["total"])(x, *args)
+    assert torch.allclose(batched, torch.stack([DCIGN.loss(*t)["total"] for t in zip(x, *args)]))
+
+
 @pytest.mark.cuda
 def test_loss_checks_targets_on_a_gpu_at_its_first_call_per_device(monkeypatch):
     """Every call would sync the host with the GPU; the first catches a pipeline that yields 0..255."""
