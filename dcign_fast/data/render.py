@@ -201,10 +201,15 @@ def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[
     planes = torch.stack([yk - yj, xj - xk, xk * yj - xj * yk], -1) * inv[:, None, None]  # [N, 3, 3]
     z_plane = (planes * z[..., None]).sum(1)  # [N, 3]: depth as a plane in (cx, cy, 1)
 
-    # Group boxes by their pixel count rounded up to a power of two, so each group is one dense [n, capacity]
-    # test that wastes at most half of it, in few groups (each costs some twenty ops: kernel launches on a GPU).
+    # Per candidate, gathered once per group: its box (left, top, width, pixel count, flat index of its first
+    # pixel) and its three barycentric planes with the depth plane, each (a, b, c) of a * cx + b * cy + c.
     width, height = right - left + 1, bottom - top + 1
-    group = _next_pow2(width * height)
+    first_pixel = ((candidates // num_faces) * size + top) * size + left
+    boxes = torch.stack([left, top, width, width * height, first_pixel], 1)  # [N, 5]
+    surfaces = torch.cat([planes, z_plane[:, None]], 1)  # [N, 4, 3]
+    # Group boxes by their pixel count rounded up to a power of two, so each group is one dense [n, capacity]
+    # test that wastes at most half of it, in few groups (each costs some thirty ops: kernel launches on a GPU).
+    group = _next_pow2(boxes[:, 3])
     keys = torch.full((batch * size * size,), _EMPTY, dtype=torch.int64, device=screen.device)
     order = torch.argsort(group)
     bounds = torch.unique_consecutive(group[order], return_counts=True)
@@ -213,17 +218,15 @@ def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[
         sel = order[start : start + count]
         start += count
         k = torch.arange(capacity, device=screen.device)  # row-major over each box
-        w = width[sel, None]
-        px, py = left[sel, None] + k % w, top[sel, None] + k // w  # [n, capacity]
-        cx, cy = px + 0.5, py + 0.5
-        p, zp = planes[sel], z_plane[sel]
-        inside = k < w * height[sel, None]
-        for i in range(3):
-            inside &= p[:, i, 0, None] * cx + p[:, i, 1, None] * cy + p[:, i, 2, None] >= -_EDGE_TOLERANCE
-        z = zp[:, 0, None] * cx + zp[:, 1, None] * cy + zp[:, 2, None]
-        depth_q = ((1.0 - z.clamp(-1.0, 1.0)) * (_DEPTH_LEVELS / 2 - 1)).long()
+        box = boxes[sel]
+        row, col = k // box[:, 2, None], k % box[:, 2, None]  # [n, capacity]
+        cx, cy = (box[:, 0, None] + col + 0.5)[:, None], (box[:, 1, None] + row + 0.5)[:, None]
+        surface = surfaces[sel]
+        values = surface[..., 0, None] * cx + surface[..., 1, None] * cy + surface[..., 2, None]  # [n, 4, capacity]
+        inside = (k < box[:, 3, None]) & (values[:, :3] >= -_EDGE_TOLERANCE).all(1)
+        depth_q = ((1.0 - values[:, 3].clamp(-1.0, 1.0)) * (_DEPTH_LEVELS / 2 - 1)).long()
         key = (depth_q << 32) | sel[:, None]
-        pixel = ((candidates[sel] // num_faces)[:, None] * size + py) * size + px
+        pixel = box[:, 4, None] + row * size + col
         keys.scatter_reduce_(0, pixel[inside], key[inside], reduce="amin")
     hit = torch.where(keys == _EMPTY, -1, keys & 0xFFFFFFFF)
     return hit.view(batch, size, size), candidates, planes
