@@ -201,15 +201,12 @@ def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[
     planes = torch.stack([yk - yj, xj - xk, xk * yj - xj * yk], -1) * inv[:, None, None]  # [N, 3, 3]
     z_plane = (planes * z[..., None]).sum(1)  # [N, 3]: depth as a plane in (cx, cy, 1)
 
-    # Per candidate, gathered once per group: its box (left, top, width, pixel count, flat index of its first
-    # pixel) and its three barycentric planes with the depth plane, each (a, b, c) of a * cx + b * cy + c.
-    width, height = right - left + 1, bottom - top + 1
-    first_pixel = ((candidates // num_faces) * size + top) * size + left
-    boxes = torch.stack([left, top, width, width * height, first_pixel], 1)  # [N, 5]
-    surfaces = torch.cat([planes, z_plane[:, None]], 1)  # [N, 4, 3]
+    width = right - left + 1
+    pixels = width * (bottom - top + 1)
+    first_pixel = ((candidates // num_faces) * size + top) * size + left  # flat index of a box's top left pixel
     # Group boxes by their pixel count rounded up to a power of two, so each group is one dense [n, capacity]
     # test that wastes at most half of it, in few groups (each costs some thirty ops: kernel launches on a GPU).
-    group = _next_pow2(boxes[:, 3])
+    group = _next_pow2(pixels)
     keys = torch.full((batch * size * size,), _EMPTY, dtype=torch.int64, device=screen.device)
     order = torch.argsort(group)
     bounds = torch.unique_consecutive(group[order], return_counts=True)
@@ -217,16 +214,19 @@ def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[
     for capacity, count in zip(bounds[0].tolist(), bounds[1].tolist()):
         sel = order[start : start + count]
         start += count
-        k = torch.arange(capacity, device=screen.device)  # row-major over each box
-        box = boxes[sel]
-        row, col = k // box[:, 2, None], k % box[:, 2, None]  # [n, capacity]
-        cx, cy = (box[:, 0, None] + col + 0.5)[:, None], (box[:, 1, None] + row + 0.5)[:, None]
-        surface = surfaces[sel]
-        values = surface[..., 0, None] * cx + surface[..., 1, None] * cy + surface[..., 2, None]  # [n, 4, capacity]
-        inside = (k < box[:, 3, None]) & (values[:, :3] >= -_EDGE_TOLERANCE).all(1)
-        depth_q = ((1.0 - values[:, 3].clamp(-1.0, 1.0)) * (_DEPTH_LEVELS / 2 - 1)).long()
+        # Row-major over each box; in int32, whose division is the CPU's cheaper one, and once.
+        k = torch.arange(capacity, device=screen.device, dtype=torch.int32)
+        w = width[sel, None].int()
+        row = k // w  # [n, capacity]
+        col = k - row * w
+        cx, cy = left[sel, None] + col + 0.5, top[sel, None] + row + 0.5
+        p, zp = planes[sel], z_plane[sel, :, None]
+        edges = p[..., 0, None] * cx[:, None] + p[..., 1, None] * cy[:, None] + p[..., 2, None]  # [n, 3, capacity]
+        inside = (k < pixels[sel, None]) & (edges >= -_EDGE_TOLERANCE).all(1)
+        z = zp[:, 0] * cx + zp[:, 1] * cy + zp[:, 2]
+        depth_q = ((1.0 - z.clamp(-1.0, 1.0)) * (_DEPTH_LEVELS / 2 - 1)).long()
         key = (depth_q << 32) | sel[:, None]
-        pixel = box[:, 4, None] + row * size + col
+        pixel = first_pixel[sel, None] + row * size + col
         keys.scatter_reduce_(0, pixel[inside], key[inside], reduce="amin")
     hit = torch.where(keys == _EMPTY, -1, keys & 0xFFFFFFFF)
     return hit.view(batch, size, size), candidates, planes
