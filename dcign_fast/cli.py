@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "render": ("dcign_fast.data.cli", "render one-factor face sweeps to PNG folders or a cache, or a preview grid"),
     "demo": (
         "dcign_fast.demo",
-        "train demo64 on the built-in renderer, then re-render and evaluate (5-10 min on 2 CPU cores)",
+        "train demo64 on the built-in renderer, then re-render and evaluate (4-10 min on 2 CPU cores)",
     ),
     "train": ("dcign_fast.train.cli", "train a DC-IGN (one GPU, torchrun for many, or the CPU)"),
     "eval": ("dcign_fast.eval.eval_cli", "disentanglement metrics of a checkpoint on held-out renders"),
@@ -40,6 +40,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from dcign_fast.train.distributed import OtherRankError  # the failed rank reports the cause
 
     return ValueError, TypeError, OSError, CheckpointError, OtherRankError
+
+
+def run_failures() -> tuple[type[BaseException], ...]:
+    """Errors of a run that started and could not go on (exit status 1, in one line): its message says what
+    to change, a traceback would not."""
+    from dcign_fast.train.trainer import NonFiniteLossError
+
+    return (NonFiniteLossError,)
 
 
 def positive_int(text: str) -> int:
@@ -87,7 +95,8 @@ def debugging() -> bool:
 
 
 def run_reporting_errors(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """``run(args)``; a user error is printed as ``prog: error: ...`` with exit status 2, and Ctrl-C outside
+    """``run(args)``; a user error is printed as ``prog: error: ...`` with exit status 2, a training run's
+    non-finite loss so with status 1, and Ctrl-C outside
     training (which saves a checkpoint and returns 130 itself) as ``prog: interrupted`` with status 130
     (tracebacks too when :func:`debugging`). Warnings print as ``prog: warning: ...``, without a source line."""
     formatwarning = warnings.formatwarning
@@ -100,6 +109,11 @@ def run_reporting_errors(prog: str, run: Callable[[argparse.Namespace], int], ar
             raise
         print(f"{prog}: error: {err} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 2
+    except run_failures() as err:
+        if debugging():
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:
         if debugging():
             raise

@@ -1,4 +1,4 @@
-"""``dcign-fast demo``: the whole story on a laptop CPU in 5-10 minutes (2 cores).
+"""``dcign-fast demo``: the whole story on a laptop CPU in 4-10 minutes (2 cores).
 
 Trains ``demo64`` on the built-in face renderer with DC-IGN's procedure, then writes the checkpoint,
 a grid of a held-out render re-rendered along each extrinsic group, and the evaluation JSON + scatter plot.
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dcign_fast.cli import add_device_argument, positive_int, run_folder
 from dcign_fast.train.cli import add_set_argument
+from dcign_fast.train.config import TrainConfig
 
 DEMO_OPTIONS = {
     "preset": "demo64",
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     add_device_argument(parser, "train", default=None)
-    add_set_argument(parser)
+    add_set_argument(parser, TrainConfig.from_dict(DEMO_OPTIONS), omit=("out",))  # (--out gives it)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
     from dcign_fast.data.seeds import GRID_REFERENCES, stream_generator
     from dcign_fast.eval.evaluate import EVAL_SEED, evaluate
     from dcign_fast.eval.rerender import sweep_grid
-    from dcign_fast.train import TrainConfig
     from dcign_fast.train.cli import resolve_options, run_training
 
     assignments = TrainConfig.parse_assignments(args.set)
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     given.update(assignments)
     config = resolve_options(TrainConfig.from_dict(DEMO_OPTIONS), given, args.resume)
     code, trainer, result = run_training(config, args.resume)
-    if code or result is None:  # (a result comes with code 0)
+    if code:
         return code
     model = trainer.model.eval()
     sampler = SweepSampler(size=model.config.image_size, device=trainer.device)

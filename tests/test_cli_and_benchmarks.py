@@ -119,6 +119,28 @@ def test_text_options_take_names_that_look_like_numbers():
         TrainConfig.from_dict({"out": 2024})  # as a YAML file's out: 2024 reads
 
 
+@pytest.mark.parametrize("command, steps", [("train", 3000), ("demo", 6000)])
+def test_help_lists_every_option_with_its_default_and_meaning(command, steps, capsys):
+    """The help named the options for --set and sent the reader to a README that describes only some of them:
+    each is listed with the command's default, as --set would write it, and what it means."""
+    import dataclasses
+
+    from dcign_fast.demo import DEMO_OPTIONS
+    from dcign_fast.train import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    listed = dict(re.findall(r"^  (\w+) = (.+?): ", capsys.readouterr().out, flags=re.MULTILINE))
+    names = [f.name for f in dataclasses.fields(TrainConfig) if not (command == "demo" and f.name == "out")]
+    assert list(listed) == names  # the demo's run folder is its --out (--set out= is refused)
+    assert listed["steps"] == str(steps) and listed["betas"] == "[0.9, 0.99]" and listed["grad_clip"] == "100.0"
+    assert listed["bf16"] == "null" and listed["compile"] == "false" and listed["kind_weights"] == "{}"
+    # Each default reads back through --set as the value it is.
+    defaults = TrainConfig.from_dict(DEMO_OPTIONS if command == "demo" else {})
+    typed = TrainConfig.parse_assignments([f"{name}={value}" for name, value in listed.items()])
+    assert TrainConfig.from_dict(typed) == dataclasses.replace(defaults, out=typed.get("out"))
+
+
 @pytest.mark.parametrize("suite", sorted(bench.SUITES))
 def test_suite_quick_then_report(suite, tmp_path, capsys):
     assert bench.main(["--suite", suite, "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0

@@ -878,12 +878,15 @@ def test_the_last_step_is_logged_and_checkpointed_whatever_the_intervals(tmp_pat
 
 
 def test_a_nonfinite_loss_exits_1_and_frees_the_run_folder(tmp_path, capsys):
-    from dcign_fast.train.cli import run_training
+    from dcign_fast.cli import main
 
-    # Adam at this rate: NaN at step 2. The trainer run_training returns (the demo keeps it) has let go of the folder.
-    code, trainer, result = run_training(config(tmp_path, steps=3, lr=1e30), resume=False)
-    assert (code, result) == (1, None) and not locked_elsewhere(tmp_path / "run")
-    assert "error: the loss or its gradient became NaN or infinite at step 2;" in capsys.readouterr().err
+    # Adam at this rate: NaN at step 2. The trainer has let go of the folder (the demo's process goes on).
+    args = ["train", "--out", str(tmp_path / "run"), "--steps", "3", "--device", "cpu", "--set", "lr=1e30"]
+    assert main([*args, "--set", "batch_size=4"]) == 1
+    assert not locked_elsewhere(tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "dcign-fast train: error: the loss or its gradient became NaN or infinite at step 2;" in err
+    assert "Traceback" not in err
 
 
 def test_a_timed_out_run_under_torchrun_exits_0(tmp_path, monkeypatch):

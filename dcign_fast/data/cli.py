@@ -19,17 +19,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, help="dataset folder to write")
     target.add_argument("--preview", type=image_file, help="write a labelled grid PNG of all four sweep kinds")
-    parser.add_argument("--batches", type=positive_int, default=100, help="number of batches to write (with --out)")
-    parser.add_argument("--size", type=positive_int, default=64, help="image side in pixels (e.g. 64, 128, 150)")
     parser.add_argument(
-        "--batch-size", type=positive_int, default=20, help="images per batch (a preview row holds as many)"
+        "--batches", type=positive_int, default=100, help="number of batches to write (with --out; default %(default)s)"
     )
-    parser.add_argument("--shape-bias", type=float, default=10, help="odds of intrinsic batches: 1:1:1:k")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="where to render: cpu, cuda, cuda:N or auto")
-    parser.add_argument("--antialias", type=positive_int, default=1, help="supersampling factor")
     parser.add_argument(
-        "--format", choices=["png", "cache"], default="png", help="PNG folders (DC-IGN layout) or uint8 .npz shards"
+        "--size", type=positive_int, default=64, help="image side in pixels, e.g. 64 (the default), 128, 150"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=20,
+        help="images per batch (a preview row holds as many; default %(default)s)",
+    )
+    parser.add_argument(
+        "--shape-bias", type=float, default=10, help="odds of intrinsic batches: 1:1:1:k (default %(default)s)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the dataset's seed (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="where to render: cpu (the default), cuda, cuda:N or auto")
+    parser.add_argument(
+        "--antialias", type=positive_int, default=1, help="supersampling factor (default %(default)s: none)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=["png", "cache"],
+        default="png",
+        help="PNG folders (DC-IGN layout; the default) or uint8 .npz shards",
     )
 
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
+
 from dcign_fast.cli import add_device_argument, positive_int
 from dcign_fast.train.config import TrainConfig
 
@@ -22,7 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", help="run folder: checkpoints, metrics.jsonl, images/ (default runs/<preset>, e.g. runs/demo64)"
     )
-    parser.add_argument("--steps", type=positive_int, help="total optimizer steps")
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        help=f"total optimizer steps (default {TrainConfig.steps}; a resumed run: its own)",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -30,16 +36,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_device_argument(parser, "train", default=None)
     parser.add_argument("--config", type=Path, help="a YAML file of training options")
-    add_set_argument(parser)
+    add_set_argument(parser, TrainConfig())
 
 
-def add_set_argument(parser: argparse.ArgumentParser) -> None:
-    """``--set KEY=VALUE`` (repeatable), with the option names listed under the help."""
+def add_set_argument(parser: argparse.ArgumentParser, defaults: TrainConfig, omit: tuple[str, ...] = ()) -> None:
+    """``--set KEY=VALUE`` (repeatable), with every option but those in ``omit``, its value in ``defaults`` and
+    its help listed under the help."""
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any option (repeatable)"
     )
-    names = ", ".join(field.name for field in dataclasses.fields(TrainConfig))
-    parser.epilog = f"options for --set (and the keys of train's --config files): {names}. README.md describes them."
+    values = defaults.to_dict()
+    lines = [
+        f"  {f.name} = {_yaml_text(values[f.name])}: {f.metadata['help']}"
+        for f in dataclasses.fields(defaults)
+        if f.name not in omit
+    ]
+    parser.epilog = "options for --set, as key = default: meaning (also the keys of train's --config files):\n" + (
+        "\n".join(lines)
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # one option a line, as listed
+
+
+def _yaml_text(value: object) -> str:
+    """``value`` as --set and YAML files write it: null, true, [0.9, 0.99], {}."""
+    text = yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True)
+    return text.removesuffix("...\n").strip()  # (a scalar's document ends with "...")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -65,10 +86,11 @@ def resolve_options(defaults: TrainConfig, values: dict[str, object], resume: bo
     return config if stored is None else stored.updated({**values, "out": str(config.run_folder)})
 
 
-def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, TrainResult | None]:
-    """Trains with the command line's exit codes: 0 done, 1 a non-finite loss (reported), 75 (EX_TEMPFAIL)
-    stopped at time_limit_s (0 under torchrun) and 130 interrupted (a checkpoint was saved: relaunch with
-    --resume). Returns (exit code, trainer, result or None)."""
+def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, TrainResult]:
+    """Trains with the command line's exit codes: 0 done, 75 (EX_TEMPFAIL) stopped at time_limit_s (0 under
+    torchrun) and 130 interrupted (a checkpoint was saved: relaunch with --resume). Returns (exit code, trainer,
+    result). A non-finite loss raises NonFiniteLossError once the trainer has let go of the run folder (the
+    command line reports it with status 1)."""
     from dcign_fast.train.trainer import NonFiniteLossError, Trainer
 
     trainer = Trainer(config, resume=resume)
@@ -80,10 +102,9 @@ def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, Train
         )
     try:
         result = trainer.train()
-    except NonFiniteLossError as err:  # every rank stops at the same step
+    except NonFiniteLossError:  # every rank stops at the same step
         trainer.close()
-        print(f"error: {err}", file=sys.stderr)
-        return 1, trainer, None
+        raise
     except BaseException:
         trainer.close(together=False)
         raise
@@ -95,7 +116,7 @@ def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, Train
 
 def run(args: argparse.Namespace) -> int:
     code, trainer, result = run_training(config_from_args(args), args.resume)
-    if result is not None and trainer.world.is_main:
+    if trainer.world.is_main:
         print(f"step {result.step}; last checkpoint: {result.checkpoint}")
     return code
 

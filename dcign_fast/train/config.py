@@ -16,7 +16,7 @@ from dcign_fast.bounds import Bounds
 from dcign_fast.data.sweeps import KINDS
 from dcign_fast.devices import check_device
 from dcign_fast.models.dcign import PRESETS
-from dcign_fast.ops.backends import check_backend_name
+from dcign_fast.ops.backends import BACKENDS, check_backend_name
 from dcign_fast.ops.latent_sampler import CLAMPS
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -74,40 +74,47 @@ def _as_float(value: Any) -> Any:
     return value
 
 
+def _option(default: Any, help: str) -> Any:
+    """A TrainConfig field; ``help`` is what the command line's list of options says of it."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Everything that determines a training run (with the seed, a run is reproducible)."""
 
-    preset: str = "demo64"
-    out: str | None = None  # the run folder; None: runs/<preset> (see run_folder), so presets do not share one
-    steps: int = 3000
-    pretrain_steps: int = 0  # plain-VAE steps (nothing clamped) before the one-factor procedure
-    batch_size: int = 20
-    accumulation: int = 1  # sweeps per optimizer step and process (each clamped on its own)
-    lr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    adam_eps: float = 1e-8
-    grad_clip: float | None = 100.0  # max global gradient norm; None disables clipping
-    disentangle: bool = True  # False: a plain VAE on the same batches (the comparison baseline)
-    clamp: str = "mean"  # "mean" (the paper) or "first" (the original code)
-    invariance: float = 0.01  # pull of clamped latents toward the batch mean, per the summed loss (the paper's)
-    shape_bias: int = 10  # odds azimuth:elevation:light:intrinsic = 1:1:1:shape_bias
-    kind_weights: dict[str, float] = field(default_factory=dict)  # overrides the 1:1:1:k odds per kind
-    seed: int = 0
-    backend: str = "auto"
-    device: str = "auto"  # "auto": cuda when available
-    bf16: bool | None = None  # bf16 autocast; None: on for CUDA, off for CPU (on resume: as the run began)
-    channels_last: bool | None = None  # None: on (faster on GPUs and, measured, on x86 CPUs too)
-    compile: bool = False
-    data: str = "render"  # "render" (the built-in renderer), a folder in the DC-IGN layout, or a cache
-    data_pool: int = 0  # >0: pre-render this many batches per kind and draw from them (CPU speed)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    log_every: int = 25
-    image_every: int = 500
-    on_nonfinite: str = "stop"  # a NaN/inf loss: "stop" the run, or "skip" the step
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    time_limit_s: float | None = None  # stop (with a checkpoint) at the first step boundary past this
+    preset: str = _option("demo64", "model size: " + ", ".join(sorted(PRESETS)))
+    out: str | None = _option(None, "the run folder; null: runs/<preset> (see run_folder), so presets do not share one")
+    steps: int = _option(3000, "total optimizer steps")
+    pretrain_steps: int = _option(0, "plain-VAE steps (nothing clamped) before the one-factor procedure")
+    batch_size: int = _option(20, "images per sweep")
+    accumulation: int = _option(1, "sweeps per optimizer step and process (each clamped on its own)")
+    lr: float = _option(5e-4, "Adam's learning rate")
+    betas: tuple[float, float] = _option((0.9, 0.99), "Adam's betas, e.g. [0.9, 0.99]")
+    adam_eps: float = _option(1e-8, "Adam's eps")
+    grad_clip: float | None = _option(100.0, "max global gradient norm; null disables clipping")
+    disentangle: bool = _option(True, "false: a plain VAE on the same batches (the comparison baseline)")
+    clamp: str = _option("mean", 'clamp to the batch "mean" (the paper) or the "first" image\'s (the original code)')
+    invariance: float = _option(0.01, "pull of clamped latents toward the batch mean, relative to the summed loss")
+    shape_bias: float = _option(10.0, "odds of azimuth:elevation:light:intrinsic batches = 1:1:1:shape_bias")
+    kind_weights: dict[str, float] = _option({}, "overrides the 1:1:1:shape_bias odds per kind, e.g. {light: 2}")
+    seed: int = _option(0, "seeds the weights, the batches and the latent noise")
+    backend: str = _option("auto", "the fused ops' backend: " + ", ".join(BACKENDS))
+    device: str = _option("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    bf16: bool | None = _option(None, "bf16 autocast; null: on for CUDA, off for CPU (on resume: as the run began)")
+    channels_last: bool | None = _option(None, "channels_last memory format; null: on (faster on GPUs and x86 CPUs)")
+    compile: bool = _option(False, "torch.compile the model")
+    data: str = _option("render", "render (the built-in renderer), a folder in the DC-IGN layout, or a cache")
+    data_pool: int = _option(0, "> 0: pre-render this many batches per kind and draw from them (CPU speed)")
+    checkpoint_every: int = _option(500, "steps between checkpoints")
+    keep_checkpoints: int = _option(3, "how many of the newest checkpoints are kept")
+    log_every: int = _option(25, "steps between lines of metrics.jsonl")
+    image_every: int = _option(500, "steps between images/recon-*.png and images/sweeps-*.png")
+    on_nonfinite: str = _option("stop", "a NaN/inf loss: stop the run (exit status 1), or skip the step")
+    threads: int = _option(0, "torch CPU threads; 0 leaves torch's default")
+    time_limit_s: float | None = _option(None, "stop (with a checkpoint, exit status 75) at the first step past it")
 
     def __post_init__(self) -> None:
         self._check_types()
