@@ -4,6 +4,7 @@ Ctrl-C, distributed == accumulated, logs and pictures."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ import torch
 
 from dcign_fast.models import DCIGN
 from dcign_fast.train import TrainConfig, Trainer
-from dcign_fast.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from dcign_fast.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, recover_checkpoints
 from dcign_fast.train.data import default_source
 from tests.helpers import assert_trained_alike
 
@@ -84,6 +86,28 @@ def test_resume_after_a_real_kill_is_exact(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_data_error_mid_run_saves_the_steps_trained_and_a_resume_continues_exactly(tmp_path, capsys):
+    """A corrupt file first drawn at step 6 (checkpoints every 4) lost step 5: the error stopped the run without
+    a checkpoint. The batch is drawn before any of the step's work, so the state is step 5's and is saved."""
+    from dcign_fast.data.folders import DatasetError
+
+    def breaks_at_step_6(kind, generator):
+        if len(drawn) == 5:
+            raise DatasetError("cannot read image sweep/007.png: truncated")
+        drawn.append(kind)
+        return blobs(kind, generator)
+
+    drawn: list[str] = []
+    with pytest.raises(DatasetError, match="007.png"):
+        Trainer(config(tmp_path / "a", steps=8, checkpoint_every=4), render=breaks_at_step_6).train()
+    assert "the data failed at step 6; checkpoint: " in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(tmp_path / "a" / "run" / "checkpoints")][-1] == "step-00000005"
+    resumed = Trainer(config(tmp_path / "a", steps=8, checkpoint_every=4), resume=True, render=blobs).train()
+    straight = Trainer(config(tmp_path / "b", steps=8, checkpoint_every=4), render=blobs).train()
+    a, b = weights(resumed.checkpoint), weights(straight.checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_checkpoints_are_complete_pruned_and_loadable(tmp_path):
     trainer = Trainer(config(tmp_path, steps=6, keep_checkpoints=2), render=blobs)
     result = trainer.train()
@@ -110,26 +134,13 @@ def test_saving_a_step_again_replaces_it_and_crash_leftovers_go(tmp_path):
         path = save_checkpoint(root, 3, weights, model.config.to_dict(), state, keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["step-00000003"]
     assert all((t == 2.0).all() for t in load_checkpoint(path)[0].values())
-    # A crash between a re-save's two renames leaves the step only as .old-...: listing puts it back.
-    path.rename(root / ".old-step-00000003-999999")
+    # A crash between a re-save's two renames leaves the step only as .old-...: listing names that folder
+    # without touching it (a save may be under way), the lock's holder puts it back.
+    old = root / ".old-step-00000003-999999"
+    path.rename(old)
+    assert list_checkpoints(root) == [old] and load_checkpoint(old)[2]["step"] == 3 and old.exists()
+    recover_checkpoints(root)
     assert list_checkpoints(root) == [path] and load_checkpoint(path)[2]["step"] == 3
-
-
-def test_listing_puts_a_step_back_even_when_another_rank_does_it_first(tmp_path, monkeypatch):
-    """Every rank lists the checkpoints at start: another rank may rename .old-... back between this one's
-    check and its rename (the loser's FileNotFoundError stopped the whole job)."""
-    import dcign_fast.train.checkpoint as checkpoint_module
-
-    step = tmp_path / "step-00000003"
-    (tmp_path / ".old-step-00000003-999999").mkdir()
-    real = os.rename
-
-    def another_rank_first(source, target):
-        real(source, target)  # the other rank's rename
-        real(source, target)  # this one's: the source is gone
-
-    monkeypatch.setattr(checkpoint_module.os, "rename", another_rank_first)
-    assert list_checkpoints(tmp_path) == [step]
 
 
 def test_a_save_that_fails_cleans_up_and_names_the_intact_checkpoint(tmp_path, monkeypatch):
@@ -660,6 +671,19 @@ def test_folder_sweeps_of_another_size_are_used_whole_and_counted_as_they_are(tm
     assert trainer._images_this_step == 4
 
 
+def test_a_one_image_folder_sweep_is_refused_when_disentangling(tmp_path):
+    """TrainConfig refuses batch_size=1 with disentangle=true (no batch mean to clamp to), but folder sweeps of
+    one image trained with only the batch-size warning: a plain VAE step, silently."""
+    from dcign_fast.data import SweepSampler
+    from dcign_fast.data.folders import DatasetError, export_sweeps
+
+    export_sweeps([SweepSampler(size=64, batch_size=1).batch("light", torch.Generator().manual_seed(0))], tmp_path)
+    with pytest.raises(DatasetError, match=r"a light sweep of 1 image: with disentangle=true a sweep needs 2 or more"):
+        Trainer(TrainConfig(out=str(tmp_path / "run"), steps=1, data=str(tmp_path))).train()
+    plain = TrainConfig(out=str(tmp_path / "plain"), steps=1, data=str(tmp_path), disentangle=False, batch_size=1)
+    assert Trainer(plain).train().step == 1
+
+
 def test_training_from_a_cache_equals_training_from_the_same_sweeps_in_folders(tmp_path):
     from dcign_fast.data import SweepSampler
     from dcign_fast.data.cache import write_cache
@@ -811,24 +835,50 @@ def test_a_trainer_on_a_run_folder_another_process_trains_in_is_refused(tmp_path
     the folder as a trainer does, with run_folder_lock: two shared locks would not exclude each other."""
     Trainer(config(tmp_path, steps=2), render=blobs).train()
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
-    hold = (
-        "import sys, time; from dcign_fast.train.lock import run_folder_lock; lock = run_folder_lock(sys.argv[1]); "
-        "lock.__enter__(); print(1, flush=True); time.sleep(60)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "run")], stdout=subprocess.PIPE)
-    try:
-        holder.stdout.readline()
+    with held_by_another_process(tmp_path / "run"):
         for resume in (False, True):
             with pytest.raises(BlockingIOError, match="another trainer is writing"):
                 Trainer(config(tmp_path, steps=4), resume=resume, render=blobs)
-    finally:
-        holder.kill()
-        holder.wait()
     # Refused before anything was read or trimmed (a new run's MetricsLog used to empty metrics.jsonl).
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
     inspected = Trainer(config(tmp_path, steps=4), resume=True, render=blobs)  # free again; shared in-process
     assert Trainer(config(tmp_path, steps=4), resume=True, render=blobs).train().step == 4
     assert inspected.step == 2
+
+
+@contextlib.contextmanager
+def held_by_another_process(run: Path) -> Iterator[None]:
+    """``run`` locked as a trainer in another process holds it (two locks of one process would be one)."""
+    hold = (
+        "import sys, time; from dcign_fast.train.lock import run_folder_lock; lock = run_folder_lock(sys.argv[1]); "
+        "lock.__enter__(); print(1, flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_cli_and_readers_leave_a_save_under_way_alone(tmp_path, capsys):
+    """Listing put a step's .old- folder back, and train --resume (for the stored options) or
+    DCIGN.from_checkpoint(run folder) list without the lock: between a running save's two renames, that made
+    the save's own rename fail (ENOTEMPTY). Listing reads the step where it is; the lock's holder puts it back."""
+    from dcign_fast.cli import main
+
+    Trainer(config(tmp_path, steps=2), render=blobs).train()
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step-00000002").rename(root / ".old-step-00000002-999999")  # the save, between its renames
+    before = sorted(p.name for p in root.iterdir())
+    with held_by_another_process(tmp_path / "run"):
+        assert main(["train", "--out", str(tmp_path / "run"), "--steps", "4", "--resume"]) == 2
+        assert "another trainer is writing" in capsys.readouterr().err
+        assert DCIGN.from_checkpoint(tmp_path / "run").config.image_size == 64
+        assert sorted(p.name for p in root.iterdir()) == before
+    assert Trainer(config(tmp_path, steps=3), resume=True, render=blobs).train().step == 3
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000002", "step-00000003"]
 
 
 def locked_elsewhere(run: Path) -> bool:
@@ -942,9 +992,19 @@ def test_a_run_moved_into_the_default_folder_resumes_there(tmp_path, monkeypatch
     [{"keep_checkpoints": 5}, {"time_limit_s": 100.0}, {"log_every": 3}, {"image_every": 7}, {"checkpoint_every": 3},
      {"on_nonfinite": "skip"}, {"threads": 1}, {"channels_last": False}],
 )  # fmt: skip
-def test_resume_accepts_a_change_of_how_the_run_executes(tmp_path, change):
+def test_resume_accepts_a_change_of_how_the_run_executes(tmp_path, change, recwarn):
+    """And says so where the change alters the rounding: the bits of an uninterrupted run are then not kept."""
+    threads = torch.get_num_threads()
     Trainer(config(tmp_path, steps=1), render=blobs).train()
-    assert Trainer(config(tmp_path, steps=2, **change), resume=True, render=blobs).train().step == 2
+    try:
+        assert Trainer(config(tmp_path, steps=2, **change), resume=True, render=blobs).train().step == 2
+    finally:
+        torch.set_num_threads(threads)
+    said = [str(w.message) for w in recwarn if "other floating-point rounding" in str(w.message)]
+    rounds_otherwise = {"threads": threads != 1, "channels_last": True}.get(next(iter(change)), False)
+    assert len(said) == rounds_otherwise
+    if "channels_last" in change:
+        assert said[0].startswith("this resume runs with memory_format NCHW (before: channels_last)")
 
 
 @pytest.mark.parametrize("option", ["checkpoint_every", "keep_checkpoints", "log_every", "image_every"])
@@ -997,10 +1057,11 @@ def test_each_rank_and_micro_batch_takes_its_own_shard(tmp_path, monkeypatch):
 
     trainer = Trainer(config(tmp_path, steps=1, accumulation=2), render=blobs)
     monkeypatch.setattr(trainer_module, "all_agree", lambda flag, world, device: flag)  # no process group here
+    monkeypatch.setattr(trainer_module, "run_together", lambda action, world, device: action())
     trainer.world = World(rank=1, size=2)
     shards, original = [], trainer.stream.batch
     trainer.stream.batch = lambda step, shard: shards.append(shard) or original(step, shard)
-    assert trainer._forward_backward(0) is not None and shards == [2, 3]
+    assert trainer._forward_backward(0, trainer._draw(0)) is not None and shards == [2, 3]
     trainer.close()
 
 
@@ -1024,6 +1085,7 @@ def test_a_crash_while_a_step_is_saved_again_keeps_its_previous_checkpoint(tmp_p
     with pytest.raises(OSError, match="killed"):
         save_checkpoint(tmp_path, 3, second, model.config.to_dict(), state, keep=2)
     monkeypatch.undo()
+    recover_checkpoints(tmp_path)  # as the next trainer does under the lock
     assert list_checkpoints(tmp_path) == [path] and all((t == 1.0).all() for t in load_checkpoint(path)[0].values())
 
 
@@ -1034,6 +1096,25 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     Trainer(config(tmp_path, steps=3), resume=True, render=blobs).train()
     logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3]
+
+
+def test_a_kill_while_a_resume_trims_the_metrics_keeps_the_history(tmp_path, monkeypatch):
+    """The trim rewrote metrics.jsonl in place: a kill mid-write left it cut short (a 220 MB log: empty)."""
+    from dcign_fast.train import logs
+
+    history = "".join(json.dumps({"step": step, "total": 1.0}) + "\n" for step in range(1, 6))
+    (tmp_path / "metrics.jsonl").write_text(history)
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(logs.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logs.MetricsLog(tmp_path, enabled=True, resume_step=3)
+    assert (tmp_path / "metrics.jsonl").read_text() == history
+    monkeypatch.undo()
+    logs.MetricsLog(tmp_path, enabled=True, resume_step=3).close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 def test_each_metrics_line_reaches_the_file_at_once(tmp_path):

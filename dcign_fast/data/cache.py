@@ -134,10 +134,14 @@ class SweepCache:
         if outside:
             raise DatasetError(f"cache shard {path}: batch kinds must index {KINDS}, got {outside}")
         if images is not None:  # a shard read whole: every batch's images and factors must line up
+            if images.dtype != np.uint8:  # read as pixels / 255: floats in [0, 1] would train on black images
+                raise DatasetError(f"cache shard {path}: images must be uint8 pixels, got {images.dtype}")
             offsets = arrays["offsets"]
             lined_up = len(offsets) == len(kinds) + 1 and offsets[0] == 0 and offsets[-1] == len(images)
-            if not lined_up or (np.diff(offsets) < 0).any():
-                raise DatasetError(f"cache shard {path}: offsets do not split its {len(images)} images into batches")
+            if not lined_up or (np.diff(offsets) <= 0).any():
+                raise DatasetError(
+                    f"cache shard {path}: offsets do not split its {len(images)} images into batches of one or more"
+                )
             short = [k for k in FACTOR_KEYS if len(arrays[k]) != len(images)]
             if short:
                 raise DatasetError(f"cache shard {path}: factors {short} do not have one value per image")

@@ -10,7 +10,6 @@ are checkpoints beyond the newest ``keep`` deleted.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -134,15 +133,15 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Writes ``step-<step>`` atomically and prunes older checkpoints beyond ``keep``; returns its path.
+    """Writes ``step-<step>`` atomically and prunes older checkpoints beyond ``keep``; returns its path. For the
+    process holding the run folder's lock.
 
     A save that fails (a full disk, say) removes what it wrote and raises a CheckpointError naming the newest
     complete checkpoint, which it left as it was."""
     root = Path(checkpoints_dir)
     root.mkdir(parents=True, exist_ok=True)
-    complete = list_checkpoints(root)  # first: it puts back a step that a crashed re-save left as .old-
-    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by crashed saves: free their space first
-        shutil.rmtree(stale, ignore_errors=True)
+    recover_checkpoints(root)  # crashed saves' leftovers: their space first
+    complete = list_checkpoints(root)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
@@ -172,17 +171,36 @@ def save_checkpoint(
 
 
 def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders are never listed). A step that a re-save left
-    only as its ``.old-`` folder (a crash between the save's two renames) is put back first."""
+    """Complete checkpoints, oldest first (temporary folders are never listed). It only reads: a step that a
+    re-save left only as its ``.old-`` folder (a crash between the save's two renames) is listed as that
+    folder, which :func:`recover_checkpoints` puts back where the run folder's lock is held."""
     root = Path(checkpoints_dir)
     if not root.is_dir():
         return []
+    steps = {p.name: p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)}
     for old in root.glob(f".old-{PREFIX}*"):
-        step = root / old.name.removeprefix(".old-").rsplit("-", 1)[0]
+        steps.setdefault(_replaced_step(old), old)
+    return [steps[name] for name in sorted(steps)]
+
+
+def recover_checkpoints(checkpoints_dir: str | Path) -> None:
+    """Puts back each step that a crashed re-save left only as its ``.old-`` folder, and deletes what crashed
+    saves left besides (their space is needed). Only for the process holding the run folder's lock: a save
+    under way has such folders between its two renames."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return
+    for old in root.glob(f".old-{PREFIX}*"):
+        step = root / _replaced_step(old)
         if not step.exists():
-            with contextlib.suppress(FileNotFoundError):  # every rank lists; another one may have put it back
-                os.rename(old, step)
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+            os.rename(old, step)
+    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _replaced_step(old: Path) -> str:
+    """The step folder's name that ``.old-<step>-<pid>`` held."""
+    return old.name.removeprefix(".old-").rsplit("-", 1)[0]
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], DCIGNConfig, dict[str, Any]]:

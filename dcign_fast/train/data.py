@@ -63,6 +63,11 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
     def pick(kind: str, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         choices = by_kind[kind]
         images, factors = dataset[choices[int(torch.randint(len(choices), (1,), generator=generator))]][:2]
+        if config.disentangle and len(images) < 2:  # as TrainConfig refuses batch_size=1 with disentangle
+            raise DatasetError(
+                f"data={config.data} has a {kind} sweep of {len(images)} image: with disentangle=true a sweep needs "
+                "2 or more (one image has no batch mean to clamp to)"
+            )
         if len(images) != config.batch_size:
             warnings.warn(
                 f"batch_size={config.batch_size} does not apply to data={config.data}: its sweeps are used "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,10 @@ class MetricsLog:
         out.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # Beside it, then renamed: a kill while writing in place would leave the run's history cut short.
+            trimmed = self.path.with_name(f".tmp-{self.path.name}")
+            trimmed.write_text("".join(line + "\n" for line in kept))
+            os.replace(trimmed, self.path)
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -32,6 +32,7 @@ from dcign_fast.train.checkpoint import (
     load_checkpoint,
     load_into,
     load_state,
+    recover_checkpoints,
     save_checkpoint,
     weights_file,
 )
@@ -157,6 +158,7 @@ class Trainer:
             held = contextlib.ExitStack()
             held.enter_context(run_folder_lock(self.out))
             self._folder_lock = held
+            recover_checkpoints(self.checkpoints)  # now that no other process saves there (the others wait)
 
         run_together(claim, self.world, self.device)
 
@@ -189,6 +191,7 @@ class Trainer:
                 f"resuming continues the run in {self.out} exactly, but these options differ from its newest "
                 f"checkpoint: {listing}. Leave them out to keep the checkpoint's, or start a new run in another out"
             )
+        self._warn_of_other_rounding(state.get("execution"))
         # The options agree, so this model is the one trainer.pt describes: the weights must be of it too.
         if model_config != self.model.config:
             raise CheckpointError(f"checkpoint {path}: its weights are not of the model its {STATE} describes")
@@ -196,6 +199,32 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
+
+    def _execution(self) -> dict[str, object]:
+        """What, beside the options, sets a step's floating-point rounding: the device, the ops' backend, the
+        compiler, the memory layout and the CPU threads (which split the CPU kernels' sums)."""
+        return {
+            "device": str(self.device),
+            "backend": self.config.backend,
+            "compile": self.config.compile,
+            "memory_format": "NCHW" if self.memory_format is None else "channels_last",
+            "threads": torch.get_num_threads(),
+        }
+
+    def _warn_of_other_rounding(self, stored: dict[str, object] | None) -> None:
+        """A warning when this resume runs other than the run so far (its checkpoint's record; None in earlier
+        versions): it continues the run, but an uninterrupted run's weights are bit-identical only to a resume
+        that runs as it did."""
+        if stored is None or not self.world.is_main:
+            return
+        now = self._execution()
+        changed = [f"{key} {now[key]} (before: {stored[key]})" for key in now if stored.get(key) != now[key]]
+        if changed:
+            warnings.warn(
+                f"this resume runs with {', '.join(changed)}: the run continues, with other floating-point "
+                "rounding, so its weights will not be bit-identical to those of an uninterrupted run",
+                stacklevel=3,
+            )
 
     def save(self) -> Path | None:
         """Writes a checkpoint of the current step on rank 0; returns its path there and None on the other ranks.
@@ -217,6 +246,7 @@ class Trainer:
                 "data": dataset_location(self.config.data),
             },
             "world_size": self.world.size,
+            "execution": self._execution(),
         }
         return save_checkpoint(
             self.checkpoints,
@@ -239,15 +269,31 @@ class Trainer:
         elif now - self._stop_requested_at >= REPEATED_SIGNAL_GRACE_S:
             raise KeyboardInterrupt(f"signal {signum} received again: stopping without a checkpoint")
 
-    def _forward_backward(self, step: int) -> dict[str, float | str] | None:
-        """Gradients of one optimizer step; None if the loss was not finite on some rank."""
+    def _draw(self, step: int) -> list[tuple[int, torch.Tensor, str]]:
+        """This rank's (shard, images, kind) for each micro-batch of ``step``. Every rank calls it, before any of
+        the step's work: a data error (a corrupt file, a sweep a source cannot give) then stops every rank at a
+        step boundary, where a checkpoint keeps all that was trained."""
+
+        def draw() -> list[tuple[int, torch.Tensor, str]]:
+            batches = []
+            for micro in range(self.config.accumulation):
+                shard = self.world.rank * self.config.accumulation + micro
+                images, _, kind = self.stream.batch(step, shard)
+                batches.append((shard, images, kind))
+            return batches
+
+        return run_together(draw, self.world, self.device)
+
+    def _forward_backward(
+        self, step: int, batches: list[tuple[int, torch.Tensor, str]]
+    ) -> dict[str, float | str] | None:
+        """Gradients of one optimizer step from its micro-batches (:meth:`_draw`); None if the loss was not
+        finite on some rank."""
         c = self.config
         plain = not c.disentangle or step < c.pretrain_steps
         sums: dict[str, float] = {}
         kinds, images_seen = [], 0
-        for micro in range(c.accumulation):
-            shard = self.world.rank * c.accumulation + micro
-            images, _, kind = self.stream.batch(step, shard)
+        for micro, (shard, images, kind) in enumerate(batches):
             images = images.to(self.device, non_blocking=True)
             if self.memory_format is not None:
                 images = images.contiguous(memory_format=self.memory_format)
@@ -291,8 +337,17 @@ class Trainer:
                     self._say(f"interrupted at step {self.step}; checkpoint: {checkpoint}; continue with --resume")
                     return TrainResult(self.step, checkpoint, interrupted=True)
                 start = time.perf_counter()
+                try:
+                    batches = self._draw(self.step)
+                except Exception:
+                    checkpoint = self.save()  # nothing of this step has run yet
+                    self._say(
+                        f"the data failed at step {self.step + 1}; checkpoint: {checkpoint}; mend the data and "
+                        "continue with --resume"
+                    )
+                    raise
                 self.optimizer.zero_grad(set_to_none=True)
-                metrics = self._forward_backward(self.step)
+                metrics = self._forward_backward(self.step, batches)
                 if metrics is not None:
                     # The gradient norm is checked too: one inf gradient would turn every weight into NaN.
                     max_norm = float("inf") if c.grad_clip is None else c.grad_clip

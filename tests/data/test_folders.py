@@ -115,10 +115,15 @@ def test_corrupt_cache_shard_names_the_file(tmp_path, batches):
         (lambda a: a.update(azimuth=a["azimuth"][:3]), r"factors \['azimuth'\] do not have one value per image"),
         (lambda a: a.update(offsets=a["offsets"][:-1]), "offsets do not split its"),
         (lambda a: a["kinds"].__setitem__(0, 9), "batch kinds must index"),
+        # A batch of no images (a ZeroDivisionError mid-run, before), float or 16-bit pixels (read as / 255).
+        (lambda a: a["offsets"].__setitem__(1, 0), "offsets do not split its .* into batches of one or more"),
+        (lambda a: a.update(images=a["images"] / 255.0), "images must be uint8 pixels, got float64"),
+        (lambda a: a.update(images=a["images"].astype(np.uint16) * 257), "images must be uint8 pixels, got uint16"),
     ],
 )
 def test_a_shard_whose_arrays_disagree_is_refused(damage, words, tmp_path, batches):
-    """Empty factors beside a batch's images, or an IndexError, before."""
+    """Empty factors beside a batch's images, or an IndexError, before; a batch of no images failed mid-run,
+    and float or 16-bit pixels trained on nearly black images."""
     write_cache(batches, tmp_path, batches_per_shard=2)
     shard = tmp_path / "shard_00000.npz"
     with np.load(shard) as data:
