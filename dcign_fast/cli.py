@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -96,12 +98,17 @@ def debugging() -> bool:
 
 def run_reporting_errors(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """``run(args)``; a user error is printed as ``prog: error: ...`` with exit status 2, a training run's
-    non-finite loss so with status 1, and Ctrl-C outside
-    training (which saves a checkpoint and returns 130 itself) as ``prog: interrupted`` with status 130
-    (tracebacks too when :func:`debugging`). Warnings print as ``prog: warning: ...``, without a source line."""
+    non-finite loss so with status 1, and Ctrl-C or SIGTERM outside training (which saves a checkpoint and returns
+    130 itself) as ``prog: interrupted`` with status 130 (tracebacks too when :func:`debugging`). Warnings print as
+    ``prog: warning: ...``, without a source line."""
     formatwarning = warnings.formatwarning
     if not debugging():  # a warning as one line under the command's name, not with the library's source line
         warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"
+    # SIGTERM's default action ends the process without a word (a scheduler's stop while the demo renders).
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # (signal.signal's condition)
+    if in_main_thread and on_sigterm == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(args)
     except user_errors() as err:
@@ -121,6 +128,12 @@ def run_reporting_errors(prog: str, run: Callable[[argparse.Namespace], int], ar
         return 130
     finally:
         warnings.formatwarning = formatwarning
+        if in_main_thread and on_sigterm == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")
 
 
 def build_parser() -> argparse.ArgumentParser:

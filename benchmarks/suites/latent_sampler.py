@@ -31,20 +31,21 @@ def cases(device: str, quick: bool) -> list[tuple[int, int]]:
     return [(20, 200), (128, 200), (4096, 200), (65536, 200), *wide]
 
 
-def _variants(device: str) -> dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]]:
-    """The eager variants: name -> fn(mu, logvar, active) -> (z, kl), the reference first."""
+def variants(device: str) -> dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]]:
+    """The eager variants: name -> fn(mu, logvar, active) -> (z, kl), the reference first (also the
+    pytest-benchmark front door's)."""
 
     def backend(name: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         return lambda mu, logvar, active: sample_latents(
             mu, logvar, active, invariance=INVARIANCE, seed=SEED, backend=name
         )
 
-    variants = {"reference": _reference(sample_latents_reference), "torch": backend("torch")}
+    eager = {"reference": _reference(sample_latents_reference), "torch": backend("torch")}
     if device == "cuda":
-        variants["triton"] = backend("triton")
+        eager["triton"] = backend("triton")
         if cuda_extension.available():
-            variants["cuda"] = backend("cuda")
-    return variants
+            eager["cuda"] = backend("cuda")
+    return eager
 
 
 def _reference(fn: Callable) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -52,53 +53,60 @@ def _reference(fn: Callable) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]
     return lambda mu, logvar, active: fn(mu, logvar, active, "mean", INVARIANCE, SEED)
 
 
-def _runner(fn: Callable, mu: torch.Tensor, logvar: torch.Tensor, active: torch.Tensor, grads) -> Step:
+def runners(fns: dict[str, Callable], batch: int, dim: int, device: str) -> dict[str, Step]:
+    """Each of ``fns``' forward+backward on one fresh one-factor batch, shared so that side by side they do
+    the same work (the suite's cases and the pytest-benchmark front door's build them here alike)."""
+    mu = (torch.randn(batch, dim, device=device) * 1.5).requires_grad_()
+    logvar = (torch.randn(batch, dim, device=device) * 0.7 - 0.5).requires_grad_()
+    active = torch.zeros(dim, dtype=torch.bool, device=device)
+    active[0] = True
+    grads = (torch.randn(batch, dim, device=device), torch.randn(batch, device=device))
+
     def clear() -> None:
         mu.grad = logvar.grad = None
 
-    def run() -> None:
-        clear()
-        torch.autograd.backward(fn(mu, logvar, active), grads)
+    def step(fn: Callable) -> Step:
+        def run() -> None:
+            clear()
+            torch.autograd.backward(fn(mu, logvar, active), grads)
 
-    return Step(run, clear)
+        return Step(run, clear)
+
+    return {name: step(fn) for name, fn in fns.items()}
 
 
-def _row(batch: int, dim: int) -> dict:
+def row(batch: int, dim: int) -> dict:
+    """The fields that name a case's rows (and its pytest-benchmark group)."""
     return {"case": f"B={batch} D={dim}", "pass": "forward+backward", "dtype": "float32"}
 
 
 def _case(
     batch: int,
     dim: int,
-    variants: dict[str, Callable],
+    fns: dict[str, Callable],
     device: str,
     warmup: int,
     repeats: int,
     budget: CompileBudget | None = None,
 ) -> list[dict]:
-    """One case's rows: ``variants`` timed side by side on a fresh one-factor batch."""
-    mu = (torch.randn(batch, dim, device=device) * 1.5).requires_grad_()
-    logvar = (torch.randn(batch, dim, device=device) * 0.7 - 0.5).requires_grad_()
-    active = torch.zeros(dim, dtype=torch.bool, device=device)
-    active[0] = True
-    grads = (torch.randn(batch, dim, device=device), torch.randn(batch, device=device))
-    runners = {name: _runner(fn, mu, logvar, active, grads) for name, fn in variants.items()}
-    return compare(runners, device, _row(batch, dim), "reference", warmup=warmup, repeats=repeats, budget=budget)
+    """One case's rows: ``fns`` timed side by side on a fresh one-factor batch."""
+    timed = runners(fns, batch, dim, device)
+    return compare(timed, device, row(batch, dim), "reference", warmup=warmup, repeats=repeats, budget=budget)
 
 
 def run(device: str, quick: bool) -> Iterator[dict]:
     repeats, warmup = (2, 1) if quick else (5, 1)
     for batch, dim in cases(device, quick):
-        yield from _case(batch, dim, _variants(device), device, warmup, repeats)
+        yield from _case(batch, dim, variants(device), device, warmup, repeats)
     if quick and device == "cpu":
         return
     budget = CompileBudget()  # torch.compile of the reference compiles again for every shape
     for batch, dim in cases(device, quick):
         if budget.spent:  # said without timing the reference again for nothing
-            yield budget.spent_row(_row(batch, dim), "compiled reference")
+            yield budget.spent_row(row(batch, dim), "compiled reference")
             continue
         # A fresh compile per case: after one shape, dynamo would trace the next as dynamic (a slower graph).
         torch._dynamo.reset()
         compiled = torch.compile(sample_latents_reference)
-        variants = {"reference": _reference(sample_latents_reference), "compiled reference": _reference(compiled)}
-        yield from _case(batch, dim, variants, device, warmup, repeats, budget)
+        pair = {"reference": _reference(sample_latents_reference), "compiled reference": _reference(compiled)}
+        yield from _case(batch, dim, pair, device, warmup, repeats, budget)

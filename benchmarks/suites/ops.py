@@ -88,8 +88,13 @@ def floor_ms(case: Case, batch: int, itemsize: int, backward: bool, rates: tuple
 # --- the suite --------------------------------------------------------------------------------------------
 
 
-def _cases(device: str, quick: bool) -> list[tuple[int, torch.dtype, Case]]:
-    """(batch, dtype, case) in order of importance: on CUDA the goals' layers first, batch 20 last."""
+# Each case's passes: (name, with backward); benchmarks/test_benchmarks.py times the same ones.
+PASSES = (("forward", False), ("forward+backward", True))
+
+
+def cases(device: str, quick: bool) -> list[tuple[int, torch.dtype, Case]]:
+    """(batch, dtype, case) in order of importance: on CUDA the goals' layers first, batch 20 last. Public: the
+    pytest-benchmark front door (benchmarks/test_benchmarks.py) times the same list."""
     if quick:
         return [(4, torch.float32, paper150_cases(4)[-1])]
     if device == "cpu":
@@ -142,14 +147,13 @@ def _measure(
 
 def run(device: str, quick: bool) -> Iterator[dict]:
     rates: dict[torch.dtype, tuple[float, float]] = {}
-    both = (("forward", False), ("forward+backward", True))
-    todo = _cases(device, quick)
+    todo = cases(device, quick)
     goals = [c for c in todo if is_goal_case(device, *c)]
     rest = [c for c in todo if not is_goal_case(device, *c)]
     # Every eager row first: the budget is checked before each compile, but a max-autotune compile once begun
     # can outlast the suite's time limit, and the rows after it would be lost.
     for batch, dtype, case in goals + rest:
-        yield from _measure(device, batch, dtype, case, backends_for(device), both, quick, CompileBudget(0.0), rates)
+        yield from _measure(device, batch, dtype, case, backends_for(device), PASSES, quick, CompileBudget(0.0), rates)
     budget = CompileBudget()
     with_compile = (("forward+backward, beside max-autotune", True),)
     for batch, dtype, case in goals:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,40 @@ from benchmarks.harness import CompileBudget, compare
 
 SD_VAE: dict[str, Any] = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
 SMALL_VAE: dict[str, Any] = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8}
+CASES = ("upsample layers", "decode")  # in the order timed (see above)
+EAGER = ("unpatched", "patched")  # the variants every case has, the baseline first
+MISSING = "diffusers is not installed"
+
+
+def available() -> bool:
+    """Whether diffusers (an optional dependency: the test extra) is installed; without it there is no VAE."""
+    return importlib.util.find_spec("diffusers") is not None
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a device and mode time: the VAE's config, the size it decodes to and the dtype (see above)."""
+
+    config: dict[str, Any]
+    size: int
+    dtype: torch.dtype
+
+    def row(self, case: str) -> dict:
+        """The fields that name ``case``'s rows (and its pytest-benchmark group)."""
+        return {"case": f"{case} {self.size}x{self.size}", "pass": "forward", "dtype": str(self.dtype).split(".")[1]}
+
+    def build(self, device: str) -> tuple[Any, torch.Tensor]:
+        """(the VAE, the latent it decodes): random weights and input."""
+        vae = _vae(self.config, device, self.dtype)
+        latent = self.size >> (len(self.config["block_out_channels"]) - 1)  # one upsampling between blocks
+        return vae, torch.randn(1, 4, latent, latent, device=device, dtype=self.dtype)
+
+
+def setup(device: str, quick: bool) -> Setup:
+    """The module docstring's sizes: cheap, so that the pytest-benchmark front door names its cases at collection."""
+    if quick:
+        return Setup(SMALL_VAE, 64, torch.float32)
+    return Setup(SD_VAE, 512, torch.bfloat16) if device == "cuda" else Setup(SD_VAE, 256, torch.float32)
 
 
 def _vae(config: dict, device: str, dtype: torch.dtype) -> Any:  # a diffusers AutoencoderKL
@@ -52,39 +87,45 @@ def _upsample_inputs(vae: Any, z: torch.Tensor) -> list[tuple[str, torch.Tensor]
     return seen
 
 
-def _variants(vae: Any, z: torch.Tensor, device: str, quick: bool) -> dict[str, dict[str, Callable[[], object]]]:
-    """case -> variant name -> fn. The patched variants run a patched deep copy of the model."""
+def eager_variants(vae: Any, z: torch.Tensor) -> dict[str, dict[str, Callable[[], object]]]:
+    """case -> variant name -> fn, for ``CASES`` and ``EAGER``: the patched variants run a patched deep copy
+    of the model. Run under inference mode (the upsample layers' inputs are captured from a decode)."""
     layers = _upsample_inputs(vae, z)
     fused = copy.deepcopy(vae)
     dc.patch(fused)
 
-    def decode(model: Callable[[torch.Tensor], Any]) -> Callable[[], object]:
-        return lambda: model(z).sample
-
     def upsample(model: nn.Module) -> Callable[[], object]:
         return lambda: [model.get_submodule(name)(x) for name, x in layers]
 
-    cases = {
-        "upsample layers": {"unpatched": upsample(vae), "patched": upsample(fused)},
-        "decode": {"unpatched": decode(vae.decode), "patched": decode(fused.decode)},
-    }
+    def decode(model: Any) -> Callable[[], object]:  # an AutoencoderKL (see _vae)
+        return _decode(model.decode, z)
+
+    models = dict(zip(EAGER, (vae, fused)))
+    return {case: {name: timed(m) for name, m in models.items()} for case, timed in zip(CASES, (upsample, decode))}
+
+
+def _decode(decode: Callable[[torch.Tensor], Any], z: torch.Tensor) -> Callable[[], object]:
+    return lambda: decode(z).sample
+
+
+def _variants(vae: Any, z: torch.Tensor, device: str, quick: bool) -> dict[str, dict[str, Callable[[], object]]]:
+    """The eager variants, and ``compiled`` (torch.compile of the unpatched decode) beside them."""
+    cases = eager_variants(vae, z)
     if not (quick and device == "cpu"):
-        cases["decode"]["compiled"] = decode(torch.compile(vae.decode))
+        cases["decode"]["compiled"] = _decode(torch.compile(vae.decode), z)
     return cases
 
 
 def run(device: str, quick: bool) -> Iterator[dict]:
-    if importlib.util.find_spec("diffusers") is None:  # e.g. an offline GPU machine: say so, measure the rest
-        yield {"case": "SD VAE decode", "backend": "-", "note": "skipped: diffusers is not installed"}
+    if not available():  # e.g. an offline GPU machine: say so, measure the rest
+        yield {"case": "SD VAE decode", "backend": "-", "note": f"skipped: {MISSING}"}
         return
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config, size = (SMALL_VAE, 64) if quick else (SD_VAE, 512 if device == "cuda" else 256)
     repeats, warmup = (2, 1) if quick else (5, 2)
-    vae = _vae(config, device, dtype)
-    upsamplings = len(config["block_out_channels"]) - 1
-    z = torch.randn(1, 4, size >> upsamplings, size >> upsamplings, device=device, dtype=dtype)
+    chosen = setup(device, quick)
+    vae, z = chosen.build(device)
     budget = CompileBudget()
     with torch.inference_mode():
         for case, variants in _variants(vae, z, device, quick).items():
-            row = {"case": f"{case} {size}x{size}", "pass": "forward", "dtype": str(dtype).split(".")[1]}
-            yield from compare(variants, device, row, "unpatched", warmup=warmup, repeats=repeats, budget=budget)
+            yield from compare(
+                variants, device, chosen.row(case), "unpatched", warmup=warmup, repeats=repeats, budget=budget
+            )

@@ -36,13 +36,52 @@ def render_runner(device: str, size: int, batch: int, antialias: int = 1) -> tup
     return draw, mesh.num_faces
 
 
-def _render_case(device: str, size: int, batch: int, antialias: int = 1) -> dict:
-    draw, faces = render_runner(device, size, batch, antialias)
-    ms = time_side_by_side({"torch": draw}, device)["torch"]
+BACKEND = "torch"  # the rows' one backend: the renderer has no other
+SAMPLER_BATCH = 20
+
+
+def render_cases(quick: bool) -> list[tuple[int, int, int]]:
+    """(size, batch, antialias) of the ``render`` rows, the pytest-benchmark front door's too."""
+    if quick:
+        return [(64, 16, 1)]
+    return [(size, 64, antialias) for size, antialias in ((64, 1), (128, 1), (150, 1), (64, 2))]
+
+
+def sampler_cases(quick: bool) -> list[tuple[int, int]]:
+    """(size, batches drawn per timed call) of the ``sampler`` rows: a row is the time per batch, averaged over
+    the call's batches, as the kinds of batch differ in cost."""
+    return [(64, 2)] if quick else [(64, 8), (128, 4)]
+
+
+def render_row(size: int, batch: int, antialias: int) -> dict:
+    """The fields that name a ``render`` row (and its pytest-benchmark group)."""
     aa = f" antialias {antialias}" if antialias > 1 else ""
+    return {"case": f"render {size}px batch {batch}{aa}"}
+
+
+def sampler_row(size: int) -> dict:
+    """The fields that name a ``sampler`` row (and its pytest-benchmark group)."""
+    return {"case": f"sampler {size}px batch {SAMPLER_BATCH}"}
+
+
+def sampler_runner(device: str, size: int, batches: int) -> Callable[[], None]:
+    """A function that draws the next ``batches`` batches of a fresh SweepSampler (each call new ones)."""
+    sampler = SweepSampler(size=size, batch_size=SAMPLER_BATCH, seed=0, device=device)
+    index = iter(range(10**9))
+
+    def draw() -> None:
+        for _ in range(batches):
+            sampler.batch_at(next(index))
+
+    return draw
+
+
+def _render_case(device: str, size: int, batch: int, antialias: int) -> dict:
+    draw, faces = render_runner(device, size, batch, antialias)
+    ms = time_side_by_side({BACKEND: draw}, device)[BACKEND]
     return {
-        "case": f"render {size}px batch {batch}{aa}",
-        "backend": "torch",
+        **render_row(size, batch, antialias),
+        "backend": BACKEND,
         "median_ms": ms,
         "images_per_s": batch * 1e3 / ms,
         "faces": faces,
@@ -51,30 +90,20 @@ def _render_case(device: str, size: int, batch: int, antialias: int = 1) -> dict
 
 
 def _sampler_case(device: str, size: int, batches: int) -> dict:
-    sampler = SweepSampler(size=size, batch_size=20, seed=0, device=device)
-    index = iter(range(10**9))
-
-    def draw() -> None:
-        for _ in range(batches):
-            sampler.batch_at(next(index))
-
-    ms = time_side_by_side({"torch": draw}, device, warmup=1, repeats=5)["torch"] / batches
+    draw = sampler_runner(device, size, batches)
+    ms = time_side_by_side({BACKEND: draw}, device, warmup=1, repeats=5)[BACKEND] / batches
     return {
-        "case": f"sampler {size}px batch 20",
-        "backend": "torch",
+        **sampler_row(size),
+        "backend": BACKEND,
         "median_ms": ms,
-        "images_per_s": 20 * 1e3 / ms,
-        "note": f"{20 * 1e3 / ms:.0f} img/s, mixed kinds 1:1:1:10",
+        "images_per_s": SAMPLER_BATCH * 1e3 / ms,
+        "note": f"{SAMPLER_BATCH * 1e3 / ms:.0f} img/s, mixed kinds 1:1:1:10",
     }
 
 
 def run(device: str, quick: bool) -> Iterator[dict]:
     """Rows with case, backend, median_ms (per batch), images_per_s, one case at a time."""
-    if quick:
-        yield _render_case(device, 64, 16)
-        yield _sampler_case(device, 64, 2)
-        return
-    for size, antialias in ((64, 1), (128, 1), (150, 1), (64, 2)):
-        yield _render_case(device, size, 64, antialias=antialias)
-    yield _sampler_case(device, 64, 8)
-    yield _sampler_case(device, 128, 4)
+    for size, batch, antialias in render_cases(quick):
+        yield _render_case(device, size, batch, antialias)
+    for size, batches in sampler_cases(quick):
+        yield _sampler_case(device, size, batches)

@@ -34,6 +34,7 @@ from dcign_fast.train.procedure import unwrap
 
 INVARIANCE = 0.01
 EAGER = ("eager reference", "dcign_fast")
+EAGER_PASS = "eager"  # the eager pass's label in its rows (and the pytest-benchmark front door's groups)
 
 
 def cases(device: str, quick: bool) -> list[tuple[str, int, bool]]:
@@ -83,11 +84,6 @@ def eager_variants(device: str) -> tuple[str, ...]:
     return EAGER if device == "cuda" else (*EAGER, "eager reference (channels_last)")
 
 
-def _models(preset: str, device: str) -> dict[str, torch.nn.Module]:
-    """The eager variants (the pytest-benchmark front door's)."""
-    return {name: _model(name, preset, device) for name in eager_variants(device)}
-
-
 def compiled_variants(device: str, goal: bool) -> list[str]:
     """The compiled variants of a case, in order; on CUDA the goal's case starts with the goal's baseline,
     max-autotune of the reference (after the others, it would find the compile budget spent)."""
@@ -101,20 +97,26 @@ def _time_case(
     preset: str, batch: int, bf16: bool, names: tuple[str, ...], label: str, device: str, quick: bool,
     budget: CompileBudget,
 ) -> list[dict]:  # fmt: skip
-    size = PRESETS[preset].image_size
-    images = torch.rand(batch, 1, size, size, device=device)
-    steps = {name: _step(_model(name, preset, device), images, bf16) for name in names}
     repeats, warmup = (2, 1) if quick else (7, 3)
     graphed = tuple(n for n in names if n.endswith(("(max-autotune)", "(CUDA graphs)")))
-    row = _row(preset, batch, bf16, label)
-    measured = compare(steps, device, row, "eager reference", warmup, repeats, budget, graphed=graphed)
+    timed, fields = steps(names, preset, batch, bf16, device), row(preset, batch, bf16, label)
+    measured = compare(timed, device, fields, "eager reference", warmup, repeats, budget, graphed=graphed)
     for r in measured:
         if "median_ms" in r:
             r["images_per_s"] = batch / r["median_ms"] * 1e3
     return measured
 
 
-def _row(preset: str, batch: int, bf16: bool, label: str) -> dict:
+def steps(names: tuple[str, ...], preset: str, batch: int, bf16: bool, device: str) -> dict[str, Step]:
+    """Each named variant's training step on one fixed random batch, shared so that side by side they do the
+    same work (the suite's cases and the pytest-benchmark front door's build them here alike)."""
+    size = PRESETS[preset].image_size
+    images = torch.rand(batch, 1, size, size, device=device)
+    return {name: _step(_model(name, preset, device), images, bf16) for name in names}
+
+
+def row(preset: str, batch: int, bf16: bool, label: str) -> dict:
+    """The fields that name a case's rows in pass ``label`` (and its pytest-benchmark group)."""
     return {"case": f"{preset} b{batch} train step", "pass": label, "dtype": "bf16 autocast" if bf16 else "float32"}
 
 
@@ -129,7 +131,9 @@ def _eager_pass(todo: list[tuple[str, int, bool]], device: str, quick: bool) -> 
     """The eager variants of every case, and a renderer row for each (preset, batch)."""
     rendered: set[tuple[str, int]] = set()
     for preset, batch, bf16 in todo:
-        measured = _time_case(preset, batch, bf16, eager_variants(device), "eager", device, quick, CompileBudget(0.0))
+        measured = _time_case(
+            preset, batch, bf16, eager_variants(device), EAGER_PASS, device, quick, CompileBudget(0.0)
+        )
         yield from measured
         if (preset, batch) not in rendered:
             rendered.add((preset, batch))
@@ -146,7 +150,7 @@ def _compiled_pass(
         for name in compiled_variants(device, goal=(preset, batch, bf16) == goal_case):
             label = "max-autotune" if name.endswith("(max-autotune)") else "compiled"
             if budget.spent:  # said without timing the eager variants again for nothing
-                yield budget.spent_row(_row(preset, batch, bf16, label), name)
+                yield budget.spent_row(row(preset, batch, bf16, label), name)
                 continue
             # Fresh compiled models would share dynamo's cache entries for DCIGN.forward: another case's shapes
             # would be traced as dynamic, and past dynamo's recompile limit a "compiled" row would run eagerly.
