@@ -201,15 +201,17 @@ class Trainer:
         self.step = int(state["step"])
 
     def _execution(self) -> dict[str, object]:
-        """What, beside the options, sets a step's floating-point rounding: the device, the ops' backend, the
-        compiler, the memory layout and the CPU threads (which split the CPU kernels' sums)."""
-        return {
-            "device": str(self.device),
+        """What, beside the options, sets a step's floating-point rounding: the kind of device (a GPU's model,
+        not its index), the ops' backend, the compiler, the memory layout and, on the CPU, the threads (which
+        split the CPU kernels' sums)."""
+        on_gpu = self.device.type == "cuda"
+        execution: dict[str, object] = {
+            "device": f"cuda ({torch.cuda.get_device_name(self.device)})" if on_gpu else self.device.type,
             "backend": self.config.backend,
             "compile": self.config.compile,
             "memory_format": "NCHW" if self.memory_format is None else "channels_last",
-            "threads": torch.get_num_threads(),
         }
+        return execution if on_gpu else {**execution, "threads": torch.get_num_threads()}
 
     def _warn_of_other_rounding(self, stored: dict[str, object] | None) -> None:
         """A warning when this resume runs other than the run so far (its checkpoint's record; None in earlier
@@ -218,7 +220,9 @@ class Trainer:
         if stored is None or not self.world.is_main:
             return
         now = self._execution()
-        changed = [f"{key} {now[key]} (before: {stored[key]})" for key in now if stored.get(key) != now[key]]
+        changed = [
+            f"{key} {value} (before: {stored.get(key)})" for key, value in now.items() if stored.get(key) != value
+        ]
         if changed:
             warnings.warn(
                 f"this resume runs with {', '.join(changed)}: the run continues, with other floating-point "
