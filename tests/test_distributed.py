@@ -119,6 +119,30 @@ def test_work_that_fails_on_one_rank_stops_every_rank_with_its_message(tmp_path)
     assert second == {"value": 10, "error": ["OtherRankError", message], "after": True}
 
 
+def _killed_peer_worker(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    world, cpu = World(rank=rank, size=2), torch.device("cpu")
+    all_agree(False, world, cpu)
+    if rank == 1:
+        os._exit(0)  # as a SIGKILL leaves it: no goodbye to the group
+    try:
+        all_agree(False, world, cpu)
+        result = {"error": None}
+    except Exception as err:
+        result = {"error": [type(err).__name__, str(err)]}
+    Path(out, "0.json").write_text(json.dumps(result))
+    Path(out, "1.json").write_text("{}")
+
+
+def test_a_rank_that_dies_stops_the_others_in_one_line(tmp_path):
+    """A killed rank left the survivor a 30-line traceback through gloo's sources at its next collective."""
+    survivor, _ = _run_two_ranks(_killed_peer_worker, tmp_path)
+    kind, message = survivor["error"]
+    assert kind == "OtherRankError" and message.startswith("the ranks could not exchange their state (")
+    assert message.endswith("another rank has probably stopped (its output says why); the newest checkpoint "
+                            "stands, continue with --resume")  # fmt: skip
+
+
 @pytest.mark.slow
 def test_an_out_rank_0_cannot_create_stops_every_rank_in_one_line(tmp_path):
     """(The other rank used to fail in its next collective with a traceback about a closed connection.)"""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -56,6 +57,28 @@ def close_world(world: World, together: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def _with_the_other_ranks(collective: Callable[..., T]) -> Callable[..., T]:
+    """``collective`` with its failure to reach the other ranks (gloo: "Connection closed by peer" when one was
+    killed) raised as an OtherRankError in one line: the survivor's traceback through gloo's sources said no
+    more, and the rank that stopped (or torchrun) reports why."""
+
+    @functools.wraps(collective)
+    def run(*args: object, **kwargs: object) -> T:
+        try:
+            return collective(*args, **kwargs)
+        except RuntimeError as err:
+            if isinstance(err, OtherRankError):
+                raise
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise OtherRankError(
+                f"the ranks could not exchange their state ({first_line}): another rank has probably stopped (its "
+                "output says why); the newest checkpoint stands, continue with --resume"
+            ) from err
+
+    return run
+
+
+@_with_the_other_ranks
 def mean_over_ranks(values: Mapping[str, float | str], world: World, device: torch.device) -> dict[str, float | str]:
     """``values`` with each float replaced by its mean over the ranks and each string by the ranks' strings
     joined with "+" in rank order, as one process accumulating their sweeps logs its batch kinds (every rank
@@ -72,6 +95,7 @@ def mean_over_ranks(values: Mapping[str, float | str], world: World, device: tor
     return {**values, **dict(zip(names, (t / world.size).tolist())), **joined}
 
 
+@_with_the_other_ranks
 def all_agree(flag: bool, world: World, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any rank (e.g. a Ctrl-C or a NaN seen by one rank)."""
     if not world.distributed:
