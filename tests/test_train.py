@@ -675,13 +675,68 @@ def test_a_one_image_folder_sweep_is_refused_when_disentangling(tmp_path):
     """TrainConfig refuses batch_size=1 with disentangle=true (no batch mean to clamp to), but folder sweeps of
     one image trained with only the batch-size warning: a plain VAE step, silently."""
     from dcign_fast.data import SweepSampler
-    from dcign_fast.data.folders import DatasetError, export_sweeps
+    from dcign_fast.data.folders import export_sweeps
 
     export_sweeps([SweepSampler(size=64, batch_size=1).batch("light", torch.Generator().manual_seed(0))], tmp_path)
-    with pytest.raises(DatasetError, match=r"a light sweep of 1 image: with disentangle=true a sweep needs 2 or more"):
+    with pytest.raises(ValueError, match=r"data=.* gave a light sweep of 1 image: with disentangle=true a sweep needs"):
         Trainer(TrainConfig(out=str(tmp_path / "run"), steps=1, data=str(tmp_path))).train()
     plain = TrainConfig(out=str(tmp_path / "plain"), steps=1, data=str(tmp_path), disentangle=False, batch_size=1)
     assert Trainer(plain).train().step == 1
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ({"grad_clip": -1.0}, "grad_clip must be > 0"),  # trained by gradient ascent, silently
+        ({"batch_size": 1}, "batch_size must be >= 2 with disentangle=true"),
+        ({"log_every": 0}, "log_every must be >= 1"),  # a ZeroDivisionError after the first step
+        ({"accumulation": 0}, "accumulation must be >= 1"),
+        ({"out": ""}, "out must not be empty"),  # wrote into the current folder
+        ({"keep_checkpoints": 0}, "keep_checkpoints must be >= 1"),
+        ({"steps": "2"}, "steps must be int"),
+    ],
+)
+def test_a_config_edited_after_it_was_made_is_checked_by_the_trainer(edit, words, tmp_path):
+    """TrainConfig checked itself when made only; the trainer took an edited one as it was."""
+    edited = config(tmp_path)
+    for option, value in edit.items():
+        setattr(edited, option, value)
+    with pytest.raises((TypeError, ValueError), match=re.escape(words)):
+        Trainer(edited, render=blobs)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "returns, words",
+    [
+        (lambda images, factors: (images, factors, "light"), "must return (images [B, 1, S, S], factors dict), got 3"),
+        (lambda images, factors: images, "must return (images [B, 1, S, S], factors dict), got Tensor"),
+        (lambda images, factors: (images[:, 0], factors), "images as a tensor [B, 1, S, S], got shape (4, 64, 64)"),
+        (lambda images, factors: (images.numpy(), factors), "images as a tensor [B, 1, S, S], got ndarray"),
+        (lambda images, factors: (images, list(factors)), "factors as a dict of [B] tensors, got list"),
+        (lambda images, factors: (images[:0], factors), "gave an empty"),  # a ZeroDivisionError in the loss
+        (lambda images, factors: (images[:1], factors), "sweep of 1 image: with disentangle=true"),  # trained plain
+    ],
+)
+def test_what_a_render_callable_returns_is_checked_by_name(returns, words, tmp_path):
+    def render(kind, generator):
+        return returns(*blobs(kind, generator))
+
+    with pytest.raises((TypeError, ValueError), match=r"render\(kind, generator\) .*" + re.escape(words)):
+        Trainer(config(tmp_path, data_pool=1), render=render)  # the pool's sweeps, checked as they are drawn
+
+
+def test_a_render_that_is_not_a_function_or_beside_a_data_folder_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="render must be a function"):
+        Trainer(config(tmp_path), render=3)  # failed at step 1, after a checkpoint of step 0
+    # data would be recorded in the checkpoints but not read, and a resume without render= would read it.
+    with pytest.raises(ValueError, match="render= replaces the data source: leave data at 'render'"):
+        Trainer(config(tmp_path, data=str(tmp_path)), render=blobs)
+
+
+def test_kind_weights_with_a_key_that_is_not_text_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"kind_weights names unknown batch kinds \[1\]"):
+        TrainConfig(kind_weights={1: 1.0, "light": 2.0})  # a TypeError from sorting an int with a str
 
 
 def test_training_from_a_cache_equals_training_from_the_same_sweeps_in_folders(tmp_path):

@@ -117,6 +117,11 @@ class TrainConfig:
     time_limit_s: float | None = _option(None, "stop (with a checkpoint, exit status 75) at the first step past it")
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Each option's type and range, and how they fit together; a TypeError or ValueError naming the option.
+        Made at construction, and again by the Trainer: a dataclass's fields can be edited after."""
         self._check_types()
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
@@ -136,7 +141,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must not be empty, got {value!r}")
         check_device(self.device)
         check_backend_name(self.backend)  # (whether it runs on the device: the Trainer checks, knowing the device)
-        unknown_kinds = sorted(set(self.kind_weights) - set(KINDS))
+        unknown_kinds = [kind for kind in self.kind_weights if kind not in KINDS]
         if unknown_kinds:
             raise ValueError(f"kind_weights names unknown batch kinds {unknown_kinds}; kinds are {list(KINDS)}")
         weights = self.kind_weights_in_full()

@@ -63,11 +63,6 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
     def pick(kind: str, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         choices = by_kind[kind]
         images, factors = dataset[choices[int(torch.randint(len(choices), (1,), generator=generator))]][:2]
-        if config.disentangle and len(images) < 2:  # as TrainConfig refuses batch_size=1 with disentangle
-            raise DatasetError(
-                f"data={config.data} has a {kind} sweep of {len(images)} image: with disentangle=true a sweep needs "
-                "2 or more (one image has no batch mean to clamp to)"
-            )
         if len(images) != config.batch_size:
             warnings.warn(
                 f"batch_size={config.batch_size} does not apply to data={config.data}: its sweeps are used "
@@ -89,10 +84,35 @@ def latent_seed(seed: int, step: int, shard: int) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=stream_generator(LATENT_NOISE, seed, step, shard)).item())
 
 
+def checked_sweep(sweep: object, kind: str, source: str, disentangle: bool) -> tuple[torch.Tensor, dict]:
+    """``sweep``, what ``source`` gave for a ``kind`` sweep, as the trainer takes it: (images [B, C, S, S],
+    factors dict) with B >= 1, and B >= 2 with ``disentangle`` (as TrainConfig refuses batch_size=1: one image
+    has no batch mean to clamp to). A TypeError or ValueError naming ``source`` otherwise; the model checks the
+    images' size, dtype and values."""
+    if not (isinstance(sweep, (tuple, list)) and len(sweep) == 2):
+        got = f"{len(sweep)} values" if isinstance(sweep, (tuple, list)) else type(sweep).__name__
+        raise TypeError(f"{source} must return (images [B, 1, S, S], factors dict), got {got}")
+    images, factors = sweep
+    if not (isinstance(images, torch.Tensor) and images.dim() == 4):
+        got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(f"{source} must return images as a tensor [B, 1, S, S], got {got}")
+    if not isinstance(factors, dict):
+        raise TypeError(f"{source} must return factors as a dict of [B] tensors, got {type(factors).__name__}")
+    if not len(images):
+        raise ValueError(f"{source} gave an empty {kind} sweep (0 images)")
+    if disentangle and len(images) == 1:
+        raise ValueError(
+            f"{source} gave a {kind} sweep of 1 image: with disentangle=true a sweep needs 2 or more (one image has "
+            "no batch mean to clamp to)"
+        )
+    return images, factors
+
+
 class BatchStream:
     """Draws the kind of each batch with the procedure's odds and renders (or picks) a sweep of it.
 
-    ``render(kind, generator)`` returns (images [B, 1, S, S], factors dict of [B] tensors). With
+    ``render(kind, generator)`` returns (images [B, 1, S, S], factors dict of [B] tensors), checked as
+    :func:`checked_sweep` says (``source`` names it in errors). With
     ``pool > 0``, ``pool`` sweeps per kind are rendered once up front (deterministically from the seed
     and rank) and batches are drawn from them: rendering then costs nothing per step. ``kinds`` limits
     the kinds to those the source has (e.g. a folder dataset without light sweeps).
@@ -105,8 +125,9 @@ class BatchStream:
         rank: int = 0,
         kinds: tuple[str, ...] | None = None,
         show_progress: bool = True,
+        source: str = "render(kind, generator)",
     ) -> None:
-        self.render = render
+        self.render = lambda kind, generator: checked_sweep(render(kind, generator), kind, source, config.disentangle)
         self.seed = config.seed
         odds = kind_odds(config)
         self.kinds = [k for k in KINDS if odds[k] > 0 and (kinds is None or k in kinds)]
@@ -119,7 +140,7 @@ class BatchStream:
             self.pool = {k: [] for k in self.kinds}
             for kind, i in tqdm(work, desc="rendering the training pool", disable=not show_progress, leave=False):
                 generator = stream_generator(POOL, self.seed, KINDS.index(kind), i, rank)
-                self.pool[kind].append(render(kind, generator))
+                self.pool[kind].append(self.render(kind, generator))
 
     def batch(self, step: int, shard: int) -> Batch:
         generator = shard_generator(self.seed, step, shard)

@@ -75,6 +75,11 @@ class Trainer:
                 f"config must be a TrainConfig (TrainConfig.from_dict or from_yaml make one), "
                 f"got {type(config).__name__}"
             )
+        config.check()  # (edited since it was made, perhaps)
+        if render is not None and not callable(render):
+            raise TypeError(f"render must be a function (kind, generator) -> (images, factors), got {render!r}")
+        if render is not None and config.data != "render":  # it would be recorded, and a resume would read it
+            raise ValueError(f"render= replaces the data source: leave data at 'render', got data={config.data!r}")
         self.config = config
         device = resolve_device(config.device)
         # Here, not at the first forward: before the process group, the run folder and the data pool.
@@ -135,10 +140,13 @@ class Trainer:
             self.net = self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         if config.compile:
             self.net = cast(torch.nn.Module, torch.compile(self.net))  # an OptimizedModule (around the DDP one if any)
-        kinds = None
+        kinds, source = None, "render(kind, generator)"
         if render is None:
             render, kinds = default_source(config, self.model.config.image_size, self.device)
-        self.stream = BatchStream(render, config, rank=self.world.rank, kinds=kinds, show_progress=self.world.is_main)
+            source = f"data={config.data}"
+        self.stream = BatchStream(
+            render, config, rank=self.world.rank, kinds=kinds, show_progress=self.world.is_main, source=source
+        )
         self.log = self._open_log()
         self._stop_requested_at: float | None = None  # time.monotonic() of the first Ctrl-C / SIGTERM
         self._images_this_step = 0  # on this rank, for images/s
