@@ -69,14 +69,11 @@ def run_folder(text: str) -> Path:
 
 def image_file(text: str) -> Path:
     """argparse type: a path to write a picture to, whose extension names a format PIL writes (.png, .jpg...)."""
-    from PIL import Image
+    from dcign_fast.eval.grid import image_file_problem
 
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"must be a file to write, got the folder {text!r}")
-    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
-        raise argparse.ArgumentTypeError(f"must end in an image extension such as .png, got {text!r}")
-    return path
+    if problem := image_file_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return Path(text)
 
 
 def add_device_argument(

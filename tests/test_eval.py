@@ -79,7 +79,12 @@ def identity_sweeps(identities: int, factor_value: float = 0.0):
         identity = int(torch.randint(0, identities, (), generator=generator))
         images = torch.zeros(8, 1, 4, 4)
         images.view(8, -1)[:, identity] = 1.0
-        factors = {"azimuth": torch.linspace(-1, 1, 8) + factor_value, "identity": torch.full((8,), identity)}
+        factors = {
+            "azimuth": torch.linspace(-1, 1, 8) + factor_value,
+            "elevation": torch.zeros(8),
+            "light": torch.zeros(8),
+            "identity": torch.full((8,), identity),
+        }
         return images, factors
 
     return batch
@@ -442,3 +447,189 @@ def test_rerender_refuses_a_model_of_colour_images_by_name(tmp_path, capsys):
     path = DCIGN(dataclasses.replace(PRESETS["demo64"], in_channels=3)).save(tmp_path / "rgb64")
     assert main(["rerender", "--checkpoint", str(path), "--image", "face.png", "--device", "cpu"]) == 2
     assert "takes 3-channel images; rerender reads the image as grey" in capsys.readouterr().err
+
+
+def _tiny_model():
+    from dcign_fast.models import DCIGN
+
+    return DCIGN.from_preset("demo64").eval()
+
+
+def _not_computed(monkeypatch):
+    """rerender's module with sweep_values, which each of sweep_grid's rows calls first, replaced by a test
+    failure: what is refused, is refused before anything is computed."""
+    rerendering = importlib.import_module("dcign_fast.eval.rerender")
+    monkeypatch.setattr(rerendering, "sweep_values", lambda *args: pytest.fail("computed before refusing"))
+    return rerendering
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (
+            {"values": torch.tensor([float("nan"), 0.0])},
+            ValueError,
+            r"values must be finite, got 1 NaN or inf of 2: tensor\(\[nan, 0\.\]\)",
+        ),
+        ({"values": torch.tensor([0.0, float("inf")])}, ValueError, r"values must be finite"),
+        ({"values": torch.tensor([True, False])}, TypeError, r"values must be real numbers .*torch.bool"),
+        ({"group": ["azimuth"]}, ValueError, r"group must be one of \['azimuth', .*got \['azimuth'\]"),
+        ({"model": torch.nn.Linear(2, 2)}, TypeError, r"model must be a DCIGN, got Linear"),
+        (
+            {"image": torch.rand(1, 1, 32, 32)},
+            ValueError,
+            r"image must be one image, \[1, 1, 64, 64\] or \[1, 64, 64\]",
+        ),
+        ({"image": torch.rand(1, 3, 64, 64)}, ValueError, r"image must be one image, .*got shape \(1, 3, 64, 64\)"),
+        ({"image": torch.rand(1, 1, 64, 64) * 255}, ValueError, r"image must hold images in \[0, 1\].*divide by 255"),
+        (
+            {"image": torch.full((1, 64, 64), float("nan"))},
+            ValueError,
+            r"image must hold images in \[0, 1\], got \[nan",
+        ),
+    ],
+)
+def test_rerender_names_a_bad_argument(change, error, words):
+    """NaN values decoded to NaN images, a list group failed as unhashable, another module on a missing
+    attribute, and a wrong image was reported as the model's x; images in 0..255 gave garbage."""
+    from dcign_fast.eval import rerender
+
+    args = {"model": _tiny_model(), "image": torch.rand(1, 1, 64, 64), "group": "azimuth"}
+    args |= {"values": torch.tensor([0.0, 1.0]), **change}
+    with pytest.raises(error, match=words):
+        rerender(**args)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        ({"spread": float("nan")}, ValueError, r"spread must be > 0 and finite, got nan"),
+        ({"spread": float("inf")}, ValueError, r"spread must be > 0 and finite, got inf"),
+        ({"spread": 0.0}, ValueError, r"spread must be > 0"),
+        ({"spread": "2"}, TypeError, r"spread must be a number, got '2'"),
+        ({"references": {"azimut": torch.rand(3, 1, 64, 64)}}, ValueError, r"references: unknown groups \['azimut'\]"),
+        ({"references": [torch.rand(3, 1, 64, 64)]}, TypeError, r"references must be a dict .*got list"),
+        ({"references": torch.rand(3, 1, 64, 64)}, TypeError, r"references must be a dict .*got Tensor"),
+        (
+            {"references": {"light": torch.rand(0, 1, 64, 64)}},
+            ValueError,
+            r"references\['light'\] must hold at least one image, got shape \(0, 1, 64, 64\)",
+        ),
+        (
+            {"references": {"light": torch.rand(3, 1, 32, 32)}},
+            ValueError,
+            r"references\['light'\] must be \[B, 1, 64, 64\] images for this model, got \(3, 1, 32, 32\)",
+        ),
+        (
+            {"references": {"light": torch.rand(3, 1, 64, 64) * 255}},
+            ValueError,
+            r"references\['light'\] must hold images in \[0, 1\]",
+        ),
+        ({"image": torch.rand(64, 64)}, ValueError, r"image must be one image, .*got shape \(64, 64\)"),
+        ({"image": torch.rand(1, 64, 64) - 1}, ValueError, r"image must hold images in \[0, 1\]"),
+        ({"model": torch.nn.Linear(2, 2)}, TypeError, r"model must be a DCIGN, got Linear"),
+        ({"path": "grid.foo"}, ValueError, r"path must end in an image extension such as \.png, got '.*grid\.foo'"),
+        ({"path": "grid"}, ValueError, r"path must end in an image extension such as \.png"),
+        ({"path": "."}, ValueError, r"path must be a file to write, got the folder"),
+        ({"path": "a-file/grid.png"}, ValueError, r"path's folder: cannot make the folder '.*a-file'"),
+        ({"path": 3}, TypeError, r"path must be a str or Path of an image file"),
+    ],
+)
+def test_sweep_grid_refuses_a_bad_argument_before_computing(change, error, words, tmp_path, monkeypatch):
+    """A NaN or inf spread drew black rows; a misspelt or non-dict references was ignored; PIL refused an
+    extension only when saving the computed grid."""
+    rerendering = _not_computed(monkeypatch)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    args = {"model": _tiny_model(), "image": torch.rand(1, 1, 64, 64), "path": tmp_path / "out" / "grid.png"}
+    with pytest.raises(error, match=words):
+        rerendering.sweep_grid(**{**args, **change})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written, no folder made
+
+
+def test_sweep_grid_takes_numpy_numbers_and_any_reference_groups(tmp_path):
+    import numpy as np
+
+    from dcign_fast.eval import sweep_grid
+
+    references = {"light": torch.rand(3, 1, 64, 64)}  # the others span the image's value +- spread
+    path = sweep_grid(
+        _tiny_model(), torch.rand(1, 64, 64), str(tmp_path / "g.png"), np.int64(3), references, np.float32(1)
+    )
+    assert path == tmp_path / "g.png" and path.stat().st_size > 0
+
+
+def _sweeps_of(change=None):
+    """batch(kind, generator) for demo64: 4 images, all four factors; ``change(images, factors)`` edits them."""
+
+    def batch(kind, generator):
+        images = torch.rand(4, 1, 64, 64, generator=generator)
+        factors = {k: torch.rand(4, generator=generator) for k in ("azimuth", "elevation", "light")}
+        factors["identity"] = torch.randint(0, 1000, (), generator=generator).expand(4).clone()
+        return change(images, factors) if change else (images, factors)
+
+    return batch
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (lambda x, f: (x * 255, f), ValueError, r"images must hold images in \[0, 1\], got .*divide by 255"),
+        (lambda x, f: (x * 1.5, f), ValueError, r"images must hold images in \[0, 1\], got \[.*, 1\.\d+\];"),
+        (lambda x, f: (x - 0.5, f), ValueError, r"images must hold images in \[0, 1\], got \[-0\.\d+"),
+        (lambda x, f: ((x * 255).byte(), f), TypeError, r"images must be floating-point images .*torch.uint8"),
+        (lambda x, f: (x[:, :, :32, :32], f), ValueError, r"images have shape \(4, 1, 32, 32\)"),
+        (lambda x, f: (x[:0], f), ValueError, r"images have shape \(0, 1, 64, 64\)"),
+        (lambda x, f: x, TypeError, r"its azimuth sweep 0 is a Tensor"),
+        (lambda x, f: (x, list(f.values())), TypeError, r"factors are a list"),
+        (lambda x, f: (x, {k: v for k, v in f.items() if k != "azimuth"}), ValueError, r"factors lack \['azimuth'\]"),
+        (lambda x, f: (x, {k: v for k, v in f.items() if k != "identity"}), ValueError, r"factors lack \['identity'\]"),
+        (lambda x, f: (x, {k: v[:2] for k, v in f.items()}), ValueError, r"factors\['azimuth'\] has shape \(2,\)"),
+        (lambda x, f: (x, {k: v.tolist() for k, v in f.items()}), ValueError, r"factors\['azimuth'\] is a list"),
+    ],
+)
+def test_evaluate_checks_what_batch_returns_at_its_first_sweep(change, error, words):
+    """torch's errors came from deep inside (a KeyError, a size mismatch in pearson) or, for images outside
+    [0, 1], from the reconstruction's BCE after every sweep had been encoded."""
+    from dcign_fast.eval import evaluate
+
+    model = _tiny_model()
+    encoded, drawn, batch = [], [], _sweeps_of(change)
+    model.encode = lambda x: encoded.append(x) or pytest.fail("encoded a sweep before checking it")
+    contract = r"; batch\(kind, generator\) must return \(images, factors\): images a floating-point \[B, 1, 64, 64\]"
+    with pytest.raises(error, match=r"batch: its azimuth sweep 0.*" + words.removeprefix(r"its azimuth sweep 0")):
+        evaluate(model, lambda kind, g: drawn.append(kind) or batch(kind, g), sweeps=3, identities=2)
+    with pytest.raises(error, match=contract):
+        evaluate(model, batch, sweeps=3, identities=2)
+    assert drawn == ["azimuth"] and not encoded
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        ({"seed": 1.5}, TypeError, r"seed must be an integer, got 1\.5"),
+        ({"seed": None}, TypeError, r"seed must be an integer, got None"),
+        ({"seed": "0"}, TypeError, r"seed must be an integer, got '0'"),
+        ({"batch": 3}, TypeError, r"batch must be a callable, batch\(kind, generator\) -> \(images, factors\), got 3"),
+        ({"out": "a-file"}, ValueError, r"out: cannot make the folder 'a-file'"),
+        ({"model": torch.nn.Linear(2, 2)}, TypeError, r"model must be a DCIGN, got Linear"),
+    ],
+)
+def test_evaluate_refuses_a_bad_argument_before_drawing(change, error, words, tmp_path, monkeypatch):
+    evaluation = importlib.import_module("dcign_fast.eval.evaluate")
+    monkeypatch.setattr(evaluation, "encode_sweeps", lambda *args: pytest.fail("drew sweeps before refusing"))
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=words):
+        evaluation.evaluate(**{"model": _tiny_model(), "batch": _sweeps_of(), "identities": 2, **change})
+
+
+def test_evaluate_takes_a_numpy_seed_and_a_negative_one(tmp_path):
+    import numpy as np
+
+    from dcign_fast.eval import evaluate
+
+    model = _tiny_model()
+    first = evaluate(model, _sweeps_of(), sweeps=2, identities=2, seed=np.int64(-5), out=tmp_path / "e")
+    assert first == evaluate(model, _sweeps_of(), sweeps=2, identities=2, seed=-5)
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["sweeps_per_group"] == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,6 +127,40 @@ def test_edits_to_a_preset_are_checked_and_the_paper_grouping_follows_latent_dim
     assert DCIGNConfig(**{**preset("demo64").to_dict(), "latent_groups": custom}).latent_groups == custom  # kept
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("image_size", np.int64(64)),
+        ("in_channels", np.int32(1)),
+        ("latent_dim", np.int64(16)),
+        ("encoder_channels", (np.int64(16), 32, np.uint8(32))),
+        ("decoder_channels", [np.int16(32), 16]),
+        ("encoder_kernel", np.int64(5)),
+        ("decoder_kernel", np.int64(5)),
+        ("encoder_padding", np.int64(2)),
+        ("decoder_padding", np.uint8(2)),
+    ],
+)
+def test_numpy_integers_in_a_config_are_stored_as_ints(field, value, tmp_path):
+    """They passed the checks but stayed numpy's: nn.Unflatten refused an image_size or kernel of them, and
+    save() a latent_dim (JSON), after the model had been built and trained."""
+    for config in (dataclasses.replace(preset("demo64"), **{field: value}), preset("demo64")):
+        setattr(config, field, value)  # (the second: an edit after the config was made, checked by DCIGN)
+        model = DCIGN(config)
+        stored = getattr(model.config, field)
+        assert all(type(v) is int for v in (stored if isinstance(stored, tuple) else (stored,)))
+        assert model(torch.rand(1, 1, 64, 64))[0].shape == (1, 1, 64, 64)
+        assert DCIGN.from_checkpoint(model.save(tmp_path / "m.safetensors")).config == model.config
+
+
+@pytest.mark.parametrize("field", ["image_size", "latent_dim", "encoder_kernel", "decoder_padding"])
+def test_a_bool_is_not_an_integer_field(field):
+    with pytest.raises(TypeError, match=f"{field} must be an integer, got True"):
+        dataclasses.replace(preset("demo64"), **{field: True})
+    with pytest.raises(TypeError, match=r"decoder_channels\[1\] must be an integer, got False"):
+        dataclasses.replace(preset("demo64"), decoder_channels=(32, False))
+
+
 def test_wrong_input_shapes_are_clear_errors():
     model = DCIGN.from_preset("demo64")
     with pytest.raises(ValueError, match=r"x must be \[B, 1, 64, 64\] images for this model, got \(2, 1, 32, 32\)"):
@@ -235,6 +270,32 @@ def test_loss_refuses_latents_or_kl_of_another_batch(mu, kl, words):
         ({"x": torch.rand(2, 1, 4, 4) * 255}, ValueError, r"x must hold images in \[0, 1\].*divide by 255"),
         ({"x": torch.full((2, 1, 4, 4), float("nan"))}, ValueError, r"x must hold images in \[0, 1\].*nan"),
         ({"x": -torch.rand(2, 1, 4, 4)}, ValueError, r"x must hold images in \[0, 1\].*, got \[-0"),
+        # recon outside [0, 1]: torch's error named neither recon nor the likely cause (decode_logits' logits).
+        ({"recon": torch.randn(2, 1, 4, 4)}, ValueError, r"recon must be in \[0, 1\] .*decode, not decode_logits"),
+        ({"recon": 1 + torch.rand(2, 1, 4, 4)}, ValueError, r"recon must be in \[0, 1\] .*got \[1\."),
+        ({"recon": -torch.rand(2, 1, 4, 4)}, ValueError, r"recon must be in \[0, 1\] .*got \[-0\."),
+        (  # a NaN (allowed: the loss is NaN) does not hide a value outside
+            {"recon": torch.tensor([float("nan"), 2.0]).repeat(16).view(2, 1, 4, 4)},
+            ValueError,
+            r"recon must be in \[0, 1\] .*got \[0\.5, 2\.0\]",
+        ),
+        # An empty batch gave a NaN loss (forward refuses it); x without its batch dimension was blamed on mu, or
+        # (0-d) gave an IndexError.
+        (
+            {"x": torch.rand(0, 1, 4, 4), "recon": torch.rand(0, 1, 4, 4)},
+            ValueError,
+            r"x must hold at least one image, got shape \(0, 1, 4, 4\)",
+        ),
+        (
+            {"x": torch.rand(1, 4, 4), "recon": torch.rand(1, 4, 4)},
+            ValueError,
+            r"x must be \[B, C, S, S\] .*\(1, 4, 4\)",
+        ),
+        (
+            {"x": torch.tensor(0.5), "recon": torch.tensor(0.5)},
+            ValueError,
+            r"x must be \[B, C, S, S\] .*got shape \(\)",
+        ),
     ],
 )
 def test_loss_names_a_mismatched_or_wrongly_typed_argument(change, error, words):
@@ -264,6 +325,9 @@ def test_loss_checks_targets_on_a_gpu_at_its_first_call_per_device(monkeypatch):
     args = {"recon": x.clone(), "mu": torch.randn(2, 5, device="cuda"), "logvar": torch.randn(2, 5, device="cuda")}
     with pytest.raises(ValueError, match="divide by 255"):
         DCIGN.loss(x * 255, **args)
+    with pytest.raises(ValueError, match="recon must be in"):
+        DCIGN.loss(x, **{**args, "recon": x - 1})
+    assert not dcign._TARGETS_CHECKED_ON
     DCIGN.loss(x, **args)
     assert {x.device} == dcign._TARGETS_CHECKED_ON
 

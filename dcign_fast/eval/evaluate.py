@@ -7,6 +7,7 @@ the best |r| of any one latent with that factor (how a plain VAE is fairly compa
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 
 from dcign_fast.bounds import Bounds
 from dcign_fast.data.seeds import EVAL_RECONSTRUCTION, stream_generator
-from dcign_fast.eval.inference import eval_mode, model_input, require_groups
-from dcign_fast.eval.metrics import EXTRINSIC, encode_sweeps, group_correlation, mig
+from dcign_fast.eval.grid import output_folder
+from dcign_fast.eval.inference import check_model, eval_mode, model_input, require_groups
+from dcign_fast.eval.metrics import EXTRINSIC, draw_sweep, encode_sweeps, group_correlation, mig
 from dcign_fast.eval.recognition import cross_pose_retrieval, distinct_identity_sweeps
 from dcign_fast.models import DCIGN
 
@@ -37,8 +39,10 @@ def evaluate(
     checkpoint: str | Path | None = None,
 ) -> dict:
     """Metrics of ``model`` on held-out one-factor sweeps drawn by ``batch(kind, generator)``
-    (default: the built-in renderer at the model's size). Writes eval.json and scatter.png to ``out``;
-    ``checkpoint``, where the model was loaded from, is recorded in eval.json.
+    (default: the built-in renderer at the model's size), which must return (images [B, C, S, S] in [0, 1] at the
+    model's size, factors: a dict with a [B] tensor for each of "azimuth", "elevation", "light" and "identity");
+    each sweep is checked before it is encoded. ``seed``: an int. Writes eval.json and scatter.png to ``out``
+    (a folder, made first); ``checkpoint``, where the model was loaded from, is recorded in eval.json.
 
     Returns:
         {"correlation": {group: |r|} per extrinsic group, "best_single_latent": {group: the best |r| of any one
@@ -46,11 +50,14 @@ def evaluate(
         {"bce_per_image", "mse_per_pixel"}, "identity_retrieval": {"intrinsic_latents", "raw_pixels" (top-1
         accuracies), "chance", "identities"}}, and "checkpoint" (its resolved path) when given.
     """
-    if not isinstance(model, torch.nn.Module):  # (a torch.compile of a DCIGN is a module that is not a DCIGN)
-        raise TypeError(f"model must be a DCIGN, got {type(model).__name__}")
+    check_model(model)
     require_groups(model, (*EXTRINSIC, "intrinsic"), "evaluate")
     for name, count in (("sweeps", sweeps), ("identities", identities)):
         Bounds(1).check(name, count, integer=True)
+    Bounds(-math.inf).check("seed", seed, integer=True)  # (any int: stream_generator hashes it)
+    seed = int(seed)
+    if batch is not None and not callable(batch):
+        raise TypeError(f"batch must be a callable, batch(kind, generator) -> (images, factors), got {batch!r}")
     with eval_mode(model):
         if batch is None:
             from dcign_fast.data import SweepSampler
@@ -61,6 +68,8 @@ def evaluate(
                     f"identities must be at most the renderer's {sampler.num_identities}, got {identities}"
                 )
             batch = sampler.batch
+        if out is not None:  # made now: a file in its way is found before the evaluation, not after it
+            out = output_folder("out", out)
         groups = model.config.latent_groups
         results: dict = {"correlation": {}, "best_single_latent": {}, "sweeps_per_group": sweeps}
         if checkpoint is not None:
@@ -86,8 +95,6 @@ def evaluate(
         retrieval_sweeps = distinct_identity_sweeps(model, batch, identities, seed + 99)
         results["identity_retrieval"] = cross_pose_retrieval(retrieval_sweeps, groups["intrinsic"])
         if out is not None:
-            out = Path(out)
-            out.mkdir(parents=True, exist_ok=True)
             (out / "eval.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
             plot_scatter(scatter, results["correlation"], out / "scatter.png")
         return results
@@ -100,7 +107,8 @@ def reconstruction_errors(model: DCIGN, batch: Callable, seed: int, count: int =
     for i, kind in enumerate(("azimuth", "elevation", "light", "intrinsic") * (count // 4 + 1)):
         if i == count:
             break
-        images = batch(kind, stream_generator(EVAL_RECONSTRUCTION, seed, i, held_out=True))[0]
+        generator = stream_generator(EVAL_RECONSTRUCTION, seed, i, held_out=True)
+        images = draw_sweep(model, batch, kind, generator, f"its {kind} sweep {i}", factors_needed=False)[0]
         recon = model.decode(model.encode(model_input(model, images))[0]).float()
         images = images.to(recon.device)  # the float32 targets, not rounded to a 16-bit model's dtype
         bce += F.binary_cross_entropy(recon, images.float(), reduction="sum").item()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +38,42 @@ def save_grid(path: str | Path, rows: list[torch.Tensor], labels: list[str], sca
     path.parent.mkdir(parents=True, exist_ok=True)
     grid_image(rows, labels, scale).save(path)
     return path
+
+
+def output_folder(name: str, folder: object) -> Path:
+    """``folder`` (a str or Path) made if missing, as a Path; a TypeError or ValueError naming ``name`` if it is
+    not a path or cannot be made (a file stands in its way, no permission). For a writer to call before its
+    computation, not after it."""
+    folder = Path(_text_path(name, folder, "a str or Path of a folder"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{name}: cannot make the folder {str(folder)!r}: {err.strerror or err}") from None
+    return folder
+
+
+def image_path(name: str, path: object) -> Path:
+    """``path`` as a Path to write a picture to: its extension one PIL writes (the command line's ``--out`` rule),
+    its folder made now. A TypeError or ValueError naming ``name`` otherwise, before anything is computed (PIL
+    would refuse the extension only when the picture is saved)."""
+    text = _text_path(name, path, "a str or Path of an image file (.png...)")
+    if problem := image_file_problem(text):
+        raise ValueError(f"{name} {problem}")
+    output_folder(f"{name}'s folder", Path(text).parent)
+    return Path(text)
+
+
+def image_file_problem(text: str) -> str | None:
+    """What keeps ``text`` from naming a picture to write (a folder, an extension PIL does not write), else None."""
+    path = Path(text)
+    if path.is_dir():
+        return f"must be a file to write, got the folder {text!r}"
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        return f"must end in an image extension such as .png, got {text!r}"
+    return None
+
+
+def _text_path(name: str, value: object, what: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return os.fspath(value)

@@ -9,15 +9,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
 from dcign_fast.data.seeds import EVAL_SWEEPS, stream_generator
-from dcign_fast.eval.inference import model_input
-from dcign_fast.models import DCIGN
+from dcign_fast.eval.inference import check_images, model_input
+from dcign_fast.models import DCIGN, DCIGNConfig
 
 EXTRINSIC = ("azimuth", "elevation", "light")
+FACTOR_KEYS = (*EXTRINSIC, "identity")  # the factors evaluation reads from each sweep
 MIG_BINS = 20
 
 
@@ -37,6 +38,59 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
 
 
+def draw_sweep(
+    model: DCIGN,
+    batch: Callable[[str, torch.Generator], tuple],
+    kind: str,
+    generator: torch.Generator,
+    what: str,
+    factors_needed: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``batch(kind, generator)``'s (images, factors), checked against its contract (:func:`batch_contract`; the
+    factors only when ``factors_needed``): else an error naming ``batch``, ``what`` it drew and the contract, at the
+    first sweep that breaks it (torch's errors came after every sweep was encoded, and named no argument)."""
+    drawn = batch(kind, generator)
+    if not isinstance(drawn, (tuple, list)) or len(drawn) < 2:
+        got = f"{type(drawn).__name__} of {len(drawn)}" if isinstance(drawn, (tuple, list)) else type(drawn).__name__
+        raise TypeError(f"batch: {what} is a {got}; {batch_contract(model)}")
+    images, factors = drawn[:2]
+    try:
+        check_images("images", images)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"batch: {what}'s {err}; {batch_contract(model)}") from None
+    config = getattr(model, "config", None)  # (stand-in models have none)
+    item = (config.in_channels, config.image_size, config.image_size) if isinstance(config, DCIGNConfig) else None
+    if images.dim() != 4 or not len(images) or (item is not None and images.shape[1:] != item):
+        raise ValueError(f"batch: {what}'s images have shape {tuple(images.shape)}; {batch_contract(model)}")
+    if not factors_needed:
+        return images, {}
+    if not isinstance(factors, Mapping):
+        raise TypeError(f"batch: {what}'s factors are a {type(factors).__name__}; {batch_contract(model)}")
+    missing = [key for key in FACTOR_KEYS if key not in factors]
+    if missing:
+        raise ValueError(f"batch: {what}'s factors lack {missing}; {batch_contract(model)}")
+    for key in FACTOR_KEYS:
+        value = factors[key]
+        if not isinstance(value, torch.Tensor) or value.shape != (len(images),):
+            got = (
+                f"has shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"is a {type(value).__name__}"
+            )
+            raise ValueError(f"batch: {what}'s factors[{key!r}] {got}; {batch_contract(model)}")
+    return images, dict(factors)
+
+
+def batch_contract(model: DCIGN) -> str:
+    """What evaluation's ``batch`` callable must return, at ``model``'s image size."""
+    config = getattr(model, "config", None)
+    shape = "B, C, S, S"
+    if isinstance(config, DCIGNConfig):
+        shape = f"B, {config.in_channels}, {config.image_size}, {config.image_size}"
+    return (
+        f"batch(kind, generator) must return (images, factors): images a floating-point [{shape}] tensor in [0, 1] "
+        f"with B >= 1, factors a dict with a [B] tensor for each of {list(FACTOR_KEYS)}"
+    )
+
+
 @torch.no_grad()
 def encode_sweeps(
     model: DCIGN,
@@ -48,19 +102,21 @@ def encode_sweeps(
 ) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
     """Held-out sweeps ``first .. first + count - 1`` of one kind: (images, mu, factors) each, on the CPU.
 
-    A ValueError when the model's latent means or the batch's extrinsic factors are not finite: every metric
-    would be NaN (or, for a max over latents, depend on which latent held it) and eval.json invalid JSON.
+    Each is checked (:func:`draw_sweep`) before the model encodes it. A ValueError when the model's latent means
+    or the batch's extrinsic factors are not finite: every metric would be NaN (or, for a max over latents,
+    depend on which latent held it) and eval.json invalid JSON.
     """
     sweeps = []
     for i in range(first, first + count):
-        images, factors = batch(kind, stream_generator(EVAL_SWEEPS, seed, i, held_out=True))[:2]
+        generator = stream_generator(EVAL_SWEEPS, seed, i, held_out=True)
+        images, factors = draw_sweep(model, batch, kind, generator, f"its {kind} sweep {i}")
         mu, _ = model.encode(model_input(model, images))
         if not torch.isfinite(mu).all():
             raise ValueError(
                 f"model: its latent means are not finite (NaN or inf) on held-out {kind} sweep {i}; "
                 "its weights have diverged, evaluate an earlier checkpoint"
             )
-        missing = sorted(k for k in EXTRINSIC if k in factors and not torch.isfinite(factors[k]).all())
+        missing = [k for k in EXTRINSIC if not torch.isfinite(factors[k]).all()]
         if missing:
             raise ValueError(
                 f"batch: the {kind} sweep's true factors {missing} are not finite; evaluation needs them "

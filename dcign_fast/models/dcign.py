@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -29,27 +30,53 @@ def binary_cross_entropy_sum(recon: torch.Tensor, target: torch.Tensor) -> torch
     return bce + 0.0 * recon.sum()  # NaN * 0 = NaN: a NaN anywhere in recon reaches the loss
 
 
-# Accelerator devices whose loss targets were checked once (see _check_targets).
+# Accelerator devices whose loss inputs were checked once (see _check_ranges).
 _TARGETS_CHECKED_ON: set[torch.device] = set()
 
 
-def _check_targets(x: torch.Tensor) -> None:
-    """x, the BCE's targets, in [0, 1]: a ValueError naming it (0..255 pixels would give a wrong loss, or stop the
-    process with a device-side assert on a GPU). On the CPU at every call; on an accelerator at the first call per
-    device, since the check's host sync would keep the host from queueing the backward while the GPU runs the
-    forward at every step (a data pipeline that yields 0..255 does so from its first batch). Not while
-    torch.compile traces, torch.func transforms or a CUDA graph captures, where nothing can sync."""
+def _check_ranges(x: torch.Tensor, recon: torch.Tensor) -> None:
+    """x, the BCE's targets, and recon, its input, in [0, 1]: a ValueError naming the one outside (0..255 pixels,
+    or decode_logits' logits for recon, would give a wrong loss or torch's error naming neither, or stop the
+    process with a device-side assert on a GPU). NaN in recon is allowed (the loss is then NaN, for the trainer to
+    report). On the CPU at every call; on an accelerator at the first call per device, since the check's host sync
+    would keep the host from queueing the backward while the GPU runs the forward at every step (a data pipeline
+    that yields 0..255, or a loss fed logits, does so from its first batch). Not while torch.compile traces,
+    torch.func transforms or a CUDA graph captures, where nothing can sync."""
     # In this order: dynamo cannot trace the capture query, and functorch's wrappers (vmap, grad) hold no data.
     if torch.compiler.is_compiling() or x.device.type == "meta" or not x.numel() or x.device in _TARGETS_CHECKED_ON:
         return
-    if torch._C._functorch.is_functorch_wrapped_tensor(x) or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, recon)) or (
+        x.is_cuda and torch.cuda.is_current_stream_capturing()
+    ):
         return
-    low, high = torch.stack(torch.aminmax(x.detach())).tolist()  # (one sync)
-    if not (low >= 0 and high <= 1):  # (NaN fails too)
-        hint = ": 0..255 pixels? divide by 255" if high > 1 else ""
-        raise ValueError(f"x must hold images in [0, 1] (the reconstruction's targets), got [{low}, {high}]{hint}")
+    ranges = torch.stack([m.float() for t in (x, recon) for m in torch.aminmax(t.detach())])
+    low, high, recon_low, recon_high = ranges.tolist()  # (one sync)
+    if error := outside_unit_range("x", "images in [0, 1] (the reconstruction's targets)", low, high):
+        raise error
+    if math.isnan(recon_low):  # NaN hides the other values' range; the BCE replaces NaN with 0.5 (a failed step)
+        recon_low, recon_high = torch.stack(torch.aminmax(torch.nan_to_num(recon.detach().float(), nan=0.5))).tolist()
+    if not (recon_low >= 0 and recon_high <= 1):
+        raise ValueError(
+            f"recon must be in [0, 1] (the decoder's sigmoid output: decode, not decode_logits), "
+            f"got [{recon_low}, {recon_high}]"
+        )
     if x.device.type != "cpu":
         _TARGETS_CHECKED_ON.add(x.device)
+
+
+def outside_unit_range(name: str, what: str, low: float, high: float) -> ValueError | None:
+    """The ValueError for ``name``'s values, spanning [low, high], outside [0, 1] (NaN too), with a hint for
+    0..255 pixels; None when they are inside."""
+    if low >= 0 and high <= 1:
+        return None
+    hint = ": 0..255 pixels? divide by 255" if high > 2 else ""
+    return ValueError(f"{name} must hold {what}, got [{low}, {high}]{hint}")
+
+
+def _check_not_empty(x: object) -> None:
+    """A batch of no images would average over B = 0 (NaN), or reach kernels that refuse it."""
+    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 0:
+        raise ValueError(f"x must hold at least one image, got shape {tuple(x.shape)}")
 
 
 def paper_latent_groups(latent_dim: int) -> dict[str, tuple[int, int]]:
@@ -70,6 +97,12 @@ def _spans(latent_groups: object) -> dict[str, tuple[int, int]]:
             raise TypeError(f"latent_groups[{name!r}] must be a (start, stop) pair of ints, got {span!r}")
         spans[name] = (int(span[0]), int(span[1]))
     return spans
+
+
+def _checked_int(name: str, value: object, low: int) -> int:
+    """``value`` as an int: an integer (numpy's too, not a bool) >= ``low``, else an error naming ``name``."""
+    Bounds(low).check(name, value, integer=True)
+    return int(cast(int, value))
 
 
 @dataclass
@@ -120,15 +153,15 @@ class DCIGNConfig:
             )
 
     def _check_sizes(self) -> None:
-        """Sizes, channel counts and kernels are integers >= 1, paddings integers >= 0."""
-        counts = {"image_size": self.image_size, "in_channels": self.in_channels, "latent_dim": self.latent_dim}
-        counts |= {f"encoder_channels[{i}]": c for i, c in enumerate(self.encoder_channels)}
-        counts |= {f"decoder_channels[{i}]": c for i, c in enumerate(self.decoder_channels)}
-        counts |= {"encoder_kernel": self.encoder_kernel, "decoder_kernel": self.decoder_kernel}
-        for name, value in counts.items():
-            Bounds(1).check(name, value, integer=True)
-        for name, value in (("encoder_padding", self.encoder_padding), ("decoder_padding", self.decoder_padding)):
-            Bounds(0).check(name, value, integer=True)
+        """Sizes, channel counts and kernels are integers >= 1, paddings integers >= 0; each stored as an int
+        (numpy's integers pass the check, but torch's layers and save()'s JSON refuse them)."""
+        for name, low in (("image_size", 1), ("in_channels", 1), ("latent_dim", 1)):
+            setattr(self, name, _checked_int(name, getattr(self, name), low))
+        for name in ("encoder_channels", "decoder_channels"):
+            channels = getattr(self, name)
+            setattr(self, name, tuple(_checked_int(f"{name}[{i}]", c, 1) for i, c in enumerate(channels)))
+        for name, low in (("encoder_kernel", 1), ("decoder_kernel", 1), ("encoder_padding", 0), ("decoder_padding", 0)):
+            setattr(self, name, _checked_int(name, getattr(self, name), low))
 
     def _checked_groups(self) -> dict[str, tuple[int, int]]:
         """latent_groups as (int, int) spans inside [0, latent_dim); empty, or the paper's grouping for
@@ -218,7 +251,7 @@ def preset(name: str) -> DCIGNConfig:
     return replace(config, latent_groups=dict(config.latent_groups))
 
 
-def _check_shape(name: str, t: object, per_item: tuple[int, ...], what: str) -> None:
+def check_shape(name: str, t: object, per_item: tuple[int, ...], what: str) -> None:
     """``t`` must be a batch of ``per_item``-shaped tensors: ValueError naming the expected shape otherwise."""
     if not isinstance(t, torch.Tensor) or tuple(t.shape[1:]) != per_item or t.dim() != len(per_item) + 1:
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -343,14 +376,14 @@ class DCIGN(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, C, S, S] in [0, 1] -> (mu, logvar), each [B, latent_dim]."""
         c = self.config
-        _check_shape("x", x, (c.in_channels, c.image_size, c.image_size), "images")
+        check_shape("x", x, (c.in_channels, c.image_size, c.image_size), "images")
         self._check_dtype("x", x, "images in [0, 1] (uint8 pixels: divide by 255)")
         h = self.encoder(x)
         return self.to_mu(h), self.to_logvar(h)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] -> [B, C, S, S] logits (before the sigmoid)."""
-        _check_shape("z", z, (self.config.latent_dim,), "codes")
+        check_shape("z", z, (self.config.latent_dim,), "codes")
         self._check_dtype("z", z, "codes")
         # The unflattened code is NCHW and every unpool-conv keeps its input's layout: without this a model
         # moved to channels_last (the trainer's default) would run its whole decoder in NCHW, and the fused
@@ -400,8 +433,7 @@ class DCIGN(nn.Module):
         kl is each image's KL of the clamped posterior, the term to pass to :meth:`loss` when training
         with clamping (its gradient follows the sampler's rules). Both return shapes are plain tuples.
         """
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 0:
-            raise ValueError(f"x must hold at least one image, got shape {tuple(x.shape)}")
+        _check_not_empty(x)
         mu, logvar = self.encode(x)
         z, kl = sample_latents(mu, logvar, active, clamp=clamp, invariance=invariance, seed=seed, backend=self.backend)
         recon = self.decode(z)
@@ -421,6 +453,9 @@ class DCIGN(nn.Module):
             if not (isinstance(t, torch.Tensor) and t.is_floating_point()) and not (name == "kl" and t is None):
                 got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
                 raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+        if x.dim() != 4:  # (x[0] would be blamed on mu, as of another batch size)
+            raise ValueError(f"x must be [B, C, S, S] images, got shape {tuple(x.shape)}")
+        _check_not_empty(x)
         if recon.shape != x.shape:
             raise ValueError(f"recon must have x's shape {tuple(x.shape)}, got {tuple(recon.shape)}")
         batch = x.shape[0]
@@ -431,7 +466,7 @@ class DCIGN(nn.Module):
             raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
         if kl is not None and tuple(kl.shape) != (batch,):
             raise ValueError(f"kl must be [B] with x's batch size B={batch}, got shape {tuple(kl.shape)}")
-        _check_targets(x)
+        _check_ranges(x, recon)
         recon_loss = binary_cross_entropy_sum(recon.float(), x.float()) / batch
         if kl is None:
             kl_loss = -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()) / batch
