@@ -19,7 +19,7 @@ import torch
 
 from dcign_fast.bounds import Bounds
 from dcign_fast.data.folders import DatasetError
-from dcign_fast.data.sweeps import FACTOR_KEYS, KINDS, Batch
+from dcign_fast.data.sweeps import FACTOR_KEYS, KINDS, Batch, device_argument
 
 INDEX = "index.json"
 
@@ -64,6 +64,8 @@ def _check_batch(name: str, images: object, factors: object, kind: object) -> No
         raise ValueError(f"{name}: images must be floating-point [B, 1, S, S], got {got}")
     if images.shape[1] != 1 or images.shape[2] != images.shape[3]:
         raise ValueError(f"{name}: a cache holds square grey images [B, 1, S, S], got shape {tuple(images.shape)}")
+    if images.shape[0] == 0 or images.shape[2] == 0:  # (the reader refuses a batch of no images)
+        raise ValueError(f"{name}: images must be one or more images of one or more pixels, got {tuple(images.shape)}")
     if not bool(((images >= 0) & (images <= 1)).all()):  # (NaN fails both)
         raise ValueError(f"{name}: images must lie in [0, 1] (0..255 pixels: divide by 255), and be free of NaN")
     if kind not in KINDS:
@@ -99,13 +101,14 @@ def is_cache(path: str | Path) -> bool:
 class SweepCache:
     """Read a cache written by :func:`write_cache` as a map-style dataset of batches.
 
-    device: where images and factors go. Keeps the most recently used shard in memory, so reading in
-    order (or shuffling shard by shard, see :meth:`epoch`) loads each shard once; ``keep_shards=True``
-    keeps every shard once read (uint8: a quarter of the images' float32 size), for random access.
+    device: where images and factors go ('auto': a GPU when there is one). Keeps the most recently used shard
+    in memory, so reading in order (or shuffling shard by shard, see :meth:`epoch`) loads each shard once;
+    ``keep_shards=True`` keeps every shard once read (uint8: a quarter of the images' float32 size), for random
+    access.
     """
 
     def __init__(self, cache_dir: str | Path, device: torch.device | str = "cpu", keep_shards: bool = False):
-        self.dir, self.device, self.keep_shards = Path(cache_dir), torch.device(device), keep_shards
+        self.dir, self.device, self.keep_shards = Path(cache_dir), device_argument(device), keep_shards
         index_path = self.dir / INDEX
         try:
             index = json.loads(index_path.read_text())

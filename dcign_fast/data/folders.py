@@ -133,8 +133,10 @@ class SweepFolders:
         self.root, self.size, self.on_error = Path(root), size, on_error
         if not self.root.is_dir():
             raise DatasetError(f"dataset folder not found: {self.root}")
+        if not isinstance(kinds, (str, Iterable)):
+            raise TypeError(f"kinds must be a batch kind or a list of them, among {KINDS}, got {kinds!r}")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)  # kinds="azimuth" means that one kind
-        if not set(kinds) <= set(KINDS):
+        if not kinds or not all(isinstance(k, str) for k in kinds) or not set(kinds) <= set(KINDS):
             raise ValueError(f"kinds must name batch kinds among {KINDS}, got {kinds!r}")
         self.folders: list[tuple[Path, str]] = []
         for kind in kinds:

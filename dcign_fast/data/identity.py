@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dcign_fast.bounds import Bounds
 from dcign_fast.data.meshes import Mesh
+from dcign_fast.data.render import _described
 
 _PERIOD = 1.2  # canonical units: cos(pi * x / 1.2) stays positive across the face (|x| < 0.6)
 _MAX_TURN_COS = 0.5  # a triangle's normal may turn by at most 60 degrees
@@ -68,11 +70,39 @@ class Identity:
     gain: Tensor
 
 
+def check_meshes(meshes: object, default: str = "") -> None:
+    """A TypeError unless ``meshes`` is a list (or tuple) of Mesh objects; a ValueError when it is empty.
+    default: what None means, for the message, where None is allowed."""
+    if not isinstance(meshes, (list, tuple)):
+        raise TypeError(
+            f"meshes must be a list of Mesh objects (load_mesh, load_asset){default}, got a {type(meshes).__name__}"
+        )
+    if not meshes:
+        raise ValueError(f"meshes must be a list of at least one Mesh{default}, got none")
+    for i, mesh in enumerate(meshes):
+        if not isinstance(mesh, Mesh):
+            got = type(mesh).__name__
+            raise TypeError(f"meshes must hold Mesh objects (load_mesh, load_asset), got a {got} at {i}")
+
+
 class IdentitySpace:
-    """Faces from a few scans times a K-dimensional symmetric shape space (K = len(MODES))."""
+    """Faces from a few scans times a K-dimensional symmetric shape space (K = len(MODES)).
+
+    meshes: the scans, a non-empty list of Mesh; slope: each mode's largest slope, >= 0 (0: the scans alone);
+    gain_range: (low, high) with 0 <= low <= high <= 1, the albedo gains drawn (an albedo of at most 1 times a
+    gain above 1 would be clipped to white).
+    """
 
     def __init__(self, meshes: list[Mesh], slope: float = 0.12, gain_range: tuple[float, float] = (0.6, 0.95)):
-        self.meshes = meshes
+        check_meshes(meshes)
+        Bounds(0).check("slope", slope)
+        if not (isinstance(gain_range, (tuple, list)) and len(gain_range) == 2):
+            raise ValueError(f"gain_range must be a (low, high) pair, got {gain_range!r}")
+        Bounds(0).check("gain_range[0]", gain_range[0])
+        Bounds(gain_range[0]).check("gain_range[1]", gain_range[1])
+        if gain_range[1] > 1:  # (albedo at most 1 times a gain above 1: clipped to white)
+            raise ValueError(f"gain_range[1] must be at most 1, got {gain_range[1]!r}")
+        self.meshes = list(meshes)
         self.slope = slope
         self.gain_range = gain_range
         self._fields = [mode_fields(m.vertices, slope) for m in meshes]
@@ -84,10 +114,17 @@ class IdentitySpace:
         return IdentitySpace([m.to(device) for m in self.meshes], self.slope, self.gain_range)
 
     def describe(self, identity: Tensor) -> Identity:
-        """identity: [B] int64 (CPU) -> its mesh, coefficients and gain (CPU tensors)."""
+        """identity: [B] int64 (CPU), entries >= 0 -> its mesh, coefficients and gain (CPU tensors)."""
+        if not isinstance(identity, Tensor) or identity.dim() != 1:
+            raise ValueError(f"identity must be a [B] integer tensor, got {_described(identity)}")
+        if identity.is_floating_point() or identity.is_complex() or identity.dtype == torch.bool:
+            raise ValueError(f"identity must be a [B] integer tensor, got {identity.dtype}")
         unique, inverse = identity.unique(return_inverse=True)
         # Uniform draws per distinct identity: K coefficients, then the gain (scans: none, see the module doc).
-        rows = [_identity_draws(i) for i in unique.tolist()]
+        ids = unique.tolist()  # (sorted: a negative one comes first)
+        if ids and ids[0] < 0:
+            raise ValueError(f"identity must hold identities >= 0, got {ids[0]}")
+        rows = [_identity_draws(i) for i in ids]
         draws = torch.stack(rows) if rows else torch.empty(0, len(MODES) + 1)
         scan = (unique < len(self.meshes))[:, None]
         low, high = self.gain_range

@@ -17,7 +17,8 @@ import numpy as np
 class RawMesh:
     """A mesh as read from disk, before any centring or scaling.
 
-    vertices: [V, 3] float64; faces: [F, 3] int64; colors: [V, 3] float in [0, 1] or None;
+    vertices: [V, 3] float64; faces: [F, 3] int64; colors: [V, 3] float in [0, 1] or None (a reader's own
+    RawMesh holds them as stored, 0..255 or 0..1; :func:`read_mesh` checks and scales them);
     uv: [T, 2] texture coordinates or None; face_uv: [F, 3] int64 indices into ``uv`` or None;
     texture_path: image file named by an .obj material, or None.
     """
@@ -39,12 +40,17 @@ def read_mesh(path: str | Path) -> RawMesh:
     reader = readers.get(path.suffix.lower(), _read_with_trimesh)
     try:
         mesh = reader(path)
-    except (ValueError, IndexError, UnicodeDecodeError) as err:
+    except (ValueError, IndexError, UnicodeDecodeError, OverflowError) as err:  # (Overflow: an index past int64)
         raise ValueError(f"cannot read mesh {path}: {err}") from err
     if len(mesh.faces) == 0 or mesh.faces.min() < 0 or mesh.faces.max() >= len(mesh.vertices):
         raise ValueError(f"mesh {path} has no faces or face indices out of range")
     if not np.isfinite(mesh.vertices).all():
         raise ValueError(f"mesh {path} has vertex coordinates that are not finite")
+    if mesh.colors is not None:
+        # Readers give colours as stored: 0..255 or 0..1. (A NaN compared false with 1, leaving the rest unscaled.)
+        if not (np.isfinite(mesh.colors).all() and mesh.colors.min() >= 0 and mesh.colors.max() <= 255):
+            raise ValueError(f"mesh {path} has vertex colours that are not finite numbers in [0, 1] or [0, 255]")
+        mesh.colors = mesh.colors / (255.0 if mesh.colors.max() > 1 else 1.0)
     return mesh
 
 
@@ -66,9 +72,7 @@ def _read_off(path: Path) -> RawMesh:
     for parts in lines[body + n_vertices : body + n_vertices + n_faces]:
         count = int(parts[0])  # anything after the indices is a face colour
         faces.extend(_fan([int(t) for t in parts[1 : 1 + count]]))
-    colors = None
-    if header.startswith("C") and table.shape[1] >= 6:
-        colors = table[:, 3:6] / (255.0 if table[:, 3:6].max() > 1 else 1.0)
+    colors = table[:, 3:6] if header.startswith("C") and table.shape[1] >= 6 else None  # (scaled by read_mesh)
     return RawMesh(table[:, :3], np.asarray(faces, dtype=np.int64), colors)
 
 
@@ -150,7 +154,8 @@ def _read_ply(path: Path) -> RawMesh:
     colors = None
     if all(k in vertex for k in ("red", "green", "blue")):
         colors = np.stack([vertex["red"], vertex["green"], vertex["blue"]], axis=1).astype(np.float64)
-        colors /= 255.0 if colors.max() > 1 else 1.0
+    if "faces" not in tables["face"]:  # (a face element of scalar properties only)
+        raise ValueError("its face element has no list property of vertex indices")
     faces = [tri for polygon in tables["face"]["faces"] for tri in _fan(list(polygon))]
     return RawMesh(vertices, np.asarray(faces, dtype=np.int64), colors)
 

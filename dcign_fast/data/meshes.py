@@ -12,7 +12,7 @@ from torch import Tensor
 
 from dcign_fast.bounds import Bounds
 from dcign_fast.data.mesh_io import read_mesh
-from dcign_fast.data.render import check_indices, check_mesh, vertex_faces
+from dcign_fast.data.render import DEPTH_LIMIT, check_indices, check_mesh, vertex_faces
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 FACE_ASSETS = ("meshmonk", "menpo3d", "james")
@@ -83,12 +83,18 @@ def load_mesh(path: str | Path, radius: float = 0.9) -> Mesh:
     """Load a user's mesh (.ply, .obj, .off; other formats through trimesh).
 
     The mesh is assumed to be y-up and facing +z already; it is centred on its bounding box and scaled
-    to fit a sphere of ``radius``. Vertex colours become grey albedo.
+    to fit a sphere of ``radius`` (at most 2: render's depth range). Vertex colours become grey albedo.
+    A malformed file, or one with coordinates or colours that are not finite, raises a ValueError naming it.
     """
     Bounds(0, strict=True).check("radius", radius)
+    if radius > DEPTH_LIMIT:  # a larger mesh would turn out of render's depth range
+        raise ValueError(f"radius must be at most {DEPTH_LIMIT:g} (render's depth range), got {radius!r}")
     raw = read_mesh(path)
-    vertices = raw.vertices - (raw.vertices.max(0) + raw.vertices.min(0)) / 2
-    extent = np.linalg.norm(vertices, axis=1).max()
+    with np.errstate(over="ignore", invalid="ignore"):  # (coordinates near the float limit: refused below)
+        vertices = raw.vertices - (raw.vertices.max(0) + raw.vertices.min(0)) / 2
+        extent = np.linalg.norm(vertices, axis=1).max()
+    if not np.isfinite(extent):  # then every vertex scaled to 0 (radius / inf), without a word
+        raise ValueError(f"mesh {path}: its coordinates span more than a float holds (extent {extent})")
     if extent == 0:  # scaling it to the sphere would divide by 0
         raise ValueError(f"mesh {path}: all its vertices coincide")
     vertices *= radius / extent

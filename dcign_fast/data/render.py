@@ -10,7 +10,8 @@ Conventions (camera frame, orthographic, looking down -z):
 - ``light_azimuth`` / ``light_elevation`` (radians) give a directional light fixed in the camera frame:
   direction (sin az * cos el, sin el, cos az * cos el). Positive light azimuth lights the image-right
   side (the subject's left cheek at azimuth 0); positive light elevation lights from above.
-- Scene units: the visible region is [-1/zoom, 1/zoom] in x and y; depth must lie in [-1, 1].
+- Scene units: the visible region is [-1/zoom, 1/zoom] in x and y; depth must lie in [-2, 2] (render checks:
+  a mesh inside the unit sphere always fits, and so do the sweeps' deformed scans, which reach a little past it).
 
 How: each front-facing triangle tests the pixel centres inside its bounding box (boxes grouped by size
 so each group is one dense tensor op); a pixel keeps the nearest triangle through a scatter-min over
@@ -20,6 +21,8 @@ interpolate vertex normals and albedo for Lambertian + ambient shading.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,6 +30,9 @@ from torch import Tensor
 from dcign_fast.bounds import Bounds
 
 _DEPTH_LEVELS = 1 << 30  # depth quantisation steps over [-1, 1]; the face index takes the low 32 bits
+# Depths allowed: the same steps carry on to +-2, whose keys (1 - z in [-1, 3] times 2^29, shifted by 32 bits)
+# still fit an int64 and keep their order (the sweeps' deformed scans reach a depth of 1.005).
+DEPTH_LIMIT = 2.0
 _EMPTY = torch.iinfo(torch.int64).max
 # Pixel centres on a shared edge must land in at least one triangle despite rounding: accept slightly
 # negative barycentrics (the overlap is harmless, the depth test picks one).
@@ -89,22 +95,58 @@ def _described(value: object) -> str:
 
 def check_indices(name: str, indices: Tensor, count: int, what: str) -> None:
     """A ValueError unless every entry of ``indices`` is in [0, count): it indexes one of ``count`` ``what``.
-    (A host sync on CUDA: run where a mesh's tables are built, by Mesh and by :func:`vertex_faces`, which render
-    calls when not given ``incident``.)"""
-    if not indices.numel():
-        return
-    low, high = (int(v) for v in torch.aminmax(indices))
-    if not (low >= 0 and high < count):
-        raise ValueError(
-            f"{name} must index the {count} {what}, entries in [0, {count}), got entries in [{low}, {high}]"
-        )
+    (A host sync on CUDA: run where a mesh's tables are built, by Mesh and by :func:`vertex_faces`; render checks
+    its index tensors with its other values, in one sync.)"""
+    if indices.numel():
+        _check_all([_index_check(name, indices, count, what)])
+
+
+# A check whose outcome lives on the device: (holds, a 0-dim bool tensor; the error to raise when it does not).
+_Check = tuple[Tensor, Callable[[], ValueError]]
+
+
+def _check_all(checks: list[_Check]) -> None:
+    """Raise the error of the first check that does not hold; one host sync for all of them (each check is a
+    reduction queued on the device), and an error's message (which may sync again) is made only on failure."""
+    if checks and not bool(torch.stack([holds for holds, _ in checks]).all()):
+        raise next(error for holds, error in checks if not bool(holds))()
+
+
+def _index_check(name: str, indices: Tensor, count: int, what: str) -> _Check:
+    """Whether the (non-empty) ``indices`` all lie in [0, count)."""
+    low, high = torch.aminmax(indices)
+    return (low >= 0) & (high < count), lambda: ValueError(
+        f"{name} must index the {count} {what}, entries in [0, {count}), got entries in [{int(low)}, {int(high)}]"
+    )
+
+
+def _finite_check(name: str, value: Tensor) -> _Check:
+    """Whether ``value`` is free of NaN and infinities (the message shows a small tensor, counts a large one's)."""
+
+    def error() -> ValueError:
+        bad = ~torch.isfinite(value)
+        got = f"{value}" if value.numel() <= 16 else f"{int(bad.sum())} of its {value.numel()} entries not finite"
+        return ValueError(f"{name} must be finite, got {got}")
+
+    return torch.isfinite(value).all(), error
+
+
+def _depth_check(depth: Tensor) -> _Check:
+    """Whether the depths (camera z of the rotated vertices) lie in [-2, 2], as the depth keys need."""
+    low, high = torch.aminmax(depth)
+    return (low >= -DEPTH_LIMIT) & (high <= DEPTH_LIMIT), lambda: ValueError(
+        f"vertices must lie within depth [-{DEPTH_LIMIT:g}, {DEPTH_LIMIT:g}] once rotated (a radius of at most "
+        f"{DEPTH_LIMIT:g} always does), "
+        f"got depths in [{float(low):.4g}, {float(high):.4g}]"
+    )
 
 
 def check_mesh(
     vertices: Tensor, faces: Tensor, texture: Tensor | None, uv: Tensor | None, face_uv: Tensor | None
 ) -> None:
     """A ValueError naming the first of a mesh's tensors that is not what :func:`render` takes (shapes and dtypes:
-    no host sync); the entries of faces and face_uv are checked by :func:`check_indices`."""
+    no host sync); the entries of faces and face_uv are checked by :func:`check_indices` (by Mesh, and by render
+    with its other values)."""
     if not isinstance(vertices, Tensor) or vertices.dim() not in (2, 3) or vertices.shape[-1] != 3:
         raise ValueError(f"vertices must be [V, 3] or [B, V, 3], got {_described(vertices)}")
     if vertices.dtype not in (torch.float32, torch.float64):
@@ -124,39 +166,36 @@ def check_mesh(
     for name, value, dims, shape in (("texture", texture, 2, "[H, W]"), ("uv", uv, 2, "[T, 2]")):
         if not isinstance(value, Tensor) or value.dim() != dims or not value.is_floating_point():
             raise ValueError(f"{name} must be a floating-point {shape} tensor, got {_described(value)}")
+    if texture.numel() == 0:
+        raise ValueError(f"texture must be a floating-point [H, W] tensor with H, W >= 1, got {_described(texture)}")
     if uv.shape[1] != 2:
         raise ValueError(f"uv must be a floating-point [T, 2] tensor, got shape {tuple(uv.shape)}")
-    if not isinstance(face_uv, Tensor) or tuple(face_uv.shape) != tuple(faces.shape) or face_uv.is_floating_point():
+    if not isinstance(face_uv, Tensor) or tuple(face_uv.shape) != tuple(faces.shape):
         raise ValueError(
             f"face_uv must be an integer [F, 3] tensor with F = {faces.shape[0]}, got {_described(face_uv)}"
         )
+    if face_uv.dtype not in (torch.int32, torch.int64):  # (bool would mask, int16 cannot index)
+        raise ValueError(f"face_uv must be an int32 or int64 [F, 3] tensor, got {face_uv.dtype}")
 
 
 def _check_render_inputs(
     vertices: Tensor,
     faces: Tensor,
     batch: int,
-    azimuth: Tensor,
-    elevation: Tensor,
-    light_azimuth: Tensor,
-    light_elevation: Tensor,
+    per_image: dict[str, Tensor],
     albedo: Tensor | None,
-    gain: Tensor | None,
     incident: Tensor | None,
 ) -> None:
     """A ValueError naming the first argument of :func:`render` that does not fit the others (torch's own
-    errors, deep inside, named none)."""
+    errors, deep inside, named none): shapes and dtypes, no host sync (values: :func:`_value_checks`).
+    per_image: azimuth, the other angles and gain (when given) by name."""
     if vertices.dim() == 3 and vertices.shape[0] != batch:
         raise ValueError(f"vertices [B, V, 3] must have B = {batch} (azimuth's), got {tuple(vertices.shape)}")
-    per_image = {"azimuth": azimuth, "elevation": elevation, "light_azimuth": light_azimuth}
-    per_image |= {"light_elevation": light_elevation} | ({} if gain is None else {"gain": gain})
     for name, value in per_image.items():
         if not isinstance(value, Tensor) or tuple(value.shape) != (batch,):
             raise ValueError(f"{name} must be [B] with B = {batch} (azimuth's), got {_described(value)}")
-    # One check for all (a CUDA tensor's costs a host sync): the loop names the culprit only when one fails.
-    if not torch.isfinite(torch.stack([v.to(azimuth) for v in per_image.values()])).all():
-        culprit = next(name for name, value in per_image.items() if not torch.isfinite(value).all())
-        raise ValueError(f"{culprit} must be finite, got {per_image[culprit]}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name} must be a real (floating-point or integer) tensor, got {value.dtype}")
     num_vertices = vertices.shape[-2]
     if albedo is not None and (
         not isinstance(albedo, Tensor) or tuple(albedo.shape) not in ((num_vertices,), (batch, num_vertices))
@@ -164,15 +203,39 @@ def _check_render_inputs(
         raise ValueError(f"albedo must be [V] or [B, V] with V = {num_vertices}, got {_described(albedo)}")
     if incident is not None and (
         not isinstance(incident, Tensor) or incident.dim() != 2 or incident.shape[0] != num_vertices
-        or incident.is_floating_point()
+        or incident.shape[1] == 0 or incident.dtype not in (torch.int32, torch.int64)
     ):  # fmt: skip
-        raise ValueError(f"incident must be vertex_faces(faces, {num_vertices}), [V, D], got {_described(incident)}")
+        got = f"{_described(incident)}{f' {incident.dtype}' if isinstance(incident, Tensor) else ''}"
+        raise ValueError(
+            f"incident must be vertex_faces(faces, {num_vertices}), an integer [V, D] tensor with D >= 1, got {got}"
+        )
+
+
+def _value_checks(
+    faces: Tensor,
+    depth: Tensor,
+    finite: dict[str, Tensor | None],
+    incident: Tensor | None,
+    uv: Tensor | None,
+    face_uv: Tensor | None,
+) -> list[_Check]:
+    """Render's checks of values, in the order their errors are raised: every tensor of ``finite`` (None: not
+    given) is finite, the depths of the rotated vertices lie in [-2, 2], and faces, face_uv and incident index
+    what they index (Mesh checked its tables once, but render takes any)."""
+    checks = [_finite_check(name, value) for name, value in finite.items() if value is not None]
+    checks += [_depth_check(depth), _index_check("faces", faces, depth.shape[-1], "vertices")]
+    if face_uv is not None and uv is not None:
+        checks.append(_index_check("face_uv", face_uv, len(uv), "uv coordinates"))
+    if incident is not None:
+        what = f"face slots ({faces.shape[0]} faces, then vertex_faces' padding)"
+        checks.append(_index_check("incident", incident, faces.shape[0] + 1, what))
+    return checks
 
 
 def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Nearest front-facing triangle per pixel.
 
-    screen: [B, V, 2] pixel coordinates (x right, y down); depth: [B, V] (larger = nearer, in [-1, 1]);
+    screen: [B, V, 2] pixel coordinates (x right, y down); depth: [B, V] (larger = nearer, in [-2, 2]);
     faces: [F, 3] -> (hit [B, S, S] int64: index into the candidate list, -1 for background;
     candidates [N] int64: flat b * F + f of the faces that may cover a pixel;
     planes [N, 3, 3]: barycentric weight i at pixel centre (cx, cy) is planes[n, i] @ (cx, cy, 1)).
@@ -224,7 +287,8 @@ def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[
         edges = p[..., 0, None] * cx[:, None] + p[..., 1, None] * cy[:, None] + p[..., 2, None]  # [n, 3, capacity]
         inside = (k < pixels[sel, None]) & (edges >= -_EDGE_TOLERANCE).all(1)
         z = zp[:, 0] * cx + zp[:, 1] * cy + zp[:, 2]
-        depth_q = ((1.0 - z.clamp(-1.0, 1.0)) * (_DEPTH_LEVELS / 2 - 1)).long()
+        # (Vertex depths are in [-2, 2], render checks; the clamp catches pixels a hair outside a triangle.)
+        depth_q = ((1.0 - z.clamp(-DEPTH_LIMIT, DEPTH_LIMIT)) * (_DEPTH_LEVELS / 2 - 1)).long()
         key = (depth_q << 32) | sel[:, None]
         pixel = first_pixel[sel, None] + row * size + col
         keys.scatter_reduce_(0, pixel[inside], key[inside], reduce="amin")
@@ -257,13 +321,18 @@ def render(
 ) -> Tensor:
     """Render grey images of a triangle mesh.
 
-    vertices: [V, 3] or [B, V, 3] (per-image shapes); faces: [F, 3] int64 with counter-clockwise
-    (outward) winding; azimuth, elevation, light_azimuth, light_elevation: [B] radians.
-    albedo: [V] or [B, V] vertex albedo (default 1; ignored with a texture); gain: [B] albedo multiplier.
-    texture: [H, W] grey texture with uv: [T, 2] in [0, 1] (v up) and face_uv: [F, 3] (all or none).
-    incident: [V, D] from :func:`vertex_faces` (computed when None; pass it to save time).
+    vertices: [V, 3] or [B, V, 3] (per-image shapes), float32 or float64 (float16 and bfloat16 are rendered
+    in float32); once rotated, their depths must lie in [-2, 2] (a radius of at most 2 always does);
+    faces: [F, 3] int64 (or int32) with counter-clockwise (outward) winding;
+    azimuth, elevation, light_azimuth, light_elevation: [B] radians, of any real dtype (computed in the
+    vertices' dtype). albedo: [V] or [B, V] vertex albedo (default 1; ignored with a texture); gain: [B]
+    albedo multiplier. texture: [H, W] grey texture with uv: [T, 2] in [0, 1] (v up) and face_uv: [F, 3] int64
+    (all or none). incident: [V, D] from :func:`vertex_faces` (computed when None; pass it to save time).
     antialias: supersampling factor (renders at size * antialias and averages).
-    Returns [B, 1, size, size] in [0, 1], background 0.
+    Returns [B, 1, size, size] in [0, 1] (float64 for float64 vertices, else float32), background 0.
+
+    Bad arguments raise a ValueError naming them: shapes and dtypes, and values (tensors not finite, depths
+    outside [-2, 2], index entries out of range), the values in one host sync.
     """
     for name, value in (("size", size), ("antialias", antialias)):
         Bounds(1).check(name, value, integer=True)
@@ -274,17 +343,25 @@ def render(
     if not isinstance(azimuth, Tensor) or azimuth.dim() != 1 or azimuth.shape[0] == 0:
         raise ValueError(f"azimuth must be [B] with B >= 1, got {_described(azimuth)}")
     batch = azimuth.shape[0]
+    if isinstance(vertices, Tensor) and vertices.dtype in (torch.float16, torch.bfloat16):
+        vertices = vertices.float()  # (half precision would quantise depth and shading coarsely)
     check_mesh(vertices, faces, texture, uv, face_uv)
-    _check_render_inputs(
-        vertices, faces, batch, azimuth, elevation, light_azimuth, light_elevation, albedo, gain, incident
-    )  # fmt: skip
+    per_image = {"azimuth": azimuth, "elevation": elevation, "light_azimuth": light_azimuth}
+    per_image |= {"light_elevation": light_elevation} | ({} if gain is None else {"gain": gain})
+    _check_render_inputs(vertices, faces, batch, per_image, albedo, incident)
+    # Angles of any real dtype, in the vertices' (float16 and float64 angles met float32 in one matmul before).
+    azimuth, elevation, light_azimuth, light_elevation = (
+        v.to(vertices.dtype) for v in (azimuth, elevation, light_azimuth, light_elevation)
+    )
+    finite = {"vertices": vertices, **per_image, "albedo": albedo, "texture": texture, "uv": uv}
     shared = vertices.dim() == 2
     if shared:
         vertices = vertices.expand(batch, -1, -1)
+    rot = rotation(azimuth, elevation)
+    cam = vertices @ rot.transpose(1, 2)  # [B, V, 3]
+    _check_all(_value_checks(faces, cam[..., 2], finite, incident, uv, face_uv))  # (render's one host sync)
     if incident is None:
         incident = vertex_faces(faces, vertices.shape[1])
-    rot = rotation(azimuth, elevation).to(vertices.dtype)
-    cam = vertices @ rot.transpose(1, 2)  # [B, V, 3]
     full = size * antialias
     screen = torch.stack([cam[..., 0] * zoom + 1.0, 1.0 - cam[..., 1] * zoom], -1) * (full / 2)
     hit, candidates, planes = rasterize(screen, cam[..., 2], faces, full)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from dcign_fast.bounds import Bounds
-from dcign_fast.data.identity import IdentitySpace
+from dcign_fast.data.identity import IdentitySpace, check_meshes
 from dcign_fast.data.meshes import FACE_ASSETS, Mesh, load_asset
 from dcign_fast.data.render import render
 from dcign_fast.data.seeds import SWEEPS, stream_generator
@@ -63,6 +63,14 @@ class SweepRanges:
         low, high = self.light_elevation
         Bounds(-math.pi / 2).check("light_elevation[0]", low)
         Bounds(low).check("light_elevation[1]", high)
+
+
+def device_argument(device: object) -> torch.device:
+    """:func:`resolve_device` for a ``device`` argument, a name or a torch.device; a TypeError naming it when it
+    is neither (torch.device(3) means an accelerator's index, and failed without a name where there is none)."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a device name ('auto', cpu, cuda, cuda:N) or a torch.device, got {device!r}")
+    return resolve_device(str(device), "device")
 
 
 class SweepSampler:
@@ -106,17 +114,12 @@ class SweepSampler:
                 f"batch_size must be at most num_identities ({num_identities}): an intrinsic batch shows batch_size "
                 f"different identities; got batch_size {batch_size}"
             )
-        if meshes is not None and not meshes:
-            raise ValueError("meshes must be a list of at least one Mesh (None: the packaged faces), got none")
-        for i, mesh in enumerate(meshes or []):
-            if not isinstance(mesh, Mesh):
-                raise TypeError(
-                    f"meshes must hold Mesh objects (load_mesh, load_asset), got a {type(mesh).__name__} at {i}"
-                )
+        if meshes is not None:
+            check_meshes(meshes, " or None (the packaged faces)")
         if not isinstance(ranges, SweepRanges):
             raise TypeError(f"ranges must be a SweepRanges, got {type(ranges).__name__}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.device = resolve_device(device if isinstance(device, str) else str(torch.device(device)), "device")
+        self.device = device_argument(device)
         self.num_batches, self.rank, self.world_size, self.epoch = num_batches, rank, world_size, 0
         self.identities = IdentitySpace(meshes or [load_asset(n) for n in FACE_ASSETS]).to(self.device)
         self.num_identities = num_identities
@@ -131,6 +134,7 @@ class SweepSampler:
     def set_epoch(self, epoch: int) -> None:
         """With num_batches set, epoch e iterates this rank's share of global batches
         [e * num_batches * world_size, (e + 1) * num_batches * world_size): fresh data every epoch."""
+        Bounds(0).check("epoch", epoch, integer=True)
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[Batch]:
@@ -142,7 +146,8 @@ class SweepSampler:
             yield self.batch_at(step * self.world_size + self.rank)
 
     def generator(self, index: int) -> torch.Generator:
-        """The CPU generator of global batch ``index`` (a well-mixed function of seed and index)."""
+        """The CPU generator of global batch ``index`` >= 0 (a well-mixed function of seed and index)."""
+        Bounds(0).check("index", index, integer=True)
         return stream_generator(SWEEPS, self.seed, index)
 
     def kind_at(self, index: int) -> tuple[str, torch.Generator]:

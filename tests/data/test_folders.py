@@ -273,3 +273,47 @@ def test_write_cache_refuses_a_batch_it_would_store_wrongly(damage, words, tmp_p
         write_cache(bad, tmp_path / "cache")
     with pytest.raises(ValueError, match="batches_per_shard must be >= 1"):
         write_cache(batches, tmp_path / "cache", batches_per_shard=0)
+
+
+def test_write_cache_refuses_an_empty_batch(tmp_path, batches):
+    """A batch of no images was written, and then refused by SweepCache ("offsets do not split its 0 images")."""
+    images, factors, kind = batches[0]
+    empty = (images[:0], {k: v[:0] for k, v in factors.items()}, kind)
+    with pytest.raises(ValueError, match=r"batches\[1\]: images must be one or more images .* got \(0, 1, 16, 16\)"):
+        write_cache([batches[0], empty], tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    "device, error, words",
+    [
+        ("foo", ValueError, r"device must be 'auto', cpu, cuda or cuda:N, got 'foo'"),  # (torch's RuntimeError)
+        (3, TypeError, r"device must be a device name .* or a torch.device, got 3"),
+        pytest.param(
+            "cuda",
+            ValueError,
+            "device='cuda' but CUDA is not available",  # (an AssertionError at the first item)
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+        ),
+    ],
+)
+def test_sweep_cache_resolves_its_device_by_name(device, error, words, tmp_path, batches):
+    write_cache(batches[:1], tmp_path / "cache")
+    with pytest.raises(error, match=words):
+        SweepCache(tmp_path / "cache", device=device)
+    cache = SweepCache(tmp_path / "cache", device=torch.device("cpu"))
+    assert cache.device == torch.device("cpu") and cache[0][0].device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    "kinds, error, words",
+    [
+        (None, TypeError, r"kinds must be a batch kind or a list of them, .* got None"),  # ('NoneType' not iterable)
+        ([["azimuth"]], ValueError, r"kinds must name batch kinds among .* got \(\['azimuth'\],\)"),  # (unhashable)
+        ([], ValueError, r"kinds must name batch kinds among .* got \(\)"),  # (no batch folders, expected: nothing)
+        (3, TypeError, "kinds must be a batch kind or a list of them"),
+    ],
+)
+def test_sweep_folders_kinds_are_checked(kinds, error, words, tmp_path, batches):
+    export_sweeps(batches, tmp_path)
+    with pytest.raises(error, match=words):
+        SweepFolders(tmp_path, size=16, kinds=kinds)

@@ -321,7 +321,7 @@ def test_unknown_mesh_format_needs_trimesh(tmp_path):
         ({"gain": torch.ones(3)}, r"gain must be \[B\] with B = 2"),
         ({"light_azimuth": torch.tensor([0.0, float("nan")])}, "light_azimuth must be finite"),
         ({"vertices": torch.zeros(3, 5, 3)}, r"vertices \[B, V, 3\] must have B = 2"),
-        ({"vertices": torch.zeros(5, 3, dtype=torch.float16)}, "vertices must be float32 or float64"),
+        ({"vertices": torch.zeros(4, 3, dtype=torch.int64)}, "vertices must be float32 or float64"),
         ({"faces": torch.zeros(4, 3)}, r"faces must be an integer \[F, 3\] tensor, got torch.float32"),
         ({"albedo": torch.ones(7)}, r"albedo must be \[V\] or \[B, V\]"),
         ({"albedo": [1.0] * 4}, r"albedo must be \[V\] or \[B, V\] with V = 4, got a list"),
@@ -352,7 +352,7 @@ def test_unknown_mesh_format_needs_trimesh(tmp_path):
         ),
         (
             {"incident": torch.zeros(1, 1).long()},
-            r"incident must be vertex_faces\(faces, 4\), \[V, D\], got shape \(1, 1\)",
+            r"incident must be vertex_faces\(faces, 4\), an integer \[V, D\] tensor with D >= 1, got shape \(1, 1\)",
         ),
     ],
 )
@@ -387,3 +387,170 @@ def test_a_mesh_is_checked_once_when_made():
 def test_load_mesh_refuses_a_radius_that_is_not_positive(radius, tmp_path):
     with pytest.raises(ValueError, match="radius must be > 0"):
         load_mesh(tmp_path / "never-read.ply", radius=radius)
+
+
+def _mesh_args(mesh, batch=2, **change):
+    """render's arguments for ``mesh`` at a small pose (incident passed, as the sampler does), then ``change``."""
+    angles = {k: torch.full((batch,), 0.2) for k in ("azimuth", "elevation", "light_azimuth", "light_elevation")}
+    textured = {"texture": mesh.texture, "uv": mesh.uv, "face_uv": mesh.face_uv} if mesh.texture is not None else {}
+    base = {"vertices": mesh.vertices, "faces": mesh.faces, **angles, "size": 16, "incident": mesh.incident}
+    return {**base, "albedo": mesh.albedo, **textured, **change}
+
+
+@pytest.fixture(scope="module")
+def james():
+    return load_asset("james")  # (the textured scan)
+
+
+def _nan_at(t, index=5):
+    t = t.clone()
+    t.view(-1)[index] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        # D3: vertices not finite (faces touching them were dropped; all NaN gave a black image)
+        (lambda m: {"vertices": _nan_at(m.vertices)}, "vertices must be finite, got 1 of its .* entries not finite"),
+        (lambda m: {"vertices": m.vertices.expand(2, -1, -1) * float("inf")}, "vertices must be finite"),
+        # D3: depths outside the range the keys hold (clamped, so that two surfaces tied)
+        (
+            lambda m: {"vertices": m.vertices * 5},
+            r"vertices must lie within depth \[-2, 2\] once rotated .*got depths in \[-",
+        ),
+        # D4: NaN albedo, texture, uv (NaN pixels)
+        (lambda m: {"albedo": _nan_at(torch.ones(len(m.vertices)))}, "albedo must be finite"),
+        (lambda m: {"texture": _nan_at(m.texture)}, "texture must be finite"),
+        (lambda m: {"uv": _nan_at(m.uv)}, "uv must be finite"),
+        (lambda m: {"texture": m.texture[:0]}, r"texture must be a floating-point \[H, W\] tensor with H, W >= 1"),
+        # D5: index tensors with incident= given (torch's INDICES / IndexError; silent flat shading)
+        (lambda m: {"faces": m.faces.clamp(max=len(m.vertices) + 5) + 6}, "faces must index the .* vertices"),
+        (lambda m: {"faces": m.faces - 1}, r"faces must index the .* vertices, .* got entries in \[-1,"),
+        (lambda m: {"uv": m.uv[:10]}, r"face_uv must index the 10 uv coordinates, entries in \[0, 10\)"),
+        (lambda m: {"face_uv": m.face_uv - 10**6}, r"face_uv must index the .* uv coordinates"),
+        (lambda m: {"face_uv": m.face_uv.bool()}, "face_uv must be an int32 or int64 .* got torch.bool"),
+        (lambda m: {"face_uv": m.face_uv.short()}, "face_uv must be an int32 or int64 .* got torch.int16"),
+        (lambda m: {"incident": m.incident + 10**6}, r"incident must index the \d+ face slots"),
+        (lambda m: {"incident": m.incident - 10**6}, r"incident must index .* got entries in \[-1000000"),
+        (lambda m: {"incident": m.incident[:, :0]}, r"incident must be .* with D >= 1, got shape \(\d+, 0\)"),
+        (lambda m: {"incident": m.incident.short()}, r"incident must be .* an integer \[V, D\] .* torch.int16"),
+        # D6: angles that are not real numbers (complex: the imaginary part was dropped)
+        (lambda m: {"azimuth": torch.zeros(2, dtype=torch.complex64)}, "azimuth must be a real .*complex64"),
+        (lambda m: {"light_elevation": torch.zeros(2, dtype=torch.bool)}, "light_elevation must be a real"),
+        (lambda m: {"gain": torch.ones(2, dtype=torch.bool)}, "gain must be a real"),
+    ],
+)
+def test_bad_values_are_refused_by_name_with_incident_given(james, change, words):
+    with pytest.raises(ValueError, match=words):
+        render(**_mesh_args(james, **change(james)))
+
+
+def test_depth_beyond_one_keeps_the_nearer_surface():
+    """Depths outside [-1, 1] were clamped, so the back triangle (lower face index) won the tie."""
+
+    def tri(z):
+        return [[-0.5, -0.5, z], [0.5, -0.5, z], [0.0, 0.5, z]]
+
+    for back, front in ((1.5, 2.0), (-2.0, -1.2), (-1.9, 1.9)):
+        vertices, faces = torch.tensor(tri(back) + tri(front)), torch.tensor([[0, 1, 2], [3, 4, 5]])
+        z = torch.zeros(1)
+        image = render(
+            vertices, faces, azimuth=z, elevation=z, light_azimuth=z, light_elevation=z, size=9,
+            albedo=torch.tensor([0.2] * 3 + [1.0] * 3), ambient=1.0,
+        )  # fmt: skip
+        assert image[0, 0, 4, 4] == 1.0, (back, front)
+
+
+@pytest.mark.parametrize(
+    "angles, vertices",
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float32),
+        (torch.float16, torch.float64),
+        (torch.int64, torch.float32),
+        (torch.float32, torch.float16),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+def test_angles_and_vertices_of_other_dtypes_render_as_float32(angles, vertices):
+    """A float16 or bfloat16 azimuth raised "expected scalar type Float but found Half" (as did float64 vertices
+    with a float16 azimuth); float16 vertices were refused. Now angles are computed in the vertices' dtype and
+    half-precision vertices in float32: the same images as float32 inputs, up to the inputs' rounding."""
+    mesh = load_asset("meshmonk")
+    pose = {"azimuth": torch.tensor([0.0, 1.0]), "elevation": torch.tensor([0.0, -1.0])}
+    pose |= {"light_azimuth": torch.tensor([1.0, 0.0]), "light_elevation": torch.tensor([0.0, 0.0])}
+    rounded = {k: v.to(angles).to(torch.float32) for k, v in pose.items()}  # (what the other dtype can hold)
+    reference = render(mesh.vertices.to(vertices).float(), mesh.faces, **rounded, size=32)
+    got = render(mesh.vertices.to(vertices), mesh.faces, **{k: v.to(angles) for k, v in pose.items()}, size=32)
+    assert got.dtype == (torch.float64 if vertices == torch.float64 else torch.float32)
+    # (float64 vertices: the same image but for pixels on a silhouette edge, where rounding moves the coverage)
+    assert ((got.float() - reference).abs() > 1e-4).float().mean() < 0.01
+
+
+@pytest.mark.parametrize(
+    "name, text, words",
+    [
+        ("huge.obj", "v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 1180591620717411303424\n", "too large"),
+        ("huge.off", "OFF\n3 1 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 99999999999999999999999\n", "too large"),
+        (
+            "huge.ply",
+            "\n".join([*_PLY_HEADER, "0 0 0", "1 0 0", "0 1 0", "3 0 1 99999999999999999999999"]),
+            "too large",
+        ),
+        (
+            "nolist.ply",
+            "\n".join(
+                [*_PLY_HEADER[:6], "element face 1", "property int foo", "end_header", "0 0 0", "1 0 0", "0 1 0", "3"]
+            ),
+            "its face element has no list property",
+        ),
+        ("big.obj", "v 1e308 0 0\nv -1e308 0 0\nv 0 1 0\nf 1 2 3\n", "coordinates span more than a float holds"),
+        ("nan.off", "COFF\n3 1 0\n0 0 0 nan 0 0 255\n1 0 0 0 255 0 255\n0 1 0 0 0 255 255\n3 0 1 2\n", "colours"),
+        ("neg.off", "COFF\n3 1 0\n0 0 0 -500 0 0 255\n1 0 0 0 255 0 255\n0 1 0 0 0 255 255\n3 0 1 2\n", "colours"),
+        (
+            "nan.ply",
+            "\n".join(
+                [
+                    *_PLY_HEADER[:6],
+                    "property uchar red",
+                    "property float green",
+                    "property uchar blue",
+                    *_PLY_HEADER[6:],
+                ]
+            )
+            + "\n0 0 0 1 nan 1\n1 0 0 1 2 3\n0 1 0 1 2 3\n3 0 1 2",
+            "vertex colours that are not finite numbers in",
+        ),
+    ],
+    ids=["huge.obj", "huge.off", "huge.ply", "nolist.ply", "big.obj", "nan.off", "neg.off", "nan.ply"],
+)
+def test_malformed_mesh_files_are_refused_naming_the_file(name, text, words, tmp_path):
+    """An OverflowError and a KeyError that named no file; a mesh of zero vertices (extent inf); NaN albedo,
+    with the other vertices' colours left unscaled (a NaN maximum compares false with 1)."""
+    path = tmp_path / name
+    path.write_text(text + "\n")
+    with pytest.raises(ValueError, match=f"{name}.*{words}"):
+        load_mesh(path)
+
+
+def test_mesh_colours_are_scaled_alike_by_every_reader(tmp_path):
+    """Colours in 0..255 and in 0..1 give the same albedo, from .off and .ply (the scaling moved to read_mesh)."""
+    rows = ["0 0 0", "1 0 0", "0 1 0"]
+    albedos = []
+    for scale in (255, 1):
+        colours = [f"{r * scale} {g * scale} {b * scale}" for r, g, b in ((1, 0, 0), (0, 1, 0), (0.2, 0.2, 1))]
+        off = tmp_path / f"c{scale}.off"
+        off.write_text("\n".join(["COFF", "3 1 0", *(f"{v} {c} 255" for v, c in zip(rows, colours)), "3 0 1 2"]))
+        header = [*_PLY_HEADER[:6], "property float red", "property float green", "property float blue"]
+        ply = tmp_path / f"c{scale}.ply"
+        ply.write_text("\n".join([*header, *_PLY_HEADER[6:], *(f"{v} {c}" for v, c in zip(rows, colours)), "3 0 1 2"]))
+        albedos += [load_mesh(off).albedo, load_mesh(ply).albedo]
+    for albedo in albedos:
+        torch.testing.assert_close(albedo, torch.tensor([0.21, 0.72, 0.21 * 0.2 + 0.72 * 0.2 + 0.07]))
+
+
+def test_load_mesh_refuses_a_radius_past_the_depth_range(tmp_path):
+    with pytest.raises(ValueError, match=r"radius must be at most 2 \(render's depth range\), got 2.5"):
+        load_mesh(tmp_path / "never-read.ply", radius=2.5)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from dcign_fast.data import FACTOR_KEYS, KINDS, IdentitySpace, SweepSampler, load_asset
+from dcign_fast.data import FACTOR_KEYS, KINDS, IdentitySpace, SweepSampler, load_asset, render
 from dcign_fast.data.identity import MODES
+from dcign_fast.data.render import rotation
 from dcign_fast.data.sweeps import SweepRanges
 
 SWEPT = {"azimuth": "azimuth", "elevation": "elevation", "light": "light", "intrinsic": "identity"}
@@ -96,6 +97,14 @@ def test_kind_odds_follow_shape_bias():
         ("shape_bias", 10**400, ValueError, "shape_bias must be >= 0 and finite, got an int too large"),
         ("rank", 1, ValueError, r"rank must be in \[0, 1\), got 1"),
         ("rank", 0.0, TypeError, "rank must be an integer"),
+        # (torch.device(3) means an accelerator: "Cannot access accelerator device when none is available")
+        (
+            "device",
+            3,
+            TypeError,
+            r"device must be a device name \('auto', cpu, cuda, cuda:N\) or a torch.device, got 3",
+        ),
+        ("meshes", "meshmonk", TypeError, r"meshes must be a list of Mesh objects .* or None .*got a str"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(argument, value, error, words):
@@ -169,3 +178,96 @@ def test_identity_deformation_never_flips_a_triangle(name):
     assert (cos[proper.expand_as(cos)] > 0).all()
     # And the shapes really change (the guard does not just undo the deformation).
     assert ((deformed - mesh.vertices).norm(dim=-1).amax(1) > 0.02).float().mean() > 0.5
+
+
+def test_a_single_mesh_is_not_a_list_of_meshes():
+    """'Mesh' object is not iterable, from SweepSampler and IdentitySpace."""
+    mesh = load_asset("meshmonk")
+    with pytest.raises(TypeError, match="meshes must be a list of Mesh objects .*got a Mesh"):
+        SweepSampler(meshes=mesh)
+    with pytest.raises(TypeError, match="meshes must be a list of Mesh objects .*got a Mesh"):
+        IdentitySpace(mesh)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        ({"meshes": []}, ValueError, "meshes must be a list of at least one Mesh, got none"),  # (ZeroDivisionError)
+        ({"meshes": "abc"}, TypeError, "meshes must be a list of Mesh objects .*got a str"),
+        ({"meshes": ["abc"]}, TypeError, "meshes must hold Mesh objects .*got a str at 0"),
+        ({"slope": float("nan")}, ValueError, "slope must be >= 0 and finite, got nan"),  # (all-NaN vertices)
+        ({"slope": -1.0}, ValueError, "slope must be >= 0 and finite, got -1.0"),
+        ({"slope": "x"}, TypeError, "slope must be a number, got 'x'"),
+        ({"gain_range": (0.9, 0.1)}, ValueError, r"gain_range\[1\] must be >= 0.9 and finite, got 0.1"),
+        ({"gain_range": (float("nan"), 1)}, ValueError, r"gain_range\[0\] must be >= 0 and finite, got nan"),
+        ({"gain_range": (0, 50)}, ValueError, r"gain_range\[1\] must be at most 1, got 50"),  # (gain 2.04)
+        ({"gain_range": (-0.5, 0.5)}, ValueError, r"gain_range\[0\] must be >= 0"),
+        ({"gain_range": (0.1, 0.2, 0.3)}, ValueError, r"gain_range must be a \(low, high\) pair"),
+        ({"gain_range": 0.5}, ValueError, r"gain_range must be a \(low, high\) pair, got 0.5"),
+    ],
+)
+def test_identity_space_arguments_are_checked(change, error, words):
+    """IdentitySpace checked none: a reversed, NaN or > 1 gain range gave gains outside it, NaN or clipped."""
+    with pytest.raises(error, match=words):
+        IdentitySpace(**{"meshes": [load_asset("meshmonk")], **change})
+
+
+def test_identity_space_edge_values_are_accepted():
+    space = IdentitySpace([load_asset("meshmonk")], slope=0, gain_range=(1, 1))
+    assert torch.equal(space.describe(torch.tensor([0, 5])).gain, torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "identity, words",
+    [
+        (torch.tensor([1.5]), r"identity must be a \[B\] integer tensor, got torch.float32"),  # (manual_seed's error)
+        (torch.tensor([True]), r"identity must be a \[B\] integer tensor, got torch.bool"),
+        (torch.tensor([[1, 2]]), r"identity must be a \[B\] integer tensor, got shape \(1, 2\)"),
+        ([1, 2], r"identity must be a \[B\] integer tensor, got a list"),
+        (torch.tensor([3, -5]), "identity must hold identities >= 0, got -5"),  # (was taken for a scan)
+    ],
+)
+def test_describe_takes_a_vector_of_identities(identity, words):
+    with pytest.raises(ValueError, match=words):
+        IdentitySpace([load_asset("meshmonk")]).describe(identity)
+
+
+def test_epoch_and_batch_index_are_checked():
+    """set_epoch("a") failed at iteration ("can only concatenate str"), batch_at(1.5) inside numpy; a negative
+    epoch or index read batches outside the stream."""
+    sampler = SweepSampler(size=8, batch_size=2, meshes=[load_asset("meshmonk")], num_batches=1)
+    with pytest.raises(TypeError, match="epoch must be an integer, got 'a'"):
+        sampler.set_epoch("a")
+    with pytest.raises(ValueError, match="epoch must be >= 0, got -1"):
+        sampler.set_epoch(-1)
+    with pytest.raises(TypeError, match="index must be an integer, got 1.5"):
+        sampler.batch_at(1.5)
+    with pytest.raises(ValueError, match="index must be >= 0, got -1"):
+        sampler.kind_at(-1)
+    sampler.set_epoch(2)
+    assert torch.equal(next(iter(sampler))[0], sampler.batch_at(2)[0])
+
+
+def test_deformed_scans_past_depth_one_still_render():
+    """The deformed scans reach past the unit sphere (james: a depth of 1.005 at the sweeps' worst pose for 1 of
+    10000 identities; 1.04 at corners of the coefficient box), which render's depth check must admit: a [-1, 1]
+    check would stop a training run there."""
+    space = IdentitySpace([load_asset("james")])
+    corners = torch.randint(0, 2, (256, len(MODES)), generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+    deformed = space.vertices(0, corners)
+    ranges = SweepRanges()
+    azimuth, elevation = torch.meshgrid(
+        torch.linspace(-ranges.azimuth, ranges.azimuth, 31),
+        torch.tensor([-ranges.elevation, ranges.elevation]),
+        indexing="ij",
+    )
+    azimuth, elevation = azimuth.flatten(), elevation.flatten()
+    depth = torch.einsum("bvc,pc->bpv", deformed, rotation(azimuth, elevation)[:, 2]).abs().amax(-1)  # [256, P]
+    shape, pose = divmod(int(depth.argmax()), depth.shape[1])
+    assert depth.max() > 1  # (the case the check must admit)
+    zero = torch.zeros(1)
+    image = render(
+        deformed[shape], space.meshes[0].faces, azimuth=azimuth[pose, None], elevation=elevation[pose, None],
+        light_azimuth=zero, light_elevation=zero, size=16, incident=space.meshes[0].incident,
+    )  # fmt: skip
+    assert image.max() > 0
