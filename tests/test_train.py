@@ -108,6 +108,27 @@ def test_a_data_error_mid_run_saves_the_steps_trained_and_a_resume_continues_exa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_data_error_before_any_step_saves_nothing_so_the_run_can_start_afresh(tmp_path, capsys):
+    """A checkpoint of step 0 (nothing trained) kept the folder from a rerun once the data was mended: without
+    --resume it held checkpoints, with it the data option differed."""
+
+    def wrong_layout(kind, generator):
+        images, factors = blobs(kind, generator)
+        return images[:, 0], factors
+
+    with pytest.raises(ValueError, match=r"images as a tensor \[B, 1, S, S\], got shape \(4, 64, 64\)"):
+        Trainer(config(tmp_path, steps=2), render=wrong_layout).train()
+    assert (
+        "the data failed at step 1; no step was trained since the start: nothing was saved" in capsys.readouterr().out
+    )
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+    assert Trainer(config(tmp_path, steps=2), render=blobs).train().step == 2
+    failing = Trainer(config(tmp_path, steps=4), resume=True, render=wrong_layout)  # resumed at step 2
+    with pytest.raises(ValueError, match="images as a tensor"):
+        failing.train()
+    assert "no step was trained since its checkpoint of step 2: nothing was saved" in capsys.readouterr().out
+
+
 def test_checkpoints_are_complete_pruned_and_loadable(tmp_path):
     trainer = Trainer(config(tmp_path, steps=6, keep_checkpoints=2), render=blobs)
     result = trainer.train()

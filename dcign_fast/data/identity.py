@@ -23,7 +23,7 @@ from torch import Tensor
 
 from dcign_fast.bounds import Bounds
 from dcign_fast.data.meshes import Mesh
-from dcign_fast.data.render import _described
+from dcign_fast.data.render import described
 
 _PERIOD = 1.2  # canonical units: cos(pi * x / 1.2) stays positive across the face (|x| < 0.6)
 _MAX_TURN_COS = 0.5  # a triangle's normal may turn by at most 60 degrees
@@ -116,7 +116,7 @@ class IdentitySpace:
     def describe(self, identity: Tensor) -> Identity:
         """identity: [B] int64 (CPU), entries >= 0 -> its mesh, coefficients and gain (CPU tensors)."""
         if not isinstance(identity, Tensor) or identity.dim() != 1:
-            raise ValueError(f"identity must be a [B] integer tensor, got {_described(identity)}")
+            raise ValueError(f"identity must be a [B] integer tensor, got {described(identity)}")
         if identity.is_floating_point() or identity.is_complex() or identity.dtype == torch.bool:
             raise ValueError(f"identity must be a [B] integer tensor, got {identity.dtype}")
         unique, inverse = identity.unique(return_inverse=True)

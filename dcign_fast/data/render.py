@@ -89,7 +89,8 @@ def vertex_normals(vertices: Tensor, faces: Tensor, incident: Tensor) -> Tensor:
     return F.normalize(summed, dim=-1, eps=1e-12)
 
 
-def _described(value: object) -> str:
+def described(value: object) -> str:
+    """What an argument is, for an error message: a tensor's shape, or another value's type."""
     return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
 
 
@@ -148,11 +149,11 @@ def check_mesh(
     no host sync); the entries of faces and face_uv are checked by :func:`check_indices` (by Mesh, and by render
     with its other values)."""
     if not isinstance(vertices, Tensor) or vertices.dim() not in (2, 3) or vertices.shape[-1] != 3:
-        raise ValueError(f"vertices must be [V, 3] or [B, V, 3], got {_described(vertices)}")
+        raise ValueError(f"vertices must be [V, 3] or [B, V, 3], got {described(vertices)}")
     if vertices.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"vertices must be float32 or float64, got {vertices.dtype}")
     if not isinstance(faces, Tensor) or faces.dim() != 2 or faces.shape[1] != 3:
-        raise ValueError(f"faces must be an integer [F, 3] tensor, got {_described(faces)}")
+        raise ValueError(f"faces must be an integer [F, 3] tensor, got {described(faces)}")
     if faces.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"faces must be an integer [F, 3] tensor, got {faces.dtype}")
     if vertices.shape[-2] == 0 or faces.shape[0] == 0:
@@ -165,14 +166,14 @@ def check_mesh(
         return
     for name, value, dims, shape in (("texture", texture, 2, "[H, W]"), ("uv", uv, 2, "[T, 2]")):
         if not isinstance(value, Tensor) or value.dim() != dims or not value.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point {shape} tensor, got {_described(value)}")
+            raise ValueError(f"{name} must be a floating-point {shape} tensor, got {described(value)}")
     if texture.numel() == 0:
-        raise ValueError(f"texture must be a floating-point [H, W] tensor with H, W >= 1, got {_described(texture)}")
+        raise ValueError(f"texture must be a floating-point [H, W] tensor with H, W >= 1, got {described(texture)}")
     if uv.shape[1] != 2:
         raise ValueError(f"uv must be a floating-point [T, 2] tensor, got shape {tuple(uv.shape)}")
     if not isinstance(face_uv, Tensor) or tuple(face_uv.shape) != tuple(faces.shape):
         raise ValueError(
-            f"face_uv must be an integer [F, 3] tensor with F = {faces.shape[0]}, got {_described(face_uv)}"
+            f"face_uv must be an integer [F, 3] tensor with F = {faces.shape[0]}, got {described(face_uv)}"
         )
     if face_uv.dtype not in (torch.int32, torch.int64):  # (bool would mask, int16 cannot index)
         raise ValueError(f"face_uv must be an int32 or int64 [F, 3] tensor, got {face_uv.dtype}")
@@ -193,19 +194,19 @@ def _check_render_inputs(
         raise ValueError(f"vertices [B, V, 3] must have B = {batch} (azimuth's), got {tuple(vertices.shape)}")
     for name, value in per_image.items():
         if not isinstance(value, Tensor) or tuple(value.shape) != (batch,):
-            raise ValueError(f"{name} must be [B] with B = {batch} (azimuth's), got {_described(value)}")
+            raise ValueError(f"{name} must be [B] with B = {batch} (azimuth's), got {described(value)}")
         if value.dtype == torch.bool or value.is_complex():
             raise ValueError(f"{name} must be a real (floating-point or integer) tensor, got {value.dtype}")
     num_vertices = vertices.shape[-2]
     if albedo is not None and (
         not isinstance(albedo, Tensor) or tuple(albedo.shape) not in ((num_vertices,), (batch, num_vertices))
     ):
-        raise ValueError(f"albedo must be [V] or [B, V] with V = {num_vertices}, got {_described(albedo)}")
+        raise ValueError(f"albedo must be [V] or [B, V] with V = {num_vertices}, got {described(albedo)}")
     if incident is not None and (
         not isinstance(incident, Tensor) or incident.dim() != 2 or incident.shape[0] != num_vertices
         or incident.shape[1] == 0 or incident.dtype not in (torch.int32, torch.int64)
     ):  # fmt: skip
-        got = f"{_described(incident)}{f' {incident.dtype}' if isinstance(incident, Tensor) else ''}"
+        got = f"{described(incident)}{f' {incident.dtype}' if isinstance(incident, Tensor) else ''}"
         raise ValueError(
             f"incident must be vertex_faces(faces, {num_vertices}), an integer [V, D] tensor with D >= 1, got {got}"
         )
@@ -327,12 +328,12 @@ def render(
     azimuth, elevation, light_azimuth, light_elevation: [B] radians, of any real dtype (computed in the
     vertices' dtype). albedo: [V] or [B, V] vertex albedo (default 1; ignored with a texture); gain: [B]
     albedo multiplier. texture: [H, W] grey texture with uv: [T, 2] in [0, 1] (v up) and face_uv: [F, 3] int64
-    (all or none). incident: [V, D] from :func:`vertex_faces` (computed when None; pass it to save time).
+    or int32 (all or none). incident: [V, D] from :func:`vertex_faces` (computed when None; pass it to save time).
     antialias: supersampling factor (renders at size * antialias and averages).
     Returns [B, 1, size, size] in [0, 1] (float64 for float64 vertices, else float32), background 0.
 
     Bad arguments raise a ValueError naming them: shapes and dtypes, and values (tensors not finite, depths
-    outside [-2, 2], index entries out of range), the values in one host sync.
+    outside [-2, 2], index entries out of range), the values in one host sync (two when incident is computed).
     """
     for name, value in (("size", size), ("antialias", antialias)):
         Bounds(1).check(name, value, integer=True)
@@ -341,7 +342,7 @@ def render(
     if ambient > 1:  # then 1 - ambient < 0: lit surfaces would come out darker than unlit ones
         raise ValueError(f"ambient must be in [0, 1], got {ambient!r}")
     if not isinstance(azimuth, Tensor) or azimuth.dim() != 1 or azimuth.shape[0] == 0:
-        raise ValueError(f"azimuth must be [B] with B >= 1, got {_described(azimuth)}")
+        raise ValueError(f"azimuth must be [B] with B >= 1, got {described(azimuth)}")
     batch = azimuth.shape[0]
     if isinstance(vertices, Tensor) and vertices.dtype in (torch.float16, torch.bfloat16):
         vertices = vertices.float()  # (half precision would quantise depth and shading coarsely)
@@ -359,7 +360,7 @@ def render(
         vertices = vertices.expand(batch, -1, -1)
     rot = rotation(azimuth, elevation)
     cam = vertices @ rot.transpose(1, 2)  # [B, V, 3]
-    _check_all(_value_checks(faces, cam[..., 2], finite, incident, uv, face_uv))  # (render's one host sync)
+    _check_all(_value_checks(faces, cam[..., 2], finite, incident, uv, face_uv))  # (one host sync for all)
     if incident is None:
         incident = vertex_faces(faces, vertices.shape[1])
     full = size * antialias

@@ -18,7 +18,7 @@ from dcign_fast.eval.inference import check_images, model_input
 from dcign_fast.models import DCIGN, DCIGNConfig
 
 EXTRINSIC = ("azimuth", "elevation", "light")
-FACTOR_KEYS = (*EXTRINSIC, "identity")  # the factors evaluation reads from each sweep
+SWEEP_FACTORS = (*EXTRINSIC, "identity")  # the factors evaluation reads from each sweep
 MIG_BINS = 20
 
 
@@ -66,10 +66,10 @@ def draw_sweep(
         return images, {}
     if not isinstance(factors, Mapping):
         raise TypeError(f"batch: {what}'s factors are a {type(factors).__name__}; {batch_contract(model)}")
-    missing = [key for key in FACTOR_KEYS if key not in factors]
+    missing = [key for key in SWEEP_FACTORS if key not in factors]
     if missing:
         raise ValueError(f"batch: {what}'s factors lack {missing}; {batch_contract(model)}")
-    for key in FACTOR_KEYS:
+    for key in SWEEP_FACTORS:
         value = factors[key]
         if not isinstance(value, torch.Tensor) or value.shape != (len(images),):
             got = (
@@ -87,7 +87,7 @@ def batch_contract(model: DCIGN) -> str:
         shape = f"B, {config.in_channels}, {config.image_size}, {config.image_size}"
     return (
         f"batch(kind, generator) must return (images, factors): images a floating-point [{shape}] tensor in [0, 1] "
-        f"with B >= 1, factors a dict with a [B] tensor for each of {list(FACTOR_KEYS)}"
+        f"with B >= 1, factors a dict with a [B] tensor for each of {list(SWEEP_FACTORS)}"
     )
 
 

@@ -114,7 +114,7 @@ class TrainConfig:
     image_every: int = _option(500, "steps between images/recon-*.png and images/sweeps-*.png")
     on_nonfinite: str = _option("stop", "a NaN/inf loss: stop the run (exit status 1), or skip the step")
     threads: int = _option(0, "torch CPU threads; 0 leaves torch's default")
-    time_limit_s: float | None = _option(None, "stop (with a checkpoint, exit status 75) at the first step past it")
+    time_limit_s: float | None = _option(None, "stop with a checkpoint at the first step past it (exit 75, torchrun 0)")
 
     def __post_init__(self) -> None:
         self.check()

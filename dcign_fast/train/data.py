@@ -93,9 +93,10 @@ def checked_sweep(sweep: object, kind: str, source: str, disentangle: bool) -> t
         got = f"{len(sweep)} values" if isinstance(sweep, (tuple, list)) else type(sweep).__name__
         raise TypeError(f"{source} must return (images [B, 1, S, S], factors dict), got {got}")
     images, factors = sweep
-    if not (isinstance(images, torch.Tensor) and images.dim() == 4):
-        got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise TypeError(f"{source} must return images as a tensor [B, 1, S, S], got {got}")
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{source} must return images as a tensor [B, 1, S, S], got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"{source} must return images as a tensor [B, 1, S, S], got shape {tuple(images.shape)}")
     if not isinstance(factors, dict):
         raise TypeError(f"{source} must return factors as a dict of [B] tensors, got {type(factors).__name__}")
     if not len(images):

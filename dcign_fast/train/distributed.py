@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,28 +56,29 @@ def close_world(world: World, together: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def _with_the_other_ranks(collective: Callable[..., T]) -> Callable[..., T]:
-    """``collective`` with its failure to reach the other ranks (gloo: "Connection closed by peer" when one was
-    killed) raised as an OtherRankError in one line: the survivor's traceback through gloo's sources said no
-    more, and the rank that stopped (or torchrun) reports why."""
-
-    @functools.wraps(collective)
-    def run(*args: object, **kwargs: object) -> T:
-        try:
-            return collective(*args, **kwargs)
-        except RuntimeError as err:
-            if isinstance(err, OtherRankError):
-                raise
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise OtherRankError(
-                f"the ranks could not exchange their state ({first_line}): another rank has probably stopped (its "
-                "output says why); the newest checkpoint stands, continue with --resume"
-            ) from err
-
-    return run
+# This rank's own device faults: a CUDA error surfaces at the next CUDA call, a collective's among them.
+_LOCAL_FAULTS = tuple(
+    fault for fault in (getattr(torch, "AcceleratorError", None), getattr(torch, "OutOfMemoryError", None)) if fault
+)
 
 
-@_with_the_other_ranks
+def _exchange(collective: Callable[..., object], *args: object, **kwargs: object) -> None:
+    """``collective(*args, **kwargs)``, a torch.distributed call, with its failure to reach the other ranks
+    (gloo: a plain RuntimeError, "Connection closed by peer", when one was killed) raised as an OtherRankError
+    in one line: the survivor's traceback through gloo's sources said no more, and the rank that stopped (or
+    torchrun) reports why. This rank's own device faults keep their type."""
+    try:
+        collective(*args, **kwargs)
+    except _LOCAL_FAULTS:
+        raise
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OtherRankError(
+            f"the ranks could not exchange their state ({first_line}): another rank has probably stopped (its "
+            "output says why); the newest checkpoint stands, continue with --resume"
+        ) from err
+
+
 def mean_over_ranks(values: Mapping[str, float | str], world: World, device: torch.device) -> dict[str, float | str]:
     """``values`` with each float replaced by its mean over the ranks and each string by the ranks' strings
     joined with "+" in rank order, as one process accumulating their sweeps logs its batch kinds (every rank
@@ -87,21 +87,20 @@ def mean_over_ranks(values: Mapping[str, float | str], world: World, device: tor
         return dict(values)
     names = [k for k, v in values.items() if isinstance(v, float)]
     t = torch.tensor([values[k] for k in names], device=device, dtype=torch.float64)
-    dist.all_reduce(t)
+    _exchange(dist.all_reduce, t)
     texts = {k: v for k, v in values.items() if isinstance(v, str)}
     gathered: list[dict[str, str] | None] = [None] * world.size
-    dist.all_gather_object(gathered, texts)
+    _exchange(dist.all_gather_object, gathered, texts)
     joined = {k: "+".join(str(g[k]) for g in gathered if g is not None) for k in texts}
     return {**values, **dict(zip(names, (t / world.size).tolist())), **joined}
 
 
-@_with_the_other_ranks
 def all_agree(flag: bool, world: World, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any rank (e.g. a Ctrl-C or a NaN seen by one rank)."""
     if not world.distributed:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    _exchange(dist.all_reduce, t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
@@ -119,7 +118,7 @@ def run_together(action: Callable[[], T], world: World, device: torch.device) ->
         error = err
     if all_agree(error is not None, world, device):
         reports: list[str | None] = [None] * world.size
-        dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
+        _exchange(dist.all_gather_object, reports, None if error is None else f"{type(error).__name__}: {error}")
         if error is not None:
             raise error
         rank, report = next((r, text) for r, text in enumerate(reports) if text is not None)

@@ -120,6 +120,7 @@ class Trainer:
             self.model.parameters(), lr=config.lr, betas=config.betas, eps=config.adam_eps
         )
         self.step = 0
+        self._checkpointed_step = 0  # the step of the newest checkpoint (written or restored); 0 before any
         existing = list_checkpoints(self.checkpoints)
         if resume and existing:
             self._restore(existing[-1])
@@ -206,7 +207,7 @@ class Trainer:
         load_into(self.model, weights, weights_file(path))
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        self.step = int(state["step"])
+        self.step = self._checkpointed_step = int(state["step"])
 
     def _execution(self) -> dict[str, object]:
         """What, beside the options, sets a step's floating-point rounding: the kind of device (a GPU's model,
@@ -235,13 +236,23 @@ class Trainer:
             warnings.warn(
                 f"this resume runs with {', '.join(changed)}: the run continues, with other floating-point "
                 "rounding, so its weights will not be bit-identical to those of an uninterrupted run",
-                stacklevel=3,
+                stacklevel=5,  # the caller's Trainer(...), through __init__, _build and _restore
             )
 
     def save(self) -> Path | None:
         """Writes a checkpoint of the current step on rank 0; returns its path there and None on the other ranks.
         Every rank calls it, and every rank raises when the write fails."""
-        return run_together(self._write_checkpoint, self.world, self.device)
+        path = run_together(self._write_checkpoint, self.world, self.device)
+        self._checkpointed_step = self.step
+        return path
+
+    def _save_what_was_trained(self) -> str:
+        """A checkpoint of the steps trained since the last one (nothing of the current step has run), and what
+        to say of it. None were: a checkpoint of step 0 would keep the failed run's folder from a fresh start."""
+        if self.step > self._checkpointed_step:
+            return f"checkpoint: {self.save()}; mend the data and continue with --resume"
+        since = f"its checkpoint of step {self.step}" if self.step else "the start"
+        return f"no step was trained since {since}: nothing was saved"
 
     def _write_checkpoint(self) -> Path | None:
         if not self.world.is_main:
@@ -352,11 +363,7 @@ class Trainer:
                 try:
                     batches = self._draw(self.step)
                 except Exception:
-                    checkpoint = self.save()  # nothing of this step has run yet
-                    self._say(
-                        f"the data failed at step {self.step + 1}; checkpoint: {checkpoint}; mend the data and "
-                        "continue with --resume"
-                    )
+                    self._say(f"the data failed at step {self.step + 1}; {self._save_what_was_trained()}")
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics = self._forward_backward(self.step, batches)
