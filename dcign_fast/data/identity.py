@@ -135,8 +135,11 @@ class IdentitySpace:
     def vertices(self, mesh_index: int, coefficients: Tensor) -> Tensor:
         """Deformed vertices of one mesh, shrinking coefficients that would fold a triangle.
 
-        coefficients: [B, K] -> [B, V, 3] on the mesh's device.
+        mesh_index: which of the space's meshes; coefficients: [B, K] -> [B, V, 3] on the mesh's device.
         """
+        Bounds(0, below=len(self.meshes)).check("mesh_index", mesh_index, integer=True)
+        if not (isinstance(coefficients, Tensor) and coefficients.dim() == 2 and coefficients.shape[1] == len(MODES)):
+            raise ValueError(f"coefficients must be [B, {len(MODES)}], got {described(coefficients)}")
         mesh, fields = self.meshes[mesh_index], self._fields[mesh_index]
         coefficients = coefficients.to(fields.device, fields.dtype)
         rest = self._rest_normals[mesh_index]

@@ -232,6 +232,17 @@ def test_describe_takes_a_vector_of_identities(identity, words):
         IdentitySpace([load_asset("meshmonk")]).describe(identity)
 
 
+def test_vertices_name_a_bad_mesh_index_or_coefficients():
+    """A coefficient row of another length met torch's einsum error, which named neither argument."""
+    space = IdentitySpace([load_asset("meshmonk")])
+    k = len(space._fields[0])
+    assert space.vertices(0, torch.zeros(2, k)).shape == (2, *space.meshes[0].vertices.shape)
+    with pytest.raises(ValueError, match=rf"coefficients must be \[B, {k}\], got shape \(2, {k + 1}\)"):
+        space.vertices(0, torch.zeros(2, k + 1))
+    with pytest.raises(ValueError, match=r"mesh_index must be .* got 1"):
+        space.vertices(1, torch.zeros(2, k))
+
+
 def test_epoch_and_batch_index_are_checked():
     """set_epoch("a") failed at iteration ("can only concatenate str"), batch_at(1.5) inside numpy; a negative
     epoch or index read batches outside the stream."""
