@@ -320,16 +320,16 @@ def test_loss_checks_targets_on_a_gpu_at_its_first_call_per_device(monkeypatch):
     """Every call would sync the host with the GPU; the first catches a pipeline that yields 0..255."""
     from dcign_fast.models import dcign
 
-    monkeypatch.setattr(dcign, "_TARGETS_CHECKED_ON", set())
+    monkeypatch.setattr(dcign, "_RANGES_CHECKED_ON", set())
     x = torch.rand(2, 1, 4, 4, device="cuda")
     args = {"recon": x.clone(), "mu": torch.randn(2, 5, device="cuda"), "logvar": torch.randn(2, 5, device="cuda")}
     with pytest.raises(ValueError, match="divide by 255"):
         DCIGN.loss(x * 255, **args)
     with pytest.raises(ValueError, match="recon must be in"):
         DCIGN.loss(x, **{**args, "recon": x - 1})
-    assert not dcign._TARGETS_CHECKED_ON
+    assert not dcign._RANGES_CHECKED_ON
     DCIGN.loss(x, **args)
-    assert {x.device} == dcign._TARGETS_CHECKED_ON
+    assert {x.device} == dcign._RANGES_CHECKED_ON
 
 
 def test_gradient_penalty_through_the_whole_model_matches_reference():

@@ -31,7 +31,7 @@ def binary_cross_entropy_sum(recon: torch.Tensor, target: torch.Tensor) -> torch
 
 
 # Accelerator devices whose loss inputs were checked once (see _check_ranges).
-_TARGETS_CHECKED_ON: set[torch.device] = set()
+_RANGES_CHECKED_ON: set[torch.device] = set()
 
 
 def _check_ranges(x: torch.Tensor, recon: torch.Tensor) -> None:
@@ -43,7 +43,7 @@ def _check_ranges(x: torch.Tensor, recon: torch.Tensor) -> None:
     that yields 0..255, or a loss fed logits, does so from its first batch). Not while torch.compile traces,
     torch.func transforms or a CUDA graph captures, where nothing can sync."""
     # In this order: dynamo cannot trace the capture query, and functorch's wrappers (vmap, grad) hold no data.
-    if torch.compiler.is_compiling() or x.device.type == "meta" or not x.numel() or x.device in _TARGETS_CHECKED_ON:
+    if torch.compiler.is_compiling() or x.device.type == "meta" or not x.numel() or x.device in _RANGES_CHECKED_ON:
         return
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, recon)) or (
         x.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -61,7 +61,7 @@ def _check_ranges(x: torch.Tensor, recon: torch.Tensor) -> None:
             f"got [{recon_low}, {recon_high}]"
         )
     if x.device.type != "cpu":
-        _TARGETS_CHECKED_ON.add(x.device)
+        _RANGES_CHECKED_ON.add(x.device)
 
 
 def outside_unit_range(name: str, what: str, low: float, high: float) -> ValueError | None:
