@@ -465,7 +465,7 @@ def test_the_extreme_seeds_draw_batches(seed):
     latent_seed(seed, 10**6, 7)
     assert TrainConfig().override(["grad_clip=null", "time_limit_s=null"]).grad_clip is None
     render, _ = default_source(TrainConfig(seed=seed, batch_size=2), 16, torch.device("cpu"))  # the built-in renderer
-    images, _ = render("azimuth", shard_generator(seed, 0, 0))
+    images = render("azimuth", shard_generator(seed, 0, 0))[0]
     assert images.shape == (2, 1, 16, 16)
 
 
@@ -730,8 +730,8 @@ def test_a_config_edited_after_it_was_made_is_checked_by_the_trainer(edit, words
 @pytest.mark.parametrize(
     "returns, words",
     [
-        (lambda images, factors: (images, factors, "light"), "must return (images [B, 1, S, S], factors dict), got 3"),
-        (lambda images, factors: images, "must return (images [B, 1, S, S], factors dict), got Tensor"),
+        (lambda images, factors: (images,), " sweep is a tuple of 1; render(kind, generator) must return (images"),
+        (lambda images, factors: images, " sweep is a Tensor; render(kind, generator) must return (images"),
         (lambda images, factors: (images[:, 0], factors), "images as a tensor [B, 1, S, S], got shape (4, 64, 64)"),
         (lambda images, factors: (images.numpy(), factors), "images as a tensor [B, 1, S, S], got ndarray"),
         (lambda images, factors: (images, list(factors)), "factors as a dict of [B] tensors, got list"),
@@ -743,8 +743,16 @@ def test_what_a_render_callable_returns_is_checked_by_name(returns, words, tmp_p
     def render(kind, generator):
         return returns(*blobs(kind, generator))
 
-    with pytest.raises((TypeError, ValueError), match=r"render\(kind, generator\) .*" + re.escape(words)):
+    with pytest.raises((TypeError, ValueError), match=r"render\(kind, generator\).*" + re.escape(words)):
         Trainer(config(tmp_path, data_pool=1), render=render)  # the pool's sweeps, checked as they are drawn
+
+
+def test_the_samplers_batch_serves_as_a_render_callable(tmp_path):
+    """SweepSampler.batch returns (images, factors, kind); the trainer refused its third value."""
+    from dcign_fast.data import SweepSampler
+
+    render = SweepSampler(size=64, batch_size=4).batch
+    assert Trainer(config(tmp_path, steps=1), render=render).train().step == 1
 
 
 def test_a_render_that_is_not_a_function_or_beside_a_data_folder_is_refused(tmp_path):

@@ -73,6 +73,17 @@ def device_argument(device: object) -> torch.device:
     return resolve_device(str(device), "device")
 
 
+def images_and_factors(drawn: object, what: str, contract: str) -> tuple[object, object]:
+    """(images, factors): the first two values a sweep source returned, as the trainer and evaluation read them,
+    so that SweepSampler.batch's (images, factors, kind) and a renderer's (images, factors) both serve. A
+    TypeError naming ``what`` was drawn and stating the source's ``contract`` when ``drawn`` is not a tuple or
+    list of two or more values; the caller checks what the two are."""
+    if isinstance(drawn, (tuple, list)) and len(drawn) >= 2:
+        return drawn[0], drawn[1]
+    got = f" of {len(drawn)}" if isinstance(drawn, (tuple, list)) else ""
+    raise TypeError(f"{what} is a {type(drawn).__name__}{got}; {contract}")
+
+
 class SweepSampler:
     """Iterable of one-factor batches rendered on the fly (see the module docstring).
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from dcign_fast.data.seeds import EVAL_SWEEPS, stream_generator
+from dcign_fast.data.sweeps import images_and_factors
 from dcign_fast.eval.inference import check_images, model_input
 from dcign_fast.models import DCIGN, DCIGNConfig
 
@@ -49,11 +50,7 @@ def draw_sweep(
     """``batch(kind, generator)``'s (images, factors), checked against its contract (:func:`batch_contract`; the
     factors only when ``factors_needed``): else an error naming ``batch``, ``what`` it drew and the contract, at the
     first sweep that breaks it (torch's errors came after every sweep was encoded, and named no argument)."""
-    drawn = batch(kind, generator)
-    if not isinstance(drawn, (tuple, list)) or len(drawn) < 2:
-        got = f"{type(drawn).__name__} of {len(drawn)}" if isinstance(drawn, (tuple, list)) else type(drawn).__name__
-        raise TypeError(f"batch: {what} is a {got}; {batch_contract(model)}")
-    images, factors = drawn[:2]
+    images, factors = images_and_factors(batch(kind, generator), f"batch: {what}", batch_contract(model))
     try:
         check_images("images", images)
     except (TypeError, ValueError) as err:

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from dcign_fast.data.seeds import BATCHES, LATENT_NOISE, POOL, stream_generator
+from dcign_fast.data.sweeps import images_and_factors
 from dcign_fast.train.config import TrainConfig
 from dcign_fast.train.procedure import KINDS, kind_odds
 
@@ -37,7 +38,7 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
 
         # Only sampler.batch is used, with the trainer's generators: the sampler's own seeded stream is not.
         sampler = SweepSampler(size=image_size, batch_size=config.batch_size, device=device)
-        return (lambda kind, generator: sampler.batch(kind, generator)[:2]), KINDS
+        return sampler.batch, KINDS
     from dcign_fast.data.cache import INDEX, SweepCache, is_cache
     from dcign_fast.data.folders import DatasetError, SweepFolders
 
@@ -87,12 +88,11 @@ def latent_seed(seed: int, step: int, shard: int) -> int:
 def checked_sweep(sweep: object, kind: str, source: str, disentangle: bool) -> tuple[torch.Tensor, dict]:
     """``sweep``, what ``source`` gave for a ``kind`` sweep, as the trainer takes it: (images [B, C, S, S],
     factors dict) with B >= 1, and B >= 2 with ``disentangle`` (as TrainConfig refuses batch_size=1: one image
-    has no batch mean to clamp to). A TypeError or ValueError naming ``source`` otherwise; the model checks the
-    images' size, dtype and values."""
-    if not (isinstance(sweep, (tuple, list)) and len(sweep) == 2):
-        got = f"{len(sweep)} values" if isinstance(sweep, (tuple, list)) else type(sweep).__name__
-        raise TypeError(f"{source} must return (images [B, 1, S, S], factors dict), got {got}")
-    images, factors = sweep
+    has no batch mean to clamp to); values after those two (SweepSampler.batch's kind) are ignored. A TypeError
+    or ValueError naming ``source`` otherwise; the model checks the images' size, dtype and values."""
+    images, factors = images_and_factors(
+        sweep, f"{source}'s {kind} sweep", f"{source} must return (images [B, 1, S, S], factors dict)"
+    )
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{source} must return images as a tensor [B, 1, S, S], got {type(images).__name__}")
     if images.dim() != 4:
