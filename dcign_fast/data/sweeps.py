@@ -26,6 +26,7 @@ import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -73,7 +74,7 @@ def device_argument(device: object) -> torch.device:
     return resolve_device(str(device), "device")
 
 
-def images_and_factors(drawn: object, what: str, contract: str) -> tuple[object, object]:
+def images_and_factors(drawn: object, what: str, contract: str) -> tuple[Any, Any]:
     """(images, factors): the first two values a sweep source returned, as the trainer and evaluation read them,
     so that SweepSampler.batch's (images, factors, kind) and a renderer's (images, factors) both serve. A
     TypeError naming ``what`` was drawn and stating the source's ``contract`` when ``drawn`` is not a tuple or
