@@ -63,6 +63,11 @@ def vertex_faces(faces: Tensor, num_vertices: int) -> Tensor:
     faces: [F, 3] int64 -> [V, D] int64, padded with F (an index one past the last face).
     """
     check_indices("faces", faces, num_vertices, "vertices")
+    return _incident_table(faces, num_vertices)
+
+
+def _incident_table(faces: Tensor, num_vertices: int) -> Tensor:
+    """:func:`vertex_faces` for faces already checked (render checks them with its other values, in one sync)."""
     num_faces = faces.shape[0]
     vertex = faces.reshape(-1)
     face = torch.arange(num_faces, device=faces.device).repeat_interleave(3)
@@ -333,7 +338,8 @@ def render(
     Returns [B, 1, size, size] in [0, 1] (float64 for float64 vertices, else float32), background 0.
 
     Bad arguments raise a ValueError naming them: shapes and dtypes, and values (tensors not finite, depths
-    outside [-2, 2], index entries out of range), the values in one host sync (two when incident is computed).
+    outside [-2, 2], index entries out of range), the values in one host sync (computing incident takes one
+    more, for its table's width).
     """
     for name, value in (("size", size), ("antialias", antialias)):
         Bounds(1).check(name, value, integer=True)
@@ -362,7 +368,7 @@ def render(
     cam = vertices @ rot.transpose(1, 2)  # [B, V, 3]
     _check_all(_value_checks(faces, cam[..., 2], finite, incident, uv, face_uv))  # (one host sync for all)
     if incident is None:
-        incident = vertex_faces(faces, vertices.shape[1])
+        incident = _incident_table(faces, vertices.shape[1])
     full = size * antialias
     screen = torch.stack([cam[..., 0] * zoom + 1.0, 1.0 - cam[..., 1] * zoom], -1) * (full / 2)
     hit, candidates, planes = rasterize(screen, cam[..., 2], faces, full)
