@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dcign_fast.bounds import Bounds
-from dcign_fast.data.folders import DatasetError
+from dcign_fast.data.folders import DatasetError, batch_index
 from dcign_fast.data.sweeps import FACTOR_KEYS, KINDS, Batch, device_argument
 
 INDEX = "index.json"
@@ -166,8 +166,7 @@ class SweepCache:
         ]
 
     def __getitem__(self, index: int) -> Batch:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+        index = batch_index(index, len(self))
         number = int(np.searchsorted(self.starts, index, side="right")) - 1
         arrays, local = self._shard(number), index - int(self.starts[number])
         lo, hi = int(arrays["offsets"][local]), int(arrays["offsets"][local + 1])

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import csv
 import math
+import operator
 import re
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import SupportsIndex
 
 import numpy as np
 import torch
@@ -30,6 +32,18 @@ _GREY = np.array([0.21, 0.72, 0.07], dtype=np.float32)
 
 class DatasetError(ValueError):
     """A dataset file or folder that cannot be used; the message names it."""
+
+
+def batch_index(index: SupportsIndex, count: int) -> int:
+    """``index`` of a dataset of ``count`` batches as a list reads it (negative from the end): a TypeError for a
+    non-integer (numpy's integers serve), an IndexError naming the range for one outside it."""
+    try:
+        position = operator.index(index)
+    except TypeError:
+        raise TypeError(f"a batch index must be an integer, got {index!r}") from None
+    if not -count <= position < count:
+        raise IndexError(f"batch index {position} is out of range for {count} batches")
+    return position % count
 
 
 def write_batch(folder: Path, images: Tensor, factors: dict[str, Tensor]) -> None:
@@ -158,7 +172,7 @@ class SweepFolders:
         return [kind for _, kind in self.folders]
 
     def __getitem__(self, index: int) -> Batch:
-        folder, kind = self.folders[index]
+        folder, kind = self.folders[batch_index(index, len(self))]
         files = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png"), key=_natural_key)
         if not files:
             raise DatasetError(f"batch folder has no PNG images: {folder}")

@@ -1,5 +1,7 @@
 """Images on disk: PNG folders in the DC-IGN layout, the original dataset's RGB files, the uint8 cache."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -317,3 +319,22 @@ def test_sweep_folders_kinds_are_checked(kinds, error, words, tmp_path, batches)
     export_sweeps(batches, tmp_path)
     with pytest.raises(error, match=words):
         SweepFolders(tmp_path, size=16, kinds=kinds)
+
+
+@pytest.mark.parametrize("store", ["cache", "folders"])
+def test_a_batch_index_reads_as_a_lists(store, tmp_path, batches):
+    """SweepCache[-1] was an IndexError and SweepCache[1.5] numpy's error from deep inside; SweepFolders took -1."""
+    if store == "cache":
+        write_cache(batches, tmp_path, batches_per_shard=2)
+        dataset = SweepCache(tmp_path)
+    else:
+        export_sweeps(batches, tmp_path)
+        dataset = SweepFolders(tmp_path, size=16)
+    _assert_same_batches([dataset[-1], dataset[np.int64(1)]], [dataset[len(batches) - 1], dataset[1]])
+    for index, error, words in (
+        (1.5, TypeError, "a batch index must be an integer, got 1.5"),
+        (5, IndexError, "batch index 5 is out of range for 5 batches"),
+        (-6, IndexError, "batch index -6 is out of range for 5 batches"),
+    ):
+        with pytest.raises(error, match=re.escape(words)):
+            dataset[index]
