@@ -613,6 +613,7 @@ def test_evaluate_checks_what_batch_returns_at_its_first_sweep(change, error, wo
         ({"batch": 3}, TypeError, r"batch must be a callable, batch\(kind, generator\) -> \(images, factors\), got 3"),
         ({"out": "a-file"}, ValueError, r"out: cannot make the folder 'a-file'"),
         ({"model": torch.nn.Linear(2, 2)}, TypeError, r"model must be a DCIGN, got Linear"),
+        ({"checkpoint": 3}, TypeError, r"checkpoint must be a path \(str or Path\), got int"),  # Path(3)'s own
     ],
 )
 def test_evaluate_refuses_a_bad_argument_before_drawing(change, error, words, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def evaluate(
     seed = int(seed)
     if batch is not None and not callable(batch):
         raise TypeError(f"batch must be a callable, batch(kind, generator) -> (images, factors), got {batch!r}")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path (str or Path), got {type(checkpoint).__name__}")
     with eval_mode(model):
         if batch is None:
             from dcign_fast.data import SweepSampler
