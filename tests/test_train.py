@@ -316,6 +316,30 @@ def test_nan_loss_can_skip_the_step(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+@pytest.mark.parametrize("found_by", ["log", "interrupt"])
+def test_a_nan_step_between_reads_is_named_when_the_losses_are_read_back(tmp_path, found_by):
+    """Steps that neither log nor save read nothing back (tests/test_host_syncs.py): a NaN at step 2 is found at
+    the next read (step 3's log line, or the checkpoint of an interrupt at step 2's end), which names step 2
+    and writes nothing."""
+    from dcign_fast.train.trainer import NonFiniteLossError
+
+    trainer = Trainer(config(tmp_path, steps=6, log_every=3, checkpoint_every=100), render=blobs)
+    original, taking = trainer.stream.batch, [0]
+
+    def noting_the_step(step, shard):
+        taking[0] = step + 1
+        return original(step, shard)
+
+    trainer.stream.batch = noting_the_step
+    if found_by == "interrupt":
+        signal_at_batch(trainer, 2, signal.SIGINT)
+    trainer.model.to_mu.register_forward_hook(lambda module, inputs, mu: mu * float("nan") if taking[0] == 2 else mu)
+    with pytest.raises(NonFiniteLossError, match="at step 2;"):
+        trainer.train()
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+
+
 def signal_at_batch(trainer: Trainer, call: int, *signals: int) -> None:
     """Makes the trainer's ``call``-th batch fetch send this process ``signals``."""
     calls, original = [0], trainer.stream.batch
@@ -689,7 +713,7 @@ def test_folder_sweeps_of_another_size_are_used_whole_and_counted_as_they_are(tm
     trainer = Trainer(TrainConfig(out=str(tmp_path / "run"), steps=1, data=str(tmp_path), batch_size=20))
     with pytest.warns(UserWarning, match=r"batch_size=20 does not apply .* used whole \(4 images here\)"):
         trainer.train()
-    assert trainer._images_this_step == 4
+    assert trainer._forward_backward(1, trainer._draw(1)).images == 4
 
 
 def test_a_one_image_folder_sweep_is_refused_when_disentangling(tmp_path):
@@ -1145,7 +1169,8 @@ def test_each_rank_and_micro_batch_takes_its_own_shard(tmp_path, monkeypatch):
     trainer.world = World(rank=1, size=2)
     shards, original = [], trainer.stream.batch
     trainer.stream.batch = lambda step, shard: shards.append(shard) or original(step, shard)
-    assert trainer._forward_backward(0, trainer._draw(0)) is not None and shards == [2, 3]
+    trainer._forward_backward(0, trainer._draw(0))
+    assert shards == [2, 3]
     trainer.close()
 
 

@@ -1,9 +1,10 @@
 """The trainer: DC-IGN's procedure on one GPU, many GPUs (torchrun + DDP) or the CPU.
 
 Never loses work: checkpoints are atomic (see checkpoint.py); a NaN/inf loss stops the run before
-anything is written (or skips the step, if configured); Ctrl-C or SIGTERM finishes the current step,
-saves a checkpoint and returns. A resumed run continues exactly: batches and latent noise are pure
-functions of (seed, step, shard), and the optimizer state is restored.
+anything is written (or skips the step, if configured), found when the losses are read back: at the steps that
+log, checkpoint or draw pictures (every step with skip), so that the others never wait for the GPU. Ctrl-C or
+SIGTERM finishes the current step, saves a checkpoint and returns. A resumed run continues exactly: batches and
+latent noise are pure functions of (seed, step, shard), and the optimizer state is restored.
 """
 
 from __future__ import annotations
@@ -45,7 +46,19 @@ from dcign_fast.train.procedure import batch_loss
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+    """The loss became NaN or infinite; the last good checkpoint is left as it was. (The steps between two that
+    log, checkpoint or draw pictures are taken before their losses are read back: the model in memory may hold
+    such a step's weights, and the run continues from the checkpoint.)"""
+
+
+@dataclass
+class StepLosses:
+    """One optimizer step's losses, on the device."""
+
+    names: tuple[str, ...]  # DCIGN.loss's
+    values: torch.Tensor  # [len(names)] float64: each the mean over the step's micro-batches
+    kind: str  # the micro-batches' kinds, joined with "+"
+    images: int  # on this rank (folder sweeps need not hold batch_size images)
 
 
 @dataclass
@@ -150,7 +163,9 @@ class Trainer:
         )
         self.log = self._open_log()
         self._stop_requested_at: float | None = None  # time.monotonic() of the first Ctrl-C / SIGTERM
-        self._images_this_step = 0  # on this rank, for images/s
+        # (step, its loss + gradient norm on the device) of each step taken since the last read back (see _read_back)
+        self._unread: list[tuple[int, torch.Tensor]] = []
+        self._images_since_log, self._time_since_log = 0, 0.0  # on this rank, for images/s
 
     def _claim_run_folder(self) -> None:
         """Creates the run folder and takes its lock on the main rank, unless this trainer holds it; when that
@@ -241,7 +256,10 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Writes a checkpoint of the current step on rank 0; returns its path there and None on the other ranks.
-        Every rank calls it, and every rank raises when the write fails."""
+        Every rank calls it, and every rank raises when the write fails (or NonFiniteLossError, for a step that was
+        not read back yet)."""
+        if self._unread:
+            self._read_back()
         path = run_together(self._write_checkpoint, self.world, self.device)
         self._checkpointed_step = self.step
         return path
@@ -307,14 +325,12 @@ class Trainer:
 
         return run_together(draw, self.world, self.device)
 
-    def _forward_backward(
-        self, step: int, batches: list[tuple[int, torch.Tensor, str]]
-    ) -> dict[str, float | str] | None:
-        """Gradients of one optimizer step from its micro-batches (:meth:`_draw`); None if the loss was not
-        finite on some rank."""
+    def _forward_backward(self, step: int, batches: list[tuple[int, torch.Tensor, str]]) -> StepLosses:
+        """Gradients of one optimizer step from its micro-batches (:meth:`_draw`), and its losses, left on the
+        device: reading them back every step would stall the GPU's launch queue."""
         c = self.config
         plain = not c.disentangle or step < c.pretrain_steps
-        sums: dict[str, float] = {}
+        sums: torch.Tensor | None = None
         kinds, images_seen = [], 0
         for micro, (shard, images, kind) in enumerate(batches):
             images = images.to(self.device, non_blocking=True)
@@ -325,15 +341,36 @@ class Trainer:
             with contextlib.nullcontext() if unsynced is None else unsynced.no_sync():
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     losses = batch_loss(self.net, images, kind, c, latent_seed(c.seed, step, shard), plain)
-                if all_agree(not torch.isfinite(losses["total"]).item(), self.world, self.device):
-                    return None
                 (losses["total"] / c.accumulation).backward()
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.item() / c.accumulation
+            # In float64 from 0, as Python floats summed them: the logged values stay those of earlier versions.
+            values = torch.stack([value.detach() for value in losses.values()]).double() / c.accumulation
+            sums = (torch.zeros_like(values) if sums is None else sums) + values
             kinds.append(kind)
             images_seen += len(images)
-        self._images_this_step = images_seen  # folder sweeps need not hold batch_size images
-        return {**sums, "kind": "+".join(kinds)}
+        assert sums is not None  # (accumulation >= 1)
+        return StepLosses(tuple(losses), sums, "+".join(kinds), images_seen)
+
+    def _read_back(self, losses: StepLosses | None = None) -> dict[str, float] | None:
+        """Reads, in one host sync, whether the steps since the last read were finite, and ``losses``' values.
+        A non-finite step raises NonFiniteLossError under on_nonfinite=stop (before anything of it is written);
+        under skip, where every step is read before it is taken, None says to skip it. Every rank calls it."""
+        flags = torch.stack([value for _, value in self._unread]).isfinite().logical_not().double()
+        read = torch.cat([flags] if losses is None else [flags, losses.values]).tolist()
+        steps = [step for step, _ in self._unread]
+        self._unread = []
+        failed = [step for step, nonfinite in zip(steps, read) if nonfinite]
+        if all_agree(bool(failed), self.world, self.device):
+            # (All ranks fail at once, as DDP's all-reduce spreads a NaN gradient; the last step read stands in else.)
+            first = failed[0] if failed else steps[-1]
+            if self.config.on_nonfinite == "stop":
+                latest = self._latest()
+                kept = f"the last good one is {latest}" if latest else "no checkpoint was written yet"
+                raise NonFiniteLossError(
+                    f"the loss or its gradient became NaN or infinite at step {first}; stopping "
+                    f"without writing a checkpoint ({kept}); set on_nonfinite=skip to skip such steps instead"
+                )
+            return None
+        return {} if losses is None else dict(zip(losses.names, read[len(steps) :]))
 
     def train(self) -> TrainResult:
         """Runs until ``config.steps``; returns where it stopped and the last checkpoint."""
@@ -366,37 +403,38 @@ class Trainer:
                     self._say(f"the data failed at step {self.step + 1}; {self._save_what_was_trained()}")
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
-                metrics = self._forward_backward(self.step, batches)
-                if metrics is not None:
-                    # The gradient norm is checked too: one inf gradient would turn every weight into NaN.
-                    max_norm = float("inf") if c.grad_clip is None else c.grad_clip
-                    if not torch.isfinite(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)):
-                        metrics = None
-                if metrics is None:
-                    # Numbered as metrics, checkpoints and the bar number it: the step being taken, the first one 1.
-                    failed = self.step + 1
-                    if c.on_nonfinite == "stop":
-                        latest = self._latest()
-                        kept = f"the last good one is {latest}" if latest else "no checkpoint was written yet"
-                        raise NonFiniteLossError(
-                            f"the loss or its gradient became NaN or infinite at step {failed}; stopping "
-                            f"without writing a checkpoint ({kept}); set on_nonfinite=skip to skip such steps "
-                            "instead"
-                        )
+                losses = self._forward_backward(self.step, batches)
+                # The gradient norm is checked too: one inf gradient would turn every weight into NaN.
+                max_norm = float("inf") if c.grad_clip is None else c.grad_clip
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+                taken = self.step + 1  # numbered as metrics, checkpoints and the bar number it
+                # One op here, the finiteness test at the read: a float64 sum is finite if and only if both are.
+                self._unread.append((taken, losses.values[losses.names.index("total")] + norm))
+                logs = taken % c.log_every == 0 or taken == c.steps
+                # Read back before the step is taken where the host must know: to log, save or draw (so that a NaN
+                # step is never written), or to skip it. A NaN step in between is found at the next read.
+                metrics = None
+                if logs or c.on_nonfinite == "skip" or taken % c.checkpoint_every == 0 or taken % c.image_every == 0:
+                    metrics = self._read_back(losses if logs else None)
+                if metrics is None and c.on_nonfinite == "skip":
                     self.optimizer.zero_grad(set_to_none=True)
-                    self._say(f"skipped step {failed}: non-finite loss or gradient")
+                    self._say(f"skipped step {taken}: non-finite loss or gradient")
                 else:
                     self.optimizer.step()
+                    self._images_since_log += losses.images
+                    self._time_since_log += time.perf_counter() - start
                 self.step += 1
                 bar.update(1)
-                if metrics is not None:
-                    rate = self._images_this_step * self.world.size / (time.perf_counter() - start)
+                if logs and metrics is not None:
+                    # Over the steps since the last line: the steps between read nothing back (on a GPU their own
+                    # time would be the launches'), and all their work is done by this step's read.
+                    rate = self._images_since_log * self.world.size / self._time_since_log
+                    self._images_since_log, self._time_since_log = 0, 0.0
                     bar.set_postfix(loss=f"{metrics['total']:.1f}", img_s=f"{rate:.0f}")
-                    if self.step % c.log_every == 0 or self.step == c.steps:
-                        # every rank's losses, averaged (the same call on every rank: same steps)
-                        averaged = mean_over_ranks(metrics, self.world, self.device)
-                        record = {"step": self.step, **averaged, "images_per_s": rate}
-                        run_together(functools.partial(self.log.write, record), self.world, self.device)
+                    # every rank's losses, averaged (the same call on every rank: same steps)
+                    averaged = mean_over_ranks({**metrics, "kind": losses.kind}, self.world, self.device)
+                    record = {"step": self.step, **averaged, "images_per_s": rate}
+                    run_together(functools.partial(self.log.write, record), self.world, self.device)
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps:
                     checkpoint = self.save()  # before the pictures, which may fail (disk full, say)
                 if self.step % c.image_every == 0:

@@ -1,0 +1,127 @@
+"""Host syncs of a training step: a device -> host read stalls the launch queue on a GPU, so the steps that neither
+log, checkpoint nor draw pictures must not read anything back, and those that do read once."""
+
+from __future__ import annotations
+
+import traceback
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dcign_fast.models.dcign
+import dcign_fast.train.trainer
+from dcign_fast.train import Trainer
+from tests.test_train import blobs, config
+
+aten = torch.ops.aten
+# The ops that wait for a tensor's values: scalar reads (.item(), float(t), bool(t)), comparisons answered on the
+# host, and those whose output size depends on the values.
+READS = {
+    aten._local_scalar_dense.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten.allclose.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten.repeat_interleave.Tensor,
+}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records, per step being taken, where each device -> host read happened (dcign_fast's frames).
+
+    On the CPU every tensor is on the host, so the reads of what an accelerator run keeps there are left out:
+    Adam's step counters (``trainer.optimizer``'s, host tensors unless capturable or fused) and whatever
+    ``host_work`` runs (the data draw and the latent seeds, from CPU generators on every device)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        super().__init__()
+        self.trainer = trainer
+        self.step = 0  # the step being taken, the first one 1
+        self.on_host = 0  # > 0 inside host_work
+        self.reads: dict[int, list[str]] = defaultdict(list)
+
+    def host_work(self, function):
+        def on_host(*args, **kwargs):
+            self.on_host += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.on_host -= 1
+
+        return on_host
+
+    def record(self, what: str, tensor: object) -> None:
+        counters = (state.get("step") for state in self.trainer.optimizer.state.values())
+        if self.on_host or any(tensor is counter for counter in counters):
+            return
+        ours = [f for f in traceback.extract_stack() if "/dcign_fast/" in f.filename]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(ours[-3:]))
+        self.reads[self.step].append(f"{what} at {where}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in READS or (func is aten.index.Tensor and any(_is_mask(i) for i in args[1])):
+            self.record(str(func), args[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _is_mask(index: object) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype == torch.bool  # (its True count sets the output size)
+
+
+def test_steps_that_do_not_log_read_nothing_back_and_those_that_do_read_once(tmp_path, monkeypatch):
+    trainer = Trainer(config(tmp_path, steps=8, log_every=3, checkpoint_every=1000), render=blobs)
+    syncs = HostSyncs(trainer)
+    draw = trainer._draw
+
+    def drawing(step: int):
+        syncs.step = step + 1
+        return draw(step)
+
+    monkeypatch.setattr(trainer, "_draw", syncs.host_work(drawing))
+    monkeypatch.setattr(dcign_fast.train.trainer, "latent_seed", syncs.host_work(dcign_fast.train.trainer.latent_seed))
+    # The loss's range check reads its inputs once per accelerator (at every call on the CPU): as after a GPU's
+    # first step.
+    monkeypatch.setattr(dcign_fast.models.dcign, "_RANGES_CHECKED_ON", {trainer.device})
+    # .tolist() reads without dispatching an op.
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(tensor: torch.Tensor):
+        syncs.record("Tensor.tolist", tensor)
+        return tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    with syncs:
+        trainer.train()
+
+    steady = range(2, 8)  # after a warm-up step, before the last one (which checkpoints)
+    logging = [step for step in steady if step % 3 == 0]
+    report = "\n".join(f"step {step}: {where}" for step in steady for where in syncs.reads[step])
+    assert all(len(syncs.reads[step]) == 0 for step in steady if step not in logging), report
+    assert all(len(syncs.reads[step]) == 1 for step in logging), report
+
+
+def test_the_counter_sees_the_reads_it_must_catch(tmp_path):
+    """Each way of reading a device tensor on the host is recorded, and the host's own tensors are not."""
+    trainer = Trainer(config(tmp_path, steps=1), render=blobs)
+    syncs = HostSyncs(trainer)
+    x = torch.tensor([1.0, float("nan")])
+    with syncs:
+        x[0].item()
+        bool(x[0] > 0)
+        torch.isfinite(x).all().item()
+        x.nonzero()
+        x[x > 0]
+        syncs.host_work(lambda: x.sum().item())()
+    assert [r.split(" at ")[0] for r in syncs.reads[0]] == [
+        "aten._local_scalar_dense.default",
+        "aten._local_scalar_dense.default",
+        "aten._local_scalar_dense.default",
+        "aten.nonzero.default",
+        "aten.index.Tensor",
+    ]
