@@ -20,6 +20,7 @@ aten = torch.ops.aten
 # host, and those whose output size depends on the values.
 READS = {
     aten._local_scalar_dense.default,
+    aten.item.default,  # (seen as such below autograd, in a custom op)
     aten.is_nonzero.default,
     aten.equal.default,
     aten.allclose.default,
@@ -32,12 +33,17 @@ READS = {
 }
 
 
+# Functions that read a tensor on the host on the CPU alone (the test below checks that they do not elsewhere).
+CPU_ONLY = ("_sparse_columns",)
+
+
 class HostSyncs(TorchDispatchMode):
-    """Records, per step being taken, where each device -> host read happened (dcign_fast's frames).
+    """Records, per step being taken, where each device -> host read happened (dcign_fast's frames), inside the
+    library's custom ops too.
 
     On the CPU every tensor is on the host, so the reads of what an accelerator run keeps there are left out:
-    Adam's step counters (``trainer.optimizer``'s, host tensors unless capturable or fused) and whatever
-    ``host_work`` runs (the data draw and the latent seeds, from CPU generators on every device)."""
+    Adam's step counters (``trainer.optimizer``'s, host tensors unless capturable or fused), whatever
+    ``host_work`` runs (the data draw and the latent seeds, from CPU generators on every device) and CPU_ONLY."""
 
     def __init__(self, trainer: Trainer) -> None:
         super().__init__()
@@ -61,12 +67,17 @@ class HostSyncs(TorchDispatchMode):
         if self.on_host or any(tensor is counter for counter in counters):
             return
         ours = [f for f in traceback.extract_stack() if "/dcign_fast/" in f.filename]
+        if any(f.name in CPU_ONLY for f in ours):
+            return
         where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(ours[-3:]))
         self.reads[self.step].append(f"{what} at {where}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in READS or (func is aten.index.Tensor and any(_is_mask(i) for i in args[1])):
             self.record(str(func), args[0])
+        if func.namespace == "dcign_fast":  # a custom op, whose own ops would run unseen: with this mode on
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
 
@@ -107,16 +118,20 @@ def test_steps_that_do_not_log_read_nothing_back_and_those_that_do_read_once(tmp
 
 
 def test_the_counter_sees_the_reads_it_must_catch(tmp_path):
-    """Each way of reading a device tensor on the host is recorded, and the host's own tensors are not."""
+    """Each way of reading a device tensor on the host is recorded, inside a custom op too, and the host's own
+    tensors are not."""
     trainer = Trainer(config(tmp_path, steps=1), render=blobs)
     syncs = HostSyncs(trainer)
     x = torch.tensor([1.0, float("nan")])
-    with syncs:
+    with syncs, torch.library._scoped_library("dcign_fast", "FRAGMENT") as library:
+        library.define("reads(Tensor x) -> Tensor")
+        library.impl("reads", lambda x: x * x.sum().item(), "CPU")
         x[0].item()
         bool(x[0] > 0)
         torch.isfinite(x).all().item()
         x.nonzero()
         x[x > 0]
+        torch.ops.dcign_fast.reads(x)
         syncs.host_work(lambda: x.sum().item())()
     assert [r.split(" at ")[0] for r in syncs.reads[0]] == [
         "aten._local_scalar_dense.default",
@@ -124,4 +139,12 @@ def test_the_counter_sees_the_reads_it_must_catch(tmp_path):
         "aten._local_scalar_dense.default",
         "aten.nonzero.default",
         "aten.index.Tensor",
+        "aten.item.default",
     ]
+
+
+def test_what_reads_on_the_cpu_alone_does_not_elsewhere():
+    from dcign_fast.ops.latent_sampler import _sparse_columns
+
+    mu = torch.empty(4, 16, device="meta")  # (a meta tensor holds no values: any read would fail)
+    assert _sparse_columns(torch.zeros(16, dtype=torch.bool, device="meta"), mu) is None
