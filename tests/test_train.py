@@ -1167,6 +1167,7 @@ def test_each_rank_and_micro_batch_takes_its_own_shard(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "all_agree", lambda flag, world, device: flag)  # no process group here
     monkeypatch.setattr(trainer_module, "run_together", lambda action, world, device: action())
     trainer.world = World(rank=1, size=2)
+    trainer.batches = trainer._prefetcher()
     shards, original = [], trainer.stream.batch
     trainer.stream.batch = lambda step, shard: shards.append(shard) or original(step, shard)
     trainer._forward_backward(0, trainer._draw(0))

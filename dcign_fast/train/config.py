@@ -23,7 +23,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 # Options that change how a run executes, not what it computes: a resumed run may change them.
 RUN_CONTROLS = (
     "steps", "out", "device", "backend", "compile", "channels_last", "threads", "time_limit_s", "log_every",
-    "image_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
+    "image_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite", "data_workers",
 )  # fmt: skip
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -45,6 +45,7 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     # (Hashed with the step and shard into each batch's generator: data/seeds.py.)
     "seed": Bounds(-(2**27), below=2**28),
     "data_pool": Bounds(0),
+    "data_workers": Bounds(0, below=1025),
     "checkpoint_every": Bounds(1),
     "keep_checkpoints": Bounds(1),
     "log_every": Bounds(1),
@@ -108,6 +109,9 @@ class TrainConfig:
     compile: bool = _option(False, "torch.compile the model")
     data: str = _option("render", "render (the built-in renderer), a folder in the DC-IGN layout, or a cache")
     data_pool: int = _option(0, "> 0: pre-render this many batches per kind and draw from them (CPU speed)")
+    data_workers: int = _option(
+        0, "> 0: draw the next steps' batches in this many processes, on the CPU, while the device trains"
+    )
     checkpoint_every: int = _option(500, "steps between checkpoints")
     keep_checkpoints: int = _option(3, "how many of the newest checkpoints are kept")
     log_every: int = _option(25, "steps between lines of metrics.jsonl")
@@ -139,6 +143,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value.strip():
                 raise ValueError(f"{name} must not be empty, got {value!r}")
+        if self.data_workers and self.data_pool:
+            raise ValueError(
+                f"data_workers must be 0 with data_pool > 0 (a pool's batches cost nothing to draw), got "
+                f"data_workers={self.data_workers} and data_pool={self.data_pool}"
+            )
         check_device(self.device)
         check_backend_name(self.backend)  # (whether it runs on the device: the Trainer checks, knowing the device)
         unknown_kinds = [kind for kind in self.kind_weights if kind not in KINDS]

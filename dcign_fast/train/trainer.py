@@ -42,6 +42,7 @@ from dcign_fast.train.data import BatchStream, dataset_location, default_source,
 from dcign_fast.train.distributed import World, all_agree, close_world, init_world, mean_over_ranks, run_together
 from dcign_fast.train.lock import run_folder_lock
 from dcign_fast.train.logs import MetricsLog, save_progress_images
+from dcign_fast.train.prefetch import Prefetcher
 from dcign_fast.train.procedure import batch_loss
 
 
@@ -156,11 +157,12 @@ class Trainer:
             self.net = cast(torch.nn.Module, torch.compile(self.net))  # an OptimizedModule (around the DDP one if any)
         kinds, source = None, "render(kind, generator)"
         if render is None:
-            render, kinds = default_source(config, self.model.config.image_size, self.device)
+            render, kinds = default_source(config, self.model.config.image_size, self._data_device)
             source = f"data={config.data}"
         self.stream = BatchStream(
             render, config, rank=self.world.rank, kinds=kinds, show_progress=self.world.is_main, source=source
         )
+        self.batches = self._prefetcher()
         self.log = self._open_log()
         self._stop_requested_at: float | None = None  # time.monotonic() of the first Ctrl-C / SIGTERM
         # (step, its loss + gradient norm on the device) of each step taken since the last read back (see _read_back)
@@ -224,6 +226,17 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.step = self._checkpointed_step = int(state["step"])
 
+    def _prefetcher(self) -> Prefetcher:
+        """Draws this rank's micro-batches of each step: shards rank * accumulation + micro-batch (see data.py)."""
+        c = self.config
+        shards = range(self.world.rank * c.accumulation, (self.world.rank + 1) * c.accumulation)
+        return Prefetcher(self.stream, shards, c.data_workers, pin_memory=self.device.type == "cuda")
+
+    @property
+    def _data_device(self) -> torch.device:
+        """Where the built-in data sources render and read: the CPU for worker processes (data_workers > 0)."""
+        return torch.device("cpu") if self.config.data_workers else self.device
+
     def _execution(self) -> dict[str, object]:
         """What, beside the options, sets a step's floating-point rounding: the kind of device (a GPU's model,
         not its index), the ops' backend, the compiler, the memory layout and, on the CPU, the threads (which
@@ -234,6 +247,7 @@ class Trainer:
             "backend": self.config.backend,
             "compile": self.config.compile,
             "memory_format": "NCHW" if self.memory_format is None else "channels_last",
+            "data_device": self._data_device.type,  # (where the built-in renderer renders)
         }
         return execution if on_gpu else {**execution, "threads": torch.get_num_threads()}
 
@@ -244,8 +258,8 @@ class Trainer:
         if stored is None or not self.world.is_main:
             return
         now = self._execution()
-        changed = [
-            f"{key} {value} (before: {stored.get(key)})" for key, value in now.items() if stored.get(key) != value
+        changed = [  # (what a checkpoint of an earlier version did not record is not compared)
+            f"{key} {value} (before: {stored[key]})" for key, value in now.items() if stored.get(key, value) != value
         ]
         if changed:
             warnings.warn(
@@ -315,15 +329,7 @@ class Trainer:
         the step's work: a data error (a corrupt file, a sweep a source cannot give) then stops every rank at a
         step boundary, where a checkpoint keeps all that was trained."""
 
-        def draw() -> list[tuple[int, torch.Tensor, str]]:
-            batches = []
-            for micro in range(self.config.accumulation):
-                shard = self.world.rank * self.config.accumulation + micro
-                images, _, kind = self.stream.batch(step, shard)
-                batches.append((shard, images, kind))
-            return batches
-
-        return run_together(draw, self.world, self.device)
+        return run_together(lambda: self.batches.draw(step, self.config.steps - 1), self.world, self.device)
 
     def _forward_backward(self, step: int, batches: list[tuple[int, torch.Tensor, str]]) -> StepLosses:
         """Gradients of one optimizer step from its micro-batches (:meth:`_draw`), and its losses, left on the
@@ -441,6 +447,7 @@ class Trainer:
                     run_together(self._save_progress_images, self.world, self.device)
             return TrainResult(self.step, checkpoint or self._latest(), interrupted=False)
         finally:
+            self.batches.close()
             bar.close()
             self.log.close()
             for s, handler in previous.items():
