@@ -62,6 +62,8 @@ inline Strides strides_of(const ActivationView& v) { return {v.sn, v.sc, v.sh, v
 
 // Row index of a position past the end of a kernel's range: every tap falls outside the image.
 constexpr int kOutside = -(1 << 28);
+// A channel index past every tensor's: what a run of a padding column or row reads is outside on every step.
+constexpr int kPastChannels = 1 << 30;
 
 // Phase p = 2 * row phase + column phase.
 __device__ __forceinline__ bool phase_has_tap(const Geometry& g, int p, int ty, int tx) {
@@ -170,15 +172,28 @@ __device__ __forceinline__ void pipelined_k_loop(int steps, Fetch&& fetch, Stash
   }
 }
 
-// The offset of a run that lies outside the tensor: the tile gets zeros there.
-constexpr int64_t kNoRun = -1;
+// Whether 0 <= v < n (n >= 0), in one unsigned comparison.
+__device__ __forceinline__ bool in_range(int v, int n) { return static_cast<unsigned>(v) < static_cast<unsigned>(n); }
+
+// Where a run reads on one K step: its first element, unless it lies outside the tensor (the tile gets zeros
+// there, and `at` is not read).
+template <typename T>
+struct RunAt {
+  const T* at;
+  bool inside;
+};
 
 // One thread's share of an operand tile [OUTER][INNER] whose INNER index runs along contiguous memory,
 // loaded kVec elements at a time: 16-byte vectors where the tensor allows (contiguous, aligned channels),
 // else single elements (kVec 1). Run q = tid + j * kTileThreads covers (outer, inner0 .. inner0 + kVec).
-//   fetch(base, offset)  global -> registers; offset(outer, inner0) is the run's element offset from base,
-//                        or kNoRun for zeros
-//   stash(put)           registers -> the shared tile: put(outer, inner0, run) for every run
+// A run's coordinates stay the same on every K step, so what depends on them alone (its position's 64-bit
+// offset, its rows and columns for the bounds checks) is prepared once, before the loop, into a kernel's
+// own record per run; a step then only shifts it:
+//   prepare(where, f)        where[j] = f(outer, inner0) for each of this thread's runs
+//   fetch(where, f, step)    global -> registers: step(record) is the run's RunAt on this step
+//   stash(put)               registers -> the shared tile: put(outer, inner0, run) for every run
+// Records are held only for a few runs per thread (kHeld); element-by-element loads have 8 to 32, whose records
+// would spill, and fetch prepares each again from f.
 template <typename T, int OUTER, int INNER, int kVec>
 struct TileLoad {
   static_assert(INNER % kVec == 0, "runs do not straddle rows");
@@ -187,39 +202,59 @@ struct TileLoad {
   using Run = Packed<T, kVec>;
   Run v[kPerThread];
 
-  // Index of this thread's run j, or -1 where the tile has fewer runs than the threads cover.
-  __device__ __forceinline__ static int run_index(int j) {
-    const int q = threadIdx.x + j * kTileThreads;
-    return (kRuns % kTileThreads == 0 || q < kRuns) ? q : -1;
+  // Whether this thread has a run j (not where the tile has fewer runs than the threads cover), and its
+  // coordinates (from unsigned arithmetic: divisions by powers of two become shifts).
+  __device__ __forceinline__ static bool has_run(int j) { return kRuns % kTileThreads == 0 || run(j) < kRuns; }
+  __device__ __forceinline__ static unsigned run(int j) { return threadIdx.x + j * kTileThreads; }
+  __device__ __forceinline__ static int outer(int j) { return static_cast<int>(run(j) / kRow); }
+  __device__ __forceinline__ static int inner(int j) { return static_cast<int>(run(j) % kRow * kVec); }
+
+  static constexpr bool kHeld = kPerThread <= 4;
+
+  template <typename Where, typename Prepare>
+  __device__ __forceinline__ static void prepare(Where (&where)[kPerThread], Prepare&& f) {
+    if constexpr (kHeld) {
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        if (has_run(j)) where[j] = f(outer(j), inner(j));
+      }
+    }
   }
 
-  template <typename Offset>
-  __device__ __forceinline__ static int64_t run_offset(int j, Offset&& offset) {
-    const int q = run_index(j);
-    return q < 0 ? kNoRun : offset(q / kRow, q % kRow * kVec);
-  }
-
-  __device__ __forceinline__ static Run load(const T* base, int64_t at) {
-    if (at != kNoRun && run_aligned<Run>(base + at)) return *reinterpret_cast<const Run*>(base + at);
+  __device__ __forceinline__ static Run load(const RunAt<T>& run) {
+    if (run.inside && run_aligned<Run>(run.at)) return *reinterpret_cast<const Run*>(run.at);
     return Run::zeros();
   }
 
-  template <typename Offset>
-  __device__ __forceinline__ void fetch(const T* base, Offset&& offset) {
+  template <typename Where, typename Prepare, typename Step>
+  __device__ __forceinline__ void fetch(const Where (&where)[kPerThread], Prepare&& f, Step&& step) {
 #pragma unroll
-    for (int j = 0; j < kPerThread; ++j) v[j] = load(base, run_offset(j, offset));
+    for (int j = 0; j < kPerThread; ++j) {
+      if (!has_run(j)) {
+        v[j] = Run::zeros();
+      } else if constexpr (kHeld) {
+        v[j] = load(step(where[j]));
+      } else {
+        v[j] = load(step(f(outer(j), inner(j))));
+      }
+    }
   }
 
   template <typename Put>
   __device__ __forceinline__ void stash(Put&& put) const {
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
-      const int q = run_index(j);
-      if (q < 0) break;
-      put(q / kRow, q % kRow * kVec, v[j]);
+      if (!has_run(j)) break;
+      put(outer(j), inner(j), v[j]);
     }
   }
 };
+
+// The record of a run whose offset a kernel computes whole on every step: its coordinates.
+struct RunCoords {
+  int outer, inner;
+};
+__device__ __forceinline__ RunCoords run_coords(int outer, int inner) { return {outer, inner}; }
 
 // Whether an activation view can be read in 16-byte vectors along its channels: channels contiguous,
 // every other stride, the channel count and the base a whole number of vectors.

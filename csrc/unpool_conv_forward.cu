@@ -14,10 +14,12 @@ __global__ void __launch_bounds__(kTileThreads, 1)
                                T* __restrict__ y, Geometry g, Strides xs, Strides ys, int relu) {
   using Mma = typename MmaFor<T, kTf32, BM, BN, BK, Runs::kAlongK, Runs::kAcross>::type;
   constexpr int kProducts = kPhasesInN ? 1 : 4;  // one product per phase, or one for all four
+  using InputLoad = TileLoad<T, BM, BK, kVec>;  // input [m][k]: k runs along the channels
+  // packed weight [k][n]: n runs along the padded channels (gathered across phases with kPhasesInN)
+  using WeightLoad = TileLoad<T, BK, BN, kPhasesInN ? 1 : kVecOf<T>>;
   struct Staged {
-    TileLoad<T, BM, BK, kVec> a;  // input [m][k]: k runs along the channels
-    // packed weight [k][n]: n runs along the padded channels (gathered across phases with kPhasesInN)
-    TileLoad<T, BK, BN, kPhasesInN ? 1 : kVecOf<T>> w[kProducts];
+    InputLoad a;
+    WeightLoad w[kProducts];
   };
   struct Tiles {
     typename Mma::ATile a[2];
@@ -60,27 +62,53 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     by_chunks.divmod(s, tap, chunk);
     by_col_taps.divmod(tap, ty, tx);
   };
+  // This thread's runs (TileLoad::prepare): the input at the position's own pixel and the run's first channel,
+  // which a step shifts by its tap and chunk (rows and columns kept for the bounds checks); the weight of the
+  // run's column at tap (0, 0), channel k, which a step shifts likewise.
+  struct InputRun {
+    const T* at;
+    int i, j, k;
+  };
+  struct WeightRun {
+    const T* at;
+    int k;  // kPastChannels for a padding column
+  };
+  InputRun a_runs[InputLoad::kPerThread];
+  auto a_run = [&](int m, int k) {
+    const bool valid = pos_i[m] != kOutside;  // (past the last position, n would point past the tensor)
+    return InputRun{x + (valid ? pos_n[m] * xs.n + pos_i[m] * xs.h + pos_j[m] * xs.w + k * xs.c : 0), pos_i[m],
+                    pos_j[m], k};
+  };
+  InputLoad::prepare(a_runs, a_run);
+  auto w_run = [&](int q) {
+    return [&, q](int k, int n) {
+      int p, o;
+      column(q, n, p, o);
+      const bool valid = o < g.OP && p < 4;
+      return WeightRun{wp + (valid ? p * phase_size + static_cast<int64_t>(k) * g.OP + o : 0),
+                       valid ? k : kPastChannels};
+    };
+  };
+  WeightRun w_runs[kProducts][WeightLoad::kPerThread];
+#pragma unroll
+  for (int q = 0; q < kProducts; ++q) WeightLoad::prepare(w_runs[q], w_run(q));
   auto fetch = [&](int s, Staged& staged) {
     int ty, tx, chunk;
     tap_of(s, ty, tx, chunk);
     const int c0 = chunk * BK, dr = g.rows.start + ty, dc = g.cols.start + tx;
     // A[m][k] = x[n, i + dr, j + dc, c0 + k].
-    staged.a.fetch(x, [&](int m, int k) -> int64_t {
-      const int r = pos_i[m] + dr, c = pos_j[m] + dc, ch = c0 + k;
-      const bool inside = r >= 0 && r < g.H && c >= 0 && c < g.W && ch < g.C;
-      return inside ? pos_n[m] * xs.n + r * xs.h + c * xs.w + ch * xs.c : kNoRun;
+    const int64_t a_shift = dr * xs.h + dc * xs.w + c0 * xs.c;
+    staged.a.fetch(a_runs, a_run, [&](const InputRun& r) {
+      return RunAt<T>{r.at + a_shift, in_range(r.i + dr, g.H) && in_range(r.j + dc, g.W) && r.k + c0 < g.C};
     });
     // B[k][n] = wp[p, ty, tx, c0 + k, o] for the phases whose window holds the tap (every phase's, with
     // kPhasesInN: the host launches it only for windows shared whole).
+    const int64_t w_shift = packed_offset(g, ty, tx, c0, 0);
 #pragma unroll
     for (int q = 0; q < kProducts; ++q) {
       if (!kPhasesInN && !phase_has_tap(g, q, ty, tx)) continue;
-      staged.w[q].fetch(wp, [&](int k, int n) -> int64_t {
-        int p, o;
-        column(q, n, p, o);
-        const int ch = c0 + k;
-        return ch < g.C && o < g.OP && p < 4 ? p * phase_size + packed_offset(g, ty, tx, ch, o) : kNoRun;
-      });
+      staged.w[q].fetch(w_runs[q], w_run(q),
+                        [&](const WeightRun& r) { return RunAt<T>{r.at + w_shift, r.k + c0 < g.C}; });
     }
   };
   auto stash = [&](int s, const Staged& staged, int buf) {

@@ -19,9 +19,11 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     unpool_conv_grad_input_kernel(const T* __restrict__ gout, const T* __restrict__ wp, T* __restrict__ dx, Geometry g,
                                   Strides gs, Strides xs) {
   using Mma = typename MmaFor<T, kTf32, BM, BN, BK, Runs::kAlongK, Runs::kAlongK>::type;
+  using GradLoad = TileLoad<T, BM, BK, kVec>;                      // grad_out [m][k]: k runs along its channels
+  using WeightLoad = TileLoad<T, BN, BK, kTapsInK ? 1 : kVecOf<T>>;  // packed weight [n][k]: along the padded channels
   struct Staged {
-    TileLoad<T, BM, BK, kVec> a;                      // grad_out [m][k]: k runs along its channels
-    TileLoad<T, BN, BK, kTapsInK ? 1 : kVecOf<T>> b;  // packed weight [n][k]: along the padded channels
+    GradLoad a;
+    WeightLoad b;
   };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   __shared__ int pos_n[BM], pos_i[BM], pos_j[BM];
@@ -47,16 +49,41 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   const int pairs = all_phase_taps(g) * g.O;
   const PhaseTaps taps(g);
   const FastDivmod by_chunks(chunks), by_outputs(g.O);
-  // A[m][k] = g[n, 2 io + A, 2 jo + B, o] and B[k][n] = wp[p, ty, tx, c0 + n, o] for tap (p, ty, tx).
-  auto grad_at = [&](int m, const PhaseTap& tap, int o) -> int64_t {
-    const int A = tap.p / 2, B = tap.p % 2;
-    const int io = pos_i[m] - g.rows.start - tap.ty, jo = pos_j[m] - g.cols.start - tap.tx;
-    const bool inside = io >= 0 && io < phase_count(g.HO, A, 2) && jo >= 0 && jo < phase_count(g.WO, B, 2);
-    return inside && o < g.O ? pos_n[m] * gs.n + (2 * io + A) * gs.h + (2 * jo + B) * gs.w + o * gs.c : kNoRun;
+  // This thread's runs (TileLoad::prepare), which a step shifts by its tap and channels: grad_out at output
+  // pixel (2 i, 2 j), the input position's own (its rows and columns kept for the bounds checks), and the weight
+  // of the run's input channel at phase 0, tap (0, 0). With kTapsInK, k is a (tap, o) pair, not a channel: the
+  // runs start at channel 0 and each step finds its pairs' channels.
+  struct GradRun {
+    const T* at;
+    int i, j, k;
   };
-  auto weight_at = [&](int n, const PhaseTap& tap, int o) -> int64_t {
+  struct WeightRun {
+    const T* at;
+    int k;
+    bool inside;  // the input channel is
+  };
+  GradRun a_runs[GradLoad::kPerThread];
+  auto a_run = [&](int m, int k) {
+    const bool valid = pos_i[m] != kOutside;  // (past the last position, n would point past the tensor)
+    const int64_t pixel = pos_n[m] * gs.n + 2 * pos_i[m] * gs.h + 2 * pos_j[m] * gs.w;
+    return GradRun{gout + (valid ? pixel + (kTapsInK ? 0 : k) * gs.c : 0), pos_i[m], pos_j[m], k};
+  };
+  GradLoad::prepare(a_runs, a_run);
+  WeightRun b_runs[WeightLoad::kPerThread];
+  auto b_run = [&](int n, int k) {
     const int ch = c0 + n;
-    return ch < g.C && o < g.OP ? tap.p * phase_size + packed_offset(g, tap.ty, tap.tx, ch, o) : kNoRun;
+    return WeightRun{wp + (ch < g.C ? static_cast<int64_t>(ch) * g.OP + (kTapsInK ? 0 : k) : 0), k, ch < g.C};
+  };
+  WeightLoad::prepare(b_runs, b_run);
+  // A[m][k] = g[n, 2 io + A, 2 jo + B, o] and B[k][n] = wp[p, ty, tx, c0 + n, o] for tap (p, ty, tx), with
+  // io = i - (row start + ty), jo likewise; o_at: o's offset from the run's own channel.
+  auto grad_at = [&](const GradRun& r, const PhaseTap& tap, int o, int64_t o_at) {
+    const int A = tap.p / 2, B = tap.p % 2, dr = g.rows.start + tap.ty, dc = g.cols.start + tap.tx;
+    const bool inside = in_range(r.i - dr, phase_count(g.HO, A, 2)) && in_range(r.j - dc, phase_count(g.WO, B, 2));
+    return RunAt<T>{r.at + (A - 2 * dr) * gs.h + (B - 2 * dc) * gs.w + o_at * gs.c, inside && o < g.O};
+  };
+  auto weight_at = [&](const WeightRun& r, const PhaseTap& tap, int o, int64_t o_at) {
+    return RunAt<T>{r.at + tap.p * phase_size + packed_offset(g, tap.ty, tap.tx, 0, 0) + o_at, r.inside && o < g.OP};
   };
   auto fetch = [&](int s, Staged& staged) {
     if constexpr (kTapsInK) {
@@ -64,21 +91,21 @@ __global__ void __launch_bounds__(kTileThreads, 1)
         by_outputs.divmod(s * BK + k, t, o);
         return s * BK + k < pairs;
       };
-      staged.a.fetch(gout, [&](int m, int k) -> int64_t {
+      staged.a.fetch(a_runs, a_run, [&](const GradRun& r) {
         int t, o;
-        return pair(k, t, o) ? grad_at(m, taps.tap(t), o) : kNoRun;
+        return pair(r.k, t, o) ? grad_at(r, taps.tap(t), o, o) : RunAt<T>{gout, false};
       });
-      staged.b.fetch(wp, [&](int n, int k) -> int64_t {
+      staged.b.fetch(b_runs, b_run, [&](const WeightRun& r) {
         int t, o;
-        return pair(k, t, o) ? weight_at(n, taps.tap(t), o) : kNoRun;
+        return pair(r.k, t, o) ? weight_at(r, taps.tap(t), o, o) : RunAt<T>{wp, false};
       });
     } else {
       int t, chunk;
       by_chunks.divmod(s, t, chunk);
       const PhaseTap tap = taps.tap(t);
       const int o0 = chunk * BK;
-      staged.a.fetch(gout, [&](int m, int k) { return grad_at(m, tap, o0 + k); });
-      staged.b.fetch(wp, [&](int n, int k) { return weight_at(n, tap, o0 + k); });
+      staged.a.fetch(a_runs, a_run, [&](const GradRun& r) { return grad_at(r, tap, o0 + r.k, o0); });
+      staged.b.fetch(b_runs, b_run, [&](const WeightRun& r) { return weight_at(r, tap, o0 + r.k, o0); });
     }
   };
   auto stash = [&](int, const Staged& staged, int buf) {

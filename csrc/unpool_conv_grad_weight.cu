@@ -13,9 +13,11 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     unpool_conv_grad_weight_kernel(const T* __restrict__ x, const T* __restrict__ gout, float* __restrict__ ws,
                                    Geometry g, Strides xs, Strides gs, int chunk) {
   using Mma = typename MmaFor<T, kTf32, BM, BN, BK, Runs::kAcross, Runs::kAcross>::type;
+  using InputLoad = TileLoad<T, BK, BM, kVec>;  // input [k][c]: c runs along its channels
+  using GradLoad = TileLoad<T, BK, BN, kVec>;   // grad_out [k][o]: o runs along its channels
   struct Staged {
-    TileLoad<T, BK, BM, kVec> a;  // input [k][c]: c runs along its channels
-    TileLoad<T, BK, BN, kVec> b;  // grad_out [k][o]: o runs along its channels
+    InputLoad a;
+    GradLoad b;
   };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   const int o_tiles = (g.O + BN - 1) / BN;
@@ -44,19 +46,36 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     walk.at(s * BK + k, at.n, at.io, at.jo);
     return at;
   };
+  // This thread's runs (TileLoad::prepare): the position k of a step and the run's first channel, whose
+  // offset a step adds to its position's.
+  struct ChannelRun {
+    const T* at;
+    int k;
+    bool inside;  // the channel is
+  };
+  ChannelRun a_runs[InputLoad::kPerThread], b_runs[GradLoad::kPerThread];
+  auto a_run = [&](int k, int c) {
+    const int ch = c0 + c;
+    return ChannelRun{x + (ch < g.C ? ch * xs.c : 0), k, ch < g.C};
+  };
+  InputLoad::prepare(a_runs, a_run);
+  auto b_run = [&](int k, int o) {
+    const int oc = o0 + o;
+    return ChannelRun{gout + (oc < g.O ? oc * gs.c : 0), k, oc < g.O};
+  };
+  GradLoad::prepare(b_runs, b_run);
   auto fetch = [&](int s, Staged& staged) {
     // A[k][c] = x[n, io + dr, jo + dc, c0 + c].
-    staged.a.fetch(x, [&](int k, int c) -> int64_t {
-      const Position at = position(s, k);
-      const int r = at.io + dr, col = at.jo + dc, ch = c0 + c;
-      const bool inside = at.inside && ch < g.C && r >= 0 && r < g.H && col >= 0 && col < g.W;
-      return inside ? at.n * xs.n + r * xs.h + col * xs.w + ch * xs.c : kNoRun;
+    staged.a.fetch(a_runs, a_run, [&](const ChannelRun& r) {
+      const Position at = position(s, r.k);
+      const int row = at.io + dr, col = at.jo + dc;
+      const bool inside = r.inside && at.inside && in_range(row, g.H) && in_range(col, g.W);
+      return RunAt<T>{r.at + at.n * xs.n + row * xs.h + col * xs.w, inside};
     });
     // B[k][o] = g[n, 2 io + A, 2 jo + B, o0 + o].
-    staged.b.fetch(gout, [&](int k, int o) -> int64_t {
-      const Position at = position(s, k);
-      const int oc = o0 + o;
-      return at.inside && oc < g.O ? at.n * gs.n + (2 * at.io + A) * gs.h + (2 * at.jo + B) * gs.w + oc * gs.c : kNoRun;
+    staged.b.fetch(b_runs, b_run, [&](const ChannelRun& r) {
+      const Position at = position(s, r.k);
+      return RunAt<T>{r.at + at.n * gs.n + (2 * at.io + A) * gs.h + (2 * at.jo + B) * gs.w, r.inside && at.inside};
     });
   };
   auto stash = [&](int, const Staged& staged, int buf) {

@@ -19,9 +19,11 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     unpool_conv_grad_weight_few_outputs_kernel(const T* __restrict__ x, const T* __restrict__ gout,
                                                float* __restrict__ ws, Geometry g, Strides xs, Strides gs, int chunk) {
   using Mma = typename MmaFor<T, kTf32, BM, BN, BK, Runs::kAcross, Runs::kAcross>::type;
+  using InputLoad = TileLoad<T, BK, BM, kVec>;  // input [k][c]: c runs along its channels
+  using GradLoad = TileLoad<T, BK, BN, 1>;      // grad_out [k][(tap, o)]: a gather, element by element
   struct Staged {
-    TileLoad<T, BK, BM, kVec> a;   // input [k][c]: c runs along its channels
-    TileLoad<T, BK, BN, 1> b;      // grad_out [k][(tap, o)]: a gather, element by element
+    InputLoad a;
+    GradLoad b;
   };
   __shared__ KLoopShared<PairTiles<Mma>, Mma> smem;
   const int pairs = tap_output_pairs(g);
@@ -59,20 +61,27 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     walk.at(s * BK + k, at.n, at.r, at.c);
     return at;
   };
+  // Every run's position changes with the step, and its pair's tap with the run: offsets are computed whole on
+  // each step, from the run's coordinates.
+  RunCoords a_runs[InputLoad::kPerThread], b_runs[GradLoad::kPerThread];
+  InputLoad::prepare(a_runs, run_coords);
+  GradLoad::prepare(b_runs, run_coords);
   auto fetch = [&](int s, Staged& staged) {
     // A[k][c] = x[n, r, c_, c0 + c].
-    staged.a.fetch(x, [&](int k, int c) -> int64_t {
-      const Position at = position(s, k);
-      const int ch = c0 + c;
-      return at.inside && ch < g.C ? at.n * xs.n + at.r * xs.h + at.c * xs.w + ch * xs.c : kNoRun;
+    staged.a.fetch(a_runs, run_coords, [&](const RunCoords& run) {
+      const Position at = position(s, run.outer);
+      const int ch = c0 + run.inner;
+      const bool inside = at.inside && ch < g.C;
+      return RunAt<T>{x + (inside ? at.n * xs.n + at.r * xs.h + at.c * xs.w + ch * xs.c : 0), inside};
     });
     // B[k][j] = g[n, 2 io + A, 2 jo + B, o] with io = r - rows.start - ty, jo = c - cols.start - tx.
-    staged.b.fetch(gout, [&](int k, int j) -> int64_t {
-      const Position at = position(s, k);
-      const Pair pr = pair(j);
+    staged.b.fetch(b_runs, run_coords, [&](const RunCoords& run) {
+      const Position at = position(s, run.outer);
+      const Pair pr = pair(run.inner);
       const int io = at.r - g.rows.start - pr.ty, jo = at.c - g.cols.start - pr.tx;
-      const bool inside = at.inside && pr.valid && io >= 0 && io < rows && jo >= 0 && jo < cols;
-      return inside ? at.n * gs.n + (2 * io + A) * gs.h + (2 * jo + B) * gs.w + pr.o * gs.c : kNoRun;
+      const bool inside = at.inside && pr.valid && in_range(io, rows) && in_range(jo, cols);
+      const int64_t offset = at.n * gs.n + (2 * io + A) * gs.h + (2 * jo + B) * gs.w + pr.o * gs.c;
+      return RunAt<T>{gout + (inside ? offset : 0), inside};
     });
   };
   auto stash = [&](int, const Staged& staged, int buf) {
