@@ -200,16 +200,19 @@ def test_train_suite_writes_eager_rows_before_compiling(monkeypatch):
     assert train.cases("cuda", quick=False)[0] == ("paper150", 128, True)  # the goals' case first on a GPU
     monkeypatch.setattr(train, "cases", lambda device, quick: [("demo64", 2, False)])
     monkeypatch.setenv("DCIGN_BENCH_COMPILE_S", "0")
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 2)  # one data worker
     rows = list(train.run("cpu", quick=False))
     assert [(row.get("pass"), row["backend"]) for row in rows] == [
         ("eager", "eager reference"),
         ("eager", "dcign_fast"),
         ("eager", "eager reference (channels_last)"),
         (None, "renderer"),
+        (None, "train loop, rendered in process"),
+        (None, "train loop, 1 data worker"),
         ("compiled", "compiled reference"),
         ("compiled", "dcign_fast compiled"),
     ]
-    assert all(row["note"] == "compile: budget spent" and "median_ms" not in row for row in rows[4:])
+    assert all(row["note"] == "compile: budget spent" and "median_ms" not in row for row in rows[6:])
 
 
 def test_gpu_suites_measure_every_eager_row_before_any_compile(monkeypatch):
@@ -222,6 +225,7 @@ def test_gpu_suites_measure_every_eager_row_before_any_compile(monkeypatch):
     timed = []
     monkeypatch.setattr(train, "_time_case", lambda *a: timed.append((a[:3], a[3][-1])) or [{"median_ms": 1.0}])
     monkeypatch.setattr(train, "_data_row", lambda *a: {"backend": "renderer"})
+    monkeypatch.setattr(train, "_loop_rows", lambda *a: [])
     list(train.run("cuda", quick=False))
     goal = ("paper150", 128, True)
     cases = train.cases("cuda", quick=False)
@@ -345,9 +349,10 @@ def test_pytest_benchmark_front_door_runs_the_suites_cases(monkeypatch):
         door.kill()  # only if still running (an error above, or the timeout)
     assert door.returncode == 0, stdout[-3000:] + stderr[-2000:]
     passed = re.findall(r"^benchmarks/test_benchmarks\.py::\w+\[(.*)\] PASSED", stdout, re.MULTILINE)
-    # Not in the pytest door: compiled variants (they need the compile budget), the train suite's renderer check
-    # (not a variant of the step) and notes (a suite or variant that could not run: skipped there too).
-    timed = [r for r in rows if "median_ms" in r and "compile" not in r["backend"] and r["backend"] != "renderer"]
+    # Not in the pytest door: compiled variants (they need the compile budget), the train suite's data rows (the
+    # renderer and the loop with and without data workers: not variants of the step) and notes (a suite or
+    # variant that could not run: skipped there too).
+    timed = [r for r in rows if "median_ms" in r and "compile" not in r["backend"] and not r["case"].endswith(" data")]
     assert len(passed) == len(set(passed)) and set(passed) == {param_id(r, r["backend"]) for r in timed}
 
 

@@ -6,7 +6,9 @@ of the reference model), ``dcign_fast compiled`` and, on CUDA, ``dcign_fast comp
 (mode="reduce-overhead") and ``compiled reference (max-autotune)``. Reports images/s, the speedup over the
 eager reference and peak memory (CUDA; not for the variants that replay CUDA graphs, reduce-overhead and
 max-autotune, which allocate nothing on replay). Steps train on a fixed random batch; a ``renderer`` row per case
-says whether rendering the same sweep on the fly on that device would keep up with the fastest eager step.
+says whether rendering the same sweep on the fly on that device would keep up with the fastest eager step, and
+for the first case (the goals' on a GPU) two ``train loop`` rows time dcign_fast's steps on the renderer's sweeps
+drawn as the trainer draws them: in the training process, or by ``data_workers`` processes on the CPU.
 dcign_fast's models are channels_last, as the trainer's are; the reference's too on CUDA, but NCHW on the
 CPU (a plain port's default there), where ``eager reference (channels_last)`` shows what the layout alone
 gives.
@@ -21,7 +23,9 @@ minutes, so anything after it may fall to the suite's time limit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import os
+from collections.abc import Callable, Iterator
 from typing import cast
 
 import torch
@@ -30,10 +34,14 @@ from torch._dynamo.utils import counters
 from benchmarks.harness import CompileBudget, Step, compare, time_side_by_side
 from dcign_fast.data import SweepSampler
 from dcign_fast.models import DCIGN, PRESETS
+from dcign_fast.train.config import TrainConfig
+from dcign_fast.train.data import BatchStream, default_source
+from dcign_fast.train.prefetch import Prefetcher
 from dcign_fast.train.procedure import unwrap
 
 INVARIANCE = 0.01
 EAGER = ("eager reference", "dcign_fast")
+IN_PROCESS = "train loop, rendered in process"  # the data rows' baseline (benchmarks/report.py: BASELINES)
 EAGER_PASS = "eager"  # the eager pass's label in its rows (and the pytest-benchmark front door's groups)
 
 
@@ -47,12 +55,13 @@ def cases(device: str, quick: bool) -> list[tuple[str, int, bool]]:
     return [(preset, batch, bf16) for bf16 in (True, False) for preset, batch in by_batch]
 
 
-def _step(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> Step:
+def _train_step(model: torch.nn.Module, bf16: bool) -> tuple[Callable[[torch.Tensor], None], torch.optim.Optimizer]:
+    """(one training step of ``model`` on the images it is given, its optimizer)."""
     core = unwrap(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.99))
-    active = core.active_mask("azimuth").to(images.device)
+    active = core.active_mask("azimuth").to(next(model.parameters()).device)
 
-    def run() -> None:
+    def run(images: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
             # One seed for every step: a step's work does not depend on it.
@@ -60,7 +69,12 @@ def _step(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> Step:
         core.loss(images, recon, mu, logvar, kl=kl)["total"].backward()
         optimizer.step()
 
-    return Step(run, lambda: optimizer.zero_grad(set_to_none=True))
+    return run, optimizer
+
+
+def _step(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> Step:
+    run, optimizer = _train_step(model, bf16)
+    return Step(lambda: run(images), lambda: optimizer.zero_grad(set_to_none=True))
 
 
 def _model(name: str, preset: str, device: str) -> torch.nn.Module:
@@ -136,10 +150,12 @@ def _eager_pass(todo: list[tuple[str, int, bool]], device: str, quick: bool) -> 
         )
         yield from measured
         if (preset, batch) not in rendered:
-            rendered.add((preset, batch))
             yield _data_row(
                 preset, batch, device, min((r["median_ms"] for r in measured if "median_ms" in r), default=None)
             )
+            if not rendered:  # (the first case only: the goals' on a GPU)
+                yield from _loop_rows(preset, batch, bf16, device, quick)
+            rendered.add((preset, batch))
 
 
 def _compiled_pass(
@@ -163,6 +179,57 @@ def _compiled_pass(
                         r["backend"] = name.replace("(CUDA graphs)", "(CUDA graphs skipped by Inductor)")
                         r["note"] = "Inductor skipped CUDA graphs: this timed a plain compiled step"
             yield from measured
+
+
+def _loop_rows(preset: str, batch: int, bf16: bool, device: str, quick: bool) -> list[dict]:
+    """dcign_fast's training loop on the built-in renderer's sweeps, drawn as the trainer draws them: in the
+    training process on ``device`` (data_workers=0, the default), or by CPU worker processes a few steps ahead
+    (data_workers=N: half the CPU cores, at most 8; 1 in a quick run). Each timed call trains ``steps`` steps,
+    the workers going on across calls, as they do within a run."""
+    workers = 1 if quick else max(1, min(8, (os.cpu_count() or 2) // 2))
+    steps = 2 if quick else 5 if device == "cpu" else 10
+    config = TrainConfig(batch_size=batch)
+    size, where = PRESETS[preset].image_size, torch.device(device)
+    drawers = {
+        IN_PROCESS: Prefetcher(_stream(config, size, where), range(1), 0, False),
+        f"train loop, {workers} data worker{'s' if workers > 1 else ''}": Prefetcher(
+            _stream(config, size, torch.device("cpu")), range(1), workers, pin_memory=device == "cuda"
+        ),
+    }
+    run = _train_step(_model("dcign_fast", preset, device), bf16)[0]
+    last_step = 10**9
+    counters = {name: iter(range(last_step)) for name in drawers}
+
+    def loop(name: str) -> None:
+        for _ in range(steps):
+            ((_, images, _),) = drawers[name].draw(next(counters[name]), last_step)
+            run(images.to(device, non_blocking=True))
+
+    try:
+        loops = {name: functools.partial(loop, name) for name in drawers}
+        times = time_side_by_side(loops, device, warmup=1, repeats=1 if quick else 3)
+    finally:
+        for drawer in drawers.values():
+            drawer.close()
+    baseline = times[IN_PROCESS]
+    return [
+        {
+            "case": f"{preset} b{batch} data",
+            "dtype": "bf16 autocast" if bf16 else "float32",
+            "backend": name,
+            "median_ms": ms / steps,
+            "images_per_s": batch * steps / ms * 1e3,
+            "speedup": baseline / ms,
+            "note": f"{steps} steps per timing, from a step's draw to its optimizer step",
+        }
+        for name, ms in times.items()
+    ]
+
+
+def _stream(config: TrainConfig, size: int, device: torch.device) -> BatchStream:
+    """The trainer's sweeps of the built-in renderer, rendered on ``device``."""
+    render, kinds = default_source(config, size, device)
+    return BatchStream(render, config, kinds=kinds, show_progress=False)
 
 
 def _data_row(preset: str, batch: int, device: str, step_ms: float | None) -> dict:
