@@ -102,3 +102,10 @@ def test_a_signal_to_the_whole_process_group_stops_with_a_checkpoint(tmp_path):
     output = run.communicate(timeout=120)[0].decode()
     assert run.returncode == 130, output
     assert "interrupted at step" in output and list_checkpoints(out / "checkpoints"), output
+
+
+def test_workers_off_linux_are_refused_by_name(tmp_path, monkeypatch):
+    """Workers are forked (a render callable need not pickle): Linux only."""
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(ValueError, match="data_workers > 0 needs Linux, where worker processes are forked; got darwin"):
+        Trainer(config(tmp_path, data_workers=1), render=blobs)

@@ -10,8 +10,8 @@ they differ from those in float rounding.
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
+import sys
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -49,6 +49,10 @@ class Prefetcher:
     ``train()``)."""
 
     def __init__(self, stream: BatchStream, shards: range, workers: int, pin_memory: bool) -> None:
+        if workers and sys.platform != "linux":
+            # Forked, a render callable (a closure, a lambda) need not pickle; fork is Linux's start method only
+            # (macOS's is unsafe with its system libraries, Windows has none).
+            raise ValueError(f"data_workers > 0 needs Linux, where worker processes are forked; got {sys.platform}")
         self.dataset, self.workers, self.pin_memory = _StepBatches(stream, shards), workers, pin_memory
         self._next_step: int | None = None
         self._batches: object = None  # the DataLoader's iterator
@@ -71,8 +75,7 @@ class Prefetcher:
                 num_workers=self.workers,
                 pin_memory=self.pin_memory,
                 worker_init_fn=_quiet_worker,
-                # fork where there is one: a render callable need not pickle (the workers touch no GPU)
-                multiprocessing_context="fork" if "fork" in multiprocessing.get_all_start_methods() else None,
+                multiprocessing_context="fork",  # (the workers touch no GPU)
             )
             self._batches = iter(loader)
         drawn_step, drawn = next(self._batches)  # type: ignore[call-overload]
