@@ -554,3 +554,29 @@ def test_mesh_colours_are_scaled_alike_by_every_reader(tmp_path):
 def test_load_mesh_refuses_a_radius_past_the_depth_range(tmp_path):
     with pytest.raises(ValueError, match=r"radius must be at most 2 \(render's depth range\), got 2.5"):
         load_mesh(tmp_path / "never-read.ply", radius=2.5)
+
+
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value on the host (a sync each on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+        return func(*args, **(kwargs or {}))
+
+
+FACTORS = ("azimuth", "elevation", "light_azimuth", "light_elevation")
+
+
+def test_render_reads_its_checks_back_once_and_once_more_to_compute_incident():
+    """Every value check in one read; vertex_faces' own check of faces repeated render's when incident was None."""
+    mesh, angles = load_asset("meshmonk"), torch.full((2,), 0.3)
+    reads = {}
+    for incident in (mesh.incident, None):
+        with _ScalarReads() as counted:
+            render(mesh.vertices, mesh.faces, **dict.fromkeys(FACTORS, angles), incident=incident)
+        reads[incident is None] = counted.count
+    assert reads == {False: 1, True: 2}  # (the second: the width of incident's table)
