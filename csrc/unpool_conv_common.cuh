@@ -155,20 +155,32 @@ __host__ __device__ __forceinline__ int64_t packed_offset(const Geometry& g, int
 //   fetch(s, staged)       global memory -> this thread's registers, for step s
 //   stash(s, staged, buf)  registers -> shared buffer buf
 //   multiply(s, buf)       the multiplies of step s, from buffer buf
-template <typename Staged, typename Fetch, typename Stash, typename Multiply>
+// kTwoPerTrip runs two steps per trip, one from each buffer, so that every shared-memory address in the loop is a
+// per-thread constant plus an immediate (with a run-time buffer index, each trip recomputes the addresses of every
+// ldmatrix and store). The grad kernels ask for it where their loads hold their runs' records (TileLoad::kHeld):
+// with 8 to 32 runs per thread the second step's registers spilled. The forward does not: ptxas recomputed the
+// addresses in its per-phase product branches all the same, and its loop read longer.
+template <typename Staged, bool kTwoPerTrip, typename Fetch, typename Stash, typename Multiply>
 __device__ __forceinline__ void pipelined_k_loop(int steps, Fetch&& fetch, Stash&& stash, Multiply&& multiply) {
   if (steps <= 0) return;
   Staged staged;
   fetch(0, staged);
   stash(0, staged, 0);
   __syncthreads();
-  for (int s = 0; s < steps; ++s) {
-    const int buf = s & 1;
+  auto step = [&](int s, int buf) {
     const bool more = s + 1 < steps;
     if (more) fetch(s + 1, staged);
     multiply(s, buf);
     if (more) stash(s + 1, staged, buf ^ 1);
     __syncthreads();
+  };
+  if constexpr (kTwoPerTrip) {
+    for (int s = 0; s < steps; s += 2) {
+      step(s, 0);
+      if (s + 1 < steps) step(s + 1, 1);
+    }
+  } else {
+    for (int s = 0; s < steps; ++s) step(s, s & 1);
   }
 }
 

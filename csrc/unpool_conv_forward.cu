@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
       if (kPhasesInN || phase_has_tap(g, q, ty, tx)) Mma::multiply(acc[q], smem.tiles.a[buf], smem.tiles.w[buf][q]);
     }
   };
-  pipelined_k_loop<Staged>(g.rows.taps * g.cols.taps * chunks, fetch, stash, multiply);
+  pipelined_k_loop<Staged, false>(g.rows.taps * g.cols.taps * chunks, fetch, stash, multiply);
 
 #pragma unroll
   for (int q = 0; q < kProducts; ++q) {

@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
   const int steps = kTapsInK ? (pairs + BK - 1) / BK : all_phase_taps(g) * chunks;
-  pipelined_k_loop<Staged>(steps, fetch, stash, multiply);
+  pipelined_k_loop<Staged, GradLoad::kHeld && WeightLoad::kHeld>(steps, fetch, stash, multiply);
 
   Mma::for_each(acc, smem.scratch, [&](int m, int n, float value) {
     const int ch = c0 + n;

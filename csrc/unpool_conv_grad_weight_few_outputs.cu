@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     staged.b.stash([&](int k, int j, const auto& run) { put_run<false>(smem.tiles.b[buf], k, j, run); });
   };
   auto multiply = [&](int, int buf) { Mma::multiply(acc, smem.tiles.a[buf], smem.tiles.b[buf]); };
-  pipelined_k_loop<Staged>((count + BK - 1) / BK, fetch, stash, multiply);
+  pipelined_k_loop<Staged, InputLoad::kHeld && GradLoad::kHeld>((count + BK - 1) / BK, fetch, stash, multiply);
 
   float* out = ws + (static_cast<int64_t>(split) * 4 + p) * packed_phase_size(g);
   Mma::for_each(acc, smem.scratch, [&](int m, int n, float value) {
