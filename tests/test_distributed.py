@@ -46,7 +46,7 @@ def train(out, launcher: list[str], *extra: str) -> None:
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_accumulating_two_sweeps(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    train(tmp_path / "ddp", torchrun)
+    train(tmp_path / "ddp", torchrun, "--set", "data_workers=1")  # each rank's shard drawn by its own worker
     train(tmp_path / "single", [sys.executable], "--set", "accumulation=2")
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step-00000003")[0]
     single = load_checkpoint(tmp_path / "single" / "checkpoints" / "step-00000003")[0]
