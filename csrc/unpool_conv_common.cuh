@@ -184,6 +184,10 @@ __device__ __forceinline__ void pipelined_k_loop(int steps, Fetch&& fetch, Stash
   }
 }
 
+// What a run outside the tensors reads: zeros (+0.0 in every storage type).
+template <typename Run>
+__device__ const Run kZeroRun{};
+
 // Whether 0 <= v < n (n >= 0), in one unsigned comparison.
 __device__ __forceinline__ bool in_range(int v, int n) { return static_cast<unsigned>(v) < static_cast<unsigned>(n); }
 
@@ -233,9 +237,10 @@ struct TileLoad {
     }
   }
 
+  // A run outside reads kZeroRun: every run loads from a selected address, with no branch around the load and no
+  // register moves of zeros.
   __device__ __forceinline__ static Run load(const RunAt<T>& run) {
-    if (run.inside && run_aligned<Run>(run.at)) return *reinterpret_cast<const Run*>(run.at);
-    return Run::zeros();
+    return *(run.inside && run_aligned<Run>(run.at) ? reinterpret_cast<const Run*>(run.at) : &kZeroRun<Run>);
   }
 
   template <typename Where, typename Prepare, typename Step>
