@@ -20,6 +20,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   struct Staged {
     InputLoad a;
     WeightLoad w[kProducts];
+    unsigned products;  // bit q: product q's phase has the step's tap
   };
   struct Tiles {
     typename Mma::ATile a[2];
@@ -104,29 +105,31 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     // B[k][n] = wp[p, ty, tx, c0 + k, o] for the phases whose window holds the tap (every phase's, with
     // kPhasesInN: the host launches it only for windows shared whole).
     const int64_t w_shift = packed_offset(g, ty, tx, c0, 0);
+    staged.products = 0;
 #pragma unroll
     for (int q = 0; q < kProducts; ++q) {
       if (!kPhasesInN && !phase_has_tap(g, q, ty, tx)) continue;
+      staged.products |= 1u << q;
       staged.w[q].fetch(w_runs[q], w_run(q),
                         [&](const WeightRun& r) { return RunAt<T>{r.at + w_shift, r.k + c0 < g.C}; });
     }
   };
-  auto stash = [&](int s, const Staged& staged, int buf) {
-    int ty, tx, chunk;
-    tap_of(s, ty, tx, chunk);
+  // The products of the step whose tiles the last stash filled: multiply(s) runs after stash(s) and before
+  // stash(s + 1), so the step's tap need not be found again.
+  unsigned stashed_products = 0;
+  auto stash = [&](int, const Staged& staged, int buf) {
     staged.a.stash([&](int m, int k, const auto& run) { put_run<true>(smem.tiles.a[buf], k, m, run); });
 #pragma unroll
     for (int q = 0; q < kProducts; ++q) {
-      if (!kPhasesInN && !phase_has_tap(g, q, ty, tx)) continue;
+      if (!((staged.products >> q) & 1u)) continue;
       staged.w[q].stash([&](int k, int n, const auto& run) { put_run<false>(smem.tiles.w[buf][q], k, n, run); });
     }
+    stashed_products = staged.products;
   };
-  auto multiply = [&](int s, int buf) {
-    int ty, tx, chunk;
-    tap_of(s, ty, tx, chunk);
+  auto multiply = [&](int, int buf) {
 #pragma unroll
     for (int q = 0; q < kProducts; ++q) {
-      if (kPhasesInN || phase_has_tap(g, q, ty, tx)) Mma::multiply(acc[q], smem.tiles.a[buf], smem.tiles.w[buf][q]);
+      if ((stashed_products >> q) & 1u) Mma::multiply(acc[q], smem.tiles.a[buf], smem.tiles.w[buf][q]);
     }
   };
   pipelined_k_loop<Staged, false>(g.rows.taps * g.cols.taps * chunks, fetch, stash, multiply);
