@@ -110,7 +110,7 @@ struct PhaseTaps {
 
   __device__ __forceinline__ PhaseTap tap(int t) const {
     const int p = (t >= end0) + (t >= end1) + (t >= end2);
-    t -= p == 0 ? 0 : p == 1 ? end0 : p == 2 ? end1 : end2;
+    t -= t >= end2 ? end2 : t >= end1 ? end1 : t >= end0 ? end0 : 0;  // (selects on the comparisons: no branch)
     int row, col;
     (p % 2 == 0 ? width0 : width1).divmod(t, row, col);
     return {p, (p / 2 == 0 ? row0 : row1) + row, (p % 2 == 0 ? col0 : col1) + col};

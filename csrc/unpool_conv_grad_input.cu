@@ -77,9 +77,11 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   WeightLoad::prepare(b_runs, b_run);
   // A[m][k] = g[n, 2 io + A, 2 jo + B, o] and B[k][n] = wp[p, ty, tx, c0 + n, o] for tap (p, ty, tx), with
   // io = i - (row start + ty), jo likewise; o_at: o's offset from the run's own channel.
+  const int rows0 = phase_count(g.HO, 0, 2), rows1 = phase_count(g.HO, 1, 2);  // of each phase's output grid
+  const int cols0 = phase_count(g.WO, 0, 2), cols1 = phase_count(g.WO, 1, 2);
   auto grad_at = [&](const GradRun& r, const PhaseTap& tap, int o, int64_t o_at) {
     const int A = tap.p / 2, B = tap.p % 2, dr = g.rows.start + tap.ty, dc = g.cols.start + tap.tx;
-    const bool inside = in_range(r.i - dr, phase_count(g.HO, A, 2)) && in_range(r.j - dc, phase_count(g.WO, B, 2));
+    const bool inside = in_range(r.i - dr, A == 0 ? rows0 : rows1) && in_range(r.j - dc, B == 0 ? cols0 : cols1);
     return RunAt<T>{r.at + (A - 2 * dr) * gs.h + (B - 2 * dc) * gs.w + o_at * gs.c, inside && o < g.O};
   };
   auto weight_at = [&](const WeightRun& r, const PhaseTap& tap, int o, int64_t o_at) {
