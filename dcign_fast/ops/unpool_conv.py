@@ -24,6 +24,7 @@ the reference as a separate op.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -70,15 +71,16 @@ def empty_output(x: torch.Tensor, weight: torch.Tensor, padding: Padding, scale_
 PhaseGroup = tuple[AxisGroup, AxisGroup, int, int]
 
 
-def _phase_groups(h: int, w: int, kh: int, kw: int, padding: Padding, scale_factor: int) -> list[PhaseGroup]:
+@functools.lru_cache(maxsize=1024)
+def _phase_groups(h: int, w: int, kh: int, kw: int, padding: Padding, scale_factor: int) -> tuple[PhaseGroup, ...]:
     """The phases grouped by the low-resolution window they read: (row group, column group, and the padding of
     their shared convolution). A group's phases are every (row phase, column phase) pair of the two, row-major;
     one ``F.conv2d`` per group, forward and backward."""
-    return [
+    return tuple(
         (rows, cols, max(r.conv_padding(h) for r in rows.phases), max(c.conv_padding(w) for c in cols.phases))
         for rows in axis_groups(h, kh, padding[0], scale_factor)
         for cols in axis_groups(w, kw, padding[1], scale_factor)
-    ]
+    )
 
 
 def _group_kernel(weight: torch.Tensor, rows: AxisGroup, cols: AxisGroup) -> torch.Tensor:
@@ -144,7 +146,7 @@ def unpool_conv2d_torch(
     _, _, kh, kw = weight.shape
     out = empty_output(x, weight, padding, scale_factor)
     for rows, cols, pad_r, pad_c in _phase_groups(h, w, kh, kw, padding, scale_factor):
-        group_bias = None if bias is None else bias.repeat(len(rows.phases) * len(cols.phases))
+        group_bias = None if bias is None else torch.cat([bias] * (len(rows.phases) * len(cols.phases)))
         y = F.conv2d(x, _group_kernel(weight, rows, cols), group_bias, padding=(pad_r, pad_c))
         for full, conv, _ in _phase_views(out, y, rows, cols, pad_r, pad_c):
             full.copy_(conv)
