@@ -184,6 +184,12 @@ __device__ __forceinline__ void pipelined_k_loop(int steps, Fetch&& fetch, Stash
   }
 }
 
+// index * stride for an index that is >= 0 wherever the offset is read (a run outside may compute garbage): the
+// multiply as unsigned skips the index's sign extension, two instructions of the four.
+__device__ __forceinline__ int64_t times(int index, int64_t stride) {
+  return static_cast<int64_t>(static_cast<uint64_t>(static_cast<unsigned>(index)) * static_cast<uint64_t>(stride));
+}
+
 // What a run outside the tensors reads: zeros (+0.0 in every storage type).
 template <typename Run>
 __device__ const Run kZeroRun{};

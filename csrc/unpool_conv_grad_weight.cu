@@ -70,12 +70,13 @@ __global__ void __launch_bounds__(kTileThreads, 1)
       const Position at = position(s, r.k);
       const int row = at.io + dr, col = at.jo + dc;
       const bool inside = r.inside && at.inside && in_range(row, g.H) && in_range(col, g.W);
-      return RunAt<T>{r.at + at.n * xs.n + row * xs.h + col * xs.w, inside};
+      return RunAt<T>{r.at + times(at.n, xs.n) + times(row, xs.h) + times(col, xs.w), inside};
     });
     // B[k][o] = g[n, 2 io + A, 2 jo + B, o0 + o].
     staged.b.fetch(b_runs, b_run, [&](const ChannelRun& r) {
       const Position at = position(s, r.k);
-      return RunAt<T>{r.at + at.n * gs.n + (2 * at.io + A) * gs.h + (2 * at.jo + B) * gs.w, r.inside && at.inside};
+      const int64_t offset = times(at.n, gs.n) + times(2 * at.io + A, gs.h) + times(2 * at.jo + B, gs.w);
+      return RunAt<T>{r.at + offset, r.inside && at.inside};
     });
   };
   auto stash = [&](int, const Staged& staged, int buf) {
