@@ -64,10 +64,10 @@ def test_two_gloo_ranks_equal_one_process_accumulating_two_sweeps(tmp_path):
 
 def _agree_worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    world, cpu = World(rank=rank, size=2), torch.device("cpu")
+    world = World(rank=rank, size=2)
     result = {
-        "agree": [all_agree(flag, world, cpu) for flag in (rank == 1, False, True)],
-        "mean": mean_over_ranks({"total": float(rank), "kind": f"k{rank}"}, world, cpu),
+        "agree": [all_agree(flag, world) for flag in (rank == 1, False, True)],
+        "mean": mean_over_ranks({"total": float(rank), "kind": f"k{rank}"}, world),
     }
     Path(out, f"{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -94,18 +94,18 @@ def test_a_flag_one_rank_raises_stops_every_rank(tmp_path):
 
 def _together_worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    world, cpu = World(rank=rank, size=2), torch.device("cpu")
+    world = World(rank=rank, size=2)
 
     def full_disk_on_rank_0() -> None:
         if rank == 0:
             raise OSError("no space left for the checkpoint")
 
-    result: dict[str, object] = {"value": run_together(lambda: 10 * rank, world, cpu)}
+    result: dict[str, object] = {"value": run_together(lambda: 10 * rank, world)}
     try:
-        run_together(full_disk_on_rank_0, world, cpu)
+        run_together(full_disk_on_rank_0, world)
     except Exception as err:
         result["error"] = [type(err).__name__, str(err)]
-    result["after"] = all_agree(rank == 1, world, cpu)  # the ranks still talk: none is left in a collective
+    result["after"] = all_agree(rank == 1, world)  # the ranks still talk: none is left in a collective
     Path(out, f"{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -121,12 +121,12 @@ def test_work_that_fails_on_one_rank_stops_every_rank_with_its_message(tmp_path)
 
 def _killed_peer_worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    world, cpu = World(rank=rank, size=2), torch.device("cpu")
-    all_agree(False, world, cpu)
+    world = World(rank=rank, size=2)
+    all_agree(False, world)
     if rank == 1:
         os._exit(0)  # as a SIGKILL leaves it: no goodbye to the group
     try:
-        all_agree(False, world, cpu)
+        all_agree(False, world)
         result = {"error": None}
     except Exception as err:
         result = {"error": [type(err).__name__, str(err)]}
@@ -148,15 +148,15 @@ def test_a_ranks_own_device_fault_is_not_blamed_on_another(monkeypatch):
     keeps its type (it was reported as another rank having stopped, in one line without a traceback)."""
     from dcign_fast.train import distributed
 
-    two_ranks, cpu = World(rank=0, size=2), torch.device("cpu")
+    two_ranks = World(rank=0, size=2)
     assert torch.OutOfMemoryError in distributed._LOCAL_FAULTS
     for fault in distributed._LOCAL_FAULTS:  # (torch.AcceleratorError too, where torch has it)
         monkeypatch.setattr(distributed.dist, "all_reduce", lambda *args, fault=fault, **kwargs: _raise(fault("CUDA")))
         with pytest.raises(fault):
-            all_agree(False, two_ranks, cpu)
+            all_agree(False, two_ranks)
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda *args, **kwargs: _raise(RuntimeError("closed by peer")))
     with pytest.raises(distributed.OtherRankError, match=r"could not exchange their state \(closed by peer\)"):
-        mean_over_ranks({"total": 1.0}, two_ranks, cpu)
+        mean_over_ranks({"total": 1.0}, two_ranks)
 
 
 def _raise(error: Exception) -> None:
@@ -181,3 +181,20 @@ def test_an_out_rank_0_cannot_create_stops_every_rank_in_one_line(tmp_path):
     assert not re.search(r'File "[^"]*dcign_fast', done.stderr), done.stderr
     assert f"error: out={tmp_path / 'afile' / 'run'}: cannot create the run folder" in done.stderr
     assert "error: rank 0 stopped the run: OSError: out=" in done.stderr
+
+
+def test_under_nccl_the_ranks_exchange_flags_through_a_gloo_group_on_the_cpu(monkeypatch):
+    """Through NCCL, each per-step flag (a Ctrl-C, the time limit, a data error) was a CUDA tensor queued behind
+    the step's kernels and read back: a host sync per step. Checked by recording the calls (no GPUs here)."""
+    from dcign_fast.train import distributed
+
+    control, exchanged = object(), []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in {"is_initialized": True, "get_backend": "nccl", "get_rank": 1, "get_world_size": 2}.items():
+        monkeypatch.setattr(distributed.dist, name, lambda value=value: value)
+    monkeypatch.setattr(distributed.dist, "new_group", lambda backend: control if backend == "gloo" else None)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, group, **kw: exchanged.append((t.device, group)))
+    world = distributed.init_world("cpu")  # (a process group made by the caller, with NCCL)
+    assert world == World(rank=1, size=2, control=control)
+    all_agree(True, world)
+    assert exchanged == [(torch.device("cpu"), control)]

@@ -1164,8 +1164,8 @@ def test_each_rank_and_micro_batch_takes_its_own_shard(tmp_path, monkeypatch):
     from dcign_fast.train.distributed import World
 
     trainer = Trainer(config(tmp_path, steps=1, accumulation=2), render=blobs)
-    monkeypatch.setattr(trainer_module, "all_agree", lambda flag, world, device: flag)  # no process group here
-    monkeypatch.setattr(trainer_module, "run_together", lambda action, world, device: action())
+    monkeypatch.setattr(trainer_module, "all_agree", lambda flag, world: flag)  # no process group here
+    monkeypatch.setattr(trainer_module, "run_together", lambda action, world: action())
     trainer.world = World(rank=1, size=2)
     trainer.batches = trainer._prefetcher()
     shards, original = [], trainer.stream.batch

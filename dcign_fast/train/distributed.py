@@ -23,6 +23,10 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    # The group the ranks exchange flags, errors and log values through: gloo, on CPU tensors (None: the default
+    # group, gloo already). Through NCCL each exchange would queue behind the step's kernels on the GPU and be
+    # read back: a host sync per step, which keeps the host from queueing the next step while the GPU works.
+    control: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
@@ -40,7 +44,13 @@ def init_world(device_type: str) -> World:
         return World()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    control = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    world = World(
+        rank=dist.get_rank(),
+        size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        control=control,
+    )
     if device_type == "cuda":
         torch.cuda.set_device(world.local_rank)
     return world
@@ -79,32 +89,32 @@ def _exchange(collective: Callable[..., object], *args: object, **kwargs: object
         ) from err
 
 
-def mean_over_ranks(values: Mapping[str, float | str], world: World, device: torch.device) -> dict[str, float | str]:
+def mean_over_ranks(values: Mapping[str, float | str], world: World) -> dict[str, float | str]:
     """``values`` with each float replaced by its mean over the ranks and each string by the ranks' strings
     joined with "+" in rank order, as one process accumulating their sweeps logs its batch kinds (every rank
     must call this)."""
     if not world.distributed:
         return dict(values)
     names = [k for k, v in values.items() if isinstance(v, float)]
-    t = torch.tensor([values[k] for k in names], device=device, dtype=torch.float64)
-    _exchange(dist.all_reduce, t)
+    t = torch.tensor([values[k] for k in names], dtype=torch.float64)
+    _exchange(dist.all_reduce, t, group=world.control)
     texts = {k: v for k, v in values.items() if isinstance(v, str)}
     gathered: list[dict[str, str] | None] = [None] * world.size
-    _exchange(dist.all_gather_object, gathered, texts)
+    _exchange(dist.all_gather_object, gathered, texts, group=world.control)
     joined = {k: "+".join(str(g[k]) for g in gathered if g is not None) for k in texts}
     return {**values, **dict(zip(names, (t / world.size).tolist())), **joined}
 
 
-def all_agree(flag: bool, world: World, device: torch.device) -> bool:
+def all_agree(flag: bool, world: World) -> bool:
     """True on every rank if ``flag`` is true on any rank (e.g. a Ctrl-C or a NaN seen by one rank)."""
     if not world.distributed:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    _exchange(dist.all_reduce, t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1.0 if flag else 0.0])
+    _exchange(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=world.control)
     return bool(t.item() > 0)
 
 
-def run_together(action: Callable[[], T], world: World, device: torch.device) -> T:
+def run_together(action: Callable[[], T], world: World) -> T:
     """``action()`` on this rank; when it fails on any rank, every rank raises (the failed ones their own error,
     the others an OtherRankError quoting it). For the work one rank does alone (rank 0 writes checkpoints,
     logs and pictures): a rank stopped by it would otherwise leave the others in their next collective (gloo:
@@ -116,9 +126,10 @@ def run_together(action: Callable[[], T], world: World, device: torch.device) ->
         if not world.distributed:
             raise
         error = err
-    if all_agree(error is not None, world, device):
+    if all_agree(error is not None, world):
         reports: list[str | None] = [None] * world.size
-        _exchange(dist.all_gather_object, reports, None if error is None else f"{type(error).__name__}: {error}")
+        report = None if error is None else f"{type(error).__name__}: {error}"
+        _exchange(dist.all_gather_object, reports, report, group=world.control)
         if error is not None:
             raise error
         rank, report = next((r, text) for r, text in enumerate(reports) if text is not None)

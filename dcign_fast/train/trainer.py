@@ -188,7 +188,7 @@ class Trainer:
             self._folder_lock = held
             recover_checkpoints(self.checkpoints)  # now that no other process saves there (the others wait)
 
-        run_together(claim, self.world, self.device)
+        run_together(claim, self.world)
 
     def _unlock_run_folder(self) -> None:
         if self._folder_lock is not None:
@@ -276,7 +276,7 @@ class Trainer:
         not read back yet)."""
         if self._unread:
             self._read_back()
-        path = run_together(self._write_checkpoint, self.world, self.device)
+        path = run_together(self._write_checkpoint, self.world)
         self._checkpointed_step = self.step
         return path
 
@@ -331,7 +331,7 @@ class Trainer:
         the step's work: a data error (a corrupt file, a sweep a source cannot give) then stops every rank at a
         step boundary, where a checkpoint keeps all that was trained."""
 
-        return run_together(lambda: self.batches.draw(step, self.config.steps - 1), self.world, self.device)
+        return run_together(lambda: self.batches.draw(step, self.config.steps - 1), self.world)
 
     def _forward_backward(self, step: int, batches: list[tuple[int, torch.Tensor, str]]) -> StepLosses:
         """Gradients of one optimizer step from its micro-batches (:meth:`_draw`), and its losses, left on the
@@ -367,7 +367,7 @@ class Trainer:
         steps = [step for step, _ in self._unread]
         self._unread = []
         failed = [step for step, nonfinite in zip(steps, read) if nonfinite]
-        if all_agree(bool(failed), self.world, self.device):
+        if all_agree(bool(failed), self.world):
             # (All ranks fail at once, as DDP's all-reduce spreads a NaN gradient; the last step read stands in else.)
             first = failed[0] if failed else steps[-1]
             if self.config.on_nonfinite == "stop":
@@ -396,11 +396,11 @@ class Trainer:
         try:
             self.model.train()
             while self.step < c.steps:
-                if deadline is not None and all_agree(time.monotonic() > deadline, self.world, self.device):
+                if deadline is not None and all_agree(time.monotonic() > deadline, self.world):
                     reached = f"time limit of {c.time_limit_s:.0f} s reached at step {self.step}"
                     self._say(f"{reached}; continue with --resume")
                     return TrainResult(self.step, self.save() or self._latest(), interrupted=False, timed_out=True)
-                if all_agree(self._stop_requested_at is not None, self.world, self.device):
+                if all_agree(self._stop_requested_at is not None, self.world):
                     checkpoint = self.save()
                     self._say(f"interrupted at step {self.step}; checkpoint: {checkpoint}; continue with --resume")
                     return TrainResult(self.step, checkpoint, interrupted=True)
@@ -440,13 +440,13 @@ class Trainer:
                     self._images_since_log, self._time_since_log = 0, 0.0
                     bar.set_postfix(loss=f"{metrics['total']:.1f}", img_s=f"{rate:.0f}")
                     # every rank's losses, averaged (the same call on every rank: same steps)
-                    averaged = mean_over_ranks({**metrics, "kind": losses.kind}, self.world, self.device)
+                    averaged = mean_over_ranks({**metrics, "kind": losses.kind}, self.world)
                     record = {"step": self.step, **averaged, "images_per_s": rate}
-                    run_together(functools.partial(self.log.write, record), self.world, self.device)
+                    run_together(functools.partial(self.log.write, record), self.world)
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps:
                     checkpoint = self.save()  # before the pictures, which may fail (disk full, say)
                 if self.step % c.image_every == 0:
-                    run_together(self._save_progress_images, self.world, self.device)
+                    run_together(self._save_progress_images, self.world)
             return TrainResult(self.step, checkpoint or self._latest(), interrupted=False)
         finally:
             self.batches.close()
@@ -458,9 +458,7 @@ class Trainer:
 
     def _open_log(self) -> MetricsLog:
         """The metrics log, which rank 0 writes (a no-op object on the others)."""
-        return run_together(
-            lambda: MetricsLog(self.out, enabled=self.world.is_main, resume_step=self.step), self.world, self.device
-        )
+        return run_together(lambda: MetricsLog(self.out, enabled=self.world.is_main, resume_step=self.step), self.world)
 
     def _save_progress_images(self) -> None:
         if self.world.is_main:
