@@ -167,8 +167,13 @@ class Trainer:
         self.batches = self._prefetcher()
         self.log = self._open_log()
         self._stop_requested_at: float | None = None  # time.monotonic() of the first Ctrl-C / SIGTERM
-        # (step, its loss + gradient norm on the device) of each step taken since the last read back (see _read_back)
-        self._unread: list[tuple[int, torch.Tensor]] = []
+        # Of the steps taken since the last read back (see _read_back): the last one, and on the device the first
+        # whose loss or gradient norm was not finite (-1: none; None: no step unread). One tensor, however many.
+        self._last_unread = 0
+        self._first_nonfinite: torch.Tensor | None = None
+        # The first non-finite step a read found under on_nonfinite=stop: the model in memory may hold its weights
+        # (steps between reads are taken unread), so nothing may be saved or trained from it.
+        self._nonfinite_at: int | None = None
         self._images_since_log, self._time_since_log = 0, 0.0  # on this rank, for images/s
 
     def _claim_run_folder(self) -> None:
@@ -274,7 +279,9 @@ class Trainer:
         """Writes a checkpoint of the current step on rank 0; returns its path there and None on the other ranks.
         Every rank calls it, and every rank raises when the write fails (or NonFiniteLossError, for a step that was
         not read back yet)."""
-        if self._unread:
+        if self._nonfinite_at is not None:
+            raise self._nonfinite_error(self._nonfinite_at)
+        if self._first_nonfinite is not None:
             self._read_back()
         path = run_together(self._write_checkpoint, self.world)
         self._checkpointed_step = self.step
@@ -362,27 +369,33 @@ class Trainer:
         """Reads, in one host sync, whether the steps since the last read were finite, and ``losses``' values.
         A non-finite step raises NonFiniteLossError under on_nonfinite=stop (before anything of it is written);
         under skip, where every step is read before it is taken, None says to skip it. Every rank calls it."""
-        flags = torch.stack([value for _, value in self._unread]).isfinite().logical_not().double()
-        read = torch.cat([flags] if losses is None else [flags, losses.values]).tolist()
-        steps = [step for step, _ in self._unread]
-        self._unread = []
-        failed = [step for step, nonfinite in zip(steps, read) if nonfinite]
-        if all_agree(bool(failed), self.world):
+        assert self._first_nonfinite is not None  # (called with a step unread)
+        first_nonfinite = self._first_nonfinite.double().view(1)
+        read = torch.cat([first_nonfinite] if losses is None else [first_nonfinite, losses.values]).tolist()
+        self._first_nonfinite = None
+        first = int(read[0])
+        if all_agree(first >= 0, self.world):
             # (All ranks fail at once, as DDP's all-reduce spreads a NaN gradient; the last step read stands in else.)
-            first = failed[0] if failed else steps[-1]
+            first = first if first >= 0 else self._last_unread
             if self.config.on_nonfinite == "stop":
-                latest = self._latest()
-                kept = f"the last good one is {latest}" if latest else "no checkpoint was written yet"
-                raise NonFiniteLossError(
-                    f"the loss or its gradient became NaN or infinite at step {first}; stopping "
-                    f"without writing a checkpoint ({kept}); set on_nonfinite=skip to skip such steps instead"
-                )
+                self._nonfinite_at = first
+                raise self._nonfinite_error(first)
             return None
-        return {} if losses is None else dict(zip(losses.names, read[len(steps) :]))
+        return {} if losses is None else dict(zip(losses.names, read[1:]))
+
+    def _nonfinite_error(self, step: int) -> NonFiniteLossError:
+        latest = self._latest()
+        kept = f"the last good one is {latest}" if latest else "no checkpoint was written yet"
+        return NonFiniteLossError(
+            f"the loss or its gradient became NaN or infinite at step {step}; stopping without writing a "
+            f"checkpoint ({kept}); set on_nonfinite=skip to skip such steps instead"
+        )
 
     def train(self) -> TrainResult:
         """Runs until ``config.steps``; returns where it stopped and the last checkpoint."""
         c = self.config
+        if self._nonfinite_at is not None:  # (a notebook calling train() again after a NonFiniteLossError)
+            raise self._nonfinite_error(self._nonfinite_at)
         # An earlier train() (a notebook continuing after a time limit or a Ctrl-C) released the folder, closed
         # the log and acted on its signals: this one takes the folder again, reopens the log and starts afresh.
         self._claim_run_folder()
@@ -416,8 +429,13 @@ class Trainer:
                 max_norm = float("inf") if c.grad_clip is None else c.grad_clip
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
                 taken = self.step + 1  # numbered as metrics, checkpoints and the bar number it
-                # One op here, the finiteness test at the read: a float64 sum is finite if and only if both are.
-                self._unread.append((taken, losses.values[losses.names.index("total")] + norm))
+                # A float64 sum is finite if and only if both are.
+                nonfinite = ~torch.isfinite(losses.values[losses.names.index("total")] + norm)
+                first, self._last_unread = self._first_nonfinite, taken
+                if first is None:
+                    self._first_nonfinite = torch.where(nonfinite, taken, -1)
+                else:
+                    self._first_nonfinite = torch.where(nonfinite & (first < 0), taken, first)
                 logs = taken % c.log_every == 0 or taken == c.steps
                 # Read back before the step is taken where the host must know: to log, save or draw (so that a NaN
                 # step is never written), or to skip it. A NaN step in between is found at the next read.
