@@ -109,3 +109,42 @@ def test_workers_off_linux_are_refused_by_name(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
     with pytest.raises(ValueError, match="data_workers > 0 needs Linux, where worker processes are forked; got darwin"):
         Trainer(config(tmp_path, data_workers=1), render=blobs)
+
+
+class _Unpicklable(Exception):
+    def __init__(self, path: str, line: int) -> None:  # (unpickling calls it with the message alone)
+        super().__init__(f"{path}:{line} is corrupt")
+
+
+class _Raises:
+    """blobs, but step 2's sweep raises ``error()`` (with a cause), or its worker is killed."""
+
+    def __init__(self, error) -> None:
+        self.error, self.seed = error, shard_generator(0, 2, 0).initial_seed()
+
+    def __call__(self, kind: str, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        if generator.initial_seed() == self.seed:
+            if self.error is None:
+                os.kill(os.getpid(), signal.SIGKILL)  # (in the worker: render= runs there)
+            raise self.error() from OSError("the disk said no")
+        return blobs(kind, generator)
+
+
+def test_a_workers_error_that_does_not_pickle_comes_back_as_a_runtime_error_with_its_traceback(tmp_path):
+    """It hung the DataLoader's queue, or came out as unpickling's TypeError; the cause and traceback were lost."""
+    trainer = Trainer(config(tmp_path, steps=4, data_workers=1), render=_Raises(lambda: _Unpicklable("a.png", 3)))
+    with pytest.raises(RuntimeError, match=r"^_Unpicklable: a\.png:3 is corrupt\n") as raised:
+        trainer.train()
+    (note,) = raised.value.__notes__
+    assert note.startswith("in a data worker:") and "OSError: the disk said no" in note and "__call__" in note
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_run_at_a_step_boundary_with_a_checkpoint(tmp_path):
+    """The DataLoader's SIGCHLD handler raised its error mid-step, where nothing was saved."""
+    trainer = Trainer(config(tmp_path, steps=6, checkpoint_every=100, data_workers=1), render=_Raises(None))
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        trainer.train()
+    # Steps the worker had drawn but not yet handed over die with it: the run stops at step 1 or 2, saved.
+    assert trainer.step in (1, 2)
+    assert [path.name for path in list_checkpoints(tmp_path / "run" / "checkpoints")] == [f"step-{trainer.step:08d}"]

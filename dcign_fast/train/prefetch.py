@@ -10,11 +10,13 @@ they differ from those in float rounding.
 
 from __future__ import annotations
 
+import pickle
 import signal
 import sys
+import traceback
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dcign_fast.train.data import BatchStream
 
@@ -33,7 +35,20 @@ class _StepBatches(Dataset):
         try:
             return step, [(shard, *self.stream.batch(step, shard)[::2]) for shard in self.shards]
         except Exception as err:  # (re-raised by Prefetcher.draw)
-            return step, err
+            return step, err if get_worker_info() is None else _portable(err)
+
+
+def _portable(err: Exception) -> Exception:
+    """``err`` as it can cross to the training process: pickled, an exception loses its traceback and cause (so
+    they go along as a note), and one that does not pickle and unpickle would have hung the DataLoader's queue
+    or come out as another error (so a RuntimeError with its type and message stands in for it)."""
+    note = "in a data worker:\n" + "".join(traceback.format_exception(err))
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:
+        err = RuntimeError(f"{type(err).__name__}: {err}")
+    err.add_note(note)
+    return err
 
 
 def _quiet_worker(worker_id: int) -> None:
@@ -77,7 +92,12 @@ class Prefetcher:
                 worker_init_fn=_quiet_worker,
                 multiprocessing_context="fork",  # (the workers touch no GPU)
             )
+            handler = signal.getsignal(signal.SIGCHLD)
             self._batches = iter(loader)
+            # The DataLoader's SIGCHLD handler raised a dead worker's error wherever the trainer was, mid-step
+            # too, where nothing is saved; without it the error comes from the next draw (the DataLoader polls its
+            # workers), where the trainer saves the steps trained.
+            signal.signal(signal.SIGCHLD, handler)
         drawn_step, drawn = next(self._batches)  # type: ignore[call-overload]
         assert drawn_step == step, (drawn_step, step)  # (the sampler hands the steps out in order)
         self._next_step = step + 1
