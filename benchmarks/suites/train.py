@@ -23,9 +23,9 @@ minutes, so anything after it may fall to the suite's time limit.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import cast
 
 import torch
@@ -185,7 +185,8 @@ def _loop_rows(preset: str, batch: int, bf16: bool, device: str, quick: bool) ->
     """dcign_fast's training loop on the built-in renderer's sweeps, drawn as the trainer draws them: in the
     training process on ``device`` (data_workers=0, the default), or by CPU worker processes a few steps ahead
     (data_workers=N: half the CPU cores, at most 8; 1 in a quick run). Each timed call trains ``steps`` steps,
-    the workers going on across calls, as they do within a run."""
+    the workers going on across calls, as they do within a run. The two are timed one after the other, not
+    alternating: the workers would fill their queue while the other loop was timed, and then seem faster."""
     workers = 1 if quick else max(1, min(8, (os.cpu_count() or 2) // 2))
     steps = 2 if quick else 5 if device == "cpu" else 10
     config = TrainConfig(batch_size=batch)
@@ -198,16 +199,16 @@ def _loop_rows(preset: str, batch: int, bf16: bool, device: str, quick: bool) ->
     }
     run = _train_step(_model("dcign_fast", preset, device), bf16)[0]
     last_step = 10**9
-    counters = {name: iter(range(last_step)) for name in drawers}
+    next_steps = {name: iter(range(last_step)) for name in drawers}
 
     def loop(name: str) -> None:
         for _ in range(steps):
-            ((_, images, _),) = drawers[name].draw(next(counters[name]), last_step)
+            ((_, images, _),) = drawers[name].draw(next(next_steps[name]), last_step)
             run(images.to(device, non_blocking=True))
 
     try:
-        loops = {name: functools.partial(loop, name) for name in drawers}
-        times = time_side_by_side(loops, device, warmup=1, repeats=1 if quick else 3)
+        repeats = 1 if quick else 3
+        times = {name: time_side_by_side({name: partial(loop, name)}, device, 1, repeats)[name] for name in drawers}
     finally:
         for drawer in drawers.values():
             drawer.close()
