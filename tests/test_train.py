@@ -1339,3 +1339,17 @@ def test_a_nonfinite_step_is_numbered_as_metrics_and_checkpoints_number_it(tmp_p
         assert "skipped step 2:" in capsys.readouterr().out  # bar.write prints to stdout
     logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged == ([1] if policy == "stop" else [1, 3])  # the step named is the one missing here
+
+
+def test_a_resume_from_a_checkpoint_stored_without_foreach_keeps_adams_foreach(tmp_path):
+    """Checkpoints of earlier versions stored foreach=None, which load_state_dict put back (the CPU's slower loop)."""
+    from dcign_fast.train.checkpoint import STATE
+
+    Trainer(config(tmp_path, steps=2), render=blobs).train()
+    state_file = list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / STATE
+    state = torch.load(state_file, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["foreach"] = None
+    torch.save(state, state_file)
+    resumed = Trainer(config(tmp_path, steps=4), resume=True, render=blobs)
+    assert [group["foreach"] for group in resumed.optimizer.param_groups] == [True]

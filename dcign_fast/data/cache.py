@@ -157,6 +157,13 @@ class SweepCache:
             self._loaded[number] = self._read(number, ("images", "offsets", "kinds", *FACTOR_KEYS))
         return self._loaded[number]
 
+    def load_all(self) -> None:
+        """Reads every shard now and keeps it (``keep_shards``): processes forked after (the trainer's data
+        workers) then share one copy of it, instead of each reading and keeping its own."""
+        self.keep_shards = True
+        for number in range(len(self.shards)):
+            self._shard(number)
+
     def kinds(self) -> list[str]:
         """The kind of every batch, in index order (reads only the shards' kind arrays)."""
         return [

@@ -45,6 +45,8 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
     dataset: SweepCache | SweepFolders
     if is_cache(config.data):
         dataset = SweepCache(config.data, keep_shards=True)
+        if config.data_workers:
+            dataset.load_all()  # before the workers are forked, which then share it
         if dataset.size != image_size:  # a cache is read as stored: resizing every batch would cost more
             raise ValueError(
                 f"data={config.data} holds {dataset.size}px images but this model takes {image_size}px: "

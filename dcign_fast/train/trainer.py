@@ -230,6 +230,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path}: its weights are not of the model its {STATE} describes")
         load_into(self.model, weights, weights_file(path))
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # (a checkpoint of an earlier version stored foreach=None)
+            group["foreach"] = True
         torch.set_rng_state(state["rng"])
         self.step = self._checkpointed_step = int(state["step"])
 

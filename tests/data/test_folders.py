@@ -338,3 +338,13 @@ def test_a_batch_index_reads_as_a_lists(store, tmp_path, batches):
     ):
         with pytest.raises(error, match=re.escape(words)):
             dataset[index]
+
+
+def test_a_cache_loaded_whole_reads_no_shard_again(tmp_path, batches):
+    """The trainer loads a cache whole before forking its data workers, which then share it."""
+    write_cache(batches, tmp_path, batches_per_shard=2)
+    cache = SweepCache(tmp_path)
+    cache.load_all()
+    for shard in tmp_path.glob("shard_*.npz"):
+        shard.unlink()
+    _assert_same_batches(list(cache), batches)
