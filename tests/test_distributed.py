@@ -143,20 +143,12 @@ def test_a_rank_that_dies_stops_the_others_in_one_line(tmp_path):
                             "stands, continue with --resume")  # fmt: skip
 
 
-def test_a_ranks_own_device_fault_is_not_blamed_on_another(monkeypatch):
-    """A CUDA fault or an out-of-memory surfaces at this rank's next CUDA call, which may be a collective's: it
-    keeps its type (it was reported as another rank having stopped, in one line without a traceback)."""
+def test_an_exchange_that_fails_names_another_rank_in_one_line(monkeypatch):
     from dcign_fast.train import distributed
 
-    two_ranks = World(rank=0, size=2)
-    assert torch.OutOfMemoryError in distributed._LOCAL_FAULTS
-    for fault in distributed._LOCAL_FAULTS:  # (torch.AcceleratorError too, where torch has it)
-        monkeypatch.setattr(distributed.dist, "all_reduce", lambda *args, fault=fault, **kwargs: _raise(fault("CUDA")))
-        with pytest.raises(fault):
-            all_agree(False, two_ranks)
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda *args, **kwargs: _raise(RuntimeError("closed by peer")))
     with pytest.raises(distributed.OtherRankError, match=r"could not exchange their state \(closed by peer\)"):
-        mean_over_ranks({"total": 1.0}, two_ranks)
+        mean_over_ranks({"total": 1.0}, World(rank=0, size=2))
 
 
 def _raise(error: Exception) -> None:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -1353,3 +1354,21 @@ def test_a_resume_from_a_checkpoint_stored_without_foreach_keeps_adams_foreach(t
     torch.save(state, state_file)
     resumed = Trainer(config(tmp_path, steps=4), resume=True, render=blobs)
     assert [group["foreach"] for group in resumed.optimizer.param_groups] == [True]
+
+
+def test_where_the_built_in_renderer_rendered_is_compared_on_resume(tmp_path):
+    """Only the built-in renderer renders on the device (or the workers' CPU); a checkpoint of an earlier version
+    did not record it, and rendered on its device."""
+    builtin, hook = Trainer(config(tmp_path / "builtin")), Trainer(config(tmp_path / "hook"), render=blobs)
+    now = builtin._execution()
+    assert now["data_device"] == "cpu"
+    earlier = {key: value for key, value in now.items() if key != "data_device"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        builtin._warn_of_other_rounding(earlier)  # rendered on its device, the CPU: the same
+        hook._warn_of_other_rounding({**now, "data_device": "cuda"})
+    with pytest.warns(UserWarning, match=r"this resume runs with data_device cpu \(before: cuda\)"):
+        builtin._warn_of_other_rounding({**now, "data_device": "cuda"})
+    for trainer in (builtin, hook):
+        trainer.log.close()
+        trainer.close()

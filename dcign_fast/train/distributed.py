@@ -66,21 +66,14 @@ def close_world(world: World, together: bool = True) -> None:
         dist.destroy_process_group()
 
 
-# This rank's own device faults: a CUDA error surfaces at the next CUDA call, a collective's among them.
-_LOCAL_FAULTS = tuple(
-    fault for fault in (getattr(torch, "AcceleratorError", None), getattr(torch, "OutOfMemoryError", None)) if fault
-)
-
-
 def _exchange(collective: Callable[..., object], *args: object, **kwargs: object) -> None:
     """``collective(*args, **kwargs)``, a torch.distributed call, with its failure to reach the other ranks
     (gloo: a plain RuntimeError, "Connection closed by peer", when one was killed) raised as an OtherRankError
     in one line: the survivor's traceback through gloo's sources said no more, and the rank that stopped (or
-    torchrun) reports why. This rank's own device faults keep their type."""
+    torchrun) reports why. (The exchanges hold CPU tensors, World.control's: no device fault of this rank's can
+    surface in them.)"""
     try:
         collective(*args, **kwargs)
-    except _LOCAL_FAULTS:
-        raise
     except RuntimeError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise OtherRankError(

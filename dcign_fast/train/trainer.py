@@ -126,6 +126,9 @@ class Trainer:
 
     def _build(self, config: TrainConfig, resume: bool, render: Callable | None) -> None:
         """The model, optimizer (restored on resume), data stream and metrics log."""
+        # Only the built-in renderer renders on the training device (or the workers' CPU); stored sweeps are read
+        # on the CPU, and a render= callable renders wherever it does.
+        self._builtin_renderer = render is None and config.data == "render"
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model = DCIGN.from_preset(config.preset, backend=config.backend).to(self.device)
         if self.memory_format is not None:
@@ -256,8 +259,9 @@ class Trainer:
             "backend": self.config.backend,
             "compile": self.config.compile,
             "memory_format": "NCHW" if self.memory_format is None else "channels_last",
-            "data_device": self._data_device.type,  # (where the built-in renderer renders)
         }
+        if self._builtin_renderer:
+            execution["data_device"] = self._data_device.type
         return execution if on_gpu else {**execution, "threads": torch.get_num_threads()}
 
     def _warn_of_other_rounding(self, stored: dict[str, object] | None) -> None:
@@ -267,8 +271,10 @@ class Trainer:
         if stored is None or not self.world.is_main:
             return
         now = self._execution()
-        changed = [  # (what a checkpoint of an earlier version did not record is not compared)
-            f"{key} {value} (before: {stored[key]})" for key, value in now.items() if stored.get(key, value) != value
+        # What a checkpoint of an earlier version did not record: rendered on its device, and otherwise unknown.
+        before = {"data_device": str(stored.get("device", "")).split(" ")[0], **stored}
+        changed = [
+            f"{key} {value} (before: {before[key]})" for key, value in now.items() if before.get(key, value) != value
         ]
         if changed:
             warnings.warn(
