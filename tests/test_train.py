@@ -807,12 +807,14 @@ def test_training_from_a_cache_equals_training_from_the_same_sweeps_in_folders(t
     write_cache(batches, tmp_path / "cache", batches_per_shard=4)
     export_sweeps(batches, tmp_path / "folders")
     losses = {}
-    for source in ("cache", "folders"):
-        run = tmp_path / f"run-{source}"
-        Trainer(config(run, steps=3, checkpoint_every=3, data=str(tmp_path / source))).train()
+    for source, workers in (("cache", 0), ("folders", 0), ("cache", 2)):  # (2 workers: the cache loaded whole)
+        run = tmp_path / f"run-{source}-{workers}"
+        options = {"steps": 3, "checkpoint_every": 3, "data": str(tmp_path / source), "data_workers": workers}
+        Trainer(config(run, **options)).train()
         lines = (run / "run" / "metrics.jsonl").read_text().splitlines()
-        losses[source] = [json.loads(line)["total"] for line in lines]
-    assert losses["cache"] == losses["folders"]  # the same batches, picked in the same order
+        losses[source, workers] = [json.loads(line)["total"] for line in lines]
+    # The same batches, picked in the same order.
+    assert losses["cache", 0] == losses["folders", 0] == losses["cache", 2]
 
 
 def test_a_cache_of_another_image_size_is_refused_by_name(tmp_path):
