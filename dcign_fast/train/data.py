@@ -45,13 +45,13 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
     dataset: SweepCache | SweepFolders
     if is_cache(config.data):
         dataset = SweepCache(config.data, keep_shards=True)
-        if config.data_workers:
-            dataset.load_all()  # before the workers are forked, which then share it
         if dataset.size != image_size:  # a cache is read as stored: resizing every batch would cost more
             raise ValueError(
                 f"data={config.data} holds {dataset.size}px images but this model takes {image_size}px: "
                 f"render a cache with --size {image_size}"
             )
+        if config.data_workers:
+            dataset.load_all()  # before the workers are forked, which then share it
     elif any(Path(config.data).glob("shard_*.npz")):  # the index is written last: the cache's writing stopped
         raise DatasetError(
             f"data={config.data} holds cache shards but no {INDEX}: its render --format cache did not finish; "
