@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dcign_fast.train.checkpoint import load_checkpoint
-from dcign_fast.train.distributed import World, all_agree, mean_over_ranks, run_together
+from dcign_fast.train.distributed import World, all_agree, close_world, mean_over_ranks, run_together
 from tests.helpers import assert_trained_alike
 
 # Adam with a huge epsilon is SGD (step = lr / eps * gradient): plain Adam turns float rounding in
@@ -132,6 +132,7 @@ def _killed_peer_worker(rank: int, store: str, out: str) -> None:
         result = {"error": [type(err).__name__, str(err)]}
     Path(out, "0.json").write_text(json.dumps(result))
     Path(out, "1.json").write_text("{}")
+    close_world(world, together=False)  # as the trainer leaves after an error: left to exit, gloo could abort
 
 
 def test_a_rank_that_dies_stops_the_others_in_one_line(tmp_path):
