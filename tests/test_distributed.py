@@ -19,7 +19,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dcign_fast.train.checkpoint import load_checkpoint
-from dcign_fast.train.distributed import World, all_agree, close_world, mean_over_ranks, run_together
+from dcign_fast.train.distributed import (
+    World,
+    all_agree,
+    close_world,
+    earliest_over_ranks,
+    mean_over_ranks,
+    run_together,
+)
 from tests.helpers import assert_trained_alike
 
 # Adam with a huge epsilon is SGD (step = lr / eps * gradient): plain Adam turns float rounding in
@@ -68,6 +75,7 @@ def _agree_worker(rank: int, store: str, out: str) -> None:
     result = {
         "agree": [all_agree(flag, world) for flag in (rank == 1, False, True)],
         "mean": mean_over_ranks({"total": float(rank), "kind": f"k{rank}"}, world),
+        "earliest": [earliest_over_ranks(step, world) for step in ([7, 3][rank], [None, 5][rank], None)],
     }
     Path(out, f"{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -89,7 +97,11 @@ def test_a_flag_one_rank_raises_stops_every_rank(tmp_path):
     """A NaN or a Ctrl-C seen by one rank must stop all of them at the same step (or the others hang in the next
     all-reduce); logged losses are the ranks' mean, their batch kinds joined in rank order. (2 gloo processes)"""
     for result in _run_two_ranks(_agree_worker, tmp_path):
-        assert result == {"agree": [True, False, True], "mean": {"total": 0.5, "kind": "k0+k1"}}
+        assert result == {
+            "agree": [True, False, True],
+            "mean": {"total": 0.5, "kind": "k0+k1"},
+            "earliest": [3, 5, None],  # every rank names the first step any rank found a NaN at
+        }
 
 
 def _together_worker(rank: int, store: str, out: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -105,6 +106,16 @@ def all_agree(flag: bool, world: World) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     _exchange(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=world.control)
     return bool(t.item() > 0)
+
+
+def earliest_over_ranks(step: int | None, world: World) -> int | None:
+    """The smallest of the ranks' ``step``s, None where a rank has none; None when no rank has one. (A NaN
+    found by some ranks is named by the first step any rank saw it at, on every rank.)"""
+    if not world.distributed:
+        return step
+    t = torch.tensor([math.inf if step is None else float(step)], dtype=torch.float64)
+    _exchange(dist.all_reduce, t, op=dist.ReduceOp.MIN, group=world.control)
+    return None if math.isinf(t.item()) else int(t.item())
 
 
 def run_together(action: Callable[[], T], world: World) -> T:

@@ -39,7 +39,15 @@ from dcign_fast.train.checkpoint import (
 )
 from dcign_fast.train.config import RUN_CONTROLS, TrainConfig
 from dcign_fast.train.data import BatchStream, dataset_location, default_source, latent_seed
-from dcign_fast.train.distributed import World, all_agree, close_world, init_world, mean_over_ranks, run_together
+from dcign_fast.train.distributed import (
+    World,
+    all_agree,
+    close_world,
+    earliest_over_ranks,
+    init_world,
+    mean_over_ranks,
+    run_together,
+)
 from dcign_fast.train.lock import run_folder_lock
 from dcign_fast.train.logs import MetricsLog, save_progress_images
 from dcign_fast.train.prefetch import Prefetcher
@@ -170,9 +178,8 @@ class Trainer:
         self.batches = self._prefetcher()
         self.log = self._open_log()
         self._stop_requested_at: float | None = None  # time.monotonic() of the first Ctrl-C / SIGTERM
-        # Of the steps taken since the last read back (see _read_back): the last one, and on the device the first
-        # whose loss or gradient norm was not finite (-1: none; None: no step unread). One tensor, however many.
-        self._last_unread = 0
+        # Of the steps taken since the last read back (see _read_back), on the device: the first whose loss or
+        # gradient norm was not finite (-1: none; None: no step unread). One tensor, however many steps.
         self._first_nonfinite: torch.Tensor | None = None
         # The first non-finite step a read found under on_nonfinite=stop: the model in memory may hold its weights
         # (steps between reads are taken unread), so nothing may be saved or trained from it.
@@ -381,10 +388,8 @@ class Trainer:
         first_nonfinite = self._first_nonfinite.double().view(1)
         read = torch.cat([first_nonfinite] if losses is None else [first_nonfinite, losses.values]).tolist()
         self._first_nonfinite = None
-        first = int(read[0])
-        if all_agree(first >= 0, self.world):
-            # (All ranks fail at once, as DDP's all-reduce spreads a NaN gradient; the last step read stands in else.)
-            first = first if first >= 0 else self._last_unread
+        first = earliest_over_ranks(int(read[0]) if read[0] >= 0 else None, self.world)
+        if first is not None:
             if self.config.on_nonfinite == "stop":
                 self._nonfinite_at = first
                 raise self._nonfinite_error(first)
@@ -439,7 +444,7 @@ class Trainer:
                 taken = self.step + 1  # numbered as metrics, checkpoints and the bar number it
                 # A float64 sum is finite if and only if both are.
                 nonfinite = ~torch.isfinite(losses.values[losses.names.index("total")] + norm)
-                first, self._last_unread = self._first_nonfinite, taken
+                first = self._first_nonfinite
                 if first is None:
                     self._first_nonfinite = torch.where(nonfinite, taken, -1)
                 else:
