@@ -1,5 +1,6 @@
 """data_workers > 0: the next steps' batches drawn in worker processes (dcign_fast/train/prefetch.py)."""
 
+import multiprocessing
 import os
 import re
 import signal
@@ -12,7 +13,8 @@ import torch
 
 from dcign_fast.train import TrainConfig, Trainer
 from dcign_fast.train.checkpoint import list_checkpoints
-from dcign_fast.train.data import shard_generator
+from dcign_fast.train.data import BatchStream, shard_generator
+from dcign_fast.train.prefetch import Prefetcher
 from tests.test_train import blobs, config
 
 
@@ -137,6 +139,22 @@ def test_a_workers_error_that_does_not_pickle_comes_back_as_a_runtime_error_with
         trainer.train()
     (note,) = raised.value.__notes__
     assert note.startswith("in a data worker:") and "OSError: the disk said no" in note and "__call__" in note
+
+
+def test_close_stops_the_workers_while_an_error_they_raised_is_held(tmp_path):
+    """The error's traceback holds the DataLoader's iterator: a notebook keeping it kept the workers alive (and
+    such a process hung at exit)."""
+    c = config(tmp_path, data_workers=2)
+    prefetcher = Prefetcher(BatchStream(blobs, c, show_progress=False), range(1), 2, pin_memory=False)
+    prefetcher.draw(0, 1000)
+    killed = multiprocessing.active_children()[0]
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.join()  # (dead before the draws: its loss is then named as such, not as a broken connection to it)
+    with pytest.raises(RuntimeError, match="DataLoader worker") as raised:
+        for step in range(1, 1001):  # the dead worker's step is missing; its loss is found within 5 s
+            prefetcher.draw(step, 1000)
+    prefetcher.close()
+    assert raised.value is not None and not multiprocessing.active_children()
 
 
 @pytest.mark.slow

@@ -105,4 +105,9 @@ class Prefetcher:
 
     def close(self) -> None:
         """Stops the workers (they are started again at the next :meth:`draw`)."""
-        self._batches, self._next_step = None, None
+        batches, self._batches, self._next_step = self._batches, None, None
+        # Dropping the iterator is not enough after an error it raised: that error's traceback holds it (a
+        # notebook keeps the last one), and with it the workers, until the error is let go.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
