@@ -13,14 +13,15 @@ Conventions (camera frame, orthographic, looking down -z):
 - Scene units: the visible region is [-1/zoom, 1/zoom] in x and y; depth must lie in [-2, 2] (render checks:
   a mesh inside the unit sphere always fits, and so do the sweeps' deformed scans, which reach a little past it).
 
-How: each front-facing triangle tests the pixel centres inside its bounding box (boxes grouped by size
-so each group is one dense tensor op); a pixel keeps the nearest triangle through a scatter-min over
+How: each front-facing triangle tests the pixel centres inside its bounding box (the (box, pixel) pairs of
+all boxes flat, in passes of bounded size); a pixel keeps the nearest triangle through a scatter-min over
 int64 keys that pack (quantised depth, face index). Barycentrics of the winning triangle then
 interpolate vertex normals and albedo for Lambertian + ambient shading.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -37,6 +38,8 @@ _EMPTY = torch.iinfo(torch.int64).max
 # Pixel centres on a shared edge must land in at least one triangle despite rounding: accept slightly
 # negative barycentrics (the overlap is harmless, the depth test picks one).
 _EDGE_TOLERANCE = 1e-5
+# (box, pixel) pairs a rasterizer pass tests at once (some 100 bytes each): 512K keeps a pass near 50 MB.
+_PAIRS_PER_PASS = 1 << 19
 
 
 def rotation(azimuth: Tensor, elevation: Tensor) -> Tensor:
@@ -262,8 +265,8 @@ def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[
     bottom = torch.floor(y.amax(-1) - 0.5).clamp(max=size - 1)
     live = (area < -1e-12) & (right >= left) & (bottom >= top)
     candidates = live.nonzero().squeeze(1)
-    tri, inv = tri[candidates], -1.0 / area[candidates]
-    left, right, top, bottom = (t[candidates].long() for t in (left, right, top, bottom))
+    tri, inv = tri.index_select(0, candidates), -1.0 / area.index_select(0, candidates)
+    left, right, top, bottom = (t.index_select(0, candidates).long() for t in (left, right, top, bottom))
     # Barycentric weight of corner i is the area of (pixel, corner j, corner k), j and k the next two.
     x, y, z = tri.unbind(-1)
     xj, yj, xk, yk = x.roll(-1, 1), y.roll(-1, 1), x.roll(-2, 1), y.roll(-2, 1)
@@ -272,38 +275,45 @@ def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[
 
     width = right - left + 1
     pixels = width * (bottom - top + 1)
+    starts = pixels.cumsum(0) - pixels  # where each box's (box, pixel) pairs start among all boxes' pairs
     first_pixel = ((candidates // num_faces) * size + top) * size + left  # flat index of a box's top left pixel
-    # Group boxes by their pixel count rounded up to a power of two, so each group is one dense [n, capacity]
-    # test that wastes at most half of it, in few groups (each costs some thirty ops: kernel launches on a GPU).
-    group = _next_pow2(pixels)
     keys = torch.full((batch * size * size,), _EMPTY, dtype=torch.int64, device=screen.device)
-    order = torch.argsort(group)
-    bounds = torch.unique_consecutive(group[order], return_counts=True)
-    start = 0
-    for capacity, count in zip(bounds[0].tolist(), bounds[1].tolist()):
-        sel = order[start : start + count]
-        start += count
-        # Row-major over each box; in int32, whose division is the CPU's cheaper one, and once.
-        k = torch.arange(capacity, device=screen.device, dtype=torch.int32)
-        w = width[sel, None].int()
-        row = k // w  # [n, capacity]
+    # The (box, pixel of its box) pairs are tested flat, in passes of whole boxes and about _PAIRS_PER_PASS pairs:
+    # a fixed number of tensor ops per pass (kernel launches on a GPU) whatever the boxes' sizes, no padding of
+    # small boxes to the size of large ones, and memory bounded by the pass.
+    for lo, hi, begin, end in _passes(pixels, starts):
+        box = torch.repeat_interleave(pixels[lo:hi], output_size=end - begin) + lo  # [P]
+        per_pair = functools.partial(torch.index_select, dim=0, index=box)  # (index_select: see above)
+        k = torch.arange(begin, end, device=screen.device) - per_pair(starts)  # row-major in its box
+        w = per_pair(width)
+        row = k // w
         col = k - row * w
-        cx, cy = left[sel, None] + col + 0.5, top[sel, None] + row + 0.5
-        p, zp = planes[sel], z_plane[sel, :, None]
-        edges = p[..., 0, None] * cx[:, None] + p[..., 1, None] * cy[:, None] + p[..., 2, None]  # [n, 3, capacity]
-        inside = (k < pixels[sel, None]) & (edges >= -_EDGE_TOLERANCE).all(1)
+        cx, cy = per_pair(left) + col + 0.5, per_pair(top) + row + 0.5
+        p, zp = per_pair(planes), per_pair(z_plane)
+        edges = p[..., 0] * cx[:, None] + p[..., 1] * cy[:, None] + p[..., 2]  # [P, 3]
+        inside = (edges >= -_EDGE_TOLERANCE).all(1)
         z = zp[:, 0] * cx + zp[:, 1] * cy + zp[:, 2]
         # (Vertex depths are in [-2, 2], render checks; the clamp catches pixels a hair outside a triangle.)
         depth_q = ((1.0 - z.clamp(-DEPTH_LIMIT, DEPTH_LIMIT)) * (_DEPTH_LEVELS / 2 - 1)).long()
-        key = (depth_q << 32) | sel[:, None]
-        pixel = first_pixel[sel, None] + row * size + col
+        key = (depth_q << 32) | box
+        pixel = per_pair(first_pixel) + row * size + col
         keys.scatter_reduce_(0, pixel[inside], key[inside], reduce="amin")
     hit = torch.where(keys == _EMPTY, -1, keys & 0xFFFFFFFF)
     return hit.view(batch, size, size), candidates, planes
 
 
-def _next_pow2(n: Tensor) -> Tensor:
-    return torch.where(n <= 1, torch.ones_like(n), 1 << torch.ceil(torch.log2(n.double())).long())
+def _passes(pixels: Tensor, starts: Tensor) -> list[tuple[int, int, int, int]]:
+    """(first box, end box, first pair, end pair) of each pass over the boxes' (box, pixel) pairs: whole boxes,
+    a new pass at the box holding every _PAIRS_PER_PASS-th pair. pixels, starts: [N] int64 (starts: the
+    exclusive cumulative sum of pixels). One host sync, two with more than one pass."""
+    total = int(pixels.sum()) if len(pixels) else 0
+    if total <= _PAIRS_PER_PASS:
+        return [(0, len(pixels), 0, total)] if total else []
+    marks = torch.arange(0, total, _PAIRS_PER_PASS, device=pixels.device)
+    boxes = (torch.searchsorted(starts, marks, right=True) - 1).unique()  # the box holding each mark
+    first_box, first_pair = torch.stack([boxes, starts[boxes]]).tolist()
+    ends = list(zip(first_box[1:] + [len(pixels)], first_pair[1:] + [total]))
+    return [(lo, hi, begin, end) for lo, begin, (hi, end) in zip(first_box, first_pair, ends)]
 
 
 def render(
@@ -375,10 +385,10 @@ def render(
 
     b, py, px = (hit >= 0).nonzero(as_tuple=True)
     n_idx = hit[b, py, px]
-    f = candidates[n_idx] % faces.shape[0]
-    p = planes[n_idx]  # [N, 3, 3]
+    f = candidates.index_select(0, n_idx) % faces.shape[0]
+    p = planes.index_select(0, n_idx)  # [N, 3, 3]
     bary = p[..., 0] * (px + 0.5)[:, None] + p[..., 1] * (py + 0.5)[:, None] + p[..., 2]  # [N, 3]
-    corner = faces[f]  # [N, 3]
+    corner = faces.index_select(0, f)  # [N, 3]
     if shared:  # one shape for the batch: normals once, then rotated
         normals = vertex_normals(vertices[:1], faces, incident)[0]  # [V, 3]
         n = (normals[corner] * bary[..., None]).sum(1)[:, None] @ rot[b].transpose(1, 2)

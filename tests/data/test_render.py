@@ -2,13 +2,14 @@
 
 import dataclasses
 import math
+import sys
 
 import pytest
 import torch
 
 from dcign_fast.data import Mesh, list_assets, load_asset, load_mesh, render
 from dcign_fast.data.prepare_assets import REFERENCE, pitch_and_scale, registration_cost
-from dcign_fast.data.render import _EDGE_TOLERANCE, rasterize, vertex_faces, vertex_normals
+from dcign_fast.data.render import _EDGE_TOLERANCE, _passes, rasterize, vertex_faces, vertex_normals
 
 
 def _render(mesh, size=48, azimuth=0.0, elevation=0.0, light=0.0, light_elevation=0.0, device="cpu", **kw):
@@ -67,11 +68,14 @@ def test_nearer_surface_wins_whatever_the_face_order():
         assert image[0, 0, 0, 0] == 0  # background outside the squares
 
 
-def test_rasterize_matches_a_per_pixel_search():
+@pytest.mark.parametrize("pairs_per_pass", [None, 50])
+def test_rasterize_matches_a_per_pixel_search(pairs_per_pass, monkeypatch):
     """Every pixel shows the nearest front-facing triangle that covers its centre, found here by testing every
     triangle at every pixel in float64: random triangles from slivers to wider than the image, partly off it,
     of both windings. Pixels whose answer hangs on rounding (a centre on an edge, two depths alike) are left
-    out."""
+    out. In one pass over the (box, pixel) pairs, or in many, some smaller than a box."""
+    if pairs_per_pass is not None:
+        monkeypatch.setattr(sys.modules["dcign_fast.data.render"], "_PAIRS_PER_PASS", pairs_per_pass)
     generator = torch.Generator().manual_seed(7)
     batch, vertices, size = 3, 90, 24
     scale = torch.rand(batch, vertices // 3, 1, 1, generator=generator) ** 3 * 40  # sizes from 0 to 40 px
@@ -103,6 +107,15 @@ def test_rasterize_matches_a_per_pixel_search():
     shown = shown.view(batch, -1)
     assert clear.float().mean() > 0.9 and (expected[clear] >= 0).float().mean() > 0.15
     assert torch.equal(shown[clear], expected[clear])
+
+
+def test_rasterizer_passes_cover_every_pair_once_in_whole_boxes(monkeypatch):
+    monkeypatch.setattr(sys.modules["dcign_fast.data.render"], "_PAIRS_PER_PASS", 10)
+    pixels = torch.tensor([3, 1, 25, 4, 4, 9, 1, 1, 12])
+    passes = _passes(pixels, pixels.cumsum(0) - pixels)
+    # A new pass at the box holding pair 0, 10, 20, ...: boxes 0, 2 (pairs 10 and 20), 3, 5 and 8.
+    assert passes == [(0, 2, 0, 4), (2, 3, 4, 29), (3, 5, 29, 37), (5, 8, 37, 48), (8, 9, 48, 60)]
+    assert _passes(pixels[:2], torch.tensor([0, 3])) == [(0, 2, 0, 4)] and _passes(pixels[:0], pixels[:0]) == []
 
 
 def test_back_faces_are_culled():
@@ -572,11 +585,12 @@ FACTORS = ("azimuth", "elevation", "light_azimuth", "light_elevation")
 
 
 def test_render_reads_its_checks_back_once_and_once_more_to_compute_incident():
-    """Every value check in one read; vertex_faces' own check of faces repeated render's when incident was None."""
+    """Every value check in one read, and one read of the rasterizer's count of (box, pixel) pairs; vertex_faces'
+    own check of faces repeated render's when incident was None."""
     mesh, angles = load_asset("meshmonk"), torch.full((2,), 0.3)
     reads = {}
     for incident in (mesh.incident, None):
         with _ScalarReads() as counted:
             render(mesh.vertices, mesh.faces, **dict.fromkeys(FACTORS, angles), incident=incident)
         reads[incident is None] = counted.count
-    assert reads == {False: 1, True: 2}  # (the second: the width of incident's table)
+    assert reads == {False: 2, True: 3}  # (the third: the width of incident's table)
