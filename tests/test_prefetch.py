@@ -146,15 +146,20 @@ def test_close_stops_the_workers_while_an_error_they_raised_is_held(tmp_path):
     such a process hung at exit)."""
     c = config(tmp_path, data_workers=2)
     prefetcher = Prefetcher(BatchStream(blobs, c, show_progress=False), range(1), 2, pin_memory=False)
+    before = set(multiprocessing.active_children())
     prefetcher.draw(0, 1000)
-    killed = multiprocessing.active_children()[0]
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.join()  # (dead before the draws: its loss is then named as such, not as a broken connection to it)
-    with pytest.raises(RuntimeError, match="DataLoader worker") as raised:
-        for step in range(1, 1001):  # the dead worker's step is missing; its loss is found within 5 s
-            prefetcher.draw(step, 1000)
-    prefetcher.close()
-    assert raised.value is not None and not multiprocessing.active_children()
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    try:
+        os.kill(workers[0].pid, signal.SIGKILL)
+        workers[0].join()  # (dead before the draws: its loss is then named as such, not as a broken connection)
+        with pytest.raises(RuntimeError, match="DataLoader worker") as raised:
+            for step in range(1, 1001):  # the dead worker's step is missing; its loss is found within 5 s
+                prefetcher.draw(step, 1000)
+        prefetcher.close()
+        assert raised.value is not None and not any(worker.is_alive() for worker in workers)
+    finally:  # (without the mend, the held error kept the other worker, and pytest hung at exit)
+        for worker in workers:
+            worker.kill()
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ _EMPTY = torch.iinfo(torch.int64).max
 # Pixel centres on a shared edge must land in at least one triangle despite rounding: accept slightly
 # negative barycentrics (the overlap is harmless, the depth test picks one).
 _EDGE_TOLERANCE = 1e-5
-# (box, pixel) pairs a rasterizer pass tests at once (some 100 bytes each): 512K keeps a pass near 50 MB.
+# (box, pixel) pairs a rasterizer pass tests at once (some 200 bytes each): 512K keeps a pass near 100 MB.
 _PAIRS_PER_PASS = 1 << 19
 
 
@@ -310,8 +310,9 @@ def _passes(pixels: Tensor, starts: Tensor) -> list[tuple[int, int, int, int]]:
     if total <= _PAIRS_PER_PASS:
         return [(0, len(pixels), 0, total)] if total else []
     marks = torch.arange(0, total, _PAIRS_PER_PASS, device=pixels.device)
-    boxes = (torch.searchsorted(starts, marks, right=True) - 1).unique()  # the box holding each mark
-    first_box, first_pair = torch.stack([boxes, starts[boxes]]).tolist()
+    boxes = torch.searchsorted(starts, marks, right=True) - 1  # the box holding each mark
+    # A box holding several marks starts one pass (deduplicated here: unique would be one more sync on a GPU).
+    first_box, first_pair = map(list, zip(*dict.fromkeys(zip(*torch.stack([boxes, starts[boxes]]).tolist()))))
     ends = list(zip(first_box[1:] + [len(pixels)], first_pair[1:] + [total]))
     return [(lo, hi, begin, end) for lo, begin, (hi, end) in zip(first_box, first_pair, ends)]
 
