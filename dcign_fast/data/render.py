@@ -311,10 +311,11 @@ def _passes(pixels: Tensor, starts: Tensor) -> list[tuple[int, int, int, int]]:
         return [(0, len(pixels), 0, total)] if total else []
     marks = torch.arange(0, total, _PAIRS_PER_PASS, device=pixels.device)
     boxes = torch.searchsorted(starts, marks, right=True) - 1  # the box holding each mark
-    # A box holding several marks starts one pass (deduplicated here: unique would be one more sync on a GPU).
-    first_box, first_pair = map(list, zip(*dict.fromkeys(zip(*torch.stack([boxes, starts[boxes]]).tolist()))))
-    ends = list(zip(first_box[1:] + [len(pixels)], first_pair[1:] + [total]))
-    return [(lo, hi, begin, end) for lo, begin, (hi, end) in zip(first_box, first_pair, ends)]
+    # (box, its first pair) where each pass starts; a box holding several marks starts one pass (deduplicated on
+    # the host: unique would be one more sync on a GPU).
+    firsts = list(dict.fromkeys(zip(*torch.stack([boxes, starts[boxes]]).tolist())))
+    ends = [*firsts[1:], (len(pixels), total)]
+    return [(lo, hi, begin, end) for (lo, begin), (hi, end) in zip(firsts, ends)]
 
 
 def render(
