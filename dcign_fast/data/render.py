@@ -38,8 +38,9 @@ _EMPTY = torch.iinfo(torch.int64).max
 # Pixel centres on a shared edge must land in at least one triangle despite rounding: accept slightly
 # negative barycentrics (the overlap is harmless, the depth test picks one).
 _EDGE_TOLERANCE = 1e-5
-# (box, pixel) pairs a rasterizer pass tests at once (some 200 bytes each): 512K keeps a pass near 100 MB.
-_PAIRS_PER_PASS = 1 << 19
+# (box, pixel) pairs a rasterizer pass tests at once (some 200 bytes each): on a CPU 512K, a pass near 100 MB; on
+# a GPU 4M (800 MB), as its ~40 ops a pass are kernel launches that take longer than a small pass's work.
+_PAIRS_PER_PASS = {"cpu": 1 << 19, "gpu": 1 << 22}
 
 
 def rotation(azimuth: Tensor, elevation: Tensor) -> Tensor:
@@ -278,7 +279,7 @@ def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[
     starts = pixels.cumsum(0) - pixels  # where each box's (box, pixel) pairs start among all boxes' pairs
     first_pixel = ((candidates // num_faces) * size + top) * size + left  # flat index of a box's top left pixel
     keys = torch.full((batch * size * size,), _EMPTY, dtype=torch.int64, device=screen.device)
-    # The (box, pixel of its box) pairs are tested flat, in passes of whole boxes and about _PAIRS_PER_PASS pairs:
+    # The (box, pixel of its box) pairs are tested flat, in passes of whole boxes (see _passes and _PAIRS_PER_PASS):
     # a fixed number of tensor ops per pass (kernel launches on a GPU) whatever the boxes' sizes, no padding of
     # small boxes to the size of large ones, and memory bounded by the pass.
     for lo, hi, begin, end in _passes(pixels, starts):
@@ -304,12 +305,13 @@ def rasterize(screen: Tensor, depth: Tensor, faces: Tensor, size: int) -> tuple[
 
 def _passes(pixels: Tensor, starts: Tensor) -> list[tuple[int, int, int, int]]:
     """(first box, end box, first pair, end pair) of each pass over the boxes' (box, pixel) pairs: whole boxes,
-    a new pass at the box holding every _PAIRS_PER_PASS-th pair. pixels, starts: [N] int64 (starts: the
-    exclusive cumulative sum of pixels). One host sync, two with more than one pass."""
+    a new pass at the box holding every n-th pair (n: _PAIRS_PER_PASS for the tensors' device). pixels, starts:
+    [N] int64 (starts: the exclusive cumulative sum of pixels). One host sync, two with more than one pass."""
     total = int(pixels.sum()) if len(pixels) else 0
-    if total <= _PAIRS_PER_PASS:
+    limit = _PAIRS_PER_PASS["cpu" if pixels.device.type == "cpu" else "gpu"]
+    if total <= limit:
         return [(0, len(pixels), 0, total)] if total else []
-    marks = torch.arange(0, total, _PAIRS_PER_PASS, device=pixels.device)
+    marks = torch.arange(0, total, limit, device=pixels.device)
     boxes = torch.searchsorted(starts, marks, right=True) - 1  # the box holding each mark
     # (box, its first pair) where each pass starts; a box holding several marks starts one pass (deduplicated on
     # the host: unique would be one more sync on a GPU).

@@ -75,7 +75,9 @@ def test_rasterize_matches_a_per_pixel_search(pairs_per_pass, monkeypatch):
     of both windings. Pixels whose answer hangs on rounding (a centre on an edge, two depths alike) are left
     out. In one pass over the (box, pixel) pairs, or in many, some smaller than a box."""
     if pairs_per_pass is not None:
-        monkeypatch.setattr(sys.modules["dcign_fast.data.render"], "_PAIRS_PER_PASS", pairs_per_pass)
+        monkeypatch.setattr(
+            sys.modules["dcign_fast.data.render"], "_PAIRS_PER_PASS", dict.fromkeys(("cpu", "gpu"), pairs_per_pass)
+        )
     generator = torch.Generator().manual_seed(7)
     batch, vertices, size = 3, 90, 24
     scale = torch.rand(batch, vertices // 3, 1, 1, generator=generator) ** 3 * 40  # sizes from 0 to 40 px
@@ -110,7 +112,7 @@ def test_rasterize_matches_a_per_pixel_search(pairs_per_pass, monkeypatch):
 
 
 def test_rasterizer_passes_cover_every_pair_once_in_whole_boxes(monkeypatch):
-    monkeypatch.setattr(sys.modules["dcign_fast.data.render"], "_PAIRS_PER_PASS", 10)
+    monkeypatch.setattr(sys.modules["dcign_fast.data.render"], "_PAIRS_PER_PASS", {"cpu": 10, "gpu": 20})
     pixels = torch.tensor([3, 1, 25, 4, 4, 9, 1, 1, 12])
     passes = _passes(pixels, pixels.cumsum(0) - pixels)
     # A new pass at the box holding pair 0, 10, 20, ...: boxes 0, 2 (pairs 10 and 20), 3, 5 and 8.
