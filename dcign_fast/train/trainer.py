@@ -450,10 +450,12 @@ class Trainer:
                 else:
                     self._first_nonfinite = torch.where(nonfinite & (first < 0), taken, first)
                 logs = taken % c.log_every == 0 or taken == c.steps
+                saves = taken % c.checkpoint_every == 0 or taken == c.steps
+                draws = taken % c.image_every == 0
                 # Read back before the step is taken where the host must know: to log, save or draw (so that a NaN
                 # step is never written), or to skip it. A NaN step in between is found at the next read.
                 metrics = None
-                if logs or c.on_nonfinite == "skip" or taken % c.checkpoint_every == 0 or taken % c.image_every == 0:
+                if logs or saves or draws or c.on_nonfinite == "skip":
                     metrics = self._read_back(losses if logs else None)
                 if metrics is None and c.on_nonfinite == "skip":
                     self.optimizer.zero_grad(set_to_none=True)
@@ -474,9 +476,9 @@ class Trainer:
                     averaged = mean_over_ranks({**metrics, "kind": losses.kind}, self.world)
                     record = {"step": self.step, **averaged, "images_per_s": rate}
                     run_together(functools.partial(self.log.write, record), self.world)
-                if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                if saves:
                     checkpoint = self.save()  # before the pictures, which may fail (disk full, say)
-                if self.step % c.image_every == 0:
+                if draws:
                     run_together(self._save_progress_images, self.world)
             return TrainResult(self.step, checkpoint or self._latest(), interrupted=False)
         finally:
