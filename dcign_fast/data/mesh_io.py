@@ -65,12 +65,21 @@ def _read_off(path: Path) -> RawMesh:
     if not header.endswith("OFF"):
         raise ValueError("missing OFF header")
     # The counts may follow the keyword on its line or sit on the next one.
-    counts, body = (lines[0][1:], 1) if len(lines[0]) > 1 else (lines[1], 2)
+    counts, body = (lines[0][1:], 1) if len(lines[0]) > 1 else ((lines[1:] or [[]])[0], 2)
+    if len(counts) < 2:
+        raise ValueError("its header has no vertex and face counts")
     n_vertices, n_faces = int(counts[0]), int(counts[1])
-    table = np.array([[float(x) for x in parts[:7]] for parts in lines[body : body + n_vertices]])
+    if len(lines) < body + n_vertices + n_faces:
+        raise ValueError(f"it ends before the {n_vertices} vertices and {n_faces} faces its header counts")
+    vertex_lines = lines[body : body + n_vertices]
+    if any(len(parts) < 3 for parts in vertex_lines):
+        raise ValueError("a vertex line has fewer than 3 coordinates")
+    table = np.array([[float(x) for x in parts[:7]] for parts in vertex_lines])
     faces = []
     for parts in lines[body + n_vertices : body + n_vertices + n_faces]:
         count = int(parts[0])  # anything after the indices is a face colour
+        if len(parts) < 1 + count:
+            raise ValueError(f"a face line counts {count} corners and lists {len(parts) - 1} numbers")
         faces.extend(_fan([int(t) for t in parts[1 : 1 + count]]))
     colors = table[:, 3:6] if header.startswith("C") and table.shape[1] >= 6 else None  # (scaled by read_mesh)
     return RawMesh(table[:, :3], np.asarray(faces, dtype=np.int64), colors)
@@ -83,6 +92,8 @@ def _read_obj(path: Path) -> RawMesh:
         if not parts:
             continue
         if parts[0] == "v":
+            if len(parts) < 4:
+                raise ValueError(f"a vertex line has fewer than 3 coordinates: {line.strip()!r}")
             vertices.append([float(x) for x in parts[1:4]])
         elif parts[0] == "vt":
             uv.append([float(x) for x in parts[1:3]])
@@ -134,15 +145,23 @@ def _read_ply(path: Path) -> RawMesh:
     fmt = next((line.split()[1] for line in header if line.startswith("format")), None)
     if fmt is None:
         raise ValueError("no format line in its header")
+    if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
+        raise ValueError(f"unknown PLY format {fmt!r} (ascii, binary_little_endian or binary_big_endian)")
     elements: list[tuple[str, int, list[tuple[str, ...]]]] = []
     for line in header:
         parts = line.split()
         if parts and parts[0] == "element":
             elements.append((parts[1], int(parts[2]), []))
         elif parts and parts[0] == "property":
-            elements[-1][2].append(tuple(parts[1:]))
+            prop = tuple(parts[1:])
+            for kind in prop[1:3] if prop[0] == "list" else prop[:1]:
+                _ply_type(kind)  # (every format: ascii's numbers would load, whatever their declared type)
+            elements[-1][2].append(prop)
     if fmt == "ascii":
-        tables = _ply_ascii(data[body_start:].decode("ascii").split(), elements)
+        try:
+            tables = _ply_ascii(data[body_start:].decode("ascii").split(), elements)
+        except IndexError:
+            raise ValueError("its body ends before the elements its header declares") from None
     else:
         endian = "<" if fmt == "binary_little_endian" else ">"
         tables = _ply_binary(data, body_start, endian, elements)
@@ -183,6 +202,12 @@ def _ply_type(name: str) -> str:
     return _PLY_TYPES[name]
 
 
+def _ply_rows(data: bytes, row: np.dtype, count: int, pos: int) -> np.ndarray:
+    if len(data) - pos < row.itemsize * count:
+        raise ValueError("its body ends before the elements its header declares")
+    return np.frombuffer(data, dtype=row, count=count, offset=pos)
+
+
 def _ply_binary(data: bytes, pos: int, endian: str, elements: list) -> dict[str, dict[str, np.ndarray | list]]:
     tables = {}
     for name, count, props in elements:
@@ -192,14 +217,14 @@ def _ply_binary(data: bytes, pos: int, endian: str, elements: list) -> dict[str,
             if other:
                 raise ValueError(f"unsupported PLY element '{name}': list plus other properties")
             row = np.dtype([("n", endian + _ply_type(count_type)), ("i", endian + _ply_type(index_type), 3)])
-            rows = np.frombuffer(data, dtype=row, count=count, offset=pos)
+            rows = _ply_rows(data, row, count, pos)
             if not np.all(rows["n"] == 3):
                 raise ValueError("binary PLY with non-triangle faces is not supported; triangulate it first")
             tables[name] = {"faces": rows["i"].astype(np.int64).tolist()}
             pos += rows.nbytes
         else:
             row = np.dtype([(p[-1], endian + _ply_type(p[0])) for p in props])
-            rows = np.frombuffer(data, dtype=row, count=count, offset=pos)
+            rows = _ply_rows(data, row, count, pos)
             tables[name] = {p[-1]: rows[p[-1]].astype(np.float64) for p in props}
             pos += rows.nbytes
     return tables

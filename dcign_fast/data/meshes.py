@@ -12,7 +12,7 @@ from torch import Tensor
 
 from dcign_fast.bounds import Bounds
 from dcign_fast.data.mesh_io import read_mesh
-from dcign_fast.data.render import DEPTH_LIMIT, check_indices, check_mesh, vertex_faces
+from dcign_fast.data.render import DEPTH_LIMIT, check_indices, check_mesh, described, vertex_faces
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 FACE_ASSETS = ("meshmonk", "menpo3d", "james")
@@ -24,7 +24,8 @@ class Mesh:
 
     vertices: [V, 3] float32; faces: [F, 3] int64 (counter-clockwise seen from outside);
     albedo: [V] float32 or None (then 1); texture: [H, W] float32 in [0, 1] with uv: [T, 2] and
-    face_uv: [F, 3], or all None. incident: [V, D] vertex -> face table (derived).
+    face_uv: [F, 3], or all None. incident: [V, D] vertex -> face table (derived). Vertices, albedo, texture and
+    uv of another real dtype are stored as float32 (the sweeps render in it).
     """
 
     name: str
@@ -40,6 +41,17 @@ class Mesh:
         if isinstance(self.vertices, Tensor) and self.vertices.dim() != 2:
             raise ValueError(f"vertices must be [V, 3], got shape {tuple(self.vertices.shape)}")
         check_mesh(self.vertices, self.faces, self.texture, self.uv, self.face_uv)
+        num_vertices = self.vertices.shape[0]
+        if self.albedo is not None and (
+            not isinstance(self.albedo, Tensor) or tuple(self.albedo.shape) != (num_vertices,)
+            or self.albedo.dtype == torch.bool or self.albedo.is_complex()
+        ):  # fmt: skip
+            got = f"{described(self.albedo)}{f' {self.albedo.dtype}' if isinstance(self.albedo, Tensor) else ''}"
+            raise ValueError(f"albedo must be a real [V] tensor with V = {num_vertices}, got {got}")
+        for name in ("vertices", "albedo", "texture", "uv"):
+            value = getattr(self, name)
+            if value is not None and value.dtype != torch.float32:
+                object.__setattr__(self, name, value.float())
         if self.face_uv is not None and self.uv is not None:
             check_indices("face_uv", self.face_uv, len(self.uv), "uv coordinates")
         object.__setattr__(self, "incident", vertex_faces(self.faces, self.vertices.shape[0]))

@@ -64,8 +64,9 @@ def light_direction(light_azimuth: Tensor, light_elevation: Tensor) -> Tensor:
 def vertex_faces(faces: Tensor, num_vertices: int) -> Tensor:
     """Padded vertex -> incident faces table, for deterministic normal sums (no atomics on CUDA).
 
-    faces: [F, 3] int64 -> [V, D] int64, padded with F (an index one past the last face).
+    faces: [F, 3] int64 (or int32) -> [V, D] int64, padded with F (an index one past the last face).
     """
+    _check_faces(faces)
     check_indices("faces", faces, num_vertices, "vertices")
     return _incident_table(faces, num_vertices)
 
@@ -101,6 +102,13 @@ def vertex_normals(vertices: Tensor, faces: Tensor, incident: Tensor) -> Tensor:
 def described(value: object) -> str:
     """What an argument is, for an error message: a tensor's shape, or another value's type."""
     return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+
+
+def _check_faces(faces: Tensor) -> None:
+    if not isinstance(faces, Tensor) or faces.dim() != 2 or faces.shape[1] != 3:
+        raise ValueError(f"faces must be an integer [F, 3] tensor, got {described(faces)}")
+    if faces.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"faces must be an integer [F, 3] tensor, got {faces.dtype}")
 
 
 def check_indices(name: str, indices: Tensor, count: int, what: str) -> None:
@@ -161,10 +169,7 @@ def check_mesh(
         raise ValueError(f"vertices must be [V, 3] or [B, V, 3], got {described(vertices)}")
     if vertices.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"vertices must be float32 or float64, got {vertices.dtype}")
-    if not isinstance(faces, Tensor) or faces.dim() != 2 or faces.shape[1] != 3:
-        raise ValueError(f"faces must be an integer [F, 3] tensor, got {described(faces)}")
-    if faces.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"faces must be an integer [F, 3] tensor, got {faces.dtype}")
+    _check_faces(faces)
     if vertices.shape[-2] == 0 or faces.shape[0] == 0:
         raise ValueError(
             f"a mesh needs vertices and faces, got {vertices.shape[-2]} vertices and {faces.shape[0]} faces"
@@ -347,7 +352,8 @@ def render(
     azimuth, elevation, light_azimuth, light_elevation: [B] radians, of any real dtype (computed in the
     vertices' dtype). albedo: [V] or [B, V] vertex albedo (default 1; ignored with a texture); gain: [B]
     albedo multiplier. texture: [H, W] grey texture with uv: [T, 2] in [0, 1] (v up) and face_uv: [F, 3] int64
-    or int32 (all or none). incident: [V, D] from :func:`vertex_faces` (computed when None; pass it to save time).
+    or int32 (all or none); albedo, gain, texture and uv are read in the vertices' dtype, whatever theirs.
+    incident: [V, D] from :func:`vertex_faces` (computed when None; pass it to save time).
     antialias: supersampling factor (renders at size * antialias and averages).
     Returns [B, 1, size, size] in [0, 1] (float64 for float64 vertices, else float32), background 0.
 
@@ -404,15 +410,15 @@ def render(
     shade = ambient + (1.0 - ambient) * (n * light).sum(-1).clamp(min=0)
 
     if texture is not None and uv is not None and face_uv is not None:  # (all or none: check_mesh)
-        tex_uv = (uv[face_uv[f]] * bary[..., None]).sum(1)  # [N, 2]
+        tex_uv = (uv[face_uv[f]].to(bary.dtype) * bary[..., None]).sum(1)  # [N, 2]
         grid = torch.stack([tex_uv[:, 0] * 2 - 1, 1 - tex_uv[:, 1] * 2], -1).view(1, 1, -1, 2)
         rho = F.grid_sample(texture[None, None].to(grid.dtype), grid, align_corners=False).view(-1)
     elif albedo is None:
         rho = torch.ones_like(shade)
     elif albedo.dim() == 1:
-        rho = (albedo[corner] * bary).sum(1)
+        rho = (albedo[corner].to(bary.dtype) * bary).sum(1)
     else:
-        rho = (albedo[b[:, None], corner] * bary).sum(1)
+        rho = (albedo[b[:, None], corner].to(bary.dtype) * bary).sum(1)
     if gain is not None:
         rho = rho * gain.to(rho.dtype)[b]
 

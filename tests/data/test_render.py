@@ -396,6 +396,34 @@ def test_a_mesh_is_checked_once_when_made():
             uv=torch.zeros(3, 2),
             face_uv=faces * 0 + 7 * (faces == 2),
         )
+    with pytest.raises(ValueError, match=r"albedo must be a real \[V\] tensor with V = 4, got shape \(5,\)"):
+        Mesh("quad", vertices, faces, albedo=torch.ones(5))  # (was refused by render only)
+    with pytest.raises(ValueError, match=r"faces must be an integer \[F, 3\] tensor, got torch.float32"):
+        vertex_faces(faces.float(), 4)  # (render's docstring offers it: "bincount_cpu" not implemented for 'Float')
+
+
+def test_albedo_and_texture_of_other_dtypes_are_read_in_the_vertices_dtype():
+    """A float64 albedo or uv with float32 vertices raised "Index put requires the source and destination dtypes
+    match"; so did a Mesh of float64 vertices in a sweep. A Mesh stores float32; render reads them as its vertices'."""
+    vertices, faces, _ = _quad(0.0, 1.0)
+    albedo, uv = torch.rand(4), torch.rand(4, 2)
+    angles = {k: torch.rand(2) for k in ("azimuth", "elevation", "light_azimuth", "light_elevation")}
+    for dtype in (torch.float16, torch.float64):
+        for inputs in ({"albedo": albedo}, {"texture": torch.rand(4, 4), "uv": uv, "face_uv": faces}):
+            expected = render(vertices, faces, **angles, size=8, **inputs)
+            rounded = {k: v.to(dtype).float() if k != "face_uv" else v for k, v in inputs.items()}
+            got = render(
+                vertices,
+                faces,
+                **angles,
+                size=8,
+                **{k: v.to(dtype) if k != "face_uv" else v for k, v in inputs.items()},
+            )
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, render(vertices, faces, **angles, size=8, **rounded))
+            assert dtype == torch.float16 or torch.equal(got, expected)
+    mesh = Mesh("quad", vertices.double(), faces, albedo=albedo.double())
+    assert mesh.vertices.dtype == mesh.albedo.dtype == torch.float32
 
 
 @pytest.mark.parametrize("radius", [0, -1.0, float("nan")])
@@ -504,46 +532,60 @@ def test_angles_and_vertices_of_other_dtypes_render_as_float32(angles, vertices)
     assert ((got.float() - reference).abs() > 1e-4).float().mean() < 0.01
 
 
-@pytest.mark.parametrize(
-    "name, text, words",
-    [
-        ("huge.obj", "v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 1180591620717411303424\n", "too large"),
-        ("huge.off", "OFF\n3 1 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 99999999999999999999999\n", "too large"),
-        (
-            "huge.ply",
-            "\n".join([*_PLY_HEADER, "0 0 0", "1 0 0", "0 1 0", "3 0 1 99999999999999999999999"]),
-            "too large",
+_MALFORMED_MESH_FILES = [
+    ("huge.obj", "v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 1180591620717411303424\n", "too large"),
+    ("huge.off", "OFF\n3 1 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 99999999999999999999999\n", "too large"),
+    (
+        "huge.ply",
+        "\n".join([*_PLY_HEADER, "0 0 0", "1 0 0", "0 1 0", "3 0 1 99999999999999999999999"]),
+        "too large",
+    ),
+    (
+        "nolist.ply",
+        "\n".join(
+            [*_PLY_HEADER[:6], "element face 1", "property int foo", "end_header", "0 0 0", "1 0 0", "0 1 0", "3"]
         ),
-        (
-            "nolist.ply",
-            "\n".join(
-                [*_PLY_HEADER[:6], "element face 1", "property int foo", "end_header", "0 0 0", "1 0 0", "0 1 0", "3"]
-            ),
-            "its face element has no list property",
-        ),
-        ("big.obj", "v 1e308 0 0\nv -1e308 0 0\nv 0 1 0\nf 1 2 3\n", "coordinates span more than a float holds"),
-        ("nan.off", "COFF\n3 1 0\n0 0 0 nan 0 0 255\n1 0 0 0 255 0 255\n0 1 0 0 0 255 255\n3 0 1 2\n", "colours"),
-        ("neg.off", "COFF\n3 1 0\n0 0 0 -500 0 0 255\n1 0 0 0 255 0 255\n0 1 0 0 0 255 255\n3 0 1 2\n", "colours"),
-        (
-            "nan.ply",
-            "\n".join(
-                [
-                    *_PLY_HEADER[:6],
-                    "property uchar red",
-                    "property float green",
-                    "property uchar blue",
-                    *_PLY_HEADER[6:],
-                ]
-            )
-            + "\n0 0 0 1 nan 1\n1 0 0 1 2 3\n0 1 0 1 2 3\n3 0 1 2",
-            "vertex colours that are not finite numbers in",
-        ),
-    ],
-    ids=["huge.obj", "huge.off", "huge.ply", "nolist.ply", "big.obj", "nan.off", "neg.off", "nan.ply"],
-)
+        "its face element has no list property",
+    ),
+    ("big.obj", "v 1e308 0 0\nv -1e308 0 0\nv 0 1 0\nf 1 2 3\n", "coordinates span more than a float holds"),
+    ("nan.off", "COFF\n3 1 0\n0 0 0 nan 0 0 255\n1 0 0 0 255 0 255\n0 1 0 0 0 255 255\n3 0 1 2\n", "colours"),
+    ("neg.off", "COFF\n3 1 0\n0 0 0 -500 0 0 255\n1 0 0 0 255 0 255\n0 1 0 0 0 255 255\n3 0 1 2\n", "colours"),
+    (
+        "nan.ply",
+        "\n".join(
+            [
+                *_PLY_HEADER[:6],
+                "property uchar red",
+                "property float green",
+                "property uchar blue",
+                *_PLY_HEADER[6:],
+            ]
+        )
+        + "\n0 0 0 1 nan 1\n1 0 0 1 2 3\n0 1 0 1 2 3\n3 0 1 2",
+        "vertex colours that are not finite numbers in",
+    ),
+    ("nocounts.off", "OFF\n", "no vertex and face counts"),
+    ("short.off", "OFF\n3 1 0\n0 0 0\n1 0 0\n", "ends before the 3 vertices and 1 faces"),
+    ("flat.off", "OFF\n3 1 0\n0 0\n1 0\n0 1\n3 0 1 2\n", "fewer than 3 coordinates"),
+    ("corners.off", "OFF\n3 1 0\n0 0 0\n1 0 0\n0 1 0\n5 0 1 2\n", "counts 5 corners and lists 3"),
+    ("flat.obj", "v 0 0 0\nv 1 0\nv 0 1 0\nf 1 2 3\n", "fewer than 3 coordinates: 'v 1 0'"),
+    ("short.ply", "\n".join([*_PLY_HEADER, "0 0 0", "1 0 0", "0 1"]), "body ends before the elements"),
+    ("quad.ply", "\n".join([*_PLY_HEADER[:3], "property quad x", *_PLY_HEADER[4:]]), "type 'quad'"),
+    ("fmt.ply", "\n".join(["ply", "format binary_little_endain 1.0", *_PLY_HEADER[2:]]), "unknown PLY format"),
+    (
+        "short_binary.ply",
+        "\n".join(["ply", "format binary_little_endian 1.0", *_PLY_HEADER[2:], "xyz"]),
+        "body ends before the elements",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, text, words", _MALFORMED_MESH_FILES, ids=[case[0] for case in _MALFORMED_MESH_FILES])
 def test_malformed_mesh_files_are_refused_naming_the_file(name, text, words, tmp_path):
     """An OverflowError and a KeyError that named no file; a mesh of zero vertices (extent inf); NaN albedo,
-    with the other vertices' colours left unscaled (a NaN maximum compares false with 1)."""
+    with the other vertices' colours left unscaled (a NaN maximum compares false with 1). Then the reasons of
+    the rest were Python's ("list index out of range", numpy's "inhomogeneous shape"), a misspelt format was
+    read as big-endian (and failed on its indices), and an OFF face of 5 corners listing 3 loaded as one."""
     path = tmp_path / name
     path.write_text(text + "\n")
     with pytest.raises(ValueError, match=f"{name}.*{words}"):
