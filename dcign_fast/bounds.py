@@ -8,8 +8,14 @@ import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 if TYPE_CHECKING:  # (typing has TypeGuard from Python 3.10 on; the annotation below is never evaluated)
     from typing import TypeGuard
+
+
+# Options computed in float32 (the sampler's pull, odds of batch kinds) must stay below it.
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def is_integer(value: object) -> TypeGuard[int]:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dcign_fast.bounds import Bounds
+from dcign_fast.bounds import FLOAT32_MAX, Bounds
 from dcign_fast.data.identity import IdentitySpace, check_meshes
 from dcign_fast.data.meshes import FACE_ASSETS, Mesh, load_asset
 from dcign_fast.data.render import render
@@ -85,6 +85,22 @@ def images_and_factors(drawn: object, what: str, contract: str) -> tuple[Any, An
     raise TypeError(f"{what} is a {type(drawn).__name__}{got}; {contract}")
 
 
+# Up to this many identities, an intrinsic batch takes the first of a permutation of them all (the stream
+# every run so far drew); beyond, a permutation would cost seconds and gigabytes a batch.
+_PERMUTED_UP_TO = 1 << 20
+
+
+def _distinct(count: int, n: int, g: torch.Generator) -> Tensor:
+    """n distinct integers of range(count) [n] int64, drawn with ``g``."""
+    if count <= _PERMUTED_UP_TO:
+        return torch.randperm(count, generator=g)[:n]
+    chosen: dict[int, None] = {}  # (ordered) Floyd's algorithm: n draws, whatever count
+    for j in range(count - n, count):
+        t = int(torch.randint(j + 1, (), generator=g))
+        chosen[j if t in chosen else t] = None
+    return torch.tensor(list(chosen), dtype=torch.int64)
+
+
 class SweepSampler:
     """Iterable of one-factor batches rendered on the fly (see the module docstring).
 
@@ -119,7 +135,7 @@ class SweepSampler:
             Bounds(1).check(name, value, integer=True)
         Bounds(0, below=world_size).check("rank", rank, integer=True)
         Bounds(0).check("seed", seed, integer=True)  # (numpy's SeedSequence takes no negative entropy)
-        Bounds(0).check("shape_bias", shape_bias)
+        Bounds(0, below=FLOAT32_MAX).check("shape_bias", shape_bias)  # (odds are float32)
         Bounds(0, strict=True).check("zoom", zoom)
         if num_identities < batch_size:  # an intrinsic batch shows batch_size different identities
             raise ValueError(
@@ -200,7 +216,7 @@ class SweepSampler:
             "light_elevation": (low + (high - low) * torch.rand((), generator=g)).expand(n).clone(),
         }
         if kind == "intrinsic":
-            factors["identity"] = torch.randperm(self.num_identities, generator=g)[:n]
+            factors["identity"] = _distinct(self.num_identities, n, g)
         else:
             factors["identity"] = torch.randint(self.num_identities, (), generator=g).expand(n).clone()
         return factors

@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 import torch
 
-from dcign_fast.bounds import Bounds, is_integer
+from dcign_fast.bounds import FLOAT32_MAX, Bounds, is_integer
 from dcign_fast.ops import latent_sampler_op, philox
 from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_tensor, check_while_compiling
 from dcign_fast.ops.backends import Kernels, check_backend_runs_on, imported_kernels, triton_available
@@ -283,10 +283,10 @@ def check_sample_latents_args(
         raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
     if torch.compiler.is_compiling():  # dynamo makes a changing invariance symbolic, which math.isfinite rejects
         # (NaN and inf fail the comparison too.)
-        check_while_compiling(0 <= invariance <= torch.finfo(torch.float32).max, "invariance must be >= 0 and finite")
+        check_while_compiling(0 <= invariance <= FLOAT32_MAX, "invariance must be >= 0 and finite")
     else:  # numpy scalars too: sample_latents passes Python numbers on
         Bounds(0).check("invariance", invariance)
-        if invariance > torch.finfo(torch.float32).max:  # the kernels compute the pull in float32
+        if invariance > FLOAT32_MAX:  # the kernels compute the pull in float32
             raise ValueError(f"invariance must fit in a float32 (at most 3.4e38), got {invariance!r}")
     if seed is not None:
         if not is_integer(seed):

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from dcign_fast.bounds import Bounds
+from dcign_fast.bounds import FLOAT32_MAX, Bounds
 from dcign_fast.data.sweeps import KINDS
 from dcign_fast.devices import check_device
 from dcign_fast.models.dcign import PRESETS
@@ -40,8 +40,8 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "betas": Bounds(0, below=1),  # as Adam requires
     "adam_eps": Bounds(0, strict=True),  # 0 divides 0 by 0 for a parameter whose gradients are all 0
     "grad_clip": Bounds(0, strict=True),  # a max norm of 0 zeroes every gradient, below 0 flips them
-    "invariance": Bounds(0),
-    "shape_bias": Bounds(0),
+    "invariance": Bounds(0, below=FLOAT32_MAX),  # (the sampler's pull is float32)
+    "shape_bias": Bounds(0, below=FLOAT32_MAX),  # (as SweepSampler's; a sum of odds then never overflows)
     # (Hashed with the step and shard into each batch's generator: data/seeds.py.)
     "seed": Bounds(-(2**27), below=2**28),
     "data_pool": Bounds(0),
@@ -202,7 +202,7 @@ class TrainConfig:
             raise TypeError(f"kind_weights must map batch kinds to numbers, got {self.kind_weights!r}")
         self.kind_weights = {kind: _as_float(weight) for kind, weight in self.kind_weights.items()}
         for kind, weight in self.kind_weights.items():
-            Bounds(0).check(f"kind_weights[{kind!r}]", weight)
+            OPTION_BOUNDS["shape_bias"].check(f"kind_weights[{kind!r}]", weight)
 
     def differences(self, other: TrainConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
         """{option: (this value, other's value)} for the options that differ, except those in ``ignore``."""

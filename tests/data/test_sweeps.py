@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dcign_fast.data import FACTOR_KEYS, KINDS, IdentitySpace, SweepSampler, load_asset, render
+from dcign_fast.data import FACTOR_KEYS, KINDS, IdentitySpace, SweepSampler, load_asset, render, sweeps
 from dcign_fast.data.identity import MODES
 from dcign_fast.data.render import rotation
 from dcign_fast.data.sweeps import SweepRanges
@@ -91,10 +91,11 @@ def test_kind_odds_follow_shape_bias():
         ("device", "tpu", ValueError, r"device must be 'auto', cpu, cuda or cuda:N, got 'tpu'"),
         ("seed", -1, ValueError, "seed must be >= 0, got -1"),
         ("seed", True, TypeError, "seed must be an integer"),
-        ("shape_bias", float("nan"), ValueError, "shape_bias must be >= 0 and finite, got nan"),
-        ("shape_bias", -1, ValueError, "shape_bias must be >= 0 and finite, got -1"),
+        ("shape_bias", float("nan"), ValueError, r"shape_bias must be in \[0, .* and finite, got nan"),
+        ("shape_bias", -1, ValueError, r"shape_bias must be in \[0, 3.40\d*e\+38\) and finite, got -1"),
+        ("shape_bias", 1e39, ValueError, r"shape_bias must be in \[0, 3.40\d*e\+38\) and finite, got 1e\+39"),
         ("zoom", 0, ValueError, "zoom must be > 0 and finite"),
-        ("shape_bias", 10**400, ValueError, "shape_bias must be >= 0 and finite, got an int too large"),
+        ("shape_bias", 10**400, ValueError, r"shape_bias must be in \[0, .* and finite, got an int too large"),
         ("rank", 1, ValueError, r"rank must be in \[0, 1\), got 1"),
         ("rank", 0.0, TypeError, "rank must be an integer"),
         # (torch.device(3) means an accelerator: "Cannot access accelerator device when none is available")
@@ -158,6 +159,24 @@ def test_an_identity_is_its_own_generator_seed():
             expected_gain = 0.5 + 0.4 * torch.rand((), generator=g)
         assert torch.equal(described.coefficients[row], expected_coefficients)
         assert torch.equal(described.gain[row], expected_gain)
+
+
+@pytest.mark.parametrize("num_identities", [2**62, 3 * 10**8, 40])
+def test_an_intrinsic_batch_draws_distinct_identities_from_any_range(num_identities, monkeypatch):
+    """Drawn as the head of a permutation of them all: 3e8 identities took 24 s and 2.4 GB a batch. Beyond a
+    million, drawn one by one (Floyd's algorithm; forced at 40 here, where it must still be uniform)."""
+    monkeypatch.setattr(sweeps, "_PERMUTED_UP_TO", 16)
+    sampler = SweepSampler(size=8, batch_size=20, num_identities=num_identities, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(min(num_identities, 40))
+    for _ in range(400 if num_identities == 40 else 3):
+        identity = sampler.factors("intrinsic", g)["identity"]
+        assert identity.dtype == torch.int64 and len(set(identity.tolist())) == 20
+        assert int(identity.min()) >= 0 and int(identity.max()) < num_identities
+        if num_identities == 40:
+            counts += torch.bincount(identity, minlength=40)
+    if num_identities == 40:  # each identity in half the batches: 200 +- 10 (binomial), by far within 60
+        assert (counts - 200).abs().max() < 60
 
 
 @pytest.mark.parametrize("name", ["meshmonk", "menpo3d", "james"])
