@@ -8,10 +8,10 @@ from dcign_fast.patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
+# (Not "eval": `from dcign_fast import *` would hide Python's eval. dcign_fast.eval stays importable.)
 __all__ = [
     "BACKENDS",
     "data",
-    "eval",
     "models",
     "nn",
     "patch",

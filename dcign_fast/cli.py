@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "render": ("dcign_fast.data.cli", "render one-factor face sweeps to PNG folders or a cache, or a preview grid"),
     "demo": (
         "dcign_fast.demo",
-        "train demo64 on the built-in renderer, then re-render and evaluate (4-10 min on 2 CPU cores)",
+        "train demo64 on the built-in renderer, then re-render and evaluate (3.5-10 min on 2 CPU cores)",
     ),
     "train": ("dcign_fast.train.cli", "train a DC-IGN (one GPU, torchrun for many, or the CPU)"),
     "eval": ("dcign_fast.eval.eval_cli", "disentanglement metrics of a checkpoint on held-out renders"),

@@ -1,4 +1,4 @@
-"""``dcign-fast demo``: the whole story on a laptop CPU in 4-10 minutes (2 cores).
+"""``dcign-fast demo``: the whole story on a laptop CPU in 3.5-10 minutes (2 cores).
 
 Trains ``demo64`` on the built-in face renderer with DC-IGN's procedure, then writes the checkpoint,
 a grid of a held-out render re-rendered along each extrinsic group, and the evaluation JSON + scatter plot.
@@ -28,7 +28,7 @@ DEMO_OPTIONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=run_folder, default=Path("runs/demo"), help="run folder")
+    parser.add_argument("--out", type=run_folder, default=Path("runs/demo"), help="run folder (default runs/demo)")
     parser.add_argument(
         "--steps",
         type=positive_int,

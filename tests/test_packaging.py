@@ -3,6 +3,7 @@ it (without the extension) runs the library, bundled meshes included, from outsi
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 import subprocess
@@ -106,3 +107,10 @@ def test_cuda_architectures_older_than_sm_80_are_refused_at_once(archs, words, t
     configure = ["cmake", "-S", str(ROOT), "-B", str(tmp_path), f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
     done = subprocess.run(configure, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and f"DCIGN_FAST_CUDA_ARCHS: {words}" in done.stderr, done.stderr
+
+
+def test_a_star_import_hides_no_builtin():
+    """`from dcign_fast import *` brought in the subpackage eval, which hid Python's eval."""
+    names: dict = {}
+    exec("from dcign_fast import *", names)
+    assert not (set(names) - {"__builtins__"}) & set(dir(builtins))

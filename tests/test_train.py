@@ -531,6 +531,9 @@ def test_malformed_yaml_file_is_a_value_error(tmp_path):
     path.write_text("a: [")
     with pytest.raises(ValueError, match=re.escape(f"{path} is not valid YAML: ") + ".*line 1"):
         TrainConfig.read_yaml(path)
+    path.write_bytes(b"\xff\xfe steps: 3")  # (Python's message named neither the file nor what it must be)
+    with pytest.raises(ValueError, match=re.escape(f"{path} must be a YAML text file (UTF-8): invalid start byte")):
+        TrainConfig.read_yaml(path)
 
 
 def test_resuming_a_finished_run_says_nothing_was_trained(tmp_path, capsys):

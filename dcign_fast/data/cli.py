@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dcign_fast.cli import image_file, positive_int
+from dcign_fast.cli import image_file, positive_int, run_folder
 from dcign_fast.data.cache import write_cache
 from dcign_fast.data.folders import export_sweeps
 from dcign_fast.data.preview import preview_grid
@@ -17,11 +17,9 @@ from dcign_fast.data.sweeps import SweepSampler
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--out", type=Path, help="dataset folder to write")
+    target.add_argument("--out", type=run_folder, help="dataset folder to write")
     target.add_argument("--preview", type=image_file, help="write a labelled grid PNG of all four sweep kinds")
-    parser.add_argument(
-        "--batches", type=positive_int, default=100, help="number of batches to write (with --out; default %(default)s)"
-    )
+    parser.add_argument("--batches", type=positive_int, help="number of batches to write (with --out; default 100)")
     parser.add_argument(
         "--size", type=positive_int, default=64, help="image side in pixels, e.g. 64 (the default), 128, 150"
     )
@@ -42,8 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
         choices=["png", "cache"],
-        default="png",
-        help="PNG folders (DC-IGN layout; the default) or uint8 .npz shards",
+        help="with --out: PNG folders (DC-IGN layout; the default) or uint8 .npz shards",
     )
 
 
@@ -59,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         antialias=args.antialias,
     )
     if args.preview is not None:
+        if args.batches is not None or args.format is not None:  # (they would be ignored)
+            given = "--batches" if args.batches is not None else "--format"
+            raise ValueError(f"{given} is for --out: a --preview grid shows one batch of each kind")
         print(f"wrote {preview_grid(sampler, args.preview, seed=args.seed)}")
         return 0
     out = Path(args.out)
@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # (its message named the path but not the option)
         raise ValueError(f"--out {out} cannot be created: {err.strerror}") from err
-    batches = tqdm(itertools.islice(sampler, args.batches), total=args.batches, unit="batch", desc="render")
-    count = export_sweeps(batches, args.out) if args.format == "png" else write_cache(batches, args.out)
-    print(f"wrote {count} batches of {args.batch_size} images ({args.size}px, {args.format}) to {args.out}")
+    total, layout = args.batches or 100, args.format or "png"
+    batches = tqdm(itertools.islice(sampler, total), total=total, unit="batch", desc="render")
+    count = export_sweeps(batches, out) if layout == "png" else write_cache(batches, out)
+    print(f"wrote {count} batches of {args.batch_size} images ({args.size}px, {layout}) to {out}")
     return 0

@@ -21,8 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder for eval.json and scatter.png (default: <run>/eval, or <name>-eval beside a lone weights file);"
         " eval.json names the checkpoint evaluated",
     )
-    parser.add_argument("--sweeps", type=positive_int, default=40, help="held-out sweeps per extrinsic group")
-    parser.add_argument("--identities", type=positive_int, default=100, help="identities for cross-pose retrieval")
+    parser.add_argument(
+        "--sweeps", type=positive_int, default=40, help="held-out sweeps per extrinsic group (default %(default)s)"
+    )
+    parser.add_argument(
+        "--identities", type=positive_int, default=100, help="identities for cross-pose retrieval (default %(default)s)"
+    )
     add_device_argument(parser)
 
 

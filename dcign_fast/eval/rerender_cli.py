@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="frames",
         type=sweep_frames,
         default=9,
-        help=f"images per sweep: the grid's columns (2 to {MAX_FRAMES}; --steps is its former name)",
+        help=f"images per sweep: the grid's columns (2 to {MAX_FRAMES}, default %(default)s; formerly --steps)",
     )
     add_device_argument(parser)
 

@@ -215,6 +215,7 @@ class DCIGNConfig:
         return sizes
 
     def to_dict(self) -> dict[str, Any]:
+        """{field: value}: what a checkpoint stores beside the weights."""
         return asdict(self)
 
 
@@ -322,6 +323,7 @@ class DCIGN(nn.Module):
 
     @property
     def backend(self) -> str:
+        """The backend its fused ops run on (see :meth:`set_backend`)."""
         return self._backend
 
     def set_backend(self, backend: str) -> DCIGN:

@@ -210,10 +210,12 @@ class TrainConfig:
         return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
 
     def to_dict(self) -> dict[str, Any]:
+        """{option: value} for every option (what a checkpoint stores)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """The defaults with ``values`` replacing options; an unknown option is a ValueError."""
         known = cls.option_names()
         unknown = sorted(set(values) - known)
         if unknown:
@@ -222,12 +224,17 @@ class TrainConfig:
 
     @classmethod
     def option_names(cls) -> set[str]:
+        """The names of every option."""
         return {f.name for f in dataclasses.fields(cls)}
 
     @staticmethod
     def read_yaml(path: str | Path) -> dict[str, Any]:
         """The options in a YAML file (a mapping)."""
-        values = load_yaml(Path(path).read_text(), str(path)) or {}
+        try:
+            text = Path(path).read_text()
+        except UnicodeDecodeError as err:  # (its message named neither the file nor what it should hold)
+            raise ValueError(f"{path} must be a YAML text file (UTF-8): {err.reason} at byte {err.start}") from err
+        values = load_yaml(text, str(path)) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of training options")
         return values
@@ -243,6 +250,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
+        """The options of a YAML file (a mapping of option: value), the defaults for the rest."""
         return cls.from_dict(cls.read_yaml(path))
 
     @staticmethod

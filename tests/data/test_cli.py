@@ -42,11 +42,24 @@ def test_render_preview_grid(tmp_path):
         assert image.height % (4 * 16) == 0 and image.height // 4 >= 6 * 10
 
 
+def test_render_refuses_options_it_would_ignore_or_an_empty_folder(tmp_path, capsys, monkeypatch):
+    """A preview silently ignored --batches and --format; --out '' wrote the dataset into the current folder."""
+    for option, value in (("--batches", "3"), ("--format", "cache")):
+        assert main(["render", "--preview", str(tmp_path / "p.png"), option, value]) == 2
+        assert f"{option} is for --out: a --preview grid shows one batch of each kind" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    for out in ("", "  "):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["render", "--out", out, "--batches", "1", "--size", "8"])
+        assert exit_info.value.code == 2 and "must name a folder" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     "option, value, words",
     [
-        ("--shape-bias", "-1", "shape_bias must be >= 0 and finite, got -1.0"),
-        ("--shape-bias", "nan", "shape_bias must be >= 0 and finite, got nan"),
+        ("--shape-bias", "-1", "shape_bias must be in [0, 3.4028234663852886e+38) and finite, got -1.0"),
+        ("--shape-bias", "nan", "shape_bias must be in [0, 3.4028234663852886e+38) and finite, got nan"),
         ("--seed", "-1", "seed must be >= 0, got -1"),
     ],
 )
