@@ -271,6 +271,8 @@ def _valid():
         # far too large: torch's own size arithmetic would overflow (an error from its C++ internals)
         (lambda a: {**a, "padding": 2**62}, ValueError, "is too large (at most 2147483647)"),
         (lambda a: {**a, "scale_factor": 2**70}, ValueError, "is too large (at most 2147483647)"),
+        # each side fits, the whole does not: "Storage size calculation overflowed", a oneDNN "memory descriptor"
+        (lambda a: {**a, "padding": 10**9}, ValueError, "would hold more than 2**59 elements"),
         (lambda a: {**a, "weight": torch.randn(0, 3, 3, 3), "bias": None}, ValueError, "at least one output"),
         (lambda a: {**a, "x": a["x"][:, :0], "weight": torch.randn(4, 0, 3, 3)}, ValueError, "one input channel"),
         (lambda a: {**a, "weight": torch.randn(4, 3, 0, 3)}, ValueError, "kernel (KH, KW) must be at least 1 x 1"),

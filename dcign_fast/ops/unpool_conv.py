@@ -247,6 +247,10 @@ IMPLEMENTATIONS = ("reference", *KERNELS)
 
 # The largest output height or width: far beyond any image, and well inside the int64 sizes torch computes.
 MAX_OUTPUT_SIDE = 2**31 - 1
+# The most elements of the output or of the reference's unfolded input (C x KH x KW rows of OH x OW per image):
+# far beyond any memory, and torch's byte counts of them still fit an int64 (past it: "Storage size calculation
+# overflowed", or oneDNN's "could not construct a memory descriptor").
+MAX_ELEMENTS = 2**59
 
 
 def choose_backend(x: torch.Tensor, weight: torch.Tensor, scale_factor: int, padding: Padding) -> str:
@@ -286,6 +290,7 @@ def check_unpool_conv_args(x: object, weight: object, bias: object, padding: obj
         raise ValueError(f"x must have height and width >= 1, got shape {tuple(x.shape)}")
     pad = check_pair("padding", padding, 0)
     scale = check_scale_factor(scale_factor)
+    sides = []
     for axis, size, k, p in (
         ("height", x.shape[2], weight.shape[2], pad[0]),
         ("width", x.shape[3], weight.shape[3], pad[1]),
@@ -301,6 +306,17 @@ def check_unpool_conv_args(x: object, weight: object, bias: object, padding: obj
                 f"output {axis} would be {out}: input {axis} {size} x scale_factor {scale} + 2 x padding {p} "
                 f"is too large (at most {MAX_OUTPUT_SIDE})"
             )
+        sides.append(out)
+    n, c, o = x.shape[0], x.shape[1], weight.shape[0]
+    rows = max(o, c * weight.shape[2] * weight.shape[3])
+    elements = n * rows * sides[0] * sides[1]
+    # (Not of a symbolic batch, as torch.export traces one: comparing it would constrain the batch's range.)
+    if not isinstance(elements, torch.SymInt) and elements > MAX_ELEMENTS:
+        raise ValueError(
+            f"the output [{n}, {o}, {sides[0]}, {sides[1]}] (padding {pad}) is too large: it or the unfolded input "
+            f"[{n}, {c * weight.shape[2] * weight.shape[3]}, {sides[0]} x {sides[1]}] would hold more than 2**59 "
+            "elements"
+        )
     return pad
 
 
