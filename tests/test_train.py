@@ -150,7 +150,7 @@ def test_saving_a_step_again_replaces_it_and_crash_leftovers_go(tmp_path):
     root = tmp_path / "checkpoints"
     (root / ".tmp-step-00000003-999999").mkdir(parents=True)  # a save that crashed in another process
     model = DCIGN.from_preset("demo64")
-    state = {"step": 3, "optimizer": {}, "rng": torch.get_rng_state(), "config": {}}
+    state = {"step": 3, "optimizer": {"state": {}, "param_groups": []}, "rng": torch.get_rng_state(), "config": {}}
     for value in (1.0, 2.0):
         weights = {k: torch.full_like(v, value) for k, v in model.state_dict().items()}
         path = save_checkpoint(root, 3, weights, model.config.to_dict(), state, keep=2)
@@ -172,7 +172,7 @@ def test_a_save_that_fails_cleans_up_and_names_the_intact_checkpoint(tmp_path, m
     from dcign_fast.train.checkpoint import save_checkpoint
 
     model = DCIGN.from_preset("demo64")
-    state = {"step": 1, "optimizer": {}, "rng": torch.get_rng_state(), "config": {}}
+    state = {"step": 1, "optimizer": {"state": {}, "param_groups": []}, "rng": torch.get_rng_state(), "config": {}}
     first = save_checkpoint(tmp_path, 1, model.state_dict(), model.config.to_dict(), state, keep=2)
     (tmp_path / ".tmp-step-00000002-999999").mkdir()  # a save that crashed in another process
 
@@ -253,6 +253,20 @@ def test_a_checkpoint_whose_parts_disagree_or_lack_keys_is_refused_by_name(tmp_p
         torch.save(broken, checkpoint / "trainer.pt")  # a KeyError (or "list indices") deep in the trainer before
         with pytest.raises(CheckpointError, match=rf"trainer.pt lacks \[{missing}\]: not a dcign-fast"):
             Trainer(config(tmp_path, steps=4), resume=True, render=blobs)
+    # Parts of the wrong kind (an edited or foreign file): a KeyError, torch's "Expected a CPUGeneratorImplState of
+    # size 5056", an AttributeError, int('x'), or the step taken as it was (-5), before.
+    damaged = [
+        ({"optimizer": {}}, r"its optimizer must be an optimizer's state_dict, got a dict with keys \[\]"),
+        ({"rng": torch.zeros(3, dtype=torch.uint8)}, r"its rng must be .* got a torch.uint8 tensor of shape \(3,\)"),
+        ({"config": [1]}, "its config must be a mapping of training options, got a list"),
+        ({"step": "x"}, "its step must be an integer >= 0, got 'x'"),
+        ({"step": -5}, "its step must be an integer >= 0, got -5"),
+        ({"config": {**state["config"], "steps": -1}}, "holds options this version refuses: steps must be >= 1"),
+    ]
+    for change, words in damaged:
+        torch.save({**state, **change}, checkpoint / "trainer.pt")
+        with pytest.raises(CheckpointError, match=f"{checkpoint / 'trainer.pt'}.* {words}"):
+            Trainer(config(tmp_path, steps=4), resume=True, render=blobs)
     torch.save(state, checkpoint / "trainer.pt")
     # Weights of another model beside this run's state: a size-mismatch traceback from load_state_dict before.
     weights = load_file(str(checkpoint / "model.safetensors"))
@@ -262,6 +276,37 @@ def test_a_checkpoint_whose_parts_disagree_or_lack_keys_is_refused_by_name(tmp_p
     # Asking for another preset is a changed option, named as such (the options are compared first).
     with pytest.raises(ValueError, match="options differ .*preset='face128'"):
         Trainer(config(tmp_path, steps=4, preset="face128"), resume=True, render=blobs)
+
+
+def test_a_damaged_newest_checkpoint_names_the_one_a_resume_could_start_from(tmp_path, capsys):
+    from dcign_fast.cli import main
+
+    Trainer(config(tmp_path), render=blobs).train()
+    older, newest = list_checkpoints(tmp_path / "run" / "checkpoints")
+    (newest / "trainer.pt").write_bytes(b"not a checkpoint")
+    words = f"to resume from the checkpoint before it, {older.name}, move {newest} away"
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        Trainer(config(tmp_path, steps=6), resume=True, render=blobs)
+    assert main(["train", "--out", str(tmp_path / "run"), "--steps", "6", "--resume"]) == 2  # (reads it first)
+    assert words in capsys.readouterr().err
+    shutil.move(newest, tmp_path / "damaged")
+    assert Trainer(config(tmp_path, steps=6), resume=True, render=blobs).step == 2
+
+
+def test_weights_that_are_not_floating_point_are_refused(tmp_path):
+    """load_state_dict casts int or bool weights to float32 without a word."""
+    from safetensors.torch import load_file
+
+    from dcign_fast.train.checkpoint import save_weights
+
+    checkpoint = Trainer(config(tmp_path, steps=2), render=blobs).train().checkpoint
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    weights["decoder.0.bias"] = weights["decoder.0.bias"].int()
+    save_weights(checkpoint / "model.safetensors", weights, DCIGN.from_preset("demo64").config.to_dict())
+    with pytest.raises(CheckpointError, match=r"must be floating-point, but \['decoder.0.bias'\] are not"):
+        DCIGN.from_checkpoint(checkpoint)
+    with pytest.raises(TypeError, match="resume must be True or False, got 'no'"):  # ("no" resumed)
+        Trainer(config(tmp_path, steps=4), resume="no", render=blobs)
 
 
 def test_resume_under_another_number_of_processes_is_refused(tmp_path):
@@ -286,6 +331,17 @@ def test_a_file_where_the_run_keeps_a_folder_is_refused_before_training(tmp_path
     (tmp_path / "out").write_text("x")
     with pytest.raises(NotADirectoryError, match="out=.*out is a file"):
         Trainer(config(tmp_path, out=str(tmp_path / "out")), render=blobs)
+    # The pictures' folder failed at the first picture ("[Errno 17] File exists"), the log and lock unnamed.
+    (tmp_path / "run" / "checkpoints").unlink()
+    (tmp_path / "run" / "images").write_text("x")
+    with pytest.raises(NotADirectoryError, match="out=.*images is a file, where the run keeps a folder"):
+        Trainer(config(tmp_path), render=blobs)
+    (tmp_path / "run" / "images").unlink()
+    for name in ("metrics.jsonl", ".lock"):
+        (tmp_path / "run" / name).mkdir()
+        with pytest.raises(IsADirectoryError, match=f"out=.*{re.escape(name)} is a folder, where the run keeps a file"):
+            Trainer(config(tmp_path), render=blobs)
+        (tmp_path / "run" / name).rmdir()
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
@@ -615,6 +671,10 @@ def test_a_timed_out_run_exits_75_so_a_job_loop_can_tell_it_from_a_finished_one(
 
     options = ["--set", "time_limit_s=0", "--set", "device=cpu", "--set", "batch_size=4"]
     assert main(["train", "--out", str(tmp_path / "run"), "--steps", "5", *options]) == 75
+    # The limit is each launch's own: a resume that gives none finishes (the stored 0 stopped every resume at once).
+    more = ["--set", "log_every=1", "--set", "image_every=1000", "--set", "threads=1"]
+    assert main(["train", "--out", str(tmp_path / "run"), "--steps", "2", "--resume", *more]) == 0
+    assert load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])[2]["step"] == 2
 
 
 @pytest.mark.parametrize("bf16", [True, False])
@@ -981,6 +1041,26 @@ def held_by_another_process(run: Path) -> Iterator[None]:
         holder.wait()
 
 
+def test_a_killed_trainer_s_forked_children_do_not_hold_its_lock(tmp_path):
+    """DataLoader workers, forked while the trainer held the lock, shared its open file: killed with them still
+    winding down, the trainer left its folder locked for seconds, and an immediate --resume was refused."""
+    (tmp_path / "run").mkdir()
+    script = (
+        "import multiprocessing, os, sys, time; from dcign_fast.train.lock import run_folder_lock\n"
+        "with run_folder_lock(sys.argv[1]):\n"
+        "    child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(60,)); child.start()\n"
+        "    print(child.pid, flush=True); os._exit(0)  # as a SIGKILL leaves it: nothing unlocked"
+    )
+    trainer = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run")], stdout=subprocess.PIPE)
+    child = int(trainer.stdout.readline())  # (read, not waited for: the child holds the pipe too)
+    try:
+        assert trainer.wait(timeout=60) == 0 and os.path.exists(f"/proc/{child}")
+        assert not locked_elsewhere(tmp_path / "run")
+    finally:
+        os.kill(child, signal.SIGKILL)
+        trainer.stdout.close()
+
+
 def test_the_cli_and_readers_leave_a_save_under_way_alone(tmp_path, capsys):
     """Listing put a step's .old- folder back, and train --resume (for the stored options) or
     DCIGN.from_checkpoint(run folder) list without the lock: between a running save's two renames, that made
@@ -1191,7 +1271,7 @@ def test_a_crash_while_a_step_is_saved_again_keeps_its_previous_checkpoint(tmp_p
     from dcign_fast.train.checkpoint import save_checkpoint
 
     model = DCIGN.from_preset("demo64")
-    state = {"step": 3, "optimizer": {}, "rng": torch.get_rng_state(), "config": {}}
+    state = {"step": 3, "optimizer": {"state": {}, "param_groups": []}, "rng": torch.get_rng_state(), "config": {}}
     first = {k: torch.full_like(v, 1.0) for k, v in model.state_dict().items()}
     path = save_checkpoint(tmp_path, 3, first, model.config.to_dict(), state, keep=2)
     rename = os.rename

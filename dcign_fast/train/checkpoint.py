@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dcign_fast.bounds import is_integer
 from dcign_fast.models.dcign import DCIGNConfig
 
 WEIGHTS = "model.safetensors"
@@ -116,6 +117,9 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], DCIGNConfig
 def load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
     """``module.load_state_dict(weights)``, the weights read from ``path``; a CheckpointError naming it when they
     are not the module's (layers renamed or missing, other shapes: another version's file, or an edited one)."""
+    not_float = sorted(name for name, tensor in weights.items() if not tensor.is_floating_point())
+    if not_float:  # (load_state_dict would cast them without a word)
+        raise CheckpointError(f"checkpoint weights {path} must be floating-point, but {not_float} are not")
     try:
         module.load_state_dict(weights)
     except RuntimeError as err:
@@ -221,4 +225,26 @@ def load_state(path: str | Path) -> dict[str, Any]:
     missing = sorted(set(STATE_KEYS) - set(state) if isinstance(state, dict) else STATE_KEYS)
     if missing:
         raise CheckpointError(f"checkpoint state {path / STATE} lacks {missing}: not a dcign-fast trainer state")
+    if problem := _state_problem(state):
+        raise CheckpointError(f"checkpoint state {path / STATE} is damaged: {problem}")
     return state
+
+
+def _state_problem(state: dict[str, Any]) -> str | None:
+    """What in a trainer state is not of the kind a trainer writes (which would fail later, unnamed), or None."""
+    step, rng, optimizer = state["step"], state["rng"], state["optimizer"]
+    if not is_integer(step) or step < 0:
+        return f"its step must be an integer >= 0, got {step!r}"
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        return f"its rng must be a CPU generator's state (torch.get_rng_state()), got {_described(rng)}"
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        return f"its optimizer must be an optimizer's state_dict, got {_described(optimizer)}"
+    if not isinstance(state["config"], dict):
+        return f"its config must be a mapping of training options, got {_described(state['config'])}"
+    return None
+
+
+def _described(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}" + (f" with keys {sorted(map(str, value))}" if isinstance(value, dict) else "")

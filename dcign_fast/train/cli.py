@@ -77,13 +77,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def resolve_options(defaults: TrainConfig, values: dict[str, object], resume: bool) -> TrainConfig:
     """``defaults`` with the options a user gave (``values``); with ``resume``, the newest checkpoint's options
     in the resulting run folder (``out``, or runs/<preset>) take the defaults' place (the trainer refuses changes
-    that alter results)."""
+    that alter results), but for time_limit_s, which each launch gives for itself."""
     from dcign_fast.train.trainer import stored_config
 
     config = defaults.updated(values)
     stored = stored_config(config.run_folder) if resume else None
-    # The folder read, named outright: the checkpoint's out (or its preset's default) may name another.
-    return config if stored is None else stored.updated({**values, "out": str(config.run_folder)})
+    if stored is None:
+        return config
+    # The folder read, named outright: the checkpoint's out (or its preset's default) may name another. A time
+    # limit is the launch's own (its job's length), not the run's: a stored 0 had every resume stop at once.
+    return stored.updated({"time_limit_s": None, **values, "out": str(config.run_folder)})
 
 
 def run_training(config: TrainConfig, resume: bool) -> tuple[int, Trainer, TrainResult]:

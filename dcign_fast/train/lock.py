@@ -4,6 +4,7 @@ logs, and a second one starting would trim the first's metrics."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -12,6 +13,19 @@ LOCK_FILE = ".lock"
 # Folders this process holds: (the open lock file, how many holders). Trainers that one process builds on one
 # folder share its lock (they run one after another), where a lock per trainer would refuse the second.
 _HELD: dict[Path, tuple[IO[Any], int]] = {}
+
+
+def _let_go_in_a_child() -> None:
+    """A forked child (a DataLoader worker) shares the lock's open file, and an flock lasts until every copy is
+    closed: a trainer killed with its workers still winding down left its folder locked for seconds. Closing the
+    child's copy (not unlocking it, which would unlock the parent's) leaves the lock to the parent alone."""
+    for handle, _ in _HELD.values():
+        handle.close()
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, where nothing is locked)
+    os.register_at_fork(after_in_child=_let_go_in_a_child)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from dcign_fast.train.data import BatchStream
 
 
+METRICS_FILE = "metrics.jsonl"
+IMAGES_FOLDER = "images"  # the pictures of save_progress_images
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``<out>/metrics.jsonl``; on resume drops lines past the
     checkpoint's step (they belong to the lost part of the run)."""
@@ -25,7 +29,7 @@ class MetricsLog:
     def __init__(self, out: Path, enabled: bool, resume_step: int = 0) -> None:
         self.enabled = enabled
         self.closed = False  # on every rank alike, so that all of them reopen it (together) after close()
-        self.path = out / "metrics.jsonl"
+        self.path = out / METRICS_FILE
         self.tensorboard = None
         if not enabled:
             return

@@ -15,6 +15,7 @@ import functools
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, cast
@@ -48,8 +49,8 @@ from dcign_fast.train.distributed import (
     mean_over_ranks,
     run_together,
 )
-from dcign_fast.train.lock import run_folder_lock
-from dcign_fast.train.logs import MetricsLog, save_progress_images
+from dcign_fast.train.lock import LOCK_FILE, run_folder_lock
+from dcign_fast.train.logs import IMAGES_FOLDER, METRICS_FILE, MetricsLog, save_progress_images
 from dcign_fast.train.prefetch import Prefetcher
 from dcign_fast.train.procedure import batch_loss
 
@@ -81,7 +82,31 @@ class TrainResult:
 def stored_config(out: str | Path) -> TrainConfig | None:
     """The options of the newest checkpoint in run folder ``out``, or None when it holds none."""
     existing = list_checkpoints(Path(out) / "checkpoints")
-    return TrainConfig.from_stored(load_state(existing[-1])["config"]) if existing else None
+    if not existing:
+        return None
+    with _naming_the_one_before(existing):
+        return _stored_options(existing[-1], load_state(existing[-1]))
+
+
+def _stored_options(path: Path, state: dict) -> TrainConfig:
+    try:
+        return TrainConfig.from_stored(state["config"])
+    except (TypeError, ValueError) as err:  # (an edited file: the error named the option, not the checkpoint)
+        raise CheckpointError(f"checkpoint state {path / STATE} holds options this version refuses: {err}") from err
+
+
+@contextlib.contextmanager
+def _naming_the_one_before(existing: list[Path]) -> Iterator[None]:
+    """A CheckpointError about the newest of ``existing`` (damaged, say) names the one before it too: what a
+    resume would start from once that is moved away."""
+    try:
+        yield
+    except CheckpointError as err:
+        if len(existing) < 2:
+            raise
+        raise CheckpointError(
+            f"{err}; to resume from the checkpoint before it, {existing[-2].name}, move {existing[-1]} away"
+        ) from err
 
 
 # Longer than a forwarded signal takes to arrive; shorter than a person takes to press Ctrl-C again.
@@ -92,6 +117,8 @@ class Trainer:
     """Trains a DC-IGN as ``config`` says. ``render(kind, generator)`` replaces the built-in renderer."""
 
     def __init__(self, config: TrainConfig, resume: bool = False, render: Callable | None = None) -> None:
+        if not isinstance(resume, bool):  # ("no" would resume)
+            raise TypeError(f"resume must be True or False, got {resume!r}")
         if not isinstance(config, TrainConfig):
             raise TypeError(
                 f"config must be a TrainConfig (TrainConfig.from_dict or from_yaml make one), "
@@ -117,9 +144,13 @@ class Trainer:
         self.memory_format = None if config.channels_last is False else torch.channels_last
         self.out = config.run_folder
         self.checkpoints = self.out / "checkpoints"
-        for folder in (self.out, self.checkpoints):  # found now, not at the first save, after work to lose
+        # Found now, not at the first save or picture, after work to lose.
+        for folder in (self.out, self.checkpoints, self.out / IMAGES_FOLDER):
             if folder.exists() and not folder.is_dir():
                 raise NotADirectoryError(f"out={self.out}: {folder} is a file, where the run keeps a folder")
+        for file in (self.out / METRICS_FILE, self.out / LOCK_FILE):
+            if file.is_dir():
+                raise IsADirectoryError(f"out={self.out}: {file} is a folder, where the run keeps a file")
 
         # Now, before any work to lose. The lock is held from here to the end of train(): before this trainer
         # reads checkpoints, trims metrics.jsonl or renders data, so a second one on a busy folder changes
@@ -150,7 +181,8 @@ class Trainer:
         self._checkpointed_step = 0  # the step of the newest checkpoint (written or restored); 0 before any
         existing = list_checkpoints(self.checkpoints)
         if resume and existing:
-            self._restore(existing[-1])
+            with _naming_the_one_before(existing):
+                self._restore(existing[-1])
         elif resume:
             if self.world.is_main:  # once, not once per process
                 warnings.warn(
@@ -218,7 +250,7 @@ class Trainer:
                 f"resuming continues the run in {self.out} exactly, but it trained on {ranks} process(es) and "
                 f"this resume has {self.world.size}: launch it as it was launched (torchrun --nproc_per_node)"
             )
-        stored = TrainConfig.from_stored(state["config"])
+        stored = _stored_options(path, state)
         if self.config.bf16 is None and stored.bf16 is not None:
             # An unset precision continues the checkpoint's: a run begun on the CPU stays float32 on a GPU.
             self.bf16 = stored.bf16
@@ -495,7 +527,7 @@ class Trainer:
 
     def _save_progress_images(self) -> None:
         if self.world.is_main:
-            save_progress_images(self.model, self.stream, self.out / "images", self.step, self.device)
+            save_progress_images(self.model, self.stream, self.out / IMAGES_FOLDER, self.step, self.device)
 
     def _say(self, text: str) -> None:
         """Prints ``text`` above the progress bar, on the main rank only (the others hold no bar, and would
