@@ -187,6 +187,26 @@ def test_wrong_input_dtypes_and_an_empty_batch_are_clear_errors():
         assert model(torch.rand(2, 1, 64, 64, dtype=torch.float16))[0].dtype == torch.bfloat16
 
 
+def test_inputs_on_another_device_than_the_model_are_clear_errors():
+    """torch's "Tensor on device meta is not on the expected device cpu!" named neither the argument nor the fix
+    (a GPU's "Expected all tensors to be on the same device" likewise); loss's inputs gave "unsupported
+    scalarType". (A meta tensor stands in for a GPU's.)"""
+    model = DCIGN.from_preset("demo64")
+    elsewhere = {"x": torch.rand(2, 1, 64, 64, device="meta"), "z": torch.randn(2, 32, device="meta")}
+    with pytest.raises(
+        ValueError, match=r"x must be on the model's device \(cpu\), got meta: move it with .to\('cpu'\)"
+    ):
+        model(elsewhere["x"])
+    with pytest.raises(ValueError, match=r"z must be on the model's device \(cpu\), got meta"):
+        model.decode(elsewhere["z"])
+    x = torch.rand(2, 1, 64, 64)
+    recon, mu, logvar, _, kl = model(x, return_kl=True)
+    for name, t in {"recon": recon, "mu": mu, "logvar": logvar, "kl": kl}.items():
+        arguments = {"x": x, "recon": recon, "mu": mu, "logvar": logvar, "kl": kl, name: t.to("meta")}
+        with pytest.raises(ValueError, match=rf"{name} must be on x's device \(cpu\), got meta"):
+            model.loss(**arguments)
+
+
 def test_active_mask_is_exactly_the_group_on_the_models_device():
     config = dataclasses.replace(preset("demo64"), latent_groups={"a": (0, 3), "b": (3, 5), "c": (5, 32)})
     model = DCIGN(config).to("meta")

@@ -379,24 +379,29 @@ class DCIGN(nn.Module):
         """[B, C, S, S] in [0, 1] -> (mu, logvar), each [B, latent_dim]."""
         c = self.config
         check_shape("x", x, (c.in_channels, c.image_size, c.image_size), "images")
-        self._check_dtype("x", x, "images in [0, 1] (uint8 pixels: divide by 255)")
+        self._check_input("x", x, "images in [0, 1] (uint8 pixels: divide by 255)")
         h = self.encoder(x)
         return self.to_mu(h), self.to_logvar(h)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] -> [B, C, S, S] logits (before the sigmoid)."""
         check_shape("z", z, (self.config.latent_dim,), "codes")
-        self._check_dtype("z", z, "codes")
+        self._check_input("z", z, "codes")
         # The unflattened code is NCHW and every unpool-conv keeps its input's layout: without this a model
         # moved to channels_last (the trainer's default) would run its whole decoder in NCHW, and the fused
         # kernels would copy to and from their NHWC layout at every layer.
         h = self.from_latent(z).contiguous(memory_format=self._decoder_memory_format())
         return self.decoder(h)
 
-    def _check_dtype(self, name: str, t: torch.Tensor, what: str) -> None:
-        """TypeError unless ``t`` is floating point with the weights' dtype, or one autocast casts: torch's own
-        message names neither the argument nor the fix."""
-        dtype = self.to_mu.weight.dtype
+    def _check_input(self, name: str, t: torch.Tensor, what: str) -> None:
+        """ValueError unless ``t`` is on the weights' device; TypeError unless it is floating point with their
+        dtype, or one autocast casts: torch's own messages name neither the argument nor the fix."""
+        dtype, device = self.to_mu.weight.dtype, self.to_mu.weight.device
+        if t.device != device:
+            raise ValueError(
+                f"{name} must be on the model's device ({device}), got {t.device}: move it with .to('{device}'), "
+                f"or the model with .to('{t.device}')"
+            )
         if t.dtype == dtype:
             return
         if not t.is_floating_point():
@@ -455,6 +460,9 @@ class DCIGN(nn.Module):
             if not (isinstance(t, torch.Tensor) and t.is_floating_point()) and not (name == "kl" and t is None):
                 got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
                 raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+        for name, t in (("recon", recon), ("mu", mu), ("logvar", logvar), ("kl", kl)):
+            if t is not None and t.device != x.device:
+                raise ValueError(f"{name} must be on x's device ({x.device}), got {t.device}")
         if x.dim() != 4:  # (x[0] would be blamed on mu, as of another batch size)
             raise ValueError(f"x must be [B, C, S, S] images, got shape {tuple(x.shape)}")
         _check_not_empty(x)
