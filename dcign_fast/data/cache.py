@@ -114,6 +114,8 @@ class SweepCache:
             index = json.loads(index_path.read_text())
             self.size = int(index["size"])
             self.shards = [(str(s["file"]), int(s["batches"])) for s in index["shards"]]
+            if self.size < 1 or not self.shards or min(n for _, n in self.shards) < 1:
+                raise ValueError("its size, its number of shards and each shard's batches must be >= 1")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise DatasetError(f"cannot read cache index {index_path}: {err}") from err
         self.starts = np.cumsum([0] + [n for _, n in self.shards])
@@ -131,6 +133,8 @@ class SweepCache:
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
             raise DatasetError(f"cannot read cache shard {path}: {err}") from err
         images, kinds = arrays.get("images"), arrays["kinds"]
+        if kinds.dtype.kind not in "iu":  # (0.7 was read as kind 0)
+            raise DatasetError(f"cache shard {path}: batch kinds must be integers, got {kinds.dtype}")
         if len(kinds) != self.shards[number][1] or (images is not None and images.shape[1:] != (self.size, self.size)):
             raise DatasetError(f"cache shard {path} does not match {self.dir / INDEX}")
         outside = sorted({int(k) for k in kinds if not 0 <= k < len(KINDS)})
@@ -148,6 +152,13 @@ class SweepCache:
             short = [k for k in FACTOR_KEYS if len(arrays[k]) != len(images)]
             if short:
                 raise DatasetError(f"cache shard {path}: factors {short} do not have one value per image")
+            # Identities are integers (float ones were read as float64); the others numbers (text failed unnamed).
+            wrong = [k for k in FACTOR_KEYS if arrays[k].dtype.kind not in ("iu" if k == "identity" else "iuf")]
+            if wrong:
+                raise DatasetError(
+                    f"cache shard {path}: factors {wrong} must be numbers (identity: integers), got "
+                    f"{[str(arrays[k].dtype) for k in wrong]}"
+                )
         return arrays
 
     def _shard(self, number: int) -> dict[str, np.ndarray]:

@@ -98,7 +98,7 @@ def read_grey(path: Path, size: int | None) -> np.ndarray:
                     grey[raw == transparent] = 0.0
             else:
                 grey = np.asarray(_on_black(image), dtype=np.float32) @ _GREY / 255.0
-    except (OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # (a bomb: over 2x PIL's pixels)
         raise DatasetError(f"cannot read image {path}: {err}") from err
     if size is not None and grey.shape != (size, size):
         grey = np.asarray(Image.fromarray(_centre_square(grey)).resize((size, size), Image.Resampling.BILINEAR))

@@ -76,10 +76,9 @@ def list_assets() -> list[str]:
 
 def load_asset(name: str) -> Mesh:
     """Load a packaged mesh by name (see :func:`list_assets`)."""
-    path = ASSETS_DIR / f"{name}.npz"
-    if not path.is_file():
+    if name not in list_assets():  # (a name, not a path: "../x" reached any .npz)
         raise ValueError(f"no packaged mesh named {name!r}; available: {', '.join(list_assets())}")
-    with np.load(path) as data:
+    with np.load(ASSETS_DIR / f"{name}.npz") as data:
         texture = data.get("texture", None)
         return Mesh(
             name=name,

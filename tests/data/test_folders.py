@@ -1,5 +1,6 @@
 """Images on disk: PNG folders in the DC-IGN layout, the original dataset's RGB files, the uint8 cache."""
 
+import json
 import re
 
 import numpy as np
@@ -106,6 +107,11 @@ def test_corrupt_cache_shard_names_the_file(tmp_path, batches):
     cache[0]
     with pytest.raises(DatasetError, match="shard_00001.npz"):
         cache[len(cache) - 1]
+    index = json.loads((tmp_path / "index.json").read_text())
+    for shards in ([{**index["shards"][0], "batches": -1}], []):  # (len(cache) raised "__len__() should return >= 0")
+        (tmp_path / "index.json").write_text(json.dumps({**index, "shards": shards}))
+        with pytest.raises(DatasetError, match="index.json: its size, its number of shards and each shard's batches"):
+            SweepCache(tmp_path)
     (tmp_path / "index.json").unlink()
     with pytest.raises(DatasetError, match="index.json"):
         SweepCache(tmp_path)
@@ -121,6 +127,10 @@ def test_corrupt_cache_shard_names_the_file(tmp_path, batches):
         (lambda a: a["offsets"].__setitem__(1, 0), "offsets do not split its .* into batches of one or more"),
         (lambda a: a.update(images=a["images"] / 255.0), "images must be uint8 pixels, got float64"),
         (lambda a: a.update(images=a["images"].astype(np.uint16) * 257), "images must be uint8 pixels, got uint16"),
+        # Float kinds were truncated (0.7: azimuth), float identities read as float64, text failed unnamed.
+        (lambda a: a.update(kinds=a["kinds"] + 0.7), "batch kinds must be integers, got float64"),
+        (lambda a: a.update(identity=a["identity"] * 1.0), r"factors \['identity'\] must be numbers .*float64"),
+        (lambda a: a.update(azimuth=a["azimuth"].astype(str)), r"factors \['azimuth'\] must be numbers .*<U"),
     ],
 )
 def test_a_shard_whose_arrays_disagree_is_refused(damage, words, tmp_path, batches):
@@ -198,6 +208,16 @@ def test_a_photo_is_centre_cropped_not_stretched_and_transparency_is_black(tmp_p
     Image.fromarray(keyed).save(tmp_path / "keyed.png", transparency=255)
     assert np.allclose(read_grey(tmp_path / "keyed.png", None), [[0, 0, 200 / 255, 200 / 255]], atol=1e-3)
     assert np.allclose(grey[3:], rgba[3:, :, :3].astype(np.float32) @ np.array([0.21, 0.72, 0.07]) / 255, atol=1e-3)
+
+
+def test_an_image_past_pils_pixel_limit_names_the_file(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError (an image of over twice MAX_IMAGE_PIXELS) came as a traceback, unnamed."""
+    from dcign_fast.data.folders import read_grey
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(DatasetError, match="cannot read image .*bomb.png: Image size .*exceeds limit"):
+        read_grey(tmp_path / "bomb.png", None)
 
 
 def test_16_bit_grey_in_either_byte_order_or_with_a_transparent_level(tmp_path):

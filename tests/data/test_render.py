@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 import sys
 
 import pytest
@@ -400,6 +401,12 @@ def test_a_mesh_is_checked_once_when_made():
         Mesh("quad", vertices, faces, albedo=torch.ones(5))  # (was refused by render only)
     with pytest.raises(ValueError, match=r"faces must be an integer \[F, 3\] tensor, got torch.float32"):
         vertex_faces(faces.float(), 4)  # (render's docstring offers it: "bincount_cpu" not implemented for 'Float')
+
+
+def test_load_asset_takes_a_name_not_a_path():
+    for name in ("../assets/james", "nobody"):  # (the first loaded: a path reached any .npz)
+        with pytest.raises(ValueError, match=f"no packaged mesh named '{re.escape(name)}'; available: james, "):
+            load_asset(name)
 
 
 def test_albedo_and_texture_of_other_dtypes_are_read_in_the_vertices_dtype():
