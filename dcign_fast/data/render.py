@@ -159,6 +159,14 @@ def _depth_check(depth: Tensor) -> _Check:
     )
 
 
+def _check_devices(vertices: Tensor, tensors: dict[str, Tensor | None]) -> None:
+    """A ValueError naming the first of ``tensors`` (None: not given) not on the vertices' device: torch's
+    "Expected all tensors to be on the same device" named none."""
+    for name, value in tensors.items():
+        if isinstance(value, Tensor) and value.device != vertices.device:
+            raise ValueError(f"{name} must be on the vertices' device ({vertices.device}), got {value.device}")
+
+
 def check_mesh(
     vertices: Tensor, faces: Tensor, texture: Tensor | None, uv: Tensor | None, face_uv: Tensor | None
 ) -> None:
@@ -170,6 +178,7 @@ def check_mesh(
     if vertices.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"vertices must be float32 or float64, got {vertices.dtype}")
     _check_faces(faces)
+    _check_devices(vertices, {"faces": faces, "texture": texture, "uv": uv, "face_uv": face_uv})
     if vertices.shape[-2] == 0 or faces.shape[0] == 0:
         raise ValueError(
             f"a mesh needs vertices and faces, got {vertices.shape[-2]} vertices and {faces.shape[0]} faces"
@@ -204,6 +213,7 @@ def _check_render_inputs(
     """A ValueError naming the first argument of :func:`render` that does not fit the others (torch's own
     errors, deep inside, named none): shapes and dtypes, no host sync (values: :func:`_value_checks`).
     per_image: azimuth, the other angles and gain (when given) by name."""
+    _check_devices(vertices, {**per_image, "albedo": albedo, "incident": incident})
     if vertices.dim() == 3 and vertices.shape[0] != batch:
         raise ValueError(f"vertices [B, V, 3] must have B = {batch} (azimuth's), got {tuple(vertices.shape)}")
     for name, value in per_image.items():

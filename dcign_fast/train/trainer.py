@@ -338,7 +338,7 @@ class Trainer:
         """A checkpoint of the steps trained since the last one (nothing of the current step has run), and what
         to say of it. None were: a checkpoint of step 0 would keep the failed run's folder from a fresh start."""
         if self.step > self._checkpointed_step:
-            return f"checkpoint: {self.save()}; mend the data and continue with --resume"
+            return f"checkpoint: {self.save()}; mend what failed and continue with --resume"
         since = f"its checkpoint of step {self.step}" if self.step else "the start"
         return f"no step was trained since {since}: nothing was saved"
 

@@ -341,6 +341,10 @@ def test_unknown_mesh_format_needs_trimesh(tmp_path):
         ({"faces": torch.zeros(4, 3)}, r"faces must be an integer \[F, 3\] tensor, got torch.float32"),
         ({"albedo": torch.ones(7)}, r"albedo must be \[V\] or \[B, V\]"),
         ({"albedo": [1.0] * 4}, r"albedo must be \[V\] or \[B, V\] with V = 4, got a list"),
+        # (meta stands in for a GPU: torch's "Tensor on device meta is not on the expected device cpu!" before)
+        ({"albedo": torch.ones(4, device="meta")}, r"albedo must be on the vertices' device \(cpu\), got meta"),
+        ({"elevation": torch.zeros(2, device="meta")}, r"elevation must be on the vertices' device \(cpu\)"),
+        ({"faces": torch.zeros(2, 3, dtype=torch.long, device="meta")}, r"faces must be on the vertices' device"),
         ({"ambient": float("nan")}, "ambient must be >= 0 and finite"),
         ({"ambient": -1.0}, "ambient must be >= 0"),
         ({"ambient": 5.0}, r"ambient must be in \[0, 1\], got 5.0"),
