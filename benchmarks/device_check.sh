@@ -4,8 +4,8 @@
 # on an H100/H200: each step has its own time limit (and each suite its own torch.compile budget), so one
 # slow step cannot starve the others, and the steps that matter most run first. Time a step leaves unused
 # goes to the steps after it (and time it overruns is taken from them), so the whole check takes about the
-# sum of the limits (460 s) at most, plus a few seconds of packing and the report. A suite cut short by its
-# limit keeps the rows it wrote.
+# sum of the limits (460 s) at most, plus what runs without a limit: the probes, packing and the report
+# (about 10-25 s). A suite cut short by its limit keeps the rows it wrote, marked as not finished.
 # Writes to the folder given as $1, else $OUT (the device tool's output folder), else benchmarks/results:
 # one JSON file per suite, and device-check-logs.tgz (every step's log, the training run's metrics and its
 # evaluation, the report; no weights), replaced after each step. That is 7 files (8 while a tarball is
@@ -23,6 +23,7 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'" || ex
 status=0
 spare=0  # seconds the steps so far left unused (negative: overran)
 pack() {  # the logs so far into $out, replaced whole: a check stopped mid-write leaves the previous tarball
+  rm -f "$out"/*.json.partial  # (a suite killed mid-write of its results: the .json before it stands)
   tar czf "$out/device-check-logs.tgz.partial" --exclude='*.safetensors' --exclude='*.pt' -C "$work" . &&
     mv -f "$out/device-check-logs.tgz.partial" "$out/device-check-logs.tgz"
 }

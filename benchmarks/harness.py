@@ -346,13 +346,15 @@ def is_quick(info: dict[str, object]) -> bool:
     return bool(info.get("quick"))
 
 
-def write_results(suite: str, info: dict[str, object], rows: list[dict], out_dir: Path) -> Path:
-    """One JSON file per run: ``<suite>-<device>-<date>.json`` holding the machine and every row."""
+def write_results(suite: str, info: dict[str, object], rows: list[dict], out_dir: Path, finished: bool = False) -> Path:
+    """One JSON file per run: ``<suite>-<device>-<date>.json`` holding the machine, every row so far and whether
+    the suite finished (a run stopped by a time limit keeps its rows, and the report says they stop short)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = str(info["date"]).replace(":", "").replace("-", "")
     path = out_dir / f"{suite}-{info['device']}-{stamp}.json"
     partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps({"suite": suite, "machine": info, "rows": rows}, indent=2) + "\n")
+    record = {"suite": suite, "machine": info, "rows": rows, "finished": finished}
+    partial.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(partial, path)  # atomic: a run killed mid-write leaves the previous version
     return path
 

@@ -82,11 +82,13 @@ def _markdown_header(runs: list[dict], quick_left_out: int, superseded: bool, re
         + (" Older runs follow under [Superseded runs](#superseded-runs)." if superseded else ""),
         quick,
         "",
-        "Times are medians after warm-up; `speedup` is the reference's time over the row's, measured side by",
-        "side in the same run; `over_floor` is time over the floor (multiply-adds at the measured matmul rate,",
-        "bytes at the measured copy bandwidth); `kernel_ms` is a kernel's profiled time per iteration and `share`",
-        "its part of its backend's total; `layout` is the memory layout of the ops and kernels suites' tensors",
-        "(runs without it used NCHW). GPU results exist only for runs made on a GPU machine.",
+        "Times are medians after warm-up; `speedup` is the suite's baseline's time (the reference's; for data",
+        "workers the in-process loop's, for patch the unpatched model's) over the row's, measured in the same",
+        "run (interleaved, but for the train suite's data rows); `over_floor` is time over the floor",
+        "(multiply-adds at the measured matmul rate, bytes at the measured copy bandwidth); `kernel_ms` is a",
+        "kernel's profiled time per iteration and `share` its part of its backend's total; `layout` is the memory",
+        "layout of the ops and kernels suites' tensors (runs without it used NCHW). GPU results exist only for",
+        "runs made on a GPU machine.",
         "",
     ]
 
@@ -131,6 +133,8 @@ def _run_section(run: dict, notes: list[str], all_rows: list[dict]) -> list[str]
     rows = [r for r in all_rows if "median_ms" in r or "kernel_ms" in r or r.get("note")]
     columns = [c for c in MARKDOWN_COLUMNS if any(r.get(c) is not None for r in rows)]
     heading = f"### {run['suite']} on {_machine(m)} ({m['device']}), {m['date']}"
+    if run.get("finished") is False:  # (files written before 2026-11-30 did not record it)
+        notes = ["**Stopped before it finished (by a time limit): what it had not reached is missing.**", *notes]
     if is_quick(m):
         notes = ["**Quick smoke run (`--quick`): small shapes and few repeats; the times are noise.**", *notes]
     return [heading, "", measured_with(m), "", *[f"{note}\n" for note in notes], _table(rows, columns), ""]
@@ -143,7 +147,10 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 def measured_with(m: dict) -> str:
     """A run's versions, threads, date and the code measured, as far as the run recorded it."""
     threads = f"{m.get('cpu_threads')} CPU threads"
-    return f"torch {m['torch']}, triton {m.get('triton')}, {threads}, {m['date']}, {code_label(m)}"
+    gpu = f"CUDA {m['cuda']}, " if m.get("cuda") else ""
+    if "cudnn_allow_tf32" in m:  # (float32 rows are TF32's when on)
+        gpu += f"TF32 {'on' if m['cudnn_allow_tf32'] else 'off'}, "
+    return f"torch {m['torch']}, triton {m.get('triton')}, {gpu}{threads}, {m['date']}, {code_label(m)}"
 
 
 def headline_rows(run: dict) -> list[dict]:
@@ -177,13 +184,15 @@ def plot_speedups(runs: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     backends = sorted({b for v in bars.values() for b in v})
+    # 18 colours: matplotlib's cycle of 10 came round again after 10 backends (two shared one colour).
+    colours = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
     cases = list(bars)
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(cases) + 1.5))
     height = 0.8 / len(backends)
     for i, backend in enumerate(backends):
         shown = [(j + i * height, bars[c][backend]) for j, c in enumerate(cases) if bars[c].get(backend)]
         ys, speedups = zip(*shown)
-        ax.barh(ys, speedups, height=height, label=backend)
+        ax.barh(ys, speedups, height=height, label=backend, color=colours[i % len(colours)])
     # Logarithmic: speedups span 0.1x to a few x, and the floors' up to several hundred x.
     ax.set_xscale("log")
     for j, case in enumerate(cases):
@@ -191,7 +200,10 @@ def plot_speedups(runs: list[dict], path: Path) -> bool:
             ax.plot([floors[case]] * 2, [j - 0.1, j + 0.8], color="black", linewidth=1)
     ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
     ax.set_yticks([j + 0.4 - height / 2 for j in range(len(cases))], cases, fontsize=7)
-    ax.set_xlabel("speedup over the reference, log scale (forward+backward where measured); black tick: the floor's")
+    ax.set_xlabel(
+        "speedup over the suite's baseline (the reference; for data workers the in-process loop, for patch the "
+        "unpatched model),\nlog scale, forward+backward where measured; black tick: the floor's"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")  # tight_layout alone clipped the x label's end

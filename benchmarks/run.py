@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in importlib.import_module(SUITES[name]).run(args.device, args.quick):
             rows.append(row)
             write_results(name, info, rows, out)
+        write_results(name, info, rows, out, finished=True)
         columns = [c for c in COLUMNS if any(c in row for row in rows)]
         print(f"\n{header(name, info)}")
         print(format_table(rows, columns))

@@ -175,7 +175,7 @@ def test_suite_quick_then_report(suite, tmp_path, capsys):
     timed = [ms for ms in timed if ms is not None]
     assert timed and all(ms > 0 for ms in timed)
     # A quick run says so in its file and its table: its two repeats of small shapes are no measurement.
-    assert data["machine"]["quick"] is True
+    assert data["machine"]["quick"] is True and data["finished"] is True
     assert f"suite {suite}" in (printed := capsys.readouterr().out) and "QUICK SMOKE RUN" in printed
     assert report.main(["--results", str(tmp_path), "--out", str(tmp_path), "--include-quick"]) == 0
     assert f"### {suite} on" in (text := (tmp_path / "RESULTS.md").read_text()) and "Quick smoke run" in text
@@ -563,6 +563,16 @@ def test_report_leaves_quick_runs_out_unless_asked(tmp_path, monkeypatch):
     assert "### latent on cpu, 2 threads, quick (cpu), 2026-02-01" in text and "Quick smoke run" in text
     assert "Superseded" not in text and len(plotted[-1]) == 2
     assert {r["machine"] for r in report.summary_rows(plotted[-1])} == {"cpu, 2 threads", "cpu, 2 threads, quick"}
+
+
+def test_report_marks_a_run_stopped_before_it_finished(tmp_path):
+    """A suite cut by device_check.sh's time limit keeps its rows; nothing said that the rest were missing."""
+    stopped, finished, unknown = (_result(f"2026-01-0{day}", 1.5) for day in (1, 2, 3))
+    stopped["suite"], finished["suite"] = "ops", "render"
+    stopped["finished"], finished["finished"] = False, True  # (files before 2026-11-30 did not record it)
+    text = _report(tmp_path, [stopped, finished, unknown])
+    assert text.count("Stopped before it finished") == 1
+    assert text.index("### ops on") < text.index("Stopped before it finished") < text.index("### latent on")
 
 
 def test_report_keeps_cpu_runs_with_other_thread_counts_apart():
