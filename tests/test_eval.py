@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from dcign_fast.cli import main
+from dcign_fast.data.sweeps import SweepRanges
 from dcign_fast.eval.metrics import encode_sweeps, group_correlation, mig, pearson, zscore
-from dcign_fast.eval.recognition import cross_pose_retrieval, distinct_identity_sweeps, top1_retrieval
+from dcign_fast.eval.recognition import (
+    cross_pose_retrieval,
+    distinct_identity_sweeps,
+    relit_probes,
+    top1_retrieval,
+)
 from dcign_fast.train import TrainConfig, Trainer
 
 
@@ -102,11 +108,52 @@ def test_retrieval_sweeps_show_distinct_identities():
         "raw_pixels": 1.0,
         "chance": 0.25,
         "identities": 4,
+        "probe_view": "same sweep (elevation and light shared with the gallery entry)",
     }
     with pytest.raises(ValueError, match="identities=5, but 120 azimuth sweeps showed only 4 distinct ones"):
         distinct_identity_sweeps(CodeOfIdentity(), identity_sweeps(4), 5, seed=0)
-    with pytest.raises(ValueError, match="needs two poses per sweep, got sweeps of 1 image"):
+    with pytest.raises(ValueError, match="needs two poses per sweep, got a sweep of 1 image"):
         cross_pose_retrieval([(s[0][:1], s[1][:1], s[2]) for s in sweeps], (0, 4))
+
+
+class LightingOnly:
+    """A stand-in renderer whose images show a sweep's elevation, light azimuth and light elevation in their
+    first three pixels and nothing of its identity, with the sampler's render(factors) and ranges."""
+
+    ranges = SweepRanges()
+
+    def render(self, factors: dict) -> torch.Tensor:
+        images = torch.zeros(len(factors["identity"]), 1, 4, 4)
+        for pixel, key in enumerate(("elevation", "light", "light_elevation")):
+            images.view(len(images), -1)[:, pixel] = (factors[key] + 2) / 4  # (in [0, 1])
+        return images
+
+    def batch(self, kind: str, generator: torch.Generator):
+        n = 8
+        fixed = (torch.rand(3, generator=generator) * 2 - 1) * 0.4
+        factors = {"azimuth": torch.linspace(-1, 1, n), "elevation": fixed[0].expand(n), "light": fixed[1].expand(n)}
+        factors |= {"light_elevation": fixed[2].expand(n), "identity": torch.randint(10**6, (), generator=generator)}
+        factors["identity"] = factors["identity"].expand(n)
+        return self.render(factors), factors
+
+
+def test_relit_probes_share_only_identity_and_pose_with_the_gallery():
+    """Gallery and probe came from one sweep, whose elevation and light are fixed: an embedding of the lighting,
+    with no identity in it at all, retrieved every identity. With the renderer, probes are relit afresh."""
+    renderer, model = LightingOnly(), CodeOfIdentity()  # (its latent means: the first pixels, the lighting here)
+    sweeps = distinct_identity_sweeps(model, renderer.batch, 50, seed=0)
+    assert cross_pose_retrieval(sweeps, (0, 3))["intrinsic_latents"] == 1.0  # the confound
+    probes = relit_probes(model, renderer, sweeps, seed=0)
+    result = cross_pose_retrieval(sweeps, (0, 3), probes)
+    assert result["intrinsic_latents"] <= 0.1 and result["probe_view"] == "elevation and light drawn afresh"
+    # Each probe is its sweep's identity at the azimuth three quarters into the sweep, in the ranges' lighting.
+    recorded: list[dict] = []
+    renderer.render = lambda factors: recorded.append(factors) or LightingOnly.render(renderer, factors)
+    relit_probes(model, renderer, sweeps, seed=0)
+    (factors,) = recorded
+    assert torch.equal(factors["identity"], torch.stack([f["identity"][0] for _, _, f in sweeps]))
+    assert torch.equal(factors["azimuth"], torch.stack([f["azimuth"][6] for _, _, f in sweeps]))
+    assert factors["elevation"].abs().max() <= renderer.ranges.elevation and factors["elevation"].std() > 0.1
 
 
 def test_more_retrieval_identities_than_the_renderer_has_are_refused_up_front(monkeypatch):
@@ -135,6 +182,28 @@ def test_retrieval():
     sweeps = [(torch.rand(8, 1, 4, 4), torch.randn(1, 6).expand(8, 6), {}) for _ in range(5)]
     result = cross_pose_retrieval(sweeps, (3, 6))
     assert result["intrinsic_latents"] == 1.0 and result["chance"] == 0.2
+
+
+def test_short_sweeps_and_a_decoder_that_diverged_are_refused_by_name():
+    """Sweeps of one image gave r = 0 and of two only each sweep's sign, silently; a decoder gone NaN gave torch's
+    "all elements of input should be between 0 and 1" from evaluation and a black grid from rerender."""
+    from dcign_fast.eval import rerender
+    from dcign_fast.eval.evaluate import reconstruction_errors
+    from dcign_fast.models import DCIGN
+
+    sweeps = encode_sweeps(CodeOfIdentity(), identity_sweeps(4), "azimuth", 3, seed=0)
+    for frames in (1, 2):
+        short = [(images[:frames], mu[:frames], {k: v[:frames] for k, v in f.items()}) for images, mu, f in sweeps]
+        with pytest.raises(ValueError, match=f"azimuth sweeps must hold 3 or more images .*got {frames}"):
+            group_correlation(short, (0, 1), "azimuth")
+    model = DCIGN.from_preset("demo64")
+    with torch.no_grad():
+        model.decoder[-1].bias.fill_(float("nan"))
+    image = torch.rand(1, 64, 64)
+    with pytest.raises(ValueError, match="model: its re-rendered images are not finite"):
+        rerender(model, image, "azimuth", torch.zeros(2))
+    with pytest.raises(ValueError, match="model: its reconstructions are not finite .* azimuth sweep 0"):
+        reconstruction_errors(model, lambda kind, g: (torch.rand(2, 1, 64, 64), {}), seed=0)
 
 
 def test_train_from_folders_then_eval_and_rerender(tmp_path, capsys):

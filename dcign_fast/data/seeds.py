@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 # The first word of each stream's key: what it draws.
-BATCHES, POOL, LATENT_NOISE, SWEEPS, EVAL_SWEEPS, EVAL_RECONSTRUCTION, GRID_REFERENCES = range(7)
+BATCHES, POOL, LATENT_NOISE, SWEEPS, EVAL_SWEEPS, EVAL_RECONSTRUCTION, GRID_REFERENCES, EVAL_PROBES = range(8)
 
 
 def stream_generator(*key: int, held_out: bool = False) -> torch.Generator:

@@ -22,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " eval.json names the checkpoint evaluated",
     )
     parser.add_argument(
-        "--sweeps", type=positive_int, default=40, help="held-out sweeps per extrinsic group (default %(default)s)"
+        "--sweeps",
+        type=positive_int,
+        default=40,
+        help="held-out sweeps per group: the extrinsic groups' correlations, all four for MIG (default %(default)s)",
     )
     parser.add_argument(
         "--identities", type=positive_int, default=100, help="identities for cross-pose retrieval (default %(default)s)"

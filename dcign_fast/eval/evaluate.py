@@ -20,7 +20,7 @@ from dcign_fast.data.seeds import EVAL_RECONSTRUCTION, stream_generator
 from dcign_fast.eval.grid import output_folder
 from dcign_fast.eval.inference import check_model, eval_mode, model_input, require_groups
 from dcign_fast.eval.metrics import EXTRINSIC, draw_sweep, encode_sweeps, group_correlation, mig
-from dcign_fast.eval.recognition import cross_pose_retrieval, distinct_identity_sweeps
+from dcign_fast.eval.recognition import cross_pose_retrieval, distinct_identity_sweeps, relit_probes
 from dcign_fast.models import DCIGN
 
 # Evaluation's sweeps are held out by their generators (data/seeds.py: their seeds are odd, training's even),
@@ -49,7 +49,8 @@ def evaluate(
         {"correlation": {group: |r|} per extrinsic group, "best_single_latent": {group: the best |r| of any one
         latent}, "sweeps_per_group": sweeps, "mig": the Mutual Information Gap, "reconstruction":
         {"bce_per_image", "mse_per_pixel"}, "identity_retrieval": {"intrinsic_latents", "raw_pixels" (top-1
-        accuracies), "chance", "identities"}}, and "checkpoint" (its resolved path) when given.
+        accuracies), "chance", "identities", "probe_view" (how the probes were made: recognition.py)}}, and
+        "checkpoint" (its resolved path) when given.
     """
     check_model(model)
     require_groups(model, (*EXTRINSIC, "intrinsic"), "evaluate")
@@ -62,6 +63,7 @@ def evaluate(
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a path (str or Path), got {type(checkpoint).__name__}")
     with eval_mode(model):
+        sampler = None
         if batch is None:
             from dcign_fast.data import SweepSampler
 
@@ -91,12 +93,13 @@ def evaluate(
                 results["best_single_latent"][kind] = max(group_correlation(encoded, (j, j + 1), kind)[0] for j in dims)
             for _, mu, factors in encoded:
                 pooled_mu.append(mu)
-                for key in (*EXTRINSIC, "identity"):
+                for key in EXTRINSIC:  # (not identity: see metrics.py)
                     pooled_factors.setdefault(key, []).append(factors[key])
         results["mig"] = mig(torch.cat(pooled_mu), {k: torch.cat(v) for k, v in pooled_factors.items()})
         results["reconstruction"] = reconstruction_errors(model, batch, seed)
         retrieval_sweeps = distinct_identity_sweeps(model, batch, identities, seed + 99)
-        results["identity_retrieval"] = cross_pose_retrieval(retrieval_sweeps, groups["intrinsic"])
+        probes = None if sampler is None else relit_probes(model, sampler, retrieval_sweeps, seed)
+        results["identity_retrieval"] = cross_pose_retrieval(retrieval_sweeps, groups["intrinsic"], probes)
         if out is not None:
             (out / "eval.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
             plot_scatter(scatter, results["correlation"], out / "scatter.png")
@@ -113,6 +116,8 @@ def reconstruction_errors(model: DCIGN, batch: Callable, seed: int, count: int =
         generator = stream_generator(EVAL_RECONSTRUCTION, seed, i, held_out=True)
         images = draw_sweep(model, batch, kind, generator, f"its {kind} sweep {i}", factors_needed=False)[0]
         recon = model.decode(model.encode(model_input(model, images))[0]).float()
+        if not torch.isfinite(recon).all():  # (torch's BCE said "all elements of input should be between 0 and 1")
+            raise ValueError(f"model: its reconstructions are not finite (NaN or inf) on held-out {kind} sweep {i}")
         images = images.to(recon.device)  # the float32 targets, not rounded to a 16-bit model's dtype
         bce += F.binary_cross_entropy(recon, images.float(), reduction="sum").item()
         mse += F.mse_loss(recon, images.float(), reduction="sum").item() / images[0].numel()

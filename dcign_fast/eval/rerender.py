@@ -45,7 +45,10 @@ def _rerender(model: DCIGN, image: torch.Tensor, group: str, values: torch.Tenso
         z = mu.repeat(len(values), 1)
         start, stop = model.config.latent_groups[group]
         z[:, start:stop] = values.to(z).view(-1, 1)
-        return model.decode(z)
+        images = model.decode(z)
+    if not torch.isfinite(images).all():  # (a black grid, without a word)
+        raise ValueError("model: its re-rendered images are not finite (NaN or inf): its weights have diverged")
+    return images
 
 
 def one_image(model: DCIGN, image: torch.Tensor) -> torch.Tensor:
