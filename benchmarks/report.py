@@ -134,7 +134,11 @@ def _run_section(run: dict, notes: list[str], all_rows: list[dict]) -> list[str]
     columns = [c for c in MARKDOWN_COLUMNS if any(r.get(c) is not None for r in rows)]
     heading = f"### {run['suite']} on {_machine(m)} ({m['device']}), {m['date']}"
     if run.get("finished") is False:  # (files written before 2026-11-30 did not record it)
-        notes = ["**Stopped before it finished (by a time limit): what it had not reached is missing.**", *notes]
+        notes = [
+            "**Stopped before it finished (a time limit or a failure: see its log): what it had not reached is "
+            "missing.**",
+            *notes,
+        ]
     if is_quick(m):
         notes = ["**Quick smoke run (`--quick`): small shapes and few repeats; the times are noise.**", *notes]
     return [heading, "", measured_with(m), "", *[f"{note}\n" for note in notes], _table(rows, columns), ""]
@@ -148,8 +152,8 @@ def measured_with(m: dict) -> str:
     """A run's versions, threads, date and the code measured, as far as the run recorded it."""
     threads = f"{m.get('cpu_threads')} CPU threads"
     gpu = f"CUDA {m['cuda']}, " if m.get("cuda") else ""
-    if "cudnn_allow_tf32" in m:  # (float32 rows are TF32's when on)
-        gpu += f"TF32 {'on' if m['cudnn_allow_tf32'] else 'off'}, "
+    if "cudnn_allow_tf32" in m:  # (float32 convolutions, cuDNN's and the fused backends', run in TF32 when on)
+        gpu += f"cuDNN TF32 {'on' if m['cudnn_allow_tf32'] else 'off'}, "
     return f"torch {m['torch']}, triton {m.get('triton')}, {gpu}{threads}, {m['date']}, {code_label(m)}"
 
 
@@ -185,7 +189,7 @@ def plot_speedups(runs: list[dict], path: Path) -> bool:
 
     backends = sorted({b for v in bars.values() for b in v})
     # 18 colours: matplotlib's cycle of 10 came round again after 10 backends (two shared one colour).
-    colours = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
+    colours = [*plt.get_cmap("tab10")(range(10)), *plt.get_cmap("Dark2")(range(8))]
     cases = list(bars)
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(cases) + 1.5))
     height = 0.8 / len(backends)

@@ -63,7 +63,7 @@ def positive_int(text: str) -> int:
 def run_folder(text: str) -> Path:
     """argparse type: a folder to write into, not empty text (Path("") would be the current folder)."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("must name a folder, got ''")
+        raise argparse.ArgumentTypeError(f"must name a folder, got {text!r}")
     return Path(text)
 
 

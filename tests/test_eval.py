@@ -156,6 +156,19 @@ def test_relit_probes_share_only_identity_and_pose_with_the_gallery():
     assert factors["elevation"].abs().max() <= renderer.ranges.elevation and factors["elevation"].std() > 0.1
 
 
+def test_evaluate_relights_the_probes_of_a_sweep_samplers_batch():
+    """The demo passes sampler.batch: it fell back to the same-sweep probes, which only batch=None relit."""
+    from dcign_fast.data import SweepSampler
+    from dcign_fast.eval import evaluate
+    from dcign_fast.models import DCIGN
+
+    sampler = SweepSampler(size=64, batch_size=4)
+    result = evaluate(DCIGN.from_preset("demo64"), sampler.batch, sweeps=1, identities=2)["identity_retrieval"]
+    assert result["probe_view"] == "elevation and light drawn afresh"
+    stored = evaluate(DCIGN.from_preset("demo64"), lambda k, g: sampler.batch(k, g), sweeps=1, identities=2)
+    assert stored["identity_retrieval"]["probe_view"].startswith("same sweep")  # (any other callable)
+
+
 def test_more_retrieval_identities_than_the_renderer_has_are_refused_up_front(monkeypatch):
     from dcign_fast.models import DCIGN
 

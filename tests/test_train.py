@@ -261,12 +261,15 @@ def test_a_checkpoint_whose_parts_disagree_or_lack_keys_is_refused_by_name(tmp_p
         ({"config": [1]}, "its config must be a mapping of training options, got a list"),
         ({"step": "x"}, "its step must be an integer >= 0, got 'x'"),
         ({"step": -5}, "its step must be an integer >= 0, got -5"),
-        ({"config": {**state["config"], "steps": -1}}, "holds options this version refuses: steps must be >= 1"),
     ]
     for change, words in damaged:
         torch.save({**state, **change}, checkpoint / "trainer.pt")
         with pytest.raises(CheckpointError, match=f"{checkpoint / 'trainer.pt'}.* {words}"):
             Trainer(config(tmp_path, steps=4), resume=True, render=blobs)
+    # Options this version refuses: every checkpoint of the run holds them, so not a damaged one (no hint).
+    torch.save({**state, "config": {**state["config"], "steps": -1}}, checkpoint / "trainer.pt")
+    with pytest.raises(ValueError, match="trainer.pt holds options this version refuses: steps must be >= 1, got -1$"):
+        Trainer(config(tmp_path, steps=4), resume=True, render=blobs)
     torch.save(state, checkpoint / "trainer.pt")
     # Weights of another model beside this run's state: a size-mismatch traceback from load_state_dict before.
     weights = load_file(str(checkpoint / "model.safetensors"))
@@ -305,6 +308,9 @@ def test_weights_that_are_not_floating_point_are_refused(tmp_path):
     save_weights(checkpoint / "model.safetensors", weights, DCIGN.from_preset("demo64").config.to_dict())
     with pytest.raises(CheckpointError, match=r"must be floating-point, but \['decoder.0.bias'\] are not"):
         DCIGN.from_checkpoint(checkpoint)
+
+
+def test_resume_must_be_a_bool(tmp_path):
     with pytest.raises(TypeError, match="resume must be True or False, got 'no'"):  # ("no" resumed)
         Trainer(config(tmp_path, steps=4), resume="no", render=blobs)
 
@@ -1059,6 +1065,24 @@ def test_a_killed_trainer_s_forked_children_do_not_hold_its_lock(tmp_path):
     finally:
         os.kill(child, signal.SIGKILL)
         trainer.stdout.close()
+    # A forked child that leaves the block itself (not by os._exit) leaves the parent's lock alone, quietly: it
+    # raised a KeyError (the lock it no longer knew of).
+    script = (
+        "import os, sys; from dcign_fast.train.lock import run_folder_lock\n"
+        "with run_folder_lock(sys.argv[1]):\n"
+        "    child = os.fork()\n"
+        "    if child:\n"
+        "        print(os.waitpid(child, 0)[1], flush=True); sys.stdin.readline()\n"
+        "if not child:\n"
+        "    os._exit(0)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "run")], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert int(parent.stdout.readline()) == 0 and locked_elsewhere(tmp_path / "run")  # still the parent's
+    finally:
+        parent.communicate(b"\n", timeout=60)
 
 
 def test_the_cli_and_readers_leave_a_save_under_way_alone(tmp_path, capsys):

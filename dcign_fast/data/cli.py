@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -14,12 +13,16 @@ from dcign_fast.data.folders import export_sweeps
 from dcign_fast.data.preview import preview_grid
 from dcign_fast.data.sweeps import SweepSampler
 
+BATCHES = 100  # written with --out unless --batches says otherwise
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=run_folder, help="dataset folder to write")
     target.add_argument("--preview", type=image_file, help="write a labelled grid PNG of all four sweep kinds")
-    parser.add_argument("--batches", type=positive_int, help="number of batches to write (with --out; default 100)")
+    parser.add_argument(
+        "--batches", type=positive_int, help=f"number of batches to write (with --out; default {BATCHES})"
+    )
     parser.add_argument(
         "--size", type=positive_int, default=64, help="image side in pixels, e.g. 64 (the default), 128, 150"
     )
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{given} is for --out: a --preview grid shows one batch of each kind")
         print(f"wrote {preview_grid(sampler, args.preview, seed=args.seed)}")
         return 0
-    out = Path(args.out)
+    out = args.out
     if out.is_dir() and any(out.iterdir()):  # writing over it would mix two datasets' batches in one folder
         raise ValueError(f"--out {out} is not empty: choose a new folder (or delete this one)")
     if out.exists() and not out.is_dir():  # found now, not after the first batch is rendered
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # (its message named the path but not the option)
         raise ValueError(f"--out {out} cannot be created: {err.strerror}") from err
-    total, layout = args.batches or 100, args.format or "png"
+    total, layout = args.batches or BATCHES, args.format or "png"
     batches = tqdm(itertools.islice(sampler, total), total=total, unit="batch", desc="render")
     count = export_sweeps(batches, out) if layout == "png" else write_cache(batches, out)
     print(f"wrote {count} batches of {args.batch_size} images ({args.size}px, {layout}) to {out}")

@@ -65,7 +65,10 @@ def _read_off(path: Path) -> RawMesh:
     if not header.endswith("OFF"):
         raise ValueError("missing OFF header")
     # The counts may follow the keyword on its line or sit on the next one.
-    counts, body = (lines[0][1:], 1) if len(lines[0]) > 1 else ((lines[1:] or [[]])[0], 2)
+    if len(lines[0]) > 1:
+        counts, body = lines[0][1:], 1
+    else:
+        counts, body = (lines[1] if len(lines) > 1 else []), 2
     if len(counts) < 2:
         raise ValueError("its header has no vertex and face counts")
     n_vertices, n_faces = int(counts[0]), int(counts[1])

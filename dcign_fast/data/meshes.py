@@ -24,8 +24,8 @@ class Mesh:
 
     vertices: [V, 3] float32; faces: [F, 3] int64 (counter-clockwise seen from outside);
     albedo: [V] float32 or None (then 1); texture: [H, W] float32 in [0, 1] with uv: [T, 2] and
-    face_uv: [F, 3], or all None. incident: [V, D] vertex -> face table (derived). Vertices, albedo, texture and
-    uv of another real dtype are stored as float32 (the sweeps render in it).
+    face_uv: [F, 3], or all None. incident: [V, D] vertex -> face table (derived). float64 vertices, and albedo,
+    texture and uv of another real dtype, are stored as float32 (the sweeps render in it).
     """
 
     name: str

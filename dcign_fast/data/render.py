@@ -367,7 +367,7 @@ def render(
     antialias: supersampling factor (renders at size * antialias and averages).
     Returns [B, 1, size, size] in [0, 1] (float64 for float64 vertices, else float32), background 0.
 
-    Bad arguments raise a ValueError naming them: shapes and dtypes, and values (tensors not finite, depths
+    Bad arguments raise a ValueError naming them: shapes, dtypes and devices, and values (tensors not finite, depths
     outside [-2, 2], index entries out of range), the values in one host sync (computing incident takes one
     more, for its table's width).
     """

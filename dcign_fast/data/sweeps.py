@@ -94,11 +94,12 @@ def _distinct(count: int, n: int, g: torch.Generator) -> Tensor:
     """n distinct integers of range(count) [n] int64, drawn with ``g``."""
     if count <= _PERMUTED_UP_TO:
         return torch.randperm(count, generator=g)[:n]
-    chosen: dict[int, None] = {}  # (ordered) Floyd's algorithm: n draws, whatever count
+    chosen: set[int] = set()  # Floyd's algorithm: a uniform subset in n draws, whatever count
     for j in range(count - n, count):
         t = int(torch.randint(j + 1, (), generator=g))
-        chosen[j if t in chosen else t] = None
-    return torch.tensor(list(chosen), dtype=torch.int64)
+        chosen.add(j if t in chosen else t)
+    # In a random order (sorted first: a set's order is not the generator's to decide).
+    return torch.tensor(sorted(chosen), dtype=torch.int64)[torch.randperm(n, generator=g)]
 
 
 class SweepSampler:

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sweeps",
         type=positive_int,
         default=40,
-        help="held-out sweeps per group: the extrinsic groups' correlations, all four for MIG (default %(default)s)",
+        help="held-out sweeps per kind: the extrinsic groups' correlations; all pooled for MIG (default %(default)s)",
     )
     parser.add_argument(
         "--identities", type=positive_int, default=100, help="identities for cross-pose retrieval (default %(default)s)"

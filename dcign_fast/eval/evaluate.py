@@ -62,11 +62,12 @@ def evaluate(
         raise TypeError(f"batch must be a callable, batch(kind, generator) -> (images, factors), got {batch!r}")
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a path (str or Path), got {type(checkpoint).__name__}")
-    with eval_mode(model):
-        sampler = None
-        if batch is None:
-            from dcign_fast.data import SweepSampler
+    from dcign_fast.data import SweepSampler
 
+    with eval_mode(model):
+        # The renderer behind batch, when it is one (None, or a SweepSampler's batch): it relights the probes.
+        sampler = getattr(batch, "__self__", None)
+        if batch is None:
             sampler = SweepSampler(size=model.config.image_size, device=next(model.parameters()).device)
             if identities > sampler.num_identities:  # refused now, not after thousands of sweeps drawn in vain
                 raise ValueError(
@@ -98,7 +99,9 @@ def evaluate(
         results["mig"] = mig(torch.cat(pooled_mu), {k: torch.cat(v) for k, v in pooled_factors.items()})
         results["reconstruction"] = reconstruction_errors(model, batch, seed)
         retrieval_sweeps = distinct_identity_sweeps(model, batch, identities, seed + 99)
-        probes = None if sampler is None else relit_probes(model, sampler, retrieval_sweeps, seed)
+        probes = None
+        if isinstance(sampler, SweepSampler):
+            probes = relit_probes(model, sampler, retrieval_sweeps, seed)
         results["identity_retrieval"] = cross_pose_retrieval(retrieval_sweeps, groups["intrinsic"], probes)
         if out is not None:
             (out / "eval.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 Sweep = tuple[torch.Tensor, torch.Tensor, dict]
 # Each sweep's probe view: (image [C, S, S], latent means [D]).
 Probes = list[tuple[torch.Tensor, torch.Tensor]]
+GALLERY_AT, PROBE_AT = 0.25, 0.75  # where in its azimuth sweep an identity's gallery and probe views lie
 SAME_SWEEP = "same sweep (elevation and light shared with the gallery entry)"
 RELIT = "elevation and light drawn afresh"
 
@@ -53,9 +54,11 @@ def cross_pose_retrieval(
     short = min(len(images) for images, _, _ in sweeps)
     if short < 2:  # the gallery view would be the probe itself
         raise ValueError(f"sweeps: cross-pose retrieval needs two poses per sweep, got a sweep of {short} image")
-    gallery = _views(sweeps, 0.25)
+    if probes is not None and len(probes) != len(sweeps):
+        raise ValueError(f"probes must hold one view per sweep ({len(sweeps)}), got {len(probes)}")
+    gallery = _views(sweeps, GALLERY_AT)
     probe_view = RELIT if probes is not None else SAME_SWEEP
-    probes = probes if probes is not None else _views(sweeps, 0.75)
+    probes = probes if probes is not None else _views(sweeps, PROBE_AT)
     start, stop = intrinsic
 
     def stacked(views: Probes, latents: bool) -> torch.Tensor:
@@ -82,7 +85,7 @@ def relit_probes(model: DCIGN, sampler: SweepSampler, sweeps: list[Sweep], seed:
         return low + (high - low) * torch.rand(n, generator=g)
 
     factors = {
-        "azimuth": torch.stack([f["azimuth"][int(0.75 * len(f["azimuth"]))] for _, _, f in sweeps]).float(),
+        "azimuth": torch.stack([f["azimuth"][int(PROBE_AT * len(f["azimuth"]))] for _, _, f in sweeps]).float(),
         "elevation": uniform(-r.elevation, r.elevation),
         "light": uniform(-r.light, r.light),
         "light_elevation": uniform(*r.light_elevation),

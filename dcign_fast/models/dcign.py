@@ -379,24 +379,29 @@ class DCIGN(nn.Module):
         """[B, C, S, S] in [0, 1] -> (mu, logvar), each [B, latent_dim]."""
         c = self.config
         check_shape("x", x, (c.in_channels, c.image_size, c.image_size), "images")
-        self._check_input("x", x, "images in [0, 1] (uint8 pixels: divide by 255)")
+        self._check_input("x", x, "images in [0, 1] (uint8 pixels: divide by 255)", self._first_weight(self.encoder))
         h = self.encoder(x)
         return self.to_mu(h), self.to_logvar(h)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] -> [B, C, S, S] logits (before the sigmoid)."""
         check_shape("z", z, (self.config.latent_dim,), "codes")
-        self._check_input("z", z, "codes")
+        self._check_input("z", z, "codes", self._first_weight(self.from_latent))
         # The unflattened code is NCHW and every unpool-conv keeps its input's layout: without this a model
         # moved to channels_last (the trainer's default) would run its whole decoder in NCHW, and the fused
         # kernels would copy to and from their NHWC layout at every layer.
         h = self.from_latent(z).contiguous(memory_format=self._decoder_memory_format())
         return self.decoder(h)
 
-    def _check_input(self, name: str, t: torch.Tensor, what: str) -> None:
-        """ValueError unless ``t`` is on the weights' device; TypeError unless it is floating point with their
-        dtype, or one autocast casts: torch's own messages name neither the argument nor the fix."""
-        dtype, device = self.to_mu.weight.dtype, self.to_mu.weight.device
+    @staticmethod
+    def _first_weight(layers: nn.Module) -> torch.Tensor:
+        return next(layers.parameters())
+
+    def _check_input(self, name: str, t: torch.Tensor, what: str, first: torch.Tensor) -> None:
+        """ValueError unless ``t`` is on the device of ``first``, the weight of the layer it meets first (a model
+        may be split across devices); TypeError unless it is floating point with the weights' dtype, or one
+        autocast casts: torch's own messages name neither the argument nor the fix."""
+        dtype, device = first.dtype, first.device
         if t.device != device:
             raise ValueError(
                 f"{name} must be on the model's device ({device}), got {t.device}: move it with .to('{device}'), "

@@ -116,7 +116,8 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], DCIGNConfig
 
 def load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
     """``module.load_state_dict(weights)``, the weights read from ``path``; a CheckpointError naming it when they
-    are not the module's (layers renamed or missing, other shapes: another version's file, or an edited one)."""
+    are not the module's (layers renamed or missing, other shapes: another version's file, or an edited one) or
+    not floating point."""
     not_float = sorted(name for name, tensor in weights.items() if not tensor.is_floating_point())
     if not_float:  # (load_state_dict would cast them without a word)
         raise CheckpointError(f"checkpoint weights {path} must be floating-point, but {not_float} are not")
@@ -236,15 +237,16 @@ def _state_problem(state: dict[str, Any]) -> str | None:
     if not is_integer(step) or step < 0:
         return f"its step must be an integer >= 0, got {step!r}"
     if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
-        return f"its rng must be a CPU generator's state (torch.get_rng_state()), got {_described(rng)}"
+        return f"its rng must be a CPU generator's state (torch.get_rng_state()), got {_kind_of(rng)}"
     if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
-        return f"its optimizer must be an optimizer's state_dict, got {_described(optimizer)}"
+        return f"its optimizer must be an optimizer's state_dict, got {_kind_of(optimizer)}"
     if not isinstance(state["config"], dict):
-        return f"its config must be a mapping of training options, got {_described(state['config'])}"
+        return f"its config must be a mapping of training options, got {_kind_of(state['config'])}"
     return None
 
 
-def _described(value: object) -> str:
+def _kind_of(value: object) -> str:
+    """A state entry's kind, for an error message: a tensor's dtype and shape, a dict's keys, another's type."""
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     return f"a {type(value).__name__}" + (f" with keys {sorted(map(str, value))}" if isinstance(value, dict) else "")

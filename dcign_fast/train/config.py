@@ -31,6 +31,7 @@ _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 # Each numeric option's range (each element's, for betas), checked when a TrainConfig is made: before Adam,
 # the sampler or torch see a value, and before a run folder is written. 0 stays allowed where it means "off";
 # grad_clip and time_limit_s are switched off with None instead.
+_ODDS = Bounds(0, below=FLOAT32_MAX)  # a batch kind's odds: as SweepSampler's, and a sum of them never overflows
 OPTION_BOUNDS: dict[str, Bounds] = {
     "steps": Bounds(1),
     "pretrain_steps": Bounds(0),
@@ -41,7 +42,7 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "adam_eps": Bounds(0, strict=True),  # 0 divides 0 by 0 for a parameter whose gradients are all 0
     "grad_clip": Bounds(0, strict=True),  # a max norm of 0 zeroes every gradient, below 0 flips them
     "invariance": Bounds(0, below=FLOAT32_MAX),  # (the sampler's pull is float32)
-    "shape_bias": Bounds(0, below=FLOAT32_MAX),  # (as SweepSampler's; a sum of odds then never overflows)
+    "shape_bias": _ODDS,
     # (Hashed with the step and shard into each batch's generator: data/seeds.py.)
     "seed": Bounds(-(2**27), below=2**28),
     "data_pool": Bounds(0),
@@ -202,7 +203,7 @@ class TrainConfig:
             raise TypeError(f"kind_weights must map batch kinds to numbers, got {self.kind_weights!r}")
         self.kind_weights = {kind: _as_float(weight) for kind, weight in self.kind_weights.items()}
         for kind, weight in self.kind_weights.items():
-            OPTION_BOUNDS["shape_bias"].check(f"kind_weights[{kind!r}]", weight)
+            _ODDS.check(f"kind_weights[{kind!r}]", weight)
 
     def differences(self, other: TrainConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
         """{option: (this value, other's value)} for the options that differ, except those in ``ignore``."""
@@ -231,7 +232,7 @@ class TrainConfig:
     def read_yaml(path: str | Path) -> dict[str, Any]:
         """The options in a YAML file (a mapping)."""
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except UnicodeDecodeError as err:  # (its message named neither the file nor what it should hold)
             raise ValueError(f"{path} must be a YAML text file (UTF-8): {err.reason} at byte {err.start}") from err
         values = load_yaml(text, str(path)) or {}

@@ -55,9 +55,10 @@ def run_folder_lock(out: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        handle, holders = _HELD.pop(key)
-        if holders > 1:
-            _HELD[key] = (handle, holders - 1)
-        else:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
+        # Not held: a forked child leaving the block (its copy was closed at the fork; the lock is the parent's).
+        held = _HELD.pop(key, None)
+        if held is not None and held[1] > 1:
+            _HELD[key] = (held[0], held[1] - 1)
+        elif held is not None:
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            held[0].close()

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, cast
+from typing import Any, Callable, cast
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -88,11 +88,12 @@ def stored_config(out: str | Path) -> TrainConfig | None:
         return _stored_options(existing[-1], load_state(existing[-1]))
 
 
-def _stored_options(path: Path, state: dict) -> TrainConfig:
+def _stored_options(path: Path, state: dict[str, Any]) -> TrainConfig:
     try:
         return TrainConfig.from_stored(state["config"])
-    except (TypeError, ValueError) as err:  # (an edited file: the error named the option, not the checkpoint)
-        raise CheckpointError(f"checkpoint state {path / STATE} holds options this version refuses: {err}") from err
+    except (TypeError, ValueError) as err:  # (the error named the option, not the checkpoint)
+        # Not a CheckpointError: every checkpoint of the run holds these options, none is a way round it.
+        raise ValueError(f"checkpoint state {path / STATE} holds options this version refuses: {err}") from err
 
 
 @contextlib.contextmanager

@@ -163,20 +163,24 @@ def test_an_identity_is_its_own_generator_seed():
 
 @pytest.mark.parametrize("num_identities", [2**62, 3 * 10**8, 40])
 def test_an_intrinsic_batch_draws_distinct_identities_from_any_range(num_identities, monkeypatch):
-    """Drawn as the head of a permutation of them all: 3e8 identities took 24 s and 2.4 GB a batch. Beyond a
-    million, drawn one by one (Floyd's algorithm; forced at 40 here, where it must still be uniform)."""
+    """Drawn as the head of a permutation of them all: 3e8 identities took 24 s and 2.4 GB a batch. Beyond 2**20,
+    drawn one by one (Floyd's algorithm; forced at 40 here, where each identity must be as likely, at the
+    batch's first place too)."""
     monkeypatch.setattr(sweeps, "_PERMUTED_UP_TO", 16)
     sampler = SweepSampler(size=8, batch_size=20, num_identities=num_identities, device="cpu")
     g = torch.Generator().manual_seed(0)
-    counts = torch.zeros(min(num_identities, 40))
+    counts, first = torch.zeros(min(num_identities, 40)), torch.zeros(min(num_identities, 40))
     for _ in range(400 if num_identities == 40 else 3):
         identity = sampler.factors("intrinsic", g)["identity"]
         assert identity.dtype == torch.int64 and len(set(identity.tolist())) == 20
         assert int(identity.min()) >= 0 and int(identity.max()) < num_identities
         if num_identities == 40:
             counts += torch.bincount(identity, minlength=40)
+            first[identity[0]] += 1
     if num_identities == 40:  # each identity in half the batches: 200 +- 10 (binomial), by far within 60
         assert (counts - 200).abs().max() < 60
+        # First of the batch 10 +- 3 times each (Floyd's own order put only the first 21 identities there).
+        assert first[21:].sum() > 100 and first.max() < 30
 
 
 @pytest.mark.parametrize("name", ["meshmonk", "menpo3d", "james"])
