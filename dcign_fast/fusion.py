@@ -82,6 +82,10 @@ def fusion_bypassed_reason(upsample: nn.Module, conv: nn.Module) -> str:
     for role, module in (("upsample", upsample), ("convolution", conv)):
         if any(getattr(module, hooks) for hooks in _HOOKS):
             return f"the {role} has hooks, which the fused layer would not run"
+        # As a subclass's override would (a wrapper's hook may be attached so: module.forward = ...).
+        replaced = [method for method in ("forward", "_conv_forward") if method in vars(module)]
+        if replaced:
+            return f"the {role}'s {replaced[0]} is replaced on the instance, which the fused layer would not call"
         own = {"weight", "bias"} if module is conv else set()
         extra = sorted({*module._parameters, *module._buffers, *module._modules} - own)
         if extra:

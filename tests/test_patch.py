@@ -270,6 +270,26 @@ def test_hooks_keep_the_pair_unfused(add_hook):
     assert report.replaced == [] and "hooks" in report.skipped[0][1]
 
 
+@pytest.mark.parametrize("index, method", [(0, "forward"), (1, "forward"), (1, "_conv_forward")])
+def test_a_forward_replaced_on_the_instance_keeps_the_pair_unfused(index, method):
+    """Only a subclass's override was seen: a forward set on the module (as a wrapper attaches its hook) was
+    bypassed by the fused layer, and the outputs changed without a word."""
+    model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(2, 2, 3, padding=1))
+    original = getattr(model[index], method)
+    setattr(model[index], method, lambda *args: original(*args) * 2)
+    x = torch.randn(1, 2, 4, 4)
+    before = model(x)
+    report = dc.patch(model)
+    assert report.replaced == [] and f"{method} is replaced on the instance" in report.skipped[0][1]
+    assert torch.equal(model(x), before)
+    layer = _upsample2d_class()(2, use_conv=True)
+    unfused = layer(x)
+    assert dc.patch(layer).replaced == ["(root)"]
+    original = layer.conv.forward  # replaced after the patch: the fused forward, checking each call, steps aside
+    layer.conv.forward = lambda t: original(t) * 2
+    torch.testing.assert_close(layer(x), 2 * unfused)
+
+
 def test_an_upsample_subclass_with_its_own_forward_keeps_the_pair_unfused():
     class BilinearAfterAll(nn.Upsample):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
