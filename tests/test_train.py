@@ -1085,6 +1085,34 @@ def test_a_killed_trainer_s_forked_children_do_not_hold_its_lock(tmp_path):
         parent.communicate(b"\n", timeout=60)
 
 
+class _FullDisk:
+    """A file whose writes fail as on a full disk, at every flush (and so at close, which flushes)."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+
+    def write(self, text: str) -> int:
+        return self.file.write(text)
+
+    def flush(self) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        self.file.close()
+        self.flush()
+
+
+def test_a_metrics_log_that_cannot_be_written_is_named_and_the_run_lets_go(tmp_path):
+    """The log's close flushed the failed line again: its error replaced the first, and the cleanup after it
+    (signal handlers, the run folder's lock) was skipped. Neither error named the file."""
+    trainer = Trainer(config(tmp_path, steps=3), render=blobs)
+    trainer.log.file = _FullDisk(trainer.log.file)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(OSError, match=r"cannot write .*metrics.jsonl \(No space left on device\)"):
+        trainer.train()
+    assert signal.getsignal(signal.SIGINT) is handler and not locked_elsewhere(tmp_path / "run")
+
+
 def test_the_cli_and_readers_leave_a_save_under_way_alone(tmp_path, capsys):
     """Listing put a step's .old- folder back, and train --resume (for the stored options) or
     DCIGN.from_checkpoint(run folder) list without the lock: between a running save's two renames, that made

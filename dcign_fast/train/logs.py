@@ -29,6 +29,7 @@ class MetricsLog:
     def __init__(self, out: Path, enabled: bool, resume_step: int = 0) -> None:
         self.enabled = enabled
         self.closed = False  # on every rank alike, so that all of them reopen it (together) after close()
+        self.write_failed = False  # then closing flushes the failed line again, and fails again
         self.path = out / METRICS_FILE
         self.tensorboard = None
         if not enabled:
@@ -52,8 +53,12 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:  # (a full disk's "[Errno 28] No space left on device" named no file)
+            self.write_failed = True
+            raise OSError(err.errno, f"cannot write {self.path} ({err.strerror})") from err
         if self.tensorboard is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -62,7 +67,11 @@ class MetricsLog:
     def close(self) -> None:
         self.closed = True
         if self.enabled:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                if not self.write_failed:  # (its line is lost either way; the write's error says why)
+                    raise
             if self.tensorboard is not None:
                 self.tensorboard.close()
 

@@ -515,12 +515,14 @@ class Trainer:
                     run_together(self._save_progress_images, self.world)
             return TrainResult(self.step, checkpoint or self._latest(), interrupted=False)
         finally:
-            self.batches.close()
-            bar.close()
-            self.log.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            self._unlock_run_folder()
+            # Each runs, even if one before it raises; last registered, first run.
+            with contextlib.ExitStack() as cleanup:
+                cleanup.callback(self._unlock_run_folder)
+                for s, handler in previous.items():
+                    cleanup.callback(signal.signal, s, handler)
+                cleanup.callback(self.log.close)
+                cleanup.callback(bar.close)
+                cleanup.callback(self.batches.close)
 
     def _open_log(self) -> MetricsLog:
         """The metrics log, which rank 0 writes (a no-op object on the others)."""
