@@ -46,7 +46,7 @@ class Mesh:
             not isinstance(self.albedo, Tensor) or tuple(self.albedo.shape) != (num_vertices,)
             or self.albedo.dtype == torch.bool or self.albedo.is_complex()
         ):  # fmt: skip
-            got = f"{described(self.albedo)}{f' {self.albedo.dtype}' if isinstance(self.albedo, Tensor) else ''}"
+            got = described(self.albedo, dtype=True)
             raise ValueError(f"albedo must be a real [V] tensor with V = {num_vertices}, got {got}")
         for name in ("vertices", "albedo", "texture", "uv"):
             value = getattr(self, name)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dcign_fast.bounds import Bounds
+from dcign_fast.ops._checks import check_on_device
 
 _DEPTH_LEVELS = 1 << 30  # depth quantisation steps over [-1, 1]; the face index takes the low 32 bits
 # Depths allowed: the same steps carry on to +-2, whose keys (1 - z in [-1, 3] times 2^29, shifted by 32 bits)
@@ -99,9 +100,12 @@ def vertex_normals(vertices: Tensor, faces: Tensor, incident: Tensor) -> Tensor:
     return F.normalize(summed, dim=-1, eps=1e-12)
 
 
-def described(value: object) -> str:
-    """What an argument is, for an error message: a tensor's shape, or another value's type."""
-    return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+def described(value: object, dtype: bool = False) -> str:
+    """What an argument is, for an error message: a tensor's shape (and dtype, when asked), or another value's
+    type."""
+    if not isinstance(value, Tensor):
+        return f"a {type(value).__name__}"
+    return f"shape {tuple(value.shape)}" + (f" {value.dtype}" if dtype else "")
 
 
 def _check_faces(faces: Tensor) -> None:
@@ -160,11 +164,9 @@ def _depth_check(depth: Tensor) -> _Check:
 
 
 def _check_devices(vertices: Tensor, tensors: dict[str, Tensor | None]) -> None:
-    """A ValueError naming the first of ``tensors`` (None: not given) not on the vertices' device: torch's
-    "Expected all tensors to be on the same device" named none."""
+    """A ValueError naming the first of ``tensors`` (None: not given) not on the vertices' device."""
     for name, value in tensors.items():
-        if isinstance(value, Tensor) and value.device != vertices.device:
-            raise ValueError(f"{name} must be on the vertices' device ({vertices.device}), got {value.device}")
+        check_on_device(name, value, vertices.device, "the vertices' device")
 
 
 def check_mesh(
@@ -230,9 +232,9 @@ def _check_render_inputs(
         not isinstance(incident, Tensor) or incident.dim() != 2 or incident.shape[0] != num_vertices
         or incident.shape[1] == 0 or incident.dtype not in (torch.int32, torch.int64)
     ):  # fmt: skip
-        got = f"{described(incident)}{f' {incident.dtype}' if isinstance(incident, Tensor) else ''}"
         raise ValueError(
-            f"incident must be vertex_faces(faces, {num_vertices}), an integer [V, D] tensor with D >= 1, got {got}"
+            f"incident must be vertex_faces(faces, {num_vertices}), an integer [V, D] tensor with D >= 1, "
+            f"got {described(incident, dtype=True)}"
         )
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from dcign_fast.bounds import Bounds, is_integer
 from dcign_fast.nn import UnpoolConv2d
+from dcign_fast.ops._checks import check_on_device
 from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.latent_sampler import sample_latents
 
@@ -466,8 +467,7 @@ class DCIGN(nn.Module):
                 got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
                 raise TypeError(f"{name} must be a floating-point tensor, got {got}")
         for name, t in (("recon", recon), ("mu", mu), ("logvar", logvar), ("kl", kl)):
-            if t is not None and t.device != x.device:
-                raise ValueError(f"{name} must be on x's device ({x.device}), got {t.device}")
+            check_on_device(name, t, x.device, "x's device")
         if x.dim() != 4:  # (x[0] would be blamed on mu, as of another batch size)
             raise ValueError(f"x must be [B, C, S, S] images, got shape {tuple(x.shape)}")
         _check_not_empty(x)

@@ -28,8 +28,15 @@ def check_like(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -
     """``t`` must share ``like``'s dtype and device."""
     if t.dtype != like.dtype:
         raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
-    if t.device != like.device:
-        raise ValueError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
+    check_on_device(name, t, like.device, f"the device of {like_name}")
+
+
+def check_on_device(name: str, t: object, device: torch.device, where: str) -> None:
+    """A ValueError naming ``name`` when tensor ``t`` is not on ``device`` (``where``: whose device it is, for the
+    message); anything but a tensor passes (its own checks name it). torch's "Expected all tensors to be on the
+    same device" names no argument."""
+    if isinstance(t, torch.Tensor) and t.device != device:
+        raise ValueError(f"{name} must be on {where} ({device}), got {t.device}")
 
 
 def check_pair(name: str, value: object, minimum: int) -> tuple[int, int]:

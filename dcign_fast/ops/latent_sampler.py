@@ -52,7 +52,13 @@ import torch
 
 from dcign_fast.bounds import FLOAT32_MAX, Bounds, is_integer
 from dcign_fast.ops import latent_sampler_op, philox
-from dcign_fast.ops._checks import check_like, check_no_forward_ad, check_tensor, check_while_compiling
+from dcign_fast.ops._checks import (
+    check_like,
+    check_no_forward_ad,
+    check_on_device,
+    check_tensor,
+    check_while_compiling,
+)
 from dcign_fast.ops.backends import Kernels, check_backend_runs_on, imported_kernels, triton_available
 from dcign_fast.ops.reference import invariance_pull, sample_latents_reference
 
@@ -277,8 +283,7 @@ def check_sample_latents_args(
             raise TypeError(f"active must be a bool tensor, got dtype {active.dtype}")
         if active.shape != mu.shape[1:]:
             raise ValueError(f"active must have shape [{mu.shape[1]}] (one flag per latent), got {tuple(active.shape)}")
-        if active.device != mu.device:
-            raise ValueError(f"active must be on mu's device ({mu.device}), got {active.device}")
+        check_on_device("active", active, mu.device, "mu's device")
     if clamp not in CLAMPS:
         raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
     if torch.compiler.is_compiling():  # dynamo makes a changing invariance symbolic, which math.isfinite rejects
