@@ -20,10 +20,12 @@ import torch.multiprocessing as mp
 
 from dcign_fast.train.checkpoint import load_checkpoint
 from dcign_fast.train.distributed import (
+    LostRankError,
     World,
     all_agree,
     close_world,
     earliest_over_ranks,
+    gradients_exchanged,
     mean_over_ranks,
     run_together,
 )
@@ -38,7 +40,8 @@ OPTIONS = (
 COMMON = ["--steps", "3"] + [arg for option in OPTIONS.split() for arg in ("--set", option)]
 
 
-def train(out, launcher: list[str], *extra: str) -> None:
+def train(out, launcher: list[str], *extra: str) -> str:
+    """The run's standard error (the progress bar's)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [*launcher, "-m", "dcign_fast.train", "--out", str(out), *COMMON, *extra],
@@ -48,12 +51,13 @@ def train(out, launcher: list[str], *extra: str) -> None:
         env=env,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stderr
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_accumulating_two_sweeps(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    train(tmp_path / "ddp", torchrun, "--set", "data_workers=1")  # each rank's shard drawn by its own worker
+    bar = train(tmp_path / "ddp", torchrun, "--set", "data_workers=1")  # each rank's shard drawn by its own worker
     train(tmp_path / "single", [sys.executable], "--set", "accumulation=2")
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step-00000003")[0]
     single = load_checkpoint(tmp_path / "single" / "checkpoints" / "step-00000003")[0]
@@ -65,6 +69,7 @@ def test_two_gloo_ranks_equal_one_process_accumulating_two_sweeps(tmp_path):
     ]
     totals = [[line["total"] for line in lines] for lines in logged]
     assert len(totals[0]) == 3 and totals[0] == pytest.approx(totals[1], rel=1e-4)
+    assert f"loss={totals[0][-1]:.1f}]" in bar  # and the progress bar's (it showed rank 0's)
     # So are the batch kinds: every rank's, in shard order (rank 0's alone before).
     assert [line["kind"] for line in logged[0]] == [line["kind"] for line in logged[1]]
 
@@ -151,16 +156,54 @@ def test_a_rank_that_dies_stops_the_others_in_one_line(tmp_path):
     """A killed rank left the survivor a 30-line traceback through gloo's sources at its next collective."""
     survivor, _ = _run_two_ranks(_killed_peer_worker, tmp_path)
     kind, message = survivor["error"]
-    assert kind == "OtherRankError" and message.startswith("the ranks could not exchange their state (")
+    assert kind == "LostRankError" and message.startswith("the ranks could not exchange their state (")
     assert message.endswith("another rank has probably stopped (its output says why); the newest checkpoint "
                             "stands, continue with --resume")  # fmt: skip
+
+
+def _dead_peer_in_backward_worker(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(rank)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    model(torch.randn(2, 4)).sum().backward()  # both ranks meet once in the gradients' all-reduce
+    if rank == 1:
+        os._exit(0)  # as a SIGKILL leaves it, between two steps
+    try:
+        with gradients_exchanged():
+            model(torch.randn(2, 4)).sum().backward()
+        result = {"error": None}
+    except Exception as err:
+        result = {"error": [type(err).__name__, str(err)]}
+    Path(out, "0.json").write_text(json.dumps(result))
+    Path(out, "1.json").write_text("{}")
+    close_world(World(rank=rank, size=2), together=False)
+
+
+def test_a_rank_that_dies_while_the_gradients_are_exchanged_stops_the_others_in_one_line(tmp_path):
+    """DDP all-reduces the gradients inside backward: the survivor got gloo's 30-line traceback out of
+    ``.backward()`` in the trainer, not the one line its other exchanges give."""
+    survivor, _ = _run_two_ranks(_dead_peer_in_backward_worker, tmp_path)
+    kind, message = survivor["error"]
+    assert kind == "LostRankError" and message.startswith("the ranks could not exchange their state ([")
+    assert "gloo/transport/" in message and message.endswith("continue with --resume")
+
+
+def test_an_error_of_this_ranks_own_in_backward_is_not_blamed_on_another_rank():
+    """Only gloo's connection errors become OtherRankError: a shape error, or running out of memory, is this
+    rank's, and its message must reach the user unchanged."""
+    own = RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x4)")
+    with pytest.raises(RuntimeError) as raised, gradients_exchanged():
+        raise own
+    assert raised.value is own
+    with pytest.raises(LostRankError, match=r"could not exchange their state \(timed out\)"), gradients_exchanged():
+        raise dist.DistNetworkError("timed out")
 
 
 def test_an_exchange_that_fails_names_another_rank_in_one_line(monkeypatch):
     from dcign_fast.train import distributed
 
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda *args, **kwargs: _raise(RuntimeError("closed by peer")))
-    with pytest.raises(distributed.OtherRankError, match=r"could not exchange their state \(closed by peer\)"):
+    with pytest.raises(distributed.LostRankError, match=r"could not exchange their state \(closed by peer\)"):
         mean_over_ranks({"total": 1.0}, World(rank=0, size=2))
 
 

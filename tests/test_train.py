@@ -109,6 +109,79 @@ def test_a_data_error_mid_run_saves_the_steps_trained_and_a_resume_continues_exa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("failing", ["progress pictures", "metrics log"])
+def test_a_picture_or_log_that_cannot_be_written_saves_the_steps_trained_and_a_resume_continues_exactly(
+    tmp_path, capsys, monkeypatch, failing
+):
+    """A picture or metrics line that failed to be written (a read-only images folder) stopped the run without
+    the steps since the last checkpoint (4), which a data error saves: step 6's work was lost."""
+    from dcign_fast.train import trainer as trainer_module
+    from dcign_fast.train.logs import MetricsLog
+
+    def fails_at_step_6(original):
+        def write(*args, **kwargs):
+            if trainer.step == 6:
+                raise PermissionError("images/step-00000006.png: read-only")
+            return original(*args, **kwargs)
+
+        return write
+
+    if failing == "progress pictures":
+        monkeypatch.setattr(
+            trainer_module, "save_progress_images", fails_at_step_6(trainer_module.save_progress_images)
+        )
+    else:
+        monkeypatch.setattr(MetricsLog, "write", fails_at_step_6(MetricsLog.write))
+    trainer = Trainer(config(tmp_path / "a", steps=8, checkpoint_every=4, image_every=3), render=blobs)
+    with pytest.raises(PermissionError, match="read-only"):
+        trainer.train()
+    assert f"the {failing} failed at step 6; checkpoint: " in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(tmp_path / "a" / "run" / "checkpoints")][-1] == "step-00000006"
+    monkeypatch.undo()
+    resumed = Trainer(config(tmp_path / "a", steps=8, checkpoint_every=4, image_every=3), resume=True, render=blobs)
+    straight = Trainer(config(tmp_path / "b", steps=8, checkpoint_every=4, image_every=3), render=blobs)
+    a, b = weights(resumed.train().checkpoint), weights(straight.train().checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_when_the_checkpoint_of_the_steps_trained_fails_too_the_first_error_is_raised(tmp_path, capsys, monkeypatch):
+    """On a full disk the pictures fail and so does the checkpoint after them: the error is the pictures' (what
+    went wrong first), and what happened to the steps is said."""
+    from dcign_fast.train import trainer as trainer_module
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer_module, "save_progress_images", no_space)
+    monkeypatch.setattr(trainer_module, "save_checkpoint", no_space)
+    with pytest.raises(OSError, match="No space left") as raised:
+        Trainer(config(tmp_path, steps=4, image_every=3, checkpoint_every=10), render=blobs).train()
+    assert [entry.name for entry in raised.traceback[-2:]] == ["_save_progress_images", "no_space"]
+    said = capsys.readouterr().out
+    assert "the progress pictures failed at step 3; saving the steps since the last checkpoint failed too " in said
+    assert "(OSError: [Errno 28] No space left on device)" in said
+
+
+def test_a_rank_that_cannot_be_reached_is_not_blamed_on_the_data_and_no_save_is_tried(tmp_path, capsys, monkeypatch):
+    """A rank killed under torchrun was reported as "the data failed at step N; saving the steps since the last
+    checkpoint failed too (...)", its long message twice: the draw was the first exchange to miss it."""
+    from dcign_fast.train.distributed import LostRankError
+
+    trainer = Trainer(config(tmp_path, steps=4, checkpoint_every=10), render=blobs)
+    draw = trainer._draw
+
+    def rank_lost_at_step_3(step):
+        if step == 2:
+            raise LostRankError("the ranks could not exchange their state (Connection closed by peer)")
+        return draw(step)
+
+    monkeypatch.setattr(trainer, "_draw", rank_lost_at_step_3)
+    with pytest.raises(LostRankError, match="Connection closed by peer"):
+        trainer.train()
+    assert "failed" not in capsys.readouterr().out
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
 def test_a_data_error_before_any_step_saves_nothing_so_the_run_can_start_afresh(tmp_path, capsys):
     """A checkpoint of step 0 (nothing trained) kept the folder from a rerun once the data was mended: without
     --resume it held checkpoints, with it the data option differed."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -13,10 +14,18 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 
+# Where gloo's errors about a connection come from (its source path leads their message: "[.../gloo/transport/
+# tcp/pair.cc:537] Read error ...: Connection reset by peer").
+_GLOO_TRANSPORT = "gloo/transport/"
+
 
 class OtherRankError(RuntimeError):
     """Raised on every other rank when a step that all ranks take together failed on one rank (which reports
     the cause itself): the others stop with it instead of waiting for that rank in their next collective."""
+
+
+class LostRankError(OtherRankError):
+    """Another rank could not be reached (it died, or was killed): nothing more can be done together."""
 
 
 @dataclass(frozen=True)
@@ -76,11 +85,29 @@ def _exchange(collective: Callable[..., object], *args: object, **kwargs: object
     try:
         collective(*args, **kwargs)
     except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise OtherRankError(
-            f"the ranks could not exchange their state ({first_line}): another rank has probably stopped (its "
-            "output says why); the newest checkpoint stands, continue with --resume"
-        ) from err
+        raise _lost_contact(err) from err
+
+
+def _lost_contact(err: RuntimeError) -> LostRankError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return LostRankError(
+        f"the ranks could not exchange their state ({first_line}): another rank has probably stopped (its "
+        "output says why); the newest checkpoint stands, continue with --resume"
+    )
+
+
+@contextlib.contextmanager
+def gradients_exchanged() -> Iterator[None]:
+    """Around a step's forward and backward under DDP, whose all-reduce of the gradients runs inside backward: a
+    rank that died there left the survivor gloo's 30-line traceback out of ``.backward()``. Gloo's failure to
+    reach another rank is raised as the exchanges' one-line OtherRankError; any other error (this rank's own: a
+    shape, out of memory) passes unchanged, which is why the error's origin is checked, not just its type."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not (isinstance(err, dist.DistNetworkError) or _GLOO_TRANSPORT in str(err)):
+            raise
+        raise _lost_contact(err) from err
 
 
 def mean_over_ranks(values: Mapping[str, float | str], world: World) -> dict[str, float | str]:

@@ -41,10 +41,12 @@ from dcign_fast.train.checkpoint import (
 from dcign_fast.train.config import RUN_CONTROLS, TrainConfig
 from dcign_fast.train.data import BatchStream, dataset_location, default_source, latent_seed
 from dcign_fast.train.distributed import (
+    LostRankError,
     World,
     all_agree,
     close_world,
     earliest_over_ranks,
+    gradients_exchanged,
     init_world,
     mean_over_ranks,
     run_together,
@@ -335,9 +337,26 @@ class Trainer:
         self._checkpointed_step = self.step
         return path
 
+    @contextlib.contextmanager
+    def _keeping_steps_if_it_fails(self, failure: str) -> Iterator[None]:
+        """Runs work that every rank took part in (:func:`run_together`'s) between steps; when it fails, saves
+        the steps trained since the last checkpoint before its error goes on, says ``failure`` and what was kept.
+        A checkpoint that fails too (a full disk) is named, but the first error is the one raised."""
+        try:
+            yield
+        except LostRankError:
+            raise  # (a checkpoint is written together: with a rank gone, it cannot be)
+        except Exception:
+            try:
+                kept = self._save_what_was_trained()
+            except Exception as err:
+                kept = f"saving the steps since the last checkpoint failed too ({type(err).__name__}: {err})"
+            self._say(f"{failure}; {kept}")
+            raise
+
     def _save_what_was_trained(self) -> str:
-        """A checkpoint of the steps trained since the last one (nothing of the current step has run), and what
-        to say of it. None were: a checkpoint of step 0 would keep the failed run's folder from a fresh start."""
+        """A checkpoint of the steps trained since the last one, and what to say of it. None were: a checkpoint of
+        step 0 would keep the failed run's folder from a fresh start."""
         if self.step > self._checkpointed_step:
             return f"checkpoint: {self.save()}; mend what failed and continue with --resume"
         since = f"its checkpoint of step {self.step}" if self.step else "the start"
@@ -401,7 +420,7 @@ class Trainer:
                 images = images.contiguous(memory_format=self.memory_format)
             # All-reduced at the last micro-batch only (the DDP module's no_sync holds under compile's wrapper too).
             unsynced = self.ddp if micro < c.accumulation - 1 else None
-            with contextlib.nullcontext() if unsynced is None else unsynced.no_sync():
+            with gradients_exchanged(), contextlib.nullcontext() if unsynced is None else unsynced.no_sync():
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     losses = batch_loss(self.net, images, kind, c, latent_seed(c.seed, step, shard), plain)
                 (losses["total"] / c.accumulation).backward()
@@ -464,11 +483,8 @@ class Trainer:
                     self._say(f"interrupted at step {self.step}; checkpoint: {checkpoint}; continue with --resume")
                     return TrainResult(self.step, checkpoint, interrupted=True)
                 start = time.perf_counter()
-                try:
+                with self._keeping_steps_if_it_fails(f"the data failed at step {self.step + 1}"):
                     batches = self._draw(self.step)
-                except Exception:
-                    self._say(f"the data failed at step {self.step + 1}; {self._save_what_was_trained()}")
-                    raise
                 self.optimizer.zero_grad(set_to_none=True)
                 losses = self._forward_backward(self.step, batches)
                 # The gradient norm is checked too: one inf gradient would turn every weight into NaN.
@@ -504,15 +520,17 @@ class Trainer:
                     # time would be the launches'), and all their work is done by this step's read.
                     rate = self._images_since_log * self.world.size / self._time_since_log
                     self._images_since_log, self._time_since_log = 0, 0.0
-                    bar.set_postfix(loss=f"{metrics['total']:.1f}", img_s=f"{rate:.0f}")
                     # every rank's losses, averaged (the same call on every rank: same steps)
                     averaged = mean_over_ranks({**metrics, "kind": losses.kind}, self.world)
+                    bar.set_postfix(loss=f"{averaged['total']:.1f}", img_s=f"{rate:.0f}")
                     record = {"step": self.step, **averaged, "images_per_s": rate}
-                    run_together(functools.partial(self.log.write, record), self.world)
+                    with self._keeping_steps_if_it_fails(f"the metrics log failed at step {self.step}"):
+                        run_together(functools.partial(self.log.write, record), self.world)
                 if saves:
                     checkpoint = self.save()  # before the pictures, which may fail (disk full, say)
                 if draws:
-                    run_together(self._save_progress_images, self.world)
+                    with self._keeping_steps_if_it_fails(f"the progress pictures failed at step {self.step}"):
+                        run_together(self._save_progress_images, self.world)
             return TrainResult(self.step, checkpoint or self._latest(), interrupted=False)
         finally:
             # Each runs, even if one before it raises; last registered, first run.
