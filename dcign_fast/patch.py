@@ -238,8 +238,15 @@ def unpatch(module: nn.Module) -> int:
         for key, child in sub._modules.items()
         if isinstance(child, UnpoolConv2d) and hasattr(child, "_unpatch")
     ]
-    for name, _, key, child in fused:
-        reason = fusion_bypassed_reason(child._unpatch[1], child)
+    for name, sub, key, child in fused:
+        # The upsample's slot: the nn.Identity patch() left, which the upsample put back would replace.
+        placeholder = sub._modules[child._unpatch[0]]
+        if type(placeholder) is not nn.Identity:
+            raise ValueError(
+                f"cannot unpatch {_join(name, key)}: the upsample's slot {_join(name, child._unpatch[0])} holds a "
+                f"{type(placeholder).__name__} now, not the nn.Identity patch() left there; put one back first"
+            )
+        reason = fusion_bypassed_reason(placeholder, child)
         if reason:
             raise ValueError(f"cannot unpatch {_join(name, key)}: {reason} (added since patch); remove it first")
     restored = 0

@@ -468,6 +468,15 @@ def test_unpatch_refuses_to_drop_what_the_fused_layer_gained():
     with pytest.raises(ValueError, match="cannot unpatch 1: the convolution has hooks"):
         dc.unpatch(model)
     handle.remove()
+    # Hooks put on the nn.Identity in the upsample's slot were dropped when the upsample came back.
+    handle = model[0].register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(ValueError, match="cannot unpatch 1: the upsample has hooks"):
+        dc.unpatch(model)
+    handle.remove()
+    model[2] = nn.ReLU()  # and whatever was put in that slot was overwritten
+    with pytest.raises(ValueError, match=r"cannot unpatch 3: the upsample's slot 2 holds a ReLU now, not the nn.Ide"):
+        dc.unpatch(model)
+    model[2] = nn.Identity()
     assert dc.unpatch(model) == 2
 
 
