@@ -125,6 +125,14 @@ def test_edits_to_a_preset_are_checked_and_the_paper_grouping_follows_latent_dim
         DCIGN(config)
     custom = {"azimuth": (0, 2), "elevation": (2, 3), "light": (3, 4), "intrinsic": (4, 32)}
     assert DCIGNConfig(**{**preset("demo64").to_dict(), "latent_groups": custom}).latent_groups == custom  # kept
+    # Also a dict of the paper's names and kinds of spans, given by hand: it was rewritten to reach latent_dim.
+    paper_names = {"azimuth": (0, 1), "elevation": (1, 2), "light": (2, 3), "intrinsic": (3, 20)}
+    with pytest.warns(UserWarning, match=r"12 latents, from z\[20\] to z\[31\], belong to no group"):
+        assert DCIGNConfig(**{**preset("demo64").to_dict(), "latent_groups": paper_names}).latent_groups == paper_names
+    with pytest.raises(ValueError, match=r"latent_groups\['intrinsic'\] = \(3, 300\) must satisfy"):
+        DCIGNConfig(**{**preset("demo64").to_dict(), "latent_groups": {**paper_names, "intrinsic": (3, 300)}})
+    # A preset's grouping, passed on through to_dict, still follows an edit of latent_dim.
+    assert DCIGNConfig(**{**preset("demo64").to_dict(), "latent_dim": 40}).latent_groups["intrinsic"] == (3, 40)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +192,8 @@ def test_wrong_input_dtypes_and_an_empty_batch_are_clear_errors():
     with pytest.raises(ValueError, match=r"x must hold at least one image, got shape \(0, 1, 64, 64\)"):
         model(torch.rand(0, 1, 64, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # which casts 16- and 32-bit floats
-        assert model(torch.rand(2, 1, 64, 64, dtype=torch.float16))[0].dtype == torch.bfloat16
+        recon, mu = model(torch.rand(2, 1, 64, 64, dtype=torch.float16))[:2]
+    assert mu.dtype == torch.bfloat16 and recon.dtype == torch.float32  # (the sigmoid runs in float32)
 
 
 def test_inputs_on_another_device_than_the_model_are_clear_errors():
@@ -234,6 +243,15 @@ def test_save_writes_what_from_checkpoint_reads(tmp_path, name):
     model.to_mu.bias.data += torch.randn_like(model.to_mu.bias)  # saved again, over the first file
     model.save(tmp_path / name)
     assert torch.equal(DCIGN.from_checkpoint(path).to_mu.bias, model.to_mu.bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_from_checkpoint_gives_the_model_back_in_the_dtype_it_was_saved_in(tmp_path, dtype):
+    """A float64 (or bfloat16) model came back float32: its weights rounded, without a word."""
+    model = DCIGN(dataclasses.replace(preset("demo64"), encoder_channels=(8, 8, 8))).to(dtype)
+    loaded = DCIGN.from_checkpoint(model.save(tmp_path / "model.safetensors"))
+    for key, value in model.state_dict().items():
+        assert loaded.state_dict()[key].dtype == dtype and torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_saves_from_two_threads_to_one_path_never_collide(tmp_path):
@@ -381,8 +399,42 @@ def test_trains_under_bf16_autocast(backend):
         recon, mu, logvar, _, kl = model(x, active, invariance=0.01, seed=3, return_kl=True)
         loss = model.loss(x, recon, mu, logvar, kl=kl)["total"]
     loss.backward()
-    assert recon.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert recon.dtype == torch.float32 and torch.isfinite(loss)  # the sigmoid's, in float32 (see below)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bright_pixels_under_bf16_autocast_keep_their_loss_and_gradient():
+    """The sigmoid ran in bfloat16, which rounds it to exactly 1 from logit ~6 on: a target of 0.9 there cost
+    log(0) (clamped to -100: a recon loss 12x float32's) and its gradient was 0. (A helper's audit, custom loop.)"""
+    torch.manual_seed(0)
+    model = DCIGN.from_preset("demo64")
+    with torch.no_grad():
+        model.decoder[-1].bias.fill_(8.0)  # confident bright pixels, as a trained model gives
+    x = torch.full((2, 1, 64, 64), 0.9)
+    results = []
+    for autocast in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            recon, mu, logvar, _ = model(x, seed=1)
+            loss = model.loss(x, recon, mu, logvar)["recon"]
+        loss.backward()
+        results.append((recon, loss.item(), model.decoder[-1].bias.grad.item()))
+    (plain, plain_loss, plain_grad), (mixed, mixed_loss, mixed_grad) = results
+    assert (mixed < 1).all() and mixed.dtype == torch.float32
+    assert mixed_loss == pytest.approx(plain_loss, rel=0.02) and mixed_grad == pytest.approx(plain_grad, rel=0.05)
+
+
+def test_a_float64_model_has_a_float64_loss_for_gradcheck():
+    """loss cast everything to float32: a float64 model's loss lost its precision, and gradcheck failed on it."""
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    recon = torch.rand(2, 1, 4, 4, dtype=torch.float64).clamp(0.05, 0.95).requires_grad_()
+    mu, logvar = (torch.randn(2, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    kl = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    assert {t.dtype for t in DCIGN.loss(x, recon, mu, logvar).values()} == {torch.float64}
+    assert torch.autograd.gradcheck(lambda r, m, lv: DCIGN.loss(x, r, m, lv)["total"], (recon, mu, logvar))
+    assert torch.autograd.gradcheck(lambda r, k: DCIGN.loss(x, r, mu, logvar, kl=k)["total"], (recon, kl))
+    half = DCIGN.loss(x.bfloat16(), recon.bfloat16(), mu.bfloat16(), logvar.bfloat16())
+    assert {t.dtype for t in half.values()} == {torch.float32}  # float32 at least, as before
 
 
 def test_loss_calls_bce_outside_autocast(monkeypatch):

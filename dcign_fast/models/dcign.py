@@ -25,9 +25,10 @@ def binary_cross_entropy_sum(recon: torch.Tensor, target: torch.Tensor) -> torch
     """``F.binary_cross_entropy(recon, target, reduction="sum")``, except that NaN in ``recon`` makes the
     loss NaN instead of raising, so the trainer can report or skip the step. (torch's own BCE keeps its
     gradient finite where the sigmoid saturates to exactly 0 or 1; a hand-written log would not.)"""
-    # CUDA autocast refuses F.binary_cross_entropy outright; the loss is float32 anyway.
+    # CUDA autocast refuses F.binary_cross_entropy outright; the loss is float32 (or float64) anyway.
+    dtype = torch.promote_types(recon.dtype, torch.float32)
     with torch.autocast(recon.device.type, enabled=False):
-        bce = F.binary_cross_entropy(torch.nan_to_num(recon.float(), nan=0.5), target.float(), reduction="sum")
+        bce = F.binary_cross_entropy(torch.nan_to_num(recon.to(dtype), nan=0.5), target.to(dtype), reduction="sum")
     return bce + 0.0 * recon.sum()  # NaN * 0 = NaN: a NaN anywhere in recon reaches the loss
 
 
@@ -83,6 +84,11 @@ def _check_not_empty(x: object) -> None:
 def paper_latent_groups(latent_dim: int) -> dict[str, tuple[int, int]]:
     """The paper's graphics code: z[0] azimuth, z[1] elevation, z[2] light, z[3:] intrinsic."""
     return {"azimuth": (0, 1), "elevation": (1, 2), "light": (2, 3), "intrinsic": (3, latent_dim)}
+
+
+class _PaperGroups(dict):
+    """The paper's grouping as the config filled it in for its latent_dim (none was given, or the very same): it
+    follows later edits of latent_dim. Groups given otherwise are kept as given, even with the paper's names."""
 
 
 def _spans(latent_groups: object) -> dict[str, tuple[int, int]]:
@@ -165,16 +171,21 @@ class DCIGNConfig:
             setattr(self, name, _checked_int(name, getattr(self, name), low))
 
     def _checked_groups(self) -> dict[str, tuple[int, int]]:
-        """latent_groups as (int, int) spans inside [0, latent_dim); empty, or the paper's grouping for
-        another latent_dim (a preset's, left from before an edit), becomes the paper's for this one."""
-        groups = _spans(self.latent_groups)
-        if not groups or groups == paper_latent_groups(groups.get("intrinsic", (0, 0))[1]):
+        """latent_groups as (int, int) spans inside [0, latent_dim); empty, or the paper's grouping this config
+        filled in for another latent_dim (a preset's, left from before an edit), becomes the paper's for this one.
+        The same spans given by hand are kept (a ValueError if they do not fit): they were asked for."""
+        given = self.latent_groups
+        groups = _spans(given)
+        left_from_before_an_edit = isinstance(given, _PaperGroups) and groups == paper_latent_groups(
+            groups.get("intrinsic", (0, 0))[1]
+        )
+        if not groups or left_from_before_an_edit or groups == paper_latent_groups(self.latent_dim):
             if self.latent_dim < 4:
                 raise ValueError(
                     f"latent_dim must be >= 4 for the paper's latent_groups (z[0] azimuth, z[1] elevation, z[2] "
                     f"light, z[3:] intrinsic), got {self.latent_dim}; or give latent_groups of your own"
                 )
-            groups = paper_latent_groups(self.latent_dim)
+            return _PaperGroups(paper_latent_groups(self.latent_dim))
         for name, (start, stop) in groups.items():
             if not 0 <= start < stop <= self.latent_dim:
                 raise ValueError(
@@ -250,7 +261,7 @@ def preset(name: str) -> DCIGNConfig:
     if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
     config = PRESETS[name]
-    return replace(config, latent_groups=dict(config.latent_groups))
+    return replace(config, latent_groups=copy.copy(config.latent_groups))  # (a _PaperGroups stays one)
 
 
 def check_shape(name: str, t: object, per_item: tuple[int, ...], what: str) -> None:
@@ -346,13 +357,17 @@ class DCIGN(nn.Module):
         """Loads any checkpoint the trainer writes: a checkpoint folder, its ``model.safetensors``, or a run
         folder or its ``checkpoints`` folder (the newest checkpoint).
 
-        The architecture comes from the file's metadata; nothing is unpickled.
+        The architecture comes from the file's metadata; nothing is unpickled. The model is in the dtype its
+        weights were saved in (a float64 or bfloat16 model's come back so; the trainer's are float32).
         """
         from dcign_fast.train.checkpoint import load_into, load_weights, weights_file
 
         path = weights_file(path)
         weights, config = load_weights(path)
         model = cls(config, backend=backend)
+        dtypes = {tensor.dtype for tensor in weights.values()}
+        if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point:  # (load_into names weights that are not)
+            model.to(next(iter(dtypes)))  # load_state_dict would cast them to the new model's float32
         load_into(model, weights, path)
         return model
 
@@ -426,8 +441,14 @@ class DCIGN(nn.Module):
         return torch.channels_last if weight.stride() == (kh * kw * c, 1, kw * c, c) else torch.contiguous_format
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """[B, latent_dim] -> [B, C, S, S] images in [0, 1]."""
-        return torch.sigmoid(self.decode_logits(z))
+        """[B, latent_dim] -> [B, C, S, S] images in [0, 1]; float32 under autocast, else in the model's dtype."""
+        logits = self.decode_logits(z)
+        # Under autocast the logits are bfloat16 (or float16), whose sigmoid rounds to exactly 1 from logit ~6 on:
+        # the BCE of a pixel below 1 there is log(0) (clamped to -100), with no gradient. In float32, as autocast
+        # runs its other saturating functions (softmax, BCE with logits).
+        if logits.dtype in (torch.bfloat16, torch.float16) and _autocast_enabled(logits.device.type):
+            logits = logits.float()
+        return torch.sigmoid(logits)
 
     def forward(
         self,
@@ -482,9 +503,12 @@ class DCIGN(nn.Module):
         if kl is not None and tuple(kl.shape) != (batch,):
             raise ValueError(f"kl must be [B] with x's batch size B={batch}, got shape {tuple(kl.shape)}")
         _check_ranges(x, recon)
-        recon_loss = binary_cross_entropy_sum(recon.float(), x.float()) / batch
+        # float32 at least (a float64 model's loss stays float64, for gradcheck and finite differences).
+        dtype = torch.promote_types(recon.dtype, torch.float32)
+        recon_loss = binary_cross_entropy_sum(recon.to(dtype), x.to(dtype)) / batch
         if kl is None:
-            kl_loss = -0.5 * torch.sum(1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()) / batch
+            mu, logvar = mu.to(dtype), logvar.to(dtype)
+            kl_loss = -0.5 * torch.sum(1 + logvar - mu**2 - logvar.exp()) / batch
         else:
-            kl_loss = kl.float().sum() / batch
+            kl_loss = kl.to(dtype).sum() / batch
         return {"total": recon_loss + kl_loss, "recon": recon_loss, "kl": kl_loss}
