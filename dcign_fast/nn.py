@@ -15,6 +15,8 @@ from dcign_fast.ops.backends import check_backend_name
 from dcign_fast.ops.latent_sampler import check_sample_latents_args, sample_latents
 from dcign_fast.ops.unpool_conv import unpool_conv2d
 
+__all__ = ["LatentSampler", "UnpoolConv2d"]
+
 
 class UnpoolConv2d(nn.Module):
     """``nn.Sequential(nn.Upsample(scale_factor=s, mode="nearest"), nn.Conv2d(...))`` as one fused op.
@@ -74,7 +76,7 @@ class UnpoolConv2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # nn.Conv2d's initialisation, so a converted model starts where the original would.
+        """Draws weight and bias afresh as nn.Conv2d does (so a converted model starts where the original would)."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             fan_in = self.weight[0].numel()
@@ -82,6 +84,7 @@ class UnpoolConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] -> [B, O, s*H + 2*padding - KH + 1, s*W + 2*padding - KW + 1] (s: scale_factor)."""
         return unpool_conv2d(
             x,
             self.weight,
@@ -140,6 +143,7 @@ class LatentSampler(nn.Module):
     def forward(
         self, mu: torch.Tensor, logvar: torch.Tensor, active: torch.Tensor | None = None, seed: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu, logvar [B, D], active bool [D] or None -> (z [B, D], kl [B]); ``seed`` as sample_latents'."""
         return sample_latents(
             mu, logvar, active, clamp=self.clamp, invariance=self.invariance, seed=seed, backend=self.backend
         )

@@ -58,6 +58,7 @@ class Mesh:
 
     @property
     def num_faces(self) -> int:
+        """F, the rows of ``faces`` [F, 3]."""
         return self.faces.shape[0]
 
     def to(self, device: torch.device | str) -> Mesh:

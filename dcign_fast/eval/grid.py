@@ -34,6 +34,7 @@ def grid_image(rows: list[torch.Tensor], labels: list[str], scale: int = 1) -> I
 
 
 def save_grid(path: str | Path, rows: list[torch.Tensor], labels: list[str], scale: int = 1) -> Path:
+    """Writes :func:`grid_image` of ``rows`` (each [N, 1 or 3, S, S] in [0, 1]) to ``path``; returns it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid_image(rows, labels, scale).save(path)

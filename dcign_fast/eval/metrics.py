@@ -38,6 +38,7 @@ def zscore(values: torch.Tensor) -> torch.Tensor:
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson's r of two [N] tensors, in float64 (0 where either is constant)."""
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
 
@@ -140,6 +141,7 @@ def group_correlation(
 
 
 def discrete_entropy(labels: torch.Tensor) -> float:
+    """The entropy in nats of [N] integer labels' empirical distribution."""
     p = torch.unique(labels, return_counts=True)[1].double()
     p = p / p.sum()
     return float(-(p * p.log()).sum())

@@ -102,6 +102,7 @@ def axis_groups(in_size: int, kernel: int, padding: int, scale: int) -> tuple[Ax
 
 
 def output_size(in_size: int, kernel: int, padding: int, scale: int) -> int:
+    """One side of upsampling x``scale`` then a ``kernel`` convolution with ``padding``: s*n + 2p - k + 1."""
     return scale * in_size + 2 * padding - kernel + 1
 
 
