@@ -196,6 +196,20 @@ def test_wrong_input_dtypes_and_an_empty_batch_are_clear_errors():
     assert mu.dtype == torch.bfloat16 and recon.dtype == torch.float32  # (the sigmoid runs in float32)
 
 
+def test_a_model_under_accelerate_cpu_offload_runs_as_before():
+    """Offloaded, the weights wait on the meta device until accelerate's hook loads them in each layer's
+    pre-forward: the device check, made before, refused every input ("x must be on the model's device (meta)")."""
+    from accelerate import cpu_offload
+
+    model = DCIGN(dataclasses.replace(preset("demo64"), encoder_channels=(8, 8, 8)))
+    x, z = torch.rand(2, 1, 64, 64), torch.randn(2, 32)
+    before = [model(x, seed=1)[0], model.decode(z)]
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.encoder[0].weight.device.type == "meta"
+    for got, want in zip([model(x, seed=1)[0], model.decode(z)], before):
+        assert torch.equal(got, want)
+
+
 def test_inputs_on_another_device_than_the_model_are_clear_errors():
     """torch's "Tensor on device meta is not on the expected device cpu!" named neither the argument nor the fix
     (a GPU's "Expected all tensors to be on the same device" likewise); loss's inputs gave "unsupported

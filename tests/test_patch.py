@@ -270,6 +270,23 @@ def test_hooks_keep_the_pair_unfused(add_hook):
     assert report.replaced == [] and "hooks" in report.skipped[0][1]
 
 
+def test_a_pair_under_accelerate_hooks_stays_unfused_and_computes_as_before():
+    """accelerate attaches its hooks by replacing forward on the instance (add_hook_to_module)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Doubles(ModelHook):
+        def post_forward(self, module, output):
+            return 2 * output
+
+    model = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(2, 2, 3, padding=1))
+    add_hook_to_module(model[1], Doubles())
+    x = torch.randn(1, 2, 4, 4)
+    before = model(x)
+    report = dc.patch(model)
+    assert report.replaced == [] and "forward is replaced on the instance" in report.skipped[0][1]
+    assert torch.equal(model(x), before)
+
+
 @pytest.mark.parametrize("index, method", [(0, "forward"), (1, "forward"), (1, "_conv_forward")])
 def test_a_forward_replaced_on_the_instance_keeps_the_pair_unfused(index, method):
     """Only a subclass's override was seen: a forward set on the module (as a wrapper attaches its hook) was

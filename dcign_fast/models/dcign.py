@@ -395,14 +395,14 @@ class DCIGN(nn.Module):
         """[B, C, S, S] in [0, 1] -> (mu, logvar), each [B, latent_dim]."""
         c = self.config
         check_shape("x", x, (c.in_channels, c.image_size, c.image_size), "images")
-        self._check_input("x", x, "images in [0, 1] (uint8 pixels: divide by 255)", self._first_weight(self.encoder))
+        self._check_input("x", x, "images in [0, 1] (uint8 pixels: divide by 255)", self._first_layer(self.encoder))
         h = self.encoder(x)
         return self.to_mu(h), self.to_logvar(h)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """[B, latent_dim] -> [B, C, S, S] logits (before the sigmoid)."""
         check_shape("z", z, (self.config.latent_dim,), "codes")
-        self._check_input("z", z, "codes", self._first_weight(self.from_latent))
+        self._check_input("z", z, "codes", self._first_layer(self.from_latent))
         # The unflattened code is NCHW and every unpool-conv keeps its input's layout: without this a model
         # moved to channels_last (the trainer's default) would run its whole decoder in NCHW, and the fused
         # kernels would copy to and from their NHWC layout at every layer.
@@ -410,15 +410,19 @@ class DCIGN(nn.Module):
         return self.decoder(h)
 
     @staticmethod
-    def _first_weight(layers: nn.Module) -> torch.Tensor:
-        return next(layers.parameters())
+    def _first_layer(layers: nn.Module) -> nn.Module:
+        """The first module of ``layers`` that holds parameters of its own: the one an input meets first."""
+        return next(m for m in layers.modules() if next(m.parameters(recurse=False), None) is not None)
 
-    def _check_input(self, name: str, t: torch.Tensor, what: str, first: torch.Tensor) -> None:
-        """ValueError unless ``t`` is on the device of ``first``, the weight of the layer it meets first (a model
-        may be split across devices); TypeError unless it is floating point with the weights' dtype, or one
-        autocast casts: torch's own messages name neither the argument nor the fix."""
+    def _check_input(self, name: str, t: torch.Tensor, what: str, layer: nn.Module) -> None:
+        """ValueError unless ``t`` is on the device of ``layer``'s weight, the layer it meets first (a model may
+        be split across devices); TypeError unless it is floating point with the weights' dtype, or one autocast
+        casts: torch's own messages name neither the argument nor the fix. The device is not checked under
+        accelerate's hooks (cpu_offload, dispatch_model: a ``_hf_hook``), which move the weights (from the meta
+        device) or the inputs in the layer's own pre-forward, after this check."""
+        first = next(layer.parameters(recurse=False))
         dtype, device = first.dtype, first.device
-        if t.device != device:
+        if t.device != device and not hasattr(layer, "_hf_hook"):
             raise ValueError(
                 f"{name} must be on the model's device ({device}), got {t.device}: move it with .to('{device}'), "
                 f"or the model with .to('{t.device}')"
