@@ -78,7 +78,7 @@ def close_world(world: World, together: bool = True) -> None:
 
 def _exchange(collective: Callable[..., object], *args: object, **kwargs: object) -> None:
     """``collective(*args, **kwargs)``, a torch.distributed call, with its failure to reach the other ranks
-    (gloo: a plain RuntimeError, "Connection closed by peer", when one was killed) raised as an OtherRankError
+    (gloo: a plain RuntimeError, "Connection closed by peer", when one was killed) raised as a LostRankError
     in one line: the survivor's traceback through gloo's sources said no more, and the rank that stopped (or
     torchrun) reports why. (The exchanges hold CPU tensors, World.control's: no device fault of this rank's can
     surface in them.)"""
@@ -100,7 +100,7 @@ def _lost_contact(err: RuntimeError) -> LostRankError:
 def gradients_exchanged() -> Iterator[None]:
     """Around a step's forward and backward under DDP, whose all-reduce of the gradients runs inside backward: a
     rank that died there left the survivor gloo's 30-line traceback out of ``.backward()``. Gloo's failure to
-    reach another rank is raised as the exchanges' one-line OtherRankError; any other error (this rank's own: a
+    reach another rank is raised as the exchanges' one-line LostRankError; any other error (this rank's own: a
     shape, out of memory) passes unchanged, which is why the error's origin is checked, not just its type."""
     try:
         yield
