@@ -199,6 +199,34 @@ def test_an_error_of_this_ranks_own_in_backward_is_not_blamed_on_another_rank():
         raise dist.DistNetworkError("timed out")
 
 
+def _picture_fails_worker(rank: int, store: str, out: str) -> None:
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))  # as torchrun's (the group is ours)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    from dcign_fast.train import Trainer
+    from dcign_fast.train import trainer as trainer_module
+    from tests.test_train import blobs, config
+
+    trainer_module.save_progress_images = lambda *args, **kwargs: _raise(PermissionError("images: read-only"))
+    trainer = Trainer(config(Path(out), steps=5, checkpoint_every=10, image_every=3), render=blobs)
+    try:
+        trainer.train()
+        result: dict[str, object] = {"error": None}
+    except Exception as err:
+        result = {"error": [type(err).__name__, str(err)]}
+    trainer.close()  # together: every rank stopped at the same point
+    result["checkpoints"] = sorted(path.name for path in Path(out, "run", "checkpoints").glob("step-*"))
+    Path(out, f"{rank}.json").write_text(json.dumps(result))
+
+
+def test_a_picture_rank_0_cannot_save_stops_both_ranks_with_the_steps_trained_saved(tmp_path):
+    """The save after a failed picture is a collective too: every rank must take it, or one would wait forever."""
+    first, second = _run_two_ranks(_picture_fails_worker, tmp_path)
+    assert first == {"error": ["PermissionError", "images: read-only"], "checkpoints": ["step-00000003"]}
+    message = "rank 0 stopped the run: PermissionError: images: read-only"
+    assert second == {"error": ["OtherRankError", message], "checkpoints": ["step-00000003"]}
+
+
 def test_an_exchange_that_fails_names_another_rank_in_one_line(monkeypatch):
     from dcign_fast.train import distributed
 

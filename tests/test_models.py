@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import pytest
@@ -131,8 +132,15 @@ def test_edits_to_a_preset_are_checked_and_the_paper_grouping_follows_latent_dim
         assert DCIGNConfig(**{**preset("demo64").to_dict(), "latent_groups": paper_names}).latent_groups == paper_names
     with pytest.raises(ValueError, match=r"latent_groups\['intrinsic'\] = \(3, 300\) must satisfy"):
         DCIGNConfig(**{**preset("demo64").to_dict(), "latent_groups": {**paper_names, "intrinsic": (3, 300)}})
-    # A preset's grouping, passed on through to_dict, still follows an edit of latent_dim.
-    assert DCIGNConfig(**{**preset("demo64").to_dict(), "latent_dim": 40}).latent_groups["intrinsic"] == (3, 40)
+    # Nor when they are a preset's, edited in place (the edit was undone, as the paper's for latent_dim 20).
+    config = preset("demo64")
+    config.latent_groups["intrinsic"] = (3, 20)
+    with pytest.warns(UserWarning, match="12 latents"):
+        assert DCIGN(config).config.latent_groups["intrinsic"] == (3, 20)
+    # to_dict holds plain types, which torch.load's weights_only (its default) reads back.
+    saved = io.BytesIO()
+    torch.save(preset("demo64").to_dict(), saved)
+    assert DCIGNConfig(**torch.load(io.BytesIO(saved.getvalue()))) == preset("demo64")
 
 
 @pytest.mark.parametrize(

@@ -87,8 +87,17 @@ def paper_latent_groups(latent_dim: int) -> dict[str, tuple[int, int]]:
 
 
 class _PaperGroups(dict):
-    """The paper's grouping as the config filled it in for its latent_dim (none was given, or the very same): it
-    follows later edits of latent_dim. Groups given otherwise are kept as given, even with the paper's names."""
+    """The paper's grouping as the config filled it in for ``latent_dim`` (none was given, or the very same): it
+    follows later edits of latent_dim, told from edits of the groups themselves by the latent_dim it remembers.
+    Groups given otherwise are kept as given, even with the paper's names."""
+
+    latent_dim: int | None = None  # (None: made by a copy that did not carry it, as asdict's)
+
+    @classmethod
+    def filled_in(cls, latent_dim: int) -> _PaperGroups:
+        groups = cls(paper_latent_groups(latent_dim))
+        groups.latent_dim = latent_dim
+        return groups
 
 
 def _spans(latent_groups: object) -> dict[str, tuple[int, int]]:
@@ -176,16 +185,15 @@ class DCIGNConfig:
         The same spans given by hand are kept (a ValueError if they do not fit): they were asked for."""
         given = self.latent_groups
         groups = _spans(given)
-        left_from_before_an_edit = isinstance(given, _PaperGroups) and groups == paper_latent_groups(
-            groups.get("intrinsic", (0, 0))[1]
-        )
+        filled_for = given.latent_dim if isinstance(given, _PaperGroups) else None
+        left_from_before_an_edit = filled_for is not None and groups == paper_latent_groups(filled_for)
         if not groups or left_from_before_an_edit or groups == paper_latent_groups(self.latent_dim):
             if self.latent_dim < 4:
                 raise ValueError(
                     f"latent_dim must be >= 4 for the paper's latent_groups (z[0] azimuth, z[1] elevation, z[2] "
                     f"light, z[3:] intrinsic), got {self.latent_dim}; or give latent_groups of your own"
                 )
-            return _PaperGroups(paper_latent_groups(self.latent_dim))
+            return _PaperGroups.filled_in(self.latent_dim)
         for name, (start, stop) in groups.items():
             if not 0 <= start < stop <= self.latent_dim:
                 raise ValueError(
@@ -227,8 +235,9 @@ class DCIGNConfig:
         return sizes
 
     def to_dict(self) -> dict[str, Any]:
-        """{field: value}: what a checkpoint stores beside the weights."""
-        return asdict(self)
+        """{field: value}: what a checkpoint stores beside the weights (plain types: torch.load's weights_only
+        refuses classes of ours)."""
+        return {**asdict(self), "latent_groups": dict(self.latent_groups)}
 
 
 PRESETS: dict[str, DCIGNConfig] = {
@@ -445,7 +454,8 @@ class DCIGN(nn.Module):
         return torch.channels_last if weight.stride() == (kh * kw * c, 1, kw * c, c) else torch.contiguous_format
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """[B, latent_dim] -> [B, C, S, S] images in [0, 1]; float32 under autocast, else in the model's dtype."""
+        """[B, latent_dim] -> [B, C, S, S] images in [0, 1], in the model's dtype (float32 where autocast made the
+        logits 16-bit)."""
         logits = self.decode_logits(z)
         # Under autocast the logits are bfloat16 (or float16), whose sigmoid rounds to exactly 1 from logit ~6 on:
         # the BCE of a pixel below 1 there is log(0) (clamped to -100), with no gradient. In float32, as autocast
@@ -509,7 +519,7 @@ class DCIGN(nn.Module):
         _check_ranges(x, recon)
         # float32 at least (a float64 model's loss stays float64, for gradcheck and finite differences).
         dtype = torch.promote_types(recon.dtype, torch.float32)
-        recon_loss = binary_cross_entropy_sum(recon.to(dtype), x.to(dtype)) / batch
+        recon_loss = binary_cross_entropy_sum(recon, x) / batch  # (in that dtype too)
         if kl is None:
             mu, logvar = mu.to(dtype), logvar.to(dtype)
             kl_loss = -0.5 * torch.sum(1 + logvar - mu**2 - logvar.exp()) / batch

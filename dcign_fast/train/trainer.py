@@ -524,12 +524,14 @@ class Trainer:
                     averaged = mean_over_ranks({**metrics, "kind": losses.kind}, self.world)
                     bar.set_postfix(loss=f"{averaged['total']:.1f}", img_s=f"{rate:.0f}")
                     record = {"step": self.step, **averaged, "images_per_s": rate}
-                    with self._keeping_steps_if_it_fails(f"the metrics log failed at step {self.step}"):
+                    failed = f"the metrics log failed at step {self.step} (its line will not be written again)"
+                    with self._keeping_steps_if_it_fails(failed):
                         run_together(functools.partial(self.log.write, record), self.world)
                 if saves:
                     checkpoint = self.save()  # before the pictures, which may fail (disk full, say)
                 if draws:
-                    with self._keeping_steps_if_it_fails(f"the progress pictures failed at step {self.step}"):
+                    failed = f"the progress pictures failed at step {self.step} (they will not be drawn again)"
+                    with self._keeping_steps_if_it_fails(failed):
                         run_together(self._save_progress_images, self.world)
             return TrainResult(self.step, checkpoint or self._latest(), interrupted=False)
         finally:
