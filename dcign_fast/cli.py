@@ -47,9 +47,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run_failures() -> tuple[type[BaseException], ...]:
     """Errors of a run that started and could not go on (exit status 1, in one line): its message says what
     to change, a traceback would not."""
+    from dcign_fast.train.prefetch import DataWorkerError
     from dcign_fast.train.trainer import NonFiniteLossError
 
-    return (NonFiniteLossError,)
+    return NonFiniteLossError, DataWorkerError
 
 
 def positive_int(text: str) -> int:
@@ -95,9 +96,9 @@ def debugging() -> bool:
 
 def run_reporting_errors(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """``run(args)``; a user error is printed as ``prog: error: ...`` with exit status 2, a training run's
-    non-finite loss so with status 1, and Ctrl-C or SIGTERM outside training (which saves a checkpoint and returns
-    130 itself) as ``prog: interrupted`` with status 130 (tracebacks too when :func:`debugging`). Warnings print as
-    ``prog: warning: ...``, without a source line."""
+    non-finite loss or dead data worker so with status 1, and Ctrl-C or SIGTERM outside training (which saves a
+    checkpoint and returns 130 itself) as ``prog: interrupted`` with status 130 (tracebacks too when
+    :func:`debugging`). Warnings print as ``prog: warning: ...``, without a source line."""
     formatwarning = warnings.formatwarning
     if not debugging():  # a warning as one line under the command's name, not with the library's source line
         warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"

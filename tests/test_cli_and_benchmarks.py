@@ -116,6 +116,22 @@ def test_sigterm_outside_training_is_one_line_and_130(capsys, monkeypatch):
     assert capsys.readouterr().err == "dcign-fast demo: interrupted (SIGTERM received)\n"
 
 
+def test_a_dead_data_worker_is_one_line_with_status_1(monkeypatch, capsys):
+    """It was the DataLoader's traceback, which said no more than its last line."""
+    from dcign_fast.cli import DEBUG_ENV, run_reporting_errors
+    from dcign_fast.train.prefetch import DataWorkerError
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+
+    def run(args):
+        raise DataWorkerError("a data worker died (DataLoader worker (pid 7) is killed by signal: Killed.)")
+
+    assert run_reporting_errors("dcign-fast train", run, None) == 1
+    assert capsys.readouterr().err == (
+        "dcign-fast train: error: a data worker died (DataLoader worker (pid 7) is killed by signal: Killed.)\n"
+    )
+
+
 def test_warnings_print_as_one_line_under_the_commands_name(monkeypatch):
     import argparse
     import warnings

@@ -14,7 +14,7 @@ import torch
 from dcign_fast.train import TrainConfig, Trainer
 from dcign_fast.train.checkpoint import list_checkpoints
 from dcign_fast.train.data import BatchStream, shard_generator
-from dcign_fast.train.prefetch import Prefetcher
+from dcign_fast.train.prefetch import DataWorkerError, Prefetcher
 from tests.test_train import blobs, config
 
 
@@ -152,7 +152,7 @@ def test_close_stops_the_workers_while_an_error_they_raised_is_held(tmp_path):
     try:
         os.kill(workers[0].pid, signal.SIGKILL)
         workers[0].join()  # (dead before the draws: its loss is then named as such, not as a broken connection)
-        with pytest.raises(RuntimeError, match="DataLoader worker") as raised:
+        with pytest.raises(DataWorkerError, match=r"^a data worker died \(DataLoader worker \(pid") as raised:
             for step in range(1, 1001):  # the dead worker's step is missing; its loss is found within 5 s
                 prefetcher.draw(step, 1000)
         prefetcher.close()
@@ -166,7 +166,7 @@ def test_close_stops_the_workers_while_an_error_they_raised_is_held(tmp_path):
 def test_a_killed_worker_stops_the_run_at_a_step_boundary_with_a_checkpoint(tmp_path):
     """The DataLoader's SIGCHLD handler raised its error mid-step, where nothing was saved."""
     trainer = Trainer(config(tmp_path, steps=6, checkpoint_every=100, data_workers=1), render=_Raises(None))
-    with pytest.raises(RuntimeError, match="DataLoader worker"):
+    with pytest.raises(DataWorkerError, match=r"DataLoader worker .*it was killed, or ran out of memory"):
         trainer.train()
     # Steps the worker had drawn but not yet handed over die with it: the run stops at step 1 or 2, saved.
     assert trainer.step in (1, 2)

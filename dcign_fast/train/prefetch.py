@@ -23,6 +23,11 @@ from dcign_fast.train.data import BatchStream
 Drawn = list[tuple[int, torch.Tensor, str]]  # (shard, images [B, C, S, S], kind) per micro-batch
 
 
+class DataWorkerError(RuntimeError):
+    """A data worker process died (killed, out of memory): said in one line, not as the DataLoader's traceback,
+    which tells no more."""
+
+
 class _StepBatches(Dataset):
     """Step -> (step, this rank's micro-batches of it, or the exception drawing them raised): what one worker
     computes per request. The exception comes back as a value, so that the trainer raises it as drawing in its
@@ -98,7 +103,15 @@ class Prefetcher:
             # too, where nothing is saved; without it the error comes from the next draw (the DataLoader polls its
             # workers), where the trainer saves the steps trained.
             signal.signal(signal.SIGCHLD, handler)
-        drawn_step, drawn = next(self._batches)  # type: ignore[call-overload]
+        try:
+            drawn_step, drawn = next(self._batches)  # type: ignore[call-overload]
+        except RuntimeError as err:
+            if not str(err).startswith("DataLoader worker (pid"):  # (torch's words for a worker that is gone)
+                raise
+            raise DataWorkerError(
+                f"a data worker died ({err}): it was killed, or ran out of memory (each of data_workers renders "
+                "in its own process: fewer use less)"
+            ) from err
         assert drawn_step == step, (drawn_step, step)  # (the sampler hands the steps out in order)
         self._next_step = step + 1
         return drawn
