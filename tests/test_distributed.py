@@ -259,6 +259,19 @@ def test_an_out_rank_0_cannot_create_stops_every_rank_in_one_line(tmp_path):
     assert "error: rank 0 stopped the run: OSError: out=" in done.stderr
 
 
+def test_a_process_alone_trains_on_the_gpu_asked_for_and_a_torchrun_rank_on_its_own(monkeypatch):
+    """device=cuda:1 trained on cuda:0: the trainer took LOCAL_RANK's GPU, 0 without torchrun."""
+    from dcign_fast.train.distributed import training_device
+
+    alone, rank_3 = World(), World(rank=3, size=4, local_rank=3)
+    assert training_device(torch.device("cuda", 1), alone) == torch.device("cuda", 1)
+    assert training_device(torch.device("cuda", 1), rank_3) == torch.device("cuda", 3)
+    assert training_device(torch.device("cuda"), rank_3) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)  # (torch.cuda.set_device(2) in a notebook)
+    assert training_device(torch.device("cuda"), alone) == torch.device("cuda", 2)
+    assert training_device(torch.device("cpu"), rank_3) == torch.device("cpu")
+
+
 def test_under_nccl_the_ranks_exchange_flags_through_a_gloo_group_on_the_cpu(monkeypatch):
     """Through NCCL, each per-step flag (a Ctrl-C, the time limit, a data error) was a CUDA tensor queued behind
     the step's kernels and read back: a host sync per step. Checked by recording the calls (no GPUs here)."""

@@ -66,6 +66,16 @@ def init_world(device_type: str) -> World:
     return world
 
 
+def training_device(requested: torch.device, world: World) -> torch.device:
+    """The device this process trains on: under torchrun, a GPU rank takes its own (LOCAL_RANK's); alone, the one
+    asked for (``cuda`` alone: the current one). (Alone, ``cuda:1`` used to train on cuda:0 without a word.)"""
+    if requested.type != "cuda":
+        return requested
+    if world.distributed:
+        return torch.device("cuda", world.local_rank)
+    return requested if requested.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def close_world(world: World, together: bool = True) -> None:
     """Leaves the process group; ``together`` (every rank got here normally) first waits for the others: a
     rank that tore its group down while another still wrote the last checkpoint could abort (gloo:

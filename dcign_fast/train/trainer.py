@@ -2,7 +2,9 @@
 
 Never loses work: checkpoints are atomic (see checkpoint.py); a NaN/inf loss stops the run before
 anything is written (or skips the step, if configured), found when the losses are read back: at the steps that
-log, checkpoint or draw pictures (every step with skip), so that the others never wait for the GPU. Ctrl-C or
+log, checkpoint or draw pictures (every step with skip), so that the others never wait for the GPU (for the
+model's work: the built-in renderer, drawing on a GPU in this process, reads back as it renders; with data_workers
+it renders on the CPUs, ahead). Ctrl-C or
 SIGTERM finishes the current step, saves a checkpoint and returns. A resumed run continues exactly: batches and
 latent noise are pure functions of (seed, step, shard), and the optimizer state is restored.
 """
@@ -50,6 +52,7 @@ from dcign_fast.train.distributed import (
     init_world,
     mean_over_ranks,
     run_together,
+    training_device,
 )
 from dcign_fast.train.lock import LOCK_FILE, run_folder_lock
 from dcign_fast.train.logs import IMAGES_FOLDER, METRICS_FILE, MetricsLog, save_progress_images
@@ -137,7 +140,9 @@ class Trainer:
         # Here, not at the first forward: before the process group, the run folder and the data pool.
         check_backend_runs_on(config.backend, device, supported=EXPLICIT_BACKENDS)
         self.world: World = init_world(device.type)
-        self.device = torch.device("cuda", self.world.local_rank) if device.type == "cuda" else device
+        self.device = training_device(device, self.world)
+        if self.device.type == "cuda":  # (also the device of pin_memory's thread and of synchronize())
+            torch.cuda.set_device(self.device)
         if config.threads:
             torch.set_num_threads(config.threads)
         on_gpu = self.device.type == "cuda"
