@@ -360,6 +360,36 @@ def test_reduce_overhead_replays_a_step_whose_sampler_draws_anew(monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_reduce_overhead_first_made_index_tables_stay_valid_across_recordings(backend, monkeypatch):
+    """The ops cache small index tables (ops/constants.py) at their first call. Made first inside Inductor's
+    warm-up under mode="reduce-overhead", they may come from the CUDA graphs' private memory pool, which a later
+    recording (another batch size) may hand out again while the cache still points into it (a static review's
+    suspicion, for a GPU to settle). Each step's gradients must match upsample + conv's, which use no tables.
+    (One layer, 32 -> 64 channels: the triton grad weight's tap table is for more than FEW_OUTPUTS outputs.)"""
+    from dcign_fast.ops.constants import constant
+
+    # TF32 off (the triton backend follows cudnn.allow_tf32): float32 throughout (triton has no float64).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch._dynamo.reset()
+    constant.cache_clear()  # (earlier tests made the tables eagerly, outside any pool)
+    layer = dc.nn.UnpoolConv2d(32, 64, 5, padding=2, backend=backend).cuda()
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return layer(x).square().sum()
+
+    compiled = torch.compile(loss, mode="reduce-overhead")
+    for batch in (2, 2, 2, 3, 3, 3, 2, 5, 5, 2):  # warm-ups and recordings, replays among new recordings
+        x = torch.randn(batch, 32, 9, 9, device="cuda", requires_grad=True)
+        got = torch.autograd.grad(compiled(x), (x, layer.weight, layer.bias))
+        upsampled = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        want_loss = torch.nn.functional.conv2d(upsampled, layer.weight, layer.bias, padding=2).square().sum()
+        for g, w in zip(got, torch.autograd.grad(want_loss, (x, layer.weight, layer.bias))):
+            assert rel_error(g, w) < 1e-4, batch
+
+
+@pytest.mark.cuda
 def test_inductor_compiles_the_triton_model(monkeypatch):
     # TF32 off: compiled and eager code may pick different cuDNN algorithms, whose TF32 roundings differ.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
