@@ -55,15 +55,13 @@ def init_world(device_type: str) -> World:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     control = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-    world = World(
+    # The GPU each rank takes, and makes current, is training_device's to say.
+    return World(
         rank=dist.get_rank(),
         size=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         control=control,
     )
-    if device_type == "cuda":
-        torch.cuda.set_device(world.local_rank)
-    return world
 
 
 def training_device(requested: torch.device, world: World) -> torch.device:
