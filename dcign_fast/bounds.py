@@ -1,5 +1,6 @@
 """Ranges of numeric arguments, checked where a public entry point first receives them, so that a bad
-value is refused with its name instead of failing later, deep inside torch or numpy."""
+value is refused with its name instead of failing later, deep inside torch or numpy; and what a refused value
+was, for those messages."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ def is_integer(value: object) -> TypeGuard[int]:
     """An integer, numpy's too (numbers.Integral), but not a bool. (Typed as int, which numpy's integers
     stand in for: typeshed's Integral has no comparison with an int.)"""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def described(value: object, dtype: bool = False) -> str:
+    """What a refused value is, for an error message: a tensor's shape (and dtype, when asked), a dict's keys,
+    another value's type."""
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}" + (f" {value.dtype}" if dtype else "")
+    keys = f" with keys {sorted(map(str, value))}" if isinstance(value, dict) else ""
+    return f"a {type(value).__name__}{keys}"
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dcign_fast.bounds import Bounds
+from dcign_fast.bounds import Bounds, described
 from dcign_fast.data.meshes import Mesh
-from dcign_fast.data.render import described
 
 _PERIOD = 1.2  # canonical units: cos(pi * x / 1.2) stays positive across the face (|x| < 0.6)
 _MAX_TURN_COS = 0.5  # a triangle's normal may turn by at most 60 degrees

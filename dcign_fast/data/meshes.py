@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dcign_fast.bounds import Bounds
+from dcign_fast.bounds import Bounds, described
 from dcign_fast.data.mesh_io import read_mesh
-from dcign_fast.data.render import DEPTH_LIMIT, check_indices, check_mesh, described, vertex_faces
+from dcign_fast.data.render import DEPTH_LIMIT, check_indices, check_mesh, vertex_faces
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 FACE_ASSETS = ("meshmonk", "menpo3d", "james")

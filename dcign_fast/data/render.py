@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dcign_fast.bounds import Bounds
+from dcign_fast.bounds import Bounds, described
 from dcign_fast.ops._checks import check_on_device
 
 _DEPTH_LEVELS = 1 << 30  # depth quantisation steps over [-1, 1]; the face index takes the low 32 bits
@@ -98,14 +98,6 @@ def vertex_normals(vertices: Tensor, faces: Tensor, incident: Tensor) -> Tensor:
     face_n = F.pad(face_n, (0, 0, 0, 1))  # the padding row that ``incident`` points to
     summed = face_n.index_select(1, incident.reshape(-1)).view(batch, *incident.shape, 3).sum(2)
     return F.normalize(summed, dim=-1, eps=1e-12)
-
-
-def described(value: object, dtype: bool = False) -> str:
-    """What an argument is, for an error message: a tensor's shape (and dtype, when asked), or another value's
-    type."""
-    if not isinstance(value, Tensor):
-        return f"a {type(value).__name__}"
-    return f"shape {tuple(value.shape)}" + (f" {value.dtype}" if dtype else "")
 
 
 def _check_faces(faces: Tensor) -> None:

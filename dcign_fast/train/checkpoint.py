@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dcign_fast.bounds import is_integer
+from dcign_fast.bounds import described, is_integer
 from dcign_fast.models.dcign import DCIGNConfig
 
 WEIGHTS = "model.safetensors"
@@ -237,16 +237,9 @@ def _state_problem(state: dict[str, Any]) -> str | None:
     if not is_integer(step) or step < 0:
         return f"its step must be an integer >= 0, got {step!r}"
     if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
-        return f"its rng must be a CPU generator's state (torch.get_rng_state()), got {_kind_of(rng)}"
+        return f"its rng must be a CPU generator's state (torch.get_rng_state()), got {described(rng, dtype=True)}"
     if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
-        return f"its optimizer must be an optimizer's state_dict, got {_kind_of(optimizer)}"
+        return f"its optimizer must be an optimizer's state_dict, got {described(optimizer)}"
     if not isinstance(state["config"], dict):
-        return f"its config must be a mapping of training options, got {_kind_of(state['config'])}"
+        return f"its config must be a mapping of training options, got {described(state['config'])}"
     return None
-
-
-def _kind_of(value: object) -> str:
-    """A state entry's kind, for an error message: a tensor's dtype and shape, a dict's keys, another's type."""
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}" + (f" with keys {sorted(map(str, value))}" if isinstance(value, dict) else "")
