@@ -479,6 +479,9 @@ class Trainer:
         try:
             self.model.train()
             while self.step < c.steps:
+                # images/s counts a step's time up to its bar update, the ranks' agreements below included; the
+                # checkpoints, pictures and log lines some steps write are not training time.
+                start = time.perf_counter()
                 if deadline is not None and all_agree(time.monotonic() > deadline, self.world):
                     reached = f"time limit of {c.time_limit_s:.0f} s reached at step {self.step}"
                     self._say(f"{reached}; continue with --resume")
@@ -487,7 +490,6 @@ class Trainer:
                     checkpoint = self.save()
                     self._say(f"interrupted at step {self.step}; checkpoint: {checkpoint}; continue with --resume")
                     return TrainResult(self.step, checkpoint, interrupted=True)
-                start = time.perf_counter()
                 with self._keeping_steps_if_it_fails(f"the data failed at step {self.step + 1}"):
                     batches = self._draw(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -517,9 +519,9 @@ class Trainer:
                 else:
                     self.optimizer.step()
                     self._images_since_log += losses.images
-                    self._time_since_log += time.perf_counter() - start
                 self.step += 1
                 bar.update(1)
+                self._time_since_log += time.perf_counter() - start  # (a skipped step's too: it took the time)
                 if logs and metrics is not None:
                     # Over the steps since the last line: the steps between read nothing back (on a GPU their own
                     # time would be the launches'), and all their work is done by this step's read.
