@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +51,15 @@ def test_flat_and_one_image_sweeps_score_zero_not_noise():
     assert abs(group_correlation(tracking + stuck, (0, 1), "azimuth")[0] - 0.5**0.5) < 1e-12
 
 
+def test_a_sweep_that_does_not_vary_its_factor_is_refused():
+    # Its factor's z-scores are zeros: it scored r = 0 (every sweep flat) or pulled r down, without a word.
+    factor = torch.linspace(-1, 1, 20)
+    good = (None, factor.view(20, 1), {"azimuth": factor})
+    flat = (None, factor.view(20, 1), {"azimuth": torch.full((20,), 0.25)})
+    with pytest.raises(ValueError, match=r"batch: its azimuth sweep 1 does not vary azimuth \(all 0.25\)"):
+        group_correlation([good, flat, good], (0, 1), "azimuth")
+
+
 def test_mig_rewards_one_latent_per_factor():
     factors = {"a": torch.rand(2000), "b": torch.rand(2000)}
     disentangled = torch.stack([factors["a"], factors["b"], torch.rand(2000)], dim=1)
@@ -58,9 +69,30 @@ def test_mig_rewards_one_latent_per_factor():
     # Refused, not averaged over fewer factors or binned into one bin unnoticed.
     with pytest.raises(ValueError, match=r"factors\['c'\] is constant"):
         mig(disentangled, {**factors, "c": torch.full((2000,), 0.5)})
+    for bad in (float("nan"), float("inf")):  # (NaN was called constant; inf gave a meaningless 0.06)
+        with pytest.raises(ValueError, match=r"factors\['b'\]: mig needs finite values"):
+            mig(disentangled, {**factors, "b": torch.cat([factors["b"][:-1], torch.tensor([bad])])})
+    with pytest.raises(ValueError, match=r"factors\['b'\] must be \[N\] with latents' N = 2000, got shape \(1999,\)"):
+        mig(disentangled, {**factors, "b": factors["b"][1:]})
+    with pytest.raises(ValueError, match="factors must name at least one factor"):
+        mig(disentangled, {})
+    with pytest.raises(ValueError, match=r"latents must be \[N, D\] with D >= 1, got shape \(2000, 0\)"):
+        mig(disentangled[:, :0], factors)
     disentangled[3, 0] = float("nan")
     with pytest.raises(ValueError, match="latents: mig needs finite values"):
         mig(disentangled, factors)
+
+
+def test_mig_is_normalised_by_the_factors_entropy_over_20_bins():
+    # A factor of three values with odds 1/2, 1/4, 1/4; one latent tells only its first value from the others:
+    # MI log 2 of H = 1.5 log 2, a gap of 2/3 (normalised by log 20 instead, 0.23).
+    labels = torch.tensor([0] * 1000 + [1] * 500 + [2] * 500)
+    halves = torch.stack([(labels > 0).float(), torch.zeros(2000)], dim=1)
+    assert mig(halves, {"a": labels}) == pytest.approx(2 / 3, abs=1e-12)
+    # A latent spread evenly over its range and a factor of its 20 equal-width bins: 20 bins tell every value
+    # apart (a gap of 1; 10 bins would give log 10 / log 20 = 0.77).
+    even = torch.arange(2000.0) / 1999
+    assert mig(torch.stack([even, torch.zeros(2000)], dim=1), {"a": (even * 20).long().clamp(max=19)}) == 1.0
 
 
 class CodeOfIdentity(torch.nn.Module):
@@ -146,6 +178,7 @@ def test_relit_probes_share_only_identity_and_pose_with_the_gallery():
     probes = relit_probes(model, renderer, sweeps, seed=0)
     result = cross_pose_retrieval(sweeps, (0, 3), probes)
     assert result["intrinsic_latents"] <= 0.1 and result["probe_view"] == "elevation and light drawn afresh"
+    assert result["raw_pixels"] <= 0.1  # (the pixels, which show the lighting alone, are matched on the same probes)
     # Each probe is its sweep's identity at the azimuth three quarters into the sweep, in the ranges' lighting.
     recorded: list[dict] = []
     renderer.render = lambda factors: recorded.append(factors) or LightingOnly.render(renderer, factors)
@@ -372,7 +405,7 @@ def test_binned_puts_the_maximum_in_the_last_of_its_bins():
 
 
 class ConstantDecoder(torch.nn.Module):
-    """A stand-in model whose reconstructions are all 0.25, whatever the input."""
+    """A stand-in model whose reconstructions are all 0.25 (logits log 1/3), whatever the input."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -381,8 +414,24 @@ class ConstantDecoder(torch.nn.Module):
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(len(images), 2), torch.zeros(len(images), 2)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.full((len(z), 1, 4, 4), 0.25)
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(z), 1, 4, 4), math.log(1 / 3))
+
+
+def test_a_16_bit_models_reconstruction_bce_is_its_float32_copys():
+    """A bfloat16 sigmoid is exactly 1 from a logit of ~7 on: the BCE of a pixel below 1 there was log(0),
+    clamped to -100 (337,500 per image against float32's 26,987 with these saturated logits)."""
+    from dcign_fast.data import SweepSampler
+    from dcign_fast.eval.evaluate import reconstruction_errors
+    from dcign_fast.models import DCIGN
+
+    model = DCIGN.from_preset("demo64").eval()
+    torch.nn.init.constant_(model.decoder[-1].bias, 8.0)
+    batch = SweepSampler(size=64, batch_size=4).batch
+    full = reconstruction_errors(model, batch, seed=0, count=2)
+    half = reconstruction_errors(model.to(torch.bfloat16), batch, seed=0, count=2)
+    assert half["bce_per_image"] == pytest.approx(full["bce_per_image"], rel=0.05)
+    assert half["mse_per_pixel"] == pytest.approx(full["mse_per_pixel"], rel=0.05)
 
 
 def test_reconstruction_errors_are_per_image_and_per_pixel():
@@ -437,6 +486,15 @@ def test_a_probe_is_retrieved_by_its_own_nearest_gallery_entry():
     gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     probes = torch.tensor([[1.0, 0.9], [1.0, 0.5]])
     assert top1_retrieval(gallery, probes) == 0.5
+
+
+def test_retrieval_matches_by_direction_not_distance():
+    # Probe 0 points along gallery row 0 but lies nearer row 1; probe 1 the other way round.
+    gallery = torch.tensor([[1.0, 0.0], [7.0, 7.0]])
+    probes = torch.tensor([[10.0, 0.0], [1.0, 1.2]])
+    assert top1_retrieval(gallery, probes) == 1.0  # (Euclidean distance: 0.0)
+    with pytest.raises(ValueError, match=r"gallery and probes must be \[N, F\] tensors of one shape"):
+        top1_retrieval(gallery, probes[:1])
 
 
 def test_gallery_and_probes_are_views_at_two_poses():
@@ -727,3 +785,48 @@ def test_evaluate_takes_a_numpy_seed_and_a_negative_one(tmp_path):
     first = evaluate(model, _sweeps_of(), sweeps=2, identities=2, seed=np.int64(-5), out=tmp_path / "e")
     assert first == evaluate(model, _sweeps_of(), sweeps=2, identities=2, seed=-5)
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["sweeps_per_group"] == 2
+
+
+def test_evaluates_numbers_match_an_independent_computation_on_its_sweeps():
+    """Recomputed with numpy from the sweeps evaluate drew: |r| of each group's mean latent, both z-scored per
+    sweep and pooled; the best single latent over all of them; MIG over every latent of all four kinds' sweeps
+    with the extrinsic factors (not identity). Each sweep's factors are rescaled and shifted, so that pooling them
+    without the per-sweep z-scores would give another r."""
+    from dcign_fast.data import SweepSampler
+    from dcign_fast.eval import evaluate
+    from dcign_fast.eval.metrics import EXTRINSIC
+    from dcign_fast.models import DCIGN
+
+    torch.manual_seed(0)
+    model = DCIGN.from_preset("demo64").eval()
+    sampler, drawn = SweepSampler(size=64, batch_size=6), []
+
+    def batch(kind: str, generator: torch.Generator):
+        images, factors, _ = sampler.batch(kind, generator)
+        scale, shift = 1 + 4 * torch.rand(2, generator=generator)
+        drawn.append((kind, images, {k: v * scale + shift if k in EXTRINSIC else v for k, v in factors.items()}))
+        return drawn[-1][1:]
+
+    sweeps = 3
+    result = evaluate(model, batch, sweeps=sweeps, identities=4)
+    metric_sweeps = drawn[: 4 * sweeps]  # (then the reconstructions' and retrieval's)
+    assert [kind for kind, _, _ in metric_sweeps] == [k for k in (*EXTRINSIC, "intrinsic") for _ in range(sweeps)]
+    with torch.no_grad():
+        mus = [model.encode(images)[0].double().numpy() for _, images, _ in metric_sweeps]
+
+    def z(values):
+        return (values - values.mean()) / values.std()
+
+    def r(own: range, truths: np.ndarray, start: int, stop: int) -> float:
+        latents = np.concatenate([z(mus[j][:, start:stop].mean(axis=1)) for j in own])
+        return abs(np.corrcoef(latents, truths)[0, 1])
+
+    groups = model.config.latent_groups
+    for i, factor in enumerate(EXTRINSIC):
+        own = range(i * sweeps, (i + 1) * sweeps)
+        truths = np.concatenate([z(metric_sweeps[j][2][factor].double().numpy()) for j in own])
+        assert result["correlation"][factor] == pytest.approx(r(own, truths, *groups[factor]), abs=1e-9)
+        best = max(r(own, truths, d, d + 1) for d in range(model.config.latent_dim))
+        assert result["best_single_latent"][factor] == pytest.approx(best, abs=1e-9)
+    pooled = {k: torch.cat([f[k] for _, _, f in metric_sweeps]) for k in EXTRINSIC}
+    assert result["mig"] == pytest.approx(mig(torch.from_numpy(np.concatenate(mus)).float(), pooled), abs=1e-12)

@@ -118,12 +118,14 @@ def reconstruction_errors(model: DCIGN, batch: Callable, seed: int, count: int =
             break
         generator = stream_generator(EVAL_RECONSTRUCTION, seed, i, held_out=True)
         images = draw_sweep(model, batch, kind, generator, f"its {kind} sweep {i}", factors_needed=False)[0]
-        recon = model.decode(model.encode(model_input(model, images))[0]).float()
-        if not torch.isfinite(recon).all():  # (torch's BCE said "all elements of input should be between 0 and 1")
+        # From the logits in float32: a 16-bit sigmoid rounds to exactly 1 from a logit of ~7 on, where the BCE of
+        # a pixel below 1 is log(0), clamped to -100 (a bfloat16 model's BCE was 12x its float32 copy's).
+        logits = model.decode_logits(model.encode(model_input(model, images))[0]).float()
+        if not torch.isfinite(logits).all():
             raise ValueError(f"model: its reconstructions are not finite (NaN or inf) on held-out {kind} sweep {i}")
-        images = images.to(recon.device)  # the float32 targets, not rounded to a 16-bit model's dtype
-        bce += F.binary_cross_entropy(recon, images.float(), reduction="sum").item()
-        mse += F.mse_loss(recon, images.float(), reduction="sum").item() / images[0].numel()
+        images = images.to(logits.device).float()  # the float32 targets, not rounded to a 16-bit model's dtype
+        bce += F.binary_cross_entropy_with_logits(logits, images, reduction="sum").item()
+        mse += F.mse_loss(torch.sigmoid(logits), images, reduction="sum").item() / images[0].numel()
         images_seen += len(images)
     return {"bce_per_image": bce / images_seen, "mse_per_pixel": mse / images_seen}
 

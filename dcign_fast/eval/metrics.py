@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from dcign_fast.bounds import described
 from dcign_fast.data.seeds import EVAL_SWEEPS, stream_generator
 from dcign_fast.data.sweeps import images_and_factors
 from dcign_fast.eval.inference import check_images, model_input
@@ -134,6 +135,12 @@ def group_correlation(
     short = min(len(mu) for _, mu, _ in sweeps)
     if short < 3:  # (one image gave r = 0 silently; two, only the sign of each sweep's relation)
         raise ValueError(f"batch: its {factor} sweeps must hold 3 or more images for a correlation, got {short}")
+    for i, (_, _, f) in enumerate(sweeps):
+        if f[factor].min() == f[factor].max():  # (its z-scores would be zeros: r = 0, as of a model that failed)
+            raise ValueError(
+                f"batch: its {factor} sweep {i} does not vary {factor} (all {float(f[factor][0]):.4g}): a "
+                f"{factor} sweep must vary its factor"
+            )
     start, stop = latent_range
     latents = torch.cat([zscore(mu[:, start:stop].mean(dim=1)) for _, mu, _ in sweeps])
     truths = torch.cat([zscore(f[factor].float()) for _, _, f in sweeps])
@@ -164,8 +171,17 @@ def mig(latents: torch.Tensor, factors: dict[str, torch.Tensor]) -> float:
 
     latents: [N, D] finite; factors: name -> [N], each varying (float: binned; integer: as labels).
     """
+    if latents.dim() != 2 or not latents.shape[1]:
+        raise ValueError(f"latents must be [N, D] with D >= 1, got shape {tuple(latents.shape)}")
+    if not factors:
+        raise ValueError("factors must name at least one factor, got none")
     if not torch.isfinite(latents).all():  # one NaN would put the whole latent in one bin, unnoticed
         raise ValueError("latents: mig needs finite values, got NaN or inf")
+    for name, values in factors.items():
+        if values.shape != latents.shape[:1]:
+            raise ValueError(f"factors[{name!r}] must be [N] with latents' N = {len(latents)}, got {described(values)}")
+        if values.is_floating_point() and not torch.isfinite(values).all():
+            raise ValueError(f"factors[{name!r}]: mig needs finite values, got NaN or inf")
     codes = [binned(latents[:, j]) for j in range(latents.shape[1])]
     gaps = []
     for name, values in factors.items():

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from dcign_fast.bounds import described
 from dcign_fast.data.seeds import EVAL_PROBES, stream_generator
 from dcign_fast.eval.inference import model_input
 from dcign_fast.eval.metrics import encode_sweeps
@@ -36,6 +37,9 @@ RELIT = "elevation and light drawn afresh"
 
 def top1_retrieval(gallery: torch.Tensor, probes: torch.Tensor) -> float:
     """gallery, probes: [N, F], row i of each the same identity -> fraction of probes matched to row i."""
+    if gallery.dim() != 2 or probes.shape != gallery.shape:
+        got = f"{described(gallery)} and {described(probes)}"
+        raise ValueError(f"gallery and probes must be [N, F] tensors of one shape, got {got}")
     similarity = F.normalize(probes.double(), dim=1) @ F.normalize(gallery.double(), dim=1).T
     return float((similarity.argmax(dim=1) == torch.arange(len(probes))).double().mean())
 
