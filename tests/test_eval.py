@@ -37,6 +37,13 @@ def test_pearson_and_per_sweep_correlation():
         flipped.append((None, mu * (-1) ** i, {"azimuth": factor}))
     assert group_correlation(sweeps, (0, 1), "azimuth")[0] > 0.999
     assert group_correlation(flipped, (0, 1), "azimuth")[0] < 0.05
+    # A group of two latents is scored by their mean: here a latent that tracks the factor and one that undoes it.
+    for _, mu, _ in sweeps:
+        mu[:, 1] = -0.5 * mu[:, 0]
+    assert group_correlation(sweeps, (0, 2), "azimuth")[0] > 0.999
+    for _, mu, _ in sweeps:
+        mu[:, 1] = -mu[:, 0] + torch.randn(20)
+    assert group_correlation(sweeps, (0, 2), "azimuth")[0] < 0.5
 
 
 def test_flat_and_one_image_sweeps_score_zero_not_noise():
