@@ -43,6 +43,10 @@ OPTION_BOUNDS: dict[str, Bounds] = {
     "grad_clip": Bounds(0, strict=True),  # a max norm of 0 zeroes every gradient, below 0 flips them
     "invariance": Bounds(0, below=FLOAT32_MAX),  # (the sampler's pull is float32)
     "shape_bias": _ODDS,
+    "identity_contrast": Bounds(0, below=FLOAT32_MAX),
+    "contrast_identities": Bounds(1),
+    "contrast_views": Bounds(2),  # (an image at one view is contrasted at the others)
+    "contrast_temperature": Bounds(0, strict=True, below=FLOAT32_MAX),
     # (Hashed with the step and shard into each batch's generator: data/seeds.py.)
     "seed": Bounds(-(2**27), below=2**28),
     "data_pool": Bounds(0),
@@ -102,6 +106,12 @@ class TrainConfig:
     invariance: float = _option(0.01, "pull of clamped latents toward the batch mean, relative to the summed loss")
     shape_bias: float = _option(10.0, "odds of azimuth:elevation:light:intrinsic batches = 1:1:1:shape_bias")
     kind_weights: dict[str, float] = _option({}, "overrides the 1:1:1:shape_bias odds per kind, e.g. {light: 2}")
+    identity_contrast: float = _option(
+        0.0, "weight of an InfoNCE term between identities at one pose on z[3:] (beyond the paper; 0: off)"
+    )
+    contrast_identities: int = _option(7, "with identity_contrast: other identities rendered with each extrinsic sweep")
+    contrast_views: int = _option(5, "with identity_contrast: views of each extrinsic sweep they are rendered at")
+    contrast_temperature: float = _option(0.1, "with identity_contrast: cosine similarities are divided by it")
     seed: int = _option(0, "seeds the weights, the batches and the latent noise")
     backend: str = _option("auto", "the fused ops' backend: " + ", ".join(BACKENDS))
     device: str = _option("auto", "auto (cuda when available), cpu, cuda or cuda:N")
@@ -148,6 +158,16 @@ class TrainConfig:
             raise ValueError(
                 f"data_workers must be 0 with data_pool > 0 (a pool's batches cost nothing to draw), got "
                 f"data_workers={self.data_workers} and data_pool={self.data_pool}"
+            )
+        if self.identity_contrast and self.data != "render":
+            raise ValueError(
+                "identity_contrast needs data='render': it renders other identities at an extrinsic sweep's views, "
+                f"which stored sweeps cannot give; got data={self.data!r}"
+            )
+        if self.identity_contrast and self.contrast_views > self.batch_size:
+            raise ValueError(
+                f"contrast_views must be at most batch_size ({self.batch_size}): they are views of a sweep; got "
+                f"{self.contrast_views}"
             )
         check_device(self.device)
         check_backend_name(self.backend)  # (whether it runs on the device: the Trainer checks, knowing the device)

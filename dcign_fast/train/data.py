@@ -18,6 +18,7 @@ from tqdm import tqdm
 from dcign_fast.data.seeds import BATCHES, LATENT_NOISE, POOL, stream_generator
 from dcign_fast.data.sweeps import images_and_factors
 from dcign_fast.train.config import TrainConfig
+from dcign_fast.train.contrast import split_contrast_images, with_contrast_images
 from dcign_fast.train.procedure import KINDS, kind_odds
 
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor], str]
@@ -38,6 +39,8 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
 
         # Only sampler.batch is used, with the trainer's generators: the sampler's own seeded stream is not.
         sampler = SweepSampler(size=image_size, batch_size=config.batch_size, device=device)
+        if config.identity_contrast:
+            return with_contrast_images(sampler, config.contrast_identities, config.contrast_views), KINDS
         return sampler.batch, KINDS
     from dcign_fast.data.cache import INDEX, SweepCache, is_cache
     from dcign_fast.data.folders import DatasetError, SweepFolders
@@ -132,6 +135,7 @@ class BatchStream:
     ) -> None:
         self.render = lambda kind, generator: checked_sweep(render(kind, generator), kind, source, config.disentangle)
         self.seed = config.seed
+        self.config = config
         odds = kind_odds(config)
         self.kinds = [k for k in KINDS if odds[k] > 0 and (kinds is None or k in kinds)]
         if not self.kinds:
@@ -144,6 +148,13 @@ class BatchStream:
             for kind, i in tqdm(work, desc="rendering the training pool", disable=not show_progress, leave=False):
                 generator = stream_generator(POOL, self.seed, KINDS.index(kind), i, rank)
                 self.pool[kind].append(self.render(kind, generator))
+
+    def sweep_of(self, images: torch.Tensor, kind: str) -> torch.Tensor:
+        """The sweep's own images among a drawn ``kind`` sweep's ``images``: without the other identities that
+        identity contrast appends to an extrinsic sweep's."""
+        if self.config.identity_contrast and kind != "intrinsic":
+            return split_contrast_images(images, self.config)[0]
+        return images
 
     def batch(self, step: int, shard: int) -> Batch:
         generator = shard_generator(self.seed, step, shard)

@@ -103,4 +103,4 @@ def save_progress_images(model: DCIGN, stream: BatchStream, folder: Path, step: 
 
 def _fixed_batch(stream: BatchStream, kind: str) -> torch.Tensor:
     generator = torch.Generator().manual_seed(12345)
-    return stream.render(kind, generator)[0]
+    return stream.sweep_of(stream.render(kind, generator)[0], kind)

@@ -10,6 +10,7 @@ from torch import nn
 from dcign_fast.data.sweeps import KINDS
 from dcign_fast.models.dcign import DCIGN
 from dcign_fast.train.config import TrainConfig
+from dcign_fast.train.contrast import identity_contrast_loss, split_contrast_images
 
 
 def kind_odds(config: TrainConfig) -> dict[str, float]:
@@ -28,8 +29,13 @@ def unwrap(model: nn.Module) -> DCIGN:
 def batch_loss(
     model: nn.Module, images: torch.Tensor, kind: str, config: TrainConfig, seed: int, plain: bool
 ) -> dict[str, torch.Tensor]:
-    """The loss of one batch: clamped + invariance for a one-factor batch, a plain VAE when ``plain``."""
+    """The loss of one batch: clamped + invariance for a one-factor batch, a plain VAE when ``plain``; with
+    ``identity_contrast``, plus its term ("contrast": 0 for an intrinsic batch), which an extrinsic sweep's
+    images carry the other identities for (see contrast.py)."""
     core = unwrap(model)
+    others = None
+    if config.identity_contrast and kind != "intrinsic":
+        images, others = split_contrast_images(images, config)
     active = None
     if not plain:
         active = core.active_mask(kind).to(images.device)
@@ -41,4 +47,8 @@ def batch_loss(
     recon, mu, logvar, _, kl = model(
         images, active=active, clamp=config.clamp, invariance=invariance, seed=seed, return_kl=True
     )
-    return core.loss(images, recon, mu, logvar, kl=kl)
+    losses = core.loss(images, recon, mu, logvar, kl=kl)
+    if not config.identity_contrast:
+        return losses
+    term = losses["total"].new_zeros(()) if others is None else identity_contrast_loss(core, mu, others, config)
+    return {**losses, "total": losses["total"] + config.identity_contrast * term, "contrast": term}

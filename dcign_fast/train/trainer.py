@@ -135,6 +135,11 @@ class Trainer:
             raise TypeError(f"render must be a function (kind, generator) -> (images, factors), got {render!r}")
         if render is not None and config.data != "render":  # it would be recorded, and a resume would read it
             raise ValueError(f"render= replaces the data source: leave data at 'render', got data={config.data!r}")
+        if render is not None and config.identity_contrast:
+            raise ValueError(
+                "render= cannot be used with identity_contrast, which renders other identities at a sweep's views "
+                "with the built-in renderer; set identity_contrast=0"
+            )
         self.config = config
         device = resolve_device(config.device)
         # Here, not at the first forward: before the process group, the run folder and the data pool.

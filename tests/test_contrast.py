@@ -1,0 +1,150 @@
+"""Identity contrast (train/contrast.py): the other identities' renders, the InfoNCE term against a loop over
+its definition, what it trains, and a run with it that resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcign_fast.data import SweepSampler
+from dcign_fast.models import DCIGN
+from dcign_fast.train import TrainConfig, Trainer
+from dcign_fast.train.checkpoint import load_checkpoint
+from dcign_fast.train.contrast import contrast_views, identity_contrast_loss, with_contrast_images
+
+CONTRAST = {"identity_contrast": 300.0, "contrast_identities": 3, "contrast_views": 3}
+
+
+def contrast_config(**changes) -> TrainConfig:
+    return TrainConfig.from_dict({"batch_size": 6, "device": "cpu", **CONTRAST, **changes})
+
+
+def test_contrast_views_are_distinct_and_span_the_sweep():
+    for n in range(2, 30):
+        for m in range(2, n + 1):
+            at = contrast_views(n, m).tolist()
+            assert len(set(at)) == m and at[0] == 0 and at[-1] == n - 1 and at == sorted(at)
+
+
+def test_other_identities_are_rendered_at_the_sweeps_views():
+    sampler = SweepSampler(size=32, batch_size=6)
+    shown = []
+    render = sampler.render
+    sampler.render = lambda factors: shown.append(factors) or render(factors)
+    batch = with_contrast_images(sampler, identities=3, views=3)
+    for kind in ("azimuth", "elevation", "light"):
+        shown.clear()
+        images, factors, _ = batch(kind, torch.Generator().manual_seed(1))
+        sweep, others = shown
+        assert torch.equal(factors["identity"], sweep["identity"]) and images.shape == (6 + 9, 1, 32, 32)
+        at = torch.tensor([0, 2, 5])  # (contrast_views(6, 3))
+        for name in ("azimuth", "elevation", "light", "light_elevation"):  # each identity at each of those views
+            assert torch.equal(others[name], sweep[name][at].repeat(3)), name
+        identities = others["identity"].view(3, 3)
+        assert (identities == identities[:, :1]).all() and len(set(identities[:, 0].tolist())) == 3
+        assert int(sweep["identity"][0]) not in identities.tolist()[0]
+        assert torch.equal(images[6:], render(others))  # (the sweep's own images first)
+    shown.clear()
+    images, _, _ = batch("intrinsic", torch.Generator().manual_seed(1))
+    assert len(images) == 6 and len(shown) == 1  # an intrinsic batch varies identity at one pose already
+    with pytest.raises(ValueError, match="contrast_identities must be below the renderer's 10000 identities"):
+        with_contrast_images(sampler, identities=10_000, views=3)
+
+
+class Codes(torch.nn.Module):
+    """A stand-in model whose intrinsic latents (z[1:]) are given codes, looked up by each image's first pixel."""
+
+    def __init__(self, codes: torch.Tensor) -> None:
+        super().__init__()
+        self.codes = torch.nn.Parameter(codes)
+        self.config = SimpleNamespace(latent_groups={"intrinsic": (1, 1 + codes.shape[1])})
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        code = self.codes[images.flatten(1)[:, 0].long()]
+        mu = torch.cat([torch.randn(len(images), 1), code], dim=1)  # (z[0], pose, is not contrasted)
+        return mu, torch.zeros_like(mu)
+
+
+def contrast_by_definition(sweep: torch.Tensor, others: torch.Tensor, n: int, k: int, m: int, t: float) -> float:
+    """The term, one (anchor, view) pair at a time: identity 0 is the sweep's, at each of its n positions;
+    identity q > 0 is others[(q - 1) * m + j], at contrast view j."""
+    at = contrast_views(n, m).tolist()
+    codes = {(0, p): sweep[p] for p in range(n)}
+    codes |= {(q, at[j]): others[(q - 1) * m + j] for q in range(1, k + 1) for j in range(m)}
+    terms = []
+    for (identity, place), anchor in codes.items():
+        for view in at:
+            if view != place:
+                scores = torch.stack([F.cosine_similarity(anchor, codes[q, view], dim=0) for q in range(k + 1)])
+                terms.append(-torch.log_softmax(scores.double() / t, dim=0)[identity])
+    return float(torch.stack(terms).mean())
+
+
+def test_the_term_is_its_definition_and_pose_cannot_meet_it():
+    n, k, m = 6, 3, 3
+    sweep_images = torch.arange(n).float().view(n, 1, 1, 1)  # image i shows code i
+    others = torch.arange(n, n + k * m).float().view(k * m, 1, 1, 1)
+
+    def term(codes: torch.Tensor, temperature: float) -> float:
+        model = Codes(codes)
+        config = contrast_config(contrast_temperature=temperature)
+        return float(identity_contrast_loss(model, model.encode(sweep_images)[0], others, config).detach())  # type: ignore[arg-type]
+
+    codes = torch.randn(n + k * m, 5)
+    assert term(codes, 0.5) == pytest.approx(contrast_by_definition(codes[:n], codes[n:], n, k, m, 0.5), rel=1e-5)
+    # Codes of identity alone (the same at every view): each anchor finds its own identity, at a margin of 1 / t.
+    identity = torch.eye(k + 1)[torch.cat([torch.zeros(n), torch.arange(1, k + 1).repeat_interleave(m)]).long()]
+    assert term(identity, 0.1) == pytest.approx(math.log(1 + k * math.exp(-10)), abs=1e-6)
+    # Codes of pose alone (every identity alike at one view): chance, log(k + 1), however distinct the views are.
+    pose = torch.randn(n, 5)[torch.cat([torch.arange(n), contrast_views(n, m).repeat(k)])]
+    assert term(pose, 0.5) == pytest.approx(math.log(k + 1), rel=1e-6)
+
+
+def test_the_term_trains_the_encoder_alone():
+    model = DCIGN.from_preset("demo64")
+    sweep, others = torch.rand(6, 1, 64, 64), torch.rand(9, 1, 64, 64)
+    identity_contrast_loss(model, model.encode(sweep)[0], others, contrast_config()).backward()
+    assert all(p.grad is None for p in model.decoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"data": "runs/stored"}, "identity_contrast needs data='render'"),
+        ({"contrast_views": 7}, r"contrast_views must be at most batch_size \(6\)"),
+        ({"contrast_views": 1}, "contrast_views must be >= 2"),
+        ({"contrast_temperature": 0.0}, r"contrast_temperature must be in \(0, .* got 0.0"),
+        ({"identity_contrast": -1.0}, r"identity_contrast must be in \[0, .* got -1.0"),
+    ],
+)
+def test_options_that_cannot_work_are_refused_by_name(change, words):
+    with pytest.raises(ValueError, match=words):
+        contrast_config(**change)
+
+
+def test_a_render_callable_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="render= cannot be used with identity_contrast"):
+        Trainer(contrast_config(out=str(tmp_path / "run")), render=lambda kind, generator: None)
+
+
+def test_a_run_with_it_logs_the_term_and_resumes_exactly(tmp_path):
+    options = {"steps": 6, "checkpoint_every": 3, "log_every": 1, "image_every": 3, "shape_bias": 1.0, "threads": 1}
+    straight = Trainer(contrast_config(out=str(tmp_path / "straight"), **options))
+    straight.train()
+    straight.close()
+    Trainer(contrast_config(out=str(tmp_path / "halves"), **{**options, "steps": 3})).train()
+    resumed = Trainer(contrast_config(out=str(tmp_path / "halves"), **options), resume=True)
+    resumed.train()
+    resumed.close()
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "step-00000006")[0] for run in ("straight", "halves"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    terms = [(line["kind"], line["contrast"]) for line in map(json.loads, lines)]
+    assert any(kind != "intrinsic" and term > 0 for kind, term in terms)
+    assert all(term == 0 for kind, term in terms if kind == "intrinsic")
