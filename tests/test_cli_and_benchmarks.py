@@ -617,7 +617,10 @@ def test_report_names_the_baseline_where_it_is_fastest_and_shows_rows_with_only_
     assert not (tmp_path / "speedup.png").exists() and "(no speedups to plot)" in capsys.readouterr().out
 
 
-QUICK_DEMO = ["--set", "time_limit_s=0", "--set", "batch_size=2", "--set", "data_pool=1", "--set", "device=cpu"]
+QUICK_DEMO = [
+    *("--set", "time_limit_s=0", "--set", "batch_size=2", "--set", "contrast_views=2"),
+    *("--set", "data_pool=1", "--set", "device=cpu"),
+]
 
 
 @pytest.mark.parametrize(

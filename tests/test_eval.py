@@ -330,7 +330,8 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     real = evaluation.evaluate
     monkeypatch.setattr(evaluation, "evaluate", lambda model, batch, out, **kw: real(model, batch, out, 2, 3, **kw))
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "3", "--device", "cpu", "--set", "batch_size=4"]) == 0
+    small = ["--set", "batch_size=4", "--set", "contrast_views=4"]
+    assert main(["demo", "--out", str(out), "--steps", "3", "--device", "cpu", *small]) == 0
     # A short demo renders a pool of no more batches per kind than its steps.
     assert (stored_config(out).data_pool, stored_config(out).device) == (3, "cpu")
     printed = capsys.readouterr().out
@@ -338,7 +339,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
         assert (out / produced).exists() and produced.split("/")[-1] in printed
     assert json.loads((out / "eval" / "eval.json").read_text())["checkpoint"] == str(out / "checkpoints/step-00000003")
     # A resumed demo keeps its own step count unless --steps is given (the 6000 default took over before).
-    assert main(["demo", "--out", str(out), "--resume", "--set", "batch_size=4"]) == 0
+    assert main(["demo", "--out", str(out), "--resume", *small]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
 
 
