@@ -97,6 +97,8 @@ def test_the_term_is_its_definition_and_pose_cannot_meet_it():
 
     codes = torch.randn(n + k * m, 5)
     assert term(codes, 0.5) == pytest.approx(contrast_by_definition(codes[:n], codes[n:], n, k, m, 0.5), rel=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (in float32 all the same: bf16 logits near 10 lose 1/16)
+        assert term(codes, 0.1) == pytest.approx(contrast_by_definition(codes[:n], codes[n:], n, k, m, 0.1), rel=1e-5)
     # Codes of identity alone (the same at every view): each anchor finds its own identity, at a margin of 1 / t.
     identity = torch.eye(k + 1)[torch.cat([torch.zeros(n), torch.arange(1, k + 1).repeat_interleave(m)]).long()]
     assert term(identity, 0.1) == pytest.approx(math.log(1 + k * math.exp(-10)), abs=1e-6)
@@ -121,11 +123,23 @@ def test_the_term_trains_the_encoder_alone():
         ({"contrast_views": 1}, "contrast_views must be >= 2"),
         ({"contrast_temperature": 0.0}, r"contrast_temperature must be in \(0, .* got 0.0"),
         ({"identity_contrast": -1.0}, r"identity_contrast must be in \[0, .* got -1.0"),
+        ({"kind_weights": {"azimuth": 0, "elevation": 0, "light": 0}}, "identity_contrast acts on extrinsic sweeps"),
     ],
 )
 def test_options_that_cannot_work_are_refused_by_name(change, words):
     with pytest.raises(ValueError, match=words):
         contrast_config(**change)
+
+
+def test_progress_pictures_show_a_sweeps_own_images(tmp_path):
+    from dcign_fast.train.data import BatchStream, default_source
+    from dcign_fast.train.logs import _fixed_batch
+
+    config = contrast_config()
+    render, kinds = default_source(config, 64, torch.device("cpu"))
+    stream = BatchStream(render, config, kinds=kinds, show_progress=False)
+    assert len(stream.render("azimuth", torch.Generator().manual_seed(0))[0]) == 6 + 9
+    assert all(len(_fixed_batch(stream, kind)) == 6 for kind in stream.kinds)
 
 
 def test_a_render_callable_is_refused(tmp_path):

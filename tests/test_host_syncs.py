@@ -7,6 +7,7 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -85,8 +86,12 @@ def _is_mask(index: object) -> bool:
     return isinstance(index, torch.Tensor) and index.dtype == torch.bool  # (its True count sets the output size)
 
 
-def test_steps_that_do_not_log_read_nothing_back_and_those_that_do_read_once(tmp_path, monkeypatch):
-    trainer = Trainer(config(tmp_path, steps=8, log_every=3, checkpoint_every=1000), render=blobs)
+@pytest.mark.parametrize("contrast", [False, True])
+def test_steps_that_do_not_log_read_nothing_back_and_those_that_do_read_once(tmp_path, monkeypatch, contrast):
+    options = {"steps": 8, "log_every": 3, "checkpoint_every": 1000}
+    if contrast:  # (with the built-in renderer, which it needs: a draw's reads are the host's, as blobs')
+        options |= {"identity_contrast": 10.0, "contrast_identities": 2, "contrast_views": 2, "shape_bias": 1.0}
+    trainer = Trainer(config(tmp_path, **options), render=None if contrast else blobs)
     syncs = HostSyncs(trainer)
     draw = trainer._draw
 

@@ -164,6 +164,12 @@ class TrainConfig:
                 "identity_contrast needs data='render': it renders other identities at an extrinsic sweep's views, "
                 f"which stored sweeps cannot give; got data={self.data!r}"
             )
+        weights = self.kind_weights_in_full()
+        if self.identity_contrast and not any(weights[kind] for kind in KINDS if kind != "intrinsic"):
+            raise ValueError(
+                "identity_contrast acts on extrinsic sweeps (azimuth, elevation, light), but their odds are all 0 "
+                f"(shape_bias and kind_weights: {weights}); set identity_contrast=0 or give one of them odds"
+            )
         if self.identity_contrast and self.contrast_views > self.batch_size:
             raise ValueError(
                 f"contrast_views must be at most batch_size ({self.batch_size}): they are views of a sweep; got "
@@ -174,7 +180,6 @@ class TrainConfig:
         unknown_kinds = [kind for kind in self.kind_weights if kind not in KINDS]
         if unknown_kinds:
             raise ValueError(f"kind_weights names unknown batch kinds {unknown_kinds}; kinds are {list(KINDS)}")
-        weights = self.kind_weights_in_full()
         if not sum(weights.values()) > 0:
             raise ValueError(f"the batch kinds' odds must not all be 0 (shape_bias and kind_weights), got {weights}")
 

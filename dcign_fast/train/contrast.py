@@ -24,11 +24,11 @@ from dcign_fast.models.dcign import DCIGN
 from dcign_fast.train.config import TrainConfig
 
 
-def contrast_views(sweep_size: int, views: int) -> torch.Tensor:
-    """[views] int64: the positions in a sweep of ``sweep_size`` images at which the other identities are
-    rendered, spread evenly from its first to its last (so both near and distant poses are contrasted);
-    distinct while ``views <= sweep_size``."""
-    return torch.linspace(0, sweep_size - 1, views).round().long()
+def contrast_views(sweep_size: int, views: int, device: torch.device | None = None) -> torch.Tensor:
+    """[views] int64 on ``device``: the positions in a sweep of ``sweep_size`` images at which the other
+    identities are rendered, spread evenly from its first to its last (so both near and distant poses are
+    contrasted); distinct while ``views <= sweep_size``. (Made where it is used: a copy to a GPU waits for it.)"""
+    return torch.linspace(0, sweep_size - 1, views, device=device).round().long()
 
 
 def with_contrast_images(sampler: SweepSampler, identities: int, views: int) -> Callable[[str, torch.Generator], Batch]:
@@ -75,17 +75,22 @@ def identity_contrast_loss(
     latent means over ``contrast_temperature``); the target is the anchor's own identity."""
     start, stop = model.config.latent_groups["intrinsic"]
     identities, views = config.contrast_identities, config.contrast_views
-    n = len(sweep_mu)
-    at = contrast_views(n, views).to(sweep_mu.device)
+    n, device = len(sweep_mu), sweep_mu.device
+    # Every index is made on the device and the pairs are averaged by a mask, not selected by it: a host sync
+    # (a copy to the GPU, or a boolean index's nonzero) would stall every extrinsic step's launches.
+    at = contrast_views(n, views, device)
     sweep = F.normalize(sweep_mu[:, start:stop].float(), dim=1)  # [n, d]
     other = F.normalize(model.encode(others)[0][:, start:stop].float(), dim=1)  # [identities * views, d]
     # candidates[q, j]: identity q (0: the sweep's, 1..: the others) at contrast view j
     candidates = torch.cat([sweep[at].unsqueeze(0), other.view(identities, views, -1)])
     anchors = torch.cat([sweep, other])
-    identity = torch.cat([torch.zeros(n), torch.arange(1, identities + 1).repeat_interleave(views)])
-    position = torch.cat([torch.arange(n), at.cpu().repeat(identities)])  # each anchor's place in the sweep
-    identity, position = identity.long().to(sweep.device), position.to(sweep.device)
-    logits = torch.einsum("ad,qjd->ajq", anchors, candidates) / config.contrast_temperature  # [anchors, views, q]
+    others_identity = torch.arange(1, identities + 1, device=device).repeat_interleave(views)
+    identity = torch.cat([torch.zeros(n, dtype=torch.long, device=device), others_identity])  # each anchor's
+    position = torch.cat([torch.arange(n, device=device), at.repeat(identities)])  # and its place in the sweep
     elsewhere = position[:, None] != at[None, :]  # [anchors, views]: a view other than the anchor's own
-    target = identity[:, None].expand(-1, views)
-    return F.cross_entropy(logits[elsewhere], target[elsewhere])
+    pairs = (n - 1) * views + identities * views * (views - 1)  # its True count (at's views are distinct)
+    with torch.autocast(device.type, enabled=False):  # (a bfloat16 bmm would round logits near 10 by 1/16)
+        logits = torch.einsum("ad,qjd->ajq", anchors, candidates) / config.contrast_temperature
+        target = identity[:, None].expand(-1, views)
+        losses = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+    return (losses * elsewhere.flatten()).sum() / pairs
