@@ -58,7 +58,7 @@ def split_contrast_images(images: torch.Tensor, config: TrainConfig) -> tuple[to
     """(the sweep [batch_size, C, S, S], the other identities [identities * views, C, S, S]) of an extrinsic
     sweep's images under identity contrast."""
     expected = config.batch_size + config.contrast_identities * config.contrast_views
-    if len(images) != expected:  # (a pool or cache made under other options)
+    if len(images) != expected:  # (a sweep that did not come from with_contrast_images)
         raise ValueError(
             f"an extrinsic sweep under identity_contrast must hold batch_size + contrast_identities x contrast_views "
             f"= {expected} images, got {len(images)}"
