@@ -47,7 +47,7 @@ def test_other_identities_are_rendered_at_the_sweeps_views():
             assert torch.equal(others[name], sweep[name][at].repeat(3)), name
         identities = others["identity"].view(3, 3)
         assert (identities == identities[:, :1]).all() and len(set(identities[:, 0].tolist())) == 3
-        assert int(sweep["identity"][0]) not in identities.tolist()[0]
+        assert int(sweep["identity"][0]) not in identities[:, 0].tolist()
         assert torch.equal(images[6:], render(others))  # (the sweep's own images first)
     shown.clear()
     images, _, _ = batch("intrinsic", torch.Generator().manual_seed(1))
