@@ -54,9 +54,14 @@ def with_contrast_images(sampler: SweepSampler, identities: int, views: int) -> 
     return batch
 
 
-def split_contrast_images(images: torch.Tensor, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the sweep [batch_size, C, S, S], the other identities [identities * views, C, S, S]) of an extrinsic
-    sweep's images under identity contrast."""
+def split_contrast_images(
+    images: torch.Tensor, kind: str, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the sweep [batch_size, C, S, S], the other identities [identities * views, C, S, S]) of a drawn ``kind``
+    sweep's images under identity contrast; (images, None) where nothing was appended (an intrinsic batch, or
+    the contrast off)."""
+    if not config.identity_contrast or kind == "intrinsic":
+        return images, None
     expected = config.batch_size + config.contrast_identities * config.contrast_views
     if len(images) != expected:  # (a sweep that did not come from with_contrast_images)
         raise ValueError(

@@ -134,7 +134,6 @@ class BatchStream:
         source: str = "render(kind, generator)",
     ) -> None:
         self.render = lambda kind, generator: checked_sweep(render(kind, generator), kind, source, config.disentangle)
-        self.seed = config.seed
         self.config = config
         odds = kind_odds(config)
         self.kinds = [k for k in KINDS if odds[k] > 0 and (kinds is None or k in kinds)]
@@ -146,18 +145,16 @@ class BatchStream:
             work = [(k, i) for k in self.kinds for i in range(config.data_pool)]
             self.pool = {k: [] for k in self.kinds}
             for kind, i in tqdm(work, desc="rendering the training pool", disable=not show_progress, leave=False):
-                generator = stream_generator(POOL, self.seed, KINDS.index(kind), i, rank)
+                generator = stream_generator(POOL, config.seed, KINDS.index(kind), i, rank)
                 self.pool[kind].append(self.render(kind, generator))
 
     def sweep_of(self, images: torch.Tensor, kind: str) -> torch.Tensor:
         """The sweep's own images among a drawn ``kind`` sweep's ``images``: without the other identities that
         identity contrast appends to an extrinsic sweep's."""
-        if self.config.identity_contrast and kind != "intrinsic":
-            return split_contrast_images(images, self.config)[0]
-        return images
+        return split_contrast_images(images, kind, self.config)[0]
 
     def batch(self, step: int, shard: int) -> Batch:
-        generator = shard_generator(self.seed, step, shard)
+        generator = shard_generator(self.config.seed, step, shard)
         kind = self.kinds[int(torch.multinomial(self.probabilities, 1, generator=generator).item())]
         if self.pool:
             index = int(torch.randint(0, len(self.pool[kind]), (1,), generator=generator).item())

@@ -33,9 +33,7 @@ def batch_loss(
     ``identity_contrast``, plus its term ("contrast": 0 for an intrinsic batch), which an extrinsic sweep's
     images carry the other identities for (see contrast.py)."""
     core = unwrap(model)
-    others = None
-    if config.identity_contrast and kind != "intrinsic":
-        images, others = split_contrast_images(images, config)
+    images, others = split_contrast_images(images, kind, config)
     active = None
     if not plain:
         active = core.active_mask(kind).to(images.device)
