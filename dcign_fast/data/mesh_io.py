@@ -44,6 +44,12 @@ def read_mesh(path: str | Path) -> RawMesh:
         raise ValueError(f"cannot read mesh {path}: {err}") from err
     if len(mesh.faces) == 0 or mesh.faces.min() < 0 or mesh.faces.max() >= len(mesh.vertices):
         raise ValueError(f"mesh {path} has no faces or face indices out of range")
+    if (
+        mesh.uv is not None
+        and mesh.face_uv is not None
+        and (mesh.face_uv.min() < 0 or mesh.face_uv.max() >= len(mesh.uv))
+    ):
+        raise ValueError(f"mesh {path} has texture-coordinate indices out of range (it lists {len(mesh.uv)})")
     if not np.isfinite(mesh.vertices).all():
         raise ValueError(f"mesh {path} has vertex coordinates that are not finite")
     if mesh.colors is not None:

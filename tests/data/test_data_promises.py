@@ -271,3 +271,15 @@ def test_obj_uv_indices(tmp_path):
     p = tmp_path / "t.obj"
     p.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nvt 1 0\nvt 0 1\nf 1/3 2/2 3/1\n")
     assert read_mesh(p).face_uv.tolist() == [[2, 1, 0]]
+
+
+@pytest.mark.parametrize("corner", ["3/4", "3/-4"])
+def test_obj_uv_indices_past_its_texture_coordinates_are_refused(tmp_path, corner):
+    """A face naming a texture coordinate the file does not list was read without a word (read_mesh checked
+    the vertex indices only)."""
+    from dcign_fast.data.mesh_io import read_mesh
+
+    p = tmp_path / "t.obj"
+    p.write_text(f"v 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nvt 1 0\nvt 0 1\nf 1/3 2/2 {corner}\n")
+    with pytest.raises(ValueError, match=r"t\.obj has texture-coordinate indices out of range \(it lists 3\)"):
+        read_mesh(p)
