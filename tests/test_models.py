@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 
@@ -425,22 +426,25 @@ def test_trains_under_bf16_autocast(backend):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
-def test_bright_pixels_under_bf16_autocast_keep_their_loss_and_gradient():
+@pytest.mark.parametrize("sixteen_bits", ["autocast", "model cast"])
+def test_bright_pixels_in_bf16_keep_their_loss_and_gradient(sixteen_bits):
     """The sigmoid ran in bfloat16, which rounds it to exactly 1 from logit ~6 on: a target of 0.9 there cost
-    log(0) (clamped to -100: a recon loss 12x float32's) and its gradient was 0. (A helper's audit, custom loop.)"""
+    log(0) (clamped to -100: a recon loss 12x float32's) and its gradient was 0. (A helper's audit, custom loop;
+    a model cast with .bfloat16() kept its 16-bit sigmoid a while longer.)"""
     torch.manual_seed(0)
     model = DCIGN.from_preset("demo64")
     with torch.no_grad():
         model.decoder[-1].bias.fill_(8.0)  # confident bright pixels, as a trained model gives
     x = torch.full((2, 1, 64, 64), 0.9)
     results = []
-    for autocast in (False, True):
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            recon, mu, logvar, _ = model(x, seed=1)
-            loss = model.loss(x, recon, mu, logvar)["recon"]
+    for half in (False, True):
+        run = copy.deepcopy(model).bfloat16() if half and sixteen_bits == "model cast" else model
+        run.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half and sixteen_bits == "autocast"):
+            recon, mu, logvar, _ = run(x.to(run.decoder[-1].bias.dtype), seed=1)
+            loss = run.loss(x, recon, mu, logvar)["recon"]
         loss.backward()
-        results.append((recon, loss.item(), model.decoder[-1].bias.grad.item()))
+        results.append((recon, loss.item(), run.decoder[-1].bias.grad.item()))
     (plain, plain_loss, plain_grad), (mixed, mixed_loss, mixed_grad) = results
     assert (mixed < 1).all() and mixed.dtype == torch.float32
     assert mixed_loss == pytest.approx(plain_loss, rel=0.02) and mixed_grad == pytest.approx(plain_grad, rel=0.05)

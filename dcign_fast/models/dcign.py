@@ -454,13 +454,13 @@ class DCIGN(nn.Module):
         return torch.channels_last if weight.stride() == (kh * kw * c, 1, kw * c, c) else torch.contiguous_format
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """[B, latent_dim] -> [B, C, S, S] images in [0, 1], in the model's dtype (float32 where autocast made the
-        logits 16-bit)."""
+        """[B, latent_dim] -> [B, C, S, S] images in [0, 1]: float32 where the logits are 16-bit (under autocast,
+        or for a model cast to 16 bits), else in the model's dtype."""
         logits = self.decode_logits(z)
-        # Under autocast the logits are bfloat16 (or float16), whose sigmoid rounds to exactly 1 from logit ~6 on:
-        # the BCE of a pixel below 1 there is log(0) (clamped to -100), with no gradient. In float32, as autocast
-        # runs its other saturating functions (softmax, BCE with logits).
-        if logits.dtype in (torch.bfloat16, torch.float16) and _autocast_enabled(logits.device.type):
+        # A bfloat16 (or float16) sigmoid rounds to exactly 1 from logit ~6 on: the BCE of a pixel below 1 there is
+        # log(0) (clamped to -100), with no gradient. So in float32, as autocast runs its other saturating functions
+        # (softmax, BCE with logits); casting back to 16 bits would round it to 1 again.
+        if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.float()
         return torch.sigmoid(logits)
 
