@@ -122,6 +122,35 @@ def test_steps_that_do_not_log_read_nothing_back_and_those_that_do_read_once(tmp
     assert all(len(syncs.reads[step]) == 1 for step in logging), report
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("contrast", [False, True])
+def test_gpu_steps_that_do_not_log_make_no_synchronizing_call(tmp_path, monkeypatch, contrast):
+    """The test above sees reads of values on the CPU; on a GPU other calls wait for the device too (a blocking
+    copy, a pageable transfer). CUDA's sync debug mode raises on them, armed for each quiet step's work after its
+    draw (the built-in renderer reads its checks back by design). A first run of the same steps fills the
+    autotuners' and cuDNN's per-shape caches, whose timing synchronizes once per shape."""
+    options = {"steps": 8, "log_every": 3, "checkpoint_every": 1000, "device": "cuda"}
+    if contrast:
+        options |= {"identity_contrast": 10.0, "contrast_identities": 2, "contrast_views": 2, "shape_bias": 1.0}
+    render = None if contrast else blobs
+    Trainer(config(tmp_path / "warm-up", **options), render=render).train()
+    trainer = Trainer(config(tmp_path, **options), render=render)
+    draw = trainer._draw
+
+    def drawing(step: int):
+        torch.cuda.set_sync_debug_mode("default")
+        batches = draw(step)
+        quiet = 2 <= step + 1 < 8 and (step + 1) % 3 != 0  # (steps counted from 1, as in the test above)
+        torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+        return batches
+
+    monkeypatch.setattr(trainer, "_draw", drawing)
+    try:
+        trainer.train()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_the_counter_sees_the_reads_it_must_catch(tmp_path):
     """Each way of reading a device tensor on the host is recorded, inside a custom op too, and the host's own
     tensors are not."""
