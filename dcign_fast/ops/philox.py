@@ -223,8 +223,8 @@ def normal_fast(
         high = None  # the chunk's one high word, when it has one and it is known here
         if isinstance(offset, torch.Tensor):  # its value stays on the device
             counter = torch.arange(start, start + size, dtype=torch.int64, device=device).add_(offset)
-        elif (offset + start) >> 32 == (offset + start + size - 1) >> 32:
-            high = (offset + start) >> 32
+        elif isinstance(seed, int) and (offset + start) >> 32 == (offset + start + size - 1) >> 32:
+            high = (offset + start) >> 32  # (with an int key too: an int word xored with a tensor key is 0-d)
             first = offset + start - (high << 32)
             counter = torch.arange(first, first + size, dtype=torch.int64, device=device)
         else:
