@@ -159,6 +159,16 @@ def test_text_options_take_names_that_look_like_numbers():
         TrainConfig.from_dict({"out": 2024})  # as a YAML file's out: 2024 reads
 
 
+def test_set_out_null_is_the_default_run_folder():
+    """--help says out = null is runs/<preset>; --set out=null kept the text and trained into a folder "null"
+    (a helper's audit). The text options that allow no None keep it as typed."""
+    from dcign_fast.train import TrainConfig
+
+    config = TrainConfig().override(["out=null"])
+    assert config.out is None and config.run_folder == Path("runs/demo64")
+    assert TrainConfig().override(["data=null"]).data == "null"  # (a folder of that name)
+
+
 @pytest.mark.parametrize("command, steps", [("train", 3000), ("demo", 6000)])
 def test_help_lists_every_option_with_its_default_and_meaning(command, steps, capsys):
     """The help named the options for --set and sent the reader to a README that describes only some of them:

@@ -288,8 +288,10 @@ class TrainConfig:
             if not sep:
                 raise ValueError(f"--set expects key=value, got {item!r}")
             key = key.strip()
-            # Text options take the text as typed: YAML would read out=007 as the number 7, 12:30 as 750.
-            values[key] = raw if key in _TEXT_OPTIONS else load_yaml(raw, f"--set {item}")
+            # Text options take the text as typed: YAML would read out=007 as the number 7, 12:30 as 750. But null,
+            # where an option allows None, is None (out=null: the default run folder, as --help says).
+            as_typed = key in _TEXT_OPTIONS and not (key in _NULLABLE_TEXT_OPTIONS and raw.strip() == "null")
+            values[key] = raw if as_typed else load_yaml(raw, f"--set {item}")
         return values
 
     def updated(self, values: dict[str, Any]) -> TrainConfig:
@@ -303,3 +305,4 @@ class TrainConfig:
 
 # The options whose values are text: --set passes what was typed (see parse_assignments).
 _TEXT_OPTIONS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.type.split(" | ")[0] == "str")
+_NULLABLE_TEXT_OPTIONS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.type == "str | None")
