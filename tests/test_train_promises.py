@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from dcign_fast.train import TrainConfig, Trainer
 from dcign_fast.train.checkpoint import list_checkpoints
@@ -495,3 +497,49 @@ def test_the_stored_options_are_the_newest_checkpoints(tmp_path: Path) -> None:
     assert len(list_checkpoints(tmp_path / "run" / "checkpoints")) == 3
     stored = stored_config(tmp_path / "run")
     assert stored is not None and stored.steps == 3
+
+
+def test_a_resume_puts_back_a_step_a_crashed_re_save_left_half_renamed(tmp_path: Path) -> None:
+    """The trainer that takes the run folder's lock repairs what a killed save left (recover_checkpoints): the
+    step a re-save had renamed to .old-... is put back under its own name, and the .tmp-... of a save cut short
+    is deleted. Without it the step stays hidden (a later prune or save of that step would not see it) and
+    every crash's leftovers would pile up, a checkpoint's size each."""
+    Trainer(config(tmp_path, steps=2), render=blobs).train()
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step-00000002").rename(root / ".old-step-00000002-999999")
+    (root / ".tmp-step-00000003-999999").mkdir()
+    trainer = Trainer(config(tmp_path, steps=3), resume=True, render=blobs)
+    assert trainer.step == 2
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000002"]
+
+
+class _Bar(tqdm):
+    """The trainer's progress bar, keeping where each bar stood when it was closed."""
+
+    closed_at: ClassVar[list[int]] = []
+
+    def close(self) -> None:
+        if not self.disable:
+            _Bar.closed_at.append(self.n)
+        super().close()
+
+
+def test_a_resumed_runs_bar_counts_on_from_the_resumed_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar's total is the run's steps, so it must start at the step resumed from: starting at 0, a resumed
+    run's bar ends short of its total (2/4 after finishing) and its time estimate is off by the steps before."""
+    import dcign_fast.train.trainer as trainer_module
+
+    Trainer(config(tmp_path, steps=2), render=blobs).train()
+    monkeypatch.setattr(trainer_module, "tqdm", _Bar)
+    _Bar.closed_at.clear()
+    assert Trainer(config(tmp_path, steps=4), resume=True, render=blobs).train().step == 4
+    assert _Bar.closed_at[0] == 4
+
+
+@pytest.mark.parametrize("option", ["out", "data"])
+def test_an_out_or_data_of_blanks_is_refused_as_empty(option: str) -> None:
+    """out and data name folders: one of spaces only is a slip (an unset shell variable in "$OUT "), and taken
+    as given the run would write into, or read from, a folder named by blanks, hard to see in a listing."""
+    with pytest.raises(ValueError, match=f"{option} must not be empty"):
+        TrainConfig(**{option: "  "})
