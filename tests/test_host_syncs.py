@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dcign_fast.models.dcign
 import dcign_fast.train.trainer
-from dcign_fast.train import Trainer
+from dcign_fast.train import TrainConfig, Trainer
 from tests.test_train import blobs, config
 
 aten = torch.ops.aten
@@ -86,12 +87,23 @@ def _is_mask(index: object) -> bool:
     return isinstance(index, torch.Tensor) and index.dtype == torch.bool  # (its True count sets the output size)
 
 
+STEPS, LOG_EVERY = 8, 3
+STEADY = range(2, STEPS)  # the steps (counted from 1) after a warm-up step, before the last one (which checkpoints)
+
+
+def _run(tmp_path: Path, contrast: bool, **changes: object) -> tuple[TrainConfig, Callable | None]:
+    """(options, render=) of the runs below: STEPS steps logging every LOG_EVERY, with or without the identity
+    contrast (with the built-in renderer, which it needs: a draw's reads are the host's, as blobs')."""
+    options = {"steps": STEPS, "log_every": LOG_EVERY, "checkpoint_every": 1000, **changes}
+    if contrast:
+        options |= {"identity_contrast": 10.0, "contrast_identities": 2, "contrast_views": 2, "shape_bias": 1.0}
+    return config(tmp_path, **options), None if contrast else blobs
+
+
 @pytest.mark.parametrize("contrast", [False, True])
 def test_steps_that_do_not_log_read_nothing_back_and_those_that_do_read_once(tmp_path, monkeypatch, contrast):
-    options = {"steps": 8, "log_every": 3, "checkpoint_every": 1000}
-    if contrast:  # (with the built-in renderer, which it needs: a draw's reads are the host's, as blobs')
-        options |= {"identity_contrast": 10.0, "contrast_identities": 2, "contrast_views": 2, "shape_bias": 1.0}
-    trainer = Trainer(config(tmp_path, **options), render=None if contrast else blobs)
+    options, render = _run(tmp_path, contrast)
+    trainer = Trainer(options, render=render)
     syncs = HostSyncs(trainer)
     draw = trainer._draw
 
@@ -115,10 +127,9 @@ def test_steps_that_do_not_log_read_nothing_back_and_those_that_do_read_once(tmp
     with syncs:
         trainer.train()
 
-    steady = range(2, 8)  # after a warm-up step, before the last one (which checkpoints)
-    logging = [step for step in steady if step % 3 == 0]
-    report = "\n".join(f"step {step}: {where}" for step in steady for where in syncs.reads[step])
-    assert all(len(syncs.reads[step]) == 0 for step in steady if step not in logging), report
+    logging = [step for step in STEADY if step % LOG_EVERY == 0]
+    report = "\n".join(f"step {step}: {where}" for step in STEADY for where in syncs.reads[step])
+    assert all(len(syncs.reads[step]) == 0 for step in STEADY if step not in logging), report
     assert all(len(syncs.reads[step]) == 1 for step in logging), report
 
 
@@ -129,18 +140,15 @@ def test_gpu_steps_that_do_not_log_make_no_synchronizing_call(tmp_path, monkeypa
     copy, a pageable transfer). CUDA's sync debug mode raises on them, armed for each quiet step's work after its
     draw (the built-in renderer reads its checks back by design). A first run of the same steps fills the
     autotuners' and cuDNN's per-shape caches, whose timing synchronizes once per shape."""
-    options = {"steps": 8, "log_every": 3, "checkpoint_every": 1000, "device": "cuda"}
-    if contrast:
-        options |= {"identity_contrast": 10.0, "contrast_identities": 2, "contrast_views": 2, "shape_bias": 1.0}
-    render = None if contrast else blobs
-    Trainer(config(tmp_path / "warm-up", **options), render=render).train()
-    trainer = Trainer(config(tmp_path, **options), render=render)
+    options, render = _run(tmp_path, contrast, device="cuda")
+    Trainer(options.updated({"out": str(tmp_path / "warm-up")}), render=render).train()
+    trainer = Trainer(options, render=render)
     draw = trainer._draw
 
     def drawing(step: int):
         torch.cuda.set_sync_debug_mode("default")
         batches = draw(step)
-        quiet = 2 <= step + 1 < 8 and (step + 1) % 3 != 0  # (steps counted from 1, as in the test above)
+        quiet = step + 1 in STEADY and (step + 1) % LOG_EVERY != 0  # (steps counted from 1)
         torch.cuda.set_sync_debug_mode("error" if quiet else "default")
         return batches
 
