@@ -42,13 +42,9 @@ def read_mesh(path: str | Path) -> RawMesh:
         mesh = reader(path)
     except (ValueError, IndexError, UnicodeDecodeError, OverflowError) as err:  # (Overflow: an index past int64)
         raise ValueError(f"cannot read mesh {path}: {err}") from err
-    if len(mesh.faces) == 0 or mesh.faces.min() < 0 or mesh.faces.max() >= len(mesh.vertices):
+    if len(mesh.faces) == 0 or not _indexes_within(mesh.faces, len(mesh.vertices)):
         raise ValueError(f"mesh {path} has no faces or face indices out of range")
-    if (
-        mesh.uv is not None
-        and mesh.face_uv is not None
-        and (mesh.face_uv.min() < 0 or mesh.face_uv.max() >= len(mesh.uv))
-    ):
+    if mesh.uv is not None and mesh.face_uv is not None and not _indexes_within(mesh.face_uv, len(mesh.uv)):
         raise ValueError(f"mesh {path} has texture-coordinate indices out of range (it lists {len(mesh.uv)})")
     if not np.isfinite(mesh.vertices).all():
         raise ValueError(f"mesh {path} has vertex coordinates that are not finite")
@@ -58,6 +54,11 @@ def read_mesh(path: str | Path) -> RawMesh:
             raise ValueError(f"mesh {path} has vertex colours that are not finite numbers in [0, 1] or [0, 255]")
         mesh.colors = mesh.colors / (255.0 if mesh.colors.max() > 1 else 1.0)
     return mesh
+
+
+def _indexes_within(indices: np.ndarray, count: int) -> bool:
+    """Whether every entry of ``indices`` is in [0, count)."""
+    return indices.size == 0 or bool(indices.min() >= 0 and indices.max() < count)
 
 
 def _fan(polygon: list[int]) -> list[list[int]]:
