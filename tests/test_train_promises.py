@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from dcign_fast.train import TrainConfig, Trainer
 from dcign_fast.train.checkpoint import list_checkpoints
+from tests.test_contrast import contrast_config
 from tests.test_train import blobs, config
 
 
@@ -201,9 +202,6 @@ def test_a_weights_file_whose_write_fails_leaves_the_previous_one_whole(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
-CONTRAST = {"batch_size": 6, "device": "cpu", "identity_contrast": 300.0, "contrast_identities": 3, "contrast_views": 3}
-
-
 def test_the_contrast_term_enters_the_loss_times_its_weight() -> None:
     """identity_contrast is "the weight of an InfoNCE term": the total is the paper's loss of the sweep alone
     plus that weight times the logged term (unweighted, a weight of 300 would train as one of 1)."""
@@ -211,7 +209,7 @@ def test_the_contrast_term_enters_the_loss_times_its_weight() -> None:
     from dcign_fast.train.data import default_source
     from dcign_fast.train.procedure import batch_loss
 
-    options = TrainConfig.from_dict(CONTRAST)
+    options = contrast_config()
     render, _ = default_source(options, 64, torch.device("cpu"))
     images, _, kind = render("azimuth", torch.Generator().manual_seed(0))
     model = DCIGN.from_preset("demo64")
@@ -225,7 +223,7 @@ def test_the_contrast_term_enters_the_loss_times_its_weight() -> None:
 
 def test_as_many_contrast_views_as_the_sweep_has_images_are_allowed() -> None:
     """contrast_views "must be at most batch_size": every view of the sweep may be contrasted."""
-    assert TrainConfig.from_dict({**CONTRAST, "contrast_views": 6}).contrast_views == 6
+    assert contrast_config(contrast_views=6).contrast_views == 6
 
 
 # One change of each option that alters what a run computes (all but RUN_CONTROLS; identity_contrast and data
@@ -290,7 +288,7 @@ def test_the_contrast_term_trains_the_sweeps_own_codes_too() -> None:
     from dcign_fast.train.data import default_source
     from dcign_fast.train.procedure import batch_loss
 
-    options = TrainConfig.from_dict(CONTRAST)
+    options = contrast_config()
     render, _ = default_source(options, 64, torch.device("cpu"))
     images, _, kind = render("light", torch.Generator().manual_seed(0))
     images.requires_grad_()
