@@ -56,6 +56,28 @@ def test_other_identities_are_rendered_at_the_sweeps_views():
         with_contrast_images(sampler, identities=10_000, views=3)
 
 
+def test_mixed_views_render_every_identity_at_views_that_change_every_factor():
+    sampler = SweepSampler(size=32, batch_size=6)
+    shown = []
+    render = sampler.render
+    sampler.render = lambda factors: shown.append(factors) or render(factors)
+    batch = with_contrast_images(sampler, identities=3, views=4, mixed_views=True)
+    for kind in ("azimuth", "elevation", "light"):
+        shown.clear()
+        images, factors, _ = batch(kind, torch.Generator().manual_seed(2))
+        sweep, rendered = shown
+        assert images.shape == (6 + 16, 1, 32, 32) and torch.equal(images[6:], render(rendered))
+        identities = rendered["identity"].view(4, 4)  # the sweep's own first, then 3 others, each at every view
+        assert (identities == identities[:, :1]).all() and len(set(identities[:, 0].tolist())) == 4
+        assert int(identities[0, 0]) == int(sweep["identity"][0])
+        for name, half_width in vars(sampler.ranges).items():
+            views = rendered[name].view(4, 4)
+            assert (views == views[:1]).all(), name  # every identity at the same 4 views
+            assert len(set(views[0].tolist())) == 4, name  # each drawn on its own, every factor changing
+            low, high = half_width if name == "light_elevation" else (-half_width, half_width)
+            assert ((low <= views) & (views <= high)).all(), name
+
+
 class Codes(torch.nn.Module):
     """A stand-in model whose intrinsic latents (z[1:]) are given codes, looked up by each image's first pixel."""
 
@@ -70,12 +92,20 @@ class Codes(torch.nn.Module):
         return mu, torch.zeros_like(mu)
 
 
-def contrast_by_definition(sweep: torch.Tensor, others: torch.Tensor, n: int, k: int, m: int, t: float) -> float:
+def contrast_by_definition(
+    sweep: torch.Tensor, others: torch.Tensor, n: int, k: int, m: int, t: float, mixed: bool = False
+) -> float:
     """The term, one (anchor, view) pair at a time: identity 0 is the sweep's, at each of its n positions;
-    identity q > 0 is others[(q - 1) * m + j], at contrast view j."""
-    at = contrast_views(n, m).tolist()
-    codes = {(0, p): sweep[p] for p in range(n)}
-    codes |= {(q, at[j]): others[(q - 1) * m + j] for q in range(1, k + 1) for j in range(m)}
+    identity q > 0 is others[(q - 1) * m + j], at contrast view j. With mixed views the contrast views are m
+    drawn ones, none of the sweep's, and identity q >= 0 is others[q * m + j] at drawn view j."""
+    if mixed:
+        at: list = [("drawn", j) for j in range(m)]
+        codes = {(0, ("sweep", p)): sweep[p] for p in range(n)}
+        codes |= {(q, at[j]): others[q * m + j] for q in range(k + 1) for j in range(m)}
+    else:
+        at = contrast_views(n, m).tolist()
+        codes = {(0, p): sweep[p] for p in range(n)}
+        codes |= {(q, at[j]): others[(q - 1) * m + j] for q in range(1, k + 1) for j in range(m)}
     terms = []
     for (identity, place), anchor in codes.items():
         for view in at:
@@ -85,25 +115,32 @@ def contrast_by_definition(sweep: torch.Tensor, others: torch.Tensor, n: int, k:
     return float(torch.stack(terms).mean())
 
 
-def test_the_term_is_its_definition_and_pose_cannot_meet_it():
+@pytest.mark.parametrize("mixed", [False, True], ids=["sweep views", "mixed views"])
+def test_the_term_is_its_definition_and_pose_cannot_meet_it(mixed: bool):
     n, k, m = 6, 3, 3
+    rendered = (k + mixed) * m
     sweep_images = torch.arange(n).float().view(n, 1, 1, 1)  # image i shows code i
-    others = torch.arange(n, n + k * m).float().view(k * m, 1, 1, 1)
+    others = torch.arange(n, n + rendered).float().view(rendered, 1, 1, 1)
 
     def term(codes: torch.Tensor, temperature: float) -> float:
         model = Codes(codes)
-        config = contrast_config(contrast_temperature=temperature)
+        config = contrast_config(contrast_temperature=temperature, contrast_mixed_views=mixed)
         return float(identity_contrast_loss(model, model.encode(sweep_images)[0], others, config).detach())  # type: ignore[arg-type]
 
-    codes = torch.randn(n + k * m, 5)
-    assert term(codes, 0.5) == pytest.approx(contrast_by_definition(codes[:n], codes[n:], n, k, m, 0.5), rel=1e-5)
+    def by_definition(codes: torch.Tensor, temperature: float) -> float:
+        return contrast_by_definition(codes[:n], codes[n:], n, k, m, temperature, mixed)
+
+    codes = torch.randn(n + rendered, 5)
+    assert term(codes, 0.5) == pytest.approx(by_definition(codes, 0.5), rel=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # (in float32 all the same: bf16 logits near 10 lose 1/16)
-        assert term(codes, 0.1) == pytest.approx(contrast_by_definition(codes[:n], codes[n:], n, k, m, 0.1), rel=1e-5)
+        assert term(codes, 0.1) == pytest.approx(by_definition(codes, 0.1), rel=1e-5)
     # Codes of identity alone (the same at every view): each anchor finds its own identity, at a margin of 1 / t.
-    identity = torch.eye(k + 1)[torch.cat([torch.zeros(n), torch.arange(1, k + 1).repeat_interleave(m)]).long()]
+    rendered_identity = torch.arange(1 - mixed, k + 1).repeat_interleave(m)
+    identity = torch.eye(k + 1)[torch.cat([torch.zeros(n), rendered_identity]).long()]
     assert term(identity, 0.1) == pytest.approx(math.log(1 + k * math.exp(-10)), abs=1e-6)
     # Codes of pose alone (every identity alike at one view): chance, log(k + 1), however distinct the views are.
-    pose = torch.randn(n, 5)[torch.cat([torch.arange(n), contrast_views(n, m).repeat(k)])]
+    at = torch.arange(n, n + m) if mixed else contrast_views(n, m)  # (drawn views: poses none of the sweep has)
+    pose = torch.randn(n + m, 5)[torch.cat([torch.arange(n), at.repeat(k + mixed)])]
     assert term(pose, 0.5) == pytest.approx(math.log(k + 1), rel=1e-6)
 
 
@@ -131,14 +168,19 @@ def test_options_that_cannot_work_are_refused_by_name(change, words):
         contrast_config(**change)
 
 
-def test_progress_pictures_show_a_sweeps_own_images(tmp_path):
+def test_mixed_views_may_outnumber_a_sweeps_images():
+    assert contrast_config(contrast_views=7, contrast_mixed_views=True).contrast_views == 7
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["sweep views", "mixed views"])
+def test_progress_pictures_show_a_sweeps_own_images(mixed: bool):
     from dcign_fast.train.data import BatchStream, default_source
     from dcign_fast.train.logs import _fixed_batch
 
-    config = contrast_config()
+    config = contrast_config(contrast_mixed_views=mixed)
     render, kinds = default_source(config, 64, torch.device("cpu"))
     stream = BatchStream(render, config, kinds=kinds, show_progress=False)
-    assert len(stream.render("azimuth", torch.Generator().manual_seed(0))[0]) == 6 + 9
+    assert len(stream.render("azimuth", torch.Generator().manual_seed(0))[0]) == 6 + (3 + mixed) * 3
     assert all(len(_fixed_batch(stream, kind)) == 6 for kind in stream.kinds)
 
 

@@ -232,7 +232,7 @@ _RESULT_CHANGES = {
     "preset": "face128", "pretrain_steps": 5, "batch_size": 5, "accumulation": 2, "lr": 1e-3, "betas": (0.5, 0.9),
     "adam_eps": 1e-6, "grad_clip": 1.0, "disentangle": False, "clamp": "first", "invariance": 0.5,
     "shape_bias": 2.0, "kind_weights": {"light": 2.0}, "contrast_identities": 2, "contrast_views": 4,
-    "contrast_temperature": 0.5, "seed": 1, "bf16": True, "data_pool": 1,
+    "contrast_temperature": 0.5, "contrast_mixed_views": True, "seed": 1, "bf16": True, "data_pool": 1,
 }  # fmt: skip
 
 

@@ -65,6 +65,21 @@ class SweepRanges:
         Bounds(-math.pi / 2).check("light_elevation[0]", low)
         Bounds(low).check("light_elevation[1]", high)
 
+    def random_views(self, n: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """``n`` views drawn uniformly from the ranges, every factor on its own ([n] CPU tensors: elevation, light,
+        light_elevation, azimuth; no identity). Azimuth is drawn last, so a caller that sets its own azimuth
+        draws the others as it would without it."""
+
+        def uniform(low: float, high: float) -> Tensor:
+            return low + (high - low) * torch.rand(n, generator=generator)
+
+        return {
+            "elevation": uniform(-self.elevation, self.elevation),
+            "light": uniform(-self.light, self.light),
+            "light_elevation": uniform(*self.light_elevation),
+            "azimuth": uniform(-self.azimuth, self.azimuth),
+        }
+
 
 def device_argument(device: object) -> torch.device:
     """:func:`resolve_device` for a ``device`` argument, a name or a torch.device; a TypeError naming it when it

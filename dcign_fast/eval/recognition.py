@@ -82,17 +82,9 @@ def relit_probes(model: DCIGN, sampler: SweepSampler, sweeps: list[Sweep], seed:
     """Each sweep's identity at the azimuth three quarters into it, rendered by ``sampler`` (a SweepSampler)
     under an elevation, light azimuth and light elevation drawn afresh from its ranges (held out), and
     encoded: a probe that shares only the identity with its gallery entry."""
-    g = stream_generator(EVAL_PROBES, seed, held_out=True)
-    n, r = len(sweeps), sampler.ranges
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, generator=g)
-
     factors = {
+        **sampler.ranges.random_views(len(sweeps), stream_generator(EVAL_PROBES, seed, held_out=True)),
         "azimuth": torch.stack([f["azimuth"][int(PROBE_AT * len(f["azimuth"]))] for _, _, f in sweeps]).float(),
-        "elevation": uniform(-r.elevation, r.elevation),
-        "light": uniform(-r.light, r.light),
-        "light_elevation": uniform(*r.light_elevation),
         "identity": torch.stack([f["identity"][0] for _, _, f in sweeps]).long(),
     }
     images = sampler.render(factors)

@@ -112,6 +112,9 @@ class TrainConfig:
     contrast_identities: int = _option(7, "with identity_contrast: other identities rendered with each extrinsic sweep")
     contrast_views: int = _option(5, "with identity_contrast: views of each extrinsic sweep they are rendered at")
     contrast_temperature: float = _option(0.1, "with identity_contrast: cosine similarities are divided by it")
+    contrast_mixed_views: bool = _option(
+        False, "with identity_contrast: render the sweep's identity too, all at views drawn with every factor changed"
+    )
     seed: int = _option(0, "seeds the weights, the batches and the latent noise")
     backend: str = _option("auto", "the fused ops' backend: " + ", ".join(BACKENDS))
     device: str = _option("auto", "auto (cuda when available), cpu, cuda or cuda:N")
@@ -170,7 +173,7 @@ class TrainConfig:
                 "identity_contrast acts on extrinsic sweeps (azimuth, elevation, light), but their odds are all 0 "
                 f"(shape_bias and kind_weights: {weights}); set identity_contrast=0 or give one of them odds"
             )
-        if self.identity_contrast and self.contrast_views > self.batch_size:
+        if self.identity_contrast and not self.contrast_mixed_views and self.contrast_views > self.batch_size:
             raise ValueError(
                 f"contrast_views must be at most batch_size ({self.batch_size}): they are views of a sweep; got "
                 f"{self.contrast_views}"

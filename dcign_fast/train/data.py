@@ -40,7 +40,9 @@ def default_source(config: TrainConfig, image_size: int, device: torch.device) -
         # Only sampler.batch is used, with the trainer's generators: the sampler's own seeded stream is not.
         sampler = SweepSampler(size=image_size, batch_size=config.batch_size, device=device)
         if config.identity_contrast:
-            return with_contrast_images(sampler, config.contrast_identities, config.contrast_views), KINDS
+            return with_contrast_images(
+                sampler, config.contrast_identities, config.contrast_views, config.contrast_mixed_views
+            ), KINDS
         return sampler.batch, KINDS
     from dcign_fast.data.cache import INDEX, SweepCache, is_cache
     from dcign_fast.data.folders import DatasetError, SweepFolders
