@@ -361,3 +361,25 @@ def test_sizes_past_the_kernels_int32_indices_are_refused_and_auto_runs_torch():
     with pytest.raises(ValueError, match="int32 and takes at most .* input positions N x H x W"):
         unpool_conv2d_triton(x, w, None, (1, 1), 2)
     assert triton_index_reason(x[:1024], w, (1, 1)) == ""
+
+
+@pytest.mark.cuda
+def test_grad_weight_sums_the_last_split_at_the_int32_limit():
+    """At TRITON_INDEX_LIMIT input positions (accepted) the last split of the weight gradient's reduction ends
+    past 2**31 - 1: its end, once start + chunk in int32, wrapped negative and it summed nothing. An image layer
+    (one output channel) in bfloat16, about 40 GB, against a float64 sum; the last 512 images (on an H100/H200
+    the last split, 508 of them) are scaled up to carry a fifth of the sum, so that losing them shows."""
+    from dcign_fast.kernels.unpool_conv_common import TRITON_INDEX_LIMIT
+
+    n = TRITON_INDEX_LIMIT // (128 * 128)
+    x = torch.rand(n, 1, 128, 128, device="cuda", dtype=torch.bfloat16)
+    x[-512:] *= 64
+    w = torch.randn(1, 1, 1, 1, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.rand(n, 1, 256, 256, device="cuda", dtype=torch.bfloat16)
+    (got,) = torch.autograd.grad(dc.unpool_conv2d(x, w, backend="triton"), w, g)
+    # A 1 x 1 kernel's gradient: each input pixel times the sum of grad_out over the 2 x 2 block it became.
+    blocks = (
+        g[i : i + 4096].double().unflatten(2, (128, 2)).unflatten(4, (128, 2)).sum((3, 5)) for i in range(0, n, 4096)
+    )
+    want = sum(float((x[i : i + 4096].double() * block).sum()) for i, block in zip(range(0, n, 4096), blocks))
+    assert float(got) == pytest.approx(want, rel=5e-2)

@@ -67,7 +67,8 @@ def _grad_weight_kernel(
     rows = (HO - a + 1) // 2
     cols = (WO - b + 1) // 2
     start = split * CHUNK
-    end = tl.minimum(start + CHUNK, N * ROWS * COLS)
+    # (start + CHUNK would wrap int32 for the last split of a reduction near TRITON_INDEX_LIMIT positions)
+    end = start + tl.minimum(CHUNK, N * ROWS * COLS - start)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C_IN
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -128,7 +129,7 @@ def _grad_weight_few_outputs_kernel(
     n_ok = (offs_n < pairs) & (ty >= rs) & (ty < rs + RT0 + a * (RT1 - RT0))
     n_ok = n_ok & (tx >= cs) & (tx < cs + CT0 + b * (CT1 - CT0))
     start = split * CHUNK
-    end = tl.minimum(start + CHUNK, N * H * W)
+    end = start + tl.minimum(CHUNK, N * H * W - start)  # (not start + CHUNK: see _grad_weight_kernel)
     acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
