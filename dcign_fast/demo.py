@@ -25,10 +25,8 @@ DEMO_OPTIONS = {
     # (docs/results.md).
     "invariance": 0.2,
     # A step beyond the paper (train/contrast.py): without it the intrinsic latents recognise a face across a
-    # 1.5 rad turn no better than its raw pixels do (4 of 100); with it 18 of 100 at the sweeps' own views,
-    # 22 to 28 with every factor changed between views, on each of three seeds (docs/results.md).
+    # 1.5 rad turn no better than its raw pixels do (4 of 100); with it 18 of 100 (docs/results.md).
     "identity_contrast": 300.0,
-    "contrast_mixed_views": True,
 }
 
 
