@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -31,11 +32,18 @@ def test_contrast_views_are_distinct_and_span_the_sweep():
             assert len(set(at)) == m and at[0] == 0 and at[-1] == n - 1 and at == sorted(at)
 
 
-def test_other_identities_are_rendered_at_the_sweeps_views():
+def recording_sampler() -> tuple[SweepSampler, list[dict[str, torch.Tensor]], Callable]:
+    """(a 32 px sampler of 6-image sweeps whose renders append their factors to the list, that list, its own
+    render)."""
     sampler = SweepSampler(size=32, batch_size=6)
-    shown = []
+    shown: list[dict[str, torch.Tensor]] = []
     render = sampler.render
-    sampler.render = lambda factors: shown.append(factors) or render(factors)
+    sampler.render = lambda factors: shown.append(factors) or render(factors)  # type: ignore[method-assign]
+    return sampler, shown, render
+
+
+def test_other_identities_are_rendered_at_the_sweeps_views():
+    sampler, shown, render = recording_sampler()
     batch = with_contrast_images(sampler, identities=3, views=3)
     for kind in ("azimuth", "elevation", "light"):
         shown.clear()
@@ -57,10 +65,7 @@ def test_other_identities_are_rendered_at_the_sweeps_views():
 
 
 def test_mixed_views_render_every_identity_at_views_that_change_every_factor():
-    sampler = SweepSampler(size=32, batch_size=6)
-    shown = []
-    render = sampler.render
-    sampler.render = lambda factors: shown.append(factors) or render(factors)
+    sampler, shown, render = recording_sampler()
     batch = with_contrast_images(sampler, identities=3, views=4, mixed_views=True)
     for kind in ("azimuth", "elevation", "light"):
         shown.clear()

@@ -101,19 +101,12 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
-def train_parser() -> argparse.ArgumentParser:
-    """``python -m dcign_fast.train``'s parser (torchrun's command)."""
-    parser = argparse.ArgumentParser(prog="python -m dcign_fast.train")
-    train_cli.add_arguments(parser)
-    return parser
-
-
 def parsed(argv: list[str]) -> argparse.Namespace | None:
     """``argv`` parsed by the program it runs, when that is one of this package's commands (else None)."""
     if argv[0] == "dcign-fast":
         return build_parser().parse_args(argv[1:])
     if argv[0] == "torchrun" and "dcign_fast.train" in argv:
-        args = train_parser().parse_args(argv[argv.index("dcign_fast.train") + 1 :])
+        args = train_cli.build_parser().parse_args(argv[argv.index("dcign_fast.train") + 1 :])
         args.command = "train"
         return args
     return None

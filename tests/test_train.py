@@ -3,7 +3,6 @@ Ctrl-C, distributed == accumulated, logs and pictures."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import errno
@@ -700,11 +699,10 @@ def test_resuming_a_finished_run_says_nothing_was_trained(tmp_path, capsys):
 
 
 def test_resume_keeps_the_checkpoint_options_and_refuses_changes(tmp_path):
-    from dcign_fast.train.cli import add_arguments, config_from_args
+    from dcign_fast.train.cli import build_parser, config_from_args
 
     Trainer(config(tmp_path, steps=2, seed=5, lr=1e-3), render=blobs).train()
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    parser = build_parser()
     out = str(tmp_path / "run")
     resumed = config_from_args(parser.parse_args(["--out", out, "--steps", "4", "--resume", "--set", "threads=1"]))
     assert (resumed.seed, resumed.lr, resumed.batch_size, resumed.steps, resumed.threads) == (5, 1e-3, 4, 4, 1)
@@ -720,10 +718,9 @@ def test_resume_keeps_the_checkpoint_options_and_refuses_changes(tmp_path):
 
 
 def test_device_flag_sets_the_option_and_leaves_a_resumed_runs_own_alone(tmp_path):
-    from dcign_fast.train.cli import add_arguments, config_from_args
+    from dcign_fast.train.cli import build_parser, config_from_args
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    parser = build_parser()
     out = str(tmp_path / "run")
     assert config_from_args(parser.parse_args(["--out", out, "--device", "cpu"])).device == "cpu"
     assert config_from_args(parser.parse_args(["--out", out])).device == "auto"
@@ -1309,10 +1306,9 @@ def test_resuming_a_run_at_exactly_its_steps_says_nothing_was_trained(tmp_path, 
 
 
 def test_each_set_overrides_the_named_flags(tmp_path):
-    from dcign_fast.train.cli import add_arguments, config_from_args
+    from dcign_fast.train.cli import build_parser, config_from_args
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    parser = build_parser()
     args = parser.parse_args(["--steps", "4", "--set", "steps=6", "--out", str(tmp_path / "a"), "--set", "out=b"])
     assert (config_from_args(args).steps, config_from_args(args).out) == (6, "b")
 
@@ -1320,13 +1316,12 @@ def test_each_set_overrides_the_named_flags(tmp_path):
 def test_a_run_moved_into_the_default_folder_resumes_there(tmp_path, monkeypatch):
     """Without --out the folder is runs/<preset>: a resumed run stays there, not in the folder its checkpoint
     names."""
-    from dcign_fast.train.cli import add_arguments, config_from_args
+    from dcign_fast.train.cli import build_parser, config_from_args
 
     monkeypatch.chdir(tmp_path)
     Trainer(config(tmp_path, steps=2, seed=5), render=blobs).train()
     shutil.copytree(tmp_path / "run", tmp_path / "runs" / "demo64")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    parser = build_parser()
     resumed = config_from_args(parser.parse_args(["--steps", "4", "--resume"]))
     assert (resumed.out, resumed.seed) == ("runs/demo64", 5)
 
@@ -1503,13 +1498,12 @@ def test_train_can_be_called_again_after_an_interrupt(tmp_path):
 def test_the_default_run_folder_follows_the_preset_and_an_explicit_out_wins(tmp_path, monkeypatch):
     """The default out was runs/demo64 whatever the preset. Each way of giving an out (--out, --set, a config
     file) still names the folder; each way of giving a preset moves the default."""
-    from dcign_fast.train.cli import add_arguments, config_from_args
+    from dcign_fast.train.cli import build_parser, config_from_args
 
     monkeypatch.chdir(tmp_path)
     Path("face.yaml").write_text("preset: face128\n")
     Path("elsewhere.yaml").write_text("out: elsewhere\n")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    parser = build_parser()
 
     def folder(*argv: str) -> Path:
         return config_from_args(parser.parse_args(argv)).run_folder
@@ -1525,15 +1519,14 @@ def test_the_default_run_folder_follows_the_preset_and_an_explicit_out_wins(tmp_
 
 def test_runs_of_two_presets_without_out_train_and_resume_apart(tmp_path, monkeypatch):
     """Both went to runs/demo64: the second preset's run found the first's checkpoints and was refused."""
-    from dcign_fast.train.cli import add_arguments, config_from_args
+    from dcign_fast.train.cli import build_parser, config_from_args
 
     def blobs_128(kind: str, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         images, factors = blobs(kind, generator)
         return torch.nn.functional.interpolate(images, size=128), factors
 
     monkeypatch.chdir(tmp_path)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    parser = build_parser()
 
     def train(preset: str, *argv: str) -> Path | None:
         args = parser.parse_args(["--preset", preset, *argv, *(a for s in FAST for a in ("--set", s))])

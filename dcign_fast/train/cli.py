@@ -124,9 +124,15 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m dcign_fast.train``'s parser (the command torchrun starts on each rank)."""
+    parser = argparse.ArgumentParser(prog="python -m dcign_fast.train", description="Train a DC-IGN.")
+    add_arguments(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     from dcign_fast.cli import run_reporting_errors
 
-    parser = argparse.ArgumentParser(prog="python -m dcign_fast.train", description="Train a DC-IGN.")
-    add_arguments(parser)
+    parser = build_parser()
     return run_reporting_errors(parser.prog, run, parser.parse_args(argv))

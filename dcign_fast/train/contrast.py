@@ -112,11 +112,12 @@ def identity_contrast_loss(
         at = torch.arange(views, device=device)
         candidates = rendered.view(identities + 1, views, -1)
         sweep_place = torch.full((n,), -1, device=device)
+        first_rendered = 0  # (the sweep's own identity is rendered too)
     else:
         at = contrast_views(n, views, device)
         candidates = torch.cat([sweep[at].unsqueeze(0), rendered.view(identities, views, -1)])
         sweep_place = torch.arange(n, device=device)
-    first_rendered = identities + 1 - rendered_identities(config)  # (0 with mixed views: the sweep's own)
+        first_rendered = 1
     rendered_identity = torch.arange(first_rendered, identities + 1, device=device).repeat_interleave(views)
     anchors = torch.cat([sweep, rendered])
     identity = torch.cat([torch.zeros(n, dtype=torch.long, device=device), rendered_identity])  # each anchor's
