@@ -4,9 +4,11 @@ and on what they log."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -197,6 +199,28 @@ def test_an_error_of_this_ranks_own_in_backward_is_not_blamed_on_another_rank():
     assert raised.value is own
     with pytest.raises(LostRankError, match=r"could not exchange their state \(timed out\)"), gradients_exchanged():
         raise dist.DistNetworkError("timed out")
+
+
+def _leave_worker(rank: int, store: str, out: str) -> None:
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))  # as torchrun's (the group is init_world's)
+    from dcign_fast.train.distributed import init_world
+
+    init_world("cpu")
+    joined = dist.is_initialized()
+    atexit._run_exitfuncs()  # (what the interpreter runs as the process leaves)
+    Path(out, f"{rank}.json").write_text(json.dumps({"joined": joined, "left": not dist.is_initialized()}))
+
+
+def test_a_rank_that_leaves_without_closing_its_world_destroys_its_group_as_it_exits(tmp_path, monkeypatch):
+    """A rank that leaves with its gloo group live (Trainer() raised, or torchrun's SIGTERM came before
+    close_world) can abort as the interpreter ends: "terminate called without an active exception", status 134
+    (about 1 exit in 80 of a bare 2-rank script). The group init_world joined is destroyed at exit."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    assert _run_two_ranks(_leave_worker, tmp_path) == [{"joined": True, "left": True}] * 2
 
 
 def _picture_fails_worker(rank: int, store: str, out: str) -> None:

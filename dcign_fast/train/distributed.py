@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
@@ -54,6 +55,9 @@ def init_world(device_type: str) -> World:
         return World()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # Left at exit (a constructor's error, a Ctrl-C or torchrun's SIGTERM before close_world), gloo's
+        # threads outlive the interpreter: "terminate called without an active exception", status 134.
+        atexit.register(_leave_at_exit)
     control = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     # The GPU each rank takes, and makes current, is training_device's to say.
     return World(
@@ -82,6 +86,14 @@ def close_world(world: World, together: bool = True) -> None:
         if together:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def _leave_at_exit() -> None:
+    """Destroys the process group init_world joined if the run left without close_world (upstream: a live gloo
+    group at exit, pytorch/pytorch#190489)."""
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def _exchange(collective: Callable[..., object], *args: object, **kwargs: object) -> None:
