@@ -26,8 +26,8 @@ from dcign_fast.train.distributed import (
     World,
     all_agree,
     close_world,
+    ddp_exchanging,
     earliest_over_ranks,
-    gradients_exchanged,
     mean_over_ranks,
     run_together,
 )
@@ -171,7 +171,7 @@ def _dead_peer_in_backward_worker(rank: int, store: str, out: str) -> None:
     if rank == 1:
         os._exit(0)  # as a SIGKILL leaves it, between two steps
     try:
-        with gradients_exchanged():
+        with ddp_exchanging():
             model(torch.randn(2, 4)).sum().backward()
         result = {"error": None}
     except Exception as err:
@@ -190,14 +190,38 @@ def test_a_rank_that_dies_while_the_gradients_are_exchanged_stops_the_others_in_
     assert "gloo/transport/" in message and message.endswith("continue with --resume")
 
 
+def _dead_peer_before_ddp_worker(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.barrier()  # (both connected)
+    if rank == 1:
+        os._exit(0)  # as a rank whose model failed to build leaves
+    try:
+        with ddp_exchanging():
+            torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        result = {"error": None}
+    except Exception as err:
+        result = {"error": [type(err).__name__, str(err)]}
+    Path(out, "0.json").write_text(json.dumps(result))
+    Path(out, "1.json").write_text("{}")
+    close_world(World(rank=rank, size=2), together=False)
+
+
+def test_a_rank_gone_before_ddp_broadcasts_the_weights_stops_the_others_in_one_line(tmp_path):
+    """DDP's constructor broadcasts rank 0's weights: without the rank it met gloo's message alone."""
+    survivor, _ = _run_two_ranks(_dead_peer_before_ddp_worker, tmp_path)
+    kind, message = survivor["error"]
+    assert kind == "LostRankError" and message.startswith("the ranks could not exchange their state ([")
+    assert "gloo/transport/" in message and message.endswith("continue with --resume")
+
+
 def test_an_error_of_this_ranks_own_in_backward_is_not_blamed_on_another_rank():
     """Only gloo's connection errors become OtherRankError: a shape error, or running out of memory, is this
     rank's, and its message must reach the user unchanged."""
     own = RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x4)")
-    with pytest.raises(RuntimeError) as raised, gradients_exchanged():
+    with pytest.raises(RuntimeError) as raised, ddp_exchanging():
         raise own
     assert raised.value is own
-    with pytest.raises(LostRankError, match=r"could not exchange their state \(timed out\)"), gradients_exchanged():
+    with pytest.raises(LostRankError, match=r"could not exchange their state \(timed out\)"), ddp_exchanging():
         raise dist.DistNetworkError("timed out")
 
 

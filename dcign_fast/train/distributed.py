@@ -117,11 +117,12 @@ def _lost_contact(err: RuntimeError) -> LostRankError:
 
 
 @contextlib.contextmanager
-def gradients_exchanged() -> Iterator[None]:
-    """Around a step's forward and backward under DDP, whose all-reduce of the gradients runs inside backward: a
-    rank that died there left the survivor gloo's 30-line traceback out of ``.backward()``. Gloo's failure to
-    reach another rank is raised as the exchanges' one-line LostRankError; any other error (this rank's own: a
-    shape, out of memory) passes unchanged, which is why the error's origin is checked, not just its type."""
+def ddp_exchanging() -> Iterator[None]:
+    """Around the exchanges DDP runs inside torch's own calls: its constructor's broadcast of the weights, and a
+    step's forward and backward, whose all-reduce of the gradients runs inside backward (a rank that died there
+    left the survivor gloo's 30-line traceback out of ``.backward()``). Gloo's failure to reach another rank is
+    raised as the exchanges' one-line LostRankError; any other error (this rank's own: a shape, out of memory)
+    passes unchanged, which is why the error's origin is checked, not just its type."""
     try:
         yield
     except RuntimeError as err:

@@ -47,8 +47,8 @@ from dcign_fast.train.distributed import (
     World,
     all_agree,
     close_world,
+    ddp_exchanging,
     earliest_over_ranks,
-    gradients_exchanged,
     init_world,
     mean_over_ranks,
     run_together,
@@ -210,7 +210,8 @@ class Trainer:
         self.ddp: DistributedDataParallel | None = None
         if self.world.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+            with ddp_exchanging():  # (its weights are broadcast from rank 0)
+                self.net = self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         if config.compile:
             self.net = cast(torch.nn.Module, torch.compile(self.net))  # an OptimizedModule (around the DDP one if any)
         kinds, source = None, "render(kind, generator)"
@@ -430,7 +431,7 @@ class Trainer:
                 images = images.contiguous(memory_format=self.memory_format)
             # All-reduced at the last micro-batch only (the DDP module's no_sync holds under compile's wrapper too).
             unsynced = self.ddp if micro < c.accumulation - 1 else None
-            with gradients_exchanged(), contextlib.nullcontext() if unsynced is None else unsynced.no_sync():
+            with ddp_exchanging(), contextlib.nullcontext() if unsynced is None else unsynced.no_sync():
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     losses = batch_loss(self.net, images, kind, c, latent_seed(c.seed, step, shard), plain)
                 (losses["total"] / c.accumulation).backward()
