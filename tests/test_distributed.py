@@ -5,6 +5,7 @@ and on what they log."""
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import re
@@ -163,41 +164,23 @@ def test_a_rank_that_dies_stops_the_others_in_one_line(tmp_path):
                             "stands, continue with --resume")  # fmt: skip
 
 
-def _dead_peer_in_backward_worker(rank: int, store: str, out: str) -> None:
+def _dead_peer_worker(rank: int, store: str, out: str, when: str) -> None:
+    """Rank 1 leaves ``when`` ("before DDP": before DDP's constructor broadcasts the weights; "in backward":
+    between two steps, before the next all-reduce of the gradients); rank 0 records what it met there."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.manual_seed(rank)
-    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
-    model(torch.randn(2, 4)).sum().backward()  # both ranks meet once in the gradients' all-reduce
-    if rank == 1:
-        os._exit(0)  # as a SIGKILL leaves it, between two steps
-    try:
-        with ddp_exchanging():
-            model(torch.randn(2, 4)).sum().backward()
-        result = {"error": None}
-    except Exception as err:
-        result = {"error": [type(err).__name__, str(err)]}
-    Path(out, "0.json").write_text(json.dumps(result))
-    Path(out, "1.json").write_text("{}")
-    close_world(World(rank=rank, size=2), together=False)
-
-
-def test_a_rank_that_dies_while_the_gradients_are_exchanged_stops_the_others_in_one_line(tmp_path):
-    """DDP all-reduces the gradients inside backward: the survivor got gloo's 30-line traceback out of
-    ``.backward()`` in the trainer, not the one line its other exchanges give."""
-    survivor, _ = _run_two_ranks(_dead_peer_in_backward_worker, tmp_path)
-    kind, message = survivor["error"]
-    assert kind == "LostRankError" and message.startswith("the ranks could not exchange their state ([")
-    assert "gloo/transport/" in message and message.endswith("continue with --resume")
-
-
-def _dead_peer_before_ddp_worker(rank: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     dist.barrier()  # (both connected)
+    if when == "in backward":
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        model(torch.randn(2, 4)).sum().backward()  # both ranks meet once in the gradients' all-reduce
     if rank == 1:
-        os._exit(0)  # as a rank whose model failed to build leaves
+        os._exit(0)  # as a SIGKILL leaves it, or a rank whose model failed to build
     try:
         with ddp_exchanging():
-            torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+            if when == "in backward":
+                model(torch.randn(2, 4)).sum().backward()
+            else:
+                torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
         result = {"error": None}
     except Exception as err:
         result = {"error": [type(err).__name__, str(err)]}
@@ -206,9 +189,12 @@ def _dead_peer_before_ddp_worker(rank: int, store: str, out: str) -> None:
     close_world(World(rank=rank, size=2), together=False)
 
 
-def test_a_rank_gone_before_ddp_broadcasts_the_weights_stops_the_others_in_one_line(tmp_path):
-    """DDP's constructor broadcasts rank 0's weights: without the rank it met gloo's message alone."""
-    survivor, _ = _run_two_ranks(_dead_peer_before_ddp_worker, tmp_path)
+@pytest.mark.parametrize("when", ["in backward", "before DDP"])
+def test_a_rank_that_dies_while_ddp_exchanges_stops_the_others_in_one_line(tmp_path, when):
+    """DDP all-reduces the gradients inside backward, and its constructor broadcasts rank 0's weights: the
+    survivor got gloo's 30-line traceback out of ``.backward()`` in the trainer (and gloo's message alone out of
+    the constructor), not the one line its other exchanges give."""
+    survivor, _ = _run_two_ranks(functools.partial(_dead_peer_worker, when=when), tmp_path)
     kind, message = survivor["error"]
     assert kind == "LostRankError" and message.startswith("the ranks could not exchange their state ([")
     assert "gloo/transport/" in message and message.endswith("continue with --resume")
